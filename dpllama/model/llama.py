@@ -1,0 +1,218 @@
+"""The Llama forward pass on an OpenCL device, through dpllama.runtime.
+
+Everything lives on the device: weights (in their storage format, never expanded to float), the KV
+cache, the activations, the token sequence and the position. One token step is a fixed list of
+bound kernel launches (`Command`s) recorded at load time and replayed every token; kernels read the
+position from the `state` buffer, so nothing is re-bound and only a sampled id crosses to the host.
+
+A token step, per layer (6 launches):
+    qkv  = [Wq; Wk; Wv] rmsnorm(x, attn_norm)      gemv_norm         (RMSNorm fused)
+    q, k = rope(q, k); cache[pos] = k, v            rope_store
+    o    = attention(q, cache[0..pos])              attention         (one work-group per head)
+    x   += Wo o                                     gemv_add          (residual fused)
+    h    = silu(W1 n) * (W3 n), n = rmsnorm(x)      gemv_norm_swiglu  (W1/W3 rows interleaved)
+    x   += W2 h                                     gemv_add
+then logits = Wcls rmsnorm(x, norm) (gemv_norm), and greedy sampling on the device (argmax_next).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dpllama.errors import DpllamaError
+from dpllama.model.weights import Tensor, Weights
+from dpllama.runtime import Local, Queue, open_queue
+
+
+def fuse_rows(tensors: list[Tensor], interleave: bool = False) -> Tensor:
+    """One matrix from several with the same columns, stacked (or row-interleaved) so one launch
+    computes them all. Mixed formats meet in the most general one they share."""
+    kinds = {(t.kind, t.group, t.mins is not None) for t in tensors}
+    if len(kinds) > 1:
+        if {k for k, _, _ in kinds} == {"int4"} and len({g for _, g, _ in kinds}) == 1:
+            tensors = [_int4_asym(t) for t in tensors]     # symmetric is asymmetric with min = -8 s
+        else:
+            tensors = [Tensor.f32(t.dequantize()) for t in tensors]
+
+    def join(arrays):
+        if interleave:
+            return np.stack(arrays, axis=1).reshape(-1, *arrays[0].shape[1:])
+        return np.concatenate(arrays)
+    t0 = tensors[0]
+    return Tensor(t0.kind, sum(t.rows for t in tensors), t0.cols, join([t.data for t in tensors]),
+                  None if t0.scales is None else join([t.scales for t in tensors]),
+                  None if t0.mins is None else join([t.mins for t in tensors]), t0.group)
+
+
+def _int4_asym(t: Tensor) -> Tensor:
+    if t.mins is not None:
+        return t
+    return Tensor("int4", t.rows, t.cols, t.data, t.scales, (-8 * t.scales.astype(np.float32)).astype(np.float16), t.group)
+
+
+def _build_defines(t: Tensor, rows_per_group: int) -> tuple[str, ...]:
+    fmt = {"f32": ("W_F32",), "q8": ("W_Q8", f"GROUP={t.group}"),
+           "int4": ("W_INT4", f"GROUP={t.group}") + (("ASYM",) if t.mins is not None else ())}[t.kind]
+    return fmt + (f"ROWS={rows_per_group}",)
+
+
+class DeviceTensor:
+    """A weight matrix on the device: its buffers and the program that reads its format."""
+
+    def __init__(self, q: Queue, t: Tensor, name: str, rows_per_group: int):
+        data = t.data
+        cols_p = -(-t.cols // 8) * 8 if t.kind == "f32" else t.cols_padded
+        if t.kind == "f32" and cols_p != t.cols:      # kernels read 8-wide chunks
+            data = np.zeros((t.rows, cols_p), np.float32)
+            data[:, :t.cols] = t.data
+        self.rows, self.cols, self.cols_p = t.rows, t.cols, cols_p
+        self.nbytes = t.nbytes
+        self.buffers = [q.buffer(host=np.ascontiguousarray(a), name=f"{name}.{part}") if a is not None
+                        else q.buffer(4, name=f"{name}.{part}-unused")
+                        for part, a in (("data", data), ("scales", t.scales), ("mins", t.mins))]
+        self.program = q.program("gemv.cl", *_build_defines(t, rows_per_group))
+
+    def args(self):
+        return [b.read() for b in self.buffers]
+
+
+class Llama:
+    def __init__(self, weights: Weights, queue: Queue | None = None, max_seq: int | None = None):
+        self.weights = weights
+        self.config = c = weights.config
+        self.q = q = queue or open_queue()
+        self.seq_len = min(max_seq or c.seq_len, c.seq_len)
+        cfg = q.config
+        self.gemv_local = cfg.work_group("gemv")
+        self.rows_per_group = cfg.work_group("rows_per_group")
+        norm_local, att_local = cfg.work_group("norm"), cfg.work_group("attention")
+        for key, v in (("gemv", self.gemv_local), ("norm", norm_local), ("attention", att_local)):
+            if v & (v - 1):
+                raise DpllamaError(f"{cfg.path}: key 'work_group.{key}' must be a power of two, found {v}")
+        if self.rows_per_group % 2:
+            raise DpllamaError(f"{cfg.path}: key 'work_group.rows_per_group' must be even, found {self.rows_per_group}")
+        self.layer_prog = q.program("layer.cl")
+        dim, kv_dim, q_dim = c.dim, c.kv_dim, c.n_heads * c.head_dim
+        pad8 = lambda n: -(-n // 8) * 8   # noqa: E731  activations are padded like weight columns
+        groups = {t.group for _, t in weights.matrices() if t.group}
+        padn = lambda n: max([pad8(n)] + [-(-n // g) * g for g in groups])  # noqa: E731
+
+        def upload(t: Tensor, name: str) -> DeviceTensor:
+            return DeviceTensor(q, t, name, self.rows_per_group)
+
+        def zeros(n: int, name: str):
+            return q.buffer(host=np.zeros(n, np.float32), name=name)
+
+        # ---- weights, as stored (llama2.c run.c order) ----
+        self.tok_embeddings = upload(weights.tok_embeddings, "tok_embeddings")   # [vocab, dim]
+        self.layers = []
+        for i, L in enumerate(weights.layers):
+            self.layers.append(dict(
+                attn_norm=q.buffer(host=np.pad(L.attn_norm.astype(np.float32), (0, padn(dim) - dim))),  # [dim]
+                wqkv=upload(fuse_rows([L.wq, L.wk, L.wv]), f"layers.{i}.wqkv"),   # [q_dim + 2 kv_dim, dim]
+                wo=upload(L.wo, f"layers.{i}.wo"),                                 # [dim, q_dim]
+                ffn_norm=q.buffer(host=np.pad(L.ffn_norm.astype(np.float32), (0, padn(dim) - dim))),    # [dim]
+                w13=upload(fuse_rows([L.w1, L.w3], interleave=True), f"layers.{i}.w13"),  # [2 hidden, dim]
+                w2=upload(L.w2, f"layers.{i}.w2"),                                 # [dim, hidden]
+            ))
+        self.norm = q.buffer(host=np.pad(weights.norm.astype(np.float32), (0, padn(dim) - dim)))  # [dim]
+        self.output = self.tok_embeddings if weights.tied else upload(weights.output, "output")  # [vocab, dim]
+
+        # ---- state: activations, KV cache, tokens, position ----
+        self.x = zeros(padn(dim), "x")                      # residual stream [dim]
+        self.qkv = zeros(q_dim + 2 * kv_dim, "qkv")         # [q | k | v]
+        self.att_out = zeros(padn(q_dim), "att_out")        # attention output [q_dim]
+        self.h = zeros(padn(c.hidden_dim), "h")             # SwiGLU output [hidden]
+        self.logits = zeros(c.vocab_size, "logits")         # [vocab]
+        self.probs = zeros(c.vocab_size, "probs")           # softmax(logits / T), for host sampling
+        self.att = zeros(c.n_heads * self.seq_len, "att")   # attention scores [n_heads, seq]
+        self.k_cache = zeros(c.n_layers * self.seq_len * kv_dim, "k_cache")   # [layer, seq, kv_dim]
+        self.v_cache = zeros(c.n_layers * self.seq_len * kv_dim, "v_cache")
+        self.tokens = q.buffer(host=np.zeros(self.seq_len + 1, np.int32), name="tokens")  # [seq + 1]
+        self.state = q.buffer(host=np.zeros(2, np.int32), name="state")   # {pos, n_prompt}
+
+        self.step_commands = self._record_step(norm_local, att_local)
+        self.argmax_command = q.command(self.layer_prog.argmax_next, (256,), (256,), self.logits.read(),
+                                        self.tokens.read_write(), self.state.read_write(),
+                                        np.int32(c.vocab_size), Local(256 * 4), Local(256 * 4))
+        self.advance_command = q.command(self.layer_prog.advance, (1,), None, self.state.read_write())
+        self.pos = 0
+
+    @property
+    def weight_bytes(self) -> int:
+        """Weight bytes one token step reads (the embedding row aside)."""
+        per_layer = sum(t.nbytes for L in self.layers for t in (L["wqkv"], L["wo"], L["w13"], L["w2"]))
+        return per_layer + self.output.nbytes
+
+    def _gemv(self, kernel: str, t: DeviceTensor, io: list, eps=None):
+        """Bind one matrix-vector launch; io: x, (norm weight), y as the kernel takes them."""
+        n_groups = -(-t.rows // self.rows_per_group)
+        L = self.gemv_local
+        tail = [] if eps is None else [np.float32(eps)]
+        return self.q.command(getattr(t.program, kernel), (n_groups * L,), (L,), *t.args(), *io,
+                              np.int32(t.rows), np.int32(t.cols), np.int32(t.cols_p), *tail,
+                              Local((self.rows_per_group + 1) * L * 4))
+
+    def _record_step(self, norm_local: int, att_local: int) -> list:
+        c, q, lp = self.config, self.q, self.layer_prog
+        q_dim, kv_dim = c.n_heads * c.head_dim, c.kv_dim
+        eps = c.norm_eps
+        cmds = [q.command(self.tok_embeddings.program.embed, (64,), None, *self.tok_embeddings.args(),
+                          self.tokens.read(), self.state.read(), self.x.write(),
+                          np.int32(c.dim), np.int32(self.tok_embeddings.cols_p))]
+        for i, L in enumerate(self.layers):
+            off = np.int32(i * self.seq_len * kv_dim)
+            cmds += [
+                self._gemv("gemv_norm", L["wqkv"], [self.x.read(), L["attn_norm"].read(), self.qkv.write()], eps),
+                q.command(lp.rope_store, ((q_dim + kv_dim) // 2,), None, self.qkv.read_write(),
+                          self.k_cache.read_write(), self.v_cache.read_write(), self.state.read(),
+                          np.int32(q_dim), np.int32(kv_dim), np.int32(c.head_dim), np.float32(c.rope_theta), off),
+                q.command(lp.attention, (c.n_heads * att_local,), (att_local,), self.qkv.read(),
+                          self.k_cache.read(), self.v_cache.read(), self.att.read_write(), self.att_out.write(),
+                          self.state.read(), np.int32(c.n_heads), np.int32(c.n_kv_heads), np.int32(c.head_dim),
+                          np.int32(self.seq_len), off, Local(att_local * 4)),
+                self._gemv("gemv_add", L["wo"], [self.att_out.read(), self.x.read_write()]),
+                self._gemv("gemv_norm_swiglu", L["w13"], [self.x.read(), L["ffn_norm"].read(), self.h.write()], eps),
+                self._gemv("gemv_add", L["w2"], [self.h.read(), self.x.read_write()]),
+            ]
+        cmds.append(self._gemv("gemv_norm", self.output, [self.x.read(), self.norm.read(), self.logits.write()], eps))
+        return cmds
+
+    # ---- the token loop's primitives ----
+    def start(self, prompt: list[int]) -> None:
+        """Reset to position 0 with `prompt` (at least one token) as the known tokens."""
+        if not prompt:
+            raise DpllamaError("the prompt must hold at least one token (e.g. BOS)")
+        if len(prompt) > self.seq_len:
+            raise DpllamaError(f"prompt of {len(prompt)} tokens does not fit the context of {self.seq_len}")
+        self.tokens.set(np.asarray(prompt, np.int32))
+        self.state.set(np.array([0, len(prompt)], np.int32))
+        self.pos = 0
+
+    def step(self) -> None:
+        """Enqueue the forward pass of the token at the current position (logits only)."""
+        if self.pos >= self.seq_len:
+            raise DpllamaError(f"position {self.pos} is past the context of {self.seq_len} tokens")
+        for cmd in self.step_commands:
+            self.q.enqueue(cmd)
+
+    def next_greedy(self) -> int:
+        """Argmax on the device into tokens[pos+1]; returns that token (4 bytes back to the host)."""
+        self.q.enqueue(self.argmax_command)
+        self.pos += 1
+        return int(self.tokens.get(dtype=np.int32, offset=self.pos, count=1)[0])
+
+    def next_given(self, token: int | None = None) -> None:
+        """Move on to a token the host knows: the prompt's next one (None) or a host-sampled one."""
+        if token is not None:
+            self.tokens.set(np.array([token], np.int32), offset=self.pos + 1)
+        self.q.enqueue(self.advance_command)
+        self.pos += 1
+
+    def read_logits(self) -> np.ndarray:
+        return self.logits.get()
+
+    def read_probs(self, temperature: float) -> np.ndarray:
+        """softmax(logits / temperature), computed on the device."""
+        self.q.submit(self.layer_prog.softmax, (256,), (256,), self.logits.read(), self.probs.write(),
+                      np.int32(self.config.vocab_size), np.float32(temperature), Local(256 * 4))
+        return self.probs.get()

@@ -1,0 +1,145 @@
+"""Host-side model description: hyperparameters and weight tensors in their storage formats.
+
+Every loader (llama2.c .bin, GGUF, dpllama's own quantized GGUF) produces a `Weights`; the device
+model (`dpllama.model.llama`) uploads it as is, and the NumPy reference (`dpllama.model.reference`)
+dequantizes it. Storage formats of a weight matrix W[rows=out, cols=in] (y = W @ x):
+
+- ``f32``:  data float32[rows, cols]
+- ``q8``:   data int8[rows, cols_p], scales float32[rows, cols_p // group]; w = scale * q
+- ``int4``: data uint32[rows, cols_p // 8], eight 4-bit values per word along the input dimension,
+  element 8*j + k in bits 4k..4k+3 of word j (low nibble first); scales float16[rows, cols_p // group];
+  symmetric:  w = scale * (q - 8)
+  asymmetric: w = scale * q + min, mins float16[rows, cols_p // group]
+
+cols_p is cols rounded up to a multiple of the group size; the padding holds zero weights
+(q = 0 for q8, q = 8 symmetric, q = 0 with min = 0 asymmetric in a padded-only group).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dpllama.errors import DpllamaError
+
+KINDS = ("f32", "q8", "int4")
+
+
+@dataclass
+class ModelConfig:
+    dim: int            # residual stream width
+    hidden_dim: int     # feed-forward width
+    n_layers: int
+    n_heads: int        # query heads
+    n_kv_heads: int     # key/value heads (grouped-query attention when < n_heads)
+    vocab_size: int
+    seq_len: int        # context length
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.head_dim * self.n_kv_heads
+
+
+def layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every `Layer` field, in field order: (rows, cols) for matrices, (dim,) for norms."""
+    return {"attn_norm": (c.dim,), "wq": (c.dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim),
+            "wo": (c.dim, c.dim), "ffn_norm": (c.dim,), "w1": (c.hidden_dim, c.dim),
+            "w2": (c.dim, c.hidden_dim), "w3": (c.hidden_dim, c.dim)}
+
+
+def check_config(c: ModelConfig, source: str) -> None:
+    """Raise DpllamaError (message starting with `source`, the file) unless `c` can describe a Llama model."""
+    for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"):
+        if getattr(c, name) <= 0:
+            raise DpllamaError(f"{source}: impossible model shape: {name} must be positive, found {getattr(c, name)}")
+    if c.dim % c.n_heads:
+        raise DpllamaError(f"{source}: impossible model shape: dim {c.dim} is not a multiple of n_heads {c.n_heads}")
+    if c.n_heads % c.n_kv_heads:
+        raise DpllamaError(f"{source}: impossible model shape: n_heads {c.n_heads} is not a multiple of "
+                           f"n_kv_heads {c.n_kv_heads}")
+    if c.head_dim % 2:
+        raise DpllamaError(f"{source}: impossible model shape: head_dim {c.head_dim} is odd (RoPE rotates pairs)")
+
+
+@dataclass
+class Tensor:
+    """One weight matrix [rows, cols] in one of KINDS."""
+    kind: str
+    rows: int
+    cols: int
+    data: np.ndarray
+    scales: np.ndarray | None = None
+    mins: np.ndarray | None = None      # int4 asymmetric only
+    group: int = 0                      # 0 for f32
+
+    @property
+    def cols_padded(self) -> int:
+        return self.cols if self.kind == "f32" else -(-self.cols // self.group) * self.group
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.data, self.scales, self.mins) if a is not None)
+
+    @staticmethod
+    def f32(w: np.ndarray) -> "Tensor":
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        return Tensor("f32", w.shape[0], w.shape[1], w)
+
+    def dequantize(self) -> np.ndarray:
+        """float32[rows, cols]: the reference values the kernels must reproduce."""
+        if self.kind == "f32":
+            return self.data
+        g = self.group
+        if self.kind == "q8":
+            q = self.data.astype(np.float32).reshape(self.rows, -1, g)
+            w = q * self.scales.astype(np.float32)[:, :, None]
+        elif self.kind == "int4":
+            shifts = np.arange(8, dtype=np.uint32) * 4
+            q = ((self.data[:, :, None] >> shifts) & 0xF).reshape(self.rows, -1, g).astype(np.float32)
+            s = self.scales.astype(np.float32)[:, :, None]
+            w = s * q + self.mins.astype(np.float32)[:, :, None] if self.mins is not None else s * (q - 8)
+        else:
+            raise ValueError(f"unknown tensor kind {self.kind!r}")
+        return np.ascontiguousarray(w.reshape(self.rows, -1)[:, :self.cols], dtype=np.float32)
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray   # float32[dim]
+    wq: Tensor              # [n_heads * head_dim, dim]
+    wk: Tensor              # [kv_dim, dim]
+    wv: Tensor              # [kv_dim, dim]
+    wo: Tensor              # [dim, n_heads * head_dim]
+    ffn_norm: np.ndarray    # float32[dim]
+    w1: Tensor              # gate [hidden_dim, dim]
+    w2: Tensor              # down [dim, hidden_dim]
+    w3: Tensor              # up   [hidden_dim, dim]
+
+
+@dataclass
+class Weights:
+    config: ModelConfig
+    tok_embeddings: Tensor          # [vocab, dim], f32 or q8
+    layers: list[Layer]
+    norm: np.ndarray                # float32[dim], final RMSNorm
+    output: Tensor                  # [vocab, dim]; `is tok_embeddings` when tied
+    meta: dict = field(default_factory=dict)   # source file facts (format, tokenizer, chat template...)
+
+    @property
+    def tied(self) -> bool:
+        return self.output is self.tok_embeddings
+
+    def matrices(self):
+        """(name, Tensor) for every weight matrix, in file order."""
+        yield "tok_embeddings", self.tok_embeddings
+        for i, layer in enumerate(self.layers):
+            for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+                yield f"layers.{i}.{name}", getattr(layer, name)
+        if not self.tied:
+            yield "output", self.output

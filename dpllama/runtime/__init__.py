@@ -1,0 +1,40 @@
+"""The device layer: model code talks to this, never to pyopencl.
+
+    q = open_queue("gpu")                          # or a YAML config, or $DPLLAMA_DEVICE
+    x = q.buffer(host=np.ones(n, np.float32))
+    y = q.buffer(4 * n)
+    prog = q.program("elementwise.cl")
+    q.submit(prog.scale, (n,), None, x.read(), y.write(), np.float32(2))
+    print(y.get())                                 # blocks until the kernel that wrote y is done
+"""
+from __future__ import annotations
+
+from dpllama.runtime.config import (DeviceConfig, config_device, defaults, load_config,
+                                    shipped_config_for)
+from dpllama.runtime.device import Device, choose, list_devices, select_device
+from dpllama.runtime.program import dpllama_home, stats as build_stats
+from dpllama.runtime.queue import Accessor, Buffer, Command, Event, Local, Queue
+
+__all__ = ["Accessor", "Buffer", "Command", "Device", "DeviceConfig", "Event", "Local", "Queue",
+           "build_stats", "choose", "config_device", "defaults", "dpllama_home", "list_devices",
+           "load_config", "open_queue", "select_device", "shipped_config_for"]
+
+
+def open_queue(selector: str | None = None, config: str | None = None, profiling: bool | None = None,
+               out_of_order: bool | None = None) -> Queue:
+    """A queue on the chosen device, tuned by its YAML config.
+
+    The device comes from `selector`, else the config's `match`, else $DPLLAMA_DEVICE, else the best
+    device; the config from `config`, else the shipped config that matches the device."""
+    if config:
+        cfg = load_config(config)
+        device = select_device(selector)[0] if selector else config_device(cfg)[0]
+    else:
+        device = select_device(selector)[0]
+        cfg = shipped_config_for(device)
+    q = Queue(device,
+              out_of_order=cfg["queue"]["out_of_order"] if out_of_order is None else out_of_order,
+              profiling=cfg["queue"]["profiling"] if profiling is None else profiling,
+              build_options=cfg["build_options"])
+    q.config = cfg
+    return q

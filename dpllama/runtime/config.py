@@ -1,0 +1,151 @@
+"""YAML device configs (configs/*.yaml): which device, queue mode, build options, work-group sizes.
+
+The schema is SCHEMA below; docs/CONFIG.md explains each key. Loading checks every key and type and
+that a matching device is present, and fails with one line naming the file, the key and what was
+expected.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dpllama.errors import DpllamaError
+from dpllama.runtime.device import Device, choose, list_devices, select_device
+from dpllama.runtime.program import PACKAGE_DIR
+
+CONFIG_DIR = next((p for p in (PACKAGE_DIR / "configs", PACKAGE_DIR.parent / "configs") if p.is_dir()),
+                  PACKAGE_DIR.parent / "configs")
+
+# key -> (type, default); nested dicts are sections. Work-group sizes are per kernel family.
+SCHEMA = {
+    "name": (str, "default"),
+    "description": (str, ""),
+    "match": {
+        "type": (str, ""),          # cpu | gpu | accelerator
+        "platform": (str, ""),      # platform name contains (case-insensitive)
+        "vendor": (str, ""),        # device vendor contains
+        "name": (str, ""),          # device name contains
+    },
+    "queue": {
+        "out_of_order": (bool, True),   # used only when the device supports it
+        "profiling": (bool, False),
+    },
+    "build_options": (list, ["-cl-mad-enable"]),
+    "work_group": {
+        "gemv": (int, 64),          # threads per output row group in matrix-vector kernels
+        "rows_per_group": (int, 4),   # output rows per work-group in matrix-vector kernels
+        "norm": (int, 64),          # RMSNorm reduction
+        "attention": (int, 64),     # threads per head in decode attention
+        "matmul_tile": (int, 16),   # prefill matrix-matrix tile edge
+    },
+    "memory": {
+        "max_alloc_mb": (int, 0),   # 0: the device's own limit
+    },
+}
+TYPES = {"cpu", "gpu", "accelerator", ""}
+
+
+@dataclass
+class DeviceConfig:
+    values: dict
+    path: str = "<defaults>"
+    extras: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str):
+        return self.values[key]
+
+    @property
+    def selector(self) -> str:
+        m = self.values["match"]
+        terms = [m["type"]] if m["type"] else []
+        terms += [f"platform={m['platform']}"] if m["platform"] else []
+        terms += [f"vendor={m['vendor']}"] if m["vendor"] else []
+        terms += [f"name~{m['name']}"] if m["name"] else []
+        return ",".join(terms)
+
+    def work_group(self, kernel: str) -> int:
+        return self.values["work_group"][kernel]
+
+
+def defaults(schema=SCHEMA) -> dict:
+    return {k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v[1]) for k, v in schema.items()}
+
+
+def _check(data, schema: dict, path: str, prefix: str = "") -> dict:
+    if not isinstance(data, dict):
+        raise DpllamaError(f"{path}: {prefix.rstrip('.') or 'top level'} must be a mapping, found {type(data).__name__}")
+    out = defaults(schema)
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in schema:
+            raise DpllamaError(f"{path}: unknown key {full!r} (expected one of: {', '.join(schema)})")
+        spec = schema[key]
+        if isinstance(spec, dict):
+            out[key] = _check(value, spec, path, full + ".")
+            continue
+        typ = spec[0]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise DpllamaError(f"{path}: key {full!r} must be {typ.__name__}, found {type(value).__name__} {value!r}")
+        if typ is int and value < 0:
+            raise DpllamaError(f"{path}: key {full!r} must be >= 0, found {value}")
+        if typ is list and not all(isinstance(v, str) for v in value):
+            raise DpllamaError(f"{path}: key {full!r} must be a list of strings, found {value!r}")
+        out[key] = value
+    return out
+
+
+def parse_config(text: str, path: str = "<string>") -> DeviceConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise DpllamaError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
+    values = _check(data if data is not None else {}, SCHEMA, path)
+    if values["match"]["type"] not in TYPES:
+        raise DpllamaError(f"{path}: key 'match.type' must be one of cpu, gpu, accelerator, "
+                           f"found {values['match']['type']!r}")
+    for k in ("gemv", "norm", "attention", "matmul_tile", "rows_per_group"):
+        if values["work_group"][k] == 0:
+            raise DpllamaError(f"{path}: key 'work_group.{k}' must be a positive integer, found 0")
+    return DeviceConfig(values, path)
+
+
+def load_config(path: str | Path) -> DeviceConfig:
+    p = Path(path)
+    if not p.is_file():
+        named = CONFIG_DIR / f"{p.name}.yaml"     # `--config nvidia` names a shipped config
+        if named.is_file():
+            p = named
+        else:
+            raise DpllamaError(f"{path}: config file not found (shipped configs: "
+                               f"{', '.join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml')))})")
+    return parse_config(p.read_text(), str(p))
+
+
+def config_device(cfg: DeviceConfig, devices: list[Device] | None = None) -> tuple[Device, dict[int, str]]:
+    """The device a config's `match` section names; an error naming the file when none is present."""
+    devices = devices if devices is not None else list_devices()
+    if not cfg.selector:    # no `match`: the choice falls to $DPLLAMA_DEVICE, then the best device
+        return select_device(None, devices)
+    try:
+        return choose(devices, cfg.selector, "config")
+    except DpllamaError as e:
+        raise DpllamaError(f"{cfg.path}: key 'match' ({cfg.selector}): no such device present; {e}") from None
+
+
+def shipped_config_for(device: Device) -> DeviceConfig:
+    """The first shipped config whose `match` fits the device, else the built-in defaults."""
+    from dpllama.runtime.device import matches
+    for p in sorted(CONFIG_DIR.glob("*.yaml")):
+        cfg = load_config(p)
+        if cfg.selector and matches(cfg.selector, device):
+            return cfg
+    return DeviceConfig(defaults())
+
+
+def dump_config(cfg_values: dict) -> str:
+    return yaml.safe_dump(cfg_values, sort_keys=False)

@@ -1,0 +1,189 @@
+"""Device discovery and selection: every OpenCL device, the facts a user chooses by, and why one wins.
+
+Selector strings (comma-separated terms, all must hold):
+    cpu | gpu | accelerator      device type
+    gpu:1                        the second device of that type (in listing order)
+    3                            the fourth device overall
+    platform=NVIDIA              platform name contains (case-insensitive)
+    vendor=Intel                 device vendor contains
+    name~Arc                     device name contains
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pyopencl as cl
+
+from dpllama.errors import DpllamaError
+
+NO_PLATFORM_HELP = (
+    "no OpenCL platform found: install one, e.g. PoCL's CPU driver with "
+    "`pip install 'dpllama[pocl]'` (package pocl-binary-distribution), or your GPU vendor's OpenCL ICD "
+    "(NVIDIA driver, intel-opencl-icd, ROCm's rocm-opencl-runtime)")
+
+TYPE_NAMES = {cl.device_type.GPU: "gpu", cl.device_type.CPU: "cpu", cl.device_type.ACCELERATOR: "accelerator"}
+TYPE_RANK = {"gpu": 0, "accelerator": 1, "cpu": 2, "other": 3}
+
+
+@dataclass
+class Device:
+    """One OpenCL device and the facts `dpllama devices` shows."""
+    index: int                  # position in the listing of all devices
+    type_index: int             # position among devices of the same type
+    cl_device: cl.Device
+
+    @property
+    def platform(self) -> str:
+        return self.cl_device.platform.name.strip()
+
+    @property
+    def name(self) -> str:
+        return self.cl_device.name.strip()
+
+    @property
+    def type(self) -> str:
+        t = self.cl_device.type
+        return next((n for bit, n in TYPE_NAMES.items() if t & bit), "other")
+
+    @property
+    def extensions(self) -> set[str]:
+        return set(self.cl_device.extensions.split())
+
+    def has_extension(self, *names: str) -> bool:
+        return bool(self.extensions.intersection(names))
+
+    @property
+    def out_of_order(self) -> bool:
+        props = self.cl_device.get_info(cl.device_info.QUEUE_PROPERTIES)
+        return bool(props & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE)
+
+    def facts(self) -> dict:
+        d = self.cl_device
+        return {
+            "index": self.index,
+            "selector": f"{self.type}:{self.type_index}",
+            "platform": self.platform,
+            "platform_version": d.platform.version.strip(),
+            "name": self.name,
+            "type": self.type,
+            "vendor": d.vendor.strip(),
+            "driver": d.driver_version.strip(),
+            "opencl": d.version.strip(),
+            "compute_units": d.max_compute_units,
+            "clock_mhz": d.max_clock_frequency,
+            "global_mem_bytes": d.global_mem_size,
+            "local_mem_bytes": d.local_mem_size,
+            "max_alloc_bytes": d.max_mem_alloc_size,
+            "max_work_group_size": d.max_work_group_size,
+            "fp16": self.has_extension("cl_khr_fp16"),
+            "int8_dot": self.has_extension("cl_khr_integer_dot_product"),
+            "subgroups": self.has_extension("cl_khr_subgroups", "cl_intel_subgroups"),
+            "out_of_order_queue": self.out_of_order,
+        }
+
+    def cache_key(self) -> str:
+        """What a compiled binary depends on besides source and options."""
+        d = self.cl_device
+        return "|".join((self.platform, d.platform.version, self.name, d.driver_version, d.version))
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.platform}, {self.type}:{self.type_index})"
+
+
+def list_devices() -> list[Device]:
+    """Every device of every platform, in a stable order. Raises DpllamaError when there is none."""
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error:   # PLATFORM_NOT_FOUND_KHR from the ICD loader
+        platforms = []
+    devices: list[Device] = []
+    per_type: dict[str, int] = {}
+    for p in platforms:
+        try:
+            cl_devices = p.get_devices()
+        except cl.Error:
+            continue
+        for d in cl_devices:
+            dev = Device(len(devices), 0, d)
+            dev.type_index = per_type.get(dev.type, 0)
+            per_type[dev.type] = dev.type_index + 1
+            devices.append(dev)
+    if not devices:
+        raise DpllamaError(NO_PLATFORM_HELP)
+    return devices
+
+
+def _term_matches(term: str, dev: Device) -> bool:
+    term = term.strip()
+    for sep in ("=", "~"):
+        if sep in term:
+            key, value = (s.strip() for s in term.split(sep, 1))
+            haystack = {"platform": dev.platform, "vendor": dev.cl_device.vendor, "name": dev.name}.get(key)
+            if haystack is None or (sep == "~" and key != "name"):
+                raise DpllamaError(f"device selector term {term!r}: unknown key {key!r} "
+                                   "(expected platform=, vendor= or name~)")
+            return value.lower() in haystack.lower()
+    if term.isdigit():
+        return dev.index == int(term)
+    kind, _, idx = term.partition(":")
+    if kind not in TYPE_RANK or kind == "other" or (idx and not idx.isdigit()):
+        raise DpllamaError(f"device selector term {term!r}: expected cpu, gpu or accelerator "
+                           "(optionally :N), a device number, platform=, vendor= or name~")
+    return dev.type == kind and (not idx or dev.type_index == int(idx))
+
+
+def matches(selector: str, dev: Device) -> bool:
+    return all(_term_matches(t, dev) for t in selector.split(",") if t.strip())
+
+
+def _score(dev: Device) -> tuple:
+    """Higher is better: GPUs first, then discrete over integrated, then raw size."""
+    d = dev.cl_device
+    return (-TYPE_RANK[dev.type], not d.host_unified_memory, d.max_compute_units * d.max_clock_frequency,
+            d.global_mem_size, -dev.index)
+
+
+def choose(devices: list[Device], selector: str | None = None, source: str = "selector"
+           ) -> tuple[Device, dict[int, str]]:
+    """The device to use and, for every device, the reason it was chosen or passed over."""
+    if selector:
+        candidates = [d for d in devices if matches(selector, d)]
+        if not candidates:
+            found = "; ".join(f"{d.index}: {d}" for d in devices)
+            raise DpllamaError(f"{source} {selector!r} matches no OpenCL device (found: {found})")
+    else:
+        candidates = devices
+    best = max(candidates, key=_score)
+    reasons = {}
+    for d in devices:
+        if d is best:
+            why = f"matches {source} {selector!r}" if selector else _why_best(d, devices)
+            reasons[d.index] = "selected: " + why
+        elif d not in candidates:
+            reasons[d.index] = f"not selected: does not match {source} {selector!r}"
+        elif TYPE_RANK[d.type] > TYPE_RANK[best.type]:
+            reasons[d.index] = f"not selected: a {best.type} is preferred over a {d.type}"
+        else:
+            reasons[d.index] = f"not selected: {best.name} ranks higher (discrete first, then compute units x clock)"
+    return best, reasons
+
+
+def _why_best(best: Device, devices: list[Device]) -> str:
+    if len(devices) == 1:
+        return "the only OpenCL device"
+    if best.type == "cpu":
+        return "no GPU or accelerator present; the CPU device is the default"
+    return f"best {best.type}: {best.cl_device.max_compute_units} compute units at {best.cl_device.max_clock_frequency} MHz"
+
+
+def select_device(selector: str | None = None, devices: list[Device] | None = None
+                  ) -> tuple[Device, dict[int, str]]:
+    """Pick by explicit selector, else $DPLLAMA_DEVICE, else the best device."""
+    devices = devices if devices is not None else list_devices()
+    if selector:
+        return choose(devices, selector, "selector")
+    env = os.environ.get("DPLLAMA_DEVICE")
+    if env:
+        return choose(devices, env, "DPLLAMA_DEVICE")
+    return choose(devices)

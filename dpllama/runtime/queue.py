@@ -1,0 +1,214 @@
+"""SYCL-style asynchronous execution on PyOpenCL: queues, buffers with accessors, events.
+
+Each submission declares how it uses every buffer (`buf.read()`, `buf.write()`, `buf.read_write()`).
+Each Buffer remembers the event of its last writer and the events of the readers since then, so
+the queue derives the wait list of a submission itself:
+
+    read  after write  -> wait for the last writer
+    write after read   -> wait for every reader since the last write
+    write after write  -> wait for the last writer
+
+On an out-of-order queue that is what orders the work, and independent kernels may overlap; on an
+in-order queue the device orders it anyway and the wait lists are skipped. Host accessors
+(`Buffer.get`, `Buffer.set`) block only until the work they depend on is done.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyopencl as cl
+
+from dpllama.runtime.config import DeviceConfig, defaults
+from dpllama.runtime.device import Device
+from dpllama.runtime import program
+from dpllama.runtime.program import KernelRef, Program
+
+READ, WRITE, READ_WRITE = 1, 2, 3
+MAX_READERS = 64    # reader events kept per buffer before they are folded into one marker
+
+
+class Event:
+    """A submitted command; `duration_ns` needs a profiling queue."""
+    __slots__ = ("cl_event", "name")
+
+    def __init__(self, cl_event: cl.Event, name: str = ""):
+        self.cl_event = cl_event
+        self.name = name
+
+    def wait(self) -> "Event":
+        self.cl_event.wait()
+        return self
+
+    @property
+    def duration_ns(self) -> int:
+        self.cl_event.wait()
+        return self.cl_event.profile.end - self.cl_event.profile.start
+
+
+@dataclass(frozen=True)
+class Accessor:
+    buffer: "Buffer"
+    mode: int
+
+
+@dataclass(frozen=True)
+class Local:
+    """Work-group local memory of `nbytes`, passed as a kernel argument."""
+    nbytes: int
+
+
+class Buffer:
+    """Device memory plus the dependency state that orders work on it."""
+
+    def __init__(self, queue: "Queue", nbytes: int = 0, host: np.ndarray | None = None, name: str = ""):
+        self.queue = queue
+        self.name = name
+        flags = cl.mem_flags.READ_WRITE
+        if host is not None:
+            host = np.ascontiguousarray(host)
+            nbytes = host.nbytes
+            flags |= cl.mem_flags.COPY_HOST_PTR
+        self.nbytes = nbytes
+        self.cl_buffer = cl.Buffer(queue.context, flags, size=max(nbytes, 1), hostbuf=host)
+        self.last_write: cl.Event | None = None
+        self.reads: list[cl.Event] = []
+
+    def read(self) -> Accessor:
+        return Accessor(self, READ)
+
+    def write(self) -> Accessor:
+        return Accessor(self, WRITE)
+
+    def read_write(self) -> Accessor:
+        return Accessor(self, READ_WRITE)
+
+    def _deps(self, mode: int) -> list[cl.Event]:
+        deps = [self.last_write] if self.last_write is not None else []
+        return deps + self.reads if mode & WRITE else deps
+
+    def _record(self, mode: int, event: cl.Event) -> None:
+        if mode & WRITE:
+            self.last_write, self.reads = event, []
+        else:
+            self.reads.append(event)
+            if len(self.reads) > MAX_READERS:   # weights are read every token and never written
+                self.reads = [cl.enqueue_marker(self.queue.cl_queue, wait_for=self.reads)]
+
+    def get(self, dtype=np.float32, offset: int = 0, count: int | None = None) -> np.ndarray:
+        """Host accessor for reading `count` elements from element `offset`: blocks until the last
+        writer is done, then copies."""
+        size = np.dtype(dtype).itemsize
+        if count is None:
+            count = self.nbytes // size - offset
+        out = np.empty(count, dtype)
+        ev = cl.enqueue_copy(self.queue.cl_queue, out, self.cl_buffer, src_offset=offset * size,
+                             wait_for=self._deps(READ) or None)
+        self._record(READ, ev)
+        ev.wait()
+        return out
+
+    def set(self, host: np.ndarray, offset: int = 0) -> Event:
+        """Host accessor for writing `host` at element `offset`: waits for earlier users of the
+        buffer, then copies."""
+        host = np.ascontiguousarray(host)
+        start = offset * host.itemsize
+        if start + host.nbytes > self.nbytes:
+            raise ValueError(f"buffer {self.name!r}: {host.nbytes} bytes at {start} do not fit in {self.nbytes}")
+        ev = cl.enqueue_copy(self.queue.cl_queue, self.cl_buffer, host, dst_offset=start,
+                             wait_for=self._deps(WRITE) or None)
+        self._record(WRITE, ev)
+        ev.wait()   # the host array may be reused by the caller at once
+        return Event(ev, f"set {self.name}")
+
+
+@dataclass
+class Command:
+    """One kernel launch with its arguments bound, ready to enqueue again and again."""
+    kernel: cl.Kernel
+    global_size: tuple
+    local_size: tuple | None
+    accessors: list[Accessor] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.function_name
+
+
+class Queue:
+    """A command queue on one device. `out_of_order=None` uses out-of-order mode when the device has it."""
+
+    def __init__(self, device: Device, out_of_order: bool | None = None, profiling: bool = False,
+                 build_options: list[str] | tuple = ()):
+        self.device = device
+        self.config = DeviceConfig(defaults())     # open_queue() puts the device's YAML config here
+        self.build_options = list(build_options)
+        self.programs: dict[str, Program] = {}
+        self.context = cl.Context([device.cl_device])
+        self.out_of_order = device.out_of_order if out_of_order is None else out_of_order and device.out_of_order
+        props = 0
+        if self.out_of_order:
+            props |= cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+        if profiling:
+            props |= cl.command_queue_properties.PROFILING_ENABLE
+        self.profiling = profiling
+        self.cl_queue = cl.CommandQueue(self.context, device.cl_device, properties=props)
+        self.events: list[Event] = []       # every kernel event, kept only when profiling
+        self.launches = 0
+
+    def program(self, file: str, *defines: str) -> Program:
+        """cl_kernels/`file` built for this device with the config's options plus `-D` defines."""
+        opts = self.build_options + [f"-D{d}" for d in defines]
+        key = file + " " + " ".join(opts)
+        if key not in self.programs:
+            self.programs[key] = program.build(self.context, self.device, file, opts)
+        return self.programs[key]
+
+    def buffer(self, nbytes: int = 0, host: np.ndarray | None = None, name: str = "") -> Buffer:
+        return Buffer(self, nbytes, host, name)
+
+    def command(self, kernel: "KernelRef", global_size, local_size, *args) -> Command:
+        """Bind arguments once: Accessors become buffers, Local becomes local memory, numbers stay."""
+        k = kernel.create()     # a kernel object of its own, so its bound arguments stay put
+        accessors = []
+        for i, a in enumerate(args):
+            if isinstance(a, Accessor):
+                accessors.append(a)
+                k.set_arg(i, a.buffer.cl_buffer)
+            elif isinstance(a, Local):
+                k.set_arg(i, cl.LocalMemory(a.nbytes))
+            else:
+                k.set_arg(i, a)
+        return Command(k, tuple(global_size), tuple(local_size) if local_size else None, accessors)
+
+    def enqueue(self, cmd: Command) -> Event:
+        """Launch a bound command with the wait list its accessors imply."""
+        wait = None
+        if self.out_of_order:
+            wait = [e for a in cmd.accessors for e in a.buffer._deps(a.mode)] or None
+        ev = cl.enqueue_nd_range_kernel(self.cl_queue, cmd.kernel, cmd.global_size, cmd.local_size,
+                                        wait_for=wait)
+        for a in cmd.accessors:
+            a.buffer._record(a.mode, ev)
+        self.launches += 1
+        event = Event(ev, cmd.name)
+        if self.profiling:
+            self.events.append(event)
+        return event
+
+    def submit(self, kernel, global_size, local_size, *args) -> Event:
+        """Like a SYCL `queue.submit` + `parallel_for`: bind the arguments and launch."""
+        return self.enqueue(self.command(kernel, global_size, local_size, *args))
+
+    def wait(self) -> None:
+        self.cl_queue.finish()
+
+    def profile(self) -> dict[str, dict]:
+        """Kernel time by kernel name from the profiling events collected so far; clears them."""
+        out: dict[str, dict] = {}
+        for e in self.events:
+            p = out.setdefault(e.name, {"calls": 0, "ns": 0})
+            p["calls"] += 1
+            p["ns"] += e.duration_ns
+        self.events = []
+        return out
