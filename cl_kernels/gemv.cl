@@ -9,30 +9,41 @@
 // activation vectors are padded with zeros to cols_p, so the padding contributes nothing.
 // Every kernel takes the three weight buffers (w, s, m); formats without scales or mins get a dummy.
 //
-// A work-group of L threads owns R rows. Thread t walks the row in 8-wide chunks t, t+L, ...: it
-// loads x once per chunk and reuses it for all R rows, which is what makes a row-block cheaper
-// than R separate dot products. For int4 the chunk sum of x is shared by the R rows too:
+// A work-group of L threads owns R rows. Thread t walks the row in blocks t, t+L, ... of one scale
+// group: it loads that piece of x once and reuses it for all R rows, which is what makes a row-block
+// cheaper than R separate dot products. For int4 the block sum of x is shared by the R rows too:
 //   sum_k (s*q_k + m) x_k = s * sum_k q_k x_k + m * sum_k x_k.
 
 #define WEIGHT_ARGS __global const void *w_, __global const void *s_, __global const void *m_
 
-// dot of one 8-wide chunk c of row r with x8; sx = sum of x8
-inline float chunk_dot(WEIGHT_ARGS, const int r, const int c, const int cols_p, const float8 x8, const float sx) {
 #if defined(W_F32)
-    return dot(vload8(0, (__global const float *)w_ + (size_t)r * cols_p + 8 * c).lo, x8.lo)
-         + dot(vload8(0, (__global const float *)w_ + (size_t)r * cols_p + 8 * c).hi, x8.hi);
+#define BLOCK 8             // columns a thread takes at a time: one scale group, or 8 floats
+#else
+#define BLOCK GROUP
+#endif
+
+// dot of block b of row r with the block of x at xb; sx = sum of that block of x
+inline float block_dot(WEIGHT_ARGS, const int r, const int b, const int cols_p, __private const float *xb,
+                       const float sx) {
+#if defined(W_F32)
+    __global const float *w = (__global const float *)w_ + (size_t)r * cols_p + BLOCK * b;
+    float acc = 0.0f;
+    for (int k = 0; k < BLOCK; k++) acc += w[k] * xb[k];
+    return acc;
 #elif defined(W_Q8)
-    const float8 q = convert_float8(vload8(0, (__global const char *)w_ + (size_t)r * cols_p + 8 * c));
-    const float s = ((__global const float *)s_)[(size_t)r * (cols_p / GROUP) + (8 * c) / GROUP];
-    return s * (dot(q.lo, x8.lo) + dot(q.hi, x8.hi));
+    __global const char *w = (__global const char *)w_ + (size_t)r * cols_p + BLOCK * b;
+    float acc = 0.0f;
+    for (int k = 0; k < BLOCK; k++) acc += (float)w[k] * xb[k];
+    return ((__global const float *)s_)[(size_t)r * (cols_p / GROUP) + b] * acc;
 #elif defined(W_INT4)
-    const uint u = ((__global const uint *)w_)[(size_t)r * (cols_p / 8) + c];
-    const float8 q = (float8)((float)(u & 15), (float)((u >> 4) & 15), (float)((u >> 8) & 15),
-                              (float)((u >> 12) & 15), (float)((u >> 16) & 15), (float)((u >> 20) & 15),
-                              (float)((u >> 24) & 15), (float)(u >> 28));
-    const size_t g = (size_t)r * (cols_p / GROUP) + (8 * c) / GROUP;
+    __global const uint *w = (__global const uint *)w_ + (size_t)r * (cols_p / 8) + (BLOCK / 8) * b;
+    float qx = 0.0f;
+    for (int j = 0; j < BLOCK / 8; j++) {
+        const uint u = w[j];
+        for (int k = 0; k < 8; k++) qx += (float)((u >> (4 * k)) & 15) * xb[8 * j + k];
+    }
+    const size_t g = (size_t)r * (cols_p / GROUP) + b;
     const float s = vload_half(g, (__global const half *)s_);
-    const float qx = dot(q.lo, x8.lo) + dot(q.hi, x8.hi);
 #if defined(ASYM)
     return s * qx + vload_half(g, (__global const half *)m_) * sx;
 #else
@@ -51,16 +62,17 @@ inline float gemv_rows(WEIGHT_ARGS, __global const float *x, __global const floa
     const int first = get_group_id(0) * ROWS;
     float acc[ROWS];
     for (int r = 0; r < ROWS; r++) acc[r] = 0.0f;
-    float ss = 0.0f;
-    for (int c = lid; c < cols_p / 8; c += L) {
-        float8 x8 = vload8(c, x);
-        if (norm) {
-            ss += dot(x8.lo, x8.lo) + dot(x8.hi, x8.hi);
-            x8 *= vload8(c, g);
+    float ss = 0.0f, xb[BLOCK];
+    for (int b = lid; b < cols_p / BLOCK; b += L) {
+        float sx = 0.0f;
+        for (int k = 0; k < BLOCK; k++) {       // this block of x, loaded once for all R rows
+            const float v = x[BLOCK * b + k];
+            ss += v * v;
+            xb[k] = norm ? v * g[BLOCK * b + k] : v;
+            sx += xb[k];
         }
-        const float sx = dot(x8.lo, (float4)(1.0f)) + dot(x8.hi, (float4)(1.0f));
         for (int r = 0; r < ROWS; r++)
-            if (first + r < rows) acc[r] += chunk_dot(w_, s_, m_, first + r, c, cols_p, x8, sx);
+            if (first + r < rows) acc[r] += block_dot(w_, s_, m_, first + r, b, cols_p, xb, sx);
     }
     // one tree reduction for all R rows and the sum of squares: scratch is [(R+1)][L]
     for (int r = 0; r < ROWS; r++) scratch[r * L + lid] = acc[r];
@@ -115,15 +127,17 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
     }
 }
 
-// x = row tokens[pos] of the embedding table, dequantized (state = {pos, ...}). Element k of a chunk
-// is its dot product with the k-th unit vector, so every format decodes through chunk_dot alone.
+// x = row tokens[pos] of the embedding table, dequantized (state = {pos, ...}). Element k of a block
+// is its dot product with the k-th unit vector, so every format decodes through block_dot alone.
 __kernel void embed(WEIGHT_ARGS, __global const int *tokens, __global const int *state, __global float *x,
                     const int cols, const int cols_p) {
     const int r = tokens[state[0]];
-    for (int c = get_global_id(0); c < cols_p / 8; c += get_global_size(0))
-        for (int k = 0; k < 8 && 8 * c + k < cols; k++) {
-            float8 unit = (float8)(0.0f);
-            ((float *)&unit)[k] = 1.0f;
-            x[8 * c + k] = chunk_dot(w_, s_, m_, r, c, cols_p, unit, 1.0f);
+    float unit[BLOCK];
+    for (int k = 0; k < BLOCK; k++) unit[k] = 0.0f;
+    for (int b = get_global_id(0); b < cols_p / BLOCK; b += get_global_size(0))
+        for (int k = 0; k < BLOCK && BLOCK * b + k < cols; k++) {
+            unit[k] = 1.0f;
+            x[BLOCK * b + k] = block_dot(w_, s_, m_, r, b, cols_p, unit, 1.0f);
+            unit[k] = 0.0f;
         }
 }

@@ -91,22 +91,6 @@ __kernel void attention(__global const float *q, __global const float *k_cache, 
     }
 }
 
-// p = softmax(logits / temperature), one work-group (the sampler reads p on the host)
-__kernel void softmax(__global const float *logits, __global float *p, const int n, const float temperature,
-                      __local float *scratch) {
-    const int lid = get_local_id(0), L = get_local_size(0);
-    float m = -INFINITY;
-    for (int i = lid; i < n; i += L) m = fmax(m, logits[i]);
-    m = group_max(m, scratch);
-    float sum = 0.0f;
-    for (int i = lid; i < n; i += L) {
-        p[i] = exp((logits[i] - m) / temperature);
-        sum += p[i];
-    }
-    sum = group_sum(sum, scratch);
-    for (int i = lid; i < n; i += L) p[i] /= sum;
-}
-
 // Greedy sampling on the device, one work-group: the first index of the largest logit becomes
 // tokens[pos + 1] (unless that slot still holds a prompt token), then pos advances.
 __kernel void argmax_next(__global const float *logits, __global int *tokens, __global int *state, const int n,

@@ -123,7 +123,6 @@ class Llama:
         self.att_out = zeros(padn(q_dim), "att_out")        # attention output [q_dim]
         self.h = zeros(padn(c.hidden_dim), "h")             # SwiGLU output [hidden]
         self.logits = zeros(c.vocab_size, "logits")         # [vocab]
-        self.probs = zeros(c.vocab_size, "probs")           # softmax(logits / T), for host sampling
         self.att = zeros(c.n_heads * self.seq_len, "att")   # attention scores [n_heads, seq]
         self.k_cache = zeros(c.n_layers * self.seq_len * kv_dim, "k_cache")   # [layer, seq, kv_dim]
         self.v_cache = zeros(c.n_layers * self.seq_len * kv_dim, "v_cache")
@@ -210,9 +209,3 @@ class Llama:
 
     def read_logits(self) -> np.ndarray:
         return self.logits.get()
-
-    def read_probs(self, temperature: float) -> np.ndarray:
-        """softmax(logits / temperature), computed on the device."""
-        self.q.submit(self.layer_prog.softmax, (256,), (256,), self.logits.read(), self.probs.write(),
-                      np.int32(self.config.vocab_size), np.float32(temperature), Local(256 * 4))
-        return self.probs.get()

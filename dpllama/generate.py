@@ -1,0 +1,112 @@
+"""Token generation: sampling and the token loop, streaming text as it comes.
+
+Greedy decoding never leaves the device (argmax writes the next token into the device's token
+buffer; only its id is read back). Sampling with a temperature or a repetition penalty reads the
+logits back (vocab x 4 bytes) and draws on the host with llama2.c's xorshift generator, so a
+`seed` reproduces a run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from dpllama.model.llama import Llama
+
+
+class XorShift:
+    """llama2.c run.c's random_u32 / random_f32 (xorshift64*), seed for seed."""
+
+    def __init__(self, seed: int):
+        self.state = seed & 0xFFFFFFFFFFFFFFFF or 1
+
+    def u32(self) -> int:
+        s = self.state
+        s ^= s >> 12
+        s ^= (s << 25) & 0xFFFFFFFFFFFFFFFF
+        s ^= s >> 27
+        self.state = s
+        return ((s * 0x2545F4914F6CDD1D) & 0xFFFFFFFFFFFFFFFF) >> 32
+
+    def f32(self) -> float:
+        return (self.u32() >> 8) / 16777216.0
+
+
+@dataclass
+class Sampler:
+    temperature: float = 1.0    # 0: greedy
+    top_p: float = 0.9          # nucleus; 0 or >= 1 turns it off (llama2.c's -p)
+    top_k: int = 0              # 0: off
+    repeat_penalty: float = 1.0  # > 1 discourages tokens among the last `repeat_last_n`
+    repeat_last_n: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        self.rng = XorShift(self.seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
+        """llama.cpp's repetition penalty: divide positive logits, multiply negative ones, once per token."""
+        if self.repeat_penalty == 1.0 or not history:
+            return logits
+        ids = np.unique(np.asarray(history[-self.repeat_last_n:], np.int64))
+        v = logits[ids]
+        logits = logits.copy()
+        logits[ids] = np.where(v > 0, v / self.repeat_penalty, v * self.repeat_penalty)
+        return logits
+
+    def pick(self, logits: np.ndarray, history: list[int]) -> int:
+        logits = self.penalize(logits, history)
+        if self.greedy:
+            return int(np.argmax(logits))
+        z = np.exp((logits - logits.max()) / self.temperature)
+        return self.sample(z / z.sum())
+
+    def sample(self, probs: np.ndarray) -> int:
+        """Draw from probabilities, cut to the top k and to the top-p nucleus (run.c's sample_topp)."""
+        coin = self.rng.f32()
+        n = probs.shape[0]
+        order = None
+        if self.top_k and self.top_k < n:
+            order = np.argpartition(-probs, self.top_k)[:self.top_k]
+        if 0.0 < self.top_p < 1.0:
+            cutoff = (1.0 - self.top_p) / (n - 1)       # tokens below it cannot be in the nucleus
+            cand = np.nonzero(probs >= cutoff)[0] if order is None else order[probs[order] >= cutoff]
+            order = cand[np.argsort(-probs[cand], kind="stable")]
+            cum = np.cumsum(probs[order])
+            last = int(np.searchsorted(cum, self.top_p, side="right"))
+            order = order[:min(last + 1, len(order))]
+        if order is None:
+            order = np.arange(n)
+        p = probs[order]
+        cdf = np.cumsum(p)
+        i = int(np.searchsorted(cdf, coin * cdf[-1], side="right"))
+        return int(order[min(i, len(order) - 1)])
+
+
+def generate_ids(model: Llama, prompt: list[int], steps: int, sampler: Sampler,
+                 stop: set[int] = frozenset()) -> Iterator[int]:
+    """Feed `prompt` and yield every token that enters the sequence after the first: the rest of the
+    prompt, then generated tokens, until `steps` positions are done or a token in `stop` comes
+    (llama2.c's loop: position pos consumes token pos and produces token pos + 1)."""
+    model.start(prompt)
+    steps = min(steps, model.seq_len)
+    history = list(prompt)
+    for pos in range(steps):
+        model.step()
+        if pos + 1 < len(prompt):
+            model.next_given()
+            tok = prompt[pos + 1]
+        elif sampler.greedy and sampler.repeat_penalty == 1.0:
+            tok = model.next_greedy()
+        else:
+            tok = sampler.pick(model.read_logits(), history)
+            model.next_given(tok)
+        history.append(tok)
+        yield tok
+        if pos + 1 >= len(prompt) and tok in stop:
+            return

@@ -1,0 +1,109 @@
+"""The Python API: a model and its tokenizer on a device, and text in, text out.
+
+    import dpllama
+    llm = dpllama.load("stories260K.bin", tokenizer="tok512.bin")
+    for piece in llm.generate("Once upon a time", steps=64, temperature=0):
+        print(piece, end="", flush=True)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from dpllama.errors import DpllamaError
+from dpllama.generate import Sampler, generate_ids
+from dpllama.model.llama import Llama
+from dpllama.model.weights import Weights
+from dpllama.runtime import open_queue
+from dpllama.tokenizer import Llama2cTokenizer, StreamDecoder, Tokenizer, printable_piece, tokenizer_from_gguf_fields
+
+GGUF_MAGIC = b"GGUF"
+
+
+def resolve_model(name: str) -> Path:
+    """A model path, or the name of a known model fetched by `dpllama pull`."""
+    from dpllama import pull
+    if name in pull.MODELS:
+        return pull.ensure(name)
+    p = Path(name)
+    if not p.is_file():
+        raise DpllamaError(f"{name}: model file not found (known names: {', '.join(pull.MODELS)})")
+    return p
+
+
+def load_weights(path: Path) -> Weights:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == GGUF_MAGIC:
+        from dpllama.model.gguf import load_gguf
+        return load_gguf(path)
+    from dpllama.model.llama2c import load_llama2c
+    return load_llama2c(path)
+
+
+def load_tokenizer(weights: Weights, tokenizer: str | None, model_path: Path) -> Tokenizer:
+    fields = weights.meta.get("tokenizer_fields")
+    if tokenizer is None and fields:
+        return tokenizer_from_gguf_fields(fields, str(model_path))
+    if tokenizer is None:
+        tokenizer = str(model_path.parent / "tokenizer.bin")    # llama2.c's default, beside the model
+        if not Path(tokenizer).is_file():
+            raise DpllamaError(f"{model_path}: a llama2.c checkpoint needs a tokenizer: pass -z TOKENIZER.bin")
+    if Path(tokenizer).suffix == ".gguf":
+        from dpllama.tokenizer import load_gguf_tokenizer
+        tok = load_gguf_tokenizer(tokenizer)
+    else:
+        tok = Llama2cTokenizer(tokenizer, weights.config.vocab_size)
+    if tok.vocab_size != weights.config.vocab_size:
+        raise DpllamaError(f"{tokenizer}: tokenizer has {tok.vocab_size} tokens but model {model_path} "
+                           f"has vocab_size {weights.config.vocab_size}")
+    return tok
+
+
+class LLM:
+    def __init__(self, model: Llama, tokenizer: Tokenizer, path: Path):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+
+    def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        ids = self.tokenizer.encode(text, parse_special=parse_special)
+        if not ids:     # a model needs one token to start from
+            ids = [self.tokenizer.bos_id]
+        return ids
+
+    def generate_ids(self, prompt_ids: list[int], steps: int, sampler: Sampler) -> Iterator[int]:
+        return generate_ids(self.model, prompt_ids, steps, sampler, self.tokenizer.eos_ids)
+
+    def stream(self, prompt_ids: list[int], steps: int, sampler: Sampler, echo_prompt: bool = True
+               ) -> Iterator[str]:
+        """Text as it is generated, the prompt first when `echo_prompt`. llama2.c tokenizers print
+        each piece like run.c (a lone control byte is dropped); a stop token is not printed."""
+        tok = self.tokenizer
+        piece_filter = printable_piece if tok.kind == "llama2c" else None
+        dec = StreamDecoder(tok, prev=prompt_ids[0], piece_filter=piece_filter)
+        if echo_prompt and prompt_ids[0] != tok.bos_id:
+            yield tok.decode(prompt_ids[:1])
+        n = len(prompt_ids)
+        for i, t in enumerate(self.generate_ids(prompt_ids, steps, sampler), start=1):
+            if i >= n and t in tok.eos_ids:
+                break
+            text = dec.push(t)
+            if echo_prompt or i >= n:
+                yield text
+        yield dec.flush()
+
+    def generate(self, prompt: str, steps: int = 256, temperature: float = 1.0, top_p: float = 0.9,
+                 top_k: int = 0, repeat_penalty: float = 1.0, seed: int = 0, echo_prompt: bool = True
+                 ) -> Iterator[str]:
+        sampler = Sampler(temperature, top_p, top_k, repeat_penalty, seed=seed)
+        return self.stream(self.encode(prompt), steps, sampler, echo_prompt)
+
+
+def load(model: str, tokenizer: str | None = None, device: str | None = None, config: str | None = None,
+         max_seq: int | None = None) -> LLM:
+    """Load a model (path or known name) and its tokenizer onto a device (selector or YAML config)."""
+    path = resolve_model(model)
+    weights = load_weights(path)
+    tok = load_tokenizer(weights, tokenizer, path)
+    return LLM(Llama(weights, open_queue(device, config), max_seq=max_seq), tok, path)

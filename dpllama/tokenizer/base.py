@@ -1,0 +1,167 @@
+"""What every tokenizer kind shares: the common interface, score-driven merging (llama2.c and
+SentencePiece), streaming decode, and chat-template rendering."""
+from __future__ import annotations
+
+import heapq
+import json
+from datetime import datetime
+
+from dpllama.errors import DpllamaError
+
+# Used when a model has no chat template of its own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class Tokenizer:
+    """Common interface. Subclasses set the attributes and implement encode/token_bytes/decode_piece.
+
+    kind:          "llama2c", "spm" or "gpt2"
+    vocab_size:    number of tokens
+    bos_id/eos_id: the model's BOS and EOS ids
+    eos_ids:       ids that end generation
+    add_bos:       whether encode() adds BOS by default
+    chat_template: Jinja source from the model, or None
+    source:        file the tokenizer came from, for error messages
+    """
+
+    kind: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    eos_ids: frozenset
+    add_bos: bool
+    chat_template: str | None = None
+    source: str
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False,
+               parse_special: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for, without context; special tokens give their text."""
+        raise NotImplementedError
+
+    def decode_piece(self, prev: int | None, token: int) -> bytes:
+        """The bytes to print for `token` when it follows `prev` (None: start of text)."""
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        out, prev = [], None
+        for t in ids:
+            out.append(self.decode_piece(prev, t))
+            prev = t
+        return b"".join(out).decode("utf-8", "replace")
+
+    def special_text(self, token: int) -> str:
+        """Text of a special token as chat templates spell it (bos_token, eos_token)."""
+        return self.token_bytes(token).decode("utf-8", "replace")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_chat_template(self.chat_template or CHATML_TEMPLATE, messages,
+                                    add_generation_prompt, self.special_text(self.bos_id),
+                                    self.special_text(self.eos_id), self.source)
+
+
+def merge_by_score(ids: list, pieces: list, lookup: dict, scores, min_score: float | None = None):
+    """Repeatedly merge the adjacent pair whose concatenation is the highest-scoring vocab entry,
+    taking the leftmost pair on ties, until no pair is in the vocab. This is both run.c's encode
+    loop and llama.cpp's llm_tokenizer_spm; a heap makes it O(n log n) instead of run.c's O(n^2).
+
+    ids[i] may be None for a piece that is not itself in the vocab (SPM). Pairs scoring at or
+    below min_score never merge (run.c starts its search at -1e10). Returns (ids, pieces)."""
+    n = len(pieces)
+    ids, pieces = list(ids), list(pieces)
+    nxt = list(range(1, n + 1))
+    prv = list(range(-1, n - 1))
+    alive = [True] * n
+    heap = []
+
+    def push(i):
+        j = nxt[i] if i >= 0 else n
+        if j >= n:
+            return
+        m = lookup.get(pieces[i] + pieces[j])
+        if m is not None and (min_score is None or scores[m] > min_score):
+            # Position i orders ties: nodes keep their original index, so smaller is further left.
+            heapq.heappush(heap, (-scores[m], i, j, pieces[i], pieces[j], m))
+
+    for i in range(n - 1):
+        push(i)
+    while heap:
+        _, i, j, left, right, m = heapq.heappop(heap)
+        # Skip entries made stale by an earlier merge of either side.
+        if not alive[i] or not alive[j] or nxt[i] != j or pieces[i] != left or pieces[j] != right:
+            continue
+        ids[i], pieces[i] = m, left + right
+        alive[j] = False
+        nxt[i] = nxt[j]
+        if nxt[j] < n:
+            prv[nxt[j]] = i
+        push(prv[i])
+        push(i)
+    keep = [i for i in range(n) if alive[i]]
+    return [ids[i] for i in keep], [pieces[i] for i in keep]
+
+
+def _complete_utf8_len(buf: bytes) -> int:
+    """Length of the prefix of buf that does not end inside an unfinished UTF-8 sequence."""
+    for back in range(1, min(4, len(buf)) + 1):
+        b = buf[-back]
+        if b & 0xC0 == 0x80:
+            continue  # continuation byte: keep looking for its lead byte
+        need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
+        return len(buf) - back if back < need else len(buf)
+    return len(buf)
+
+
+class StreamDecoder:
+    """Turns generated token ids into text one at a time, holding back bytes of a UTF-8 character
+    that is not complete yet. Pass prev = the last prompt token so context-dependent pieces come
+    out right (llama2.c and SentencePiece drop the leading space of the piece after BOS)."""
+
+    def __init__(self, tokenizer: Tokenizer, prev: int | None = None):
+        self.tokenizer = tokenizer
+        self.prev = prev
+        self.pending = b""
+
+    def push(self, token: int) -> str:
+        self.pending += self.tokenizer.decode_piece(self.prev, token)
+        self.prev = token
+        n = _complete_utf8_len(self.pending)
+        out, self.pending = self.pending[:n], self.pending[n:]
+        return out.decode("utf-8", "replace")
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, b""
+        return out.decode("utf-8", "replace")
+
+
+def _raise_exception(message):
+    raise DpllamaError(message)
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool,
+                         bos_token: str, eos_token: str, source: str) -> str:
+    """Render a Hugging Face-style chat template the way transformers does (sandboxed Jinja,
+    trim_blocks/lstrip_blocks, raise_exception/strftime_now, tojson keeping non-ASCII)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token, eos_token=eos_token)
+    except DpllamaError as e:
+        raise DpllamaError(f"{source}: chat template refused the messages: {e}") from None
+    except jinja2.TemplateError as e:
+        raise DpllamaError(f"{source}: chat template error: {e}") from None

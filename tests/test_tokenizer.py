@@ -1,0 +1,337 @@
+"""Tokenizers: llama2.c against upstream run.c oracles, GGUF SPM/BPE against llama.cpp semantics."""
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from dpllama.errors import DpllamaError
+from dpllama.tokenizer import (Llama2cTokenizer, StreamDecoder, load_gguf_tokenizer, printable_piece,
+                               tokenizer_from_gguf_fields)
+
+MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+LLAMA2C = MODELS / "llama2c"
+SMOLLM2 = MODELS / "smollm2"
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared model data not found: {path}")
+    return path
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2 GGUF: $DPLLAMA_SMOLLM2_GGUF, else the `dpllama pull` cache."""
+    env = os.environ.get("DPLLAMA_SMOLLM2_GGUF")
+    home = Path(os.environ.get("DPLLAMA_HOME", Path.home() / ".cache" / "dpllama"))
+    path = Path(env) if env else home / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        pytest.skip(f"SmolLM2 GGUF not found at {path} (set DPLLAMA_SMOLLM2_GGUF)")
+    return path
+
+
+ROUND_TRIP = ["", "Once upon a time", "12345", "3.14159 and 1,000,000", "  leading and trailing  ",
+              "tabs\tand\nnewlines\n\n", "héllo wörld", "日本語のテキスト", "emoji 🎉🦙👩‍👩‍👧", "\u00a0\u200b\ufeff",
+              "<|im_start|> literal", "it's we've I'm", "a" * 300, "\x01\x7f control"]
+
+
+# ---------------------------------------------------------------- llama2.c
+
+def write_llama2c_bin(path: Path, pieces, scores=None) -> Path:
+    scores = scores or [0.0] * len(pieces)
+    body = b"".join(struct.pack("<fi", s, len(p)) + p for p, s in zip(pieces, scores))
+    path.write_bytes(struct.pack("<i", max(map(len, pieces))) + body)
+    return path
+
+
+def base_pieces():
+    """llama2.c layout: <unk>, BOS, EOS, then the 256 byte tokens."""
+    return [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % b for b in range(256)]
+
+
+@pytest.fixture(scope="module")
+def tok32k():
+    return Llama2cTokenizer(need(LLAMA2C / "tokenizer.bin"), 32000)
+
+
+@pytest.fixture(scope="module")
+def tok512():
+    return Llama2cTokenizer(need(LLAMA2C / "tok512.bin"), 512)
+
+
+def test_llama2c_oracle_cases(tok32k):
+    cases = json.loads(need(LLAMA2C / "tokenizer_cases.json").read_text())["cases"]
+    assert len(cases) == 8
+    for case in cases:
+        assert tok32k.encode(case["text"]) == case["ids"], case["text"]
+        assert tok32k.decode(case["ids"]) == case["text"]
+
+
+def test_tok512_encode(tok512):
+    assert tok512.encode("Once upon a time") == [1, 403, 407, 261, 378]
+    assert tok512.encode("Once upon a time", bos=False, eos=True) == [403, 407, 261, 378, 2]
+    assert tok512.encode("") == [1]
+    assert (tok512.kind, tok512.vocab_size, tok512.bos_id, tok512.eos_id) == ("llama2c", 512, 1, 2)
+    assert tok512.eos_ids == {1}  # run.c stops when the model samples BOS
+
+
+@pytest.mark.parametrize("run", ["reference_stories260K_greedy", "reference_stories260K_greedy_noprompt_n256"])
+def test_llama2c_reference_output(tok512, run):
+    """run.c prints printable_piece(decode(ids[k-1], ids[k])) for k >= 1, then a newline."""
+    ids = [int(x) for x in need(LLAMA2C / f"{run}_ids.txt").read_text().split()]
+    out = b"".join(printable_piece(tok512.decode_piece(ids[k - 1], ids[k])) for k in range(1, len(ids)))
+    assert out + b"\n" == (LLAMA2C / f"{run}.txt").read_bytes()
+    # streaming gives the same text (no unprintable pieces in these runs)
+    stream = StreamDecoder(tok512, prev=ids[0])
+    assert "".join(stream.push(t) for t in ids[1:]) + stream.flush() == out.decode()
+
+
+def test_llama2c_decode_piece_rules(tok32k):
+    once = tok32k.encode("Once")[1]
+    assert tok32k.decode_piece(1, once) == b"Once"   # leading space dropped after BOS
+    assert tok32k.decode_piece(5, once) == b" Once"
+    assert tok32k.decode_piece(1, 3 + 0x0A) == b"\n"  # <0x0A>
+    assert tok32k.token_bytes(3 + 0xE6) == b"\xe6"
+
+
+def test_printable_piece():
+    assert printable_piece(b"hello") == b"hello"
+    assert printable_piece(b"\n") == b"\n"
+    assert printable_piece(b"\xe6") == b""     # lone non-ASCII byte
+    assert printable_piece(b"\x01") == b""     # control byte
+    assert printable_piece(b"\x00") == b""
+    assert printable_piece(b"ab\x00cd") == b"ab"  # printf("%s") stops at NUL
+    assert printable_piece("日".encode()) == "日".encode()
+
+
+def test_llama2c_bad_files(tmp_path, tok512):
+    good = need(LLAMA2C / "tok512.bin").read_bytes()
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(good[:-3])
+    with pytest.raises(DpllamaError, match=r"cut\.bin: truncated tokenizer file: expected 512 tokens, found 511"):
+        Llama2cTokenizer(cut, 512)
+    with pytest.raises(DpllamaError, match=r"tok512\.bin: truncated tokenizer file: expected 32000 tokens, found 512"):
+        Llama2cTokenizer(LLAMA2C / "tok512.bin", 32000)
+    with pytest.raises(DpllamaError, match=r"tok512\.bin: tokenizer has 512 tokens but the model's vocab_size is 300"):
+        Llama2cTokenizer(LLAMA2C / "tok512.bin", 300)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(good + b"xyz")
+    with pytest.raises(DpllamaError, match=r"junk\.bin: corrupt tokenizer file: 3 stray bytes after 512 tokens"):
+        Llama2cTokenizer(junk, 512)
+    with pytest.raises(DpllamaError, match=r"missing\.bin: cannot read tokenizer"):
+        Llama2cTokenizer(tmp_path / "missing.bin", 512)
+    assert Llama2cTokenizer(LLAMA2C / "tok512.bin").vocab_size == 512  # no vocab_size: take the file's
+
+
+def test_llama2c_merge_order(tmp_path):
+    """Highest score first; among equal scores the leftmost pair (run.c's strict '>')."""
+    pieces = base_pieces() + [b" ", b"a", b"b", b"c", b"aa", b"ab", b"bc"]
+    scores = [0.0] * 259 + [0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -1.5]
+    tok = Llama2cTokenizer(write_llama2c_bin(tmp_path / "t.bin", pieces, scores))
+    ids = {p: i for i, p in enumerate(pieces)}
+    assert tok.encode("aaa", bos=False) == [ids[b" "], ids[b"aa"], ids[b"a"]]
+    assert tok.encode("abc", bos=False) == [ids[b" "], ids[b"a"], ids[b"bc"]]
+    assert tok.encode("é", bos=False) == [ids[b" "], 3 + 0xC3, 3 + 0xA9]  # byte fallback
+
+
+# ---------------------------------------------------------------- SentencePiece (GGUF "llama")
+
+def spm_fields(pieces, scores, **extra):
+    """GGUF fields for a llama2.c-layout vocabulary: the same ids, SentencePiece spelling."""
+    special = {0: ("<unk>", 2), 1: ("<s>", 3), 2: ("</s>", 3)}
+    tokens, types = [], []
+    for i, p in enumerate(pieces):
+        text, ttype = special.get(i, (p.decode().replace(" ", "\u2581"), 6 if i < 259 else 1))
+        tokens.append(text)
+        types.append(ttype)
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, **extra}
+
+
+def test_spm_matches_llama2c_on_tokenizer_bin(tok32k):
+    spm = tokenizer_from_gguf_fields(spm_fields(tok32k.pieces, tok32k.scores), "tokenizer.bin")
+    assert (spm.kind, spm.add_bos, spm.eos_ids) == ("spm", True, {2})
+    for case in json.loads(need(LLAMA2C / "tokenizer_cases.json").read_text())["cases"]:
+        assert spm.encode(case["text"]) == case["ids"], case["text"]
+    for s in ROUND_TRIP:
+        ids = spm.encode(s)
+        assert ids == tok32k.encode(s), s
+        assert spm.decode(ids) == s
+    # special-token syntax only with parse_special; text after a special token gets a "▁" prefix
+    assert spm.encode("<s> not special </s>", parse_special=True) == [1, 1, 29871, 451, 4266, 29871, 2]
+    assert spm.encode("hello<s>world", parse_special=True) == [1] + spm.encode("hello", bos=False) + [1] + \
+        spm.encode("world", bos=False)
+
+
+def test_spm_synthetic():
+    pieces = base_pieces() + [b" ", b"a", b"b", b"c", b"aa", b"ab", b"bc", b" a"]
+    scores = [0.0] * 259 + [0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -1.5, -3.0]
+    ids = {p: i for i, p in enumerate(pieces)}
+    spm = tokenizer_from_gguf_fields(spm_fields(pieces, scores), "t.gguf")
+    assert spm.encode("aaa") == [1, ids[b" "], ids[b"aa"], ids[b"a"]]
+    assert spm.encode("abc", bos=False, eos=True) == [ids[b" a"], ids[b"bc"], 2]
+    assert spm.encode("a é") == [1, ids[b" a"], ids[b" "], 3 + 0xC3, 3 + 0xA9]
+    assert spm.decode(spm.encode("a é")) == "a é"
+    assert spm.decode_piece(None, ids[b" a"]) == b"a"   # prefix space dropped at the start
+    assert spm.decode_piece(1, ids[b" a"]) == b"a"      # ... and after BOS
+    assert spm.decode_piece(ids[b"b"], ids[b" a"]) == b" a"
+    assert spm.decode_piece(ids[b"b"], 2) == b""        # control tokens print nothing
+    assert spm.token_bytes(2) == b"</s>"
+    no_prefix = tokenizer_from_gguf_fields(
+        spm_fields(pieces, scores, **{"tokenizer.ggml.add_space_prefix": False}), "t.gguf")
+    assert no_prefix.encode("aaa", bos=False) == [ids[b"aa"], ids[b"a"]]
+
+
+def test_spm_and_llama2c_differ_on_unknown_characters(tmp_path):
+    """A character missing from the vocab: llama2.c turns it into byte tokens before merging, so it
+    can never merge; SentencePiece/llama.cpp merges the text first. Real Llama vocabularies contain
+    every character of every piece, so this never shows on tokenizer.bin."""
+    pieces = base_pieces() + [b" ", b"b", b"ab"]
+    ids = {p: i for i, p in enumerate(pieces)}
+    l2c = Llama2cTokenizer(write_llama2c_bin(tmp_path / "t.bin", pieces))
+    spm = tokenizer_from_gguf_fields(spm_fields(pieces, [0.0] * len(pieces)), "t.gguf")
+    assert l2c.encode("ab") == [1, ids[b" "], 3 + ord("a"), ids[b"b"]]
+    assert spm.encode("ab") == [1, ids[b" "], ids[b"ab"]]
+
+
+# ---------------------------------------------------------------- byte-level BPE (GGUF "gpt2")
+
+def byte_chars():
+    from dpllama.tokenizer.gguf import _bytes_to_unicode
+    return list(_bytes_to_unicode().values())
+
+
+def gpt2_fields(**extra):
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool>"]
+    merges = ["Ġ t", "h e", "Ġt he", "1 2"]
+    tokens = specials + byte_chars() + ["Ġt", "he", "Ġthe", "12"]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
+            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.token_type": [3, 3, 3, 4] + [1] * (len(tokens) - 4),
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+            "tokenizer.ggml.add_bos_token": False, **extra}
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2():
+    return tokenizer_from_gguf_fields(gpt2_fields(), "tiny.gguf")
+
+
+def test_gpt2_synthetic(tiny_gpt2):
+    tok = tiny_gpt2
+    the, im_start, im_end, tool = tok.vocab_size - 2, 1, 2, 3
+    assert (tok.kind, tok.add_bos, tok.eos_ids) == ("gpt2", False, {0, 2})
+    assert tok.encode(" the") == [the]
+    assert tok.encode("12")[0] != tok.vocab_size - 1  # smollm splits digits before BPE
+    raw = tok.encode("<|im_start|> the")
+    assert im_start not in raw and raw[-1] == the
+    assert tok.encode("<|im_start|> the<|im_end|>", parse_special=True) == [im_start, the, im_end]
+    assert tok.encode("a<tool>b") == tok.encode("a") + [tool] + tok.encode("b")  # user-defined: always
+    assert tok.encode(" the", bos=True, eos=True) == [1, the, 2]
+    assert tok.decode([im_start, the, im_end]) == " the"  # control tokens print nothing
+    assert tok.decode([tool]) == "<tool>"
+    assert tok.token_bytes(im_end) == b"<|im_end|>"
+    for s in ROUND_TRIP:
+        assert tok.decode(tok.encode(s)) == s, s
+
+
+def test_stream_decoder_holds_back_partial_utf8(tiny_gpt2):
+    text = "héllo 日本 🦙!"
+    ids = tiny_gpt2.encode(text)  # one token per byte here, so characters arrive split
+    stream = StreamDecoder(tiny_gpt2)
+    parts = [stream.push(t) for t in ids]
+    assert "".join(parts) + stream.flush() == text
+    assert all("\ufffd" not in p for p in parts)
+    assert StreamDecoder(tiny_gpt2).push(ids[1]) == ""  # first byte of "é"
+
+
+def test_chat_templates(tiny_gpt2):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert tiny_gpt2.apply_chat_template(msgs) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    custom = tokenizer_from_gguf_fields(gpt2_fields(**{"tokenizer.chat_template": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}"
+        "{{ raise_exception('no tools') }}{% endif %}[{{ m['content'] }}]{% endfor %}{{ eos_token }}")}), "c.gguf")
+    assert custom.apply_chat_template(msgs, add_generation_prompt=False) == "<|im_start|>[Be brief.][Hi]<|im_end|>"
+    with pytest.raises(DpllamaError, match=r"c\.gguf: chat template refused the messages: no tools"):
+        custom.apply_chat_template([{"role": "tool", "content": "x"}])
+    broken = tokenizer_from_gguf_fields(gpt2_fields(**{"tokenizer.chat_template": "{% for %}"}), "b.gguf")
+    with pytest.raises(DpllamaError, match=r"b\.gguf: chat template error"):
+        broken.apply_chat_template(msgs)
+
+
+def test_gguf_field_errors():
+    with pytest.raises(DpllamaError, match=r"x\.gguf: unsupported tokenizer model 'bert'"):
+        tokenizer_from_gguf_fields(gpt2_fields(**{"tokenizer.ggml.model": "bert"}), "x.gguf")
+    with pytest.raises(DpllamaError, match=r"x\.gguf: unsupported tokenizer\.ggml\.pre 'klingon'"):
+        tokenizer_from_gguf_fields(gpt2_fields(**{"tokenizer.ggml.pre": "klingon"}), "x.gguf")
+    with pytest.raises(DpllamaError, match=r"x\.gguf: GGUF has no tokenizer\.ggml\.tokens"):
+        tokenizer_from_gguf_fields({"tokenizer.ggml.model": "gpt2"}, "x.gguf")
+    fields = gpt2_fields()
+    fields["tokenizer.ggml.tokens"] = fields["tokenizer.ggml.tokens"][:-1] + ["he"]
+    with pytest.raises(DpllamaError, match=r"x\.gguf: duplicate token 'he'"):
+        tokenizer_from_gguf_fields(fields, "x.gguf")
+    no_bos = tokenizer_from_gguf_fields({**gpt2_fields(), "tokenizer.ggml.bos_token_id": None}, "x.gguf")
+    with pytest.raises(DpllamaError, match=r"x\.gguf: GGUF has no valid tokenizer\.ggml\.bos_token_id"):
+        no_bos.encode("hi", bos=True)
+
+
+def test_load_gguf_tokenizer(tmp_path):
+    import gguf
+
+    f = gpt2_fields()
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model(f["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(f["tokenizer.ggml.pre"])
+    w.add_token_list(f["tokenizer.ggml.tokens"])
+    w.add_token_types(f["tokenizer.ggml.token_type"])
+    w.add_token_merges(f["tokenizer.ggml.merges"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = load_gguf_tokenizer(path)
+    assert tok.encode("<|im_start|> the", parse_special=True) == [1, tok.vocab_size - 2]
+    with pytest.raises(DpllamaError, match=r"tok512\.bin: not a valid GGUF file"):
+        load_gguf_tokenizer(need(LLAMA2C / "tok512.bin"))
+    with pytest.raises(DpllamaError, match=r"nope\.gguf: cannot read GGUF file"):
+        load_gguf_tokenizer(tmp_path / "nope.gguf")
+
+
+# ---------------------------------------------------------------- SmolLM2 (real GGUF)
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_gguf_tokenizer(smollm2_gguf_path())
+
+
+@pytest.fixture(scope="module")
+def smollm2_cases():
+    return {c["name"]: c for c in json.loads(need(SMOLLM2 / "fp32_greedy.json").read_text())["cases"]}
+
+
+def test_smollm2_oracle_prompts(smollm2, smollm2_cases):
+    raw, chat = smollm2_cases["raw_once_upon_a_time"], smollm2_cases["chat_capital_of_france"]
+    assert smollm2.encode(raw["prompt"]) == raw["prompt_token_ids"] == [6403, 1980, 253, 655]
+    assert smollm2.encode(chat["prompt"], parse_special=True) == chat["prompt_token_ids"]
+    assert smollm2.decode(chat["output_token_ids"]) == chat["output_text"]
+    assert smollm2.decode(raw["output_token_ids"]) == raw["output_text"]
+    assert (smollm2.kind, smollm2.add_bos, smollm2.bos_id, smollm2.eos_id) == ("gpt2", False, 1, 2)
+    assert smollm2.eos_ids == {0, 2, 4}  # what the oracle (and llama.cpp) stop on
+
+
+def test_smollm2_chat_template(smollm2, smollm2_cases):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    assert smollm2.apply_chat_template(msgs) == smollm2_cases["chat_capital_of_france"]["prompt"]
+
+
+def test_smollm2_round_trip(smollm2):
+    assert smollm2.encode("12345") == [33, 34, 35, 36, 37]
+    for s in ROUND_TRIP:
+        assert smollm2.decode(smollm2.encode(s)) == s, s
