@@ -1,143 +1,183 @@
 // Matrix-vector products over one weight format, and the embedding row lookup.
 //
-// Build with exactly one weight format (docs/ARCHITECTURE.md, "Weight formats"):
-//   -DW_F32              w: float[rows][cols_p]
-//   -DW_Q8  -DGROUP=g    w: char[rows][cols_p],  s: float[rows][cols_p/g]       w = s*q
-//   -DW_INT4 -DGROUP=g   w: uint[rows][cols_p/8], s: half[rows][cols_p/g]       w = s*(q-8)
-//   -DW_INT4 -DASYM -DGROUP=g                      m: half[rows][cols_p/g]       w = s*q + m
-// and -DROWS=R, the output rows one work-group computes. cols_p is a multiple of 8 (and of GROUP);
-// activation vectors are padded with zeros to cols_p, so the padding contributes nothing.
-// Every kernel takes the three weight buffers (w, s, m); formats without scales or mins get a dummy.
+// Build with one weight format (docs/ARCHITECTURE.md, "Weight formats" and "Device layout"):
+//   -DW_F32                    w = float weight
+//   -DW_Q8   -DGROUP=g         w = s * q,        q int8, s float per group
+//   -DW_INT4 -DGROUP=g         w = s * (q - 8),  q 4-bit, 8 per uint32 along the input dimension, s fp16
+//   -DW_INT4 -DASYM -DGROUP=g  w = s * q + m,    m fp16
+// and -DROWS=V (2, 4, 8 or 16): the rows of one tile, computed together as the lanes of a vector.
 //
-// A work-group of L threads owns R rows. Thread t walks the row in blocks t, t+L, ... of one scale
-// group: it loads that piece of x once and reuses it for all R rows, which is what makes a row-block
-// cheaper than R separate dot products. For int4 the block sum of x is shared by the R rows too:
-//   sum_k (s*q_k + m) x_k = s * sum_k q_k x_k + m * sum_k x_k.
+// Device layout: rows are padded to a multiple of V and cut into tiles of V rows; inside a tile the
+// V values of one column (one packed word for int4) lie side by side, so a tile is one contiguous
+// stream and a V-wide vector load fetches that column for all V rows:
+//   f32 floatV w[tiles][cols_p]   q8 charV w[tiles][cols_p]   int4 uintV w[tiles][cols_p / 8]
+//   scales / mins: floatV (q8) or ushortV fp16 bits (int4) [tiles][cols_p / GROUP]
+// cols_p is a multiple of 8 and of GROUP; activations are zero-padded to it.
+//
+// One work-group computes one tile; its L threads split the columns (L = 1 on CPUs, where the V lanes
+// are the SIMD lanes; L = 32..64 on GPUs) and a tree reduction joins them. The hot loop uses plain
+// loads and arithmetic only: PoCL does not inline vload*/vload_half, and a call stops vectorization.
+// For int4 the block sum of x is shared by all rows: sum_k (s*q_k + m) x_k = s * sum q_k x_k + m * sum x_k.
+
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define floatV CAT(float, ROWS)
+#define uintV CAT(uint, ROWS)
+#define ushortV CAT(ushort, ROWS)
+#define charV CAT(char, ROWS)
+#define convert_floatV CAT(convert_float, ROWS)
+#define convert_uintV CAT(convert_uint, ROWS)
+#define as_floatV CAT(as_float, ROWS)
 
 #define WEIGHT_ARGS __global const void *w_, __global const void *s_, __global const void *m_
 
 #if defined(W_F32)
-#define BLOCK 8             // columns a thread takes at a time: one scale group, or 8 floats
+#define BLOCK 8                 // columns a thread takes at a time: one scale group, or 8 floats
 #else
 #define BLOCK GROUP
 #endif
 
-// dot of block b of row r with the block of x at xb; sx = sum of that block of x
-inline float block_dot(WEIGHT_ARGS, const int r, const int b, const int cols_p, __private const float *xb,
-                       const float sx) {
+// fp16 bits -> float with integer operations (normal numbers; subnormal scales flush to zero)
+inline floatV half_bits_to_float(const ushortV h) {
+    const uintV u = convert_uintV(h);
+    const uintV e = (u >> 10) & 0x1f;
+    const uintV normal = ((e + 112) << 23) | ((u & 0x3ff) << 13);
+    return as_floatV(((u & 0x8000) << 16) | select(normal, (uintV)(0), e == 0));
+}
+
+// the V rows of tile t dotted with block b of xin (BLOCK values); sx = sum of that block of xin
+inline floatV block_dot(WEIGHT_ARGS, const int t, const int b, const int cols_p, __private const float *xin,
+                        const float sx) {
+    floatV acc = 0.0f;
 #if defined(W_F32)
-    __global const float *w = (__global const float *)w_ + (size_t)r * cols_p + BLOCK * b;
-    float acc = 0.0f;
-    for (int k = 0; k < BLOCK; k++) acc += w[k] * xb[k];
+    __global const floatV *w = (__global const floatV *)w_ + (size_t)t * cols_p + BLOCK * b;
+    for (int k = 0; k < BLOCK; k++) acc += w[k] * xin[k];
     return acc;
 #elif defined(W_Q8)
-    __global const char *w = (__global const char *)w_ + (size_t)r * cols_p + BLOCK * b;
-    float acc = 0.0f;
-    for (int k = 0; k < BLOCK; k++) acc += (float)w[k] * xb[k];
-    return ((__global const float *)s_)[(size_t)r * (cols_p / GROUP) + b] * acc;
+    __global const charV *w = (__global const charV *)w_ + (size_t)t * cols_p + BLOCK * b;
+    for (int k = 0; k < BLOCK; k++) acc += convert_floatV(w[k]) * xin[k];
+    return ((__global const floatV *)s_)[(size_t)t * (cols_p / GROUP) + b] * acc;
 #elif defined(W_INT4)
-    __global const uint *w = (__global const uint *)w_ + (size_t)r * (cols_p / 8) + (BLOCK / 8) * b;
-    float qx = 0.0f;
+    __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 8) + (BLOCK / 8) * b;
     for (int j = 0; j < BLOCK / 8; j++) {
-        const uint u = w[j];
-        for (int k = 0; k < 8; k++) qx += (float)((u >> (4 * k)) & 15) * xb[8 * j + k];
+        const uintV u = w[j];
+        for (int k = 0; k < 8; k++) acc += convert_floatV((u >> (uint)(4 * k)) & 15u) * xin[8 * j + k];
     }
-    const size_t g = (size_t)r * (cols_p / GROUP) + b;
-    const float s = vload_half(g, (__global const half *)s_);
+    const size_t g = (size_t)t * (cols_p / GROUP) + b;
+    const floatV s = half_bits_to_float(((__global const ushortV *)s_)[g]);
 #if defined(ASYM)
-    return s * qx + vload_half(g, (__global const half *)m_) * sx;
+    return s * acc + half_bits_to_float(((__global const ushortV *)m_)[g]) * sx;
 #else
-    return s * (qx - 8.0f * sx);
+    return s * (acc - 8.0f * sx);
 #endif
 #else
 #error "build gemv.cl with one of -DW_F32, -DW_Q8, -DW_INT4"
 #endif
 }
 
-// The shared body. NORM: x is RMS-normalised on the fly (x * g / rms(x)), so an RMSNorm needs no
-// launch of its own. Returns, in thread t < R, the dot product of row first+t (else 0).
-inline float gemv_rows(WEIGHT_ARGS, __global const float *x, __global const float *g, const int norm,
-                       const int rows, const int cols, const int cols_p, const float eps, __local float *scratch) {
-    const int lid = get_local_id(0), L = get_local_size(0);
-    const int first = get_group_id(0) * ROWS;
-    float acc[ROWS];
-    for (int r = 0; r < ROWS; r++) acc[r] = 0.0f;
-    float ss = 0.0f, xb[BLOCK];
+// Weight (r, c), for the embedding lookup
+inline float weight_at(WEIGHT_ARGS, const int r, const int c, const int cols_p) {
+    const size_t t = r / ROWS, lane = r % ROWS;
+#if defined(W_F32)
+    return ((__global const float *)w_)[(t * cols_p + c) * ROWS + lane];
+#elif defined(W_Q8)
+    return ((__global const char *)w_)[(t * cols_p + c) * ROWS + lane]
+         * ((__global const float *)s_)[(t * (cols_p / GROUP) + c / GROUP) * ROWS + lane];
+#else
+    const uint u = ((__global const uint *)w_)[(t * (cols_p / 8) + c / 8) * ROWS + lane];
+    const float q = (float)((u >> (4 * (c % 8))) & 15u);
+    const size_t g = (t * (cols_p / GROUP) + c / GROUP) * ROWS + lane;
+    const float s = vload_half(g, (__global const half *)s_);
+#if defined(ASYM)
+    return s * q + vload_half(g, (__global const half *)m_);
+#else
+    return s * (q - 8.0f);
+#endif
+#endif
+}
+
+// The shared body: tile get_group_id(0) times x, or times x * g / rms(x) when `norm` (RMSNorm fused
+// into the projection after it). The result is valid in thread 0.
+inline floatV tile_rows(WEIGHT_ARGS, __global const float *x, __global const float *g, const int norm,
+                        const int cols, const int cols_p, const float eps, __local floatV *scratch,
+                        __local float *scratch_ss) {
+    const int lid = get_local_id(0), L = get_local_size(0), t = get_group_id(0);
+    floatV acc = 0.0f;
+    float ss = 0.0f, xin[BLOCK];
     for (int b = lid; b < cols_p / BLOCK; b += L) {
         float sx = 0.0f;
-        for (int k = 0; k < BLOCK; k++) {       // this block of x, loaded once for all R rows
+        for (int k = 0; k < BLOCK; k++) {      // this block of x, loaded once for all V rows
             const float v = x[BLOCK * b + k];
             ss += v * v;
-            xb[k] = norm ? v * g[BLOCK * b + k] : v;
-            sx += xb[k];
+            xin[k] = norm ? v * g[BLOCK * b + k] : v;
+            sx += xin[k];
         }
-        for (int r = 0; r < ROWS; r++)
-            if (first + r < rows) acc[r] += block_dot(w_, s_, m_, first + r, b, cols_p, xb, sx);
+        acc += block_dot(w_, s_, m_, t, b, cols_p, xin, sx);
     }
-    // one tree reduction for all R rows and the sum of squares: scratch is [(R+1)][L]
-    for (int r = 0; r < ROWS; r++) scratch[r * L + lid] = acc[r];
-    scratch[ROWS * L + lid] = ss;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int h = L / 2; h > 0; h >>= 1) {
-        if (lid < h)
-            for (int r = 0; r <= ROWS; r++) scratch[r * L + lid] += scratch[r * L + lid + h];
+    if (L > 1) {
+        scratch[lid] = acc;
+        scratch_ss[lid] = ss;
         barrier(CLK_LOCAL_MEM_FENCE);
+        for (int h = L / 2; h > 0; h >>= 1) {
+            if (lid < h) {
+                scratch[lid] += scratch[lid + h];
+                scratch_ss[lid] += scratch_ss[lid + h];
+            }
+            barrier(CLK_LOCAL_MEM_FENCE);
+        }
+        acc = scratch[0];
+        ss = scratch_ss[0];
     }
-    const float scale = norm ? rsqrt(scratch[ROWS * L] / cols + eps) : 1.0f;
-    return lid < ROWS ? scratch[lid * L] * scale : 0.0f;
+    return norm ? acc * rsqrt(ss / cols + eps) : acc;
 }
+
+// y[rows] (=, or += when `add`) the tile's V values
+inline void store_rows(__global float *y, const floatV v, const int rows, const int add) {
+    const int first = get_group_id(0) * ROWS;
+    if (get_local_id(0) != 0) return;
+    for (int i = 0; i < ROWS && first + i < rows; i++) {
+        const float vi = ((const float *)&v)[i];
+        y[first + i] = add ? y[first + i] + vi : vi;
+    }
+}
+
+#define GEMV_SCRATCH __local floatV *scratch, __local float *scratch_ss
 
 // y = W x
 __kernel void gemv(WEIGHT_ARGS, __global const float *x, __global float *y, const int rows, const int cols,
-                   const int cols_p, __local float *scratch) {
-    const float v = gemv_rows(w_, s_, m_, x, x, 0, rows, cols, cols_p, 0.0f, scratch);
-    const int r = get_group_id(0) * ROWS + get_local_id(0);
-    if (get_local_id(0) < ROWS && r < rows) y[r] = v;
+                   const int cols_p, GEMV_SCRATCH) {
+    store_rows(y, tile_rows(w_, s_, m_, x, x, 0, cols, cols_p, 0.0f, scratch, scratch_ss), rows, 0);
 }
 
 // y += W x: a projection that feeds the residual stream adds itself in
 __kernel void gemv_add(WEIGHT_ARGS, __global const float *x, __global float *y, const int rows, const int cols,
-                       const int cols_p, __local float *scratch) {
-    const float v = gemv_rows(w_, s_, m_, x, x, 0, rows, cols, cols_p, 0.0f, scratch);
-    const int r = get_group_id(0) * ROWS + get_local_id(0);
-    if (get_local_id(0) < ROWS && r < rows) y[r] += v;
+                       const int cols_p, GEMV_SCRATCH) {
+    store_rows(y, tile_rows(w_, s_, m_, x, x, 0, cols, cols_p, 0.0f, scratch, scratch_ss), rows, 1);
 }
 
 // y = W rmsnorm(x, g): RMSNorm fused into the projection after it (QKV, LM head)
 __kernel void gemv_norm(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
-                        const int rows, const int cols, const int cols_p, const float eps, __local float *scratch) {
-    const float v = gemv_rows(w_, s_, m_, x, g, 1, rows, cols, cols_p, eps, scratch);
-    const int r = get_group_id(0) * ROWS + get_local_id(0);
-    if (get_local_id(0) < ROWS && r < rows) y[r] = v;
+                        const int rows, const int cols, const int cols_p, const float eps, GEMV_SCRATCH) {
+    store_rows(y, tile_rows(w_, s_, m_, x, g, 1, cols, cols_p, eps, scratch, scratch_ss), rows, 0);
 }
 
-// y[i] = silu(a[2i]) * a[2i+1] with a = W rmsnorm(x, g), W's rows interleaving gate (w1) and up (w3):
-// RMSNorm, both FFN projections and SwiGLU in one launch. ROWS must be even.
+// y = silu(gate) * up with [gate; up] = W rmsnorm(x, g): RMSNorm, both FFN projections and SwiGLU in
+// one launch. Each tile holds V/2 gate rows, then the V/2 up rows of the same outputs; rows counts
+// both, so there are rows / 2 outputs.
 __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
-                               const int rows, const int cols, const int cols_p, const float eps,
-                               __local float *scratch) {
-    const float v = gemv_rows(w_, s_, m_, x, g, 1, rows, cols, cols_p, eps, scratch);
-    const int lid = get_local_id(0), r = get_group_id(0) * ROWS + lid;
-    barrier(CLK_LOCAL_MEM_FENCE);          // everyone is done reading the reduction
-    if (lid < ROWS) scratch[lid] = v;      // the R row values side by side
-    barrier(CLK_LOCAL_MEM_FENCE);
-    if (lid < ROWS / 2 && r + lid < rows) {
-        const float gate = scratch[2 * lid], up = scratch[2 * lid + 1];
-        y[(get_group_id(0) * ROWS) / 2 + lid] = gate / (1.0f + exp(-gate)) * up;
+                               const int rows, const int cols, const int cols_p, const float eps, GEMV_SCRATCH) {
+    const floatV a = tile_rows(w_, s_, m_, x, g, 1, cols, cols_p, eps, scratch, scratch_ss);
+    const int first = get_group_id(0) * (ROWS / 2);
+    if (get_local_id(0) != 0) return;
+    for (int i = 0; i < ROWS / 2 && first + i < rows / 2; i++) {
+        const float gate = ((const float *)&a)[i], up = ((const float *)&a)[i + ROWS / 2];
+        y[first + i] = gate / (1.0f + exp(-gate)) * up;
     }
 }
 
-// x = row tokens[pos] of the embedding table, dequantized (state = {pos, ...}). Element k of a block
-// is its dot product with the k-th unit vector, so every format decodes through block_dot alone.
+// x = row tokens[pos] of the embedding table, dequantized (state = {pos, ...})
 __kernel void embed(WEIGHT_ARGS, __global const int *tokens, __global const int *state, __global float *x,
                     const int cols, const int cols_p) {
     const int r = tokens[state[0]];
-    float unit[BLOCK];
-    for (int k = 0; k < BLOCK; k++) unit[k] = 0.0f;
-    for (int b = get_global_id(0); b < cols_p / BLOCK; b += get_global_size(0))
-        for (int k = 0; k < BLOCK && BLOCK * b + k < cols; k++) {
-            unit[k] = 1.0f;
-            x[BLOCK * b + k] = block_dot(w_, s_, m_, r, b, cols_p, unit, 1.0f);
-            unit[k] = 0.0f;
-        }
+    for (int c = get_global_id(0); c < cols; c += get_global_size(0)) x[c] = weight_at(w_, s_, m_, r, c, cols_p);
 }

@@ -26,18 +26,20 @@ __kernel void swiglu(__global const float *a, __global const float *b, __global 
 }
 
 // Rotate adjacent pairs (x[2i], x[2i+1]) of every head by pos * theta^(-2i/head_dim) (llama2.c's and
-// llama.cpp's rotation), then append k and v at `pos` to this layer's cache.
+// llama.cpp's rotation), then append k and v at `pos` to this layer's cache. rope holds (cos, sin) of
+// those angles, [seq_len][head_dim / 2], made on the host once: sin, cos and pow are calls that cost
+// more than everything else here.
 // qkv = [q (n_heads*head_dim) | k (kv_dim) | v (kv_dim)]; q is rotated in place.
 // One work-item per pair: q_dim/2 for q, then kv_dim/2 for k and v together.
 __kernel void rope_store(__global float *qkv, __global float *k_cache, __global float *v_cache,
-                         __global const int *state, const int q_dim, const int kv_dim, const int head_dim,
-                         const float theta, const int cache_offset) {
+                         __global const int *state, __global const float *rope, const int q_dim,
+                         const int kv_dim, const int head_dim, const int cache_offset) {
     const int i = get_global_id(0), pos = state[0];
     const int is_q = i < q_dim / 2;
     const int j = is_q ? 2 * i : 2 * i - q_dim;          // element index within q or k
     if (!is_q && j >= kv_dim) return;
-    const float freq = pow(theta, -(float)(j % head_dim) / (float)head_dim);
-    const float angle = pos * freq, c = cos(angle), s = sin(angle);
+    __global const float *cs = rope + (size_t)pos * head_dim + (j % head_dim);
+    const float c = cs[0], s = cs[1];
     __global float *v = qkv + (is_q ? j : q_dim + j);
     const float a = v[0], b = v[1];
     if (is_q) {

@@ -89,14 +89,16 @@ class Sampler:
 
 
 def generate_ids(model: Llama, prompt: list[int], steps: int, sampler: Sampler,
-                 stop: set[int] = frozenset()) -> Iterator[int]:
+                 stop: set[int] = frozenset(), keep: int = 0) -> Iterator[int]:
     """Feed `prompt` and yield every token that enters the sequence after the first: the rest of the
     prompt, then generated tokens, until `steps` positions are done or a token in `stop` comes
-    (llama2.c's loop: position pos consumes token pos and produces token pos + 1)."""
-    model.start(prompt)
+    (llama2.c's loop: position pos consumes token pos and produces token pos + 1). The first `keep`
+    positions' KV cache is reused from the previous call (a chat's earlier turns): their tokens are
+    not yielded again."""
+    model.start(prompt, keep)
     steps = min(steps, model.seq_len)
     history = list(prompt)
-    for pos in range(steps):
+    for pos in range(keep, steps):
         model.step()
         if pos + 1 < len(prompt):
             model.next_given()

@@ -10,7 +10,7 @@ A token step, per layer (6 launches):
     q, k = rope(q, k); cache[pos] = k, v            rope_store
     o    = attention(q, cache[0..pos])              attention         (one work-group per head)
     x   += Wo o                                     gemv_add          (residual fused)
-    h    = silu(W1 n) * (W3 n), n = rmsnorm(x)      gemv_norm_swiglu  (W1/W3 rows interleaved)
+    h    = silu(W1 n) * (W3 n), n = rmsnorm(x)      gemv_norm_swiglu  (W1/W3 row blocks alternate)
     x   += W2 h                                     gemv_add
 then logits = Wcls rmsnorm(x, norm) (gemv_norm), and greedy sampling on the device (argmax_next).
 """
@@ -23,9 +23,11 @@ from dpllama.model.weights import Tensor, Weights
 from dpllama.runtime import Local, Queue, open_queue
 
 
-def fuse_rows(tensors: list[Tensor], interleave: bool = False) -> Tensor:
-    """One matrix from several with the same columns, stacked (or row-interleaved) so one launch
-    computes them all. Mixed formats meet in the most general one they share."""
+def fuse_rows(tensors: list[Tensor], block: int = 0) -> Tensor:
+    """One matrix from several with the same columns, so one launch computes them all: stacked, or
+    with `block`, alternating blocks of `block` rows of each (each padded with zero rows to whole
+    blocks; gemv_norm_swiglu wants a block of gate rows, then the up rows of the same outputs).
+    Mixed formats meet in the most general one they share."""
     kinds = {(t.kind, t.group, t.mins is not None) for t in tensors}
     if len(kinds) > 1:
         if {k for k, _, _ in kinds} == {"int4"} and len({g for _, g, _ in kinds}) == 1:
@@ -34,13 +36,38 @@ def fuse_rows(tensors: list[Tensor], interleave: bool = False) -> Tensor:
             tensors = [Tensor.f32(t.dequantize()) for t in tensors]
 
     def join(arrays):
-        if interleave:
-            return np.stack(arrays, axis=1).reshape(-1, *arrays[0].shape[1:])
-        return np.concatenate(arrays)
+        if not block:
+            return np.concatenate(arrays)
+        padded = np.stack([_pad_rows(a, block) for a in arrays])          # [n, rows_p, ...]
+        n, rows_p = padded.shape[:2]
+        blocks = padded.reshape(n, rows_p // block, block, *padded.shape[2:]).swapaxes(0, 1)
+        return blocks.reshape(n * rows_p, *padded.shape[2:])
     t0 = tensors[0]
-    return Tensor(t0.kind, sum(t.rows for t in tensors), t0.cols, join([t.data for t in tensors]),
+    rows = sum(t.rows for t in tensors) if not block else len(tensors) * -(-t0.rows // block) * block
+    return Tensor(t0.kind, rows, t0.cols, join([t.data for t in tensors]),
                   None if t0.scales is None else join([t.scales for t in tensors]),
                   None if t0.mins is None else join([t.mins for t in tensors]), t0.group)
+
+
+def _pad_rows(a: np.ndarray, multiple: int) -> np.ndarray:
+    pad = -a.shape[0] % multiple
+    return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
+
+
+def tile(a: np.ndarray, rows_per_tile: int) -> np.ndarray:
+    """[rows, n] -> the device layout: tiles of V rows, inside a tile the V values of each column
+    side by side (gemv.cl's header)."""
+    a = _pad_rows(a, rows_per_tile)
+    return np.ascontiguousarray(a.reshape(-1, rows_per_tile, a.shape[1]).swapaxes(1, 2))
+
+
+def rope_table(seq_len: int, head_dim: int, theta: float) -> np.ndarray:
+    """(cos, sin) of pos * theta^(-2i/head_dim) for every position and pair, float32[seq, hd/2, 2],
+    in float32 arithmetic as llama2.c's run.c computes it."""
+    j = np.arange(0, head_dim, 2, dtype=np.float32)
+    freq = np.float32(1.0) / np.power(np.float32(theta), j / np.float32(head_dim))
+    angle = np.arange(seq_len, dtype=np.float32)[:, None] * freq[None, :]
+    return np.ascontiguousarray(np.stack([np.cos(angle), np.sin(angle)], axis=-1), np.float32)
 
 
 def _int4_asym(t: Tensor) -> Tensor:
@@ -49,27 +76,28 @@ def _int4_asym(t: Tensor) -> Tensor:
     return Tensor("int4", t.rows, t.cols, t.data, t.scales, (-8 * t.scales.astype(np.float32)).astype(np.float16), t.group)
 
 
-def _build_defines(t: Tensor, rows_per_group: int) -> tuple[str, ...]:
+def _build_defines(t: Tensor, rows_per_tile: int) -> tuple[str, ...]:
     fmt = {"f32": ("W_F32",), "q8": ("W_Q8", f"GROUP={t.group}"),
            "int4": ("W_INT4", f"GROUP={t.group}") + (("ASYM",) if t.mins is not None else ())}[t.kind]
-    return fmt + (f"ROWS={rows_per_group}",)
+    return fmt + (f"ROWS={rows_per_tile}",)
 
 
 class DeviceTensor:
-    """A weight matrix on the device: its buffers and the program that reads its format."""
+    """A weight matrix on the device in gemv.cl's tiled layout, and the program that reads its format."""
 
-    def __init__(self, q: Queue, t: Tensor, name: str, rows_per_group: int):
+    def __init__(self, q: Queue, t: Tensor, name: str, rows_per_tile: int):
         data = t.data
         cols_p = -(-t.cols // 8) * 8 if t.kind == "f32" else t.cols_padded
-        if t.kind == "f32" and cols_p != t.cols:      # kernels read 8-wide chunks
+        if t.kind == "f32" and cols_p != t.cols:      # kernels read 8-wide blocks
             data = np.zeros((t.rows, cols_p), np.float32)
             data[:, :t.cols] = t.data
         self.rows, self.cols, self.cols_p = t.rows, t.cols, cols_p
         self.nbytes = t.nbytes
-        self.buffers = [q.buffer(host=np.ascontiguousarray(a), name=f"{name}.{part}") if a is not None
+        self.buffers = [q.buffer(host=tile(a.view(np.uint16) if a.dtype == np.float16 else a, rows_per_tile),
+                                 name=f"{name}.{part}") if a is not None
                         else q.buffer(4, name=f"{name}.{part}-unused")
                         for part, a in (("data", data), ("scales", t.scales), ("mins", t.mins))]
-        self.program = q.program("gemv.cl", *_build_defines(t, rows_per_group))
+        self.program = q.program("gemv.cl", *_build_defines(t, rows_per_tile))
 
     def args(self):
         return [b.read() for b in self.buffers]
@@ -88,8 +116,9 @@ class Llama:
         for key, v in (("gemv", self.gemv_local), ("norm", norm_local), ("attention", att_local)):
             if v & (v - 1):
                 raise DpllamaError(f"{cfg.path}: key 'work_group.{key}' must be a power of two, found {v}")
-        if self.rows_per_group % 2:
-            raise DpllamaError(f"{cfg.path}: key 'work_group.rows_per_group' must be even, found {self.rows_per_group}")
+        if self.rows_per_group not in (2, 4, 8, 16):
+            raise DpllamaError(f"{cfg.path}: key 'work_group.rows_per_group' must be 2, 4, 8 or 16 "
+                               f"(an OpenCL vector width), found {self.rows_per_group}")
         self.layer_prog = q.program("layer.cl")
         dim, kv_dim, q_dim = c.dim, c.kv_dim, c.n_heads * c.head_dim
         pad8 = lambda n: -(-n // 8) * 8   # noqa: E731  activations are padded like weight columns
@@ -111,7 +140,7 @@ class Llama:
                 wqkv=upload(fuse_rows([L.wq, L.wk, L.wv]), f"layers.{i}.wqkv"),   # [q_dim + 2 kv_dim, dim]
                 wo=upload(L.wo, f"layers.{i}.wo"),                                 # [dim, q_dim]
                 ffn_norm=q.buffer(host=np.pad(L.ffn_norm.astype(np.float32), (0, padn(dim) - dim))),    # [dim]
-                w13=upload(fuse_rows([L.w1, L.w3], interleave=True), f"layers.{i}.w13"),  # [2 hidden, dim]
+                w13=upload(fuse_rows([L.w1, L.w3], self.rows_per_group // 2), f"layers.{i}.w13"),  # [2 hidden, dim]
                 w2=upload(L.w2, f"layers.{i}.w2"),                                 # [dim, hidden]
             ))
         self.norm = q.buffer(host=np.pad(weights.norm.astype(np.float32), (0, padn(dim) - dim)))  # [dim]
@@ -126,6 +155,7 @@ class Llama:
         self.att = zeros(c.n_heads * self.seq_len, "att")   # attention scores [n_heads, seq]
         self.k_cache = zeros(c.n_layers * self.seq_len * kv_dim, "k_cache")   # [layer, seq, kv_dim]
         self.v_cache = zeros(c.n_layers * self.seq_len * kv_dim, "v_cache")
+        self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta), name="rope")  # [seq, hd/2, 2]
         self.tokens = q.buffer(host=np.zeros(self.seq_len + 1, np.int32), name="tokens")  # [seq + 1]
         self.state = q.buffer(host=np.zeros(2, np.int32), name="state")   # {pos, n_prompt}
 
@@ -149,7 +179,7 @@ class Llama:
         tail = [] if eps is None else [np.float32(eps)]
         return self.q.command(getattr(t.program, kernel), (n_groups * L,), (L,), *t.args(), *io,
                               np.int32(t.rows), np.int32(t.cols), np.int32(t.cols_p), *tail,
-                              Local((self.rows_per_group + 1) * L * 4))
+                              Local(self.rows_per_group * L * 4), Local(L * 4))
 
     def _record_step(self, norm_local: int, att_local: int) -> list:
         c, q, lp = self.config, self.q, self.layer_prog
@@ -164,7 +194,7 @@ class Llama:
                 self._gemv("gemv_norm", L["wqkv"], [self.x.read(), L["attn_norm"].read(), self.qkv.write()], eps),
                 q.command(lp.rope_store, ((q_dim + kv_dim) // 2,), None, self.qkv.read_write(),
                           self.k_cache.read_write(), self.v_cache.read_write(), self.state.read(),
-                          np.int32(q_dim), np.int32(kv_dim), np.int32(c.head_dim), np.float32(c.rope_theta), off),
+                          self.rope.read(), np.int32(q_dim), np.int32(kv_dim), np.int32(c.head_dim), off),
                 q.command(lp.attention, (c.n_heads * att_local,), (att_local,), self.qkv.read(),
                           self.k_cache.read(), self.v_cache.read(), self.att.read_write(), self.att_out.write(),
                           self.state.read(), np.int32(c.n_heads), np.int32(c.n_kv_heads), np.int32(c.head_dim),
@@ -177,15 +207,18 @@ class Llama:
         return cmds
 
     # ---- the token loop's primitives ----
-    def start(self, prompt: list[int]) -> None:
-        """Reset to position 0 with `prompt` (at least one token) as the known tokens."""
+    def start(self, prompt: list[int], keep: int = 0) -> None:
+        """Make `prompt` (at least one token) the known tokens and go to position `keep`: the KV
+        cache of the first `keep` positions is reused, so they must hold the same tokens as before."""
         if not prompt:
             raise DpllamaError("the prompt must hold at least one token (e.g. BOS)")
         if len(prompt) > self.seq_len:
             raise DpllamaError(f"prompt of {len(prompt)} tokens does not fit the context of {self.seq_len}")
+        if not 0 <= keep < len(prompt):
+            raise ValueError(f"keep={keep} must leave at least one of {len(prompt)} prompt tokens to feed")
         self.tokens.set(np.asarray(prompt, np.int32))
-        self.state.set(np.array([0, len(prompt)], np.int32))
-        self.pos = 0
+        self.state.set(np.array([keep, len(prompt)], np.int32))
+        self.pos = keep
 
     def step(self) -> None:
         """Enqueue the forward pass of the token at the current position (logits only)."""

@@ -122,15 +122,18 @@ def _complete_utf8_len(buf: bytes) -> int:
 class StreamDecoder:
     """Turns generated token ids into text one at a time, holding back bytes of a UTF-8 character
     that is not complete yet. Pass prev = the last prompt token so context-dependent pieces come
-    out right (llama2.c and SentencePiece drop the leading space of the piece after BOS)."""
+    out right (llama2.c and SentencePiece drop the leading space of the piece after BOS).
+    `piece_filter` (bytes -> bytes) sees every piece first, e.g. run.c's printable_piece."""
 
-    def __init__(self, tokenizer: Tokenizer, prev: int | None = None):
+    def __init__(self, tokenizer: Tokenizer, prev: int | None = None, piece_filter=None):
         self.tokenizer = tokenizer
         self.prev = prev
         self.pending = b""
+        self.piece_filter = piece_filter    # bytes -> bytes, e.g. run.c's printable_piece
 
     def push(self, token: int) -> str:
-        self.pending += self.tokenizer.decode_piece(self.prev, token)
+        piece = self.tokenizer.decode_piece(self.prev, token)
+        self.pending += self.piece_filter(piece) if self.piece_filter else piece
         self.prev = token
         n = _complete_utf8_len(self.pending)
         out, self.pending = self.pending[:n], self.pending[n:]

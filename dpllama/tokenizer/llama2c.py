@@ -126,3 +126,19 @@ class Llama2cTokenizer(Tokenizer):
 
     def special_text(self, token: int) -> str:
         return self.pieces[token].decode("utf-8", "replace").strip()
+
+    def gguf_fields(self) -> dict:
+        """This vocabulary as GGUF `tokenizer.*` fields (llama.cpp's SentencePiece kind, spaces as
+        "▁"), for dpllama's quantized container; SpmTokenizer encodes them to the same ids."""
+        # token types: 1 normal, 2 unknown, 3 control, 6 byte
+        types = [2 if i == 0 else 3 if i in (BOS, EOS) else 6 if re.fullmatch(rb"<0x[0-9A-Fa-f]{2}>", p) else 1
+                 for i, p in enumerate(self.pieces)]
+        try:
+            tokens = [p.decode("utf-8").replace(" ", "\u2581") for p in self.pieces]
+        except UnicodeDecodeError as e:
+            raise DpllamaError(f"{self.source}: a token is not valid UTF-8 ({e.reason}); "
+                               "GGUF cannot store this vocabulary") from None
+        return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+                "tokenizer.ggml.scores": [float(s) for s in self.scores], "tokenizer.ggml.token_type": types,
+                "tokenizer.ggml.bos_token_id": BOS, "tokenizer.ggml.eos_token_id": EOS,
+                "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.add_bos_token": True}

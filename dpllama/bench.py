@@ -1,0 +1,135 @@
+"""`dpllama bench -m MODEL`: prompt processing and decode speed, measured the way users run models.
+
+Reports prompt-processing tok/s (`--prompt` tokens, 512 by default), decode tok/s over `--gen`
+tokens (128), ms per token, GB/s of weight bytes read per decoded token, kernel launches per token,
+first-token latency, and model load + kernel build time with an empty kernel cache (cold) and with
+the cache filled (cached). `--repeat N` gives the median and the spread; `--profile` adds kernel time
+by kernel from profiling events. Speed is only ever compared within one run: the machine is noisy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from dpllama.errors import DpllamaError
+from dpllama.runtime import build_stats, open_queue
+
+
+def _load(path, device, config, max_seq, profiling=False):
+    from dpllama.llm import load_weights
+    from dpllama.model.llama import Llama
+    t = time.perf_counter()
+    weights = load_weights(path)
+    model = Llama(weights, open_queue(device, config, profiling=profiling), max_seq=max_seq)
+    model.q.wait()
+    return model, time.perf_counter() - t
+
+
+def _cold_load_s(path, device, config, max_seq) -> float:
+    """Seconds to load and build with dpllama's kernel cache empty (a fresh $DPLLAMA_HOME)."""
+    old = os.environ.get("DPLLAMA_HOME")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["DPLLAMA_HOME"] = tmp
+        try:
+            return _load(path, device, config, max_seq)[1]
+        finally:
+            if old is None:
+                del os.environ["DPLLAMA_HOME"]
+            else:
+                os.environ["DPLLAMA_HOME"] = old
+
+
+def run_once(model, n_prompt: int, n_gen: int, rng: np.random.Generator) -> dict:
+    """One prompt of random tokens, then greedy decoding of n_gen tokens."""
+    prompt = [int(t) for t in rng.integers(3, model.config.vocab_size, n_prompt)]
+    model.start(prompt)
+    launches = model.q.launches
+    t0 = time.perf_counter()
+    for pos in range(n_prompt - 1):
+        model.step()
+        model.next_given()
+    model.step()
+    model.next_greedy()              # the first generated token
+    t1 = time.perf_counter()
+    prompt_launches = model.q.launches - launches
+    for _ in range(n_gen - 1):
+        model.step()
+        model.next_greedy()
+    t2 = time.perf_counter()
+    decode_s = (t2 - t1) / max(n_gen - 1, 1)
+    return {
+        "prompt_tok_s": n_prompt / (t1 - t0),
+        "decode_tok_s": 1.0 / decode_s,
+        "ms_per_token": decode_s * 1e3,
+        "weight_gb_s": model.weight_bytes / decode_s / 1e9,
+        "first_token_ms": (t1 - t0) * 1e3,
+        "launches_per_token": (model.q.launches - launches - prompt_launches) / max(n_gen - 1, 1),
+    }
+
+
+def bench(model_path: str, device=None, config=None, n_prompt=512, n_gen=128, repeat=1, profile=False,
+          progress=True) -> dict:
+    from dpllama.llm import resolve_model
+    path = resolve_model(model_path)
+    say = (lambda s: print(f"dpllama bench: {s}", file=sys.stderr, flush=True)) if progress else (lambda s: None)
+    max_seq = n_prompt + n_gen
+    say("load + build, empty kernel cache ...")
+    cold = _cold_load_s(path, device, config, max_seq)
+    say("load + build, cached ...")
+    model, cached = _load(path, device, config, max_seq, profiling=profile)
+    if model.seq_len < max_seq:
+        raise DpllamaError(f"--prompt {n_prompt} + --gen {n_gen} tokens exceed {path}'s context of {model.seq_len}")
+    runs = []
+    rng = np.random.default_rng(0)
+    run_once(model, 8, 4, rng)   # warm-up: first launches of every kernel
+    model.q.profile()   # drop the warm-up's profiling events
+    for i in range(repeat):
+        say(f"run {i + 1}/{repeat}: {n_prompt} prompt tokens, {n_gen} generated ...")
+        runs.append(run_once(model, n_prompt, n_gen, rng))
+    c = model.config
+    result = {
+        "model": str(path), "device": str(model.q.device), "config": model.q.config.path,
+        "shape": {"dim": c.dim, "hidden_dim": c.hidden_dim, "n_layers": c.n_layers, "n_heads": c.n_heads,
+                  "n_kv_heads": c.n_kv_heads, "vocab_size": c.vocab_size},
+        "weight_bytes_per_token": model.weight_bytes, "prompt_tokens": n_prompt, "generated_tokens": n_gen,
+        "repeat": repeat, "load_cold_s": cold, "load_cached_s": cached,
+        "kernel_builds": dict(build_stats),
+    }
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        result[key] = statistics.median(values)
+        result[key + "_spread"] = (max(values) - min(values)) if len(values) > 1 else 0.0
+    if profile:
+        prof = model.q.profile()
+        total = sum(p["ns"] for p in prof.values()) or 1
+        result["profile"] = {k: {"calls": p["calls"], "ms": p["ns"] / 1e6, "share": p["ns"] / total}
+                             for k, p in sorted(prof.items(), key=lambda kv: -kv[1]["ns"])}
+    return result
+
+
+def format_text(r: dict) -> str:
+    lines = [f"model    {r['model']}", f"device   {r['device']}  (config {r['config']})",
+             f"weights  {r['weight_bytes_per_token'] / 1e6:.1f} MB read per token"]
+    spread = lambda k: f" ± {r[k + '_spread'] / 2:.2f}" if r["repeat"] > 1 else ""  # noqa: E731
+    lines += [
+        f"prompt   {r['prompt_tok_s']:8.2f} tok/s{spread('prompt_tok_s')}  ({r['prompt_tokens']} tokens)",
+        f"decode   {r['decode_tok_s']:8.2f} tok/s{spread('decode_tok_s')}  {r['ms_per_token']:.2f} ms/token, "
+        f"{r['weight_gb_s']:.2f} GB/s of weights, {r['launches_per_token']:.0f} launches/token",
+        f"first token after the prompt: {r['first_token_ms']:.0f} ms",
+        f"load + build: {r['load_cold_s']:.2f} s cold, {r['load_cached_s']:.2f} s cached",
+    ]
+    for name, p in r.get("profile", {}).items():
+        lines.append(f"  {name:<20} {p['calls']:>7} calls {p['ms']:10.1f} ms  {100 * p['share']:5.1f}%")
+    return "\n".join(lines)
+
+
+def main(args) -> None:
+    r = bench(args.model, args.device, args.config, args.prompt, args.gen, args.repeat, args.profile,
+              progress=not args.quiet)
+    print(json.dumps(r, indent=2) if args.json else format_text(r))

@@ -1,0 +1,112 @@
+"""`dpllama quantize IN OUT`: the quantize-model script.
+
+Reads a llama2.c checkpoint or a GGUF, stores every weight matrix as int4 (8 per 32-bit word, fp16
+scales per group, symmetric or with mins) except those kept in 8 bits, and writes dpllama's GGUF
+container with the model config and the tokenizer inside, so the one file is enough to run.
+GGUF Q4_0 / Q4_1 tensors whose group and scheme match the request are carried over bit for bit.
+Prints per-tensor and overall error: RMSE relative to the source weights' RMS.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from dpllama.errors import DpllamaError
+from dpllama.model.quant import quantize_int4, quantize_q8
+from dpllama.model.weights import Tensor, Weights
+
+GROUPS = (32, 64, 128)
+MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+EIGHT_BIT_CHOICES = ("tok_embeddings", "output")
+
+
+def convert(t: Tensor, bits: int, group: int, symmetric: bool) -> Tensor:
+    """t in the requested format; already in it means unchanged (lossless)."""
+    if bits == 8:
+        return t if t.kind == "q8" else quantize_q8(t.dequantize(), 32)
+    if t.kind == "int4" and t.group == group and (t.mins is None) == symmetric:
+        return t
+    return quantize_int4(t.dequantize(), group, symmetric)
+
+
+def relative_rmse(src: Tensor, out: Tensor) -> float:
+    a = src.dequantize()
+    rms = float(np.sqrt(np.mean(a.astype(np.float64) ** 2))) or 1.0
+    return float(np.sqrt(np.mean((out.dequantize().astype(np.float64) - a) ** 2))) / rms
+
+
+def progress_bar(done: int, total: int, label: str, stream=sys.stderr) -> None:
+    width = 30
+    n = width * done // total
+    stream.write(f"\r[{'#' * n}{'.' * (width - n)}] {done}/{total} {label:<24.24}")
+    if done == total:
+        stream.write("\n")
+    stream.flush()
+
+
+def quantize(weights: Weights, group: int = 32, symmetric: bool = False,
+             eight_bit: tuple[str, ...] = EIGHT_BIT_CHOICES, report=print) -> Weights:
+    """A new Weights with every matrix converted; `report(name, kind, rel_rmse)` per tensor."""
+    if group not in GROUPS:
+        raise DpllamaError(f"group size must be one of {', '.join(map(str, GROUPS))}, found {group}")
+    for name in eight_bit:
+        if name not in EIGHT_BIT_CHOICES:
+            raise DpllamaError(f"--keep-8bit: unknown tensor {name!r} (expected {', '.join(EIGHT_BIT_CHOICES)})")
+    total = 1 + len(weights.layers) * len(MATRICES) + (0 if weights.tied else 1)
+    done, errors = 0, []
+
+    def conv(name: str, t: Tensor, bits: int) -> Tensor:
+        nonlocal done
+        out = convert(t, bits, group, symmetric)
+        err = relative_rmse(t, out)
+        errors.append((t.rows * t.cols, err))
+        report(name, out, err)
+        done += 1
+        progress_bar(done, total, name)
+        return out
+
+    # a tied table is also the classifier: 8 bits for it when either role asks for them
+    emb_bits = 8 if "tok_embeddings" in eight_bit or (weights.tied and "output" in eight_bit) else 4
+    tok = conv("tok_embeddings", weights.tok_embeddings, emb_bits)
+    layers = []
+    for i, L in enumerate(weights.layers):
+        layers.append(replace(L, **{m: conv(f"layers.{i}.{m}", getattr(L, m), 4) for m in MATRICES}))
+    out = tok if weights.tied else conv("output", weights.output, 8 if "output" in eight_bit else 4)
+    n = sum(k for k, _ in errors)
+    overall = float(np.sqrt(sum(k * e * e for k, e in errors) / n))
+    return Weights(weights.config, tok, layers, weights.norm, out, dict(weights.meta, rel_rmse=overall))
+
+
+def run(src: str, dst: str, tokenizer: str | None = None, group: int = 32, scheme: str = "asym",
+        eight_bit: tuple[str, ...] = EIGHT_BIT_CHOICES, out=sys.stdout) -> Weights:
+    """The command: load, quantize with a report, write `dst` atomically."""
+    from dpllama.llm import load_weights, resolve_model
+    from dpllama.model.gguf import write_dpllama_gguf
+    from dpllama.tokenizer import Llama2cTokenizer
+    if scheme not in ("sym", "asym"):
+        raise DpllamaError(f"--scheme must be sym or asym, found {scheme!r}")
+    dst_path = Path(dst)
+    if not dst_path.parent.is_dir():
+        raise DpllamaError(f"{dst}: output folder {dst_path.parent} does not exist")
+    src_path = resolve_model(src)
+    weights = load_weights(src_path)
+    fields = weights.meta.get("tokenizer_fields")
+    if not fields:
+        if tokenizer is None:
+            raise DpllamaError(f"{src}: a llama2.c checkpoint carries no tokenizer: pass -z TOKENIZER.bin "
+                               "so the quantized file is complete")
+        fields = Llama2cTokenizer(tokenizer, weights.config.vocab_size).gguf_fields()
+
+    def report(name: str, t: Tensor, err: float) -> None:
+        fmt = t.kind if t.kind == "f32" else f"{t.kind} g{t.group}" + (" asym" if t.mins is not None else "")
+        out.write(f"\r{name:<24} {t.rows:>6} x {t.cols:<6} {fmt:<14} rel. RMSE {err:.5f}\n")
+
+    q = quantize(weights, group, scheme == "sym", eight_bit, report)
+    write_dpllama_gguf(dst_path, q, fields)
+    size = dst_path.stat().st_size
+    out.write(f"overall rel. RMSE {q.meta['rel_rmse']:.5f}; wrote {dst} ({size / 2**20:.1f} MiB, "
+              f"from {src_path.stat().st_size / 2**20:.1f} MiB)\n")
+    return q
