@@ -1,0 +1,68 @@
+"""NumPy reference forward pass: llama2.c run.c's math in float32, one token at a time.
+
+It is the oracle the device kernels are tested against, so it favours being obviously right over being
+fast: weights are dequantized once to float32, activations and the KV cache stay float32.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dpllama.model.weights import Weights, layer_shapes
+
+f32 = np.float32
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """run.c: x * weight / sqrt(mean(x^2) + eps)."""
+    return weight * (x * (f32(1) / np.sqrt(np.dot(x, x) / f32(x.size) + f32(eps))))
+
+
+class Reference:
+    def __init__(self, weights: Weights):
+        c = self.config = weights.config
+        self.tok_embeddings = weights.tok_embeddings.dequantize()      # [vocab, dim]
+        self.output = self.tok_embeddings if weights.tied else weights.output.dequantize()  # [vocab, dim]
+        self.norm = np.asarray(weights.norm, f32)                       # [dim]
+        # per layer: {attn_norm [dim], wq [dim, dim], wk / wv [kv_dim, dim], wo [dim, dim], ffn_norm [dim],
+        #             w1 / w3 [hidden_dim, dim], w2 [dim, hidden_dim]}
+        self.layers = [{name: (getattr(layer, name).dequantize() if len(shape) == 2
+                               else np.asarray(getattr(layer, name), f32))
+                        for name, shape in layer_shapes(c).items()} for layer in weights.layers]
+        # np.zeros maps pages lazily, so a long context costs memory only as far as it is used
+        self.key_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32)     # [layer, pos, kv_dim]
+        self.value_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32)   # [layer, pos, kv_dim]
+        # run.c: pair (j, j+1) of a head (j even) turns at frequency 1 / theta^(j / head_dim), in float32
+        j = np.arange(0, c.head_dim, 2, dtype=f32)
+        self.inv_freq = f32(1) / np.power(f32(c.rope_theta), j / f32(c.head_dim))   # [head_dim / 2]
+
+    def rope(self, x: np.ndarray, pos: int) -> np.ndarray:
+        """Rotate ADJACENT pairs (x[2i], x[2i+1]) of every head of x [n * head_dim] by pos * inv_freq[i]."""
+        angle = f32(pos) * self.inv_freq
+        cos, sin = np.cos(angle), np.sin(angle)
+        pairs = x.reshape(-1, self.inv_freq.size, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        return np.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(x.shape)
+
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        """Feed `token` at position `pos` -> float32 logits [vocab]. Positions 0..pos-1 must have been fed
+        since the last pos 0: feeding pos 0 starts a new sequence (attention reads only the cache up to pos)."""
+        c = self.config
+        hd, group = c.head_dim, c.n_heads // c.n_kv_heads
+        x = self.tok_embeddings[token].copy()                            # [dim] residual stream
+        for l, w in enumerate(self.layers):
+            xb = rmsnorm(x, w["attn_norm"], c.norm_eps)
+            q = self.rope(w["wq"] @ xb, pos)                              # [dim]
+            self.key_cache[l, pos] = self.rope(w["wk"] @ xb, pos)         # [kv_dim]
+            self.value_cache[l, pos] = w["wv"] @ xb                       # [kv_dim]
+            # grouped-query attention: query head h reads kv head h // group
+            qh = q.reshape(c.n_kv_heads, group, hd)                       # [kv_head, group, hd]
+            keys = self.key_cache[l, :pos + 1].reshape(pos + 1, c.n_kv_heads, hd).transpose(1, 2, 0)
+            values = self.value_cache[l, :pos + 1].reshape(pos + 1, c.n_kv_heads, hd).transpose(1, 0, 2)
+            scores = (qh @ keys) / np.sqrt(f32(hd))                       # [kv_head, group, pos + 1]
+            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            att = (scores / scores.sum(axis=-1, keepdims=True)) @ values  # [kv_head, group, hd]
+            x += w["wo"] @ att.reshape(c.dim)
+            xb = rmsnorm(x, w["ffn_norm"], c.norm_eps)
+            gate = w["w1"] @ xb                                           # [hidden_dim]
+            x += w["w2"] @ (gate / (f32(1) + np.exp(-gate)) * (w["w3"] @ xb))   # silu(w1 x) * w3 x
+        return self.output @ rmsnorm(x, self.norm, c.norm_eps)

