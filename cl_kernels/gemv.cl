@@ -5,7 +5,9 @@
 //   -DW_Q8   -DGROUP=g         w = s * q,        q int8, s float per group
 //   -DW_INT4 -DGROUP=g         w = s * (q - 8),  q 4-bit, 8 per uint32 along the input dimension, s fp16
 //   -DW_INT4 -DASYM -DGROUP=g  w = s * q + m,    m fp16
-// and -DROWS=V (2, 4, 8 or 16): the rows of one tile, computed together as the lanes of a vector.
+// and -DROWS=V (2, 4, 8 or 16): the rows of one tile, computed together as the lanes of a vector, and
+// -DTOKENS=n: the input vectors one work-group takes (1 to decode; more in prefill, so that every
+// weight loaded and decoded serves n tokens).
 //
 // Device layout: rows are padded to a multiple of V and cut into tiles of V rows; inside a tile the
 // V values of one column (one packed word for int4) lie side by side, so a tile is one contiguous
@@ -45,33 +47,47 @@ inline floatV half_bits_to_float(const ushortV h) {
     return as_floatV(((u & 0x8000) << 16) | select(normal, (uintV)(0), e == 0));
 }
 
-// the V rows of tile t dotted with block b of xin (BLOCK values); sx = sum of that block of xin
-inline floatV block_dot(WEIGHT_ARGS, const int t, const int b, const int cols_p, __private const float *xin,
-                        const float sx) {
-    floatV acc = 0.0f;
+// acc[n] += the V rows of tile t dotted with block b of token n's input, xin[n][BLOCK] (n < TOKENS);
+// sx[n] = sum of that block of token n's input. Each weight is loaded and decoded once for all tokens.
+inline void block_dot(WEIGHT_ARGS, const int t, const int b, const int cols_p, __private const float *xin,
+                      __private const float *sx, __private floatV *acc) {
 #if defined(W_F32)
     __global const floatV *w = (__global const floatV *)w_ + (size_t)t * cols_p + BLOCK * b;
-    for (int k = 0; k < BLOCK; k++) acc += w[k] * xin[k];
-    return acc;
-#elif defined(W_Q8)
+    for (int k = 0; k < BLOCK; k++) {
+        const floatV wk = w[k];
+        for (int n = 0; n < TOKENS; n++) acc[n] += wk * xin[n * BLOCK + k];
+    }
+#else
+    floatV part[TOKENS];
+    for (int n = 0; n < TOKENS; n++) part[n] = 0.0f;
+#if defined(W_Q8)
     __global const charV *w = (__global const charV *)w_ + (size_t)t * cols_p + BLOCK * b;
-    for (int k = 0; k < BLOCK; k++) acc += convert_floatV(w[k]) * xin[k];
-    return ((__global const floatV *)s_)[(size_t)t * (cols_p / GROUP) + b] * acc;
+    for (int k = 0; k < BLOCK; k++) {
+        const floatV qk = convert_floatV(w[k]);
+        for (int n = 0; n < TOKENS; n++) part[n] += qk * xin[n * BLOCK + k];
+    }
+    const floatV s = ((__global const floatV *)s_)[(size_t)t * (cols_p / GROUP) + b];
+    for (int n = 0; n < TOKENS; n++) acc[n] += s * part[n];
 #elif defined(W_INT4)
     __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 8) + (BLOCK / 8) * b;
     for (int j = 0; j < BLOCK / 8; j++) {
         const uintV u = w[j];
-        for (int k = 0; k < 8; k++) acc += convert_floatV((u >> (uint)(4 * k)) & 15u) * xin[8 * j + k];
+        for (int k = 0; k < 8; k++) {
+            const floatV qk = convert_floatV((u >> (uint)(4 * k)) & 15u);
+            for (int n = 0; n < TOKENS; n++) part[n] += qk * xin[n * BLOCK + 8 * j + k];
+        }
     }
     const size_t g = (size_t)t * (cols_p / GROUP) + b;
     const floatV s = half_bits_to_float(((__global const ushortV *)s_)[g]);
 #if defined(ASYM)
-    return s * acc + half_bits_to_float(((__global const ushortV *)m_)[g]) * sx;
+    const floatV m = half_bits_to_float(((__global const ushortV *)m_)[g]);
+    for (int n = 0; n < TOKENS; n++) acc[n] += s * part[n] + m * sx[n];
 #else
-    return s * (acc - 8.0f * sx);
+    for (int n = 0; n < TOKENS; n++) acc[n] += s * (part[n] - 8.0f * sx[n]);
 #endif
 #else
 #error "build gemv.cl with one of -DW_F32, -DW_Q8, -DW_INT4"
+#endif
 #endif
 }
 
@@ -96,88 +112,111 @@ inline float weight_at(WEIGHT_ARGS, const int r, const int c, const int cols_p) 
 #endif
 }
 
-// The shared body: tile get_group_id(0) times x, or times x * g / rms(x) when `norm` (RMSNorm fused
-// into the projection after it). The result is valid in thread 0.
-inline floatV tile_rows(WEIGHT_ARGS, __global const float *x, __global const float *g, const int norm,
-                        const int cols, const int cols_p, const float eps, __local floatV *scratch,
-                        __local float *scratch_ss) {
+// The shared body: acc[n] = tile get_group_id(0) times input row tok0 + n of x (rows x_stride apart),
+// or times x * g / rms(x) when `norm` (RMSNorm fused into the projection after it), for the TOKENS
+// tokens from tok0 = get_group_id(1) * TOKENS that are < T. The result is valid in thread 0.
+inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float *g, const int norm,
+                      const int cols, const int cols_p, const int T, const int x_stride, const float eps,
+                      __local floatV *scratch, __local float *scratch_ss, __private floatV *acc) {
     const int lid = get_local_id(0), L = get_local_size(0), t = get_group_id(0);
-    floatV acc = 0.0f;
-    float ss = 0.0f, xin[BLOCK];
+    const int tok0 = get_group_id(1) * TOKENS;
+    float ss[TOKENS], sx[TOKENS], xin[TOKENS * BLOCK];
+    for (int n = 0; n < TOKENS; n++) {
+        acc[n] = 0.0f;
+        ss[n] = 0.0f;
+    }
     for (int b = lid; b < cols_p / BLOCK; b += L) {
-        float sx = 0.0f;
-        for (int k = 0; k < BLOCK; k++) {      // this block of x, loaded once for all V rows
-            const float v = x[BLOCK * b + k];
-            ss += v * v;
-            xin[k] = norm ? v * g[BLOCK * b + k] : v;
-            sx += xin[k];
+        for (int n = 0; n < TOKENS; n++) {    // this block of every token's input, loaded once for all V rows
+            __global const float *xr = x + (size_t)(tok0 + n) * x_stride + BLOCK * b;
+            const int live = tok0 + n < T;
+            sx[n] = 0.0f;
+            for (int k = 0; k < BLOCK; k++) {
+                const float v = live ? xr[k] : 0.0f;
+                ss[n] += v * v;
+                xin[n * BLOCK + k] = norm ? v * g[BLOCK * b + k] : v;
+                sx[n] += xin[n * BLOCK + k];
+            }
         }
-        acc += block_dot(w_, s_, m_, t, b, cols_p, xin, sx);
+        block_dot(w_, s_, m_, t, b, cols_p, xin, sx, acc);
     }
     if (L > 1) {
-        scratch[lid] = acc;
-        scratch_ss[lid] = ss;
+        for (int n = 0; n < TOKENS; n++) {
+            scratch[n * L + lid] = acc[n];
+            scratch_ss[n * L + lid] = ss[n];
+        }
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int h = L / 2; h > 0; h >>= 1) {
-            if (lid < h) {
-                scratch[lid] += scratch[lid + h];
-                scratch_ss[lid] += scratch_ss[lid + h];
-            }
+            if (lid < h)
+                for (int n = 0; n < TOKENS; n++) {
+                    scratch[n * L + lid] += scratch[n * L + lid + h];
+                    scratch_ss[n * L + lid] += scratch_ss[n * L + lid + h];
+                }
             barrier(CLK_LOCAL_MEM_FENCE);
         }
-        acc = scratch[0];
-        ss = scratch_ss[0];
+        for (int n = 0; n < TOKENS; n++) {
+            acc[n] = scratch[n * L];
+            ss[n] = scratch_ss[n * L];
+        }
     }
-    return norm ? acc * rsqrt(ss / cols + eps) : acc;
+    if (norm)
+        for (int n = 0; n < TOKENS; n++) acc[n] *= rsqrt(ss[n] / cols + eps);
 }
 
-// y[rows] (=, or += when `add`) the tile's V values
-inline void store_rows(__global float *y, const floatV v, const int rows, const int add) {
-    const int first = get_group_id(0) * ROWS;
+// y[token][row] (=, or += when `add`) the tile's values, for the work-group's tokens
+inline void store_rows(__global float *y, __private const floatV *acc, const int rows, const int T,
+                       const int y_stride, const int add) {
+    const int first = get_group_id(0) * ROWS, tok0 = get_group_id(1) * TOKENS;
     if (get_local_id(0) != 0) return;
-    for (int i = 0; i < ROWS && first + i < rows; i++) {
-        const float vi = ((const float *)&v)[i];
-        y[first + i] = add ? y[first + i] + vi : vi;
+    for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
+        __global float *yr = y + (size_t)(tok0 + n) * y_stride;
+        for (int i = 0; i < ROWS && first + i < rows; i++) {
+            const float v = ((const float *)&acc[n])[i];
+            yr[first + i] = add ? yr[first + i] + v : v;
+        }
     }
 }
 
+// Every kernel works on T input vectors (rows of x, x_stride apart), writing rows of y y_stride apart:
+// T = 1 in a decode step, a chunk of the prompt in prefill. Global size (tiles * L, ceil(T / TOKENS)).
+#define GEMV_ARGS const int rows, const int cols, const int cols_p, const int T, const int x_stride, \
+                  const int y_stride
 #define GEMV_SCRATCH __local floatV *scratch, __local float *scratch_ss
 
-// y = W x
-__kernel void gemv(WEIGHT_ARGS, __global const float *x, __global float *y, const int rows, const int cols,
-                   const int cols_p, GEMV_SCRATCH) {
-    store_rows(y, tile_rows(w_, s_, m_, x, x, 0, cols, cols_p, 0.0f, scratch, scratch_ss), rows, 0);
-}
-
 // y += W x: a projection that feeds the residual stream adds itself in
-__kernel void gemv_add(WEIGHT_ARGS, __global const float *x, __global float *y, const int rows, const int cols,
-                       const int cols_p, GEMV_SCRATCH) {
-    store_rows(y, tile_rows(w_, s_, m_, x, x, 0, cols, cols_p, 0.0f, scratch, scratch_ss), rows, 1);
+__kernel void gemv_add(WEIGHT_ARGS, __global const float *x, __global float *y, GEMV_ARGS, GEMV_SCRATCH) {
+    floatV acc[TOKENS];
+    tile_rows(w_, s_, m_, x, x, 0, cols, cols_p, T, x_stride, 0.0f, scratch, scratch_ss, acc);
+    store_rows(y, acc, rows, T, y_stride, 1);
 }
 
 // y = W rmsnorm(x, g): RMSNorm fused into the projection after it (QKV, LM head)
 __kernel void gemv_norm(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
-                        const int rows, const int cols, const int cols_p, const float eps, GEMV_SCRATCH) {
-    store_rows(y, tile_rows(w_, s_, m_, x, g, 1, cols, cols_p, eps, scratch, scratch_ss), rows, 0);
+                        GEMV_ARGS, const float eps, GEMV_SCRATCH) {
+    floatV acc[TOKENS];
+    tile_rows(w_, s_, m_, x, g, 1, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
+    store_rows(y, acc, rows, T, y_stride, 0);
 }
 
 // y = silu(gate) * up with [gate; up] = W rmsnorm(x, g): RMSNorm, both FFN projections and SwiGLU in
 // one launch. Each tile holds V/2 gate rows, then the V/2 up rows of the same outputs; rows counts
 // both, so there are rows / 2 outputs.
 __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
-                               const int rows, const int cols, const int cols_p, const float eps, GEMV_SCRATCH) {
-    const floatV a = tile_rows(w_, s_, m_, x, g, 1, cols, cols_p, eps, scratch, scratch_ss);
-    const int first = get_group_id(0) * (ROWS / 2);
+                               GEMV_ARGS, const float eps, GEMV_SCRATCH) {
+    floatV acc[TOKENS];
+    tile_rows(w_, s_, m_, x, g, 1, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
+    const int first = get_group_id(0) * (ROWS / 2), tok0 = get_group_id(1) * TOKENS;
     if (get_local_id(0) != 0) return;
-    for (int i = 0; i < ROWS / 2 && first + i < rows / 2; i++) {
-        const float gate = ((const float *)&a)[i], up = ((const float *)&a)[i + ROWS / 2];
-        y[first + i] = gate / (1.0f + exp(-gate)) * up;
-    }
+    for (int n = 0; n < TOKENS && tok0 + n < T; n++)
+        for (int i = 0; i < ROWS / 2 && first + i < rows / 2; i++) {
+            const float gate = ((const float *)&acc[n])[i], up = ((const float *)&acc[n])[i + ROWS / 2];
+            y[(size_t)(tok0 + n) * y_stride + first + i] = gate / (1.0f + exp(-gate)) * up;
+        }
 }
 
-// x = row tokens[pos] of the embedding table, dequantized (state = {pos, ...})
+// x[n] = row tokens[pos + n] of the embedding table, dequantized (state = {pos, ...}); global (any, T)
 __kernel void embed(WEIGHT_ARGS, __global const int *tokens, __global const int *state, __global float *x,
-                    const int cols, const int cols_p) {
-    const int r = tokens[state[0]];
-    for (int c = get_global_id(0); c < cols; c += get_global_size(0)) x[c] = weight_at(w_, s_, m_, r, c, cols_p);
+                    const int cols, const int cols_p, const int x_stride) {
+    const int n = get_global_id(1), r = tokens[state[0] + n];
+    for (int c = get_global_id(0); c < cols; c += get_global_size(0))
+        x[(size_t)n * x_stride + c] = weight_at(w_, s_, m_, r, c, cols_p);
 }

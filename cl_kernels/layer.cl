@@ -1,95 +1,87 @@
 // The non-matrix parts of a transformer layer, in float32, and the device-side sampling helpers.
+// Build with -DPOS_VEC and -DHD_VEC (vector widths of the attention kernel).
 // `state` is the model's small int buffer {pos, n_prompt}: kernels read the position from it, so a
 // recorded token step can be replayed without re-binding arguments.
 
-// out = x * g / sqrt(mean(x^2) + eps), one work-group per row of n (rows of a prefill chunk)
-__kernel void rmsnorm(__global const float *x, __global const float *g, __global float *out, const int n,
-                      const int stride, const float eps, __local float *scratch) {
-    const int row = get_group_id(0), lid = get_local_id(0), L = get_local_size(0);
-    __global const float *xr = x + (size_t)row * stride;
-    float ss = 0.0f;
-    for (int i = lid; i < n; i += L) ss += xr[i] * xr[i];
-    const float scale = rsqrt(group_sum(ss, scratch) / n + eps);
-    for (int i = lid; i < n; i += L) out[(size_t)row * stride + i] = xr[i] * scale * g[i];
-}
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define floatP CAT(float, POS_VEC)      // a run of positions (-DPOS_VEC: 2, 4, 8 or 16)
+#define floatH CAT(float, HD_VEC)       // a run of head dimensions (-DHD_VEC divides head_dim)
 
-// y += x, elementwise (the residual add where it is not fused into a projection)
-__kernel void add(__global const float *x, __global float *y, const int n) {
-    const int i = get_global_id(0);
-    if (i < n) y[i] += x[i];
-}
-
-// out[i] = silu(a[i]) * b[i]
-__kernel void swiglu(__global const float *a, __global const float *b, __global float *out, const int n) {
-    const int i = get_global_id(0);
-    if (i < n) out[i] = a[i] / (1.0f + exp(-a[i])) * b[i];
-}
+// KV cache layout, per layer: keys [kv_dim][seq_p] (each channel's positions side by side, so one
+// vector load gives a channel of POS_VEC positions), values [seq_p][kv_dim] (each position's channels
+// side by side). seq_p is seq_len rounded up to POS_VEC.
 
 // Rotate adjacent pairs (x[2i], x[2i+1]) of every head by pos * theta^(-2i/head_dim) (llama2.c's and
-// llama.cpp's rotation), then append k and v at `pos` to this layer's cache. rope holds (cos, sin) of
+// llama.cpp's rotation), then store k and v at `pos` in this layer's cache. rope holds (cos, sin) of
 // those angles, [seq_len][head_dim / 2], made on the host once: sin, cos and pow are calls that cost
-// more than everything else here.
-// qkv = [q (n_heads*head_dim) | k (kv_dim) | v (kv_dim)]; q is rotated in place.
-// One work-item per pair: q_dim/2 for q, then kv_dim/2 for k and v together.
+// more than everything else here. qkv rows = [q (q_dim) | k (kv_dim) | v (kv_dim)], qkv_stride apart;
+// q is rotated in place. Global (q_dim/2 + kv_dim/2, T): one work-item per pair, token pos + n.
 __kernel void rope_store(__global float *qkv, __global float *k_cache, __global float *v_cache,
                          __global const int *state, __global const float *rope, const int q_dim,
-                         const int kv_dim, const int head_dim, const int cache_offset) {
-    const int i = get_global_id(0), pos = state[0];
+                         const int kv_dim, const int head_dim, const int seq_p, const int qkv_stride,
+                         const int cache_offset) {
+    const int i = get_global_id(0), n = get_global_id(1), pos = state[0] + n;
     const int is_q = i < q_dim / 2;
     const int j = is_q ? 2 * i : 2 * i - q_dim;          // element index within q or k
     if (!is_q && j >= kv_dim) return;
     __global const float *cs = rope + (size_t)pos * head_dim + (j % head_dim);
     const float c = cs[0], s = cs[1];
-    __global float *v = qkv + (is_q ? j : q_dim + j);
+    __global float *v = qkv + (size_t)n * qkv_stride + (is_q ? j : q_dim + j);
     const float a = v[0], b = v[1];
     if (is_q) {
         v[0] = a * c - b * s;
         v[1] = a * s + b * c;
     } else {
-        __global float *kc = k_cache + cache_offset + (size_t)pos * kv_dim + j;
+        __global float *kc = k_cache + cache_offset + (size_t)j * seq_p + pos;
         __global float *vc = v_cache + cache_offset + (size_t)pos * kv_dim + j;
         kc[0] = a * c - b * s;
-        kc[1] = a * s + b * c;
+        kc[seq_p] = a * s + b * c;
         vc[0] = v[kv_dim];
         vc[1] = v[kv_dim + 1];
     }
 }
 
-// Attention of one token: one work-group per query head h, over cache positions 0..pos.
-// Query head h reads key/value head h / (n_heads / n_kv_heads) (grouped-query attention).
-// att is scratch [n_heads][seq_len] for the scores.
-__kernel void attention(__global const float *q, __global const float *k_cache, __global const float *v_cache,
+// Attention for query head h = group 0 of token n = group 1, at position state[0] + n, over cache
+// positions 0..pos (causal). Query head h reads key/value head h / (n_heads / n_kv_heads) (grouped-
+// query attention). att is scratch [T][n_heads][seq_p] for the scores. The L threads of a group
+// split the positions for the scores and the head dimensions for the weighted sum of values.
+__kernel void attention(__global const float *qkv, __global const float *k_cache, __global const float *v_cache,
                         __global float *att, __global float *out, __global const int *state,
-                        const int n_heads, const int n_kv_heads, const int head_dim, const int seq_len,
-                        const int cache_offset, __local float *scratch) {
-    const int h = get_group_id(0), lid = get_local_id(0), L = get_local_size(0), pos = state[0];
-    const int kv_dim = n_kv_heads * head_dim;
-    const int kvh = h / (n_heads / n_kv_heads);
-    __global const float *qh = q + h * head_dim;
-    __global const float *kh = k_cache + cache_offset + kvh * head_dim;
+                        const int n_heads, const int n_kv_heads, const int head_dim, const int seq_p,
+                        const int qkv_stride, const int out_stride, const int cache_offset,
+                        __local float *scratch) {
+    const int h = get_group_id(0), n = get_group_id(1), lid = get_local_id(0), L = get_local_size(0);
+    const int pos = state[0] + n, kv_dim = n_kv_heads * head_dim, kvh = h / (n_heads / n_kv_heads);
+    __global const float *q = qkv + (size_t)n * qkv_stride + h * head_dim;
+    __global const float *kh = k_cache + cache_offset + (size_t)kvh * head_dim * seq_p;
     __global const float *vh = v_cache + cache_offset + kvh * head_dim;
-    __global float *a = att + (size_t)h * seq_len;
+    __global float *a = att + ((size_t)n * n_heads + h) * seq_p;
     const float scale = rsqrt((float)head_dim);
 
     float m = -INFINITY;
-    for (int t = lid; t <= pos; t += L) {
-        float s = 0.0f;
-        for (int d = 0; d < head_dim; d++) s += qh[d] * kh[(size_t)t * kv_dim + d];
-        a[t] = s * scale;
-        m = fmax(m, a[t]);
+    for (int t0 = lid * POS_VEC; t0 <= pos; t0 += L * POS_VEC) {
+        floatP s = 0.0f;
+        for (int d = 0; d < head_dim; d++) s += q[d] * *(__global const floatP *)(kh + (size_t)d * seq_p + t0);
+        s *= scale;
+        for (int i = 0; i < POS_VEC; i++)
+            if (t0 + i > pos) ((float *)&s)[i] = -INFINITY;     // the vector ran past the causal edge
+        *(__global floatP *)(a + t0) = s;
+        for (int i = 0; i < POS_VEC; i++) m = fmax(m, ((float *)&s)[i]);
     }
     m = group_max(m, scratch);
     float sum = 0.0f;
-    for (int t = lid; t <= pos; t += L) {
-        a[t] = exp(a[t] - m);
-        sum += a[t];
+    for (int t0 = lid * POS_VEC; t0 <= pos; t0 += L * POS_VEC) {
+        const floatP e = exp(*(__global floatP *)(a + t0) - m);
+        *(__global floatP *)(a + t0) = e;
+        for (int i = 0; i < POS_VEC; i++) sum += ((const float *)&e)[i];
     }
     sum = group_sum(sum, scratch);   // its barriers also publish a[] to the whole group
     barrier(CLK_GLOBAL_MEM_FENCE);
-    for (int d = lid; d < head_dim; d += L) {
-        float o = 0.0f;
-        for (int t = 0; t <= pos; t++) o += a[t] * vh[(size_t)t * kv_dim + d];
-        out[h * head_dim + d] = o / sum;
+    for (int d0 = lid * HD_VEC; d0 < head_dim; d0 += L * HD_VEC) {
+        floatH o = 0.0f;
+        for (int t = 0; t <= pos; t++) o += a[t] * *(__global const floatH *)(vh + (size_t)t * kv_dim + d0);
+        *(__global floatH *)(out + (size_t)n * out_stride + h * head_dim + d0) = o / sum;
     }
 }
 
@@ -119,7 +111,7 @@ __kernel void argmax_next(__global const float *logits, __global int *tokens, __
     }
 }
 
-// Advance past a token whose successor is already known (prompt tokens, host-sampled tokens).
-__kernel void advance(__global int *state) {
-    state[0] += 1;
+// Advance past n tokens whose successors are already known (prompt tokens, host-sampled tokens).
+__kernel void advance(__global int *state, const int n) {
+    state[0] += n;
 }

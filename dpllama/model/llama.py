@@ -1,18 +1,19 @@
 """The Llama forward pass on an OpenCL device, through dpllama.runtime.
 
 Everything lives on the device: weights (in their storage format, never expanded to float), the KV
-cache, the activations, the token sequence and the position. One token step is a fixed list of
-bound kernel launches (`Command`s) recorded at load time and replayed every token; kernels read the
-position from the `state` buffer, so nothing is re-bound and only a sampled id crosses to the host.
+cache, the activations, the token sequence and the position. A forward pass over T tokens (T = 1 to
+decode, up to `chunk` prompt tokens in prefill) is a fixed list of bound kernel launches (`Command`s),
+recorded once per T and replayed; kernels read the position from the `state` buffer, so nothing is
+re-bound and only a sampled id crosses to the host.
 
-A token step, per layer (6 launches):
+A forward pass, per layer (6 launches, each over all T tokens):
     qkv  = [Wq; Wk; Wv] rmsnorm(x, attn_norm)      gemv_norm         (RMSNorm fused)
     q, k = rope(q, k); cache[pos] = k, v            rope_store
-    o    = attention(q, cache[0..pos])              attention         (one work-group per head)
+    o    = attention(q, cache[0..pos])              attention         (causal; a work-group per head and token)
     x   += Wo o                                     gemv_add          (residual fused)
     h    = silu(W1 n) * (W3 n), n = rmsnorm(x)      gemv_norm_swiglu  (W1/W3 row blocks alternate)
     x   += W2 h                                     gemv_add
-then logits = Wcls rmsnorm(x, norm) (gemv_norm), and greedy sampling on the device (argmax_next).
+then logits = Wcls rmsnorm(x[last], norm) (gemv_norm), and greedy sampling on the device (argmax_next).
 """
 from __future__ import annotations
 
@@ -76,16 +77,25 @@ def _int4_asym(t: Tensor) -> Tensor:
     return Tensor("int4", t.rows, t.cols, t.data, t.scales, (-8 * t.scales.astype(np.float32)).astype(np.float16), t.group)
 
 
-def _build_defines(t: Tensor, rows_per_tile: int) -> tuple[str, ...]:
+def _build_defines(t: Tensor, rows_per_tile: int, tokens: int) -> tuple[str, ...]:
     fmt = {"f32": ("W_F32",), "q8": ("W_Q8", f"GROUP={t.group}"),
            "int4": ("W_INT4", f"GROUP={t.group}") + (("ASYM",) if t.mins is not None else ())}[t.kind]
-    return fmt + (f"ROWS={rows_per_tile}",)
+    return fmt + (f"ROWS={rows_per_tile}", f"TOKENS={tokens}")
+
+
+def _pow2_divisor(n: int, limit: int = 16) -> int:
+    """The largest power of two <= limit that divides n (a vector width for n elements)."""
+    v = 1
+    while v < limit and n % (2 * v) == 0:
+        v *= 2
+    return v
 
 
 class DeviceTensor:
-    """A weight matrix on the device in gemv.cl's tiled layout, and the program that reads its format."""
+    """A weight matrix on the device in gemv.cl's tiled layout, and the programs that read its format:
+    one for decode (one token per work-group), one for prefill (`prefill_tokens` per work-group)."""
 
-    def __init__(self, q: Queue, t: Tensor, name: str, rows_per_tile: int):
+    def __init__(self, q: Queue, t: Tensor, name: str, rows_per_tile: int, prefill_tokens: int):
         data = t.data
         cols_p = -(-t.cols // 8) * 8 if t.kind == "f32" else t.cols_padded
         if t.kind == "f32" and cols_p != t.cols:      # kernels read 8-wide blocks
@@ -97,7 +107,8 @@ class DeviceTensor:
                                  name=f"{name}.{part}") if a is not None
                         else q.buffer(4, name=f"{name}.{part}-unused")
                         for part, a in (("data", data), ("scales", t.scales), ("mins", t.mins))]
-        self.program = q.program("gemv.cl", *_build_defines(t, rows_per_tile))
+        self.programs = {1: q.program("gemv.cl", *_build_defines(t, rows_per_tile, 1)),
+                         prefill_tokens: q.program("gemv.cl", *_build_defines(t, rows_per_tile, prefill_tokens))}
 
     def args(self):
         return [b.read() for b in self.buffers]
@@ -111,100 +122,125 @@ class Llama:
         self.seq_len = min(max_seq or c.seq_len, c.seq_len)
         cfg = q.config
         self.gemv_local = cfg.work_group("gemv")
-        self.rows_per_group = cfg.work_group("rows_per_group")
-        norm_local, att_local = cfg.work_group("norm"), cfg.work_group("attention")
-        for key, v in (("gemv", self.gemv_local), ("norm", norm_local), ("attention", att_local)):
-            if v & (v - 1):
-                raise DpllamaError(f"{cfg.path}: key 'work_group.{key}' must be a power of two, found {v}")
-        if self.rows_per_group not in (2, 4, 8, 16):
-            raise DpllamaError(f"{cfg.path}: key 'work_group.rows_per_group' must be 2, 4, 8 or 16 "
-                               f"(an OpenCL vector width), found {self.rows_per_group}")
-        self.layer_prog = q.program("layer.cl")
+        self.rows_per_tile = cfg.work_group("rows_per_group")
+        self.prefill_tokens = cfg.work_group("prefill_tokens")
+        self.chunk = max(1, min(cfg.work_group("prefill_chunk"), self.seq_len))
+        self.att_local = cfg.work_group("attention")
+        pos_vec = cfg.work_group("attention_positions")     # the config checked these values
+        self.seq_p = -(-self.seq_len // pos_vec) * pos_vec
+        self.layer_prog = q.program("layer.cl", f"POS_VEC={pos_vec}", f"HD_VEC={_pow2_divisor(c.head_dim)}")
         dim, kv_dim, q_dim = c.dim, c.kv_dim, c.n_heads * c.head_dim
-        pad8 = lambda n: -(-n // 8) * 8   # noqa: E731  activations are padded like weight columns
         groups = {t.group for _, t in weights.matrices() if t.group}
-        padn = lambda n: max([pad8(n)] + [-(-n // g) * g for g in groups])  # noqa: E731
+        # activation rows are padded like weight columns (zeros), and to 16 floats for vector access
+        pad = lambda n: max(-(-n // m) * m for m in [16, *groups])  # noqa: E731
+        self.dim_p, self.qkv_p, self.q_p, self.hidden_p = pad(dim), pad(q_dim + 2 * kv_dim), pad(q_dim), pad(c.hidden_dim)
 
         def upload(t: Tensor, name: str) -> DeviceTensor:
-            return DeviceTensor(q, t, name, self.rows_per_group)
+            return DeviceTensor(q, t, name, self.rows_per_tile, self.prefill_tokens)
 
-        def zeros(n: int, name: str):
-            return q.buffer(host=np.zeros(n, np.float32), name=name)
+        def norm_weight(w: np.ndarray):
+            return q.buffer(host=np.pad(w.astype(np.float32), (0, self.dim_p - dim)))
+
+        def zeros(n: int, name: str, dtype=np.float32):
+            return q.buffer(host=np.zeros(n, dtype), name=name)
 
         # ---- weights, as stored (llama2.c run.c order) ----
         self.tok_embeddings = upload(weights.tok_embeddings, "tok_embeddings")   # [vocab, dim]
         self.layers = []
         for i, L in enumerate(weights.layers):
             self.layers.append(dict(
-                attn_norm=q.buffer(host=np.pad(L.attn_norm.astype(np.float32), (0, padn(dim) - dim))),  # [dim]
+                attn_norm=norm_weight(L.attn_norm),                                # [dim]
                 wqkv=upload(fuse_rows([L.wq, L.wk, L.wv]), f"layers.{i}.wqkv"),   # [q_dim + 2 kv_dim, dim]
                 wo=upload(L.wo, f"layers.{i}.wo"),                                 # [dim, q_dim]
-                ffn_norm=q.buffer(host=np.pad(L.ffn_norm.astype(np.float32), (0, padn(dim) - dim))),    # [dim]
-                w13=upload(fuse_rows([L.w1, L.w3], self.rows_per_group // 2), f"layers.{i}.w13"),  # [2 hidden, dim]
+                ffn_norm=norm_weight(L.ffn_norm),                                  # [dim]
+                w13=upload(fuse_rows([L.w1, L.w3], self.rows_per_tile // 2), f"layers.{i}.w13"),  # [2 hidden, dim]
                 w2=upload(L.w2, f"layers.{i}.w2"),                                 # [dim, hidden]
             ))
-        self.norm = q.buffer(host=np.pad(weights.norm.astype(np.float32), (0, padn(dim) - dim)))  # [dim]
+        self.norm = norm_weight(weights.norm)                                      # [dim]
         self.output = self.tok_embeddings if weights.tied else upload(weights.output, "output")  # [vocab, dim]
 
-        # ---- state: activations, KV cache, tokens, position ----
-        self.x = zeros(padn(dim), "x")                      # residual stream [dim]
-        self.qkv = zeros(q_dim + 2 * kv_dim, "qkv")         # [q | k | v]
-        self.att_out = zeros(padn(q_dim), "att_out")        # attention output [q_dim]
-        self.h = zeros(padn(c.hidden_dim), "h")             # SwiGLU output [hidden]
-        self.logits = zeros(c.vocab_size, "logits")         # [vocab]
-        self.att = zeros(c.n_heads * self.seq_len, "att")   # attention scores [n_heads, seq]
-        self.k_cache = zeros(c.n_layers * self.seq_len * kv_dim, "k_cache")   # [layer, seq, kv_dim]
-        self.v_cache = zeros(c.n_layers * self.seq_len * kv_dim, "v_cache")
+        # ---- state: activations for up to `chunk` tokens (decode uses row 0), KV cache, tokens, position ----
+        n = self.chunk
+        self.x = zeros(n * self.dim_p, "x")                      # residual stream [chunk, dim]
+        self.qkv = zeros(n * self.qkv_p, "qkv")                  # [chunk, q | k | v]
+        self.att_out = zeros(n * self.q_p, "att_out")            # attention output [chunk, q_dim]
+        self.h = zeros(n * self.hidden_p, "h")                   # SwiGLU output [chunk, hidden]
+        self.logits = zeros(c.vocab_size, "logits")              # [vocab], of the last token fed
+        self.att = zeros(n * c.n_heads * self.seq_p, "att")      # attention scores [chunk, n_heads, seq]
+        self.k_cache = zeros(c.n_layers * kv_dim * self.seq_p, "k_cache")   # [layer, kv_dim, seq]
+        self.v_cache = zeros(c.n_layers * self.seq_p * kv_dim, "v_cache")   # [layer, seq, kv_dim]
         self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta), name="rope")  # [seq, hd/2, 2]
-        self.tokens = q.buffer(host=np.zeros(self.seq_len + 1, np.int32), name="tokens")  # [seq + 1]
-        self.state = q.buffer(host=np.zeros(2, np.int32), name="state")   # {pos, n_prompt}
+        self.tokens = zeros(self.seq_len + 1, "tokens", np.int32)           # the sequence [seq + 1]
+        self.state = zeros(2, "state", np.int32)                            # {pos, n_prompt}
 
-        self.step_commands = self._record_step(norm_local, att_local)
+        self.commands: dict[int, list] = {}          # T -> the forward pass over T tokens
+        self.advance_commands: dict[int, object] = {}
         self.argmax_command = q.command(self.layer_prog.argmax_next, (256,), (256,), self.logits.read(),
                                         self.tokens.read_write(), self.state.read_write(),
                                         np.int32(c.vocab_size), Local(256 * 4), Local(256 * 4))
-        self.advance_command = q.command(self.layer_prog.advance, (1,), None, self.state.read_write())
+        self.forward_commands(1)
         self.pos = 0
 
     @property
     def weight_bytes(self) -> int:
-        """Weight bytes one token step reads (the embedding row aside)."""
+        """Weight bytes one decode step reads (the embedding row aside)."""
         per_layer = sum(t.nbytes for L in self.layers for t in (L["wqkv"], L["wo"], L["w13"], L["w2"]))
         return per_layer + self.output.nbytes
 
-    def _gemv(self, kernel: str, t: DeviceTensor, io: list, eps=None):
-        """Bind one matrix-vector launch; io: x, (norm weight), y as the kernel takes them."""
-        n_groups = -(-t.rows // self.rows_per_group)
+    def _gemv(self, kernel: str, t: DeviceTensor, T: int, io: list, strides: tuple, eps=None):
+        """Bind one matrix launch over T input rows; io: x, (norm weight), y as the kernel takes them."""
+        tokens = 1 if T == 1 else self.prefill_tokens
         L = self.gemv_local
+        tiles = -(-t.rows // self.rows_per_tile)
         tail = [] if eps is None else [np.float32(eps)]
-        return self.q.command(getattr(t.program, kernel), (n_groups * L,), (L,), *t.args(), *io,
-                              np.int32(t.rows), np.int32(t.cols), np.int32(t.cols_p), *tail,
-                              Local(self.rows_per_group * L * 4), Local(L * 4))
+        return self.q.command(getattr(t.programs[tokens], kernel), (tiles * L, -(-T // tokens)), (L, 1),
+                              *t.args(), *io, np.int32(t.rows), np.int32(t.cols), np.int32(t.cols_p),
+                              np.int32(T), np.int32(strides[0]), np.int32(strides[1]), *tail,
+                              Local(self.rows_per_tile * tokens * L * 4), Local(tokens * L * 4))
 
-    def _record_step(self, norm_local: int, att_local: int) -> list:
+    def forward_commands(self, T: int) -> list:
+        """The launches of one forward pass over tokens[pos .. pos + T), recorded on first use."""
+        if T in self.commands:
+            return self.commands[T]
         c, q, lp = self.config, self.q, self.layer_prog
         q_dim, kv_dim = c.n_heads * c.head_dim, c.kv_dim
         eps = c.norm_eps
-        cmds = [q.command(self.tok_embeddings.program.embed, (64,), None, *self.tok_embeddings.args(),
-                          self.tokens.read(), self.state.read(), self.x.write(),
-                          np.int32(c.dim), np.int32(self.tok_embeddings.cols_p))]
+        A = self.att_local
+        emb = self.tok_embeddings
+        cmds = [q.command(emb.programs[1].embed, (64, T), (64, 1), *emb.args(), self.tokens.read(),
+                          self.state.read(), self.x.write(), np.int32(c.dim), np.int32(emb.cols_p),
+                          np.int32(self.dim_p))]
         for i, L in enumerate(self.layers):
-            off = np.int32(i * self.seq_len * kv_dim)
+            off = np.int32(i * self.seq_p * kv_dim)
             cmds += [
-                self._gemv("gemv_norm", L["wqkv"], [self.x.read(), L["attn_norm"].read(), self.qkv.write()], eps),
-                q.command(lp.rope_store, ((q_dim + kv_dim) // 2,), None, self.qkv.read_write(),
-                          self.k_cache.read_write(), self.v_cache.read_write(), self.state.read(),
-                          self.rope.read(), np.int32(q_dim), np.int32(kv_dim), np.int32(c.head_dim), off),
-                q.command(lp.attention, (c.n_heads * att_local,), (att_local,), self.qkv.read(),
-                          self.k_cache.read(), self.v_cache.read(), self.att.read_write(), self.att_out.write(),
-                          self.state.read(), np.int32(c.n_heads), np.int32(c.n_kv_heads), np.int32(c.head_dim),
-                          np.int32(self.seq_len), off, Local(att_local * 4)),
-                self._gemv("gemv_add", L["wo"], [self.att_out.read(), self.x.read_write()]),
-                self._gemv("gemv_norm_swiglu", L["w13"], [self.x.read(), L["ffn_norm"].read(), self.h.write()], eps),
-                self._gemv("gemv_add", L["w2"], [self.h.read(), self.x.read_write()]),
+                self._gemv("gemv_norm", L["wqkv"], T, [self.x.read(), L["attn_norm"].read(), self.qkv.write()],
+                           (self.dim_p, self.qkv_p), eps),
+                q.command(lp.rope_store, ((q_dim + kv_dim) // 2, T), None, self.qkv.read_write(),
+                          self.k_cache.read_write(), self.v_cache.read_write(), self.state.read(), self.rope.read(),
+                          np.int32(q_dim), np.int32(kv_dim), np.int32(c.head_dim), np.int32(self.seq_p),
+                          np.int32(self.qkv_p), off),
+                q.command(lp.attention, (c.n_heads * A, T), (A, 1), self.qkv.read(), self.k_cache.read(),
+                          self.v_cache.read(), self.att.read_write(), self.att_out.write(), self.state.read(),
+                          np.int32(c.n_heads), np.int32(c.n_kv_heads), np.int32(c.head_dim), np.int32(self.seq_p),
+                          np.int32(self.qkv_p), np.int32(self.q_p), off, Local(A * 4)),
+                self._gemv("gemv_add", L["wo"], T, [self.att_out.read(), self.x.read_write()], (self.q_p, self.dim_p)),
+                self._gemv("gemv_norm_swiglu", L["w13"], T, [self.x.read(), L["ffn_norm"].read(), self.h.write()],
+                           (self.dim_p, self.hidden_p), eps),
+                self._gemv("gemv_add", L["w2"], T, [self.h.read(), self.x.read_write()], (self.hidden_p, self.dim_p)),
             ]
-        cmds.append(self._gemv("gemv_norm", self.output, [self.x.read(), self.norm.read(), self.logits.write()], eps))
+        if T > 1:   # only the last token's logits are wanted: its residual row moves to row 0
+            cmds.append(q.copy(self.x.read(), self.x.write(), self.dim_p * 4, (T - 1) * self.dim_p * 4, 0))
+        cmds.append(self._gemv("gemv_norm", self.output, 1, [self.x.read(), self.norm.read(), self.logits.write()],
+                               (self.dim_p, 0), eps))
+        self.commands[T] = cmds
         return cmds
+
+    def _advance(self, n: int) -> None:
+        if n not in self.advance_commands:
+            self.advance_commands[n] = self.q.command(self.layer_prog.advance, (1,), None,
+                                                      self.state.read_write(), np.int32(n))
+        self.q.enqueue(self.advance_commands[n])
+        self.pos += n
 
     # ---- the token loop's primitives ----
     def start(self, prompt: list[int], keep: int = 0) -> None:
@@ -220,12 +256,23 @@ class Llama:
         self.state.set(np.array([keep, len(prompt)], np.int32))
         self.pos = keep
 
+    def feed(self, n: int = 1) -> None:
+        """Enqueue the forward pass of the n known tokens from the current position, in chunks; the
+        logits are those of the last one, whose position is then the current one."""
+        if self.pos + n > self.seq_len:
+            raise DpllamaError(f"position {self.pos + n - 1} is past the context of {self.seq_len} tokens")
+        while n > 0:
+            T = min(n, self.chunk)
+            for cmd in self.forward_commands(T):
+                self.q.enqueue(cmd)
+            n -= T
+            step = T if n else T - 1
+            if step:
+                self._advance(step)
+
     def step(self) -> None:
         """Enqueue the forward pass of the token at the current position (logits only)."""
-        if self.pos >= self.seq_len:
-            raise DpllamaError(f"position {self.pos} is past the context of {self.seq_len} tokens")
-        for cmd in self.step_commands:
-            self.q.enqueue(cmd)
+        self.feed(1)
 
     def next_greedy(self) -> int:
         """Argmax on the device into tokens[pos+1]; returns that token (4 bytes back to the host)."""
@@ -237,8 +284,7 @@ class Llama:
         """Move on to a token the host knows: the prompt's next one (None) or a host-sampled one."""
         if token is not None:
             self.tokens.set(np.array([token], np.int32), offset=self.pos + 1)
-        self.q.enqueue(self.advance_command)
-        self.pos += 1
+        self._advance(1)
 
     def read_logits(self) -> np.ndarray:
         return self.logits.get()

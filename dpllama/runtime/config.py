@@ -37,15 +37,18 @@ SCHEMA = {
     "work_group": {
         "gemv": (int, 64),          # threads per output row group in matrix-vector kernels
         "rows_per_group": (int, 4),   # output rows per work-group in matrix-vector kernels
-        "norm": (int, 64),          # RMSNorm reduction
-        "attention": (int, 64),     # threads per head in decode attention
-        "matmul_tile": (int, 16),   # prefill matrix-matrix tile edge
+        "norm": (int, 64),          # work-group reductions (devices --check)
+        "attention": (int, 64),     # threads per head and token in attention
+        "attention_positions": (int, 16),  # positions per vector in attention scores (2, 4, 8 or 16)
+        "prefill_tokens": (int, 8),  # prompt tokens per work-group in prefill matrix kernels
+        "prefill_chunk": (int, 64),  # prompt tokens per forward pass in prefill
     },
     "memory": {
         "max_alloc_mb": (int, 0),   # 0: the device's own limit
     },
 }
 TYPES = {"cpu", "gpu", "accelerator", ""}
+VECTOR_WIDTHS = (2, 4, 8, 16)
 
 
 @dataclass
@@ -108,9 +111,23 @@ def parse_config(text: str, path: str = "<string>") -> DeviceConfig:
     if values["match"]["type"] not in TYPES:
         raise DpllamaError(f"{path}: key 'match.type' must be one of cpu, gpu, accelerator, "
                            f"found {values['match']['type']!r}")
-    for k in ("gemv", "norm", "attention", "matmul_tile", "rows_per_group"):
+    for k, v in values["match"].items():
+        if "," in v:    # the match becomes a comma-separated selector; AMD's vendor string has a comma
+            raise DpllamaError(f"{path}: key 'match.{k}' must not contain ',' (values match as substrings, "
+                               f"{v.split(',')[0].strip()!r} is enough), found {v!r}")
+    for k in ("gemv", "norm", "attention", "attention_positions", "prefill_tokens", "prefill_chunk",
+              "rows_per_group"):
         if values["work_group"][k] == 0:
             raise DpllamaError(f"{path}: key 'work_group.{k}' must be a positive integer, found 0")
+    for k in ("gemv", "norm", "attention"):     # group_sum/group_max (common.cl) halve the group each step
+        n = values["work_group"][k]
+        if n & (n - 1):
+            raise DpllamaError(f"{path}: key 'work_group.{k}' must be a power of two, found {n}")
+    for k in ("rows_per_group", "attention_positions"):     # lanes of an OpenCL vector type
+        n = values["work_group"][k]
+        if n not in VECTOR_WIDTHS:
+            raise DpllamaError(f"{path}: key 'work_group.{k}' must be one of 2, 4, 8, 16 (an OpenCL vector "
+                               f"width), found {n}")
     return DeviceConfig(values, path)
 
 

@@ -1,0 +1,191 @@
+"""`dpllama devices`: every OpenCL device with the facts to choose by, the one dpllama would use and
+why the others were passed over, the config that applies; optionally a written config and a check run.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyopencl as cl
+
+from dpllama.errors import DpllamaError
+from dpllama.runtime import (Device, DeviceConfig, Local, build_stats, config_device, list_devices,
+                             load_config, open_queue, select_device, shipped_config_for)
+from dpllama.runtime.config import dump_config
+
+CHECK_N = 1 << 16       # axpy length: big enough to use every compute unit, small enough to be instant
+
+
+@dataclass
+class Survey:
+    devices: list[Device]
+    chosen: Device
+    reasons: dict[int, str]     # device index -> "selected: ..." / "not selected: ..."
+    config: DeviceConfig        # the config that applies to `chosen`
+
+
+def survey(selector: str | None = None, config: str | None = None) -> Survey:
+    """The same choice open_queue() makes: selector, else the config's match, else $DPLLAMA_DEVICE,
+    else the best device; the config given, else the shipped one that matches."""
+    devices = list_devices()
+    if config:
+        cfg = load_config(config)
+        chosen, reasons = select_device(selector, devices) if selector else config_device(cfg, devices)
+    else:
+        chosen, reasons = select_device(selector, devices)
+        cfg = shipped_config_for(chosen)
+    return Survey(devices, chosen, reasons, cfg)
+
+
+def config_path(cfg: DeviceConfig) -> str | None:
+    return None if cfg.path == "<defaults>" else cfg.path
+
+
+def size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def device_config(s: Survey, dev: Device) -> str | None:
+    return config_path(s.config if dev is s.chosen else shipped_config_for(dev))
+
+
+def render(s: Survey) -> str:
+    lines, platform = [], None
+    for dev in s.devices:
+        f = dev.facts()
+        if (f["platform"], f["platform_version"]) != platform:
+            platform = f["platform"], f["platform_version"]
+            lines += [""] * bool(lines) + [f"Platform: {f['platform']} ({f['platform_version']})"]
+        mark = "*" if dev is s.chosen else " "
+        rows = [
+            ("selector", f"{f['selector']} or {f['index']}"),
+            ("type, vendor", f"{f['type']}, {f['vendor']}"),
+            ("driver", f"{f['driver']} ({f['opencl']})"),
+            ("compute", f"{f['compute_units']} units at {f['clock_mhz']} MHz, "
+                        f"work-groups up to {f['max_work_group_size']}"),
+            ("memory", f"{size(f['global_mem_bytes'])} global, {size(f['max_alloc_bytes'])} max allocation, "
+                       f"{size(f['local_mem_bytes'])} local"),
+            ("features", f"fp16 {yes_no(f['fp16'])}, int8 dot {yes_no(f['int8_dot'])}, "
+                         f"subgroups {yes_no(f['subgroups'])}, out-of-order queue {yes_no(f['out_of_order_queue'])}"),
+            ("config", device_config(s, dev) or "built-in defaults (no shipped config matches)"),
+        ]
+        lines += [f" {mark} device {f['index']}: {f['name']}", f"     {s.reasons[dev.index]}"]
+        lines += [f"     {k:<13} {v}" for k, v in rows]
+    lines += ["", f"dpllama uses device {s.chosen.index}: {s.chosen} with config "
+                  f"{config_path(s.config) or 'built-in defaults'}.",
+              "Choose another with --device SELECTOR or $DPLLAMA_DEVICE (cpu, gpu, gpu:1, 2, "
+              "platform=NAME, vendor=NAME, name~TEXT)."]
+    return "\n".join(lines)
+
+
+def as_dict(s: Survey) -> dict:
+    devices = [{**dev.facts(), "selected": dev is s.chosen, "reason": s.reasons[dev.index],
+                "config": device_config(s, dev)} for dev in s.devices]
+    return {"devices": devices, "selected": s.chosen.index, "config": config_path(s.config)}
+
+
+def substring(text: str) -> str:
+    """A match value for `text`: matching is by substring, and a comma would split the selector
+    ("Advanced Micro Devices, Inc." -> "Advanced Micro Devices")."""
+    return text.split(",")[0].strip()
+
+
+def write_config(path: str, dev: Device, cfg: DeviceConfig) -> Path:
+    """`cfg` with `match` naming exactly `dev`, written atomically: a reader never sees half a file."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise DpllamaError(f"{path}: cannot write config: folder {target.parent} does not exist")
+    values = copy.deepcopy(cfg.values)
+    values["match"] = {"type": dev.type, "platform": substring(dev.platform),
+                       "vendor": substring(dev.cl_device.vendor), "name": substring(dev.name)}
+    text = (f"# dpllama device config for {dev}, written by `dpllama devices --write-config`\n"
+            f"# from {config_path(cfg) or 'the built-in defaults'}; docs/CONFIG.md explains every key.\n"
+            + dump_config(values))
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)    # mkstemp makes it private; a config is not a secret
+        os.replace(tmp, target)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise DpllamaError(f"{path}: cannot write config: {e.strerror}") from None
+    return target
+
+
+def verify(name: str, got: np.ndarray, want: np.ndarray, rtol: float, atol: float) -> None:
+    bad = ~np.isclose(got, want, rtol=rtol, atol=atol)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DpllamaError(f"check failed: {name}: {int(bad.sum())} of {want.size} values wrong, "
+                           f"first at index {i}: expected {want[i]:.6g}, got {got[i]:.6g}")
+
+
+def check(selector: str | None = None, config: str | None = None) -> dict:
+    """axpy, then group_sums over axpy's output (a read-after-write edge), on the selected device
+    through the runtime, compared with NumPy. Raises DpllamaError on a wrong answer."""
+    q = open_queue(selector, config, profiling=True)
+    compiled = build_stats["compiled"]
+    t = time.perf_counter()
+    prog = q.program("check.cl")
+    build_s = time.perf_counter() - t
+    wg = q.config.work_group("norm")    # the reduction size this device's config asks for
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(CHECK_N, dtype=np.float32)
+    y = rng.standard_normal(CHECK_N, dtype=np.float32)
+    a = np.float32(2.5)
+    groups = CHECK_N // wg
+    try:
+        xb, yb, sums = q.buffer(host=x, name="x"), q.buffer(host=y, name="y"), q.buffer(4 * groups, name="sums")
+        axpy = q.submit(prog.axpy, (CHECK_N,), None, xb.read(), yb.read_write(), a, np.int32(CHECK_N))
+        reduce = q.submit(prog.group_sums, (groups * wg,), (wg,), yb.read(), sums.write(), Local(4 * wg))
+        want = a * x + y
+        verify("axpy", yb.get(), want, rtol=1e-5, atol=1e-5)
+        verify("group_sums", sums.get(), want.reshape(groups, wg).sum(axis=1, dtype=np.float64),
+               rtol=1e-4, atol=1e-4)
+        times = {"axpy_ms": axpy.duration_ns / 1e6, "group_sums_ms": reduce.duration_ns / 1e6}
+    except cl.Error as e:
+        raise DpllamaError(f"check failed on {q.device}: {e}") from None
+    return {"passed": True, "device": str(q.device), "floats": CHECK_N, "work_group": wg,
+            "build": "compiled" if build_stats["compiled"] > compiled else "loaded from cache",
+            "build_s": build_s, **times}
+
+
+def check_line(r: dict) -> str:
+    return (f"check passed: axpy on {r['floats']} floats {r['axpy_ms']:.3f} ms, group_sums in work-groups "
+            f"of {r['work_group']} {r['group_sums_ms']:.3f} ms, check.cl {r['build']} in {r['build_s']:.2f} s, "
+            f"on {r['device']}")
+
+
+def run(selector: str | None = None, config: str | None = None, as_json: bool = False,
+        write_path: str | None = None, run_check: bool = False) -> int:
+    """The listing, then the check, then the written config: a config is written only for a device
+    that passed the check when both are asked for."""
+    s = survey(selector, config)
+    out = as_dict(s)
+    if not as_json:
+        print(render(s), flush=True)    # the listing shows even when the check below fails
+    if run_check:
+        out["check"] = check(selector, config)
+        if not as_json:
+            print(check_line(out["check"]))
+    if write_path:
+        out["written_config"] = str(write_config(write_path, s.chosen, s.config))
+        if not as_json:
+            print(f"wrote {out['written_config']}")
+    if as_json:
+        print(json.dumps(out, indent=2))
+    return 0

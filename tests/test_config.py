@@ -1,0 +1,189 @@
+"""Device selection (selector strings, ranking, the reasons shown) on a fake machine with GPUs of every
+vendor, and YAML config validation: each bad config fails with a message naming file, key and problem."""
+from types import SimpleNamespace
+
+import pyopencl as cl
+import pytest
+
+from dpllama.errors import DpllamaError
+from dpllama.runtime import Device, choose, config_device, list_devices, load_config, select_device
+from dpllama.runtime.config import CONFIG_DIR, SCHEMA, parse_config, shipped_config_for
+
+
+def fake_device(index, type_index, kind, name, vendor, platform, units=8, mhz=1000, unified=False):
+    """A Device over a stand-in for cl.Device with just what selection reads, with the strings real
+    drivers report."""
+    cl_device = SimpleNamespace(name=name, vendor=vendor, type=kind, platform=SimpleNamespace(name=platform),
+                                max_compute_units=units, max_clock_frequency=mhz, global_mem_size=8 << 30,
+                                host_unified_memory=unified)
+    return Device(index, type_index, cl_device)
+
+
+GPU, CPU = cl.device_type.GPU, cl.device_type.CPU
+MACHINE = [
+    fake_device(0, 0, CPU, "pthread-Intel(R) Xeon(R) Processor", "GenuineIntel", "Portable Computing Language",
+                units=16, mhz=2300, unified=True),
+    fake_device(1, 0, GPU, "NVIDIA GeForce RTX 4090", "NVIDIA Corporation", "NVIDIA CUDA", units=128, mhz=2520),
+    fake_device(2, 1, GPU, "Intel(R) Arc(TM) A380 Graphics", "Intel(R) Corporation", "Intel(R) OpenCL Graphics",
+                units=128, mhz=2000),
+    fake_device(3, 2, GPU, "gfx1100", "Advanced Micro Devices, Inc.", "AMD Accelerated Parallel Processing",
+                units=48, mhz=2500),
+    fake_device(4, 3, GPU, "Intel(R) UHD Graphics 770", "Intel(R) Corporation", "Intel(R) OpenCL Graphics",
+                units=32, mhz=1450, unified=True),
+]
+CPU_ONLY = MACHINE[:1]
+
+
+@pytest.mark.parametrize("selector, index", [
+    ("cpu", 0),
+    ("gpu", 1),                         # discrete first, then compute units x clock
+    ("gpu:0", 1),
+    ("gpu:1", 2),
+    ("0", 0),
+    ("3", 3),
+    ("platform=Portable", 0),
+    ("platform=amd", 3),                # case-insensitive
+    ("vendor=NVIDIA", 1),
+    ("name~Xeon", 0),
+    ("gpu,vendor=Intel", 2),            # the discrete Arc over the integrated UHD
+    ("gpu, name~UHD", 4),
+    ("vendor=intel,name~arc,gpu:1", 2),
+])
+def test_selector(selector, index):
+    assert choose(MACHINE, selector)[0].index == index
+
+
+@pytest.mark.parametrize("selector, message", [
+    ("tpu", "device selector term 'tpu': expected cpu, gpu or accelerator"),
+    ("gpu:x", "device selector term 'gpu:x': expected cpu, gpu or accelerator"),
+    ("other", "device selector term 'other': expected"),
+    ("colour=red", "device selector term 'colour=red': unknown key 'colour'"),
+    ("vendor~Intel", "device selector term 'vendor~Intel': unknown key 'vendor' (expected platform=, vendor= or name~)"),
+    ("gpu:7", "selector 'gpu:7' matches no OpenCL device (found: 0: pthread-Intel(R) Xeon(R) Processor "
+              "(Portable Computing Language, cpu:0); 1: NVIDIA GeForce RTX 4090"),
+    ("cpu,vendor=NVIDIA", "selector 'cpu,vendor=NVIDIA' matches no OpenCL device"),
+])
+def test_bad_selector(selector, message):
+    with pytest.raises(DpllamaError) as e:
+        choose(MACHINE, selector)
+    assert message in str(e.value)
+
+
+def test_reasons_for_the_best_device():
+    best, reasons = choose(MACHINE)
+    assert best.index == 1
+    passed_over = "not selected: NVIDIA GeForce RTX 4090 ranks higher (discrete first, then compute units x clock)"
+    assert reasons == {0: "not selected: a gpu is preferred over a cpu",
+                       1: "selected: best gpu: 128 compute units at 2520 MHz",
+                       2: passed_over, 3: passed_over, 4: passed_over}
+
+
+def test_reasons_for_a_selector():
+    _, reasons = choose(MACHINE, "gpu:0")
+    assert reasons[1] == "selected: matches selector 'gpu:0'"
+    assert reasons[0] == "not selected: does not match selector 'gpu:0'"
+
+
+def test_reasons_without_a_gpu():
+    assert choose(CPU_ONLY)[1] == {0: "selected: the only OpenCL device"}
+    two_cpus = CPU_ONLY + [fake_device(1, 1, CPU, "cpu 2", "AuthenticAMD", "Portable Computing Language",
+                                         unified=True)]
+    assert choose(two_cpus)[1][0] == "selected: no GPU or accelerator present; the CPU device is the default"
+
+
+def test_selector_beats_environment_beats_best(monkeypatch):
+    monkeypatch.setenv("DPLLAMA_DEVICE", "platform=AMD")
+    assert select_device("cpu", MACHINE)[0].index == 0
+    device, reasons = select_device(None, MACHINE)
+    assert device.index == 3 and reasons[3] == "selected: matches DPLLAMA_DEVICE 'platform=AMD'"
+    monkeypatch.setenv("DPLLAMA_DEVICE", "gpu:9")
+    with pytest.raises(DpllamaError, match="^DPLLAMA_DEVICE 'gpu:9' matches no OpenCL device"):
+        select_device(None, MACHINE)
+    monkeypatch.delenv("DPLLAMA_DEVICE")
+    assert select_device(None, MACHINE)[0].index == 1
+
+
+@pytest.mark.parametrize("config, index", [("cpu", 0), ("nvidia", 1), ("intel-arc", 2), ("amd", 3)])
+def test_shipped_configs_match_their_devices(config, index):
+    cfg = load_config(config)
+    assert config_device(cfg, MACHINE)[0].index == index
+    assert shipped_config_for(MACHINE[index]).path == str(CONFIG_DIR / f"{config}.yaml")
+
+
+def test_integrated_intel_gets_the_defaults():
+    assert shipped_config_for(MACHINE[4]).path == "<defaults>"
+
+
+def test_every_shipped_config_loads():
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert names == ["amd", "cpu", "intel-arc", "nvidia"]
+    for name in names:
+        assert load_config(CONFIG_DIR / f"{name}.yaml").selector
+
+
+def test_config_without_match_falls_back_to_environment(monkeypatch):
+    cfg = parse_config("queue: {profiling: true}", "plain.yaml")
+    assert config_device(cfg, MACHINE)[0].index == 1
+    monkeypatch.setenv("DPLLAMA_DEVICE", "cpu")
+    assert config_device(cfg, MACHINE)[0].index == 0
+
+
+def test_config_for_an_absent_device():
+    cfg = parse_config("match: {type: gpu}", "gpu.yaml")
+    with pytest.raises(DpllamaError, match=r"^gpu\.yaml: key 'match' \(gpu\): no such device present; "
+                                           r"config 'gpu' matches no OpenCL device"):
+        config_device(cfg, CPU_ONLY)
+
+
+def test_config_for_an_absent_device_on_this_machine(tmp_path):
+    path = tmp_path / "absent.yaml"
+    path.write_text("match:\n  name: no such device anywhere\n")
+    with pytest.raises(DpllamaError) as e:
+        config_device(load_config(path), list_devices())
+    assert str(e.value).startswith(f"{path}: key 'match' (name~no such device anywhere): no such device present")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("colour: red", "unknown key 'colour' (expected one of: name, description, match, queue, "),
+    ("queue:\n  in_order: true", "unknown key 'queue.in_order' (expected one of: out_of_order, profiling)"),
+    ("work_group: {gemv: '64'}", "key 'work_group.gemv' must be int, found str '64'"),
+    ("work_group: {gemv: true}", "key 'work_group.gemv' must be int, found bool True"),
+    ("work_group: {norm: 64.0}", "key 'work_group.norm' must be int, found float 64.0"),
+    ("work_group: {norm: -64}", "key 'work_group.norm' must be >= 0, found -64"),
+    ("work_group: {norm: 0}", "key 'work_group.norm' must be a positive integer, found 0"),
+    ("work_group: {norm: 48}", "key 'work_group.norm' must be a power of two, found 48"),
+    ("queue: {out_of_order: 1}", "key 'queue.out_of_order' must be bool, found int 1"),
+    ("queue: yes", "queue must be a mapping, found bool"),
+    ("- cpu", "top level must be a mapping, found list"),
+    ("build_options: -cl-mad-enable", "key 'build_options' must be list, found str"),
+    ("build_options: [-cl-mad-enable, 3]", "key 'build_options' must be a list of strings"),
+    ("match: {type: fpga}", "key 'match.type' must be one of cpu, gpu, accelerator, found 'fpga'"),
+    ("match: {vendor: 'Advanced Micro Devices, Inc.'}",
+     "key 'match.vendor' must not contain ',' (values match as substrings, 'Advanced Micro Devices' "
+     "is enough)"),
+    ("queue: [out_of_order", "line 2 not valid YAML: expected ',' or ']'"),
+])
+def test_bad_config(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(DpllamaError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_missing_config_lists_the_shipped_ones():
+    with pytest.raises(DpllamaError, match=r"^nope\.yaml: config file not found \(shipped configs: "
+                                           r"amd, cpu, intel-arc, nvidia\)"):
+        load_config("nope.yaml")
+
+
+def test_empty_config_is_the_defaults():
+    cfg = parse_config("", "empty.yaml")
+    assert cfg.selector == "" and cfg["queue"]["out_of_order"] is True
+
+
+def test_docs_describe_every_key(repo_root):
+    doc = (repo_root / "docs" / "CONFIG.md").read_text()
+    keys = [f"{section}.{key}" if isinstance(spec, dict) else section
+            for section, spec in SCHEMA.items() for key in (spec if isinstance(spec, dict) else [section])]
+    assert [k for k in keys if f"`{k}`" not in doc] == []

@@ -1,0 +1,193 @@
+"""The runtime: dependency tracking on an out-of-order queue, host accessors, profiling, the program
+cache and build errors, and that model code stays off pyopencl."""
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pyopencl as cl
+import pytest
+
+from dpllama.errors import DpllamaError
+from dpllama.runtime import Local, Queue, select_device
+from dpllama.runtime import program
+from dpllama.runtime.queue import MAX_READERS
+
+N = 1024
+SPIN = 20000        # ~10 ms of slow_add on PoCL: a consumer not made to wait would run before it ends
+STALE = -100.0      # what a buffer holds before its producer ran
+
+
+@pytest.fixture(scope="module")
+def ooo():
+    device = select_device()[0]
+    if not device.out_of_order:
+        pytest.skip(f"{device} has no out-of-order queues")
+    q = Queue(device, out_of_order=True)
+    return q, q.program("check.cl")
+
+
+def filled(q, value):
+    return q.buffer(host=np.full(N, value, np.float32))
+
+
+def slow_add(q, prog, src, dst, c, spin=SPIN):
+    """dst = src + c, after `spin` busy iterations per element."""
+    return q.submit(prog.slow_add, (N,), None, src.read(), dst.write(), np.float32(c), np.int32(N), np.int32(spin))
+
+
+def assert_all(buf, value):
+    np.testing.assert_allclose(buf.get(), np.full(N, value, np.float32), rtol=1e-5)
+
+
+def test_queue_is_really_out_of_order(ooo):
+    """Control for the tests below: the same chain through raw pyopencl, without wait lists, may run
+    the fast consumer before the slow producer (PoCL does, most of the time), so a dependency edge
+    the runtime failed to add would show up as a wrong answer. Which way it goes is not asserted."""
+    q, prog = ooo
+    assert q.cl_queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+    a, b, c = filled(q, 1), filled(q, STALE), filled(q, 0)
+    for src, dst, spin in ((a, b, SPIN), (b, c, 0)):
+        k = prog.slow_add.create()
+        k.set_args(src.cl_buffer, dst.cl_buffer, np.float32(1), np.int32(N), np.int32(spin))
+        cl.enqueue_nd_range_kernel(q.cl_queue, k, (N,), None)
+    q.wait()
+    out = np.empty(N, np.float32)
+    cl.enqueue_copy(q.cl_queue, out, c.cl_buffer).wait()
+    assert np.isin(out, [3, STALE + 1]).all()     # each element saw b either written or not yet
+
+
+def test_read_after_write_chain(ooo):
+    q, prog = ooo
+    x0, x1, x2, x3 = filled(q, 1), filled(q, STALE), filled(q, STALE), filled(q, STALE)
+    slow_add(q, prog, x0, x1, 1)
+    slow_add(q, prog, x1, x2, 1)
+    slow_add(q, prog, x2, x3, 1, spin=0)    # fast: without its edge it reads x2 before x2 is written
+    assert_all(x3, 4)
+
+
+def test_write_after_read(ooo):
+    q, prog = ooo
+    x, y, new = filled(q, 1), filled(q, STALE), filled(q, 50)
+    slow_add(q, prog, x, y, 1)              # reads x, in work-group after work-group, for ~10 ms
+    slow_add(q, prog, new, x, 0, spin=0)    # overwrites x: must wait for that reader
+    assert_all(y, 2)
+    assert_all(x, 50)
+
+
+def test_write_after_write(ooo):
+    q, prog = ooo
+    a, b, x = filled(q, 1), filled(q, 50), filled(q, STALE)
+    slow_add(q, prog, a, x, 1)
+    slow_add(q, prog, b, x, 0, spin=0)      # the later write must land last
+    q.wait()                                # x.get() alone would not wait for a stray earlier writer
+    assert_all(x, 50)
+
+
+def test_host_read_sees_finished_data(ooo):
+    q, prog = ooo
+    x, y = filled(q, 1), filled(q, STALE)
+    slow_add(q, prog, x, y, 1)
+    assert_all(y, 2)                        # no q.wait(): get() waits for the writer itself
+
+
+def test_host_write_waits_for_readers(ooo):
+    q, prog = ooo
+    x, y = filled(q, 1), filled(q, STALE)
+    slow_add(q, prog, x, y, 1)
+    x.set(np.full(N, 50, np.float32))       # must not land before the kernel read x
+    assert_all(y, 2)
+    assert_all(x, 50)
+
+
+def test_many_readers_fold_into_a_marker(ooo):
+    """A buffer read more than MAX_READERS times (weights, every token) keeps a bounded reader list,
+    and a later write still waits for every reader, including one folded into the marker."""
+    q, prog = ooo
+    x, y, z = filled(q, 1), filled(q, 0), filled(q, STALE)
+    gate = cl.UserEvent(q.context)
+    opener = threading.Timer(0.2, gate.set_status, (cl.command_execution_status.COMPLETE,))
+    try:
+        y.last_write = gate                 # the first reader of x (y += x) cannot start before the gate opens
+        q.submit(prog.axpy, (N,), None, x.read(), y.read_write(), np.float32(1), np.int32(N))
+        for _ in range(MAX_READERS + 1):
+            slow_add(q, prog, x, z, 1, spin=0)
+        assert len(x.reads) < MAX_READERS
+        opener.start()
+        x.set(np.full(N, 50, np.float32))   # blocks until the gated reader has run
+    finally:    # never leave the module's queue stuck behind the gate
+        opener.join() if opener.ident else gate.set_status(cl.command_execution_status.COMPLETE)
+    assert_all(y, 1)
+
+
+@pytest.mark.parametrize("local", [16, 64, 256])
+def test_group_sum(queue, local):
+    prog = queue.program("check.cl")
+    x = np.random.default_rng(local).standard_normal(N, dtype=np.float32)
+    out = queue.buffer(4 * (N // local))
+    queue.submit(prog.group_sums, (N,), (local,), queue.buffer(host=x).read(), out.write(), Local(4 * local))
+    np.testing.assert_allclose(out.get(), x.reshape(-1, local).sum(axis=1), rtol=1e-4, atol=1e-4)
+
+
+def test_profiling_events_and_summary():
+    q = Queue(select_device()[0], profiling=True)
+    prog = q.program("check.cl")
+    x, y, sums = filled(q, 1), filled(q, 0), q.buffer(4 * (N // 64))
+    events = [slow_add(q, prog, x, y, 1, spin=1000) for _ in range(2)]
+    events.append(q.submit(prog.group_sums, (N,), (64,), y.read(), sums.write(), Local(4 * 64)))
+    assert all(e.duration_ns > 0 for e in events)
+    profile = q.profile()
+    assert {k: v["calls"] for k, v in profile.items()} == {"slow_add": 2, "group_sums": 1}
+    assert profile["slow_add"]["ns"] == events[0].duration_ns + events[1].duration_ns
+    assert q.profile() == {}                # reading the profile clears it
+
+
+BUILD_AND_REPORT = ("import json; from dpllama.runtime import open_queue, build_stats; "
+                    "open_queue().program('check.cl'); print(json.dumps(build_stats))")
+
+
+def test_binary_cache_across_processes(tmp_path, repo_root):
+    env = {**os.environ, "DPLLAMA_HOME": str(tmp_path)}
+
+    def build_in_fresh_process() -> dict:
+        run = subprocess.run([sys.executable, "-c", BUILD_AND_REPORT], cwd=repo_root, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout)
+
+    assert build_in_fresh_process() == {"compiled": 1, "loaded": 0}
+    assert build_in_fresh_process() == {"compiled": 0, "loaded": 1}
+    [binary] = (tmp_path / "kernels").glob("check-*.bin")
+    binary.write_bytes(b"not a binary")     # a corrupt or foreign binary is rebuilt, not fatal
+    assert build_in_fresh_process() == {"compiled": 1, "loaded": 0}
+
+
+def test_build_failure_names_file_and_compiler_log(queue, tmp_path, monkeypatch):
+    (tmp_path / "broken.cl").write_text("// broken on purpose\n"
+                                        "__kernel void f(__global float *x) {\n"
+                                        "    x[0] = undefined_name;\n"
+                                        "}\n")
+    monkeypatch.setattr(program, "KERNEL_DIR", tmp_path)
+    monkeypatch.setenv("DPLLAMA_HOME", str(tmp_path / "home"))
+    with pytest.raises(DpllamaError) as e:
+        queue.program("broken.cl")
+    message = str(e.value)
+    assert str(tmp_path / "broken.cl") in message
+    assert "undefined_name" in message
+    assert "broken.cl:3" in message         # the #line directive points past the prepended common.cl
+
+
+def test_missing_kernel_file(queue):
+    with pytest.raises(DpllamaError, match="no-such-file.cl: kernel file not found"):
+        queue.program("no-such-file.cl")
+
+
+def test_model_code_needs_no_pyopencl(repo_root):
+    package = repo_root / "dpllama"
+    files = sorted((package / "model").glob("*.py")) + [p for p in [package / "generate.py"] if p.exists()]
+    assert files
+    uses = [f.name for f in files if re.search(r"^\s*(import|from)\s+pyopencl", f.read_text(), re.M)]
+    assert uses == []
