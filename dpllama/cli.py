@@ -34,10 +34,178 @@ def cmd_devices(args: argparse.Namespace) -> int:
                        run_check=args.check)
 
 
-# name -> (help, add arguments, run); the lead adds generate, chat, tokenize, quantize, pull, bench here
+def add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("-m", "--model", required=required,
+                   help="model: a llama2.c .bin, a GGUF (llama.cpp's or dpllama's quantized), or a known name "
+                        "(smollm2-135m, fetched on first use)")
+    p.add_argument("-z", "--tokenizer", help="llama2.c tokenizer.bin (default: tokenizer.bin beside the model); "
+                   "GGUF models carry their own")
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", metavar="SELECTOR", help=SELECTOR_HELP)
+    p.add_argument("--config", metavar="PATH", help="YAML device config, or a shipped one's name")
+    p.add_argument("--ctx", type=int, default=None, metavar="N",
+                   help="context length to allocate (default: the model's)")
+
+
+def add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("-t", "--temperature", type=float, default=temperature,
+                   help=f"sampling temperature, 0 = greedy (default {temperature})")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling cut, 0 or 1 = off (default 0.9)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="penalty for tokens among the last --repeat-last-n, 1 = off (default 1.0)")
+    p.add_argument("--repeat-last-n", type=int, default=64, help="window of --repeat-penalty (default 64)")
+    p.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: from the clock)")
+
+
+def sampler_from(args: argparse.Namespace):
+    import time
+    from dpllama.generate import Sampler
+    if args.temperature < 0 or not 0 <= args.top_p <= 1 or args.top_k < 0 or args.repeat_penalty <= 0:
+        raise DpllamaError(f"sampling: need temperature >= 0, 0 <= top-p <= 1, top-k >= 0, repeat-penalty > 0; "
+                           f"found {args.temperature}, {args.top_p}, {args.top_k}, {args.repeat_penalty}")
+    seed = args.seed if args.seed is not None else time.time_ns()
+    return Sampler(args.temperature, args.top_p, args.top_k, args.repeat_penalty, args.repeat_last_n, seed)
+
+
+def load_llm(args: argparse.Namespace):
+    from dpllama.llm import load
+    if args.ctx is not None and args.ctx < 1:
+        raise DpllamaError(f"--ctx must be at least 1, found {args.ctx}")
+    return load(args.model, args.tokenizer, args.device, args.config, args.ctx)
+
+
+def add_generate(p: argparse.ArgumentParser) -> None:
+    add_model(p)
+    p.add_argument("-p", "-i", "--prompt", default="", help="the text to continue (llama2.c's -i)")
+    p.add_argument("-n", "--steps", type=int, default=256,
+                   help="positions to run, prompt included, as llama2.c's -n; 0 = the whole context (default 256)")
+    p.add_argument("--special", action="store_true", help="parse special tokens such as <|im_start|> in the prompt")
+    add_sampling(p, temperature=1.0)
+    add_device(p)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+    llm = load_llm(args)
+    ctx = llm.model.seq_len
+    steps = args.steps
+    if steps < 0:
+        raise DpllamaError(f"-n must be >= 0, found {steps}")
+    if steps == 0 or steps > ctx:
+        if steps > ctx:
+            print(f"dpllama: -n {steps} is beyond the context of {ctx} tokens; running {ctx}", file=sys.stderr)
+        steps = ctx
+    ids = llm.encode(args.prompt, parse_special=args.special)
+    if len(ids) > ctx:
+        raise DpllamaError(f"the prompt is {len(ids)} tokens, more than the context of {ctx}")
+    out = sys.stdout
+    start, n = time.perf_counter(), 0
+    for piece in llm.stream(ids, steps, sampler_from(args)):
+        out.write(piece)
+        out.flush()
+        n += 1
+    out.write("\n")
+    elapsed = time.perf_counter() - start
+    print(f"achieved tok/s: {n / elapsed:.2f}", file=sys.stderr)
+    return 0
+
+
+def add_chat(p: argparse.ArgumentParser) -> None:
+    add_model(p)
+    p.add_argument("--system", default=None, help="system prompt (default: the template's own, if any)")
+    p.add_argument("-n", "--max-reply", type=int, default=512, help="longest reply in tokens (default 512)")
+    add_sampling(p, temperature=0.7)
+    add_device(p)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from dpllama.chat import repl
+    repl(load_llm(args), sampler_from(args), args.system, args.max_reply)
+    return 0
+
+
+def add_tokenize(p: argparse.ArgumentParser) -> None:
+    add_model(p, required=False)
+    p.add_argument("text", help="the text to encode")
+    p.add_argument("--no-bos", action="store_true", help="do not add BOS")
+    p.add_argument("--special", action="store_true", help="parse special tokens")
+    p.add_argument("--pieces", action="store_true", help="print each id with its piece")
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from dpllama.llm import tokenizer_only
+    tok = tokenizer_only(args.model, args.tokenizer)
+    ids = tok.encode(args.text, bos=False if args.no_bos else None, parse_special=args.special)
+    if args.pieces:
+        for t in ids:
+            print(t, repr(tok.token_bytes(t).decode("utf-8", "replace")))
+    else:
+        print(" ".join(map(str, ids)))
+    return 0
+
+
+def add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="llama2.c .bin or GGUF (or a known model name)")
+    p.add_argument("output", help="dpllama GGUF to write")
+    p.add_argument("-z", "--tokenizer", help="llama2.c tokenizer.bin to store in the output (llama2.c inputs)")
+    p.add_argument("--group", type=int, default=32, help="int4 group size: 32, 64 or 128 (default 32)")
+    p.add_argument("--scheme", default="asym", help="asym (scale and min per group, default) or sym (scale only)")
+    p.add_argument("--keep-8bit", default="tok_embeddings,output", metavar="NAMES",
+                   help="tensors kept in 8 bits: tok_embeddings, output, both comma-separated "
+                        "(default), or none")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from dpllama.quantize import run
+    keep = () if args.keep_8bit in ("", "none") else tuple(n.strip() for n in args.keep_8bit.split(","))
+    run(args.input, args.output, args.tokenizer, args.group, args.scheme, keep)
+    return 0
+
+
+def add_pull(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="a known model: smollm2-135m")
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from dpllama.pull import pull
+    print(pull(args.name, progress=lambda s: print(f"dpllama: {s}", file=sys.stderr)))
+    return 0
+
+
+def add_bench(p: argparse.ArgumentParser) -> None:
+    add_model(p)
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
+    p.add_argument("--gen", type=int, default=128, help="generated tokens (default 128)")
+    p.add_argument("--repeat", type=int, default=1, help="runs; the median and the spread are reported")
+    p.add_argument("--profile", action="store_true", help="kernel time by kernel, from profiling events")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--device", metavar="SELECTOR", help=SELECTOR_HELP)
+    p.add_argument("--config", metavar="PATH", help="YAML device config, or a shipped one's name")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dpllama import bench
+    if args.prompt < 1 or args.gen < 2 or args.repeat < 1:
+        raise DpllamaError(f"need --prompt >= 1, --gen >= 2, --repeat >= 1; found {args.prompt}, {args.gen}, "
+                           f"{args.repeat}")
+    bench.main(args)
+    return 0
+
+
+# name -> (help, add arguments, run)
 COMMANDS = {
     "devices": ("list OpenCL devices, show which one dpllama uses and why, check it works",
                 add_devices, cmd_devices),
+    "generate": ("continue a prompt, streaming tokens (llama2.c's run flags)", add_generate, cmd_generate),
+    "chat": ("chat with a model in its chat template", add_chat, cmd_chat),
+    "tokenize": ("print the token ids of a text", add_tokenize, cmd_tokenize),
+    "quantize": ("quantize a model to int4 (dpllama GGUF)", add_quantize, cmd_quantize),
+    "pull": ("download a known model into the cache", add_pull, cmd_pull),
+    "bench": ("measure prompt processing and decode speed", add_bench, cmd_bench),
 }
 
 

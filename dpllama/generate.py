@@ -92,23 +92,25 @@ def generate_ids(model: Llama, prompt: list[int], steps: int, sampler: Sampler,
                  stop: set[int] = frozenset(), keep: int = 0) -> Iterator[int]:
     """Feed `prompt` and yield every token that enters the sequence after the first: the rest of the
     prompt, then generated tokens, until `steps` positions are done or a token in `stop` comes
-    (llama2.c's loop: position pos consumes token pos and produces token pos + 1). The first `keep`
-    positions' KV cache is reused from the previous call (a chat's earlier turns): their tokens are
-    not yielded again."""
+    (llama2.c's loop: position pos consumes token pos and produces token pos + 1). The prompt goes
+    through in batched chunks. The first `keep` positions' KV cache is reused from the previous call
+    (a chat's earlier turns): their tokens are not fed or yielded again."""
     model.start(prompt, keep)
     steps = min(steps, model.seq_len)
+    n = len(prompt)
+    if steps <= keep:
+        return
+    model.feed(min(n, steps) - keep)
+    yield from prompt[keep + 1:min(n, steps + 1)]
     history = list(prompt)
-    for pos in range(keep, steps):
-        model.step()
-        if pos + 1 < len(prompt):
-            model.next_given()
-            tok = prompt[pos + 1]
-        elif sampler.greedy and sampler.repeat_penalty == 1.0:
+    for pos in range(n - 1, steps):     # position pos has been fed: produce token pos + 1
+        if sampler.greedy and sampler.repeat_penalty == 1.0:
             tok = model.next_greedy()
         else:
             tok = sampler.pick(model.read_logits(), history)
             model.next_given(tok)
         history.append(tok)
         yield tok
-        if pos + 1 >= len(prompt) and tok in stop:
+        if tok in stop or pos + 1 >= steps:
             return
+        model.step()

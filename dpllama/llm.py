@@ -60,6 +60,19 @@ def load_tokenizer(weights: Weights, tokenizer: str | None, model_path: Path) ->
     return tok
 
 
+def tokenizer_only(model: str | None, tokenizer: str | None) -> Tokenizer:
+    """A tokenizer without loading weights: a llama2.c tokenizer.bin, or a GGUF model's own."""
+    if tokenizer and Path(tokenizer).suffix != ".gguf":
+        return Llama2cTokenizer(tokenizer)
+    source = tokenizer or model
+    if source is None:
+        raise DpllamaError("give a tokenizer (-z TOKENIZER.bin) or a GGUF model (-m MODEL)")
+    from dpllama.model.gguf import read_gguf
+    path = resolve_model(source)
+    fields = read_gguf(path).fields
+    return tokenizer_from_gguf_fields({k: v for k, v in fields.items() if k.startswith("tokenizer.")}, str(path))
+
+
 class LLM:
     def __init__(self, model: Llama, tokenizer: Tokenizer, path: Path):
         self.model = model
