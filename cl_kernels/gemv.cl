@@ -7,7 +7,7 @@
 //   -DW_INT4 -DASYM -DGROUP=g  w = s * q + m,    m fp16
 // and -DROWS=V (2, 4, 8 or 16): the rows of one tile, computed together as the lanes of a vector, and
 // -DTOKENS=n: the input vectors one work-group takes (1 to decode; more in prefill, so that every
-// weight loaded and decoded serves n tokens).
+// weight loaded and decoded serves n tokens), and -DTILES=k: the tiles one work-group takes.
 //
 // Device layout: rows are padded to a multiple of V and cut into tiles of V rows; inside a tile the
 // V values of one column (one packed word for int4) lie side by side, so a tile is one contiguous
@@ -112,21 +112,23 @@ inline float weight_at(WEIGHT_ARGS, const int r, const int c, const int cols_p) 
 #endif
 }
 
-// The shared body: acc[n] = tile get_group_id(0) times input row tok0 + n of x (rows x_stride apart),
-// or times x * g / rms(x) when `norm` (RMSNorm fused into the projection after it), for the TOKENS
-// tokens from tok0 = get_group_id(1) * TOKENS that are < T. The result is valid in thread 0.
+// The shared body: for the TILES tiles from t0 = get_group_id(0) * TILES (those < the tile count)
+// and the TOKENS input rows from tok0 = get_group_id(1) * TOKENS (those < T; x's rows are x_stride
+// apart), acc[tt * TOKENS + n] = tile t0 + tt times row tok0 + n of x, or of x * g / rms(x) when
+// `norm` (RMSNorm fused into the projection after it). Preparing a block of x is scalar work, so a
+// work-group shares it among TILES * ROWS rows. The get_local_size(0) work-items of a group split the
+// columns (GPUs; 1 on CPUs). The result is valid in work-item 0.
 inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float *g, const int norm,
-                      const int cols, const int cols_p, const int T, const int x_stride, const float eps,
-                      __local floatV *scratch, __local float *scratch_ss, __private floatV *acc) {
-    const int lid = get_local_id(0), L = get_local_size(0), t = get_group_id(0);
+                      const int rows, const int cols, const int cols_p, const int T, const int x_stride,
+                      const float eps, __local floatV *scratch, __local float *scratch_ss, __private floatV *acc) {
+    const int lid = get_local_id(0), L = get_local_size(0);
+    const int t0 = get_group_id(0) * TILES, tiles = min(TILES, (rows + ROWS - 1) / ROWS - t0);
     const int tok0 = get_group_id(1) * TOKENS;
     float ss[TOKENS], sx[TOKENS], xin[TOKENS * BLOCK];
-    for (int n = 0; n < TOKENS; n++) {
-        acc[n] = 0.0f;
-        ss[n] = 0.0f;
-    }
+    for (int n = 0; n < TOKENS; n++) ss[n] = 0.0f;
+    for (int i = 0; i < TILES * TOKENS; i++) acc[i] = 0.0f;
     for (int b = lid; b < cols_p / BLOCK; b += L) {
-        for (int n = 0; n < TOKENS; n++) {    // this block of every token's input, loaded once for all V rows
+        for (int n = 0; n < TOKENS; n++) {    // this block of every token's input, loaded once for all rows
             __global const float *xr = x + (size_t)(tok0 + n) * x_stride + BLOCK * b;
             const int live = tok0 + n < T;
             sx[n] = 0.0f;
@@ -137,63 +139,61 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
                 sx[n] += xin[n * BLOCK + k];
             }
         }
-        block_dot(w_, s_, m_, t, b, cols_p, xin, sx, acc);
+        for (int tt = 0; tt < tiles; tt++) block_dot(w_, s_, m_, t0 + tt, b, cols_p, xin, sx, acc + tt * TOKENS);
     }
     if (L > 1) {
-        for (int n = 0; n < TOKENS; n++) {
-            scratch[n * L + lid] = acc[n];
-            scratch_ss[n * L + lid] = ss[n];
-        }
+        for (int i = 0; i < TILES * TOKENS; i++) scratch[i * L + lid] = acc[i];
+        for (int n = 0; n < TOKENS; n++) scratch_ss[n * L + lid] = ss[n];
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int h = L / 2; h > 0; h >>= 1) {
-            if (lid < h)
-                for (int n = 0; n < TOKENS; n++) {
-                    scratch[n * L + lid] += scratch[n * L + lid + h];
-                    scratch_ss[n * L + lid] += scratch_ss[n * L + lid + h];
-                }
+            if (lid < h) {
+                for (int i = 0; i < TILES * TOKENS; i++) scratch[i * L + lid] += scratch[i * L + lid + h];
+                for (int n = 0; n < TOKENS; n++) scratch_ss[n * L + lid] += scratch_ss[n * L + lid + h];
+            }
             barrier(CLK_LOCAL_MEM_FENCE);
         }
-        for (int n = 0; n < TOKENS; n++) {
-            acc[n] = scratch[n * L];
-            ss[n] = scratch_ss[n * L];
-        }
+        for (int i = 0; i < TILES * TOKENS; i++) acc[i] = scratch[i * L];
+        for (int n = 0; n < TOKENS; n++) ss[n] = scratch_ss[n * L];
     }
     if (norm)
-        for (int n = 0; n < TOKENS; n++) acc[n] *= rsqrt(ss[n] / cols + eps);
+        for (int i = 0; i < TILES * TOKENS; i++) acc[i] *= rsqrt(ss[i % TOKENS] / cols + eps);
 }
 
-// y[token][row] (=, or += when `add`) the tile's values, for the work-group's tokens
+// y[token][row] (=, or += when `add`) the work-group's values
 inline void store_rows(__global float *y, __private const floatV *acc, const int rows, const int T,
                        const int y_stride, const int add) {
-    const int first = get_group_id(0) * ROWS, tok0 = get_group_id(1) * TOKENS;
+    const int tok0 = get_group_id(1) * TOKENS;
     if (get_local_id(0) != 0) return;
-    for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
-        __global float *yr = y + (size_t)(tok0 + n) * y_stride;
-        for (int i = 0; i < ROWS && first + i < rows; i++) {
-            const float v = ((const float *)&acc[n])[i];
-            yr[first + i] = add ? yr[first + i] + v : v;
+    for (int tt = 0; tt < TILES; tt++)
+        for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
+            __global float *yr = y + (size_t)(tok0 + n) * y_stride;
+            const int first = (get_group_id(0) * TILES + tt) * ROWS;
+            for (int i = 0; i < ROWS && first + i < rows; i++) {
+                const float v = ((const float *)&acc[tt * TOKENS + n])[i];
+                yr[first + i] = add ? yr[first + i] + v : v;
+            }
         }
-    }
 }
 
 // Every kernel works on T input vectors (rows of x, x_stride apart), writing rows of y y_stride apart:
-// T = 1 in a decode step, a chunk of the prompt in prefill. Global size (tiles * L, ceil(T / TOKENS)).
+// T = 1 in a decode step, a chunk of the prompt in prefill.
+// Global size (ceil(tiles / TILES) * L, ceil(T / TOKENS)), local (L, 1).
 #define GEMV_ARGS const int rows, const int cols, const int cols_p, const int T, const int x_stride, \
                   const int y_stride
 #define GEMV_SCRATCH __local floatV *scratch, __local float *scratch_ss
 
 // y += W x: a projection that feeds the residual stream adds itself in
 __kernel void gemv_add(WEIGHT_ARGS, __global const float *x, __global float *y, GEMV_ARGS, GEMV_SCRATCH) {
-    floatV acc[TOKENS];
-    tile_rows(w_, s_, m_, x, x, 0, cols, cols_p, T, x_stride, 0.0f, scratch, scratch_ss, acc);
+    floatV acc[TILES * TOKENS];
+    tile_rows(w_, s_, m_, x, x, 0, rows, cols, cols_p, T, x_stride, 0.0f, scratch, scratch_ss, acc);
     store_rows(y, acc, rows, T, y_stride, 1);
 }
 
 // y = W rmsnorm(x, g): RMSNorm fused into the projection after it (QKV, LM head)
 __kernel void gemv_norm(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
                         GEMV_ARGS, const float eps, GEMV_SCRATCH) {
-    floatV acc[TOKENS];
-    tile_rows(w_, s_, m_, x, g, 1, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
+    floatV acc[TILES * TOKENS];
+    tile_rows(w_, s_, m_, x, g, 1, rows, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
     store_rows(y, acc, rows, T, y_stride, 0);
 }
 
@@ -202,15 +202,19 @@ __kernel void gemv_norm(WEIGHT_ARGS, __global const float *x, __global const flo
 // both, so there are rows / 2 outputs.
 __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
                                GEMV_ARGS, const float eps, GEMV_SCRATCH) {
-    floatV acc[TOKENS];
-    tile_rows(w_, s_, m_, x, g, 1, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
-    const int first = get_group_id(0) * (ROWS / 2), tok0 = get_group_id(1) * TOKENS;
+    floatV acc[TILES * TOKENS];
+    tile_rows(w_, s_, m_, x, g, 1, rows, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
+    const int tok0 = get_group_id(1) * TOKENS;
     if (get_local_id(0) != 0) return;
-    for (int n = 0; n < TOKENS && tok0 + n < T; n++)
-        for (int i = 0; i < ROWS / 2 && first + i < rows / 2; i++) {
-            const float gate = ((const float *)&acc[n])[i], up = ((const float *)&acc[n])[i + ROWS / 2];
-            y[(size_t)(tok0 + n) * y_stride + first + i] = gate / (1.0f + exp(-gate)) * up;
-        }
+    for (int tt = 0; tt < TILES; tt++) {
+        const int first = (get_group_id(0) * TILES + tt) * (ROWS / 2);
+        for (int n = 0; n < TOKENS && tok0 + n < T; n++)
+            for (int i = 0; i < ROWS / 2 && first + i < rows / 2; i++) {
+                const float gate = ((const float *)&acc[tt * TOKENS + n])[i];
+                const float up = ((const float *)&acc[tt * TOKENS + n])[i + ROWS / 2];
+                y[(size_t)(tok0 + n) * y_stride + first + i] = gate / (1.0f + exp(-gate)) * up;
+            }
+    }
 }
 
 // x[n] = row tokens[pos + n] of the embedding table, dequantized (state = {pos, ...}); global (any, T)

@@ -51,10 +51,7 @@ def run_once(model, n_prompt: int, n_gen: int, rng: np.random.Generator) -> dict
     model.start(prompt)
     launches = model.q.launches
     t0 = time.perf_counter()
-    for pos in range(n_prompt - 1):
-        model.step()
-        model.next_given()
-    model.step()
+    model.feed(n_prompt)             # batched prefill
     model.next_greedy()              # the first generated token
     t1 = time.perf_counter()
     prompt_launches = model.q.launches - launches

@@ -77,10 +77,10 @@ def _int4_asym(t: Tensor) -> Tensor:
     return Tensor("int4", t.rows, t.cols, t.data, t.scales, (-8 * t.scales.astype(np.float32)).astype(np.float16), t.group)
 
 
-def _build_defines(t: Tensor, rows_per_tile: int, tokens: int) -> tuple[str, ...]:
+def _build_defines(t: Tensor, rows_per_tile: int, tiles: int, tokens: int) -> tuple[str, ...]:
     fmt = {"f32": ("W_F32",), "q8": ("W_Q8", f"GROUP={t.group}"),
            "int4": ("W_INT4", f"GROUP={t.group}") + (("ASYM",) if t.mins is not None else ())}[t.kind]
-    return fmt + (f"ROWS={rows_per_tile}", f"TOKENS={tokens}")
+    return fmt + (f"ROWS={rows_per_tile}", f"TILES={tiles}", f"TOKENS={tokens}")
 
 
 def _pow2_divisor(n: int, limit: int = 16) -> int:
@@ -92,10 +92,11 @@ def _pow2_divisor(n: int, limit: int = 16) -> int:
 
 
 class DeviceTensor:
-    """A weight matrix on the device in gemv.cl's tiled layout, and the programs that read its format:
-    one for decode (one token per work-group), one for prefill (`prefill_tokens` per work-group)."""
+    """A weight matrix on the device in gemv.cl's tiled layout, and the programs that read its format,
+    by tokens per work-group: 1 to decode (`decode_tiles` tiles per work-group), `prefill_tokens` in
+    prefill (one tile per work-group)."""
 
-    def __init__(self, q: Queue, t: Tensor, name: str, rows_per_tile: int, prefill_tokens: int):
+    def __init__(self, q: Queue, t: Tensor, name: str, rows_per_tile: int, decode_tiles: int, prefill_tokens: int):
         data = t.data
         cols_p = -(-t.cols // 8) * 8 if t.kind == "f32" else t.cols_padded
         if t.kind == "f32" and cols_p != t.cols:      # kernels read 8-wide blocks
@@ -107,8 +108,8 @@ class DeviceTensor:
                                  name=f"{name}.{part}") if a is not None
                         else q.buffer(4, name=f"{name}.{part}-unused")
                         for part, a in (("data", data), ("scales", t.scales), ("mins", t.mins))]
-        self.programs = {1: q.program("gemv.cl", *_build_defines(t, rows_per_tile, 1)),
-                         prefill_tokens: q.program("gemv.cl", *_build_defines(t, rows_per_tile, prefill_tokens))}
+        self.tiles = {1: decode_tiles, prefill_tokens: 1}
+        self.programs = {n: q.program("gemv.cl", *_build_defines(t, rows_per_tile, k, n)) for n, k in self.tiles.items()}
 
     def args(self):
         return [b.read() for b in self.buffers]
@@ -124,6 +125,7 @@ class Llama:
         self.gemv_local = cfg.work_group("gemv")
         self.rows_per_tile = cfg.work_group("rows_per_group")
         self.prefill_tokens = cfg.work_group("prefill_tokens")
+        self.decode_tiles = cfg.work_group("decode_tiles")
         self.chunk = max(1, min(cfg.work_group("prefill_chunk"), self.seq_len))
         self.att_local = cfg.work_group("attention")
         pos_vec = cfg.work_group("attention_positions")     # the config checked these values
@@ -136,7 +138,7 @@ class Llama:
         self.dim_p, self.qkv_p, self.q_p, self.hidden_p = pad(dim), pad(q_dim + 2 * kv_dim), pad(q_dim), pad(c.hidden_dim)
 
         def upload(t: Tensor, name: str) -> DeviceTensor:
-            return DeviceTensor(q, t, name, self.rows_per_tile, self.prefill_tokens)
+            return DeviceTensor(q, t, name, self.rows_per_tile, self.decode_tiles, self.prefill_tokens)
 
         def norm_weight(w: np.ndarray):
             return q.buffer(host=np.pad(w.astype(np.float32), (0, self.dim_p - dim)))
@@ -190,13 +192,14 @@ class Llama:
     def _gemv(self, kernel: str, t: DeviceTensor, T: int, io: list, strides: tuple, eps=None):
         """Bind one matrix launch over T input rows; io: x, (norm weight), y as the kernel takes them."""
         tokens = 1 if T == 1 else self.prefill_tokens
+        tiles = t.tiles[tokens]
         L = self.gemv_local
-        tiles = -(-t.rows // self.rows_per_tile)
+        groups = -(-t.rows // (self.rows_per_tile * tiles))
         tail = [] if eps is None else [np.float32(eps)]
-        return self.q.command(getattr(t.programs[tokens], kernel), (tiles * L, -(-T // tokens)), (L, 1),
+        return self.q.command(getattr(t.programs[tokens], kernel), (groups * L, -(-T // tokens)), (L, 1),
                               *t.args(), *io, np.int32(t.rows), np.int32(t.cols), np.int32(t.cols_p),
                               np.int32(T), np.int32(strides[0]), np.int32(strides[1]), *tail,
-                              Local(self.rows_per_tile * tokens * L * 4), Local(tokens * L * 4))
+                              Local(self.rows_per_tile * tiles * tokens * L * 4), Local(tokens * L * 4))
 
     def forward_commands(self, T: int) -> list:
         """The launches of one forward pass over tokens[pos .. pos + T), recorded on first use."""

@@ -40,6 +40,7 @@ SCHEMA = {
         "norm": (int, 64),          # work-group reductions (devices --check)
         "attention": (int, 64),     # threads per head and token in attention
         "attention_positions": (int, 16),  # positions per vector in attention scores (2, 4, 8 or 16)
+        "decode_tiles": (int, 1),   # row tiles per work-group when decoding (they share the input's preparation)
         "prefill_tokens": (int, 8),  # prompt tokens per work-group in prefill matrix kernels
         "prefill_chunk": (int, 64),  # prompt tokens per forward pass in prefill
     },
@@ -115,7 +116,7 @@ def parse_config(text: str, path: str = "<string>") -> DeviceConfig:
         if "," in v:    # the match becomes a comma-separated selector; AMD's vendor string has a comma
             raise DpllamaError(f"{path}: key 'match.{k}' must not contain ',' (values match as substrings, "
                                f"{v.split(',')[0].strip()!r} is enough), found {v!r}")
-    for k in ("gemv", "norm", "attention", "attention_positions", "prefill_tokens", "prefill_chunk",
+    for k in ("gemv", "norm", "attention", "attention_positions", "decode_tiles", "prefill_tokens", "prefill_chunk",
               "rows_per_group"):
         if values["work_group"][k] == 0:
             raise DpllamaError(f"{path}: key 'work_group.{k}' must be a positive integer, found 0")
