@@ -15,7 +15,8 @@ from dpllama.generate import Sampler, generate_ids
 from dpllama.model.llama import Llama
 from dpllama.model.weights import Weights
 from dpllama.runtime import open_queue
-from dpllama.tokenizer import Llama2cTokenizer, StreamDecoder, Tokenizer, printable_piece, tokenizer_from_gguf_fields
+from dpllama.tokenizer import (Llama2cTokenizer, StreamDecoder, Tokenizer, load_gguf_tokenizer, printable_piece,
+                               tokenizer_from_gguf_fields)
 
 GGUF_MAGIC = b"GGUF"
 
@@ -50,7 +51,6 @@ def load_tokenizer(weights: Weights, tokenizer: str | None, model_path: Path) ->
         if not Path(tokenizer).is_file():
             raise DpllamaError(f"{model_path}: a llama2.c checkpoint needs a tokenizer: pass -z TOKENIZER.bin")
     if Path(tokenizer).suffix == ".gguf":
-        from dpllama.tokenizer import load_gguf_tokenizer
         tok = load_gguf_tokenizer(tokenizer)
     else:
         tok = Llama2cTokenizer(tokenizer, weights.config.vocab_size)
@@ -67,10 +67,7 @@ def tokenizer_only(model: str | None, tokenizer: str | None) -> Tokenizer:
     source = tokenizer or model
     if source is None:
         raise DpllamaError("give a tokenizer (-z TOKENIZER.bin) or a GGUF model (-m MODEL)")
-    from dpllama.model.gguf import read_gguf
-    path = resolve_model(source)
-    fields = read_gguf(path).fields
-    return tokenizer_from_gguf_fields({k: v for k, v in fields.items() if k.startswith("tokenizer.")}, str(path))
+    return load_gguf_tokenizer(resolve_model(source))
 
 
 class LLM:

@@ -48,8 +48,9 @@ def progress_bar(done: int, total: int, label: str, stream=sys.stderr) -> None:
 
 
 def quantize(weights: Weights, group: int = 32, symmetric: bool = False,
-             eight_bit: tuple[str, ...] = EIGHT_BIT_CHOICES, report=print) -> Weights:
-    """A new Weights with every matrix converted; `report(name, kind, rel_rmse)` per tensor."""
+             eight_bit: tuple[str, ...] = EIGHT_BIT_CHOICES, report=None, progress: bool = False) -> Weights:
+    """A new Weights with every matrix converted; `report(name, tensor, rel_rmse)` per tensor, and a
+    progress bar on stderr when `progress`."""
     if group not in GROUPS:
         raise DpllamaError(f"group size must be one of {', '.join(map(str, GROUPS))}, found {group}")
     for name in eight_bit:
@@ -63,9 +64,11 @@ def quantize(weights: Weights, group: int = 32, symmetric: bool = False,
         out = convert(t, bits, group, symmetric)
         err = relative_rmse(t, out)
         errors.append((t.rows * t.cols, err))
-        report(name, out, err)
+        if report:
+            report(name, out, err)
         done += 1
-        progress_bar(done, total, name)
+        if progress:
+            progress_bar(done, total, name)
         return out
 
     # a tied table is also the classifier: 8 bits for it when either role asks for them
@@ -104,7 +107,7 @@ def run(src: str, dst: str, tokenizer: str | None = None, group: int = 32, schem
         fmt = t.kind if t.kind == "f32" else f"{t.kind} g{t.group}" + (" asym" if t.mins is not None else "")
         out.write(f"\r{name:<24} {t.rows:>6} x {t.cols:<6} {fmt:<14} rel. RMSE {err:.5f}\n")
 
-    q = quantize(weights, group, scheme == "sym", eight_bit, report)
+    q = quantize(weights, group, scheme == "sym", eight_bit, report, progress=True)
     write_dpllama_gguf(dst_path, q, fields)
     size = dst_path.stat().st_size
     out.write(f"overall rel. RMSE {q.meta['rel_rmse']:.5f}; wrote {dst} ({size / 2**20:.1f} MiB, "

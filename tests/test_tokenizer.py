@@ -1,6 +1,5 @@
 """Tokenizers: llama2.c against upstream run.c oracles, GGUF SPM/BPE against llama.cpp semantics."""
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 from dpllama.errors import DpllamaError
 from dpllama.tokenizer import (Llama2cTokenizer, StreamDecoder, load_gguf_tokenizer, printable_piece,
                                tokenizer_from_gguf_fields)
+from tests.helpers import smollm2_gguf_path
 
 MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 LLAMA2C = MODELS / "llama2c"
@@ -18,16 +18,6 @@ SMOLLM2 = MODELS / "smollm2"
 def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"shared model data not found: {path}")
-    return path
-
-
-def smollm2_gguf_path() -> Path:
-    """The SmolLM2 GGUF: $DPLLAMA_SMOLLM2_GGUF, else the `dpllama pull` cache."""
-    env = os.environ.get("DPLLAMA_SMOLLM2_GGUF")
-    home = Path(os.environ.get("DPLLAMA_HOME", Path.home() / ".cache" / "dpllama"))
-    path = Path(env) if env else home / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        pytest.skip(f"SmolLM2 GGUF not found at {path} (set DPLLAMA_SMOLLM2_GGUF)")
     return path
 
 
@@ -298,9 +288,9 @@ def test_load_gguf_tokenizer(tmp_path):
     w.close()
     tok = load_gguf_tokenizer(path)
     assert tok.encode("<|im_start|> the", parse_special=True) == [1, tok.vocab_size - 2]
-    with pytest.raises(DpllamaError, match=r"tok512\.bin: not a valid GGUF file"):
+    with pytest.raises(DpllamaError, match=r"tok512\.bin: not a GGUF file"):
         load_gguf_tokenizer(need(LLAMA2C / "tok512.bin"))
-    with pytest.raises(DpllamaError, match=r"nope\.gguf: cannot read GGUF file"):
+    with pytest.raises(DpllamaError, match=r"nope\.gguf: cannot read: No such file"):
         load_gguf_tokenizer(tmp_path / "nope.gguf")
 
 

@@ -262,13 +262,8 @@ def tokenizer_from_gguf_fields(fields: dict, source: str) -> Tokenizer:
 
 
 def load_gguf_tokenizer(path) -> Tokenizer:
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except OSError as e:
-        raise DpllamaError(f"{path}: cannot read GGUF file: {e.strerror}") from None
-    except (ValueError, IndexError, KeyError) as e:  # what GGUFReader raises on corrupt files
-        raise DpllamaError(f"{path}: not a valid GGUF file: {e}") from None
-    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    """The tokenizer of a GGUF model, without its weights (dpllama's header parser, not GGUFReader:
+    ~0.1 s instead of ~2.5 s on a 49k vocabulary)."""
+    from dpllama.model.gguf import read_gguf
+    fields = {k: v for k, v in read_gguf(path).fields.items() if k.startswith("tokenizer.")}
     return tokenizer_from_gguf_fields(fields, str(path))

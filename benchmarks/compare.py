@@ -1,0 +1,164 @@
+"""dpllama against llama.cpp on the same GGUF, interleaved in one run, and the stories15M-shape roofline.
+
+    python benchmarks/compare.py                      # SmolLM2-135M Q4_1, 512-token prompt, 128 generated
+    python benchmarks/compare.py --rounds 5 --json    # more rounds; machine-readable
+
+llama.cpp comes from llama-cpp-python (the `bench` extra: `pip install '.[bench]'`, a native build of
+several minutes); it runs with the same thread count as the machine's cores. Each round measures
+dpllama, then llama.cpp, on the same prompt, so drift on a noisy machine hits both; the ratios are the
+result. Then a random llama2.c checkpoint of stories15M's shape (dim 288, hidden 768, 6 layers, 6 heads,
+vocab 32000, seq 256) measures dpllama's fp32 and int4 decode against the machine's streaming read
+bandwidth, measured in the same run with NumPy. Not part of the test suite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from dpllama.model.llama import Llama
+from dpllama.model.quant import quantize_int4, quantize_q8
+from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights
+from dpllama.llm import load_weights, resolve_model
+from dpllama.runtime import open_queue
+
+STORIES15M = ModelConfig(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, seq_len=256)
+
+
+def dpllama_round(model: Llama, prompt: list[int], n_gen: int) -> dict:
+    model.start(prompt)
+    t0 = time.perf_counter()
+    model.feed(len(prompt))
+    model.next_greedy()
+    t1 = time.perf_counter()
+    for _ in range(n_gen - 1):
+        model.step()
+        model.next_greedy()
+    t2 = time.perf_counter()
+    return {"prompt_tok_s": len(prompt) / (t1 - t0), "decode_tok_s": (n_gen - 1) / (t2 - t1)}
+
+
+def llamacpp_round(llm, prompt: list[int], n_gen: int) -> dict:
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    tok = int(np.argmax(llm.eval_logits[-1]))
+    t1 = time.perf_counter()
+    for _ in range(n_gen - 1):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.eval_logits[-1]))
+    t2 = time.perf_counter()
+    return {"prompt_tok_s": len(prompt) / (t1 - t0), "decode_tok_s": (n_gen - 1) / (t2 - t1)}
+
+
+def stream_bandwidth_gb_s(nbytes: int = 1 << 28, repeat: int = 5) -> float:
+    """Streaming read bandwidth: the best of `repeat` sums over a buffer far larger than the caches."""
+    a = np.ones(nbytes // 8, np.float64)
+    best = min(_timed(a.sum) for _ in range(repeat))
+    return nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def random_stories15m(kind: str, seed: int = 0) -> Weights:
+    c = STORIES15M
+    rng = np.random.default_rng(seed)
+
+    def mat(rows, cols):
+        w = (rng.standard_normal((rows, cols), np.float32) * 0.02).astype(np.float32)
+        return Tensor.f32(w) if kind == "f32" else quantize_int4(w, 32, symmetric=False)
+
+    emb = rng.standard_normal((c.vocab_size, c.dim), np.float32) * 0.02
+    tok = Tensor.f32(emb) if kind == "f32" else quantize_q8(emb, 32)
+    layers = [Layer(np.ones(c.dim, np.float32), mat(c.dim, c.dim), mat(c.kv_dim, c.dim), mat(c.kv_dim, c.dim),
+                    mat(c.dim, c.dim), np.ones(c.dim, np.float32), mat(c.hidden_dim, c.dim),
+                    mat(c.dim, c.hidden_dim), mat(c.hidden_dim, c.dim)) for _ in range(c.n_layers)]
+    return Weights(c, tok, layers, np.ones(c.dim, np.float32), tok)
+
+
+def decode_tok_s(model: Llama, n: int = 128) -> float:
+    model.start([1])
+    model.feed(1)
+    model.next_greedy()
+    t = time.perf_counter()
+    for _ in range(n):
+        model.step()
+        model.next_greedy()
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="a llama GGUF (default: smollm2-135m)")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    try:
+        import llama_cpp
+    except ImportError:
+        sys.exit("llama-cpp-python is missing: pip install '.[bench]' (a native build of several minutes)")
+
+    path = resolve_model(args.model)
+    queue = open_queue()
+    ours = Llama(load_weights(path), queue, max_seq=args.prompt + args.gen)
+    theirs = llama_cpp.Llama(model_path=str(path), n_ctx=args.prompt + args.gen + 8, n_batch=512,
+                             n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    rng = np.random.default_rng(0)
+    prompt = [int(t) for t in rng.integers(17, ours.config.vocab_size, args.prompt)]
+    dpllama_round(ours, prompt[:16], 4)           # warm-up: first launches, page-ins
+    llamacpp_round(theirs, prompt[:16], 4)
+    rounds = []
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+        a, b = dpllama_round(ours, prompt, args.gen), llamacpp_round(theirs, prompt, args.gen)
+        rounds.append({"dpllama": a, "llama.cpp": b,
+                       "prompt_ratio": a["prompt_tok_s"] / b["prompt_tok_s"],
+                       "decode_ratio": a["decode_tok_s"] / b["decode_tok_s"]})
+    med = {k: statistics.median(r[k] for r in rounds) for k in ("prompt_ratio", "decode_ratio")}
+    for who in ("dpllama", "llama.cpp"):
+        for k in ("prompt_tok_s", "decode_tok_s"):
+            med[f"{who} {k}"] = statistics.median(r[who][k] for r in rounds)
+
+    print("stories15M shape: fp32 and int4 decode vs streaming bandwidth", file=sys.stderr, flush=True)
+    bw = stream_bandwidth_gb_s()
+    roof = {}
+    for kind in ("f32", "int4"):
+        m = Llama(random_stories15m(kind), queue)
+        tps = decode_tok_s(m)
+        roof[kind] = {"decode_tok_s": tps, "weight_mb": m.weight_bytes / 1e6,
+                      "weight_gb_s": m.weight_bytes * tps / 1e9, "of_stream_bw": m.weight_bytes * tps / 1e9 / bw}
+        del m
+    result = {"model": str(path), "device": str(queue.device), "threads": args.threads,
+              "prompt_tokens": args.prompt, "generated_tokens": args.gen, "rounds": rounds, "median": med,
+              "stream_read_gb_s": bw, "stories15m": roof,
+              "int4_over_fp32_decode": roof["int4"]["decode_tok_s"] / roof["f32"]["decode_tok_s"]}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{path.name}, {args.prompt}-token prompt, {args.gen} generated, {args.threads} threads, "
+          f"{args.rounds} interleaved rounds (medians)")
+    print(f"{'':10} {'prompt tok/s':>13} {'decode tok/s':>13}")
+    for who in ("dpllama", "llama.cpp"):
+        print(f"{who:10} {med[who + ' prompt_tok_s']:13.1f} {med[who + ' decode_tok_s']:13.1f}")
+    print(f"{'ratio':10} {med['prompt_ratio']:13.2f} {med['decode_ratio']:13.2f}")
+    print(f"streaming read bandwidth (NumPy): {bw:.1f} GB/s")
+    for kind, r in roof.items():
+        print(f"stories15M {kind:4}: {r['decode_tok_s']:7.1f} tok/s, {r['weight_mb']:.1f} MB/token, "
+              f"{r['weight_gb_s']:.1f} GB/s = {100 * r['of_stream_bw']:.0f}% of streaming bandwidth")
+    print(f"int4 / fp32 decode: {result['int4_over_fp32_decode']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

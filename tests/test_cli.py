@@ -1,0 +1,77 @@
+"""The `dpllama` command as a user runs it: generate, tokenize, chat, pull; output and exit codes."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import llama2c_dir, smollm2_gguf_path
+
+
+def run(*args, cwd=None, stdin=None):
+    return subprocess.run([sys.executable, "-m", "dpllama.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, input=stdin)
+
+
+@pytest.fixture(scope="module")
+def stories():
+    d = llama2c_dir()
+    return d, d / "stories260K.bin", d / "tok512.bin"
+
+
+@pytest.mark.parametrize("prompt_args, steps, reference", [
+    (("-p", "Once upon a time"), 128, "reference_stories260K_greedy.txt"),
+    ((), 256, "reference_stories260K_greedy_noprompt_n256.txt"),
+])
+def test_generate_matches_llama2c_byte_for_byte(stories, repo_root, prompt_args, steps, reference):
+    d, model, tok = stories
+    r = run("generate", "-m", model, "-z", tok, *prompt_args, "-n", steps, "-t", 0, cwd=repo_root)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.encode() == (d / reference).read_bytes()
+    assert "achieved tok/s" in r.stderr
+
+
+def test_generate_clamps_steps_to_the_context(stories, repo_root):
+    _, model, tok = stories
+    r = run("generate", "-m", model, "-z", tok, "-n", 100000, "-t", 0, cwd=repo_root)
+    assert r.returncode == 0
+    assert "beyond the context of 512 tokens; running 512" in r.stderr
+
+
+def test_seed_makes_sampling_reproducible(stories, repo_root):
+    _, model, tok = stories
+    a, b, c = (run("generate", "-m", model, "-z", tok, "-n", 60, "-t", 1.0, "-s", s, cwd=repo_root).stdout
+               for s in (42, 42, 43))
+    assert a == b and a != c
+
+
+def test_tokenize_prints_ids(repo_root):
+    d = llama2c_dir()
+    r = run("tokenize", "-z", d / "tokenizer.bin", "Once upon a time", cwd=repo_root)
+    assert r.returncode == 0 and r.stdout.split() == ["1", "9038", "2501", "263", "931"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("generate", "-m", "/nonexistent/model.bin"), "/nonexistent/model.bin: model file not found"),
+    (("generate", "-m", "{model}", "-z", "{d}/tokenizer.bin"), "tokenizer has 32000 tokens but the model's vocab_size is 512"),
+    (("generate", "-m", "{d}/tok512.bin", "-z", "{d}/tok512.bin"), "tok512.bin"),
+    (("generate", "-m", "{model}", "-z", "{tok}", "-n", "-3"), "-n must be >= 0"),
+    (("generate", "-m", "{model}", "-z", "{tok}", "--top-p", "1.5"), "0 <= top-p <= 1"),
+    (("pull", "llama-7b"), "unknown model 'llama-7b'"),
+])
+def test_bad_input_is_one_line_error(stories, repo_root, args, message):
+    d, model, tok = stories
+    args = [a.format(d=d, model=model, tok=tok) for a in args]
+    r = run(*args, cwd=repo_root)
+    assert r.returncode == 1
+    assert r.stderr.startswith("dpllama: error:") and message in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def test_chat_answers_on_stdin(repo_root):
+    path = smollm2_gguf_path()
+    r = run("chat", "-m", path, "-t", 0, "--ctx", 256, cwd=repo_root,
+            stdin="What is the capital of France?\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "The capital of France is Paris."

@@ -1,0 +1,108 @@
+"""`dpllama quantize`: the quantize-model script, its output, its errors, and what int4 does to a real model."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dpllama.generate import Sampler, generate_ids
+from dpllama.model.gguf import load_gguf
+from dpllama.model.llama import Llama
+from dpllama.model.llama2c import load_llama2c
+from dpllama.quantize import quantize
+from tests.helpers import llama2c_dir
+
+# Mean negative log-likelihood of fp32's own greedy continuation: int4 may cost a little, not a lot.
+# Measured on stories260K (nats/token): fp32 0.453, int4 g32 asym 0.474, int4 g32 sym 0.572; the bound
+# leaves room above sym's +0.12 and is far below what broken dequantization costs (whole nats).
+NLL_MARGIN = 0.2
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "dpllama.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def stories():
+    d = llama2c_dir()
+    return d / "stories260K.bin", d / "tok512.bin"
+
+
+def test_quantize_cli_writes_one_file_model(stories, tmp_path, repo_root):
+    model, tok = stories
+    out = tmp_path / "s260-q4.gguf"
+    r = run("quantize", model, out, "-z", tok, "--group", 32, "--scheme", "asym", cwd=repo_root)
+    assert r.returncode == 0, r.stderr
+    assert "layers.4.w2" in r.stdout and "rel. RMSE" in r.stdout and "overall rel. RMSE" in r.stdout
+    w = load_gguf(out)
+    assert w.meta["format"] == "dpllama-gguf"
+    assert (w.layers[0].w1.kind, w.layers[0].w1.group, w.layers[0].w1.cols_padded) == ("int4", 32, 64)
+    assert w.layers[0].w2.cols_padded == 192          # hidden 172 padded to whole groups, not rejected
+    assert w.tok_embeddings.kind == "q8"              # kept in 8 bits by default
+    # one file is enough to run: the tokenizer is inside
+    g = run("generate", "-m", out, "-p", "Once upon a time", "-n", 40, "-t", 0, cwd=repo_root)
+    assert g.returncode == 0, g.stderr
+    assert g.stdout.startswith("Once upon a time") and len(g.stdout.split()) > 20
+    assert list(tmp_path.iterdir()) == [out]          # no temporary file left behind
+
+
+def mean_nll(model: Llama, ids: list[int]) -> float:
+    """Mean -log p(ids[k+1] | ids[..k]) over the sequence, from the device logits."""
+    model.start(ids)
+    total = 0.0
+    for k in range(len(ids) - 1):
+        model.step()
+        logits = model.read_logits().astype(np.float64)
+        logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        total -= logp[ids[k + 1]]
+        model.next_given()
+    return total / (len(ids) - 1)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_stories260k_stays_close_to_fp32(stories, queue, symmetric):
+    w = load_llama2c(stories[0])
+    fp32 = Llama(w, queue, max_seq=128)
+    ids = [1] + list(generate_ids(fp32, [1], 100, Sampler(temperature=0)))
+    q = Llama(quantize(w, 32, symmetric), queue, max_seq=128)
+    base, quant = mean_nll(fp32, ids), mean_nll(q, ids)
+    assert quant < base + NLL_MARGIN, (base, quant)
+    text = list(generate_ids(q, [1], 60, Sampler(temperature=0)))
+    assert len(set(text)) > 15          # a story, not one token over and over
+
+
+def test_quantize_errors_are_one_line(stories, tmp_path, repo_root):
+    model, tok = stories
+    cases = [
+        (("quantize", model, tmp_path / "missing" / "x.gguf", "-z", tok), "output folder"),
+        (("quantize", model, tmp_path / "x.gguf", "-z", tok, "--group", 48), "group size must be one of 32, 64, 128"),
+        (("quantize", model, tmp_path / "x.gguf", "-z", tok, "--scheme", "nf4"), "--scheme must be sym or asym"),
+        (("quantize", model, tmp_path / "x.gguf"), "pass -z TOKENIZER.bin"),
+        (("quantize", model, tmp_path / "x.gguf", "-z", tok, "--keep-8bit", "wq"), "--keep-8bit: unknown tensor"),
+        (("quantize", tmp_path / "nope.bin", tmp_path / "x.gguf"), "model file not found"),
+    ]
+    for args, message in cases:
+        r = run(*args, cwd=repo_root)
+        assert r.returncode == 1, args
+        assert r.stderr.startswith("dpllama: error:") and message in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []           # nothing written, not even partly
+
+
+def test_interrupted_write_leaves_nothing(stories, tmp_path, monkeypatch):
+    """The container is written to a temporary file and renamed at the end: a failure halfway leaves no file."""
+    from dpllama.model import gguf
+    w = load_llama2c(stories[0])
+    q = quantize(w, 32, False)
+    from dpllama.tokenizer import Llama2cTokenizer
+    fields = Llama2cTokenizer(stories[1], 512).gguf_fields()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
+    with pytest.raises(OSError):
+        gguf.write_dpllama_gguf(tmp_path / "out.gguf", q, fields)
+    assert list(tmp_path.iterdir()) == []
