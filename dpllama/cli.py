@@ -196,6 +196,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tune(p: argparse.ArgumentParser) -> None:
+    add_model(p)
+    p.add_argument("--write-config", metavar="PATH", required=True, help="where to write the tuned config")
+    p.add_argument("--device", metavar="SELECTOR", help=SELECTOR_HELP)
+    p.add_argument("--config", metavar="PATH", help="config to start from (default: the device's shipped one)")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from dpllama import tune
+    tune.main(args)
+    return 0
+
+
 # name -> (help, add arguments, run)
 COMMANDS = {
     "devices": ("list OpenCL devices, show which one dpllama uses and why, check it works",
@@ -206,6 +219,7 @@ COMMANDS = {
     "quantize": ("quantize a model to int4 (dpllama GGUF)", add_quantize, cmd_quantize),
     "pull": ("download a known model into the cache", add_pull, cmd_pull),
     "bench": ("measure prompt processing and decode speed", add_bench, cmd_bench),
+    "tune": ("search work-group sizes on this device and write the fastest config", add_tune, cmd_tune),
 }
 
 

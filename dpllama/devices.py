@@ -103,7 +103,8 @@ def substring(text: str) -> str:
     return text.split(",")[0].strip()
 
 
-def write_config(path: str, dev: Device, cfg: DeviceConfig) -> Path:
+def write_config(path: str, dev: Device, cfg: DeviceConfig, origin: str = "dpllama devices --write-config",
+                 note: str = "") -> Path:
     """`cfg` with `match` naming exactly `dev`, written atomically: a reader never sees half a file."""
     target = Path(path)
     if not target.parent.is_dir():
@@ -111,9 +112,9 @@ def write_config(path: str, dev: Device, cfg: DeviceConfig) -> Path:
     values = copy.deepcopy(cfg.values)
     values["match"] = {"type": dev.type, "platform": substring(dev.platform),
                        "vendor": substring(dev.cl_device.vendor), "name": substring(dev.name)}
-    text = (f"# dpllama device config for {dev}, written by `dpllama devices --write-config`\n"
+    text = (f"# dpllama device config for {dev}, written by `{origin}`\n"
             f"# from {config_path(cfg) or 'the built-in defaults'}; docs/CONFIG.md explains every key.\n"
-            + dump_config(values))
+            + note + dump_config(values))
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:

@@ -1,0 +1,90 @@
+"""`dpllama tune -m MODEL`: search the work-group sizes of the current device and write the best config.
+
+A coordinate search: starting from the device's config, each key in SEARCH is tried at each of its
+values with the others held, on the model the user will run, and the fastest value is kept (decode
+keys by decode tok/s, prefill keys by prompt tok/s). Every candidate runs the same kernels the
+correctness tests cover, so tuning changes speed, never results.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+
+from dpllama.model.llama import Llama
+from dpllama.runtime import DeviceConfig, open_queue
+
+# (work_group key, candidates, phase it speeds up)
+SEARCH = [
+    ("rows_per_group", (4, 8, 16), "decode"),
+    ("decode_tiles", (1, 2, 4), "decode"),
+    ("gemv", (1, 16, 64), "decode"),
+    ("attention", (1, 16, 64), "decode"),
+    ("prefill_tokens", (2, 4, 8), "prefill"),
+    ("prefill_chunk", (32, 64, 128), "prefill"),
+]
+PROMPT = 128        # prefill measure: tokens per pass
+MIN_SECONDS = 0.4   # each measurement repeats its phase for at least this long
+
+
+def measure(model: Llama, phase: str) -> float:
+    """tok/s of one phase: after an untimed warm-up (PoCL finishes compiling a kernel at its first
+    launch), the best of three runs of at least MIN_SECONDS each."""
+    prompt = list(range(3, 3 + PROMPT))
+
+    def run() -> float:
+        tokens, spent = 0, 0.0
+        while spent < MIN_SECONDS:
+            model.start(prompt)
+            if phase == "decode":       # decode from a short prompt until the context is used up
+                model.feed(8)
+                model.next_greedy()
+                model.q.wait()
+            t, n = time.perf_counter(), 0
+            if phase == "prefill":
+                model.feed(PROMPT)
+                model.next_greedy()
+                n = PROMPT
+            else:
+                while model.pos + 1 < model.seq_len and time.perf_counter() - t < MIN_SECONDS:
+                    model.step()
+                    model.next_greedy()
+                    n += 1
+            spent += time.perf_counter() - t
+            tokens += n
+        return tokens / spent
+    run()
+    return max(run() for _ in range(3))
+
+
+def tune(model_path: str, device: str | None, config: str | None, out: str, say=print) -> dict:
+    from dpllama.devices import write_config
+    from dpllama.llm import load_weights, resolve_model
+    path = resolve_model(model_path)
+    weights = load_weights(path)
+    q = open_queue(device, config)
+    base: DeviceConfig = q.config
+    limit = q.device.cl_device.max_work_group_size
+    wg = q.config.values["work_group"]
+    found = {}
+    for key, candidates, phase in SEARCH:
+        scores = {}
+        for v in candidates:
+            if key in ("gemv", "attention") and v > limit:
+                continue
+            wg[key] = v
+            scores[v] = measure(Llama(weights, q, max_seq=2 * PROMPT), phase)
+            say(f"{key} = {v}: {phase} {scores[v]:.1f} tok/s")
+        wg[key] = max(scores, key=scores.get)
+        found[key] = {"value": wg[key], "phase": phase, "tok_s": scores}
+    note = "".join(f"# tuned on {path.name}: work_group.{k} = {r['value']} ({r['phase']} {r['tok_s'][r['value']]:.1f} tok/s)\n"
+                   for k, r in found.items())
+    written = write_config(out, q.device, DeviceConfig(copy.deepcopy(q.config.values), base.path),
+                           origin=f"dpllama tune -m {model_path}", note=note)
+    say(f"wrote {written}")
+    return found
+
+
+def main(args) -> None:
+    tune(args.model, args.device, args.config, args.write_config,
+         say=lambda s: print(f"dpllama tune: {s}", file=sys.stderr, flush=True))
