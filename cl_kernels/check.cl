@@ -20,3 +20,13 @@ __kernel void group_sums(__global const float *x, __global float *out, __local f
     const float s = group_sum(x[get_global_id(0)], scratch);
     if (get_local_id(0) == 0) out[get_group_id(0)] = s;
 }
+
+// out[i] = sum of x's i-th contiguous slice of n floats: a kernel that only streams memory, to
+// measure the device's read bandwidth (`dpllama devices --check`, benchmarks/compare.py)
+__kernel void read_sum(__global const float16 *x, __global float *out, const int n16) {
+    __global const float16 *p = x + (size_t)get_global_id(0) * n16;
+    float16 acc = 0.0f;
+    for (int i = 0; i < n16; i++) acc += p[i];
+    out[get_global_id(0)] = acc.s0 + acc.s1 + acc.s2 + acc.s3 + acc.s4 + acc.s5 + acc.s6 + acc.s7
+                          + acc.s8 + acc.s9 + acc.sa + acc.sb + acc.sc + acc.sd + acc.se + acc.sf;
+}

@@ -157,7 +157,8 @@ def check(selector: str | None = None, config: str | None = None) -> dict:
         verify("axpy", yb.get(), want, rtol=1e-5, atol=1e-5)
         verify("group_sums", sums.get(), want.reshape(groups, wg).sum(axis=1, dtype=np.float64),
                rtol=1e-4, atol=1e-4)
-        times = {"axpy_ms": axpy.duration_ns / 1e6, "group_sums_ms": reduce.duration_ns / 1e6}
+        times = {"axpy_ms": axpy.duration_ns / 1e6, "group_sums_ms": reduce.duration_ns / 1e6,
+                 "read_gb_s": read_bandwidth_gb_s(q)}
     except cl.Error as e:
         raise DpllamaError(f"check failed on {q.device}: {e}") from None
     return {"passed": True, "device": str(q.device), "floats": CHECK_N, "work_group": wg,
@@ -165,10 +166,28 @@ def check(selector: str | None = None, config: str | None = None) -> dict:
             "build_s": build_s, **times}
 
 
+def read_bandwidth_gb_s(q, nbytes: int = 1 << 27, slices: int = 256, repeat: int = 5) -> float:
+    """The device's streaming read bandwidth: the best of `repeat` runs of a kernel that sums a buffer
+    far larger than any cache (the roofline for a decode step, which reads every weight once)."""
+    prog = q.program("check.cl")
+    n16 = nbytes // (64 * slices)
+    x = q.buffer(host=np.ones(slices * n16 * 16, np.float32), name="stream")
+    out = q.buffer(4 * slices, name="sums")
+    best = float("inf")
+    for _ in range(repeat):
+        q.wait()
+        t = time.perf_counter()
+        q.submit(prog.read_sum, (slices,), None, x.read(), out.write(), np.int32(n16))
+        q.wait()
+        best = min(best, time.perf_counter() - t)
+    verify("read_sum", out.get(), np.full(slices, 16.0 * n16, np.float32), rtol=0, atol=0)
+    return slices * n16 * 64 / best / 1e9
+
+
 def check_line(r: dict) -> str:
     return (f"check passed: axpy on {r['floats']} floats {r['axpy_ms']:.3f} ms, group_sums in work-groups "
-            f"of {r['work_group']} {r['group_sums_ms']:.3f} ms, check.cl {r['build']} in {r['build_s']:.2f} s, "
-            f"on {r['device']}")
+            f"of {r['work_group']} {r['group_sums_ms']:.3f} ms, read bandwidth {r['read_gb_s']:.1f} GB/s, "
+            f"check.cl {r['build']} in {r['build_s']:.2f} s, on {r['device']}")
 
 
 def run(selector: str | None = None, config: str | None = None, as_json: bool = False,

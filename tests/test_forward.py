@@ -1,0 +1,250 @@
+"""The whole device forward pass (dpllama.model.llama.Llama) against the NumPy reference, token by token and
+in batched prefill chunks, under the shipped config and under others (GPU-like launch geometry on this device);
+the upstream run.c greedy oracle for stories260K; and the sampler."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+
+from dpllama.generate import Sampler, XorShift, generate_ids
+from dpllama.model.llama import Llama
+from dpllama.model.llama2c import load_llama2c
+from dpllama.model.quant import quantize_int4, quantize_q8
+from dpllama.model.reference import Reference
+from dpllama.model.weights import Layer, Tensor, Weights
+from dpllama.runtime import Queue
+from dpllama.runtime.config import dump_config, parse_config
+from tests.helpers import llama2c_dir, random_llama2c
+
+# Awkward shapes: hidden 100 is a multiple of neither 8 nor 32, dim 48 not of 32 or 64, head_dim 8, GQA 3:1.
+SHAPE = dict(dim=48, hidden=100, n_layers=2, n_heads=6, n_kv_heads=2, vocab=97, seq_len=32)
+STEPS = 10
+# Logits: both sides compute the same float32 math (the same dequantized weights) in different summation
+# orders. Each step passes ~12 sums of <= 100 terms (relative error <= ~100 x 6e-8 of their magnitudes,
+# typically ~1e-6) through two layers. Measured: <= 2e-6 of the largest logit (PoCL CPU); 1e-4 of the
+# largest logit leaves headroom and still catches any wrong element, position or scale.
+LOGITS_RTOL = 1e-4
+
+
+# Other configs on the same device (validated by parse_config like a YAML file). Their programs are the ones
+# test_kernels.py builds too, so a cold run compiles little more.
+CONFIGS = {
+    # the GPU configs' geometry: 64 work-items split each row tile's columns (tree reductions), float4 tiles,
+    # 16 work-items per attention head with 4 positions per vector; prompts in chunks of 5
+    "gpu-like": dict(gemv=64, rows_per_group=4, decode_tiles=1, prefill_tokens=4, prefill_chunk=5, attention=16,
+                     attention_positions=4),
+    # the shipped geometry with prompts in chunks of 5, so a prompt spans several chunks and a partial one
+    "chunked": dict(prefill_chunk=5),
+}
+
+
+@pytest.fixture(scope="module")
+def q(queue):
+    return queue
+
+
+def queue_with(base: Queue, work_group: dict) -> Queue:
+    """A queue on `base`'s device whose config is `base`'s with `work_group` values changed."""
+    values = copy.deepcopy(base.config.values)
+    values["work_group"].update(work_group)
+    cfg = parse_config(dump_config(values), "<test config>")
+    q = Queue(base.device, out_of_order=False, build_options=cfg["build_options"])
+    q.config = cfg
+    return q
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def config_q(request, q):
+    return request.param, queue_with(q, CONFIGS[request.param])
+
+
+def int4_weights(w: Weights, group: int, symmetric) -> Weights:
+    """Every matrix of `w` in int4 (`symmetric` True / False, or "mixed": alternating per matrix, so fused
+    launches meet both kinds), the embedding in q8 (group 32); a separate classifier stays separate."""
+    count = iter(range(10 ** 6))
+
+    def quant(t: Tensor) -> Tensor:
+        sym = symmetric if symmetric != "mixed" else next(count) % 2 == 0
+        return quantize_int4(t.dequantize(), group, symmetric=sym)
+
+    layers = [Layer(**{f.name: quant(v) if isinstance(v, Tensor) else v
+                       for f in dataclasses.fields(Layer) for v in [getattr(L, f.name)]}) for L in w.layers]
+    emb = quantize_q8(w.tok_embeddings.dequantize(), 32)
+    return Weights(w.config, emb, layers, w.norm, emb if w.tied else quant(w.output))
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    """A random llama2.c checkpoint with a separate classifier, written and loaded back."""
+    path = tmp_path_factory.mktemp("forward") / "random.bin"
+    random_llama2c(path, **SHAPE, version=0, shared=False, seed=3)
+    return load_llama2c(path)
+
+
+def compare_logits(q, weights: Weights, tokens: list[int], feeds: list[int], what: str) -> None:
+    """Feed `tokens` (all known) in pieces of `feeds` tokens (Llama.feed: batched prefill in chunks, or one
+    token) and compare the logits after every piece, those of its last token, with the reference's."""
+    assert sum(feeds) == len(tokens)
+    model, ref = Llama(weights, q), Reference(weights)
+    model.start(tokens)
+    pos = 0
+    for i, n in enumerate(feeds):
+        if i:
+            model.next_given()                  # on to the next known token
+        model.feed(n)
+        for p in range(pos, pos + n):
+            want = ref.forward(tokens[p], p)
+        pos += n
+        got = model.read_logits()
+        np.testing.assert_allclose(got, want, rtol=0, atol=LOGITS_RTOL * np.abs(want).max(),
+                                   err_msg=f"{what}: logits at position {pos - 1} (feeds {feeds})")
+
+
+VARIANTS = {
+    "f32": lambda w: w,
+    "f32-tied": lambda w: Weights(w.config, w.tok_embeddings, w.layers, w.norm, w.tok_embeddings),
+    "int4-sym-g32": lambda w: int4_weights(w, 32, True),
+    "int4-asym-g64": lambda w: int4_weights(w, 64, False),
+    "int4-mixed-g32-tied": lambda w: int4_weights(
+        Weights(w.config, w.tok_embeddings, w.layers, w.norm, w.tok_embeddings), 32, "mixed"),
+}
+FEEDS = {
+    "decode": [1] * STEPS,                       # one token per forward pass, logits at every position
+    "prefill": [6, 1, 1, 1, 1],                  # a prompt in one batched pass, then decode
+}
+
+
+def random_tokens(n: int, seed: int = 11) -> list[int]:
+    return [1] + np.random.default_rng(seed).integers(0, SHAPE["vocab"], n - 1).tolist()
+
+
+@pytest.mark.parametrize("feeds", FEEDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_reference(q, random_model, variant, feeds):
+    compare_logits(q, VARIANTS[variant](random_model), random_tokens(sum(FEEDS[feeds])), FEEDS[feeds], variant)
+
+
+@pytest.mark.parametrize("variant", ["f32", "int4-sym-g32"])
+def test_logits_match_reference_other_configs(config_q, random_model, variant):
+    """Prompts across several chunks (12 = 5 + 5 + 2), a piece inside one chunk, and decode steps."""
+    name, cq = config_q
+    feeds = [12, 1, 1, 3, 1, 1]
+    compare_logits(cq, VARIANTS[variant](random_model), random_tokens(sum(feeds), 5), feeds, f"{name} {variant}")
+
+
+@pytest.mark.parametrize("variant", ["f32", "int4-asym-g64"])
+def test_greedy_matches_reference_argmax(q, random_model, variant):
+    """Device-side argmax (argmax_next) after a batched prompt follows the reference's logits, near-ties aside."""
+    weights = VARIANTS[variant](random_model)
+    model, ref = Llama(weights, q), Reference(weights)
+    prompt = [1, 5, 17]
+    ids = list(generate_ids(model, prompt, STEPS + 5, Sampler(temperature=0)))
+    seq = prompt[:1] + ids
+    assert seq[:len(prompt)] == prompt and len(seq) == STEPS + 6
+    for pos in range(len(seq) - 1):
+        logits = ref.forward(seq[pos], pos)
+        if pos + 1 < len(prompt):
+            continue
+        best = int(np.argmax(logits))
+        near_tie = logits[best] - logits[seq[pos + 1]] <= LOGITS_RTOL * np.abs(logits).max()
+        assert seq[pos + 1] == best or near_tie, f"{variant}: position {pos} chose {seq[pos + 1]}, reference {best}"
+
+
+# ---------------------------------------------------------------- stories260K and the run.c oracle
+
+def stories_weights() -> Weights:
+    d = llama2c_dir()
+    for name in ("stories260K.bin", "reference_stories260K_greedy_ids.txt",
+                 "reference_stories260K_greedy_noprompt_n256_ids.txt"):
+        if not (d / name).is_file():
+            pytest.skip(f"{d / name} not found (the stories260K oracle files)")
+    return load_llama2c(d / "stories260K.bin")
+
+
+@pytest.fixture(scope="module")
+def stories(q):
+    return Llama(stories_weights(), q)
+
+
+def oracle_ids(name: str) -> list[int]:
+    return [int(t) for t in (llama2c_dir() / name).read_text().split()]
+
+
+def test_stories260K_greedy_with_prompt(stories):
+    """run.c -t 0 -n 128 -i "Once upon a time": BOS + 4 prompt tokens, then 124 greedy tokens."""
+    ids = oracle_ids("reference_stories260K_greedy_ids.txt")
+    assert len(ids) == 129
+    got = list(generate_ids(stories, ids[:5], 128, Sampler(temperature=0)))
+    assert got == ids[1:]
+
+
+def test_stories260K_greedy_with_prompt_gpu_like(q):
+    """The same under the GPU-like geometry, the 5-token prompt in chunks of 5 and then of 1."""
+    ids = oracle_ids("reference_stories260K_greedy_ids.txt")
+    model = Llama(stories_weights(), queue_with(q, CONFIGS["gpu-like"]))
+    assert list(generate_ids(model, ids[:5], 128, Sampler(temperature=0))) == ids[1:]
+
+
+def test_stories260K_greedy_no_prompt(stories):
+    """run.c -t 0 -n 256 with no prompt: BOS, then 256 greedy tokens."""
+    ids = oracle_ids("reference_stories260K_greedy_noprompt_n256_ids.txt")
+    assert len(ids) == 257
+    got = list(generate_ids(stories, [1], 256, Sampler(temperature=0)))
+    assert got == ids[1:]
+
+
+# ---------------------------------------------------------------- the sampler
+
+def xorshift_reference(seed: int, n: int) -> list[int]:
+    """run.c's random_u32, written again in numpy uint64 arithmetic (which wraps like C's)."""
+    s = np.array([seed], np.uint64)
+    out = []
+    for _ in range(n):
+        s ^= s >> np.uint64(12)
+        s ^= s << np.uint64(25)
+        s ^= s >> np.uint64(27)
+        out.append(int((s * np.uint64(0x2545F4914F6CDD1D))[0] >> np.uint64(32)))
+    return out
+
+
+@pytest.mark.parametrize("seed", [42, 1, 2 ** 63 + 12345])
+def test_xorshift_matches_run_c(seed):
+    want = xorshift_reference(seed, 1000)
+    rng = XorShift(seed)
+    assert [rng.u32() for _ in range(1000)] == want
+    rng = XorShift(seed)
+    assert [rng.f32() for _ in range(1000)] == [(u >> 8) / 16777216.0 for u in want]    # random_f32
+
+
+def sample_run(model, sampler: Sampler, steps: int = 64, prompt=(1,)) -> list[int]:
+    return list(generate_ids(model, list(prompt), steps, sampler))
+
+
+def test_seed_reproduces_and_differs(stories):
+    a = sample_run(stories, Sampler(temperature=1.0, top_p=0.9, seed=42))
+    b = sample_run(stories, Sampler(temperature=1.0, top_p=0.9, seed=42))
+    c = sample_run(stories, Sampler(temperature=1.0, top_p=0.9, seed=4242))
+    assert a == b
+    assert a != c
+
+
+def test_top_k_1_is_greedy(stories):
+    greedy = sample_run(stories, Sampler(temperature=0))
+    assert sample_run(stories, Sampler(temperature=1.0, top_k=1, seed=9)) == greedy
+    assert sample_run(stories, Sampler(temperature=0.7, top_k=1, top_p=0.0, seed=10)) == greedy
+
+
+def repeated_ngrams(ids: list[int], n: int = 6) -> int:
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+def test_repeat_penalty_changes_a_repetitive_greedy_run(stories):
+    greedy = sample_run(stories, Sampler(temperature=0), steps=256)
+    assert repeated_ngrams(greedy) > 20           # stories260K's greedy story loops (46 repeated 6-grams)
+    penalized = sample_run(stories, Sampler(temperature=0, repeat_penalty=1.3), steps=256)
+    assert penalized != greedy
+    assert repeated_ngrams(penalized) < repeated_ngrams(greedy)

@@ -1,0 +1,381 @@
+"""Every kernel of gemv.cl and layer.cl against a NumPy reference, over awkward shapes.
+
+The references are computed in float64 from the exact float32 inputs (for quantized formats: from
+`Tensor.dequantize()`, the values the kernels must reproduce, not the unquantized matrix), so the tolerances
+below only have to cover the kernels' own float32 rounding; each says why it is what it is.
+
+Weights go through the library's own layout and binding code (`DeviceTensor`, `fuse_rows`, `Llama._gemv`,
+`rope_table`), exactly as `Llama` uses them, so these tests follow the device layout wherever it goes; the
+activations, caches and outputs are laid out here, with gaps between rows that the kernels must neither read
+(NaN there) nor write (a sentinel there).
+
+Compile cost: on PoCL (2 cores) a gemv.cl program costs ~2.3 s to build, a layer.cl one ~1.1 s, and each
+(kernel, local size) ~0.15 s more at its first launch, after which all is cached on disk; so the grids are kept focused: 26 gemv.cl programs (decode and prefill
+for 9 formats in the CPU geometry, 4 formats in two others) and 4 layer.cl programs.
+"""
+from __future__ import annotations
+
+import types
+import zlib
+
+import numpy as np
+import pytest
+
+from dpllama.model.llama import DeviceTensor, Llama, fuse_rows, rope_table
+from dpllama.model.quant import quantize_int4, quantize_q8
+from dpllama.model.weights import Tensor
+from dpllama.runtime import Local
+
+# ---- tolerances ----
+# float32 sums: in any summation order, the rounding error of a sum is at most (the longest chain of additions)
+# x 2^-24 times the sum of the magnitudes of its terms, whatever their signs. A gemv work-item sums its blocks
+# serially (with L = 1 all cols_p terms), a tree of log2(L) levels joins the work-items, and the scale products
+# add a few roundings: gemv_rtol(cols_p) bounds that, whatever order a device sums in. (Measured errors are a
+# few % of it: rounding errors mostly cancel.) For int4 the kernel sums s*sum(q x) and (-8 s or m)*sum(x)
+# separately and adds them, so the magnitude includes (8|s| + |m|) |x| per element.
+def gemv_rtol(cols_p: int) -> float:
+    return (cols_p + 16) * 2.0 ** -24
+
+
+GEMV_ATOL = 1e-6        # results that cancel to ~0 still carry the rounding of their terms' scale
+# RMSNorm: a sum of n positive squares has relative error <= n 2^-24 (n <= 640 -> 3.8e-5 with L = 1, far less
+# in a tree), halved by the square root, plus rsqrt's 2 ulp and two products.
+NORM_RTOL = 2e-5
+# silu: OpenCL's exp is within 3 ulp; one division and two products on top. Far negative gates give results
+# below float32's normal range (1.2e-38), which underflow or flush to zero.
+SWIGLU_RTOL = 2e-6
+SWIGLU_ATOL = 1e-37
+# RoPE: the (cos, sin) table is made on the host in float32 as run.c does (rope_table): freq = 1/theta^(j/hd)
+# rounds a few times and pos*freq once, so the angle is off by up to ~pos * 4 ulp (2.4e-7 rad per position at
+# freq 1); 2e-6 per position leaves room. The error of a rotated pair is that angle error times the pair's
+# length, plus the rounding of the rotation itself.
+ROPE_ANGLE_ATOL_PER_POS = 2e-6
+ROPE_RTOL = 1e-6
+# attention: each score is a float32 dot of head_dim terms (<= 64 -> 64 x 6e-8 of sum |q k| worst case);
+# exp turns a score error into the same relative error of its weight; the weighted sum of values adds
+# pos + 1 roundings. Relative to max |v|: 2e-5 covers the worst case of the shapes below.
+ATT_ATOL_REL = 2e-5
+# embedding rows are decoded, not summed: exact except that s*q + m may become one fma (-cl-mad-enable).
+EMBED_RTOL = 1e-6
+EPS = 1e-5
+
+# ---- weight formats ----
+FORMATS = {
+    "f32": lambda w: Tensor.f32(w),
+    "q8g32": lambda w: quantize_q8(w, 32),
+    "q8g64": lambda w: quantize_q8(w, 64),
+    "int4g32": lambda w: quantize_int4(w, 32, symmetric=True),
+    "int4g64": lambda w: quantize_int4(w, 64, symmetric=True),
+    "int4g128": lambda w: quantize_int4(w, 128, symmetric=True),
+    "int4asym32": lambda w: quantize_int4(w, 32, symmetric=False),
+    "int4asym64": lambda w: quantize_int4(w, 64, symmetric=False),
+    "int4asym128": lambda w: quantize_int4(w, 128, symmetric=False),
+}
+# (rows, cols): rows not a multiple of any tile height (37: several tiles of 16), cols not a multiple of the
+# groups (or of 8), a single column, and 520 columns = 65 blocks of 8, one more than the largest work-group,
+# so work-items loop over blocks
+SHAPES = [(13, 172), (7, 200), (5, 64), (3, 1), (9, 8), (37, 520)]
+# Launch geometries: (rows per tile, work-items per tile, tiles per work-group in decode, tokens per
+# work-group in prefill, T for prefill). A DeviceTensor builds the decode and the prefill program of its
+# geometry, and both are tested: T = 1 runs the decode program, T > 1 the prefill one, as Llama._gemv
+# chooses. The prefill T is not a multiple of the tokens per work-group (a partial token group), and the row
+# counts of SHAPES leave the last tile group partial.
+GEOMETRIES = {
+    "cpu": (16, 1, 2, 8, 19),       # configs/cpu.yaml
+    "gpu": (4, 64, 1, 4, 6),        # the GPU configs: work-items split the columns, a tree joins them
+    "odd": (8, 8, 3, 3, 5),         # several tiles per work-group and a tree
+}
+# which formats run in which geometry: every format in the CPU one; a few, one per code path, in the others
+# (each (format, geometry) costs two program builds, ~2.3 s each on PoCL when the cache is cold)
+GEOMETRY_FORMATS = {"cpu": list(FORMATS), "gpu": ["q8g32", "int4g32", "int4asym128"], "odd": ["f32"]}
+GEMV_PARAMS = [(fmt, geo, mode) for geo, fmts in GEOMETRY_FORMATS.items() for fmt in fmts
+               for mode in ("decode", "prefill")]
+GEMV_KERNELS = ["gemv_add", "gemv_norm", "gemv_norm_swiglu"]
+
+
+@pytest.fixture(scope="module")
+def q(queue):
+    return queue
+
+
+def layer_program(q, pos_vec: int = 16, hd_vec: int = 8):
+    return q.program("layer.cl", f"POS_VEC={pos_vec}", f"HD_VEC={hd_vec}")
+
+
+def f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def error_scale(t: Tensor, x: np.ndarray) -> np.ndarray:
+    """Per row, the sum of magnitudes of the terms the kernel adds for W x (see gemv_rtol)."""
+    mag = np.abs(t.dequantize()).astype(np.float64)
+    if t.kind == "int4":
+        per_group = 8 * np.abs(t.scales.astype(np.float64))
+        if t.mins is not None:
+            per_group = per_group + np.abs(t.mins.astype(np.float64))
+        mag = mag + np.repeat(per_group, t.group, axis=1)[:, :t.cols]
+    return mag @ np.abs(x.astype(np.float64))
+
+
+def rows_with_gaps(rows: np.ndarray, stride: int, gap_value) -> np.ndarray:
+    """[n, k] -> float32[n * stride]: each row at a multiple of `stride`, `gap_value` between them."""
+    out = np.full((rows.shape[0], stride), gap_value, np.float32)
+    out[:, :rows.shape[1]] = rows
+    return out.ravel()
+
+
+def check_close(got, want, tol, what):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    bad = ~(np.abs(got - want) <= tol)      # NaN (an unwritten output) counts as bad
+    if bad.any():
+        i = np.flatnonzero(bad)
+        raise AssertionError(f"{what}: {bad.sum()}/{bad.size} outside tolerance; first at {i[:8].tolist()}: "
+                             f"got {got.flat[i[:4]].tolist()} expected {want.flat[i[:4]].tolist()} "
+                             f"tol {np.broadcast_to(tol, want.shape).flat[i[:4]].tolist()}")
+
+
+# ---------------------------------------------------------------- gemv.cl
+
+def run_gemv(q, kernel: str, t: Tensor, geometry: str, X: np.ndarray, g=None, Y0=None) -> np.ndarray:
+    """Upload `t` and launch `kernel` over the rows of X [T, cols], bound by Llama._gemv itself; returns
+    Y [T, n_out] (n_out = t.rows, or t.rows / 2 for gemv_norm_swiglu). Rows of x and y lie apart with gaps:
+    NaN in x's (they must not be read), a sentinel in y's (they must not be written)."""
+    rows_per_tile, local, decode_tiles, prefill_tokens, _ = GEOMETRIES[geometry]
+    T = X.shape[0]
+    dt = DeviceTensor(q, t, "w", rows_per_tile, decode_tiles, prefill_tokens)
+    n_out = t.rows // 2 if kernel == "gemv_norm_swiglu" else t.rows
+    x_stride, y_stride = dt.cols_p + 16, n_out + 5
+    xp = np.zeros((T, dt.cols_p), np.float32)
+    xp[:, :t.cols] = X                                    # zero padding up to cols_p, as the contract says
+    xb = q.buffer(host=rows_with_gaps(xp, x_stride, np.nan))
+    sentinel = np.float32(-4242.0)
+    y0 = Y0 if Y0 is not None else np.full((T, n_out), np.nan, np.float32)
+    yb = q.buffer(host=rows_with_gaps(y0, y_stride, sentinel))
+    io = [xb.read()]
+    if g is not None:
+        io.append(q.buffer(host=np.pad(f32(g), (0, dt.cols_p - t.cols))).read())
+    io.append(yb.read_write() if kernel == "gemv_add" else yb.write())
+    model = types.SimpleNamespace(q=q, rows_per_tile=rows_per_tile, gemv_local=local, prefill_tokens=prefill_tokens)
+    q.enqueue(Llama._gemv(model, kernel, dt, T, io, (x_stride, y_stride), None if g is None else EPS))
+    y = yb.get().reshape(T, y_stride)
+    assert (y[:, n_out:] == sentinel).all(), f"{kernel} wrote between the rows of y"
+    return y[:, :n_out]
+
+
+@pytest.mark.parametrize("kernel", GEMV_KERNELS)
+@pytest.mark.parametrize("fmt,geometry,mode", GEMV_PARAMS, ids=["-".join(p) for p in GEMV_PARAMS])
+def test_gemv_kernels(q, fmt, geometry, mode, kernel):
+    rng = np.random.default_rng(zlib.crc32(f"{fmt} {geometry} {mode} {kernel}".encode()))
+    T = 1 if mode == "decode" else GEOMETRIES[geometry][-1]
+    for rows, cols in SHAPES:
+        what = f"{kernel} {fmt} {geometry} {GEOMETRIES[geometry]} T={T} [{rows}x{cols}]"
+        t = FORMATS[fmt](rng.standard_normal((rows, cols)).astype(np.float32))
+        rtol = gemv_rtol(t.cols_padded if t.kind != "f32" else -(-cols // 8) * 8)
+        X = rng.standard_normal((T, cols)).astype(np.float32)
+        if kernel == "gemv_add":
+            Y0 = rng.standard_normal((T, rows)).astype(np.float32)
+            got = run_gemv(q, kernel, t, geometry, X, Y0=Y0)
+            want = X.astype(np.float64) @ t.dequantize().astype(np.float64).T + Y0
+            tol = rtol * (error_scale(t, np.abs(X).T).T + np.abs(Y0)) + GEMV_ATOL
+            check_close(got, want, tol, what)
+            continue
+        g = (1 + 0.5 * rng.standard_normal(cols)).astype(np.float32)
+        X64 = X.astype(np.float64)
+        XN = X64 * g / np.sqrt(np.mean(X64 ** 2, axis=1, keepdims=True) + EPS)   # mean over the real cols
+
+        def normed(t):
+            a = XN @ t.dequantize().astype(np.float64).T
+            return a, rtol * error_scale(t, np.abs(XN).T).T + GEMV_ATOL + NORM_RTOL * np.abs(a)
+        if kernel == "gemv_norm":
+            got = run_gemv(q, kernel, t, geometry, X, g=g)
+            check_close(got, *normed(t), what)
+            continue
+        # gemv_norm_swiglu: t is the gate (w1), up (w3) has the same shape, fused as Llama fuses them
+        up_t = FORMATS[fmt](rng.standard_normal((rows, cols)).astype(np.float32))
+        fused = fuse_rows([t, up_t], GEOMETRIES[geometry][0] // 2)
+        got = run_gemv(q, kernel, fused, geometry, X, g=g)
+        (gate, tol_g), (up, tol_u) = normed(t), normed(up_t)
+        sig = 1 / (1 + np.exp(-gate))
+        want = gate * sig * up
+        dsilu = np.abs(sig * (1 + gate * (1 - sig)))      # |d silu / d gate| <= 1.1
+        tol = dsilu * np.abs(up) * tol_g + np.abs(gate * sig) * tol_u + SWIGLU_RTOL * np.abs(want) + SWIGLU_ATOL
+        check_close(got[:, :rows], want, tol, what)
+        # the zero rows that pad the last tile give silu(0) * 0, into the activation's zero padding
+        assert not got[:, rows:].any(), f"{what}: padding outputs {got[:, rows:]} must be 0"
+
+
+EMBED_PARAMS = [(fmt, geo) for geo in ("cpu", "gpu") for fmt in GEOMETRY_FORMATS[geo]]
+
+
+@pytest.mark.parametrize("fmt,geometry", EMBED_PARAMS, ids=["-".join(p) for p in EMBED_PARAMS])
+def test_embed(q, fmt, geometry):
+    rows_per_tile, _, decode_tiles, prefill_tokens, _ = GEOMETRIES[geometry]
+    rng = np.random.default_rng(7)
+    vocab, T, pos = 23, 3, 2                      # vocab not a multiple of the tile height
+    tokens = np.array([9, 9, 5, 0, vocab - 1, 11], np.int32)
+    for cols in (172, 200, 64, 1, 8, 520):
+        t = FORMATS[fmt](rng.standard_normal((vocab, cols)).astype(np.float32))
+        dt = DeviceTensor(q, t, "emb", rows_per_tile, decode_tiles, prefill_tokens)
+        stride = dt.cols_p + 16
+        xb = q.buffer(host=np.zeros(T * stride, np.float32))
+        q.submit(dt.programs[1].embed, (64, T), (64, 1), *dt.args(), q.buffer(host=tokens).read(),
+                 q.buffer(host=np.array([pos, 1], np.int32)).read(), xb.write(), np.int32(cols),
+                 np.int32(dt.cols_p), np.int32(stride))
+        x = xb.get().reshape(T, stride)
+        want = t.dequantize()[tokens[pos:pos + T]]
+        np.testing.assert_allclose(x[:, :cols], want, rtol=EMBED_RTOL, atol=EMBED_RTOL * np.abs(want).max(),
+                                   err_msg=f"embed {fmt} ROWS={rows_per_tile} cols={cols}")
+        assert not x[:, cols:].any(), f"embed {fmt} cols={cols}: the padding of x must stay zero"
+
+
+# ---------------------------------------------------------------- layer.cl
+
+def rope_reference(x: np.ndarray, pos: int, head_dim: int, theta: float) -> np.ndarray:
+    """Rotate (x[j], x[j+1]), j even, by pos * theta^(-(j % head_dim) / head_dim), in float64."""
+    x = x.astype(np.float64)
+    j = np.arange(0, x.size, 2)
+    angle = pos * float(theta) ** (-(j % head_dim) / head_dim)
+    c, s = np.cos(angle), np.sin(angle)
+    out = np.empty_like(x)
+    out[0::2] = x[0::2] * c - x[1::2] * s
+    out[1::2] = x[0::2] * s + x[1::2] * c
+    return out
+
+
+ROPE_SHAPES = [(6, 2, 8), (4, 4, 64), (1, 1, 8), (3, 1, 6)]   # (n_heads, n_kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("pos", [0, 1, 37])
+@pytest.mark.parametrize("theta", [10000.0, 100000.0])
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim", ROPE_SHAPES)
+def test_rope_store(q, n_heads, n_kv_heads, head_dim, theta, pos, T):
+    """T tokens at positions pos..pos+T-1: q rotated in place, k rotated and v copied into the caches of
+    layer 1 of 2 (keys [kv_dim][seq_p], values [seq_p][kv_dim], layer.cl's header)."""
+    rng = np.random.default_rng(pos + n_heads + T)
+    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    seq_p = 48
+    stride = q_dim + 2 * kv_dim + 16
+    offset = kv_dim * seq_p                       # the second layer's part of the caches
+    qkv = rng.standard_normal((T, q_dim + 2 * kv_dim)).astype(np.float32)
+    sentinel = np.float32(-99)
+    cache0 = np.full(2 * kv_dim * seq_p, sentinel, np.float32)
+    qkvb, kb, vb = q.buffer(host=rows_with_gaps(qkv, stride, 0.0)), q.buffer(host=cache0), q.buffer(host=cache0)
+    q.submit(layer_program(q).rope_store, ((q_dim + kv_dim) // 2, T), None, qkvb.read_write(), kb.read_write(),
+             vb.read_write(), q.buffer(host=np.array([pos, 1], np.int32)).read(),
+             q.buffer(host=rope_table(seq_p, head_dim, theta)).read(), np.int32(q_dim), np.int32(kv_dim),
+             np.int32(head_dim), np.int32(seq_p), np.int32(stride), np.int32(offset))
+    got_q = qkvb.get().reshape(T, stride)[:, :q_dim]
+    K = kb.get()[offset:].reshape(kv_dim, seq_p)
+    V = vb.get()[offset:].reshape(seq_p, kv_dim)
+    for n in range(T):
+        p = pos + n
+        what = f"rope heads={n_heads}/{n_kv_heads} hd={head_dim} theta={theta} token {n} at pos {p}"
+        for name, got, x in (("q", got_q[n], qkv[n, :q_dim]), ("k", K[:, p], qkv[n, q_dim:q_dim + kv_dim])):
+            want = rope_reference(x, p, head_dim, theta)
+            pair_len = np.repeat(np.hypot(x[0::2], x[1::2]), 2)
+            tol = ROPE_ANGLE_ATOL_PER_POS * p * pair_len + ROPE_RTOL * np.abs(want) + 1e-7
+            check_close(got, want, tol, f"{what}: {name}")
+        np.testing.assert_array_equal(V[p], qkv[n, q_dim + kv_dim:], err_msg=f"{what}: v must be stored as is")
+    written = np.zeros(seq_p, bool)
+    written[pos:pos + T] = True
+    assert (K[:, ~written] == sentinel).all() and (V[~written] == sentinel).all(), \
+        "rope_store wrote other positions of the cache"
+    assert (kb.get()[:offset] == sentinel).all() and (vb.get()[:offset] == sentinel).all(), \
+        "rope_store wrote another layer's cache"
+
+
+ATT_SHAPES = [(1, 1, 8), (2, 2, 64), (4, 2, 8), (6, 2, 8), (12, 4, 64), (3, 1, 6)]   # (n_heads, n_kv, hd)
+# (positions per vector, work-items per head); each (POS_VEC, HD_VEC) pair is a build, so POS_VEC 4 runs with
+# head_dim 8 only (HD_VEC 8)
+ATT_GEOMETRIES = [(16, 1), (16, 64), (4, 16)]
+
+
+def pow2_divisor(n: int, limit: int = 16) -> int:
+    v = 1
+    while v < limit and n % (2 * v) == 0:
+        v *= 2
+    return v
+
+
+ATT_PARAMS = [(*shape, pos_vec, local) for shape in ATT_SHAPES for pos_vec, local in ATT_GEOMETRIES
+              if pos_vec == 16 or shape[2] == 8]
+
+
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("pos", [0, 5, 100])
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,pos_vec,local", ATT_PARAMS)
+def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T):
+    """T query tokens at positions pos..pos+T-1 (a prefill chunk when T > 1), token n attending causally to
+    cache positions 0..pos+n of layer 1 of 2; GQA: query head h reads kv head h // (n_heads / n_kv_heads)."""
+    rng = np.random.default_rng(pos * 7 + n_heads + local + T)
+    seq_p = 112                                   # a multiple of every POS_VEC, > 100 + 4
+    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    qkv_stride, out_stride = q_dim + 2 * kv_dim + 16, -(-q_dim // 16) * 16 + 16    # out rows: vector stores
+    offset = kv_dim * seq_p
+    Q = (2 * rng.standard_normal((T, q_dim))).astype(np.float32)        # peaky enough for softmax to matter
+    qkv = np.zeros((T, q_dim + 2 * kv_dim), np.float32)
+    qkv[:, :q_dim] = Q
+    kcache = rng.standard_normal(2 * kv_dim * seq_p).astype(np.float32)     # [layer][kv_dim][seq_p]
+    vcache = rng.standard_normal(2 * seq_p * kv_dim).astype(np.float32)     # [layer][seq_p][kv_dim]
+    sentinel = np.float32(-77)
+    outb = q.buffer(host=rows_with_gaps(np.full((T, q_dim), np.nan, np.float32), out_stride, sentinel))
+    prog = layer_program(q, pos_vec, pow2_divisor(head_dim))
+    q.submit(prog.attention, (n_heads * local, T), (local, 1), q.buffer(host=rows_with_gaps(qkv, qkv_stride, np.nan)).read(),
+             q.buffer(host=kcache).read(), q.buffer(host=vcache).read(), q.buffer(T * n_heads * seq_p * 4).read_write(),
+             outb.write(), q.buffer(host=np.array([pos, 1], np.int32)).read(), np.int32(n_heads),
+             np.int32(n_kv_heads), np.int32(head_dim), np.int32(seq_p), np.int32(qkv_stride), np.int32(out_stride),
+             np.int32(offset), Local(local * 4))
+    out = outb.get().reshape(T, out_stride)
+    assert (out[:, q_dim:] == sentinel).all(), "attention wrote between the rows of out"
+
+    K = kcache[offset:].reshape(kv_dim, seq_p).astype(np.float64)
+    V = vcache[offset:].reshape(seq_p, kv_dim).astype(np.float64)
+    group = n_heads // n_kv_heads
+    want = np.empty((T, q_dim))
+    for n in range(T):
+        p = pos + n
+        for h in range(n_heads):
+            kv = slice((h // group) * head_dim, (h // group + 1) * head_dim)
+            s = Q[n, h * head_dim:(h + 1) * head_dim].astype(np.float64) @ K[kv, :p + 1] / np.sqrt(head_dim)
+            w = np.exp(s - s.max())
+            want[n, h * head_dim:(h + 1) * head_dim] = (w / w.sum()) @ V[:p + 1, kv]
+    check_close(out[:, :q_dim], want, ATT_ATOL_REL * np.abs(V).max(),
+                f"attention heads={n_heads}/{n_kv_heads} hd={head_dim} pos={pos} T={T} POS_VEC={pos_vec} L={local}")
+
+
+@pytest.mark.parametrize("local", [1, 64, 256])
+@pytest.mark.parametrize("n", [1, 5, 97, 1000])
+def test_argmax_next(q, n, local):
+    prog = layer_program(q)
+    rng = np.random.default_rng(n + local)
+    for trial in range(6):
+        logits = rng.standard_normal(n).astype(np.float32)
+        if trial == 1:
+            logits[rng.integers(0, n, max(1, n // 3))] = -np.inf
+        if trial >= 2 and n > 1:               # a tie for the maximum at 2..4 indices
+            ties = rng.choice(n, size=min(n, trial), replace=False)
+            logits[ties] = logits.max() + 1
+        if trial == 5 and n >= 65:             # the smaller index in a later work-item, the larger in item 0
+            logits[:] = 0
+            logits[[64, 5]] = 1
+        expected = int(np.flatnonzero(logits == logits.max())[0])
+        pos, n_prompt = 3, 2 + 3 * (trial % 2)    # odd trials: pos + 1 < n_prompt, a prompt token's slot
+        tokens0 = np.arange(100, 110, dtype=np.int32)
+        tb = q.buffer(host=tokens0)
+        sb = q.buffer(host=np.array([pos, n_prompt], np.int32))
+        q.submit(prog.argmax_next, (local,), (local,), q.buffer(host=logits).read(), tb.read_write(),
+                 sb.read_write(), np.int32(n), Local(local * 4), Local(local * 4))
+        want_tokens = tokens0.copy()
+        if pos + 1 >= n_prompt:
+            want_tokens[pos + 1] = expected
+        np.testing.assert_array_equal(tb.get(np.int32), want_tokens, err_msg=f"n={n} L={local} trial {trial}")
+        np.testing.assert_array_equal(sb.get(np.int32), [pos + 1, n_prompt])
+
+
+def test_advance(q):
+    prog = layer_program(q)
+    sb = q.buffer(host=np.array([7, 3], np.int32))
+    for n in (1, 1, 5):
+        q.submit(prog.advance, (1,), None, sb.read_write(), np.int32(n))
+    np.testing.assert_array_equal(sb.get(np.int32), [14, 3])
