@@ -45,16 +45,18 @@ def dpllama_round(model: Llama, prompt: list[int], n_gen: int) -> dict:
 
 
 def llamacpp_round(llm, prompt: list[int], n_gen: int) -> dict:
-    """The same greedy loop through llama-cpp-python's low-level eval (its `eval_logits` property copies
-    every row of the logits each call, so the last row is read from `scores` directly)."""
+    """The same greedy loop through llama-cpp-python's eval; the last token's logits are read from the
+    context (llama-cpp-python keeps them in `scores` only with logits_all, which computes every row)."""
+    def next_token() -> int:
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = next_token()
     t1 = time.perf_counter()
     for _ in range(n_gen - 1):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = next_token()
     t2 = time.perf_counter()
     return {"prompt_tok_s": len(prompt) / (t1 - t0), "decode_tok_s": (n_gen - 1) / (t2 - t1)}
 
