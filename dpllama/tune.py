@@ -17,10 +17,11 @@ from dpllama.runtime import DeviceConfig, open_queue
 # (work_group key, candidates, phase it speeds up)
 SEARCH = [
     ("rows_per_group", (4, 8, 16), "decode"),
-    ("decode_tiles", (1, 2, 4), "decode"),
+    ("decode_tiles", (1, 2, 4, 8), "decode"),
     ("gemv", (1, 16, 64), "decode"),
     ("attention", (1, 16, 64), "decode"),
-    ("prefill_tokens", (2, 4, 8), "prefill"),
+    ("prefill_tokens", (4, 8, 16), "prefill"),
+    ("prefill_tiles", (1, 4, 16), "prefill"),
     ("prefill_chunk", (32, 64, 128), "prefill"),
 ]
 PROMPT = 128        # prefill measure: tokens per pass

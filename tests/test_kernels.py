@@ -76,14 +76,14 @@ FORMATS = {
 # so work-items loop over blocks
 SHAPES = [(13, 172), (7, 200), (5, 64), (3, 1), (9, 8), (37, 520)]
 # Launch geometries: (rows per tile, work-items per tile, tiles per work-group in decode, tokens per
-# work-group in prefill, T for prefill). A DeviceTensor builds the decode and the prefill program of its
+# work-group in prefill, tiles per work-group in prefill, T for prefill). A DeviceTensor builds the decode and the prefill program of its
 # geometry, and both are tested: T = 1 runs the decode program, T > 1 the prefill one, as Llama._gemv
 # chooses. The prefill T is not a multiple of the tokens per work-group (a partial token group), and the row
 # counts of SHAPES leave the last tile group partial.
 GEOMETRIES = {
-    "cpu": (16, 1, 2, 8, 19),       # configs/cpu.yaml
-    "gpu": (4, 64, 1, 4, 6),        # the GPU configs: work-items split the columns, a tree joins them
-    "odd": (8, 8, 3, 3, 5),         # several tiles per work-group and a tree
+    "cpu": (16, 1, 4, 8, 16, 19),   # configs/cpu.yaml
+    "gpu": (4, 64, 1, 4, 1, 6),     # the GPU configs: work-items split the columns, a tree joins them
+    "odd": (8, 8, 3, 3, 2, 5),      # several tiles per work-group and a tree
 }
 # which formats run in which geometry: every format in the CPU one; a few, one per code path, in the others
 # (each (format, geometry) costs two program builds, ~2.3 s each on PoCL when the cache is cold)
@@ -140,9 +140,9 @@ def run_gemv(q, kernel: str, t: Tensor, geometry: str, X: np.ndarray, g=None, Y0
     """Upload `t` and launch `kernel` over the rows of X [T, cols], bound by Llama._gemv itself; returns
     Y [T, n_out] (n_out = t.rows, or t.rows / 2 for gemv_norm_swiglu). Rows of x and y lie apart with gaps:
     NaN in x's (they must not be read), a sentinel in y's (they must not be written)."""
-    rows_per_tile, local, decode_tiles, prefill_tokens, _ = GEOMETRIES[geometry]
+    rows_per_tile, local, decode_tiles, prefill_tokens, prefill_tiles, _ = GEOMETRIES[geometry]
     T = X.shape[0]
-    dt = DeviceTensor(q, t, "w", rows_per_tile, decode_tiles, prefill_tokens)
+    dt = DeviceTensor(q, t, "w", rows_per_tile, {1: decode_tiles, prefill_tokens: prefill_tiles})
     n_out = t.rows // 2 if kernel == "gemv_norm_swiglu" else t.rows
     x_stride, y_stride = dt.cols_p + 16, n_out + 5
     xp = np.zeros((T, dt.cols_p), np.float32)
@@ -209,13 +209,13 @@ EMBED_PARAMS = [(fmt, geo) for geo in ("cpu", "gpu") for fmt in GEOMETRY_FORMATS
 
 @pytest.mark.parametrize("fmt,geometry", EMBED_PARAMS, ids=["-".join(p) for p in EMBED_PARAMS])
 def test_embed(q, fmt, geometry):
-    rows_per_tile, _, decode_tiles, prefill_tokens, _ = GEOMETRIES[geometry]
+    rows_per_tile, _, decode_tiles, prefill_tokens, prefill_tiles, _ = GEOMETRIES[geometry]
     rng = np.random.default_rng(7)
     vocab, T, pos = 23, 3, 2                      # vocab not a multiple of the tile height
     tokens = np.array([9, 9, 5, 0, vocab - 1, 11], np.int32)
     for cols in (172, 200, 64, 1, 8, 520):
         t = FORMATS[fmt](rng.standard_normal((vocab, cols)).astype(np.float32))
-        dt = DeviceTensor(q, t, "emb", rows_per_tile, decode_tiles, prefill_tokens)
+        dt = DeviceTensor(q, t, "emb", rows_per_tile, {1: decode_tiles, prefill_tokens: prefill_tiles})
         stride = dt.cols_p + 16
         xb = q.buffer(host=np.zeros(T * stride, np.float32))
         q.submit(dt.programs[1].embed, (64, T), (64, 1), *dt.args(), q.buffer(host=tokens).read(),

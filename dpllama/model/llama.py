@@ -93,10 +93,10 @@ def _pow2_divisor(n: int, limit: int = 16) -> int:
 
 class DeviceTensor:
     """A weight matrix on the device in gemv.cl's tiled layout, and the programs that read its format,
-    by tokens per work-group: 1 to decode (`decode_tiles` tiles per work-group), `prefill_tokens` in
-    prefill (one tile per work-group)."""
+    by tokens per work-group: 1 to decode, `prefill_tokens` in prefill; `tiles` maps each to the row
+    tiles a work-group takes."""
 
-    def __init__(self, q: Queue, t: Tensor, name: str, rows_per_tile: int, decode_tiles: int, prefill_tokens: int):
+    def __init__(self, q: Queue, t: Tensor, name: str, rows_per_tile: int, tiles: dict[int, int]):
         data = t.data
         cols_p = -(-t.cols // 8) * 8 if t.kind == "f32" else t.cols_padded
         if t.kind == "f32" and cols_p != t.cols:      # kernels read 8-wide blocks
@@ -108,7 +108,7 @@ class DeviceTensor:
                                  name=f"{name}.{part}") if a is not None
                         else q.buffer(4, name=f"{name}.{part}-unused")
                         for part, a in (("data", data), ("scales", t.scales), ("mins", t.mins))]
-        self.tiles = {1: decode_tiles, prefill_tokens: 1}
+        self.tiles = tiles
         self.programs = {n: q.program("gemv.cl", *_build_defines(t, rows_per_tile, k, n)) for n, k in self.tiles.items()}
 
     def args(self):
@@ -125,7 +125,8 @@ class Llama:
         self.gemv_local = cfg.work_group("gemv")
         self.rows_per_tile = cfg.work_group("rows_per_group")
         self.prefill_tokens = cfg.work_group("prefill_tokens")
-        self.decode_tiles = cfg.work_group("decode_tiles")
+        # tokens per work-group -> row tiles per work-group, for decode and for prefill
+        self.tiles = {1: cfg.work_group("decode_tiles"), self.prefill_tokens: cfg.work_group("prefill_tiles")}
         self.chunk = max(1, min(cfg.work_group("prefill_chunk"), self.seq_len))
         self.att_local = cfg.work_group("attention")
         pos_vec = cfg.work_group("attention_positions")     # the config checked these values
@@ -138,7 +139,7 @@ class Llama:
         self.dim_p, self.qkv_p, self.q_p, self.hidden_p = pad(dim), pad(q_dim + 2 * kv_dim), pad(q_dim), pad(c.hidden_dim)
 
         def upload(t: Tensor, name: str) -> DeviceTensor:
-            return DeviceTensor(q, t, name, self.rows_per_tile, self.decode_tiles, self.prefill_tokens)
+            return DeviceTensor(q, t, name, self.rows_per_tile, self.tiles)
 
         def norm_weight(w: np.ndarray):
             return q.buffer(host=np.pad(w.astype(np.float32), (0, self.dim_p - dim)))

@@ -41,7 +41,8 @@ SCHEMA = {
         "attention": (int, 64),     # threads per head and token in attention
         "attention_positions": (int, 16),  # positions per vector in attention scores (2, 4, 8 or 16)
         "decode_tiles": (int, 1),   # row tiles per work-group when decoding (they share the input's preparation)
-        "prefill_tokens": (int, 8),  # prompt tokens per work-group in prefill matrix kernels
+        "prefill_tokens": (int, 8),
+        "prefill_tiles": (int, 1),  # row tiles per work-group in prefill  # prompt tokens per work-group in prefill matrix kernels
         "prefill_chunk": (int, 64),  # prompt tokens per forward pass in prefill
     },
     "memory": {
@@ -116,7 +117,7 @@ def parse_config(text: str, path: str = "<string>") -> DeviceConfig:
         if "," in v:    # the match becomes a comma-separated selector; AMD's vendor string has a comma
             raise DpllamaError(f"{path}: key 'match.{k}' must not contain ',' (values match as substrings, "
                                f"{v.split(',')[0].strip()!r} is enough), found {v!r}")
-    for k in ("gemv", "norm", "attention", "attention_positions", "decode_tiles", "prefill_tokens", "prefill_chunk",
+    for k in ("gemv", "norm", "attention", "attention_positions", "decode_tiles", "prefill_tokens", "prefill_tiles", "prefill_chunk",
               "rows_per_group"):
         if values["work_group"][k] == 0:
             raise DpllamaError(f"{path}: key 'work_group.{k}' must be a positive integer, found 0")
@@ -124,6 +125,9 @@ def parse_config(text: str, path: str = "<string>") -> DeviceConfig:
         n = values["work_group"][k]
         if n & (n - 1):
             raise DpllamaError(f"{path}: key 'work_group.{k}' must be a power of two, found {n}")
+    if values["work_group"]["prefill_tokens"] < 2:     # 1 token per work-group is the decode build
+        raise DpllamaError(f"{path}: key 'work_group.prefill_tokens' must be at least 2, "
+                           f"found {values['work_group']['prefill_tokens']}")
     for k in ("rows_per_group", "attention_positions"):     # lanes of an OpenCL vector type
         n = values["work_group"][k]
         if n not in VECTOR_WIDTHS:
