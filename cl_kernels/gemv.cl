@@ -47,6 +47,10 @@ inline floatV half_bits_to_float(const ushortV h) {
     return as_floatV(((u & 0x8000) << 16) | select(normal, (uintV)(0), e == 0));
 }
 
+inline float sum8(const float8 v) {
+    return (v.s0 + v.s1) + (v.s2 + v.s3) + (v.s4 + v.s5) + (v.s6 + v.s7);
+}
+
 // acc[n] += the V rows of tile t dotted with block b of token n's input, xin[n][BLOCK] (n < TOKENS);
 // sx[n] = sum of that block of token n's input. Each weight is loaded and decoded once for all tokens.
 inline void block_dot(WEIGHT_ARGS, const int t, const int b, const int cols_p, __private const float *xin,
@@ -124,20 +128,26 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
     const int lid = get_local_id(0), L = get_local_size(0);
     const int t0 = get_group_id(0) * TILES, tiles = min(TILES, (rows + ROWS - 1) / ROWS - t0);
     const int tok0 = get_group_id(1) * TOKENS;
-    float ss[TOKENS], sx[TOKENS], xin[TOKENS * BLOCK];
+    float ss[TOKENS], sx[TOKENS];
+    float8 xin8[TOKENS * BLOCK / 8];        // float8-aligned storage for the prepared blocks
+    __private float *xin = (__private float *)xin8;
     for (int n = 0; n < TOKENS; n++) ss[n] = 0.0f;
     for (int i = 0; i < TILES * TOKENS; i++) acc[i] = 0.0f;
     for (int b = lid; b < cols_p / BLOCK; b += L) {
         for (int n = 0; n < TOKENS; n++) {    // this block of every token's input, loaded once for all rows
-            __global const float *xr = x + (size_t)(tok0 + n) * x_stride + BLOCK * b;
+            __global const float8 *xr = (__global const float8 *)(x + (size_t)(tok0 + n) * x_stride + BLOCK * b);
+            __global const float8 *gb = (__global const float8 *)(g + BLOCK * b);
             const int live = tok0 + n < T;
-            sx[n] = 0.0f;
-            for (int k = 0; k < BLOCK; k++) {
-                const float v = live ? xr[k] : 0.0f;
-                ss[n] += v * v;
-                xin[n * BLOCK + k] = norm ? v * g[BLOCK * b + k] : v;
-                sx[n] += xin[n * BLOCK + k];
+            float8 sq = 0.0f, sum = 0.0f;     // 8 lanes at a time: this is per-row-group scalar work otherwise
+            for (int c = 0; c < BLOCK / 8; c++) {
+                const float8 v = live ? xr[c] : (float8)(0.0f);
+                sq += v * v;
+                const float8 xv = norm ? v * gb[c] : v;
+                *(__private float8 *)(xin + n * BLOCK + 8 * c) = xv;
+                sum += xv;
             }
+            ss[n] += sum8(sq);
+            sx[n] = sum8(sum);
         }
         for (int tt = 0; tt < tiles; tt++) block_dot(w_, s_, m_, t0 + tt, b, cols_p, xin, sx, acc + tt * TOKENS);
     }
