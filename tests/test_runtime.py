@@ -191,3 +191,12 @@ def test_model_code_needs_no_pyopencl(repo_root):
     assert files
     uses = [f.name for f in files if re.search(r"^\s*(import|from)\s+pyopencl", f.read_text(), re.M)]
     assert uses == []
+
+
+def test_buffer_larger_than_the_allocation_limit_is_refused(queue, monkeypatch):
+    """memory.max_alloc_mb caps every buffer, with an error that says which and what to do."""
+    monkeypatch.setitem(queue.config.values["memory"], "max_alloc_mb", 1)
+    assert queue.max_alloc == 1 << 20
+    queue.buffer(1 << 20, name="fits")
+    with pytest.raises(DpllamaError, match=r"buffer k_cache needs 2\.0 MiB, more than the 1 MiB .*--ctx"):
+        queue.buffer(2 << 20, name="k_cache")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyopencl as cl
 
+from dpllama.errors import DpllamaError
 from dpllama.runtime.config import DeviceConfig, defaults
 from dpllama.runtime.device import Device
 from dpllama.runtime import program
@@ -186,7 +187,19 @@ class Queue:
             self.programs[key] = program.build(self.context, self.device, file, opts)
         return self.programs[key]
 
+    @property
+    def max_alloc(self) -> int:
+        """The largest buffer to allocate: the config's memory.max_alloc_mb, else the driver's limit."""
+        mb = self.config["memory"]["max_alloc_mb"]
+        return mb << 20 if mb else self.device.cl_device.max_mem_alloc_size
+
     def buffer(self, nbytes: int = 0, host: np.ndarray | None = None, name: str = "") -> Buffer:
+        size = host.nbytes if host is not None else nbytes
+        if size > self.max_alloc:
+            raise DpllamaError(f"buffer {name or '(unnamed)'} needs {size / 2**20:.1f} MiB, more than the "
+                               f"{self.max_alloc / 2**20:.0f} MiB one allocation may take on {self.device} "
+                               f"(memory.max_alloc_mb, or the driver's limit); a smaller context (--ctx) "
+                               f"shrinks the KV cache")
         return Buffer(self, nbytes, host, name)
 
     def command(self, kernel: "KernelRef", global_size, local_size, *args) -> Command:
