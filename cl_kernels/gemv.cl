@@ -227,6 +227,51 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
     }
 }
 
+// [q; k; v] = [Wq; Wk; Wv] rmsnorm(x, g), then RoPE on q and k at each token's position pos + n
+// (adjacent pairs (x[2i], x[2i+1]) of every head turned by pos * theta^(-2i/head_dim), llama2.c's and
+// llama.cpp's rotation; rope holds (cos, sin) of those angles [seq][head_dim / 2], made on the host).
+// q goes to y; k and v go straight into this layer's KV cache (layout in layer.cl's header): QKV, RoPE
+// and the cache append in one launch. ROWS is even and tiles start at multiples of ROWS, so a pair
+// never straddles two tiles.
+__kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
+                                GEMV_ARGS, const float eps, __global float *k_cache, __global float *v_cache,
+                                __global const int *state, __global const float *rope, const int q_dim,
+                                const int kv_dim, const int head_dim, const int seq_p, const int cache_offset,
+                                GEMV_SCRATCH) {
+    floatV acc[TILES * TOKENS];
+    tile_rows(w_, s_, m_, x, g, 1, rows, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
+    const int tok0 = get_group_id(1) * TOKENS;
+    if (get_local_id(0) != 0) return;
+    for (int tt = 0; tt < TILES; tt++) {
+        const int first = (get_group_id(0) * TILES + tt) * ROWS;
+        for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
+            const int pos = state[0] + tok0 + n;
+            for (int i = 0; i < ROWS && first + i < rows; i += 2) {
+                const int r = first + i;
+                float a = ((const float *)&acc[tt * TOKENS + n])[i], b = ((const float *)&acc[tt * TOKENS + n])[i + 1];
+                if (r < q_dim + kv_dim) {                       // q or k: rotate the pair
+                    __global const float *cs = rope + (size_t)pos * head_dim + (r < q_dim ? r : r - q_dim) % head_dim;
+                    const float ra = a * cs[0] - b * cs[1];
+                    b = a * cs[1] + b * cs[0];
+                    a = ra;
+                }
+                if (r < q_dim) {
+                    y[(size_t)(tok0 + n) * y_stride + r] = a;
+                    y[(size_t)(tok0 + n) * y_stride + r + 1] = b;
+                } else if (r < q_dim + kv_dim) {
+                    __global float *kc = k_cache + cache_offset + (size_t)(r - q_dim) * seq_p + pos;
+                    kc[0] = a;
+                    kc[seq_p] = b;
+                } else {
+                    __global float *vc = v_cache + cache_offset + (size_t)pos * kv_dim + (r - q_dim - kv_dim);
+                    vc[0] = a;
+                    vc[1] = b;
+                }
+            }
+        }
+    }
+}
+
 // x[n] = row tokens[pos + n] of the embedding table, dequantized (state = {pos, ...}); global (any, T)
 __kernel void embed(WEIGHT_ARGS, __global const int *tokens, __global const int *state, __global float *x,
                     const int cols, const int cols_p, const int x_stride) {

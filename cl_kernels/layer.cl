@@ -10,50 +10,20 @@
 
 // KV cache layout, per layer: keys [kv_dim][seq_p] (each channel's positions side by side, so one
 // vector load gives a channel of POS_VEC positions), values [seq_p][kv_dim] (each position's channels
-// side by side). seq_p is seq_len rounded up to POS_VEC.
-
-// Rotate adjacent pairs (x[2i], x[2i+1]) of every head by pos * theta^(-2i/head_dim) (llama2.c's and
-// llama.cpp's rotation), then store k and v at `pos` in this layer's cache. rope holds (cos, sin) of
-// those angles, [seq_len][head_dim / 2], made on the host once: sin, cos and pow are calls that cost
-// more than everything else here. qkv rows = [q (q_dim) | k (kv_dim) | v (kv_dim)], qkv_stride apart;
-// q is rotated in place. Global (q_dim/2 + kv_dim/2, T): one work-item per pair, token pos + n.
-__kernel void rope_store(__global float *qkv, __global float *k_cache, __global float *v_cache,
-                         __global const int *state, __global const float *rope, const int q_dim,
-                         const int kv_dim, const int head_dim, const int seq_p, const int qkv_stride,
-                         const int cache_offset) {
-    const int i = get_global_id(0), n = get_global_id(1), pos = state[0] + n;
-    const int is_q = i < q_dim / 2;
-    const int j = is_q ? 2 * i : 2 * i - q_dim;          // element index within q or k
-    if (!is_q && j >= kv_dim) return;
-    __global const float *cs = rope + (size_t)pos * head_dim + (j % head_dim);
-    const float c = cs[0], s = cs[1];
-    __global float *v = qkv + (size_t)n * qkv_stride + (is_q ? j : q_dim + j);
-    const float a = v[0], b = v[1];
-    if (is_q) {
-        v[0] = a * c - b * s;
-        v[1] = a * s + b * c;
-    } else {
-        __global float *kc = k_cache + cache_offset + (size_t)j * seq_p + pos;
-        __global float *vc = v_cache + cache_offset + (size_t)pos * kv_dim + j;
-        kc[0] = a * c - b * s;
-        kc[seq_p] = a * s + b * c;
-        vc[0] = v[kv_dim];
-        vc[1] = v[kv_dim + 1];
-    }
-}
+// side by side). seq_p is seq_len rounded up to POS_VEC. gemv.cl's gemv_norm_rope_kv fills it.
 
 // Attention for query head h = group 0 of token n = group 1, at position state[0] + n, over cache
 // positions 0..pos (causal). Query head h reads key/value head h / (n_heads / n_kv_heads) (grouped-
 // query attention). att is scratch [T][n_heads][seq_p] for the scores. The L threads of a group
 // split the positions for the scores and the head dimensions for the weighted sum of values.
-__kernel void attention(__global const float *qkv, __global const float *k_cache, __global const float *v_cache,
+__kernel void attention(__global const float *query, __global const float *k_cache, __global const float *v_cache,
                         __global float *att, __global float *out, __global const int *state,
                         const int n_heads, const int n_kv_heads, const int head_dim, const int seq_p,
-                        const int qkv_stride, const int out_stride, const int cache_offset,
+                        const int q_stride, const int out_stride, const int cache_offset,
                         __local float *scratch) {
     const int h = get_group_id(0), n = get_group_id(1), lid = get_local_id(0), L = get_local_size(0);
     const int pos = state[0] + n, kv_dim = n_kv_heads * head_dim, kvh = h / (n_heads / n_kv_heads);
-    __global const float *q = qkv + (size_t)n * qkv_stride + h * head_dim;
+    __global const float *q = query + (size_t)n * q_stride + h * head_dim;
     __global const float *kh = k_cache + cache_offset + (size_t)kvh * head_dim * seq_p;
     __global const float *vh = v_cache + cache_offset + kvh * head_dim;
     __global float *a = att + ((size_t)n * n_heads + h) * seq_p;

@@ -245,44 +245,62 @@ def rope_reference(x: np.ndarray, pos: int, head_dim: int, theta: float) -> np.n
 ROPE_SHAPES = [(6, 2, 8), (4, 4, 64), (1, 1, 8), (3, 1, 6)]   # (n_heads, n_kv_heads, head_dim)
 
 
+@pytest.mark.parametrize("geometry", ["cpu", "gpu"])
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("pos", [0, 1, 37])
 @pytest.mark.parametrize("theta", [10000.0, 100000.0])
 @pytest.mark.parametrize("n_heads,n_kv_heads,head_dim", ROPE_SHAPES)
-def test_rope_store(q, n_heads, n_kv_heads, head_dim, theta, pos, T):
-    """T tokens at positions pos..pos+T-1: q rotated in place, k rotated and v copied into the caches of
-    layer 1 of 2 (keys [kv_dim][seq_p], values [seq_p][kv_dim], layer.cl's header)."""
+def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geometry):
+    """T tokens at positions pos..pos+T-1 through the fused QKV projection: q rotated into y, k rotated
+    and v stored as they are into layer 1 of 2 of the caches (keys [kv_dim][seq_p], values [seq_p][kv_dim],
+    layer.cl's header). The weight is the identity, so the projection is rmsnorm(x) (covered with real
+    weights by test_gemv_kernels) and every difference is the rotation's or the storing's."""
     rng = np.random.default_rng(pos + n_heads + T)
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    rows = q_dim + 2 * kv_dim
     seq_p = 48
-    stride = q_dim + 2 * kv_dim + 16
     offset = kv_dim * seq_p                       # the second layer's part of the caches
-    qkv = rng.standard_normal((T, q_dim + 2 * kv_dim)).astype(np.float32)
+    rows_per_tile, local, decode_tiles, prefill_tokens, prefill_tiles, _ = GEOMETRIES[geometry]
+    dt = DeviceTensor(q, Tensor.f32(np.eye(rows, dtype=np.float32)), "wqkv", rows_per_tile,
+                      {1: decode_tiles, prefill_tokens: prefill_tiles})
+    X = rng.standard_normal((T, rows)).astype(np.float32)
+    x_stride, y_stride = dt.cols_p + 16, q_dim + 5
+    xp = np.zeros((T, dt.cols_p), np.float32)
+    xp[:, :rows] = X
     sentinel = np.float32(-99)
+    xb = q.buffer(host=rows_with_gaps(xp, x_stride, np.nan))
+    yb = q.buffer(host=np.full(T * y_stride, sentinel, np.float32))
     cache0 = np.full(2 * kv_dim * seq_p, sentinel, np.float32)
-    qkvb, kb, vb = q.buffer(host=rows_with_gaps(qkv, stride, 0.0)), q.buffer(host=cache0), q.buffer(host=cache0)
-    q.submit(layer_program(q).rope_store, ((q_dim + kv_dim) // 2, T), None, qkvb.read_write(), kb.read_write(),
-             vb.read_write(), q.buffer(host=np.array([pos, 1], np.int32)).read(),
-             q.buffer(host=rope_table(seq_p, head_dim, theta)).read(), np.int32(q_dim), np.int32(kv_dim),
-             np.int32(head_dim), np.int32(seq_p), np.int32(stride), np.int32(offset))
-    got_q = qkvb.get().reshape(T, stride)[:, :q_dim]
+    kb, vb = q.buffer(host=cache0), q.buffer(host=cache0)
+    model = types.SimpleNamespace(q=q, rows_per_tile=rows_per_tile, gemv_local=local, prefill_tokens=prefill_tokens)
+    q.enqueue(Llama._gemv(model, "gemv_norm_rope_kv", dt, T,
+                          [xb.read(), q.buffer(host=np.ones(dt.cols_p, np.float32)).read(), yb.write()],
+                          (x_stride, y_stride), EPS,
+                          (kb.read_write(), vb.read_write(), q.buffer(host=np.array([pos, 1], np.int32)).read(),
+                           q.buffer(host=rope_table(seq_p, head_dim, theta)).read(), np.int32(q_dim),
+                           np.int32(kv_dim), np.int32(head_dim), np.int32(seq_p), np.int32(offset))))
+    Y = yb.get().reshape(T, y_stride)
+    assert (Y[:, q_dim:] == sentinel).all(), "wrote beyond q in y"
     K = kb.get()[offset:].reshape(kv_dim, seq_p)
     V = vb.get()[offset:].reshape(seq_p, kv_dim)
     for n in range(T):
         p = pos + n
-        what = f"rope heads={n_heads}/{n_kv_heads} hd={head_dim} theta={theta} token {n} at pos {p}"
-        for name, got, x in (("q", got_q[n], qkv[n, :q_dim]), ("k", K[:, p], qkv[n, q_dim:q_dim + kv_dim])):
-            want = rope_reference(x, p, head_dim, theta)
-            pair_len = np.repeat(np.hypot(x[0::2], x[1::2]), 2)
-            tol = ROPE_ANGLE_ATOL_PER_POS * p * pair_len + ROPE_RTOL * np.abs(want) + 1e-7
+        what = f"rope {geometry} heads={n_heads}/{n_kv_heads} hd={head_dim} theta={theta} token {n} at pos {p}"
+        x = X[n].astype(np.float64)
+        normed = x / np.sqrt(np.mean(x * x) + EPS)
+        for name, got, part in (("q", Y[n, :q_dim], normed[:q_dim]), ("k", K[:, p], normed[q_dim:q_dim + kv_dim])):
+            want = rope_reference(part, p, head_dim, theta)
+            pair_len = np.repeat(np.hypot(part[0::2], part[1::2]), 2)
+            tol = ROPE_ANGLE_ATOL_PER_POS * p * pair_len + (ROPE_RTOL + NORM_RTOL) * np.abs(pair_len) + 1e-7
             check_close(got, want, tol, f"{what}: {name}")
-        np.testing.assert_array_equal(V[p], qkv[n, q_dim + kv_dim:], err_msg=f"{what}: v must be stored as is")
+        check_close(V[p], normed[q_dim + kv_dim:], NORM_RTOL * np.abs(normed[q_dim + kv_dim:]) + 1e-7,
+                    f"{what}: v must be stored as it is")
     written = np.zeros(seq_p, bool)
     written[pos:pos + T] = True
     assert (K[:, ~written] == sentinel).all() and (V[~written] == sentinel).all(), \
-        "rope_store wrote other positions of the cache"
+        "gemv_norm_rope_kv wrote other positions of the cache"
     assert (kb.get()[:offset] == sentinel).all() and (vb.get()[:offset] == sentinel).all(), \
-        "rope_store wrote another layer's cache"
+        "gemv_norm_rope_kv wrote another layer's cache"
 
 
 ATT_SHAPES = [(1, 1, 8), (2, 2, 64), (4, 2, 8), (6, 2, 8), (12, 4, 64), (3, 1, 6)]   # (n_heads, n_kv, hd)

@@ -6,9 +6,9 @@ decode, up to `chunk` prompt tokens in prefill) is a fixed list of bound kernel 
 recorded once per T and replayed; kernels read the position from the `state` buffer, so nothing is
 re-bound and only a sampled id crosses to the host.
 
-A forward pass, per layer (6 launches, each over all T tokens):
-    qkv  = [Wq; Wk; Wv] rmsnorm(x, attn_norm)      gemv_norm         (RMSNorm fused)
-    q, k = rope(q, k); cache[pos] = k, v            rope_store
+A forward pass, per layer (5 launches, each over all T tokens):
+    q, k, v = [Wq; Wk; Wv] rmsnorm(x, attn_norm)   gemv_norm_rope_kv (RMSNorm fused; RoPE applied and k, v
+              q, k = rope(q, k); cache[pos] = k, v                    written to the KV cache in the same pass)
     o    = attention(q, cache[0..pos])              attention         (causal; a work-group per head and token)
     x   += Wo o                                     gemv_add          (residual fused)
     h    = silu(W1 n) * (W3 n), n = rmsnorm(x)      gemv_norm_swiglu  (W1/W3 row blocks alternate)
@@ -136,7 +136,7 @@ class Llama:
         groups = {t.group for _, t in weights.matrices() if t.group}
         # activation rows are padded like weight columns (zeros), and to 16 floats for vector access
         pad = lambda n: max(-(-n // m) * m for m in [16, *groups])  # noqa: E731
-        self.dim_p, self.qkv_p, self.q_p, self.hidden_p = pad(dim), pad(q_dim + 2 * kv_dim), pad(q_dim), pad(c.hidden_dim)
+        self.dim_p, self.q_p, self.hidden_p = pad(dim), pad(q_dim), pad(c.hidden_dim)
 
         def upload(t: Tensor, name: str) -> DeviceTensor:
             return DeviceTensor(q, t, name, self.rows_per_tile, self.tiles)
@@ -165,7 +165,7 @@ class Llama:
         # ---- state: activations for up to `chunk` tokens (decode uses row 0), KV cache, tokens, position ----
         n = self.chunk
         self.x = zeros(n * self.dim_p, "x")                      # residual stream [chunk, dim]
-        self.qkv = zeros(n * self.qkv_p, "qkv")                  # [chunk, q | k | v]
+        self.query = zeros(n * self.q_p, "query")                # [chunk, q_dim] (k and v go to the cache)
         self.att_out = zeros(n * self.q_p, "att_out")            # attention output [chunk, q_dim]
         self.h = zeros(n * self.hidden_p, "h")                   # SwiGLU output [chunk, hidden]
         self.logits = zeros(c.vocab_size, "logits")              # [vocab], of the last token fed
@@ -190,13 +190,14 @@ class Llama:
         per_layer = sum(t.nbytes for L in self.layers for t in (L["wqkv"], L["wo"], L["w13"], L["w2"]))
         return per_layer + self.output.nbytes
 
-    def _gemv(self, kernel: str, t: DeviceTensor, T: int, io: list, strides: tuple, eps=None):
-        """Bind one matrix launch over T input rows; io: x, (norm weight), y as the kernel takes them."""
+    def _gemv(self, kernel: str, t: DeviceTensor, T: int, io: list, strides: tuple, eps=None, extra=()):
+        """Bind one matrix launch over T input rows; io: x, (norm weight), y as the kernel takes them;
+        extra: the arguments a fused kernel takes after eps."""
         tokens = 1 if T == 1 else self.prefill_tokens
         tiles = t.tiles[tokens]
         L = self.gemv_local
         groups = -(-t.rows // (self.rows_per_tile * tiles))
-        tail = [] if eps is None else [np.float32(eps)]
+        tail = ([] if eps is None else [np.float32(eps)]) + list(extra)
         return self.q.command(getattr(t.programs[tokens], kernel), (groups * L, -(-T // tokens)), (L, 1),
                               *t.args(), *io, np.int32(t.rows), np.int32(t.cols), np.int32(t.cols_p),
                               np.int32(T), np.int32(strides[0]), np.int32(strides[1]), *tail,
@@ -217,16 +218,14 @@ class Llama:
         for i, L in enumerate(self.layers):
             off = np.int32(i * self.seq_p * kv_dim)
             cmds += [
-                self._gemv("gemv_norm", L["wqkv"], T, [self.x.read(), L["attn_norm"].read(), self.qkv.write()],
-                           (self.dim_p, self.qkv_p), eps),
-                q.command(lp.rope_store, ((q_dim + kv_dim) // 2, T), None, self.qkv.read_write(),
-                          self.k_cache.read_write(), self.v_cache.read_write(), self.state.read(), self.rope.read(),
-                          np.int32(q_dim), np.int32(kv_dim), np.int32(c.head_dim), np.int32(self.seq_p),
-                          np.int32(self.qkv_p), off),
-                q.command(lp.attention, (c.n_heads * A, T), (A, 1), self.qkv.read(), self.k_cache.read(),
+                self._gemv("gemv_norm_rope_kv", L["wqkv"], T, [self.x.read(), L["attn_norm"].read(), self.query.write()],
+                           (self.dim_p, self.q_p), eps,
+                           (self.k_cache.read_write(), self.v_cache.read_write(), self.state.read(), self.rope.read(),
+                            np.int32(q_dim), np.int32(kv_dim), np.int32(c.head_dim), np.int32(self.seq_p), off)),
+                q.command(lp.attention, (c.n_heads * A, T), (A, 1), self.query.read(), self.k_cache.read(),
                           self.v_cache.read(), self.att.read_write(), self.att_out.write(), self.state.read(),
                           np.int32(c.n_heads), np.int32(c.n_kv_heads), np.int32(c.head_dim), np.int32(self.seq_p),
-                          np.int32(self.qkv_p), np.int32(self.q_p), off, Local(A * 4)),
+                          np.int32(self.q_p), np.int32(self.q_p), off, Local(A * 4)),
                 self._gemv("gemv_add", L["wo"], T, [self.att_out.read(), self.x.read_write()], (self.q_p, self.dim_p)),
                 self._gemv("gemv_norm_swiglu", L["w13"], T, [self.x.read(), L["ffn_norm"].read(), self.h.write()],
                            (self.dim_p, self.hidden_p), eps),
