@@ -4,13 +4,15 @@ Reports prompt-processing tok/s (`--prompt` tokens, 512 by default), decode tok/
 tokens (128), ms per token, GB/s of weight bytes read per decoded token, kernel launches per token,
 first-token latency, and model load + kernel build time with an empty kernel cache (cold) and with
 the cache filled (cached). `--repeat N` gives the median and the spread; `--profile` adds kernel time
-by kernel from profiling events. Speed is only ever compared within one run: the machine is noisy.
+by kernel from profiling events, for decode. Speed is only ever compared within one run: the machine
+is noisy.
 """
 from __future__ import annotations
 
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,17 +34,17 @@ def _load(path, device, config, max_seq, profiling=False):
 
 
 def _cold_load_s(path, device, config, max_seq) -> float:
-    """Seconds to load and build with dpllama's kernel cache empty (a fresh $DPLLAMA_HOME)."""
-    old = os.environ.get("DPLLAMA_HOME")
+    """Seconds to load and build in a fresh process with every kernel cache empty: dpllama's
+    ($DPLLAMA_HOME) and the OpenCL driver's own (PoCL's POCL_CACHE_DIR), which a process reads once."""
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["DPLLAMA_HOME"] = tmp
-        try:
-            return _load(path, device, config, max_seq)[1]
-        finally:
-            if old is None:
-                del os.environ["DPLLAMA_HOME"]
-            else:
-                os.environ["DPLLAMA_HOME"] = old
+        env = dict(os.environ, DPLLAMA_HOME=tmp, POCL_CACHE_DIR=tmp)
+        code = ("import sys, json; from dpllama.bench import _load; "
+                "print(json.dumps(_load(sys.argv[1], *json.loads(sys.argv[2]))[1]))")
+        r = subprocess.run([sys.executable, "-c", code, str(path), json.dumps([device, config, max_seq])],
+                           env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise DpllamaError(f"cold load of {path} failed: {r.stderr.strip().splitlines()[-1]}")
+        return float(r.stdout)
 
 
 def run_once(model, n_prompt: int, n_gen: int, rng: np.random.Generator) -> dict:
@@ -54,6 +56,8 @@ def run_once(model, n_prompt: int, n_gen: int, rng: np.random.Generator) -> dict
     model.feed(n_prompt)             # batched prefill
     model.next_greedy()              # the first generated token
     t1 = time.perf_counter()
+    if model.q.profiling:
+        model.q.profile()            # the kernel profile is the decode's
     prompt_launches = model.q.launches - launches
     for _ in range(n_gen - 1):
         model.step()
