@@ -9,7 +9,7 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
-from dpllama.model.gguf import GGUF_LAYER_NAMES
+from dpllama.model.gguf import GGUF_LAYER_NAMES, add_hyperparameters
 from dpllama.model.llama2c import write_llama2c
 from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights, layer_shapes
 
@@ -101,14 +101,7 @@ def write_test_gguf(path, weights: Weights, types=None, arch="llama", drop=(), e
                 value.dequantize() if isinstance(value, Tensor) else value)
     arrays.update(extra or {})
     w = GGUFWriter(path, arch)
-    w.add_context_length(c.seq_len)
-    w.add_embedding_length(c.dim)
-    w.add_feed_forward_length(c.hidden_dim)
-    w.add_block_count(c.n_layers)
-    w.add_head_count(c.n_heads)
-    w.add_head_count_kv(c.n_kv_heads)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_layer_norm_rms_eps(c.norm_eps)
+    add_hyperparameters(w, c)
     w.add_tokenizer_model(TOKENIZER_FIELDS["tokenizer.ggml.model"])
     w.add_token_list(TOKENIZER_FIELDS["tokenizer.ggml.tokens"])
     w.add_token_types(TOKENIZER_FIELDS["tokenizer.ggml.token_type"])

@@ -299,6 +299,20 @@ def _add_matrix(w: GGUFWriter, base: str, t: Tensor) -> None:
         w.add_tensor(f"{base}.mins", np.ascontiguousarray(t.mins, np.float16))
 
 
+def add_hyperparameters(w: GGUFWriter, c: ModelConfig) -> None:
+    """The llama.* keys llama.cpp reads a model's shape from."""
+    w.add_vocab_size(c.vocab_size)
+    w.add_context_length(c.seq_len)
+    w.add_embedding_length(c.dim)
+    w.add_feed_forward_length(c.hidden_dim)
+    w.add_block_count(c.n_layers)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+
+
 def write_dpllama_gguf(path: str | os.PathLike, weights: Weights, tokenizer_fields: dict) -> None:
     """Write `weights` in dpllama's GGUF container (module docstring), atomically, with the tokenizer.*
     fields (as in `load_gguf`'s meta["tokenizer_fields"]) so that the one file is the whole model."""
@@ -307,16 +321,7 @@ def write_dpllama_gguf(path: str | os.PathLike, weights: Weights, tokenizer_fiel
         w = GGUFWriter(tmp, "llama")
         try:
             w.add_uint32(FORMAT_KEY, FORMAT_VERSION)
-            w.add_vocab_size(c.vocab_size)
-            w.add_context_length(c.seq_len)
-            w.add_embedding_length(c.dim)
-            w.add_feed_forward_length(c.hidden_dim)
-            w.add_block_count(c.n_layers)
-            w.add_head_count(c.n_heads)
-            w.add_head_count_kv(c.n_kv_heads)
-            w.add_rope_dimension_count(c.head_dim)
-            w.add_rope_freq_base(c.rope_theta)
-            w.add_layer_norm_rms_eps(c.norm_eps)
+            add_hyperparameters(w, c)
             for key, value in tokenizer_fields.items():
                 _add_field(w, key, value)
             _add_matrix(w, "token_embd", weights.tok_embeddings)
