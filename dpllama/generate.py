@@ -8,7 +8,7 @@ logits back (vocab x 4 bytes) and draws on the host with llama2.c's xorshift gen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
