@@ -79,6 +79,8 @@ class LLM:
     def encode(self, text: str, parse_special: bool = False) -> list[int]:
         ids = self.tokenizer.encode(text, parse_special=parse_special)
         if not ids:     # a model needs one token to start from
+            if self.tokenizer.bos_id is None:
+                raise DpllamaError(f"{self.path}: the prompt is empty and the model has no BOS token to start from")
             ids = [self.tokenizer.bos_id]
         return ids
 
@@ -106,6 +108,8 @@ class LLM:
     def generate(self, prompt: str, steps: int = 256, temperature: float = 1.0, top_p: float = 0.9,
                  top_k: int = 0, repeat_penalty: float = 1.0, seed: int = 0, echo_prompt: bool = True
                  ) -> Iterator[str]:
+        """Stream the continuation of `prompt` (echoed first unless echo_prompt=False) over `steps`
+        positions, prompt included, as llama2.c's -n; temperature 0 is greedy."""
         sampler = Sampler(temperature, top_p, top_k, repeat_penalty, seed=seed)
         return self.stream(self.encode(prompt), steps, sampler, echo_prompt)
 
