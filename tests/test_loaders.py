@@ -56,13 +56,24 @@ def test_gguf_blocks_repack_losslessly(ggml_type, repack):
     assert np.array_equal(t.dequantize(), dequantize(blocks, ggml_type))
 
 
+def int4_test_matrix(source: str) -> np.ndarray:
+    """[rows, 172] (not a multiple of any group size): random with an offset row and an all-zero row,
+    or stories260K's real layers.0.w2 [64, 172] with an all-zero row put in."""
+    if source == "random":
+        w = RNG.standard_normal((7, 172)).astype(np.float32) * 0.05
+        w[2] += 3.0                         # an offset row: large min, small range
+    else:
+        w = np.array(load_llama2c(llama2c_dir() / "stories260K.bin").layers[0].w2.data, np.float32)
+    w[3] = 0                                # an all-zero row dequantizes to exact zeros
+    return w
+
+
+@pytest.mark.parametrize("source", ["random", "stories260K"])
 @pytest.mark.parametrize("group", [32, 64, 128, 24])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_quantize_int4_error_bounds_and_padding(group, symmetric):
-    rows, cols = 7, 172                     # 172: not a multiple of any group size
-    w = RNG.standard_normal((rows, cols)).astype(np.float32) * 0.05
-    w[2] += 3.0                             # an offset row: large min, small range
-    w[3] = 0                                # an all-zero row dequantizes to exact zeros
+def test_quantize_int4_error_bounds_and_padding(group, symmetric, source):
+    w = int4_test_matrix(source)
+    rows, cols = w.shape
     t = quantize_int4(w, group, symmetric)
     cols_p = -(-cols // group) * group
     assert t.data.shape == (rows, cols_p // 8) and t.data.dtype == np.uint32
