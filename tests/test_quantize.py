@@ -106,3 +106,31 @@ def test_interrupted_write_leaves_nothing(stories, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         gguf.write_dpllama_gguf(tmp_path / "out.gguf", q, fields)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_cli_from_gguf_keeps_matching_q4_blocks(tmp_path, repo_root):
+    """A GGUF with every supported tensor type: Q4_0 tensors carried over bit for bit into symmetric group
+    32, every other matrix requantized, the result loads with its tokenizer; a GGUF of another
+    architecture is refused in one line."""
+    from gguf import GGMLQuantizationType as T
+    from tests.helpers import random_weights, write_test_gguf
+    src = tmp_path / "mixed.gguf"
+    types = {"token_embd.weight": T.Q8_0, "blk.0.attn_q.weight": T.Q4_0, "blk.0.attn_k.weight": T.Q4_1,
+             "blk.0.attn_v.weight": T.F16, "blk.0.attn_output.weight": T.BF16, "blk.1.ffn_down.weight": T.Q4_0}
+    write_test_gguf(src, random_weights(dim=64, hidden=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab=8,
+                                        seq_len=32), types)
+    out = tmp_path / "q.gguf"
+    r = run("quantize", src, out, "--scheme", "sym", cwd=repo_root)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[0]: line for line in r.stdout.splitlines() if "rel. RMSE" in line and "overall" not in line}
+    for name in ("layers.0.wq", "layers.1.w2"):
+        assert lines[name].endswith("rel. RMSE 0.00000") and "int4 g32" in lines[name]   # lossless
+    assert not lines["layers.0.wk"].endswith("rel. RMSE 0.00000")      # Q4_1 is asymmetric: requantized
+    before, after = load_gguf(src), load_gguf(out)
+    assert np.array_equal(after.layers[0].wq.data, before.layers[0].wq.data)
+    assert after.meta["tokenizer_fields"]["tokenizer.ggml.model"] == "gpt2"
+    other = tmp_path / "other.gguf"
+    write_test_gguf(other, random_weights(vocab=8), arch="mamba")
+    r = run("quantize", other, tmp_path / "x.gguf", cwd=repo_root)
+    assert r.returncode == 1 and "unsupported GGUF architecture 'mamba' (expected 'llama')" in r.stderr
+    assert not (tmp_path / "x.gguf").exists()
