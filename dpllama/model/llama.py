@@ -178,9 +178,10 @@ class Llama:
 
         self.commands: dict[int, list] = {}          # T -> the forward pass over T tokens
         self.advance_commands: dict[int, object] = {}
-        self.argmax_command = q.command(self.layer_prog.argmax_next, (256,), (256,), self.logits.read(),
+        R = cfg.work_group("norm")      # the reduction size the device's config asks for
+        self.argmax_command = q.command(self.layer_prog.argmax_next, (R,), (R,), self.logits.read(),
                                         self.tokens.read_write(), self.state.read_write(),
-                                        np.int32(c.vocab_size), Local(256 * 4), Local(256 * 4))
+                                        np.int32(c.vocab_size), Local(R * 4), Local(R * 4))
         self.forward_commands(1)
         self.pos = 0
 

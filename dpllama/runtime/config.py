@@ -37,7 +37,7 @@ SCHEMA = {
     "work_group": {
         "gemv": (int, 64),          # threads per output row group in matrix-vector kernels
         "rows_per_group": (int, 4),   # output rows per work-group in matrix-vector kernels
-        "norm": (int, 64),          # work-group reductions (devices --check)
+        "norm": (int, 64),          # single work-group reductions: greedy argmax, devices --check
         "attention": (int, 64),     # threads per head and token in attention
         "attention_positions": (int, 16),  # positions per vector in attention scores (2, 4, 8 or 16)
         "decode_tiles": (int, 1),   # row tiles per work-group when decoding (they share the input's preparation)
