@@ -79,10 +79,8 @@ def build(context: cl.Context, device, file: str, options: list[str] | tuple = (
             cached.unlink(missing_ok=True)   # stale or foreign binary: rebuild below
     try:
         prg = cl.Program(context, text).build(opts, cache_dir=False)
-    except cl.RuntimeError as e:
-        log = getattr(e, "what", None)
-        log = log() if callable(log) else str(e)
-        raise DpllamaError(f"{KERNEL_DIR / file}: build failed on {device} with options {opts!r}:\n{log}") from None
+    except cl.RuntimeError as e:     # its text carries the compiler's log
+        raise DpllamaError(f"{KERNEL_DIR / file}: build failed on {device} with options {opts!r}:\n{e}") from None
     stats["compiled"] += 1
     _store(cached, prg.get_info(cl.program_info.BINARIES)[0])
     return Program(prg, file)
@@ -90,11 +88,13 @@ def build(context: cl.Context, device, file: str, options: list[str] | tuple = (
 
 def _store(path: Path, binary: bytes) -> None:
     """Write atomically, so a concurrent or interrupted process never sees half a binary."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(binary)
         os.replace(tmp, path)
-    except OSError:
-        pass    # a read-only cache only costs a recompile next time
+    except OSError:     # a read-only or full cache only costs a recompile next time
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
