@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +13,7 @@ import numpy as np
 import pyopencl as cl
 
 from dpllama.errors import DpllamaError
+from dpllama.fileio import atomic_output
 from dpllama.runtime import (Device, DeviceConfig, Local, build_stats, config_device, list_devices,
                              load_config, open_queue, select_device, shipped_config_for)
 from dpllama.runtime.config import dump_config
@@ -115,14 +114,10 @@ def write_config(path: str, dev: Device, cfg: DeviceConfig, origin: str = "dplla
     text = (f"# dpllama device config for {dev}, written by `{origin}`\n"
             f"# from {config_path(cfg) or 'the built-in defaults'}; docs/CONFIG.md explains every key.\n"
             + note + dump_config(values))
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)    # mkstemp makes it private; a config is not a secret
-        os.replace(tmp, target)
+        with atomic_output(target) as tmp:
+            tmp.write_text(text)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise DpllamaError(f"{path}: cannot write config: {e.strerror}") from None
     return target
 

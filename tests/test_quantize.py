@@ -1,6 +1,7 @@
 """`dpllama quantize`: the quantize-model script, its output, its errors, and what int4 does to a real model."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -47,6 +48,9 @@ def test_quantize_cli_writes_one_file_model(stories, tmp_path, repo_root):
     assert g.returncode == 0, g.stderr
     assert g.stdout.startswith("Once upon a time") and len(g.stdout.split()) > 20
     assert list(tmp_path.iterdir()) == [out]          # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask   # a normal file, not the temporary file's 0600
 
 
 def mean_nll(model: Llama, ids: list[int]) -> float:

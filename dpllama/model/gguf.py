@@ -28,7 +28,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from dpllama.errors import DpllamaError
-from dpllama.model.llama2c import atomic_output, map_file
+from dpllama.fileio import atomic_output
+from dpllama.model.llama2c import map_file
 from dpllama.model.quant import q8_0_from_gguf, repack_q4_0, repack_q4_1
 from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights, check_config, layer_shapes
 

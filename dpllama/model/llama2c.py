@@ -8,17 +8,16 @@ file order, by `_layout`; matrices are row-major [out, in].
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import mmap
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from dpllama.errors import DpllamaError
+from dpllama.fileio import atomic_output
 from dpllama.model.quant import quantize_q8
 from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights, check_config, layer_shapes
 
@@ -132,21 +131,6 @@ def load_llama2c(path: str | os.PathLike) -> Weights:
     emb = arrays["tok_embeddings"]
     return Weights(c, emb, layers, arrays["norm"], emb if shared else arrays["output"],
                    meta={"format": "llama2c", "version": version, "path": str(path)})
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds, so a crash
-    or an error never leaves a half-written model where a good one is expected."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _default_group(c: ModelConfig) -> int:

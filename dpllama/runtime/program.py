@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import pyopencl as cl
 
 from dpllama.errors import DpllamaError
+from dpllama.fileio import atomic_output
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # installed wheels carry the kernels inside the package; a source checkout has them beside it
@@ -88,13 +88,9 @@ def build(context: cl.Context, device, file: str, options: list[str] | tuple = (
 
 def _store(path: Path, binary: bytes) -> None:
     """Write atomically, so a concurrent or interrupted process never sees half a binary."""
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(binary)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            tmp.write_bytes(binary)
     except OSError:     # a read-only or full cache only costs a recompile next time
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
+        pass
