@@ -88,7 +88,6 @@ def add_generate(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import time
     llm = load_llm(args)
     ctx = llm.model.seq_len
     steps = args.steps
@@ -102,15 +101,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if len(ids) > ctx:
         raise DpllamaError(f"the prompt is {len(ids)} tokens, more than the context of {ctx}")
     out = sys.stdout
-    start, n = time.perf_counter(), 0
     for piece in llm.stream(ids, steps, sampler_from(args)):
         out.write(piece)
         out.flush()
-        n += 1
     out.write("\n")
-    elapsed = time.perf_counter() - start
-    print(f"achieved tok/s: {n / elapsed:.2f}", file=sys.stderr)
+    print(timings(llm.stats), file=sys.stderr)
     return 0
+
+
+def timings(st: dict) -> str:
+    """The prompt's and the generation's speed, as llama.cpp reports them (prompt: up to the first new token)."""
+    first = st.get("first_token", st["end"])
+    gen = st["generated_tokens"] - 1        # the first new token is counted with the prompt's time
+    line = f"prompt: {st['prompt_tokens']} tokens, {st['prompt_tokens'] / max(first - st['start'], 1e-9):.1f} tok/s"
+    if gen > 0:
+        line += f"; generated: {gen + 1} tokens, achieved tok/s: {gen / max(st['end'] - first, 1e-9):.2f}"
+    return line
 
 
 def add_chat(p: argparse.ArgumentParser) -> None:

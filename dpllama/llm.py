@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -97,12 +98,19 @@ class LLM:
         if echo_prompt and prompt_ids[0] != tok.bos_id:
             yield tok.decode(prompt_ids[:1])
         n = len(prompt_ids)
+        # timings for the caller (the CLI prints them): prompt until the first new token, then decoding
+        self.stats = {"prompt_tokens": n, "generated_tokens": 0, "start": time.perf_counter()}
         for i, t in enumerate(self.generate_ids(prompt_ids, steps, sampler), start=1):
+            if i == n:
+                self.stats["first_token"] = time.perf_counter()
+            if i >= n:
+                self.stats["generated_tokens"] += 1
             if i >= n and t in tok.eos_ids:
                 break
             text = dec.push(t)
             if echo_prompt or i >= n:
                 yield text
+        self.stats["end"] = time.perf_counter()
         yield dec.flush()
 
     def generate(self, prompt: str, steps: int = 256, temperature: float = 1.0, top_p: float = 0.9,
