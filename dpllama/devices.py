@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyopencl as cl
 
 from dpllama.errors import DpllamaError
 from dpllama.fileio import atomic_output
-from dpllama.runtime import (Device, DeviceConfig, Local, build_stats, config_device, list_devices,
+from dpllama.runtime import (Device, DeviceConfig, Local, OpenCLError, build_stats, config_device, list_devices,
                              load_config, open_queue, select_device, shipped_config_for)
 from dpllama.runtime.config import dump_config
 
@@ -154,7 +153,7 @@ def check(selector: str | None = None, config: str | None = None) -> dict:
                rtol=1e-4, atol=1e-4)
         times = {"axpy_ms": axpy.duration_ns / 1e6, "group_sums_ms": reduce.duration_ns / 1e6,
                  "read_gb_s": read_bandwidth_gb_s(q)}
-    except cl.Error as e:
+    except OpenCLError as e:
         raise DpllamaError(f"check failed on {q.device}: {e}") from None
     return {"passed": True, "device": str(q.device), "floats": CHECK_N, "work_group": wg,
             "build": "compiled" if build_stats["compiled"] > compiled else "loaded from cache",
