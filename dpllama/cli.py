@@ -56,7 +56,7 @@ def add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
     p.add_argument("--repeat-penalty", type=float, default=1.0,
                    help="penalty for tokens among the last --repeat-last-n, 1 = off (default 1.0)")
-    p.add_argument("--repeat-last-n", type=int, default=64, help="window of --repeat-penalty (default 64)")
+    p.add_argument("--repeat-last-n", type=int, default=64, help="window of --repeat-penalty: 0 off, -1 the whole history (default 64)")
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: from the clock)")
 
 

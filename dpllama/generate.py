@@ -39,7 +39,7 @@ class Sampler:
     top_p: float = 0.9          # nucleus; 0 or >= 1 turns it off (llama2.c's -p)
     top_k: int = 0              # 0: off
     repeat_penalty: float = 1.0  # > 1 discourages tokens among the last `repeat_last_n`
-    repeat_last_n: int = 64
+    repeat_last_n: int = 64     # 0: off, -1: the whole history
     seed: int = 0
 
     def __post_init__(self):
@@ -51,9 +51,10 @@ class Sampler:
 
     def penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         """llama.cpp's repetition penalty: divide positive logits, multiply negative ones, once per token."""
-        if self.repeat_penalty == 1.0 or not history:
+        if self.repeat_penalty == 1.0 or not history or self.repeat_last_n == 0:
             return logits
-        ids = np.unique(np.asarray(history[-self.repeat_last_n:], np.int64))
+        window = history if self.repeat_last_n < 0 else history[-self.repeat_last_n:]   # -1: all, as llama.cpp
+        ids = np.unique(np.asarray(window, np.int64))
         v = logits[ids]
         logits = logits.copy()
         logits[ids] = np.where(v > 0, v / self.repeat_penalty, v * self.repeat_penalty)

@@ -248,3 +248,15 @@ def test_repeat_penalty_changes_a_repetitive_greedy_run(stories):
     penalized = sample_run(stories, Sampler(temperature=0, repeat_penalty=1.3), steps=256)
     assert penalized != greedy
     assert repeated_ngrams(penalized) < repeated_ngrams(greedy)
+
+
+def test_repeat_penalty_window():
+    """repeat_last_n bounds the penalized tokens (0 turns the penalty off, -1 covers all history), and each
+    token is penalized once however often it occurs."""
+    logits = np.array([2.0, -2.0, 4.0, 1.0], np.float32)
+    history = [0, 0, 1, 2]
+    got = Sampler(repeat_penalty=2.0, repeat_last_n=2).penalize(logits, history)
+    np.testing.assert_array_equal(got, [2.0, -4.0, 2.0, 1.0])      # only tokens 1 and 2 are in the window
+    np.testing.assert_array_equal(Sampler(repeat_penalty=2.0, repeat_last_n=-1).penalize(logits, history),
+                                  [1.0, -4.0, 2.0, 1.0])
+    np.testing.assert_array_equal(Sampler(repeat_penalty=2.0, repeat_last_n=0).penalize(logits, history), logits)
