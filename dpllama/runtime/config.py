@@ -35,14 +35,14 @@ SCHEMA = {
     },
     "build_options": (list, ["-cl-mad-enable"]),
     "work_group": {
-        "gemv": (int, 64),          # threads per output row group in matrix-vector kernels
-        "rows_per_group": (int, 4),   # output rows per work-group in matrix-vector kernels
+        "gemv": (int, 64),          # work-items splitting one row tile's columns in the matrix kernels
+        "rows_per_group": (int, 4),   # rows per tile: the vector lanes of a matrix kernel's work-item
         "norm": (int, 64),          # single work-group reductions: greedy argmax, devices --check
         "attention": (int, 64),     # threads per head and token in attention
         "attention_positions": (int, 16),  # positions per vector in attention scores (2, 4, 8 or 16)
         "decode_tiles": (int, 1),   # row tiles per work-group when decoding (they share the input's preparation)
-        "prefill_tokens": (int, 8),
-        "prefill_tiles": (int, 1),  # row tiles per work-group in prefill  # prompt tokens per work-group in prefill matrix kernels
+        "prefill_tokens": (int, 8),  # prompt tokens per work-group in prefill matrix kernels
+        "prefill_tiles": (int, 1),  # row tiles per work-group in prefill
         "prefill_chunk": (int, 64),  # prompt tokens per forward pass in prefill
     },
     "memory": {
@@ -117,9 +117,8 @@ def parse_config(text: str, path: str = "<string>") -> DeviceConfig:
         if "," in v:    # the match becomes a comma-separated selector; AMD's vendor string has a comma
             raise DpllamaError(f"{path}: key 'match.{k}' must not contain ',' (values match as substrings, "
                                f"{v.split(',')[0].strip()!r} is enough), found {v!r}")
-    for k in ("gemv", "norm", "attention", "attention_positions", "decode_tiles", "prefill_tokens", "prefill_tiles", "prefill_chunk",
-              "rows_per_group"):
-        if values["work_group"][k] == 0:
+    for k, n in values["work_group"].items():
+        if n == 0:
             raise DpllamaError(f"{path}: key 'work_group.{k}' must be a positive integer, found 0")
     for k in ("gemv", "norm", "attention"):     # group_sum/group_max (common.cl) halve the group each step
         n = values["work_group"][k]
