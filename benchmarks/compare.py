@@ -25,23 +25,11 @@ from dpllama.model.llama import Llama
 from dpllama.model.quant import quantize_int4, quantize_q8
 from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights
 from dpllama.llm import load_weights, resolve_model
+from dpllama.bench import run_once
 from dpllama.devices import read_bandwidth_gb_s
 from dpllama.runtime import open_queue
 
 STORIES15M = ModelConfig(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, seq_len=256)
-
-
-def dpllama_round(model: Llama, prompt: list[int], n_gen: int) -> dict:
-    model.start(prompt)
-    t0 = time.perf_counter()
-    model.feed(len(prompt))
-    model.next_greedy()
-    t1 = time.perf_counter()
-    for _ in range(n_gen - 1):
-        model.step()
-        model.next_greedy()
-    t2 = time.perf_counter()
-    return {"prompt_tok_s": len(prompt) / (t1 - t0), "decode_tok_s": (n_gen - 1) / (t2 - t1)}
 
 
 def llamacpp_round(llm, prompt: list[int], n_gen: int) -> dict:
@@ -77,17 +65,6 @@ def random_stories15m(kind: str, seed: int = 0) -> Weights:
     return Weights(c, tok, layers, np.ones(c.dim, np.float32), tok)
 
 
-def decode_tok_s(model: Llama, n: int = 128) -> float:
-    model.start([1])
-    model.feed(1)
-    model.next_greedy()
-    t = time.perf_counter()
-    for _ in range(n):
-        model.step()
-        model.next_greedy()
-    return n / (time.perf_counter() - t)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="a llama GGUF (default: smollm2-135m)")
@@ -109,12 +86,12 @@ def main() -> None:
                              n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(17, ours.config.vocab_size, args.prompt)]
-    dpllama_round(ours, prompt[:16], 4)           # warm-up: first launches, page-ins
+    run_once(ours, prompt[:16], 4)                # warm-up: first launches, page-ins
     llamacpp_round(theirs, prompt[:16], 4)
     rounds = []
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
-        a, b = dpllama_round(ours, prompt, args.gen), llamacpp_round(theirs, prompt, args.gen)
+        a, b = run_once(ours, prompt, args.gen), llamacpp_round(theirs, prompt, args.gen)
         rounds.append({"dpllama": a, "llama.cpp": b,
                        "prompt_ratio": a["prompt_tok_s"] / b["prompt_tok_s"],
                        "decode_ratio": a["decode_tok_s"] / b["decode_tok_s"]})
@@ -128,7 +105,7 @@ def main() -> None:
     roof = {}
     for kind in ("f32", "int4"):
         m = Llama(random_stories15m(kind), queue)
-        tps = decode_tok_s(m)
+        tps = run_once(m, [1], 129)["decode_tok_s"]       # 128 tokens decoded from BOS
         roof[kind] = {"decode_tok_s": tps, "weight_mb": m.weight_bytes / 1e6,
                       "weight_gb_s": m.weight_bytes * tps / 1e9, "of_stream_bw": m.weight_bytes * tps / 1e9 / bw}
         del m

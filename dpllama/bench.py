@@ -47,9 +47,13 @@ def _cold_load_s(path, device, config, max_seq) -> float:
         return float(r.stdout)
 
 
-def run_once(model, n_prompt: int, n_gen: int, rng: np.random.Generator) -> dict:
-    """One prompt of random tokens, then greedy decoding of n_gen tokens."""
-    prompt = [int(t) for t in rng.integers(3, model.config.vocab_size, n_prompt)]
+def random_prompt(model, n: int, rng: np.random.Generator) -> list[int]:
+    return [int(t) for t in rng.integers(3, model.config.vocab_size, n)]
+
+
+def run_once(model, prompt: list[int], n_gen: int) -> dict:
+    """The prompt in batched prefill, then greedy decoding of n_gen tokens: speeds and launches."""
+    n_prompt = len(prompt)
     model.start(prompt)
     launches = model.q.launches
     t0 = time.perf_counter()
@@ -88,11 +92,11 @@ def bench(model_path: str, device=None, config=None, n_prompt=512, n_gen=128, re
         raise DpllamaError(f"--prompt {n_prompt} + --gen {n_gen} tokens exceed {path}'s context of {model.seq_len}")
     runs = []
     rng = np.random.default_rng(0)
-    run_once(model, 8, 4, rng)   # warm-up: first launches of every kernel
+    run_once(model, random_prompt(model, 8, rng), 4)   # warm-up: first launches of every kernel
     model.q.profile()   # drop the warm-up's profiling events
     for i in range(repeat):
         say(f"run {i + 1}/{repeat}: {n_prompt} prompt tokens, {n_gen} generated ...")
-        runs.append(run_once(model, n_prompt, n_gen, rng))
+        runs.append(run_once(model, random_prompt(model, n_prompt, rng), n_gen))
     c = model.config
     result = {
         "model": str(path), "device": str(model.q.device), "config": model.q.config.path,
