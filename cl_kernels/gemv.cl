@@ -20,6 +20,13 @@
 // are the SIMD lanes; L = 32..64 on GPUs) and a tree reduction joins them. The hot loop uses plain
 // loads and arithmetic only: PoCL does not inline vload*/vload_half, and a call stops vectorization.
 // For int4 the block sum of x is shared by all rows: sum_k (s*q_k + m) x_k = s * sum q_k x_k + m * sum x_k.
+//
+// int4 kernels take x as 16-bit integers: each block of x is scaled by 32767 / max|x| and rounded (which
+// moves each value by at most max|x| / 65534, far below the weights' own int4 error), and an int holds the
+// pair (x[8j+k], x[8j+k+4]) of word j, k < 4: exactly the two nibbles that one shift and one mask of a packed
+// word leave in the low and high 16-bit halves of a lane. So sum q_k x_k is integer multiply-adds of 16-bit
+// pairs, which x86 does for 32 weights in one instruction (VNNI vpdpwssd; pmaddwd and an add on AVX2), where
+// float math would spend a shift, a mask, a conversion and an FMA on each weight (measured: 2x-3x faster).
 
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
@@ -30,6 +37,29 @@
 #define convert_floatV CAT(convert_float, ROWS)
 #define convert_uintV CAT(convert_uint, ROWS)
 #define as_floatV CAT(as_float, ROWS)
+#define as_uintV CAT(as_uint, ROWS)
+#define intV CAT(int, ROWS)
+#define as_intV CAT(as_int, ROWS)
+
+#if defined(W_INT4)
+// acc + lo(m) * lo(p) + hi(m) * hi(p) in every 32-bit lane, the halves taken as signed 16-bit integers;
+// p, one int, is the same pair for all lanes. x86's instructions where the compiler targets them (clang's
+// builtins, under the macros it defines for the target), plain integer arithmetic anywhere else.
+#if ROWS == 16 && defined(__AVX512VNNI__)
+#define MADD(acc, m, p) __builtin_ia32_vpdpwssd512((acc), as_int16(m), (int16)(p))
+#elif ROWS == 8 && defined(__AVX2__)
+#define MADD(acc, m, p) ((acc) + __builtin_ia32_pmaddwd256(as_short16(m), as_short16((int8)(p))))
+#elif ROWS == 16 && defined(__AVX2__)
+inline int16 MADD(const int16 acc, const uint16 m, const int p) {
+    return (int16)(acc.lo + __builtin_ia32_pmaddwd256(as_short16(m.lo), as_short16((int8)p)),
+                   acc.hi + __builtin_ia32_pmaddwd256(as_short16(m.hi), as_short16((int8)p)));
+}
+#else
+#define MADD(acc, m, p) ((acc) + (as_intV(m) & 0xffff) * (((p) << 16) >> 16) + (as_intV(m) >> 16) * ((p) >> 16))
+#endif
+// independent accumulators per token: one chain of dependent multiply-adds would wait on each one's latency
+#define CHAINS (TOKENS >= 4 ? 1 : 4)
+#endif
 
 #define WEIGHT_ARGS __global const void *w_, __global const void *s_, __global const void *m_
 
@@ -44,27 +74,29 @@ inline floatV half_bits_to_float(const ushortV h) {
     const uintV u = convert_uintV(h);
     const uintV e = (u >> 10) & 0x1f;
     const uintV normal = ((e + 112) << 23) | ((u & 0x3ff) << 13);
-    return as_floatV(((u & 0x8000) << 16) | select(normal, (uintV)(0), e == 0));
+    return as_floatV(((u & 0x8000) << 16) | (normal & as_uintV(e != 0)));   // not select(): a call in PoCL
 }
 
 inline float sum8(const float8 v) {
     return (v.s0 + v.s1) + (v.s2 + v.s3) + (v.s4 + v.s5) + (v.s6 + v.s7);
 }
 
-// acc[n] += the V rows of tile t dotted with block b of token n's input, xin[n][BLOCK] (n < TOKENS);
-// sx[n] = sum of that block of token n's input. Each weight is loaded and decoded once for all tokens.
-inline void block_dot(WEIGHT_ARGS, const int t, const int b, const int cols_p, __private const float *xin,
-                      __private const float *sx, __private floatV *acc) {
+// acc[n] += the V rows of tile t dotted with block b of token n's input (n < TOKENS): xin[n][BLOCK] as floats,
+// or for int4 xq[n][BLOCK / 2] 16-bit pairs and their scale dx[n]; sx[n] = sum of that block of token n's
+// input. Each weight is loaded and decoded once for all tokens.
+// (always_inline and the unrolled loops keep the accumulators in registers: PoCL's compiler left them on the stack)
+__attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, const int b, const int cols_p, __private const float *xin,
+                      __private const int *xq, __private const float *dx, __private const float *sx,
+                      __private floatV *acc) {
 #if defined(W_F32)
     __global const floatV *w = (__global const floatV *)w_ + (size_t)t * cols_p + BLOCK * b;
     for (int k = 0; k < BLOCK; k++) {
         const floatV wk = w[k];
         for (int n = 0; n < TOKENS; n++) acc[n] += wk * xin[n * BLOCK + k];
     }
-#else
+#elif defined(W_Q8)
     floatV part[TOKENS];
     for (int n = 0; n < TOKENS; n++) part[n] = 0.0f;
-#if defined(W_Q8)
     __global const charV *w = (__global const charV *)w_ + (size_t)t * cols_p + BLOCK * b;
     for (int k = 0; k < BLOCK; k++) {
         const floatV qk = convert_floatV(w[k]);
@@ -73,25 +105,37 @@ inline void block_dot(WEIGHT_ARGS, const int t, const int b, const int cols_p, _
     const floatV s = ((__global const floatV *)s_)[(size_t)t * (cols_p / GROUP) + b];
     for (int n = 0; n < TOKENS; n++) acc[n] += s * part[n];
 #elif defined(W_INT4)
+    intV part[TOKENS * CHAINS];
+#pragma unroll
+    for (int i = 0; i < TOKENS * CHAINS; i++) part[i] = 0;
     __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 8) + (BLOCK / 8) * b;
+#pragma unroll
     for (int j = 0; j < BLOCK / 8; j++) {
         const uintV u = w[j];
-        for (int k = 0; k < 8; k++) {
-            const floatV qk = convert_floatV((u >> (uint)(4 * k)) & 15u);
-            for (int n = 0; n < TOKENS; n++) part[n] += qk * xin[n * BLOCK + 8 * j + k];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const uintV m = (u >> (uint)(4 * k)) & 0x000f000fu;   // nibbles k and k + 4
+            for (int n = 0; n < TOKENS; n++)
+                part[n * CHAINS + k % CHAINS] = MADD(part[n * CHAINS + k % CHAINS], m, xq[n * (BLOCK / 2) + 4 * j + k]);
         }
     }
     const size_t g = (size_t)t * (cols_p / GROUP) + b;
     const floatV s = half_bits_to_float(((__global const ushortV *)s_)[g]);
 #if defined(ASYM)
     const floatV m = half_bits_to_float(((__global const ushortV *)m_)[g]);
-    for (int n = 0; n < TOKENS; n++) acc[n] += s * part[n] + m * sx[n];
-#else
-    for (int n = 0; n < TOKENS; n++) acc[n] += s * (part[n] - 8.0f * sx[n]);
 #endif
+    for (int n = 0; n < TOKENS; n++) {
+        intV q = part[n * CHAINS];
+        for (int c = 1; c < CHAINS; c++) q += part[n * CHAINS + c];
+        const floatV qx = convert_floatV(q) * dx[n];        // sum_k q_k x_k
+#if defined(ASYM)
+        acc[n] += s * qx + m * sx[n];
+#else
+        acc[n] += s * (qx - 8.0f * sx[n]);
+#endif
+    }
 #else
 #error "build gemv.cl with one of -DW_F32, -DW_Q8, -DW_INT4"
-#endif
 #endif
 }
 
@@ -131,6 +175,14 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
     float ss[TOKENS], sx[TOKENS];
     float8 xin8[TOKENS * BLOCK / 8];        // float8-aligned storage for the prepared blocks
     __private float *xin = (__private float *)xin8;
+#if defined(W_INT4)
+    int4 xq4[TOKENS * BLOCK / 8];           // the blocks as 16-bit pairs (int4 weights only)
+    __private int *xq = (__private int *)xq4;
+    float dx[TOKENS];
+#else
+    __private int *xq = 0;
+    __private float *dx = 0;
+#endif
     for (int n = 0; n < TOKENS; n++) ss[n] = 0.0f;
     for (int i = 0; i < TILES * TOKENS; i++) acc[i] = 0.0f;
     for (int b = lid; b < cols_p / BLOCK; b += L) {
@@ -148,8 +200,33 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
             }
             ss[n] += sum8(sq);
             sx[n] = sum8(sum);
+#if defined(W_INT4)
+            // max |x| and rounding with plain arithmetic: fabs, fmax and convert_*_rte are calls in PoCL
+            uint8 amax = 0;
+            for (int c = 0; c < BLOCK / 8; c++) {
+                const uint8 a = as_uint8(*(__private float8 *)(xin + n * BLOCK + 8 * c)) & 0x7fffffffu;
+                amax = a > amax ? a : amax;         // non-negative floats order as their bits do
+            }
+            amax.lo = amax.lo > amax.hi ? amax.lo : amax.hi;
+            amax.lo.lo = amax.lo.lo > amax.lo.hi ? amax.lo.lo : amax.lo.hi;
+            const float top = as_float(max(amax.s0, amax.s1));
+            dx[n] = top / 32767.0f;
+            const float inv = top > 0.0f ? 32767.0f / top : 0.0f;
+            int8 vsum = 0;
+            for (int c = 0; c < BLOCK / 8; c++) {
+                // + 1.5 * 2^23 leaves round-to-nearest(v) in the low mantissa bits, for |v| < 2^22
+                const int8 v = as_int8(*(__private float8 *)(xin + n * BLOCK + 8 * c) * inv + 12582912.0f) - 0x4b400000;
+                *(__private int4 *)(xq + n * (BLOCK / 2) + 4 * c) = (v.lo & 0xffff) | (v.hi << 16);
+                vsum += v;
+            }
+            // the sum of the rounded block, so that the kernel computes W times the rounded x exactly
+            vsum.lo += vsum.hi;
+            vsum.lo.lo += vsum.lo.hi;
+            sx[n] = (float)(vsum.s0 + vsum.s1) * dx[n];
+#endif
         }
-        for (int tt = 0; tt < tiles; tt++) block_dot(w_, s_, m_, t0 + tt, b, cols_p, xin, sx, acc + tt * TOKENS);
+        for (int tt = 0; tt < tiles; tt++)
+            block_dot(w_, s_, m_, t0 + tt, b, cols_p, xin, xq, dx, sx, acc + tt * TOKENS);
     }
     if (L > 1) {
         for (int i = 0; i < TILES * TOKENS; i++) scratch[i * L + lid] = acc[i];

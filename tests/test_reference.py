@@ -57,5 +57,5 @@ def test_smollm2_logits_and_greedy(smollm2, case):
     for pos, token in enumerate(prompt):     # pos 0 starts a new sequence: the module's Reference is reused
         logits = smollm2.forward(token, pos)
     want = np.load(oracle / f"fp32_{case}_logits0.npy")
-    assert np.abs(logits - want).max() < 1e-3
+    assert np.abs(logits - want).max() < 1e-2     # int16 rounding of int4 matrices' inputs: see test_smollm2.py
     assert greedy(smollm2, prompt, 8)[len(prompt):] == expected[:8]

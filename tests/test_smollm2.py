@@ -15,10 +15,14 @@ from dpllama.model.llama import Llama
 from dpllama.quantize import quantize
 from tests.helpers import shared_models, smollm2_gguf_path
 
-# The oracle is a float32 NumPy forward over the same dequantized weights; the device computes the same
-# math in float32 with another summation order. Measured max abs difference: ~4e-5 on logits of magnitude
-# ~20; 1e-3 leaves room for other devices' summation orders and still catches any real error (a wrong
-# weight or RoPE convention moves logits by whole units).
+# The oracle is a float32 NumPy forward over the same dequantized weights, with float32 activations. The
+# device rounds the input of every int4 matrix to 16-bit steps per group of 32 (gemv.cl's header); in a group
+# that holds one of SmolLM2's residual outliers (near 2600) a step is ~0.08, so logits move: measured max abs
+# difference 0.0037 (raw) and 0.0032 (chat) on logits of magnitude ~20 (4e-5 with float32 activations;
+# llama.cpp's 8-bit activations: 0.2-0.3, says the oracle's README). 1e-2 still catches any real error (a
+# wrong weight or RoPE convention moves logits by whole units).
+ORACLE_ATOL = 1e-2
+# the device against itself, batched prefill against token by token: the same rounding, summed in other orders
 LOGITS_ATOL = 1e-3
 CONTEXT = 256
 
@@ -56,7 +60,7 @@ def test_first_logits_match_fp32_oracle(llm, oracle, name):
     llm.model.start(ids)
     llm.model.feed(len(ids))                # batched prefill
     got = llm.model.read_logits()
-    assert np.abs(got - logits[name]).max() < LOGITS_ATOL
+    assert np.abs(got - logits[name]).max() < ORACLE_ATOL
 
 
 def test_batched_prefill_equals_token_by_token(llm, oracle):

@@ -1,7 +1,8 @@
 """NumPy reference forward pass: llama2.c run.c's math in float32, one token at a time.
 
 It is the oracle the device kernels are tested against, so it favours being obviously right over being
-fast: weights are dequantized once to float32, activations and the KV cache stay float32.
+fast: weights are dequantized once to float32, activations and the KV cache stay float32, except that an
+int4 matrix multiplies its input rounded to 16-bit steps per group, as the kernels do (gemv.cl's header).
 """
 from __future__ import annotations
 
@@ -17,15 +18,35 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return weight * (x * (f32(1) / np.sqrt(np.dot(x, x) / f32(x.size) + f32(eps))))
 
 
+def round_to_int16_steps(x: np.ndarray, group: int) -> np.ndarray:
+    """x with each group of `group` elements rounded to a multiple of max|x over the group| / 32767: what
+    the int4 kernels multiply (they take x as 16-bit integers and one scale per group)."""
+    xg = np.pad(x, (0, -x.size % group)).reshape(-1, group)
+    top = np.abs(xg).max(axis=1, keepdims=True)
+    inv = np.divide(f32(32767), top, out=np.zeros_like(top), where=top > 0)
+    return (np.rint(xg * inv) * (top / f32(32767))).ravel()[:x.size]
+
+
+class Matrix:
+    """W as float32 [rows, cols]; `w @ x` is what the device computes for it."""
+
+    def __init__(self, t):
+        self.w = t.dequantize()
+        self.int4_group = t.group if t.kind == "int4" else 0
+
+    def __matmul__(self, x: np.ndarray) -> np.ndarray:
+        return self.w @ (round_to_int16_steps(x, self.int4_group) if self.int4_group else x)
+
+
 class Reference:
     def __init__(self, weights: Weights):
         c = self.config = weights.config
-        self.tok_embeddings = weights.tok_embeddings.dequantize()      # [vocab, dim]
-        self.output = self.tok_embeddings if weights.tied else weights.output.dequantize()  # [vocab, dim]
+        self.output = Matrix(weights.tok_embeddings if weights.tied else weights.output)  # [vocab, dim]
+        self.tok_embeddings = self.output.w if weights.tied else weights.tok_embeddings.dequantize()  # [vocab, dim]
         self.norm = np.asarray(weights.norm, f32)                       # [dim]
         # per layer: {attn_norm [dim], wq [dim, dim], wk / wv [kv_dim, dim], wo [dim, dim], ffn_norm [dim],
         #             w1 / w3 [hidden_dim, dim], w2 [dim, hidden_dim]}
-        self.layers = [{name: (getattr(layer, name).dequantize() if len(shape) == 2
+        self.layers = [{name: (Matrix(getattr(layer, name)) if len(shape) == 2
                                else np.asarray(getattr(layer, name), f32))
                         for name, shape in layer_shapes(c).items()} for layer in weights.layers]
         # np.zeros maps pages lazily, so a long context costs memory only as far as it is used
