@@ -2,7 +2,7 @@
 //
 // Build with one weight format (docs/ARCHITECTURE.md, "Weight formats" and "Device layout"):
 //   -DW_F32                    w = float weight
-//   -DW_Q8   -DGROUP=g         w = s * q,        q int8, s float per group
+//   -DW_Q8   -DGROUP=g         w = s * q,        q int8, 4 per uint32 (stored as q + 128), s float per group
 //   -DW_INT4 -DGROUP=g         w = s * (q - 8),  q 4-bit, 8 per uint32 along the input dimension, s fp16
 //   -DW_INT4 -DASYM -DGROUP=g  w = s * q + m,    m fp16
 // and -DROWS=V (2, 4, 8 or 16): the rows of one tile, computed together as the lanes of a vector, and
@@ -12,7 +12,7 @@
 // Device layout: rows are padded to a multiple of V and cut into tiles of V rows; inside a tile the
 // V values of one column (one packed word for int4) lie side by side, so a tile is one contiguous
 // stream and a V-wide vector load fetches that column for all V rows:
-//   f32 floatV w[tiles][cols_p]   q8 charV w[tiles][cols_p]   int4 uintV w[tiles][cols_p / 8]
+//   f32 floatV w[tiles][cols_p]   q8 uintV w[tiles][cols_p / 4]   int4 uintV w[tiles][cols_p / 8]
 //   scales / mins: floatV (q8) or ushortV fp16 bits (int4) [tiles][cols_p / GROUP]
 // cols_p is a multiple of 8 and of GROUP; activations are zero-padded to it.
 //
@@ -21,12 +21,15 @@
 // loads and arithmetic only: PoCL does not inline vload*/vload_half, and a call stops vectorization.
 // For int4 the block sum of x is shared by all rows: sum_k (s*q_k + m) x_k = s * sum q_k x_k + m * sum x_k.
 //
-// int4 kernels take x as 16-bit integers: each block of x is scaled by 32767 / max|x| and rounded (which
-// moves each value by at most max|x| / 65534, far below the weights' own int4 error), and an int holds the
-// pair (x[8j+k], x[8j+k+4]) of word j, k < 4: exactly the two nibbles that one shift and one mask of a packed
-// word leave in the low and high 16-bit halves of a lane. So sum q_k x_k is integer multiply-adds of 16-bit
-// pairs, which x86 does for 32 weights in one instruction (VNNI vpdpwssd; pmaddwd and an add on AVX2), where
-// float math would spend a shift, a mask, a conversion and an FMA on each weight (measured: 2x-3x faster).
+// Quantized kernels take x as 16-bit integers: each block of x is scaled by 32767 / max|x| and rounded (which
+// moves each value by at most max|x| / 65534, far below the weights' own quantization error), and an int
+// holds the pair (x[8j+k], x[8j+k+4]), k < 4, of each 8 columns: the two weights that one shift and one mask
+// of a packed word leave in the low and high 16-bit halves of a lane. For int4 those are nibbles k and k+4 of
+// word j; q8 word 2j+h (h < 2) holds columns (8j+2h, 8j+2h+1, 8j+2h+4, 8j+2h+5) as bytes q + 128, so that
+// bytes 0 and 2 are pair 2h and bytes 1 and 3 pair 2h+1 (DeviceTensor packs them). So sum q_k x_k is integer
+// multiply-adds of 16-bit pairs, which x86 does for 32 weights in one instruction (VNNI vpdpwssd; pmaddwd and
+// an add on AVX2), where float math spends a conversion and an FMA per weight, and for int4 a shift and a
+// mask on top (measured: int4 2-3x faster). The offsets (q - 8, q + 128) go into the block sum of x.
 
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
@@ -41,7 +44,7 @@
 #define intV CAT(int, ROWS)
 #define as_intV CAT(as_int, ROWS)
 
-#if defined(W_INT4)
+#if !defined(W_F32)
 // acc + lo(m) * lo(p) + hi(m) * hi(p) in every 32-bit lane, the halves taken as signed 16-bit integers;
 // p, one int, is the same pair for all lanes. x86's instructions where the compiler targets them (clang's
 // builtins, under the macros it defines for the target), plain integer arithmetic anywhere else.
@@ -82,8 +85,8 @@ inline float sum8(const float8 v) {
 }
 
 // acc[n] += the V rows of tile t dotted with block b of token n's input (n < TOKENS): xin[n][BLOCK] as floats,
-// or for int4 xq[n][BLOCK / 2] 16-bit pairs and their scale dx[n]; sx[n] = sum of that block of token n's
-// input. Each weight is loaded and decoded once for all tokens.
+// or for q8 and int4 xq[n][BLOCK / 2] 16-bit pairs and their scale dx[n]; sx[n] = sum of that block of token
+// n's input (as rounded). Each weight is loaded and decoded once for all tokens.
 // (always_inline and the unrolled loops keep the accumulators in registers: PoCL's compiler left them on the stack)
 __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, const int b, const int cols_p, __private const float *xin,
                       __private const int *xq, __private const float *dx, __private const float *sx,
@@ -94,20 +97,25 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
         const floatV wk = w[k];
         for (int n = 0; n < TOKENS; n++) acc[n] += wk * xin[n * BLOCK + k];
     }
-#elif defined(W_Q8)
-    floatV part[TOKENS];
-    for (int n = 0; n < TOKENS; n++) part[n] = 0.0f;
-    __global const charV *w = (__global const charV *)w_ + (size_t)t * cols_p + BLOCK * b;
-    for (int k = 0; k < BLOCK; k++) {
-        const floatV qk = convert_floatV(w[k]);
-        for (int n = 0; n < TOKENS; n++) part[n] += qk * xin[n * BLOCK + k];
-    }
-    const floatV s = ((__global const floatV *)s_)[(size_t)t * (cols_p / GROUP) + b];
-    for (int n = 0; n < TOKENS; n++) acc[n] += s * part[n];
-#elif defined(W_INT4)
+#else
     intV part[TOKENS * CHAINS];
 #pragma unroll
     for (int i = 0; i < TOKENS * CHAINS; i++) part[i] = 0;
+#if defined(W_Q8)
+    __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 4) + (BLOCK / 4) * b;
+#pragma unroll
+    for (int j = 0; j < BLOCK / 4; j++) {
+        const uintV u = w[j];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int k = 2 * j + h;                                // pair k of the block
+            const uintV m = (u >> (uint)(8 * h)) & 0x00ff00ffu;     // bytes h and h + 2
+            for (int n = 0; n < TOKENS; n++)
+                part[n * CHAINS + k % CHAINS] = MADD(part[n * CHAINS + k % CHAINS], m, xq[n * (BLOCK / 2) + k]);
+        }
+    }
+    const floatV s = ((__global const floatV *)s_)[(size_t)t * (cols_p / GROUP) + b];
+#elif defined(W_INT4)
     __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 8) + (BLOCK / 8) * b;
 #pragma unroll
     for (int j = 0; j < BLOCK / 8; j++) {
@@ -124,18 +132,21 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
 #if defined(ASYM)
     const floatV m = half_bits_to_float(((__global const ushortV *)m_)[g]);
 #endif
+#else
+#error "build gemv.cl with one of -DW_F32, -DW_Q8, -DW_INT4"
+#endif
     for (int n = 0; n < TOKENS; n++) {
         intV q = part[n * CHAINS];
         for (int c = 1; c < CHAINS; c++) q += part[n * CHAINS + c];
         const floatV qx = convert_floatV(q) * dx[n];        // sum_k q_k x_k
-#if defined(ASYM)
+#if defined(W_Q8)
+        acc[n] += s * (qx - 128.0f * sx[n]);
+#elif defined(ASYM)
         acc[n] += s * qx + m * sx[n];
 #else
         acc[n] += s * (qx - 8.0f * sx[n]);
 #endif
     }
-#else
-#error "build gemv.cl with one of -DW_F32, -DW_Q8, -DW_INT4"
 #endif
 }
 
@@ -145,7 +156,9 @@ inline float weight_at(WEIGHT_ARGS, const int r, const int c, const int cols_p) 
 #if defined(W_F32)
     return ((__global const float *)w_)[(t * cols_p + c) * ROWS + lane];
 #elif defined(W_Q8)
-    return ((__global const char *)w_)[(t * cols_p + c) * ROWS + lane]
+    const int k = c % 8, slot = (k & 1) | ((k & 4) >> 1) | ((k & 2) << 1);    // its byte among the 8 (header)
+    const uint u = ((__global const uint *)w_)[(t * (cols_p / 4) + c / 8 * 2 + slot / 4) * ROWS + lane];
+    return ((int)((u >> (8 * (slot % 4))) & 255u) - 128)
          * ((__global const float *)s_)[(t * (cols_p / GROUP) + c / GROUP) * ROWS + lane];
 #else
     const uint u = ((__global const uint *)w_)[(t * (cols_p / 8) + c / 8) * ROWS + lane];
@@ -175,8 +188,8 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
     float ss[TOKENS], sx[TOKENS];
     float8 xin8[TOKENS * BLOCK / 8];        // float8-aligned storage for the prepared blocks
     __private float *xin = (__private float *)xin8;
-#if defined(W_INT4)
-    int4 xq4[TOKENS * BLOCK / 8];           // the blocks as 16-bit pairs (int4 weights only)
+#if !defined(W_F32)
+    int4 xq4[TOKENS * BLOCK / 8];           // the blocks as 16-bit pairs (quantized weights)
     __private int *xq = (__private int *)xq4;
     float dx[TOKENS];
 #else
@@ -200,7 +213,7 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
             }
             ss[n] += sum8(sq);
             sx[n] = sum8(sum);
-#if defined(W_INT4)
+#if !defined(W_F32)
             // max |x| and rounding with plain arithmetic: fabs, fmax and convert_*_rte are calls in PoCL
             uint8 amax = 0;
             for (int c = 0; c < BLOCK / 8; c++) {

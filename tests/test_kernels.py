@@ -118,9 +118,9 @@ def error_scale(t: Tensor, x: np.ndarray) -> np.ndarray:
 
 
 def x_rounding(t: Tensor, X: np.ndarray) -> np.ndarray | float:
-    """int4 kernels multiply W by x rounded per group to 16-bit steps of max|x over the group| / 32767
+    """q8 and int4 kernels multiply W by x rounded per group to 16-bit steps of max|x over the group| / 32767
     (gemv.cl's header), each element moved by up to half a step: per token and row, |W| times half steps."""
-    if t.kind != "int4":
+    if t.kind == "f32":
         return 0.0
     T, cols = X.shape
     a = np.pad(np.abs(X.astype(np.float64)), ((0, 0), (0, -cols % t.group))).reshape(T, -1, t.group)

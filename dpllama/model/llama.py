@@ -62,6 +62,17 @@ def tile(a: np.ndarray, rows_per_tile: int) -> np.ndarray:
     return np.ascontiguousarray(a.reshape(-1, rows_per_tile, a.shape[1]).swapaxes(1, 2))
 
 
+# q8 columns in the order gemv.cl reads them: of each 8, word 0 takes 0 1 4 5 and word 1 takes 2 3 6 7
+Q8_ORDER = np.array([0, 1, 4, 5, 2, 3, 6, 7])
+
+
+def q8_words(q: np.ndarray) -> np.ndarray:
+    """int8 [rows, cols_p] -> uint32 [rows, cols_p / 4]: 4 columns a word, as bytes q + 128 (gemv.cl's header)."""
+    rows, cols_p = q.shape
+    b = q.reshape(rows, cols_p // 8, 8)[:, :, Q8_ORDER].view(np.uint8) ^ np.uint8(0x80)
+    return np.ascontiguousarray(b).reshape(rows, cols_p).view("<u4")
+
+
 def rope_table(seq_len: int, head_dim: int, theta: float) -> np.ndarray:
     """(cos, sin) of pos * theta^(-2i/head_dim) for every position and pair, float32[seq, hd/2, 2],
     in float32 arithmetic as llama2.c's run.c computes it."""
@@ -102,6 +113,8 @@ class DeviceTensor:
         if t.kind == "f32" and cols_p != t.cols:      # kernels read 8-wide blocks
             data = np.zeros((t.rows, cols_p), np.float32)
             data[:, :t.cols] = t.data
+        if t.kind == "q8":
+            data = q8_words(data)
         self.rows, self.cols, self.cols_p = t.rows, t.cols, cols_p
         self.nbytes = t.nbytes
         self.buffers = [q.buffer(host=tile(a.view(np.uint16) if a.dtype == np.float16 else a, rows_per_tile),

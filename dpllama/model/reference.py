@@ -1,8 +1,9 @@
 """NumPy reference forward pass: llama2.c run.c's math in float32, one token at a time.
 
 It is the oracle the device kernels are tested against, so it favours being obviously right over being
-fast: weights are dequantized once to float32, activations and the KV cache stay float32, except that an
-int4 matrix multiplies its input rounded to 16-bit steps per group, as the kernels do (gemv.cl's header).
+fast: weights are dequantized once to float32, activations and the KV cache stay float32, except that a
+quantized (q8, int4) matrix multiplies its input rounded to 16-bit steps per group, as the kernels do
+(gemv.cl's header).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 def round_to_int16_steps(x: np.ndarray, group: int) -> np.ndarray:
     """x with each group of `group` elements rounded to a multiple of max|x over the group| / 32767: what
-    the int4 kernels multiply (they take x as 16-bit integers and one scale per group)."""
+    the q8 and int4 kernels multiply (they take x as 16-bit integers and one scale per group)."""
     xg = np.pad(x, (0, -x.size % group)).reshape(-1, group)
     top = np.abs(xg).max(axis=1, keepdims=True)
     inv = np.divide(f32(32767), top, out=np.zeros_like(top), where=top > 0)
@@ -32,10 +33,10 @@ class Matrix:
 
     def __init__(self, t):
         self.w = t.dequantize()
-        self.int4_group = t.group if t.kind == "int4" else 0
+        self.group = t.group if t.kind != "f32" else 0      # quantized: its input is rounded per group
 
     def __matmul__(self, x: np.ndarray) -> np.ndarray:
-        return self.w @ (round_to_int16_steps(x, self.int4_group) if self.int4_group else x)
+        return self.w @ (round_to_int16_steps(x, self.group) if self.group else x)
 
 
 class Reference:
