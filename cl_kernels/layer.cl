@@ -29,40 +29,84 @@ __kernel void attention(__global const float *query, __global const float *k_cac
     __global float *a = att + ((size_t)n * n_heads + h) * seq_p;
     const float scale = rsqrt((float)head_dim);
 
-    float m = -INFINITY;
+    // vector running max and sum, reduced once at the end: fmax and a per-lane scalar loop cost calls and
+    // scalar work in every iteration on PoCL
+    floatP mv = -INFINITY;
     for (int t0 = lid * POS_VEC; t0 <= pos; t0 += L * POS_VEC) {
-        floatP s = 0.0f;
-        for (int d = 0; d < head_dim; d++) s += q[d] * *(__global const floatP *)(kh + (size_t)d * seq_p + t0);
-        s *= scale;
-        for (int i = 0; i < POS_VEC; i++)
-            if (t0 + i > pos) ((float *)&s)[i] = -INFINITY;     // the vector ran past the causal edge
+        // four independent chains of FMAs (one would wait on each one's latency); head_dim is even (RoPE pairs)
+        floatP s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+        __global const float *kt = kh + t0;
+        int d = 0;
+        for (; d + 4 <= head_dim; d += 4) {
+            s0 += q[d] * *(__global const floatP *)(kt + (size_t)d * seq_p);
+            s1 += q[d + 1] * *(__global const floatP *)(kt + (size_t)(d + 1) * seq_p);
+            s2 += q[d + 2] * *(__global const floatP *)(kt + (size_t)(d + 2) * seq_p);
+            s3 += q[d + 3] * *(__global const floatP *)(kt + (size_t)(d + 3) * seq_p);
+        }
+        for (; d < head_dim; d += 2) {
+            s0 += q[d] * *(__global const floatP *)(kt + (size_t)d * seq_p);
+            s1 += q[d + 1] * *(__global const floatP *)(kt + (size_t)(d + 1) * seq_p);
+        }
+        floatP s = ((s0 + s1) + (s2 + s3)) * scale;
+        if (t0 + POS_VEC > pos + 1)                                 // the vector runs past the causal edge
+            for (int i = pos + 1 - t0; i < POS_VEC; i++) ((float *)&s)[i] = -INFINITY;
         *(__global floatP *)(a + t0) = s;
-        for (int i = 0; i < POS_VEC; i++) m = fmax(m, ((float *)&s)[i]);
+        mv = s > mv ? s : mv;
     }
+    float m = -INFINITY;
+    for (int i = 0; i < POS_VEC; i++) m = m > ((float *)&mv)[i] ? m : ((float *)&mv)[i];
     m = group_max(m, scratch);
-    float sum = 0.0f;
+    floatP sv = 0.0f;
     for (int t0 = lid * POS_VEC; t0 <= pos; t0 += L * POS_VEC) {
         const floatP e = exp(*(__global floatP *)(a + t0) - m);
         *(__global floatP *)(a + t0) = e;
-        for (int i = 0; i < POS_VEC; i++) sum += ((const float *)&e)[i];
+        sv += e;
     }
+    float sum = 0.0f;
+    for (int i = 0; i < POS_VEC; i++) sum += ((float *)&sv)[i];
     sum = group_sum(sum, scratch);   // its barriers also publish a[] to the whole group
     barrier(CLK_GLOBAL_MEM_FENCE);
     for (int d0 = lid * HD_VEC; d0 < head_dim; d0 += L * HD_VEC) {
-        floatH o = 0.0f;
-        for (int t = 0; t <= pos; t++) o += a[t] * *(__global const floatH *)(vh + (size_t)t * kv_dim + d0);
-        *(__global floatH *)(out + (size_t)n * out_stride + h * head_dim + d0) = o / sum;
+        floatH o0 = 0.0f, o1 = 0.0f, o2 = 0.0f, o3 = 0.0f;    // four chains, as for the scores
+        __global const float *vd = vh + d0;
+        int t = 0;
+        for (; t + 4 <= pos + 1; t += 4) {
+            o0 += a[t] * *(__global const floatH *)(vd + (size_t)t * kv_dim);
+            o1 += a[t + 1] * *(__global const floatH *)(vd + (size_t)(t + 1) * kv_dim);
+            o2 += a[t + 2] * *(__global const floatH *)(vd + (size_t)(t + 2) * kv_dim);
+            o3 += a[t + 3] * *(__global const floatH *)(vd + (size_t)(t + 3) * kv_dim);
+        }
+        for (; t <= pos; t++) o0 += a[t] * *(__global const floatH *)(vd + (size_t)t * kv_dim);
+        *(__global floatH *)(out + (size_t)n * out_stride + h * head_dim + d0) = ((o0 + o1) + (o2 + o3)) / sum;
     }
 }
 
 // Greedy sampling on the device, one work-group: the first index of the largest logit becomes
-// tokens[pos + 1] (unless that slot still holds a prompt token), then pos advances.
+// tokens[pos + 1] (unless that slot still holds a prompt token), then pos advances. Each work-item scans a
+// contiguous run of 16-float vectors, keeping per lane the largest value and the first vector that held it
+// (vector compares and selects: PoCL makes fmax a call and does not vectorize a scalar scan); work-item 0
+// also takes the n % 16 tail; a tree joins them.
 __kernel void argmax_next(__global const float *logits, __global int *tokens, __global int *state, const int n,
                           __local float *best, __local int *best_i) {
     const int lid = get_local_id(0), L = get_local_size(0);
+    const int n16 = n / 16, per = (n16 + L - 1) / L, v0 = min(lid * per, n16), v1 = min(v0 + per, n16);
+    __global const float16 *l16 = (__global const float16 *)logits;
+    float16 m = -INFINITY;
+    int16 at = 0;
+    for (int v = v0; v < v1; v++) {
+        const float16 a = l16[v];
+        const int16 gt = a > m;
+        m = gt ? a : m;
+        at = gt ? (int16)(v) : at;
+    }
     float bv = -INFINITY;
     int bi = 0x7fffffff;
-    for (int i = lid; i < n; i += L)
+    for (int lane = 0; lane < 16 && v0 < v1; lane++) {
+        const float mv = ((const float *)&m)[lane];
+        const int i = ((const int *)&at)[lane] * 16 + lane;
+        if (mv > bv || (mv == bv && i < bi)) { bv = mv; bi = i; }
+    }
+    for (int i = 16 * n16; i < n && lid == 0; i++)
         if (logits[i] > bv) { bv = logits[i]; bi = i; }
     best[lid] = bv;
     best_i[lid] = bi;

@@ -9,7 +9,8 @@ the queue derives the wait list of a submission itself:
     write after write  -> wait for the last writer
 
 On an out-of-order queue that is what orders the work, and independent kernels may overlap; on an
-in-order queue the device orders it anyway and the wait lists are skipped. Host accessors
+in-order queue the device orders it anyway, so nothing is tracked: a decode step enqueues ~150 commands,
+and the bookkeeping cost more host time per command than the launch itself. Host accessors
 (`Buffer.get`, `Buffer.set`) block only until the work they depend on is done.
 """
 from __future__ import annotations
@@ -89,6 +90,8 @@ class Buffer:
         return deps + self.reads if mode & WRITE else deps
 
     def _record(self, mode: int, event: cl.Event) -> None:
+        if not self.queue.out_of_order:
+            return
         if mode & WRITE:
             self.last_write, self.reads = event, []
         else:
@@ -130,10 +133,10 @@ class Command:
     global_size: tuple
     local_size: tuple | None
     accessors: list[Accessor] = field(default_factory=list)
+    name: str = field(init=False)
 
-    @property
-    def name(self) -> str:
-        return self.kernel.function_name
+    def __post_init__(self):
+        self.name = self.kernel.function_name    # a driver query: once, not at every launch
 
     def launch(self, cl_queue, wait):
         return cl.enqueue_nd_range_kernel(cl_queue, self.kernel, self.global_size, self.local_size, wait_for=wait)
@@ -224,12 +227,12 @@ class Queue:
 
     def enqueue(self, cmd: Command | CopyCommand) -> Event:
         """Launch a bound command with the wait list its accessors imply."""
-        wait = None
         if self.out_of_order:
-            wait = [e for a in cmd.accessors for e in a.buffer._deps(a.mode)] or None
-        ev = cmd.launch(self.cl_queue, wait)
-        for a in cmd.accessors:
-            a.buffer._record(a.mode, ev)
+            ev = cmd.launch(self.cl_queue, [e for a in cmd.accessors for e in a.buffer._deps(a.mode)] or None)
+            for a in cmd.accessors:
+                a.buffer._record(a.mode, ev)
+        else:
+            ev = cmd.launch(self.cl_queue, None)
         self.launches += 1
         event = Event(ev, cmd.name)
         if self.profiling:
