@@ -374,7 +374,7 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T):
 
 
 @pytest.mark.parametrize("local", [1, 64, 256])
-@pytest.mark.parametrize("n", [1, 5, 97, 1000])
+@pytest.mark.parametrize("n", [1, 5, 97, 1000, 4096])
 def test_argmax_next(q, n, local):
     prog = layer_program(q)
     rng = np.random.default_rng(n + local)
@@ -385,9 +385,9 @@ def test_argmax_next(q, n, local):
         if trial >= 2 and n > 1:               # a tie for the maximum at 2..4 indices
             ties = rng.choice(n, size=min(n, trial), replace=False)
             logits[ties] = logits.max() + 1
-        if trial == 5 and n >= 65:             # the smaller index in a later work-item, the larger in item 0
-            logits[:] = 0
-            logits[[64, 5]] = 1
+        if trial == 5 and n >= 65:             # the smaller index in a later work-item, the larger in item 0,
+            logits[:] = 0                      # and 5 and 21 share a vector lane (5 comes first)
+            logits[[64, 21, 5]] = 1
         expected = int(np.flatnonzero(logits == logits.max())[0])
         pos, n_prompt = 3, 2 + 3 * (trial % 2)    # odd trials: pos + 1 < n_prompt, a prompt token's slot
         tokens0 = np.arange(100, 110, dtype=np.int32)
