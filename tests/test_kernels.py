@@ -389,7 +389,7 @@ def test_argmax_next(q, n, local):
             logits[:] = 0                      # and 5 and 21 share a vector lane (5 comes first)
             logits[[64, 21, 5]] = 1
         expected = int(np.flatnonzero(logits == logits.max())[0])
-        pos, n_prompt = 3, 2 + 3 * (trial % 2)    # odd trials: pos + 1 < n_prompt, a prompt token's slot
+        pos, n_prompt = 3, 5 if trial == 1 else 2   # trial 1: pos + 1 < n_prompt, a prompt token's slot
         tokens0 = np.arange(100, 110, dtype=np.int32)
         tb = q.buffer(host=tokens0)
         sb = q.buffer(host=np.array([pos, n_prompt], np.int32))
