@@ -72,13 +72,20 @@ inline int16 MADD(const int16 acc, const uint16 m, const int p) {
 #define BLOCK GROUP
 #endif
 
-// fp16 bits -> float with integer operations (normal numbers; subnormal scales flush to zero)
+// fp16 bits -> float: one F16C instruction where the compiler targets AVX-512, else integer operations
+// (normal numbers; subnormal scales flush to zero)
+#if ROWS == 16 && defined(__AVX512F__)
+inline float16 half_bits_to_float(const ushort16 h) {
+    return __builtin_ia32_vcvtph2ps512_mask(as_short16(h), (float16)(0.0f), (ushort)0xffff, 4);
+}
+#else
 inline floatV half_bits_to_float(const ushortV h) {
     const uintV u = convert_uintV(h);
     const uintV e = (u >> 10) & 0x1f;
     const uintV normal = ((e + 112) << 23) | ((u & 0x3ff) << 13);
     return as_floatV(((u & 0x8000) << 16) | (normal & as_uintV(e != 0)));   // not select(): a call in PoCL
 }
+#endif
 
 inline float sum8(const float8 v) {
     return (v.s0 + v.s1) + (v.s2 + v.s3) + (v.s4 + v.s5) + (v.s6 + v.s7);
@@ -238,8 +245,13 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
             sx[n] = (float)(vsum.s0 + vsum.s1) * dx[n];
 #endif
         }
-        for (int tt = 0; tt < tiles; tt++)
-            block_dot(w_, s_, m_, t0 + tt, b, cols_p, xin, xq, dx, sx, acc + tt * TOKENS);
+        // in decode a constant trip count, so that unrolled the accumulators can live in registers (in
+        // prefill TILES x TOKENS accumulators could not, and unrolling them all swamps the compiler)
+#if TOKENS == 1
+#pragma unroll
+#endif
+        for (int tt = 0; tt < TILES; tt++)
+            if (tt < tiles) block_dot(w_, s_, m_, t0 + tt, b, cols_p, xin, xq, dx, sx, acc + tt * TOKENS);
     }
     if (L > 1) {
         for (int i = 0; i < TILES * TOKENS; i++) scratch[i * L + lid] = acc[i];
