@@ -63,9 +63,10 @@ def run_once(model, prompt: list[int], n_gen: int) -> dict:
     if model.q.profiling:
         model.q.profile()            # the kernel profile is the decode's
     prompt_launches = model.q.launches - launches
-    for _ in range(n_gen - 1):
+    if n_gen > 1:
         model.step()
-        model.next_greedy()
+    for i in range(n_gen - 1):      # as generate_ids decodes greedily: each token fed before it is read
+        model.next_greedy(ahead=i < n_gen - 2)
     t2 = time.perf_counter()
     decode_s = (t2 - t1) / max(n_gen - 1, 1)
     return {

@@ -104,9 +104,10 @@ def generate_ids(model: Llama, prompt: list[int], steps: int, sampler: Sampler,
     model.feed(min(n, steps) - keep)
     yield from prompt[keep + 1:min(n, steps + 1)]
     history = list(prompt)
+    on_device = sampler.greedy and sampler.repeat_penalty == 1.0
     for pos in range(n - 1, steps):     # position pos has been fed: produce token pos + 1
-        if sampler.greedy and sampler.repeat_penalty == 1.0:
-            tok = model.next_greedy()
+        if on_device:                   # and feed it at once, before the host has even seen it
+            tok = model.next_greedy(ahead=pos + 1 < steps)
         else:
             tok = sampler.pick(model.read_logits(), history)
             model.next_given(tok)
@@ -114,4 +115,5 @@ def generate_ids(model: Llama, prompt: list[int], steps: int, sampler: Sampler,
         yield tok
         if tok in stop or pos + 1 >= steps:
             return
-        model.step()
+        if not on_device:
+            model.step()

@@ -291,10 +291,14 @@ class Llama:
         """Enqueue the forward pass of the token at the current position (logits only)."""
         self.feed(1)
 
-    def next_greedy(self) -> int:
-        """Argmax on the device into tokens[pos+1]; returns that token (4 bytes back to the host)."""
+    def next_greedy(self, ahead: bool = False) -> int:
+        """Argmax on the device into tokens[pos+1]; returns that token (4 bytes back to the host). With
+        `ahead`, the forward pass of that token (`step`) is enqueued before the read, so the device goes on
+        while the host waits, reads and returns (a stop token then costs one pass nobody reads)."""
         self.q.enqueue(self.argmax_command)
         self.pos += 1
+        if ahead:
+            self.step()
         return int(self.tokens.get(dtype=np.int32, offset=self.pos, count=1)[0])
 
     def next_given(self, token: int | None = None) -> None:
