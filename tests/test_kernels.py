@@ -15,6 +15,7 @@ for 9 formats in the CPU geometry, 4 formats in two others) and 4 layer.cl progr
 """
 from __future__ import annotations
 
+import shutil
 import types
 import zlib
 
@@ -24,7 +25,8 @@ import pytest
 from dpllama.model.llama import DeviceTensor, Llama, fuse_rows, rope_table
 from dpllama.model.quant import quantize_int4, quantize_q8
 from dpllama.model.weights import Tensor
-from dpllama.runtime import Local
+from dpllama.runtime import Local, program
+from dpllama.runtime.queue import Queue
 
 # ---- tolerances ----
 # float32 sums: in any summation order, the rounding error of a sum is at most (the longest chain of additions)
@@ -213,6 +215,35 @@ def test_gemv_kernels(q, fmt, geometry, mode, kernel):
         check_close(got[:, :rows], want, tol, what)
         # the zero rows that pad the last tile give silu(0) * 0, into the activation's zero padding
         assert not got[:, rows:].any(), f"{what}: padding outputs {got[:, rows:]} must be 0"
+
+
+# gemv.cl picks x86 instructions by the macros the compiler defines for the target (VNNI, AVX-512 F16C,
+# AVX2 pmaddwd) and plain OpenCL C otherwise. This host takes the first paths; the others, which AVX2-only
+# CPUs and GPUs take, are built here by #undef-ing those macros at the top of a copy of the kernels.
+ISA_FALLBACKS = {"avx512-no-vnni": ["__AVX512VNNI__"], "avx2": ["__AVX512VNNI__", "__AVX512F__"],
+                 "generic": ["__AVX512VNNI__", "__AVX512F__", "__AVX2__"]}
+
+
+@pytest.mark.parametrize("fmt", ["q8g32", "int4asym32"])
+@pytest.mark.parametrize("isa", list(ISA_FALLBACKS))
+def test_gemv_isa_fallbacks(q, tmp_path, monkeypatch, isa, fmt):
+    kernels = tmp_path / "cl_kernels"
+    shutil.copytree(program.KERNEL_DIR, kernels)
+    gemv = kernels / "gemv.cl"
+    gemv.write_text("".join(f"#undef {m}\n" for m in ISA_FALLBACKS[isa]) + gemv.read_text())
+    monkeypatch.setattr(program, "KERNEL_DIR", kernels)
+    fq = Queue(q.device, out_of_order=False, build_options=q.build_options)
+    fq.config = q.config
+    rng = np.random.default_rng(zlib.crc32(f"{isa} {fmt}".encode()))
+    rows, cols = SHAPES[-1]
+    t = FORMATS[fmt](rng.standard_normal((rows, cols)).astype(np.float32))
+    for T in (1, GEOMETRIES["cpu"][-1]):                  # the decode and the prefill program
+        X = rng.standard_normal((T, cols)).astype(np.float32)
+        Y0 = rng.standard_normal((T, rows)).astype(np.float32)
+        got = run_gemv(fq, "gemv_add", t, "cpu", X, Y0=Y0)
+        want = X.astype(np.float64) @ t.dequantize().astype(np.float64).T + Y0
+        tol = gemv_rtol(t.cols_padded) * (error_scale(t, np.abs(X).T).T + np.abs(Y0)) + x_rounding(t, X) + GEMV_ATOL
+        check_close(got, want, tol, f"gemv_add {fmt} without {ISA_FALLBACKS[isa]} T={T}")
 
 
 EMBED_PARAMS = [(fmt, geo) for geo in ("cpu", "gpu") for fmt in GEOMETRY_FORMATS[geo]]
