@@ -7,8 +7,9 @@ llama.cpp comes from llama-cpp-python (the `bench` extra: `pip install '.[bench]
 several minutes); it runs with the same thread count as the machine's cores. Each round measures
 dpllama, then llama.cpp, on the same prompt, so drift on a noisy machine hits both; the ratios are the
 result. Then a random llama2.c checkpoint of stories15M's shape (dim 288, hidden 768, 6 layers, 6 heads,
-vocab 32000, seq 256) measures dpllama's fp32 and int4 decode against the machine's streaming read
-bandwidth, measured in the same run by a kernel that only reads. Not part of the test suite.
+vocab 32000, seq 256) measures dpllama's fp32 and int4 decode (with the tied embedding / classifier in
+8 bits, `dpllama quantize`'s default, and in int4 too), in interleaved rounds, against the machine's
+streaming read bandwidth, measured in the same run by a kernel that only reads. Not part of the test suite.
 """
 from __future__ import annotations
 
@@ -58,7 +59,10 @@ def random_stories15m(kind: str, seed: int = 0) -> Weights:
         return Tensor.f32(w) if kind == "f32" else quantize_int4(w, 32, symmetric=False)
 
     emb = rng.standard_normal((c.vocab_size, c.dim), np.float32) * 0.02
-    tok = Tensor.f32(emb) if kind == "f32" else quantize_q8(emb, 32)
+    # "int4": the tied embedding / classifier in 8 bits, as `dpllama quantize` keeps it by default;
+    # "int4-all": in int4 too (`--keep-8bit none`)
+    tok = {"f32": Tensor.f32, "int4": lambda e: quantize_q8(e, 32),
+           "int4-all": lambda e: quantize_int4(e, 32, symmetric=False)}[kind](emb)
     layers = [Layer(np.ones(c.dim, np.float32), mat(c.dim, c.dim), mat(c.kv_dim, c.dim), mat(c.kv_dim, c.dim),
                     mat(c.dim, c.dim), np.ones(c.dim, np.float32), mat(c.hidden_dim, c.dim),
                     mat(c.dim, c.hidden_dim), mat(c.hidden_dim, c.dim)) for _ in range(c.n_layers)]
@@ -102,7 +106,7 @@ def main() -> None:
 
     print("stories15M shape: fp32 and int4 decode vs streaming bandwidth", file=sys.stderr, flush=True)
     bw = read_bandwidth_gb_s(queue)
-    small = {kind: Llama(random_stories15m(kind), queue) for kind in ("f32", "int4")}
+    small = {kind: Llama(random_stories15m(kind), queue) for kind in ("f32", "int4", "int4-all")}
     for m in small.values():
         run_once(m, [1], 8)                               # warm-up
     tps = {kind: [] for kind in small}
@@ -117,7 +121,8 @@ def main() -> None:
     result = {"model": str(path), "device": str(queue.device), "threads": args.threads,
               "prompt_tokens": args.prompt, "generated_tokens": args.gen, "rounds": rounds, "median": med,
               "stream_read_gb_s": bw, "stories15m": roof,
-              "int4_over_fp32_decode": statistics.median(a / b for a, b in zip(tps["int4"], tps["f32"]))}
+              **{f"{kind}_over_fp32_decode": statistics.median(a / b for a, b in zip(tps[kind], tps["f32"]))
+                 for kind in ("int4", "int4-all")}}
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -129,9 +134,11 @@ def main() -> None:
     print(f"{'ratio':10} {med['prompt_ratio']:13.2f} {med['decode_ratio']:13.2f}")
     print(f"streaming read bandwidth (read-only kernel): {bw:.1f} GB/s")
     for kind, r in roof.items():
-        print(f"stories15M {kind:4}: {r['decode_tok_s']:7.1f} tok/s, {r['weight_mb']:.1f} MB/token, "
+        print(f"stories15M {kind:8}: {r['decode_tok_s']:7.1f} tok/s, {r['weight_mb']:.1f} MB/token, "
               f"{r['weight_gb_s']:.1f} GB/s = {100 * r['of_stream_bw']:.0f}% of streaming bandwidth")
-    print(f"int4 / fp32 decode: {result['int4_over_fp32_decode']:.2f}x (median of {args.rounds} interleaved rounds)")
+    for kind in ("int4", "int4-all"):
+        print(f"{kind} / fp32 decode: {result[kind + '_over_fp32_decode']:.2f}x "
+              f"(median of {args.rounds} interleaved rounds)")
 
 
 if __name__ == "__main__":
