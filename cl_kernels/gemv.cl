@@ -36,7 +36,6 @@
 #define floatV CAT(float, ROWS)
 #define uintV CAT(uint, ROWS)
 #define ushortV CAT(ushort, ROWS)
-#define charV CAT(char, ROWS)
 #define convert_floatV CAT(convert_float, ROWS)
 #define convert_uintV CAT(convert_uint, ROWS)
 #define as_floatV CAT(as_float, ROWS)
@@ -73,7 +72,7 @@ inline int16 MADD(const int16 acc, const uint16 m, const int p) {
 #endif
 
 // fp16 bits -> float: one F16C instruction where the compiler targets AVX-512, else integer operations
-// (normal numbers; subnormal scales flush to zero)
+// (those handle normal numbers; subnormal scales flush to zero)
 #if ROWS == 16 && defined(__AVX512F__)
 inline float16 half_bits_to_float(const ushort16 h) {
     return __builtin_ia32_vcvtph2ps512_mask(as_short16(h), (float16)(0.0f), (ushort)0xffff, 4);
