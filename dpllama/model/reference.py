@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpllama.model.weights import Weights, layer_shapes
+from dpllama.model.weights import Tensor, Weights, layer_shapes
 
 f32 = np.float32
 
@@ -31,7 +31,7 @@ def round_to_int16_steps(x: np.ndarray, group: int) -> np.ndarray:
 class Matrix:
     """W as float32 [rows, cols]; `w @ x` is what the device computes for it."""
 
-    def __init__(self, t):
+    def __init__(self, t: Tensor):
         self.w = t.dequantize()
         self.group = t.group if t.kind != "f32" else 0      # quantized: its input is rounded per group
 
