@@ -209,16 +209,13 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
             __global const float8 *xr = (__global const float8 *)(x + (size_t)(tok0 + n) * x_stride + BLOCK * b);
             __global const float8 *gb = (__global const float8 *)(g + BLOCK * b);
             const int live = tok0 + n < T;
-            float8 sq = 0.0f, sum = 0.0f;     // 8 lanes at a time: this is per-row-group scalar work otherwise
+            float8 sq = 0.0f;                 // 8 lanes at a time: this is per-row-group scalar work otherwise
             for (int c = 0; c < BLOCK / 8; c++) {
                 const float8 v = live ? xr[c] : (float8)(0.0f);
                 sq += v * v;
-                const float8 xv = norm ? v * gb[c] : v;
-                *(__private float8 *)(xin + n * BLOCK + 8 * c) = xv;
-                sum += xv;
+                *(__private float8 *)(xin + n * BLOCK + 8 * c) = norm ? v * gb[c] : v;
             }
             ss[n] += sum8(sq);
-            sx[n] = sum8(sum);
 #if !defined(W_F32)
             // max |x| and rounding with plain arithmetic: fabs, fmax and convert_*_rte are calls in PoCL
             uint8 amax = 0;
@@ -238,7 +235,8 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
                 *(__private int4 *)(xq + n * (BLOCK / 2) + 4 * c) = (v.lo & 0xffff) | (v.hi << 16);
                 vsum += v;
             }
-            // the sum of the rounded block, so that the kernel computes W times the rounded x exactly
+            // the block sum that q8's and int4's offsets need: of the rounded block, so that the kernel
+            // computes W times the rounded x exactly
             vsum.lo += vsum.hi;
             vsum.lo.lo += vsum.lo.hi;
             sx[n] = (float)(vsum.s0 + vsum.s1) * dx[n];
