@@ -61,6 +61,14 @@ inline int16 MADD(const int16 acc, const uint16 m, const int p) {
 #endif
 // independent accumulators per token: one chain of dependent multiply-adds would wait on each one's latency
 #define CHAINS (TOKENS >= 4 ? 1 : 4)
+// pairs of weights a packed word yields, and the mask that leaves one pair in a lane's 16-bit halves
+#if defined(W_Q8)
+#define PAIRS 2
+#define PAIR_MASK 0x00ff00ffu
+#else
+#define PAIRS 4
+#define PAIR_MASK 0x000f000fu
+#endif
 #endif
 
 #define WEIGHT_ARGS __global const void *w_, __global const void *s_, __global const void *m_
@@ -107,32 +115,22 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
     intV part[TOKENS * CHAINS];
 #pragma unroll
     for (int i = 0; i < TOKENS * CHAINS; i++) part[i] = 0;
-#if defined(W_Q8)
-    __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 4) + (BLOCK / 4) * b;
+    // a packed word holds PAIRS pairs of the block (q8: 2 of bytes, int4: 4 of nibbles; see the header)
+    __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / (2 * PAIRS)) + (BLOCK / (2 * PAIRS)) * b;
 #pragma unroll
-    for (int j = 0; j < BLOCK / 4; j++) {
+    for (int j = 0; j < BLOCK / (2 * PAIRS); j++) {
         const uintV u = w[j];
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int k = 2 * j + h;                                // pair k of the block
-            const uintV m = (u >> (uint)(8 * h)) & 0x00ff00ffu;     // bytes h and h + 2
+        for (int h = 0; h < PAIRS; h++) {
+            const int k = PAIRS * j + h;                                        // pair k of the block
+            const uintV m = (u >> (uint)(16 / PAIRS * h)) & PAIR_MASK;          // its two weights
             for (int n = 0; n < TOKENS; n++)
                 part[n * CHAINS + k % CHAINS] = MADD(part[n * CHAINS + k % CHAINS], m, xq[n * (BLOCK / 2) + k]);
         }
     }
+#if defined(W_Q8)
     const floatV s = ((__global const floatV *)s_)[(size_t)t * (cols_p / GROUP) + b];
 #elif defined(W_INT4)
-    __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 8) + (BLOCK / 8) * b;
-#pragma unroll
-    for (int j = 0; j < BLOCK / 8; j++) {
-        const uintV u = w[j];
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            const uintV m = (u >> (uint)(4 * k)) & 0x000f000fu;   // nibbles k and k + 4
-            for (int n = 0; n < TOKENS; n++)
-                part[n * CHAINS + k % CHAINS] = MADD(part[n * CHAINS + k % CHAINS], m, xq[n * (BLOCK / 2) + 4 * j + k]);
-        }
-    }
     const size_t g = (size_t)t * (cols_p / GROUP) + b;
     const floatV s = half_bits_to_float(((__global const ushortV *)s_)[g]);
 #if defined(ASYM)
