@@ -31,8 +31,6 @@
 // an add on AVX2), where float math spends a conversion and an FMA per weight, and for int4 a shift and a
 // mask on top (measured: int4 2-3x faster). The offsets (q - 8, q + 128) go into the block sum of x.
 
-#define CAT_(a, b) a##b
-#define CAT(a, b) CAT_(a, b)
 #define floatV CAT(float, ROWS)
 #define uintV CAT(uint, ROWS)
 #define ushortV CAT(ushort, ROWS)
@@ -177,17 +175,17 @@ inline float weight_at(WEIGHT_ARGS, const int r, const int c, const int cols_p) 
 #endif
 }
 
-// The shared body: for the TILES tiles from t0 = get_group_id(0) * TILES (those < the tile count)
+// The shared body: for the `tiles` (<= TILES) tiles from t0 (a work-group's own: GROUP_TILES(rows))
 // and the TOKENS input rows from tok0 = get_group_id(1) * TOKENS (those < T; x's rows are x_stride
 // apart), acc[tt * TOKENS + n] = tile t0 + tt times row tok0 + n of x, or of x * g / rms(x) when
 // `norm` (RMSNorm fused into the projection after it). Preparing a block of x is scalar work, so a
 // work-group shares it among TILES * ROWS rows. The get_local_size(0) work-items of a group split the
 // columns (GPUs; 1 on CPUs). The result is valid in work-item 0.
 inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float *g, const int norm,
-                      const int rows, const int cols, const int cols_p, const int T, const int x_stride,
-                      const float eps, __local floatV *scratch, __local float *scratch_ss, __private floatV *acc) {
+                      const int t0, const int tiles, const int cols, const int cols_p, const int T,
+                      const int x_stride, const float eps, __local floatV *scratch, __local float *scratch_ss,
+                      __private floatV *acc) {
     const int lid = get_local_id(0), L = get_local_size(0);
-    const int t0 = get_group_id(0) * TILES, tiles = min(TILES, (rows + ROWS - 1) / ROWS - t0);
     const int tok0 = get_group_id(1) * TOKENS;
     float ss[TOKENS], sx[TOKENS];
     float8 xin8[TOKENS * BLOCK / 8];        // float8-aligned storage for the prepared blocks
@@ -248,6 +246,7 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
         for (int tt = 0; tt < TILES; tt++)
             if (tt < tiles) block_dot(w_, s_, m_, t0 + tt, b, cols_p, xin, xq, dx, sx, acc + tt * TOKENS);
     }
+#if !defined(SOLO)
     if (L > 1) {
         for (int i = 0; i < TILES * TOKENS; i++) scratch[i * L + lid] = acc[i];
         for (int n = 0; n < TOKENS; n++) scratch_ss[n * L + lid] = ss[n];
@@ -262,6 +261,7 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
         for (int i = 0; i < TILES * TOKENS; i++) acc[i] = scratch[i * L];
         for (int n = 0; n < TOKENS; n++) ss[n] = scratch_ss[n * L];
     }
+#endif
     if (norm)
         for (int i = 0; i < TILES * TOKENS; i++) acc[i] *= rsqrt(ss[i % TOKENS] / cols + eps);
 }
@@ -288,11 +288,13 @@ inline void store_rows(__global float *y, __private const floatV *acc, const int
 #define GEMV_ARGS const int rows, const int cols, const int cols_p, const int T, const int x_stride, \
                   const int y_stride
 #define GEMV_SCRATCH __local floatV *scratch, __local float *scratch_ss
+// a work-group's tiles of a matrix of `rows` rows: the first, and how many (the last group's may be fewer)
+#define GROUP_TILES(rows) (int)get_group_id(0) * TILES, min(TILES, ((rows) + ROWS - 1) / ROWS - (int)get_group_id(0) * TILES)
 
 // y += W x: a projection that feeds the residual stream adds itself in
 __kernel void gemv_add(WEIGHT_ARGS, __global const float *x, __global float *y, GEMV_ARGS, GEMV_SCRATCH) {
     floatV acc[TILES * TOKENS];
-    tile_rows(w_, s_, m_, x, x, 0, rows, cols, cols_p, T, x_stride, 0.0f, scratch, scratch_ss, acc);
+    tile_rows(w_, s_, m_, x, x, 0, GROUP_TILES(rows), cols, cols_p, T, x_stride, 0.0f, scratch, scratch_ss, acc);
     store_rows(y, acc, rows, T, y_stride, 1);
 }
 
@@ -300,7 +302,7 @@ __kernel void gemv_add(WEIGHT_ARGS, __global const float *x, __global float *y, 
 __kernel void gemv_norm(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
                         GEMV_ARGS, const float eps, GEMV_SCRATCH) {
     floatV acc[TILES * TOKENS];
-    tile_rows(w_, s_, m_, x, g, 1, rows, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
+    tile_rows(w_, s_, m_, x, g, 1, GROUP_TILES(rows), cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
     store_rows(y, acc, rows, T, y_stride, 0);
 }
 
@@ -310,7 +312,7 @@ __kernel void gemv_norm(WEIGHT_ARGS, __global const float *x, __global const flo
 __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
                                GEMV_ARGS, const float eps, GEMV_SCRATCH) {
     floatV acc[TILES * TOKENS];
-    tile_rows(w_, s_, m_, x, g, 1, rows, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
+    tile_rows(w_, s_, m_, x, g, 1, GROUP_TILES(rows), cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
     const int tok0 = get_group_id(1) * TOKENS;
     if (get_local_id(0) != 0) return;
     for (int tt = 0; tt < TILES; tt++) {
@@ -327,20 +329,19 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
 // [q; k; v] = [Wq; Wk; Wv] rmsnorm(x, g), then RoPE on q and k at each token's position pos + n
 // (adjacent pairs (x[2i], x[2i+1]) of every head turned by pos * theta^(-2i/head_dim), llama2.c's and
 // llama.cpp's rotation; rope holds (cos, sin) of those angles [seq][head_dim / 2], made on the host).
-// q goes to y; k and v go straight into this layer's KV cache (layout in layer.cl's header): QKV, RoPE
+// q goes to y; k and v go straight into this layer's KV cache (layout in common.cl): QKV, RoPE
 // and the cache append in one launch. ROWS is even and tiles start at multiples of ROWS, so a pair
 // never straddles two tiles.
-__kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
-                                GEMV_ARGS, const float eps, __global float *k_cache, __global float *v_cache,
-                                __global const int *state, __global const float *rope, const int q_dim,
-                                const int kv_dim, const int head_dim, const int seq_p, const int cache_offset,
-                                GEMV_SCRATCH) {
-    floatV acc[TILES * TOKENS];
-    tile_rows(w_, s_, m_, x, g, 1, rows, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
+#define QKV_ARGS __global float *k_cache, __global float *v_cache, __global const int *state, \
+                 __global const float *rope, const int q_dim, const int kv_dim, const int head_dim, \
+                 const int seq_p, const int cache_offset
+
+// Rotate and store the rows of `tiles` tiles from t0 (work-item 0's acc) as q, k or v.
+inline void store_qkv(__private const floatV *acc, const int t0, const int tiles, const int rows, const int T,
+                      __global float *y, const int y_stride, QKV_ARGS) {
     const int tok0 = get_group_id(1) * TOKENS;
-    if (get_local_id(0) != 0) return;
-    for (int tt = 0; tt < TILES; tt++) {
-        const int first = (get_group_id(0) * TILES + tt) * ROWS;
+    for (int tt = 0; tt < tiles; tt++) {
+        const int first = (t0 + tt) * ROWS;
         for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
             const int pos = state[0] + tok0 + n;
             for (int i = 0; i < ROWS && first + i < rows; i += 2) {
@@ -368,6 +369,42 @@ __kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global c
         }
     }
 }
+
+__kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
+                                GEMV_ARGS, const float eps, QKV_ARGS, GEMV_SCRATCH) {
+    floatV acc[TILES * TOKENS];
+    tile_rows(w_, s_, m_, x, g, 1, GROUP_TILES(rows), cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
+    if (get_local_id(0) == 0)
+        store_qkv(acc, GROUP_TILES(rows), rows, T, y, y_stride, k_cache, v_cache, state, rope, q_dim, kv_dim,
+                  head_dim, seq_p, cache_offset);
+}
+
+#if defined(POS_VEC) && defined(SOLO)
+// One decode step's QKV and attention in one launch (TOKENS = 1; built with POS_VEC and HD_VEC, GQA = query
+// heads per KV head, and TILES = the tiles of GQA heads' rows, head_dim a multiple of ROWS): work-group j
+// takes KV head j's rows of the stacked [Wq; Wk; Wv], its GQA query heads' q, its k and its v (three runs
+// of tiles), stores them as gemv_norm_rope_kv does, then attends for those query heads (common.cl's
+// attend). It saves a launch per layer, which dominates small models' steps; with fewer KV heads than
+// cores it would idle some. Work-groups of one work-item only (CPU configs): where several share a
+// tile's columns (GPUs), barriers would sit between the parts, and PoCL's compiler ran for minutes on
+// that build, so it could not be tested here.
+__kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
+                            GEMV_ARGS, const float eps, QKV_ARGS, __global float *att, __global float *att_out,
+                            const int n_heads, const int out_stride, GEMV_SCRATCH, __local float *att_scratch) {
+    const int j = get_group_id(0), ht = head_dim / ROWS;
+    for (int part = 0; part < 3; part++) {      // q of the GQA heads, k, v
+        const int t0 = part == 0 ? j * GQA * ht : (q_dim + (part - 1) * kv_dim) / ROWS + j * ht;
+        const int tiles = part == 0 ? GQA * ht : ht;
+        floatV acc[TILES];
+        tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
+        store_qkv(acc, t0, tiles, rows, T, y, y_stride, k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim,
+                  seq_p, cache_offset);
+    }
+    for (int h = 0; h < GQA; h++)
+        attend(j * GQA + h, 0, y, k_cache, v_cache, att, att_out, state, n_heads, kv_dim / head_dim, head_dim,
+               seq_p, y_stride, out_stride, cache_offset, att_scratch);
+}
+#endif
 
 // x[n] = row tokens[pos + n] of the embedding table, dequantized (state = {pos, ...}); global (any, T)
 __kernel void embed(WEIGHT_ARGS, __global const int *tokens, __global const int *state, __global float *x,

@@ -3,82 +3,14 @@
 // `state` is the model's small int buffer {pos, n_prompt}: kernels read the position from it, so a
 // recorded token step can be replayed without re-binding arguments.
 
-#define CAT_(a, b) a##b
-#define CAT(a, b) CAT_(a, b)
-#define floatP CAT(float, POS_VEC)      // a run of positions (-DPOS_VEC: 2, 4, 8 or 16)
-#define floatH CAT(float, HD_VEC)       // a run of head dimensions (-DHD_VEC divides head_dim)
-
-// KV cache layout, per layer: keys [kv_dim][seq_p] (each channel's positions side by side, so one
-// vector load gives a channel of POS_VEC positions), values [seq_p][kv_dim] (each position's channels
-// side by side). seq_p is seq_len rounded up to POS_VEC. gemv.cl's gemv_norm_rope_kv fills it.
-
-// Attention for query head h = group 0 of token n = group 1, at position state[0] + n, over cache
-// positions 0..pos (causal). Query head h reads key/value head h / (n_heads / n_kv_heads) (grouped-
-// query attention). att is scratch [T][n_heads][seq_p] for the scores. The L threads of a group
-// split the positions for the scores and the head dimensions for the weighted sum of values.
+// The attention kernel (common.cl's attend), one work-group per head and token.
 __kernel void attention(__global const float *query, __global const float *k_cache, __global const float *v_cache,
                         __global float *att, __global float *out, __global const int *state,
                         const int n_heads, const int n_kv_heads, const int head_dim, const int seq_p,
                         const int q_stride, const int out_stride, const int cache_offset,
                         __local float *scratch) {
-    const int h = get_group_id(0), n = get_group_id(1), lid = get_local_id(0), L = get_local_size(0);
-    const int pos = state[0] + n, kv_dim = n_kv_heads * head_dim, kvh = h / (n_heads / n_kv_heads);
-    __global const float *q = query + (size_t)n * q_stride + h * head_dim;
-    __global const float *kh = k_cache + cache_offset + (size_t)kvh * head_dim * seq_p;
-    __global const float *vh = v_cache + cache_offset + kvh * head_dim;
-    __global float *a = att + ((size_t)n * n_heads + h) * seq_p;
-    const float scale = rsqrt((float)head_dim);
-
-    // vector running max and sum, reduced once at the end: fmax and a per-lane scalar loop cost calls and
-    // scalar work in every iteration on PoCL
-    floatP mv = -INFINITY;
-    for (int t0 = lid * POS_VEC; t0 <= pos; t0 += L * POS_VEC) {
-        // four independent chains of FMAs (one would wait on each one's latency); head_dim is even (RoPE pairs)
-        floatP s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-        __global const float *kt = kh + t0;
-        int d = 0;
-        for (; d + 4 <= head_dim; d += 4) {
-            s0 += q[d] * *(__global const floatP *)(kt + (size_t)d * seq_p);
-            s1 += q[d + 1] * *(__global const floatP *)(kt + (size_t)(d + 1) * seq_p);
-            s2 += q[d + 2] * *(__global const floatP *)(kt + (size_t)(d + 2) * seq_p);
-            s3 += q[d + 3] * *(__global const floatP *)(kt + (size_t)(d + 3) * seq_p);
-        }
-        for (; d < head_dim; d += 2) {
-            s0 += q[d] * *(__global const floatP *)(kt + (size_t)d * seq_p);
-            s1 += q[d + 1] * *(__global const floatP *)(kt + (size_t)(d + 1) * seq_p);
-        }
-        floatP s = ((s0 + s1) + (s2 + s3)) * scale;
-        if (t0 + POS_VEC > pos + 1)                                 // the vector runs past the causal edge
-            for (int i = pos + 1 - t0; i < POS_VEC; i++) ((float *)&s)[i] = -INFINITY;
-        *(__global floatP *)(a + t0) = s;
-        mv = s > mv ? s : mv;
-    }
-    float m = -INFINITY;
-    for (int i = 0; i < POS_VEC; i++) m = m > ((float *)&mv)[i] ? m : ((float *)&mv)[i];
-    m = group_max(m, scratch);
-    floatP sv = 0.0f;
-    for (int t0 = lid * POS_VEC; t0 <= pos; t0 += L * POS_VEC) {
-        const floatP e = exp(*(__global floatP *)(a + t0) - m);
-        *(__global floatP *)(a + t0) = e;
-        sv += e;
-    }
-    float sum = 0.0f;
-    for (int i = 0; i < POS_VEC; i++) sum += ((float *)&sv)[i];
-    sum = group_sum(sum, scratch);   // its barriers also publish a[] to the whole group
-    barrier(CLK_GLOBAL_MEM_FENCE);
-    for (int d0 = lid * HD_VEC; d0 < head_dim; d0 += L * HD_VEC) {
-        floatH o0 = 0.0f, o1 = 0.0f, o2 = 0.0f, o3 = 0.0f;    // four chains, as for the scores
-        __global const float *vd = vh + d0;
-        int t = 0;
-        for (; t + 4 <= pos + 1; t += 4) {
-            o0 += a[t] * *(__global const floatH *)(vd + (size_t)t * kv_dim);
-            o1 += a[t + 1] * *(__global const floatH *)(vd + (size_t)(t + 1) * kv_dim);
-            o2 += a[t + 2] * *(__global const floatH *)(vd + (size_t)(t + 2) * kv_dim);
-            o3 += a[t + 3] * *(__global const floatH *)(vd + (size_t)(t + 3) * kv_dim);
-        }
-        for (; t <= pos; t++) o0 += a[t] * *(__global const floatH *)(vd + (size_t)t * kv_dim);
-        *(__global floatH *)(out + (size_t)n * out_stride + h * head_dim + d0) = ((o0 + o1) + (o2 + o3)) / sum;
-    }
+    attend(get_group_id(0), get_group_id(1), query, k_cache, v_cache, att, out, state, n_heads, n_kv_heads,
+           head_dim, seq_p, q_stride, out_stride, cache_offset, scratch);
 }
 
 // Greedy sampling on the device, one work-group: the first index of the largest logit becomes

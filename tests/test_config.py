@@ -153,6 +153,7 @@ def test_config_for_an_absent_device_on_this_machine(tmp_path):
     ("work_group: {norm: 0}", "key 'work_group.norm' must be a positive integer, found 0"),
     ("work_group: {norm: 48}", "key 'work_group.norm' must be a power of two, found 48"),
     ("queue: {out_of_order: 1}", "key 'queue.out_of_order' must be bool, found int 1"),
+    ("fuse: {attention_min_kv_heads: -1}", "key 'fuse.attention_min_kv_heads' must be >= 0, found -1"),
     ("queue: yes", "queue must be a mapping, found bool"),
     ("- cpu", "top level must be a mapping, found list"),
     ("build_options: -cl-mad-enable", "key 'build_options' must be list, found str"),

@@ -31,13 +31,16 @@ LOGITS_RTOL = 1e-4
 
 # Other configs on the same device (validated by parse_config like a YAML file). Their programs are the ones
 # test_kernels.py builds too, so a cold run compiles little more.
-CONFIGS = {
+GPU_LIKE = dict(gemv=64, rows_per_group=4, decode_tiles=1, prefill_tokens=4, prefill_chunk=5, attention=16,
+                attention_positions=4)
+CONFIGS = {     # name -> {section: values changed}
     # the GPU configs' geometry: 64 work-items split each row tile's columns (tree reductions), float4 tiles,
     # 16 work-items per attention head with 4 positions per vector; prompts in chunks of 5
-    "gpu-like": dict(gemv=64, rows_per_group=4, decode_tiles=1, prefill_tokens=4, prefill_chunk=5, attention=16,
-                     attention_positions=4),
+    "gpu-like": {"work_group": GPU_LIKE},
     # the shipped geometry with prompts in chunks of 5, so a prompt spans several chunks and a partial one
-    "chunked": dict(prefill_chunk=5),
+    "chunked": {"work_group": dict(prefill_chunk=5)},
+    # decode's attention inside the QKV launch (gemv.cl's qkv_attention), with 8-row tiles (head_dim 8)
+    "fused-attention": {"work_group": dict(rows_per_group=8, prefill_chunk=5), "fuse": dict(attention_min_kv_heads=1)},
 }
 
 
@@ -46,10 +49,11 @@ def q(queue):
     return queue
 
 
-def queue_with(base: Queue, work_group: dict) -> Queue:
-    """A queue on `base`'s device whose config is `base`'s with `work_group` values changed."""
+def queue_with(base: Queue, changes: dict) -> Queue:
+    """A queue on `base`'s device whose config is `base`'s with `changes` ({section: values}) made."""
     values = copy.deepcopy(base.config.values)
-    values["work_group"].update(work_group)
+    for section, changed in changes.items():
+        values[section].update(changed)
     cfg = parse_config(dump_config(values), "<test config>")
     q = Queue(base.device, out_of_order=False, build_options=cfg["build_options"])
     q.config = cfg
@@ -132,7 +136,14 @@ def test_logits_match_reference_other_configs(config_q, random_model, variant):
     """Prompts across several chunks (12 = 5 + 5 + 2), a piece inside one chunk, and decode steps."""
     name, cq = config_q
     feeds = [12, 1, 1, 3, 1, 1]
+    assert Llama(VARIANTS[variant](random_model), cq).fused_attention == name.startswith("fused")
     compare_logits(cq, VARIANTS[variant](random_model), random_tokens(sum(feeds), 5), feeds, f"{name} {variant}")
+
+
+def test_fused_attention_needs_single_work_item_groups(q, random_model):
+    """qkv_attention exists for work-groups of one work-item; a GPU geometry asking for it runs unfused."""
+    cq = queue_with(q, {"work_group": GPU_LIKE, "fuse": dict(attention_min_kv_heads=1)})
+    assert not Llama(random_model, cq).fused_attention
 
 
 @pytest.mark.parametrize("variant", ["f32", "int4-asym-g64"])
@@ -181,10 +192,13 @@ def test_stories260K_greedy_with_prompt(stories):
     assert got == ids[1:]
 
 
-def test_stories260K_greedy_with_prompt_gpu_like(q):
-    """The same under the GPU-like geometry, the 5-token prompt in chunks of 5 and then of 1."""
+@pytest.mark.parametrize("config", ["gpu-like", "fused-attention"])
+def test_stories260K_greedy_with_prompt_other_configs(q, config):
+    """The same under the GPU-like geometry and with decode's attention fused into the QKV launch, the
+    5-token prompt in chunks of 5 and then of 1."""
     ids = oracle_ids("reference_stories260K_greedy_ids.txt")
-    model = Llama(stories_weights(), queue_with(q, CONFIGS["gpu-like"]))
+    model = Llama(stories_weights(), queue_with(q, CONFIGS[config]))
+    assert model.fused_attention == (config == "fused-attention")
     assert list(generate_ids(model, ids[:5], 128, Sampler(temperature=0))) == ids[1:]
 
 

@@ -144,8 +144,14 @@ class Llama:
         self.att_local = cfg.work_group("attention")
         pos_vec = cfg.work_group("attention_positions")     # the config checked these values
         self.seq_p = -(-self.seq_len // pos_vec) * pos_vec
-        self.layer_prog = q.program("layer.cl", f"POS_VEC={pos_vec}", f"HD_VEC={_pow2_divisor(c.head_dim)}")
+        self.attention_defines = (f"POS_VEC={pos_vec}", f"HD_VEC={_pow2_divisor(c.head_dim)}")
+        self.layer_prog = q.program("layer.cl", *self.attention_defines)
         dim, kv_dim, q_dim = c.dim, c.kv_dim, c.n_heads * c.head_dim
+        # decode's attention inside the QKV launch (gemv.cl's qkv_attention): where the config asks for it
+        # for this many KV heads, work-groups are single work-items (CPUs), and a head's rows are whole tiles
+        min_kv = cfg["fuse"]["attention_min_kv_heads"]
+        self.fused_attention = (bool(min_kv) and c.n_kv_heads >= min_kv and self.gemv_local == 1
+                                and c.head_dim % self.rows_per_tile == 0)
         groups = {t.group for _, t in weights.matrices() if t.group}
         # activation rows are padded like weight columns (zeros), and to 16 floats for vector access
         pad = lambda n: max(-(-n // m) * m for m in [16, *groups])  # noqa: E731
@@ -164,9 +170,11 @@ class Llama:
         self.tok_embeddings = upload(weights.tok_embeddings, "tok_embeddings")   # [vocab, dim]
         self.layers = []
         for i, L in enumerate(weights.layers):
+            wqkv = fuse_rows([L.wq, L.wk, L.wv])
             self.layers.append(dict(
                 attn_norm=norm_weight(L.attn_norm),                                # [dim]
-                wqkv=upload(fuse_rows([L.wq, L.wk, L.wv]), f"layers.{i}.wqkv"),   # [q_dim + 2 kv_dim, dim]
+                wqkv=upload(wqkv, f"layers.{i}.wqkv"),                             # [q_dim + 2 kv_dim, dim]
+                qkv_attention=self._qkv_attention_program(wqkv),
                 wo=upload(L.wo, f"layers.{i}.wo"),                                 # [dim, q_dim]
                 ffn_norm=norm_weight(L.ffn_norm),                                  # [dim]
                 w13=upload(fuse_rows([L.w1, L.w3], self.rows_per_tile // 2), f"layers.{i}.w13"),  # [2 hidden, dim]
@@ -197,6 +205,16 @@ class Llama:
                                         np.int32(c.vocab_size), Local(R * 4), Local(R * 4))
         self.forward_commands(1)
         self.pos = 0
+
+    def _qkv_attention_program(self, wqkv: Tensor):
+        """gemv.cl built for qkv_attention over [Wq; Wk; Wv] (None when not fused): TILES = the tiles of
+        one KV head's query heads."""
+        if not self.fused_attention:
+            return None
+        c = self.config
+        tiles = c.n_heads // c.n_kv_heads * c.head_dim // self.rows_per_tile
+        return self.q.program("gemv.cl", *_build_defines(wqkv, self.rows_per_tile, tiles, 1), *self.attention_defines,
+                              f"GQA={c.n_heads // c.n_kv_heads}", "SOLO")
 
     @property
     def weight_bytes(self) -> int:
@@ -231,15 +249,25 @@ class Llama:
                           np.int32(self.dim_p))]
         for i, L in enumerate(self.layers):
             off = np.int32(i * self.seq_p * kv_dim)
+            qkv_io = [self.x.read(), L["attn_norm"].read(), self.query.write()]
+            cache = (self.k_cache.read_write(), self.v_cache.read_write(), self.state.read(), self.rope.read(),
+                     np.int32(q_dim), np.int32(kv_dim), np.int32(c.head_dim), np.int32(self.seq_p), off)
+            if T == 1 and self.fused_attention:
+                t = L["wqkv"]      # SOLO: the local scratch arguments are unused, one float each
+                cmds.append(q.command(L["qkv_attention"].qkv_attention, (c.n_kv_heads, 1), (1, 1), *t.args(),
+                                      *qkv_io, np.int32(t.rows), np.int32(t.cols), np.int32(t.cols_p), np.int32(1),
+                                      np.int32(self.dim_p), np.int32(self.q_p), np.float32(eps), *cache,
+                                      self.att.read_write(), self.att_out.write(), np.int32(c.n_heads),
+                                      np.int32(self.q_p), Local(4), Local(4), Local(4)))
+            else:
+                cmds += [
+                    self._gemv("gemv_norm_rope_kv", L["wqkv"], T, qkv_io, (self.dim_p, self.q_p), eps, cache),
+                    q.command(lp.attention, (c.n_heads * A, T), (A, 1), self.query.read(), self.k_cache.read(),
+                              self.v_cache.read(), self.att.read_write(), self.att_out.write(), self.state.read(),
+                              np.int32(c.n_heads), np.int32(c.n_kv_heads), np.int32(c.head_dim),
+                              np.int32(self.seq_p), np.int32(self.q_p), np.int32(self.q_p), off, Local(A * 4)),
+                ]
             cmds += [
-                self._gemv("gemv_norm_rope_kv", L["wqkv"], T, [self.x.read(), L["attn_norm"].read(), self.query.write()],
-                           (self.dim_p, self.q_p), eps,
-                           (self.k_cache.read_write(), self.v_cache.read_write(), self.state.read(), self.rope.read(),
-                            np.int32(q_dim), np.int32(kv_dim), np.int32(c.head_dim), np.int32(self.seq_p), off)),
-                q.command(lp.attention, (c.n_heads * A, T), (A, 1), self.query.read(), self.k_cache.read(),
-                          self.v_cache.read(), self.att.read_write(), self.att_out.write(), self.state.read(),
-                          np.int32(c.n_heads), np.int32(c.n_kv_heads), np.int32(c.head_dim), np.int32(self.seq_p),
-                          np.int32(self.q_p), np.int32(self.q_p), off, Local(A * 4)),
                 self._gemv("gemv_add", L["wo"], T, [self.att_out.read(), self.x.read_write()], (self.q_p, self.dim_p)),
                 self._gemv("gemv_norm_swiglu", L["w13"], T, [self.x.read(), L["ffn_norm"].read(), self.h.write()],
                            (self.dim_p, self.hidden_p), eps),

@@ -45,6 +45,11 @@ SCHEMA = {
         "prefill_tiles": (int, 1),  # row tiles per work-group in prefill
         "prefill_chunk": (int, 64),  # prompt tokens per forward pass in prefill
     },
+    "fuse": {
+        # decode: attention inside the QKV launch, a work-group per KV head, for models with at least this
+        # many KV heads (0: never; fewer work-groups than cores would idle some)
+        "attention_min_kv_heads": (int, 0),
+    },
     "memory": {
         "max_alloc_mb": (int, 0),   # 0: the device's own limit
     },
