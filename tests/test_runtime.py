@@ -123,6 +123,35 @@ def test_many_readers_fold_into_a_marker(ooo):
     assert_all(y, 1)
 
 
+@pytest.mark.parametrize("order", ["in-order", "out-of-order"])
+def test_get_async_copies_the_state_at_its_place_in_the_queue(ooo, queue, order):
+    """The copy sees the writes before it and none after it, also when a later write would be quick
+    to overtake it on an out-of-order queue (the runtime orders that write behind the copy)."""
+    q, prog = ooo if order == "out-of-order" else (queue, queue.program("check.cl"))
+    x, y, new = filled(q, 1), filled(q, STALE), filled(q, 50)
+    slow_add(q, prog, x, y, 1)
+    out, copied = y.get_async()
+    slow_add(q, prog, new, y, 0, spin=0)
+    copied.wait()
+    np.testing.assert_array_equal(out, np.full(N, 2, np.float32))
+    assert_all(y, 50)
+
+
+@pytest.mark.parametrize("order", ["in-order", "out-of-order"])
+def test_replay_runs_recorded_commands_in_order(ooo, queue, order):
+    """replay: a chain of recorded commands, run twice; each launch counts."""
+    q, prog = ooo if order == "out-of-order" else (queue, queue.program("check.cl"))
+    x, y, z = filled(q, 1), filled(q, 0), filled(q, STALE)
+    cmds = [q.command(prog.slow_add, (N,), None, x.read(), y.write(), np.float32(1), np.int32(N), np.int32(SPIN)),
+            q.command(prog.axpy, (N,), None, y.read(), z.read_write(), np.float32(2), np.int32(N))]
+    z.set(np.zeros(N, np.float32))
+    launches = q.launches
+    q.replay(cmds)
+    q.replay(cmds)
+    assert_all(z, 8)                        # z += 2 y twice, y = x + 1 each time
+    assert q.launches == launches + 4
+
+
 @pytest.mark.parametrize("local", [16, 64, 256])
 def test_group_sum(queue, local):
     prog = queue.program("check.cl")

@@ -308,8 +308,7 @@ class Llama:
             raise DpllamaError(f"position {self.pos + n - 1} is past the context of {self.seq_len} tokens")
         while n > 0:
             T = min(n, self.chunk)
-            for cmd in self.forward_commands(T):
-                self.q.enqueue(cmd)
+            self.q.replay(self.forward_commands(T))
             n -= T
             step = T if n else T - 1
             if step:
@@ -321,13 +320,16 @@ class Llama:
 
     def next_greedy(self, ahead: bool = False) -> int:
         """Argmax on the device into tokens[pos+1]; returns that token (4 bytes back to the host). With
-        `ahead`, the forward pass of that token (`step`) is enqueued before the read, so the device goes on
-        while the host waits, reads and returns (a stop token then costs one pass nobody reads)."""
+        `ahead`, the forward pass of that token (`step`) is enqueued behind the copy of the token, so the
+        host has the token as soon as the argmax is done and enqueues the next step while the device runs
+        this one (a stop token then costs one pass nobody reads)."""
         self.q.enqueue(self.argmax_command)
         self.pos += 1
+        token, copied = self.tokens.get_async(np.int32, self.pos, 1)
         if ahead:
             self.step()
-        return int(self.tokens.get(dtype=np.int32, offset=self.pos, count=1)[0])
+        copied.wait()
+        return int(token[0])
 
     def next_given(self, token: int | None = None) -> None:
         """Move on to a token the host knows: the prompt's next one (None) or a host-sampled one."""

@@ -102,15 +102,21 @@ class Buffer:
     def get(self, dtype=np.float32, offset: int = 0, count: int | None = None) -> np.ndarray:
         """Host accessor for reading `count` elements from element `offset`: blocks until the last
         writer is done, then copies."""
+        out, done = self.get_async(dtype, offset, count)
+        done.wait()
+        return out
+
+    def get_async(self, dtype=np.float32, offset: int = 0, count: int | None = None) -> tuple[np.ndarray, Event]:
+        """`get` without the wait: the array is filled once the event is done, so work enqueued after
+        this copy can run on while the host waits for just the copy."""
         size = np.dtype(dtype).itemsize
         if count is None:
             count = self.nbytes // size - offset
         out = np.empty(count, dtype)
         ev = cl.enqueue_copy(self.queue.cl_queue, out, self.cl_buffer, src_offset=offset * size,
-                             wait_for=self._deps(READ) or None)
+                             wait_for=self._deps(READ) or None, is_blocking=False)
         self._record(READ, ev)
-        ev.wait()
-        return out
+        return out, Event(ev, f"get {self.name}")
 
     def set(self, host: np.ndarray, offset: int = 0) -> Event:
         """Host accessor for writing `host` at element `offset`: waits for earlier users of the
@@ -238,6 +244,17 @@ class Queue:
         if self.profiling:
             self.events.append(event)
         return event
+
+    def replay(self, cmds: list) -> None:
+        """Enqueue recorded commands (a forward pass) in order. On an in-order queue without profiling
+        no events are kept or wrapped: the host's time per launch is what a small model's step waits on."""
+        if self.out_of_order or self.profiling:
+            for cmd in cmds:
+                self.enqueue(cmd)
+            return
+        for cmd in cmds:
+            cmd.launch(self.cl_queue, None)
+        self.launches += len(cmds)
 
     def submit(self, kernel, global_size, local_size, *args) -> Event:
         """Like a SYCL `queue.submit` + `parallel_for`: bind the arguments and launch."""
