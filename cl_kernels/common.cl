@@ -48,6 +48,54 @@ inline float group_max(float v, __local float *scratch) {
 #endif
 }
 
+// Greedy sampling on the device, by one work-group: the first index of the largest logit becomes
+// tokens[pos + 1] (unless that slot still holds a prompt token), then pos advances; every work-item gets
+// tokens[pos + 1], the token to embed next. Each work-item scans a contiguous run of 16-float vectors,
+// keeping per lane the largest value and the first vector that held it (vector compares and selects:
+// PoCL makes fmax a call and does not vectorize a scalar scan); work-item 0 also takes the n % 16 tail;
+// a tree joins them.
+inline int argmax_next(__global const float *logits, __global int *tokens, __global int *state, const int n,
+                       __local float *best, __local int *best_i) {
+    const int lid = get_local_id(0), L = get_local_size(0);
+    const int n16 = n / 16, per = (n16 + L - 1) / L, v0 = min(lid * per, n16), v1 = min(v0 + per, n16);
+    __global const float16 *l16 = (__global const float16 *)logits;
+    float16 m = -INFINITY;
+    int16 at = 0;
+    for (int v = v0; v < v1; v++) {
+        const float16 a = l16[v];
+        const int16 gt = a > m;
+        m = gt ? a : m;
+        at = gt ? (int16)(v) : at;
+    }
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int lane = 0; lane < 16 && v0 < v1; lane++) {
+        const float mv = ((const float *)&m)[lane];
+        const int i = ((const int *)&at)[lane] * 16 + lane;
+        if (mv > bv || (mv == bv && i < bi)) { bv = mv; bi = i; }
+    }
+    for (int i = 16 * n16; i < n && lid == 0; i++)
+        if (logits[i] > bv) { bv = logits[i]; bi = i; }
+    best[lid] = bv;
+    best_i[lid] = bi;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int h = L / 2; h > 0; h >>= 1) {
+        if (lid < h && (best[lid + h] > best[lid] || (best[lid + h] == best[lid] && best_i[lid + h] < best_i[lid]))) {
+            best[lid] = best[lid + h];
+            best_i[lid] = best_i[lid + h];
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    const int pos = state[0];
+    const int next = pos + 1 >= state[1] ? best_i[0] : tokens[pos + 1];
+    barrier(CLK_GLOBAL_MEM_FENCE);      // every work-item has read state[0] before work-item 0 moves it
+    if (lid == 0) {
+        tokens[pos + 1] = next;
+        state[0] = pos + 1;
+    }
+    return next;
+}
+
 #if defined(POS_VEC)
 #define floatP CAT(float, POS_VEC)      // a run of positions (-DPOS_VEC: 2, 4, 8 or 16)
 #define floatH CAT(float, HD_VEC)       // a run of head dimensions (-DHD_VEC divides head_dim)

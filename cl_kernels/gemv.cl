@@ -381,24 +381,27 @@ __kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global c
 
 #if defined(POS_VEC) && defined(SOLO)
 // One decode step's QKV and attention in one launch (TOKENS = 1; built with POS_VEC and HD_VEC, GQA = query
-// heads per KV head, and TILES = the tiles of GQA heads' rows, head_dim a multiple of ROWS): work-group j
-// takes KV head j's rows of the stacked [Wq; Wk; Wv], its GQA query heads' q, its k and its v (three runs
-// of tiles), stores them as gemv_norm_rope_kv does, then attends for those query heads (common.cl's
-// attend). It saves a launch per layer, which dominates small models' steps; with fewer KV heads than
-// cores it would idle some. Work-groups of one work-item only (CPU configs): where several share a
-// tile's columns (GPUs), barriers would sit between the parts, and PoCL's compiler ran for minutes on
-// that build, so it could not be tested here.
+// heads per KV head, head_dim a multiple of ROWS): work-group j takes KV head j's rows of the stacked
+// [Wq; Wk; Wv], its GQA query heads' q, its k and its v (three runs of tiles, TILES at a time), stores
+// them as gemv_norm_rope_kv does, then attends for those query heads (common.cl's attend). It saves a
+// launch per layer, which dominates small models' steps; with fewer KV heads than cores it would idle
+// some. Work-groups of one work-item only (CPU configs): where several share a tile's columns (GPUs),
+// barriers would sit between the parts, and PoCL's compiler ran for minutes on that build, so it could
+// not be tested here.
 __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
                             GEMV_ARGS, const float eps, QKV_ARGS, __global float *att, __global float *att_out,
                             const int n_heads, const int out_stride, GEMV_SCRATCH, __local float *att_scratch) {
     const int j = get_group_id(0), ht = head_dim / ROWS;
     for (int part = 0; part < 3; part++) {      // q of the GQA heads, k, v
-        const int t0 = part == 0 ? j * GQA * ht : (q_dim + (part - 1) * kv_dim) / ROWS + j * ht;
-        const int tiles = part == 0 ? GQA * ht : ht;
-        floatV acc[TILES];
-        tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
-        store_qkv(acc, t0, tiles, rows, T, y, y_stride, k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim,
-                  seq_p, cache_offset);
+        const int first = part == 0 ? j * GQA * ht : (q_dim + (part - 1) * kv_dim) / ROWS + j * ht;
+        const int end = first + (part == 0 ? GQA * ht : ht);
+        for (int t0 = first; t0 < end; t0 += TILES) {
+            floatV acc[TILES];
+            tile_rows(w_, s_, m_, x, g, 1, t0, min(TILES, end - t0), cols, cols_p, T, x_stride, eps, scratch,
+                      scratch_ss, acc);
+            store_qkv(acc, t0, min(TILES, end - t0), rows, T, y, y_stride, k_cache, v_cache, state, rope, q_dim,
+                      kv_dim, head_dim, seq_p, cache_offset);
+        }
     }
     for (int h = 0; h < GQA; h++)
         attend(j * GQA + h, 0, y, k_cache, v_cache, att, att_out, state, n_heads, kv_dim / head_dim, head_dim,
@@ -412,4 +415,15 @@ __kernel void embed(WEIGHT_ARGS, __global const int *tokens, __global const int 
     const int n = get_global_id(1), r = tokens[state[0] + n];
     for (int c = get_global_id(0); c < cols; c += get_global_size(0))
         x[(size_t)n * x_stride + c] = weight_at(w_, s_, m_, r, c, cols_p);
+}
+
+// Greedy decoding's step between two forward passes, one work-group (common.cl's argmax_next), which
+// also embeds the token it leaves at tokens[pos + 1] into x, so the next pass starts without an embed
+// launch. The weight arguments are the embedding table's.
+__kernel void argmax_embed(__global const float *logits, __global int *tokens, __global int *state, const int n,
+                           WEIGHT_ARGS, __global float *x, const int cols, const int cols_p,
+                           __local float *best, __local int *best_i) {
+    const int r = argmax_next(logits, tokens, state, n, best, best_i);
+    for (int c = get_local_id(0); c < cols; c += get_local_size(0))
+        x[c] = weight_at(w_, s_, m_, r, c, cols_p);
 }

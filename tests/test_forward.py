@@ -39,8 +39,10 @@ CONFIGS = {     # name -> {section: values changed}
     "gpu-like": {"work_group": GPU_LIKE},
     # the shipped geometry with prompts in chunks of 5, so a prompt spans several chunks and a partial one
     "chunked": {"work_group": dict(prefill_chunk=5)},
-    # decode's attention inside the QKV launch (gemv.cl's qkv_attention), with 8-row tiles (head_dim 8)
-    "fused-attention": {"work_group": dict(rows_per_group=8, prefill_chunk=5), "fuse": dict(attention_min_kv_heads=1)},
+    # decode's attention inside the QKV launch (gemv.cl's qkv_attention), with 8-row tiles (head_dim 8) taken
+    # 2 at a time, so a KV head's 3 query tiles take two runs
+    "fused-attention": {"work_group": dict(rows_per_group=8, decode_tiles=2, prefill_chunk=5),
+                        "fuse": dict(attention_min_kv_heads=1)},
 }
 
 
@@ -148,7 +150,7 @@ def test_fused_attention_needs_single_work_item_groups(q, random_model):
 
 @pytest.mark.parametrize("variant", ["f32", "int4-asym-g64"])
 def test_greedy_matches_reference_argmax(q, random_model, variant):
-    """Device-side argmax (argmax_next) after a batched prompt follows the reference's logits, near-ties aside."""
+    """Device-side argmax (argmax_embed) after a batched prompt follows the reference's logits, near-ties aside."""
     weights = VARIANTS[variant](random_model)
     model, ref = Llama(weights, q), Reference(weights)
     prompt = [1, 5, 17]
@@ -162,6 +164,48 @@ def test_greedy_matches_reference_argmax(q, random_model, variant):
         best = int(np.argmax(logits))
         near_tie = logits[best] - logits[seq[pos + 1]] <= LOGITS_RTOL * np.abs(logits).max()
         assert seq[pos + 1] == best or near_tie, f"{variant}: position {pos} chose {seq[pos + 1]}, reference {best}"
+
+
+def test_greedy_and_given_tokens_mixed(q, random_model):
+    """A greedy step embeds its token for the next pass (which then skips its embed launch); a host-given
+    token, a new prompt and a multi-token feed after it must embed again. Logits against the reference fed
+    the same sequence."""
+    weights = VARIANTS["int4-asym-g64"](random_model)
+    model, ref = Llama(weights, q), Reference(weights)
+    seq, pos = [1, 5], 0
+
+    def check(what):
+        nonlocal pos
+        while pos < model.pos + 1:
+            want = ref.forward(seq[pos], pos)
+            pos += 1
+        np.testing.assert_allclose(model.read_logits(), want, rtol=0, atol=LOGITS_RTOL * np.abs(want).max(),
+                                   err_msg=f"after {what}, position {model.pos}")
+
+    model.start(seq)
+    model.feed(2)
+    check("the prompt")
+    for step, given in enumerate([None, 7, None, None, 3]):
+        if given is None:
+            seq.append(model.next_greedy(ahead=step % 2 == 0))
+            if step % 2:
+                model.step()
+        else:
+            seq.append(given)
+            model.next_given(given)
+            model.step()
+        check(f"step {step} ({'greedy' if given is None else 'given'})")
+    model.next_greedy()                                 # chosen and embedded, but never fed: a new turn
+    seq.append(13)                                      # puts another token in its place
+    model.start(seq, keep=len(seq) - 1)
+    model.feed(1)
+    check("a new prompt after a greedy step")
+    seq += [11, 12, 14]                                 # a prompt's slots: the greedy step keeps and embeds
+    model.start(seq, keep=len(seq) - 3)                 # 11, then 12 and 14 go through one 2-token pass
+    model.feed(1)
+    assert model.next_greedy() == 12
+    model.feed(2)
+    check("a 2-token feed after a greedy step")
 
 
 # ---------------------------------------------------------------- stories260K and the run.c oracle

@@ -406,9 +406,14 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T):
 
 @pytest.mark.parametrize("local", [1, 64, 256])
 @pytest.mark.parametrize("n", [1, 5, 97, 1000, 4096])
-def test_argmax_next(q, n, local):
-    prog = layer_program(q)
+def test_argmax_embed(q, n, local):
+    """Greedy sampling: the first index of the largest logit goes to tokens[pos + 1] unless that slot holds a
+    prompt token, pos advances, and the row of the token now at pos + 1 is embedded into x (q8 table)."""
+    rows_per_tile, _, decode_tiles, prefill_tokens, prefill_tiles, _ = GEOMETRIES["cpu"]
     rng = np.random.default_rng(n + local)
+    cols = 40                                   # padded to 64 for the group of 32: x[cols:] must stay as it is
+    table = FORMATS["q8g32"](rng.standard_normal((max(n, 110), cols)).astype(np.float32))
+    emb = DeviceTensor(q, table, "emb", rows_per_tile, {1: decode_tiles, prefill_tokens: prefill_tiles})
     for trial in range(6):
         logits = rng.standard_normal(n).astype(np.float32)
         if trial == 1:
@@ -424,13 +429,19 @@ def test_argmax_next(q, n, local):
         tokens0 = np.arange(100, 110, dtype=np.int32)
         tb = q.buffer(host=tokens0)
         sb = q.buffer(host=np.array([pos, n_prompt], np.int32))
-        q.submit(prog.argmax_next, (local,), (local,), q.buffer(host=logits).read(), tb.read_write(),
-                 sb.read_write(), np.int32(n), Local(local * 4), Local(local * 4))
+        xb = q.buffer(host=np.full(emb.cols_p, 7.0, np.float32))
+        q.submit(emb.programs[1].argmax_embed, (local,), (local,), q.buffer(host=logits).read(), tb.read_write(),
+                 sb.read_write(), np.int32(n), *emb.args(), xb.write(), np.int32(cols), np.int32(emb.cols_p),
+                 Local(local * 4), Local(local * 4))
         want_tokens = tokens0.copy()
         if pos + 1 >= n_prompt:
             want_tokens[pos + 1] = expected
-        np.testing.assert_array_equal(tb.get(np.int32), want_tokens, err_msg=f"n={n} L={local} trial {trial}")
+        what = f"n={n} L={local} trial {trial}"
+        np.testing.assert_array_equal(tb.get(np.int32), want_tokens, err_msg=what)
         np.testing.assert_array_equal(sb.get(np.int32), [pos + 1, n_prompt])
+        x = xb.get()
+        np.testing.assert_allclose(x[:cols], table.dequantize()[want_tokens[pos + 1]], rtol=EMBED_RTOL, err_msg=what)
+        assert (x[cols:] == 7.0).all(), what
 
 
 def test_advance(q):

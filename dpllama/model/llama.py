@@ -13,7 +13,9 @@ A forward pass, per layer (5 launches, each over all T tokens):
     x   += Wo o                                     gemv_add          (residual fused)
     h    = silu(W1 n) * (W3 n), n = rmsnorm(x)      gemv_norm_swiglu  (W1/W3 row blocks alternate)
     x   += W2 h                                     gemv_add
-then logits = Wcls rmsnorm(x[last], norm) (gemv_norm), and greedy sampling on the device (argmax_next).
+then logits = Wcls rmsnorm(x[last], norm) (gemv_norm), and greedy sampling on the device (argmax_embed, which
+also embeds the chosen token for the next pass). Decode on CPU configs fuses the first two launches of a
+layer into one (qkv_attention, a work-group per KV head).
 """
 from __future__ import annotations
 
@@ -200,21 +202,22 @@ class Llama:
         self.commands: dict[int, list] = {}          # T -> the forward pass over T tokens
         self.advance_commands: dict[int, object] = {}
         R = cfg.work_group("norm")      # the reduction size the device's config asks for
-        self.argmax_command = q.command(self.layer_prog.argmax_next, (R,), (R,), self.logits.read(),
-                                        self.tokens.read_write(), self.state.read_write(),
-                                        np.int32(c.vocab_size), Local(R * 4), Local(R * 4))
+        emb = self.tok_embeddings
+        self.argmax_command = q.command(emb.programs[1].argmax_embed, (R,), (R,), self.logits.read(),
+                                        self.tokens.read_write(), self.state.read_write(), np.int32(c.vocab_size),
+                                        *emb.args(), self.x.write(), np.int32(c.dim), np.int32(emb.cols_p),
+                                        Local(R * 4), Local(R * 4))
+        self.embedded = False           # x already holds the current token's row (argmax_embed wrote it)
         self.forward_commands(1)
         self.pos = 0
 
     def _qkv_attention_program(self, wqkv: Tensor):
-        """gemv.cl built for qkv_attention over [Wq; Wk; Wv] (None when not fused): TILES = the tiles of
-        one KV head's query heads."""
+        """gemv.cl built for qkv_attention over [Wq; Wk; Wv] (None when not fused), its tiles decode's."""
         if not self.fused_attention:
             return None
         c = self.config
-        tiles = c.n_heads // c.n_kv_heads * c.head_dim // self.rows_per_tile
-        return self.q.program("gemv.cl", *_build_defines(wqkv, self.rows_per_tile, tiles, 1), *self.attention_defines,
-                              f"GQA={c.n_heads // c.n_kv_heads}", "SOLO")
+        return self.q.program("gemv.cl", *_build_defines(wqkv, self.rows_per_tile, self.tiles[1], 1),
+                              *self.attention_defines, f"GQA={c.n_heads // c.n_kv_heads}", "SOLO")
 
     @property
     def weight_bytes(self) -> int:
@@ -300,6 +303,7 @@ class Llama:
         self.tokens.set(np.asarray(prompt, np.int32))
         self.state.set(np.array([keep, len(prompt)], np.int32))
         self.pos = keep
+        self.embedded = False
 
     def feed(self, n: int = 1) -> None:
         """Enqueue the forward pass of the n known tokens from the current position, in chunks; the
@@ -308,7 +312,9 @@ class Llama:
             raise DpllamaError(f"position {self.pos + n - 1} is past the context of {self.seq_len} tokens")
         while n > 0:
             T = min(n, self.chunk)
-            self.q.replay(self.forward_commands(T))
+            cmds = self.forward_commands(T)
+            self.q.replay(cmds[1:] if self.embedded and T == 1 else cmds)     # cmds[0]: embed
+            self.embedded = False
             n -= T
             step = T if n else T - 1
             if step:
@@ -325,6 +331,7 @@ class Llama:
         this one (a stop token then costs one pass nobody reads)."""
         self.q.enqueue(self.argmax_command)
         self.pos += 1
+        self.embedded = True
         token, copied = self.tokens.get_async(np.int32, self.pos, 1)
         if ahead:
             self.step()
