@@ -5,7 +5,7 @@
 
 // -DSOLO: built for work-groups of one work-item (CPU configs), where there is nothing to share or wait
 // for, so the group reductions and barriers compile away. PoCL's compiler splits a kernel at every
-// barrier, and with barriers inside unrolled loops (qkv_attention) it ran for minutes.
+// barrier, and on qkv_attention, with barriers inside loops, it ran for minutes.
 #if defined(SOLO)
 #define group_barrier(flags)
 #else
