@@ -30,6 +30,14 @@ def ooo():
     return q, q.program("check.cl")
 
 
+@pytest.fixture(params=["in-order", "out-of-order"])
+def either_order(request, queue):
+    """(queue, check.cl) on an in-order queue, then on the out-of-order one (skipped where there is none)."""
+    if request.param == "out-of-order":
+        return request.getfixturevalue("ooo")
+    return queue, queue.program("check.cl")
+
+
 def filled(q, value):
     return q.buffer(host=np.full(N, value, np.float32))
 
@@ -123,11 +131,10 @@ def test_many_readers_fold_into_a_marker(ooo):
     assert_all(y, 1)
 
 
-@pytest.mark.parametrize("order", ["in-order", "out-of-order"])
-def test_get_async_copies_the_state_at_its_place_in_the_queue(ooo, queue, order):
+def test_get_async_copies_the_state_at_its_place_in_the_queue(either_order):
     """The copy sees the writes before it and none after it, also when a later write would be quick
     to overtake it on an out-of-order queue (the runtime orders that write behind the copy)."""
-    q, prog = ooo if order == "out-of-order" else (queue, queue.program("check.cl"))
+    q, prog = either_order
     x, y, new = filled(q, 1), filled(q, STALE), filled(q, 50)
     slow_add(q, prog, x, y, 1)
     out, copied = y.get_async()
@@ -137,10 +144,9 @@ def test_get_async_copies_the_state_at_its_place_in_the_queue(ooo, queue, order)
     assert_all(y, 50)
 
 
-@pytest.mark.parametrize("order", ["in-order", "out-of-order"])
-def test_replay_runs_recorded_commands_in_order(ooo, queue, order):
+def test_replay_runs_recorded_commands_in_order(either_order):
     """replay: a chain of recorded commands, run twice; each launch counts."""
-    q, prog = ooo if order == "out-of-order" else (queue, queue.program("check.cl"))
+    q, prog = either_order
     x, y, z = filled(q, 1), filled(q, 0), filled(q, STALE)
     cmds = [q.command(prog.slow_add, (N,), None, x.read(), y.write(), np.float32(1), np.int32(N), np.int32(SPIN)),
             q.command(prog.axpy, (N,), None, y.read(), z.read_write(), np.float32(2), np.int32(N))]

@@ -130,6 +130,14 @@ class DeviceTensor:
         return [b.read() for b in self.buffers]
 
 
+def matrix_args(t: DeviceTensor, T: int, io: list, strides: tuple, eps=None, extra=()) -> list:
+    """The arguments gemv.cl's matrix kernels share, up to their local scratch: the weight, io (x, (norm
+    weight), y as the kernel takes them), the shape, T, the strides of x and y, eps, and `extra`, the
+    arguments a fused kernel takes after eps."""
+    return [*t.args(), *io, np.int32(t.rows), np.int32(t.cols), np.int32(t.cols_p), np.int32(T),
+            np.int32(strides[0]), np.int32(strides[1]), *([] if eps is None else [np.float32(eps)]), *extra]
+
+
 class Llama:
     def __init__(self, weights: Weights, queue: Queue | None = None, max_seq: int | None = None):
         self.weights = weights
@@ -226,16 +234,13 @@ class Llama:
         return per_layer + self.output.nbytes
 
     def _gemv(self, kernel: str, t: DeviceTensor, T: int, io: list, strides: tuple, eps=None, extra=()):
-        """Bind one matrix launch over T input rows; io: x, (norm weight), y as the kernel takes them;
-        extra: the arguments a fused kernel takes after eps."""
+        """Bind one matrix launch over T input rows (arguments as matrix_args)."""
         tokens = 1 if T == 1 else self.prefill_tokens
         tiles = t.tiles[tokens]
         L = self.gemv_local
         groups = -(-t.rows // (self.rows_per_tile * tiles))
-        tail = ([] if eps is None else [np.float32(eps)]) + list(extra)
         return self.q.command(getattr(t.programs[tokens], kernel), (groups * L, -(-T // tokens)), (L, 1),
-                              *t.args(), *io, np.int32(t.rows), np.int32(t.cols), np.int32(t.cols_p),
-                              np.int32(T), np.int32(strides[0]), np.int32(strides[1]), *tail,
+                              *matrix_args(t, T, io, strides, eps, extra),
                               Local(self.rows_per_tile * tiles * tokens * L * 4), Local(tokens * L * 4))
 
     def forward_commands(self, T: int) -> list:
@@ -256,12 +261,11 @@ class Llama:
             cache = (self.k_cache.read_write(), self.v_cache.read_write(), self.state.read(), self.rope.read(),
                      np.int32(q_dim), np.int32(kv_dim), np.int32(c.head_dim), np.int32(self.seq_p), off)
             if T == 1 and self.fused_attention:
-                t = L["wqkv"]      # SOLO: the local scratch arguments are unused, one float each
-                cmds.append(q.command(L["qkv_attention"].qkv_attention, (c.n_kv_heads, 1), (1, 1), *t.args(),
-                                      *qkv_io, np.int32(t.rows), np.int32(t.cols), np.int32(t.cols_p), np.int32(1),
-                                      np.int32(self.dim_p), np.int32(self.q_p), np.float32(eps), *cache,
-                                      self.att.read_write(), self.att_out.write(), np.int32(c.n_heads),
-                                      np.int32(self.q_p), Local(4), Local(4), Local(4)))
+                attention = (self.att.read_write(), self.att_out.write(), np.int32(c.n_heads), np.int32(self.q_p))
+                cmds.append(q.command(L["qkv_attention"].qkv_attention, (c.n_kv_heads, 1), (1, 1),
+                                      *matrix_args(L["wqkv"], 1, qkv_io, (self.dim_p, self.q_p), eps,
+                                                         cache + attention),
+                                      Local(4), Local(4), Local(4)))   # SOLO: the scratch goes unused
             else:
                 cmds += [
                     self._gemv("gemv_norm_rope_kv", L["wqkv"], T, qkv_io, (self.dim_p, self.q_p), eps, cache),
