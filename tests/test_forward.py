@@ -318,3 +318,14 @@ def test_repeat_penalty_window():
     np.testing.assert_array_equal(Sampler(repeat_penalty=2.0, repeat_last_n=-1).penalize(logits, history),
                                   [1.0, -4.0, 2.0, 1.0])
     np.testing.assert_array_equal(Sampler(repeat_penalty=2.0, repeat_last_n=0).penalize(logits, history), logits)
+
+
+def test_llama2c_v2_groups_smaller_than_8(q, tmp_path):
+    """A llama2.c v2 file whose Q8_0 group is not a multiple of 8 (upstream export.py's and write_llama2c's
+    for widths like hidden 100 or stories260K's 172: group 4) runs, its matrices uploaded as float32."""
+    path = tmp_path / "v2.bin"
+    random_llama2c(path, **SHAPE, version=2, shared=False, seed=3)
+    w = load_llama2c(path)
+    assert w.layers[0].w2.kind == "q8" and w.layers[0].w2.group == 4
+    for feeds in FEEDS.values():
+        compare_logits(q, w, random_tokens(STEPS), feeds, "q8 group 4")

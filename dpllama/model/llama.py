@@ -110,6 +110,10 @@ class DeviceTensor:
     tiles a work-group takes."""
 
     def __init__(self, q: Queue, t: Tensor, name: str, rows_per_tile: int, tiles: dict[int, int]):
+        if t.kind == "q8" and t.group % 8:
+            # gemv.cl reads a q8 group as whole 8-column blocks; a smaller group (llama2.c v2 files of widths
+            # not a multiple of 8: stories260K's is 4) goes up as float32, the same values in 4x the memory
+            t = Tensor.f32(t.dequantize())
         data = t.data
         cols_p = -(-t.cols // 8) * 8 if t.kind == "f32" else t.cols_padded
         if t.kind == "f32" and cols_p != t.cols:      # kernels read 8-wide blocks
