@@ -99,6 +99,13 @@ inline int argmax_next(__global const float *logits, __global int *tokens, __glo
 #if defined(POS_VEC)
 #define floatP CAT(float, POS_VEC)      // a run of positions (-DPOS_VEC: 2, 4, 8 or 16)
 #define floatH CAT(float, HD_VEC)       // a run of head dimensions (-DHD_VEC divides head_dim)
+// exp of a run of positions: on AVX and AVX2 a float16 goes to the library's exp in halves, as a float16
+// passed by value there "changes the ABI" (a compiler warning on every build; see gemv.cl)
+#if POS_VEC == 16 && defined(__AVX__) && !defined(__AVX512F__)
+#define EXP_P(v) (float16)(exp((v).lo), exp((v).hi))
+#else
+#define EXP_P(v) exp(v)
+#endif
 
 // KV cache layout, per layer: keys [kv_dim][seq_p] (each channel's positions side by side, so one
 // vector load gives a channel of POS_VEC positions), values [seq_p][kv_dim] (each position's channels
@@ -151,7 +158,7 @@ inline void attend(const int h, const int n, __global const float *query, __glob
     m = group_max(m, scratch);
     floatP sv = 0.0f;
     for (int t0 = lid * POS_VEC; t0 <= pos; t0 += L * POS_VEC) {
-        const floatP e = exp(*(__global floatP *)(a + t0) - m);
+        const floatP e = EXP_P(*(__global floatP *)(a + t0) - m);
         *(__global floatP *)(a + t0) = e;
         sv += e;
     }

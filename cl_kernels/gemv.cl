@@ -34,8 +34,6 @@
 #define floatV CAT(float, ROWS)
 #define uintV CAT(uint, ROWS)
 #define ushortV CAT(ushort, ROWS)
-#define convert_floatV CAT(convert_float, ROWS)
-#define convert_uintV CAT(convert_uint, ROWS)
 #define as_floatV CAT(as_float, ROWS)
 #define as_uintV CAT(as_uint, ROWS)
 #define intV CAT(int, ROWS)
@@ -50,10 +48,8 @@
 #elif ROWS == 8 && defined(__AVX2__)
 #define MADD(acc, m, p) ((acc) + __builtin_ia32_pmaddwd256(as_short16(m), as_short16((int8)(p))))
 #elif ROWS == 16 && defined(__AVX2__)
-inline int16 MADD(const int16 acc, const uint16 m, const int p) {
-    return (int16)(acc.lo + __builtin_ia32_pmaddwd256(as_short16(m.lo), as_short16((int8)p)),
-                   acc.hi + __builtin_ia32_pmaddwd256(as_short16(m.hi), as_short16((int8)p)));
-}
+#define MADD(acc, m, p) ((int16)((acc).lo + __builtin_ia32_pmaddwd256(as_short16((m).lo), as_short16((int8)(p))), \
+                                 (acc).hi + __builtin_ia32_pmaddwd256(as_short16((m).hi), as_short16((int8)(p)))))
 #else
 #define MADD(acc, m, p) ((acc) + (as_intV(m) & 0xffff) * (((p) << 16) >> 16) + (as_intV(m) >> 16) * ((p) >> 16))
 #endif
@@ -77,24 +73,23 @@ inline int16 MADD(const int16 acc, const uint16 m, const int p) {
 #define BLOCK GROUP
 #endif
 
+// Helpers that take or return vectors are macros, not functions: a vector wider than the target's registers
+// passed by value (float16 on AVX2, float8 on SSE) makes clang warn that it "changes the ABI", on every
+// build. Library calls on such vectors (convert_uint16, exp(float16)) do the same, so none appear here.
+
 // fp16 bits -> float: one F16C instruction where the compiler targets AVX-512, else integer operations
-// (those handle normal numbers; subnormal scales flush to zero)
+// (those handle normal numbers; subnormal scales flush to zero). The widening is clang's
+// __builtin_convertvector, which compiles inline, where convert_uintV is a library call.
 #if ROWS == 16 && defined(__AVX512F__)
-inline float16 half_bits_to_float(const ushort16 h) {
-    return __builtin_ia32_vcvtph2ps512_mask(as_short16(h), (float16)(0.0f), (ushort)0xffff, 4);
-}
+#define HALF_BITS_TO_FLOAT(h) __builtin_ia32_vcvtph2ps512_mask(as_short16(h), (float16)(0.0f), (ushort)0xffff, 4)
 #else
-inline floatV half_bits_to_float(const ushortV h) {
-    const uintV u = convert_uintV(h);
-    const uintV e = (u >> 10) & 0x1f;
-    const uintV normal = ((e + 112) << 23) | ((u & 0x3ff) << 13);
-    return as_floatV(((u & 0x8000) << 16) | (normal & as_uintV(e != 0)));   // not select(): a call in PoCL
-}
+#define HALF_EXP(u) (((u) >> 10) & 0x1f)
+#define HALF_BITS_TO_FLOAT(h) half_bits_from_uint(__builtin_convertvector((h), uintV))
+#define half_bits_from_uint(u) as_floatV((((u) & 0x8000) << 16) | \
+    ((((HALF_EXP(u) + 112) << 23) | (((u) & 0x3ff) << 13)) & as_uintV(HALF_EXP(u) != 0)))  // not select(): a call in PoCL
 #endif
 
-inline float sum8(const float8 v) {
-    return (v.s0 + v.s1) + (v.s2 + v.s3) + (v.s4 + v.s5) + (v.s6 + v.s7);
-}
+#define SUM8(v) (((v).s0 + (v).s1) + ((v).s2 + (v).s3) + ((v).s4 + (v).s5) + ((v).s6 + (v).s7))
 
 // acc[n] += the V rows of tile t dotted with block b of token n's input (n < TOKENS): xin[n][BLOCK] as floats,
 // or for q8 and int4 xq[n][BLOCK / 2] 16-bit pairs and their scale dx[n]; sx[n] = sum of that block of token
@@ -130,9 +125,9 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
     const floatV s = ((__global const floatV *)s_)[(size_t)t * (cols_p / GROUP) + b];
 #elif defined(W_INT4)
     const size_t g = (size_t)t * (cols_p / GROUP) + b;
-    const floatV s = half_bits_to_float(((__global const ushortV *)s_)[g]);
+    const floatV s = HALF_BITS_TO_FLOAT(((__global const ushortV *)s_)[g]);
 #if defined(ASYM)
-    const floatV m = half_bits_to_float(((__global const ushortV *)m_)[g]);
+    const floatV m = HALF_BITS_TO_FLOAT(((__global const ushortV *)m_)[g]);
 #endif
 #else
 #error "build gemv.cl with one of -DW_F32, -DW_Q8, -DW_INT4"
@@ -140,7 +135,7 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
     for (int n = 0; n < TOKENS; n++) {
         intV q = part[n * CHAINS];
         for (int c = 1; c < CHAINS; c++) q += part[n * CHAINS + c];
-        const floatV qx = convert_floatV(q) * dx[n];        // sum_k q_k x_k
+        const floatV qx = __builtin_convertvector(q, floatV) * dx[n];     // sum_k q_k x_k (inline, unlike convert_floatV)
 #if defined(W_Q8)
         acc[n] += s * (qx - 128.0f * sx[n]);
 #elif defined(ASYM)
@@ -211,7 +206,7 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
                 sq += v * v;
                 *(__private float8 *)(xin + n * BLOCK + 8 * c) = norm ? v * gb[c] : v;
             }
-            ss[n] += sum8(sq);
+            ss[n] += SUM8(sq);
 #if !defined(W_F32)
             // max |x| and rounding with plain arithmetic: fabs, fmax and convert_*_rte are calls in PoCL
             uint8 amax = 0;

@@ -23,15 +23,21 @@ CHECK_N = 1 << 16       # axpy length: big enough to use every compute unit, sma
 @dataclass
 class Survey:
     devices: list[Device]
-    chosen: Device
+    chosen: Device | None       # None when no device's compiler works
     reasons: dict[int, str]     # device index -> "selected: ..." / "not selected: ..."
-    config: DeviceConfig        # the config that applies to `chosen`
+    config: DeviceConfig | None     # the config that applies to `chosen`
+    error: str = ""             # why there is no device to use
 
 
 def survey(selector: str | None = None, config: str | None = None) -> Survey:
     """The same choice open_queue() makes: selector, else the config's match, else $DPLLAMA_DEVICE,
     else the best device; the config given, else the shipped one that matches."""
     devices = list_devices()
+    if all(d.probe().error for d in devices):      # listed all the same, with the compilers' complaints
+        try:
+            select_device(selector, devices)
+        except DpllamaError as e:
+            return Survey(devices, None, {d.index: "not usable: see kernels" for d in devices}, None, str(e))
     if config:
         cfg = load_config(config)
         chosen, reasons = select_device(selector, devices) if selector else config_device(cfg, devices)
@@ -57,7 +63,15 @@ def yes_no(flag: bool) -> str:
 
 
 def device_config(s: Survey, dev: Device) -> str | None:
+    if dev is not s.chosen and dev.probe().error:
+        return None
     return config_path(s.config if dev is s.chosen else shipped_config_for(dev))
+
+
+def kernels(dev: Device) -> str:
+    """The kernel path and why (the compiler's macros), or why the device cannot build kernels at all."""
+    p = dev.probe()
+    return f"unusable: its compiler fails on a one-line kernel: {p.error}" if p.error else p.why
 
 
 def render(s: Survey) -> str:
@@ -78,21 +92,28 @@ def render(s: Survey) -> str:
                        f"{size(f['local_mem_bytes'])} local"),
             ("features", f"fp16 {yes_no(f['fp16'])}, int8 dot {yes_no(f['int8_dot'])}, "
                          f"subgroups {yes_no(f['subgroups'])}, out-of-order queue {yes_no(f['out_of_order_queue'])}"),
-            ("config", device_config(s, dev) or "built-in defaults (no shipped config matches)"),
+            ("kernels", kernels(dev)),
+            ("config", "none: it cannot build kernels" if dev.probe().error
+                       else device_config(s, dev) or "built-in defaults (no shipped config matches)"),
         ]
         lines += [f" {mark} device {f['index']}: {f['name']}", f"     {s.reasons[dev.index]}"]
         lines += [f"     {k:<13} {v}" for k, v in rows]
-    lines += ["", f"dpllama uses device {s.chosen.index}: {s.chosen} with config "
-                  f"{config_path(s.config) or 'built-in defaults'}.",
+    lines += [""]
+    if s.chosen is None:
+        return "\n".join(lines + [f"dpllama: error: {s.error}"])
+    lines += [f"dpllama uses device {s.chosen.index}: {s.chosen} with config "
+              f"{config_path(s.config) or 'built-in defaults'}.",
               "Choose another with --device SELECTOR or $DPLLAMA_DEVICE (cpu, gpu, gpu:1, 2, "
-              "platform=NAME, vendor=NAME, name~TEXT)."]
+              "platform=NAME, vendor=NAME, name~TEXT, isa=avx2)."]
     return "\n".join(lines)
 
 
 def as_dict(s: Survey) -> dict:
     devices = [{**dev.facts(), "selected": dev is s.chosen, "reason": s.reasons[dev.index],
-                "config": device_config(s, dev)} for dev in s.devices]
-    return {"devices": devices, "selected": s.chosen.index, "config": config_path(s.config)}
+                "kernel_path": None if dev.probe().error else dev.kernel_path, "isa_macros": list(dev.probe().macros),
+                "compiler_error": dev.probe().error, "config": device_config(s, dev)} for dev in s.devices]
+    return {"devices": devices, "selected": s.chosen and s.chosen.index,
+            "config": s.config and config_path(s.config), **({"error": s.error} if s.error else {})}
 
 
 def substring(text: str) -> str:
@@ -192,6 +213,10 @@ def run(selector: str | None = None, config: str | None = None, as_json: bool = 
     out = as_dict(s)
     if not as_json:
         print(render(s), flush=True)    # the listing shows even when the check below fails
+    if s.chosen is None:
+        if as_json:
+            print(json.dumps(out, indent=2))
+        return 1
     if run_check:
         out["check"] = check(selector, config)
         if not as_json:

@@ -6,17 +6,21 @@ import pyopencl as cl
 import pytest
 
 from dpllama.errors import DpllamaError
-from dpllama.runtime import Device, choose, config_device, list_devices, load_config, select_device
+from dpllama.runtime import Device, Probe, choose, config_device, list_devices, load_config, select_device
 from dpllama.runtime.config import CONFIG_DIR, SCHEMA, parse_config, shipped_config_for
 
 
-def fake_device(index, type_index, kind, name, vendor, platform, units=8, mhz=1000, unified=False):
+AVX512 = Probe(macros=("__AVX512F__", "__AVX2__", "__FMA__", "__F16C__", "__AVX__", "__SSE4_1__"))
+AVX2 = Probe(macros=("__AVX2__", "__FMA__", "__F16C__", "__AVX__", "__SSE4_1__"))
+
+
+def fake_device(index, type_index, kind, name, vendor, platform, units=8, mhz=1000, unified=False, probe=None):
     """A Device over a stand-in for cl.Device with just what selection reads, with the strings real
-    drivers report."""
+    drivers report, and what its compiler would show (an AVX-512 CPU's, or a GPU's: no x86 macros)."""
     cl_device = SimpleNamespace(name=name, vendor=vendor, type=kind, platform=SimpleNamespace(name=platform),
                                 max_compute_units=units, max_clock_frequency=mhz, global_mem_size=8 << 30,
-                                host_unified_memory=unified)
-    return Device(index, type_index, cl_device)
+                                host_unified_memory=unified, driver_version="1.0")
+    return Device(index, type_index, cl_device, probe or (AVX512 if kind == cl.device_type.CPU else Probe()))
 
 
 GPU, CPU = cl.device_type.GPU, cl.device_type.CPU
@@ -58,7 +62,7 @@ def test_selector(selector, index):
     ("gpu:x", "device selector term 'gpu:x': expected cpu, gpu or accelerator"),
     ("other", "device selector term 'other': expected"),
     ("colour=red", "device selector term 'colour=red': unknown key 'colour'"),
-    ("vendor~Intel", "device selector term 'vendor~Intel': unknown key 'vendor' (expected platform=, vendor= or name~)"),
+    ("vendor~Intel", "device selector term 'vendor~Intel': unknown key 'vendor' (expected platform=, vendor=, isa= or name~)"),
     ("gpu:7", "selector 'gpu:7' matches no OpenCL device (found: 0: pthread-Intel(R) Xeon(R) Processor "
               "(Portable Computing Language, cpu:0); 1: NVIDIA GeForce RTX 4090"),
     ("cpu,vendor=NVIDIA", "selector 'cpu,vendor=NVIDIA' matches no OpenCL device"),
@@ -114,9 +118,45 @@ def test_integrated_intel_gets_the_defaults():
     assert shipped_config_for(MACHINE[4]).path == "<defaults>"
 
 
+@pytest.mark.parametrize("probe, config, rows", [
+    (AVX512, "cpu", 16),
+    (Probe(macros=("__AVX512VNNI__",) + AVX512.macros), "cpu", 16),
+    (AVX2, "cpu-avx2", 8),
+    (Probe(macros=("__AVX__", "__SSE4_1__")), "cpu-portable", 4),
+    (Probe(), "cpu-portable", 4),               # no x86 macros at all: another architecture
+])
+def test_cpu_config_follows_the_instruction_set(probe, config, rows):
+    """A CPU gets the config of its compiler's instruction set, with no edit: tiles as wide as its vectors."""
+    cpu = fake_device(0, 0, CPU, "pthread-AMD EPYC", "AuthenticAMD", "Portable Computing Language", probe=probe)
+    cfg = shipped_config_for(cpu)
+    assert cfg.path == str(CONFIG_DIR / f"{config}.yaml")
+    assert cfg.work_group("rows_per_group") == rows
+
+
+def test_a_device_whose_compiler_fails_is_passed_over():
+    """PoCL 3.0's LLVM 14 cannot build anything on a CPU it does not know (AMD Zen 5): another device is
+    used, and with none left the error names the compiler's complaint and the fix."""
+    broken = Probe(error="error: unknown target CPU 'generic'")
+    cpus = [fake_device(0, 0, CPU, "pthread-AMD EPYC", "AuthenticAMD", "Portable Computing Language", units=4,
+                        probe=broken),
+            fake_device(1, 1, CPU, "pthread-skylake-avx512-AMD EPYC", "AuthenticAMD", "Portable Computing Language")]
+    best, reasons = choose(cpus)
+    assert best.index == 1
+    assert reasons[0] == "not selected: its compiler fails on a one-line kernel (error: unknown target CPU 'generic')"
+    with pytest.raises(DpllamaError, match=r"^no usable OpenCL device: 0: pthread-AMD EPYC .* unknown target CPU "
+                                           r"'generic' \(that PoCL's LLVM does not know this CPU; a newer PoCL does: "
+                                           r"`apt-get install pocl-opencl-icd`"):
+        choose(cpus, "cpu:0")
+
+
+def test_isa_selector():
+    assert choose(MACHINE + [fake_device(5, 1, CPU, "cpu 2", "AuthenticAMD", "Portable Computing Language",
+                                         probe=AVX2)], "isa=avx2")[0].index == 5
+
+
 def test_every_shipped_config_loads():
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    assert names == ["amd", "cpu", "intel-arc", "nvidia"]
+    assert names == ["amd", "cpu", "cpu-avx2", "cpu-portable", "intel-arc", "nvidia"]
     for name in names:
         assert load_config(CONFIG_DIR / f"{name}.yaml").selector
 
@@ -174,7 +214,7 @@ def test_bad_config(tmp_path, text, message):
 
 def test_missing_config_lists_the_shipped_ones():
     with pytest.raises(DpllamaError, match=r"^nope\.yaml: config file not found \(shipped configs: "
-                                           r"amd, cpu, intel-arc, nvidia\)"):
+                                           r"amd, cpu, cpu-avx2, cpu-portable, intel-arc, nvidia\)"):
         load_config("nope.yaml")
 
 

@@ -28,6 +28,7 @@ SCHEMA = {
         "platform": (str, ""),      # platform name contains (case-insensitive)
         "vendor": (str, ""),        # device vendor contains
         "name": (str, ""),          # device name contains
+        "isa": (str, ""),           # kernel path contains: avx512(-vnni), avx2, portable (per-ISA CPU configs)
     },
     "queue": {
         "out_of_order": (bool, True),   # used only when the device supports it
@@ -74,6 +75,7 @@ class DeviceConfig:
         terms += [f"platform={m['platform']}"] if m["platform"] else []
         terms += [f"vendor={m['vendor']}"] if m["vendor"] else []
         terms += [f"name~{m['name']}"] if m["name"] else []
+        terms += [f"isa={m['isa']}"] if m["isa"] else []     # last: it runs the probe, the others do not
         return ",".join(terms)
 
     def work_group(self, kernel: str) -> int:

@@ -7,20 +7,72 @@ Selector strings (comma-separated terms, all must hold):
     platform=NVIDIA              platform name contains (case-insensitive)
     vendor=Intel                 device vendor contains
     name~Arc                     device name contains
+    isa=avx2                     kernel path contains (avx512-vnni, avx512, avx2, portable: Device.kernel_path)
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import pyopencl as cl
 
 from dpllama.errors import DpllamaError
+from dpllama.fileio import atomic_output
+from dpllama.runtime.program import dpllama_home
 
 NO_PLATFORM_HELP = (
     "no OpenCL platform found: install one, e.g. PoCL's CPU driver with "
     "`pip install 'dpllama[pocl]'` (package pocl-binary-distribution), or your GPU vendor's OpenCL ICD "
     "(NVIDIA driver, intel-opencl-icd, ROCm's rocm-opencl-runtime)")
+
+# What the device's compiler predefines for its target: gemv.cl takes its instruction-set path from these
+ISA_MACROS = ("__AVX512VNNI__", "__AVX512F__", "__AVX2__", "__FMA__", "__F16C__", "__AVX__", "__SSE4_1__")
+PROBE_SOURCE = ("__kernel void isa(__global int *flags) {\n"
+                + "".join(f"#ifdef {m}\n    flags[{i}] = 1;\n#endif\n" for i, m in enumerate(ISA_MACROS)) + "}\n")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a one-line kernel built and run on a device showed: whether its compiler works at all (PoCL 3.0's
+    LLVM 14 stops at "unknown target CPU 'generic'" on CPUs newer than itself, e.g. AMD Zen 5), and the
+    instruction-set macros of its target, which choose gemv.cl's path and the CPU config."""
+    error: str = ""                     # the compiler's or driver's complaint; "" when the kernel ran
+    macros: tuple[str, ...] = ()        # those of ISA_MACROS the compiler defined
+
+    @property
+    def kernel_path(self) -> str:
+        """gemv.cl's integer path: vpdpwssd (AVX-512 VNNI), AVX-512 without it, pmaddwd (AVX2), or plain
+        OpenCL C (any other CPU, every GPU)."""
+        m = set(self.macros)
+        if "__AVX512F__" in m:
+            return "avx512-vnni" if "__AVX512VNNI__" in m else "avx512"
+        return "avx2" if "__AVX2__" in m else "portable"
+
+    @property
+    def why(self) -> str:
+        shown = ", ".join(self.macros) or "none of " + ", ".join(ISA_MACROS[:3])
+        return f"{self.kernel_path} (the compiler defines {shown})"
+
+
+def run_probe(cl_device) -> Probe:
+    """Build and run PROBE_SOURCE on a device (a fraction of a second; Device.probe caches the result)."""
+    try:
+        ctx = cl.Context([cl_device])
+        prg = cl.Program(ctx, PROBE_SOURCE).build(cache_dir=False)
+        queue = cl.CommandQueue(ctx)
+        flags = np.zeros(len(ISA_MACROS), np.int32)
+        buf = cl.Buffer(ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=flags)
+        prg.isa(queue, (1,), None, buf)
+        cl.enqueue_copy(queue, flags, buf)
+        queue.finish()
+    except cl.Error as e:
+        lines = [ln.strip() for ln in str(e).splitlines()]
+        return Probe(error=next((ln for ln in lines if ln.startswith("error:")), lines[0] if lines else repr(e)))
+    return Probe(macros=tuple(m for m, f in zip(ISA_MACROS, flags) if f))
+
 
 TYPE_NAMES = {cl.device_type.GPU: "gpu", cl.device_type.CPU: "cpu", cl.device_type.ACCELERATOR: "accelerator"}
 TYPE_RANK = {"gpu": 0, "accelerator": 1, "cpu": 2, "other": 3}
@@ -32,6 +84,33 @@ class Device:
     index: int                  # position in the listing of all devices
     type_index: int             # position among devices of the same type
     cl_device: cl.Device
+    probed: Probe | None = None     # set by probe()
+
+    def probe(self) -> Probe:
+        """Whether the device's compiler works and which instruction sets it targets: measured once per
+        device and driver, then read from $DPLLAMA_HOME/kernels (the key holds the driver version and
+        the device name, which for PoCL names the compiler's target CPU)."""
+        if self.probed is None:
+            key = hashlib.sha256((self.cache_key() + "\0" + PROBE_SOURCE).encode()).hexdigest()[:32]
+            path = dpllama_home() / "kernels" / f"probe-{key}.json"
+            try:
+                self.probed = Probe(**{k: tuple(v) if k == "macros" else v
+                                       for k, v in json.loads(path.read_text()).items()})
+            except (OSError, ValueError, TypeError):
+                self.probed = run_probe(self.cl_device)
+                if self.probed.error:      # not stored: it may be passing (out of memory, a busy GPU)
+                    return self.probed
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_output(path) as tmp:
+                        tmp.write_text(json.dumps({"error": self.probed.error, "macros": self.probed.macros}))
+                except OSError:     # a read-only cache only costs another probe next time
+                    pass
+        return self.probed
+
+    @property
+    def kernel_path(self) -> str:
+        return self.probe().kernel_path
 
     @property
     def platform(self) -> str:
@@ -119,11 +198,12 @@ def _term_matches(term: str, dev: Device) -> bool:
     for sep in ("=", "~"):
         if sep in term:
             key, value = (s.strip() for s in term.split(sep, 1))
-            haystack = {"platform": dev.platform, "vendor": dev.cl_device.vendor, "name": dev.name}.get(key)
+            haystack = {"platform": lambda: dev.platform, "vendor": lambda: dev.cl_device.vendor,
+                        "name": lambda: dev.name, "isa": lambda: dev.kernel_path}.get(key)
             if haystack is None or (sep == "~" and key != "name"):
                 raise DpllamaError(f"device selector term {term!r}: unknown key {key!r} "
-                                   "(expected platform=, vendor= or name~)")
-            return value.lower() in haystack.lower()
+                                   "(expected platform=, vendor=, isa= or name~)")
+            return value.lower() in haystack().lower()
     if term.isdigit():
         return dev.index == int(term)
     kind, _, idx = term.partition(":")
@@ -154,7 +234,11 @@ def choose(devices: list[Device], selector: str | None = None, source: str = "se
             raise DpllamaError(f"{source} {selector!r} matches no OpenCL device (found: {found})")
     else:
         candidates = devices
-    best = max(candidates, key=_score)
+    # the best whose compiler works: probing (once per device and driver, then cached) stops at the first
+    ranked = sorted(candidates, key=_score, reverse=True)
+    best = next((d for d in ranked if not d.probe().error), None)
+    if best is None:
+        raise DpllamaError(_unusable(ranked))
     reasons = {}
     for d in devices:
         if d is best:
@@ -162,11 +246,23 @@ def choose(devices: list[Device], selector: str | None = None, source: str = "se
             reasons[d.index] = "selected: " + why
         elif d not in candidates:
             reasons[d.index] = f"not selected: does not match {source} {selector!r}"
+        elif d.probed is not None and d.probed.error:
+            reasons[d.index] = f"not selected: its compiler fails on a one-line kernel ({d.probed.error})"
         elif TYPE_RANK[d.type] > TYPE_RANK[best.type]:
             reasons[d.index] = f"not selected: a {best.type} is preferred over a {d.type}"
         else:
             reasons[d.index] = f"not selected: {best.name} ranks higher (discrete first, then compute units x clock)"
     return best, reasons
+
+
+def _unusable(devices: list[Device]) -> str:
+    broken = "; ".join(f"{d.index}: {d} ({d.cl_device.driver_version}) fails on a one-line kernel: {d.probed.error}"
+                       for d in devices)
+    hint = ""
+    if any("unknown target CPU" in d.probed.error for d in devices):
+        hint = (" (that PoCL's LLVM does not know this CPU; a newer PoCL does: `apt-get install pocl-opencl-icd` "
+                "on Debian or Ubuntu, which dpllama finds through /etc/OpenCL/vendors)")
+    return f"no usable OpenCL device: {broken}{hint}"
 
 
 def _why_best(best: Device, devices: list[Device]) -> str:
