@@ -61,11 +61,9 @@ def add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
 
 
 def sampler_from(args: argparse.Namespace):
+    """The sampler, which checks its arguments: called before the model loads, so that a bad one fails at once."""
     import time
     from dpllama.generate import Sampler
-    if args.temperature < 0 or not 0 <= args.top_p <= 1 or args.top_k < 0 or args.repeat_penalty <= 0:
-        raise DpllamaError(f"sampling: need temperature >= 0, 0 <= top-p <= 1, top-k >= 0, repeat-penalty > 0; "
-                           f"found {args.temperature}, {args.top_p}, {args.top_k}, {args.repeat_penalty}")
     seed = args.seed if args.seed is not None else time.time_ns()
     return Sampler(args.temperature, args.top_p, args.top_k, args.repeat_penalty, args.repeat_last_n, seed)
 
@@ -88,11 +86,11 @@ def add_generate(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from dpllama.generate import check_steps
+    steps = check_steps(args.steps, "-n")
+    sampler = sampler_from(args)
     llm = load_llm(args)
     ctx = llm.model.seq_len
-    steps = args.steps
-    if steps < 0:
-        raise DpllamaError(f"-n must be >= 0, found {steps}")
     if steps == 0 or steps > ctx:
         if steps > ctx:
             print(f"dpllama: -n {steps} is beyond the context of {ctx} tokens; running {ctx}", file=sys.stderr)
@@ -101,7 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if len(ids) > ctx:
         raise DpllamaError(f"the prompt is {len(ids)} tokens, more than the context of {ctx}")
     out = sys.stdout
-    for piece in llm.stream(ids, steps, sampler_from(args)):
+    for piece in llm.stream(ids, steps, sampler):
         out.write(piece)
         out.flush()
     out.write("\n")
@@ -129,7 +127,10 @@ def add_chat(p: argparse.ArgumentParser) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from dpllama.chat import repl
-    repl(load_llm(args), sampler_from(args), args.system, args.max_reply)
+    from dpllama.generate import check_steps
+    max_reply = check_steps(args.max_reply, "-n")
+    sampler = sampler_from(args)
+    repl(load_llm(args), sampler, args.system, max_reply)
     return 0
 
 

@@ -7,11 +7,13 @@ logits back (vocab x 4 bytes) and draws on the host with llama2.c's xorshift gen
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
+from dpllama.errors import DpllamaError
 from dpllama.model.llama import Llama
 
 
@@ -43,6 +45,17 @@ class Sampler:
     seed: int = 0
 
     def __post_init__(self):
+        # the CLI and the Python API both come through here, before a model loads; each test is written so
+        # that NaN, which compares false with everything, fails it
+        for ok, rule, value in ((0 <= self.temperature < math.inf, "temperature must be >= 0 and finite",
+                                 self.temperature),
+                                (0 <= self.top_p <= 1, "top-p must be between 0 and 1", self.top_p),
+                                (self.top_k >= 0, "top-k must be >= 0", self.top_k),
+                                (0 < self.repeat_penalty < math.inf, "repeat-penalty must be > 0 and finite",
+                                 self.repeat_penalty),
+                                (self.repeat_last_n >= -1, "repeat-last-n must be >= -1", self.repeat_last_n)):
+            if not ok:
+                raise DpllamaError(f"sampling: {rule}, found {value}")
         self.rng = XorShift(self.seed)
 
     @property
@@ -75,7 +88,9 @@ class Sampler:
         if self.top_k and self.top_k < n:
             order = np.argpartition(-probs, self.top_k)[:self.top_k]
         if 0.0 < self.top_p < 1.0:
-            cutoff = (1.0 - self.top_p) / (n - 1)       # tokens below it cannot be in the nucleus
+            # tokens below it cannot be in the nucleus (run.c's shortcut), but the most likely one always is
+            # (run.c reads out of bounds when nothing passes: a top-p below 1 / vocab on flat probabilities)
+            cutoff = min((1.0 - self.top_p) / max(n - 1, 1), float(probs.max()))
             cand = np.nonzero(probs >= cutoff)[0] if order is None else order[probs[order] >= cutoff]
             order = cand[np.argsort(-probs[cand], kind="stable")]
             cum = np.cumsum(probs[order])
@@ -87,6 +102,13 @@ class Sampler:
         cdf = np.cumsum(p)
         i = int(np.searchsorted(cdf, coin * cdf[-1], side="right"))
         return int(order[min(i, len(order) - 1)])
+
+
+def check_steps(steps: int, name: str = "steps") -> int:
+    """`steps` (positions to run, as llama2.c's -n) unless it is negative; `name` is how the user gave it."""
+    if steps < 0:
+        raise DpllamaError(f"{name} must be >= 0, found {steps}")
+    return steps
 
 
 def generate_ids(model: Llama, prompt: list[int], steps: int, sampler: Sampler,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dpllama.errors import DpllamaError
-from dpllama.generate import Sampler, generate_ids
+from dpllama.generate import Sampler, check_steps, generate_ids
 from dpllama.model.llama import Llama
 from dpllama.model.weights import Weights
 from dpllama.runtime import open_queue
@@ -117,9 +117,10 @@ class LLM:
                  top_k: int = 0, repeat_penalty: float = 1.0, seed: int = 0, echo_prompt: bool = True
                  ) -> Iterator[str]:
         """Stream the continuation of `prompt` (echoed first unless echo_prompt=False) over `steps`
-        positions, prompt included, as llama2.c's -n; temperature 0 is greedy."""
+        positions, prompt included, as llama2.c's -n; temperature 0 is greedy. Bad arguments raise
+        DpllamaError here, not when the stream is read."""
         sampler = Sampler(temperature, top_p, top_k, repeat_penalty, seed=seed)
-        return self.stream(self.encode(prompt), steps, sampler, echo_prompt)
+        return self.stream(self.encode(prompt), check_steps(steps), sampler, echo_prompt)
 
 
 def load(model: str, tokenizer: str | None = None, device: str | None = None, config: str | None = None,

@@ -57,7 +57,7 @@ def test_tokenize_prints_ids(repo_root):
     (("generate", "-m", "{model}", "-z", "{d}/tokenizer.bin"), "tokenizer has 32000 tokens but the model's vocab_size is 512"),
     (("generate", "-m", "{d}/tok512.bin", "-z", "{d}/tok512.bin"), "tok512.bin"),
     (("generate", "-m", "{model}", "-z", "{tok}", "-n", "-3"), "-n must be >= 0"),
-    (("generate", "-m", "{model}", "-z", "{tok}", "--top-p", "1.5"), "0 <= top-p <= 1"),
+    (("generate", "-m", "{model}", "-z", "{tok}", "--top-p", "1.5"), "top-p must be between 0 and 1"),
     (("pull", "llama-7b"), "unknown model 'llama-7b'"),
 ])
 def test_bad_input_is_one_line_error(stories, repo_root, args, message):
@@ -67,6 +67,22 @@ def test_bad_input_is_one_line_error(stories, repo_root, args, message):
     assert r.returncode == 1
     assert r.stderr.startswith("dpllama: error:") and message in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("args, message", [
+    (("-n", "-5"), "-n must be >= 0, found -5"),
+    (("--top-p", "2"), "sampling: top-p must be between 0 and 1, found 2.0"),
+    (("-t", "-1"), "sampling: temperature must be >= 0 and finite, found -1.0"),
+    (("-t", "nan"), "sampling: temperature must be >= 0 and finite, found nan"),
+    (("--repeat-penalty", "nan", "-t", "0.8"), "sampling: repeat-penalty must be > 0 and finite, found nan"),
+    (("--top-k", "-1"), "sampling: top-k must be >= 0, found -1"),
+    (("--ctx", "0"), "--ctx must be at least 1, found 0"),
+])
+def test_bad_arguments_fail_before_the_model_loads(command, args, message):
+    """The model does not even exist: the argument's error comes first, not after a load of up to minutes."""
+    r = run(command, "-m", "/nonexistent/model.bin", *args)
+    assert r.returncode == 1 and r.stderr == f"dpllama: error: {message}\n", r.stderr
 
 
 def test_chat_answers_on_stdin(repo_root):

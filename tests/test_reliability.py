@@ -1,0 +1,45 @@
+"""Bad input from the Python API and edge cases of the sampler: a DpllamaError naming the problem, at once,
+never a traceback from deep inside or a silently wrong result."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import dpllama
+from dpllama.errors import DpllamaError
+from dpllama.generate import Sampler
+from tests.helpers import llama2c_dir
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=math.nan), "temperature must be >= 0 and finite, found nan"),
+    (dict(temperature=math.inf), "temperature must be >= 0 and finite, found inf"),
+    (dict(temperature=-1), "temperature must be >= 0 and finite, found -1"),
+    (dict(top_p=math.nan), "top-p must be between 0 and 1, found nan"),
+    (dict(top_p=2), "top-p must be between 0 and 1, found 2"),
+    (dict(top_k=-1), "top-k must be >= 0, found -1"),
+    (dict(temperature=0.8, repeat_penalty=math.nan), "repeat-penalty must be > 0 and finite, found nan"),
+    (dict(repeat_penalty=0), "repeat-penalty must be > 0 and finite, found 0"),
+    (dict(repeat_last_n=-2), "repeat-last-n must be >= -1, found -2"),
+])
+def test_sampler_rejects_bad_values(kwargs, message):
+    with pytest.raises(DpllamaError, match=f"^sampling: {message}$"):
+        Sampler(**kwargs)
+
+
+def test_top_p_below_one_over_vocab_keeps_the_most_likely_token():
+    """Flat probabilities and top-p < 1 / vocab: no token reaches run.c's cutoff, the nucleus is the top one."""
+    assert Sampler(top_p=0.001, seed=1).sample(np.full(512, 1 / 512, np.float32)) == 0
+
+
+def test_api_generate_rejects_bad_arguments_at_the_call():
+    d = llama2c_dir()
+    llm = dpllama.load(str(d / "stories260K.bin"), str(d / "tok512.bin"), max_seq=16)
+    for kwargs, message in [(dict(temperature=-1), "temperature must be >= 0"),
+                            (dict(top_p=2), "top-p must be between 0 and 1"),
+                            (dict(steps=-5), "steps must be >= 0, found -5")]:
+        with pytest.raises(DpllamaError, match=message):
+            llm.generate("Once upon a time", **kwargs)          # raised by the call, before any iteration
+    assert "".join(llm.generate("Once upon a time", steps=8, temperature=0)).startswith("Once upon a time")
