@@ -45,12 +45,27 @@ def add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", metavar="SELECTOR", help=SELECTOR_HELP)
     p.add_argument("--config", metavar="PATH", help="YAML device config, or a shipped one's name")
-    p.add_argument("--ctx", type=int, default=None, metavar="N",
+    p.add_argument("-c", "--ctx", "--ctx-size", type=int, default=None, metavar="N",
                    help="context length to allocate (default: the model's)")
 
 
+class Temperature(argparse.Action):
+    """-t/--temperature/--temp. -t is llama2.c's temperature, but `-t 4` reads like llama.cpp's thread count:
+    a whole number from 2 up written after -t gets a warning (after --temperature or --temp it is meant)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        try:
+            t = float(value)
+        except ValueError:
+            raise argparse.ArgumentError(self, f"invalid float value: {value!r}") from None
+        if option_string == "-t" and value.isdigit() and int(value) >= 2:
+            print(f"dpllama: warning: -t {value} is the sampling temperature (llama2.c's -t), not a thread count "
+                  f"(llama.cpp's -t); --temperature {value} says it without this warning", file=sys.stderr)
+        setattr(namespace, self.dest, t)
+
+
 def add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
-    p.add_argument("-t", "--temperature", type=float, default=temperature,
+    p.add_argument("-t", "--temperature", "--temp", action=Temperature, default=temperature, metavar="T",
                    help=f"sampling temperature, 0 = greedy (default {temperature})")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling cut, 0 or 1 = off (default 0.9)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
@@ -237,12 +252,14 @@ def parser() -> argparse.ArgumentParser:
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(sp)
-        sp.set_defaults(run=run)
+        sp.set_defaults(run=run, command_parser=sp)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args, unknown = parser().parse_known_args(argv)
+    if unknown:     # with the subcommand's usage, not the top level's, which does not show its options
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args)
     except DpllamaError as e:

@@ -85,6 +85,25 @@ def test_bad_arguments_fail_before_the_model_loads(command, args, message):
     assert r.returncode == 1 and r.stderr == f"dpllama: error: {message}\n", r.stderr
 
 
+def test_llama_cpp_habits():
+    """-c/--ctx-size as llama.cpp's, --temp as a listed alias (not a prefix of --temperature), a warning for
+    -t with what looks like a thread count, and a bad value with generate's usage, not the top level's."""
+    from dpllama.cli import parser
+    for flag in ("-c", "--ctx", "--ctx-size"):
+        assert parser().parse_args(["generate", "-m", "x", flag, "64"]).ctx == 64
+    assert "--temp T" in run("generate", "--help").stdout
+    warned = run("generate", "-m", "/nonexistent/model.bin", "-t", "4")
+    assert warned.stderr.splitlines()[0] == ("dpllama: warning: -t 4 is the sampling temperature (llama2.c's -t), "
+                                              "not a thread count (llama.cpp's -t); --temperature 4 says it "
+                                              "without this warning")
+    for args in (("-t", "1"), ("-t", "4.0"), ("--temperature", "4"), ("--temp", "4")):
+        r = run("generate", "-m", "/nonexistent/model.bin", *args)
+        assert r.stderr.startswith("dpllama: error:") and "warning" not in r.stderr, args
+    for args in (("-c", "abc"), ("--bogus",)):
+        r = run("generate", "-m", "x", *args)
+        assert r.returncode == 2 and r.stderr.startswith("usage: dpllama generate"), r.stderr
+
+
 def test_chat_answers_on_stdin(repo_root):
     path = smollm2_gguf_path()
     r = run("chat", "-m", path, "-t", 0, "--ctx", 256, cwd=repo_root,
