@@ -128,7 +128,13 @@ class DeviceTensor:
                         else q.buffer(4, name=f"{name}.{part}-unused")
                         for part, a in (("data", data), ("scales", t.scales), ("mins", t.mins))]
         self.tiles = tiles
-        self.programs = {n: q.program("gemv.cl", *_build_defines(t, rows_per_tile, k, n)) for n, k in self.tiles.items()}
+        self.q = q
+        self.defines = {n: _build_defines(t, rows_per_tile, k, n) for n, k in self.tiles.items()}
+
+    @property
+    def programs(self) -> dict:
+        """tokens per work-group -> the program (Llama builds them all at once, with progress)."""
+        return {n: self.q.program("gemv.cl", *d) for n, d in self.defines.items()}
 
     def args(self):
         return [b.read() for b in self.buffers]
@@ -159,7 +165,6 @@ class Llama:
         pos_vec = cfg.work_group("attention_positions")     # the config checked these values
         self.seq_p = -(-self.seq_len // pos_vec) * pos_vec
         self.attention_defines = (f"POS_VEC={pos_vec}", f"HD_VEC={_pow2_divisor(c.head_dim)}")
-        self.layer_prog = q.program("layer.cl", *self.attention_defines)
         dim, kv_dim, q_dim = c.dim, c.kv_dim, c.n_heads * c.head_dim
         # decode's attention inside the QKV launch (gemv.cl's qkv_attention): where the config asks for it
         # for this many KV heads, work-groups are single work-items (CPUs), and a head's rows are whole tiles
@@ -188,7 +193,7 @@ class Llama:
             self.layers.append(dict(
                 attn_norm=norm_weight(L.attn_norm),                                # [dim]
                 wqkv=upload(wqkv, f"layers.{i}.wqkv"),                             # [q_dim + 2 kv_dim, dim]
-                qkv_attention=self._qkv_attention_program(wqkv),
+                qkv_attention=self._qkv_attention_defines(wqkv),
                 wo=upload(L.wo, f"layers.{i}.wo"),                                 # [dim, q_dim]
                 ffn_norm=norm_weight(L.ffn_norm),                                  # [dim]
                 w13=upload(fuse_rows([L.w1, L.w3], self.rows_per_tile // 2), f"layers.{i}.w13"),  # [2 hidden, dim]
@@ -196,6 +201,13 @@ class Llama:
             ))
         self.norm = norm_weight(weights.norm)                                      # [dim]
         self.output = self.tok_embeddings if weights.tied else upload(weights.output, "output")  # [vocab, dim]
+
+        # ---- programs: every variant this model uses, compiled once per device (progress on stderr) ----
+        matrices = [self.tok_embeddings, self.output] + [L[k] for L in self.layers for k in ("wqkv", "wo", "w13", "w2")]
+        q.build_all([("layer.cl", self.attention_defines)]
+                    + [("gemv.cl", d) for t in matrices for d in t.defines.values()]
+                    + [("gemv.cl", L["qkv_attention"]) for L in self.layers if L["qkv_attention"]])
+        self.layer_prog = q.program("layer.cl", *self.attention_defines)
 
         # ---- state: activations for up to `chunk` tokens (decode uses row 0), KV cache, tokens, position ----
         n = self.chunk
@@ -223,13 +235,13 @@ class Llama:
         self.forward_commands(1)
         self.pos = 0
 
-    def _qkv_attention_program(self, wqkv: Tensor):
-        """gemv.cl built for qkv_attention over [Wq; Wk; Wv] (None when not fused), its tiles decode's."""
+    def _qkv_attention_defines(self, wqkv: Tensor) -> tuple[str, ...] | None:
+        """gemv.cl's defines for qkv_attention over [Wq; Wk; Wv] (None when not fused), its tiles decode's."""
         if not self.fused_attention:
             return None
         c = self.config
-        return self.q.program("gemv.cl", *_build_defines(wqkv, self.rows_per_tile, self.tiles[1], 1),
-                              *self.attention_defines, f"GQA={c.n_heads // c.n_kv_heads}", "SOLO")
+        return (*_build_defines(wqkv, self.rows_per_tile, self.tiles[1], 1), *self.attention_defines,
+                f"GQA={c.n_heads // c.n_kv_heads}", "SOLO")
 
     @property
     def weight_bytes(self) -> int:
@@ -266,7 +278,8 @@ class Llama:
                      np.int32(q_dim), np.int32(kv_dim), np.int32(c.head_dim), np.int32(self.seq_p), off)
             if T == 1 and self.fused_attention:
                 attention = (self.att.read_write(), self.att_out.write(), np.int32(c.n_heads), np.int32(self.q_p))
-                cmds.append(q.command(L["qkv_attention"].qkv_attention, (c.n_kv_heads, 1), (1, 1),
+                fused = q.program("gemv.cl", *L["qkv_attention"]).qkv_attention
+                cmds.append(q.command(fused, (c.n_kv_heads, 1), (1, 1),
                                       *matrix_args(L["wqkv"], 1, qkv_io, (self.dim_p, self.q_p), eps,
                                                          cache + attention),
                                       Local(4), Local(4), Local(4)))   # SOLO: the scratch goes unused

@@ -64,12 +64,17 @@ def source(file: str) -> str:
     return f'{prefix}#line 1 "{file}"\n{path.read_text()}'
 
 
+def cache_path(device, file: str, options: list[str] | tuple = ()) -> Path:
+    """Where the binary of cl_kernels/`file` built for `device` with `options` is kept."""
+    key = hashlib.sha256("\0".join((device.cache_key(), cl.VERSION_TEXT, " ".join(options), source(file))).encode())
+    return dpllama_home() / "kernels" / f"{Path(file).stem}-{key.hexdigest()[:32]}.bin"
+
+
 def build(context: cl.Context, device, file: str, options: list[str] | tuple = ()) -> Program:
     """Build cl_kernels/`file` for `device` (a runtime Device), from the disk cache when possible."""
     text = source(file)
     opts = " ".join(options)
-    key = hashlib.sha256("\0".join((device.cache_key(), cl.VERSION_TEXT, opts, text)).encode()).hexdigest()
-    cached = dpllama_home() / "kernels" / f"{Path(file).stem}-{key[:32]}.bin"
+    cached = cache_path(device, file, options)
     if cached.is_file():
         try:
             prg = cl.Program(context, [device.cl_device], [cached.read_bytes()]).build(opts)

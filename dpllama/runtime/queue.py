@@ -15,6 +15,8 @@ and the bookkeeping cost more host time per command than the launch itself. Host
 """
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -190,11 +192,34 @@ class Queue:
 
     def program(self, file: str, *defines: str) -> Program:
         """cl_kernels/`file` built for this device with the config's options plus `-D` defines."""
-        opts = self.build_options + [f"-D{d}" for d in defines]
+        opts = self._options(defines)
         key = file + " " + " ".join(opts)
         if key not in self.programs:
             self.programs[key] = program.build(self.context, self.device, file, opts)
         return self.programs[key]
+
+    def build_all(self, specs: list[tuple[str, tuple[str, ...]]]) -> None:
+        """Build (file, defines) programs ahead of use. Those not in the disk cache compile (seconds each on
+        a CPU, once per device and driver), with progress on stderr: a live line on a terminal, one line
+        elsewhere."""
+        specs = list(dict.fromkeys(specs))
+        todo = [s for s in specs if not program.cache_path(self.device, s[0], self._options(s[1])).is_file()]
+        live = sys.stderr.isatty()
+        t0 = time.perf_counter()
+        for i, (file, defines) in enumerate(todo):
+            if live or i == 0:
+                print(f"\rdpllama: compiling {len(todo)} kernel programs for {self.device.name} (first run with "
+                      f"this device and driver only; cached after): {100 * i // len(todo)}%",
+                      end="" if live else "\n", file=sys.stderr, flush=True)
+            self.program(file, *defines)
+        if todo and live:
+            print(f"\rdpllama: compiled {len(todo)} kernel programs for {self.device.name} in "
+                  f"{time.perf_counter() - t0:.0f} s{' ' * 40}", file=sys.stderr, flush=True)
+        for file, defines in specs:
+            self.program(file, *defines)
+
+    def _options(self, defines) -> list[str]:
+        return self.build_options + [f"-D{d}" for d in defines]
 
     @property
     def max_alloc(self) -> int:
