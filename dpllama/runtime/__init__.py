@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import os
+
 from dpllama.runtime.config import (DeviceConfig, config_device, defaults, load_config,
                                     shipped_config_for)
 from dpllama.runtime.device import Device, Probe, choose, list_devices, select_device
@@ -26,7 +28,8 @@ def open_queue(selector: str | None = None, config: str | None = None, profiling
     """A queue on the chosen device, tuned by its YAML config.
 
     The device comes from `selector`, else the config's `match`, else $DPLLAMA_DEVICE, else the best
-    device; the config from `config`, else the shipped config that matches the device."""
+    device; the config from `config`, else $DPLLAMA_CONFIG, else the shipped config that matches the device."""
+    config = config or os.environ.get("DPLLAMA_CONFIG")
     if config:
         cfg = load_config(config)
         device = select_device(selector)[0] if selector else config_device(cfg)[0]

@@ -1,0 +1,48 @@
+"""Every CPU kernel path this host can run, each built and checked as a user on that CPU would get it.
+
+The device's compiler picks gemv.cl's path from the instruction-set macros it predefines, and the probe picks
+the matching CPU config. PoCL 3.1 and later can be told to target an older CPU than the host
+(POCL_KERNELLIB_NAME: avx2 is Haswell, sse2 is a plain x86-64 CPU), so an AVX-512 host also builds and runs the
+real AVX2 and portable code. In a subprocess per path: the probe must report that path, the forward pass of a
+random model in every weight format must match the NumPy reference (tests/test_forward.py), and no build may
+print a compiler warning (PyOpenCL's CompilerWarning is an error there). A path the host's driver cannot
+target (the pip PoCL 3.0, a GPU) skips with that reason. The AVX-512 VNNI path is built only where the compiler
+targets VNNI; test_kernels.py's test_gemv_isa_fallbacks covers the others below it on such a host.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dpllama.runtime import select_device
+
+TARGETS = {"avx2": "avx2", "portable": "sse2"}     # kernel path -> PoCL kernel library that targets it
+PROBE = "from dpllama.runtime import select_device; print(select_device()[0].kernel_path)"
+
+
+def env_for(lib: str, tmp_path) -> dict:
+    return dict(os.environ, POCL_KERNELLIB_NAME=lib, DPLLAMA_DEVICE="cpu",
+                DPLLAMA_HOME=os.environ.get("DPLLAMA_HOME", str(tmp_path)))
+
+
+@pytest.mark.parametrize("path", TARGETS)
+def test_kernel_path(repo_root, tmp_path, path):
+    if select_device()[0].type != "cpu":
+        pytest.skip("the device dpllama uses here is not a CPU")
+    env = env_for(TARGETS[path], tmp_path)
+    probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=repo_root, env=env,
+                           timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    if probe.stdout.strip() != path:
+        pytest.skip(f"this host's OpenCL driver does not target the {path} path with POCL_KERNELLIB_NAME="
+                    f"{TARGETS[path]} (it stays {probe.stdout.strip()}; PoCL 3.1 or later does)")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          "-W", "error::pyopencl.CompilerWarning",
+                          "tests/test_forward.py::test_logits_match_reference",
+                          "tests/test_forward.py::test_greedy_and_given_tokens_mixed"],
+                         capture_output=True, text=True, cwd=repo_root, env=env, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout.splitlines()[-1]

@@ -1,0 +1,100 @@
+"""The kernels under Oclgrind, a checking OpenCL runtime that reports out-of-bounds reads and writes, data races
+and reads of uninitialized memory: stories260K greedy against llama2.c's oracle, and the forward pass of a
+random model in the quantized formats against the NumPy reference, in the GPU launch geometry (work-items
+sharing a tile, tree reductions, barriers) and in the CPU one (a work-item per tile, the fused attention).
+Any report fails the test, but for two of the driver-probing calls every OpenCL program makes (NOISE).
+
+Oclgrind interprets every work-item, so the shapes are small; it rejects -g and needs -cl-opt-disable under
+the uninitialized check (it aborts on LLVM's `freeze`), which the configs below give. It is reached through
+the ICD loader's OCL_ICD_VENDORS, as it ships no vendors entry. Debian's package: `apt-get install oclgrind`
+(.ci/run installs it where it can); without it the tests skip.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import llama2c_dir
+
+ICD = Path("/usr/lib/oclgrind/liboclgrind-rt-icd.so")
+CONFIGS = {
+    "gpu-geometry": "match: {platform: Oclgrind}\nbuild_options: [-cl-opt-disable]\n"
+                    "work_group: {gemv: 16, rows_per_group: 4, attention: 16, attention_positions: 4, norm: 16, "
+                    "prefill_chunk: 4}\n",
+    "cpu-geometry": "match: {platform: Oclgrind}\nbuild_options: [-cl-opt-disable]\n"
+                    "work_group: {gemv: 1, rows_per_group: 8, attention: 1, attention_positions: 8, norm: 16, "
+                    "decode_tiles: 2, prefill_tiles: 4, prefill_chunk: 4}\nfuse: {attention_min_kv_heads: 1}\n",
+}
+# Reports from the runtime's own probing that are not dpllama's calls: device queries for parameters an OpenCL
+# 1.2 device lacks (PyOpenCL and dpllama's device facts ask for them), and PyOpenCL's kernel-name probing.
+NOISE = [("clGetDeviceInfo", "CL_INVALID_VALUE"), ("clCreateKernel", "CL_INVALID_KERNEL_NAME")]
+
+
+def reports(stderr: str) -> list[str]:
+    """Oclgrind's reports in `stderr` (blocks of a headline and tab-indented details), noise left out."""
+    blocks = re.split(r"\n(?=\S)", stderr)
+    found = []
+    for b in blocks:
+        if not re.search(r"Oclgrind|Invalid (read|write)|Uninitiali[sz]ed|[Dd]ata race|out of bounds", b):
+            continue
+        func = re.search(r"Function:\s*(\S+)", b)
+        err = re.search(r"Error:\s*(\S+)", b)
+        if func and err and (func.group(1), err.group(1)) in NOISE:
+            continue
+        found.append(b.strip())
+    return found
+
+
+@pytest.fixture(scope="module")
+def oclgrind_env(tmp_path_factory):
+    if not ICD.is_file():
+        pytest.skip(f"Oclgrind is not installed ({ICD} not found; `apt-get install oclgrind`)")
+    d = tmp_path_factory.mktemp("oclgrind")
+    (d / "vendors").mkdir()
+    (d / "vendors" / "oclgrind.icd").write_text(f"{ICD}\n")
+    env = dict(os.environ, OCL_ICD_VENDORS=str(d / "vendors"), OCLGRIND_CHECK_API="1", OCLGRIND_DATA_RACES="1",
+               OCLGRIND_UNINITIALIZED="1", DPLLAMA_HOME=str(d / "home"))
+    env.pop("DPLLAMA_DEVICE", None)
+    for name, text in CONFIGS.items():
+        (d / f"{name}.yaml").write_text(text)
+    return env, d
+
+
+def test_reports_are_parsed():
+    """The filter keeps a kernel's invalid read and drops the probing noise (so a clean run means something)."""
+    err = ("Oclgrind - OpenCL runtime error detected\n\tFunction: clGetDeviceInfo\n\tFor argument 'param_name'\n"
+           "\tError:    CL_INVALID_VALUE\n\nInvalid read of size 4 at global memory address 0x1000000000040\n"
+           "\tKernel: argmax_embed\n\tEntity: Global(0,0,0) Local(0,0,0) Group(0,0,0)\n")
+    assert [r.splitlines()[0] for r in reports(err)] == ["Invalid read of size 4 at global memory address "
+                                                        "0x1000000000040"]
+
+
+@pytest.mark.parametrize("geometry", CONFIGS)
+def test_stories260k_greedy_under_oclgrind(oclgrind_env, repo_root, geometry):
+    env, d = oclgrind_env
+    m = llama2c_dir()
+    r = subprocess.run([sys.executable, "-m", "dpllama.cli", "generate", "-m", m / "stories260K.bin", "-z",
+                        m / "tok512.bin", "-p", "Once upon a time", "-n", "9", "-t", "0", "--config",
+                        d / f"{geometry}.yaml"], capture_output=True, text=True, cwd=repo_root, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Oclgrind" in r.stderr      # the simulator ran (it announced its probing reports)
+    assert reports(r.stderr) == []
+    oracle = (m / "reference_stories260K_greedy.txt").read_text()
+    assert len(r.stdout) > len("Once upon a time") and oracle.startswith(r.stdout), r.stdout
+
+
+@pytest.mark.parametrize("geometry", CONFIGS)
+def test_quantized_forward_under_oclgrind(oclgrind_env, repo_root, geometry):
+    env, d = oclgrind_env
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider",  # -s: reports pass
+                        "tests/test_forward.py::test_logits_match_reference[prefill-int4-mixed-g32-tied]"],
+                       capture_output=True, text=True, cwd=repo_root, timeout=900,
+                       env=dict(env, DPLLAMA_CONFIG=str(d / f"{geometry}.yaml")))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "Oclgrind" in r.stderr and " passed" in r.stdout
+    assert reports(r.stderr) == []
