@@ -125,6 +125,18 @@ def test_llama2c_merge_order(tmp_path):
     assert tok.encode("é", bos=False) == [ids[b" "], 3 + 0xC3, 3 + 0xA9]  # byte fallback
 
 
+def test_llama2c_vocab_without_byte_tokens(tmp_path):
+    """Fewer than 259 tokens and no <0xXX> ones: a character outside the vocabulary is <unk> (a run of them one
+    <unk>), as sentencepiece without byte fallback has it, never run.c's byte + 3 past the vocabulary's end."""
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n", b" ", b"a", b"b", b" a"]
+    tok = Llama2cTokenizer(write_llama2c_bin(tmp_path / "t.bin", pieces), len(pieces))
+    assert tok.encode("a é€ b") == [1, 6, 3, 0, 3, 5]
+    assert tok.encode("a\x01é") == [1, 6, 0]
+    with pytest.raises(DpllamaError, match=r"t2\.bin: a llama2\.c tokenizer has at least 3 tokens \(<unk>, BOS, "
+                                           r"EOS\), found 2"):
+        Llama2cTokenizer(write_llama2c_bin(tmp_path / "t2.bin", pieces[:2]))
+
+
 # ---------------------------------------------------------------- SentencePiece (GGUF "llama")
 
 def spm_fields(pieces, scores, **extra):

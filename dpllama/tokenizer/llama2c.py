@@ -12,7 +12,7 @@ from pathlib import Path
 from dpllama.errors import DpllamaError
 from dpllama.tokenizer.base import Tokenizer, merge_by_score
 
-BOS, EOS = 1, 2
+UNK, BOS, EOS = 0, 1, 2
 # run.c recognises byte tokens with sscanf(piece, "<0x%02hhX>"), which matches this prefix.
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{1,2})")
 # C-locale isprint() || isspace()
@@ -43,6 +43,8 @@ def _read_vocab(path: Path, vocab_size: int | None) -> tuple[list[bytes], list[f
                            f"{vocab_size}: wrong tokenizer for this model")
     if stray:
         raise DpllamaError(f"{path}: corrupt tokenizer file: {stray} stray bytes after {k} tokens")
+    if k < 3:
+        raise DpllamaError(f"{path}: a llama2.c tokenizer has at least 3 tokens (<unk>, BOS, EOS), found {k}")
     return pieces, scores
 
 
@@ -68,6 +70,10 @@ class Llama2cTokenizer(Tokenizer):
         self.lookup = {}
         for i, p in enumerate(self.pieces):
             self.lookup.setdefault(p, i)
+        # byte fallback: run.c emits byte + 3, which is the <0xXX> token in every vocabulary trained with
+        # sentencepiece's byte_fallback; a vocabulary without byte tokens (run.c would index past its end)
+        # gets <unk> for the character instead, as sentencepiece gives it without byte_fallback
+        self.byte_ids = {b: i for b in range(256) if (i := self.lookup.get(b"<0x%02X>" % b)) is not None}
         self.bos_id, self.eos_id = BOS, EOS
         # run.c stops generating when the model samples BOS, not EOS (stories models end a
         # story with BOS).
@@ -95,7 +101,12 @@ class Llama2cTokenizer(Tokenizer):
             while j < len(raw) and raw[j] & 0xC0 == 0x80 and j - i < 4:
                 j += 1
             tok = self.lookup.get(raw[i:j])
-            ids.extend([tok] if tok is not None else [b + 3 for b in raw[i:j]])
+            if tok is not None:
+                ids.append(tok)
+            elif all(b in self.byte_ids for b in raw[i:j]):
+                ids.extend(self.byte_ids[b] for b in raw[i:j])
+            elif ids[-1] != UNK:            # sentencepiece: a run of unknown characters is one <unk>
+                ids.append(UNK)
             i = j
         # BOS takes part in the merge loop in run.c too (it never merges in practice).
         ids, _ = merge_by_score(ids, [self.pieces[t] for t in ids], self.lookup, self.scores,
