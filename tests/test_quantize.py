@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +96,24 @@ def test_quantize_errors_are_one_line(stories, tmp_path, repo_root):
         assert r.stderr.startswith("dpllama: error:") and message in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []           # nothing written, not even partly
+
+
+def test_quantize_refuses_bad_outputs_before_any_work(stories, tmp_path, repo_root):
+    """A folder, a device, a place nobody can write, or an input (the model, a link to it, the tokenizer) as
+    the output: one line, before loading or quantizing anything (nothing on stdout), and the inputs intact."""
+    model, tok = (Path(shutil.copy(p, tmp_path)) for p in stories)    # copies: a bug must not eat the shared ones
+    (tmp_path / "link.bin").symlink_to(model)
+    (tmp_path / "dir.gguf").mkdir()
+    before = {p: p.read_bytes() for p in (model, tok)}
+    for out, message in [(tmp_path / "dir.gguf", "is a folder"), ("/dev/null", "not a regular file"),
+                         ("/sys/out.gguf", "cannot write in /sys"), ("/proc/self/out.gguf", "cannot write in /proc"),
+                         (model, f"is the input {model}"), (tmp_path / "link.bin", f"is the input {model}"),
+                         (tok, f"is the input {tok}")]:
+        r = run("quantize", model, out, "-z", tok, cwd=repo_root)
+        assert r.returncode == 1 and r.stdout == "", out
+        assert r.stderr.startswith(f"dpllama: error: {out}: {message}") and r.stderr.count("\n") == 1, r.stderr
+    assert {p: p.read_bytes() for p in (model, tok)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.gguf", "link.bin", "stories260K.bin", "tok512.bin"]
 
 
 def test_interrupted_write_leaves_nothing(stories, tmp_path, monkeypatch):
