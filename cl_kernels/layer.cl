@@ -14,6 +14,14 @@ __kernel void attention(__global const float *query, __global const float *k_cac
            head_dim, seq_p, q_stride, out_stride, cache_offset, scratch);
 }
 
+// x[0 .. n) = x[row * n .. row * n + n): after a prefill chunk only the last token's residual row goes on to the
+// LM head. A kernel, not clEnqueueCopyBuffer: after a buffer copy Oclgrind 21.10 takes parts of the buffer the
+// copy did not touch for uninitialized, which made every later check of x report (tests/test_oclgrind.py).
+__kernel void move_row(__global float *x, const int row, const int n) {
+    for (int i = get_global_id(0); i < n; i += get_global_size(0))
+        x[i] = x[(size_t)row * n + i];
+}
+
 // Advance past n tokens whose successors are already known (prompt tokens, host-sampled tokens).
 __kernel void advance(__global int *state, const int n) {
     state[0] += n;

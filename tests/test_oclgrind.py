@@ -94,15 +94,7 @@ def test_stories260k_greedy_under_oclgrind(oclgrind_env, repo_root, geometry):
     assert len(r.stdout) > len("Once upon a time") and oracle.startswith(r.stdout.rstrip("\n")), r.stdout
 
 
-# Open finding (issue 11): in the prefill build of the quantized kernels (TOKENS = 8, here T = 6: two of a
-# work-group's token slots idle), Oclgrind reports ~500 "Uninitialized value written" in gemv_norm_rope_kv's
-# stores of q, k and v, in both geometries; decode and the float32 kernels are clean, and the logits still match
-# the reference. Strict: the test fails once the cause is fixed, so the mark cannot outlive it.
-PREFILL_FINDING = pytest.mark.xfail(strict=True, reason="Oclgrind: uninitialized values in quantized prefill "
-                                                        "(gemv_norm_rope_kv, TOKENS=8), not yet explained")
-
-
-@pytest.mark.parametrize("feeds", ["decode", pytest.param("prefill", marks=PREFILL_FINDING)])
+@pytest.mark.parametrize("feeds", ["decode", "prefill"])
 @pytest.mark.parametrize("geometry", CONFIGS)
 def test_quantized_forward_under_oclgrind(oclgrind_env, repo_root, geometry, feeds):
     """int4 (symmetric and asymmetric, fused), a q8 embedding and tied classifier, against the reference."""

@@ -298,7 +298,7 @@ class Llama:
                 self._gemv("gemv_add", L["w2"], T, [self.h.read(), self.x.read_write()], (self.hidden_p, self.dim_p)),
             ]
         if T > 1:   # only the last token's logits are wanted: its residual row moves to row 0
-            cmds.append(q.copy(self.x.read(), self.x.write(), self.dim_p * 4, (T - 1) * self.dim_p * 4, 0))
+            cmds.append(q.command(lp.move_row, (64,), None, self.x.read_write(), np.int32(T - 1), np.int32(self.dim_p)))
         cmds.append(self._gemv("gemv_norm", self.output, 1, [self.x.read(), self.norm.read(), self.logits.write()],
                                (self.dim_p, 0), eps))
         self.commands[T] = cmds

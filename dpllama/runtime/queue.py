@@ -150,25 +150,6 @@ class Command:
         return cl.enqueue_nd_range_kernel(cl_queue, self.kernel, self.global_size, self.local_size, wait_for=wait)
 
 
-@dataclass
-class CopyCommand:
-    """A device-to-device copy of nbytes, like SYCL's handler.copy, enqueued like a kernel."""
-    src: Accessor
-    dst: Accessor
-    nbytes: int
-    src_offset: int = 0
-    dst_offset: int = 0
-    name: str = "copy"
-
-    @property
-    def accessors(self) -> list[Accessor]:
-        return [self.src, self.dst]
-
-    def launch(self, cl_queue, wait):
-        return cl.enqueue_copy(cl_queue, self.dst.buffer.cl_buffer, self.src.buffer.cl_buffer, byte_count=self.nbytes,
-                               src_offset=self.src_offset, dst_offset=self.dst_offset, wait_for=wait)
-
-
 class Queue:
     """A command queue on one device. `out_of_order=None` uses out-of-order mode when the device has it."""
 
@@ -250,13 +231,7 @@ class Queue:
                 k.set_arg(i, a)
         return Command(k, tuple(global_size), tuple(local_size) if local_size else None, accessors)
 
-    def copy(self, src: Accessor, dst: Accessor, nbytes: int, src_offset: int = 0, dst_offset: int = 0
-             ) -> CopyCommand:
-        """A device-to-device copy to enqueue (byte offsets); src and dst may be one buffer when the
-        ranges do not overlap."""
-        return CopyCommand(src, dst, nbytes, src_offset, dst_offset)
-
-    def enqueue(self, cmd: Command | CopyCommand) -> Event:
+    def enqueue(self, cmd: Command) -> Event:
         """Launch a bound command with the wait list its accessors imply."""
         if self.out_of_order:
             ev = cmd.launch(self.cl_queue, [e for a in cmd.accessors for e in a.buffer._deps(a.mode)] or None)
