@@ -418,7 +418,7 @@ __kernel void embed(WEIGHT_ARGS, __global const int *tokens, __global const int 
 __kernel void argmax_embed(__global const float *logits, __global int *tokens, __global int *state, const int n,
                            WEIGHT_ARGS, __global float *x, const int cols, const int cols_p,
                            __local float *best, __local int *best_i) {
-    const int r = argmax_next(logits, tokens, state, n, best, best_i);
+    const int r = max(argmax_next(logits, tokens, state, n, best, best_i), 0);   // -1: the host stops
     for (int c = get_local_id(0); c < cols; c += get_local_size(0))
         x[c] = weight_at(w_, s_, m_, r, c, cols_p);
 }

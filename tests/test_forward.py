@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler, XorShift, generate_ids
 from dpllama.model.llama import Llama
 from dpllama.model.llama2c import load_llama2c
@@ -342,3 +343,19 @@ def test_llama2c_v2_groups_smaller_than_8(q, tmp_path):
     assert w.layers[0].w2.kind == "q8" and w.layers[0].w2.group == 4
     for feeds in FEEDS.values():
         compare_logits(q, w, random_tokens(STEPS), feeds, "q8 group 4")
+
+
+def test_logits_that_are_not_finite_stop_generation(q, random_model):
+    """NaN or infinite logits (weights or activations that overflowed) are an error naming the position, for
+    greedy decoding on the device (argmax_embed marks them) and for the host's sampler alike."""
+    model = Llama(random_model, q)
+    model.start([1, 5])
+    model.feed(2)
+    for bad in (np.nan, np.inf):
+        model.logits.set(np.full(random_model.config.vocab_size, bad, np.float32))
+        with pytest.raises(DpllamaError, match="^the logits at position 1 are not finite"):
+            model.read_logits()
+        with pytest.raises(DpllamaError, match="^the logits at position 2 are not finite"):
+            model.next_greedy()
+        model.start([1, 5])
+        model.feed(2)

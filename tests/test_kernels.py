@@ -408,13 +408,15 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T):
 @pytest.mark.parametrize("n", [1, 5, 97, 1000, 4096])
 def test_argmax_embed(q, n, local):
     """Greedy sampling: the first index of the largest logit goes to tokens[pos + 1] unless that slot holds a
-    prompt token, pos advances, and the row of the token now at pos + 1 is embedded into x (q8 table)."""
+    prompt token, pos advances, and the row of the token now at pos + 1 is embedded into x (q8 table).
+    Logits with a NaN, an infinity at the top or nothing above -inf give -1 and embed row 0 (issue 11: they
+    gave index 0x7fffffff with fewer than 16 logits, and a read far past the table)."""
     rows_per_tile, _, decode_tiles, prefill_tokens, prefill_tiles, _ = GEOMETRIES["cpu"]
     rng = np.random.default_rng(n + local)
     cols = 40                                   # padded to 64 for the group of 32: x[cols:] must stay as it is
     table = FORMATS["q8g32"](rng.standard_normal((max(n, 110), cols)).astype(np.float32))
     emb = DeviceTensor(q, table, "emb", rows_per_tile, {1: decode_tiles, prefill_tokens: prefill_tiles})
-    for trial in range(6):
+    for trial in range(10):
         logits = rng.standard_normal(n).astype(np.float32)
         if trial == 1:
             logits[rng.integers(0, n, max(1, n // 3))] = -np.inf
@@ -424,7 +426,15 @@ def test_argmax_embed(q, n, local):
         if trial == 5 and n >= 65:             # the smaller index in a later work-item, the larger in item 0,
             logits[:] = 0                      # and 5 and 21 share a vector lane (5 comes first)
             logits[[64, 21, 5]] = 1
-        expected = int(np.flatnonzero(logits == logits.max())[0])
+        if trial == 6:                         # not all finite: -1 (the host reports it), and row 0 embedded
+            logits[rng.integers(0, n)] = np.nan
+        if trial == 7:
+            logits[:] = np.nan
+        if trial == 8:
+            logits[:] = -np.inf
+        if trial == 9:
+            logits[rng.integers(0, n)] = np.inf
+        expected = int(np.flatnonzero(logits == logits.max())[0]) if np.isfinite(logits).all() else -1
         pos, n_prompt = 3, 5 if trial == 1 else 2   # trial 1: pos + 1 < n_prompt, a prompt token's slot
         tokens0 = np.arange(100, 110, dtype=np.int32)
         tb = q.buffer(host=tokens0)
@@ -440,7 +450,8 @@ def test_argmax_embed(q, n, local):
         np.testing.assert_array_equal(tb.get(np.int32), want_tokens, err_msg=what)
         np.testing.assert_array_equal(sb.get(np.int32), [pos + 1, n_prompt])
         x = xb.get()
-        np.testing.assert_allclose(x[:cols], table.dequantize()[want_tokens[pos + 1]], rtol=EMBED_RTOL, err_msg=what)
+        np.testing.assert_allclose(x[:cols], table.dequantize()[max(want_tokens[pos + 1], 0)], rtol=EMBED_RTOL,
+                                   err_msg=what)
         assert (x[cols:] == 7.0).all(), what
 
 

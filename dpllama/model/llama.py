@@ -357,7 +357,13 @@ class Llama:
         if ahead:
             self.step()
         copied.wait()
+        if token[0] < 0:        # argmax_next's mark for logits that are not all finite
+            raise DpllamaError(self._not_finite())
         return int(token[0])
+
+    def _not_finite(self) -> str:
+        return (f"the logits at position {self.pos} are not finite (NaN or infinity): the model's weights or its "
+                f"activations overflowed float32")
 
     def next_given(self, token: int | None = None) -> None:
         """Move on to a token the host knows: the prompt's next one (None) or a host-sampled one."""
@@ -366,4 +372,7 @@ class Llama:
         self._advance(1)
 
     def read_logits(self) -> np.ndarray:
-        return self.logits.get()
+        logits = self.logits.get()
+        if not np.isfinite(logits).all():
+            raise DpllamaError(self._not_finite())
+        return logits
