@@ -1,21 +1,69 @@
-"""Writing files so that nobody ever sees half of one."""
+"""Writing files so that nobody ever sees half of one, and no temporary outlives its writer for long."""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 from dpllama.errors import DpllamaError
+
+HOST = socket.gethostname()
+# .NAME.PID@HOST.XXXXXXXX[.tmp], XXXXXXXX being tempfile's random part
+TEMP = re.compile(r"\..+\.(\d+)@(.+)\.[a-z0-9_]{8}(\.tmp)?")
+STALE_AFTER = 86400     # seconds; for what liveness cannot tell: another host's, or a PID reused since
+
+
+def temp_prefix(name: str) -> str:
+    """The start of a temporary's name beside `name`: hidden, and saying which process made it, so that
+    remove_stale can tell a dead process's leftover from a concurrent process's work in progress."""
+    return f".{name}.{os.getpid()}@{HOST}."
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # another user's
+        pass
+    return True
+
+
+def remove_stale(folder: str | os.PathLike) -> None:
+    """Remove the temporaries in `folder` left by a writer that died before cleaning up (SIGKILL, a power
+    cut): those of a process of this host that is gone, and any not touched for a day. Best effort: what
+    cannot be listed or removed stays."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for e in entries:
+        m = TEMP.fullmatch(e.name)
+        try:
+            if m and ((m[2] == HOST and not alive(int(m[1])))
+                      or time.time() - e.stat(follow_symlinks=False).st_mtime > STALE_AFTER):
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path)
+                else:
+                    os.unlink(e.path)
+        except OSError:
+            pass
 
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike):
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds, so a crash
     or an error never leaves a half-written file where a good one is expected. The file gets the
-    permissions a plain open() would give it (mkstemp's are private)."""
+    permissions a plain open() would give it (mkstemp's are private). A temporary that a killed writer left
+    there is removed first."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -45,7 +93,7 @@ def check_output(path: str | os.PathLike, inputs=()) -> Path:
     if not os.path.isdir(path.parent):
         raise DpllamaError(f"{path}: output folder {path.parent} does not exist")
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:

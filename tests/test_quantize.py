@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,28 @@ def test_quantize_cli_from_gguf_keeps_matching_q4_blocks(tmp_path, repo_root):
     r = run("quantize", other, tmp_path / "x.gguf", cwd=repo_root)
     assert r.returncode == 1 and "unsupported GGUF architecture 'mamba' (expected 'llama')" in r.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_sigkilled_quantize_leaves_no_temporary_behind(stories, tmp_path, repo_root):
+    """SIGKILL while the output is being written leaves the hidden temporary (nothing can remove it then); the next
+    run that writes there removes it, the writer being dead."""
+    from tests.helpers import random_llama2c
+    random_llama2c(tmp_path / "m.bin", dim=256, hidden=768, n_layers=4, n_heads=8, n_kv_heads=8, vocab=512)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ("quantize", tmp_path / "m.bin", out / "q.gguf", "-z", stories[1])
+    for _ in range(10):     # the temporary lives some 20 ms: killed the moment it shows, else tried again
+        p = subprocess.Popen([sys.executable, "-m", "dpllama.cli", *map(str, args)], cwd=repo_root,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while p.poll() is None and not any(n.endswith(".tmp") for n in os.listdir(out)):
+            time.sleep(0.001)
+        p.kill()
+        p.wait()
+        left = os.listdir(out)
+        if any(n.endswith(".tmp") for n in left):
+            break
+        (out / "q.gguf").unlink(missing_ok=True)    # it finished first, or that was check_output's probe
+    assert len(left) == 1 and left[0].startswith(".q.gguf.") and left[0].endswith(".tmp"), left
+    r = run(*args, cwd=repo_root)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(out) == ["q.gguf"]

@@ -1,14 +1,19 @@
 """Bad input from the Python API and edge cases of the sampler: a DpllamaError naming the problem, at once,
-never a traceback from deep inside or a silently wrong result."""
+never a traceback from deep inside or a silently wrong result. Killed writers' temporaries do not pile up."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 import dpllama
 from dpllama.errors import DpllamaError
+from dpllama.fileio import HOST, remove_stale
 from dpllama.generate import Sampler
 from tests.helpers import llama2c_dir
 
@@ -43,3 +48,20 @@ def test_api_generate_rejects_bad_arguments_at_the_call():
         with pytest.raises(DpllamaError, match=message):
             llm.generate("Once upon a time", **kwargs)          # raised by the call, before any iteration
     assert "".join(llm.generate("Once upon a time", steps=8, temperature=0)).startswith("Once upon a time")
+
+
+def test_remove_stale_takes_only_dead_writers_temporaries(tmp_path):
+    """A killed writer's temporary goes (file or folder); a live one's stays, whoever it is, and so does another
+    host's until it is a day old (its PID says nothing here); files that are not dpllama's temporaries stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    names = {f".m.gguf.{dead}@{HOST}.abcd1234.tmp": False, f".pull.{dead}@{HOST}.abcd1234": False,
+             f".m.gguf.{os.getpid()}@{HOST}.abcd1234.tmp": True, f".m.gguf.1@{HOST}.abcd1234.tmp": True,
+             f".m.gguf.{dead}@elsewhere.abcd1234.tmp": True, f".old.{dead}@elsewhere.abcd1234.tmp": False,
+             ".m.gguf.tmp": True, f"m.gguf.{dead}@{HOST}.abcd1234.tmp": True}
+    for name in names:
+        (tmp_path / name).mkdir() if name.startswith(".pull") else (tmp_path / name).write_text("")
+    (tmp_path / f".pull.{dead}@{HOST}.abcd1234" / "half.whl").write_text("")
+    os.utime(tmp_path / f".old.{dead}@elsewhere.abcd1234.tmp", (time.time() - 2 * 86400,) * 2)
+    remove_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, kept in names.items() if kept)
