@@ -8,6 +8,7 @@ file stays a table; heavy imports (pyopencl, numpy) happen inside the command fu
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from dpllama import __version__
@@ -256,7 +257,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def terminated(signum, frame):
+    """SIGTERM (kill's default) unwinds like Ctrl-C, so that temporaries are removed and child processes
+    (pull's pip) killed on the way out, instead of Python's default of dying on the spot."""
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, terminated)
     args, unknown = parser().parse_known_args(argv)
     if unknown:     # with the subcommand's usage, not the top level's, which does not show its options
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")

