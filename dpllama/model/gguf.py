@@ -74,6 +74,33 @@ class GGUFFile:
     tensors: dict           # name -> RawTensor
 
 
+# GGUF value types by the Python kind they parse to, for the metadata checks
+V = GGUFValueType
+_KINDS = {**dict.fromkeys((V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64), "int"),
+          V.FLOAT32: "float", V.FLOAT64: "float", V.BOOL: "bool", V.STRING: "str"}
+# The kinds of the metadata dpllama reads ("[int]": an array of ints), as llama.cpp writes them: another
+# type is refused at parse time rather than failing later in an int() or a comparison. Keys that may vary
+# per layer may be arrays (`_config` refuses those by name); "*" ends a prefix.
+_INT_OR_PER_LAYER = ("int", "[int]")
+KEY_KINDS = {
+    "general.architecture": ("str",), "general.alignment": ("int",),
+    **dict.fromkeys([f"llama.{k}" for k in ("vocab_size", "context_length", "embedding_length", "block_count",
+                                            "rope.dimension_count", "attention.key_length",
+                                            "attention.value_length")], ("int",)),
+    **dict.fromkeys([f"llama.{k}" for k in ("feed_forward_length", "attention.head_count",
+                                            "attention.head_count_kv")], _INT_OR_PER_LAYER),
+    "llama.rope.freq_base": ("float",), "llama.attention.layer_norm_rms_epsilon": ("float",),
+    "llama.rope.scaling.type": ("str",),
+    FORMAT_KEY: ("int",), "dpllama.kind.*": ("str",), "dpllama.group.*": ("int",),
+    "tokenizer.ggml.model": ("str",), "tokenizer.ggml.pre": ("str",), "tokenizer.ggml.tokens": ("[str]",),
+    "tokenizer.ggml.scores": ("[float]",), "tokenizer.ggml.token_type": ("[int]",),
+    "tokenizer.ggml.merges": ("[str]",), "tokenizer.chat_template": ("str",),
+    **dict.fromkeys([f"tokenizer.ggml.{k}_token_id" for k in ("bos", "eos", "unknown", "eot", "eom")], ("int",)),
+    **dict.fromkeys([f"tokenizer.ggml.{k}" for k in ("add_bos_token", "add_space_prefix")], ("bool",)),
+}
+GGML_MAX_DIMS = 4
+
+
 class _Cursor:
     """Little-endian reads from the mapped file; reading past its end means the file is truncated."""
 
@@ -95,25 +122,28 @@ class _Cursor:
         start = self.skip_to(self.pos + n, "header")
         return self.buf[start:self.pos].decode("utf-8")
 
-    def value(self, vtype: int):
-        if vtype == GGUFValueType.STRING:
-            return self.string()
-        if vtype == GGUFValueType.ARRAY:
+    def value(self, vtype: int) -> tuple:
+        """-> (value, its kind: a _KINDS value, or one in brackets for an array)."""
+        if vtype == V.ARRAY:
             item, n = self.unpack("IQ")
-            if item == GGUFValueType.STRING:
-                return [self.string() for _ in range(n)]
+            if item == V.STRING:
+                return [self.string() for _ in range(n)], "[str]"
             if item not in _SCALAR:
                 raise ValueError(f"unsupported metadata array item type {item}")
             dtype = np.dtype("<" + _SCALAR[item])
             start = self.skip_to(self.pos + n * dtype.itemsize, "header")
-            return np.frombuffer(self.buf, dtype, n, start).tolist()
+            return np.frombuffer(self.buf, dtype, n, start).tolist(), f"[{_KINDS[item]}]"
+        if vtype == V.STRING:
+            return self.string(), "str"
         if vtype not in _SCALAR:
             raise ValueError(f"unknown metadata value type {vtype}")
-        return self.unpack(_SCALAR[vtype])[0]
+        return self.unpack(_SCALAR[vtype])[0], _KINDS[vtype]
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Parse a GGUF file's metadata and tensor table; tensor data stays memory-mapped."""
+    """Parse a GGUF file's metadata and tensor table, checked: the metadata dpllama reads has its kinds
+    (KEY_KINDS), tensors have 1 to 4 dimensions of a known type that fit its blocks, and lie aligned,
+    inside the file and apart. Tensor data stays memory-mapped."""
     path = Path(path)
     buf = map_file(path)
     if buf[:4] != b"GGUF":
@@ -128,31 +158,59 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         fields = {}
         for _ in range(n_fields):
             key = cur.string()
-            fields[key] = cur.value(cur.unpack("I")[0])
+            if key in fields:
+                raise DpllamaError(f"{path}: metadata {key} is listed twice")
+            fields[key], kind = cur.value(cur.unpack("I")[0])
+            expected = KEY_KINDS.get(key) or KEY_KINDS.get(".".join(key.split(".")[:2]) + ".*")
+            if expected and kind not in expected:
+                raise DpllamaError(f"{path}: metadata {key} holds {kind}, expected {' or '.join(expected)}")
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
             (n_dims,) = cur.unpack("I")
+            if not 1 <= n_dims <= GGML_MAX_DIMS:
+                raise DpllamaError(f"{path}: tensor {name} has {n_dims} dimensions, expected 1 to {GGML_MAX_DIMS}")
             dims = cur.unpack(f"{n_dims}Q")
             infos.append((name, dims, *cur.unpack("IQ")))
         alignment = fields.get("general.alignment", GGUF_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise ValueError(f"general.alignment {alignment!r} is not a power of two")
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise DpllamaError(f"{path}: general.alignment is {alignment}, expected a power of two")
         data_start = -(-cur.pos // alignment) * alignment
-        tensors = {}
+        tensors, spans = {}, []
         for name, dims, type_code, offset in infos:
+            if type_code not in GGML_QUANT_SIZES:
+                raise DpllamaError(f"{path}: tensor {name} has unknown type {type_code}")
             ggml_type = GGMLQuantizationType(type_code)
             block, block_bytes = GGML_QUANT_SIZES[ggml_type]
-            if not dims or dims[0] % block:
-                raise ValueError(f"tensor {name} dims {list(dims)} do not fit {ggml_type.name} blocks of {block}")
+            if dims[0] % block:
+                raise DpllamaError(f"{path}: tensor {name} has dimensions {list(dims)}: expected the first a "
+                                   f"multiple of {ggml_type.name}'s block of {block}")
+            if offset % alignment:
+                raise DpllamaError(f"{path}: tensor {name} is at offset {offset}, expected a multiple of "
+                                   f"general.alignment {alignment}")
+            if name in tensors:
+                raise DpllamaError(f"{path}: tensor {name} is listed twice")
             nbytes = math.prod(dims) // block * block_bytes
             cur.pos = data_start + offset
             start = cur.skip_to(cur.pos + nbytes, f"tensor {name}")
             tensors[name] = RawTensor(name, ggml_type, tuple(reversed(dims)),
                                       np.frombuffer(buf, np.uint8, nbytes, start))
+            spans.append((start, cur.pos, name))
     except (ValueError, UnicodeDecodeError, struct.error) as e:
         raise DpllamaError(f"{path}: corrupted GGUF file: {e}") from e
+    spans.sort()
+    for (_, end, name), (start, _, next_name) in zip(spans, spans[1:]):
+        if end > start:
+            raise DpllamaError(f"{path}: tensor {name} overlaps {next_name}: it ends at byte {end}, expected at "
+                               f"most {start}, where {next_name} starts")
     return GGUFFile(fields, tensors)
+
+
+# ModelConfig field -> the GGUF key it comes from, for messages
+_CONFIG_KEYS = {"dim": "embedding_length", "hidden_dim": "feed_forward_length", "n_layers": "block_count",
+                "n_heads": "attention.head_count", "n_kv_heads": "attention.head_count_kv",
+                "seq_len": "context_length", "rope_theta": "rope.freq_base",
+                "norm_eps": "attention.layer_norm_rms_epsilon"}
 
 
 def _config(path: Path, fields: dict, vocab_size: int) -> ModelConfig:
@@ -168,14 +226,17 @@ def _config(path: Path, fields: dict, vocab_size: int) -> ModelConfig:
     c = ModelConfig(dim=get("embedding_length"), hidden_dim=get("feed_forward_length"),
                     n_layers=get("block_count"), n_heads=n_heads,
                     n_kv_heads=get("attention.head_count_kv", n_heads), vocab_size=vocab_size,
-                    seq_len=get("context_length"), rope_theta=float(get("rope.freq_base", 10000.0)),
-                    norm_eps=float(get("attention.layer_norm_rms_epsilon")))
-    check_config(c, f"{path}: GGUF metadata")
+                    seq_len=get("context_length"), rope_theta=get("rope.freq_base", 10000.0),
+                    norm_eps=get("attention.layer_norm_rms_epsilon"))
+    check_config(c, f"{path}: GGUF metadata", {f: f"llama.{k}" for f, k in _CONFIG_KEYS.items()}
+                 | {"vocab_size": "the rows of token_embd"})
     # Variants of the architecture this engine does not implement: refuse rather than compute garbage.
     for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
         if (value := get(key, c.head_dim)) != c.head_dim:
             raise DpllamaError(f"{path}: llama.{key} is {value}, expected head_dim {c.head_dim} "
                                f"(other values are not supported)")
+    if (n := get("vocab_size", vocab_size)) != vocab_size:
+        raise DpllamaError(f"{path}: llama.vocab_size is {n}, expected {vocab_size}, the rows of token_embd")
     if (scaling := get("rope.scaling.type", "none")) != "none":
         raise DpllamaError(f"{path}: RoPE scaling {scaling!r} is not supported")
     return c

@@ -16,6 +16,7 @@ cols_p is cols rounded up to a multiple of the group size; the padding holds zer
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,18 +54,28 @@ def layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             "w2": (c.dim, c.hidden_dim), "w3": (c.hidden_dim, c.dim)}
 
 
-def check_config(c: ModelConfig, source: str) -> None:
-    """Raise DpllamaError (message starting with `source`, the file) unless `c` can describe a Llama model."""
-    for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"):
-        if getattr(c, name) <= 0:
-            raise DpllamaError(f"{source}: impossible model shape: {name} must be positive, found {getattr(c, name)}")
+def check_config(c: ModelConfig, source: str, names: dict[str, str] | None = None) -> None:
+    """Raise DpllamaError (message starting with `source`, the file) unless `c` can describe a Llama model.
+    `names` maps ModelConfig fields to the file's own names for them, for the messages."""
+    def name(f: str) -> str:
+        return (names or {}).get(f, f)
+
+    def bad(what: str) -> DpllamaError:
+        return DpllamaError(f"{source}: impossible model: {what}")
+
+    for f in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"):
+        if getattr(c, f) <= 0:
+            raise bad(f"{name(f)} must be positive, found {getattr(c, f)}")
     if c.dim % c.n_heads:
-        raise DpllamaError(f"{source}: impossible model shape: dim {c.dim} is not a multiple of n_heads {c.n_heads}")
+        raise bad(f"{name('dim')} {c.dim} is not a multiple of {name('n_heads')} {c.n_heads}")
     if c.n_heads % c.n_kv_heads:
-        raise DpllamaError(f"{source}: impossible model shape: n_heads {c.n_heads} is not a multiple of "
-                           f"n_kv_heads {c.n_kv_heads}")
+        raise bad(f"{name('n_heads')} {c.n_heads} is not a multiple of {name('n_kv_heads')} {c.n_kv_heads}")
     if c.head_dim % 2:
-        raise DpllamaError(f"{source}: impossible model shape: head_dim {c.head_dim} is odd (RoPE rotates pairs)")
+        raise bad(f"head_dim {c.head_dim} is odd (RoPE rotates pairs)")
+    if not (math.isfinite(c.rope_theta) and c.rope_theta > 0):
+        raise bad(f"{name('rope_theta')} must be finite and positive, found {c.rope_theta}")
+    if not 0 < c.norm_eps < 1:      # NaN fails too
+        raise bad(f"{name('norm_eps')} must be between 0 and 1, found {c.norm_eps}")
 
 
 @dataclass
