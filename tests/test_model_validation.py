@@ -1,5 +1,5 @@
 """Bad model files are refused at load in one line naming the file, the field or tensor, what was expected and
-what was found (GGUF tables and metadata)."""
+what was found (GGUF tables and metadata, weights that are not finite or overflow)."""
 from __future__ import annotations
 
 import re
@@ -12,15 +12,81 @@ from gguf import GGUFValueType as V
 
 from dpllama.errors import DpllamaError
 from dpllama.llm import load_weights
-from tests.helpers import random_weights, write_test_gguf
+from dpllama.model.gguf import write_dpllama_gguf
+from dpllama.model.llama2c import load_llama2c, write_llama2c
+from dpllama.model.quant import quantize_int4
+from dpllama.model.weights import MAX_WEIGHT
+from tests.helpers import TOKENIZER_FIELDS, random_weights, write_test_gguf
 
 SHAPE = dict(dim=64, hidden=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab=40, seq_len=32)
+# the writers here quantize the bad values on purpose, and NumPy warns about them
+pytestmark = pytest.mark.filterwarnings("ignore:.* encountered in:RuntimeWarning")
+BOUND = re.escape(f"expected finite values below {MAX_WEIGHT:g} in magnitude")
 
 
 def fails(path, message: str) -> None:
     """Loading `path` raises DpllamaError with exactly `path: message` (a regular expression)."""
     with pytest.raises(DpllamaError, match=f"^{re.escape(str(path))}: {message}$"):
         load_weights(path)
+
+
+# ---------------------------------------------------------------- weights that are not finite, or overflow
+
+@pytest.mark.parametrize("value, shown", [(np.nan, "nan"), (-np.inf, "-inf"), (3e38, "3e\\+38"),
+                                          (2.0 ** 32, "4.29497e\\+09")])
+@pytest.mark.parametrize("version", [0, 1])
+def test_llama2c_weight_out_of_range(tmp_path, value, shown, version):
+    w = random_weights(**SHAPE)
+    w.layers[1].wq.data[5, 7] = value
+    write_llama2c(tmp_path / "m.bin", w, version)
+    fails(tmp_path / "m.bin", f"tensor layers.1.wq has weight {shown} at \\[5, 7\\]: {BOUND}")
+
+
+def test_llama2c_norm_and_q8_scale_out_of_range(tmp_path):
+    w = random_weights(**SHAPE)
+    w.layers[0].ffn_norm[3] = np.inf
+    write_llama2c(tmp_path / "n.bin", w, 1)
+    fails(tmp_path / "n.bin", f"tensor layers.0.ffn_norm has weight inf at \\[3\\]: {BOUND}")
+    w = random_weights(**SHAPE)
+    w.layers[0].w2.data[2, 40] = np.nan         # version 2: the NaN goes into its group's scale
+    write_llama2c(tmp_path / "q.bin", w, 2, group_size=32)
+    fails(tmp_path / "q.bin", "tensor layers.0.w2 has scale nan at \\[2, 1\\]: "
+                              + re.escape(f"expected finite values below {MAX_WEIGHT / 128:g} in magnitude"))
+
+
+def test_weights_just_below_the_bound_load(tmp_path):
+    w = random_weights(**SHAPE)
+    w.layers[1].wq.data[5, 7] = -(2.0 ** 31)
+    write_llama2c(tmp_path / "m.bin", w, 1)
+    assert load_llama2c(tmp_path / "m.bin").layers[1].wq.data[5, 7] == -(2.0 ** 31)
+
+
+@pytest.mark.parametrize("ggml_type, value, found", [
+    (T.F32, np.nan, "weight nan at \\[1, 3\\]"), (T.F32, 3e38, "weight 3e\\+38 at \\[1, 3\\]"),
+    (T.F16, 3e38, "weight inf at \\[1, 3\\]"),          # beyond float16: infinity in the file
+    (T.BF16, -np.inf, "weight -inf at \\[1, 3\\]"),
+    (T.Q8_0, np.nan, "scale nan at \\[1, 0\\]"), (T.Q4_0, np.inf, "scale -inf at \\[1, 0\\]"),
+    (T.Q4_1, 3e38, "scale inf at \\[1, 0\\]"), (T.Q8_0, 3e38, "scale inf at \\[1, 0\\]"),
+])
+def test_gguf_weight_out_of_range(tmp_path, ggml_type, value, found):
+    w = random_weights(**SHAPE)
+    w.layers[0].w3.data[1, 3] = value
+    path = tmp_path / "m.gguf"
+    write_test_gguf(path, w, {"blk.0.ffn_up.weight": ggml_type})
+    fails(path, f"tensor blk.0.ffn_up.weight has {found}: expected finite values below .*")
+
+
+def test_gguf_norm_and_container_out_of_range(tmp_path):
+    w = random_weights(**SHAPE)
+    w.norm[0] = np.nan
+    write_test_gguf(tmp_path / "n.gguf", w)
+    fails(tmp_path / "n.gguf", f"tensor output_norm.weight has weight nan at \\[0, 0\\]: {BOUND}")
+    src = random_weights(**SHAPE)
+    bad = src.layers[1].wk.data.copy()
+    bad[0, 0] = np.inf
+    src.layers[1].wk = quantize_int4(bad, 32, symmetric=False)
+    write_dpllama_gguf(tmp_path / "q.gguf", src, TOKENIZER_FIELDS)
+    fails(tmp_path / "q.gguf", "tensor blk.1.attn_k has scale inf at \\[0, 0\\]: expected .*")
 
 
 # ---------------------------------------------------------------- GGUF tables and metadata

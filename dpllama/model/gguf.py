@@ -31,7 +31,8 @@ from dpllama.errors import DpllamaError
 from dpllama.fileio import atomic_output
 from dpllama.model.llama2c import map_file
 from dpllama.model.quant import q8_0_from_gguf, repack_q4_0, repack_q4_1
-from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights, check_config, layer_shapes
+from dpllama.model.weights import (Layer, ModelConfig, Tensor, Weights, check_config, check_values,
+                                   layer_shapes)
 
 FORMAT_KEY = "dpllama.format"
 FORMAT_VERSION = 1
@@ -280,7 +281,9 @@ def load_gguf(path: str | os.PathLike) -> Weights:
         if t.type not in _CONVERT:
             raise DpllamaError(f"{path}: tensor {name} has type {t.type.name}, which dpllama does not support "
                                f"(supported: {', '.join(k.name for k in _CONVERT)})")
-        return _CONVERT[t.type](t.data, rows, cols)
+        converted = _CONVERT[t.type](t.data, rows, cols)
+        check_values(str(path), name, converted)
+        return converted
 
     def matrix(base: str, rows: int, cols: int) -> Tensor:
         kind = fields.get(f"dpllama.kind.{base}")
@@ -292,11 +295,14 @@ def load_gguf(path: str | os.PathLike) -> Weights:
         cols_p = -(-cols // group) * group
         groups = (rows, cols_p // group)
         if kind == "q8":
-            return Tensor("q8", rows, cols, array(f"{base}.qweight", T.I8, (rows, cols_p)),
-                          scales=array(f"{base}.scales", T.F32, groups), group=group)
-        mins = array(f"{base}.mins", T.F16, groups) if f"{base}.mins" in tensors else None
-        return Tensor("int4", rows, cols, array(f"{base}.qweight", T.I32, (rows, cols_p // 8)),
-                      scales=array(f"{base}.scales", T.F16, groups), mins=mins, group=group)
+            t = Tensor("q8", rows, cols, array(f"{base}.qweight", T.I8, (rows, cols_p)),
+                       scales=array(f"{base}.scales", T.F32, groups), group=group)
+        else:
+            mins = array(f"{base}.mins", T.F16, groups) if f"{base}.mins" in tensors else None
+            t = Tensor("int4", rows, cols, array(f"{base}.qweight", T.I32, (rows, cols_p // 8)),
+                       scales=array(f"{base}.scales", T.F16, groups), mins=mins, group=group)
+        check_values(str(path), base, t)
+        return t
 
     def vector(base: str, n: int) -> np.ndarray:
         return convert(f"{base}.weight", 1, n, (n,)).dequantize()[0]

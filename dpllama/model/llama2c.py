@@ -19,7 +19,8 @@ import numpy as np
 from dpllama.errors import DpllamaError
 from dpllama.fileio import atomic_output
 from dpllama.model.quant import quantize_q8
-from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights, check_config, layer_shapes
+from dpllama.model.weights import (Layer, ModelConfig, Tensor, Weights, check_config, check_values,
+                                   layer_shapes)
 
 MAGIC = 0x616B3432      # "ak42" read as a little-endian uint32
 HEADER_BYTES = 256      # versions 1 and 2
@@ -125,6 +126,8 @@ def load_llama2c(path: str | os.PathLike) -> Weights:
             q = np.frombuffer(buf, np.int8, n, offset).reshape(rows, cols)
             scales = np.frombuffer(buf, "<f4", n // group, offset + n).reshape(rows, cols // group)
             arrays[name] = Tensor("q8", rows, cols, q, scales=scales, group=group)
+        if not name.startswith("freq_cis"):     # version 0's RoPE tables go unused
+            check_values(str(path), name, arrays[name])
         offset += _nbytes(shape, storage, group)
 
     layers = [Layer(**{f: arrays[f"layers.{i}.{f}"] for f in layer_shapes(c)}) for i in range(c.n_layers)]

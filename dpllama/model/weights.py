@@ -120,6 +120,41 @@ class Tensor:
         return np.ascontiguousarray(w.reshape(self.rows, -1)[:, :self.cols], dtype=np.float32)
 
 
+# Largest weight magnitude a loader accepts. Real checkpoints stay below ~1e3 (fp16 ones cannot pass 65504);
+# 3e38 is what a corrupted file holds. Below 2^32, a dot product of width n <= 2^24 over an RMS-normalised
+# input (|x_i| <= sqrt(n) * max |norm weight| < 2^44) stays below n * 2^32 * 2^44 = 2^100, far from
+# float32's 2^128, so no single projection of the model can overflow.
+MAX_WEIGHT = 2.0 ** 32
+# the stored floats of each kind, with the share of MAX_WEIGHT each may take: q8 w = s q, |q| <= 128;
+# int4 w = s (q - 8) or s q + m, q <= 15, so |s| < 2^-5 and |m| < 2^-1 keep |w| below the bound
+_FLOATS = {"f32": (("weight", "data", 1),), "q8": (("scale", "scales", 128),),
+           "int4": (("scale", "scales", 32), ("min", "mins", 2))}
+
+
+def _within(a: np.ndarray, bound: float) -> bool:
+    """Every |a| < bound: no NaN, no infinity (NaN fails every comparison)."""
+    if a.dtype == np.float16:   # numpy's float16 min/max convert value by value, 50x slower than this:
+        # IEEE magnitudes order as their bits with the sign cleared, NaNs above infinity
+        return float(np.uint16((a.view(np.uint16) & 0x7FFF).max()).view(np.float16)) < bound
+    return -bound < float(a.min()) <= float(a.max()) < bound
+
+
+def check_values(source: str, name: str, t: Tensor | np.ndarray) -> None:
+    """Raise DpllamaError unless every weight of `t` (a Tensor, or a norm vector) is finite and below
+    MAX_WEIGHT in magnitude, checked on its stored floats (f32 weights, quantized scales and mins).
+    Vectorised, one or two passes an array: measured 4 ms of SmolLM2-135M Q4_1's ~250 ms load (int4 scales and
+    mins, the q8 embedding's scales, f32 norms), 0.2 ms of stories260K's 0.4 ms (all f32)."""
+    parts = [(what, getattr(t, field), share) for what, field, share in _FLOATS[t.kind]] \
+        if isinstance(t, Tensor) else [("weight", t, 1)]
+    for what, a, share in parts:
+        bound = MAX_WEIGHT / share
+        if a is None or not a.size or _within(a, bound):
+            continue
+        at = np.unravel_index(np.argmax(~(np.abs(a.astype(np.float32)) < bound)), a.shape)
+        raise DpllamaError(f"{source}: tensor {name} has {what} {float(a[at]):g} at {list(map(int, at))}: "
+                           f"expected finite values below {bound:g} in magnitude")
+
+
 @dataclass
 class Layer:
     attn_norm: np.ndarray   # float32[dim]
