@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -14,8 +15,8 @@ from typing import Iterator
 from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler, check_steps, generate_ids
 from dpllama.model.llama import Llama
-from dpllama.model.weights import Weights
-from dpllama.runtime import open_queue
+from dpllama.model.weights import ModelConfig, Weights
+from dpllama.runtime import Queue, open_queue
 from dpllama.tokenizer import (Llama2cTokenizer, StreamDecoder, Tokenizer, load_gguf_tokenizer, printable_piece,
                                tokenizer_from_gguf_fields)
 
@@ -123,10 +124,29 @@ class LLM:
         return self.stream(self.encode(prompt), check_steps(steps), sampler, echo_prompt)
 
 
+def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None) -> int:
+    """The context to run: `max_seq` (--ctx), else the model's, clamped (with a line on stderr, as llama.cpp
+    clamps n_ctx) to what the device holds, sized before anything is allocated: Llama's buffers that grow
+    with the context (KV cache, a prefill chunk's attention scores, RoPE table, tokens) together in one
+    maximum allocation, and each under 2^31 elements, as the kernels index them with int."""
+    n = min(max_seq or c.seq_len, c.seq_len)
+    per_pos = (2 * c.n_layers * c.kv_dim, q.config.work_group("prefill_chunk") * c.n_heads, c.head_dim, 1)
+    step = q.config.work_group("attention_positions")      # Llama pads the context to a multiple of it
+    cap = max(step, min(q.max_alloc // (4 * sum(per_pos)), (2**31 - 1) // max(per_pos)) // step * step)
+    if n > cap:
+        what = f"--ctx {n}" if n == max_seq else f"the model's context of {n} tokens"
+        print(f"dpllama: {what} needs {n * sum(per_pos) * 4 / 2**20:.0f} MiB of KV cache and scratch, more than "
+              f"{q.device} holds in one allocation ({q.max_alloc / 2**20:.0f} MiB) of under 2^31 floats: using "
+              f"{cap} tokens", file=sys.stderr)
+    return min(n, cap)
+
+
 def load(model: str, tokenizer: str | None = None, device: str | None = None, config: str | None = None,
          max_seq: int | None = None) -> LLM:
-    """Load a model (path or known name) and its tokenizer onto a device (selector or YAML config)."""
+    """Load a model (path or known name) and its tokenizer onto a device (selector or YAML config). The
+    context is `max_seq` tokens, else the model's, at most what the device holds (`fit_context`)."""
     path = resolve_model(model)
     weights = load_weights(path)
     tok = load_tokenizer(weights, tokenizer, path)
-    return LLM(Llama(weights, open_queue(device, config), max_seq=max_seq), tok, path)
+    q = open_queue(device, config)
+    return LLM(Llama(weights, q, max_seq=fit_context(weights.config, q, max_seq)), tok, path)

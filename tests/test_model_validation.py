@@ -1,22 +1,30 @@
 """Bad model files are refused at load in one line naming the file, the field or tensor, what was expected and
-what was found (GGUF tables and metadata, weights that are not finite or overflow)."""
+what was found (GGUF tables and metadata, weights that are not finite or overflow), and a context too long
+for the device is clamped with a line on stderr, never a MemoryError."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
+import dpllama.llm
 from dpllama.errors import DpllamaError
-from dpllama.llm import load_weights
-from dpllama.model.gguf import write_dpllama_gguf
+from dpllama.llm import fit_context, load_weights
+from dpllama.model.gguf import load_gguf, write_dpllama_gguf
+from dpllama.model.llama import Llama
 from dpllama.model.llama2c import load_llama2c, write_llama2c
 from dpllama.model.quant import quantize_int4
-from dpllama.model.weights import MAX_WEIGHT
-from tests.helpers import TOKENIZER_FIELDS, random_weights, write_test_gguf
+from dpllama.model.weights import MAX_WEIGHT, Weights
+from dpllama.runtime.config import dump_config, shipped_config_for
+from tests.helpers import TOKENIZER_FIELDS, llama2c_dir, random_weights, write_test_gguf
 
 SHAPE = dict(dim=64, hidden=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab=40, seq_len=32)
 # the writers here quantize the bad values on purpose, and NumPy warns about them
@@ -192,3 +200,73 @@ def test_gguf_vocab_size_matches_the_embedding(gguf):
     _set(buf, _after(buf, "llama.vocab_size") + 4, "I", 41)
     write(buf)
     fails(path, "llama.vocab_size is 41, expected 40, the rows of token_embd")
+
+
+# ---------------------------------------------------------------- a context too long for the device
+
+@pytest.fixture
+def small_alloc(queue, monkeypatch):
+    """The session queue, allowing 8 MiB an allocation, and what dpllama.load opens."""
+    monkeypatch.setitem(queue.config["memory"], "max_alloc_mb", 8)
+    monkeypatch.setattr(dpllama.llm, "open_queue", lambda device, config: queue)
+    return queue
+
+
+def _stories_with_seq_len(path, seq_len: int):
+    """stories260K as a version 1 checkpoint whose header claims `seq_len`."""
+    write_llama2c(path, load_llama2c(llama2c_dir() / "stories260K.bin"), 1)
+    buf = bytearray(path.read_bytes())
+    struct.pack_into("<i", buf, 8 + 6 * 4, seq_len)      # after magic, version and 6 of the 7 int32
+    path.write_bytes(buf)
+
+
+def _cap(c, q) -> int:
+    """The context 8 MiB holds: KV cache, 64 tokens' attention scores, RoPE table and tokens, float32."""
+    per_pos = 4 * (2 * c.n_layers * c.kv_dim + q.config.work_group("prefill_chunk") * c.n_heads + c.head_dim + 1)
+    step = q.config.work_group("attention_positions")
+    return (8 << 20) // per_pos // step * step
+
+
+@pytest.mark.parametrize("seq_len", [1 << 24, (1 << 31) - 1])
+def test_llama2c_huge_context_is_clamped(tmp_path, small_alloc, capsys, seq_len):
+    path = tmp_path / "s.bin"
+    _stories_with_seq_len(path, seq_len)
+    llm = dpllama.llm.load(str(path), str(llama2c_dir() / "tok512.bin"))
+    cap = _cap(llm.model.config, small_alloc)
+    assert llm.model.seq_len == cap
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and re.fullmatch(f"dpllama: the model's context of {seq_len} tokens needs \\d+ MiB of KV "
+                                          f"cache and scratch, more than .* holds in one allocation \\(8 MiB\\) of "
+                                          f"under 2\\^31 floats: using {cap} tokens", err[0]), err
+    assert "".join(llm.generate("Once upon a time", steps=12, temperature=0)).startswith("Once upon a time, there")
+    llm = dpllama.llm.load(str(path), str(llama2c_dir() / "tok512.bin"), max_seq=cap + 1)   # --ctx too
+    assert llm.model.seq_len == cap and f"dpllama: --ctx {cap + 1} needs" in capsys.readouterr().err
+    llm = dpllama.llm.load(str(path), str(llama2c_dir() / "tok512.bin"), max_seq=100)
+    assert llm.model.seq_len == 100 and capsys.readouterr().err == ""
+
+
+def test_gguf_huge_context_is_clamped(tmp_path, small_alloc, capsys):
+    src = random_weights(**SHAPE)
+    w = Weights(dataclasses.replace(src.config, seq_len=1 << 31), src.tok_embeddings, src.layers, src.norm, src.output)
+    write_test_gguf(tmp_path / "m.gguf", w)
+    weights = load_gguf(tmp_path / "m.gguf")
+    assert weights.config.seq_len == 1 << 31
+    model = Llama(weights, small_alloc, max_seq=fit_context(weights.config, small_alloc))
+    assert model.seq_len == _cap(weights.config, small_alloc)
+    assert "the model's context of 2147483648 tokens" in capsys.readouterr().err
+
+
+def test_cli_clamps_a_huge_context(tmp_path, queue, repo_root):
+    path = tmp_path / "s.bin"
+    _stories_with_seq_len(path, 1 << 24)
+    values = copy.deepcopy(shipped_config_for(queue.device).values)
+    values["memory"]["max_alloc_mb"] = 8
+    (tmp_path / "small.yaml").write_text(dump_config(values))
+    r = subprocess.run([sys.executable, "-m", "dpllama.cli", "generate", "-m", str(path), "-z",
+                        str(llama2c_dir() / "tok512.bin"), "-n", "12", "-t", "0", "--config",
+                        str(tmp_path / "small.yaml")], capture_output=True, text=True, cwd=repo_root, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Once upon a time, there")
+    assert "Traceback" not in r.stderr
+    assert [line for line in r.stderr.splitlines() if "context" in line][0].startswith(
+        "dpllama: the model's context of 16777216 tokens needs")
