@@ -203,6 +203,9 @@ def test_config_for_an_absent_device_on_this_machine(tmp_path):
      "key 'match.vendor' must not contain ',' (values match as substrings, 'Advanced Micro Devices' "
      "is enough)"),
     ("queue: [out_of_order", "line 2 not valid YAML: expected ',' or ']'"),
+    ("work_group: {gemv: 2147483648}", "key 'work_group.gemv' must be below 65536, found 2147483648"),
+    ("work_group: {gemv: 9223372036854775808}", "key 'work_group.gemv' must be below 65536"),
+    ("memory: {max_alloc_mb: 4294967296}", "key 'memory.max_alloc_mb' must be below 2147483648"),
 ])
 def test_bad_config(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -212,7 +215,31 @@ def test_bad_config(tmp_path, text, message):
     assert str(e.value).startswith(f"{path}: {message}")
 
 
-def test_missing_config_lists_the_shipped_ones():
+def test_config_that_is_not_text(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"name: x\n\xff\n")
+    with pytest.raises(DpllamaError, match=r"bad\.yaml: not a YAML text file \(byte 0xff at offset 8 is not UTF-8\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("work_group", [dict(gemv=4096), dict(norm=8192), dict(gemv=128, prefill_tokens=64)])
+def test_config_beyond_the_device_fails_before_any_launch(queue, work_group):
+    """Work-groups too large for the device or the kernel (no device takes 8192 work-items), or local memory
+    beyond the device's (the scratch grows with gemv x rows x tiles x tokens: 4096 work-items need 1 MiB in
+    decode, gemv 128 with 64 prefill tokens 8 MiB; it crashed PoCL's CPU device), fail in one line naming the
+    config before any launch."""
+    from tests.helpers import random_weights
+    from dpllama.model.llama import Llama
+    from dpllama.runtime import Queue
+    from dpllama.runtime.config import dump_config
+    values = dict(queue.config.values, work_group=dict(queue.config["work_group"], **work_group))
+    cq = Queue(queue.device, out_of_order=False, build_options=values["build_options"])
+    cq.config = parse_config(dump_config(values), "big.yaml")
+    with pytest.raises(DpllamaError, match=r"^big\.yaml: kernel \w+ would need .* lower the work_group sizes"):
+        model = Llama(random_weights(32, 48, 1, 4, 2, 40, 16, True, 0), cq)
+        model.start(list(range(1, 9)))
+        model.feed(8)
+
     with pytest.raises(DpllamaError, match=r"^nope\.yaml: config file not found \(shipped configs: "
                                            r"amd, cpu, cpu-avx2, cpu-portable, intel-arc, nvidia\)"):
         load_config("nope.yaml")

@@ -103,6 +103,10 @@ def _check(data, schema: dict, path: str, prefix: str = "") -> dict:
             raise DpllamaError(f"{path}: key {full!r} must be {typ.__name__}, found {type(value).__name__} {value!r}")
         if typ is int and value < 0:
             raise DpllamaError(f"{path}: key {full!r} must be >= 0, found {value}")
+        # kernels take sizes as 32-bit ints, and no device has work-groups of 65536
+        top = 1 << 16 if prefix == "work_group." else 1 << 31
+        if typ is int and value >= top:
+            raise DpllamaError(f"{path}: key {full!r} must be below {top}, found {value}")
         if typ is list and not all(isinstance(v, str) for v in value):
             raise DpllamaError(f"{path}: key {full!r} must be a list of strings, found {value!r}")
         out[key] = value
@@ -151,7 +155,14 @@ def load_config(path: str | Path) -> DeviceConfig:
         else:
             raise DpllamaError(f"{path}: config file not found (shipped configs: "
                                f"{', '.join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml')))})")
-    return parse_config(p.read_text(), str(p))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DpllamaError(f"{p}: not a YAML text file (byte {e.object[e.start]:#04x} at offset {e.start} is not "
+                           f"UTF-8)") from None
+    except OSError as e:
+        raise DpllamaError(f"{p}: cannot read config: {e.strerror}") from None
+    return parse_config(text, str(p))
 
 
 def config_device(cfg: DeviceConfig, devices: list[Device] | None = None) -> tuple[Device, dict[int, str]]:

@@ -220,6 +220,7 @@ class Queue:
     def command(self, kernel: "KernelRef", global_size, local_size, *args) -> Command:
         """Bind arguments once: Accessors become buffers, Local becomes local memory, numbers stay."""
         k = kernel.create()     # a kernel object of its own, so its bound arguments stay put
+        self._check_fits(k, local_size, sum(a.nbytes for a in args if isinstance(a, Local)))
         accessors = []
         for i, a in enumerate(args):
             if isinstance(a, Accessor):
@@ -230,6 +231,21 @@ class Queue:
             else:
                 k.set_arg(i, a)
         return Command(k, tuple(global_size), tuple(local_size) if local_size else None, accessors)
+
+    def _check_fits(self, k: cl.Kernel, local_size, local_bytes: int) -> None:
+        """A launch's work-group and local memory against the device's and the kernel's limits, before it ever
+        runs: past them a driver fails the launch (INVALID_WORK_GROUP_SIZE), or PoCL's CPU device overruns its
+        local memory and crashes. The sizes come from the config, so the message names it."""
+        d = self.device.cl_device
+        items = int(np.prod(local_size)) if local_size else 1
+        limit = min(d.max_work_group_size, k.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, d))
+        local = local_bytes + k.get_work_group_info(cl.kernel_work_group_info.LOCAL_MEM_SIZE, d)
+        problems = ([f"work-groups of {items} work-items (this kernel allows at most {limit})"] * (items > limit)
+                    + [f"{local} bytes of local memory (the device has {d.local_mem_size})"]
+                    * (local > d.local_mem_size))
+        if problems:
+            raise DpllamaError(f"{self.config.path}: kernel {k.function_name} would need {' and '.join(problems)} "
+                               f"on {self.device}: lower the work_group sizes (docs/CONFIG.md)")
 
     def enqueue(self, cmd: Command) -> Event:
         """Launch a bound command with the wait list its accessors imply."""
