@@ -14,7 +14,7 @@ from typing import Iterator
 
 from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler, check_steps, generate_ids
-from dpllama.model.llama import Llama
+from dpllama.model.llama import Llama, floats_per_position
 from dpllama.model.weights import ModelConfig, Weights
 from dpllama.runtime import Queue, open_queue
 from dpllama.tokenizer import (Llama2cTokenizer, StreamDecoder, Tokenizer, load_gguf_tokenizer, printable_piece,
@@ -130,7 +130,7 @@ def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None) -> int:
     with the context (KV cache, a prefill chunk's attention scores, RoPE table, tokens) together in one
     maximum allocation, and each under 2^31 elements, as the kernels index them with int."""
     n = min(max_seq or c.seq_len, c.seq_len)
-    per_pos = (2 * c.n_layers * c.kv_dim, q.config.work_group("prefill_chunk") * c.n_heads, c.head_dim, 1)
+    per_pos = floats_per_position(c, q.config)
     step = q.config.work_group("attention_positions")      # Llama pads the context to a multiple of it
     cap = max(step, min(q.max_alloc // (4 * sum(per_pos)), (2**31 - 1) // max(per_pos)) // step * step)
     if n > cap:

@@ -104,6 +104,12 @@ def _pow2_divisor(n: int, limit: int = 16) -> int:
     return v
 
 
+def floats_per_position(c, cfg) -> tuple[int, ...]:
+    """Floats that each position of the context costs in Llama's buffers that grow with it: the KV cache
+    (k_cache, v_cache), a prefill chunk's attention scores (att), the RoPE table (rope) and the tokens."""
+    return (2 * c.n_layers * c.kv_dim, cfg.work_group("prefill_chunk") * c.n_heads, c.head_dim, 1)
+
+
 class DeviceTensor:
     """A weight matrix on the device in gemv.cl's tiled layout, and the programs that read its format,
     by tokens per work-group: 1 to decode, `prefill_tokens` in prefill; `tiles` maps each to the row
