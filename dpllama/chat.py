@@ -2,10 +2,12 @@
 
 Each turn renders the whole conversation with the template, then feeds only the tokens after the
 longest prefix already in the KV cache, so earlier turns are not recomputed. When the conversation
-outgrows the context, the oldest exchanges are dropped (the system prompt stays).
+outgrows the context, the oldest exchanges are dropped (the system prompt stays). A model without a
+template of its own (any llama2.c model) gets ChatML, and the chat says so at the start.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from dpllama.generate import Sampler, generate_ids
@@ -28,58 +30,93 @@ class Chat:
         return tok.encode(text, bos=False, parse_special=True)
 
     def reply(self, user: str):
-        """Stream the assistant's answer to `user`, piece by piece; it joins the conversation."""
+        """Stream the assistant's answer to `user`, piece by piece; it joins the conversation, as far as it
+        went when the stream is cut short (Ctrl-C, or closed), so that the roles still alternate."""
         self.messages.append({"role": "user", "content": user})
-        ids = self._prompt_ids()
-        limit = self.llm.model.seq_len
-        first = 1 if self.messages[0]["role"] == "system" else 0
-        while len(ids) + min(self.max_reply, limit // 4) > limit and len(self.messages) > first + 1:
-            del self.messages[first:first + 2]      # the oldest exchange
+        answer = []
+        try:
             ids = self._prompt_ids()
-        keep = 0
-        while keep < min(len(self.cached), len(ids) - 1) and self.cached[keep] == ids[keep]:
-            keep += 1
-        tok = self.llm.tokenizer
-        dec = StreamDecoder(tok, prev=ids[-1])
-        seq, answer = list(ids), []
-        tokens = generate_ids(self.llm.model, ids, len(ids) + self.max_reply, self.sampler, tok.eos_ids, keep)
-        for pos, t in enumerate(tokens, start=keep + 1):
-            if pos < len(ids):
-                continue            # the rest of the prompt going through
-            seq.append(t)
-            if t in tok.eos_ids:
-                break
-            piece = dec.push(t)
-            answer.append(piece)
-            yield piece
-        tail = dec.flush()
-        answer.append(tail)
-        yield tail
-        self.cached = seq[:-1]      # the last token was produced, not yet fed
-        self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
+            limit = self.llm.model.seq_len
+            first = 1 if self.messages[0]["role"] == "system" else 0
+            while len(ids) + min(self.max_reply, limit // 4) > limit and len(self.messages) > first + 1:
+                del self.messages[first:first + 2]      # the oldest exchange
+                ids = self._prompt_ids()
+            keep = 0
+            while keep < min(len(self.cached), len(ids) - 1) and self.cached[keep] == ids[keep]:
+                keep += 1
+            self.cached = ids[:keep]    # all the cache is sure to hold if the reply is cut short
+            tok = self.llm.tokenizer
+            dec = StreamDecoder(tok, prev=ids[-1])
+            seq = list(ids)
+            tokens = generate_ids(self.llm.model, ids, len(ids) + self.max_reply, self.sampler, tok.eos_ids, keep)
+            for pos, t in enumerate(tokens, start=keep + 1):
+                if pos < len(ids):
+                    continue            # the rest of the prompt going through
+                seq.append(t)
+                if t in tok.eos_ids:
+                    break
+                piece = dec.push(t)
+                answer.append(piece)
+                yield piece
+            tail = dec.flush()
+            answer.append(tail)
+            yield tail
+            self.cached = seq[:-1]      # the last token was produced, not yet fed
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
 
 
-def repl(llm: LLM, sampler: Sampler, system: str | None, max_reply: int, stdin=sys.stdin, stdout=sys.stdout):
+def template_note(tok) -> str:
+    if tok.chat_template:
+        return "chat template: the model's own"
+    model = "a llama2.c model" if tok.kind == "llama2c" else "the model"
+    return f"chat template: ChatML, as {model} has none of its own"
+
+
+def repl(llm: LLM, sampler: Sampler, system: str | None, max_reply: int, stdin=sys.stdin, stdout=sys.stdout,
+         stderr=sys.stderr):
+    """The conversation on a terminal or a pipe. Ctrl-C during a reply stops only the reply (as llama.cpp's
+    chat); at the prompt it quits, as Ctrl-D (end of input) and /exit do."""
     chat = Chat(llm, sampler, system, max_reply)
     interactive = stdin.isatty()
     if interactive:
-        stdout.write("dpllama chat: type a message, /reset to start over, /exit or Ctrl-D to quit\n")
+        try:
+            import readline  # noqa: F401  (input() gets line editing and history)
+        except ImportError:
+            pass
+        stdout.write("dpllama chat: type a message; /reset starts over; /exit, Ctrl-D or Ctrl-C quits "
+                     "(Ctrl-C during a reply stops the reply)\n")
+    stderr.write(f"dpllama: {template_note(llm.tokenizer)}\n")
+    stderr.flush()
     while True:
-        if interactive:
-            stdout.write("> ")
-            stdout.flush()
-        line = stdin.readline()
+        try:     # input() drops the newline, so that "" is only the end
+            line = input("> ") + "\n" if interactive else stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            line = ""
         if not line:
-            break
+            if interactive:
+                stdout.write("\n")
+            return
         line = line.strip()
         if not line:
             continue
         if line == "/exit":
-            break
+            return
         if line == "/reset":
             chat = Chat(llm, sampler, system, max_reply)
+            stderr.write("dpllama: the conversation starts over\n")
+            stderr.flush()
             continue
-        for piece in chat.reply(line):
-            stdout.write(piece)
-            stdout.flush()
+        stopped = False
+        with contextlib.closing(chat.reply(line)) as pieces:
+            try:
+                for piece in pieces:
+                    stdout.write(piece)
+                    stdout.flush()
+            except KeyboardInterrupt:
+                stopped = True
         stdout.write("\n")
+        stdout.flush()
+        if stopped:
+            stderr.write("dpllama: reply stopped (Ctrl-C); Ctrl-C at the prompt quits\n")
+            stderr.flush()

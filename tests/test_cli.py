@@ -1,12 +1,17 @@
 """The `dpllama` command as a user runs it: generate, tokenize, chat, pull; output and exit codes."""
 from __future__ import annotations
 
+import os
+import pty
+import select
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from tests.helpers import llama2c_dir, smollm2_gguf_path
+from tests.helpers import llama2c_dir, random_llama2c, smollm2_gguf_path
 
 
 def run(*args, cwd=None, stdin=None):
@@ -110,3 +115,82 @@ def test_chat_answers_on_stdin(repo_root):
             stdin="What is the capital of France?\n/exit\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "The capital of France is Paris."
+
+
+@pytest.fixture(scope="module")
+def chatty(tmp_path_factory):
+    """A random llama2.c model for tok512.bin whose greedy replies run to the 4,000-token limit: seconds of
+    reply in which to press Ctrl-C."""
+    path = tmp_path_factory.mktemp("chatty") / "chatty.bin"
+    random_llama2c(path, dim=128, hidden=384, n_layers=2, n_heads=4, n_kv_heads=4, vocab=512, seq_len=4096)
+    return ["chat", "-m", path, "-z", llama2c_dir() / "tok512.bin", "-t", 0, "-n", 4000]
+
+
+@pytest.mark.parametrize("template, kind, note", [
+    ("{{ messages }}", "gpt2", "chat template: the model's own"),
+    (None, "llama2c", "chat template: ChatML, as a llama2.c model has none of its own"),
+    (None, "spm", "chat template: ChatML, as the model has none of its own"),
+])
+def test_chat_names_its_template(template, kind, note):
+    from types import SimpleNamespace
+
+    from dpllama.chat import template_note
+    assert template_note(SimpleNamespace(chat_template=template, kind=kind)) == note
+
+
+def start(*args, cwd=None):
+    return subprocess.Popen([sys.executable, "-m", "dpllama.cli", *map(str, args)], cwd=cwd, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_readable(stream, seconds=60):
+    assert select.select([stream], [], [], seconds)[0], "timed out"
+
+
+def test_chat_ctrl_c_stops_the_reply_not_the_chat(chatty, repo_root):
+    """SIGINT during a reply ends that reply, says so, and the chat goes on (here: /reset, answered, then the end
+    of input quits, exit 0). At the start the chat says which template it uses."""
+    p = start(*chatty, cwd=repo_root)
+    p.stdin.write(b"Hello\n")
+    p.stdin.flush()
+    wait_readable(p.stdout)         # the reply has begun
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(b"/reset\n", timeout=60)
+    assert p.returncode == 0, err
+    assert err.decode().splitlines()[-3:] == ["dpllama: chat template: ChatML, as a llama2.c model has none of its own",
+                                              "dpllama: reply stopped (Ctrl-C); Ctrl-C at the prompt quits",
+                                              "dpllama: the conversation starts over"]
+    assert len(out) < 3000          # well short of the 4,000 tokens it was going to say
+
+
+def test_chat_ctrl_c_at_the_prompt_quits(chatty, repo_root):
+    p = start(*chatty, cwd=repo_root)
+    deadline = time.monotonic() + 60
+    err = b""
+    while b"chat template" not in err:     # the prompt is next
+        wait_readable(p.stderr, deadline - time.monotonic())
+        err += os.read(p.stderr.fileno(), 4096)
+    time.sleep(0.3)                         # to be waiting for a line
+    p.send_signal(signal.SIGINT)
+    out, rest = p.communicate(timeout=30)
+    assert p.returncode == 0 and out == b"" and b"interrupted" not in rest, err + rest
+
+
+def test_chat_on_a_terminal_edits_lines_with_readline(chatty, repo_root):
+    """On a terminal the chat reads lines through readline: the up arrow brings the last line back; Ctrl-D quits."""
+    pytest.importorskip("readline")
+    terminal, child_side = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "dpllama.cli", *map(str, chatty)], cwd=repo_root,
+                         stdin=child_side, stdout=child_side, stderr=subprocess.PIPE, env=dict(os.environ, TERM="xterm"))
+    os.close(child_side)
+    shown = b""
+    try:
+        for prompts, keys in enumerate([b"/reset\r", b"\x1b[A\r", b"\x04"], start=1):
+            while shown.count(b"> ") < prompts:     # typed at the prompt, as a person would, not ahead of it
+                wait_readable(terminal)
+                shown += os.read(terminal, 4096)
+            os.write(terminal, keys)
+        _, err = p.communicate(timeout=60)
+    finally:
+        os.close(terminal)
+    assert p.returncode == 0 and err.decode().count("dpllama: the conversation starts over\n") == 2, shown + err

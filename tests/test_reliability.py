@@ -65,3 +65,23 @@ def test_remove_stale_takes_only_dead_writers_temporaries(tmp_path):
     os.utime(tmp_path / f".old.{dead}@elsewhere.abcd1234.tmp", (time.time() - 2 * 86400,) * 2)
     remove_stale(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, kept in names.items() if kept)
+
+
+def test_chat_reply_cut_short_joins_the_conversation_and_the_cache_stays_right():
+    """A reply stopped halfway (Ctrl-C, or its stream closed) stays in the conversation as far as it went, the
+    roles still alternating; the next reply is the one a fresh chat with that history gives, so the reused
+    KV cache holds nothing from the cut."""
+    from dpllama.chat import Chat
+    d = llama2c_dir()
+    llm = dpllama.load(str(d / "stories260K.bin"), str(d / "tok512.bin"))
+    chat = Chat(llm, Sampler(temperature=0), max_reply=40)
+    stream = chat.reply("Tell me a story")
+    partial = "".join(next(stream) for _ in range(8))
+    stream.close()
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+    assert chat.messages[1]["content"] == partial.strip() != ""
+    history = list(chat.messages)
+    again = "".join(chat.reply("And then?"))
+    fresh = Chat(llm, Sampler(temperature=0), max_reply=40)
+    fresh.messages = history
+    assert again == "".join(fresh.reply("And then?"))
