@@ -74,6 +74,48 @@ def test_bad_input_is_one_line_error(stories, repo_root, args, message):
     assert r.stderr.count("\n") == 1
 
 
+# issue 11 #14: the fixes belong in dpllama/llm.py (resolve_model, load_weights, load_tokenizer, tokenizer_only);
+# strict, so that these fail once they are in, as a reminder to drop the mark
+NEEDS_LLM_FIX = pytest.mark.xfail(strict=True, reason="needs issue 11 #14's change to dpllama/llm.py")
+
+
+@pytest.fixture
+def beside(stories, tmp_path):
+    """stories260K.bin in a folder of its own (nothing beside it), and a text file named .gguf."""
+    (tmp_path / "text.gguf").write_text("hello\n")
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "stories260K.bin").write_bytes(stories[1].read_bytes())
+    return tmp_path
+
+
+@NEEDS_LLM_FIX
+@pytest.mark.parametrize("args, start, words", [
+    (("generate", "-m", "{tmp}"), "{tmp}: is a folder", ()),
+    (("quantize", "{tmp}", "{tmp}/out.gguf"), "{tmp}: is a folder", ()),
+    (("generate", "-m", "{tmp}/text.gguf", "-z", "{tok}"), "{tmp}/text.gguf: not a GGUF file", ("expected b'GGUF'",)),
+    (("generate", "-m", "{tmp}/alone/stories260K.bin"), "{tmp}/alone/stories260K.bin: ", ("beside", "-z")),
+    (("generate", "-m", "{model}"), "{model}: ", ("beside", "-z", "32000")),   # the folder's tokenizer.bin: not its
+    (("tokenize", "-m", "{model}", "Once"), "{model}: ", ("beside", "-z", "32000")),
+])
+def test_errors_say_what_is_wrong(stories, beside, args, start, words):
+    """A folder is not "not found", a text file named .gguf is not a llama2.c header, and the tokenizer the user
+    did not give is named as the one looked for beside the model, with -z to give another."""
+    d, model, tok = stories
+    fill = dict(tmp=beside, model=model, tok=tok)
+    r = run(*[a.format(**fill) for a in args])
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("dpllama: error: " + start.format(**fill)), r.stderr
+    assert all(w in r.stderr for w in words), r.stderr
+
+
+@NEEDS_LLM_FIX
+def test_tokenize_takes_a_llama2c_model_with_its_tokenizer_beside(stories, beside):
+    """As its help says, and as generate finds the tokenizer: tokenizer.bin beside the model."""
+    (beside / "alone" / "tokenizer.bin").write_bytes(stories[2].read_bytes())
+    r = run("tokenize", "-m", beside / "alone" / "stories260K.bin", "Once upon")
+    assert r.returncode == 0 and r.stdout.split() == run("tokenize", "-z", stories[2], "Once upon").stdout.split()
+
+
 @pytest.mark.parametrize("command", ["generate", "chat"])
 @pytest.mark.parametrize("args, message", [
     (("-n", "-5"), "-n must be >= 0, found -5"),
