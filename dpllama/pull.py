@@ -91,7 +91,7 @@ def write_stamp(path: Path, digest: str) -> None:
 
 
 if sys.platform == "linux":
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = ctypes.CDLL(None)
 
     def die_with_parent() -> None:
         """In pip's process before it starts: the kernel kills it when dpllama dies, SIGKILL included."""
