@@ -29,15 +29,21 @@ def resolve_model(name: str) -> Path:
     if name in pull.MODELS:
         return pull.ensure(name)
     p = Path(name)
+    if p.is_dir():
+        raise DpllamaError(f"{name}: is a folder, not a model file")
     if not p.is_file():
         raise DpllamaError(f"{name}: model file not found (known names: {', '.join(pull.MODELS)})")
     return p
 
 
-def load_weights(path: Path) -> Weights:
+def is_gguf(path: Path) -> bool:
+    """By its magic; a file named .gguf counts too, so that load_gguf tells it when it is not one."""
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == GGUF_MAGIC:
+        return f.read(4) == GGUF_MAGIC or path.suffix.lower() == ".gguf"
+
+
+def load_weights(path: Path) -> Weights:
+    if is_gguf(path):
         from dpllama.model.gguf import load_gguf
         return load_gguf(path)
     from dpllama.model.llama2c import load_llama2c
@@ -48,28 +54,44 @@ def load_tokenizer(weights: Weights, tokenizer: str | None, model_path: Path) ->
     fields = weights.meta.get("tokenizer_fields")
     if tokenizer is None and fields:
         return tokenizer_from_gguf_fields(fields, str(model_path))
+    return llama2c_model_tokenizer(tokenizer, weights.config.vocab_size, model_path)
+
+
+def llama2c_model_tokenizer(tokenizer: str | None, vocab_size: int, model_path: Path) -> Tokenizer:
+    """The tokenizer of a model that has none inside (llama2.c's): `tokenizer`, else tokenizer.bin beside the
+    model, as llama2.c's run does; either must have the model's vocabulary."""
     if tokenizer is None:
-        tokenizer = str(model_path.parent / "tokenizer.bin")    # llama2.c's default, beside the model
-        if not Path(tokenizer).is_file():
-            raise DpllamaError(f"{model_path}: a llama2.c checkpoint needs a tokenizer: pass -z TOKENIZER.bin")
+        beside = model_path.parent / "tokenizer.bin"
+        if not beside.is_file():
+            raise DpllamaError(f"{model_path}: a llama2.c model has no tokenizer inside, and none is beside it "
+                               f"({beside}): give one with -z")
+        try:
+            return llama2c_model_tokenizer(str(beside), vocab_size, model_path)
+        except DpllamaError as e:
+            raise DpllamaError(f"{model_path}: no tokenizer given, and the one beside the model does not fit "
+                               f"({e}): give the model's with -z") from None
     if Path(tokenizer).suffix == ".gguf":
         tok = load_gguf_tokenizer(tokenizer)
     else:
-        tok = Llama2cTokenizer(tokenizer, weights.config.vocab_size)
-    if tok.vocab_size != weights.config.vocab_size:
+        tok = Llama2cTokenizer(tokenizer, vocab_size)
+    if tok.vocab_size != vocab_size:
         raise DpllamaError(f"{tokenizer}: tokenizer has {tok.vocab_size} tokens but model {model_path} "
-                           f"has vocab_size {weights.config.vocab_size}")
+                           f"has vocab_size {vocab_size}")
     return tok
 
 
 def tokenizer_only(model: str | None, tokenizer: str | None) -> Tokenizer:
-    """A tokenizer without loading weights: a llama2.c tokenizer.bin, or a GGUF model's own."""
+    """A tokenizer without loading weights: a llama2.c tokenizer.bin, a GGUF model's own, or a llama2.c
+    model's (beside it, checked against its header)."""
     if tokenizer and Path(tokenizer).suffix != ".gguf":
         return Llama2cTokenizer(tokenizer)
-    source = tokenizer or model
-    if source is None:
-        raise DpllamaError("give a tokenizer (-z TOKENIZER.bin) or a GGUF model (-m MODEL)")
-    return load_gguf_tokenizer(resolve_model(source))
+    if tokenizer is None and model is None:
+        raise DpllamaError("give a tokenizer (-z TOKENIZER.bin) or a model (-m MODEL)")
+    path = resolve_model(tokenizer or model)
+    if tokenizer is None and not is_gguf(path):
+        from dpllama.model.llama2c import read_config
+        return llama2c_model_tokenizer(None, read_config(path).vocab_size, path)
+    return load_gguf_tokenizer(path)
 
 
 class LLM:

@@ -74,11 +74,6 @@ def test_bad_input_is_one_line_error(stories, repo_root, args, message):
     assert r.stderr.count("\n") == 1
 
 
-# issue 11 #14: the fixes belong in dpllama/llm.py (resolve_model, load_weights, load_tokenizer, tokenizer_only);
-# strict, so that these fail once they are in, as a reminder to drop the mark
-NEEDS_LLM_FIX = pytest.mark.xfail(strict=True, reason="needs issue 11 #14's change to dpllama/llm.py")
-
-
 @pytest.fixture
 def beside(stories, tmp_path):
     """stories260K.bin in a folder of its own (nothing beside it), and a text file named .gguf."""
@@ -88,7 +83,6 @@ def beside(stories, tmp_path):
     return tmp_path
 
 
-@NEEDS_LLM_FIX
 @pytest.mark.parametrize("args, start, words", [
     (("generate", "-m", "{tmp}"), "{tmp}: is a folder", ()),
     (("quantize", "{tmp}", "{tmp}/out.gguf"), "{tmp}: is a folder", ()),
@@ -108,7 +102,6 @@ def test_errors_say_what_is_wrong(stories, beside, args, start, words):
     assert all(w in r.stderr for w in words), r.stderr
 
 
-@NEEDS_LLM_FIX
 def test_tokenize_takes_a_llama2c_model_with_its_tokenizer_beside(stories, beside):
     """As its help says, and as generate finds the tokenizer: tokenizer.bin beside the model."""
     (beside / "alone" / "tokenizer.bin").write_bytes(stories[2].read_bytes())

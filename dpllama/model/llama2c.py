@@ -97,6 +97,12 @@ def map_file(path: Path):
         raise DpllamaError(f"{path}: cannot read: {e.strerror}") from None
 
 
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """A llama2.c checkpoint's config, from its header alone (for its tokenizer's vocabulary)."""
+    path = Path(path)
+    return _read_header(path, map_file(path))[1]
+
+
 def load_llama2c(path: str | os.PathLike) -> Weights:
     """Memory-map a llama2.c checkpoint. f32 tensors are views into the map; nothing is read twice."""
     path = Path(path)
