@@ -42,9 +42,14 @@
 #if !defined(W_F32)
 // acc + lo(m) * lo(p) + hi(m) * hi(p) in every 32-bit lane, the halves taken as signed 16-bit integers;
 // p, one int, is the same pair for all lanes. x86's instructions where the compiler targets them (clang's
-// builtins, under the macros it defines for the target), plain integer arithmetic anywhere else.
+// builtins, under the macros it defines for the target: vpdpwssd with VNNI, vpmaddwd and an add on zmm with
+// AVX-512 BW, on two ymm with AVX2), plain integer arithmetic anywhere else.
 #if ROWS == 16 && defined(__AVX512VNNI__)
 #define MADD(acc, m, p) __builtin_ia32_vpdpwssd512((acc), as_int16(m), (int16)(p))
+#elif ROWS == 16 && defined(__AVX512BW__)
+typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-bit lanes (OpenCL has no short32)
+#define MADD(acc, m, p) ((acc) + __builtin_ia32_pmaddwd512(__builtin_astype((m), shorts32), \
+                                                           __builtin_astype((int16)(p), shorts32)))
 #elif ROWS == 8 && defined(__AVX2__)
 #define MADD(acc, m, p) ((acc) + __builtin_ia32_pmaddwd256(as_short16(m), as_short16((int8)(p))))
 #elif ROWS == 16 && defined(__AVX2__)

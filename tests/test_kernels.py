@@ -220,8 +220,8 @@ def test_gemv_kernels(q, fmt, geometry, mode, kernel):
 # gemv.cl picks x86 instructions by the macros the compiler defines for the target (VNNI, AVX-512 F16C,
 # AVX2 pmaddwd) and plain OpenCL C otherwise. This host takes the first paths; the others, which AVX2-only
 # CPUs and GPUs take, are built here by #undef-ing those macros at the top of a copy of the kernels.
-ISA_FALLBACKS = {"avx512-no-vnni": ["__AVX512VNNI__"], "avx2": ["__AVX512VNNI__", "__AVX512F__"],
-                 "generic": ["__AVX512VNNI__", "__AVX512F__", "__AVX2__"]}
+ISA_FALLBACKS = {"avx512-no-vnni": ["__AVX512VNNI__"], "avx2": ["__AVX512VNNI__", "__AVX512F__", "__AVX512BW__"],
+                 "generic": ["__AVX512VNNI__", "__AVX512F__", "__AVX512BW__", "__AVX2__"]}
 
 
 @pytest.mark.parametrize("fmt", ["q8g32", "int4asym32"])

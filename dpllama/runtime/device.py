@@ -29,7 +29,8 @@ NO_PLATFORM_HELP = (
     "(NVIDIA driver, intel-opencl-icd, ROCm's rocm-opencl-runtime)")
 
 # What the device's compiler predefines for its target: gemv.cl takes its instruction-set path from these
-ISA_MACROS = ("__AVX512VNNI__", "__AVX512F__", "__AVX2__", "__FMA__", "__F16C__", "__AVX__", "__SSE4_1__")
+ISA_MACROS = ("__AVX512VNNI__", "__AVX512BW__", "__AVX512F__", "__AVX2__", "__FMA__", "__F16C__", "__AVX__",
+              "__SSE4_1__")
 PROBE_SOURCE = ("__kernel void isa(__global int *flags) {\n"
                 + "".join(f"#ifdef {m}\n    flags[{i}] = 1;\n#endif\n" for i, m in enumerate(ISA_MACROS)) + "}\n")
 
@@ -53,7 +54,7 @@ class Probe:
 
     @property
     def why(self) -> str:
-        shown = ", ".join(self.macros) or "none of " + ", ".join(ISA_MACROS[:3])
+        shown = ", ".join(self.macros) or "none of " + ", ".join(ISA_MACROS[:4])
         return f"{self.kernel_path} (the compiler defines {shown})"
 
 
