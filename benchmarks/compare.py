@@ -2,6 +2,7 @@
 
     python benchmarks/compare.py                      # SmolLM2-135M Q4_1, 512-token prompt, 128 generated
     python benchmarks/compare.py --rounds 5 --json    # more rounds; machine-readable
+    POCL_KERNELLIB_NAME=avx2 python benchmarks/compare.py   # dpllama's AVX2 path on an AVX-512 host (PoCL >= 3.1)
 
 llama.cpp comes from llama-cpp-python (the `bench` extra: `pip install '.[bench]'`, a native build of
 several minutes); it runs with the same thread count as the machine's cores. Each round measures
@@ -118,7 +119,8 @@ def main() -> None:
         t = statistics.median(tps[kind])
         roof[kind] = {"decode_tok_s": t, "weight_mb": m.weight_bytes / 1e6,
                       "weight_gb_s": m.weight_bytes * t / 1e9, "of_stream_bw": m.weight_bytes * t / 1e9 / bw}
-    result = {"model": str(path), "device": str(queue.device), "threads": args.threads,
+    result = {"model": str(path), "device": str(queue.device), "kernel_path": queue.device.kernel_path,
+              "config": queue.config.path, "threads": args.threads,
               "prompt_tokens": args.prompt, "generated_tokens": args.gen, "rounds": rounds, "median": med,
               "stream_read_gb_s": bw, "stories15m": roof,
               **{f"{kind}_over_fp32_decode": statistics.median(a / b for a, b in zip(tps[kind], tps["f32"]))
@@ -127,7 +129,8 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"{path.name}, {args.prompt}-token prompt, {args.gen} generated, {args.threads} threads, "
-          f"{args.rounds} interleaved rounds (medians)")
+          f"{args.rounds} interleaved rounds (medians); dpllama on {queue.device}, kernel path "
+          f"{result['kernel_path']}, config {result['config']}")
     print(f"{'':10} {'prompt tok/s':>13} {'decode tok/s':>13}")
     for who in ("dpllama", "llama.cpp"):
         print(f"{who:10} {med[who + ' prompt_tok_s']:13.1f} {med[who + ' decode_tok_s']:13.1f}")
