@@ -8,6 +8,7 @@ file order, by `_layout`; matrices are row-major [out, in].
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import mmap
 import os
@@ -109,14 +110,16 @@ def load_llama2c(path: str | os.PathLike) -> Weights:
     buf = map_file(path)
     size = len(buf)
     version, c, shared, group, offset = _read_header(path, buf)
-    layout = _layout(c, version, shared)
-    expected = offset + sum(_nbytes(shape, storage, group) for _, shape, storage in layout)
+    # sized from one layer's layout: the whole one of a header that claims 2^31 layers would never be built
+    expected = offset + sum(_nbytes(shape, storage, group) * (c.n_layers if name.startswith("layers.") else 1)
+                            for name, shape, storage in _layout(dataclasses.replace(c, n_layers=1), version, shared))
     if size < expected:
         raise DpllamaError(f"{path}: truncated llama2.c checkpoint (version {version}): expected {expected} "
                            f"bytes from its header, found {size}")
     if size > expected:
         raise DpllamaError(f"{path}: llama2.c checkpoint (version {version}) has {size - expected} trailing "
                            f"bytes: expected {expected} bytes from its header, found {size}")
+    layout = _layout(c, version, shared)
 
     arrays: dict[str, np.ndarray | Tensor] = {}
     for name, shape, storage in layout:
