@@ -53,7 +53,11 @@ def load_weights(path: Path) -> Weights:
 def load_tokenizer(weights: Weights, tokenizer: str | None, model_path: Path) -> Tokenizer:
     fields = weights.meta.get("tokenizer_fields")
     if tokenizer is None and fields:
-        return tokenizer_from_gguf_fields(fields, str(model_path))
+        tok = tokenizer_from_gguf_fields(fields, str(model_path))
+        if tok.vocab_size > weights.config.vocab_size:     # its ids past the embedding table (fewer is padding)
+            raise DpllamaError(f"{model_path}: tokenizer.ggml.tokens has {tok.vocab_size} tokens, more than the "
+                               f"{weights.config.vocab_size} rows of token_embd")
+        return tok
     return llama2c_model_tokenizer(tokenizer, weights.config.vocab_size, model_path)
 
 

@@ -325,6 +325,11 @@ class Llama:
             raise DpllamaError("the prompt must hold at least one token (e.g. BOS)")
         if len(prompt) > self.seq_len:
             raise DpllamaError(f"prompt of {len(prompt)} tokens does not fit the context of {self.seq_len}")
+        # the embedding kernels read the row of each id unchecked: one past the table reads far outside it
+        bad = next((t for t in prompt if not 0 <= t < self.config.vocab_size), None)
+        if bad is not None:
+            raise DpllamaError(f"token id {bad} in the prompt is not in the model's vocabulary of "
+                               f"{self.config.vocab_size}")
         if not 0 <= keep < len(prompt):
             raise ValueError(f"keep={keep} must leave at least one of {len(prompt)} prompt tokens to feed")
         self.tokens.set(np.asarray(prompt, np.int32))
