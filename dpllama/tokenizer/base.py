@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import heapq
 import json
+import re
 from datetime import datetime
 
 from dpllama.errors import DpllamaError
+
+# lone surrogates but surrogateescape's U+DC80..U+DCFF, which stand for bytes argv or stdin could not decode
+_NOT_BYTES = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 
 # Used when a model has no chat template of its own.
 CHATML_TEMPLATE = (
@@ -65,6 +69,12 @@ class Tokenizer:
         return render_chat_template(self.chat_template or CHATML_TEMPLATE, messages,
                                     add_generation_prompt, self.special_text(self.bos_id),
                                     self.special_text(self.eos_id), self.source)
+
+
+def utf8(text: str) -> bytes:
+    """The UTF-8 bytes of `text` as a tokenizer sees them: the bytes surrogateescape kept, and U+FFFD for any
+    other lone surrogate (from the Python API: no UTF-8 can hold one)."""
+    return _NOT_BYTES.sub("\ufffd", text).encode("utf-8", "surrogateescape")
 
 
 def merge_by_score(ids: list, pieces: list, lookup: dict, scores, min_score: float | None = None):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dpllama.errors import DpllamaError
-from dpllama.tokenizer.base import Tokenizer, merge_by_score
+from dpllama.tokenizer.base import Tokenizer, merge_by_score, utf8
 
 # tokenizer.ggml.token_type values
 UNDEFINED, NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = range(7)
@@ -82,8 +82,8 @@ class GgufTokenizer(Tokenizer):
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False,
                parse_special: bool = False) -> list[int]:
-        # Text from argv/stdin may carry undecodable bytes as surrogates; they become U+FFFD.
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        # Text from argv/stdin may carry undecodable bytes as surrogates; they become U+FFFD, as lone surrogates do.
+        text = utf8(text).decode("utf-8", "replace")
         ids = []
         if self.add_bos if bos is None else bos:
             ids.append(self._required(self.bos_id, "bos_token_id"))

@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 from dpllama.errors import DpllamaError
-from dpllama.tokenizer.base import Tokenizer, merge_by_score
+from dpllama.tokenizer.base import Tokenizer, merge_by_score, utf8
 
 UNK, BOS, EOS = 0, 1, 2
 # run.c recognises byte tokens with sscanf(piece, "<0x%02hhX>"), which matches this prefix.
@@ -85,7 +85,7 @@ class Llama2cTokenizer(Tokenizer):
                parse_special: bool = False) -> list[int]:
         """run.c encode(). parse_special is accepted for interface parity; run.c has no
         special-token syntax."""
-        raw = text.encode("utf-8", "surrogateescape")
+        raw = utf8(text)
         ids = [BOS] if (self.add_bos if bos is None else bos) else []
         if raw:
             # sentencepiece's add_dummy_prefix, as run.c does it: a separate " " token that
