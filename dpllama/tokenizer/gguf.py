@@ -2,6 +2,8 @@
 ("llama": scores + <0xNN> byte fallback) and byte-level BPE ("gpt2", encoded with HF tokenizers)."""
 from __future__ import annotations
 
+import re
+
 from dpllama.errors import DpllamaError
 from dpllama.tokenizer.base import Tokenizer, merge_by_score, utf8
 
@@ -15,6 +17,7 @@ EOG_TEXTS = frozenset({
     "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>",
 })
 SPACE = "\u2581"  # SentencePiece's visible space "▁"
+_BYTE_TOKEN = re.compile("<0x[0-9A-Fa-f]{2}>")
 
 KEY = "tokenizer.ggml."
 
@@ -35,6 +38,10 @@ class GgufTokenizer(Tokenizer):
         self.types = [NORMAL] * n if types is None else [int(t) for t in types]
         if len(self.types) < n:
             raise DpllamaError(f"{source}: {KEY}token_type has {len(self.types)} entries, expected {n}")
+        for i in (i for i, ty in enumerate(self.types[:n]) if ty == BYTE):    # token_bytes reads the byte from its text
+            if not _BYTE_TOKEN.fullmatch(self.tokens[i]):
+                raise DpllamaError(f"{source}: {KEY}token_type says token {i} {self.tokens[i]!r} is a byte, "
+                                   f"expected a text such as '<0x0A>'")
         self.token_to_id = {}
         for i, t in enumerate(self.tokens):
             j = self.token_to_id.setdefault(t, i)
