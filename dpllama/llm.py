@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,13 +37,13 @@ def resolve_model(name: str) -> Path:
     return p
 
 
-def is_gguf(path: Path) -> bool:
+def is_gguf(path: str | os.PathLike) -> bool:
     """By its magic; a file named .gguf counts too, so that load_gguf tells it when it is not one."""
     with open(path, "rb") as f:
-        return f.read(4) == GGUF_MAGIC or path.suffix.lower() == ".gguf"
+        return f.read(4) == GGUF_MAGIC or Path(path).suffix.lower() == ".gguf"
 
 
-def load_weights(path: Path) -> Weights:
+def load_weights(path: str | os.PathLike) -> Weights:
     if is_gguf(path):
         from dpllama.model.gguf import load_gguf
         return load_gguf(path)
@@ -87,11 +88,11 @@ def llama2c_model_tokenizer(tokenizer: str | None, vocab_size: int, model_path: 
 def tokenizer_only(model: str | None, tokenizer: str | None) -> Tokenizer:
     """A tokenizer without loading weights: a llama2.c tokenizer.bin, a GGUF model's own, or a llama2.c
     model's (beside it, checked against its header)."""
-    if tokenizer and Path(tokenizer).suffix != ".gguf":
+    if tokenizer is not None and Path(tokenizer).suffix != ".gguf":
         return Llama2cTokenizer(tokenizer)
     if tokenizer is None and model is None:
         raise DpllamaError("give a tokenizer (-z TOKENIZER.bin) or a model (-m MODEL)")
-    path = resolve_model(tokenizer or model)
+    path = resolve_model(model if tokenizer is None else tokenizer)
     if tokenizer is None and not is_gguf(path):
         from dpllama.model.llama2c import read_config
         return llama2c_model_tokenizer(None, read_config(path).vocab_size, path)
@@ -171,6 +172,8 @@ def load(model: str, tokenizer: str | None = None, device: str | None = None, co
          max_seq: int | None = None) -> LLM:
     """Load a model (path or known name) and its tokenizer onto a device (selector or YAML config). The
     context is `max_seq` tokens, else the model's, at most what the device holds (`fit_context`)."""
+    if max_seq is not None and max_seq < 1:     # before any work, as the CLI checks --ctx
+        raise DpllamaError(f"max_seq must be at least 1, found {max_seq}")
     path = resolve_model(model)
     weights = load_weights(path)
     tok = load_tokenizer(weights, tokenizer, path)

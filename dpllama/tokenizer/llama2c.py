@@ -24,6 +24,8 @@ def _read_vocab(path: Path, vocab_size: int | None) -> tuple[list[bytes], list[f
         data = path.read_bytes()
     except OSError as e:
         raise DpllamaError(f"{path}: cannot read tokenizer: {e.strerror}") from None
+    except ValueError as e:     # a NUL in the path, from the Python API
+        raise DpllamaError(f"{str(path)!r}: cannot read tokenizer: {e}") from None
     if len(data) < 4:
         raise DpllamaError(f"{path}: truncated tokenizer file: {len(data)} bytes, no header")
     pieces, scores = [], []
