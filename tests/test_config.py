@@ -215,6 +215,20 @@ def test_bad_config(tmp_path, text, message):
     assert str(e.value).startswith(f"{path}: {message}")
 
 
+@pytest.mark.parametrize("text, message", [
+    ("build_options: " + "[" * 5000 + "]" * 5000, "not a config: nested too deeply"),
+    ("memory: {max_alloc_mb: 1" + "0" * 5000 + "}", "not a config: Exceeds the limit"),
+    ("name: a\0b", "not valid YAML: unacceptable character #x0000: special characters are not allowed"),
+])
+def test_config_that_breaks_the_yaml_reader(tmp_path, text, message):
+    """Found by tests/test_fuzz.py: a RecursionError, a ValueError, and a two-line message."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(DpllamaError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}:") and message in str(e.value) and "\n" not in str(e.value)
+
+
 def test_config_that_is_not_text(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_bytes(b"name: x\n\xff\n")

@@ -119,7 +119,12 @@ def parse_config(text: str, path: str = "<string>") -> DeviceConfig:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise DpllamaError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]    # the reader's errors run on a second line
+        raise DpllamaError(f"{path}:{where} not valid YAML: {problem}") from None
+    except RecursionError:      # PyYAML composes nested collections recursively
+        raise DpllamaError(f"{path}: not a config: nested too deeply") from None
+    except ValueError as e:     # an integer literal beyond Python's digit limit
+        raise DpllamaError(f"{path}: not a config: {e}") from None
     values = _check(data if data is not None else {}, SCHEMA, path)
     if values["match"]["type"] not in TYPES:
         raise DpllamaError(f"{path}: key 'match.type' must be one of cpu, gpu, accelerator, "
