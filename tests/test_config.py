@@ -121,12 +121,12 @@ def test_integrated_intel_gets_the_defaults():
 @pytest.mark.parametrize("probe, config, rows", [
     (AVX512, "cpu", 16),
     (Probe(macros=("__AVX512VNNI__",) + AVX512.macros), "cpu", 16),
-    (AVX2, "cpu-avx2", 8),
+    (AVX2, "cpu-avx2", 16),
     (Probe(macros=("__AVX__", "__SSE4_1__")), "cpu-portable", 4),
     (Probe(), "cpu-portable", 4),               # no x86 macros at all: another architecture
 ])
 def test_cpu_config_follows_the_instruction_set(probe, config, rows):
-    """A CPU gets the config of its compiler's instruction set, with no edit: tiles as wide as its vectors."""
+    """A CPU gets the config of its compiler's instruction set, with no edit."""
     cpu = fake_device(0, 0, CPU, "pthread-AMD EPYC", "AuthenticAMD", "Portable Computing Language", probe=probe)
     cfg = shipped_config_for(cpu)
     assert cfg.path == str(CONFIG_DIR / f"{config}.yaml")
