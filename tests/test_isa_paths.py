@@ -1,4 +1,5 @@
-"""Every CPU kernel path this host can run, each built and checked as a user on that CPU would get it.
+"""Every CPU kernel path and every other OpenCL driver this host can run, each built and checked as a user
+with that CPU or driver would get it.
 
 The device's compiler picks gemv.cl's path from the instruction-set macros it predefines, and the probe picks
 the matching CPU config. PoCL 3.1 and later can be told to target an older CPU than the host
@@ -46,3 +47,23 @@ def test_kernel_path(repo_root, tmp_path, path):
                          capture_output=True, text=True, cwd=repo_root, env=env, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout.splitlines()[-1]
+
+
+def test_every_other_driver(repo_root, tmp_path):
+    """The suite runs on the device dpllama picks; every other device that can compile (the pip PoCL beside
+    Debian's, where this CPU is one its LLVM knows) gets a bounded subset: a quantized forward pass against
+    the reference and the stories260K oracle."""
+    from dpllama.runtime import list_devices
+    chosen = select_device()[0]
+    others = [d for d in list_devices() if d.index != chosen.index]
+    usable = [d for d in others if not d.probe().error]
+    if not usable:
+        pytest.skip("no other usable OpenCL device here" + "".join(
+            f"; {d} cannot compile: {d.probe().error}" for d in others))
+    for d in usable:
+        env = dict(os.environ, DPLLAMA_DEVICE=str(d.index), DPLLAMA_HOME=os.environ.get("DPLLAMA_HOME", str(tmp_path)))
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                              "tests/test_forward.py::test_logits_match_reference[int4-mixed-g32-tied-prefill]",
+                              "tests/test_cli.py::test_generate_matches_llama2c_byte_for_byte"],
+                             capture_output=True, text=True, cwd=repo_root, env=env, timeout=900)
+        assert run.returncode == 0, f"{d}: " + run.stdout[-3000:] + run.stderr[-2000:]
