@@ -181,21 +181,21 @@ class Queue:
 
     def build_all(self, specs: list[tuple[str, tuple[str, ...]]]) -> None:
         """Build (file, defines) programs ahead of use. Those not in the disk cache compile (seconds each on
-        a CPU, once per device and driver), with progress on stderr: a live line on a terminal, one line
-        elsewhere."""
+        a CPU, once per device and driver), with progress on stderr: a live percentage on a terminal, a line
+        before and a line after elsewhere."""
         specs = list(dict.fromkeys(specs))
         todo = [s for s in specs if not program.cache_path(self.device, s[0], self._options(s[1])).is_file()]
         live = sys.stderr.isatty()
+        head = (f"dpllama: compiling {len(todo)} kernel programs for {self.device.name} (the first run with this "
+                f"device and driver only; cached after)")
         t0 = time.perf_counter()
         for i, (file, defines) in enumerate(todo):
             if live or i == 0:
-                print(f"\rdpllama: compiling {len(todo)} kernel programs for {self.device.name} (first run with "
-                      f"this device and driver only; cached after): {100 * i // len(todo)}%",
-                      end="" if live else "\n", file=sys.stderr, flush=True)
+                print(f"\r{head}: {100 * i // len(todo)}%" if live else head, end="" if live else "\n",
+                      file=sys.stderr, flush=True)
             self.program(file, *defines)
-        if todo and live:
-            print(f"\rdpllama: compiled {len(todo)} kernel programs for {self.device.name} in "
-                  f"{time.perf_counter() - t0:.0f} s{' ' * 40}", file=sys.stderr, flush=True)
+        if todo:
+            print(f"\r{head}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         for file, defines in specs:
             self.program(file, *defines)
 
