@@ -264,12 +264,21 @@ def terminated(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command in `argv` (default: the process's own arguments) and return its exit status. A Ctrl-C is
+    one line and 130 from argument parsing on (argparse imports modules as it builds the parser). Called as the
+    program (`argv` None), it ignores Ctrl-C once the command is over: its work is done, and one during the
+    interpreter's teardown (joining threads, pyopencl's atexit) would be a traceback of Python's; one that comes
+    while that is being set up is still this one line."""
     signal.signal(signal.SIGTERM, terminated)
-    args, unknown = parser().parse_known_args(argv)
-    if unknown:     # with the subcommand's usage, not the top level's, which does not show its options
-        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return args.run(args)
+        try:
+            args, unknown = parser().parse_known_args(argv)
+            if unknown:     # with the subcommand's usage, not the top level's, which does not show its options
+                args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            return args.run(args)
+        finally:
+            if argv is None:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
     except DpllamaError as e:
         print(f"dpllama: error: {e}", file=sys.stderr)
         return 1
