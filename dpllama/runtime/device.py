@@ -94,17 +94,16 @@ class Device:
         if self.probed is None:
             key = hashlib.sha256((self.cache_key() + "\0" + PROBE_SOURCE).encode()).hexdigest()[:32]
             path = dpllama_home() / "kernels" / f"probe-{key}.json"
-            try:
-                self.probed = Probe(**{k: tuple(v) if k == "macros" else v
-                                       for k, v in json.loads(path.read_text()).items()})
-            except (OSError, ValueError, TypeError):
+            try:        # only a working compiler's macros are stored
+                self.probed = Probe(macros=tuple(json.loads(path.read_text())["macros"]))
+            except (OSError, ValueError, TypeError, KeyError):
                 self.probed = run_probe(self.cl_device)
                 if self.probed.error:      # not stored: it may be passing (out of memory, a busy GPU)
                     return self.probed
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     with atomic_output(path) as tmp:
-                        tmp.write_text(json.dumps({"error": self.probed.error, "macros": self.probed.macros}))
+                        tmp.write_text(json.dumps({"macros": self.probed.macros}))
                 except OSError:     # a read-only cache only costs another probe next time
                     pass
         return self.probed

@@ -174,7 +174,7 @@ class Queue:
     def program(self, file: str, *defines: str) -> Program:
         """cl_kernels/`file` built for this device with the config's options plus `-D` defines."""
         opts = self._options(defines)
-        key = file + " " + " ".join(opts)
+        key = self._key(file, opts)
         if key not in self.programs:
             self.programs[key] = program.build(self.context, self.device, file, opts)
         return self.programs[key]
@@ -184,7 +184,8 @@ class Queue:
         a CPU, once per device and driver), with progress on stderr: a live percentage on a terminal, a line
         before and a line after elsewhere."""
         specs = list(dict.fromkeys(specs))
-        todo = [s for s in specs if not program.cache_path(self.device, s[0], self._options(s[1])).is_file()]
+        todo = [(f, d) for f, d in specs if self._key(f, self._options(d)) not in self.programs
+                and not program.cache_path(self.device, f, self._options(d)).is_file()]
         live = sys.stderr.isatty()
         head = (f"dpllama: compiling {len(todo)} kernel programs for {self.device.name} (the first run with this "
                 f"device and driver only; cached after)")
@@ -201,6 +202,10 @@ class Queue:
 
     def _options(self, defines) -> list[str]:
         return self.build_options + [f"-D{d}" for d in defines]
+
+    @staticmethod
+    def _key(file: str, options: list[str]) -> str:
+        return file + " " + " ".join(options)
 
     @property
     def max_alloc(self) -> int:
