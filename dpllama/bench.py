@@ -20,12 +20,13 @@ import time
 import numpy as np
 
 from dpllama.errors import DpllamaError
+from dpllama.generate import Sampler, generate
+from dpllama.model.llama import Llama
 from dpllama.runtime import build_stats, open_queue
 
 
 def _load(path, device, config, max_seq, profiling=False):
     from dpllama.llm import load_weights
-    from dpllama.model.llama import Llama
     t = time.perf_counter()
     weights = load_weights(path)
     model = Llama(weights, open_queue(device, config, profiling=profiling), max_seq=max_seq)
@@ -52,30 +53,25 @@ def random_prompt(model, n: int, rng: np.random.Generator) -> list[int]:
 
 
 def run_once(model, prompt: list[int], n_gen: int) -> dict:
-    """The prompt in batched prefill, then greedy decoding of n_gen tokens: speeds and launches."""
-    n_prompt = len(prompt)
-    model.start(prompt)
-    launches = model.q.launches
-    t0 = time.perf_counter()
-    model.feed(n_prompt)             # batched prefill
-    model.next_greedy()              # the first generated token
-    t1 = time.perf_counter()
-    if model.q.profiling:
-        model.q.profile()            # the kernel profile is the decode's
-    prompt_launches = model.q.launches - launches
-    if n_gen > 1:
-        model.step()
-    for i in range(n_gen - 1):      # as generate_ids decodes greedily: each token fed before it is read
-        model.next_greedy(ahead=i < n_gen - 2)
-    t2 = time.perf_counter()
-    decode_s = (t2 - t1) / max(n_gen - 1, 1)
+    """The prompt in batched prefill, then greedy decoding of n_gen tokens, as `generate` runs them: speeds
+    and launches."""
+    gen = generate(model, prompt, n_gen, Sampler(temperature=0))
+    for i, _ in enumerate(gen):
+        if i == 0:                          # the first token: the prompt's, with one decode step enqueued
+            if model.q.profiling:
+                model.q.profile()           # the kernel profile is the decode's
+            decode_launches = model.q.launches
+    st = gen.stats
+    decode_s = (st.end - st.first_token) / (n_gen - 1)
     return {
-        "prompt_tok_s": n_prompt / (t1 - t0),
-        "decode_tok_s": 1.0 / decode_s,
+        "prompt_tok_s": st.prompt_tok_s,
+        "decode_tok_s": st.decode_tok_s,
         "ms_per_token": decode_s * 1e3,
         "weight_gb_s": model.weight_bytes / decode_s / 1e9,
-        "first_token_ms": (t1 - t0) * 1e3,
-        "launches_per_token": (model.q.launches - launches - prompt_launches) / max(n_gen - 1, 1),
+        "first_token_ms": (st.first_token - st.start) * 1e3,
+        # each token after the first: its argmax, and the pass that feeds it (enqueued ahead, without the
+        # embedding: the first such pass went out with the first token, the last token's never does)
+        "launches_per_token": (model.q.launches - decode_launches + len(model.forward_commands(1)) - 1) / (n_gen - 1),
     }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from dpllama.generate import Sampler, generate_ids
+from dpllama.generate import Sampler, generate
 from dpllama.llm import LLM
 from dpllama.tokenizer import StreamDecoder
 
@@ -45,23 +45,17 @@ class Chat:
             while keep < min(len(self.cached), len(ids) - 1) and self.cached[keep] == ids[keep]:
                 keep += 1
             self.cached = ids[:keep]    # all the cache is sure to hold if the reply is cut short
-            tok = self.llm.tokenizer
+            model, tok = self.llm.model, self.llm.tokenizer
             dec = StreamDecoder(tok, prev=ids[-1])
-            seq = list(ids)
-            tokens = generate_ids(self.llm.model, ids, len(ids) + self.max_reply, self.sampler, tok.eos_ids, keep)
-            for pos, t in enumerate(tokens, start=keep + 1):
-                if pos < len(ids):
-                    continue            # the rest of the prompt going through
-                seq.append(t)
-                if t in tok.eos_ids:
-                    break
+            reply = generate(model, ids, self.max_reply, self.sampler, tok.eos_ids, keep)
+            for t in reply:
                 piece = dec.push(t)
                 answer.append(piece)
                 yield piece
             tail = dec.flush()
             answer.append(tail)
             yield tail
-            self.cached = seq[:-1]      # the last token was produced, not yet fed
+            self.cached = reply.tokens[:model.pos]      # the tokens fed: the last one was produced, not fed
         finally:
             self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
 

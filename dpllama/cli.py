@@ -117,21 +117,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if len(ids) > ctx:
         raise DpllamaError(f"the prompt is {len(ids)} tokens, more than the context of {ctx}")
     out = sys.stdout
-    for piece in llm.stream(ids, steps, sampler):
+    stream = llm.stream(ids, steps, sampler)
+    for piece in stream:
         out.write(piece)
         out.flush()
     out.write("\n")
-    print(timings(llm.stats), file=sys.stderr)
+    print(timings(stream.stats), file=sys.stderr)
     return 0
 
 
-def timings(st: dict) -> str:
-    """The prompt's and the generation's speed, as llama.cpp reports them (prompt: up to the first new token)."""
-    first = st.get("first_token", st["end"])
-    gen = st["generated_tokens"] - 1        # the first new token is counted with the prompt's time
-    line = f"prompt: {st['prompt_tokens']} tokens, {st['prompt_tokens'] / max(first - st['start'], 1e-9):.1f} tok/s"
-    if gen > 0:
-        line += f"; generated: {gen + 1} tokens, achieved tok/s: {gen / max(st['end'] - first, 1e-9):.2f}"
+def timings(st) -> str:
+    """The prompt's and the generation's speed (a generate.Stats), as llama.cpp reports them (prompt: up to the
+    first new token)."""
+    line = f"prompt: {st.prompt_tokens} tokens, {st.prompt_tok_s:.1f} tok/s"
+    if st.generated_tokens > 1:
+        line += f"; generated: {st.generated_tokens} tokens, achieved tok/s: {st.decode_tok_s:.2f}"
     return line
 
 

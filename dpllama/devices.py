@@ -13,8 +13,8 @@ import numpy as np
 
 from dpllama.errors import DpllamaError
 from dpllama.fileio import atomic_output
-from dpllama.runtime import (Device, DeviceConfig, Local, OpenCLError, build_stats, config_device, list_devices,
-                             load_config, open_queue, select_device, shipped_config_for)
+from dpllama.runtime import (Device, DeviceConfig, Local, OpenCLError, build_stats, choose_device, list_devices,
+                             open_queue, select_device, shipped_config_for)
 from dpllama.runtime.config import dump_config
 
 CHECK_N = 1 << 16       # axpy length: big enough to use every compute unit, small enough to be instant
@@ -30,21 +30,14 @@ class Survey:
 
 
 def survey(selector: str | None = None, config: str | None = None) -> Survey:
-    """The same choice open_queue() makes: selector, else the config's match, else $DPLLAMA_DEVICE,
-    else the best device; the config given, else the shipped one that matches."""
+    """The choice open_queue() makes (runtime.choose_device), with every device listed."""
     devices = list_devices()
     if all(d.probe().error for d in devices):      # listed all the same, with the compilers' complaints
         try:
             select_device(selector, devices)
         except DpllamaError as e:
             return Survey(devices, None, {d.index: "not usable: see kernels" for d in devices}, None, str(e))
-    if config:
-        cfg = load_config(config)
-        chosen, reasons = select_device(selector, devices) if selector else config_device(cfg, devices)
-    else:
-        chosen, reasons = select_device(selector, devices)
-        cfg = shipped_config_for(chosen)
-    return Survey(devices, chosen, reasons, cfg)
+    return Survey(devices, *choose_device(selector, config, devices))
 
 
 def config_path(cfg: DeviceConfig) -> str | None:
@@ -158,7 +151,7 @@ def check(selector: str | None = None, config: str | None = None) -> dict:
     t = time.perf_counter()
     prog = q.program("check.cl")
     build_s = time.perf_counter() - t
-    wg = q.config.work_group("norm")    # the reduction size this device's config asks for
+    wg = q.config.work_group("reduce")    # the reduction size this device's config asks for
     rng = np.random.default_rng(0)
     x = rng.standard_normal(CHECK_N, dtype=np.float32)
     y = rng.standard_normal(CHECK_N, dtype=np.float32)

@@ -8,7 +8,8 @@ logits back (vocab x 4 bytes) and draws on the host with llama2.c's xorshift gen
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -111,31 +112,83 @@ def check_steps(steps: int, name: str = "steps") -> int:
     return steps
 
 
-def generate_ids(model: Llama, prompt: list[int], steps: int, sampler: Sampler,
-                 stop: set[int] = frozenset(), keep: int = 0) -> Iterator[int]:
-    """Feed `prompt` and yield every token that enters the sequence after the first: the rest of the
-    prompt, then generated tokens, until `steps` positions are done or a token in `stop` comes
-    (llama2.c's loop: position pos consumes token pos and produces token pos + 1). The prompt goes
-    through in batched chunks. The first `keep` positions' KV cache is reused from the previous call
-    (a chat's earlier turns): their tokens are not fed or yielded again."""
-    model.start(prompt, keep)
-    steps = min(steps, model.seq_len)
-    n = len(prompt)
-    if steps <= keep:
-        return
-    model.feed(min(n, steps) - keep)
-    yield from prompt[keep + 1:min(n, steps + 1)]
-    history = list(prompt)
-    on_device = sampler.greedy and sampler.repeat_penalty == 1.0
-    for pos in range(n - 1, steps):     # position pos has been fed: produce token pos + 1
-        if on_device:                   # and feed it at once, before the host has even seen it
-            tok = model.next_greedy(ahead=pos + 1 < steps)
-        else:
-            tok = sampler.pick(model.read_logits(), history)
-            model.next_given(tok)
-        history.append(tok)
-        yield tok
-        if tok in stop or pos + 1 >= steps:
-            return
-        if not on_device:
-            model.step()
+@dataclass
+class Stats:
+    """Timings of one generation (time.perf_counter seconds): the prompt runs from `start` until the first
+    new token, as llama.cpp counts it; decoding from then until `end`."""
+    prompt_tokens: int              # fed in this generation (a reused prefix not counted)
+    generated_tokens: int = 0       # a stop token included
+    start: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    end: float | None = None
+
+    @property
+    def prompt_tok_s(self) -> float:
+        return self.prompt_tokens / max((self.first_token or self.end) - self.start, 1e-9)
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens after the first, per second (0 with fewer than two)."""
+        n = self.generated_tokens - 1
+        return n / max(self.end - self.first_token, 1e-9) if n > 0 else 0.0
+
+
+class Generation:
+    """The new tokens after `prompt`, as they come: at most `max_new`, fewer where the context ends (the last
+    one may sit at position seq_len: produced, never fed). A token in `stop` ends it without being yielded
+    (`stop_token` says which). The prompt goes through in batched chunks; its first `keep` positions'
+    KV cache is reused from the previous generation (a chat's earlier turns). Greedy sampling without a
+    repetition penalty never leaves the device, and each token is fed before the host has even seen it.
+    Iterate once; `stats` holds the timings, `tokens` the sequence so far (the stop token included)."""
+
+    def __init__(self, model: Llama, prompt: list[int], max_new: int, sampler: Sampler,
+                 stop: set[int] = frozenset(), keep: int = 0):
+        model.start(prompt, keep)       # checks the prompt before anything runs
+        self.model, self.sampler, self.stop = model, sampler, stop
+        self.max_new = max(0, min(max_new, model.seq_len - len(prompt) + 1))
+        self.tokens = list(prompt)
+        self.stop_token: int | None = None
+        self.stats = Stats(len(prompt) - keep)
+        self._tokens = self._run(keep)
+
+    def __iter__(self) -> Iterator[int]:
+        return self._tokens
+
+    def _run(self, keep: int) -> Iterator[int]:
+        model, sampler, st = self.model, self.sampler, self.stats
+        try:
+            if not self.max_new:
+                return
+            model.feed(len(self.tokens) - keep)
+            on_device = sampler.greedy and sampler.repeat_penalty == 1.0
+            for i in range(1, self.max_new + 1):
+                more = i < self.max_new
+                if on_device:
+                    tok = model.next_greedy(ahead=more)
+                else:
+                    tok = sampler.pick(model.read_logits(), self.tokens)
+                    model.next_given(tok)
+                if i == 1:
+                    st.first_token = time.perf_counter()
+                st.generated_tokens += 1
+                self.tokens.append(tok)
+                if tok in self.stop:
+                    self.stop_token = tok
+                    return
+                yield tok
+                if more and not on_device:
+                    model.step()
+        finally:
+            st.end = time.perf_counter()
+
+
+def generate(model: Llama, prompt: list[int], max_new: int, sampler: Sampler, stop: set[int] = frozenset(),
+             keep: int = 0) -> Generation:
+    """The one way tokens are generated: see Generation."""
+    return Generation(model, prompt, max_new, sampler, stop, keep)
+
+
+def new_tokens(steps: int, prompt_len: int) -> int:
+    """New tokens in `steps` positions after a prompt of prompt_len, as llama2.c's -n counts positions: position
+    pos consumes token pos and produces token pos + 1."""
+    return steps - prompt_len + 1

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
 from dpllama.errors import DpllamaError
-from dpllama.generate import Sampler, check_steps, generate_ids
+from dpllama.generate import Sampler, check_steps, generate, new_tokens
+from dpllama.model.layout import Geometry
 from dpllama.model.llama import Llama, floats_per_position
 from dpllama.model.weights import ModelConfig, Weights
 from dpllama.runtime import Queue, open_queue
@@ -99,6 +99,35 @@ def tokenizer_only(model: str | None, tokenizer: str | None) -> Tokenizer:
     return load_gguf_tokenizer(path)
 
 
+class TextStream:
+    """The pieces of text of a generation, the prompt's first when `echo_prompt` (as far as `steps` positions
+    reach); `stats` holds its timings. llama2.c tokenizers print each piece like run.c (a lone control byte is
+    dropped); a stop token is not printed."""
+
+    def __init__(self, llm: "LLM", prompt_ids: list[int], steps: int, sampler: Sampler, echo_prompt: bool):
+        steps = min(steps, llm.model.seq_len)
+        self.generation = generate(llm.model, prompt_ids, new_tokens(steps, len(prompt_ids)), sampler,
+                                   llm.tokenizer.eos_ids)
+        self.stats = self.generation.stats
+        self._pieces = self._run(llm.tokenizer, prompt_ids, steps + 1 if echo_prompt else 0)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def _run(self, tok: Tokenizer, prompt: list[int], echo: int) -> Iterator[str]:
+        """The first `echo` prompt tokens, then the new ones."""
+        piece_filter = printable_piece if tok.kind == "llama2c" else None
+        dec = StreamDecoder(tok, prev=prompt[0] if echo else prompt[-1], piece_filter=piece_filter)
+        if echo:
+            if prompt[0] != tok.bos_id:
+                yield tok.decode(prompt[:1])
+            for t in prompt[1:echo]:
+                yield dec.push(t)
+        for t in self.generation:
+            yield dec.push(t)
+        yield dec.flush()
+
+
 class LLM:
     def __init__(self, model: Llama, tokenizer: Tokenizer, path: Path):
         self.model = model
@@ -113,33 +142,10 @@ class LLM:
             ids = [self.tokenizer.bos_id]
         return ids
 
-    def generate_ids(self, prompt_ids: list[int], steps: int, sampler: Sampler) -> Iterator[int]:
-        return generate_ids(self.model, prompt_ids, steps, sampler, self.tokenizer.eos_ids)
-
-    def stream(self, prompt_ids: list[int], steps: int, sampler: Sampler, echo_prompt: bool = True
-               ) -> Iterator[str]:
-        """Text as it is generated, the prompt first when `echo_prompt`. llama2.c tokenizers print
-        each piece like run.c (a lone control byte is dropped); a stop token is not printed."""
-        tok = self.tokenizer
-        piece_filter = printable_piece if tok.kind == "llama2c" else None
-        dec = StreamDecoder(tok, prev=prompt_ids[0], piece_filter=piece_filter)
-        if echo_prompt and prompt_ids[0] != tok.bos_id:
-            yield tok.decode(prompt_ids[:1])
-        n = len(prompt_ids)
-        # timings for the caller (the CLI prints them): prompt until the first new token, then decoding
-        self.stats = {"prompt_tokens": n, "generated_tokens": 0, "start": time.perf_counter()}
-        for i, t in enumerate(self.generate_ids(prompt_ids, steps, sampler), start=1):
-            if i == n:
-                self.stats["first_token"] = time.perf_counter()
-            if i >= n:
-                self.stats["generated_tokens"] += 1
-            if i >= n and t in tok.eos_ids:
-                break
-            text = dec.push(t)
-            if echo_prompt or i >= n:
-                yield text
-        self.stats["end"] = time.perf_counter()
-        yield dec.flush()
+    def stream(self, prompt_ids: list[int], steps: int, sampler: Sampler, echo_prompt: bool = True) -> TextStream:
+        """Text as it is generated over `steps` positions, prompt included (llama2.c's -n), the prompt first
+        when `echo_prompt`."""
+        return TextStream(self, prompt_ids, steps, sampler, echo_prompt)
 
     def generate(self, prompt: str, steps: int = 256, temperature: float = 1.0, top_p: float = 0.9,
                  top_k: int = 0, repeat_penalty: float = 1.0, seed: int = 0, echo_prompt: bool = True
@@ -157,8 +163,9 @@ def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None) -> int:
     with the context (KV cache, a prefill chunk's attention scores, RoPE table, tokens) together in one
     maximum allocation, and each under 2^31 elements, as the kernels index them with int."""
     n = min(max_seq or c.seq_len, c.seq_len)
-    per_pos = floats_per_position(c, q.config)
-    step = q.config.work_group("attention_positions")      # Llama pads the context to a multiple of it
+    geo = Geometry.of(q.config)
+    per_pos = floats_per_position(c, geo)
+    step = geo.attention_positions      # Llama pads the context to a multiple of it
     cap = max(step, min(q.max_alloc // (4 * sum(per_pos)), (2**31 - 1) // max(per_pos)) // step * step)
     if n > cap:
         what = f"--ctx {n}" if n == max_seq else f"the model's context of {n} tokens"

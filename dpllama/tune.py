@@ -11,12 +11,13 @@ import copy
 import sys
 import time
 
+from dpllama.generate import Sampler, generate
 from dpllama.model.llama import Llama
 from dpllama.runtime import DeviceConfig, open_queue
 
 # (work_group key, candidates, phase it speeds up)
 SEARCH = [
-    ("rows_per_group", (4, 8, 16), "decode"),
+    ("tile_rows", (4, 8, 16), "decode"),
     ("decode_tiles", (1, 2, 4, 8), "decode"),
     ("gemv", (1, 16, 64), "decode"),
     ("attention", (1, 16, 64), "decode"),
@@ -29,30 +30,26 @@ MIN_SECONDS = 0.4   # each measurement repeats its phase for at least this long
 
 
 def measure(model: Llama, phase: str) -> float:
-    """tok/s of one phase: after an untimed warm-up (PoCL finishes compiling a kernel at its first
-    launch), the best of three runs of at least MIN_SECONDS each."""
-    prompt = list(range(3, 3 + PROMPT))
+    """tok/s of one phase, run as `generate` runs it: after an untimed warm-up (PoCL finishes compiling a
+    kernel at its first launch), the best of three runs of at least MIN_SECONDS each. Prefill: a PROMPT-token
+    prompt and its first token; decode: tokens after the first, from a short prompt on."""
+    greedy = Sampler(temperature=0)
 
     def run() -> float:
         tokens, spent = 0, 0.0
         while spent < MIN_SECONDS:
-            model.start(prompt)
-            if phase == "decode":       # decode from a short prompt until the context is used up
-                model.feed(8)
-                model.next_greedy()
-                model.q.wait()
-            t, n = time.perf_counter(), 0
             if phase == "prefill":
-                model.feed(PROMPT)
-                model.next_greedy()
-                n = PROMPT
+                gen = generate(model, list(range(3, 3 + PROMPT)), 1, greedy)
+                for _ in gen:
+                    pass
+                tokens, spent = tokens + PROMPT, spent + gen.stats.first_token - gen.stats.start
             else:
-                while model.pos + 1 < model.seq_len and time.perf_counter() - t < MIN_SECONDS:
-                    model.step()
-                    model.next_greedy()
-                    n += 1
-            spent += time.perf_counter() - t
-            tokens += n
+                n = 0
+                gen = generate(model, list(range(3, 11)), model.seq_len, greedy)
+                for n, _ in enumerate(gen):
+                    if time.perf_counter() - gen.stats.first_token >= MIN_SECONDS:
+                        break
+                tokens, spent = tokens + n, spent + time.perf_counter() - gen.stats.first_token
         return tokens / spent
     run()
     return max(run() for _ in range(3))

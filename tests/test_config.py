@@ -130,7 +130,7 @@ def test_cpu_config_follows_the_instruction_set(probe, config, rows):
     cpu = fake_device(0, 0, CPU, "pthread-AMD EPYC", "AuthenticAMD", "Portable Computing Language", probe=probe)
     cfg = shipped_config_for(cpu)
     assert cfg.path == str(CONFIG_DIR / f"{config}.yaml")
-    assert cfg.work_group("rows_per_group") == rows
+    assert cfg.work_group("tile_rows") == rows
 
 
 def test_a_device_whose_compiler_fails_is_passed_over():
@@ -188,11 +188,13 @@ def test_config_for_an_absent_device_on_this_machine(tmp_path):
     ("queue:\n  in_order: true", "unknown key 'queue.in_order' (expected one of: out_of_order, profiling)"),
     ("work_group: {gemv: '64'}", "key 'work_group.gemv' must be int, found str '64'"),
     ("work_group: {gemv: true}", "key 'work_group.gemv' must be int, found bool True"),
-    ("work_group: {norm: 64.0}", "key 'work_group.norm' must be int, found float 64.0"),
-    ("work_group: {norm: -64}", "key 'work_group.norm' must be >= 0, found -64"),
-    ("work_group: {norm: 0}", "key 'work_group.norm' must be a positive integer, found 0"),
-    ("work_group: {norm: 48}", "key 'work_group.norm' must be a power of two, found 48"),
+    ("work_group: {reduce: 64.0}", "key 'work_group.reduce' must be int, found float 64.0"),
+    ("work_group: {reduce: -64}", "key 'work_group.reduce' must be >= 0, found -64"),
+    ("work_group: {reduce: 0}", "key 'work_group.reduce' must be a positive integer, found 0"),
+    ("work_group: {reduce: 48}", "key 'work_group.reduce' must be a power of two, found 48"),
     ("queue: {out_of_order: 1}", "key 'queue.out_of_order' must be bool, found int 1"),
+    ("work_group: {rows_per_group: 16}", "key 'work_group.rows_per_group' is now 'work_group.tile_rows' (same meaning)"),
+    ("work_group: {norm: 64}", "key 'work_group.norm' is now 'work_group.reduce' (same meaning)"),
     ("fuse: {attention_min_kv_heads: -1}", "key 'fuse.attention_min_kv_heads' must be >= 0, found -1"),
     ("queue: yes", "queue must be a mapping, found bool"),
     ("- cpu", "top level must be a mapping, found list"),
@@ -236,7 +238,7 @@ def test_config_that_is_not_text(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("work_group", [dict(gemv=4096), dict(norm=8192), dict(gemv=128, prefill_tokens=64)])
+@pytest.mark.parametrize("work_group", [dict(gemv=4096), dict(reduce=8192), dict(gemv=128, prefill_tokens=64)])
 def test_config_beyond_the_device_fails_before_any_launch(queue, work_group):
     """Work-groups too large for the device or the kernel (no device takes 8192 work-items), or local memory
     beyond the device's (the scratch grows with gemv x rows x tiles x tokens: 4096 work-items need 1 MiB in
@@ -247,8 +249,7 @@ def test_config_beyond_the_device_fails_before_any_launch(queue, work_group):
     from dpllama.runtime import Queue
     from dpllama.runtime.config import dump_config
     values = dict(queue.config.values, work_group=dict(queue.config["work_group"], **work_group))
-    cq = Queue(queue.device, out_of_order=False, build_options=values["build_options"])
-    cq.config = parse_config(dump_config(values), "big.yaml")
+    cq = Queue(queue.device, parse_config(dump_config(values), "big.yaml"), out_of_order=False)
     with pytest.raises(DpllamaError, match=r"^big\.yaml: kernel \w+ would need .* lower the work_group sizes"):
         model = Llama(random_weights(32, 48, 1, 4, 2, 40, 16, True, 0), cq)
         model.start(list(range(1, 9)))

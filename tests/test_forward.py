@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dpllama.errors import DpllamaError
-from dpllama.generate import Sampler, XorShift, generate_ids
+from dpllama.generate import Sampler, XorShift, generate
 from dpllama.model.llama import Llama
 from dpllama.model.llama2c import load_llama2c
 from dpllama.model.quant import quantize_int4, quantize_q8
@@ -45,7 +45,7 @@ def logits_atol(weights: Weights, want: np.ndarray) -> float:
 
 # Other configs on the same device (validated by parse_config like a YAML file). Their programs are the ones
 # test_kernels.py builds too, so a cold run compiles little more.
-GPU_LIKE = dict(gemv=64, rows_per_group=4, decode_tiles=1, prefill_tokens=4, prefill_chunk=5, attention=16,
+GPU_LIKE = dict(gemv=64, tile_rows=4, decode_tiles=1, prefill_tokens=4, prefill_chunk=5, attention=16,
                 attention_positions=4)
 CONFIGS = {     # name -> {section: values changed}
     # the GPU configs' geometry: 64 work-items split each row tile's columns (tree reductions), float4 tiles,
@@ -55,7 +55,7 @@ CONFIGS = {     # name -> {section: values changed}
     "chunked": {"work_group": dict(prefill_chunk=5)},
     # decode's attention inside the QKV launch (gemv.cl's qkv_attention), with 8-row tiles (head_dim 8) taken
     # 2 at a time, so a KV head's 3 query tiles take two runs
-    "fused-attention": {"work_group": dict(rows_per_group=8, decode_tiles=2, prefill_chunk=5),
+    "fused-attention": {"work_group": dict(tile_rows=8, decode_tiles=2, prefill_chunk=5),
                         "fuse": dict(attention_min_kv_heads=1)},
 }
 
@@ -71,9 +71,7 @@ def queue_with(base: Queue, changes: dict) -> Queue:
     for section, changed in changes.items():
         values[section].update(changed)
     cfg = parse_config(dump_config(values), "<test config>")
-    q = Queue(base.device, out_of_order=False, build_options=cfg["build_options"])
-    q.config = cfg
-    return q
+    return Queue(base.device, cfg, out_of_order=False)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -168,9 +166,8 @@ def test_greedy_matches_reference_argmax(q, random_model, variant):
     weights = VARIANTS[variant](random_model)
     model, ref = Llama(weights, q), Reference(weights)
     prompt = [1, 5, 17]
-    ids = list(generate_ids(model, prompt, STEPS + 5, Sampler(temperature=0)))
-    seq = prompt[:1] + ids
-    assert seq[:len(prompt)] == prompt and len(seq) == STEPS + 6
+    seq = prompt + list(generate(model, prompt, STEPS + 3, Sampler(temperature=0)))
+    assert len(seq) == STEPS + 6
     for pos in range(len(seq) - 1):
         logits = ref.forward(seq[pos], pos)
         if pos + 1 < len(prompt):
@@ -246,8 +243,7 @@ def test_stories260K_greedy_with_prompt(stories):
     """run.c -t 0 -n 128 -i "Once upon a time": BOS + 4 prompt tokens, then 124 greedy tokens."""
     ids = oracle_ids("reference_stories260K_greedy_ids.txt")
     assert len(ids) == 129
-    got = list(generate_ids(stories, ids[:5], 128, Sampler(temperature=0)))
-    assert got == ids[1:]
+    assert ids[:5] + list(generate(stories, ids[:5], 124, Sampler(temperature=0))) == ids
 
 
 @pytest.mark.parametrize("config", ["gpu-like", "fused-attention"])
@@ -257,15 +253,14 @@ def test_stories260K_greedy_with_prompt_other_configs(q, config):
     ids = oracle_ids("reference_stories260K_greedy_ids.txt")
     model = Llama(stories_weights(), queue_with(q, CONFIGS[config]))
     assert model.fused_attention == (config == "fused-attention")
-    assert list(generate_ids(model, ids[:5], 128, Sampler(temperature=0))) == ids[1:]
+    assert ids[:5] + list(generate(model, ids[:5], 124, Sampler(temperature=0))) == ids
 
 
 def test_stories260K_greedy_no_prompt(stories):
     """run.c -t 0 -n 256 with no prompt: BOS, then 256 greedy tokens."""
     ids = oracle_ids("reference_stories260K_greedy_noprompt_n256_ids.txt")
     assert len(ids) == 257
-    got = list(generate_ids(stories, [1], 256, Sampler(temperature=0)))
-    assert got == ids[1:]
+    assert [1] + list(generate(stories, [1], 256, Sampler(temperature=0))) == ids
 
 
 # ---------------------------------------------------------------- the sampler
@@ -292,7 +287,7 @@ def test_xorshift_matches_run_c(seed):
 
 
 def sample_run(model, sampler: Sampler, steps: int = 64, prompt=(1,)) -> list[int]:
-    return list(generate_ids(model, list(prompt), steps, sampler))
+    return list(generate(model, list(prompt), steps, sampler))
 
 
 def test_seed_reproduces_and_differs(stories):

@@ -36,7 +36,7 @@ from gguf.quants import quantize as ggml_quantize
 
 import dpllama
 from dpllama.errors import DpllamaError
-from dpllama.generate import Sampler, check_steps, generate_ids
+from dpllama.generate import Sampler, check_steps, generate
 from dpllama.llm import llama2c_model_tokenizer, load_tokenizer, load_weights, tokenizer_only
 from dpllama.model.gguf import write_dpllama_gguf
 from dpllama.model.llama import Llama
@@ -781,7 +781,7 @@ def config_cases():
         typ = type(default)
         bad = list(bad_of[typ])
         if path[0] == "work_group":
-            bad += [0, 65536, 3] if path[1] in ("gemv", "norm", "attention", "rows_per_group") else [0, 65536]
+            bad += [0, 65536, 3] if path[1] in ("gemv", "reduce", "attention", "tile_rows") else [0, 65536]
         if path[0] == "match":
             bad += ["a,b"] + (["quantum"] if path[1] == "type" else [])
         for value in rng.sample(bad, 3):
@@ -825,7 +825,7 @@ def config_cases():
         add("YAML config", f"yaml-random-bytes-{k}", False, config_case(lambda s=s: random.Random(s).randbytes(64)))
 
     # on the device: sizes that parse but may not fit it, with a model to run
-    for section, key, value in [("work_group", "gemv", 32768), ("work_group", "norm", 8192),
+    for section, key, value in [("work_group", "gemv", 32768), ("work_group", "reduce", 8192),
                                 ("work_group", "attention", 4096), ("work_group", "prefill_chunk", 60000),
                                 ("memory", "max_alloc_mb", 1)]:
         def make(folder, section=section, key=key, value=value):
@@ -911,7 +911,7 @@ def prompt_cases():
         add("prompts and arguments", f"generate-{k}-steps={steps}", bad or steps < 0, make, device=True)
     for ids in ([-1], [512], [2**31 - 1], [1, 600], [1, -2**31], []):
         def make(folder, llm, ids=ids):
-            return lambda: list(llm.generate_ids(ids, 8, Sampler(temperature=0)))
+            return lambda: list(generate(llm.model, ids, 8, Sampler(temperature=0)))
         add("prompts and arguments", f"generate-ids={ids}", True, make, device=True)
     model, tok = str(STORIES), str(TOK512)
     for name, kwargs, bad in [("max-seq=-1", dict(max_seq=-1), True), ("max-seq=-5", dict(max_seq=-5), True),
@@ -949,7 +949,7 @@ def overflowing(change: Callable):
             model = Llama(load_weights(folder / "m.bin"), llm.model.q)
             for sampler in (Sampler(temperature=0), Sampler(temperature=1, seed=1),
                             Sampler(temperature=0, repeat_penalty=1.5)):
-                list(generate_ids(model, [1, 2, 3], 8, sampler))
+                list(generate(model, [1, 2, 3], 8, sampler))
         return run
     return make
 

@@ -4,8 +4,8 @@ The references are computed in float64 from the exact float32 inputs (for quanti
 `Tensor.dequantize()`, the values the kernels must reproduce, not the unquantized matrix), so the tolerances
 below only have to cover the kernels' own float32 rounding; each says why it is what it is.
 
-Weights go through the library's own layout and binding code (`DeviceTensor`, `fuse_rows`, `Llama._gemv`,
-`rope_table`), exactly as `Llama` uses them, so these tests follow the device layout wherever it goes; the
+Weights go through the library's own layout and binding code (`DeviceTensor`, `fuse_rows`, the launcher
+`kernels.gemv`, `rope_table`), exactly as `Llama` uses them, so these tests follow the device layout wherever it goes; the
 activations, caches and outputs are laid out here, with gaps between rows that the kernels must neither read
 (NaN there) nor write (a sentinel there).
 
@@ -16,13 +16,14 @@ for 9 formats in the CPU geometry, 4 formats in two others) and 4 layer.cl progr
 from __future__ import annotations
 
 import shutil
-import types
 import zlib
 
 import numpy as np
 import pytest
 
-from dpllama.model.llama import DeviceTensor, Llama, fuse_rows, rope_table
+from dpllama.model import kernels
+from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor
+from dpllama.model.llama import rope_table
 from dpllama.model.quant import quantize_int4, quantize_q8
 from dpllama.model.weights import Tensor
 from dpllama.runtime import Local, program
@@ -77,15 +78,20 @@ FORMATS = {
 # groups (or of 8), a single column, and 520 columns = 65 blocks of 8, one more than the largest work-group,
 # so work-items loop over blocks
 SHAPES = [(13, 172), (7, 200), (5, 64), (3, 1), (9, 8), (37, 520)]
-# Launch geometries: (rows per tile, work-items per tile, tiles per work-group in decode, tokens per
-# work-group in prefill, tiles per work-group in prefill, T for prefill). A DeviceTensor builds the decode and the prefill program of its
-# geometry, and both are tested: T = 1 runs the decode program, T > 1 the prefill one, as Llama._gemv
-# chooses. The prefill T is not a multiple of the tokens per work-group (a partial token group), and the row
+# Launch geometries: (tile_rows, gemv work-items per tile, decode_tiles, prefill_tokens, prefill_tiles), and T
+# for prefill. A DeviceTensor builds the decode and the prefill program of its geometry, and both are tested:
+# T = 1 runs the decode program, T > 1 the prefill one, as kernels.gemv chooses. The prefill T is not a multiple of the tokens per work-group (a partial token group), and the row
 # counts of SHAPES leave the last tile group partial.
+def geometry(tile_rows, gemv, decode_tiles, prefill_tokens, prefill_tiles, reduce=64) -> Geometry:
+    return Geometry(gemv=gemv, tile_rows=tile_rows, reduce=reduce, attention=1, attention_positions=16,
+                    decode_tiles=decode_tiles, prefill_tokens=prefill_tokens, prefill_tiles=prefill_tiles,
+                    prefill_chunk=64)
+
+
 GEOMETRIES = {
-    "cpu": (16, 1, 4, 8, 16, 19),   # configs/cpu.yaml
-    "gpu": (4, 64, 1, 4, 1, 6),     # the GPU configs: work-items split the columns, a tree joins them
-    "odd": (8, 8, 3, 3, 2, 5),      # several tiles per work-group and a tree
+    "cpu": (geometry(16, 1, 4, 8, 16), 19),   # configs/cpu.yaml
+    "gpu": (geometry(4, 64, 1, 4, 1), 6),     # the GPU configs: work-items split the columns, a tree joins them
+    "odd": (geometry(8, 8, 3, 3, 2), 5),      # several tiles per work-group and a tree
 }
 # which formats run in which geometry: every format in the CPU one; a few, one per code path, in the others
 # (each (format, geometry) costs two program builds, ~2.3 s each on PoCL when the cache is cold)
@@ -150,12 +156,11 @@ def check_close(got, want, tol, what):
 # ---------------------------------------------------------------- gemv.cl
 
 def run_gemv(q, kernel: str, t: Tensor, geometry: str, X: np.ndarray, g=None, Y0=None) -> np.ndarray:
-    """Upload `t` and launch `kernel` over the rows of X [T, cols], bound by Llama._gemv itself; returns
+    """Upload `t` and launch `kernel` over the rows of X [T, cols], bound by the model's launcher; returns
     Y [T, n_out] (n_out = t.rows, or t.rows / 2 for gemv_norm_swiglu). Rows of x and y lie apart with gaps:
     NaN in x's (they must not be read), a sentinel in y's (they must not be written)."""
-    rows_per_tile, local, decode_tiles, prefill_tokens, prefill_tiles, _ = GEOMETRIES[geometry]
     T = X.shape[0]
-    dt = DeviceTensor(q, t, "w", rows_per_tile, {1: decode_tiles, prefill_tokens: prefill_tiles})
+    dt = DeviceTensor(q, t, "w", GEOMETRIES[geometry][0])
     n_out = t.rows // 2 if kernel == "gemv_norm_swiglu" else t.rows
     x_stride, y_stride = dt.cols_p + 16, n_out + 5
     xp = np.zeros((T, dt.cols_p), np.float32)
@@ -164,12 +169,10 @@ def run_gemv(q, kernel: str, t: Tensor, geometry: str, X: np.ndarray, g=None, Y0
     sentinel = np.float32(-4242.0)
     y0 = Y0 if Y0 is not None else np.full((T, n_out), np.nan, np.float32)
     yb = q.buffer(host=rows_with_gaps(y0, y_stride, sentinel))
-    io = [xb.read()]
-    if g is not None:
-        io.append(q.buffer(host=np.pad(f32(g), (0, dt.cols_p - t.cols))).read())
-    io.append(yb.read_write() if kernel == "gemv_add" else yb.write())
-    model = types.SimpleNamespace(q=q, rows_per_tile=rows_per_tile, gemv_local=local, prefill_tokens=prefill_tokens)
-    q.enqueue(Llama._gemv(model, kernel, dt, T, io, (x_stride, y_stride), None if g is None else EPS))
+    norm = {} if g is None else dict(g=q.buffer(host=np.pad(f32(g), (0, dt.cols_p - t.cols))).read(),
+                                     eps=np.float32(EPS))
+    y = yb.read_write() if kernel == "gemv_add" else yb.write()
+    q.enqueue(kernels.gemv(q, kernel, dt, T, xb.read(), y, x_stride, y_stride, **norm))
     y = yb.get().reshape(T, y_stride)
     assert (y[:, n_out:] == sentinel).all(), f"{kernel} wrote between the rows of y"
     return y[:, :n_out]
@@ -205,7 +208,7 @@ def test_gemv_kernels(q, fmt, geometry, mode, kernel):
             continue
         # gemv_norm_swiglu: t is the gate (w1), up (w3) has the same shape, fused as Llama fuses them
         up_t = FORMATS[fmt](rng.standard_normal((rows, cols)).astype(np.float32))
-        fused = fuse_rows([t, up_t], GEOMETRIES[geometry][0] // 2)
+        fused = fuse_rows([t, up_t], GEOMETRIES[geometry][0].tile_rows // 2)
         got = run_gemv(q, kernel, fused, geometry, X, g=g)
         (gate, tol_g), (up, tol_u) = normed(t), normed(up_t)
         sig = 1 / (1 + np.exp(-gate))
@@ -232,8 +235,7 @@ def test_gemv_isa_fallbacks(q, tmp_path, monkeypatch, isa, fmt):
     gemv = kernels / "gemv.cl"
     gemv.write_text("".join(f"#undef {m}\n" for m in ISA_FALLBACKS[isa]) + gemv.read_text())
     monkeypatch.setattr(program, "KERNEL_DIR", kernels)
-    fq = Queue(q.device, out_of_order=False, build_options=q.build_options)
-    fq.config = q.config
+    fq = Queue(q.device, q.config, out_of_order=False)
     rng = np.random.default_rng(zlib.crc32(f"{isa} {fmt}".encode()))
     rows, cols = SHAPES[-1]
     t = FORMATS[fmt](rng.standard_normal((rows, cols)).astype(np.float32))
@@ -251,22 +253,21 @@ EMBED_PARAMS = [(fmt, geo) for geo in ("cpu", "gpu") for fmt in GEOMETRY_FORMATS
 
 @pytest.mark.parametrize("fmt,geometry", EMBED_PARAMS, ids=["-".join(p) for p in EMBED_PARAMS])
 def test_embed(q, fmt, geometry):
-    rows_per_tile, _, decode_tiles, prefill_tokens, prefill_tiles, _ = GEOMETRIES[geometry]
+    geo = GEOMETRIES[geometry][0]
     rng = np.random.default_rng(7)
     vocab, T, pos = 23, 3, 2                      # vocab not a multiple of the tile height
     tokens = np.array([9, 9, 5, 0, vocab - 1, 11], np.int32)
     for cols in (172, 200, 64, 1, 8, 520):
         t = FORMATS[fmt](rng.standard_normal((vocab, cols)).astype(np.float32))
-        dt = DeviceTensor(q, t, "emb", rows_per_tile, {1: decode_tiles, prefill_tokens: prefill_tiles})
+        dt = DeviceTensor(q, t, "emb", geo)
         stride = dt.cols_p + 16
         xb = q.buffer(host=np.zeros(T * stride, np.float32))
-        q.submit(dt.programs[1].embed, (64, T), (64, 1), *dt.args(), q.buffer(host=tokens).read(),
-                 q.buffer(host=np.array([pos, 1], np.int32)).read(), xb.write(), np.int32(cols),
-                 np.int32(dt.cols_p), np.int32(stride))
+        q.enqueue(kernels.embed(q, dt, T, q.buffer(host=tokens), q.buffer(host=np.array([pos, 1], np.int32)), xb,
+                                stride))
         x = xb.get().reshape(T, stride)
         want = t.dequantize()[tokens[pos:pos + T]]
         np.testing.assert_allclose(x[:, :cols], want, rtol=EMBED_RTOL, atol=EMBED_RTOL * np.abs(want).max(),
-                                   err_msg=f"embed {fmt} ROWS={rows_per_tile} cols={cols}")
+                                   err_msg=f"embed {fmt} tile_rows={geo.tile_rows} cols={cols}")
         assert not x[:, cols:].any(), f"embed {fmt} cols={cols}: the padding of x must stay zero"
 
 
@@ -302,9 +303,7 @@ def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geom
     rows = q_dim + 2 * kv_dim
     seq_p = 48
     offset = kv_dim * seq_p                       # the second layer's part of the caches
-    rows_per_tile, local, decode_tiles, prefill_tokens, prefill_tiles, _ = GEOMETRIES[geometry]
-    dt = DeviceTensor(q, Tensor.f32(np.eye(rows, dtype=np.float32)), "wqkv", rows_per_tile,
-                      {1: decode_tiles, prefill_tokens: prefill_tiles})
+    dt = DeviceTensor(q, Tensor.f32(np.eye(rows, dtype=np.float32)), "wqkv", GEOMETRIES[geometry][0])
     X = rng.standard_normal((T, rows)).astype(np.float32)
     x_stride, y_stride = dt.cols_p + 16, q_dim + 5
     xp = np.zeros((T, dt.cols_p), np.float32)
@@ -314,13 +313,13 @@ def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geom
     yb = q.buffer(host=np.full(T * y_stride, sentinel, np.float32))
     cache0 = np.full(2 * kv_dim * seq_p, sentinel, np.float32)
     kb, vb = q.buffer(host=cache0), q.buffer(host=cache0)
-    model = types.SimpleNamespace(q=q, rows_per_tile=rows_per_tile, gemv_local=local, prefill_tokens=prefill_tokens)
-    q.enqueue(Llama._gemv(model, "gemv_norm_rope_kv", dt, T,
-                          [xb.read(), q.buffer(host=np.ones(dt.cols_p, np.float32)).read(), yb.write()],
-                          (x_stride, y_stride), EPS,
-                          (kb.read_write(), vb.read_write(), q.buffer(host=np.array([pos, 1], np.int32)).read(),
-                           q.buffer(host=rope_table(seq_p, head_dim, theta)).read(), np.int32(q_dim),
-                           np.int32(kv_dim), np.int32(head_dim), np.int32(seq_p), np.int32(offset))))
+    q.enqueue(kernels.gemv(q, "gemv_norm_rope_kv", dt, T, xb.read(), yb.write(), x_stride, y_stride,
+                           g=q.buffer(host=np.ones(dt.cols_p, np.float32)).read(), eps=np.float32(EPS),
+                           k_cache=kb.read_write(), v_cache=vb.read_write(),
+                           state=q.buffer(host=np.array([pos, 1], np.int32)).read(),
+                           rope=q.buffer(host=rope_table(seq_p, head_dim, theta)).read(),
+                           **kernels.ints(q_dim=q_dim, kv_dim=kv_dim, head_dim=head_dim, seq_p=seq_p,
+                                          cache_offset=offset)))
     Y = yb.get().reshape(T, y_stride)
     assert (Y[:, q_dim:] == sentinel).all(), "wrote beyond q in y"
     K = kb.get()[offset:].reshape(kv_dim, seq_p)
@@ -349,13 +348,6 @@ ATT_SHAPES = [(1, 1, 8), (2, 2, 64), (4, 2, 8), (6, 2, 8), (12, 4, 64), (3, 1, 6
 # (positions per vector, work-items per head); each (POS_VEC, HD_VEC) pair is a build, so POS_VEC 4 runs with
 # head_dim 8 only (HD_VEC 8)
 ATT_GEOMETRIES = [(16, 1), (16, 64), (4, 16)]
-
-
-def pow2_divisor(n: int, limit: int = 16) -> int:
-    v = 1
-    while v < limit and n % (2 * v) == 0:
-        v *= 2
-    return v
 
 
 ATT_PARAMS = [(*shape, pos_vec, local) for shape in ATT_SHAPES for pos_vec, local in ATT_GEOMETRIES
@@ -411,11 +403,10 @@ def test_argmax_embed(q, n, local):
     prompt token, pos advances, and the row of the token now at pos + 1 is embedded into x (q8 table).
     Logits with a NaN, an infinity at the top or nothing above -inf give -1 and embed row 0 (issue 11: they
     gave index 0x7fffffff with fewer than 16 logits, and a read far past the table)."""
-    rows_per_tile, _, decode_tiles, prefill_tokens, prefill_tiles, _ = GEOMETRIES["cpu"]
     rng = np.random.default_rng(n + local)
     cols = 40                                   # padded to 64 for the group of 32: x[cols:] must stay as it is
     table = FORMATS["q8g32"](rng.standard_normal((max(n, 110), cols)).astype(np.float32))
-    emb = DeviceTensor(q, table, "emb", rows_per_tile, {1: decode_tiles, prefill_tokens: prefill_tiles})
+    emb = DeviceTensor(q, table, "emb", geometry(16, 1, 4, 8, 16, reduce=local))
     for trial in range(10):
         logits = rng.standard_normal(n).astype(np.float32)
         if trial == 1:
@@ -440,9 +431,7 @@ def test_argmax_embed(q, n, local):
         tb = q.buffer(host=tokens0)
         sb = q.buffer(host=np.array([pos, n_prompt], np.int32))
         xb = q.buffer(host=np.full(emb.cols_p, 7.0, np.float32))
-        q.submit(emb.programs[1].argmax_embed, (local,), (local,), q.buffer(host=logits).read(), tb.read_write(),
-                 sb.read_write(), np.int32(n), *emb.args(), xb.write(), np.int32(cols), np.int32(emb.cols_p),
-                 Local(local * 4), Local(local * 4))
+        q.enqueue(kernels.argmax_embed(q, emb, q.buffer(host=logits), tb, sb, xb, n))
         want_tokens = tokens0.copy()
         if pos + 1 >= n_prompt:
             want_tokens[pos + 1] = expected

@@ -24,10 +24,10 @@ from tests.helpers import llama2c_dir
 ICD = Path("/usr/lib/oclgrind/liboclgrind-rt-icd.so")
 CONFIGS = {
     "gpu-geometry": "match: {platform: Oclgrind}\nbuild_options: [-cl-opt-disable]\n"
-                    "work_group: {gemv: 16, rows_per_group: 4, attention: 16, attention_positions: 4, norm: 16, "
+                    "work_group: {gemv: 16, tile_rows: 4, attention: 16, attention_positions: 4, reduce: 16, "
                     "prefill_chunk: 4}\n",
     "cpu-geometry": "match: {platform: Oclgrind}\nbuild_options: [-cl-opt-disable]\n"
-                    "work_group: {gemv: 1, rows_per_group: 8, attention: 1, attention_positions: 8, norm: 16, "
+                    "work_group: {gemv: 1, tile_rows: 8, attention: 1, attention_positions: 8, reduce: 16, "
                     "decode_tiles: 2, prefill_tiles: 4, prefill_chunk: 4}\nfuse: {attention_min_kv_heads: 1}\n",
 }
 # Reports from the runtime's own probing that are not dpllama's calls: device queries for parameters an OpenCL

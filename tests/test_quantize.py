@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpllama.generate import Sampler, generate_ids
+from dpllama.generate import Sampler, generate
 from dpllama.model.gguf import load_gguf
 from dpllama.model.llama import Llama
 from dpllama.model.llama2c import load_llama2c
@@ -73,11 +73,11 @@ def mean_nll(model: Llama, ids: list[int]) -> float:
 def test_int4_stories260k_stays_close_to_fp32(stories, queue, symmetric):
     w = load_llama2c(stories[0])
     fp32 = Llama(w, queue, max_seq=128)
-    ids = [1] + list(generate_ids(fp32, [1], 100, Sampler(temperature=0)))
+    ids = [1] + list(generate(fp32, [1], 100, Sampler(temperature=0)))
     q = Llama(quantize(w, 32, symmetric), queue, max_seq=128)
     base, quant = mean_nll(fp32, ids), mean_nll(q, ids)
     assert quant < base + NLL_MARGIN, (base, quant)
-    text = list(generate_ids(q, [1], 60, Sampler(temperature=0)))
+    text = list(generate(q, [1], 60, Sampler(temperature=0)))
     assert len(set(text)) > 15          # a story, not one token over and over
 
 

@@ -36,26 +36,27 @@ from dpllama.runtime.queue import Accessor, Buffer, Command, Event, Local, Queue
 from pyopencl import Error as OpenCLError       # what a driver call raises, for callers to catch
 
 __all__ = ["Accessor", "Buffer", "Command", "Device", "DeviceConfig", "Event", "Local", "OpenCLError", "Probe", "Queue",
-           "build_stats", "choose", "config_device", "defaults", "dpllama_home", "list_devices",
+           "build_stats", "choose", "choose_device", "config_device", "defaults", "dpllama_home", "list_devices",
            "load_config", "open_queue", "select_device", "shipped_config_for"]
+
+
+def choose_device(selector: str | None = None, config: str | None = None, devices: list[Device] | None = None
+                  ) -> tuple[Device, dict[int, str], DeviceConfig]:
+    """The device, why each device was or was not chosen, and the config that applies: the device from
+    `selector`, else the config's `match`, else $DPLLAMA_DEVICE, else the best device; the config from `config`,
+    else $DPLLAMA_CONFIG, else the shipped config that matches the device."""
+    config = config or os.environ.get("DPLLAMA_CONFIG")
+    if config:
+        cfg = load_config(config)
+        device, reasons = select_device(selector, devices) if selector else config_device(cfg, devices)
+    else:
+        device, reasons = select_device(selector, devices)
+        cfg = shipped_config_for(device)
+    return device, reasons, cfg
 
 
 def open_queue(selector: str | None = None, config: str | None = None, profiling: bool | None = None,
                out_of_order: bool | None = None) -> Queue:
-    """A queue on the chosen device, tuned by its YAML config.
-
-    The device comes from `selector`, else the config's `match`, else $DPLLAMA_DEVICE, else the best
-    device; the config from `config`, else $DPLLAMA_CONFIG, else the shipped config that matches the device."""
-    config = config or os.environ.get("DPLLAMA_CONFIG")
-    if config:
-        cfg = load_config(config)
-        device = select_device(selector)[0] if selector else config_device(cfg)[0]
-    else:
-        device = select_device(selector)[0]
-        cfg = shipped_config_for(device)
-    q = Queue(device,
-              out_of_order=cfg["queue"]["out_of_order"] if out_of_order is None else out_of_order,
-              profiling=cfg["queue"]["profiling"] if profiling is None else profiling,
-              build_options=cfg["build_options"])
-    q.config = cfg
-    return q
+    """A queue on the device `choose_device` picks, set up by its config."""
+    device, _, cfg = choose_device(selector, config)
+    return Queue(device, cfg, out_of_order=out_of_order, profiling=profiling)

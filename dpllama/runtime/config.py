@@ -37,8 +37,8 @@ SCHEMA = {
     "build_options": (list, ["-cl-mad-enable"]),
     "work_group": {
         "gemv": (int, 64),          # work-items splitting one row tile's columns in the matrix kernels
-        "rows_per_group": (int, 4),   # rows per tile: the vector lanes of a matrix kernel's work-item
-        "norm": (int, 64),          # single work-group reductions: greedy argmax, devices --check
+        "tile_rows": (int, 4),      # rows per tile: the vector lanes of a matrix kernel's work-item (kernels' ROWS)
+        "reduce": (int, 64),        # single work-group reductions: greedy argmax, devices --check
         "attention": (int, 64),     # threads per head and token in attention
         "attention_positions": (int, 16),  # positions per vector in attention scores (2, 4, 8 or 16)
         "decode_tiles": (int, 1),   # row tiles per work-group when decoding (they share the input's preparation)
@@ -56,6 +56,7 @@ SCHEMA = {
     },
 }
 TYPES = {"cpu", "gpu", "accelerator", ""}
+RENAMED = {"work_group.rows_per_group": "work_group.tile_rows", "work_group.norm": "work_group.reduce"}  # in 0.2
 VECTOR_WIDTHS = (2, 4, 8, 16)
 
 
@@ -92,6 +93,8 @@ def _check(data, schema: dict, path: str, prefix: str = "") -> dict:
     out = defaults(schema)
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in RENAMED:
+            raise DpllamaError(f"{path}: key {full!r} is now {RENAMED[full]!r} (same meaning)")
         if key not in schema:
             raise DpllamaError(f"{path}: unknown key {full!r} (expected one of: {', '.join(schema)})")
         spec = schema[key]
@@ -136,14 +139,14 @@ def parse_config(text: str, path: str = "<string>") -> DeviceConfig:
     for k, n in values["work_group"].items():
         if n == 0:
             raise DpllamaError(f"{path}: key 'work_group.{k}' must be a positive integer, found 0")
-    for k in ("gemv", "norm", "attention"):     # group_sum/group_max (common.cl) halve the group each step
+    for k in ("gemv", "reduce", "attention"):     # group_sum/group_max (common.cl) halve the group each step
         n = values["work_group"][k]
         if n & (n - 1):
             raise DpllamaError(f"{path}: key 'work_group.{k}' must be a power of two, found {n}")
     if values["work_group"]["prefill_tokens"] < 2:     # 1 token per work-group is the decode build
         raise DpllamaError(f"{path}: key 'work_group.prefill_tokens' must be at least 2, "
                            f"found {values['work_group']['prefill_tokens']}")
-    for k in ("rows_per_group", "attention_positions"):     # lanes of an OpenCL vector type
+    for k in ("tile_rows", "attention_positions"):     # lanes of an OpenCL vector type
         n = values["work_group"][k]
         if n not in VECTOR_WIDTHS:
             raise DpllamaError(f"{path}: key 'work_group.{k}' must be one of 2, 4, 8, 16 (an OpenCL vector "

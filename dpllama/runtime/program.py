@@ -48,6 +48,11 @@ class Program:
         self.file = file
         self.names = set(cl_program.get_info(cl.program_info.KERNEL_NAMES).split(";")) - {""}
 
+    def arg_names(self, name: str) -> tuple[str, ...]:
+        """A kernel's argument names, as its source gives them (the program built with -cl-kernel-arg-info)."""
+        k = cl.Kernel(self.cl_program, name)
+        return tuple(k.get_arg_info(i, cl.kernel_arg_info.NAME) for i in range(k.num_args))
+
     def __getattr__(self, name: str) -> KernelRef:
         if name.startswith("_") or name not in self.names:
             raise AttributeError(f"{self.file} has no kernel {name!r} (has: {', '.join(sorted(self.names))})")

@@ -151,16 +151,20 @@ class Command:
 
 
 class Queue:
-    """A command queue on one device. `out_of_order=None` uses out-of-order mode when the device has it."""
+    """A command queue on one device, set up by its device config; out-of-order only where the device has it."""
 
-    def __init__(self, device: Device, out_of_order: bool | None = None, profiling: bool = False,
-                 build_options: list[str] | tuple = ()):
+    def __init__(self, device: Device, config: DeviceConfig | None = None, out_of_order: bool | None = None,
+                 profiling: bool | None = None):
+        """A queue as `config` (default: the built-in defaults) sets it up: its mode, the build options of its
+        programs, the largest allocation; `out_of_order` and `profiling` override the config's `queue` keys."""
         self.device = device
-        self.config = DeviceConfig(defaults())     # open_queue() puts the device's YAML config here
-        self.build_options = list(build_options)
+        self.config = config = config or DeviceConfig(defaults())
+        out_of_order = config["queue"]["out_of_order"] if out_of_order is None else out_of_order
+        profiling = config["queue"]["profiling"] if profiling is None else profiling
+        self.build_options = list(config["build_options"])
         self.programs: dict[str, Program] = {}
         self.context = cl.Context([device.cl_device])
-        self.out_of_order = device.out_of_order if out_of_order is None else out_of_order and device.out_of_order
+        self.out_of_order = out_of_order and device.out_of_order
         props = 0
         if self.out_of_order:
             props |= cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE

@@ -1,0 +1,115 @@
+"""Launchers: one per kernel the model runs, binding its arguments by the names the kernel gives them.
+
+Each Signature lists a kernel's arguments in the kernel's order, under the kernel's own names; a launcher
+passes them by name, so the order lives in one place on each side, and tests/test_launchers.py compares
+every Signature with the argument names the compiled kernel reports: a kernel whose arguments change fails
+that test, not a run. Each launcher also owns its launch geometry (global and local sizes, local memory).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dpllama.model.layout import DeviceTensor, Geometry, round_up
+from dpllama.runtime import Command, Local, Queue
+
+
+class Signature:
+    def __init__(self, name: str, args: str):
+        self.name = name
+        self.args = tuple(args.split())
+
+    def bind(self, q: Queue, program, global_size, local_size, **args) -> Command:
+        """A Command of this kernel from `program`, with `args` given by name, every one of them."""
+        if set(args) != set(self.args):
+            raise TypeError(f"{self.name}: missing {sorted(set(self.args) - set(args))}, "
+                            f"unexpected {sorted(set(args) - set(self.args))}")
+        return q.command(getattr(program, self.name), global_size, local_size, *(args[a] for a in self.args))
+
+
+# argument groups the matrix kernels share (their macros WEIGHT_ARGS, GEMV_ARGS, QKV_ARGS, GEMV_SCRATCH)
+WEIGHT = "w_ s_ m_"
+GEMV = "rows cols cols_p T x_stride y_stride"
+QKV = "k_cache v_cache state rope q_dim kv_dim head_dim seq_p cache_offset"
+SCRATCH = "scratch scratch_ss"
+
+SIGNATURES = {s.name: s for s in (
+    Signature("embed", f"{WEIGHT} tokens state x cols cols_p x_stride"),
+    Signature("gemv_add", f"{WEIGHT} x y {GEMV} {SCRATCH}"),
+    Signature("gemv_norm", f"{WEIGHT} x g y {GEMV} eps {SCRATCH}"),
+    Signature("gemv_norm_swiglu", f"{WEIGHT} x g y {GEMV} eps {SCRATCH}"),
+    Signature("gemv_norm_rope_kv", f"{WEIGHT} x g y {GEMV} eps {QKV} {SCRATCH}"),
+    Signature("qkv_attention", f"{WEIGHT} x g y {GEMV} eps {QKV} att att_out n_heads out_stride {SCRATCH} "
+                               f"att_scratch"),
+    Signature("argmax_embed", f"logits tokens state n {WEIGHT} x cols cols_p best best_i"),
+    Signature("attention", "query k_cache v_cache att out state n_heads n_kv_heads head_dim seq_p q_stride "
+                           "out_stride cache_offset scratch"),
+    Signature("move_row", "x row n"),
+    Signature("advance", "state n"),
+)}
+
+
+def ints(**values) -> dict:
+    """Sizes as the kernels take them (int)."""
+    return {k: np.int32(v) for k, v in values.items()}
+
+
+def embed(q: Queue, emb: DeviceTensor, T: int, tokens, state, x, x_stride: int) -> Command:
+    """x[n] = the embedding row of tokens[pos + n], n < T."""
+    return SIGNATURES["embed"].bind(q, emb.program(1), (64, T), (64, 1), **emb.args(), tokens=tokens.read(),
+                                    state=state.read(), x=x.write(), **ints(cols=emb.cols, cols_p=emb.cols_p,
+                                                                             x_stride=x_stride))
+
+
+def gemv(q: Queue, kernel: str, t: DeviceTensor, T: int, x, y, x_stride: int, y_stride: int, **extra) -> Command:
+    """One matrix kernel over T input rows: y (=, += for gemv_add) t times x, by row tiles; `extra` holds what
+    the fused kernels take besides (g and eps, the KV cache arguments)."""
+    geo = t.geometry
+    tokens = geo.tokens(T)
+    tiles, L = geo.tiles(tokens), geo.gemv
+    groups = round_up(t.rows, geo.tile_rows * tiles) // (geo.tile_rows * tiles)
+    return SIGNATURES[kernel].bind(
+        q, t.program(tokens), (groups * L, round_up(T, tokens) // tokens), (L, 1), **t.args(), x=x, y=y,
+        **ints(rows=t.rows, cols=t.cols, cols_p=t.cols_p, T=T, x_stride=x_stride, y_stride=y_stride), **extra,
+        scratch=Local(geo.tile_rows * tiles * tokens * L * 4), scratch_ss=Local(tokens * L * 4))
+
+
+def qkv_attention(q: Queue, program, t: DeviceTensor, n_kv_heads: int, x, g, y, eps: float, cache: dict,
+                  att, att_out, n_heads: int, x_stride: int, q_stride: int) -> Command:
+    """Decode's QKV projection with attention in the same launch, a single work-item per KV head (its scratch
+    goes unused: built with SOLO)."""
+    return SIGNATURES["qkv_attention"].bind(
+        q, program, (n_kv_heads, 1), (1, 1), **t.args(), x=x, g=g, y=y,
+        **ints(rows=t.rows, cols=t.cols, cols_p=t.cols_p, T=1, x_stride=x_stride, y_stride=q_stride),
+        eps=np.float32(eps), **cache, att=att, att_out=att_out, **ints(n_heads=n_heads, out_stride=q_stride),
+        scratch=Local(4), scratch_ss=Local(4), att_scratch=Local(4))
+
+
+def attention(q: Queue, program, geo: Geometry, T: int, query, k_cache, v_cache, att, out, state, n_heads: int,
+              n_kv_heads: int, head_dim: int, seq_p: int, q_stride: int, cache_offset: int) -> Command:
+    """Causal attention of T query rows over the cache, a work-group per head and token."""
+    A = geo.attention
+    return SIGNATURES["attention"].bind(
+        q, program, (n_heads * A, T), (A, 1), query=query, k_cache=k_cache, v_cache=v_cache, att=att, out=out,
+        state=state, **ints(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, seq_p=seq_p,
+                            q_stride=q_stride, out_stride=q_stride, cache_offset=cache_offset),
+        scratch=Local(A * 4))
+
+
+def argmax_embed(q: Queue, emb: DeviceTensor, logits, tokens, state, x, vocab_size: int) -> Command:
+    """Greedy sampling by one work-group: the argmax of the logits becomes the next token, whose embedding
+    row goes into x for the pass after."""
+    R = emb.geometry.reduce
+    return SIGNATURES["argmax_embed"].bind(
+        q, emb.program(1), (R,), (R,), logits=logits.read(), tokens=tokens.read_write(), state=state.read_write(),
+        n=np.int32(vocab_size), **emb.args(), x=x.write(), **ints(cols=emb.cols, cols_p=emb.cols_p),
+        best=Local(R * 4), best_i=Local(R * 4))
+
+
+def move_row(q: Queue, program, x, row: int, n: int) -> Command:
+    """x[0] = x[row] (rows of n floats)."""
+    return SIGNATURES["move_row"].bind(q, program, (64,), None, x=x.read_write(), **ints(row=row, n=n))
+
+
+def advance(q: Queue, program, state, n: int) -> Command:
+    """The position moves on n tokens."""
+    return SIGNATURES["advance"].bind(q, program, (1,), None, state=state.read_write(), n=np.int32(n))

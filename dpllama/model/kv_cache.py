@@ -1,0 +1,56 @@
+"""The KV cache and the sequences it holds.
+
+The cache keeps, for each of `slots` sequences and each layer, the keys and values of up to `seq_len`
+positions. Per slot and layer (the layout the attention kernels read and the QKV kernels write):
+    keys   [kv_dim][seq_p]   each channel's positions side by side: one vector load gives a channel of
+                             attention_positions positions
+    values [seq_p][kv_dim]   each position's channels side by side
+with seq_p = seq_len rounded up to attention_positions. Kernels take the start of a slot's layer as
+`cache_offset` (`KVCache.offset`).
+
+A Sequence is one sequence's place in the engine: its cache slot, its tokens on the device, and its
+position. Kernels read the position from the sequence's `state` buffer {pos, n_prompt}, so that a recorded
+forward pass replays without re-binding; `pos` is the host's copy, moved in step with it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dpllama.model.layout import round_up
+from dpllama.runtime import Queue
+
+
+def zeros(q: Queue, n: int, name: str, dtype=np.float32):
+    return q.buffer(host=np.zeros(n, dtype), name=name)
+
+
+class KVCache:
+    def __init__(self, q: Queue, n_layers: int, kv_dim: int, seq_len: int, positions: int, slots: int = 1):
+        self.n_layers, self.kv_dim, self.slots = n_layers, kv_dim, slots
+        self.seq_p = round_up(seq_len, positions)
+        n = slots * n_layers * kv_dim * self.seq_p
+        self.k = zeros(q, n, "k_cache")     # [slot][layer][kv_dim][seq_p]
+        self.v = zeros(q, n, "v_cache")     # [slot][layer][seq_p][kv_dim]
+
+    def offset(self, layer: int, slot: int = 0) -> int:
+        """Where a slot's layer starts, in floats, in both k and v."""
+        return (slot * self.n_layers + layer) * self.kv_dim * self.seq_p
+
+    @staticmethod
+    def floats_per_position(n_layers: int, kv_dim: int) -> int:
+        """Floats each position of one slot costs (keys and values of every layer)."""
+        return 2 * n_layers * kv_dim
+
+
+class Sequence:
+    def __init__(self, q: Queue, seq_len: int, slot: int = 0):
+        self.slot = slot
+        self.tokens = zeros(q, seq_len + 1, "tokens", np.int32)     # the sequence [seq_len + 1]
+        self.state = zeros(q, 2, "state", np.int32)                 # {pos, n_prompt}
+        self.pos = 0
+
+    def reset(self, tokens: list[int], pos: int) -> None:
+        """Make `tokens` the known tokens, and `pos` the position."""
+        self.tokens.set(np.asarray(tokens, np.int32))
+        self.state.set(np.array([pos, len(tokens)], np.int32))
+        self.pos = pos

@@ -1,0 +1,153 @@
+"""The device layout of the weights: how a matrix is packed for the matrix kernels, and the geometry of
+their launches.
+
+A matrix goes up in its storage format (f32, q8, int4 with per-group fp16 scales and mins), cut into tiles of
+`tile_rows` rows; inside a tile the `tile_rows` values of one column (one packed word for int4) lie side by
+side, so that one vector load fetches that column for the whole tile (the matrix kernels' header in
+cl_kernels says the same from the kernel's side). Several matrices with the same input become one (`fuse_rows`),
+so that one launch computes them all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpllama.model.weights import Tensor
+from dpllama.runtime import DeviceConfig, Queue
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pow2_divisor(n: int, limit: int = 16) -> int:
+    """The largest power of two <= limit that divides n (a vector width for n elements)."""
+    v = 1
+    while v < limit and n % (2 * v) == 0:
+        v *= 2
+    return v
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The launch geometry a device config's `work_group` section asks for; each field is the YAML key of the
+    same name (docs/CONFIG.md), and the kernels' define of the same name in capitals where they take one."""
+    gemv: int                   # work-items splitting one row tile's columns
+    tile_rows: int              # rows per tile: the vector lanes of a matrix kernel's work-item
+    reduce: int                 # work-items of single work-group reductions (the greedy argmax)
+    attention: int              # work-items per head and token in attention
+    attention_positions: int    # key positions per score vector
+    decode_tiles: int           # row tiles per work-group when decoding
+    prefill_tokens: int         # prompt tokens per work-group in prefill
+    prefill_tiles: int          # row tiles per work-group in prefill
+    prefill_chunk: int          # prompt tokens per forward pass
+
+    @classmethod
+    def of(cls, config: DeviceConfig) -> "Geometry":
+        return cls(**config["work_group"])
+
+    def tokens(self, T: int) -> int:
+        """Tokens per work-group for a pass over T tokens: 1 to decode, prefill_tokens in prefill."""
+        return 1 if T == 1 else self.prefill_tokens
+
+    def tiles(self, tokens: int) -> int:
+        """Row tiles per work-group for `tokens` tokens per work-group."""
+        return self.decode_tiles if tokens == 1 else self.prefill_tiles
+
+
+def fuse_rows(tensors: list[Tensor], block: int = 0) -> Tensor:
+    """One matrix from several with the same columns, so one launch computes them all: stacked, or
+    with `block`, alternating blocks of `block` rows of each (each padded with zero rows to whole
+    blocks; gemv_norm_swiglu wants a block of gate rows, then the up rows of the same outputs).
+    Mixed formats meet in the most general one they share."""
+    kinds = {(t.kind, t.group, t.mins is not None) for t in tensors}
+    if len(kinds) > 1:
+        if {k for k, _, _ in kinds} == {"int4"} and len({g for _, g, _ in kinds}) == 1:
+            tensors = [_int4_asym(t) for t in tensors]     # symmetric is asymmetric with min = -8 s
+        else:
+            tensors = [Tensor.f32(t.dequantize()) for t in tensors]
+
+    def join(arrays):
+        if not block:
+            return np.concatenate(arrays)
+        padded = np.stack([_pad_rows(a, block) for a in arrays])          # [n, rows_p, ...]
+        n, rows_p = padded.shape[:2]
+        blocks = padded.reshape(n, rows_p // block, block, *padded.shape[2:]).swapaxes(0, 1)
+        return blocks.reshape(n * rows_p, *padded.shape[2:])
+    t0 = tensors[0]
+    rows = sum(t.rows for t in tensors) if not block else len(tensors) * round_up(t0.rows, block)
+    return Tensor(t0.kind, rows, t0.cols, join([t.data for t in tensors]),
+                  None if t0.scales is None else join([t.scales for t in tensors]),
+                  None if t0.mins is None else join([t.mins for t in tensors]), t0.group)
+
+
+def _pad_rows(a: np.ndarray, multiple: int) -> np.ndarray:
+    pad = -a.shape[0] % multiple
+    return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
+
+
+def _int4_asym(t: Tensor) -> Tensor:
+    if t.mins is not None:
+        return t
+    return Tensor("int4", t.rows, t.cols, t.data, t.scales, (-8 * t.scales.astype(np.float32)).astype(np.float16), t.group)
+
+
+def tile(a: np.ndarray, tile_rows: int) -> np.ndarray:
+    """[rows, n] -> tiles of `tile_rows` rows, inside a tile the values of each column side by side."""
+    a = _pad_rows(a, tile_rows)
+    return np.ascontiguousarray(a.reshape(-1, tile_rows, a.shape[1]).swapaxes(1, 2))
+
+
+# q8 columns in the order the matrix kernels read them: of each 8, word 0 takes 0 1 4 5 and word 1 takes 2 3 6 7
+Q8_ORDER = np.array([0, 1, 4, 5, 2, 3, 6, 7])
+
+
+def q8_words(q: np.ndarray) -> np.ndarray:
+    """int8 [rows, cols_p] -> uint32 [rows, cols_p / 4]: 4 columns a word, as bytes q + 128 (the kernels' header)."""
+    rows, cols_p = q.shape
+    b = q.reshape(rows, cols_p // 8, 8)[:, :, Q8_ORDER].view(np.uint8) ^ np.uint8(0x80)
+    return np.ascontiguousarray(b).reshape(rows, cols_p).view("<u4")
+
+
+def weight_defines(t: Tensor, tile_rows: int, tiles: int, tokens: int) -> tuple[str, ...]:
+    """The matrix program's defines for `t`'s format and a launch geometry."""
+    fmt = {"f32": ("W_F32",), "q8": ("W_Q8", f"GROUP={t.group}"),
+           "int4": ("W_INT4", f"GROUP={t.group}") + (("ASYM",) if t.mins is not None else ())}[t.kind]
+    return fmt + (f"ROWS={tile_rows}", f"TILES={tiles}", f"TOKENS={tokens}")
+
+
+class DeviceTensor:
+    """A weight matrix on the device in the tiled layout, and the defines of the programs that read it, by
+    tokens per work-group (1 to decode, `prefill_tokens` in prefill)."""
+
+    def __init__(self, q: Queue, t: Tensor, name: str, geometry: Geometry):
+        if t.kind == "q8" and t.group % 8:
+            # the kernels read a q8 group as whole 8-column blocks; a smaller group (llama2.c v2 files of widths
+            # not a multiple of 8: stories260K's is 4) goes up as float32, the same values in 4x the memory
+            t = Tensor.f32(t.dequantize())
+        data = t.data
+        cols_p = round_up(t.cols, 8) if t.kind == "f32" else t.cols_padded
+        if t.kind == "f32" and cols_p != t.cols:      # kernels read 8-wide blocks
+            data = np.zeros((t.rows, cols_p), np.float32)
+            data[:, :t.cols] = t.data
+        if t.kind == "q8":
+            data = q8_words(data)
+        self.rows, self.cols, self.cols_p = t.rows, t.cols, cols_p
+        self.nbytes = t.nbytes
+        self.geometry = geometry
+        g = geometry.tile_rows
+        self.buffers = [q.buffer(host=tile(a.view(np.uint16) if a.dtype == np.float16 else a, g),
+                                 name=f"{name}.{part}") if a is not None
+                        else q.buffer(4, name=f"{name}.{part}-unused")
+                        for part, a in (("data", data), ("scales", t.scales), ("mins", t.mins))]
+        self.q = q
+        self.defines = {n: weight_defines(t, g, geometry.tiles(n), n) for n in (1, geometry.prefill_tokens)}
+
+    def program(self, tokens: int):
+        """The matrix program for `tokens` tokens per work-group (Llama builds them all at once, with progress)."""
+        return self.q.program("gemv.cl", *self.defines[tokens])
+
+    def args(self) -> dict:
+        """The weight's arguments, by the kernels' names for them."""
+        return dict(zip(("w_", "s_", "m_"), (b.read() for b in self.buffers)))
