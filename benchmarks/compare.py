@@ -7,10 +7,12 @@
 llama.cpp comes from llama-cpp-python (the `bench` extra: `pip install '.[bench]'`, a native build of
 several minutes); it runs with the same thread count as the machine's cores. Each round measures
 dpllama, then llama.cpp, on the same prompt, so drift on a noisy machine hits both; the ratios are the
-result. Then a random llama2.c checkpoint of stories15M's shape (dim 288, hidden 768, 6 layers, 6 heads,
-vocab 32000, seq 256) measures dpllama's fp32 and int4 decode (with the tied embedding / classifier in
-8 bits, `dpllama quantize`'s default, and in int4 too), in interleaved rounds, against the machine's
-streaming read bandwidth, measured in the same run by a kernel that only reads. Not part of the test suite.
+result. Then a random model of stories15M's shape (dim 288, hidden 768, 6 layers, 6 heads, vocab 32000,
+seq 256) measures dpllama's fp32 and int4 decode (with the tied embedding / classifier in 8 bits,
+`dpllama quantize`'s default, and in int4 too, `--keep-8bit none`), in interleaved rounds, against the
+machine's streaming read bandwidth, measured in the same run by a kernel that only reads. The int4 models
+go the way a user's do: quantized as `dpllama quantize` does, written to its file and loaded back, so the
+bytes per token are those of the formats the loader keeps. Not part of the test suite.
 """
 from __future__ import annotations
 
@@ -19,14 +21,17 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
+from dpllama.model.gguf import write_dpllama_gguf
 from dpllama.model.llama import Llama
-from dpllama.model.quant import quantize_int4, quantize_q8
 from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights
 from dpllama.llm import load_weights, resolve_model
+from dpllama.quantize import EIGHT_BIT_CHOICES, quantize
 from dpllama.bench import run_once
 from dpllama.devices import read_bandwidth_gb_s
 from dpllama.runtime import open_queue
@@ -51,23 +56,26 @@ def llamacpp_round(llm, prompt: list[int], n_gen: int) -> dict:
     return {"prompt_tok_s": len(prompt) / (t1 - t0), "decode_tok_s": (n_gen - 1) / (t2 - t1)}
 
 
-def random_stories15m(kind: str, seed: int = 0) -> Weights:
+def random_stories15m(seed: int = 0) -> Weights:
+    """A random fp32 model of stories15M's shape, its classifier tied to the embedding table, as stories15M's."""
     c = STORIES15M
     rng = np.random.default_rng(seed)
 
     def mat(rows, cols):
-        w = (rng.standard_normal((rows, cols), np.float32) * 0.02).astype(np.float32)
-        return Tensor.f32(w) if kind == "f32" else quantize_int4(w, 32, symmetric=False)
+        return Tensor.f32(rng.standard_normal((rows, cols), np.float32) * 0.02)
 
-    emb = rng.standard_normal((c.vocab_size, c.dim), np.float32) * 0.02
-    # "int4": the tied embedding / classifier in 8 bits, as `dpllama quantize` keeps it by default;
-    # "int4-all": in int4 too (`--keep-8bit none`)
-    tok = {"f32": Tensor.f32, "int4": lambda e: quantize_q8(e, 32),
-           "int4-all": lambda e: quantize_int4(e, 32, symmetric=False)}[kind](emb)
+    tok = mat(c.vocab_size, c.dim)
     layers = [Layer(np.ones(c.dim, np.float32), mat(c.dim, c.dim), mat(c.kv_dim, c.dim), mat(c.kv_dim, c.dim),
                     mat(c.dim, c.dim), np.ones(c.dim, np.float32), mat(c.hidden_dim, c.dim),
                     mat(c.dim, c.hidden_dim), mat(c.hidden_dim, c.dim)) for _ in range(c.n_layers)]
     return Weights(c, tok, layers, np.ones(c.dim, np.float32), tok)
+
+
+def quantized_file(weights: Weights, eight_bit: tuple[str, ...], path: Path) -> Weights:
+    """`weights` as `dpllama quantize` writes them (int4 g32 asym, `eight_bit` kept in 8 bits; no tokenizer:
+    nothing here decodes text), loaded back from the file as `dpllama generate` and `bench` load a model."""
+    write_dpllama_gguf(path, quantize(weights, 32, symmetric=False, eight_bit=eight_bit), {})
+    return load_weights(path)
 
 
 def main() -> None:
@@ -107,7 +115,13 @@ def main() -> None:
 
     print("stories15M shape: fp32 and int4 decode vs streaming bandwidth", file=sys.stderr, flush=True)
     bw = read_bandwidth_gb_s(queue)
-    small = {kind: Llama(random_stories15m(kind), queue) for kind in ("f32", "int4", "int4-all")}
+    fp32 = random_stories15m()
+    with tempfile.TemporaryDirectory() as tmp:     # Llama copies the weights to the device: the files can go
+        # "int4": the tied embedding / classifier in 8 bits (`dpllama quantize`'s default); "int4-all": in int4
+        # too (`--keep-8bit none`)
+        small = {"f32": Llama(fp32, queue),
+                 **{kind: Llama(quantized_file(fp32, keep, Path(tmp, f"{kind}.gguf")), queue)
+                    for kind, keep in (("int4", EIGHT_BIT_CHOICES), ("int4-all", ()))}}
     for m in small.values():
         run_once(m, [1], 8)                               # warm-up
     tps = {kind: [] for kind in small}

@@ -1,8 +1,10 @@
 """`dpllama quantize IN OUT`: the quantize-model script.
 
 Reads a llama2.c checkpoint or a GGUF, stores every weight matrix as int4 (8 per 32-bit word, fp16
-scales per group, symmetric or with mins) except those kept in 8 bits, and writes dpllama's GGUF
-container with the model config and the tokenizer inside, so the one file is enough to run.
+scales per group, symmetric or with mins) except those kept in 8 bits (`eight_bit`: the embedding table
+and the classifier by default; a tied model's one table is both, kept in 8 bits when either is named),
+and writes dpllama's GGUF container with the model config and the tokenizer inside, so the one file is
+enough to run. Every kind loads and runs as written (an int4 table too: the device decodes its rows).
 GGUF Q4_0 / Q4_1 tensors whose group and scheme match the request are carried over bit for bit.
 Prints per-tensor and overall error: RMSE relative to the source weights' RMS.
 """
@@ -15,10 +17,9 @@ import numpy as np
 
 from dpllama.errors import DpllamaError
 from dpllama.model.quant import quantize_int4, quantize_q8
-from dpllama.model.weights import Tensor, Weights
+from dpllama.model.weights import MATRICES, Tensor, Weights
 
 GROUPS = (32, 64, 128)
-MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 EIGHT_BIT_CHOICES = ("tok_embeddings", "output")
 
 

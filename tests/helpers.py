@@ -9,6 +9,8 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
+from dpllama import cli
+from dpllama.llm import load_weights
 from dpllama.model.gguf import GGUF_LAYER_NAMES, add_hyperparameters
 from dpllama.model.llama2c import write_llama2c
 from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights, layer_shapes
@@ -84,6 +86,12 @@ def random_llama2c(path, dim=32, hidden=48, n_layers=2, n_heads=4, n_kv_heads=2,
     w = random_weights(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len, shared, seed)
     write_llama2c(path, w, version, group_size)
     return w
+
+
+def quantize_cli(src, out, *options) -> Weights:
+    """`dpllama quantize SRC OUT OPTIONS` (in this process), then OUT loaded as any model is."""
+    assert cli.main(["quantize", str(src), str(out), *map(str, options)]) == 0
+    return load_weights(out)
 
 
 def write_test_gguf(path, weights: Weights, types=None, arch="llama", drop=(), extra=None) -> dict:

@@ -18,7 +18,8 @@ from dpllama.model.reference import Reference
 from dpllama.model.weights import Layer, Tensor, Weights
 from dpllama.runtime import Queue
 from dpllama.runtime.config import dump_config, parse_config
-from tests.helpers import llama2c_dir, random_llama2c
+from dpllama.quantize import GROUPS
+from tests.helpers import llama2c_dir, quantize_cli, random_llama2c, random_weights, write_test_gguf
 
 # Awkward shapes: hidden 100 is a multiple of neither 8 nor 32, dim 48 not of 32 or 64, head_dim 8, GQA 3:1.
 SHAPE = dict(dim=48, hidden=100, n_layers=2, n_heads=6, n_kv_heads=2, vocab=97, seq_len=32)
@@ -102,9 +103,10 @@ def random_model(tmp_path_factory):
     return load_llama2c(path)
 
 
-def compare_logits(q, weights: Weights, tokens: list[int], feeds: list[int], what: str) -> None:
+def compare_logits(q, weights: Weights, tokens: list[int], feeds: list[int], what: str) -> Llama:
     """Feed `tokens` (all known) in pieces of `feeds` tokens (Llama.feed: batched prefill in chunks, or one
-    token) and compare the logits after every piece, those of its last token, with the reference's."""
+    token) and compare the logits after every piece, those of its last token, with the reference's.
+    Returns the device model, for checks of what it holds."""
     assert sum(feeds) == len(tokens)
     model, ref = Llama(weights, q), Reference(weights)
     model.start(tokens)
@@ -119,6 +121,7 @@ def compare_logits(q, weights: Weights, tokens: list[int], feeds: list[int], wha
         got = model.read_logits()
         np.testing.assert_allclose(got, want, rtol=0, atol=logits_atol(weights, want),
                                    err_msg=f"{what}: logits at position {pos - 1} (feeds {feeds})")
+    return model
 
 
 VARIANTS = {
@@ -160,21 +163,27 @@ def test_fused_attention_needs_single_work_item_groups(q, random_model):
     assert not Llama(random_model, cq).fused_attention
 
 
-@pytest.mark.parametrize("variant", ["f32", "int4-asym-g64"])
-def test_greedy_matches_reference_argmax(q, random_model, variant):
-    """Device-side argmax (argmax_embed) after a batched prompt follows the reference's logits, near-ties aside."""
-    weights = VARIANTS[variant](random_model)
-    model, ref = Llama(weights, q), Reference(weights)
-    prompt = [1, 5, 17]
-    seq = prompt + list(generate(model, prompt, STEPS + 3, Sampler(temperature=0)))
-    assert len(seq) == STEPS + 6
+def check_greedy(model: Llama, weights: Weights, prompt: list[int], n: int, what: str) -> list[int]:
+    """n greedy tokens on the device (argmax_embed: the argmax, and the chosen token's embedding row for the
+    next pass) after a batched prompt follow the reference's logits, near-ties aside. Returns the new ids."""
+    ref = Reference(weights)
+    ids = list(generate(model, prompt, n, Sampler(temperature=0)))
+    seq = prompt + ids
+    assert len(ids) == n
     for pos in range(len(seq) - 1):
         logits = ref.forward(seq[pos], pos)
         if pos + 1 < len(prompt):
             continue
         best = int(np.argmax(logits))
         near_tie = logits[best] - logits[seq[pos + 1]] <= logits_atol(weights, logits)
-        assert seq[pos + 1] == best or near_tie, f"{variant}: position {pos} chose {seq[pos + 1]}, reference {best}"
+        assert seq[pos + 1] == best or near_tie, f"{what}: position {pos} chose {seq[pos + 1]}, reference {best}"
+    return ids
+
+
+@pytest.mark.parametrize("variant", ["f32", "int4-asym-g64"])
+def test_greedy_matches_reference_argmax(q, random_model, variant):
+    weights = VARIANTS[variant](random_model)
+    check_greedy(Llama(weights, q), weights, [1, 5, 17], STEPS + 3, variant)
 
 
 def test_greedy_and_given_tokens_mixed(q, random_model):
@@ -261,6 +270,55 @@ def test_stories260K_greedy_no_prompt(stories):
     ids = oracle_ids("reference_stories260K_greedy_noprompt_n256_ids.txt")
     assert len(ids) == 257
     assert [1] + list(generate(stories, [1], 256, Sampler(temperature=0))) == ids
+
+
+# ---------------------------------------------------------------- int4 embedding / classifier, through the loader
+
+def int4_nbytes(rows: int, cols: int, group: int, asym: bool) -> int:
+    """What an int4 matrix costs: 4 bits a weight, an fp16 scale (and min) a group, over whole groups."""
+    cols_p = -(-cols // group) * group
+    return rows * cols_p // 2 + rows * cols_p // group * 2 * (2 if asym else 1)
+
+
+INT4_HEADS = [(tied, scheme, group) for tied in (True, False) for scheme in ("sym", "asym") for group in GROUPS]
+
+
+@pytest.mark.parametrize("tied,scheme,group", INT4_HEADS,
+                         ids=[f"{'tied' if t else 'untied'}-{s}-g{g}" for t, s, g in INT4_HEADS])
+def test_keep_8bit_none_keeps_int4_embedding_and_classifier(q, tmp_path, tied, scheme, group):
+    """`quantize --keep-8bit none`: the embedding table and the classifier (one tensor when tied) load as
+    int4 and run as int4 (the loader used to widen the table to float32), in every scheme and group quantize
+    offers, and the device logits, through prefill and decode, match the reference's. dim 48 is a multiple of
+    no group: the table's rows are padded."""
+    src = tmp_path / "src.gguf"
+    write_test_gguf(src, random_weights(**SHAPE, shared=tied, seed=3))
+    w = quantize_cli(src, tmp_path / "q.gguf", "--scheme", scheme, "--group", group, "--keep-8bit", "none")
+    assert w.tied == tied
+    asym = scheme == "asym"
+    vocab, dim = SHAPE["vocab"], SHAPE["dim"]
+    for t in (w.tok_embeddings, w.output):
+        assert (t.kind, t.group, t.mins is not None) == ("int4", group, asym)
+        assert t.nbytes == int4_nbytes(vocab, dim, group, asym)
+    model = compare_logits(q, w, random_tokens(sum(FEEDS["prefill"])), FEEDS["prefill"], f"{scheme} g{group}")
+    # on the device: the same bytes in whole row tiles (a 4-byte placeholder stands in for symmetric mins);
+    # DeviceTensor.nbytes is what Llama.weight_bytes (bench's MB per token) counts for the classifier
+    V = model.geometry.tile_rows
+    on_device = int4_nbytes(-(-vocab // V) * V, dim, group, asym) + (0 if asym else 4)
+    for dt in (model.tok_embeddings, model.output):
+        assert dt.nbytes == int4_nbytes(vocab, dim, group, asym)
+        assert sum(b.nbytes for b in dt.buffers) == on_device
+
+
+def test_stories260K_int4_embedding_greedy(q, tmp_path):
+    """stories260K (tied) through `quantize --keep-8bit none` (int4 g32 asym): greedy decoding on the device,
+    whose argmax_embed decodes the int4 table's row of each chosen token, follows the reference's logits."""
+    stories_weights()
+    d = llama2c_dir()
+    w = quantize_cli(d / "stories260K.bin", tmp_path / "q.gguf", "-z", d / "tok512.bin", "--keep-8bit", "none")
+    assert w.tied and w.tok_embeddings.kind == "int4"
+    prompt = oracle_ids("reference_stories260K_greedy_ids.txt")[:5]
+    ids = check_greedy(Llama(w, q), w, prompt, 60, "stories260K int4")
+    assert len(set(ids)) > 15          # a story, not one token over and over
 
 
 # ---------------------------------------------------------------- the sampler

@@ -396,16 +396,18 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T):
                 f"attention heads={n_heads}/{n_kv_heads} hd={head_dim} pos={pos} T={T} POS_VEC={pos_vec} L={local}")
 
 
+@pytest.mark.parametrize("fmt", ["q8g32", "int4g32", "int4asym128"])
 @pytest.mark.parametrize("local", [1, 64, 256])
 @pytest.mark.parametrize("n", [1, 5, 97, 1000, 4096])
-def test_argmax_embed(q, n, local):
+def test_argmax_embed(q, n, local, fmt):
     """Greedy sampling: the first index of the largest logit goes to tokens[pos + 1] unless that slot holds a
-    prompt token, pos advances, and the row of the token now at pos + 1 is embedded into x (q8 table).
+    prompt token, pos advances, and the row of the token now at pos + 1 is embedded into x (a q8 table, an
+    int4 symmetric and an asymmetric one: `quantize --keep-8bit none` makes the tied classifier int4).
     Logits with a NaN, an infinity at the top or nothing above -inf give -1 and embed row 0 (issue 11: they
     gave index 0x7fffffff with fewer than 16 logits, and a read far past the table)."""
     rng = np.random.default_rng(n + local)
-    cols = 40                                   # padded to 64 for the group of 32: x[cols:] must stay as it is
-    table = FORMATS["q8g32"](rng.standard_normal((max(n, 110), cols)).astype(np.float32))
+    cols = 40                                   # padded to a whole group (64 or 128): x[cols:] must stay as it is
+    table = FORMATS[fmt](rng.standard_normal((max(n, 110), cols)).astype(np.float32))
     emb = DeviceTensor(q, table, "emb", geometry(16, 1, 4, 8, 16, reduce=local))
     for trial in range(10):
         logits = rng.standard_normal(n).astype(np.float32)

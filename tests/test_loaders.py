@@ -236,13 +236,16 @@ def test_gguf_mixed_types(tmp_path):
     assert np.array_equal(w.layers[1].attn_norm, src.layers[1].attn_norm.astype(np.float16).astype(np.float32))
 
 
-def test_gguf_tied_and_q4_embedding(tmp_path):
+@pytest.mark.parametrize("ggml_type", [T.Q4_0, T.Q4_1])
+def test_gguf_tied_and_q4_embedding(tmp_path, ggml_type):
+    """A Q4 table, tied, stays int4 (repacked losslessly, as any matrix), not widened to float32."""
     path = tmp_path / "t.gguf"
     src = random_weights(shared=True, **GGUF_SHAPE)
-    written = write_test_gguf(path, src, {"token_embd.weight": T.Q4_0})
+    written = write_test_gguf(path, src, {"token_embd.weight": ggml_type})
     w = load_gguf(path)
-    assert w.tied and w.tok_embeddings.kind == "f32"    # widened: Weights keeps embeddings f32 or q8
-    assert np.array_equal(w.tok_embeddings.data, dequantize(written["token_embd.weight"][1], T.Q4_0))
+    t = w.tok_embeddings
+    assert w.tied and (t.kind, t.group, t.mins is not None) == ("int4", 32, ggml_type == T.Q4_1)
+    assert np.array_equal(t.dequantize(), dequantize(written["token_embd.weight"][1], ggml_type))
 
 
 def test_gguf_header_parser_matches_gguf_reader(tmp_path):

@@ -16,7 +16,7 @@ from dpllama.model.gguf import load_gguf
 from dpllama.model.llama import Llama
 from dpllama.model.llama2c import load_llama2c
 from dpllama.quantize import quantize
-from tests.helpers import llama2c_dir
+from tests.helpers import llama2c_dir, quantize_cli, random_llama2c, random_weights, write_test_gguf
 
 # Mean negative log-likelihood of fp32's own greedy continuation: int4 may cost a little, not a lot.
 # Measured on stories260K (nats/token): fp32 0.453, int4 g32 asym 0.474, int4 g32 sym 0.572; the bound
@@ -81,6 +81,26 @@ def test_int4_stories260k_stays_close_to_fp32(stories, queue, symmetric):
     assert len(set(text)) > 15          # a story, not one token over and over
 
 
+# --keep-8bit -> the kinds of (tok_embeddings, output) once loaded. A tied model has one table, the embedding and
+# the classifier at once: it stays in 8 bits when either name is kept.
+KEEP_8BIT = {
+    "tied": [("none", "int4", "int4"), ("output", "q8", "q8"), ("tok_embeddings", "q8", "q8"),
+             ("tok_embeddings,output", "q8", "q8")],
+    "untied": [("none", "int4", "int4"), ("output", "int4", "q8"), ("tok_embeddings", "q8", "int4"),
+               ("tok_embeddings,output", "q8", "q8")],
+}
+
+
+@pytest.mark.parametrize("model", KEEP_8BIT)
+def test_keep_8bit_through_the_loader(tmp_path, model):
+    src = tmp_path / "src.gguf"
+    write_test_gguf(src, random_weights(shared=model == "tied"))
+    for keep, emb, out in KEEP_8BIT[model]:
+        w = quantize_cli(src, tmp_path / f"{keep}.gguf", "--keep-8bit", keep)
+        assert w.tied == (model == "tied"), keep
+        assert (w.tok_embeddings.kind, w.output.kind) == (emb, out), keep
+
+
 def test_quantize_errors_are_one_line(stories, tmp_path, repo_root):
     model, tok = stories
     cases = [
@@ -138,7 +158,6 @@ def test_quantize_cli_from_gguf_keeps_matching_q4_blocks(tmp_path, repo_root):
     32, every other matrix requantized, the result loads with its tokenizer; a GGUF of another
     architecture is refused in one line."""
     from gguf import GGMLQuantizationType as T
-    from tests.helpers import random_weights, write_test_gguf
     src = tmp_path / "mixed.gguf"
     types = {"token_embd.weight": T.Q8_0, "blk.0.attn_q.weight": T.Q4_0, "blk.0.attn_k.weight": T.Q4_1,
              "blk.0.attn_v.weight": T.F16, "blk.0.attn_output.weight": T.BF16, "blk.1.ffn_down.weight": T.Q4_0}
@@ -164,7 +183,6 @@ def test_quantize_cli_from_gguf_keeps_matching_q4_blocks(tmp_path, repo_root):
 def test_sigkilled_quantize_leaves_no_temporary_behind(stories, tmp_path, repo_root):
     """SIGKILL while the output is being written leaves the hidden temporary (nothing can remove it then); the next
     run that writes there removes it, the writer being dead."""
-    from tests.helpers import random_llama2c
     random_llama2c(tmp_path / "m.bin", dim=256, hidden=768, n_layers=4, n_heads=8, n_kv_heads=8, vocab=512)
     out = tmp_path / "out"
     out.mkdir()

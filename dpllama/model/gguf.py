@@ -318,9 +318,7 @@ def load_gguf(path: str | os.PathLike) -> Weights:
     if embd is None:
         raise DpllamaError(f"{path}: missing tensor {data_name('token_embd')}")
     c = _config(path, fields, embd.shape[0])
-    tok_embeddings = matrix("token_embd", c.vocab_size, c.dim)            # [vocab, dim]
-    if tok_embeddings.kind == "int4":   # Weights keeps the embedding table f32 or q8: widen, losslessly
-        tok_embeddings = Tensor.f32(tok_embeddings.dequantize())
+    tok_embeddings = matrix("token_embd", c.vocab_size, c.dim)            # [vocab, dim], kept as stored
     # no output.weight: the classifier is tied to the embedding table
     tied = "output.weight" not in tensors and "dpllama.kind.output" not in fields
     output = tok_embeddings if tied else matrix("output", c.vocab_size, c.dim)   # [vocab, dim]

@@ -20,13 +20,12 @@ import numpy as np
 from dpllama.errors import DpllamaError
 from dpllama.fileio import atomic_output
 from dpllama.model.quant import quantize_q8
-from dpllama.model.weights import (Layer, ModelConfig, Tensor, Weights, check_config, check_values,
+from dpllama.model.weights import (MATRICES, Layer, ModelConfig, Tensor, Weights, check_config, check_values,
                                    layer_shapes)
 
 MAGIC = 0x616B3432      # "ak42" read as a little-endian uint32
 HEADER_BYTES = 256      # versions 1 and 2
 LEGACY_HEADER = struct.Struct("<7i")
-MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 def _layout(c: ModelConfig, version: int, shared: bool) -> list[tuple[str, tuple[int, ...], str]]:

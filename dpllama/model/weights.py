@@ -155,6 +155,10 @@ def check_values(source: str, name: str, t: Tensor | np.ndarray) -> None:
                            f"expected finite values below {bound:g} in magnitude")
 
 
+# the weight matrices of a Layer, in the order of its fields (llama2.c's file order, quantize's report order)
+MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
 @dataclass
 class Layer:
     attn_norm: np.ndarray   # float32[dim]
@@ -171,7 +175,7 @@ class Layer:
 @dataclass
 class Weights:
     config: ModelConfig
-    tok_embeddings: Tensor          # [vocab, dim], f32 or q8
+    tok_embeddings: Tensor          # [vocab, dim], any of KINDS (gemv.cl's embed decodes every format)
     layers: list[Layer]
     norm: np.ndarray                # float32[dim], final RMSNorm
     output: Tensor                  # [vocab, dim]; `is tok_embeddings` when tied
@@ -185,7 +189,7 @@ class Weights:
         """(name, Tensor) for every weight matrix, in file order."""
         yield "tok_embeddings", self.tok_embeddings
         for i, layer in enumerate(self.layers):
-            for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+            for name in MATRICES:
                 yield f"layers.{i}.{name}", getattr(layer, name)
         if not self.tied:
             yield "output", self.output
