@@ -81,7 +81,7 @@ def run_once(model, prompt: list[int], n_gen: int) -> dict:
 
 def bench(model_path: str, device=None, config=None, n_prompt=512, n_gen=128, repeat=1, profile=False,
           progress=True) -> dict:
-    from dpllama.llm import resolve_model
+    from dpllama.hub import resolve_model
     path = resolve_model(model_path)
     say = (lambda s: print(f"dpllama bench: {s}", file=sys.stderr, flush=True)) if progress else (lambda s: None)
     max_seq = n_prompt + n_gen

@@ -197,7 +197,7 @@ def add_pull(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from dpllama.pull import pull
+    from dpllama.hub import pull
     print(pull(args.name, progress=lambda s: print(f"dpllama: {s}", file=sys.stderr)))
     return 0
 

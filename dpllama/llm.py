@@ -14,27 +14,14 @@ from pathlib import Path
 from typing import Iterator
 
 from dpllama.errors import DpllamaError
+from dpllama.formats import GGUF_MAGIC
 from dpllama.generate import Sampler, check_steps, generate_ids
+from dpllama.hub import resolve_model
 from dpllama.model.llama import Llama, floats_per_position
 from dpllama.model.weights import ModelConfig, Weights
 from dpllama.runtime import Queue, open_queue
 from dpllama.tokenizer import (Llama2cTokenizer, StreamDecoder, Tokenizer, load_gguf_tokenizer, printable_piece,
                                tokenizer_from_gguf_fields)
-
-GGUF_MAGIC = b"GGUF"
-
-
-def resolve_model(name: str) -> Path:
-    """A model path, or the name of a known model fetched by `dpllama pull`."""
-    from dpllama import pull
-    if name in pull.MODELS:
-        return pull.ensure(name)
-    p = Path(name)
-    if p.is_dir():
-        raise DpllamaError(f"{name}: is a folder, not a model file")
-    if not p.is_file():
-        raise DpllamaError(f"{name}: model file not found (known names: {', '.join(pull.MODELS)})")
-    return p
 
 
 def is_gguf(path: str | os.PathLike) -> bool:

@@ -48,7 +48,7 @@ def smollm2_gguf_path() -> Path:
             pytest.skip(f"DPLLAMA_SMOLLM2_GGUF={env} is not a file")
         return Path(env)
     from dpllama.errors import DpllamaError
-    from dpllama.pull import cached_path, pull
+    from dpllama.hub import cached_path, pull
     path = cached_path("smollm2-135m")
     if not path.is_file():
         shared_models("smollm2")
