@@ -83,7 +83,7 @@ SHAPES = [(13, 172), (7, 200), (5, 64), (3, 1), (9, 8), (37, 520)]
 # chooses. The prefill T is not a multiple of the tokens per work-group (a partial token group), and the row
 # counts of SHAPES leave the last tile group partial.
 GEOMETRIES = {
-    "cpu": (16, 1, 4, 8, 16, 19),   # configs/cpu.yaml
+    "cpu": (16, 1, 4, 8, 16, 19),   # dpllama/configs/cpu.yaml
     "gpu": (4, 64, 1, 4, 1, 6),     # the GPU configs: work-items split the columns, a tree joins them
     "odd": (8, 8, 3, 3, 2, 5),      # several tiles per work-group and a tree
 }
