@@ -27,7 +27,7 @@ from dpllama.model.llama import Llama
 from dpllama.model.quant import quantize_int4, quantize_q8
 from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights
 from dpllama.hub import resolve_model
-from dpllama.llm import load_weights
+from dpllama.loaders import load_weights
 from dpllama.bench import run_once
 from dpllama.devices import read_bandwidth_gb_s
 from dpllama.runtime import open_queue

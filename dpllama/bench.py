@@ -24,7 +24,7 @@ from dpllama.runtime import build_stats, open_queue
 
 
 def _load(path, device, config, max_seq, profiling=False):
-    from dpllama.llm import load_weights
+    from dpllama.loaders import load_weights
     from dpllama.model.llama import Llama
     t = time.perf_counter()
     weights = load_weights(path)

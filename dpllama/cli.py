@@ -163,7 +163,7 @@ def add_tokenize(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from dpllama.llm import tokenizer_only
+    from dpllama.loaders import tokenizer_only
     tok = tokenizer_only(args.model, args.tokenizer)
     ids = tok.encode(args.text, bos=False if args.no_bos else None, parse_special=args.special)
     if args.pieces:

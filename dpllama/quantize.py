@@ -88,7 +88,7 @@ def run(src: str, dst: str, tokenizer: str | None = None, group: int = 32, schem
     from dpllama import hub
     from dpllama.fileio import check_output
     from dpllama.hub import resolve_model
-    from dpllama.llm import load_weights
+    from dpllama.loaders import load_weights
     from dpllama.model.gguf import write_dpllama_gguf
     from dpllama.tokenizer import Llama2cTokenizer
     if scheme not in ("sym", "asym"):

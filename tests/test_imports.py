@@ -1,6 +1,6 @@
 """The import rules of docs/ARCHITECTURE.md ("Rooms and imports"): a module imports from its own room and the
-rooms its row allows, imports inside functions included; only the runtime imports pyopencl; and `dpllama pull`,
-which needs no device, loads no OpenCL."""
+rooms its row allows, imports inside functions included; only the runtime imports pyopencl; and the commands
+that need no device (tokenize, pull) load no OpenCL."""
 from __future__ import annotations
 
 import ast
@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from dpllama.model.gguf import write_dpllama_gguf
+from helpers import llama2c_dir, random_weights
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dpllama"
 
@@ -21,7 +24,8 @@ ROOMS = {
     "tokenizer": ("dpllama.tokenizer",),
     "hub": ("dpllama.hub",),
     "model": ("dpllama.model",),
-    "library": ("dpllama.__init__", "dpllama.generate", "dpllama.llm", "dpllama.chat", "dpllama.quantize"),
+    "library": ("dpllama.__init__", "dpllama.generate", "dpllama.llm", "dpllama.loaders", "dpllama.chat",
+                "dpllama.quantize"),
     "commands": ("dpllama.cli", "dpllama.devices", "dpllama.bench", "dpllama.tune"),
     "pyopencl": ("pyopencl",),      # not dpllama's, but a room of its own: only the runtime may enter it
 }
@@ -115,6 +119,18 @@ def opencl_loaded(*args: str) -> list[str]:
                        text=True, cwd=PACKAGE.parent)
     assert r.returncode == 0, r.stderr[-2000:]
     return [line for line in r.stderr.splitlines() if line.split("|")[-1].strip().startswith("pyopencl")]
+
+
+@pytest.mark.parametrize("model", ["gguf", "llama2c"])
+def test_tokenize_loads_no_opencl(tmp_path, model):
+    if model == "gguf":     # a SentencePiece-style vocabulary that spells "hello"
+        tokens = ["<unk>", "<s>", "</s>", "\u2581", "h", "e", "l", "o"]
+        write_dpllama_gguf(tmp_path / "m.gguf", random_weights(vocab=len(tokens)),
+                           {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens})
+        args = ("-m", str(tmp_path / "m.gguf"))
+    else:
+        args = ("-z", str(llama2c_dir() / "tok512.bin"))
+    assert opencl_loaded("tokenize", *args, "hello") == []
 
 
 def test_pull_loads_no_opencl():
