@@ -30,7 +30,8 @@ import numpy as np
 from dpllama.model.gguf import write_dpllama_gguf
 from dpllama.model.llama import Llama
 from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights
-from dpllama.llm import load_weights, resolve_model
+from dpllama.hub import resolve_model
+from dpllama.loaders import load_weights
 from dpllama.quantize import EIGHT_BIT_CHOICES, quantize
 from dpllama.bench import run_once
 from dpllama.devices import read_bandwidth_gb_s

@@ -26,7 +26,7 @@ from dpllama.runtime import build_stats, open_queue
 
 
 def _load(path, device, config, max_seq, profiling=False):
-    from dpllama.llm import load_weights
+    from dpllama.loaders import load_weights
     t = time.perf_counter()
     weights = load_weights(path)
     model = Llama(weights, open_queue(device, config, profiling=profiling), max_seq=max_seq)
@@ -77,7 +77,7 @@ def run_once(model, prompt: list[int], n_gen: int) -> dict:
 
 def bench(model_path: str, device=None, config=None, n_prompt=512, n_gen=128, repeat=1, profile=False,
           progress=True) -> dict:
-    from dpllama.llm import resolve_model
+    from dpllama.hub import resolve_model
     path = resolve_model(model_path)
     say = (lambda s: print(f"dpllama bench: {s}", file=sys.stderr, flush=True)) if progress else (lambda s: None)
     max_seq = n_prompt + n_gen

@@ -163,7 +163,7 @@ def add_tokenize(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from dpllama.llm import tokenizer_only
+    from dpllama.loaders import tokenizer_only
     tok = tokenizer_only(args.model, args.tokenizer)
     ids = tok.encode(args.text, bos=False if args.no_bos else None, parse_special=args.special)
     if args.pieces:
@@ -197,7 +197,7 @@ def add_pull(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from dpllama.pull import pull
+    from dpllama.hub import pull
     print(pull(args.name, progress=lambda s: print(f"dpllama: {s}", file=sys.stderr)))
     return 0
 

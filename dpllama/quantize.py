@@ -86,15 +86,16 @@ def quantize(weights: Weights, group: int = 32, symmetric: bool = False,
 def run(src: str, dst: str, tokenizer: str | None = None, group: int = 32, scheme: str = "asym",
         eight_bit: tuple[str, ...] = EIGHT_BIT_CHOICES, out=sys.stdout) -> Weights:
     """The command: load, quantize with a report, write `dst` atomically."""
-    from dpllama import pull
+    from dpllama import hub
     from dpllama.fileio import check_output
-    from dpllama.llm import load_weights, resolve_model
+    from dpllama.hub import resolve_model
+    from dpllama.loaders import load_weights
     from dpllama.model.gguf import write_dpllama_gguf
     from dpllama.tokenizer import Llama2cTokenizer
     if scheme not in ("sym", "asym"):
         raise DpllamaError(f"--scheme must be sym or asym, found {scheme!r}")
     # before any work, a known model's download included (its input is then the cached file)
-    dst_path = check_output(dst, (pull.cached_path(src) if src in pull.MODELS else src, tokenizer))
+    dst_path = check_output(dst, (hub.cached_path(src) if src in hub.MODELS else src, tokenizer))
     src_path = resolve_model(src)
     weights = load_weights(src_path)
     fields = weights.meta.get("tokenizer_fields")

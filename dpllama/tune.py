@@ -57,7 +57,8 @@ def measure(model: Llama, phase: str) -> float:
 
 def tune(model_path: str, device: str | None, config: str | None, out: str, say=print) -> dict:
     from dpllama.devices import write_config
-    from dpllama.llm import load_weights, resolve_model
+    from dpllama.hub import resolve_model
+    from dpllama.loaders import load_weights
     path = resolve_model(model_path)
     weights = load_weights(path)
     q = open_queue(device, config)

@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 from dpllama import cli
-from dpllama.llm import load_weights
+from dpllama.loaders import load_weights
 from dpllama.model.gguf import GGUF_LAYER_NAMES, add_hyperparameters
 from dpllama.model.llama2c import write_llama2c
 from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights, layer_shapes
@@ -50,7 +50,7 @@ def smollm2_gguf_path() -> Path:
             pytest.skip(f"DPLLAMA_SMOLLM2_GGUF={env} is not a file")
         return Path(env)
     from dpllama.errors import DpllamaError
-    from dpllama.pull import cached_path, pull
+    from dpllama.hub import cached_path, pull
     path = cached_path("smollm2-135m")
     if not path.is_file():
         shared_models("smollm2")

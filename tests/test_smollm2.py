@@ -9,7 +9,8 @@ import pytest
 
 from dpllama.chat import Chat
 from dpllama.generate import Sampler, generate
-from dpllama.llm import LLM, load_tokenizer
+from dpllama.llm import LLM
+from dpllama.loaders import load_tokenizer
 from dpllama.model.gguf import load_gguf, write_dpllama_gguf
 from dpllama.model.llama import Llama
 from dpllama.quantize import quantize

@@ -1,31 +1,23 @@
-"""llama2.c checkpoints (Karpathy's export.py): legacy version 0, version 1 (fp32) and version 2 (Q8_0).
-
-All little-endian. Version 0 header: 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads,
-vocab_size, seq_len), a negative vocab_size meaning an unshared classifier. Versions 1 and 2: uint32 magic
-"ak42", int32 version, the same 7 int32 (vocab_size positive), uint8 shared_classifier, version 2 an int32
-group size (unaligned, at byte 37), zero padding to 256 bytes. The tensors that follow are listed, in
-file order, by `_layout`; matrices are row-major [out, in].
+"""Weights from and to llama2.c checkpoints (Karpathy's export.py): the header is `dpllama.formats.llama2c`'s;
+here the tensors after it, listed in file order by `_layout`. Matrices are row-major [out, in].
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import mmap
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
 
 from dpllama.errors import DpllamaError
 from dpllama.fileio import atomic_output
+from dpllama.formats import map_file
+from dpllama.formats.llama2c import DIMS, Header, pack_header, read_header
 from dpllama.model.quant import quantize_q8
 from dpllama.model.weights import (MATRICES, Layer, ModelConfig, Tensor, Weights, check_config, check_values,
                                    layer_shapes)
 
-MAGIC = 0x616B3432      # "ak42" read as a little-endian uint32
-HEADER_BYTES = 256      # versions 1 and 2
-LEGACY_HEADER = struct.Struct("<7i")
 
 
 def _layout(c: ModelConfig, version: int, shared: bool) -> list[tuple[str, tuple[int, ...], str]]:
@@ -55,46 +47,11 @@ def _nbytes(shape: tuple[int, ...], storage: str, group: int) -> int:
     return 4 * n if storage == "f32" else n + 4 * (n // group)
 
 
-def _read_header(path: Path, buf) -> tuple[int, ModelConfig, bool, int, int]:
-    """-> (version, config, shared classifier, group size (version 2, else 0), header bytes)."""
-    def need(n: int) -> None:
-        if len(buf) < n:
-            raise DpllamaError(f"{path}: truncated llama2.c checkpoint: expected at least {n} bytes, "
-                               f"found {len(buf)}")
-
-    need(4)
-    if buf[:4] == b"GGUF":
-        raise DpllamaError(f"{path}: this is a GGUF file, not a llama2.c checkpoint")
-    need(LEGACY_HEADER.size)
-    if struct.unpack_from("<I", buf, 0)[0] == MAGIC:
-        version = struct.unpack_from("<i", buf, 4)[0]
-        if version not in (1, 2):
-            raise DpllamaError(f"{path}: unknown llama2.c checkpoint version {version} (expected 1 or 2)")
-        need(HEADER_BYTES)
-        params = LEGACY_HEADER.unpack_from(buf, 8)
-        shared = buf[36]
-        if shared not in (0, 1):
-            raise DpllamaError(f"{path}: bad shared_classifier flag {shared} (expected 0 or 1)")
-        group = struct.unpack_from("<i", buf, 37)[0] if version == 2 else 0
-        if version == 2 and group <= 0:
-            raise DpllamaError(f"{path}: bad group size {group} (expected a positive int)")
-        header = HEADER_BYTES
-    else:
-        version, params, group, header = 0, LEGACY_HEADER.unpack_from(buf, 0), 0, LEGACY_HEADER.size
-        shared = params[5] > 0          # legacy: negative vocab_size = unshared classifier
-        params = params[:5] + (abs(params[5]),) + params[6:]
-    config = ModelConfig(*params)
+def _read_header(path: Path, buf) -> tuple[Header, ModelConfig]:
+    h = read_header(path, buf)
+    config = ModelConfig(**h.dims)
     check_config(config, f"{path}: llama2.c header")
-    return version, config, bool(shared), group, header
-
-
-def map_file(path: Path):
-    """The whole file, memory-mapped read-only (b"" when empty: an empty file cannot be mapped)."""
-    try:
-        with open(path, "rb") as f:
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
-    except OSError as e:
-        raise DpllamaError(f"{path}: cannot read: {e.strerror}") from None
+    return h, config
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
@@ -108,7 +65,8 @@ def load_llama2c(path: str | os.PathLike) -> Weights:
     path = Path(path)
     buf = map_file(path)
     size = len(buf)
-    version, c, shared, group, offset = _read_header(path, buf)
+    h, c = _read_header(path, buf)
+    version, shared, group, offset = h.version, h.shared, h.group, h.size
     # sized from one layer's layout: the whole one of a header that claims 2^31 layers would never be built
     expected = offset + sum(_nbytes(shape, storage, group) * (c.n_layers if name.startswith("layers.") else 1)
                             for name, shape, storage in _layout(dataclasses.replace(c, n_layers=1), version, shared))
@@ -178,16 +136,8 @@ def write_llama2c(path: str | os.PathLike, weights: Weights, version: int = 0,
         arrays[f"layers.{i}.attn_norm"], arrays[f"layers.{i}.ffn_norm"] = layer.attn_norm, layer.ffn_norm
     arrays["freq_cis_real"], arrays["freq_cis_imag"] = _rope_tables(c)
 
-    params = (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len)
-    if version == 0:
-        header = LEGACY_HEADER.pack(*params[:5], c.vocab_size if shared else -c.vocab_size, c.seq_len)
-    else:
-        header = struct.pack("<Ii7iB", MAGIC, version, *params, shared)
-        header += struct.pack("<i", group) if version == 2 else b""
-        header = header.ljust(HEADER_BYTES, b"\0")
-
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        f.write(header)
+        f.write(pack_header(Header(version, {k: getattr(c, k) for k in DIMS}, shared, group)))
         for name, shape, storage in _layout(c, version, shared):
             a = arrays[name]
             if storage == "f32":

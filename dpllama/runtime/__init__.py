@@ -31,12 +31,12 @@ if _held:
 from dpllama.runtime.config import (DeviceConfig, config_device, defaults, load_config,
                                     shipped_config_for)
 from dpllama.runtime.device import Device, Probe, choose, list_devices, select_device
-from dpllama.runtime.program import dpllama_home, stats as build_stats
+from dpllama.runtime.program import stats as build_stats
 from dpllama.runtime.queue import Accessor, Buffer, Command, Event, Local, Queue
 from pyopencl import Error as OpenCLError       # what a driver call raises, for callers to catch
 
 __all__ = ["Accessor", "Buffer", "Command", "Device", "DeviceConfig", "Event", "Local", "OpenCLError", "Probe", "Queue",
-           "build_stats", "choose", "choose_device", "config_device", "defaults", "dpllama_home", "list_devices",
+           "build_stats", "choose", "choose_device", "config_device", "defaults", "list_devices",
            "load_config", "open_queue", "select_device", "shipped_config_for"]
 
 

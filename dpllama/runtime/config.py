@@ -1,4 +1,4 @@
-"""YAML device configs (configs/*.yaml): which device, queue mode, build options, work-group sizes.
+"""YAML device configs (dpllama/configs/*.yaml, package data): which device, queue mode, build options, work-group sizes.
 
 The schema is SCHEMA below; docs/CONFIG.md explains each key. Loading checks every key and type and
 that a matching device is present, and fails with one line naming the file, the key and what was
@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import yaml
 
 from dpllama.errors import DpllamaError
 from dpllama.runtime.device import Device, choose, list_devices, select_device
-from dpllama.runtime.program import PACKAGE_DIR
 
-CONFIG_DIR = next((p for p in (PACKAGE_DIR / "configs", PACKAGE_DIR.parent / "configs") if p.is_dir()),
-                  PACKAGE_DIR.parent / "configs")
+CONFIG_DIR = files("dpllama") / "configs"   # the shipped configs, in the package in a checkout and installed
 
 # key -> (type, default); nested dicts are sections. Work-group sizes are per kernel family.
 SCHEMA = {
@@ -154,15 +153,19 @@ def parse_config(text: str, path: str = "<string>") -> DeviceConfig:
     return DeviceConfig(values, path)
 
 
+def shipped_configs() -> dict:
+    """Name -> file of every shipped config, in file name order (the order shipped_config_for tries them)."""
+    return {f.name.removesuffix(".yaml"): f for f in sorted(CONFIG_DIR.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".yaml")}
+
+
 def load_config(path: str | Path) -> DeviceConfig:
     p = Path(path)
     if not p.is_file():
-        named = CONFIG_DIR / f"{p.name}.yaml"     # `--config nvidia` names a shipped config
-        if named.is_file():
-            p = named
-        else:
-            raise DpllamaError(f"{path}: config file not found (shipped configs: "
-                               f"{', '.join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml')))})")
+        shipped = shipped_configs()
+        if p.name not in shipped:
+            raise DpllamaError(f"{path}: config file not found (shipped configs: {', '.join(sorted(shipped))})")
+        p = shipped[p.name]     # `--config nvidia` names a shipped config
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -187,7 +190,7 @@ def config_device(cfg: DeviceConfig, devices: list[Device] | None = None) -> tup
 def shipped_config_for(device: Device) -> DeviceConfig:
     """The first shipped config whose `match` fits the device, else the built-in defaults."""
     from dpllama.runtime.device import matches
-    for p in sorted(CONFIG_DIR.glob("*.yaml")):
+    for p in shipped_configs().values():
         cfg = load_config(p)
         if cfg.selector and matches(cfg.selector, device):
             return cfg

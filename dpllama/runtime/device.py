@@ -21,7 +21,7 @@ import pyopencl as cl
 
 from dpllama.errors import DpllamaError
 from dpllama.fileio import atomic_output
-from dpllama.runtime.program import dpllama_home
+from dpllama.paths import dpllama_home
 
 NO_PLATFORM_HELP = (
     "no OpenCL platform found: install one, e.g. PoCL's CPU driver with "

@@ -7,13 +7,13 @@ the source text and the build options: a second process loads the binary and ski
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pyopencl as cl
 
 from dpllama.errors import DpllamaError
 from dpllama.fileio import atomic_output
+from dpllama.paths import dpllama_home
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # installed wheels carry the kernels inside the package; a source checkout has them beside it
@@ -22,10 +22,6 @@ KERNEL_DIR = next((p for p in (PACKAGE_DIR / "cl_kernels", PACKAGE_DIR.parent / 
 COMMON = "common.cl"    # helpers prepended to every program
 
 stats = {"compiled": 0, "loaded": 0}   # observable cache behaviour, for tests and `bench`
-
-
-def dpllama_home() -> Path:
-    return Path(os.environ.get("DPLLAMA_HOME") or Path.home() / ".cache" / "dpllama")
 
 
 class KernelRef:

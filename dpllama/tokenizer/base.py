@@ -41,6 +41,7 @@ class Tokenizer:
     add_bos: bool
     chat_template: str | None = None
     source: str
+    decode_skips: frozenset = frozenset()   # ids decode() leaves out (llama2.c's BOS/EOS markers)
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False,
                parse_special: bool = False) -> list[int]:
@@ -55,9 +56,11 @@ class Tokenizer:
         raise NotImplementedError
 
     def decode(self, ids) -> str:
+        """The text of `ids`, each piece decoded after the one before it."""
         out, prev = [], None
         for t in ids:
-            out.append(self.decode_piece(prev, t))
+            if t not in self.decode_skips:
+                out.append(self.decode_piece(prev, t))
             prev = t
         return b"".join(out).decode("utf-8", "replace")
 

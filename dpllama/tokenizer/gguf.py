@@ -271,6 +271,6 @@ def tokenizer_from_gguf_fields(fields: dict, source: str) -> Tokenizer:
 def load_gguf_tokenizer(path) -> Tokenizer:
     """The tokenizer of a GGUF model, without its weights (dpllama's header parser, not GGUFReader:
     ~0.1 s instead of ~2.5 s on a 49k vocabulary)."""
-    from dpllama.model.gguf import read_gguf
+    from dpllama.formats.gguf import read_gguf
     fields = {k: v for k, v in read_gguf(path).fields.items() if k.startswith("tokenizer.")}
     return tokenizer_from_gguf_fields(fields, str(path))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dpllama.errors import DpllamaError
 from dpllama.tokenizer.base import Tokenizer, merge_by_score, utf8
+from dpllama.tokenizer.gguf import BYTE, CONTROL, NORMAL, UNKNOWN
 
 UNK, BOS, EOS = 0, 1, 2
 # run.c recognises byte tokens with sscanf(piece, "<0x%02hhX>"), which matches this prefix.
@@ -61,6 +62,7 @@ def printable_piece(piece: bytes) -> bytes:
 
 class Llama2cTokenizer(Tokenizer):
     kind = "llama2c"
+    decode_skips = frozenset({BOS, EOS})    # decode() gives the text as run.c prints it, without the markers
 
     def __init__(self, path, vocab_size: int | None = None):
         path = Path(path)
@@ -128,24 +130,14 @@ class Llama2cTokenizer(Tokenizer):
     def token_bytes(self, token: int) -> bytes:
         return self.decode_piece(None, token)
 
-    def decode(self, ids) -> str:
-        """Text of ids as run.c would print it, without the BOS/EOS markers."""
-        out, prev = [], None
-        for t in ids:
-            if t not in (BOS, EOS):
-                out.append(self.decode_piece(prev, t))
-            prev = t
-        return b"".join(out).decode("utf-8", "replace")
-
     def special_text(self, token: int) -> str:
         return self.pieces[token].decode("utf-8", "replace").strip()
 
     def gguf_fields(self) -> dict:
         """This vocabulary as GGUF `tokenizer.*` fields (llama.cpp's SentencePiece kind, spaces as
         "▁"), for dpllama's quantized container; SpmTokenizer encodes them to the same ids."""
-        # token types: 1 normal, 2 unknown, 3 control, 6 byte
-        types = [2 if i == 0 else 3 if i in (BOS, EOS) else 6 if re.fullmatch(rb"<0x[0-9A-Fa-f]{2}>", p) else 1
-                 for i, p in enumerate(self.pieces)]
+        types = [UNKNOWN if i == UNK else CONTROL if i in (BOS, EOS)
+                 else BYTE if re.fullmatch(rb"<0x[0-9A-Fa-f]{2}>", p) else NORMAL for i, p in enumerate(self.pieces)]
         try:
             tokens = [p.decode("utf-8").replace(" ", "\u2581") for p in self.pieces]
         except UnicodeDecodeError as e:
@@ -154,4 +146,4 @@ class Llama2cTokenizer(Tokenizer):
         return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
                 "tokenizer.ggml.scores": [float(s) for s in self.scores], "tokenizer.ggml.token_type": types,
                 "tokenizer.ggml.bos_token_id": BOS, "tokenizer.ggml.eos_token_id": EOS,
-                "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.add_bos_token": True}
+                "tokenizer.ggml.unknown_token_id": UNK, "tokenizer.ggml.add_bos_token": True}

