@@ -33,8 +33,8 @@ from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights
 from dpllama.hub import resolve_model
 from dpllama.loaders import load_weights
 from dpllama.quantize import EIGHT_BIT_CHOICES, quantize
-from dpllama.bench import run_once
-from dpllama.devices import read_bandwidth_gb_s
+from dpllama.commands.bench import run_once
+from dpllama.commands.devices import read_bandwidth_gb_s
 from dpllama.runtime import open_queue
 
 STORIES15M = ModelConfig(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, seq_len=256)

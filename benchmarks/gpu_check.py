@@ -46,7 +46,7 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from dpllama import bench, devices
+    from dpllama.commands import bench, devices
     from dpllama.errors import DpllamaError
     from dpllama.runtime import open_queue
 

@@ -7,9 +7,6 @@ template of its own (any llama2.c model) gets ChatML, and the chat says so at th
 """
 from __future__ import annotations
 
-import contextlib
-import sys
-
 from dpllama.generate import Sampler, generate
 from dpllama.llm import LLM
 from dpllama.tokenizer import StreamDecoder
@@ -58,59 +55,3 @@ class Chat:
             self.cached = reply.tokens[:model.pos]      # the tokens fed: the last one was produced, not fed
         finally:
             self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
-
-
-def template_note(tok) -> str:
-    if tok.chat_template:
-        return "chat template: the model's own"
-    model = "a llama2.c model" if tok.kind == "llama2c" else "the model"
-    return f"chat template: ChatML, as {model} has none of its own"
-
-
-def repl(llm: LLM, sampler: Sampler, system: str | None, max_reply: int, stdin=sys.stdin, stdout=sys.stdout,
-         stderr=sys.stderr):
-    """The conversation on a terminal or a pipe. Ctrl-C during a reply stops only the reply (as llama.cpp's
-    chat); at the prompt it quits, as Ctrl-D (end of input) and /exit do."""
-    chat = Chat(llm, sampler, system, max_reply)
-    interactive = stdin.isatty()
-    if interactive:
-        try:
-            import readline  # noqa: F401  (input() gets line editing and history)
-        except ImportError:
-            pass
-        stdout.write("dpllama chat: type a message; /reset starts over; /exit, Ctrl-D or Ctrl-C quits "
-                     "(Ctrl-C during a reply stops the reply)\n")
-    stderr.write(f"dpllama: {template_note(llm.tokenizer)}\n")
-    stderr.flush()
-    while True:
-        try:     # input() drops the newline, so that "" is only the end
-            line = input("> ") + "\n" if interactive else stdin.readline()
-        except (EOFError, KeyboardInterrupt):
-            line = ""
-        if not line:
-            if interactive:
-                stdout.write("\n")
-            return
-        line = line.strip()
-        if not line:
-            continue
-        if line == "/exit":
-            return
-        if line == "/reset":
-            chat = Chat(llm, sampler, system, max_reply)
-            stderr.write("dpllama: the conversation starts over\n")
-            stderr.flush()
-            continue
-        stopped = False
-        with contextlib.closing(chat.reply(line)) as pieces:
-            try:
-                for piece in pieces:
-                    stdout.write(piece)
-                    stdout.flush()
-            except KeyboardInterrupt:
-                stopped = True
-        stdout.write("\n")
-        stdout.flush()
-        if stopped:
-            stderr.write("dpllama: reply stopped (Ctrl-C); Ctrl-C at the prompt quits\n")
-            stderr.flush()

@@ -1,6 +1,6 @@
-"""`dpllama quantize IN OUT`: the quantize-model script.
+"""Quantization to int4 (the `dpllama quantize` command is dpllama/commands/quantize.py).
 
-Reads a llama2.c checkpoint or a GGUF, stores every weight matrix as int4 (8 per 32-bit word, fp16
+From a llama2.c checkpoint or a GGUF, `dpllama quantize` stores every weight matrix as int4 (8 per 32-bit word, fp16
 scales per group, symmetric or with mins) except those kept in 8 bits (`eight_bit`: the embedding table
 and the classifier by default; a tied model's one table is both, kept in 8 bits when either is named),
 and writes dpllama's GGUF container with the model config and the tokenizer inside, so the one file is
@@ -81,37 +81,3 @@ def quantize(weights: Weights, group: int = 32, symmetric: bool = False,
     n = sum(k for k, _ in errors)
     overall = float(np.sqrt(sum(k * e * e for k, e in errors) / n))
     return Weights(weights.config, tok, layers, weights.norm, out, dict(weights.meta, rel_rmse=overall))
-
-
-def run(src: str, dst: str, tokenizer: str | None = None, group: int = 32, scheme: str = "asym",
-        eight_bit: tuple[str, ...] = EIGHT_BIT_CHOICES, out=sys.stdout) -> Weights:
-    """The command: load, quantize with a report, write `dst` atomically."""
-    from dpllama import hub
-    from dpllama.fileio import check_output
-    from dpllama.hub import resolve_model
-    from dpllama.loaders import load_weights
-    from dpllama.model.gguf import write_dpllama_gguf
-    from dpllama.tokenizer import Llama2cTokenizer
-    if scheme not in ("sym", "asym"):
-        raise DpllamaError(f"--scheme must be sym or asym, found {scheme!r}")
-    # before any work, a known model's download included (its input is then the cached file)
-    dst_path = check_output(dst, (hub.cached_path(src) if src in hub.MODELS else src, tokenizer))
-    src_path = resolve_model(src)
-    weights = load_weights(src_path)
-    fields = weights.meta.get("tokenizer_fields")
-    if not fields:
-        if tokenizer is None:
-            raise DpllamaError(f"{src}: a llama2.c checkpoint carries no tokenizer: pass -z TOKENIZER.bin "
-                               "so the quantized file is complete")
-        fields = Llama2cTokenizer(tokenizer, weights.config.vocab_size).gguf_fields()
-
-    def report(name: str, t: Tensor, err: float) -> None:
-        fmt = t.kind if t.kind == "f32" else f"{t.kind} g{t.group}" + (" asym" if t.mins is not None else "")
-        out.write(f"\r{name:<24} {t.rows:>6} x {t.cols:<6} {fmt:<14} rel. RMSE {err:.5f}\n")
-
-    q = quantize(weights, group, scheme == "sym", eight_bit, report, progress=True)
-    write_dpllama_gguf(dst_path, q, fields)
-    size = dst_path.stat().st_size
-    out.write(f"overall rel. RMSE {q.meta['rel_rmse']:.5f}; wrote {dst} ({size / 2**20:.1f} MiB, "
-              f"from {src_path.stat().st_size / 2**20:.1f} MiB)\n")
-    return q

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from dpllama import tune
+from dpllama.commands import tune
 from dpllama.runtime import load_config
 from tests.helpers import llama2c_dir
 

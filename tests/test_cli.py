@@ -130,7 +130,8 @@ def test_llama_cpp_habits():
     -t with what looks like a thread count, and a bad value with generate's usage, not the top level's."""
     from dpllama.cli import parser
     for flag in ("-c", "--ctx", "--ctx-size"):
-        assert parser().parse_args(["generate", "-m", "x", flag, "64"]).ctx == 64
+        words = ["generate", "-m", "x", flag, "64"]
+        assert parser(words).parse_args(words).ctx == 64
     assert "--temp T" in run("generate", "--help").stdout
     warned = run("generate", "-m", "/nonexistent/model.bin", "-t", "4")
     assert warned.stderr.splitlines()[0] == ("dpllama: warning: -t 4 is the sampling temperature (llama2.c's -t), "
@@ -169,7 +170,7 @@ def chatty(tmp_path_factory):
 def test_chat_names_its_template(template, kind, note):
     from types import SimpleNamespace
 
-    from dpllama.chat import template_note
+    from dpllama.commands.chat import template_note
     assert template_note(SimpleNamespace(chat_template=template, kind=kind)) == note
 
 

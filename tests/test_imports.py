@@ -26,7 +26,7 @@ ROOMS = {
     "model": ("dpllama.model",),
     "library": ("dpllama.__init__", "dpllama.generate", "dpllama.llm", "dpllama.loaders", "dpllama.chat",
                 "dpllama.quantize"),
-    "commands": ("dpllama.cli", "dpllama.devices", "dpllama.bench", "dpllama.tune"),
+    "commands": ("dpllama.cli", "dpllama.commands"),
     "pyopencl": ("pyopencl",),      # not dpllama's, but a room of its own: only the runtime may enter it
 }
 # room -> the other rooms it may import from, bottom to top

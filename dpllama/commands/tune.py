@@ -7,11 +7,16 @@ correctness tests cover, so tuning changes speed, never results.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
 import time
 
+from dpllama.commands.devices import write_config
+from dpllama.commands.options import add_device, add_model
 from dpllama.generate import Sampler, generate
+from dpllama.hub import resolve_model
+from dpllama.loaders import load_weights
 from dpllama.model.llama import Llama
 from dpllama.runtime import DeviceConfig, open_queue
 
@@ -56,9 +61,6 @@ def measure(model: Llama, phase: str) -> float:
 
 
 def tune(model_path: str, device: str | None, config: str | None, out: str, say=print) -> dict:
-    from dpllama.devices import write_config
-    from dpllama.hub import resolve_model
-    from dpllama.loaders import load_weights
     path = resolve_model(model_path)
     weights = load_weights(path)
     q = open_queue(device, config)
@@ -84,6 +86,14 @@ def tune(model_path: str, device: str | None, config: str | None, out: str, say=
     return found
 
 
-def main(args) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model(p)
+    p.add_argument("--write-config", metavar="PATH", required=True, help="where to write the tuned config")
+    add_device(p, ctx=False, config_help="config to start from (default: $DPLLAMA_CONFIG, else the device's "
+                                         "shipped one)")
+
+
+def run(args: argparse.Namespace) -> int:
     tune(args.model, args.device, args.config, args.write_config,
          say=lambda s: print(f"dpllama tune: {s}", file=sys.stderr, flush=True))
+    return 0

@@ -9,6 +9,7 @@ is noisy.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -19,14 +20,16 @@ import time
 
 import numpy as np
 
+from dpllama.commands.options import add_device, add_model
 from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler, generate
+from dpllama.hub import resolve_model
+from dpllama.loaders import load_weights
 from dpllama.model.llama import Llama
 from dpllama.runtime import build_stats, open_queue
 
 
 def _load(path, device, config, max_seq, profiling=False):
-    from dpllama.loaders import load_weights
     t = time.perf_counter()
     weights = load_weights(path)
     model = Llama(weights, open_queue(device, config, profiling=profiling), max_seq=max_seq)
@@ -39,7 +42,7 @@ def _cold_load_s(path, device, config, max_seq) -> float:
     ($DPLLAMA_HOME) and the OpenCL driver's own (PoCL's POCL_CACHE_DIR), which a process reads once."""
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, DPLLAMA_HOME=tmp, POCL_CACHE_DIR=tmp)
-        code = ("import sys, json; from dpllama.bench import _load; "
+        code = ("import sys, json; from dpllama.commands.bench import _load; "
                 "print(json.dumps(_load(sys.argv[1], *json.loads(sys.argv[2]))[1]))")
         r = subprocess.run([sys.executable, "-c", code, str(path), json.dumps([device, config, max_seq])],
                            env=env, capture_output=True, text=True)
@@ -77,7 +80,6 @@ def run_once(model, prompt: list[int], n_gen: int) -> dict:
 
 def bench(model_path: str, device=None, config=None, n_prompt=512, n_gen=128, repeat=1, profile=False,
           progress=True) -> dict:
-    from dpllama.hub import resolve_model
     path = resolve_model(model_path)
     say = (lambda s: print(f"dpllama bench: {s}", file=sys.stderr, flush=True)) if progress else (lambda s: None)
     max_seq = n_prompt + n_gen
@@ -131,7 +133,22 @@ def format_text(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model(p)
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
+    p.add_argument("--gen", type=int, default=128, help="generated tokens (default 128)")
+    p.add_argument("--repeat", type=int, default=1, help="runs; the median and the spread are reported")
+    p.add_argument("--profile", action="store_true", help="kernel time by kernel, from profiling events")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    add_device(p, ctx=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.prompt < 1 or args.gen < 2 or args.repeat < 1:
+        raise DpllamaError(f"need --prompt >= 1, --gen >= 2, --repeat >= 1; found {args.prompt}, {args.gen}, "
+                           f"{args.repeat}")
     r = bench(args.model, args.device, args.config, args.prompt, args.gen, args.repeat, args.profile,
               progress=not args.quiet)
     print(json.dumps(r, indent=2) if args.json else format_text(r))
+    return 0

@@ -3,6 +3,7 @@ why the others were passed over, the config that applies; optionally a written c
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpllama.commands.options import add_device
 from dpllama.errors import DpllamaError
 from dpllama.fileio import atomic_output
 from dpllama.runtime import (Device, DeviceConfig, Local, OpenCLError, build_stats, choose_device, list_devices,
@@ -198,8 +200,21 @@ def check_line(r: dict) -> str:
             f"check.cl {r['build']} in {r['build_s']:.2f} s, on {r['device']}")
 
 
-def run(selector: str | None = None, config: str | None = None, as_json: bool = False,
-        write_path: str | None = None, run_check: bool = False) -> int:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_device(p, ctx=False)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--write-config", metavar="PATH",
+                   help="write a YAML config for the selected device, to edit and pass as --config")
+    p.add_argument("--check", action="store_true",
+                   help="run small kernels on the selected device and compare with NumPy")
+
+
+def run(args: argparse.Namespace) -> int:
+    return devices(args.device, args.config, as_json=args.json, write_path=args.write_config, run_check=args.check)
+
+
+def devices(selector: str | None = None, config: str | None = None, as_json: bool = False,
+            write_path: str | None = None, run_check: bool = False) -> int:
     """The listing, then the check, then the written config: a config is written only for a device
     that passed the check when both are asked for."""
     s = survey(selector, config)

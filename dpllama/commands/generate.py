@@ -1,0 +1,49 @@
+"""`dpllama generate`: continue a prompt, streaming tokens (llama2.c's run flags)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dpllama.commands.options import add_device, add_model, add_sampling, load_llm, sampler_from
+from dpllama.errors import DpllamaError
+from dpllama.generate import Stats, check_steps
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model(p)
+    p.add_argument("-p", "-i", "--prompt", default="", help="the text to continue (llama2.c's -i)")
+    p.add_argument("-n", "--steps", type=int, default=256,
+                   help="positions to run, prompt included, as llama2.c's -n; 0 = the whole context (default 256)")
+    p.add_argument("--special", action="store_true", help="parse special tokens such as <|im_start|> in the prompt")
+    add_sampling(p, temperature=1.0)
+    add_device(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    steps = check_steps(args.steps, "-n")
+    sampler = sampler_from(args)
+    llm = load_llm(args)
+    ctx = llm.model.seq_len
+    if steps == 0 or steps > ctx:
+        if steps > ctx:
+            print(f"dpllama: -n {steps} is beyond the context of {ctx} tokens; running {ctx}", file=sys.stderr)
+        steps = ctx
+    ids = llm.encode(args.prompt, parse_special=args.special)
+    if len(ids) > ctx:
+        raise DpllamaError(f"the prompt is {len(ids)} tokens, more than the context of {ctx}")
+    out = sys.stdout
+    stream = llm.stream(ids, steps, sampler)
+    for piece in stream:
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    print(timings(stream.stats), file=sys.stderr)
+    return 0
+
+
+def timings(st: Stats) -> str:
+    """The prompt's and the generation's speed, as llama.cpp reports them (prompt: up to the first new token)."""
+    line = f"prompt: {st.prompt_tokens} tokens, {st.prompt_tok_s:.1f} tok/s"
+    if st.generated_tokens > 1:
+        line += f"; generated: {st.generated_tokens} tokens, achieved tok/s: {st.decode_tok_s:.2f}"
+    return line

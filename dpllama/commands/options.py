@@ -1,0 +1,70 @@
+"""Options several commands share, each declared once."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dpllama.errors import DpllamaError
+
+SELECTOR_HELP = ("device selector: cpu, gpu, gpu:1, a device number, platform=NAME, vendor=NAME, name~TEXT, "
+                 "isa=avx2, comma-separated terms all must hold (default: $DPLLAMA_DEVICE, else the best device)")
+CONFIG_HELP = ("YAML device config, or a shipped config's name (cpu, cpu-avx2, cpu-portable, nvidia, amd, intel-arc); "
+               "its `match` section picks the device (default: $DPLLAMA_CONFIG, else the shipped one that matches)")
+
+
+def add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("-m", "--model", required=required,
+                   help="model: a llama2.c .bin, a GGUF (llama.cpp's or dpllama's quantized), or a known name "
+                        "(smollm2-135m, fetched on first use)")
+    p.add_argument("-z", "--tokenizer", help="llama2.c tokenizer.bin (default: tokenizer.bin beside the model); "
+                   "GGUF models carry their own")
+
+
+def add_device(p: argparse.ArgumentParser, ctx: bool = True, config_help: str = CONFIG_HELP) -> None:
+    """--device and --config, and with `ctx` the context length to allocate."""
+    p.add_argument("--device", metavar="SELECTOR", help=SELECTOR_HELP)
+    p.add_argument("--config", metavar="PATH", help=config_help)
+    if ctx:
+        p.add_argument("-c", "--ctx", "--ctx-size", type=int, default=None, metavar="N",
+                       help="context length to allocate (default: the model's)")
+
+
+class Temperature(argparse.Action):
+    """-t/--temperature/--temp. -t is llama2.c's temperature, but `-t 4` reads like llama.cpp's thread count:
+    a whole number from 2 up written after -t gets a warning (after --temperature or --temp it is meant)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        try:
+            t = float(value)
+        except ValueError:
+            raise argparse.ArgumentError(self, f"invalid float value: {value!r}") from None
+        if option_string == "-t" and value.isdigit() and int(value) >= 2:
+            print(f"dpllama: warning: -t {value} is the sampling temperature (llama2.c's -t), not a thread count "
+                  f"(llama.cpp's -t); --temperature {value} says it without this warning", file=sys.stderr)
+        setattr(namespace, self.dest, t)
+
+
+def add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("-t", "--temperature", "--temp", action=Temperature, default=temperature, metavar="T",
+                   help=f"sampling temperature, 0 = greedy (default {temperature})")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling cut, 0 or 1 = off (default 0.9)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="penalty for tokens among the last --repeat-last-n, 1 = off (default 1.0)")
+    p.add_argument("--repeat-last-n", type=int, default=64, help="window of --repeat-penalty: 0 off, -1 the whole history (default 64)")
+    p.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: from the clock)")
+
+
+def sampler_from(args: argparse.Namespace):
+    """The sampler, which checks its arguments: called before the model loads, so that a bad one fails at once."""
+    import time
+    from dpllama.generate import Sampler
+    seed = args.seed if args.seed is not None else time.time_ns()
+    return Sampler(args.temperature, args.top_p, args.top_k, args.repeat_penalty, args.repeat_last_n, seed)
+
+
+def load_llm(args: argparse.Namespace):
+    from dpllama.llm import load
+    if args.ctx is not None and args.ctx < 1:
+        raise DpllamaError(f"--ctx must be at least 1, found {args.ctx}")
+    return load(args.model, args.tokenizer, args.device, args.config, args.ctx)
