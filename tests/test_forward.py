@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dpllama.errors import DpllamaError
+from dpllama.formats import round_up
 from dpllama.generate import Sampler, XorShift, generate
 from dpllama.model.llama import Llama
 from dpllama.model.llama2c import load_llama2c
@@ -276,7 +277,7 @@ def test_stories260K_greedy_no_prompt(stories):
 
 def int4_nbytes(rows: int, cols: int, group: int, asym: bool) -> int:
     """What an int4 matrix costs: 4 bits a weight, an fp16 scale (and min) a group, over whole groups."""
-    cols_p = -(-cols // group) * group
+    cols_p = round_up(cols, group)
     return rows * cols_p // 2 + rows * cols_p // group * 2 * (2 if asym else 1)
 
 
@@ -303,7 +304,7 @@ def test_keep_8bit_none_keeps_int4_embedding_and_classifier(q, tmp_path, tied, s
     # on the device: the same bytes in whole row tiles (a 4-byte placeholder stands in for symmetric mins);
     # DeviceTensor.nbytes is what Llama.weight_bytes (bench's MB per token) counts for the classifier
     V = model.geometry.tile_rows
-    on_device = int4_nbytes(-(-vocab // V) * V, dim, group, asym) + (0 if asym else 4)
+    on_device = int4_nbytes(round_up(vocab, V), dim, group, asym) + (0 if asym else 4)
     for dt in (model.tok_embeddings, model.output):
         assert dt.nbytes == int4_nbytes(vocab, dim, group, asym)
         assert sum(b.nbytes for b in dt.buffers) == on_device

@@ -21,6 +21,7 @@ import zlib
 import numpy as np
 import pytest
 
+from dpllama.formats import round_up
 from dpllama.model import kernels
 from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor
 from dpllama.model.llama import rope_table
@@ -186,7 +187,7 @@ def test_gemv_kernels(q, fmt, geometry, mode, kernel):
     for rows, cols in SHAPES:
         what = f"{kernel} {fmt} {geometry} {GEOMETRIES[geometry]} T={T} [{rows}x{cols}]"
         t = FORMATS[fmt](rng.standard_normal((rows, cols)).astype(np.float32))
-        rtol = gemv_rtol(t.cols_padded if t.kind != "f32" else -(-cols // 8) * 8)
+        rtol = gemv_rtol(t.cols_padded if t.kind != "f32" else round_up(cols, 8))
         X = rng.standard_normal((T, cols)).astype(np.float32)
         if kernel == "gemv_add":
             Y0 = rng.standard_normal((T, rows)).astype(np.float32)
@@ -363,7 +364,7 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T):
     rng = np.random.default_rng(pos * 7 + n_heads + local + T)
     seq_p = 112                                   # a multiple of every POS_VEC, > 100 + 4
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
-    qkv_stride, out_stride = q_dim + 2 * kv_dim + 16, -(-q_dim // 16) * 16 + 16    # out rows: vector stores
+    qkv_stride, out_stride = q_dim + 2 * kv_dim + 16, round_up(q_dim, 16) + 16    # out rows: vector stores
     offset = kv_dim * seq_p
     Q = (2 * rng.standard_normal((T, q_dim))).astype(np.float32)        # peaky enough for softmax to matter
     qkv = np.zeros((T, q_dim + 2 * kv_dim), np.float32)

@@ -12,6 +12,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize, quantize
 
 from dpllama.errors import DpllamaError
+from dpllama.formats import round_up
 from dpllama.formats.gguf import read_gguf
 from dpllama.formats.llama2c import MAGIC
 from dpllama.model.gguf import load_gguf, write_dpllama_gguf
@@ -77,7 +78,7 @@ def test_quantize_int4_error_bounds_and_padding(group, symmetric, source):
     w = int4_test_matrix(source)
     rows, cols = w.shape
     t = quantize_int4(w, group, symmetric)
-    cols_p = -(-cols // group) * group
+    cols_p = round_up(cols, group)
     assert t.data.shape == (rows, cols_p // 8) and t.data.dtype == np.uint32
     assert t.scales.shape == (rows, cols_p // group) and t.scales.dtype == np.float16
     assert (t.mins is None) == symmetric

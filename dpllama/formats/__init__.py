@@ -12,6 +12,11 @@ from dpllama.errors import DpllamaError
 GGUF_MAGIC = b"GGUF"    # a GGUF file's first bytes (a llama2.c checkpoint has none to look for)
 
 
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to whole multiples: an offset to an alignment, a row to whole groups or tiles."""
+    return -(-n // multiple) * multiple
+
+
 def map_file(path: Path):
     """The whole file, memory-mapped read-only (b"" when empty: an empty file cannot be mapped)."""
     try:

@@ -21,7 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWrit
 
 from dpllama.errors import DpllamaError
 from dpllama.fileio import atomic_output
-from dpllama.formats import GGUF_MAGIC, map_file
+from dpllama.formats import GGUF_MAGIC, map_file, round_up
 
 FORMAT_KEY = "dpllama.format"   # the version of dpllama's container (dpllama.model.gguf), absent elsewhere
 FORMAT_VERSION = 1
@@ -148,7 +148,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         alignment = fields.get("general.alignment", GGUF_ALIGNMENT)
         if alignment <= 0 or alignment & (alignment - 1):
             raise DpllamaError(f"{path}: general.alignment is {alignment}, expected a power of two")
-        data_start = -(-cur.pos // alignment) * alignment
+        data_start = round_up(cur.pos, alignment)
         tensors, spans = {}, []
         for name, dims, type_code, offset in infos:
             if type_code not in GGML_QUANT_SIZES:

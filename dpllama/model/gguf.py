@@ -22,6 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 
 from dpllama.errors import DpllamaError
+from dpllama.formats import round_up
 from dpllama.formats.gguf import FORMAT_KEY, FORMAT_VERSION, RawTensor, add_field, read_gguf, write_gguf
 from dpllama.model.quant import q8_0_from_gguf, repack_q4_0, repack_q4_1
 from dpllama.model.weights import (Layer, ModelConfig, Tensor, Weights, check_config, check_values,
@@ -129,7 +130,7 @@ def load_gguf(path: str | os.PathLike) -> Weights:
         group = fields.get(f"dpllama.group.{base}", 0)
         if kind not in ("q8", "int4") or group <= 0 or (kind == "int4" and group % 8):
             raise DpllamaError(f"{path}: bad dpllama layout for {base}: kind {kind!r}, group {group}")
-        cols_p = -(-cols // group) * group
+        cols_p = round_up(cols, group)
         groups = (rows, cols_p // group)
         if kind == "q8":
             t = Tensor("q8", rows, cols, array(f"{base}.qweight", T.I8, (rows, cols_p)),

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpllama.model.layout import DeviceTensor, Geometry, round_up
+from dpllama.formats import round_up
+from dpllama.model.layout import DeviceTensor, Geometry
 from dpllama.runtime import Command, Local, Queue
 
 

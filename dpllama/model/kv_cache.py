@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpllama.model.layout import round_up
+from dpllama.formats import round_up
 from dpllama.runtime import Queue
 
 

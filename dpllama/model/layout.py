@@ -13,12 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dpllama.formats import round_up
 from dpllama.model.weights import Tensor
 from dpllama.runtime import DeviceConfig, Queue
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def pow2_divisor(n: int, limit: int = 16) -> int:

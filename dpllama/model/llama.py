@@ -30,17 +30,15 @@ import numpy as np
 from dpllama.errors import DpllamaError
 from dpllama.model import kernels
 from dpllama.model.kv_cache import KVCache, Sequence, zeros
-from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor, round_up, weight_defines
-from dpllama.model.weights import Tensor, Weights
+from dpllama.formats import round_up
+from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor, weight_defines
+from dpllama.model.weights import Tensor, Weights, rope_angles
 from dpllama.runtime import Buffer, Queue
 
 
 def rope_table(seq_len: int, head_dim: int, theta: float) -> np.ndarray:
-    """(cos, sin) of pos * theta^(-2i/head_dim) for every position and pair, float32[seq, hd/2, 2],
-    in float32 arithmetic as llama2.c's run.c computes it."""
-    j = np.arange(0, head_dim, 2, dtype=np.float32)
-    freq = np.float32(1.0) / np.power(np.float32(theta), j / np.float32(head_dim))
-    angle = np.arange(seq_len, dtype=np.float32)[:, None] * freq[None, :]
+    """(cos, sin) of RoPE's angle for every position and pair, float32[seq, hd/2, 2]."""
+    angle = rope_angles(np.arange(seq_len), head_dim, theta)
     return np.ascontiguousarray(np.stack([np.cos(angle), np.sin(angle)], axis=-1), np.float32)
 
 

@@ -16,7 +16,7 @@ from dpllama.formats import map_file
 from dpllama.formats.llama2c import DIMS, Header, pack_header, read_header
 from dpllama.model.quant import quantize_q8
 from dpllama.model.weights import (MATRICES, Layer, ModelConfig, Tensor, Weights, check_config, check_values,
-                                   layer_shapes)
+                                   layer_shapes, rope_angles)
 
 
 
@@ -114,9 +114,7 @@ def _default_group(c: ModelConfig) -> int:
 def _rope_tables(c: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """Version 0's freq_cis_real / freq_cis_imag [seq_len, head_dim / 2]. run.c skips them; written with
     their true values for older readers that use them."""
-    f32 = np.float32     # float32 throughout, as export.py computes them in torch
-    inv_freq = f32(1) / f32(c.rope_theta) ** (np.arange(0, c.head_dim, 2, dtype=f32) / f32(c.head_dim))
-    angles = np.outer(np.arange(c.seq_len, dtype=f32), inv_freq)
+    angles = rope_angles(np.arange(c.seq_len), c.head_dim, c.rope_theta)
     return np.cos(angles), np.sin(angles)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpllama.model.weights import Tensor, Weights, layer_shapes
+from dpllama.model.weights import Tensor, Weights, layer_shapes, rope_angles
 
 f32 = np.float32
 
@@ -53,15 +53,14 @@ class Reference:
         # np.zeros maps pages lazily, so a long context costs memory only as far as it is used
         self.key_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32)     # [layer, pos, kv_dim]
         self.value_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32)   # [layer, pos, kv_dim]
-        # run.c: pair (j, j+1) of a head (j even) turns at frequency 1 / theta^(j / head_dim), in float32
-        j = np.arange(0, c.head_dim, 2, dtype=f32)
-        self.inv_freq = f32(1) / np.power(f32(c.rope_theta), j / f32(c.head_dim))   # [head_dim / 2]
 
     def rope(self, x: np.ndarray, pos: int) -> np.ndarray:
-        """Rotate ADJACENT pairs (x[2i], x[2i+1]) of every head of x [n * head_dim] by pos * inv_freq[i]."""
-        angle = f32(pos) * self.inv_freq
+        """Rotate ADJACENT pairs (x[2i], x[2i+1]) of every head of x [n * head_dim] by RoPE's angle i at pos
+        (run.c's rotation)."""
+        c = self.config
+        angle = rope_angles([pos], c.head_dim, c.rope_theta)[0]
         cos, sin = np.cos(angle), np.sin(angle)
-        pairs = x.reshape(-1, self.inv_freq.size, 2)
+        pairs = x.reshape(-1, angle.size, 2)
         a, b = pairs[..., 0], pairs[..., 1]
         return np.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(x.shape)
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dpllama.errors import DpllamaError
+from dpllama.formats import round_up
 
-KINDS = ("f32", "q8", "int4")
 
 
 @dataclass
@@ -45,6 +45,15 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.head_dim * self.n_kv_heads
+
+
+def rope_angles(positions, head_dim: int, theta: float) -> np.ndarray:
+    """RoPE's angles pos * theta^(-2i / head_dim) for each position and pair i, float32[positions, head_dim / 2],
+    in float32 arithmetic as llama2.c's run.c computes them: the device's table, the reference's rotation and
+    a llama2.c file's freq_cis tables all come from here."""
+    j = np.arange(0, head_dim, 2, dtype=np.float32)
+    inv_freq = np.float32(1) / np.power(np.float32(theta), j / np.float32(head_dim))
+    return np.asarray(positions, np.float32)[:, None] * inv_freq[None, :]
 
 
 def layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -91,7 +100,7 @@ class Tensor:
 
     @property
     def cols_padded(self) -> int:
-        return self.cols if self.kind == "f32" else -(-self.cols // self.group) * self.group
+        return self.cols if self.kind == "f32" else round_up(self.cols, self.group)
 
     @property
     def nbytes(self) -> int:
