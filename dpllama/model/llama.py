@@ -59,17 +59,17 @@ def _pad_rows(a: np.ndarray, multiple: int) -> np.ndarray:
 
 def tile(a: np.ndarray, rows_per_tile: int) -> np.ndarray:
     """[rows, n] -> the device layout: tiles of V rows, inside a tile the V values of each column
-    side by side (gemv.cl's header)."""
+    side by side (weights.h's header)."""
     a = _pad_rows(a, rows_per_tile)
     return np.ascontiguousarray(a.reshape(-1, rows_per_tile, a.shape[1]).swapaxes(1, 2))
 
 
-# q8 columns in the order gemv.cl reads them: of each 8, word 0 takes 0 1 4 5 and word 1 takes 2 3 6 7
+# q8 columns in the order matrix.cl reads them: of each 8, word 0 takes 0 1 4 5 and word 1 takes 2 3 6 7
 Q8_ORDER = np.array([0, 1, 4, 5, 2, 3, 6, 7])
 
 
 def q8_words(q: np.ndarray) -> np.ndarray:
-    """int8 [rows, cols_p] -> uint32 [rows, cols_p / 4]: 4 columns a word, as bytes q + 128 (gemv.cl's header)."""
+    """int8 [rows, cols_p] -> uint32 [rows, cols_p / 4]: 4 columns a word, as bytes q + 128 (matrix.cl's header)."""
     rows, cols_p = q.shape
     b = q.reshape(rows, cols_p // 8, 8)[:, :, Q8_ORDER].view(np.uint8) ^ np.uint8(0x80)
     return np.ascontiguousarray(b).reshape(rows, cols_p).view("<u4")
@@ -111,13 +111,13 @@ def floats_per_position(c, cfg) -> tuple[int, ...]:
 
 
 class DeviceTensor:
-    """A weight matrix on the device in gemv.cl's tiled layout, and the programs that read its format,
+    """A weight matrix on the device in weights.h's tiled layout, and the programs that read its format,
     by tokens per work-group: 1 to decode, `prefill_tokens` in prefill; `tiles` maps each to the row
     tiles a work-group takes."""
 
     def __init__(self, q: Queue, t: Tensor, name: str, rows_per_tile: int, tiles: dict[int, int]):
         if t.kind == "q8" and t.group % 8:
-            # gemv.cl reads a q8 group as whole 8-column blocks; a smaller group (llama2.c v2 files of widths
+            # matrix.cl reads a q8 group as whole 8-column blocks; a smaller group (llama2.c v2 files of widths
             # not a multiple of 8: stories260K's is 4) goes up as float32, the same values in 4x the memory
             t = Tensor.f32(t.dequantize())
         data = t.data
@@ -140,14 +140,14 @@ class DeviceTensor:
     @property
     def programs(self) -> dict:
         """tokens per work-group -> the program (Llama builds them all at once, with progress)."""
-        return {n: self.q.program("gemv.cl", *d) for n, d in self.defines.items()}
+        return {n: self.q.program("matrix.cl", *d) for n, d in self.defines.items()}
 
     def args(self):
         return [b.read() for b in self.buffers]
 
 
 def matrix_args(t: DeviceTensor, T: int, io: list, strides: tuple, eps=None, extra=()) -> list:
-    """The arguments gemv.cl's matrix kernels share, up to their local scratch: the weight, io (x, (norm
+    """The arguments matrix.cl's matrix kernels share, up to their local scratch: the weight, io (x, (norm
     weight), y as the kernel takes them), the shape, T, the strides of x and y, eps, and `extra`, the
     arguments a fused kernel takes after eps."""
     return [*t.args(), *io, np.int32(t.rows), np.int32(t.cols), np.int32(t.cols_p), np.int32(T),
@@ -172,7 +172,7 @@ class Llama:
         self.seq_p = -(-self.seq_len // pos_vec) * pos_vec
         self.attention_defines = (f"POS_VEC={pos_vec}", f"HD_VEC={_pow2_divisor(c.head_dim)}")
         dim, kv_dim, q_dim = c.dim, c.kv_dim, c.n_heads * c.head_dim
-        # decode's attention inside the QKV launch (gemv.cl's qkv_attention): where the config asks for it
+        # decode's attention inside the QKV launch (matrix.cl's qkv_attention): where the config asks for it
         # for this many KV heads, work-groups are single work-items (CPUs), and a head's rows are whole tiles
         min_kv = cfg["fuse"]["attention_min_kv_heads"]
         self.fused_attention = (bool(min_kv) and c.n_kv_heads >= min_kv and self.gemv_local == 1
@@ -210,10 +210,12 @@ class Llama:
 
         # ---- programs: every variant this model uses, compiled once per device (progress on stderr) ----
         matrices = [self.tok_embeddings, self.output] + [L[k] for L in self.layers for k in ("wqkv", "wo", "w13", "w2")]
-        q.build_all([("layer.cl", self.attention_defines)]
-                    + [("gemv.cl", d) for t in matrices for d in t.defines.values()]
-                    + [("gemv.cl", L["qkv_attention"]) for L in self.layers if L["qkv_attention"]])
-        self.layer_prog = q.program("layer.cl", *self.attention_defines)
+        q.build_all([("attention.cl", self.attention_defines), ("state.cl", ()),
+                     ("sampling.cl", self.tok_embeddings.defines[1])]
+                    + [("matrix.cl", d) for t in matrices for d in t.defines.values()]
+                    + [("matrix.cl", L["qkv_attention"]) for L in self.layers if L["qkv_attention"]])
+        self.attention_prog = q.program("attention.cl", *self.attention_defines)
+        self.state_prog = q.program("state.cl")
 
         # ---- state: activations for up to `chunk` tokens (decode uses row 0), KV cache, tokens, position ----
         n = self.chunk
@@ -233,7 +235,8 @@ class Llama:
         self.advance_commands: dict[int, object] = {}
         R = cfg.work_group("norm")      # the reduction size the device's config asks for
         emb = self.tok_embeddings
-        self.argmax_command = q.command(emb.programs[1].argmax_embed, (R,), (R,), self.logits.read(),
+        argmax_embed = q.program("sampling.cl", *emb.defines[1]).argmax_embed
+        self.argmax_command = q.command(argmax_embed, (R,), (R,), self.logits.read(),
                                         self.tokens.read_write(), self.state.read_write(), np.int32(c.vocab_size),
                                         *emb.args(), self.x.write(), np.int32(c.dim), np.int32(emb.cols_p),
                                         Local(R * 4), Local(R * 4))
@@ -242,7 +245,7 @@ class Llama:
         self.pos = 0
 
     def _qkv_attention_defines(self, wqkv: Tensor) -> tuple[str, ...] | None:
-        """gemv.cl's defines for qkv_attention over [Wq; Wk; Wv] (None when not fused), its tiles decode's."""
+        """matrix.cl's defines for qkv_attention over [Wq; Wk; Wv] (None when not fused), its tiles decode's."""
         if not self.fused_attention:
             return None
         c = self.config
@@ -269,7 +272,7 @@ class Llama:
         """The launches of one forward pass over tokens[pos .. pos + T), recorded on first use."""
         if T in self.commands:
             return self.commands[T]
-        c, q, lp = self.config, self.q, self.layer_prog
+        c, q, ap, sp = self.config, self.q, self.attention_prog, self.state_prog
         q_dim, kv_dim = c.n_heads * c.head_dim, c.kv_dim
         eps = c.norm_eps
         A = self.att_local
@@ -284,7 +287,7 @@ class Llama:
                      np.int32(q_dim), np.int32(kv_dim), np.int32(c.head_dim), np.int32(self.seq_p), off)
             if T == 1 and self.fused_attention:
                 attention = (self.att.read_write(), self.att_out.write(), np.int32(c.n_heads), np.int32(self.q_p))
-                fused = q.program("gemv.cl", *L["qkv_attention"]).qkv_attention
+                fused = q.program("matrix.cl", *L["qkv_attention"]).qkv_attention
                 cmds.append(q.command(fused, (c.n_kv_heads, 1), (1, 1),
                                       *matrix_args(L["wqkv"], 1, qkv_io, (self.dim_p, self.q_p), eps,
                                                          cache + attention),
@@ -292,7 +295,7 @@ class Llama:
             else:
                 cmds += [
                     self._gemv("gemv_norm_rope_kv", L["wqkv"], T, qkv_io, (self.dim_p, self.q_p), eps, cache),
-                    q.command(lp.attention, (c.n_heads * A, T), (A, 1), self.query.read(), self.k_cache.read(),
+                    q.command(ap.attention, (c.n_heads * A, T), (A, 1), self.query.read(), self.k_cache.read(),
                               self.v_cache.read(), self.att.read_write(), self.att_out.write(), self.state.read(),
                               np.int32(c.n_heads), np.int32(c.n_kv_heads), np.int32(c.head_dim),
                               np.int32(self.seq_p), np.int32(self.q_p), np.int32(self.q_p), off, Local(A * 4)),
@@ -304,7 +307,7 @@ class Llama:
                 self._gemv("gemv_add", L["w2"], T, [self.h.read(), self.x.read_write()], (self.hidden_p, self.dim_p)),
             ]
         if T > 1:   # only the last token's logits are wanted: its residual row moves to row 0
-            cmds.append(q.command(lp.move_row, (64,), None, self.x.read_write(), np.int32(T - 1), np.int32(self.dim_p)))
+            cmds.append(q.command(sp.move_row, (64,), None, self.x.read_write(), np.int32(T - 1), np.int32(self.dim_p)))
         cmds.append(self._gemv("gemv_norm", self.output, 1, [self.x.read(), self.norm.read(), self.logits.write()],
                                (self.dim_p, 0), eps))
         self.commands[T] = cmds
@@ -312,7 +315,7 @@ class Llama:
 
     def _advance(self, n: int) -> None:
         if n not in self.advance_commands:
-            self.advance_commands[n] = self.q.command(self.layer_prog.advance, (1,), None,
+            self.advance_commands[n] = self.q.command(self.state_prog.advance, (1,), None,
                                                       self.state.read_write(), np.int32(n))
         self.q.enqueue(self.advance_commands[n])
         self.pos += n
