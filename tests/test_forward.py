@@ -55,7 +55,7 @@ CONFIGS = {     # name -> {section: values changed}
     "gpu-like": {"work_group": GPU_LIKE},
     # the shipped geometry with prompts in chunks of 5, so a prompt spans several chunks and a partial one
     "chunked": {"work_group": dict(prefill_chunk=5)},
-    # decode's attention inside the QKV launch (gemv.cl's qkv_attention), with 8-row tiles (head_dim 8) taken
+    # decode's attention inside the QKV launch (matrix.cl's qkv_attention), with 8-row tiles (head_dim 8) taken
     # 2 at a time, so a KV head's 3 query tiles take two runs
     "fused-attention": {"work_group": dict(tile_rows=8, decode_tiles=2, prefill_chunk=5),
                         "fuse": dict(attention_min_kv_heads=1)},

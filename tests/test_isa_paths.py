@@ -1,7 +1,7 @@
 """Every CPU kernel path and every other OpenCL driver this host can run, each built and checked as a user
 with that CPU or driver would get it.
 
-The device's compiler picks gemv.cl's path from the instruction-set macros it predefines, and the probe picks
+The device's compiler picks matrix.cl's path from the instruction-set macros it predefines, and the probe picks
 the matching CPU config. PoCL 3.1 and later can be told to target an older CPU than the host
 (POCL_KERNELLIB_NAME: avx2 is Haswell, sse2 is a plain x86-64 CPU), so an AVX-512 host also builds and runs the
 real AVX2 and portable code. In a subprocess per path: the probe must report that path, the forward pass of a

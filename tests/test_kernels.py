@@ -1,4 +1,5 @@
-"""Every kernel of gemv.cl and layer.cl against a NumPy reference, over awkward shapes.
+"""Every kernel of matrix.cl, attention.cl, sampling.cl and state.cl against a NumPy reference, over awkward
+shapes.
 
 The references are computed in float64 from the exact float32 inputs (for quantized formats: from
 `Tensor.dequantize()`, the values the kernels must reproduce, not the unquantized matrix), so the tolerances
@@ -9,9 +10,9 @@ Weights go through the library's own layout and binding code (`DeviceTensor`, `f
 activations, caches and outputs are laid out here, with gaps between rows that the kernels must neither read
 (NaN there) nor write (a sentinel there).
 
-Compile cost: on PoCL (2 cores) a gemv.cl program costs ~2.3 s to build, a layer.cl one ~1.1 s, and each
-(kernel, local size) ~0.15 s more at its first launch, after which all is cached on disk; so the grids are kept focused: 26 gemv.cl programs (decode and prefill
-for 9 formats in the CPU geometry, 4 formats in two others) and 4 layer.cl programs.
+Compile cost: on PoCL (2 cores) a matrix.cl program costs ~2.3 s to build, an attention.cl one ~1.1 s, and each
+(kernel, local size) ~0.15 s more at its first launch, after which all is cached on disk; so the grids are kept focused: 26 matrix.cl programs (decode and prefill
+for 9 formats in the CPU geometry, 4 formats in two others) and 4 attention.cl programs.
 """
 from __future__ import annotations
 
@@ -107,8 +108,8 @@ def q(queue):
     return queue
 
 
-def layer_program(q, pos_vec: int = 16, hd_vec: int = 8):
-    return q.program("layer.cl", f"POS_VEC={pos_vec}", f"HD_VEC={hd_vec}")
+def attention_program(q, pos_vec: int = 16, hd_vec: int = 8):
+    return q.program("attention.cl", f"POS_VEC={pos_vec}", f"HD_VEC={hd_vec}")
 
 
 def f32(a) -> np.ndarray:
@@ -128,7 +129,7 @@ def error_scale(t: Tensor, x: np.ndarray) -> np.ndarray:
 
 def x_rounding(t: Tensor, X: np.ndarray) -> np.ndarray | float:
     """q8 and int4 kernels multiply W by x rounded per group to 16-bit steps of max|x over the group| / 32767
-    (gemv.cl's header), each element moved by up to half a step: per token and row, |W| times half steps."""
+    (matrix.cl's header), each element moved by up to half a step: per token and row, |W| times half steps."""
     if t.kind == "f32":
         return 0.0
     T, cols = X.shape
@@ -154,7 +155,7 @@ def check_close(got, want, tol, what):
                              f"tol {np.broadcast_to(tol, want.shape).flat[i[:4]].tolist()}")
 
 
-# ---------------------------------------------------------------- gemv.cl
+# ---------------------------------------------------------------- matrix.cl
 
 def run_gemv(q, kernel: str, t: Tensor, geometry: str, X: np.ndarray, g=None, Y0=None) -> np.ndarray:
     """Upload `t` and launch `kernel` over the rows of X [T, cols], bound by the model's launcher; returns
@@ -221,7 +222,7 @@ def test_gemv_kernels(q, fmt, geometry, mode, kernel):
         assert not got[:, rows:].any(), f"{what}: padding outputs {got[:, rows:]} must be 0"
 
 
-# gemv.cl picks x86 instructions by the macros the compiler defines for the target (VNNI, AVX-512 F16C,
+# matrix.cl picks x86 instructions by the macros the compiler defines for the target (VNNI, AVX-512 F16C,
 # AVX2 pmaddwd) and plain OpenCL C otherwise. This host takes the first paths; the others, which AVX2-only
 # CPUs and GPUs take, are built here by #undef-ing those macros at the top of a copy of the kernels.
 ISA_FALLBACKS = {"avx512-no-vnni": ["__AVX512VNNI__"], "avx2": ["__AVX512VNNI__", "__AVX512F__", "__AVX512BW__"],
@@ -233,8 +234,8 @@ ISA_FALLBACKS = {"avx512-no-vnni": ["__AVX512VNNI__"], "avx2": ["__AVX512VNNI__"
 def test_gemv_isa_fallbacks(q, tmp_path, monkeypatch, isa, fmt):
     kernels = tmp_path / "cl_kernels"
     shutil.copytree(program.KERNEL_DIR, kernels)
-    gemv = kernels / "gemv.cl"
-    gemv.write_text("".join(f"#undef {m}\n" for m in ISA_FALLBACKS[isa]) + gemv.read_text())
+    matrix = kernels / "matrix.cl"
+    matrix.write_text("".join(f"#undef {m}\n" for m in ISA_FALLBACKS[isa]) + matrix.read_text())
     monkeypatch.setattr(program, "KERNEL_DIR", kernels)
     fq = Queue(q.device, q.config, out_of_order=False)
     rng = np.random.default_rng(zlib.crc32(f"{isa} {fmt}".encode()))
@@ -272,7 +273,7 @@ def test_embed(q, fmt, geometry):
         assert not x[:, cols:].any(), f"embed {fmt} cols={cols}: the padding of x must stay zero"
 
 
-# ---------------------------------------------------------------- layer.cl
+# ---------------------------------------------------------------- attention.cl, sampling.cl, state.cl
 
 def rope_reference(x: np.ndarray, pos: int, head_dim: int, theta: float) -> np.ndarray:
     """Rotate (x[j], x[j+1]), j even, by pos * theta^(-(j % head_dim) / head_dim), in float64."""
@@ -297,7 +298,7 @@ ROPE_SHAPES = [(6, 2, 8), (4, 4, 64), (1, 1, 8), (3, 1, 6)]   # (n_heads, n_kv_h
 def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geometry):
     """T tokens at positions pos..pos+T-1 through the fused QKV projection: q rotated into y, k rotated
     and v stored as they are into layer 1 of 2 of the caches (keys [kv_dim][seq_p], values [seq_p][kv_dim],
-    layer.cl's header). The weight is the identity, so the projection is rmsnorm(x) (covered with real
+    attention.h). The weight is the identity, so the projection is rmsnorm(x) (covered with real
     weights by test_gemv_kernels) and every difference is the rotation's or the storing's."""
     rng = np.random.default_rng(pos + n_heads + T)
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
@@ -373,7 +374,7 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T):
     vcache = rng.standard_normal(2 * seq_p * kv_dim).astype(np.float32)     # [layer][seq_p][kv_dim]
     sentinel = np.float32(-77)
     outb = q.buffer(host=rows_with_gaps(np.full((T, q_dim), np.nan, np.float32), out_stride, sentinel))
-    prog = layer_program(q, pos_vec, pow2_divisor(head_dim))
+    prog = attention_program(q, pos_vec, pow2_divisor(head_dim))
     q.submit(prog.attention, (n_heads * local, T), (local, 1), q.buffer(host=rows_with_gaps(qkv, qkv_stride, np.nan)).read(),
              q.buffer(host=kcache).read(), q.buffer(host=vcache).read(), q.buffer(T * n_heads * seq_p * 4).read_write(),
              outb.write(), q.buffer(host=np.array([pos, 1], np.int32)).read(), np.int32(n_heads),
@@ -448,7 +449,7 @@ def test_argmax_embed(q, n, local, fmt):
 
 
 def test_advance(q):
-    prog = layer_program(q)
+    prog = q.program("state.cl")
     sb = q.buffer(host=np.array([7, 3], np.int32))
     for n in (1, 1, 5):
         q.submit(prog.advance, (1,), None, sb.read_write(), np.int32(n))

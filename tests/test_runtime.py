@@ -2,8 +2,10 @@
 cache and build errors (that only the runtime imports pyopencl: test_imports.py)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -200,7 +202,9 @@ def test_binary_cache_across_processes(tmp_path, repo_root):
 
 
 def test_build_failure_names_file_and_compiler_log(queue, tmp_path, monkeypatch):
+    (tmp_path / "common.h").write_text((program.KERNEL_DIR / "common.h").read_text())
     (tmp_path / "broken.cl").write_text("// broken on purpose\n"
+                                        '#include "common.h"\n'
                                         "__kernel void f(__global float *x) {\n"
                                         "    x[0] = undefined_name;\n"
                                         "}\n")
@@ -211,12 +215,39 @@ def test_build_failure_names_file_and_compiler_log(queue, tmp_path, monkeypatch)
     message = str(e.value)
     assert str(tmp_path / "broken.cl") in message
     assert "undefined_name" in message
-    assert "broken.cl:3" in message         # the #line directive points past the prepended common.cl
+    assert "broken.cl:4" in message         # the #line directives count broken.cl's own lines, past common.h's
 
 
-def test_missing_kernel_file(queue):
+def test_missing_kernel_file(queue, tmp_path, monkeypatch):
     with pytest.raises(DpllamaError, match="no-such-file.cl: kernel file not found"):
         queue.program("no-such-file.cl")
+    (tmp_path / "a.cl").write_text('#include "gone.h"\n')
+    monkeypatch.setattr(program, "KERNEL_DIR", tmp_path)
+    with pytest.raises(DpllamaError, match=r"gone.h: kernel file not found \(included by a.cl\)"):
+        queue.program("a.cl")
+
+
+def test_cache_key_covers_included_files(queue, tmp_path, monkeypatch):
+    """Editing a header that a program includes (check.cl includes common.h) rebuilds it; one it does not
+    include leaves its binary as it is."""
+    kernels = tmp_path / "cl_kernels"
+    shutil.copytree(program.KERNEL_DIR, kernels)
+    monkeypatch.setattr(program, "KERNEL_DIR", kernels)
+    before = program.cache_path(queue.device, "check.cl")
+    weights = kernels / "weights.h"
+    weights.write_text(weights.read_text() + "// an edit\n")
+    assert program.cache_path(queue.device, "check.cl") == before
+    common = kernels / "common.h"
+    common.write_text(common.read_text() + "// an edit\n")
+    assert program.cache_path(queue.device, "check.cl") != before
+
+
+def test_docstring_example(capsys):
+    """The example at the top of dpllama.runtime's docstring, run as it stands."""
+    import dpllama.runtime
+    example = textwrap.dedent(dpllama.runtime.__doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0])
+    exec(example, {})
+    assert capsys.readouterr().out.strip() == str(np.full(1000, 2, np.float32))
 
 
 def test_buffer_larger_than_the_allocation_limit_is_refused(queue, monkeypatch):

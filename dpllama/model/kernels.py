@@ -101,7 +101,7 @@ def argmax_embed(q: Queue, emb: DeviceTensor, logits, tokens, state, x, vocab_si
     row goes into x for the pass after."""
     R = emb.geometry.reduce
     return SIGNATURES["argmax_embed"].bind(
-        q, emb.program(1), (R,), (R,), logits=logits.read(), tokens=tokens.read_write(), state=state.read_write(),
+        q, q.program("sampling.cl", *emb.defines[1]), (R,), (R,), logits=logits.read(), tokens=tokens.read_write(), state=state.read_write(),
         n=np.int32(vocab_size), **emb.args(), x=x.write(), **ints(cols=emb.cols, cols_p=emb.cols_p),
         best=Local(R * 4), best_i=Local(R * 4))
 

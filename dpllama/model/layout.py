@@ -3,8 +3,8 @@ their launches.
 
 A matrix goes up in its storage format (f32, q8, int4 with per-group fp16 scales and mins), cut into tiles of
 `tile_rows` rows; inside a tile the `tile_rows` values of one column (one packed word for int4) lie side by
-side, so that one vector load fetches that column for the whole tile (the matrix kernels' header in
-cl_kernels says the same from the kernel's side). Several matrices with the same input become one (`fuse_rows`),
+side, so that one vector load fetches that column for the whole tile (cl_kernels/weights.h says the
+same from the kernel's side). Several matrices with the same input become one (`fuse_rows`),
 so that one launch computes them all.
 """
 from __future__ import annotations
@@ -143,7 +143,7 @@ class DeviceTensor:
 
     def program(self, tokens: int):
         """The matrix program for `tokens` tokens per work-group (Llama builds them all at once, with progress)."""
-        return self.q.program("gemv.cl", *self.defines[tokens])
+        return self.q.program("matrix.cl", *self.defines[tokens])
 
     def args(self) -> dict:
         """The weight's arguments, by the kernels' names for them."""

@@ -101,10 +101,12 @@ class Llama:
 
         # ---- programs: every variant this model uses, compiled once per device (progress on stderr) ----
         matrices = [self.tok_embeddings, self.output] + [t for L in self.layers for t in (L.wqkv, L.wo, L.w13, L.w2)]
-        q.build_all([("layer.cl", self.attention_defines)]
-                    + [("gemv.cl", d) for t in matrices for d in t.defines.values()]
-                    + [("gemv.cl", L.qkv_attention) for L in self.layers if L.qkv_attention])
-        self.layer_prog = q.program("layer.cl", *self.attention_defines)
+        q.build_all([("attention.cl", self.attention_defines), ("state.cl", ()),
+                     ("sampling.cl", self.tok_embeddings.defines[1])]
+                    + [("matrix.cl", d) for t in matrices for d in t.defines.values()]
+                    + [("matrix.cl", L.qkv_attention) for L in self.layers if L.qkv_attention])
+        self.attention_prog = q.program("attention.cl", *self.attention_defines)
+        self.state_prog = q.program("state.cl")
 
         # ---- state: activations for up to `chunk` tokens (decode uses row 0), KV cache, the sequence ----
         n = self.chunk
@@ -157,13 +159,13 @@ class Llama:
             x, g, query = self.x.read(), L.attn_norm.read(), self.query.write()
             if T == 1 and self.fused_attention:
                 cmds.append(kernels.qkv_attention(
-                    q, q.program("gemv.cl", *L.qkv_attention), L.wqkv, c.n_kv_heads, x, g, query, eps, kv,
+                    q, q.program("matrix.cl", *L.qkv_attention), L.wqkv, c.n_kv_heads, x, g, query, eps, kv,
                     self.att.read_write(), self.att_out.write(), c.n_heads, self.dim_p, self.q_p))
             else:
                 cmds += [
                     kernels.gemv(q, "gemv_norm_rope_kv", L.wqkv, T, x, query, self.dim_p, self.q_p, g=g, eps=eps,
                                  **kv),
-                    kernels.attention(q, self.layer_prog, geo, T, self.query.read(), cache.k.read(), cache.v.read(),
+                    kernels.attention(q, self.attention_prog, geo, T, self.query.read(), cache.k.read(), cache.v.read(),
                                       self.att.read_write(), self.att_out.write(), seq.state.read(), c.n_heads,
                                       c.n_kv_heads, c.head_dim, cache.seq_p, self.q_p, cache.offset(i, seq.slot)),
                 ]
@@ -174,7 +176,7 @@ class Llama:
                 kernels.gemv(q, "gemv_add", L.w2, T, self.h.read(), self.x.read_write(), self.hidden_p, self.dim_p),
             ]
         if T > 1:   # only the last token's logits are wanted: its residual row moves to row 0
-            cmds.append(kernels.move_row(q, self.layer_prog, self.x, T - 1, self.dim_p))
+            cmds.append(kernels.move_row(q, self.state_prog, self.x, T - 1, self.dim_p))
         cmds.append(kernels.gemv(q, "gemv_norm", self.output, 1, self.x.read(), self.logits.write(), self.dim_p, 0,
                                  g=self.norm.read(), eps=eps))
         self.commands[T] = cmds
@@ -182,7 +184,7 @@ class Llama:
 
     def _advance(self, n: int) -> None:
         if n not in self.advance_commands:
-            self.advance_commands[n] = kernels.advance(self.q, self.layer_prog, self.seq.state, n)
+            self.advance_commands[n] = kernels.advance(self.q, self.state_prog, self.seq.state, n)
         self.q.enqueue(self.advance_commands[n])
         self.seq.pos += n
 

@@ -3,7 +3,7 @@
 It is the oracle the device kernels are tested against, so it favours being obviously right over being
 fast: weights are dequantized once to float32, activations and the KV cache stay float32, except that a
 quantized (q8, int4) matrix multiplies its input rounded to 16-bit steps per group, as the kernels do
-(gemv.cl's header).
+(matrix.cl's header).
 """
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ def check_config(c: ModelConfig, source: str, names: dict[str, str] | None = Non
 
 @dataclass
 class Tensor:
-    """One weight matrix [rows, cols] in one of KINDS."""
+    """One weight matrix [rows, cols] in one of the formats above: f32, q8 or int4."""
     kind: str
     rows: int
     cols: int
@@ -184,7 +184,7 @@ class Layer:
 @dataclass
 class Weights:
     config: ModelConfig
-    tok_embeddings: Tensor          # [vocab, dim], any of KINDS (gemv.cl's embed decodes every format)
+    tok_embeddings: Tensor          # [vocab, dim], any format (matrix.cl's embed decodes every format)
     layers: list[Layer]
     norm: np.ndarray                # float32[dim], final RMSNorm
     output: Tensor                  # [vocab, dim]; `is tok_embeddings` when tied

@@ -1,11 +1,17 @@
 """The device layer: model code talks to this, never to pyopencl.
 
-    q = open_queue("gpu")                          # or a YAML config, or $DPLLAMA_DEVICE
+    import numpy as np
+    from dpllama.runtime import open_queue
+
+    n = 1000
+    q = open_queue()                    # the best device; or a selector ("gpu", "gpu:1"), a config, $DPLLAMA_DEVICE
     x = q.buffer(host=np.ones(n, np.float32))
-    y = q.buffer(4 * n)
-    prog = q.program("elementwise.cl")
-    q.submit(prog.scale, (n,), None, x.read(), y.write(), np.float32(2))
-    print(y.get())                                 # blocks until the kernel that wrote y is done
+    y = q.buffer(host=np.zeros(n, np.float32))
+    prog = q.program("check.cl")        # dpllama/cl_kernels/check.cl, built for the device (cached on disk)
+    q.submit(prog.axpy, (n,), None, x.read(), y.read_write(), np.float32(2), np.int32(n))     # y = 2 x + y
+    print(y.get())                      # blocks until the kernel that wrote y is done: [2. 2. 2. ... 2. 2. 2.]
+
+(tests/test_runtime.py runs this example as it stands.)
 """
 from __future__ import annotations
 

@@ -138,7 +138,7 @@ def parse_config(text: str, path: str = "<string>") -> DeviceConfig:
     for k, n in values["work_group"].items():
         if n == 0:
             raise DpllamaError(f"{path}: key 'work_group.{k}' must be a positive integer, found 0")
-    for k in ("gemv", "reduce", "attention"):     # group_sum/group_max (common.cl) halve the group each step
+    for k in ("gemv", "reduce", "attention"):     # group_sum/group_max (common.h) halve the group each step
         n = values["work_group"][k]
         if n & (n - 1):
             raise DpllamaError(f"{path}: key 'work_group.{k}' must be a power of two, found {n}")

@@ -28,7 +28,7 @@ NO_PLATFORM_HELP = (
     "`pip install 'dpllama[pocl]'` (package pocl-binary-distribution), or your GPU vendor's OpenCL ICD "
     "(NVIDIA driver, intel-opencl-icd, ROCm's rocm-opencl-runtime)")
 
-# What the device's compiler predefines for its target: gemv.cl takes its instruction-set path from these
+# What the device's compiler predefines for its target: matrix.cl takes its instruction-set path from these
 ISA_MACROS = ("__AVX512VNNI__", "__AVX512BW__", "__AVX512F__", "__AVX2__", "__FMA__", "__F16C__", "__AVX__",
               "__SSE4_1__")
 PROBE_SOURCE = ("__kernel void isa(__global int *flags) {\n"
@@ -39,13 +39,13 @@ PROBE_SOURCE = ("__kernel void isa(__global int *flags) {\n"
 class Probe:
     """What a one-line kernel built and run on a device showed: whether its compiler works at all (PoCL 3.0's
     LLVM 14 stops at "unknown target CPU 'generic'" on CPUs newer than itself, e.g. AMD Zen 5), and the
-    instruction-set macros of its target, which choose gemv.cl's path and the CPU config."""
+    instruction-set macros of its target, which choose matrix.cl's path and the CPU config."""
     error: str = ""                     # the compiler's or driver's complaint; "" when the kernel ran
     macros: tuple[str, ...] = ()        # those of ISA_MACROS the compiler defined
 
     @property
     def kernel_path(self) -> str:
-        """gemv.cl's integer path: vpdpwssd (AVX-512 VNNI), AVX-512 without it, pmaddwd (AVX2), or plain
+        """matrix.cl's integer path: vpdpwssd (AVX-512 VNNI), AVX-512 without it, pmaddwd (AVX2), or plain
         OpenCL C (any other CPU, every GPU)."""
         m = set(self.macros)
         if "__AVX512F__" in m:

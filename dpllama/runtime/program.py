@@ -1,12 +1,19 @@
-"""OpenCL programs from cl_kernels/*.cl, with a persistent binary cache.
+"""OpenCL programs from the package's cl_kernels/*.cl, with a persistent binary cache.
+
+A kernel file `#include "name"`s the headers beside it. The host resolves those includes (`source`) and hands
+the compiler one text, rather than passing `-I <kernel dir>`: PoCL (3.0 and 3.1) splits its build options at
+every space, quoted or not, so an -I fails wherever dpllama is installed under a path with a space.
 
 A compile costs about 0.5 s per program on PoCL's CPU device, so binaries are kept on disk under
 $DPLLAMA_HOME/kernels (default ~/.cache/dpllama/kernels), keyed by the device, its driver version,
-the source text and the build options: a second process loads the binary and skips the compiler.
+the source text (every included file's with it) and the build options: a second process loads the binary
+and skips the compiler.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
+import re
 from pathlib import Path
 
 import pyopencl as cl
@@ -15,11 +22,10 @@ from dpllama.errors import DpllamaError
 from dpllama.fileio import atomic_output
 from dpllama.paths import dpllama_home
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-# installed wheels carry the kernels inside the package; a source checkout has them beside it
-KERNEL_DIR = next((p for p in (PACKAGE_DIR / "cl_kernels", PACKAGE_DIR.parent / "cl_kernels") if p.is_dir()),
-                  PACKAGE_DIR.parent / "cl_kernels")
-COMMON = "common.cl"    # helpers prepended to every program
+# package data: the same lookup in a source checkout and in an installed wheel; only read as text (no
+# directory path goes to the compiler), so any importlib.resources loader serves
+KERNEL_DIR = importlib.resources.files("dpllama") / "cl_kernels"
+INCLUDE = re.compile(r'\s*#\s*include\s*"([^"]+)"')     # a line `source` replaces by that file of KERNEL_DIR
 
 stats = {"compiled": 0, "loaded": 0}   # observable cache behaviour, for tests and `bench`
 
@@ -56,17 +62,33 @@ class Program:
 
 
 def source(file: str) -> str:
+    """The text of kernel file `file` as the compiler gets it: each `#include "name"` replaced by that file of
+    KERNEL_DIR, itself resolved, the first time the program includes it and by nothing after (as #pragma once
+    does, so headers need no include guards). #line directives keep compiler messages pointing at the right
+    line of the right file."""
+    return "\n".join(_resolved_lines(file, set(), "")) + "\n"
+
+
+def _resolved_lines(file: str, included: set, by: str) -> list[str]:
     path = KERNEL_DIR / file
     if not path.is_file():
-        raise DpllamaError(f"{path}: kernel file not found")
-    common = KERNEL_DIR / COMMON
-    prefix = common.read_text() + "\n" if common.is_file() and file != COMMON else ""
-    # a #line directive keeps compiler messages pointing at the right line of the right file
-    return f'{prefix}#line 1 "{file}"\n{path.read_text()}'
+        raise DpllamaError(f"{path}: kernel file not found" + (f" (included by {by})" if by else ""))
+    included.add(file)
+    out = [f'#line 1 "{file}"']
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        header = INCLUDE.match(line)
+        if header is None:
+            out.append(line)
+        elif header[1] in included:
+            out.append("")
+        else:
+            out += [*_resolved_lines(header[1], included, file), f'#line {n + 1} "{file}"']
+    return out
 
 
 def cache_path(device, file: str, options: list[str] | tuple = ()) -> Path:
-    """Where the binary of cl_kernels/`file` built for `device` with `options` is kept."""
+    """Where the binary of cl_kernels/`file` built for `device` with `options` is kept: the key hashes the
+    text the compiler gets, so editing any file the program includes rebuilds it."""
     key = hashlib.sha256("\0".join((device.cache_key(), cl.VERSION_TEXT, " ".join(options), source(file))).encode())
     return dpllama_home() / "kernels" / f"{Path(file).stem}-{key.hexdigest()[:32]}.bin"
 

@@ -1,20 +1,8 @@
 // Matrix-vector products over one weight format, and the embedding row lookup.
 //
-// Build with one weight format (docs/ARCHITECTURE.md, "Weight formats" and "Device layout"):
-//   -DW_F32                    w = float weight
-//   -DW_Q8   -DGROUP=g         w = s * q,        q int8, 4 per uint32 (stored as q + 128), s float per group
-//   -DW_INT4 -DGROUP=g         w = s * (q - 8),  q 4-bit, 8 per uint32 along the input dimension, s fp16
-//   -DW_INT4 -DASYM -DGROUP=g  w = s * q + m,    m fp16
-// and -DROWS=V (2, 4, 8 or 16): the rows of one tile, computed together as the lanes of a vector, and
+// Build with one weight format and -DROWS=V (weights.h: the formats and their device layout), and
 // -DTOKENS=n: the input vectors one work-group takes (1 to decode; more in prefill, so that every
 // weight loaded and decoded serves n tokens), and -DTILES=k: the tiles one work-group takes.
-//
-// Device layout: rows are padded to a multiple of V and cut into tiles of V rows; inside a tile the
-// V values of one column (one packed word for int4) lie side by side, so a tile is one contiguous
-// stream and a V-wide vector load fetches that column for all V rows:
-//   f32 floatV w[tiles][cols_p]   q8 uintV w[tiles][cols_p / 4]   int4 uintV w[tiles][cols_p / 8]
-//   scales / mins: floatV (q8) or ushortV fp16 bits (int4) [tiles][cols_p / GROUP]
-// cols_p is a multiple of 8 and of GROUP; activations are zero-padded to it.
 //
 // One work-group computes one tile; its L threads split the columns (L = 1 on CPUs, where the V lanes
 // are the SIMD lanes; L = 32..64 on GPUs) and a tree reduction joins them. The hot loop uses plain
@@ -30,6 +18,10 @@
 // multiply-adds of 16-bit pairs, which x86 does for 32 weights in one instruction (VNNI vpdpwssd; pmaddwd and
 // an add on AVX2), where float math spends a conversion and an FMA per weight, and for int4 a shift and a
 // mask on top (measured: int4 2-3x faster). The offsets (q - 8, q + 128) go into the block sum of x.
+
+#include "common.h"
+#include "weights.h"
+#include "attention.h"      // qkv_attention's attend
 
 #define floatV CAT(float, ROWS)
 #define uintV CAT(uint, ROWS)
@@ -69,8 +61,6 @@ typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-b
 #define PAIR_MASK 0x000f000fu
 #endif
 #endif
-
-#define WEIGHT_ARGS __global const void *w_, __global const void *s_, __global const void *m_
 
 #if defined(W_F32)
 #define BLOCK 8                 // columns a thread takes at a time: one scale group, or 8 floats
@@ -135,7 +125,7 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
     const floatV m = HALF_BITS_TO_FLOAT(((__global const ushortV *)m_)[g]);
 #endif
 #else
-#error "build gemv.cl with one of -DW_F32, -DW_Q8, -DW_INT4"
+#error "build matrix.cl with one of -DW_F32, -DW_Q8, -DW_INT4"
 #endif
     for (int n = 0; n < TOKENS; n++) {
         intV q = part[n * CHAINS];
@@ -149,29 +139,6 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
         acc[n] += s * (qx - 8.0f * sx[n]);
 #endif
     }
-#endif
-}
-
-// Weight (r, c), for the embedding lookup
-inline float weight_at(WEIGHT_ARGS, const int r, const int c, const int cols_p) {
-    const size_t t = r / ROWS, lane = r % ROWS;
-#if defined(W_F32)
-    return ((__global const float *)w_)[(t * cols_p + c) * ROWS + lane];
-#elif defined(W_Q8)
-    const int k = c % 8, slot = (k & 1) | ((k & 4) >> 1) | ((k & 2) << 1);    // its byte among the 8 (header)
-    const uint u = ((__global const uint *)w_)[(t * (cols_p / 4) + c / 8 * 2 + slot / 4) * ROWS + lane];
-    return ((int)((u >> (8 * (slot % 4))) & 255u) - 128)
-         * ((__global const float *)s_)[(t * (cols_p / GROUP) + c / GROUP) * ROWS + lane];
-#else
-    const uint u = ((__global const uint *)w_)[(t * (cols_p / 8) + c / 8) * ROWS + lane];
-    const float q = (float)((u >> (4 * (c % 8))) & 15u);
-    const size_t g = (t * (cols_p / GROUP) + c / GROUP) * ROWS + lane;
-    const float s = vload_half(g, (__global const half *)s_);
-#if defined(ASYM)
-    return s * q + vload_half(g, (__global const half *)m_);
-#else
-    return s * (q - 8.0f);
-#endif
 #endif
 }
 
@@ -329,7 +296,7 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
 // [q; k; v] = [Wq; Wk; Wv] rmsnorm(x, g), then RoPE on q and k at each token's position pos + n
 // (adjacent pairs (x[2i], x[2i+1]) of every head turned by pos * theta^(-2i/head_dim), llama2.c's and
 // llama.cpp's rotation; rope holds (cos, sin) of those angles [seq][head_dim / 2], made on the host).
-// q goes to y; k and v go straight into this layer's KV cache (layout in common.cl): QKV, RoPE
+// q goes to y; k and v go straight into this layer's KV cache (layout in attention.h): QKV, RoPE
 // and the cache append in one launch. ROWS is even and tiles start at multiples of ROWS, so a pair
 // never straddles two tiles.
 #define QKV_ARGS __global float *k_cache, __global float *v_cache, __global const int *state, \
@@ -383,7 +350,7 @@ __kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global c
 // One decode step's QKV and attention in one launch (TOKENS = 1; built with POS_VEC and HD_VEC, GQA = query
 // heads per KV head, head_dim a multiple of ROWS): work-group j takes KV head j's rows of the stacked
 // [Wq; Wk; Wv], its GQA query heads' q, its k and its v (three runs of tiles, TILES at a time), stores
-// them as gemv_norm_rope_kv does, then attends for those query heads (common.cl's attend). It saves a
+// them as gemv_norm_rope_kv does, then attends for those query heads (attention.h's attend). It saves a
 // launch per layer, which dominates small models' steps; with fewer KV heads than cores it would idle
 // some. Work-groups of one work-item only (CPU configs): where several share a tile's columns (GPUs),
 // barriers would sit between the parts, and PoCL's compiler ran for minutes on that build, so it could
@@ -415,15 +382,4 @@ __kernel void embed(WEIGHT_ARGS, __global const int *tokens, __global const int 
     const int n = get_global_id(1), r = tokens[state[0] + n];
     for (int c = get_global_id(0); c < cols; c += get_global_size(0))
         x[(size_t)n * x_stride + c] = weight_at(w_, s_, m_, r, c, cols_p);
-}
-
-// Greedy decoding's step between two forward passes, one work-group (common.cl's argmax_next), which
-// also embeds the token it leaves at tokens[pos + 1] into x, so the next pass starts without an embed
-// launch. The weight arguments are the embedding table's.
-__kernel void argmax_embed(__global const float *logits, __global int *tokens, __global int *state, const int n,
-                           WEIGHT_ARGS, __global float *x, const int cols, const int cols_p,
-                           __local float *best, __local int *best_i) {
-    const int r = max(argmax_next(logits, tokens, state, n, best, best_i), 0);   // -1: the host stops
-    for (int c = get_local_id(0); c < cols; c += get_local_size(0))
-        x[c] = weight_at(w_, s_, m_, r, c, cols_p);
 }

@@ -1,5 +1,7 @@
 // Kernels for `dpllama devices --check` and the runtime tests: tiny, each with an obvious answer.
 
+#include "common.h"
+
 // y[i] = a * x[i] + y[i]
 __kernel void axpy(__global const float *x, __global float *y, const float a, const int n) {
     const int i = get_global_id(0);

@@ -1,0 +1,14 @@
+// The attention kernel, one work-group per query head and token. Build with -DPOS_VEC and -DHD_VEC (vector
+// widths of attention.h's attend). `state` is the model's small int buffer {pos, n_prompt} (state.cl).
+
+#include "attention.h"
+
+// The attention kernel (attention.h's attend), one work-group per head and token.
+__kernel void attention(__global const float *query, __global const float *k_cache, __global const float *v_cache,
+                        __global float *att, __global float *out, __global const int *state,
+                        const int n_heads, const int n_kv_heads, const int head_dim, const int seq_p,
+                        const int q_stride, const int out_stride, const int cache_offset,
+                        __local float *scratch) {
+    attend(get_group_id(0), get_group_id(1), query, k_cache, v_cache, att, out, state, n_heads, n_kv_heads,
+           head_dim, seq_p, q_stride, out_stride, cache_offset, scratch);
+}
