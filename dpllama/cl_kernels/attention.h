@@ -1,7 +1,16 @@
 // The attention body (attend) and the KV cache layout it reads, shared by attention.cl's kernel and matrix.cl's
-// qkv_attention. Only where the program is built with -DPOS_VEC and -DHD_VEC (its vector widths).
+// qkv_attention. The layout's addresses serve every program; attend only those built with -DPOS_VEC and
+// -DHD_VEC (its vector widths).
 
 #include "common.h"
+
+// KV cache layout, per layer: keys [kv_dim][seq_p] (each channel's positions side by side, so one
+// vector load gives a channel of POS_VEC positions), values [seq_p][kv_dim] (each position's channels
+// side by side). seq_p is seq_len rounded up to POS_VEC. matrix.cl's gemv_norm_rope_kv fills it. A layer's
+// part starts at cache_offset (the host's KVCache.offset, dpllama/model/kv_cache.py); within it, these give
+// the key and the value of channel c at position p:
+#define KEY_AT(k_cache, cache_offset, seq_p, c, p) ((k_cache) + (cache_offset) + (size_t)(c) * (seq_p) + (p))
+#define VALUE_AT(v_cache, cache_offset, kv_dim, c, p) ((v_cache) + (cache_offset) + (size_t)(p) * (kv_dim) + (c))
 
 #if defined(POS_VEC)
 #define floatP CAT(float, POS_VEC)      // a run of positions (-DPOS_VEC: 2, 4, 8 or 16)
@@ -14,9 +23,6 @@
 #define EXP_P(v) exp(v)
 #endif
 
-// KV cache layout, per layer: keys [kv_dim][seq_p] (each channel's positions side by side, so one
-// vector load gives a channel of POS_VEC positions), values [seq_p][kv_dim] (each position's channels
-// side by side). seq_p is seq_len rounded up to POS_VEC. matrix.cl's gemv_norm_rope_kv fills it.
 
 // Attention for query head h of token n (a row of query, q_stride apart), at position state[0] + n, over
 // cache positions 0..pos (causal), by the whole work-group. Query head h reads key/value head
@@ -31,8 +37,8 @@ inline void attend(const int h, const int n, __global const float *query, __glob
     const int lid = get_local_id(0), L = get_local_size(0);
     const int pos = state[0] + n, kv_dim = n_kv_heads * head_dim, kvh = h / (n_heads / n_kv_heads);
     __global const float *q = query + (size_t)n * q_stride + h * head_dim;
-    __global const float *kh = k_cache + cache_offset + (size_t)kvh * head_dim * seq_p;
-    __global const float *vh = v_cache + cache_offset + kvh * head_dim;
+    __global const float *kh = KEY_AT(k_cache, cache_offset, seq_p, kvh * head_dim, 0);
+    __global const float *vh = VALUE_AT(v_cache, cache_offset, kv_dim, kvh * head_dim, 0);
     __global float *a = att + ((size_t)n * n_heads + h) * seq_p;
     const float scale = rsqrt((float)head_dim);
 

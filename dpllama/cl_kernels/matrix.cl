@@ -1,10 +1,10 @@
 // Matrix-vector products over one weight format, and the embedding row lookup.
 //
-// Build with one weight format and -DROWS=V (weights.h: the formats and their device layout), and
+// Build with one weight format and -DTILE_ROWS (weights.h: the formats and their device layout), and
 // -DTOKENS=n: the input vectors one work-group takes (1 to decode; more in prefill, so that every
 // weight loaded and decoded serves n tokens), and -DTILES=k: the tiles one work-group takes.
 //
-// One work-group computes one tile; its L threads split the columns (L = 1 on CPUs, where the V lanes
+// One work-group computes one tile; its L threads split the columns (L = 1 on CPUs, where the TILE_ROWS lanes
 // are the SIMD lanes; L = 32..64 on GPUs) and a tree reduction joins them. The hot loop uses plain
 // loads and arithmetic only: PoCL does not inline vload*/vload_half, and a call stops vectorization.
 // For int4 the block sum of x is shared by all rows: sum_k (s*q_k + m) x_k = s * sum q_k x_k + m * sum x_k.
@@ -23,28 +23,28 @@
 #include "weights.h"
 #include "attention.h"      // qkv_attention's attend
 
-#define floatV CAT(float, ROWS)
-#define uintV CAT(uint, ROWS)
-#define ushortV CAT(ushort, ROWS)
-#define as_floatV CAT(as_float, ROWS)
-#define as_uintV CAT(as_uint, ROWS)
-#define intV CAT(int, ROWS)
-#define as_intV CAT(as_int, ROWS)
+#define floatV CAT(float, TILE_ROWS)
+#define uintV CAT(uint, TILE_ROWS)
+#define ushortV CAT(ushort, TILE_ROWS)
+#define as_floatV CAT(as_float, TILE_ROWS)
+#define as_uintV CAT(as_uint, TILE_ROWS)
+#define intV CAT(int, TILE_ROWS)
+#define as_intV CAT(as_int, TILE_ROWS)
 
 #if !defined(W_F32)
 // acc + lo(m) * lo(p) + hi(m) * hi(p) in every 32-bit lane, the halves taken as signed 16-bit integers;
 // p, one int, is the same pair for all lanes. x86's instructions where the compiler targets them (clang's
 // builtins, under the macros it defines for the target: vpdpwssd with VNNI, vpmaddwd and an add on zmm with
 // AVX-512 BW, on two ymm with AVX2), plain integer arithmetic anywhere else.
-#if ROWS == 16 && defined(__AVX512VNNI__)
+#if TILE_ROWS == 16 && defined(__AVX512VNNI__)
 #define MADD(acc, m, p) __builtin_ia32_vpdpwssd512((acc), as_int16(m), (int16)(p))
-#elif ROWS == 16 && defined(__AVX512BW__)
+#elif TILE_ROWS == 16 && defined(__AVX512BW__)
 typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-bit lanes (OpenCL has no short32)
 #define MADD(acc, m, p) ((acc) + __builtin_ia32_pmaddwd512(__builtin_astype((m), shorts32), \
                                                            __builtin_astype((int16)(p), shorts32)))
-#elif ROWS == 8 && defined(__AVX2__)
+#elif TILE_ROWS == 8 && defined(__AVX2__)
 #define MADD(acc, m, p) ((acc) + __builtin_ia32_pmaddwd256(as_short16(m), as_short16((int8)(p))))
-#elif ROWS == 16 && defined(__AVX2__)
+#elif TILE_ROWS == 16 && defined(__AVX2__)
 #define MADD(acc, m, p) ((int16)((acc).lo + __builtin_ia32_pmaddwd256(as_short16((m).lo), as_short16((int8)(p))), \
                                  (acc).hi + __builtin_ia32_pmaddwd256(as_short16((m).hi), as_short16((int8)(p)))))
 #else
@@ -75,7 +75,7 @@ typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-b
 // fp16 bits -> float: one F16C instruction where the compiler targets AVX-512, else integer operations
 // (those handle normal numbers; subnormal scales flush to zero). The widening is clang's
 // __builtin_convertvector, which compiles inline, where convert_uintV is a library call.
-#if ROWS == 16 && defined(__AVX512F__)
+#if TILE_ROWS == 16 && defined(__AVX512F__)
 #define HALF_BITS_TO_FLOAT(h) __builtin_ia32_vcvtph2ps512_mask(as_short16(h), (float16)(0.0f), (ushort)0xffff, 4)
 #else
 #define HALF_EXP(u) (((u) >> 10) & 0x1f)
@@ -86,7 +86,7 @@ typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-b
 
 #define SUM8(v) (((v).s0 + (v).s1) + ((v).s2 + (v).s3) + ((v).s4 + (v).s5) + ((v).s6 + (v).s7))
 
-// acc[n] += the V rows of tile t dotted with block b of token n's input (n < TOKENS): xin[n][BLOCK] as floats,
+// acc[n] += the TILE_ROWS rows of tile t dotted with block b of token n's input (n < TOKENS): xin[n][BLOCK] as floats,
 // or for q8 and int4 xq[n][BLOCK / 2] 16-bit pairs and their scale dx[n]; sx[n] = sum of that block of token
 // n's input (as rounded). Each weight is loaded and decoded once for all tokens.
 // (always_inline and the unrolled loops keep the accumulators in registers: PoCL's compiler left them on the stack)
@@ -146,7 +146,7 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
 // and the TOKENS input rows from tok0 = get_group_id(1) * TOKENS (those < T; x's rows are x_stride
 // apart), acc[tt * TOKENS + n] = tile t0 + tt times row tok0 + n of x, or of x * g / rms(x) when
 // `norm` (RMSNorm fused into the projection after it). Preparing a block of x is scalar work, so a
-// work-group shares it among TILES * ROWS rows. The get_local_size(0) work-items of a group split the
+// work-group shares it among TILES * TILE_ROWS rows. The get_local_size(0) work-items of a group split the
 // columns (GPUs; 1 on CPUs). The result is valid in work-item 0.
 inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float *g, const int norm,
                       const int t0, const int tiles, const int cols, const int cols_p, const int T,
@@ -241,8 +241,8 @@ inline void store_rows(__global float *y, __private const floatV *acc, const int
     for (int tt = 0; tt < TILES; tt++)
         for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
             __global float *yr = y + (size_t)(tok0 + n) * y_stride;
-            const int first = (get_group_id(0) * TILES + tt) * ROWS;
-            for (int i = 0; i < ROWS && first + i < rows; i++) {
+            const int first = (get_group_id(0) * TILES + tt) * TILE_ROWS;
+            for (int i = 0; i < TILE_ROWS && first + i < rows; i++) {
                 const float v = ((const float *)&acc[tt * TOKENS + n])[i];
                 yr[first + i] = add ? yr[first + i] + v : v;
             }
@@ -256,7 +256,7 @@ inline void store_rows(__global float *y, __private const floatV *acc, const int
                   const int y_stride
 #define GEMV_SCRATCH __local floatV *scratch, __local float *scratch_ss
 // a work-group's tiles of a matrix of `rows` rows: the first, and how many (the last group's may be fewer)
-#define GROUP_TILES(rows) (int)get_group_id(0) * TILES, min(TILES, ((rows) + ROWS - 1) / ROWS - (int)get_group_id(0) * TILES)
+#define GROUP_TILES(rows) (int)get_group_id(0) * TILES, min(TILES, ((rows) + TILE_ROWS - 1) / TILE_ROWS - (int)get_group_id(0) * TILES)
 
 // y += W x: a projection that feeds the residual stream adds itself in
 __kernel void gemv_add(WEIGHT_ARGS, __global const float *x, __global float *y, GEMV_ARGS, GEMV_SCRATCH) {
@@ -274,7 +274,7 @@ __kernel void gemv_norm(WEIGHT_ARGS, __global const float *x, __global const flo
 }
 
 // y = silu(gate) * up with [gate; up] = W rmsnorm(x, g): RMSNorm, both FFN projections and SwiGLU in
-// one launch. Each tile holds V/2 gate rows, then the V/2 up rows of the same outputs; rows counts
+// one launch. Each tile holds TILE_ROWS/2 gate rows, then the TILE_ROWS/2 up rows of the same outputs; rows counts
 // both, so there are rows / 2 outputs.
 __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
                                GEMV_ARGS, const float eps, GEMV_SCRATCH) {
@@ -283,11 +283,11 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
     const int tok0 = get_group_id(1) * TOKENS;
     if (get_local_id(0) != 0) return;
     for (int tt = 0; tt < TILES; tt++) {
-        const int first = (get_group_id(0) * TILES + tt) * (ROWS / 2);
+        const int first = (get_group_id(0) * TILES + tt) * (TILE_ROWS / 2);
         for (int n = 0; n < TOKENS && tok0 + n < T; n++)
-            for (int i = 0; i < ROWS / 2 && first + i < rows / 2; i++) {
+            for (int i = 0; i < TILE_ROWS / 2 && first + i < rows / 2; i++) {
                 const float gate = ((const float *)&acc[tt * TOKENS + n])[i];
-                const float up = ((const float *)&acc[tt * TOKENS + n])[i + ROWS / 2];
+                const float up = ((const float *)&acc[tt * TOKENS + n])[i + TILE_ROWS / 2];
                 y[(size_t)(tok0 + n) * y_stride + first + i] = gate / (1.0f + exp(-gate)) * up;
             }
     }
@@ -297,7 +297,7 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
 // (adjacent pairs (x[2i], x[2i+1]) of every head turned by pos * theta^(-2i/head_dim), llama2.c's and
 // llama.cpp's rotation; rope holds (cos, sin) of those angles [seq][head_dim / 2], made on the host).
 // q goes to y; k and v go straight into this layer's KV cache (layout in attention.h): QKV, RoPE
-// and the cache append in one launch. ROWS is even and tiles start at multiples of ROWS, so a pair
+// and the cache append in one launch. TILE_ROWS is even and tiles start at multiples of TILE_ROWS, so a pair
 // never straddles two tiles.
 #define QKV_ARGS __global float *k_cache, __global float *v_cache, __global const int *state, \
                  __global const float *rope, const int q_dim, const int kv_dim, const int head_dim, \
@@ -308,10 +308,10 @@ inline void store_qkv(__private const floatV *acc, const int t0, const int tiles
                       __global float *y, const int y_stride, QKV_ARGS) {
     const int tok0 = get_group_id(1) * TOKENS;
     for (int tt = 0; tt < tiles; tt++) {
-        const int first = (t0 + tt) * ROWS;
+        const int first = (t0 + tt) * TILE_ROWS;
         for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
             const int pos = state[0] + tok0 + n;
-            for (int i = 0; i < ROWS && first + i < rows; i += 2) {
+            for (int i = 0; i < TILE_ROWS && first + i < rows; i += 2) {
                 const int r = first + i;
                 float a = ((const float *)&acc[tt * TOKENS + n])[i], b = ((const float *)&acc[tt * TOKENS + n])[i + 1];
                 if (r < q_dim + kv_dim) {                       // q or k: rotate the pair
@@ -324,11 +324,11 @@ inline void store_qkv(__private const floatV *acc, const int t0, const int tiles
                     y[(size_t)(tok0 + n) * y_stride + r] = a;
                     y[(size_t)(tok0 + n) * y_stride + r + 1] = b;
                 } else if (r < q_dim + kv_dim) {
-                    __global float *kc = k_cache + cache_offset + (size_t)(r - q_dim) * seq_p + pos;
+                    __global float *kc = KEY_AT(k_cache, cache_offset, seq_p, r - q_dim, pos);
                     kc[0] = a;
                     kc[seq_p] = b;
                 } else {
-                    __global float *vc = v_cache + cache_offset + (size_t)pos * kv_dim + (r - q_dim - kv_dim);
+                    __global float *vc = VALUE_AT(v_cache, cache_offset, kv_dim, r - q_dim - kv_dim, pos);
                     vc[0] = a;
                     vc[1] = b;
                 }
@@ -348,7 +348,7 @@ __kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global c
 
 #if defined(POS_VEC) && defined(SOLO)
 // One decode step's QKV and attention in one launch (TOKENS = 1; built with POS_VEC and HD_VEC, GQA = query
-// heads per KV head, head_dim a multiple of ROWS): work-group j takes KV head j's rows of the stacked
+// heads per KV head, head_dim a multiple of TILE_ROWS): work-group j takes KV head j's rows of the stacked
 // [Wq; Wk; Wv], its GQA query heads' q, its k and its v (three runs of tiles, TILES at a time), stores
 // them as gemv_norm_rope_kv does, then attends for those query heads (attention.h's attend). It saves a
 // launch per layer, which dominates small models' steps; with fewer KV heads than cores it would idle
@@ -358,9 +358,9 @@ __kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global c
 __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
                             GEMV_ARGS, const float eps, QKV_ARGS, __global float *att, __global float *att_out,
                             const int n_heads, const int out_stride, GEMV_SCRATCH, __local float *att_scratch) {
-    const int j = get_group_id(0), ht = head_dim / ROWS;
+    const int j = get_group_id(0), ht = head_dim / TILE_ROWS;
     for (int part = 0; part < 3; part++) {      // q of the GQA heads, k, v
-        const int first = part == 0 ? j * GQA * ht : (q_dim + (part - 1) * kv_dim) / ROWS + j * ht;
+        const int first = part == 0 ? j * GQA * ht : (q_dim + (part - 1) * kv_dim) / TILE_ROWS + j * ht;
         const int end = first + (part == 0 ? GQA * ht : ht);
         for (int t0 = first; t0 < end; t0 += TILES) {
             floatV acc[TILES];

@@ -111,7 +111,7 @@ def weight_defines(t: Tensor, tile_rows: int, tiles: int, tokens: int) -> tuple[
     """The matrix program's defines for `t`'s format and a launch geometry."""
     fmt = {"f32": ("W_F32",), "q8": ("W_Q8", f"GROUP={t.group}"),
            "int4": ("W_INT4", f"GROUP={t.group}") + (("ASYM",) if t.mins is not None else ())}[t.kind]
-    return fmt + (f"ROWS={tile_rows}", f"TILES={tiles}", f"TOKENS={tokens}")
+    return fmt + (f"TILE_ROWS={tile_rows}", f"TILES={tiles}", f"TOKENS={tokens}")
 
 
 class DeviceTensor:
