@@ -109,7 +109,7 @@ def q(queue):
 
 
 def attention_program(q, pos_vec: int = 16, hd_vec: int = 8):
-    return q.program("attention.cl", f"POS_VEC={pos_vec}", f"HD_VEC={hd_vec}")
+    return q.program("attention.cl", f"ATTENTION_POSITIONS={pos_vec}", f"HD_VEC={hd_vec}")
 
 
 def f32(a) -> np.ndarray:
@@ -347,7 +347,7 @@ def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geom
 
 
 ATT_SHAPES = [(1, 1, 8), (2, 2, 64), (4, 2, 8), (6, 2, 8), (12, 4, 64), (3, 1, 6)]   # (n_heads, n_kv, hd)
-# (positions per vector, work-items per head); each (POS_VEC, HD_VEC) pair is a build, so POS_VEC 4 runs with
+# (positions per vector, work-items per head); each (ATTENTION_POSITIONS, HD_VEC) pair is a build, so ATTENTION_POSITIONS 4 runs with
 # head_dim 8 only (HD_VEC 8)
 ATT_GEOMETRIES = [(16, 1), (16, 64), (4, 16)]
 
@@ -363,7 +363,7 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T):
     """T query tokens at positions pos..pos+T-1 (a prefill chunk when T > 1), token n attending causally to
     cache positions 0..pos+n of layer 1 of 2; GQA: query head h reads kv head h // (n_heads / n_kv_heads)."""
     rng = np.random.default_rng(pos * 7 + n_heads + local + T)
-    seq_p = 112                                   # a multiple of every POS_VEC, > 100 + 4
+    seq_p = 112                                   # a multiple of every ATTENTION_POSITIONS, > 100 + 4
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
     qkv_stride, out_stride = q_dim + 2 * kv_dim + 16, round_up(q_dim, 16) + 16    # out rows: vector stores
     offset = kv_dim * seq_p
@@ -395,7 +395,7 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T):
             w = np.exp(s - s.max())
             want[n, h * head_dim:(h + 1) * head_dim] = (w / w.sum()) @ V[:p + 1, kv]
     check_close(out[:, :q_dim], want, ATT_ATOL_REL * np.abs(V).max(),
-                f"attention heads={n_heads}/{n_kv_heads} hd={head_dim} pos={pos} T={T} POS_VEC={pos_vec} L={local}")
+                f"attention heads={n_heads}/{n_kv_heads} hd={head_dim} pos={pos} T={T} ATTENTION_POSITIONS={pos_vec} L={local}")
 
 
 @pytest.mark.parametrize("fmt", ["q8g32", "int4g32", "int4asym128"])

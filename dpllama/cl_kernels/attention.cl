@@ -1,4 +1,4 @@
-// The attention kernel, one work-group per query head and token. Build with -DPOS_VEC and -DHD_VEC (vector
+// The attention kernel, one work-group per query head and token. Build with -DATTENTION_POSITIONS and -DHD_VEC (vector
 // widths of attention.h's attend). `state` is the model's small int buffer {pos, n_prompt} (state.cl).
 
 #include "attention.h"

@@ -1,23 +1,23 @@
 // The attention body (attend) and the KV cache layout it reads, shared by attention.cl's kernel and matrix.cl's
-// qkv_attention. The layout's addresses serve every program; attend only those built with -DPOS_VEC and
+// qkv_attention. The layout's addresses serve every program; attend only those built with -DATTENTION_POSITIONS and
 // -DHD_VEC (its vector widths).
 
 #include "common.h"
 
 // KV cache layout, per layer: keys [kv_dim][seq_p] (each channel's positions side by side, so one
-// vector load gives a channel of POS_VEC positions), values [seq_p][kv_dim] (each position's channels
-// side by side). seq_p is seq_len rounded up to POS_VEC. matrix.cl's gemv_norm_rope_kv fills it. A layer's
+// vector load gives a channel of ATTENTION_POSITIONS positions), values [seq_p][kv_dim] (each position's channels
+// side by side). seq_p is seq_len rounded up to ATTENTION_POSITIONS. matrix.cl's gemv_norm_rope_kv fills it. A layer's
 // part starts at cache_offset (the host's KVCache.offset, dpllama/model/kv_cache.py); within it, these give
 // the key and the value of channel c at position p:
 #define KEY_AT(k_cache, cache_offset, seq_p, c, p) ((k_cache) + (cache_offset) + (size_t)(c) * (seq_p) + (p))
 #define VALUE_AT(v_cache, cache_offset, kv_dim, c, p) ((v_cache) + (cache_offset) + (size_t)(p) * (kv_dim) + (c))
 
-#if defined(POS_VEC)
-#define floatP CAT(float, POS_VEC)      // a run of positions (-DPOS_VEC: 2, 4, 8 or 16)
+#if defined(ATTENTION_POSITIONS)
+#define floatP CAT(float, ATTENTION_POSITIONS)  // a run of positions (2, 4, 8 or 16)
 #define floatH CAT(float, HD_VEC)       // a run of head dimensions (-DHD_VEC divides head_dim)
 // exp of a run of positions: on AVX and AVX2 a float16 goes to the library's exp in halves, as a float16
 // passed by value there "changes the ABI" (a compiler warning on every build; see matrix.cl)
-#if POS_VEC == 16 && defined(__AVX__) && !defined(__AVX512F__)
+#if ATTENTION_POSITIONS == 16 && defined(__AVX__) && !defined(__AVX512F__)
 #define EXP_P(v) (float16)(exp((v).lo), exp((v).hi))
 #else
 #define EXP_P(v) exp(v)
@@ -45,7 +45,7 @@ inline void attend(const int h, const int n, __global const float *query, __glob
     // vector running max and sum, reduced once at the end: fmax and a per-lane scalar loop cost calls and
     // scalar work in every iteration on PoCL
     floatP mv = -INFINITY;
-    for (int t0 = lid * POS_VEC; t0 <= pos; t0 += L * POS_VEC) {
+    for (int t0 = lid * ATTENTION_POSITIONS; t0 <= pos; t0 += L * ATTENTION_POSITIONS) {
         // four independent chains of FMAs (one would wait on each one's latency); head_dim is even (RoPE pairs)
         floatP s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
         __global const float *kt = kh + t0;
@@ -61,22 +61,22 @@ inline void attend(const int h, const int n, __global const float *query, __glob
             s1 += q[d + 1] * *(__global const floatP *)(kt + (size_t)(d + 1) * seq_p);
         }
         floatP s = ((s0 + s1) + (s2 + s3)) * scale;
-        if (t0 + POS_VEC > pos + 1)                                 // the vector runs past the causal edge
-            for (int i = pos + 1 - t0; i < POS_VEC; i++) ((float *)&s)[i] = -INFINITY;
+        if (t0 + ATTENTION_POSITIONS > pos + 1)                                 // the vector runs past the causal edge
+            for (int i = pos + 1 - t0; i < ATTENTION_POSITIONS; i++) ((float *)&s)[i] = -INFINITY;
         *(__global floatP *)(a + t0) = s;
         mv = s > mv ? s : mv;
     }
     float m = -INFINITY;
-    for (int i = 0; i < POS_VEC; i++) m = m > ((float *)&mv)[i] ? m : ((float *)&mv)[i];
+    for (int i = 0; i < ATTENTION_POSITIONS; i++) m = m > ((float *)&mv)[i] ? m : ((float *)&mv)[i];
     m = group_max(m, scratch);
     floatP sv = 0.0f;
-    for (int t0 = lid * POS_VEC; t0 <= pos; t0 += L * POS_VEC) {
+    for (int t0 = lid * ATTENTION_POSITIONS; t0 <= pos; t0 += L * ATTENTION_POSITIONS) {
         const floatP e = EXP_P(*(__global floatP *)(a + t0) - m);
         *(__global floatP *)(a + t0) = e;
         sv += e;
     }
     float sum = 0.0f;
-    for (int i = 0; i < POS_VEC; i++) sum += ((float *)&sv)[i];
+    for (int i = 0; i < ATTENTION_POSITIONS; i++) sum += ((float *)&sv)[i];
     sum = group_sum(sum, scratch);   // its barriers also publish a[] to the whole group
     group_barrier(CLK_GLOBAL_MEM_FENCE);
     for (int d0 = lid * HD_VEC; d0 < head_dim; d0 += L * HD_VEC) {

@@ -346,8 +346,8 @@ __kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global c
                   head_dim, seq_p, cache_offset);
 }
 
-#if defined(POS_VEC) && defined(SOLO)
-// One decode step's QKV and attention in one launch (TOKENS = 1; built with POS_VEC and HD_VEC, GQA = query
+#if defined(ATTENTION_POSITIONS) && defined(SOLO)
+// One decode step's QKV and attention in one launch (TOKENS = 1; built with ATTENTION_POSITIONS and HD_VEC, GQA = query
 // heads per KV head, head_dim a multiple of TILE_ROWS): work-group j takes KV head j's rows of the stacked
 // [Wq; Wk; Wv], its GQA query heads' q, its k and its v (three runs of tiles, TILES at a time), stores
 // them as gemv_norm_rope_kv does, then attends for those query heads (attention.h's attend). It saves a

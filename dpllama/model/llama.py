@@ -68,7 +68,7 @@ class Llama:
         self.geometry = geo = Geometry.of(q.config)
         self.seq_len = min(max_seq or c.seq_len, c.seq_len)
         self.chunk = max(1, min(geo.prefill_chunk, self.seq_len))
-        self.attention_defines = (f"POS_VEC={geo.attention_positions}", f"HD_VEC={pow2_divisor(c.head_dim)}")
+        self.attention_defines = (f"ATTENTION_POSITIONS={geo.attention_positions}", f"HD_VEC={pow2_divisor(c.head_dim)}")
         dim, q_dim = c.dim, c.n_heads * c.head_dim
         # decode's attention inside the QKV launch (qkv_attention): where the config asks for it for this
         # many KV heads, work-groups are single work-items (CPUs), and a head's rows are whole tiles
