@@ -23,7 +23,7 @@ COMMANDS = {
     "chat": "chat with a model in its chat template",
     "tokenize": "print the token ids of a text",
     "quantize": "quantize a model to int4 (dpllama GGUF)",
-    "pull": "download a known model into the cache",
+    "pull": "download a model into the cache: a known name (--list) or hf:OWNER/REPO/FILE.gguf",
     "bench": "measure prompt processing and decode speed",
     "tune": "search work-group sizes on this device and write the fastest config",
 }
