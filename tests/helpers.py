@@ -11,13 +11,15 @@ from gguf.quants import quantize
 
 from dpllama import cli
 from dpllama.loaders import load_weights
-from dpllama.model.gguf import GGUF_LAYER_NAMES, add_hyperparameters
+from dpllama.formats.gguf import add_field
+from dpllama.model.gguf import BIASES, ROPE_FREQS, add_hyperparameters, layer_tensor_name
 from dpllama.model.llama2c import write_llama2c
 from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights, layer_shapes
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TOKENIZER_FIELDS = {        # a tiny GGUF tokenizer, one field of each kind llama.cpp writes
     "tokenizer.ggml.model": "gpt2",
+    "tokenizer.ggml.pre": "smollm",
     "tokenizer.ggml.tokens": [f"t{i}" for i in range(8)],
     "tokenizer.ggml.token_type": [3, 1, 1, 1, 1, 1, 1, 1],
     "tokenizer.ggml.scores": [0.0, -1.5, -2.0, -2.5, -3.0, -3.5, -4.0, -4.5],
@@ -62,10 +64,12 @@ def smollm2_gguf_path() -> Path:
 
 
 def random_weights(dim=32, hidden=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab=40, seq_len=16,
-                   shared=True, seed=0) -> Weights:
-    """A random f32 Llama. Matrices ~ N(0, 1/cols) so every projection keeps unit scale and the logits
-    spread over a few units: argmax decisions are not ties."""
-    c = ModelConfig(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len)
+                   shared=True, seed=0, **architecture) -> Weights:
+    """A random f32 Llama; `architecture` sets ModelConfig's other fields (arch, rope_neox, qkv_bias, ...).
+    Matrices ~ N(0, 1/cols) so every projection keeps unit scale and the logits spread over a few units: argmax
+    decisions are not ties. Biases ~ N(0, 1/4): as large as a projection's typical element, so a bias lost,
+    or added to the wrong row, shows."""
+    c = ModelConfig(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len, **architecture)
     rng = np.random.default_rng(seed)
 
     def matrix(rows, cols):
@@ -74,7 +78,10 @@ def random_weights(dim=32, hidden=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab
     def norm(n):
         return (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    layers = [Layer(**{f: norm(*s) if len(s) == 1 else matrix(*s) for f, s in layer_shapes(c).items()})
+    def vector(field, n):
+        return rng.normal(0, 0.25, n).astype(np.float32) if field in BIASES else norm(n)
+
+    layers = [Layer(**{f: vector(f, *s) if len(s) == 1 else matrix(*s) for f, s in layer_shapes(c).items()})
               for _ in range(n_layers)]
     embedding = Tensor.f32(rng.standard_normal((vocab, dim)))
     return Weights(c, embedding, layers, norm(dim), embedding if shared else matrix(vocab, dim))
@@ -94,30 +101,27 @@ def quantize_cli(src, out, *options) -> Weights:
     return load_weights(out)
 
 
-def write_test_gguf(path, weights: Weights, types=None, arch="llama", drop=(), extra=None) -> dict:
-    """Write f32 `weights` as a llama.cpp-style GGUF with TOKENIZER_FIELDS. `types` maps GGUF tensor
-    names to their type (default F32), quantized with gguf.quants; `drop` names tensors to leave out,
-    `extra` adds {name: float32 array}. Returns {name: (type, the array written)}."""
+def write_test_gguf(path, weights: Weights, types=None, arch=None, drop=(), extra=None, fields=None,
+                    tokenizer=None) -> dict:
+    """Write f32 `weights` as a llama.cpp-style GGUF of architecture `arch` (default the config's) with
+    TOKENIZER_FIELDS, or with `tokenizer`'s {key: value} instead. `types` maps GGUF tensor names to their type
+    (default F32), quantized with gguf.quants; `drop` names tensors to leave out, `extra` adds {name: float32
+    array}, `fields` adds metadata {key: value}. Returns {name: (type, the array written)}."""
     c, types = weights.config, types or {}
     arrays = {"token_embd.weight": weights.tok_embeddings.dequantize(), "output_norm.weight": weights.norm}
     if not weights.tied:
         arrays["output.weight"] = weights.output.dequantize()
+    if c.rope_freq_factors is not None:
+        arrays[ROPE_FREQS] = np.asarray(c.rope_freq_factors, np.float32)
     for i, layer in enumerate(weights.layers):
         for field in layer_shapes(c):
             value = getattr(layer, field)
-            arrays[f"blk.{i}.{GGUF_LAYER_NAMES[field]}.weight"] = (
-                value.dequantize() if isinstance(value, Tensor) else value)
+            arrays[layer_tensor_name(i, field)] = value.dequantize() if isinstance(value, Tensor) else value
     arrays.update(extra or {})
-    w = GGUFWriter(path, arch)
+    w = GGUFWriter(path, arch or c.arch)
     add_hyperparameters(w, c)
-    w.add_tokenizer_model(TOKENIZER_FIELDS["tokenizer.ggml.model"])
-    w.add_token_list(TOKENIZER_FIELDS["tokenizer.ggml.tokens"])
-    w.add_token_types(TOKENIZER_FIELDS["tokenizer.ggml.token_type"])
-    w.add_token_scores(TOKENIZER_FIELDS["tokenizer.ggml.scores"])
-    w.add_token_merges(TOKENIZER_FIELDS["tokenizer.ggml.merges"])
-    w.add_bos_token_id(TOKENIZER_FIELDS["tokenizer.ggml.bos_token_id"])
-    w.add_add_bos_token(TOKENIZER_FIELDS["tokenizer.ggml.add_bos_token"])
-    w.add_chat_template(TOKENIZER_FIELDS["tokenizer.chat_template"])
+    for key, value in {**(tokenizer or TOKENIZER_FIELDS), **(fields or {})}.items():
+        add_field(w, key, value)
     written = {}
     for name, array in arrays.items():
         if name in drop:

@@ -13,10 +13,11 @@ from dpllama.errors import DpllamaError
 from dpllama.formats import round_up
 from dpllama.generate import Sampler, XorShift, generate
 from dpllama.model.llama import Llama
+from dpllama.model.gguf import load_gguf
 from dpllama.model.llama2c import load_llama2c
 from dpllama.model.quant import quantize_int4, quantize_q8
 from dpllama.model.reference import Reference
-from dpllama.model.weights import Layer, Tensor, Weights
+from dpllama.model.weights import Layer, Tensor, Weights, llama3_rope_factors
 from dpllama.runtime import Queue
 from dpllama.runtime.config import dump_config, parse_config
 from dpllama.quantize import GROUPS
@@ -90,8 +91,8 @@ def int4_weights(w: Weights, group: int, symmetric) -> Weights:
         sym = symmetric if symmetric != "mixed" else next(count) % 2 == 0
         return quantize_int4(t.dequantize(), group, symmetric=sym)
 
-    layers = [Layer(**{f.name: quant(v) if isinstance(v, Tensor) else v
-                       for f in dataclasses.fields(Layer) for v in [getattr(L, f.name)]}) for L in w.layers]
+    layers = [dataclasses.replace(L, **{f.name: quant(v) for f in dataclasses.fields(Layer)
+                                        for v in [getattr(L, f.name)] if isinstance(v, Tensor)}) for L in w.layers]
     emb = quantize_q8(w.tok_embeddings.dequantize(), 32)
     return Weights(w.config, emb, layers, w.norm, emb if w.tied else quant(w.output))
 
@@ -413,3 +414,141 @@ def test_logits_that_are_not_finite_stop_generation(q, random_model):
             model.next_greedy()
         model.start([1, 5])
         model.feed(2)
+
+
+# ---------------------------------------------------------------- architectures: qwen2, Llama 3's RoPE scaling, Mistral
+
+# head_dim 8 has 4 RoPE frequencies: theta 500000 gives wavelengths 6.3, 167, 4.4e3 and 1.2e5 positions, so with an
+# original context of 256 (high_freq_factor 4: below 64 kept; low_freq_factor 1: above 256 slowed 8x) Llama 3.1's
+# scaling keeps the first, blends the second and slows the last two: every branch of llama3_rope_factors.
+LLAMA3 = dict(rope_theta=500000.0, rope_freq_factors=llama3_rope_factors(8, 500000.0, 8.0, 1.0, 4.0, 256))
+ARCHITECTURES = {    # name -> ModelConfig fields of a random model
+    "qwen2": dict(arch="qwen2", rope_neox=True, qkv_bias=True, rope_theta=1e6),
+    "llama3": LLAMA3,
+    "llama-qkv-bias": dict(qkv_bias=True),       # llama.cpp's llama takes Q/K/V biases where a file has them
+}
+
+
+def architecture_model(tmp_path, name: str, seed: int = 3) -> Weights:
+    """A random model of architecture `name` (SHAPE, untied), written as a llama.cpp GGUF and loaded back."""
+    path = tmp_path / f"{name}.gguf"
+    write_test_gguf(path, random_weights(**SHAPE, shared=False, seed=seed, **ARCHITECTURES[name]))
+    return load_gguf(path)
+
+
+def test_architectures_load_as_written(tmp_path):
+    for name, fields in ARCHITECTURES.items():
+        w = architecture_model(tmp_path, name)
+        for field, value in fields.items():
+            assert getattr(w.config, field) == value, (name, field)
+        assert (w.layers[1].bq is not None) == w.config.qkv_bias
+    assert LLAMA3["rope_freq_factors"][0] == 1.0 and LLAMA3["rope_freq_factors"][2:] == (8.0, 8.0)
+    assert 1.0 < LLAMA3["rope_freq_factors"][1] < 8.0
+
+
+@pytest.mark.parametrize("feeds", FEEDS)
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_architectures_match_reference(q, tmp_path, name, feeds):
+    """Biases, NEOX RoPE (by the rows' order on the device) and Llama 3's frequencies, prefill and decode, f32
+    and int4, against the reference's direct computation of each."""
+    w = architecture_model(tmp_path, name)
+    for variant in ("f32", "int4-asym-g64"):
+        compare_logits(q, VARIANTS[variant](w), random_tokens(sum(FEEDS[feeds])), FEEDS[feeds], f"{name} {variant}")
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_architectures_match_reference_other_configs(config_q, tmp_path, name):
+    """The same under the GPU-like geometry, prompts across chunks and decode's attention fused into the QKV
+    launch (qkv_attention's store of q and k, with the biases, and its attention on them)."""
+    config, cq = config_q
+    feeds = [12, 1, 1, 3, 1, 1]
+    w = architecture_model(tmp_path, name)
+    assert Llama(w, cq).fused_attention == config.startswith("fused")
+    compare_logits(cq, w, random_tokens(sum(feeds), 5), feeds, f"{name} {config}")
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama3"])
+def test_architectures_through_quantize(q, tmp_path, name):
+    """`dpllama quantize` keeps the architecture, the biases and the RoPE scaling (the file says them as llama.cpp's
+    do: general.architecture, blk.N.attn_q.bias, rope_freqs.weight), and the model it writes runs."""
+    src = tmp_path / "src.gguf"
+    f32 = random_weights(**SHAPE, shared=False, seed=3, **ARCHITECTURES[name])
+    write_test_gguf(src, f32)
+    w = quantize_cli(src, tmp_path / "q.gguf", "--scheme", "asym")
+    for field, value in ARCHITECTURES[name].items():
+        assert getattr(w.config, field) == value, field
+    for a, b in zip(w.layers, f32.layers):
+        for field in ("bq", "bk", "bv"):
+            assert (getattr(a, field) is None and getattr(b, field) is None) or np.array_equal(getattr(a, field),
+                                                                                               getattr(b, field))
+    compare_logits(q, w, random_tokens(sum(FEEDS["prefill"])), FEEDS["prefill"], f"{name} quantized")
+
+
+def test_llama3_scaling_from_metadata(q, tmp_path):
+    """Llama 3.1's scaling given by its parameters (rope.scaling.type "llama3" and the four keys) instead of
+    rope_freqs.weight: the same factors, so the same logits."""
+    w = random_weights(**SHAPE, shared=False, seed=3, **LLAMA3)
+    scaling = {"llama.rope.scaling.type": "llama3", "llama.rope.scaling.factor": 8.0,
+               "llama.rope.scaling.low_freq_factor": 1.0, "llama.rope.scaling.high_freq_factor": 4.0,
+               "llama.rope.scaling.original_context_length": 256}
+    path = tmp_path / "m.gguf"
+    write_test_gguf(path, w, drop={"rope_freqs.weight"}, fields=scaling)
+    loaded = load_gguf(path)
+    assert loaded.config.rope_freq_factors == LLAMA3["rope_freq_factors"]
+    compare_logits(q, loaded, random_tokens(sum(FEEDS["prefill"])), FEEDS["prefill"], "llama3 from metadata")
+
+
+@pytest.mark.parametrize("fields, drop, message", [
+    ({"llama.rope.scaling.type": "llama3", "llama.rope.scaling.factor": 8.0, "llama.rope.scaling.low_freq_factor": 1.0,
+      "llama.rope.scaling.high_freq_factor": 4.0, "llama.rope.scaling.original_context_length": 256}, (),
+     "RoPE scaling given twice, by rope_freqs.weight and by llama.rope.scaling.type: expected one"),
+    ({"llama.rope.scaling.type": "llama3", "llama.rope.scaling.factor": 8.0, "llama.rope.scaling.low_freq_factor": 4.0,
+      "llama.rope.scaling.high_freq_factor": 4.0, "llama.rope.scaling.original_context_length": 256},
+     {"rope_freqs.weight"},
+     r"llama.rope.scaling.\{factor,low_freq_factor,high_freq_factor,original_context_length\} are \[8.0, 4.0, 4.0, "
+     r"256\]: expected factor > 0, 0 < low_freq_factor < high_freq_factor, original_context_length > 0"),
+    ({"llama.rope.scaling.type": "llama3"}, {"rope_freqs.weight"}, "missing GGUF metadata llama.rope.scaling.factor"),
+    ({"llama.rope.scaling.type": "yarn"}, {"rope_freqs.weight"},
+     "llama.rope.scaling.type is 'yarn', expected 'none' or 'llama3' \\(other RoPE scalings are not supported\\)"),
+    ({"llama.expert_count": 8}, (), "llama.expert_count is 8: mixture-of-experts models are not supported"),
+])
+def test_architecture_variants_refused(tmp_path, fields, drop, message):
+    path = tmp_path / "m.gguf"
+    write_test_gguf(path, random_weights(**SHAPE, **LLAMA3), drop=drop, fields=fields)
+    with pytest.raises(DpllamaError, match=f"^{path}: {message}$"):
+        load_gguf(path)
+
+
+def test_rope_freqs_must_be_positive(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_test_gguf(path, random_weights(**SHAPE, rope_freq_factors=(1.0, 0.0, 8.0, 8.0)))
+    with pytest.raises(DpllamaError, match=f"^{path}: impossible model: rope_freqs.weight must be finite and "
+                                           f"positive, found 0.0$"):
+        load_gguf(path)
+
+
+def test_qwen2_needs_its_biases(tmp_path):
+    path = tmp_path / "q.gguf"
+    write_test_gguf(path, random_weights(**SHAPE, **ARCHITECTURES["qwen2"]), drop={"blk.1.attn_v.bias"})
+    with pytest.raises(DpllamaError, match=f"^{path}: missing tensor blk.1.attn_v.bias$"):
+        load_gguf(path)
+
+
+def test_mistral_style_llama(q, tmp_path):
+    """A Mistral 7B file as llama.cpp converts it: architecture llama, GQA 4:1, RoPE base 1e6, a 32k context and a
+    SentencePiece vocabulary, and no sliding window (llama.cpp's llama writes none and attends to the whole
+    context; Mistral 7B v0.2 and later have none). It loads, tokenizes and runs like any llama."""
+    from dpllama import load as load_llm
+    from tests.test_tokenizer import base_pieces, spm_fields
+
+    pieces = base_pieces() + [b" the", b"he", b" t"]
+    tokenizer = spm_fields(pieces, [0.0] * 259 + [-1.0, -2.0, -3.0], **{"tokenizer.ggml.add_bos_token": True})
+    shape = dict(SHAPE, n_heads=8, n_kv_heads=2, dim=64, vocab=len(pieces), seq_len=32768)
+    path = tmp_path / "mistral.gguf"
+    write_test_gguf(path, random_weights(**shape, shared=False, seed=4, rope_theta=1e6), tokenizer=tokenizer)
+    llm = load_llm(str(path), max_seq=64)
+    assert (llm.tokenizer.kind, llm.model.config.n_kv_heads, llm.model.config.rope_theta) == ("spm", 2, 1e6)
+    assert llm.tokenizer.encode("the") == [1, len(pieces) - 3]
+    w = load_gguf(path)
+    w.config.seq_len = 64       # the reference's cache is as long as the context
+    compare_logits(q, w, random_tokens(sum(FEEDS["prefill"])), FEEDS["prefill"], "mistral-style")

@@ -370,7 +370,8 @@ def gguf_base() -> tuple[list, list]:
         ("attention.head_count_kv", "n_kv_heads")]]
     kvs += [("llama.rope.dimension_count", V.UINT32, G["dim"] // G["n_heads"]),
             ("llama.rope.freq_base", V.FLOAT32, 10000.0), ("llama.attention.layer_norm_rms_epsilon", V.FLOAT32, 1e-5),
-            ("tokenizer.ggml.model", V.STRING, "gpt2"), ("tokenizer.ggml.tokens", V.ARRAY, (V.STRING, VOCAB)),
+            ("tokenizer.ggml.model", V.STRING, "gpt2"), ("tokenizer.ggml.pre", V.STRING, "smollm"),
+            ("tokenizer.ggml.tokens", V.ARRAY, (V.STRING, VOCAB)),
             ("tokenizer.ggml.token_type", V.ARRAY, (V.INT32, [3, 1, 1, 1, 1, 1, 1, 3])),
             ("tokenizer.ggml.scores", V.ARRAY, (V.FLOAT32, [0.0] * 8)),
             ("tokenizer.ggml.merges", V.ARRAY, (V.STRING, MERGES)),
@@ -433,6 +434,10 @@ def gguf_metadata_cases():
     for k, (key, vtype, value, bad) in enumerate([
         ("general.architecture", V.STRING, "gpt2", True), ("general.architecture", V.STRING, "", True),
         ("general.architecture", None, None, True), ("general.architecture", V.UINT32, 1, True),
+        ("general.architecture", V.STRING, "qwen2", True),      # no qwen2.* keys, no biases
+        ("llama.rope.scaling.type", V.STRING, "llama3", True),  # without its parameters
+        ("llama.rope.scaling.factor", V.STRING, "8", True), ("llama.expert_count", u, 8, True),
+        ("llama.expert_count", u, 0, False),
         ("general.alignment", u, 0, True), ("general.alignment", u, 3, True), ("general.alignment", u, 48, True),
         ("general.alignment", V.UINT64, 2**63, True), ("general.alignment", u, 16, False),
         ("general.alignment", u, 64, False), ("general.alignment", V.STRING, "32", True),
@@ -440,7 +445,8 @@ def gguf_metadata_cases():
         ("dpllama.format", u, 2, True), ("dpllama.format", u, 1, False), ("dpllama.kind.output", V.STRING, "q8", True),
         ("tokenizer.ggml.model", V.STRING, "bert", True), ("tokenizer.ggml.model", None, None, True),
         ("tokenizer.ggml.model", V.STRING, "llama", False), ("tokenizer.ggml.pre", V.STRING, "llama3", False),
-        ("tokenizer.ggml.pre", V.STRING, "weird", True),
+        ("tokenizer.ggml.pre", V.STRING, "weird", True), ("tokenizer.ggml.pre", None, None, True),
+        ("tokenizer.ggml.pre", V.STRING, "qwen2", False),
         ("tokenizer.ggml.tokens", V.ARRAY, (V.STRING, []), True),
         ("tokenizer.ggml.tokens", V.ARRAY, (V.STRING, ["hi"] * 8), True),
         ("tokenizer.ggml.tokens", V.ARRAY, (V.STRING, VOCAB + [f"t{i}" for i in range(4000)]), True),

@@ -290,22 +290,27 @@ def rope_reference(x: np.ndarray, pos: int, head_dim: int, theta: float) -> np.n
 ROPE_SHAPES = [(6, 2, 8), (4, 4, 64), (1, 1, 8), (3, 1, 6)]   # (n_heads, n_kv_heads, head_dim)
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("geometry", ["cpu", "gpu"])
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("pos", [0, 1, 37])
 @pytest.mark.parametrize("theta", [10000.0, 100000.0])
 @pytest.mark.parametrize("n_heads,n_kv_heads,head_dim", ROPE_SHAPES)
-def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geometry):
+def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geometry, bias):
     """T tokens at positions pos..pos+T-1 through the fused QKV projection: q rotated into y, k rotated
     and v stored as they are into layer 1 of 2 of the caches (keys [kv_dim][seq_p], values [seq_p][kv_dim],
     attention.h). The weight is the identity, so the projection is rmsnorm(x) (covered with real
-    weights by test_gemv_kernels) and every difference is the rotation's or the storing's."""
+    weights by test_gemv_kernels) and every difference is the rotation's or the storing's. With `bias` the
+    QKV_BIAS build adds a bias to every row before the rotation; without, its bias argument is never read
+    (NaN there)."""
     rng = np.random.default_rng(pos + n_heads + T)
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
     rows = q_dim + 2 * kv_dim
     seq_p = 48
     offset = kv_dim * seq_p                       # the second layer's part of the caches
-    dt = DeviceTensor(q, Tensor.f32(np.eye(rows, dtype=np.float32)), "wqkv", GEOMETRIES[geometry][0])
+    dt = DeviceTensor(q, Tensor.f32(np.eye(rows, dtype=np.float32)), "wqkv", GEOMETRIES[geometry][0],
+                      ("QKV_BIAS",) if bias else ())
+    B = rng.standard_normal(rows).astype(np.float32) if bias else np.full(rows, np.nan, np.float32)
     X = rng.standard_normal((T, rows)).astype(np.float32)
     x_stride, y_stride = dt.cols_p + 16, q_dim + 5
     xp = np.zeros((T, dt.cols_p), np.float32)
@@ -317,7 +322,7 @@ def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geom
     kb, vb = q.buffer(host=cache0), q.buffer(host=cache0)
     q.enqueue(kernels.gemv(q, "gemv_norm_rope_kv", dt, T, xb.read(), yb.write(), x_stride, y_stride,
                            g=q.buffer(host=np.ones(dt.cols_p, np.float32)).read(), eps=np.float32(EPS),
-                           k_cache=kb.read_write(), v_cache=vb.read_write(),
+                           bias=q.buffer(host=B).read(), k_cache=kb.read_write(), v_cache=vb.read_write(),
                            state=q.buffer(host=np.array([pos, 1], np.int32)).read(),
                            rope=q.buffer(host=rope_table(seq_p, head_dim, theta)).read(),
                            **kernels.ints(q_dim=q_dim, kv_dim=kv_dim, head_dim=head_dim, seq_p=seq_p,
@@ -328,15 +333,22 @@ def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geom
     V = vb.get()[offset:].reshape(seq_p, kv_dim)
     for n in range(T):
         p = pos + n
-        what = f"rope {geometry} heads={n_heads}/{n_kv_heads} hd={head_dim} theta={theta} token {n} at pos {p}"
+        what = (f"rope {geometry} heads={n_heads}/{n_kv_heads} hd={head_dim} theta={theta} token {n} at pos {p}"
+                f"{' with bias' if bias else ''}")
         x = X[n].astype(np.float64)
         normed = x / np.sqrt(np.mean(x * x) + EPS)
-        for name, got, part in (("q", Y[n, :q_dim], normed[:q_dim]), ("k", K[:, p], normed[q_dim:q_dim + kv_dim])):
+        biased = normed + B if bias else normed
+        # the roundings scale with the magnitudes of the terms (the bias's and the projection's), even where
+        # they cancel; with the bias the add's rounding is within ROPE_RTOL's share
+        mag = np.abs(normed) + np.abs(B) if bias else np.abs(normed)
+        for name, got, rows_of in (("q", Y[n, :q_dim], slice(0, q_dim)), ("k", K[:, p], slice(q_dim, q_dim + kv_dim))):
+            part, m = biased[rows_of], mag[rows_of]
             want = rope_reference(part, p, head_dim, theta)
             pair_len = np.repeat(np.hypot(part[0::2], part[1::2]), 2)
-            tol = ROPE_ANGLE_ATOL_PER_POS * p * pair_len + (ROPE_RTOL + NORM_RTOL) * np.abs(pair_len) + 1e-7
+            pair_mag = np.repeat(np.hypot(m[0::2], m[1::2]), 2)
+            tol = ROPE_ANGLE_ATOL_PER_POS * p * pair_len + (ROPE_RTOL + NORM_RTOL) * pair_mag + 1e-7
             check_close(got, want, tol, f"{what}: {name}")
-        check_close(V[p], normed[q_dim + kv_dim:], NORM_RTOL * np.abs(normed[q_dim + kv_dim:]) + 1e-7,
+        check_close(V[p], biased[q_dim + kv_dim:], NORM_RTOL * mag[q_dim + kv_dim:] + 1e-7,
                     f"{what}: v must be stored as it is")
     written = np.zeros(seq_p, bool)
     written[pos:pos + T] = True

@@ -264,13 +264,15 @@ def test_gguf_header_parser_matches_gguf_reader(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(arch="gpt2"), "unsupported GGUF architecture 'gpt2' \\(expected 'llama'\\)"),
+    (dict(arch="gpt2"), "unsupported GGUF architecture 'gpt2' \\(supported: llama, qwen2\\)"),
     (dict(types={"blk.1.attn_q.weight": T.Q5_0}),
      "tensor blk.1.attn_q.weight has type Q5_0, which dpllama does not support \\(supported: F32, F16, BF16, "
      "Q8_0, Q4_0, Q4_1\\)"),
     (dict(drop={"blk.1.ffn_up.weight"}), "missing tensor blk.1.ffn_up.weight"),
-    (dict(extra={"rope_freqs.weight": np.ones(8, np.float32)}),
-     "unexpected tensor rope_freqs.weight \\(1 in all\\): a model feature dpllama does not implement"),
+    (dict(extra={"blk.1.attn_output.bias": np.ones(64, np.float32)}),
+     "unexpected tensor blk.1.attn_output.bias \\(1 in all\\): a model feature dpllama does not implement"),
+    (dict(extra={"rope_freqs.weight": np.ones(5, np.float32)}),
+     "tensor rope_freqs.weight has shape \\[5\\], expected \\[8\\]"),
     (dict(extra={"blk.0.attn_q.weight": np.ones((64, 32), np.float32)}),
      "tensor blk.0.attn_q.weight has shape \\[64, 32\\], expected \\[64, 64\\]"),
 ])
@@ -279,6 +281,14 @@ def test_gguf_errors(tmp_path, kwargs, message):
     write_test_gguf(path, random_weights(**GGUF_SHAPE), **kwargs)
     with pytest.raises(DpllamaError, match=f"^{path}: {message}$"):
         load_gguf(path)
+
+
+def test_llama2c_cannot_hold_other_architectures(tmp_path):
+    w = random_weights(**GGUF_SHAPE, arch="qwen2", rope_neox=True, qkv_bias=True)
+    with pytest.raises(DpllamaError, match="m.bin: a llama2.c checkpoint cannot hold this qwen2 model's NEOX RoPE, "
+                                           "biases or RoPE scaling: write a GGUF$"):
+        write_llama2c(tmp_path / "m.bin", w)
+    assert not (tmp_path / "m.bin").exists()
 
 
 def test_gguf_corrupted(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from dpllama.model.gguf import load_gguf
 from dpllama.model.llama2c import load_llama2c, write_llama2c
 from dpllama.model.reference import Reference
-from tests.helpers import llama2c_dir, shared_models, smollm2_gguf_path
+from tests.helpers import llama2c_dir, random_weights, shared_models, smollm2_gguf_path
 
 STORIES_PROMPT_LEN = 5      # BOS + " Once upon a time"
 
@@ -59,3 +59,25 @@ def test_smollm2_logits_and_greedy(smollm2, case):
     want = np.load(oracle / f"fp32_{case}_logits0.npy")
     assert np.abs(logits - want).max() < 1e-2     # int16 rounding of int4 matrices' inputs: see test_smollm2.py
     assert greedy(smollm2, prompt, 8)[len(prompt):] == expected[:8]
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_pairs(neox):
+    """The reference's RoPE in Hugging Face's words, in float64: NEOX is q cos + rotate_half(q) sin with the
+    angles repeated over both halves of a head; adjacent pairs (llama2.c, llama.cpp's llama) are the same on
+    each head's even and odd elements. float32 angles (pos x freq, one rounding each: 4 ulp of 37 rad) and
+    products leave ~1e-5 of the pairs' length."""
+    w = random_weights(dim=32, n_heads=2, n_kv_heads=1, rope_neox=neox, rope_theta=1e6,
+                       rope_freq_factors=(1.0, 1.5, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0))
+    ref, x, pos = Reference(w), np.random.default_rng(0).standard_normal(32).astype(np.float32), 37
+    inv_freq = 1e6 ** (-np.arange(0, 16, 2) / 16) / np.array(w.config.rope_freq_factors)
+    angle = pos * inv_freq
+    cos, sin = np.tile(np.cos(angle), 2), np.tile(np.sin(angle), 2)
+    heads = x.astype(np.float64).reshape(2, 16)
+    if not neox:        # adjacent pairs: the same rotation, the pair's elements at 2i and 2i + 1
+        heads = np.concatenate([heads[:, 0::2], heads[:, 1::2]], axis=1)
+    rotate_half = np.concatenate([-heads[:, 8:], heads[:, :8]], axis=1)
+    want = heads * cos + rotate_half * sin
+    if not neox:
+        want = np.stack([want[:, :8], want[:, 8:]], axis=-1).reshape(2, 16)
+    np.testing.assert_allclose(ref.rope(x, pos), want.ravel(), rtol=0, atol=1e-5 * np.abs(x).max() * 2)

@@ -267,8 +267,12 @@ def test_chat_templates(tiny_gpt2):
 def test_gguf_field_errors():
     with pytest.raises(DpllamaError, match=r"x\.gguf: unsupported tokenizer model 'bert'"):
         tokenizer_from_gguf_fields(gpt2_fields(**{"tokenizer.ggml.model": "bert"}), "x.gguf")
-    with pytest.raises(DpllamaError, match=r"x\.gguf: unsupported tokenizer\.ggml\.pre 'klingon'"):
+    with pytest.raises(DpllamaError, match=r"^x\.gguf: unsupported tokenizer\.ggml\.pre 'klingon' \(supported: "
+                                           r"deepseek-r1-qwen, default, gpt-2, llama-bpe, .*\)$"):
         tokenizer_from_gguf_fields(gpt2_fields(**{"tokenizer.ggml.pre": "klingon"}), "x.gguf")
+    with pytest.raises(DpllamaError, match=r"^x\.gguf: GGUF has no tokenizer\.ggml\.pre, the pre-tokenizer a gpt2 "
+                                           r"vocabulary needs \(supported: .*qwen2, refact, smollm, starcoder\)$"):
+        tokenizer_from_gguf_fields({**gpt2_fields(), "tokenizer.ggml.pre": None}, "x.gguf")
     with pytest.raises(DpllamaError, match=r"x\.gguf: GGUF has no tokenizer\.ggml\.tokens"):
         tokenizer_from_gguf_fields({"tokenizer.ggml.model": "gpt2"}, "x.gguf")
     fields = gpt2_fields()
@@ -278,6 +282,82 @@ def test_gguf_field_errors():
     no_bos = tokenizer_from_gguf_fields({**gpt2_fields(), "tokenizer.ggml.bos_token_id": None}, "x.gguf")
     with pytest.raises(DpllamaError, match=r"x\.gguf: GGUF has no valid tokenizer\.ggml\.bos_token_id"):
         no_bos.encode("hi", bos=True)
+
+
+# ---------------------------------------------------------------- pre-tokenizers (tokenizer.ggml.pre)
+
+def pre_splits(pre: str, text: str) -> list[str]:
+    """The pieces dpllama's pre-tokenizer `pre` cuts `text` into, as text (not GPT-2's byte characters)."""
+    from dpllama.tokenizer.gguf import _BYTE_OF_CHAR, pre_tokenizer
+    return [bytes(_BYTE_OF_CHAR[c] for c in piece).decode() for piece, _ in pre_tokenizer(pre).pre_tokenize_str(text)]
+
+
+PRE_TEXT = "Hello world 12345 it's DON'T\n\n  x\t(a+b)=$3.14!! é日本 🦙"
+# Each pre-tokenizer's pieces of PRE_TEXT, worked out by hand from llama.cpp's regexes (llama-vocab.cpp): what
+# tells them apart is digits (runs, threes, ones), contractions (llama3 and qwen2 take 'T as 's), punctuation
+# before a letter (llama3 and qwen2 take "(a"), newlines with the spaces after them, and default's
+# punctuation regex, which goes first and so cuts "it's" into "'" and "s".
+PRE_SPLITS = {
+    "default": ["Hello", " world", " ", "123", "45", " it", "'", "s", " DON", "'", "T", "\n\n ", " x", "\t", "(",
+                "a", "+", "b", ")=$", "3", ".", "14", "!!", " é日本", " 🦙"],
+    "gpt-2": ["Hello", " world", " 12345", " it", "'s", " DON", "'", "T", "\n\n ", " x", "\t", "(", "a", "+", "b",
+              ")=$", "3", ".", "14", "!!", " é日本", " 🦙"],
+    "llama-bpe": ["Hello", " world", " ", "123", "45", " it", "'s", " DON", "'T", "\n\n", " ", " x", "\t", "(a",
+                  "+b", ")=$", "3", ".", "14", "!!", " é日本", " 🦙"],
+    "qwen2": ["Hello", " world", " ", "1", "2", "3", "4", "5", " it", "'s", " DON", "'T", "\n\n", " ", " x", "\t",
+              "(a", "+b", ")=$", "3", ".", "1", "4", "!!", " é日本", " 🦙"],
+    "smollm": ["Hello", " world", " ", "1", "2", "3", "4", "5", " it", "'s", " DON", "'", "T", "\n\n ", " x", "\t",
+               "(", "a", "+", "b", ")=$", "3", ".", "1", "4", "!!", " é日本", " 🦙"],
+}
+
+
+@pytest.mark.parametrize("pre", PRE_SPLITS)
+def test_pre_tokenizer_known_splits(pre):
+    assert pre_splits(pre, PRE_TEXT) == PRE_SPLITS[pre]
+
+
+def hf_pre_tokenizer(pre: str):
+    """The pre-tokenizer each model's own tokenizer.json declares, built by HF `tokenizers`: a second
+    formulation of what llama.cpp's regexes do (Llama 3's and Qwen2's case-insensitive (?i:...) contractions,
+    SmolLM2's Digits step, GPT-2's ByteLevel regex with its final |\\s+)."""
+    from tokenizers import Regex, pre_tokenizers as pt
+
+    llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=False)
+    return {
+        "llama-bpe": pt.Sequence([pt.Split(Regex(llama3), behavior="isolated"), byte_level]),
+        "qwen2": pt.Sequence([pt.Split(Regex(llama3.replace(r"\p{N}{1,3}", r"\p{N}")), behavior="isolated"),
+                              byte_level]),
+        "smollm": pt.Sequence([pt.Digits(individual_digits=True),
+                               pt.ByteLevel(add_prefix_space=False, use_regex=True)]),
+        "gpt-2": pt.ByteLevel(add_prefix_space=False, use_regex=True),
+    }[pre]
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "smollm", "gpt-2"])
+def test_pre_tokenizer_matches_the_models_own(pre):
+    """On every text of ROUND_TRIP and more, the pieces of llama.cpp's regexes are those of the model's own
+    tokenizer.json pre-tokenizer."""
+    from dpllama.tokenizer.gguf import pre_tokenizer
+    texts = ROUND_TRIP + [PRE_TEXT, "x = foo(bar)\n    return x ** 2  # 'QUOTE'S\r\n\r\n\tend",
+                          "I'LL SHE'D we'Re ½ ² ٣٤٥ 1234567", "!!!???...\n\n\n   \n", "naïve café — “quotes”"]
+    ours, theirs = pre_tokenizer(pre), hf_pre_tokenizer(pre)
+    for text in texts:
+        assert ours.pre_tokenize_str(text) == theirs.pre_tokenize_str(text), text
+
+
+@pytest.mark.parametrize("pre, pieces", [("llama-bpe", [" ", "12", "3", "4", "5"]),
+                                         ("qwen2", [" ", "1", "2", "3", "4", "5"]),
+                                         ("smollm", [" ", "1", "2", "3", "4", "5"])])
+def test_gpt2_vocabulary_uses_its_pre_tokenizer(pre, pieces):
+    """A gpt2 vocabulary's tokenizer splits with the pre-tokenizer tokenizer.ggml.pre names, then merges inside
+    each piece: the merge "1 2" makes "12" of llama3's piece "123", and cannot where digits come one a piece."""
+    fields = gpt2_fields(**{"tokenizer.ggml.pre": pre})
+    del fields["tokenizer.ggml.add_bos_token"]
+    tok = tokenizer_from_gguf_fields(fields, "p.gguf")
+    assert [tok.decode([t]) for t in tok.encode(" 12345", bos=False)] == pieces
+    assert tok.add_bos == (pre == "llama-bpe")         # llama.cpp's default, where the file does not say
 
 
 def test_load_gguf_tokenizer(tmp_path):

@@ -293,15 +293,17 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
     }
 }
 
-// [q; k; v] = [Wq; Wk; Wv] rmsnorm(x, g), then RoPE on q and k at each token's position pos + n
-// (adjacent pairs (x[2i], x[2i+1]) of every head turned by pos * theta^(-2i/head_dim), llama2.c's and
-// llama.cpp's rotation; rope holds (cos, sin) of those angles [seq][head_dim / 2], made on the host).
-// q goes to y; k and v go straight into this layer's KV cache (layout in attention.h): QKV, RoPE
-// and the cache append in one launch. TILE_ROWS is even and tiles start at multiples of TILE_ROWS, so a pair
-// never straddles two tiles.
-#define QKV_ARGS __global float *k_cache, __global float *v_cache, __global const int *state, \
-                 __global const float *rope, const int q_dim, const int kv_dim, const int head_dim, \
-                 const int seq_p, const int cache_offset
+// [q; k; v] = [Wq; Wk; Wv] rmsnorm(x, g) (+ [bq; bk; bv] when built with -DQKV_BIAS: qwen2's biases, added
+// before RoPE; llama's build neither reads nor adds them), then RoPE on q and k at each token's position
+// pos + n (adjacent pairs (x[2i], x[2i+1]) of every head turned by pair i's angle, llama2.c's and llama.cpp's
+// rotation; rope holds (cos, sin) of the angles [seq][head_dim / 2], made on the host with any frequency
+// scaling. NEOX RoPE's pairs (x[i], x[i + head_dim/2]) become adjacent by the host's order of the Q and K rows,
+// so this one rotation serves both). q goes to y; k and v go straight into this layer's KV cache (layout in
+// attention.h): QKV, RoPE and the cache append in one launch. TILE_ROWS is even and tiles start at multiples
+// of TILE_ROWS, so a pair never straddles two tiles.
+#define QKV_ARGS __global const float *bias, __global float *k_cache, __global float *v_cache, \
+                 __global const int *state, __global const float *rope, const int q_dim, const int kv_dim, \
+                 const int head_dim, const int seq_p, const int cache_offset
 
 // Rotate and store the rows of `tiles` tiles from t0 (work-item 0's acc) as q, k or v.
 inline void store_qkv(__private const floatV *acc, const int t0, const int tiles, const int rows, const int T,
@@ -314,6 +316,10 @@ inline void store_qkv(__private const floatV *acc, const int t0, const int tiles
             for (int i = 0; i < TILE_ROWS && first + i < rows; i += 2) {
                 const int r = first + i;
                 float a = ((const float *)&acc[tt * TOKENS + n])[i], b = ((const float *)&acc[tt * TOKENS + n])[i + 1];
+#if defined(QKV_BIAS)
+                a += bias[r];
+                b += bias[r + 1];
+#endif
                 if (r < q_dim + kv_dim) {                       // q or k: rotate the pair
                     __global const float *cs = rope + (size_t)pos * head_dim + (r < q_dim ? r : r - q_dim) % head_dim;
                     const float ra = a * cs[0] - b * cs[1];
@@ -342,7 +348,7 @@ __kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global c
     floatV acc[TILES * TOKENS];
     tile_rows(w_, s_, m_, x, g, 1, GROUP_TILES(rows), cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
     if (get_local_id(0) == 0)
-        store_qkv(acc, GROUP_TILES(rows), rows, T, y, y_stride, k_cache, v_cache, state, rope, q_dim, kv_dim,
+        store_qkv(acc, GROUP_TILES(rows), rows, T, y, y_stride, bias, k_cache, v_cache, state, rope, q_dim, kv_dim,
                   head_dim, seq_p, cache_offset);
 }
 
@@ -366,7 +372,7 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
             floatV acc[TILES];
             tile_rows(w_, s_, m_, x, g, 1, t0, min(TILES, end - t0), cols, cols_p, T, x_stride, eps, scratch,
                       scratch_ss, acc);
-            store_qkv(acc, t0, min(TILES, end - t0), rows, T, y, y_stride, k_cache, v_cache, state, rope, q_dim,
+            store_qkv(acc, t0, min(TILES, end - t0), rows, T, y, y_stride, bias, k_cache, v_cache, state, rope, q_dim,
                       kv_dim, head_dim, seq_p, cache_offset);
         }
     }

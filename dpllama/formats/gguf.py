@@ -56,15 +56,19 @@ _VALUE_KINDS = {**dict.fromkeys((V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V
 # type is refused at parse time rather than failing later in an int() or a comparison. Keys that may vary
 # per layer may be arrays (dpllama.model.gguf refuses those by name); "*" ends a prefix.
 _INT_OR_PER_LAYER = ("int", "[int]")
+# the hyperparameters' kinds under each architecture's prefix (dpllama.model.gguf.ARCHITECTURES)
+_HYPERPARAMETER_KINDS = {
+    **dict.fromkeys(("vocab_size", "context_length", "embedding_length", "block_count", "rope.dimension_count",
+                     "attention.key_length", "attention.value_length", "expert_count",
+                     "rope.scaling.original_context_length"), ("int",)),
+    **dict.fromkeys(("feed_forward_length", "attention.head_count", "attention.head_count_kv"), _INT_OR_PER_LAYER),
+    **dict.fromkeys(("rope.freq_base", "attention.layer_norm_rms_epsilon", "rope.scaling.factor",
+                     "rope.scaling.low_freq_factor", "rope.scaling.high_freq_factor"), ("float",)),
+    "rope.scaling.type": ("str",),
+}
 KEY_KINDS = {
     "general.architecture": ("str",), "general.alignment": ("int",),
-    **dict.fromkeys([f"llama.{k}" for k in ("vocab_size", "context_length", "embedding_length", "block_count",
-                                            "rope.dimension_count", "attention.key_length",
-                                            "attention.value_length")], ("int",)),
-    **dict.fromkeys([f"llama.{k}" for k in ("feed_forward_length", "attention.head_count",
-                                            "attention.head_count_kv")], _INT_OR_PER_LAYER),
-    "llama.rope.freq_base": ("float",), "llama.attention.layer_norm_rms_epsilon": ("float",),
-    "llama.rope.scaling.type": ("str",),
+    **{f"{arch}.{key}": kinds for arch in ("llama", "qwen2") for key, kinds in _HYPERPARAMETER_KINDS.items()},
     FORMAT_KEY: ("int",), "dpllama.kind.*": ("str",), "dpllama.group.*": ("int",),
     "tokenizer.ggml.model": ("str",), "tokenizer.ggml.pre": ("str",), "tokenizer.ggml.tokens": ("[str]",),
     "tokenizer.ggml.scores": ("[float]",), "tokenizer.ggml.token_type": ("[int]",),

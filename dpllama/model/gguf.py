@@ -1,10 +1,11 @@
 """Weights from and to GGUF files (read and written by `dpllama.formats.gguf`): llama.cpp's models
-(architecture "llama") and dpllama's own quantized container.
+(architectures "llama" and "qwen2", ARCHITECTURES) and dpllama's own quantized container.
 
-dpllama container (written by `write_dpllama_gguf`, version FORMAT_VERSION): a normal llama GGUF
-(general.architecture = "llama", the standard llama.* hyperparameters and tokenizer.* keys, the standard
+dpllama container (written by `write_dpllama_gguf`, version FORMAT_VERSION): a normal GGUF of the model's
+architecture (general.architecture, the standard <arch>.* hyperparameters and tokenizer.* keys, the standard
 tensor names), so GGUF tools can inspect it, plus the key `dpllama.format` (uint32, the container version).
-f32 matrices and all norms are plain F32 `<name>.weight` tensors. A quantized matrix `<name>` [rows, cols]
+f32 matrices, all norms and biases and rope_freqs.weight are plain F32 tensors, as llama.cpp names them.
+A quantized matrix `<name>` [rows, cols]
 (e.g. blk.0.attn_q) with group g and cols_p = cols rounded up to a multiple of g is stored as
   - key `dpllama.kind.<name>` (string "q8" or "int4") and key `dpllama.group.<name>` (uint32 g)
   - q8:   `<name>.qweight` I8 [rows, cols_p], `<name>.scales` F32 [rows, cols_p / g]
@@ -26,12 +27,19 @@ from dpllama.formats import round_up
 from dpllama.formats.gguf import FORMAT_KEY, FORMAT_VERSION, RawTensor, add_field, read_gguf, write_gguf
 from dpllama.model.quant import q8_0_from_gguf, repack_q4_0, repack_q4_1
 from dpllama.model.weights import (Layer, ModelConfig, Tensor, Weights, check_config, check_values,
-                                   layer_shapes)
+                                   layer_shapes, llama3_rope_factors)
 
-# Layer field -> GGUF tensor name inside blk.N
+# Layer field -> GGUF tensor name inside blk.N, less its suffix (layer_tensor_name adds it)
 GGUF_LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
                     "wo": "attn_output", "ffn_norm": "ffn_norm", "w1": "ffn_gate", "w2": "ffn_down",
-                    "w3": "ffn_up"}
+                    "w3": "ffn_up", "bq": "attn_q", "bk": "attn_k", "bv": "attn_v"}
+BIASES = ("bq", "bk", "bv")
+# general.architecture -> what it changes in ModelConfig (docs/ARCHITECTURE.md, "Architectures"). qwen2 is
+# llama with Q/K/V biases and NEOX RoPE; llama.cpp's llama takes Q/K/V biases too where a file has them.
+ARCHITECTURES = {"llama": dict(rope_neox=False), "qwen2": dict(rope_neox=True, qkv_bias=True)}
+# the metadata of Llama 3.1's RoPE scaling (rope.scaling.type "llama3"), llama3_rope_factors' parameters in order
+LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")
+ROPE_FREQS = "rope_freqs.weight"    # llama.cpp's per-frequency RoPE divisors (Llama 3.1's scaling)
 T = GGMLQuantizationType
 # llama.cpp tensor types we convert, -> Tensor [rows, cols]
 _CONVERT = {
@@ -52,13 +60,13 @@ _CONFIG_KEYS = {"dim": "embedding_length", "hidden_dim": "feed_forward_length", 
                 "norm_eps": "attention.layer_norm_rms_epsilon"}
 
 
-def _config(path: Path, fields: dict, vocab_size: int) -> ModelConfig:
+def _config(path: Path, fields: dict, vocab_size: int, arch: str, qkv_bias: bool) -> ModelConfig:
     def get(key: str, default=None):
-        value = fields.get(f"llama.{key}", default)
+        value = fields.get(f"{arch}.{key}", default)
         if value is None:
-            raise DpllamaError(f"{path}: missing GGUF metadata llama.{key}")
+            raise DpllamaError(f"{path}: missing GGUF metadata {arch}.{key}")
         if isinstance(value, list):
-            raise DpllamaError(f"{path}: llama.{key} varies per layer, which dpllama does not support")
+            raise DpllamaError(f"{path}: {arch}.{key} varies per layer, which dpllama does not support")
         return value
 
     n_heads = get("attention.head_count")
@@ -66,19 +74,36 @@ def _config(path: Path, fields: dict, vocab_size: int) -> ModelConfig:
                     n_layers=get("block_count"), n_heads=n_heads,
                     n_kv_heads=get("attention.head_count_kv", n_heads), vocab_size=vocab_size,
                     seq_len=get("context_length"), rope_theta=get("rope.freq_base", 10000.0),
-                    norm_eps=get("attention.layer_norm_rms_epsilon"))
-    check_config(c, f"{path}: GGUF metadata", {f: f"llama.{k}" for f, k in _CONFIG_KEYS.items()}
+                    norm_eps=get("attention.layer_norm_rms_epsilon"), arch=arch,
+                    **{"qkv_bias": qkv_bias, **ARCHITECTURES[arch]})
+    check_config(c, f"{path}: GGUF metadata", {f: f"{arch}.{k}" for f, k in _CONFIG_KEYS.items()}
                  | {"vocab_size": "the rows of token_embd"})
     # Variants of the architecture this engine does not implement: refuse rather than compute garbage.
     for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
         if (value := get(key, c.head_dim)) != c.head_dim:
-            raise DpllamaError(f"{path}: llama.{key} is {value}, expected head_dim {c.head_dim} "
+            raise DpllamaError(f"{path}: {arch}.{key} is {value}, expected head_dim {c.head_dim} "
                                f"(other values are not supported)")
     if (n := get("vocab_size", vocab_size)) != vocab_size:
-        raise DpllamaError(f"{path}: llama.vocab_size is {n}, expected {vocab_size}, the rows of token_embd")
-    if (scaling := get("rope.scaling.type", "none")) != "none":
-        raise DpllamaError(f"{path}: RoPE scaling {scaling!r} is not supported")
+        raise DpllamaError(f"{path}: {arch}.vocab_size is {n}, expected {vocab_size}, the rows of token_embd")
+    if (experts := get("expert_count", 0)) > 0:     # Mixtral: a llama whose FFN is a mixture of experts
+        raise DpllamaError(f"{path}: {arch}.expert_count is {experts}: mixture-of-experts models are not supported")
+    scaling = get("rope.scaling.type", "none")
+    if scaling == "llama3":     # Llama 3.1's scaling given as its parameters rather than as rope_freqs.weight
+        params = [get(f"rope.scaling.{k}") for k in LLAMA3_SCALING]
+        factor, low, high, original = params
+        if not (factor > 0 and 0 < low < high and original > 0):      # NaN fails too
+            raise DpllamaError(f"{path}: {arch}.rope.scaling.{{{','.join(LLAMA3_SCALING)}}} are {params}: expected "
+                               f"factor > 0, 0 < low_freq_factor < high_freq_factor, original_context_length > 0")
+        c.rope_freq_factors = llama3_rope_factors(c.head_dim, c.rope_theta, *params)
+    elif scaling != "none":
+        raise DpllamaError(f"{path}: {arch}.rope.scaling.type is {scaling!r}, expected 'none' or 'llama3' "
+                           f"(other RoPE scalings are not supported)")
     return c
+
+
+def layer_tensor_name(i: int, field: str) -> str:
+    """The GGUF tensor of Layer field `field` in block i, as llama.cpp names it."""
+    return f"blk.{i}.{GGUF_LAYER_NAMES[field]}.{'bias' if field in BIASES else 'weight'}"
 
 
 def load_gguf(path: str | os.PathLike) -> Weights:
@@ -88,8 +113,9 @@ def load_gguf(path: str | os.PathLike) -> Weights:
     gguf = read_gguf(path)
     fields, tensors = gguf.fields, gguf.tensors
     arch = fields.get("general.architecture")
-    if arch != "llama":
-        raise DpllamaError(f"{path}: unsupported GGUF architecture {arch!r} (expected 'llama')")
+    if arch not in ARCHITECTURES:
+        raise DpllamaError(f"{path}: unsupported GGUF architecture {arch!r} (supported: "
+                           f"{', '.join(ARCHITECTURES)})")
     container = fields.get(FORMAT_KEY)
     if container not in (None, FORMAT_VERSION):
         raise DpllamaError(f"{path}: dpllama container version {container!r} is not supported "
@@ -142,25 +168,31 @@ def load_gguf(path: str | os.PathLike) -> Weights:
         check_values(str(path), base, t)
         return t
 
-    def vector(base: str, n: int) -> np.ndarray:
-        return convert(f"{base}.weight", 1, n, (n,)).dequantize()[0]
+    def vector(name: str, n: int) -> np.ndarray:
+        return convert(name, 1, n, (n,)).dequantize()[0]
 
     def layer(i: int) -> Layer:
         parts = {}
         for field, shape in layer_shapes(c).items():
-            base = f"blk.{i}.{GGUF_LAYER_NAMES[field]}"
-            parts[field] = vector(base, *shape) if len(shape) == 1 else matrix(base, *shape)
+            parts[field] = (vector(layer_tensor_name(i, field), *shape) if len(shape) == 1
+                            else matrix(f"blk.{i}.{GGUF_LAYER_NAMES[field]}", *shape))
         return Layer(**parts)
 
     embd = tensors.get(data_name("token_embd"))
     if embd is None:
         raise DpllamaError(f"{path}: missing tensor {data_name('token_embd')}")
-    c = _config(path, fields, embd.shape[0])
+    c = _config(path, fields, embd.shape[0], arch, "blk.0.attn_q.bias" in tensors)
+    if ROPE_FREQS in tensors:
+        if c.rope_freq_factors is not None:
+            raise DpllamaError(f"{path}: RoPE scaling given twice, by {ROPE_FREQS} and by {arch}.rope.scaling.type: "
+                               f"expected one")
+        c.rope_freq_factors = tuple(vector(ROPE_FREQS, c.head_dim // 2).tolist())
+        check_config(c, str(path), {"rope_freq_factors": ROPE_FREQS})
     tok_embeddings = matrix("token_embd", c.vocab_size, c.dim)            # [vocab, dim], kept as stored
     # no output.weight: the classifier is tied to the embedding table
     tied = "output.weight" not in tensors and "dpllama.kind.output" not in fields
     output = tok_embeddings if tied else matrix("output", c.vocab_size, c.dim)   # [vocab, dim]
-    norm = vector("output_norm", c.dim)                                          # [dim]
+    norm = vector("output_norm.weight", c.dim)                                        # [dim]
     layers = [layer(i) for i in range(c.n_layers)]
     if unused:
         raise DpllamaError(f"{path}: unexpected tensor {sorted(unused)[0]} ({len(unused)} in all): a model "
@@ -186,7 +218,8 @@ def _add_matrix(w: GGUFWriter, base: str, t: Tensor) -> None:
 
 
 def add_hyperparameters(w: GGUFWriter, c: ModelConfig) -> None:
-    """The llama.* keys llama.cpp reads a model's shape from."""
+    """The <arch>.* keys llama.cpp reads a model's shape from (w's architecture: c.arch's, from write_gguf);
+    a RoPE scaling is the tensor ROPE_FREQS, which the caller writes."""
     w.add_vocab_size(c.vocab_size)
     w.add_context_length(c.seq_len)
     w.add_embedding_length(c.dim)
@@ -203,19 +236,21 @@ def write_dpllama_gguf(path: str | os.PathLike, weights: Weights, tokenizer_fiel
     """Write `weights` in dpllama's GGUF container (module docstring), atomically, with the tokenizer.*
     fields (as in `load_gguf`'s meta["tokenizer_fields"]) so that the one file is the whole model."""
     c = weights.config
-    with write_gguf(path) as w:
+    with write_gguf(path, c.arch) as w:
         w.add_uint32(FORMAT_KEY, FORMAT_VERSION)
         add_hyperparameters(w, c)
         for key, value in tokenizer_fields.items():
             add_field(w, key, value)
         _add_matrix(w, "token_embd", weights.tok_embeddings)
         w.add_tensor("output_norm.weight", np.asarray(weights.norm, np.float32))
+        if c.rope_freq_factors is not None:
+            w.add_tensor(ROPE_FREQS, np.asarray(c.rope_freq_factors, np.float32))
         if not weights.tied:
             _add_matrix(w, "output", weights.output)
         for i, layer in enumerate(weights.layers):
             for field, shape in layer_shapes(c).items():
-                base, value = f"blk.{i}.{GGUF_LAYER_NAMES[field]}", getattr(layer, field)
+                value = getattr(layer, field)
                 if len(shape) == 1:
-                    w.add_tensor(f"{base}.weight", np.asarray(value, np.float32))
+                    w.add_tensor(layer_tensor_name(i, field), np.asarray(value, np.float32))
                 else:
-                    _add_matrix(w, base, value)
+                    _add_matrix(w, f"blk.{i}.{GGUF_LAYER_NAMES[field]}", value)

@@ -30,7 +30,7 @@ class Signature:
 # argument groups the matrix kernels share (their macros WEIGHT_ARGS, GEMV_ARGS, QKV_ARGS, GEMV_SCRATCH)
 WEIGHT = "w_ s_ m_"
 GEMV = "rows cols cols_p T x_stride y_stride"
-QKV = "k_cache v_cache state rope q_dim kv_dim head_dim seq_p cache_offset"
+QKV = "bias k_cache v_cache state rope q_dim kv_dim head_dim seq_p cache_offset"
 SCRATCH = "scratch scratch_ss"
 
 SIGNATURES = {s.name: s for s in (

@@ -118,7 +118,8 @@ class DeviceTensor:
     """A weight matrix on the device in the tiled layout, and the defines of the programs that read it, by
     tokens per work-group (1 to decode, `prefill_tokens` in prefill)."""
 
-    def __init__(self, q: Queue, t: Tensor, name: str, geometry: Geometry):
+    def __init__(self, q: Queue, t: Tensor, name: str, geometry: Geometry, defines: tuple[str, ...] = ()):
+        """`defines`: the programs' own besides the format's and geometry's (QKV_BIAS for a biased Wqkv)."""
         if t.kind == "q8" and t.group % 8:
             # the kernels read a q8 group as whole 8-column blocks; a smaller group (llama2.c v2 files of widths
             # not a multiple of 8: stories260K's is 4) goes up as float32, the same values in 4x the memory
@@ -139,7 +140,7 @@ class DeviceTensor:
                         else q.buffer(4, name=f"{name}.{part}-unused")
                         for part, a in (("data", data), ("scales", t.scales), ("mins", t.mins))]
         self.q = q
-        self.defines = {n: weight_defines(t, g, geometry.tiles(n), n) for n in (1, geometry.prefill_tokens)}
+        self.defines = {n: weight_defines(t, g, geometry.tiles(n), n) + defines for n in (1, geometry.prefill_tokens)}
 
     def program(self, tokens: int):
         """The matrix program for `tokens` tokens per work-group (Llama builds them all at once, with progress)."""

@@ -7,7 +7,7 @@ recorded once per T and replayed; kernels read the position from the `state` buf
 re-bound and only a sampled id crosses to the host.
 
 A forward pass, per layer (5 launches, each over all T tokens):
-    q, k, v = [Wq; Wk; Wv] rmsnorm(x, attn_norm)   gemv_norm_rope_kv (RMSNorm fused; RoPE applied and k, v
+    q, k, v = [Wq; Wk; Wv] rmsnorm(x, attn_norm)   gemv_norm_rope_kv (RMSNorm fused; biases (qwen2), RoPE and k, v
               q, k = rope(q, k); cache[pos] = k, v                    written to the KV cache in the same pass)
     o    = attention(q, cache[0..pos])              attention         (causal; a work-group per head and token)
     x   += Wo o                                     gemv_add          (residual fused)
@@ -32,14 +32,22 @@ from dpllama.model import kernels
 from dpllama.model.kv_cache import KVCache, Sequence, zeros
 from dpllama.formats import round_up
 from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor, weight_defines
-from dpllama.model.weights import Tensor, Weights, rope_angles
+from dpllama.model.weights import Layer, Tensor, Weights, rope_angles
 from dpllama.runtime import Buffer, Queue
 
 
-def rope_table(seq_len: int, head_dim: int, theta: float) -> np.ndarray:
-    """(cos, sin) of RoPE's angle for every position and pair, float32[seq, hd/2, 2]."""
-    angle = rope_angles(np.arange(seq_len), head_dim, theta)
+def rope_table(seq_len: int, head_dim: int, theta: float, freq_factors=None) -> np.ndarray:
+    """(cos, sin) of RoPE's angle for every position and pair, float32[seq, hd/2, 2] (rope_angles' scaling in)."""
+    angle = rope_angles(np.arange(seq_len), head_dim, theta, freq_factors)
     return np.ascontiguousarray(np.stack([np.cos(angle), np.sin(angle)], axis=-1), np.float32)
+
+
+def neox_rows(n_heads: int, head_dim: int) -> np.ndarray:
+    """The order of Q or K rows that makes NEOX RoPE's pairs (i, i + head_dim/2) of each head adjacent
+    (2i, 2i+1), for store_qkv's one rotation. q and k come out permuted alike within each head, which leaves
+    every q.k, so attention, as NEOX's; it is what llama.cpp's converter does to Llama's Hugging Face weights."""
+    half = np.arange(head_dim).reshape(2, head_dim // 2).T.ravel()        # 0, h/2, 1, h/2 + 1, ...
+    return (np.arange(n_heads)[:, None] * head_dim + half).ravel()
 
 
 def floats_per_position(c, geo: Geometry) -> tuple[int, ...]:
@@ -52,6 +60,7 @@ def floats_per_position(c, geo: Geometry) -> tuple[int, ...]:
 class DeviceLayer:
     attn_norm: Buffer                       # [dim]
     wqkv: DeviceTensor                      # [q_dim + 2 kv_dim, dim]: Wq, Wk, Wv stacked
+    qkv_bias: Buffer                        # [q_dim + 2 kv_dim]: bq, bk, bv stacked (4 unused bytes without)
     wo: DeviceTensor                        # [dim, q_dim]
     ffn_norm: Buffer                        # [dim]
     w13: DeviceTensor                       # [2 hidden, dim]: blocks of W1 rows and W3 rows alternating
@@ -88,11 +97,16 @@ class Llama:
 
         # ---- weights, as stored (llama2.c run.c order) ----
         self.tok_embeddings = upload(weights.tok_embeddings, "tok_embeddings")   # [vocab, dim]
+        self.qkv_defines = ("QKV_BIAS",) if c.qkv_bias else ()
         self.layers: list[DeviceLayer] = []
         for i, L in enumerate(weights.layers):
-            wqkv = fuse_rows([L.wq, L.wk, L.wv])
+            wq, wk, wv, bias = self._qkv(L)
+            wqkv = fuse_rows([wq, wk, wv])
             self.layers.append(DeviceLayer(
-                attn_norm=norm_weight(L.attn_norm), wqkv=upload(wqkv, f"layers.{i}.wqkv"),
+                attn_norm=norm_weight(L.attn_norm),
+                wqkv=DeviceTensor(q, wqkv, f"layers.{i}.wqkv", geo, self.qkv_defines),
+                qkv_bias=q.buffer(host=bias, name=f"layers.{i}.qkv_bias") if bias is not None
+                else q.buffer(4, name=f"layers.{i}.qkv_bias-unused"),
                 wo=upload(L.wo, f"layers.{i}.wo"), ffn_norm=norm_weight(L.ffn_norm),
                 w13=upload(fuse_rows([L.w1, L.w3], geo.tile_rows // 2), f"layers.{i}.w13"),
                 w2=upload(L.w2, f"layers.{i}.w2"), qkv_attention=self._qkv_attention_defines(wqkv)))
@@ -117,7 +131,8 @@ class Llama:
         self.logits = zeros(q, c.vocab_size, "logits")           # [vocab], of the last token fed
         self.cache = KVCache(q, c.n_layers, c.kv_dim, self.seq_len, geo.attention_positions)
         self.att = zeros(q, n * c.n_heads * self.cache.seq_p, "att")   # attention scores [chunk, n_heads, seq]
-        self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta), name="rope")  # [seq, hd/2, 2]
+        self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta, c.rope_freq_factors),
+                              name="rope")  # [seq, hd/2, 2]
         self.seq = Sequence(q, self.seq_len)
 
         self.commands: dict[int, list] = {}          # T -> the forward pass over T tokens
@@ -126,12 +141,24 @@ class Llama:
                                                    self.seq.state, self.x, c.vocab_size)
         self.forward_commands(1)
 
+    def _qkv(self, L: Layer) -> tuple[Tensor, Tensor, Tensor, np.ndarray | None]:
+        """Wq, Wk, Wv and the stacked biases (None without) in the rows' device order: NEOX RoPE's Q and K rows
+        in neox_rows' order."""
+        c = self.config
+        wq, wk, bq, bk = L.wq, L.wk, L.bq, L.bk
+        if c.rope_neox:
+            rq, rk = neox_rows(c.n_heads, c.head_dim), neox_rows(c.n_kv_heads, c.head_dim)
+            wq, wk = wq.take_rows(rq), wk.take_rows(rk)
+            bq, bk = (bq[rq], bk[rk]) if c.qkv_bias else (bq, bk)
+        bias = np.concatenate([bq, bk, L.bv]).astype(np.float32) if c.qkv_bias else None
+        return wq, wk, L.wv, bias
+
     def _qkv_attention_defines(self, wqkv: Tensor) -> tuple[str, ...] | None:
         if not self.fused_attention:
             return None
         c, geo = self.config, self.geometry
-        return (*weight_defines(wqkv, geo.tile_rows, geo.decode_tiles, 1), *self.attention_defines,
-                f"GQA={c.n_heads // c.n_kv_heads}", "SOLO")
+        return (*weight_defines(wqkv, geo.tile_rows, geo.decode_tiles, 1), *self.qkv_defines,
+                *self.attention_defines, f"GQA={c.n_heads // c.n_kv_heads}", "SOLO")
 
     @property
     def pos(self) -> int:
@@ -153,8 +180,8 @@ class Llama:
         seq, cache = self.seq, self.cache
         cmds = [kernels.embed(q, self.tok_embeddings, T, seq.tokens, seq.state, self.x, self.dim_p)]
         for i, L in enumerate(self.layers):
-            kv = dict(k_cache=cache.k.read_write(), v_cache=cache.v.read_write(), state=seq.state.read(),
-                      rope=self.rope.read(), **kernels.ints(q_dim=q_dim, kv_dim=kv_dim, head_dim=c.head_dim,
+            kv = dict(bias=L.qkv_bias.read(), k_cache=cache.k.read_write(), v_cache=cache.v.read_write(),
+                      state=seq.state.read(), rope=self.rope.read(), **kernels.ints(q_dim=q_dim, kv_dim=kv_dim, head_dim=c.head_dim,
                                                              seq_p=cache.seq_p, cache_offset=cache.offset(i, seq.slot)))
             x, g, query = self.x.read(), L.attn_norm.read(), self.query.write()
             if T == 1 and self.fused_attention:

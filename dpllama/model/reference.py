@@ -46,7 +46,7 @@ class Reference:
         self.tok_embeddings = self.output.w if weights.tied else weights.tok_embeddings.dequantize()  # [vocab, dim]
         self.norm = np.asarray(weights.norm, f32)                       # [dim]
         # per layer: {attn_norm [dim], wq [dim, dim], wk / wv [kv_dim, dim], wo [dim, dim], ffn_norm [dim],
-        #             w1 / w3 [hidden_dim, dim], w2 [dim, hidden_dim]}
+        #             w1 / w3 [hidden_dim, dim], w2 [dim, hidden_dim], and with qkv_bias bq [dim], bk / bv [kv_dim]}
         self.layers = [{name: (Matrix(getattr(layer, name)) if len(shape) == 2
                                else np.asarray(getattr(layer, name), f32))
                         for name, shape in layer_shapes(c).items()} for layer in weights.layers]
@@ -55,14 +55,17 @@ class Reference:
         self.value_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32)   # [layer, pos, kv_dim]
 
     def rope(self, x: np.ndarray, pos: int) -> np.ndarray:
-        """Rotate ADJACENT pairs (x[2i], x[2i+1]) of every head of x [n * head_dim] by RoPE's angle i at pos
-        (run.c's rotation)."""
+        """Rotate the pairs of every head of x [n * head_dim] by RoPE's angle i at pos: ADJACENT pairs
+        (x[2i], x[2i+1]) (run.c's rotation), or with config.rope_neox the HALVES' pairs (x[i], x[i + head_dim/2])
+        (GPT-NeoX's, Hugging Face's rotate_half)."""
         c = self.config
-        angle = rope_angles([pos], c.head_dim, c.rope_theta)[0]
+        angle = rope_angles([pos], c.head_dim, c.rope_theta, c.rope_freq_factors)[0]
         cos, sin = np.cos(angle), np.sin(angle)
-        pairs = x.reshape(-1, angle.size, 2)
-        a, b = pairs[..., 0], pairs[..., 1]
-        return np.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(x.shape)
+        heads = x.reshape(-1, c.head_dim)
+        pair = -2 if c.rope_neox else -1        # the axis that holds a pair's two elements
+        pairs = heads.reshape(-1, 2, angle.size) if c.rope_neox else heads.reshape(-1, angle.size, 2)
+        a, b = np.moveaxis(pairs, pair, 0)
+        return np.stack([a * cos - b * sin, a * sin + b * cos], axis=pair).reshape(x.shape)
 
     def forward(self, token: int, pos: int) -> np.ndarray:
         """Feed `token` at position `pos` -> float32 logits [vocab]. Positions 0..pos-1 must have been fed
@@ -72,9 +75,10 @@ class Reference:
         x = self.tok_embeddings[token].copy()                            # [dim] residual stream
         for l, w in enumerate(self.layers):
             xb = rmsnorm(x, w["attn_norm"], c.norm_eps)
-            q = self.rope(w["wq"] @ xb, pos)                              # [dim]
-            self.key_cache[l, pos] = self.rope(w["wk"] @ xb, pos)         # [kv_dim]
-            self.value_cache[l, pos] = w["wv"] @ xb                       # [kv_dim]
+            # biases (qwen2) are added before RoPE
+            q = self.rope(w["wq"] @ xb + w.get("bq", 0), pos)                          # [dim]
+            self.key_cache[l, pos] = self.rope(w["wk"] @ xb + w.get("bk", 0), pos)     # [kv_dim]
+            self.value_cache[l, pos] = w["wv"] @ xb + w.get("bv", 0)                   # [kv_dim]
             # grouped-query attention: query head h reads kv head h // group
             qh = q.reshape(c.n_kv_heads, group, hd)                       # [kv_head, group, hd]
             keys = self.key_cache[l, :pos + 1].reshape(pos + 1, c.n_kv_heads, hd).transpose(1, 2, 0)

@@ -37,6 +37,12 @@ class ModelConfig:
     seq_len: int        # context length
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    # What the architectures add to llama2.c's Llama (docs/ARCHITECTURE.md, "Architectures"):
+    arch: str = "llama"             # GGUF's general.architecture, written back by dpllama quantize
+    rope_neox: bool = False         # RoPE turns (x[i], x[i + head_dim/2]) (qwen2), not (x[2i], x[2i+1])
+    qkv_bias: bool = False          # Q, K and V projections add a bias (Layer.bq, bk, bv)
+    # RoPE frequency i divided by factor i (Llama 3.1's "llama3" scaling, llama.cpp's rope_freqs.weight)
+    rope_freq_factors: tuple[float, ...] | None = None
 
     @property
     def head_dim(self) -> int:
@@ -47,20 +53,48 @@ class ModelConfig:
         return self.head_dim * self.n_kv_heads
 
 
-def rope_angles(positions, head_dim: int, theta: float) -> np.ndarray:
-    """RoPE's angles pos * theta^(-2i / head_dim) for each position and pair i, float32[positions, head_dim / 2],
-    in float32 arithmetic as llama2.c's run.c computes them: the device's table, the reference's rotation and
-    a llama2.c file's freq_cis tables all come from here."""
+def rope_angles(positions, head_dim: int, theta: float, freq_factors=None) -> np.ndarray:
+    """RoPE's angles pos * theta^(-2i / head_dim) / freq_factors[i] for each position and pair i,
+    float32[positions, head_dim / 2], in float32 arithmetic as llama2.c's run.c computes them (the factors, 1 when
+    None, as ggml's rope divides by them): the device's table, the reference's rotation and a llama2.c file's
+    freq_cis tables all come from here."""
     j = np.arange(0, head_dim, 2, dtype=np.float32)
     inv_freq = np.float32(1) / np.power(np.float32(theta), j / np.float32(head_dim))
+    if freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(freq_factors, np.float32)
     return np.asarray(positions, np.float32)[:, None] * inv_freq[None, :]
 
 
+def llama3_rope_factors(head_dim: int, theta: float, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_context_length: int) -> tuple[float, ...]:
+    """Llama 3.1's RoPE scaling as per-frequency divisors, as llama.cpp's convert_hf_to_gguf.py turns it into
+    rope_freqs.weight: frequencies whose wavelength is below original_context_length / high_freq_factor keep
+    theirs, those above original_context_length / low_freq_factor are slowed by `factor`, those between
+    are blended smoothly."""
+    freqs = 1.0 / np.power(np.float32(theta), np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))
+    low_wavelen, high_wavelen = original_context_length / low_freq_factor, original_context_length / high_freq_factor
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(float(factor))
+        else:
+            smooth = (original_context_length / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return tuple(float(np.float32(f)) for f in factors)     # as the float32 tensor stores them
+
+
 def layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of every `Layer` field, in field order: (rows, cols) for matrices, (dim,) for norms."""
-    return {"attn_norm": (c.dim,), "wq": (c.dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim),
-            "wo": (c.dim, c.dim), "ffn_norm": (c.dim,), "w1": (c.hidden_dim, c.dim),
-            "w2": (c.dim, c.hidden_dim), "w3": (c.hidden_dim, c.dim)}
+    """Shape of every `Layer` field the model has, in field order: (rows, cols) for matrices, (n,) for norms
+    and biases (the biases only where c.qkv_bias)."""
+    shapes = {"attn_norm": (c.dim,), "wq": (c.dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim),
+              "wo": (c.dim, c.dim), "ffn_norm": (c.dim,), "w1": (c.hidden_dim, c.dim),
+              "w2": (c.dim, c.hidden_dim), "w3": (c.hidden_dim, c.dim)}
+    if c.qkv_bias:
+        shapes |= {"bq": (c.dim,), "bk": (c.kv_dim,), "bv": (c.kv_dim,)}
+    return shapes
 
 
 def check_config(c: ModelConfig, source: str, names: dict[str, str] | None = None) -> None:
@@ -85,6 +119,14 @@ def check_config(c: ModelConfig, source: str, names: dict[str, str] | None = Non
         raise bad(f"{name('rope_theta')} must be finite and positive, found {c.rope_theta}")
     if not 0 < c.norm_eps < 1:      # NaN fails too
         raise bad(f"{name('norm_eps')} must be between 0 and 1, found {c.norm_eps}")
+    if c.rope_freq_factors is not None:
+        factors = c.rope_freq_factors
+        if len(factors) != c.head_dim // 2:
+            raise bad(f"{name('rope_freq_factors')} holds {len(factors)} factors, expected head_dim / 2 = "
+                      f"{c.head_dim // 2}")
+        if not all(math.isfinite(f) and f > 0 for f in factors):
+            raise bad(f"{name('rope_freq_factors')} must be finite and positive, found "
+                      f"{next(f for f in factors if not (math.isfinite(f) and f > 0))}")
 
 
 @dataclass
@@ -110,6 +152,13 @@ class Tensor:
     def f32(w: np.ndarray) -> "Tensor":
         w = np.ascontiguousarray(w, dtype=np.float32)
         return Tensor("f32", w.shape[0], w.shape[1], w)
+
+    def take_rows(self, index: np.ndarray) -> "Tensor":
+        """The matrix of rows `index` of this one, in that order, in the same format (every array of a
+        Tensor is row-major: a row's weights, scales and mins are row r of each)."""
+        take = lambda a: None if a is None else np.ascontiguousarray(a[index])    # noqa: E731
+        return Tensor(self.kind, len(index), self.cols, take(self.data), take(self.scales), take(self.mins),
+                      self.group)
 
     def dequantize(self) -> np.ndarray:
         """float32[rows, cols]: the reference values the kernels must reproduce."""
@@ -179,6 +228,9 @@ class Layer:
     w1: Tensor              # gate [hidden_dim, dim]
     w2: Tensor              # down [dim, hidden_dim]
     w3: Tensor              # up   [hidden_dim, dim]
+    bq: np.ndarray | None = None    # float32[n_heads * head_dim], added to q before RoPE (ModelConfig.qkv_bias)
+    bk: np.ndarray | None = None    # float32[kv_dim]
+    bv: np.ndarray | None = None    # float32[kv_dim]
 
 
 @dataclass

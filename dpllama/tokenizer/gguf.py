@@ -188,31 +188,32 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 _BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+# The pre-tokenizers, as llama.cpp's llm_tokenizer_bpe (src/llama-vocab.cpp) splits text before byte-level BPE:
+# tokenizer.ggml.pre -> its regexes, each splitting every piece the one before left (what a match leaves
+# between matches is a piece too), under the names llama.cpp gives them.
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+# Llama 3's tokenizer.json says (?i:'s|'t|...); llama.cpp spells the case-insensitive contractions out
+_LLAMA3_REGEX = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
-# tokenizer.ggml.pre -> the split before byte-level mapping: None for GPT-2's own regex, "digits"
-# for one digit per piece then GPT-2's regex, else a regex. llama.cpp uses "default" when absent.
-_PRE = {
-    "default": None, "gpt-2": None, "gpt2": None,
-    "smollm": "digits", "starcoder": "digits", "refact": "digits",
-    "llama3": _LLAMA3_REGEX, "llama-v3": _LLAMA3_REGEX, "llama-bpe": _LLAMA3_REGEX,
-    "qwen2": _QWEN2_REGEX,
+_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")      # digits one at a time
+_SPLITS = {
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]"),
+    "gpt-2": (_GPT2_REGEX,),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe"), (_LLAMA3_REGEX,)),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), (_QWEN2_REGEX,)),
+    **dict.fromkeys(("smollm", "starcoder", "refact"), (r"\p{N}", _GPT2_REGEX)),
 }
 # llama.cpp adds BOS and takes whole in-vocab pre-tokens (ignore_merges) for these
 _LLAMA3_PRE = frozenset({"llama3", "llama-v3", "llama-bpe"})
 
 
-def _pre_tokenizer(split):
+def pre_tokenizer(pre: str):
+    """The HF `tokenizers` pre-tokenizer of tokenizer.ggml.pre `pre` (a key of _SPLITS): its splits, then
+    GPT-2's bytes-to-characters mapping."""
     from tokenizers import Regex, pre_tokenizers as pt
 
-    if split is None:
-        return pt.ByteLevel(add_prefix_space=False, use_regex=True)
-    if split == "digits":
-        return pt.Sequence([pt.Digits(individual_digits=True),
-                            pt.ByteLevel(add_prefix_space=False, use_regex=True)])
-    return pt.Sequence([pt.Split(Regex(split), behavior="isolated"),
-                        pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return pt.Sequence([pt.Split(Regex(r), behavior="isolated") for r in _SPLITS[pre]]
+                       + [pt.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 class Gpt2Tokenizer(GgufTokenizer):
@@ -224,10 +225,14 @@ class Gpt2Tokenizer(GgufTokenizer):
     def __init__(self, fields: dict, source: str):
         from tokenizers import Tokenizer as HFTokenizer, models
 
-        pre = self.pre = str(fields.get(KEY + "pre") or "default")
-        if pre not in _PRE:
-            raise DpllamaError(f"{source}: unsupported {KEY}pre '{pre}' (supported: {', '.join(sorted(_PRE))})")
+        pre = self.pre = fields.get(KEY + "pre")
         super().__init__(fields, source, default_add_bos=pre in _LLAMA3_PRE)
+        # no silent fallback (llama.cpp's, to "default", tokenizes such a model's text differently from its own)
+        if pre is None:
+            raise DpllamaError(f"{source}: GGUF has no {KEY}pre, the pre-tokenizer a gpt2 vocabulary needs "
+                               f"(supported: {', '.join(sorted(_SPLITS))})")
+        if pre not in _SPLITS:
+            raise DpllamaError(f"{source}: unsupported {KEY}pre '{pre}' (supported: {', '.join(sorted(_SPLITS))})")
         merges = []
         for m in fields.get(KEY + "merges", ()):
             m = m.decode() if isinstance(m, bytes) else str(m)
@@ -240,7 +245,7 @@ class Gpt2Tokenizer(GgufTokenizer):
         except Exception as e:  # tokenizers raises plain Exception for bad merges
             raise DpllamaError(f"{source}: invalid BPE vocabulary/merges: {e}") from None
         self.hf = HFTokenizer(model)
-        self.hf.pre_tokenizer = _pre_tokenizer(_PRE[pre])
+        self.hf.pre_tokenizer = pre_tokenizer(pre)
 
     def encode_fragments(self, frags: list) -> list[int]:
         ids = []
