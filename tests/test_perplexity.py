@@ -21,7 +21,7 @@ from dpllama.model.reference import Reference
 from dpllama.perplexity import STEP, Base, BaseWriter, KLStatistics, chunk_distributions
 from dpllama.tokenizer import Llama2cTokenizer
 from tests.helpers import SHARED, random_llama2c, random_weights, shared_models, smollm2_gguf_path
-from tests.test_forward import SHAPE, int4_weights, logits_atol, queue_with
+from tests.test_forward import GPU_LIKE, SHAPE, int4_weights, logits_atol, queue_with
 
 VOCAB = 3 + 256 + 1     # <unk>, BOS, EOS, the 256 byte tokens, " ": every text encodes, byte by byte
 N_CTX, CHUNKS = 16, 3
@@ -82,11 +82,13 @@ def printed(out: str) -> tuple[list[float], float, float]:
     return running, float(final[1]), float(final[2])
 
 
-def test_every_row_logits_match_the_reference(queue):
+@pytest.mark.parametrize("geometry", [dict(prefill_chunk=5), GPU_LIKE])
+def test_every_row_logits_match_the_reference(queue, geometry):
     """The all-rows pass (feed_rows) after a batched prefill, over several prefill chunks of 5 and a partial one,
-    against the reference's logits at each position; quantized weights (int4 of both schemes, q8 table)."""
+    against the reference's logits at each position; quantized weights (int4 of both schemes, q8 table); the
+    shipped geometry, and the GPU configs' (64 work-items per row tile, tree reductions)."""
     w = int4_weights(random_weights(**SHAPE, shared=False, seed=3), 32, "mixed")
-    q = queue_with(queue, {"work_group": dict(prefill_chunk=5)})
+    q = queue_with(queue, {"work_group": geometry})
     model, ref = Llama(w, q), Reference(w)
     tokens = np.random.default_rng(2).integers(0, SHAPE["vocab"], 20).tolist()
     model.start(tokens)
