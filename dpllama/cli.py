@@ -24,6 +24,7 @@ COMMANDS = {
     "tokenize": "print the token ids of a text",
     "quantize": "quantize a model to int4 (dpllama GGUF)",
     "pull": "download a model into the cache: a known name (--list) or hf:OWNER/REPO/FILE.gguf",
+    "perplexity": "perplexity over a text as llama.cpp's llama-perplexity, and KL divergence against a reference",
     "bench": "measure prompt processing and decode speed",
     "tune": "search work-group sizes on this device and write the fastest config",
 }

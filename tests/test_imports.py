@@ -25,7 +25,7 @@ ROOMS = {
     "hub": ("dpllama.hub",),
     "model": ("dpllama.model",),
     "library": ("dpllama.__init__", "dpllama.generate", "dpllama.llm", "dpllama.loaders", "dpllama.chat",
-                "dpllama.quantize"),
+                "dpllama.quantize", "dpllama.perplexity"),
     "commands": ("dpllama.cli", "dpllama.commands"),
     "pyopencl": ("pyopencl",),      # not dpllama's, but a room of its own: only the runtime may enter it
 }

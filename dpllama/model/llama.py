@@ -14,8 +14,9 @@ A forward pass, per layer (5 launches, each over all T tokens):
     h    = silu(W1 n) * (W3 n), n = rmsnorm(x)      gemv_norm_swiglu  (W1/W3 row blocks alternate)
     x   += W2 h                                     gemv_add
 then logits = Wcls rmsnorm(x[last], norm) (gemv_norm), and greedy sampling on the device (argmax_embed, which
-also embeds the chosen token for the next pass). Decode on CPU configs fuses the first two launches of a
-layer into one (qkv_attention, a work-group per KV head).
+also embeds the chosen token for the next pass). The all-rows pass (`feed_rows`, for perplexity) is the same
+pass with the LM head over every row of x, into a [chunk, vocab] buffer made on its first use. Decode on CPU
+configs fuses the first two launches of a layer into one (qkv_attention, a work-group per KV head).
 
 The rooms around it: layout.py packs weights into the device layout and holds the launch geometry,
 kernels.py binds each kernel's arguments (one launcher per kernel), kv_cache.py owns the KV cache's layout and
@@ -135,7 +136,8 @@ class Llama:
                               name="rope")  # [seq, hd/2, 2]
         self.seq = Sequence(q, self.seq_len)
 
-        self.commands: dict[int, list] = {}          # T -> the forward pass over T tokens
+        self.commands: dict[tuple[int, bool], list] = {}   # (T, every row) -> the forward pass over T tokens
+        self.row_logits: Buffer | None = None        # [chunk, vocab]: the all-rows pass's, made on its first use
         self.advance_commands: dict[int, object] = {}
         self.argmax_command = kernels.argmax_embed(q, self.tok_embeddings, self.logits, self.seq.tokens,
                                                    self.seq.state, self.x, c.vocab_size)
@@ -170,11 +172,12 @@ class Llama:
         """Weight bytes one decode step reads (the embedding row aside)."""
         return sum(t.nbytes for L in self.layers for t in (L.wqkv, L.wo, L.w13, L.w2)) + self.output.nbytes
 
-    def forward_commands(self, T: int) -> list:
+    def forward_commands(self, T: int, every_row: bool = False) -> list:
         """The launches of one forward pass over tokens[pos .. pos + T), recorded on first use; the first
-        embeds the tokens (skipped after argmax_embed, which embeds the token it chooses)."""
-        if T in self.commands:
-            return self.commands[T]
+        embeds the tokens (skipped after argmax_embed, which embeds the token it chooses). The logits are
+        the last token's (`logits`), or with `every_row` those of all T tokens (`row_logits`, row t at t * vocab)."""
+        if (T, every_row) in self.commands:
+            return self.commands[T, every_row]
         c, q, geo = self.config, self.q, self.geometry
         q_dim, kv_dim, eps = c.n_heads * c.head_dim, c.kv_dim, np.float32(c.norm_eps)
         seq, cache = self.seq, self.cache
@@ -202,11 +205,17 @@ class Llama:
                              self.hidden_p, g=L.ffn_norm.read(), eps=eps),
                 kernels.gemv(q, "gemv_add", L.w2, T, self.h.read(), self.x.read_write(), self.hidden_p, self.dim_p),
             ]
-        if T > 1:   # only the last token's logits are wanted: its residual row moves to row 0
-            cmds.append(kernels.move_row(q, self.state_prog, self.x, T - 1, self.dim_p))
-        cmds.append(kernels.gemv(q, "gemv_norm", self.output, 1, self.x.read(), self.logits.write(), self.dim_p, 0,
-                                 g=self.norm.read(), eps=eps))
-        self.commands[T] = cmds
+        if every_row:
+            if self.row_logits is None:
+                self.row_logits = zeros(q, self.chunk * c.vocab_size, "row_logits")
+            cmds.append(kernels.gemv(q, "gemv_norm", self.output, T, self.x.read(), self.row_logits.write(),
+                                     self.dim_p, c.vocab_size, g=self.norm.read(), eps=eps))
+        else:
+            if T > 1:   # only the last token's logits are wanted: its residual row moves to row 0
+                cmds.append(kernels.move_row(q, self.state_prog, self.x, T - 1, self.dim_p))
+            cmds.append(kernels.gemv(q, "gemv_norm", self.output, 1, self.x.read(), self.logits.write(), self.dim_p,
+                                     0, g=self.norm.read(), eps=eps))
+        self.commands[T, every_row] = cmds
         return cmds
 
     def _advance(self, n: int) -> None:
@@ -236,15 +245,31 @@ class Llama:
         """Enqueue the forward pass of the n known tokens from the current position, in chunks; the
         logits are those of the last one, whose position is then the current one. `embedded`: x already
         holds the first token's embedding (argmax_embed's)."""
+        self._feed(n, embedded, None)
+
+    def feed_rows(self, n: int) -> np.ndarray:
+        """`feed` with the logits of every one of the n tokens, float32 [n, vocab] (row t: those after the token
+        at pos + t), read back chunk by chunk: what perplexity scores."""
+        rows = np.empty((n, self.config.vocab_size), np.float32)
+        self._feed(n, False, rows)
+        return rows
+
+    def _feed(self, n: int, embedded: bool, rows: np.ndarray | None) -> None:
         if self.pos + n > self.seq_len:
             raise DpllamaError(f"position {self.pos + n - 1} is past the context of {self.seq_len} tokens")
-        while n > 0:
-            T = min(n, self.chunk)
-            cmds = self.forward_commands(T)
+        done = 0
+        while done < n:
+            T = min(n - done, self.chunk)
+            cmds = self.forward_commands(T, every_row=rows is not None)
             self.q.replay(cmds[1:] if embedded else cmds)     # cmds[0]: embed
             embedded = False
-            n -= T
-            step = T if n else T - 1
+            if rows is not None:
+                rows[done:done + T] = self.row_logits.get(count=T * self.config.vocab_size).reshape(T, -1)
+                bad = ~np.isfinite(rows[done:done + T]).all(axis=1)
+                if bad.any():
+                    raise DpllamaError(self._not_finite(self.pos + int(bad.argmax())))
+            done += T
+            step = T if done < n else T - 1
             if step:
                 self._advance(step)
 
@@ -267,9 +292,9 @@ class Llama:
             raise DpllamaError(self._not_finite())
         return int(token[0])
 
-    def _not_finite(self) -> str:
-        return (f"the logits at position {self.pos} are not finite (NaN or infinity): the model's weights or its "
-                f"activations overflowed float32")
+    def _not_finite(self, pos: int | None = None) -> str:
+        return (f"the logits at position {self.pos if pos is None else pos} are not finite (NaN or infinity): the "
+                f"model's weights or its activations overflowed float32")
 
     def next_given(self, token: int | None = None) -> None:
         """Move on to a token the host knows: the prompt's next one (None) or a host-sampled one."""
