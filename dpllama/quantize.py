@@ -1,11 +1,12 @@
 """Quantization to int4 (the `dpllama quantize` command is dpllama/commands/quantize.py).
 
-From a llama2.c checkpoint or a GGUF, `dpllama quantize` stores every weight matrix as int4 (8 per 32-bit word, fp16
-scales per group, symmetric or with mins) except those kept in 8 bits (`eight_bit`: the embedding table
+From a llama2.c checkpoint or a GGUF (of any type `dpllama.model.gguf` reads), `dpllama quantize` stores every weight
+matrix as int4 (8 per 32-bit word, fp16 scales per group, symmetric or with mins) except those kept in 8 bits (`eight_bit`: the embedding table
 and the classifier by default; a tied model's one table is both, kept in 8 bits when either is named),
 and writes dpllama's GGUF container with the model config and the tokenizer inside, so the one file is
 enough to run. Every kind loads and runs as written (an int4 table too: the device decodes its rows).
-GGUF Q4_0 / Q4_1 tensors whose group and scheme match the request are carried over bit for bit.
+int4 tensors whose group and scheme match the request are carried over bit for bit (GGUF Q4_0 / Q4_1, and Q4_K,
+with its float32 scales), and so are 8-bit ones kept in 8 bits (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K: q8 of any group).
 Prints per-tensor and overall error: RMSE relative to the source weights' RMS.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ EIGHT_BIT_CHOICES = ("tok_embeddings", "output")
 
 
 def convert(t: Tensor, bits: int, group: int, symmetric: bool) -> Tensor:
-    """t in the requested format; already in it means unchanged (lossless)."""
+    """t in the requested format; already in it (an int4 of any scale type, a q8 of any group) means unchanged
+    (lossless)."""
     if bits == 8:
         return t if t.kind == "q8" else quantize_q8(t.dequantize(), 32)
     if t.kind == "int4" and t.group == group and (t.mins is None) == symmetric:

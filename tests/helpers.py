@@ -6,16 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 from dpllama import cli
+from dpllama.formats import round_up
 from dpllama.loaders import load_weights
 from dpllama.formats.gguf import add_field
 from dpllama.model.gguf import BIASES, ROPE_FREQS, add_hyperparameters, layer_tensor_name
 from dpllama.model.llama2c import write_llama2c
+from dpllama.model.quant import GGUF_REPACK
 from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights, layer_shapes
 
+T = GGMLQuantizationType
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TOKENIZER_FIELDS = {        # a tiny GGUF tokenizer, one field of each kind llama.cpp writes
     "tokenizer.ggml.model": "gpt2",
@@ -63,6 +66,25 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def qwen_gguf_path() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M (shared/models/qwen2.5-coder-0.5b/README.md says how it is assembled):
+    $DPLLAMA_QWEN_GGUF, else the model cache where `dpllama pull` knows the model; skip the test without it."""
+    env = os.environ.get("DPLLAMA_QWEN_GGUF")
+    if env:
+        if not Path(env).is_file():
+            pytest.skip(f"DPLLAMA_QWEN_GGUF={env} is not a file")
+        return Path(env)
+    from dpllama.hub import MODELS, cached_path
+    if "qwen2.5-coder-0.5b" in MODELS and cached_path("qwen2.5-coder-0.5b").is_file():
+        return cached_path("qwen2.5-coder-0.5b")
+    pytest.skip("Qwen2.5-Coder-0.5B Q4_K_M GGUF not found (set DPLLAMA_QWEN_GGUF, or pull it)")
+
+
+# real tensors of each quantized type in qwen_gguf_path()'s file (its README lists them)
+QWEN_TENSORS = {T.Q5_0: "blk.0.attn_q.weight", T.Q8_0: "blk.0.attn_v.weight", T.Q6_K: "blk.0.ffn_down.weight",
+                T.Q4_K: "blk.2.ffn_down.weight"}
+
+
 def random_weights(dim=32, hidden=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab=40, seq_len=16,
                    shared=True, seed=0, **architecture) -> Weights:
     """A random f32 Llama; `architecture` sets ModelConfig's other fields (arch, rope_neox, qkv_bias, ...).
@@ -87,6 +109,52 @@ def random_weights(dim=32, hidden=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab
     return Weights(c, embedding, layers, norm(dim), embedding if shared else matrix(vocab, dim))
 
 
+# GGUF's quantized types: the byte offsets of each block's fp16 scales (d, and dmin or m), and the largest
+# |level x sub-block scale| they multiply, so that random blocks hold weights of order 1
+GGUF_SCALES = {T.Q4_0: ((0,), 8), T.Q4_1: ((0, 2), 15), T.Q5_0: ((0,), 16), T.Q5_1: ((0, 2), 31),
+               T.Q8_0: ((0,), 127), T.Q2_K: ((80, 82), 3 * 15), T.Q3_K: ((108,), 4 * 32),
+               T.Q4_K: ((0, 2), 15 * 63), T.Q5_K: ((0, 2), 31 * 63), T.Q6_K: ((208,), 32 * 128)}
+
+
+def random_gguf_blocks(rng, ggml_type: GGMLQuantizationType, rows: int, cols: int, scale: float = 1.0) -> np.ndarray:
+    """uint8[rows, bytes of a row]: GGUF blocks of random bytes (any bytes are valid levels, high bits and
+    sub-block scales and mins) except the fp16 block scales, of random sign and magnitude (0.5..1) * scale / their
+    top, so weights reach about `scale` (a type not in GGUF_SCALES, one dpllama does not read: all random)."""
+    block, nbytes = GGML_QUANT_SIZES[ggml_type]
+    offsets, top = GGUF_SCALES.get(ggml_type, ((), 1))
+    raw = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
+    for o in offsets:
+        d = rng.uniform(0.5, 1, (rows, cols // block)) * rng.choice([-1, 1], (rows, cols // block)) * scale / top
+        raw[:, :, o:o + 2] = d.astype(np.float16)[:, :, None].view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def gguf_tensor(rng, ggml_type: GGMLQuantizationType, rows: int, cols: int) -> Tensor:
+    """A matrix as a GGUF tensor of `ggml_type` loads, from random blocks. Where cols is not a multiple of the
+    type's block, the blocks are cut after the group that holds the last column; the columns from cols to the
+    group's end keep random weights, which the kernels multiply by x's zero padding."""
+    cols_b = round_up(cols, GGML_QUANT_SIZES[ggml_type][0])
+    t = GGUF_REPACK[ggml_type](random_gguf_blocks(rng, ggml_type, rows, cols_b), rows, cols_b)
+    cols_p = round_up(cols, t.group)
+
+    def cut(a, n):
+        return None if a is None else np.ascontiguousarray(a[:, :n])
+    return Tensor(t.kind, rows, cols, cut(t.data, cols_p if t.kind == "q8" else cols_p // 8),
+                  cut(t.scales, cols_p // t.group), cut(t.mins, cols_p // t.group), t.group)
+
+
+# a model shape every GGUF type fits (rows of 256 and 512: whole K-quant blocks) and a type for each of its
+# tensors, every type dpllama reads among them, mixed as llama.cpp's _S/_M files mix them: fused matrices
+# (Q, K, V; gate and up) of different formats
+EVERY_TYPE_SHAPE = dict(dim=256, hidden=512, n_layers=2, n_heads=4, n_kv_heads=2, vocab=97, seq_len=32)
+EVERY_TYPE = {"token_embd.weight": T.Q5_0, "output.weight": T.Q6_K,
+              "blk.0.attn_q.weight": T.Q2_K, "blk.0.attn_k.weight": T.Q3_K, "blk.0.attn_v.weight": T.Q4_K,
+              "blk.0.attn_output.weight": T.Q5_K, "blk.0.ffn_gate.weight": T.Q5_1, "blk.0.ffn_down.weight": T.Q6_K,
+              "blk.0.ffn_up.weight": T.Q4_0, "blk.1.attn_q.weight": T.Q8_0, "blk.1.attn_k.weight": T.Q4_1,
+              "blk.1.attn_v.weight": T.Q6_K, "blk.1.attn_output.weight": T.F16, "blk.1.ffn_gate.weight": T.Q4_K,
+              "blk.1.ffn_up.weight": T.Q4_K, "blk.1.ffn_down.weight": T.BF16, "blk.1.attn_norm.weight": T.F16}
+
+
 def random_llama2c(path, dim=32, hidden=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab=40, seq_len=16,
                    version=0, shared=True, seed=0, group_size=None) -> Weights:
     """Write a random llama2.c checkpoint; returns the f32 weights it was made from."""
@@ -105,7 +173,8 @@ def write_test_gguf(path, weights: Weights, types=None, arch=None, drop=(), extr
                     tokenizer=None) -> dict:
     """Write f32 `weights` as a llama.cpp-style GGUF of architecture `arch` (default the config's) with
     TOKENIZER_FIELDS, or with `tokenizer`'s {key: value} instead. `types` maps GGUF tensor names to their type
-    (default F32), quantized with gguf.quants; `drop` names tensors to leave out, `extra` adds {name: float32
+    (default F32), quantized with gguf.quants, or random blocks of that type where gguf-py does not quantize to
+    it (the K-quants; the array's shape only); `drop` names tensors to leave out, `extra` adds {name: float32
     array}, `fields` adds metadata {key: value}. Returns {name: (type, the array written)}."""
     c, types = weights.config, types or {}
     arrays = {"token_embd.weight": weights.tok_embeddings.dequantize(), "output_norm.weight": weights.norm}
@@ -127,7 +196,12 @@ def write_test_gguf(path, weights: Weights, types=None, arch=None, drop=(), extr
         if name in drop:
             continue
         ggml_type = types.get(name, GGMLQuantizationType.F32)
-        data = quantize(np.asarray(array, np.float32), ggml_type)
+        array = np.asarray(array, np.float32)
+        try:
+            data = quantize(array, ggml_type)
+        except NotImplementedError:         # gguf-py cannot quantize to the K-quants: random blocks instead
+            data = random_gguf_blocks(np.random.default_rng(array.size), ggml_type, *array.shape,
+                                      scale=float(np.abs(array).max()))
         w.add_tensor(name, data, raw_dtype=ggml_type)
         written[name] = (ggml_type, data)
     w.write_header_to_file()

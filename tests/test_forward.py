@@ -21,7 +21,9 @@ from dpllama.model.weights import Layer, Tensor, Weights, llama3_rope_factors
 from dpllama.runtime import Queue
 from dpllama.runtime.config import dump_config, parse_config
 from dpllama.quantize import GROUPS
-from tests.helpers import llama2c_dir, quantize_cli, random_llama2c, random_weights, write_test_gguf
+from dpllama.model.gguf import load_gguf
+from tests.helpers import (EVERY_TYPE, EVERY_TYPE_SHAPE, llama2c_dir, quantize_cli, random_llama2c, random_weights,
+                           write_test_gguf)
 
 # Awkward shapes: hidden 100 is a multiple of neither 8 nor 32, dim 48 not of 32 or 64, head_dim 8, GQA 3:1.
 SHAPE = dict(dim=48, hidden=100, n_layers=2, n_heads=6, n_kv_heads=2, vocab=97, seq_len=32)
@@ -157,6 +159,26 @@ def test_logits_match_reference_other_configs(config_q, random_model, variant):
     feeds = [12, 1, 1, 3, 1, 1]
     assert Llama(VARIANTS[variant](random_model), cq).fused_attention == name.startswith("fused")
     compare_logits(cq, VARIANTS[variant](random_model), random_tokens(sum(feeds), 5), feeds, f"{name} {variant}")
+
+
+@pytest.fixture(scope="module")
+def every_type_model(tmp_path_factory):
+    """A random GGUF with a tensor of every type dpllama reads (tests/helpers.py's EVERY_TYPE: the K-quants, Q5_x,
+    fused matrices of different formats), loaded."""
+    path = tmp_path_factory.mktemp("every") / "every.gguf"
+    write_test_gguf(path, random_weights(shared=False, seed=4, **EVERY_TYPE_SHAPE), EVERY_TYPE)
+    return load_gguf(path)
+
+
+@pytest.mark.parametrize("feeds", FEEDS)
+def test_every_gguf_type_matches_reference(q, every_type_model, feeds):
+    compare_logits(q, every_type_model, random_tokens(sum(FEEDS[feeds])), FEEDS[feeds], "every GGUF type")
+
+
+def test_every_gguf_type_other_configs(config_q, every_type_model):
+    name, cq = config_q
+    feeds = [12, 1, 1, 3, 1, 1]
+    compare_logits(cq, every_type_model, random_tokens(sum(feeds), 5), feeds, f"{name} every GGUF type")
 
 
 def test_fused_attention_needs_single_work_item_groups(q, random_model):

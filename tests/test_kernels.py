@@ -11,8 +11,8 @@ activations, caches and outputs are laid out here, with gaps between rows that t
 (NaN there) nor write (a sentinel there).
 
 Compile cost: on PoCL (2 cores) a matrix.cl program costs ~2.3 s to build, an attention.cl one ~1.1 s, and each
-(kernel, local size) ~0.15 s more at its first launch, after which all is cached on disk; so the grids are kept focused: 26 matrix.cl programs (decode and prefill
-for 9 formats in the CPU geometry, 4 formats in two others) and 4 attention.cl programs.
+(kernel, local size) ~0.15 s more at its first launch, after which all is cached on disk; so the grids are kept focused: 42 matrix.cl programs (decode and prefill
+for 14 formats in the CPU geometry, 7 in two others) and 4 attention.cl programs.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import zlib
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as GT
 
 from dpllama.formats import round_up
 from dpllama.model import kernels
@@ -30,14 +31,18 @@ from dpllama.model.quant import quantize_int4, quantize_q8
 from dpllama.model.weights import Tensor
 from dpllama.runtime import Local, program
 from dpllama.runtime.queue import Queue
+from dpllama.formats.gguf import read_gguf
+from dpllama.model.quant import GGUF_REPACK
+from tests.helpers import QWEN_TENSORS, gguf_tensor, qwen_gguf_path
 
 # ---- tolerances ----
 # float32 sums: in any summation order, the rounding error of a sum is at most (the longest chain of additions)
 # x 2^-24 times the sum of the magnitudes of its terms, whatever their signs. A gemv work-item sums its blocks
 # serially (with L = 1 all cols_p terms), a tree of log2(L) levels joins the work-items, and the scale products
 # add a few roundings: gemv_rtol(cols_p) bounds that, whatever order a device sums in. (Measured errors are a
-# few % of it: rounding errors mostly cancel.) For int4 the kernel sums s*sum(q x) and (-8 s or m)*sum(x)
-# separately and adds them, so the magnitude includes (8|s| + |m|) |x| per element.
+# few % of it: rounding errors mostly cancel.) The kernel sums s*sum(q x) of the stored values (q8: q + 128,
+# int4: q) and (-128 s, -8 s or m)*sum(x) separately and adds them, so the magnitude includes
+# (128|s| or 8|s|, + |m|) |x| per element.
 def gemv_rtol(cols_p: int) -> float:
     return (cols_p + 16) * 2.0 ** -24
 
@@ -76,6 +81,18 @@ FORMATS = {
     "int4asym64": lambda w: quantize_int4(w, 64, symmetric=False),
     "int4asym128": lambda w: quantize_int4(w, 128, symmetric=False),
 }
+
+
+def gguf_format(ggml_type):
+    """A weight format as a GGUF type loads (random blocks of w's shape; the seed from w)."""
+    return lambda w: gguf_tensor(np.random.default_rng(zlib.crc32(w.tobytes())), ggml_type, *w.shape)
+
+
+# the formats GGUF's other types load as (dpllama/model/quant.py): q8 group 16 (Q6_K), q8 asymmetric (Q5_1,
+# Q5_K), and int4 with float32 scales: asymmetric group 32 (Q4_K), symmetric (Q3_K) and asymmetric (Q2_K) group 16
+FORMATS |= {"q8g16-q6k": gguf_format(GT.Q6_K), "q8asym32-q5k": gguf_format(GT.Q5_K),
+            "int4asym32f-q4k": gguf_format(GT.Q4_K), "int4g16f-q3k": gguf_format(GT.Q3_K),
+            "int4asym16f-q2k": gguf_format(GT.Q2_K)}
 # (rows, cols): rows not a multiple of any tile height (37: several tiles of 16), cols not a multiple of the
 # groups (or of 8), a single column, and 520 columns = 65 blocks of 8, one more than the largest work-group,
 # so work-items loop over blocks
@@ -97,7 +114,8 @@ GEOMETRIES = {
 }
 # which formats run in which geometry: every format in the CPU one; a few, one per code path, in the others
 # (each (format, geometry) costs two program builds, ~2.3 s each on PoCL when the cache is cold)
-GEOMETRY_FORMATS = {"cpu": list(FORMATS), "gpu": ["q8g32", "int4g32", "int4asym128"], "odd": ["f32", "int4asym64"]}
+GEOMETRY_FORMATS = {"cpu": list(FORMATS), "gpu": ["q8g32", "int4g32", "int4asym128", "q8asym32-q5k", "int4g16f-q3k"],
+                    "odd": ["f32", "int4asym64"]}
 GEMV_PARAMS = [(fmt, geo, mode) for geo, fmts in GEOMETRY_FORMATS.items() for fmt in fmts
                for mode in ("decode", "prefill")]
 GEMV_KERNELS = ["gemv_add", "gemv_norm", "gemv_norm_swiglu"]
@@ -119,8 +137,8 @@ def f32(a) -> np.ndarray:
 def error_scale(t: Tensor, x: np.ndarray) -> np.ndarray:
     """Per row, the sum of magnitudes of the terms the kernel adds for W x (see gemv_rtol)."""
     mag = np.abs(t.dequantize()).astype(np.float64)
-    if t.kind == "int4":
-        per_group = 8 * np.abs(t.scales.astype(np.float64))
+    if t.kind != "f32":     # the offset of the stored values (q8: q + 128, int4: q - 8 or 0) and the min
+        per_group = (128 if t.kind == "q8" else 8) * np.abs(t.scales.astype(np.float64))
         if t.mins is not None:
             per_group = per_group + np.abs(t.mins.astype(np.float64))
         mag = mag + np.repeat(per_group, t.group, axis=1)[:, :t.cols]
@@ -229,7 +247,7 @@ ISA_FALLBACKS = {"avx512-no-vnni": ["__AVX512VNNI__"], "avx2": ["__AVX512VNNI__"
                  "generic": ["__AVX512VNNI__", "__AVX512F__", "__AVX512BW__", "__AVX2__"]}
 
 
-@pytest.mark.parametrize("fmt", ["q8g32", "int4asym32"])
+@pytest.mark.parametrize("fmt", ["q8g32", "int4asym32", "int4asym16f-q2k"])
 @pytest.mark.parametrize("isa", list(ISA_FALLBACKS))
 def test_gemv_isa_fallbacks(q, tmp_path, monkeypatch, isa, fmt):
     kernels = tmp_path / "cl_kernels"
@@ -248,6 +266,23 @@ def test_gemv_isa_fallbacks(q, tmp_path, monkeypatch, isa, fmt):
         want = X.astype(np.float64) @ t.dequantize().astype(np.float64).T + Y0
         tol = gemv_rtol(t.cols_padded) * (error_scale(t, np.abs(X).T).T + np.abs(Y0)) + x_rounding(t, X) + GEMV_ATOL
         check_close(got, want, tol, f"gemv_add {fmt} without {ISA_FALLBACKS[isa]} T={T}")
+
+
+def test_gemv_real_q4_k_m_tensors(q):
+    """Qwen2.5-Coder-0.5B Q4_K_M's tensors of each quantized type (Q5_0, Q8_0, Q6_K, Q4_K), decode and prefill,
+    against the NumPy product with gguf's dequantization (test_loaders checks that the repack equals it)."""
+    g = read_gguf(qwen_gguf_path())
+    rng = np.random.default_rng(5)
+    for ggml_type, name in QWEN_TENSORS.items():
+        raw = g.tensors[name]
+        t = GGUF_REPACK[ggml_type](raw.data, *raw.shape)
+        for T in (1, GEOMETRIES["cpu"][-1]):
+            X = rng.standard_normal((T, t.cols)).astype(np.float32)
+            Y0 = np.zeros((T, t.rows), np.float32)
+            got = run_gemv(q, "gemv_add", t, "cpu", X, Y0=Y0)
+            want = X.astype(np.float64) @ t.dequantize().astype(np.float64).T
+            tol = gemv_rtol(t.cols_padded) * error_scale(t, np.abs(X).T).T + x_rounding(t, X) + GEMV_ATOL
+            check_close(got, want, tol, f"gemv_add {name} ({ggml_type.name}) T={T}")
 
 
 EMBED_PARAMS = [(fmt, geo) for geo in ("cpu", "gpu") for fmt in GEOMETRY_FORMATS[geo]]
@@ -410,7 +445,7 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T):
                 f"attention heads={n_heads}/{n_kv_heads} hd={head_dim} pos={pos} T={T} ATTENTION_POSITIONS={pos_vec} L={local}")
 
 
-@pytest.mark.parametrize("fmt", ["q8g32", "int4g32", "int4asym128"])
+@pytest.mark.parametrize("fmt", ["q8g32", "int4g32", "int4asym128", "q8asym32-q5k"])
 @pytest.mark.parametrize("local", [1, 64, 256])
 @pytest.mark.parametrize("n", [1, 5, 97, 1000, 4096])
 def test_argmax_embed(q, n, local, fmt):

@@ -7,8 +7,8 @@ import struct
 
 import numpy as np
 import pytest
+from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader
 from gguf.quants import dequantize, quantize
 
 from dpllama.errors import DpllamaError
@@ -17,11 +17,11 @@ from dpllama.formats.gguf import read_gguf
 from dpllama.formats.llama2c import MAGIC
 from dpllama.model.gguf import load_gguf, write_dpllama_gguf
 from dpllama.model.llama2c import load_llama2c, write_llama2c
-from dpllama.model.quant import (q8_0_from_gguf, quantize_int4, quantize_q8, repack_q4_0,
-                                 repack_q4_1)
-from dpllama.model.weights import Weights
-from tests.helpers import (TOKENIZER_FIELDS, llama2c_dir, random_llama2c, random_weights,
-                           smollm2_gguf_path, write_test_gguf)
+from dpllama.model.quant import GGUF_REPACK, quantize_int4, quantize_q8, widen
+from dpllama.model.weights import Tensor, Weights
+from tests.helpers import (EVERY_TYPE, EVERY_TYPE_SHAPE, QWEN_TENSORS, TOKENIZER_FIELDS, gguf_tensor, llama2c_dir,
+                           qwen_gguf_path, random_gguf_blocks, random_llama2c, random_weights, smollm2_gguf_path,
+                           write_test_gguf)
 
 RNG = np.random.default_rng(1)
 
@@ -48,15 +48,80 @@ def assert_same_norms(a, b):
 
 # ---------------------------------------------------------------- quantization formats
 
-@pytest.mark.parametrize("ggml_type, repack", [(T.Q4_0, repack_q4_0), (T.Q4_1, repack_q4_1),
-                                               (T.Q8_0, q8_0_from_gguf)])
-def test_gguf_blocks_repack_losslessly(ggml_type, repack):
-    w = RNG.standard_normal((6, 96)).astype(np.float32)
-    w[1, 32:64] = 0                         # an all-zero block
-    blocks = quantize(w, ggml_type)
-    t = repack(blocks, 6, 96)
-    assert t.group == 32 and t.data.shape == ((6, 12) if t.kind == "int4" else (6, 96))
-    assert np.array_equal(t.dequantize(), dequantize(blocks, ggml_type))
+# GGUF type -> the device format it loads as: kind, group, asymmetric, scale type (docs/ARCHITECTURE.md's table)
+DEVICE_FORMAT = {T.Q4_0: ("int4", 32, False, np.float16), T.Q4_1: ("int4", 32, True, np.float16),
+                 T.Q5_0: ("q8", 32, False, np.float32), T.Q5_1: ("q8", 32, True, np.float32),
+                 T.Q8_0: ("q8", 32, False, np.float32), T.Q2_K: ("int4", 16, True, np.float32),
+                 T.Q3_K: ("int4", 16, False, np.float32), T.Q4_K: ("int4", 32, True, np.float32),
+                 T.Q5_K: ("q8", 32, True, np.float32), T.Q6_K: ("q8", 16, False, np.float32)}
+# the types gguf-py can also quantize (real blocks from real values, besides random bytes)
+QUANTIZABLE = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
+
+
+def format_of(t):
+    return t.kind, t.group, t.mins is not None, t.scales.dtype.type
+
+
+def test_every_gguf_type_has_a_device_format():
+    assert set(GGUF_REPACK) == set(DEVICE_FORMAT)
+
+
+@pytest.mark.parametrize("ggml_type", list(DEVICE_FORMAT), ids=lambda t: t.name)
+def test_gguf_blocks_repack_losslessly(ggml_type):
+    """Every type's blocks, random bytes with valid fp16 scales (every level, high bit and sub-block scale
+    pattern), and for the types gguf-py quantizes, blocks of real values with an all-zero block: the loaded
+    Tensor dequantizes to exactly gguf's NumPy dequantization."""
+    block = GGML_QUANT_SIZES[ggml_type][0]
+    rows, cols = 6, 3 * max(block, 32)
+    sources = [random_gguf_blocks(RNG, ggml_type, rows, cols)]
+    if ggml_type in QUANTIZABLE:
+        w = RNG.standard_normal((rows, cols)).astype(np.float32)
+        w[1, 32:64] = 0
+        sources.append(quantize(w, ggml_type))
+    for blocks in sources:
+        t = GGUF_REPACK[ggml_type](blocks, rows, cols)
+        assert format_of(t) == DEVICE_FORMAT[ggml_type]
+        assert t.data.shape == (rows, cols // 8 if t.kind == "int4" else cols)
+        assert np.array_equal(t.dequantize(), dequantize(blocks, ggml_type))
+
+
+def test_real_q4_k_m_tensors_repack_losslessly():
+    """Qwen2.5-Coder-0.5B Q4_K_M's tensors of each quantized type it holds (the file's architecture is another
+    matter: the tensors are read through the format's parser alone)."""
+    g = read_gguf(qwen_gguf_path())
+    for ggml_type, name in QWEN_TENSORS.items():
+        raw = g.tensors[name]
+        assert raw.type == ggml_type, name
+        t = GGUF_REPACK[ggml_type](raw.data, *raw.shape)
+        assert format_of(t) == DEVICE_FORMAT[ggml_type], name
+        assert np.array_equal(t.dequantize(), dequantize(raw.data.reshape(raw.shape[0], -1), ggml_type)), name
+
+
+def test_k_quant_block_scales_are_checked():
+    """A K-quant's fp16 d is multiplied into its float32 scales: a NaN or infinity there is a one-line error."""
+    from dpllama.model.weights import check_values
+    blocks = random_gguf_blocks(RNG, T.Q4_K, 2, 256)
+    blocks[1, 0:2] = np.array([np.inf], np.float16).view(np.uint8)
+    with pytest.raises(DpllamaError, match=r"^f: tensor w has scale inf at \[1, 0\]: expected finite values"):
+        check_values("f", "w", GGUF_REPACK[T.Q4_K](blocks, 2, 256))
+
+
+# pairs of formats that fused matrices (Q, K, V; gate and up) may meet in, and the format `widen` gives both
+WIDEN = [((T.Q4_0, T.Q4_1), ("int4", 32, True, np.float16)), ((T.Q4_0, T.Q4_K), ("int4", 32, True, np.float32)),
+         ((T.Q4_K, T.Q2_K), ("int4", 16, True, np.float32)), ((T.Q3_K, T.Q4_0), ("int4", 16, False, np.float32)),
+         ((T.Q5_0, T.Q6_K), ("q8", 16, False, np.float32)), ((T.Q8_0, T.Q5_1), ("q8", 32, True, np.float32)),
+         ((T.Q4_0, T.Q8_0), ("q8", 32, False, np.float32)), ((T.Q3_K, T.Q5_K), ("q8", 16, True, np.float32)),
+         ((T.Q4_1, T.F16), ("f32", 0, False, None))]
+
+
+@pytest.mark.parametrize("types, want", WIDEN, ids=lambda v: "-".join(t.name for t in v) if isinstance(v[0], T) else "")
+def test_widen_is_lossless(types, want):
+    tensors = [Tensor.f32(RNG.standard_normal((5, 256))) if t == T.F16 else gguf_tensor(RNG, t, 5, 256)
+               for t in types]
+    for before, after in zip(tensors, widen(tensors), strict=True):
+        got = (after.kind, after.group, after.mins is not None, None if after.scales is None else after.scales.dtype)
+        assert got == want
+        assert np.array_equal(after.dequantize(), before.dequantize())
 
 
 def int4_test_matrix(source: str) -> np.ndarray:
@@ -217,13 +282,14 @@ MIXED_TYPES = {"token_embd.weight": T.Q8_0, "output.weight": T.F16, "blk.0.attn_
                "blk.0.attn_k.weight": T.Q4_1, "blk.0.attn_v.weight": T.F16, "blk.0.attn_output.weight": T.BF16,
                "blk.0.ffn_gate.weight": T.Q4_1, "blk.0.ffn_down.weight": T.Q4_0, "blk.0.ffn_up.weight": T.Q8_0,
                "blk.1.ffn_down.weight": T.Q4_1, "blk.1.attn_norm.weight": T.F16}
-KIND = {T.F32: "f32", T.F16: "f32", T.BF16: "f32", T.Q8_0: "q8", T.Q4_0: "int4", T.Q4_1: "int4"}
 
 
-def test_gguf_mixed_types(tmp_path):
+@pytest.mark.parametrize("shape, types", [(GGUF_SHAPE, MIXED_TYPES), (EVERY_TYPE_SHAPE, EVERY_TYPE)],
+                         ids=["legacy-types", "every-type"])
+def test_gguf_mixed_types(tmp_path, shape, types):
     path = tmp_path / "m.gguf"
-    src = random_weights(shared=False, **GGUF_SHAPE)
-    written = write_test_gguf(path, src, MIXED_TYPES)
+    src = random_weights(shared=False, **shape)
+    written = write_test_gguf(path, src, types)
     w = load_gguf(path)
     assert w.config == gguf_config(src.config) and not w.tied
     assert w.meta["format"] == "gguf" and w.meta["tokenizer_fields"] == TOKENIZER_FIELDS
@@ -234,7 +300,7 @@ def test_gguf_mixed_types(tmp_path):
                                ("w1", "ffn_gate"), ("w2", "ffn_down"), ("w3", "ffn_up")]})
     for name, t in w.matrices():
         ggml_type, data = written[names[name] + ".weight"]
-        assert t.kind == KIND[ggml_type], name
+        assert t.kind == DEVICE_FORMAT.get(ggml_type, ("f32",))[0], name
         assert np.array_equal(t.dequantize(), dequantize(data, ggml_type)), name
     assert np.array_equal(w.layers[1].attn_norm, src.layers[1].attn_norm.astype(np.float16).astype(np.float32))
 
@@ -265,9 +331,9 @@ def test_gguf_header_parser_matches_gguf_reader(tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(arch="gpt2"), "unsupported GGUF architecture 'gpt2' \\(supported: llama, qwen2\\)"),
-    (dict(types={"blk.1.attn_q.weight": T.Q5_0}),
-     "tensor blk.1.attn_q.weight has type Q5_0, which dpllama does not support \\(supported: F32, F16, BF16, "
-     "Q8_0, Q4_0, Q4_1\\)"),
+    (dict(types={"blk.1.attn_q.weight": T.IQ4_NL}),
+     "tensor blk.1.attn_q.weight has type IQ4_NL, which dpllama does not support \\(supported: F32, F16, BF16, "
+     "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K\\)"),
     (dict(drop={"blk.1.ffn_up.weight"}), "missing tensor blk.1.ffn_up.weight"),
     (dict(extra={"blk.1.attn_output.bias": np.ones(64, np.float32)}),
      "unexpected tensor blk.1.attn_output.bias \\(1 in all\\): a model feature dpllama does not implement"),
@@ -343,6 +409,16 @@ def test_dpllama_container_round_trip(tmp_path):
     std_fields = GGUFReader(std).fields
     for key in TOKENIZER_FIELDS:
         assert reader.fields[key].types == std_fields[key].types, key
+
+
+def test_dpllama_container_keeps_every_gguf_format(tmp_path):
+    """Matrices as every GGUF type loads them (q8 asymmetric and group 16, int4 with float32 scales) are written
+    into the container and load back as they were, bit for bit."""
+    src = tmp_path / "every.gguf"
+    write_test_gguf(src, random_weights(shared=False, **EVERY_TYPE_SHAPE), EVERY_TYPE)
+    w = load_gguf(src)
+    write_dpllama_gguf(tmp_path / "q.gguf", w, TOKENIZER_FIELDS)
+    assert_same_matrices(load_gguf(tmp_path / "q.gguf"), w)
 
 
 def test_dpllama_container_tied(tmp_path):

@@ -60,7 +60,7 @@ def test_llama2c_norm_and_q8_scale_out_of_range(tmp_path):
     w.layers[0].w2.data[2, 40] = np.nan         # version 2: the NaN goes into its group's scale
     write_llama2c(tmp_path / "q.bin", w, 2, group_size=32)
     fails(tmp_path / "q.bin", "tensor layers.0.w2 has scale nan at \\[2, 1\\]: "
-                              + re.escape(f"expected finite values below {MAX_WEIGHT / 128:g} in magnitude"))
+                              + re.escape(f"expected finite values below {MAX_WEIGHT / 256:g} in magnitude"))
 
 
 def test_weights_just_below_the_bound_load(tmp_path):

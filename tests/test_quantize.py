@@ -180,6 +180,23 @@ def test_quantize_cli_from_gguf_keeps_matching_q4_blocks(tmp_path, repo_root):
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_quantize_reads_every_gguf_type(tmp_path):
+    """A GGUF with a tensor of every type quantizes: Q4_K (asymmetric int4 g32) carried over with its float32
+    scales, the Q5_0 table kept in 8 bits as it loaded, every other matrix requantized; the output loads and
+    runs as the report says."""
+    from tests.helpers import EVERY_TYPE, EVERY_TYPE_SHAPE
+    src = tmp_path / "every.gguf"
+    write_test_gguf(src, random_weights(shared=False, **EVERY_TYPE_SHAPE), EVERY_TYPE)
+    before = load_gguf(src)
+    after = quantize_cli(src, tmp_path / "q.gguf", "--keep-8bit", "tok_embeddings")
+    for name in ("w1", "w3"):                                           # blk.1's Q4_K
+        a, b = getattr(after.layers[1], name), getattr(before.layers[1], name)
+        assert np.array_equal(a.data, b.data) and np.array_equal(a.scales, b.scales) and a.scales.dtype == np.float32
+    assert np.array_equal(after.tok_embeddings.data, before.tok_embeddings.data)
+    assert after.output.kind == "int4" and after.layers[0].wq.kind == "int4" and after.layers[0].wq.group == 32
+    assert after.meta["tokenizer_fields"]["tokenizer.ggml.model"] == "gpt2"
+
+
 def test_sigkilled_quantize_leaves_no_temporary_behind(stories, tmp_path, repo_root):
     """SIGKILL while the output is being written leaves the hidden temporary (nothing can remove it then); the next
     run that writes there removes it, the writer being dead."""

@@ -7,7 +7,7 @@
 // One work-group computes one tile; its L threads split the columns (L = 1 on CPUs, where the TILE_ROWS lanes
 // are the SIMD lanes; L = 32..64 on GPUs) and a tree reduction joins them. The hot loop uses plain
 // loads and arithmetic only: PoCL does not inline vload*/vload_half, and a call stops vectorization.
-// For int4 the block sum of x is shared by all rows: sum_k (s*q_k + m) x_k = s * sum q_k x_k + m * sum x_k.
+// For asymmetric formats the block sum of x is shared by all rows: sum_k (s*q_k + m) x_k = s * sum q_k x_k + m * sum x_k.
 //
 // Quantized kernels take x as 16-bit integers: each block of x is scaled by 32767 / max|x| and rounded (which
 // moves each value by at most max|x| / 65534, far below the weights' own quantization error), and an int
@@ -62,6 +62,10 @@ typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-b
 #endif
 #endif
 
+#if !defined(W_F32) && !defined(W_Q8) && !defined(W_INT4)
+#error "build matrix.cl with one of -DW_F32, -DW_Q8, -DW_INT4"
+#endif
+
 #if defined(W_F32)
 #define BLOCK 8                 // columns a thread takes at a time: one scale group, or 8 floats
 #else
@@ -82,6 +86,13 @@ typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-b
 #define HALF_BITS_TO_FLOAT(h) half_bits_from_uint(__builtin_convertvector((h), uintV))
 #define half_bits_from_uint(u) as_floatV((((u) & 0x8000) << 16) | \
     ((((HALF_EXP(u) + 112) << 23) | (((u) & 0x3ff) << 13)) & as_uintV(HALF_EXP(u) != 0)))  // not select(): a call in PoCL
+#endif
+
+// the TILE_ROWS scales (or mins) of group g of a tile, as floats
+#if defined(SCALES_F32)
+#define TILE_SCALES(p, g) (((__global const floatV *)(p))[g])
+#else
+#define TILE_SCALES(p, g) HALF_BITS_TO_FLOAT(((__global const ushortV *)(p))[g])
 #endif
 
 #define SUM8(v) (((v).s0 + (v).s1) + ((v).s2 + (v).s3) + ((v).s4 + (v).s5) + ((v).s6 + (v).s7))
@@ -116,22 +127,18 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
                 part[n * CHAINS + k % CHAINS] = MADD(part[n * CHAINS + k % CHAINS], m, xq[n * (BLOCK / 2) + k]);
         }
     }
-#if defined(W_Q8)
-    const floatV s = ((__global const floatV *)s_)[(size_t)t * (cols_p / GROUP) + b];
-#elif defined(W_INT4)
     const size_t g = (size_t)t * (cols_p / GROUP) + b;
-    const floatV s = HALF_BITS_TO_FLOAT(((__global const ushortV *)s_)[g]);
+    const floatV s = TILE_SCALES(s_, g);
 #if defined(ASYM)
-    const floatV m = HALF_BITS_TO_FLOAT(((__global const ushortV *)m_)[g]);
-#endif
-#else
-#error "build matrix.cl with one of -DW_F32, -DW_Q8, -DW_INT4"
+    const floatV m = TILE_SCALES(m_, g);
 #endif
     for (int n = 0; n < TOKENS; n++) {
         intV q = part[n * CHAINS];
         for (int c = 1; c < CHAINS; c++) q += part[n * CHAINS + c];
         const floatV qx = __builtin_convertvector(q, floatV) * dx[n];     // sum_k q_k x_k (inline, unlike convert_floatV)
-#if defined(W_Q8)
+#if defined(W_Q8) && defined(ASYM)
+        acc[n] += s * (qx - 128.0f * sx[n]) + m * sx[n];
+#elif defined(W_Q8)
         acc[n] += s * (qx - 128.0f * sx[n]);
 #elif defined(ASYM)
         acc[n] += s * qx + m * sx[n];

@@ -10,8 +10,8 @@ A quantized matrix `<name>` [rows, cols]
   - key `dpllama.kind.<name>` (string "q8" or "int4") and key `dpllama.group.<name>` (uint32 g)
   - q8:   `<name>.qweight` I8 [rows, cols_p], `<name>.scales` F32 [rows, cols_p / g]
   - int4: `<name>.qweight` I32 [rows, cols_p / 8] (the uint32 words of `Tensor.data`, bit for bit: GGUF
-          has no unsigned 32-bit type), `<name>.scales` F16 [rows, cols_p / g], and, asymmetric only,
-          `<name>.mins` F16 [rows, cols_p / g]
+          has no unsigned 32-bit type), `<name>.scales` F16 (or F32, as a GGUF K-quant loads) [rows, cols_p / g]
+  - asymmetric only, `<name>.mins` [rows, cols_p / g] of the scales' type
 exactly the arrays of `dpllama.model.weights.Tensor`, so loading is a view, not a conversion.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from dpllama.errors import DpllamaError
 from dpllama.formats import round_up
 from dpllama.formats.gguf import FORMAT_KEY, FORMAT_VERSION, RawTensor, add_field, read_gguf, write_gguf
-from dpllama.model.quant import q8_0_from_gguf, repack_q4_0, repack_q4_1
+from dpllama.model.quant import GGUF_REPACK
 from dpllama.model.weights import (Layer, ModelConfig, Tensor, Weights, check_config, check_values,
                                    layer_shapes, llama3_rope_factors)
 
@@ -41,16 +41,13 @@ ARCHITECTURES = {"llama": dict(rope_neox=False), "qwen2": dict(rope_neox=True, q
 LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")
 ROPE_FREQS = "rope_freqs.weight"    # llama.cpp's per-frequency RoPE divisors (Llama 3.1's scaling)
 T = GGMLQuantizationType
-# llama.cpp tensor types we convert, -> Tensor [rows, cols]
+# llama.cpp tensor types we convert, -> Tensor [rows, cols]; the quantized ones repacked, losslessly
 _CONVERT = {
     T.F32: lambda raw, rows, cols: Tensor.f32(raw.view("<f4").reshape(rows, cols)),
     T.F16: lambda raw, rows, cols: Tensor.f32(raw.view("<f2").reshape(rows, cols)),
     T.BF16: lambda raw, rows, cols: Tensor.f32((raw.view("<u2").astype(np.uint32) << 16).view("<f4")
                                                .reshape(rows, cols)),
-    T.Q8_0: q8_0_from_gguf,
-    T.Q4_0: repack_q4_0,
-    T.Q4_1: repack_q4_1,
-}
+} | GGUF_REPACK
 # container array types -> NumPy dtype of the view
 _CONTAINER_DTYPES = {T.F32: "<f4", T.F16: "<f2", T.I8: "i1", T.I32: "<u4"}
 # ModelConfig field -> the GGUF key it comes from, for messages
@@ -107,7 +104,8 @@ def layer_tensor_name(i: int, field: str) -> str:
 
 
 def load_gguf(path: str | os.PathLike) -> Weights:
-    """Load a llama GGUF (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors) or a dpllama container, memory-mapped.
+    """Load a llama GGUF (tensors of the types in _CONVERT, mixed as llama.cpp's _S/_M files mix them) or a
+    dpllama container, memory-mapped.
     meta: format ("gguf" / "dpllama-gguf"), path, tokenizer_fields (every tokenizer.* key), chat_template."""
     path = Path(path)
     gguf = read_gguf(path)
@@ -134,11 +132,12 @@ def load_gguf(path: str | os.PathLike) -> Weights:
         unused.discard(name)
         return t
 
-    def array(name: str, ggml_type: GGMLQuantizationType, shape: tuple[int, int]) -> np.ndarray:
+    def array(name: str, ggml_types: tuple[GGMLQuantizationType, ...], shape: tuple[int, int]) -> np.ndarray:
         t = raw(name, shape)
-        if t.type != ggml_type:
-            raise DpllamaError(f"{path}: tensor {name} has type {t.type.name}, expected {ggml_type.name}")
-        return t.data.view(_CONTAINER_DTYPES[ggml_type]).reshape(shape)
+        if t.type not in ggml_types:
+            raise DpllamaError(f"{path}: tensor {name} has type {t.type.name}, expected "
+                               f"{' or '.join(k.name for k in ggml_types)}")
+        return t.data.view(_CONTAINER_DTYPES[t.type]).reshape(shape)
 
     def convert(name: str, rows: int, cols: int, shape: tuple[int, ...]) -> Tensor:
         t = raw(name, shape)
@@ -158,13 +157,12 @@ def load_gguf(path: str | os.PathLike) -> Weights:
             raise DpllamaError(f"{path}: bad dpllama layout for {base}: kind {kind!r}, group {group}")
         cols_p = round_up(cols, group)
         groups = (rows, cols_p // group)
-        if kind == "q8":
-            t = Tensor("q8", rows, cols, array(f"{base}.qweight", T.I8, (rows, cols_p)),
-                       scales=array(f"{base}.scales", T.F32, groups), group=group)
-        else:
-            mins = array(f"{base}.mins", T.F16, groups) if f"{base}.mins" in tensors else None
-            t = Tensor("int4", rows, cols, array(f"{base}.qweight", T.I32, (rows, cols_p // 8)),
-                       scales=array(f"{base}.scales", T.F16, groups), mins=mins, group=group)
+        data = array(f"{base}.qweight", (T.I8,), (rows, cols_p)) if kind == "q8" else \
+            array(f"{base}.qweight", (T.I32,), (rows, cols_p // 8))
+        scales = array(f"{base}.scales", (T.F32,) if kind == "q8" else (T.F16, T.F32), groups)
+        scale_type = T.F32 if scales.dtype == np.float32 else T.F16
+        mins = array(f"{base}.mins", (scale_type,), groups) if f"{base}.mins" in tensors else None
+        t = Tensor(kind, rows, cols, data, scales=scales, mins=mins, group=group)
         check_values(str(path), base, t)
         return t
 
@@ -210,11 +208,10 @@ def _add_matrix(w: GGUFWriter, base: str, t: Tensor) -> None:
         return
     w.add_string(f"dpllama.kind.{base}", t.kind)
     w.add_uint32(f"dpllama.group.{base}", t.group)
-    int4 = t.kind == "int4"
-    w.add_tensor(f"{base}.qweight", np.ascontiguousarray(t.data).view(np.int32) if int4 else t.data)
-    w.add_tensor(f"{base}.scales", np.ascontiguousarray(t.scales, np.float16 if int4 else np.float32))
+    w.add_tensor(f"{base}.qweight", np.ascontiguousarray(t.data).view(np.int32) if t.kind == "int4" else t.data)
+    w.add_tensor(f"{base}.scales", np.ascontiguousarray(t.scales))        # in their type: loading is a view
     if t.mins is not None:
-        w.add_tensor(f"{base}.mins", np.ascontiguousarray(t.mins, np.float16))
+        w.add_tensor(f"{base}.mins", np.ascontiguousarray(t.mins))
 
 
 def add_hyperparameters(w: GGUFWriter, c: ModelConfig) -> None:

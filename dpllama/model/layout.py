@@ -1,7 +1,7 @@
 """The device layout of the weights: how a matrix is packed for the matrix kernels, and the geometry of
 their launches.
 
-A matrix goes up in its storage format (f32, q8, int4 with per-group fp16 scales and mins), cut into tiles of
+A matrix goes up in its storage format (f32, q8, int4 with per-group scales and mins), cut into tiles of
 `tile_rows` rows; inside a tile the `tile_rows` values of one column (one packed word for int4) lie side by
 side, so that one vector load fetches that column for the whole tile (cl_kernels/weights.h says the
 same from the kernel's side). Several matrices with the same input become one (`fuse_rows`),
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dpllama.formats import round_up
+from dpllama.model.quant import widen
 from dpllama.model.weights import Tensor
 from dpllama.runtime import DeviceConfig, Queue
 
@@ -57,13 +58,9 @@ def fuse_rows(tensors: list[Tensor], block: int = 0) -> Tensor:
     """One matrix from several with the same columns, so one launch computes them all: stacked, or
     with `block`, alternating blocks of `block` rows of each (each padded with zero rows to whole
     blocks; gemv_norm_swiglu wants a block of gate rows, then the up rows of the same outputs).
-    Mixed formats meet in the most general one they share."""
-    kinds = {(t.kind, t.group, t.mins is not None) for t in tensors}
-    if len(kinds) > 1:
-        if {k for k, _, _ in kinds} == {"int4"} and len({g for _, g, _ in kinds}) == 1:
-            tensors = [_int4_asym(t) for t in tensors]     # symmetric is asymmetric with min = -8 s
-        else:
-            tensors = [Tensor.f32(t.dequantize()) for t in tensors]
+    Mixed formats (a GGUF's _M and _S files mix them per tensor) meet in the narrowest one that holds each
+    exactly (`widen`)."""
+    tensors = widen(tensors)
 
     def join(arrays):
         if not block:
@@ -82,12 +79,6 @@ def fuse_rows(tensors: list[Tensor], block: int = 0) -> Tensor:
 def _pad_rows(a: np.ndarray, multiple: int) -> np.ndarray:
     pad = -a.shape[0] % multiple
     return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
-
-
-def _int4_asym(t: Tensor) -> Tensor:
-    if t.mins is not None:
-        return t
-    return Tensor("int4", t.rows, t.cols, t.data, t.scales, (-8 * t.scales.astype(np.float32)).astype(np.float16), t.group)
 
 
 def tile(a: np.ndarray, tile_rows: int) -> np.ndarray:
@@ -109,8 +100,9 @@ def q8_words(q: np.ndarray) -> np.ndarray:
 
 def weight_defines(t: Tensor, tile_rows: int, tiles: int, tokens: int) -> tuple[str, ...]:
     """The matrix program's defines for `t`'s format and a launch geometry."""
-    fmt = {"f32": ("W_F32",), "q8": ("W_Q8", f"GROUP={t.group}"),
-           "int4": ("W_INT4", f"GROUP={t.group}") + (("ASYM",) if t.mins is not None else ())}[t.kind]
+    fmt = ("W_F32",) if t.kind == "f32" else (
+        (f"W_{t.kind.upper()}", f"GROUP={t.group}") + (("ASYM",) if t.mins is not None else ())
+        + (("SCALES_F32",) if t.scales.dtype == np.float32 else ()))
     return fmt + (f"TILE_ROWS={tile_rows}", f"TILES={tiles}", f"TOKENS={tokens}")
 
 

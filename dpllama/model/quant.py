@@ -1,13 +1,26 @@
-"""Weight quantization into dpllama's storage formats (see `dpllama.model.weights`), and lossless
-conversion of GGUF's Q4_0 / Q4_1 / Q8_0 blocks into them. All NumPy, vectorized over whole tensors."""
+"""Weight quantization into dpllama's storage formats (see `dpllama.model.weights`), lossless conversion of
+GGUF's quantized blocks into them (`GGUF_REPACK`), and lossless conversion between the formats (`widen`).
+All NumPy, vectorized over whole tensors.
+
+GGUF type -> Tensor (docs/ARCHITECTURE.md, "Weight formats", has the table and the reasons):
+  Q4_0 int4 symmetric g32 fp16 scales      Q4_1 int4 asymmetric g32 fp16
+  Q8_0 q8 g32      Q5_0 q8 g32      Q5_1 q8 asymmetric g32      Q6_K q8 g16      Q5_K q8 asymmetric g32
+  Q4_K int4 asymmetric g32 float32 scales and mins               Q3_K int4 symmetric g16 float32 scales
+  Q2_K int4 asymmetric g16 float32 scales and mins
+Every one is exact: the K-quants' two-level scales (fp16 d times a 4-, 6- or 8-bit sub-block scale: up to 19
+significant bits) are multiplied out in float32, which holds the product exactly, as gguf's own dequantization
+computes it; float16 (11 bits) would round them.
+"""
 from __future__ import annotations
 
+import math
+
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from dpllama.errors import DpllamaError
 from dpllama.model.weights import Tensor
 
-GGUF_BLOCK = 32     # weights per GGUF Q4_0 / Q4_1 / Q8_0 block
 
 
 def _grouped(w: np.ndarray, group: int) -> np.ndarray:
@@ -75,45 +88,185 @@ def quantize_int4(w: np.ndarray, group: int = 32, symmetric: bool = True) -> Ten
     return Tensor("int4", rows, cols, data, scales=scale, mins=mins, group=group)
 
 
-def _blocks(raw: np.ndarray, rows: int, cols: int, block_bytes: int) -> np.ndarray:
-    """GGUF block bytes -> uint8[rows, cols // 32, block_bytes]."""
-    if cols % GGUF_BLOCK:
-        raise DpllamaError(f"GGUF quantized row length {cols} is not a multiple of {GGUF_BLOCK}")
-    return np.asarray(raw, dtype=np.uint8).reshape(rows, cols // GGUF_BLOCK, block_bytes)
+def _blocks(raw: np.ndarray, rows: int, cols: int, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    """GGUF block bytes -> uint8[rows, cols // block, block_bytes] (formats.gguf has checked the sizes)."""
+    block, block_bytes = GGML_QUANT_SIZES[ggml_type]
+    if cols % block:
+        raise DpllamaError(f"GGUF {ggml_type.name} row length {cols} is not a multiple of its block of {block}")
+    return np.asarray(raw, dtype=np.uint8).reshape(rows, cols // block, block_bytes)
 
 
-def _f16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
+def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
     """The float16 at byte `offset` of every block: float16[rows, n_blocks]."""
     return np.ascontiguousarray(blocks[:, :, offset:offset + 2]).view("<f2")[:, :, 0]
 
 
-def _repack_gguf_nibbles(qs: np.ndarray) -> np.ndarray:
-    """uint8[rows, n_blocks, 16] GGUF nibbles (element i low nibble of byte i, element i+16 its high
-    nibble) -> our uint32[rows, n_blocks * 4] (sequential elements, two per byte, low first)."""
-    even, odd = qs[:, :, 0::2], qs[:, :, 1::2]          # byte 2b holds elements 2b, 2b+16; 2b+1 the next
-    first = (even & 0x0F) | (odd << 4)                   # elements 0..15, in pairs
-    second = (even >> 4) | (odd & 0xF0)                  # elements 16..31
-    return np.concatenate([first, second], axis=2).reshape(qs.shape[0], -1).view("<u4")
+def _f32(blocks: np.ndarray, offset: int) -> np.ndarray:
+    return _f16(blocks, offset).astype(np.float32)
+
+
+def _planes(b: np.ndarray, shifts, mask: int) -> np.ndarray:
+    """uint8[..., n] -> uint8[..., len(shifts), n]: the bit field (b >> shift) & mask of every byte, per
+    shift. GGUF stores a block's low bits of consecutive runs of weights this way (bit plane, then byte)."""
+    return (b[..., None, :] >> np.array(shifts, np.uint8)[:, None]) & np.uint8(mask)
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    """[rows, n_blocks, ...] -> [rows, n_blocks * ...]: the blocks' values in row order."""
+    return a.reshape(a.shape[0], -1)
+
+
+def _times(d: np.ndarray, sub: np.ndarray) -> np.ndarray:
+    """Block scale d [rows, n_blocks] times its sub-block values [rows, n_blocks, k], in float32 as gguf
+    computes it (exact: at most 11 + 8 significant bits) -> [rows, n_blocks * k]."""
+    return _flat(d[:, :, None] * sub.astype(np.float32))
+
+
+def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K's 12 bytes of 6-bit scales and mins of 8 sub-blocks -> uint8[rows, n_blocks, 8] each:
+    sub-block j < 4 in the low 6 bits of bytes j (scale) and j + 4 (min); j >= 4 has its low 4 bits in byte
+    j + 4 (scale low, min high nibble) and its high 2 bits in the top bits of bytes j - 4 and j."""
+    d, m, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([d & 63, (md & 15) | ((d >> 2) & 48)], axis=-1)
+    mn = np.concatenate([m & 63, (md >> 4) | ((m >> 2) & 48)], axis=-1)
+    return sc, mn
+
+
+def _int4(q: np.ndarray, rows: int, cols: int, group: int, scales: np.ndarray, mins=None) -> Tensor:
+    return Tensor("int4", rows, cols, _pack_nibbles(q), scales=scales, mins=mins, group=group)
+
+
+def _q8(q: np.ndarray, rows: int, cols: int, group: int, scales: np.ndarray, mins=None) -> Tensor:
+    return Tensor("q8", rows, cols, np.ascontiguousarray(q, np.int8), scales=scales, mins=mins, group=group)
+
+
+def _nibbles_32(qs: np.ndarray) -> np.ndarray:
+    """uint8[rows, n, 16]: 32 weights, element i in the low nibble of byte i, i + 16 in its high nibble
+    (Q4_0, Q4_1, Q5_0, Q5_1) -> uint8[rows, n * 32] in element order."""
+    return _flat(_planes(qs, (0, 4), 0xF))
+
+
+def _high_bits_32(qh: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q5_1's 4 bytes of fifth bits, element i at bit i of the little-endian word -> [rows, n * 32]."""
+    return _flat(np.unpackbits(qh, axis=-1, bitorder="little"))
 
 
 def repack_q4_0(raw: np.ndarray, rows: int, cols: int) -> Tensor:
-    """GGUF Q4_0 (18-byte blocks: float16 d, 16 bytes of nibbles; w = d (q - 8)) -> symmetric int4,
-    group 32. Lossless."""
-    b = _blocks(raw, rows, cols, 18)
-    return Tensor("int4", rows, cols, _repack_gguf_nibbles(b[:, :, 2:]), scales=_f16_field(b, 0),
-                  group=GGUF_BLOCK)
+    """Q4_0 (18 bytes / 32: fp16 d, 16 bytes of nibbles; w = d (q - 8)) -> int4 symmetric g32, fp16 scales."""
+    b = _blocks(raw, rows, cols, GGMLQuantizationType.Q4_0)
+    return _int4(_nibbles_32(b[:, :, 2:]), rows, cols, 32, _f16(b, 0))
 
 
 def repack_q4_1(raw: np.ndarray, rows: int, cols: int) -> Tensor:
-    """GGUF Q4_1 (20-byte blocks: float16 d, float16 m, 16 bytes of nibbles; w = d q + m) ->
-    asymmetric int4, group 32. Lossless."""
-    b = _blocks(raw, rows, cols, 20)
-    return Tensor("int4", rows, cols, _repack_gguf_nibbles(b[:, :, 4:]), scales=_f16_field(b, 0),
-                  mins=_f16_field(b, 2), group=GGUF_BLOCK)
+    """Q4_1 (20 bytes / 32: fp16 d, fp16 m, 16 bytes of nibbles; w = d q + m) -> int4 asymmetric g32, fp16."""
+    b = _blocks(raw, rows, cols, GGMLQuantizationType.Q4_1)
+    return _int4(_nibbles_32(b[:, :, 4:]), rows, cols, 32, _f16(b, 0), _f16(b, 2))
 
 
-def q8_0_from_gguf(raw: np.ndarray, rows: int, cols: int) -> Tensor:
-    """GGUF Q8_0 (34-byte blocks: float16 d, 32 int8; w = d q) -> q8, group 32, float32 scales. Lossless."""
-    b = _blocks(raw, rows, cols, 34)
-    q = np.ascontiguousarray(b[:, :, 2:]).view(np.int8).reshape(rows, cols)
-    return Tensor("q8", rows, cols, q, scales=_f16_field(b, 0).astype(np.float32), group=GGUF_BLOCK)
+def repack_q5_0(raw: np.ndarray, rows: int, cols: int) -> Tensor:
+    """Q5_0 (22 bytes / 32: fp16 d, 4 bytes of fifth bits, 16 of nibbles; w = d (q - 16)) -> q8 g32."""
+    b = _blocks(raw, rows, cols, GGMLQuantizationType.Q5_0)
+    q = _nibbles_32(b[:, :, 6:]) | (_high_bits_32(b[:, :, 2:6]) << 4)
+    return _q8(q.astype(np.int8) - 16, rows, cols, 32, _f32(b, 0))
+
+
+def repack_q5_1(raw: np.ndarray, rows: int, cols: int) -> Tensor:
+    """Q5_1 (24 bytes / 32: fp16 d, fp16 m, fifth bits, nibbles; w = d q + m) -> q8 asymmetric g32."""
+    b = _blocks(raw, rows, cols, GGMLQuantizationType.Q5_1)
+    q = _nibbles_32(b[:, :, 8:]) | (_high_bits_32(b[:, :, 4:8]) << 4)
+    return _q8(q, rows, cols, 32, _f32(b, 0), _f32(b, 2))
+
+
+def repack_q8_0(raw: np.ndarray, rows: int, cols: int) -> Tensor:
+    """Q8_0 (34 bytes / 32: fp16 d, 32 int8; w = d q) -> q8 g32."""
+    b = _blocks(raw, rows, cols, GGMLQuantizationType.Q8_0)
+    return _q8(_flat(b[:, :, 2:].view(np.int8)), rows, cols, 32, _f32(b, 0))
+
+
+def repack_q2_k(raw: np.ndarray, rows: int, cols: int) -> Tensor:
+    """Q2_K (84 bytes / 256: 16 bytes of 4-bit sub-block scale and min, 64 bytes of 2-bit q, fp16 d, fp16 dmin;
+    w = d sc q - dmin m per 16) -> int4 asymmetric g16, float32 scales and mins."""
+    b = _blocks(raw, rows, cols, GGMLQuantizationType.Q2_K)
+    sc = b[:, :, 0:16]
+    q = _flat(_planes(b[:, :, 16:80].reshape(rows, -1, 2, 32), (0, 2, 4, 6), 3))
+    return _int4(q, rows, cols, 16, _times(_f32(b, 80), sc & 15), -_times(_f32(b, 82), sc >> 4))
+
+
+def repack_q3_k(raw: np.ndarray, rows: int, cols: int) -> Tensor:
+    """Q3_K (110 bytes / 256: 32 bytes of high bits, 64 of 2-bit low bits, 12 of 6-bit sub-block scales,
+    fp16 d; w = d (sc - 32) q per 16, q = low - 4 where the high bit is clear, in -4..3) -> int4 symmetric g16
+    (q + 8), float32 scales."""
+    b = _blocks(raw, rows, cols, GGMLQuantizationType.Q3_K)
+    high = _flat(_planes(b[:, :, 0:32], range(8), 1))
+    low = _flat(_planes(b[:, :, 32:96].reshape(rows, -1, 2, 32), (0, 2, 4, 6), 3))
+    s = b[:, :, 96:108]
+    sc = _flat(_planes(s[:, :, :8], (0, 4), 15)) | (_flat(_planes(s[:, :, 8:], (0, 2, 4, 6), 3)) << 4)
+    sc = sc.reshape(rows, -1, 16).astype(np.int8) - 32
+    return _int4(low + 4 * high + 4, rows, cols, 16, _times(_f32(b, 108), sc))
+
+
+def repack_q4_k(raw: np.ndarray, rows: int, cols: int) -> Tensor:
+    """Q4_K (144 bytes / 256: fp16 d, fp16 dmin, 12 bytes of 6-bit sub-block scales and mins, 128 of nibbles,
+    each run of 64 weights as 32 bytes, low nibbles first; w = d sc q - dmin m per 32) -> int4 asymmetric g32,
+    float32 scales and mins."""
+    b = _blocks(raw, rows, cols, GGMLQuantizationType.Q4_K)
+    sc, mn = _scale_min_k4(b[:, :, 4:16])
+    q = _flat(_planes(b[:, :, 16:].reshape(rows, -1, 4, 32), (0, 4), 0xF))
+    return _int4(q, rows, cols, 32, _times(_f32(b, 0), sc), -_times(_f32(b, 2), mn))
+
+
+def repack_q5_k(raw: np.ndarray, rows: int, cols: int) -> Tensor:
+    """Q5_K (176 bytes / 256: Q4_K's fields, with 32 bytes of fifth bits (sub-block j at bit j) before the
+    nibbles; w = d sc q - dmin m per 32, q < 32) -> q8 asymmetric g32."""
+    b = _blocks(raw, rows, cols, GGMLQuantizationType.Q5_K)
+    sc, mn = _scale_min_k4(b[:, :, 4:16])
+    low = _flat(_planes(b[:, :, 48:].reshape(rows, -1, 4, 32), (0, 4), 0xF))
+    q = low | (_flat(_planes(b[:, :, 16:48], range(8), 1)) << 4)
+    return _q8(q, rows, cols, 32, _times(_f32(b, 0), sc), -_times(_f32(b, 2), mn))
+
+
+def repack_q6_k(raw: np.ndarray, rows: int, cols: int) -> Tensor:
+    """Q6_K (210 bytes / 256: 128 bytes of low nibbles, 64 of high 2-bits, 16 int8 sub-block scales, fp16 d;
+    each half of 128 weights as 64 bytes of nibbles and 32 of 2-bits; w = d sc (q - 32) per 16) -> q8 g16."""
+    b = _blocks(raw, rows, cols, GGMLQuantizationType.Q6_K)
+    low = _flat(_planes(b[:, :, :128].reshape(rows, -1, 2, 64), (0, 4), 0xF))
+    high = _flat(_planes(b[:, :, 128:192].reshape(rows, -1, 2, 32), (0, 2, 4, 6), 3))
+    q = (low | (high << 4)).astype(np.int8) - 32
+    return _q8(q, rows, cols, 16, _times(_f32(b, 208), b[:, :, 192:208].view(np.int8)))
+
+
+T = GGMLQuantizationType
+# GGUF's quantized types -> their lossless repack
+GGUF_REPACK = {T.Q4_0: repack_q4_0, T.Q4_1: repack_q4_1, T.Q5_0: repack_q5_0, T.Q5_1: repack_q5_1,
+               T.Q8_0: repack_q8_0, T.Q2_K: repack_q2_k, T.Q3_K: repack_q3_k, T.Q4_K: repack_q4_k,
+               T.Q5_K: repack_q5_k, T.Q6_K: repack_q6_k}
+
+
+def widen(tensors: list[Tensor]) -> list[Tensor]:
+    """The tensors in one format, the narrowest that holds each exactly (so fuse_rows can stack them): f32 if
+    any is f32 or the groups share no multiple of 8; else groups split to their greatest common divisor
+    (each scale repeated), q8 unless all are int4 (4-bit values fit in 8), asymmetric if any is (min = 0,
+    or -8 s for symmetric int4: exact), float32 scales unless all are fp16."""
+    if len({(t.kind, t.group, t.mins is not None, t.scales.dtype if t.group else None) for t in tensors}) == 1:
+        return tensors
+    group = math.gcd(*(t.group for t in tensors))
+    if any(t.kind == "f32" for t in tensors) or group % 8:
+        return [Tensor.f32(t.dequantize()) for t in tensors]
+    kind = "int4" if all(t.kind == "int4" for t in tensors) else "q8"
+    asym = any(t.mins is not None for t in tensors)
+    dtype = np.float16 if kind == "int4" and all(t.scales.dtype == np.float16 for t in tensors) else np.float32
+
+    def one(t: Tensor) -> Tensor:
+        q = t.data if t.kind == "q8" else t.levels()
+        scales = t.scales.astype(dtype)
+        mins = None if t.mins is None else t.mins.astype(dtype)
+        if t.kind == "int4" and t.mins is None and kind == "q8":
+            q = q.astype(np.int8) - 8                       # s (q - 8) as a q8 value
+        elif t.kind == "int4" and t.mins is None and asym:
+            mins = -8 * scales                              # s (q - 8) = s q + (-8 s)
+        if asym and mins is None:
+            mins = np.zeros_like(scales)
+        k = t.group // group                                # each group splits into k
+        return Tensor(kind, t.rows, t.cols, q.astype(np.int8) if kind == "q8" else _pack_nibbles(q),
+                      np.repeat(scales, k, axis=1), None if mins is None else np.repeat(mins, k, axis=1), group)
+    return [one(t) for t in tensors]

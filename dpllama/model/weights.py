@@ -5,11 +5,14 @@ model (`dpllama.model.llama`) uploads it as is, and the NumPy reference (`dpllam
 dequantizes it. Storage formats of a weight matrix W[rows=out, cols=in] (y = W @ x):
 
 - ``f32``:  data float32[rows, cols]
-- ``q8``:   data int8[rows, cols_p], scales float32[rows, cols_p // group]; w = scale * q
+- ``q8``:   data int8[rows, cols_p], scales float32[rows, cols_p // group];
+  symmetric:  w = scale * q
+  asymmetric: w = scale * q + min, mins float32[rows, cols_p // group] (GGUF's Q5_1 and Q5_K)
 - ``int4``: data uint32[rows, cols_p // 8], eight 4-bit values per word along the input dimension,
-  element 8*j + k in bits 4k..4k+3 of word j (low nibble first); scales float16[rows, cols_p // group];
+  element 8*j + k in bits 4k..4k+3 of word j (low nibble first); scales float16[rows, cols_p // group],
+  or float32 where float16 would round them (GGUF's K-quants: d * sub-block scale);
   symmetric:  w = scale * (q - 8)
-  asymmetric: w = scale * q + min, mins float16[rows, cols_p // group]
+  asymmetric: w = scale * q + min, mins [rows, cols_p // group] of the scales' type
 
 cols_p is cols rounded up to a multiple of the group size; the padding holds zero weights
 (q = 0 for q8, q = 8 symmetric, q = 0 with min = 0 asymmetric in a padded-only group).
@@ -137,7 +140,7 @@ class Tensor:
     cols: int
     data: np.ndarray
     scales: np.ndarray | None = None
-    mins: np.ndarray | None = None      # int4 asymmetric only
+    mins: np.ndarray | None = None      # asymmetric only
     group: int = 0                      # 0 for f32
 
     @property
@@ -147,6 +150,11 @@ class Tensor:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.data, self.scales, self.mins) if a is not None)
+
+    def levels(self) -> np.ndarray:
+        """An int4 tensor's 4-bit values q, uint8[rows, cols_p] (before the - 8 of the symmetric kind)."""
+        shifts = np.arange(8, dtype=np.uint32) * 4
+        return ((self.data[:, :, None] >> shifts) & 0xF).astype(np.uint8).reshape(self.rows, -1)
 
     @staticmethod
     def f32(w: np.ndarray) -> "Tensor":
@@ -167,14 +175,15 @@ class Tensor:
         g = self.group
         if self.kind == "q8":
             q = self.data.astype(np.float32).reshape(self.rows, -1, g)
-            w = q * self.scales.astype(np.float32)[:, :, None]
         elif self.kind == "int4":
-            shifts = np.arange(8, dtype=np.uint32) * 4
-            q = ((self.data[:, :, None] >> shifts) & 0xF).reshape(self.rows, -1, g).astype(np.float32)
-            s = self.scales.astype(np.float32)[:, :, None]
-            w = s * q + self.mins.astype(np.float32)[:, :, None] if self.mins is not None else s * (q - 8)
+            q = self.levels().reshape(self.rows, -1, g).astype(np.float32)
+            if self.mins is None:
+                q -= 8
         else:
             raise ValueError(f"unknown tensor kind {self.kind!r}")
+        w = self.scales.astype(np.float32)[:, :, None] * q
+        if self.mins is not None:
+            w += self.mins.astype(np.float32)[:, :, None]
         return np.ascontiguousarray(w.reshape(self.rows, -1)[:, :self.cols], dtype=np.float32)
 
 
@@ -183,9 +192,10 @@ class Tensor:
 # input (|x_i| <= sqrt(n) * max |norm weight| < 2^44) stays below n * 2^32 * 2^44 = 2^100, far from
 # float32's 2^128, so no single projection of the model can overflow.
 MAX_WEIGHT = 2.0 ** 32
-# the stored floats of each kind, with the share of MAX_WEIGHT each may take: q8 w = s q, |q| <= 128;
-# int4 w = s (q - 8) or s q + m, q <= 15, so |s| < 2^-5 and |m| < 2^-1 keep |w| below the bound
-_FLOATS = {"f32": (("weight", "data", 1),), "q8": (("scale", "scales", 128),),
+# the stored floats of each kind, with the share of MAX_WEIGHT each may take: q8 w = s q (+ m), |q| <= 128, so
+# |s| < 2^-8 and |m| < 2^-1; int4 w = s (q - 8) or s q + m, q <= 15, so |s| < 2^-5 and |m| < 2^-1 keep |w| below
+# the bound
+_FLOATS = {"f32": (("weight", "data", 1),), "q8": (("scale", "scales", 256), ("min", "mins", 2)),
            "int4": (("scale", "scales", 32), ("min", "mins", 2))}
 
 
