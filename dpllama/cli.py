@@ -26,6 +26,7 @@ COMMANDS = {
     "pull": "download a model into the cache: a known name (--list) or hf:OWNER/REPO/FILE.gguf",
     "bench": "measure prompt processing and decode speed",
     "tune": "search work-group sizes on this device and write the fastest config",
+    "serve": "serve a model over HTTP with OpenAI's API (chat, completions, streaming)",
 }
 
 
