@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 class Server:
     def __init__(self, *args: str, ready: str = "dpllama: ready", timeout: float = 120, env: dict | None = None):
-        """`dpllama serve ARGS --host 127.0.0.1 --port 0`, waited for until a stderr line starts with `ready`."""
-        self.proc = subprocess.Popen([sys.executable, "-m", "dpllama.cli", "serve", *args, "--host", "127.0.0.1",
-                                      "--port", "0"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        """`dpllama serve --host 127.0.0.1 --port 0 ARGS`, waited for until a stderr line starts with `ready`."""
+        self.proc = subprocess.Popen([sys.executable, "-m", "dpllama.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+                                      *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True, env={**os.environ, **(env or {})})
         self.lines: list[str] = []
         self.ended = False      # stderr closed: the process is gone

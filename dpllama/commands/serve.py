@@ -72,7 +72,8 @@ def check(args: argparse.Namespace) -> None:
                      (args.parallel >= 1, f"--parallel must be at least 1, found {args.parallel}"),
                      (args.max_waiting >= 0, f"--max-waiting must be >= 0, found {args.max_waiting}"),
                      (args.drain_timeout >= 0, f"--drain-timeout must be >= 0, found {args.drain_timeout}"),
-                     (args.replicas >= 0, f"--replicas must be >= 0, found {args.replicas}")):
+                     (args.replicas >= 0, f"--replicas must be >= 0, found {args.replicas}"),
+                     (not args.replicas or args.port, "--replicas needs a --port other than 0 (Ray's proxy binds it)")):
         if not ok:
             raise DpllamaError(rule)
     check_ctx(args)
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.replicas:
         from dpllama.serve.ray_serve import serve_replicas
-        return serve_replicas(load, args.host, args.port, args.replicas, args.parallel, args.max_waiting, name, keys)
+        return serve_replicas(load, args.host, args.port, args.replicas, args.parallel, args.max_waiting, name, keys,
+                              args.drain_timeout)
 
     from dpllama.serve.app import serve
     sock = listen(args.host, args.port)

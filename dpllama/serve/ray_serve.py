@@ -16,8 +16,9 @@ from dpllama.llm import LLM
 
 
 def serve_replicas(load: Callable[[int], LLM], host: str, port: int, replicas: int, slots: int, max_waiting: int,
-                   model_name: str, api_keys: frozenset[str]) -> int:
-    """Run until SIGTERM or SIGINT, then let Ray Serve drain the replicas. `load(slots)` is called in each."""
+                   model_name: str, api_keys: frozenset[str], drain_timeout: float) -> int:
+    """Run until SIGTERM or SIGINT, then let Ray Serve drain the replicas (`drain_timeout` seconds each).
+    `load(slots)` is called in each replica."""
     try:
         import ray
         from ray import serve
@@ -38,7 +39,7 @@ def serve_replicas(load: Callable[[int], LLM], host: str, port: int, replicas: i
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": host, "port": port})
     deployment = serve.deployment(serve.ingress()(Replica), name="dpllama", num_replicas=replicas,
-                                  max_ongoing_requests=slots + max_waiting)
+                                  max_ongoing_requests=slots + max_waiting, graceful_shutdown_timeout_s=drain_timeout)
     serve.run(deployment.bind(), name="dpllama", route_prefix="/")
     print(f"dpllama: listening on http://{host}:{port} ({replicas} Ray Serve replicas of {model_name})",
           file=sys.stderr, flush=True)
