@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from dpllama.generate import Sampler, generate
 from dpllama.llm import LLM
-from dpllama.tokenizer import StreamDecoder
+from dpllama.tokenizer import StreamDecoder, Tokenizer
+
+
+def chat_prompt(tok: Tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids of a conversation in the model's chat template, ready for the assistant's reply."""
+    text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    # the template writes BOS itself where the model wants one
+    return tok.encode(text, bos=False, parse_special=True)
 
 
 class Chat:
@@ -21,10 +28,7 @@ class Chat:
         self.cached: list[int] = []     # tokens whose keys and values the model's cache holds
 
     def _prompt_ids(self) -> list[int]:
-        tok = self.llm.tokenizer
-        text = tok.apply_chat_template(self.messages, add_generation_prompt=True)
-        # the template writes BOS itself where the model wants one
-        return tok.encode(text, bos=False, parse_special=True)
+        return chat_prompt(self.llm.tokenizer, self.messages)
 
     def reply(self, user: str):
         """Stream the assistant's answer to `user`, piece by piece; it joins the conversation, as far as it

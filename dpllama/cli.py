@@ -27,6 +27,7 @@ COMMANDS = {
     "perplexity": "perplexity over a text as llama.cpp's llama-perplexity, and KL divergence against a reference",
     "bench": "measure prompt processing and decode speed",
     "tune": "search work-group sizes on this device and write the fastest config",
+    "serve": "serve a model over HTTP with OpenAI's API (chat, completions, streaming)",
 }
 
 

@@ -44,6 +44,8 @@ class Sampler:
     repeat_penalty: float = 1.0  # > 1 discourages tokens among the last `repeat_last_n`
     repeat_last_n: int = 64     # 0: off, -1: the whole history
     seed: int = 0
+    presence_penalty: float = 0.0   # OpenAI's: subtracted once from each token in the window
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per occurrence in the window
 
     def __post_init__(self):
         # the CLI and the Python API both come through here, before a model loads; each test is written so
@@ -54,7 +56,11 @@ class Sampler:
                                 (self.top_k >= 0, "top-k must be >= 0", self.top_k),
                                 (0 < self.repeat_penalty < math.inf, "repeat-penalty must be > 0 and finite",
                                  self.repeat_penalty),
-                                (self.repeat_last_n >= -1, "repeat-last-n must be >= -1", self.repeat_last_n)):
+                                (self.repeat_last_n >= -1, "repeat-last-n must be >= -1", self.repeat_last_n),
+                                (-2 <= self.presence_penalty <= 2, "presence penalty must be between -2 and 2",
+                                 self.presence_penalty),
+                                (-2 <= self.frequency_penalty <= 2, "frequency penalty must be between -2 and 2",
+                                 self.frequency_penalty)):
             if not ok:
                 raise DpllamaError(f"sampling: {rule}, found {value}")
         self.rng = XorShift(self.seed)
@@ -63,15 +69,22 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalized(self) -> bool:
+        return self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     def penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
-        """llama.cpp's repetition penalty: divide positive logits, multiply negative ones, once per token."""
-        if self.repeat_penalty == 1.0 or not history or self.repeat_last_n == 0:
+        """llama.cpp's penalties over the last repeat_last_n tokens: the repetition penalty divides positive
+        logits and multiplies negative ones, once per token; then the presence and frequency penalties are
+        subtracted (once per token, and once per occurrence)."""
+        if not self.penalized or not history or self.repeat_last_n == 0:
             return logits
         window = history if self.repeat_last_n < 0 else history[-self.repeat_last_n:]   # -1: all, as llama.cpp
-        ids = np.unique(np.asarray(window, np.int64))
+        ids, counts = np.unique(np.asarray(window, np.int64), return_counts=True)
         v = logits[ids]
         logits = logits.copy()
-        logits[ids] = np.where(v > 0, v / self.repeat_penalty, v * self.repeat_penalty)
+        logits[ids] = (np.where(v > 0, v / self.repeat_penalty, v * self.repeat_penalty)
+                       - self.presence_penalty - self.frequency_penalty * counts)
         return logits
 
     def pick(self, logits: np.ndarray, history: list[int]) -> int:
@@ -138,35 +151,54 @@ class Generation:
     one may sit at position seq_len: produced, never fed). A token in `stop` ends it without being yielded
     (`stop_token` says which). The prompt goes through in batched chunks; its first `keep` positions'
     KV cache is reused from the previous generation (a chat's earlier turns). Greedy sampling without a
-    repetition penalty never leaves the device, and each token is fed before the host has even seen it.
-    Iterate once; `stats` holds the timings, `tokens` the sequence so far (the stop token included)."""
+    penalty never leaves the device, and each token is fed before the host has even seen it.
+    Iterate once, either over the tokens or over `steps()`; `stats` holds the timings, `tokens` the sequence so
+    far (the stop token included). With `keep_logits`, every token is drawn on the host from logits read back,
+    and `logits` holds those the last token came from (for its log-probabilities)."""
 
     def __init__(self, model: Llama, prompt: list[int], max_new: int, sampler: Sampler,
-                 stop: set[int] = frozenset(), keep: int = 0):
+                 stop: set[int] = frozenset(), keep: int = 0, chunk: int = 0, keep_logits: bool = False):
         model.start(prompt, keep)       # checks the prompt before anything runs
         self.model, self.sampler, self.stop = model, sampler, stop
         self.max_new = max(0, min(max_new, model.seq_len - len(prompt) + 1))
         self.tokens = list(prompt)
         self.stop_token: int | None = None
         self.stats = Stats(len(prompt) - keep)
-        self._tokens = self._run(keep)
+        self.keep_logits = keep_logits
+        self.logits: np.ndarray | None = None
+        self._steps = self._run(keep, chunk)
 
     def __iter__(self) -> Iterator[int]:
-        return self._tokens
+        return (t for t in self._steps if t is not None)
 
-    def _run(self, keep: int) -> Iterator[int]:
+    def steps(self) -> Iterator[int | None]:
+        """The same generation one piece of device work at a time, for a caller that interleaves several
+        sequences of one model (the server's scheduler selects this one's before each): None after each prompt
+        chunk of `chunk` tokens but the last, then each new token."""
+        return self._steps
+
+    def _run(self, keep: int, chunk: int) -> Iterator[int | None]:
         model, sampler, st = self.model, self.sampler, self.stats
         try:
             if not self.max_new:
                 return
-            model.feed(len(self.tokens) - keep)
-            on_device = sampler.greedy and sampler.repeat_penalty == 1.0
+            n = len(self.tokens) - keep
+            while 0 < chunk < n:
+                model.feed(chunk)
+                model.next_given()      # on to the prompt's next token, where feed(n) would have gone on itself
+                n -= chunk
+                yield None
+            model.feed(n)
+            on_device = sampler.greedy and not sampler.penalized and not self.keep_logits
             for i in range(1, self.max_new + 1):
                 more = i < self.max_new
                 if on_device:
                     tok = model.next_greedy(ahead=more)
                 else:
-                    tok = sampler.pick(model.read_logits(), self.tokens)
+                    logits = model.read_logits()
+                    if self.keep_logits:
+                        self.logits = logits
+                    tok = sampler.pick(logits, self.tokens)
                     model.next_given(tok)
                 if i == 1:
                     st.first_token = time.perf_counter()
@@ -183,9 +215,9 @@ class Generation:
 
 
 def generate(model: Llama, prompt: list[int], max_new: int, sampler: Sampler, stop: set[int] = frozenset(),
-             keep: int = 0) -> Generation:
+             keep: int = 0, chunk: int = 0, keep_logits: bool = False) -> Generation:
     """The one way tokens are generated: see Generation."""
-    return Generation(model, prompt, max_new, sampler, stop, keep)
+    return Generation(model, prompt, max_new, sampler, stop, keep, chunk, keep_logits)
 
 
 def new_tokens(steps: int, prompt_len: int) -> int:

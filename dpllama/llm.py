@@ -22,10 +22,15 @@ from dpllama.runtime import Queue, open_queue
 from dpllama.tokenizer import StreamDecoder, Tokenizer, printable_piece
 
 
+def text_decoder(tok: Tokenizer, prev: int) -> StreamDecoder:
+    """New tokens to text after `prev`; llama2.c tokenizers print each piece like run.c (a lone control byte is
+    dropped)."""
+    return StreamDecoder(tok, prev=prev, piece_filter=printable_piece if tok.kind == "llama2c" else None)
+
+
 class TextStream:
     """The pieces of text of a generation, the prompt's first when `echo_prompt` (as far as `steps` positions
-    reach); `stats` holds its timings. llama2.c tokenizers print each piece like run.c (a lone control byte is
-    dropped); a stop token is not printed."""
+    reach), as `text_decoder` spells them; `stats` holds its timings. A stop token is not printed."""
 
     def __init__(self, llm: "LLM", prompt_ids: list[int], steps: int, sampler: Sampler, echo_prompt: bool):
         steps = min(steps, llm.model.seq_len)
@@ -39,8 +44,7 @@ class TextStream:
 
     def _run(self, tok: Tokenizer, prompt: list[int], echo: int) -> Iterator[str]:
         """The first `echo` prompt tokens, then the new ones."""
-        piece_filter = printable_piece if tok.kind == "llama2c" else None
-        dec = StreamDecoder(tok, prev=prompt[0] if echo else prompt[-1], piece_filter=piece_filter)
+        dec = text_decoder(tok, prev=prompt[0] if echo else prompt[-1])
         if echo:
             if prompt[0] != tok.bos_id:
                 yield tok.decode(prompt[:1])
@@ -80,14 +84,14 @@ class LLM:
         return self.stream(self.encode(prompt), check_steps(steps), sampler, echo_prompt)
 
 
-def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None) -> int:
-    """The context to run: `max_seq` (--ctx), else the model's, clamped (with a line on stderr, as llama.cpp
-    clamps n_ctx) to what the device holds, sized before anything is allocated: Llama's buffers that grow
-    with the context (KV cache, a prefill chunk's attention scores, RoPE table, tokens) together in one
-    maximum allocation, and each under 2^31 elements, as the kernels index them with int."""
+def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None, slots: int = 1) -> int:
+    """The context of each of `slots` sequences: `max_seq` (--ctx), else the model's, clamped (with a line on
+    stderr, as llama.cpp clamps n_ctx) to what the device holds, sized before anything is allocated: Llama's
+    buffers that grow with the context (KV cache, a prefill chunk's attention scores, RoPE table, tokens)
+    together in one maximum allocation, and each under 2^31 elements, as the kernels index them with int."""
     n = min(max_seq or c.seq_len, c.seq_len)
     geo = Geometry.of(q.config)
-    per_pos = floats_per_position(c, geo)
+    per_pos = floats_per_position(c, geo, slots)
     step = geo.attention_positions      # Llama pads the context to a multiple of it
     cap = max(step, min(q.max_alloc // (4 * sum(per_pos)), (2**31 - 1) // max(per_pos)) // step * step)
     if n > cap:
@@ -99,13 +103,14 @@ def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None) -> int:
 
 
 def load(model: str, tokenizer: str | None = None, device: str | None = None, config: str | None = None,
-         max_seq: int | None = None) -> LLM:
-    """Load a model (path or known name) and its tokenizer onto a device (selector or YAML config). The
-    context is `max_seq` tokens, else the model's, at most what the device holds (`fit_context`)."""
+         max_seq: int | None = None, slots: int = 1) -> LLM:
+    """Load a model (path or known name) and its tokenizer onto a device (selector or YAML config), with
+    `slots` sequences (`Llama.select`). Each one's context is `max_seq` tokens, else the model's, at most what
+    the device holds (`fit_context`)."""
     if max_seq is not None and max_seq < 1:     # before any work, as the CLI checks --ctx
         raise DpllamaError(f"max_seq must be at least 1, found {max_seq}")
     path = resolve_model(model)
     weights = load_weights(path)
     tok = load_tokenizer(weights, tokenizer, path)
     q = open_queue(device, config)
-    return LLM(Llama(weights, q, max_seq=fit_context(weights.config, q, max_seq)), tok, path)
+    return LLM(Llama(weights, q, fit_context(weights.config, q, max_seq, slots), slots), tok, path)

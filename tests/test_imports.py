@@ -26,8 +26,11 @@ ROOMS = {
     "model": ("dpllama.model",),
     "library": ("dpllama.__init__", "dpllama.generate", "dpllama.llm", "dpllama.loaders", "dpllama.chat",
                 "dpllama.quantize", "dpllama.perplexity"),
+    "serve": ("dpllama.serve",),
     "commands": ("dpllama.cli", "dpllama.commands"),
     "pyopencl": ("pyopencl",),      # not dpllama's, but a room of its own: only the runtime may enter it
+    # the server's libraries: only the server's room enters them, so that no other command loads them
+    "web": ("fastapi", "starlette", "uvicorn", "pydantic", "prometheus_client", "ray"),
 }
 # room -> the other rooms it may import from, bottom to top
 MAY_IMPORT = {
@@ -38,7 +41,8 @@ MAY_IMPORT = {
     "hub": {"base"},
     "model": {"base", "formats", "runtime"},
     "library": {"base", "formats", "runtime", "tokenizer", "hub", "model"},
-    "commands": {"base", "formats", "runtime", "tokenizer", "hub", "model", "library"},
+    "serve": {"base", "formats", "runtime", "tokenizer", "hub", "model", "library", "web"},
+    "commands": {"base", "formats", "runtime", "tokenizer", "hub", "model", "library", "serve"},
 }
 
 

@@ -101,7 +101,7 @@ def test_every_row_logits_match_the_reference(queue, geometry):
     for i, (got, w_row) in enumerate(zip(rows, want)):
         np.testing.assert_allclose(got, w_row, rtol=0, atol=logits_atol(w, w_row), err_msg=f"row {i}")
     # generation's passes are as they were: the all-rows buffer, made on first use, is only the all-rows passes'
-    for (T, every_row), cmds in model.commands.items():
+    for (T, every_row, _slot), cmds in model.commands.items():
         assert any(a.buffer is model.row_logits for cmd in cmds for a in cmd.accessors) == every_row, T
 
 

@@ -27,7 +27,7 @@ def test_python_example_runs(repo_root):
 
 def test_every_command_shown_exists(repo_root):
     shown = sorted(set(re.findall(r"^ {4}dpllama (\w+)", readme(repo_root), re.M)))   # indented code lines
-    assert {"generate", "chat", "devices", "quantize", "pull", "bench", "tune", "tokenize"} <= set(shown)
+    assert {"generate", "chat", "devices", "quantize", "pull", "bench", "tune", "tokenize", "serve"} <= set(shown)
     for command in shown:
         r = subprocess.run([sys.executable, "-m", "dpllama.cli", command, "--help"], capture_output=True,
                            text=True, cwd=repo_root)

@@ -63,8 +63,12 @@ def sampler_from(args: argparse.Namespace):
     return Sampler(args.temperature, args.top_p, args.top_k, args.repeat_penalty, args.repeat_last_n, seed)
 
 
-def load_llm(args: argparse.Namespace):
-    from dpllama.llm import load
+def check_ctx(args: argparse.Namespace) -> None:
     if args.ctx is not None and args.ctx < 1:
         raise DpllamaError(f"--ctx must be at least 1, found {args.ctx}")
-    return load(args.model, args.tokenizer, args.device, args.config, args.ctx)
+
+
+def load_llm(args: argparse.Namespace, slots: int = 1):
+    from dpllama.llm import load
+    check_ctx(args)
+    return load(args.model, args.tokenizer, args.device, args.config, args.ctx, slots)

@@ -8,8 +8,9 @@ positions. Per slot and layer (the layout the attention kernels read and the QKV
 with seq_p = seq_len rounded up to attention_positions. Kernels take the start of a slot's layer as
 `cache_offset` (`KVCache.offset`).
 
-A Sequence is one sequence's place in the engine: its cache slot, its tokens on the device, and its
-position. Kernels read the position from the sequence's `state` buffer {pos, n_prompt}, so that a recorded
+A Sequence is one sequence's place in the engine: its cache slot, its tokens on the device, its position, and
+the logits of the last token it fed (its own, so that a pass enqueued ahead for one sequence survives another's
+pass in between). Kernels read the position from the sequence's `state` buffer {pos, n_prompt}, so that a recorded
 forward pass replays without re-binding; `pos` is the host's copy, moved in step with it.
 """
 from __future__ import annotations
@@ -43,10 +44,11 @@ class KVCache:
 
 
 class Sequence:
-    def __init__(self, q: Queue, seq_len: int, slot: int = 0):
+    def __init__(self, q: Queue, seq_len: int, vocab_size: int, slot: int = 0):
         self.slot = slot
         self.tokens = zeros(q, seq_len + 1, "tokens", np.int32)     # the sequence [seq_len + 1]
         self.state = zeros(q, 2, "state", np.int32)                 # {pos, n_prompt}
+        self.logits = zeros(q, vocab_size, "logits")                # [vocab], of the last token fed
         self.pos = 0
 
     def reset(self, tokens: list[int], pos: int) -> None:

@@ -51,10 +51,11 @@ def neox_rows(n_heads: int, head_dim: int) -> np.ndarray:
     return (np.arange(n_heads)[:, None] * head_dim + half).ravel()
 
 
-def floats_per_position(c, geo: Geometry) -> tuple[int, ...]:
-    """Floats that each position of the context costs in Llama's buffers that grow with it: the KV cache,
-    a prefill chunk's attention scores (att), the RoPE table (rope) and the tokens."""
-    return (KVCache.floats_per_position(c.n_layers, c.kv_dim), geo.prefill_chunk * c.n_heads, c.head_dim, 1)
+def floats_per_position(c, geo: Geometry, slots: int = 1) -> tuple[int, ...]:
+    """Floats that each position of the context costs in Llama's buffers that grow with it: the KV cache of
+    every slot, a prefill chunk's attention scores (att), the RoPE table (rope) and each slot's tokens."""
+    return (slots * KVCache.floats_per_position(c.n_layers, c.kv_dim), geo.prefill_chunk * c.n_heads, c.head_dim,
+            slots)
 
 
 @dataclass
@@ -70,9 +71,10 @@ class DeviceLayer:
 
 
 class Llama:
-    def __init__(self, weights: Weights, q: Queue, max_seq: int | None = None):
-        """The model on `q`'s device, laid out and launched as `q`'s config asks, for a context of `max_seq`
-        tokens (at most the model's)."""
+    def __init__(self, weights: Weights, q: Queue, max_seq: int | None = None, slots: int = 1):
+        """The model on `q`'s device, laid out and launched as `q`'s config asks, for `slots` sequences with a
+        context of `max_seq` tokens each (at most the model's). The primitives act on the selected sequence
+        (`select`), the first one until another is selected."""
         self.config = c = weights.config
         self.q = q
         self.geometry = geo = Geometry.of(q.config)
@@ -123,24 +125,25 @@ class Llama:
         self.attention_prog = q.program("attention.cl", *self.attention_defines)
         self.state_prog = q.program("state.cl")
 
-        # ---- state: activations for up to `chunk` tokens (decode uses row 0), KV cache, the sequence ----
+        # ---- state: activations for up to `chunk` tokens (decode uses row 0), KV cache, the sequences ----
         n = self.chunk
         self.x = zeros(q, n * self.dim_p, "x")                   # residual stream [chunk, dim]
         self.query = zeros(q, n * self.q_p, "query")             # [chunk, q_dim] (k and v go to the cache)
         self.att_out = zeros(q, n * self.q_p, "att_out")         # attention output [chunk, q_dim]
         self.h = zeros(q, n * self.hidden_p, "h")                # SwiGLU output [chunk, hidden]
-        self.logits = zeros(q, c.vocab_size, "logits")           # [vocab], of the last token fed
-        self.cache = KVCache(q, c.n_layers, c.kv_dim, self.seq_len, geo.attention_positions)
+        self.cache = KVCache(q, c.n_layers, c.kv_dim, self.seq_len, geo.attention_positions, slots)
         self.att = zeros(q, n * c.n_heads * self.cache.seq_p, "att")   # attention scores [chunk, n_heads, seq]
         self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta, c.rope_freq_factors),
                               name="rope")  # [seq, hd/2, 2]
-        self.seq = Sequence(q, self.seq_len)
+        self.sequences = [Sequence(q, self.seq_len, c.vocab_size, slot) for slot in range(slots)]
+        self.seq = self.sequences[0]
 
-        self.commands: dict[tuple[int, bool], list] = {}   # (T, every row) -> the forward pass over T tokens
+        # each sequence's passes are bound to its own buffers and cache slot, so they are recorded per slot
+        self.commands: dict[tuple[int, bool, int], list] = {}   # (T, every row, slot) -> the pass over T tokens
         self.row_logits: Buffer | None = None        # [chunk, vocab]: the all-rows pass's, made on its first use
-        self.advance_commands: dict[int, object] = {}
-        self.argmax_command = kernels.argmax_embed(q, self.tok_embeddings, self.logits, self.seq.tokens,
-                                                   self.seq.state, self.x, c.vocab_size)
+        self.advance_commands: dict[tuple[int, int], object] = {}
+        self.argmax_commands = [kernels.argmax_embed(q, self.tok_embeddings, s.logits, s.tokens, s.state, self.x,
+                                                     c.vocab_size) for s in self.sequences]
         self.forward_commands(1)
 
     def _qkv(self, L: Layer) -> tuple[Tensor, Tensor, Tensor, np.ndarray | None]:
@@ -162,6 +165,17 @@ class Llama:
         return (*weight_defines(wqkv, geo.tile_rows, geo.decode_tiles, 1), *self.qkv_defines,
                 *self.attention_defines, f"GQA={c.n_heads // c.n_kv_heads}", "SOLO")
 
+    def select(self, slot: int) -> None:
+        """Make the sequence of `slot` the one the primitives act on. Activations are shared: a caller switching
+        sequences lets each one's enqueued work finish its pass first (as the primitives do: a pass is enqueued
+        whole, and the queue orders the next one after it)."""
+        self.seq = self.sequences[slot]
+
+    @property
+    def logits(self) -> Buffer:
+        """The selected sequence's logits, of the last token it fed."""
+        return self.seq.logits
+
     @property
     def pos(self) -> int:
         """The current position: the token there has been chosen; the logits are those of the one before."""
@@ -176,8 +190,9 @@ class Llama:
         """The launches of one forward pass over tokens[pos .. pos + T), recorded on first use; the first
         embeds the tokens (skipped after argmax_embed, which embeds the token it chooses). The logits are
         the last token's (`logits`), or with `every_row` those of all T tokens (`row_logits`, row t at t * vocab)."""
-        if (T, every_row) in self.commands:
-            return self.commands[T, every_row]
+        key = (T, every_row, self.seq.slot)
+        if key in self.commands:
+            return self.commands[key]
         c, q, geo = self.config, self.q, self.geometry
         q_dim, kv_dim, eps = c.n_heads * c.head_dim, c.kv_dim, np.float32(c.norm_eps)
         seq, cache = self.seq, self.cache
@@ -215,13 +230,14 @@ class Llama:
                 cmds.append(kernels.move_row(q, self.state_prog, self.x, T - 1, self.dim_p))
             cmds.append(kernels.gemv(q, "gemv_norm", self.output, 1, self.x.read(), self.logits.write(), self.dim_p,
                                      0, g=self.norm.read(), eps=eps))
-        self.commands[T, every_row] = cmds
+        self.commands[key] = cmds
         return cmds
 
     def _advance(self, n: int) -> None:
-        if n not in self.advance_commands:
-            self.advance_commands[n] = kernels.advance(self.q, self.state_prog, self.seq.state, n)
-        self.q.enqueue(self.advance_commands[n])
+        key = (n, self.seq.slot)
+        if key not in self.advance_commands:
+            self.advance_commands[key] = kernels.advance(self.q, self.state_prog, self.seq.state, n)
+        self.q.enqueue(self.advance_commands[key])
         self.seq.pos += n
 
     # ---- the token loop's primitives (dpllama.generate drives them) ----
@@ -282,7 +298,7 @@ class Llama:
         `ahead`, the forward pass of that token is enqueued behind the copy of the token, so the host has
         the token as soon as the argmax is done and enqueues the next step while the device runs this one
         (a stop token then costs one pass nobody reads)."""
-        self.q.enqueue(self.argmax_command)
+        self.q.enqueue(self.argmax_commands[self.seq.slot])
         self.seq.pos += 1
         token, copied = self.seq.tokens.get_async(np.int32, self.pos, 1)
         if ahead:

@@ -1,0 +1,156 @@
+"""Load on `dpllama serve`: 1, 2, 4, 8 and 16 concurrent streaming clients, each a different prompt of about 128
+tokens and 128 tokens out (greedy), and per level the aggregate output tok/s, p50/p95 time to first token and
+p50/p95 inter-token latency. With llama-cpp-python's server importable (`pip install 'llama-cpp-python[server]'`),
+the same load on it, same GGUF, in the same run.
+
+    python benchmarks/serve_load.py                       # SmolLM2-135M, from dpllama's cache
+    python benchmarks/serve_load.py --levels 1,8 --no-llama-cpp
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx2 as http
+
+REPO = Path(__file__).resolve().parents[1]
+STORY = ("The old lighthouse keeper climbed the stairs every evening to light the lamp, and every evening he "
+         "counted the ships that passed the rocks below, writing their names in a book that nobody read. ")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts(model_path: Path, n: int, tokens: int) -> list[str]:
+    """n different texts of about `tokens` tokens (the model's tokenizer, no device)."""
+    from dpllama.loaders import load_tokenizer, load_weights
+    tok = load_tokenizer(load_weights(model_path), None, model_path)
+    out = []
+    for i in range(n):
+        ids = tok.encode(f"Story {i + 1}. " + STORY * (tokens // 30 + 2), bos=False)[:tokens]
+        out.append(tok.decode(ids))
+    return out
+
+
+def start(cmd: list[str], url: str, timeout: float = 300) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"serve_load: {' '.join(cmd)} exited with {proc.returncode}")
+        try:
+            if http.get(url, timeout=2).status_code == 200:
+                return proc
+        except http.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    sys.exit(f"serve_load: {' '.join(cmd)} not ready after {timeout:.0f} s")
+
+
+def client(base: str, model: str, prompt: str, max_tokens: int, out: list) -> None:
+    """One streaming completion: when it was sent, and when each chunk with text came."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    sent, times = time.perf_counter(), []
+    with http.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                times.append(time.perf_counter())
+    out.append((sent, times))
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))] if values else float("nan")
+
+
+def level(base: str, model: str, texts: list[str], n: int, max_tokens: int) -> dict:
+    results: list = []
+    threads = [threading.Thread(target=client, args=(base, model, texts[i], max_tokens, results)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttft = [times[0] - sent for sent, times in results if times]
+    itl = [b - a for _, times in results for a, b in zip(times, times[1:])]
+    tokens = sum(len(times) for _, times in results)
+    return {"clients": n, "tokens": tokens, "tok_s": tokens / wall, "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95),
+            "itl_p50": pct(itl, 50), "itl_p95": pct(itl, 95)}
+
+
+def run_server(name: str, cmd: list[str], ready: str, model: str, texts: list[str], levels: list[int],
+               max_tokens: int) -> list[dict]:
+    """The rows of each level on the server `cmd` starts, once `ready` (a URL) answers 200."""
+    base = ready.rsplit("/", 1)[0].removesuffix("/v1")
+    proc = start(cmd, ready)
+    try:
+        level(base, model, texts, 1, 8)     # warm up
+        rows = []
+        for n in levels:
+            row = {"server": name, **level(base, model, texts, n, max_tokens)}
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(row)
+        return rows
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-m", "--model", default="smollm2-135m", help="dpllama's model name or a GGUF path")
+    p.add_argument("--levels", default="1,2,4,8,16", help="concurrent clients per level (default 1,2,4,8,16)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2, help="llama-cpp-python's threads (default 2)")
+    p.add_argument("--no-llama-cpp", action="store_true", help="dpllama only")
+    args = p.parse_args()
+    levels = [int(n) for n in args.levels.split(",")]
+    from dpllama.hub import resolve_model
+    path = resolve_model(args.model)
+    texts = prompts(path, max(levels), args.prompt_tokens)
+    ctx = str(args.prompt_tokens + args.max_tokens + 64)
+    port = free_port()
+    rows = run_server("dpllama", [sys.executable, "-m", "dpllama.cli", "serve", "-m", str(path), "--port", str(port),
+                                  "--parallel", str(max(levels)), "--ctx", ctx, "--model-name", "m"],
+                      f"http://127.0.0.1:{port}/health", "m", texts, levels, args.max_tokens)
+    try:
+        import llama_cpp.server  # noqa: F401
+        have_llama_cpp = not args.no_llama_cpp
+    except ImportError as e:
+        have_llama_cpp = False
+        if not args.no_llama_cpp:
+            print(f"serve_load: llama-cpp-python's server is not importable ({e}): dpllama only", file=sys.stderr)
+    if have_llama_cpp:
+        port = free_port()
+        rows += run_server("llama-cpp-python", [sys.executable, "-m", "llama_cpp.server", "--model", str(path),
+                                                "--host", "127.0.0.1", "--port", str(port), "--n_threads",
+                                                str(args.threads), "--n_ctx", ctx, "--model_alias", "m",
+                                                # by default a new request cuts the running stream off
+                                                "--interrupt_requests", "False"],
+                           f"http://127.0.0.1:{port}/v1/models", "m", texts, levels, args.max_tokens)  # no /health
+    print(f"{os.cpu_count()} CPUs, {path.name}, prompts of {args.prompt_tokens} tokens, {args.max_tokens} out, greedy\n")
+    print("| server | clients | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) | inter-token p50 (ms) | inter-token p95 (ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['server']} | {r['clients']} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} | {r['ttft_p95']:.2f} | "
+              f"{r['itl_p50'] * 1000:.0f} | {r['itl_p95'] * 1000:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

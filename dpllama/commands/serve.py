@@ -1,0 +1,116 @@
+"""`dpllama serve`: an OpenAI-compatible HTTP server (dpllama.serve), in this process through uvicorn, or as
+Ray Serve replicas behind Ray's HTTP proxy (--replicas)."""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+from dpllama.commands.options import add_device, add_model, check_ctx, load_llm
+from dpllama.errors import DpllamaError
+
+ENV_PREFIX = "DPLLAMA_"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: every "
+                   "interface)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on, 0 = any free one (default 8080)")
+    p.add_argument("--parallel", "-np", type=int, default=1, metavar="N",
+                   help="requests run at once, each in a slot with its own KV cache of --ctx tokens (default 1)")
+    p.add_argument("--max-waiting", type=int, default=64, metavar="N",
+                   help="requests that may wait for a slot; more get 429 (default 64)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="accept this Bearer token (repeatable, or comma-separated); none: no key is asked")
+    p.add_argument("--api-key-file", metavar="PATH", help="accept the tokens in this file, one a line")
+    p.add_argument("--model-name", help="the model's name in the API (default: -m's file name or known name)")
+    p.add_argument("--drain-timeout", type=float, default=30, metavar="S",
+                   help="on SIGTERM, seconds that running requests have to finish before they are cancelled "
+                        "(default 30)")
+    p.add_argument("--replicas", type=int, default=0, metavar="N",
+                   help="run N engines as Ray Serve replicas behind Ray's HTTP proxy (needs dpllama[ray]); "
+                        "0: one engine in this process (default)")
+    add_device(p)
+    environment_defaults(p)
+
+
+def environment_defaults(p: argparse.ArgumentParser) -> None:
+    """Every option can come from the environment, for containers: --max-waiting from DPLLAMA_MAX_WAITING and so
+    on (--api-key's variable holds comma-separated keys). The command line wins. argparse converts and checks a
+    string default as it does the argument, so a bad variable is the same one-line error."""
+    for action in p._actions:
+        names = [s for s in action.option_strings if s.startswith("--")]
+        if not names:
+            continue
+        value = os.environ.get(ENV_PREFIX + names[0][2:].upper().replace("-", "_"))
+        if value is None:
+            continue
+        action.default = [value] if isinstance(action, argparse._AppendAction) else value
+        action.required = False
+        action.help = f"{action.help}; now from ${ENV_PREFIX}{names[0][2:].upper().replace('-', '_')}"
+
+
+def api_keys(args: argparse.Namespace) -> frozenset[str]:
+    keys = [k.strip() for a in args.api_key for k in a.split(",") if k.strip()]
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except OSError as e:
+            raise DpllamaError(f"--api-key-file {args.api_key_file}: {e.strerror}") from None
+        found = [k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#")]
+        if not found:
+            raise DpllamaError(f"--api-key-file {args.api_key_file}: no key in it")
+        keys += found
+    return frozenset(keys)
+
+
+def check(args: argparse.Namespace) -> None:
+    for ok, rule in ((0 <= args.port <= 65535, f"--port must be between 0 and 65535, found {args.port}"),
+                     (args.parallel >= 1, f"--parallel must be at least 1, found {args.parallel}"),
+                     (args.max_waiting >= 0, f"--max-waiting must be >= 0, found {args.max_waiting}"),
+                     (args.drain_timeout >= 0, f"--drain-timeout must be >= 0, found {args.drain_timeout}"),
+                     (args.replicas >= 0, f"--replicas must be >= 0, found {args.replicas}"),
+                     (not args.replicas or args.port, "--replicas needs a --port other than 0 (Ray's proxy binds it)")):
+        if not ok:
+            raise DpllamaError(rule)
+    check_ctx(args)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that an address in use is one line before anything loads."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(128)
+    except OSError as e:
+        raise DpllamaError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    check(args)
+    keys = api_keys(args)
+    name = args.model_name or Path(args.model).name
+
+    def load(slots: int):
+        llm = load_llm(args, slots)
+        print(f"dpllama: ready: {name}, {slots} slot(s) of {llm.model.seq_len} tokens each", file=sys.stderr,
+              flush=True)
+        return llm
+
+    if args.replicas:
+        from dpllama.serve.ray_serve import serve_replicas
+        return serve_replicas(load, args.host, args.port, args.replicas, args.parallel, args.max_waiting, name, keys,
+                              args.drain_timeout)
+
+    from dpllama.serve.app import serve
+    sock = listen(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    print(f"dpllama: listening on http://{host}:{port} (loading {args.model})", file=sys.stderr, flush=True)
+    serve(sock, load, args.parallel, args.max_waiting, name, keys, args.drain_timeout)
+    return 0

@@ -1,0 +1,359 @@
+"""The HTTP API of `dpllama serve` (FastAPI): OpenAI's chat and completions, streamed or not, and llama.cpp's
+/tokenize, /detokenize, /health and /metrics, in front of an `Engine`.
+
+Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a body this server cannot
+serve (malformed, a parameter out of range or not implemented, a prompt longer than the context), 401 without
+a valid API key, 404 for another model, 429 when the wait queue is full, 503 while loading or shutting down.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import sys
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from fastapi import Depends, FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+
+from dpllama.chat import chat_prompt
+from dpllama.errors import DpllamaError
+from dpllama.generate import Sampler
+from dpllama.llm import LLM
+from dpllama.serve.metrics import Metrics
+from dpllama.serve.engine import Busy, Done, Engine, Failed, Piece, Request, TokenLogprob, Unavailable
+from dpllama.serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, ParameterError, Sampling,
+                                   TokenizeRequest)
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+               429: "rate_limit_error", 500: "server_error", 503: "unavailable_error"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "param": param,
+                      "code": code}}
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(e.status, e.message, e.param, e.code), e.status)
+
+
+class RequestLog:
+    """One line on stderr per request when its response has been sent (a stream's at its end): client, method
+    and path, status, seconds, and what the completion handlers note in scope["dpllama"]. Probes (/health,
+    /metrics) are not logged: they come every few seconds. With `replica`, every response names it in an
+    X-Dpllama-Replica header."""
+
+    def __init__(self, app, replica: str | None = None):
+        self.app, self.replica = app, replica
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status, note = time.perf_counter(), [500], scope.setdefault("dpllama", {})
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                if self.replica:
+                    message["headers"] = [*message.get("headers", []), (b"x-dpllama-replica", self.replica.encode())]
+            await send(message)
+        if scope["path"] in ("/health", "/metrics"):
+            return await self.app(scope, receive, sending)
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            extra = "".join(f" {k}={v}" for k, v in note.items())
+            print(f"dpllama: {client[0]} {scope['method']} {scope['path']} {status[0]} "
+                  f"{time.perf_counter() - start:.3f}s{extra}", file=sys.stderr, flush=True)
+
+
+def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozenset(),
+             replica: str | None = None) -> FastAPI:
+    """The API over `engine` (started and stopped with the app), serving it as `model_name`; with `api_keys`,
+    every endpoint but /health wants one of them as a Bearer token. `replica` names this process in an
+    X-Dpllama-Replica header (Ray Serve's replicas)."""
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+
+    app = FastAPI(title="dpllama", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestLog, replica=replica)
+    metrics = engine.metrics
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            return error_response(ApiError(400, f"the body is not valid JSON: {first['msg']}"))
+        param = ".".join(str(p) for p in first["loc"][1:]) or None
+        return error_response(ApiError(400, f"{param or 'body'}: {first['msg']}", param))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return error_response(ApiError(e.status_code, str(e.detail)))
+
+    def authorized(request: HttpRequest) -> None:
+        if not api_keys:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or key.strip() not in api_keys:
+            raise ApiError(401, "a valid API key is needed (Authorization: Bearer KEY)", code="invalid_api_key")
+
+    def loaded() -> LLM:
+        if not engine.ready.is_set():
+            raise ApiError(503, "the model is loading")
+        return engine.llm
+
+    guarded = [Depends(authorized)]
+
+    @app.get("/health")
+    async def health():
+        if not engine.ready.is_set():
+            return JSONResponse(error_body(503, "the model is loading"), 503)
+        return {"status": "ok"}
+
+    @app.get("/metrics", dependencies=guarded)
+    async def prometheus():
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models():
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "dpllama"}
+        if engine.ready.is_set():
+            card["meta"] = {"n_ctx_per_slot": engine.llm.model.seq_len, "slots": engine.slots,
+                            "n_vocab": engine.llm.model.config.vocab_size}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/tokenize", dependencies=guarded)
+    async def tokenize(body: TokenizeRequest):
+        tok = loaded().tokenizer
+        ids = tok.encode(body.content, bos=body.add_special, parse_special=body.parse_special)
+        if body.with_pieces:
+            return {"tokens": [{"id": t, "piece": tok.token_bytes(t).decode("utf-8", "replace")} for t in ids]}
+        return {"tokens": ids}
+
+    @app.post("/detokenize", dependencies=guarded)
+    async def detokenize(body: DetokenizeRequest):
+        tok = loaded().tokenizer
+        bad = next((t for t in body.tokens if not 0 <= t < tok.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is not in the vocabulary of {tok.vocab_size}", "tokens")
+        return {"content": tok.decode(body.tokens)}
+
+    def check(body: Sampling) -> LLM:
+        unsupported = body.unsupported()
+        if unsupported:
+            raise ApiError(400, f"unsupported parameter: {unsupported[0]}", unsupported[0], "unsupported_parameter")
+        if body.model != model_name:
+            raise ApiError(404, f"the model {body.model!r} does not exist: this server serves {model_name!r}",
+                           "model", "model_not_found")
+        return loaded()
+
+    def request_of(llm: LLM, body: ChatRequest | CompletionRequest, prompt: list[int], param: str) -> Request:
+        ctx = llm.model.seq_len
+        if len(prompt) > ctx:
+            raise ApiError(400, f"the prompt is {len(prompt)} tokens, more than the context of {ctx} per slot",
+                           param, "context_length_exceeded")
+        sampler = Sampler(body.temperature, body.top_p, body.top_k, body.repeat_penalty, body.repeat_last_n,
+                          time.time_ns() if body.seed is None else body.seed, body.presence_penalty,
+                          body.frequency_penalty)
+        try:
+            return Request(prompt, body.limit() or ctx, sampler, body.stops(), body.alternatives())
+        except ParameterError as e:
+            raise ApiError(400, str(e), e.param) from None
+
+    async def run(http: HttpRequest, body, llm: LLM, prompt: list[int], param: str, chat: bool):
+        request = request_of(llm, body, prompt, param)
+        try:
+            engine.submit(request)
+        except Busy as e:
+            raise ApiError(429, str(e), code="queue_full") from None
+        except Unavailable as e:
+            raise ApiError(503, str(e)) from None
+        note = http.scope.setdefault("dpllama", {})
+        note["prompt"] = len(prompt)
+        reply = Reply(llm, request, model_name, chat)
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(reply.stream(engine, usage, note), media_type="text/event-stream")
+        return await reply.whole(engine, http, note)
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(http: HttpRequest, body: ChatRequest):
+        llm = check(body)
+        try:
+            messages = [{"role": m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
+            prompt = chat_prompt(llm.tokenizer, messages)
+        except ParameterError as e:
+            raise ApiError(400, str(e), e.param) from None
+        except DpllamaError as e:      # the template refused the conversation
+            raise ApiError(400, str(e), "messages") from None
+        return await run(http, body, llm, prompt, "messages", chat=True)
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(http: HttpRequest, body: CompletionRequest):
+        llm = check(body)
+        if isinstance(body.prompt, str):
+            prompt = llm.encode(body.prompt)
+        else:
+            vocab = llm.model.config.vocab_size
+            if not body.prompt or not all(0 <= t < vocab for t in body.prompt):
+                raise ApiError(400, f"a prompt of token ids holds at least one, each below {vocab}", "prompt")
+            prompt = body.prompt
+        return await run(http, body, llm, prompt, "prompt", chat=False)
+
+    return app
+
+
+def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiting: int, model_name: str,
+          api_keys: frozenset[str], drain_timeout: float) -> None:
+    """Serve on the listening `sock` with uvicorn until SIGTERM or SIGINT: the server stops accepting, running
+    requests have `drain_timeout` seconds to finish, then the rest are cancelled. The model loads meanwhile
+    (`load(slots)`, /health says 503 until it is done); its failure ends the server with its DpllamaError."""
+    import uvicorn
+
+    failed: list[str] = []
+
+    def fatal(message: str) -> None:
+        failed.append(message)
+        server.should_exit = True
+
+    engine = Engine(load, slots, max_waiting, Metrics(), fatal)
+    server = uvicorn.Server(uvicorn.Config(make_app(engine, model_name, api_keys), log_level="warning",
+                                           access_log=False, lifespan="on", timeout_graceful_shutdown=drain_timeout))
+    # uvicorn takes SIGTERM and SIGINT while it serves and raises them again once it is done: SIGTERM has then
+    # drained the server and ends it with status 0, as a container's stop should
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run(sockets=[sock])
+    if failed:
+        raise DpllamaError(failed[0])
+
+
+class Reply:
+    """One request's response in OpenAI's shapes: chat.completion(.chunk) or text_completion."""
+
+    def __init__(self, llm: LLM, request: Request, model_name: str, chat: bool):
+        self.tok, self.request, self.chat = llm.tokenizer, request, chat
+        self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                     "created": int(time.time()), "model": model_name}
+        self.offset = 0     # characters of text so far (completions' logprobs.text_offset)
+
+    def _token(self, t: int) -> tuple[str, list[int]]:
+        raw = self.tok.token_bytes(t)
+        return raw.decode("utf-8", "replace"), list(raw)
+
+    def logprobs(self, entries: list[TokenLogprob]) -> dict | None:
+        if self.request.logprobs is None:
+            return None
+        if self.chat:
+            def one(t, lp):
+                text, raw = self._token(t)
+                return {"token": text, "logprob": lp, "bytes": raw}
+            return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                                for e in entries]}
+        tokens = [self._token(e.token)[0] for e in entries]
+        offsets = []
+        for text in tokens:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{self._token(t)[0]: lp for t, lp in e.top} for e in entries],
+                "text_offset": offsets}
+
+    def choice(self, text: str | None, entries: list[TokenLogprob], finish: str | None, role: bool = False) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": self.logprobs(entries), "finish_reason": finish}
+        delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+        return {"index": 0, "delta": delta, "logprobs": self.logprobs(entries), "finish_reason": finish}
+
+    def chunk(self, choices: list[dict], **extra) -> str:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return f"data: {json.dumps({**self.head, 'object': kind, 'choices': choices, **extra})}\n\n"
+
+    @staticmethod
+    def usage(done: Done) -> dict:
+        return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+    async def stream(self, engine: Engine, usage: bool, note: dict):
+        """Server-sent events: a first chunk with the role (chat), delta chunks, a chunk with finish_reason, the
+        usage chunk (choices: []) when asked for, then [DONE]. The client's going away cancels the request."""
+        extra = {"usage": None} if usage else {}
+        ended = False
+        try:
+            if self.chat:
+                yield self.chunk([self.choice(None, [], None, role=True)], **extra)
+            while True:
+                event = await self.request.events.get()
+                if isinstance(event, Piece):
+                    yield self.chunk([self.choice(event.text, event.logprobs, None)], **extra)
+                    continue
+                ended = True
+                if isinstance(event, Failed):
+                    note["error"] = json.dumps(event.message)
+                    yield f"data: {json.dumps(error_body(500, event.message))}\n\n"
+                    return
+                note.update(completion=event.completion_tokens, finish=event.finish_reason)
+                yield self.chunk([self.choice(None, [], event.finish_reason)], **extra)
+                if usage:
+                    yield self.chunk([], usage=self.usage(event))
+                yield "data: [DONE]\n\n"
+                return
+        finally:
+            if not ended:
+                engine.cancel(self.request)
+                note["finish"] = "cancelled"
+
+    async def whole(self, engine: Engine, http: HttpRequest, note: dict):
+        """The whole response once generated; a client gone meanwhile cancels the request."""
+        texts, entries = [], []
+        while True:
+            try:
+                event = await asyncio.wait_for(self.request.events.get(), 0.5)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    engine.cancel(self.request)
+                    note["finish"] = "cancelled"
+                    return Response(status_code=499)    # nobody reads it
+                continue
+            if isinstance(event, Piece):
+                texts.append(event.text)
+                entries += event.logprobs
+            elif isinstance(event, Failed):
+                note["error"] = json.dumps(event.message)
+                raise ApiError(500, event.message)
+            else:
+                break
+        note.update(completion=event.completion_tokens, finish=event.finish_reason)
+        if event.finish_reason == "cancelled":
+            raise ApiError(503, "the server shut down before the request was done")
+        text = "".join(texts)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": self.logprobs(entries), "finish_reason": event.finish_reason}
+        else:
+            choice = self.choice(text, entries, event.finish_reason)
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**self.head, "object": kind, "choices": [choice], "usage": self.usage(event)}

@@ -1,0 +1,289 @@
+"""The engine behind `dpllama serve`: a bounded wait queue, the model's slots, and one scheduler thread.
+
+The scheduler thread loads the model and is then the only thread that touches the device. Each round it
+admits waiting requests into free slots (each slot a `Sequence` of the model, with its own KV cache and
+position: the context is per slot) and gives every running request one piece of work, round-robin: a
+prompt chunk (`prefill_chunk` tokens) or one new token. So a new prompt is processed between the decode steps
+of the running streams, which never stall for a whole prompt. Every request runs through the one generation
+contract, dpllama.generate (`Generation.steps()`), with its own sampler; the model is switched to the
+request's slot (`Llama.select`) before each piece.
+
+Not yet batched on the device: each piece is its own forward pass, so N running streams read the weights
+N times per round. A batched pass (one read of each weight for every running sequence, kernels taking a
+position and slot per token) would replace the round's loop over `_step` with one call; everything around it
+(admission, sampling per slot, stop strings, events) stays.
+
+Results do not depend on load: a slot's passes are the same kernels over the same chunks whatever the other
+slots do, and a request's sampler is its own.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from dpllama.errors import DpllamaError
+from dpllama.generate import Generation, Sampler, generate
+from dpllama.llm import LLM, text_decoder
+from dpllama.serve.metrics import Metrics
+from dpllama.tokenizer import Tokenizer
+
+
+class Busy(Exception):
+    """The wait queue is full (HTTP 429)."""
+
+
+class Unavailable(Exception):
+    """The engine is loading or shutting down (HTTP 503)."""
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]    # the most likely tokens and their log-probabilities
+
+
+@dataclass
+class Piece:
+    """Text that is safe to send (no stop string can start in it), and the log-probabilities of the tokens
+    whose text it completes, when asked for."""
+    text: str
+    logprobs: list[TokenLogprob]
+
+
+@dataclass
+class Done:
+    finish_reason: str          # stop, length, cancelled
+    prompt_tokens: int
+    completion_tokens: int      # every token the model produced, an end-of-text token included
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+@dataclass
+class Request:
+    """One generation: made in the server's event loop, whose queue `events` receives its Pieces, then a Done or
+    a Failed."""
+    prompt: list[int]
+    max_new: int
+    sampler: Sampler
+    stops: tuple[str, ...] = ()
+    logprobs: int | None = None     # alternatives per token (0: the chosen one's only); None: no log-probabilities
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+
+    def emit(self, event) -> None:
+        """From the scheduler thread into the request's event loop (gone once the server has stopped)."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:
+            pass
+
+
+class StopText:
+    """New tokens to text, cut at the first of `stops`: text that could be the start of a stop string is held
+    back until the next tokens show it is not, so no part of a stop string is ever sent."""
+
+    def __init__(self, tok: Tokenizer, prev: int, stops: tuple[str, ...]):
+        self.decoder = text_decoder(tok, prev)
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        return self._release(self.decoder.push(token))
+
+    def flush(self) -> str:
+        return self._release(self.decoder.flush(), final=True)
+
+    def _release(self, text: str, final: bool = False) -> str:
+        held = self.held + text
+        cuts = [i for i in (held.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.stopped, self.held = True, ""
+            return held[:min(cuts)]
+        keep = 0 if final else max((n for s in self.stops for n in range(min(len(s) - 1, len(held)), 0, -1)
+                                    if held.endswith(s[:n])), default=0)
+        self.held = held[len(held) - keep:]
+        return held[:len(held) - keep]
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """The chosen token's log-probability under the model's distribution (the raw logits, before temperature
+    and penalties, as OpenAI reports them) and the `top` most likely tokens'."""
+    shifted = logits.astype(np.float64) - logits.max()
+    lp = shifted - np.log(np.exp(shifted).sum())
+    best = np.argsort(-lp, kind="stable")[:top]
+    return TokenLogprob(token, float(lp[token]), [(int(t), float(lp[t])) for t in best])
+
+
+@dataclass
+class Run:
+    """A request in a slot."""
+    request: Request
+    slot: int
+    generation: Generation
+    text: StopText
+    pending: list[TokenLogprob] = field(default_factory=list)    # logprobs of tokens whose text is held back
+    last: float | None = None                                   # when its latest token came
+
+
+class Engine:
+    def __init__(self, load: Callable[[int], LLM], slots: int, max_waiting: int, metrics: Metrics,
+                 on_fatal: Callable[[str], None]):
+        """`load(slots)` gives the model (called in the scheduler thread); `on_fatal(message)` is told when it
+        fails. At most `max_waiting` requests wait for a slot; more are refused (Busy)."""
+        self.slots, self.max_waiting, self.metrics = slots, max_waiting, metrics
+        self._load, self._on_fatal = load, on_fatal
+        self.llm: LLM | None = None
+        self.ready = threading.Event()
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._free = list(range(slots - 1, -1, -1))     # popped from the end: slot 0 first
+        self._running: list[Run] = []
+        self._accepting = True
+        self._stopping = False
+        self._thread = threading.Thread(target=self._main, name="dpllama-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            if not (self.ready.is_set() and self._accepting):
+                self.metrics.rejected.labels("503").inc()
+                raise Unavailable("the model is loading" if self._accepting else "the server is shutting down")
+            if len(self._waiting) >= self.max_waiting + len(self._free):
+                self.metrics.rejected.labels("429").inc()
+                raise Busy(f"all {self.slots} slots are busy and {len(self._waiting)} requests wait, the most "
+                           f"--max-waiting allows")
+            self._waiting.append(request)
+            self.metrics.waiting.set(len(self._waiting))
+            self._cond.notify()
+
+    def cancel(self, request: Request) -> None:
+        """End a request, running or waiting (its client went away): the scheduler drops it at its next round."""
+        request.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def stop(self, timeout: float = 30) -> None:
+        """Refuse new requests, cancel those left and end the scheduler thread."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # ---- the scheduler thread ----
+    def _main(self) -> None:
+        try:
+            self.llm = self._load(self.slots)
+        except DpllamaError as e:
+            self._on_fatal(str(e))
+            return
+        self.ready.set()
+        while True:
+            with self._cond:
+                for r in [r for r in self._waiting if r.cancelled]:
+                    self._waiting.remove(r)
+                    self._ended(r, Done("cancelled", len(r.prompt), 0))
+                while not (self._stopping or self._waiting or self._running):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                admitted = [(self._waiting.popleft(), self._free.pop())
+                            for _ in range(min(len(self._free), len(self._waiting)))]
+                self.metrics.waiting.set(len(self._waiting))
+            for request, slot in admitted:
+                self._admit(request, slot)
+            for run in list(self._running):
+                if run.request.cancelled:
+                    self._finish(run, "cancelled")
+                else:
+                    self._step(run)
+        for run in list(self._running):
+            self._finish(run, "cancelled")
+        with self._cond:
+            for r in self._waiting:
+                self._ended(r, Done("cancelled", len(r.prompt), 0))
+            self._waiting.clear()
+            self.metrics.waiting.set(0)
+
+    def _admit(self, request: Request, slot: int) -> None:
+        model, tok = self.llm.model, self.llm.tokenizer
+        model.select(slot)
+        try:
+            gen = generate(model, request.prompt, request.max_new, request.sampler, tok.eos_ids, chunk=model.chunk,
+                           keep_logits=request.logprobs is not None)
+        except DpllamaError as e:
+            with self._cond:
+                self._free.append(slot)
+            self._ended(request, Failed(str(e)))
+            return
+        self.metrics.prompt_tokens.inc(len(request.prompt))
+        self._running.append(Run(request, slot, gen, StopText(tok, request.prompt[-1], request.stops)))
+        self.metrics.running.set(len(self._running))
+
+    def _step(self, run: Run) -> None:
+        """One piece of the request's work: a prompt chunk, or a new token sent on as text."""
+        gen, request = run.generation, run.request
+        self.llm.model.select(run.slot)
+        try:
+            token = next(gen.steps())
+        except StopIteration:
+            self._finish(run, "stop" if gen.stop_token is not None else "length")
+            return
+        except DpllamaError as e:
+            self._finish(run, "error", str(e))
+            return
+        if token is None:       # a prompt chunk went through
+            return
+        now = time.perf_counter()
+        if run.last is None:
+            self.metrics.time_to_first_token.observe(now - request.arrived)
+        else:
+            self.metrics.time_per_output_token.observe(now - run.last)
+        run.last = now
+        if request.logprobs is not None:
+            run.pending.append(token_logprob(gen.logits, token, request.logprobs))
+        text = run.text.push(token)
+        if run.text.stopped:
+            self._send(run, text)
+            self._finish(run, "stop")
+        elif text:
+            self._send(run, text)
+
+    def _send(self, run: Run, text: str) -> None:
+        run.request.emit(Piece(text, run.pending))
+        run.pending = []
+
+    def _finish(self, run: Run, reason: str, error: str | None = None) -> None:
+        gen = run.generation
+        if reason in ("stop", "length") and not run.text.stopped:
+            tail = run.text.flush()
+            if tail or run.pending:
+                self._send(run, tail)
+        gen.steps().close()     # its stats end now
+        self._running.remove(run)
+        with self._cond:
+            self._free.append(run.slot)
+        self.metrics.running.set(len(self._running))
+        self.metrics.generation_tokens.inc(gen.stats.generated_tokens)
+        self._ended(run.request, Failed(error) if error else
+                    Done(reason, len(run.request.prompt), gen.stats.generated_tokens))
+
+    def _ended(self, request: Request, event: Done | Failed) -> None:
+        self.metrics.finished.labels(event.finish_reason if isinstance(event, Done) else "error").inc()
+        request.emit(event)

@@ -1,0 +1,243 @@
+"""`dpllama serve` as a client sees it: a real server process on 127.0.0.1 and the official `openai` client.
+Most tests use stories260K (a token in about a millisecond); the oracle test uses SmolLM2."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.helpers import llama2c_dir, shared_models, smollm2_gguf_path
+from tests.serving import Server
+
+openai = pytest.importorskip("openai", reason="the serve tests need the test extra's openai client")
+http = pytest.importorskip("httpx2", reason="openai's HTTP client, for what the openai client does not send")
+
+MODEL = "stories260K.bin"
+PROMPTS = ["Once upon a time", "The cat", "Lily and Tom went", "One day, a big dog", "The sun was", "Ben had a red",
+           "In the park", "A little bird"]
+
+
+def stories_args(*extra: str) -> list[str]:
+    d = llama2c_dir()
+    return ["-m", str(d / "stories260K.bin"), "-z", str(d / "tok512.bin"), *extra]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with Server(*stories_args("--parallel", "8")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+def metric(server: Server, name: str) -> float:
+    text = http.get(f"{server.url}/metrics", timeout=10).text
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def streamed(client, **kw) -> tuple[str, str, list]:
+    """The text, finish reason and chunks of a streamed chat completion."""
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return text, finish[-1], chunks
+
+
+def complete(client, prompt: str, **kw):
+    return client.completions.create(**{"model": MODEL, "prompt": prompt, "temperature": 0, **kw})
+
+
+def test_health_models_tokenize_detokenize(server):
+    assert http.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    ids = http.post(f"{server.url}/tokenize", json={"content": "Once upon a time"}, timeout=10).json()["tokens"]
+    assert ids and all(isinstance(t, int) for t in ids)
+    assert http.post(f"{server.url}/detokenize", json={"tokens": ids}, timeout=10).json()["content"].strip() == \
+        "Once upon a time"
+
+
+def test_chat_and_completions_streamed_and_not(client):
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    text, finish, chunks = streamed(client, model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                                    stream_options={"include_usage": True})
+    assert whole.choices[0].message.content == text and text
+    assert whole.choices[0].finish_reason == finish == "length"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    assert whole.usage.completion_tokens == 20
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 20
+
+    done = complete(client, "Once upon a time", max_tokens=12)
+    pieces = list(complete(client, "Once upon a time", max_tokens=12, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == done.choices[0].text
+    assert done.choices[0].text.startswith(", there was")      # llama2.c's greedy continuation
+    assert done.usage.prompt_tokens == 5 and done.usage.completion_tokens == 12
+
+
+def test_stop_strings_are_never_sent(client):
+    full = complete(client, "Once upon a time", max_tokens=40).choices[0].text
+    stop = full[15:19]
+    cut = full[:full.index(stop)]
+    done = complete(client, "Once upon a time", max_tokens=40, stop=[stop, "zzzz"])
+    assert done.choices[0].text == cut and done.choices[0].finish_reason == "stop"
+    pieces = list(complete(client, "Once upon a time", max_tokens=40, stop=stop, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == cut
+    assert pieces[-1].choices[0].finish_reason == "stop"
+
+
+def test_the_same_seed_gives_the_same_text(client):
+    def sample(seed):
+        return complete(client, "The cat", max_tokens=40, seed=seed, temperature=1.0).choices[0].text
+    first = sample(42)
+    assert sample(42) == first
+    assert any(sample(seed) != first for seed in (1, 2, 3))
+
+
+def test_logprobs(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                       temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 3
+        assert [t.logprob for t in c.top_logprobs] == sorted((t.logprob for t in c.top_logprobs), reverse=True)
+        assert c.top_logprobs[0].token == c.token and c.logprob <= 0      # greedy: the chosen is the likeliest
+    done = complete(client, "Once upon a time", max_tokens=5, logprobs=2)
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert "".join(lp.tokens) == done.choices[0].text
+
+
+def test_bad_requests_are_400_naming_the_parameter(server, client):
+    def refused(**kw):
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(**{"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **kw})
+        return e.value
+    for kw, param in [({"n": 2}, "n"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                      ({"logit_bias": {"1": 5}}, "logit_bias"), ({"temperature": 5}, "temperature"),
+                      ({"top_logprobs": 2}, "top_logprobs"),
+                      ({"messages": [{"role": "user", "content": "x " * 2000}]}, "messages")]:
+        e = refused(**kw)
+        assert e.status_code == 400 and e.body["param"] == param, (kw, e.body)
+    e = refused(model="gpt-4")
+    assert e.status_code == 404 and e.body["code"] == "model_not_found"
+    r = http.post(f"{server.url}/v1/chat/completions", content=b'{"model": ', timeout=10,
+                  headers={"content-type": "application/json"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_api_keys_from_options_and_a_file(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# one a line\nfile-key\n")
+    with Server(*stories_args("--api-key", "k1,k2", "--api-key-file", str(keys)),
+                env={"DPLLAMA_MAX_WAITING": "3"}) as s:
+        for key in ("k1", "k2", "file-key"):
+            assert s.client(key).models.list().data[0].id == MODEL
+        with pytest.raises(openai.AuthenticationError) as e:
+            s.client("wrong").models.list()
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        assert http.get(f"{s.url}/health", timeout=10).status_code == 200     # probes need no key
+
+
+def test_full_queue_is_429_and_a_gone_client_cancels_its_request():
+    """One slot and four places in the queue: of ten long requests at once, some are refused with 429. A stream
+    closed while it runs, and one closed while it waits behind four others, end as cancelled in the metrics."""
+    with Server(*stories_args("--parallel", "1", "--max-waiting", "4")) as s:
+        client = s.client()
+
+        def long_request(_):
+            try:
+                complete(client, "Once upon a time", max_tokens=400)
+                return 200
+            except openai.APIStatusError as e:
+                return e.status_code
+        with ThreadPoolExecutor(10) as pool:
+            codes = list(pool.map(long_request, range(10)))
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+        assert metric(s, 'dpllama_requests_rejected_total{status="429"}') == codes.count(429)
+
+        def cancelled(n):
+            deadline = time.monotonic() + 10
+            while metric(s, 'dpllama_requests_finished_total{reason="cancelled"}') < n and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return metric(s, 'dpllama_requests_finished_total{reason="cancelled"}') == n
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
+        with http.Client(timeout=30) as c:
+            with c.stream("POST", f"{s.url}/v1/completions", json=body) as r:
+                next(r.iter_lines())      # its first token: it runs, and its connection closes now
+            assert cancelled(1), "\n".join(s.lines)
+            with ThreadPoolExecutor(4) as pool:
+                ahead = [pool.submit(long_request, i) for i in range(4)]
+                deadline = time.monotonic() + 10
+                while metric(s, "dpllama_requests_waiting") < 3 and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                with c.stream("POST", f"{s.url}/v1/completions", json=body) as r:
+                    assert r.status_code == 200     # and closed at once, behind at least three others
+                assert [f.result() for f in ahead] == [200] * 4
+        assert cancelled(2), "\n".join(s.lines)
+        assert metric(s, "dpllama_requests_running") == 0 and metric(s, "dpllama_requests_waiting") == 0
+        assert sum("finish=cancelled" in line for line in s.lines) == 2
+
+
+def test_sigterm_finishes_the_running_stream_then_exits():
+    s = Server(*stories_args())
+    try:
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 300, "temperature": 0, "stream": True}
+        with http.Client(timeout=30) as c, c.stream("POST", f"{s.url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(lines)
+            s.proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert s.proc.wait(30) == 0
+        with pytest.raises(http.ConnectError):
+            http.get(f"{s.url}/health", timeout=5)
+    finally:
+        s.stop()
+
+
+def test_eight_concurrent_greedy_streams_match_their_solo_outputs(server, client):
+    def solo(prompt):
+        return complete(client, prompt, max_tokens=48).choices[0].text
+    alone = [solo(p) for p in PROMPTS]
+
+    def stream(prompt):
+        return "".join(p.choices[0].text for p in complete(client, prompt, max_tokens=48, stream=True))
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(stream, PROMPTS))
+    assert together == alone
+    assert len(set(alone)) == len(alone)
+
+
+def test_smollm2_oracles_beside_seven_others():
+    """fp32_greedy.json's continuations, each of 8 requests at once on 8 slots, as the single-sequence path
+    gives them (tests/test_smollm2.py)."""
+    oracle = json.loads((shared_models("smollm2") / "fp32_greedy.json").read_text())
+    cases = {c["name"]: c for c in oracle["cases"]}
+    with Server("-m", str(smollm2_gguf_path()), "--parallel", "8", "--ctx", "128", "--model-name", "smollm2") as s:
+        client = s.client()
+
+        def run(name):
+            case = cases[name]
+            return client.completions.create(model="smollm2", prompt=case["prompt_token_ids"], temperature=0,
+                                             max_tokens=len(case["output_token_ids"])).choices[0].text
+        names = ["raw_once_upon_a_time"] * 2 + ["chat_capital_of_france"] * 6
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(run, names))
+        assert got == [cases[n]["output_text"] for n in names]
+        chat = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=16, messages=[
+            {"role": "user", "content": "What is the capital of France?"}])
+        assert chat.choices[0].message.content == "The capital of France is Paris."
+        assert chat.choices[0].finish_reason == "stop"
