@@ -49,35 +49,34 @@ def smollm2_gguf_path() -> Path:
     """The SmolLM2 GGUF: $DPLLAMA_SMOLLM2_GGUF, else the model cache ($DPLLAMA_HOME, default
     ~/.cache/dpllama), fetched there as `dpllama pull smollm2-135m` does when the oracles in shared/
     are present to test it against; skip the test when it cannot be had."""
-    env = os.environ.get("DPLLAMA_SMOLLM2_GGUF")
+    return cached_model("smollm2-135m", "DPLLAMA_SMOLLM2_GGUF", "smollm2")
+
+
+def cached_model(name: str, env_var: str, oracles: str) -> Path:
+    """A known model's file: $env_var, else the model cache, pulled there when shared/models/`oracles` (the data
+    to test it against) is present; else skip."""
+    env = os.environ.get(env_var)
     if env:
         if not Path(env).is_file():
-            pytest.skip(f"DPLLAMA_SMOLLM2_GGUF={env} is not a file")
+            pytest.skip(f"{env_var}={env} is not a file")
         return Path(env)
     from dpllama.errors import DpllamaError
     from dpllama.hub import cached_path, pull
-    path = cached_path("smollm2-135m")
+    path = cached_path(name)
     if not path.is_file():
-        shared_models("smollm2")
+        shared_models(oracles)
         try:
-            pull("smollm2-135m", progress=lambda s: None)
+            pull(name, progress=lambda s: None)
         except DpllamaError as e:
-            pytest.skip(f"SmolLM2 GGUF not in the cache and could not be pulled: {e}")
+            pytest.skip(f"{name} not in the cache and could not be pulled: {e}")
     return path
 
 
 def qwen_gguf_path() -> Path:
     """Qwen2.5-Coder-0.5B-Instruct Q4_K_M (shared/models/qwen2.5-coder-0.5b/README.md says how it is assembled):
-    $DPLLAMA_QWEN_GGUF, else the model cache where `dpllama pull` knows the model; skip the test without it."""
-    env = os.environ.get("DPLLAMA_QWEN_GGUF")
-    if env:
-        if not Path(env).is_file():
-            pytest.skip(f"DPLLAMA_QWEN_GGUF={env} is not a file")
-        return Path(env)
-    from dpllama.hub import MODELS, cached_path
-    if "qwen2.5-coder-0.5b" in MODELS and cached_path("qwen2.5-coder-0.5b").is_file():
-        return cached_path("qwen2.5-coder-0.5b")
-    pytest.skip("Qwen2.5-Coder-0.5B Q4_K_M GGUF not found (set DPLLAMA_QWEN_GGUF, or pull it)")
+    $DPLLAMA_QWEN_GGUF, else the model cache, fetched there as `dpllama pull qwen2.5-coder-0.5b` does when the
+    oracles in shared/ are present to test it against; skip the test when it cannot be had."""
+    return cached_model("qwen2.5-coder-0.5b", "DPLLAMA_QWEN_GGUF", "qwen2.5-coder-0.5b")
 
 
 # real tensors of each quantized type in qwen_gguf_path()'s file (its README lists them)
