@@ -3,6 +3,7 @@ in llama-perplexity's protocol (dpllama/perplexity.py).
 
     PYTHONPATH=. python benchmarks/quality.py                 # 16 chunks of 512 (about 15 minutes on 2 cores)
     PYTHONPATH=. python benchmarks/quality.py --chunks 4 --json
+    PYTHONPATH=. python benchmarks/quality.py --model qwen2.5-coder-0.5b   # the file as shipped against its f32
 
 The reference of the KL divergence is the shipped Q4_1 file's own weights dequantized to float32 and run with float32
 weights and activations (dpllama's f32 kernels): there is no float32 SmolLM2 GGUF here, so every other row is the
@@ -49,10 +50,14 @@ def every_matrix(w: Weights, convert) -> Weights:
     return Weights(w.config, tok, layers, w.norm, tok if w.tied else convert(w.output), w.meta)
 
 
-def variants(w: Weights):
-    """(name, weights) of every row, the reference first; built one at a time (the f32 one holds 650 MB)."""
-    yield "f32 reference (Q4_1 dequantized)", every_matrix(w, lambda t: Tensor.f32(t.dequantize()))
-    yield "Q4_1 as shipped (int4 g32 asym, table Q8_0)", w
+def variants(w: Weights, requantized: bool):
+    """(name, weights) of every row, the reference first; built one at a time (the f32 one holds 650 MB for
+    SmolLM2, 2 GB for Qwen2.5-0.5B). `requantized`: SmolLM2's rows in dpllama's other formats too."""
+    shipped = Path(w.meta["path"]).name
+    yield f"f32 reference ({shipped} dequantized)", every_matrix(w, lambda t: Tensor.f32(t.dequantize()))
+    yield f"{shipped} as shipped", w
+    if not requantized:
+        return
     yield "q8 g32, every matrix", every_matrix(w, lambda t: t if t.kind == "q8" else quantize_q8(t.dequantize(), 32))
     for group in (32, 64, 128):
         for symmetric in (True, False):
@@ -96,15 +101,16 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("-c", type=int, default=512, dest="n_ctx")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--model", default="smollm2-135m", help="a known model or a GGUF (only SmolLM2 is requantized)")
     args = ap.parse_args()
-    path = resolve_model("smollm2-135m")
+    path = resolve_model(args.model)
     w = load_gguf(path)
     tokens = np.asarray(load_tokenizer(w, None, path).encode(TEXT.read_bytes().decode("utf-8")), np.int32)
     q = open_queue(out_of_order=False)
     rows, ref_log_p, base = [], [], None
     with tempfile.TemporaryDirectory() as tmp:
         base_path = Path(tmp) / "f32.kld"
-        for name, weights in variants(w):
+        for name, weights in variants(w, args.model == "smollm2-135m"):
             print(f"quality: {name} ...", file=sys.stderr, flush=True)
             model = Llama(weights, q, max_seq=args.n_ctx)
             if base is None:
@@ -117,7 +123,7 @@ def main() -> int:
             rows.append({"model": name, **row})
             del model, weights
     result = {"chunks": args.chunks, "n_ctx": args.n_ctx, "tokens": int(tokens.size), "rows": rows,
-              "oracle": json.loads(ORACLE.read_text()) if ORACLE.is_file() else None}
+              "oracle": json.loads(ORACLE.read_text()) if ORACLE.is_file() and args.model == "smollm2-135m" else None}
     print(json.dumps(result, indent=1) if args.json else table(result))
     return 0
 
