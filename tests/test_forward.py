@@ -21,7 +21,6 @@ from dpllama.model.weights import Layer, Tensor, Weights, llama3_rope_factors
 from dpllama.runtime import Queue
 from dpllama.runtime.config import dump_config, parse_config
 from dpllama.quantize import GROUPS
-from dpllama.model.gguf import load_gguf
 from tests.helpers import (EVERY_TYPE, EVERY_TYPE_SHAPE, llama2c_dir, quantize_cli, random_llama2c, random_weights,
                            write_test_gguf)
 
