@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from dpllama.errors import DpllamaError
-from dpllama.model.llama import Llama
+from dpllama.model.llama import Llama, Part, not_finite
 
 
 class XorShift:
@@ -152,66 +152,140 @@ class Generation:
     (`stop_token` says which). The prompt goes through in batched chunks; its first `keep` positions'
     KV cache is reused from the previous generation (a chat's earlier turns). Greedy sampling without a
     penalty never leaves the device, and each token is fed before the host has even seen it.
-    Iterate once, either over the tokens or over `steps()`; `stats` holds the timings, `tokens` the sequence so
-    far (the stop token included). With `keep_logits`, every token is drawn on the host from logits read back,
-    and `logits` holds those the last token came from (for its log-probabilities)."""
+    `stats` holds the timings, `tokens` the sequence so far (the stop token included). With `keep_logits`,
+    every token is drawn on the host from logits read back, and `logits` holds those the last token came from
+    (for its log-probabilities).
+
+    Drive it one way: iterate over it (the model's selected sequence alone, through the token loop's primitives),
+    or pass it with others to `step_together`, which runs the passes of several at once (Llama.batch; the
+    server's engine)."""
 
     def __init__(self, model: Llama, prompt: list[int], max_new: int, sampler: Sampler,
                  stop: set[int] = frozenset(), keep: int = 0, chunk: int = 0, keep_logits: bool = False):
         model.start(prompt, keep)       # checks the prompt before anything runs
-        self.model, self.sampler, self.stop = model, sampler, stop
+        self.model, self.sampler, self.stop, self.chunk = model, sampler, stop, chunk
+        self.slot = model.seq.slot
         self.max_new = max(0, min(max_new, model.seq_len - len(prompt) + 1))
         self.tokens = list(prompt)
         self.stop_token: int | None = None
         self.stats = Stats(len(prompt) - keep)
         self.keep_logits = keep_logits
         self.logits: np.ndarray | None = None
-        self._steps = self._run(keep, chunk)
+        self.fed = keep                 # tokens whose forward pass has run (batched driving)
+        self.ended = False
+        if not self.max_new:
+            self._end()
 
     def __iter__(self) -> Iterator[int]:
-        return (t for t in self._steps if t is not None)
-
-    def steps(self) -> Iterator[int | None]:
-        """The same generation one piece of device work at a time, for a caller that interleaves several
-        sequences of one model (the server's scheduler selects this one's before each): None after each prompt
-        chunk of `chunk` tokens but the last, then each new token."""
-        return self._steps
-
-    def _run(self, keep: int, chunk: int) -> Iterator[int | None]:
-        model, sampler, st = self.model, self.sampler, self.stats
+        model, sampler = self.model, self.sampler
+        if self.ended:
+            return
         try:
-            if not self.max_new:
-                return
-            n = len(self.tokens) - keep
-            while 0 < chunk < n:
-                model.feed(chunk)
+            n = len(self.tokens) - self.fed
+            while 0 < self.chunk < n:
+                model.feed(self.chunk)
                 model.next_given()      # on to the prompt's next token, where feed(n) would have gone on itself
-                n -= chunk
-                yield None
+                n -= self.chunk
             model.feed(n)
             on_device = sampler.greedy and not sampler.penalized and not self.keep_logits
-            for i in range(1, self.max_new + 1):
-                more = i < self.max_new
+            while True:
+                more = self.stats.generated_tokens + 1 < self.max_new
                 if on_device:
                     tok = model.next_greedy(ahead=more)
                 else:
-                    logits = model.read_logits()
-                    if self.keep_logits:
-                        self.logits = logits
-                    tok = sampler.pick(logits, self.tokens)
+                    tok = self._draw(model.read_logits())
                     model.next_given(tok)
-                if i == 1:
-                    st.first_token = time.perf_counter()
-                st.generated_tokens += 1
-                self.tokens.append(tok)
-                if tok in self.stop:
-                    self.stop_token = tok
+                if not self._took(tok):
                     return
                 yield tok
-                if more and not on_device:
+                if not more:
+                    return
+                if not on_device:
                     model.step()
         finally:
-            st.end = time.perf_counter()
+            self._end()
+
+    # ---- batched driving ----
+    def part(self, room: int) -> Part | None:
+        """What this generation feeds in the next batched pass, at most `room` tokens: the next piece of its
+        prompt, or its newest token. None once it has ended, or without room."""
+        if self.ended or room <= 0:
+            return None
+        todo = self.tokens[self.fed:self.fed + room]
+        return Part(self.slot, self.fed, todo, logits=self.fed + len(todo) == len(self.tokens))
+
+    @property
+    def prompted(self) -> bool:
+        """Whether its whole prompt has been fed (it is decoding)."""
+        return self.stats.first_token is not None
+
+    def took(self, part: Part, logits: np.ndarray | None) -> int | None:
+        """The pass that fed `part` has run; `logits`: those after its last token (when the part wanted them).
+        Returns the new token drawn from them, None after a piece of the prompt or a stop token (then `ended`);
+        `ended` also turns true with the last token max_new allows, which is returned."""
+        self.fed += len(part.tokens)
+        if logits is None:
+            return None
+        try:
+            if not np.isfinite(logits).all():
+                raise DpllamaError(not_finite(part.pos + len(part.tokens) - 1))
+            tok = self._draw(logits)
+            if not self._took(tok):
+                return None
+            if self.stats.generated_tokens == self.max_new:
+                self._end()
+            return tok
+        except DpllamaError:
+            self._end()
+            raise
+
+    # ---- shared by both ----
+    def _draw(self, logits: np.ndarray) -> int:
+        if self.keep_logits:
+            self.logits = logits
+        return self.sampler.pick(logits, self.tokens)
+
+    def _took(self, tok: int) -> bool:
+        """Count a new token; False when it is a stop token (which ends the generation, unyielded)."""
+        st = self.stats
+        if st.first_token is None:
+            st.first_token = time.perf_counter()
+        st.generated_tokens += 1
+        self.tokens.append(tok)
+        if tok in self.stop:
+            self.stop_token = tok
+            self._end()
+            return False
+        return True
+
+    def _end(self) -> None:
+        self.ended = True
+        if self.stats.end is None:
+            self.stats.end = time.perf_counter()
+
+
+def step_together(model: Llama, gens: list[Generation]) -> list[tuple[Generation, int | None | DpllamaError]]:
+    """One batched forward pass (Llama.batch) for generations of `model`, each in its own slot: the newest token
+    of each decoding one, then pieces of the prompts still being read, the earliest in `gens` first, in the room
+    left of the pass's `model.chunk` rows. Returns each generation that had a part in it, with its new token
+    (None: a prompt piece went through, or a stop token ended it) or the error that ended it (logits that are
+    not finite)."""
+    room, parts = model.chunk, []
+    for gen in sorted(gens, key=lambda g: not g.prompted):     # a stable sort: otherwise in the given order
+        part = gen.part(room)
+        if part is not None:
+            parts.append((gen, part))
+            room -= len(part.tokens)
+    if not parts:
+        return []
+    logits = iter(model.batch([part for _, part in parts]))
+    out: list[tuple[Generation, int | None | DpllamaError]] = []
+    for gen, part in parts:
+        try:
+            out.append((gen, gen.took(part, next(logits) if part.logits else None)))
+        except DpllamaError as e:
+            out.append((gen, e))
+    return out
 
 
 def generate(model: Llama, prompt: list[int], max_new: int, sampler: Sampler, stop: set[int] = frozenset(),

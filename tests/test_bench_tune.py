@@ -13,7 +13,8 @@ from tests.helpers import llama2c_dir
 def test_bench_reports_every_figure(repo_root):
     model = llama2c_dir() / "stories260K.bin"
     r = subprocess.run([sys.executable, "-m", "dpllama.cli", "bench", "-m", str(model), "--prompt", "16", "--gen", "8",
-                        "--repeat", "2", "--json", "--quiet", "--profile"], capture_output=True, text=True, cwd=repo_root)
+                        "--repeat", "2", "--json", "--quiet", "--profile", "--batch", "1,3"], capture_output=True, text=True,
+                       cwd=repo_root)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     for key in ("prompt_tok_s", "decode_tok_s", "ms_per_token", "weight_gb_s", "first_token_ms"):
@@ -22,6 +23,9 @@ def test_bench_reports_every_figure(repo_root):
     assert out["launches_per_token"] == 5 * out["shape"]["n_layers"] + 2   # 5 per layer + LM head, argmax_embed
     assert out["weight_bytes_per_token"] > 0 and out["repeat"] == 2
     assert set(out["profile"]) >= {"gemv_norm_rope_kv", "attention", "gemv_add", "gemv_norm_swiglu", "argmax_embed"}
+    assert set(out["batched"]) == {"1", "3"} and out["batched"]["1"]["vs_first"] == 1.0
+    for b in ("1", "3"):
+        assert out["batched"][b]["decode_tok_s"] > 0 and out["batched"][b]["ms_per_step"] > 0
 
 
 def test_tune_writes_a_config_that_loads(tmp_path, monkeypatch, queue):

@@ -64,6 +64,8 @@ def test_tokenize_prints_ids(repo_root):
     (("generate", "-m", "{model}", "-z", "{tok}", "-n", "-3"), "-n must be >= 0"),
     (("generate", "-m", "{model}", "-z", "{tok}", "--top-p", "1.5"), "top-p must be between 0 and 1"),
     (("pull", "llama-7b"), "unknown model 'llama-7b'"),
+    (("bench", "-m", "{model}", "--batch", "1,0"), "--batch takes sequence counts >= 1"),
+    (("bench", "-m", "{model}", "--batch", "eight"), "--batch takes sequence counts >= 1"),
 ])
 def test_bad_input_is_one_line_error(stories, repo_root, args, message):
     d, model, tok = stories

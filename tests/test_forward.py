@@ -12,7 +12,7 @@ import pytest
 from dpllama.errors import DpllamaError
 from dpllama.formats import round_up
 from dpllama.generate import Sampler, XorShift, generate
-from dpllama.model.llama import Llama
+from dpllama.model.llama import Llama, Part
 from dpllama.model.gguf import load_gguf
 from dpllama.model.llama2c import load_llama2c
 from dpllama.model.quant import quantize_int4, quantize_q8
@@ -127,6 +127,43 @@ def compare_logits(q, weights: Weights, tokens: list[int], feeds: list[int], wha
     return model
 
 
+def compare_batched(q, weights: Weights, what: str) -> None:
+    """Three sequences in slots 2, 0 and 1 fed together in batched passes (Llama.batch), one piece of each per
+    pass: pieces of 2, 1 and 3 tokens, so that prompt pieces sit beside single tokens and the rows
+    whose logits are wanted (every other piece's last) are gathered from the middle of the pass; each such row
+    against the reference of its own sequence. With 1 slot (pieces of 1) a pass of a single row: decode's launch,
+    the fused QKV-attention one where the config fuses them."""
+    c = weights.config
+    lengths, pieces, slots = (9, 4, 7), (2, 1, 3), (2, 0, 1)
+    rng = np.random.default_rng(21)
+    seqs = [[1] + rng.integers(0, c.vocab_size, n - 1).tolist() for n in lengths]
+    refs = [Reference(weights) for _ in seqs]
+    model = Llama(weights, q, slots=3)
+    fed, step = [0, 0, 0], 0
+    while any(f < n for f, n in zip(fed, lengths)):
+        parts, wanted = [], []
+        for i, (seq, piece, slot) in enumerate(zip(seqs, pieces, slots)):
+            n = min(piece, lengths[i] - fed[i], model.chunk - sum(len(p.tokens) for p in parts))
+            if n > 0:
+                want = (step + i) % 2 == 0
+                parts.append(Part(slot, fed[i], seq[fed[i]:fed[i] + n], want))
+                wanted += [i] * want
+        got = model.batch(parts)
+        assert got.shape == (len(wanted), c.vocab_size)
+        for part, i in zip(parts, [i for i in range(3) if fed[i] < lengths[i]]):
+            for p in range(part.pos, part.pos + len(part.tokens)):
+                ref_logits = refs[i].forward(seqs[i][p], p)
+            if part.logits:
+                row = got[wanted.index(i)]
+                np.testing.assert_allclose(row, ref_logits, rtol=0, atol=logits_atol(weights, ref_logits),
+                                           err_msg=f"{what}: batched logits of sequence {i} at position {p}")
+            fed[i] += len(part.tokens)
+        step += 1
+    single = model.batch([Part(0, lengths[1], [3], True)])[0]           # one more token of sequence 1 (slot 0)
+    np.testing.assert_allclose(single, refs[1].forward(3, lengths[1]), rtol=0, atol=logits_atol(weights, single),
+                               err_msg=f"{what}: a batch of one row")
+
+
 VARIANTS = {
     "f32": lambda w: w,
     "f32-tied": lambda w: Weights(w.config, w.tok_embeddings, w.layers, w.norm, w.tok_embeddings),
@@ -158,6 +195,16 @@ def test_logits_match_reference_other_configs(config_q, random_model, variant):
     feeds = [12, 1, 1, 3, 1, 1]
     assert Llama(VARIANTS[variant](random_model), cq).fused_attention == name.startswith("fused")
     compare_logits(cq, VARIANTS[variant](random_model), random_tokens(sum(feeds), 5), feeds, f"{name} {variant}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batched_passes_match_reference(q, random_model, variant):
+    compare_batched(q, VARIANTS[variant](random_model), variant)
+
+
+def test_batched_passes_other_configs(config_q, random_model):
+    name, cq = config_q
+    compare_batched(cq, VARIANTS["int4-sym-g32"](random_model), name)
 
 
 @pytest.fixture(scope="module")
@@ -486,6 +533,7 @@ def test_architectures_match_reference_other_configs(config_q, tmp_path, name):
     w = architecture_model(tmp_path, name)
     assert Llama(w, cq).fused_attention == config.startswith("fused")
     compare_logits(cq, w, random_tokens(sum(feeds), 5), feeds, f"{name} {config}")
+    compare_batched(cq, w, f"{name} {config} batched")
 
 
 @pytest.mark.parametrize("name", ["qwen2", "llama3"])

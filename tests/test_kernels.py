@@ -361,7 +361,7 @@ def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geom
                            state=q.buffer(host=np.array([pos, 1], np.int32)).read(),
                            rope=q.buffer(host=rope_table(seq_p, head_dim, theta)).read(),
                            **kernels.ints(q_dim=q_dim, kv_dim=kv_dim, head_dim=head_dim, seq_p=seq_p,
-                                          cache_offset=offset)))
+                                          cache_offset=offset, slot_stride=0)))
     Y = yb.get().reshape(T, y_stride)
     assert (Y[:, q_dim:] == sentinel).all(), "wrote beyond q in y"
     K = kb.get()[offset:].reshape(kv_dim, seq_p)
@@ -403,46 +403,53 @@ ATT_PARAMS = [(*shape, pos_vec, local) for shape in ATT_SHAPES for pos_vec, loca
               if pos_vec == 16 or shape[2] == 8]
 
 
+@pytest.mark.parametrize("rows", ["sequence", "table"])
 @pytest.mark.parametrize("T", [1, 4])
 @pytest.mark.parametrize("pos", [0, 5, 100])
 @pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,pos_vec,local", ATT_PARAMS)
-def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T):
-    """T query tokens at positions pos..pos+T-1 (a prefill chunk when T > 1), token n attending causally to
-    cache positions 0..pos+n of layer 1 of 2; GQA: query head h reads kv head h // (n_heads / n_kv_heads)."""
+def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T, rows):
+    """T query tokens attending causally over layer 1 of 2 of the caches; GQA: query head h reads kv head
+    h // (n_heads / n_kv_heads). Rows of one sequence (state {pos, n_prompt}): token n at position pos + n (a
+    prefill chunk when T > 1), in the one slot. Rows of a batch (state a table of {pos, slot} per row,
+    attention.h's ROW_POS): row n at position pos + 3n of slot n % 2, each reading only its own slot."""
     rng = np.random.default_rng(pos * 7 + n_heads + local + T)
-    seq_p = 112                                   # a multiple of every ATTENTION_POSITIONS, > 100 + 4
+    seq_p = 112                                   # a multiple of every ATTENTION_POSITIONS, > 100 + 3 * 3
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
     qkv_stride, out_stride = q_dim + 2 * kv_dim + 16, round_up(q_dim, 16) + 16    # out rows: vector stores
     offset = kv_dim * seq_p
+    slots, slot_stride = (1, 0) if rows == "sequence" else (2, 2 * kv_dim * seq_p)
+    where = [(pos + n, 0) for n in range(T)] if rows == "sequence" else [(pos + 3 * n, n % 2) for n in range(T)]
+    state = np.array([pos, 1] if rows == "sequence" else [v for w in where for v in w], np.int32)
     Q = (2 * rng.standard_normal((T, q_dim))).astype(np.float32)        # peaky enough for softmax to matter
     qkv = np.zeros((T, q_dim + 2 * kv_dim), np.float32)
     qkv[:, :q_dim] = Q
-    kcache = rng.standard_normal(2 * kv_dim * seq_p).astype(np.float32)     # [layer][kv_dim][seq_p]
-    vcache = rng.standard_normal(2 * seq_p * kv_dim).astype(np.float32)     # [layer][seq_p][kv_dim]
+    kcache = rng.standard_normal(slots * 2 * kv_dim * seq_p).astype(np.float32)   # [slot][layer][kv_dim][seq_p]
+    vcache = rng.standard_normal(slots * 2 * seq_p * kv_dim).astype(np.float32)   # [slot][layer][seq_p][kv_dim]
     sentinel = np.float32(-77)
     outb = q.buffer(host=rows_with_gaps(np.full((T, q_dim), np.nan, np.float32), out_stride, sentinel))
     prog = attention_program(q, pos_vec, pow2_divisor(head_dim))
     q.submit(prog.attention, (n_heads * local, T), (local, 1), q.buffer(host=rows_with_gaps(qkv, qkv_stride, np.nan)).read(),
              q.buffer(host=kcache).read(), q.buffer(host=vcache).read(), q.buffer(T * n_heads * seq_p * 4).read_write(),
-             outb.write(), q.buffer(host=np.array([pos, 1], np.int32)).read(), np.int32(n_heads),
+             outb.write(), q.buffer(host=state).read(), np.int32(n_heads),
              np.int32(n_kv_heads), np.int32(head_dim), np.int32(seq_p), np.int32(qkv_stride), np.int32(out_stride),
-             np.int32(offset), Local(local * 4))
+             np.int32(offset), np.int32(slot_stride), Local(local * 4))
     out = outb.get().reshape(T, out_stride)
     assert (out[:, q_dim:] == sentinel).all(), "attention wrote between the rows of out"
 
-    K = kcache[offset:].reshape(kv_dim, seq_p).astype(np.float64)
-    V = vcache[offset:].reshape(seq_p, kv_dim).astype(np.float64)
     group = n_heads // n_kv_heads
     want = np.empty((T, q_dim))
-    for n in range(T):
-        p = pos + n
+    for n, (p, slot) in enumerate(where):
+        layer = slot * 2 * kv_dim * seq_p + offset
+        K = kcache[layer:layer + kv_dim * seq_p].reshape(kv_dim, seq_p).astype(np.float64)
+        V = vcache[layer:layer + kv_dim * seq_p].reshape(seq_p, kv_dim).astype(np.float64)
         for h in range(n_heads):
             kv = slice((h // group) * head_dim, (h // group + 1) * head_dim)
             s = Q[n, h * head_dim:(h + 1) * head_dim].astype(np.float64) @ K[kv, :p + 1] / np.sqrt(head_dim)
             w = np.exp(s - s.max())
             want[n, h * head_dim:(h + 1) * head_dim] = (w / w.sum()) @ V[:p + 1, kv]
-    check_close(out[:, :q_dim], want, ATT_ATOL_REL * np.abs(V).max(),
-                f"attention heads={n_heads}/{n_kv_heads} hd={head_dim} pos={pos} T={T} ATTENTION_POSITIONS={pos_vec} L={local}")
+    check_close(out[:, :q_dim], want, ATT_ATOL_REL * np.abs(vcache).max(),
+                f"attention heads={n_heads}/{n_kv_heads} hd={head_dim} pos={pos} T={T} {rows} "
+                f"ATTENTION_POSITIONS={pos_vec} L={local}")
 
 
 @pytest.mark.parametrize("fmt", ["q8g32", "int4g32", "int4asym128", "q8asym32-q5k"])

@@ -94,13 +94,18 @@ def test_stories260k_greedy_under_oclgrind(oclgrind_env, repo_root, geometry):
     assert len(r.stdout) > len("Once upon a time") and oracle.startswith(r.stdout.rstrip("\n")), r.stdout
 
 
-@pytest.mark.parametrize("feeds", ["decode", "prefill"])
+FORWARD_TESTS = {"decode": "test_logits_match_reference[int4-mixed-g32-tied-decode]",
+                 "prefill": "test_logits_match_reference[int4-mixed-g32-tied-prefill]",
+                 "batched": "test_batched_passes_match_reference[int4-mixed-g32-tied]"}    # rows of 3 slots at once
+
+
+@pytest.mark.parametrize("feeds", FORWARD_TESTS)
 @pytest.mark.parametrize("geometry", CONFIGS)
 def test_quantized_forward_under_oclgrind(oclgrind_env, repo_root, geometry, feeds):
     """int4 (symmetric and asymmetric, fused), a q8 embedding and tied classifier, against the reference."""
     env, d = oclgrind_env
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider",  # -s: reports pass
-                        f"tests/test_forward.py::test_logits_match_reference[int4-mixed-g32-tied-{feeds}]"],
+                        f"tests/test_forward.py::{FORWARD_TESTS[feeds]}"],
                        capture_output=True, text=True, cwd=repo_root, timeout=900,
                        env=dict(env, DPLLAMA_CONFIG=str(d / f"{geometry}.yaml")))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

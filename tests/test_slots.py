@@ -1,62 +1,103 @@
-"""Several sequences in one model (Llama(slots=n), select): interleaved, each gives what it gives alone."""
+"""Several sequences in one model (Llama(slots=n)), run together in batched passes (Llama.batch, driven by
+dpllama.generate.step_together): each gives what it gives alone through the single-sequence path, token for
+token and logit for logit, whatever shares its passes. (tests/test_forward.py checks batched passes against the
+NumPy reference, under every config.)"""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from dpllama.generate import Sampler, generate
-from dpllama.model.llama import Llama
+from dpllama.errors import DpllamaError
+from dpllama.generate import Sampler, generate, step_together
+from dpllama.model.llama import Llama, Part
 from tests.helpers import random_weights
 
-PROMPTS = ([1, 5, 7, 9, 3, 11, 2], [2, 8, 4])
+# prompts of different lengths: the longest (13) does not fit one pass of a 5-row model beside the others
+PROMPTS = ([1, 5, 7, 9, 3, 11, 2], [2, 8, 4], [3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 1, 2, 9])
+NEW = 6
 
 
 @pytest.fixture(scope="module")
-def model(queue):
-    return Llama(random_weights(seq_len=32), queue, slots=2)
+def weights():
+    return random_weights(seq_len=32)
 
 
-def run(model, slots_prompts, new, keep_logits, chunk=2):
-    """Generate from each (slot, prompt) with the steps interleaved round-robin; each one's tokens and (with
-    keep_logits) the logits of each token."""
-    gens = []
-    for slot, prompt in slots_prompts:
-        model.select(slot)
-        gens.append((slot, generate(model, prompt, new, Sampler(temperature=0), chunk=chunk,
-                                    keep_logits=keep_logits), [], []))
-    live = list(gens)
-    for _ in range(100):
-        if not live:
-            break
-        for entry in list(live):
-            slot, gen, tokens, logits = entry
-            model.select(slot)
-            token = next(gen.steps(), "end")
-            if token == "end":
-                live.remove(entry)
-            elif token is not None:
-                tokens.append(token)
-                logits.append(gen.logits)
-    return [(tokens, logits) for _, _, tokens, logits in gens]
+@pytest.fixture(scope="module")
+def model(queue, weights):
+    return Llama(weights, queue, slots=3)
 
 
-@pytest.mark.parametrize("keep_logits", [True, False], ids=["host", "device-greedy"])
-def test_two_slots_interleaved_give_what_each_gives_alone(model, keep_logits):
-    alone = [run(model, [(0, p)], 6, keep_logits)[0] for p in PROMPTS]
-    together = run(model, [(0, PROMPTS[0]), (1, PROMPTS[1])], 6, keep_logits)
-    swapped = run(model, [(1, PROMPTS[0]), (0, PROMPTS[1])], 6, keep_logits)
-    for (tokens, logits), (t2, l2), (t3, l3) in zip(alone, together, swapped):
-        assert tokens == t2 == t3 and len(tokens) == 6
-        for a, b, c in zip(logits, l2, l3):
-            np.testing.assert_array_equal(a, b)
-            np.testing.assert_array_equal(a, c)
+def sampler(i: int) -> Sampler:
+    """Greedy for the first prompt, seeded sampling for the others (so that the tokens are not all alike)."""
+    return Sampler(temperature=0) if i == 0 else Sampler(temperature=1.0, top_p=0.9, seed=100 + i)
 
 
-def test_chunked_steps_equal_the_whole_prompt_fed_at_once(model):
+def alone(model, i: int, prompt: list[int]) -> tuple[list[int], list[np.ndarray]]:
+    """Tokens and the logits each came from, through the single-sequence path in slot 0."""
     model.select(0)
-    whole = generate(model, PROMPTS[0], 4, Sampler(temperature=0), keep_logits=True)
+    gen = generate(model, prompt, NEW, sampler(i), keep_logits=True)
+    tokens, logits = [], []
+    for t in gen:
+        tokens.append(t)
+        logits.append(gen.logits)
+    return tokens, logits
+
+
+def together(model, slots_prompts, rows: int | None = None) -> list[tuple[list[int], list[np.ndarray]]]:
+    """Each (slot, i)'s tokens and logits from PROMPTS[i], all generated in batched passes of at most `rows`
+    rows."""
+    gens = []
+    for slot, i in slots_prompts:
+        model.select(slot)
+        gens.append(generate(model, PROMPTS[i], NEW, sampler(i), keep_logits=True))
+    out = {id(g): ([], []) for g in gens}
+    chunk, model.chunk = model.chunk, rows or model.chunk
+    try:
+        for _ in range(100):
+            results = step_together(model, gens)
+            if not results:
+                break
+            for gen, token in results:
+                assert not isinstance(token, DpllamaError)
+                if token is not None:
+                    out[id(gen)][0].append(token)
+                    out[id(gen)][1].append(gen.logits)
+    finally:
+        model.chunk = chunk
+    assert all(g.ended for g in gens)
+    return [out[id(g)] for g in gens]
+
+
+@pytest.mark.parametrize("rows", [None, 5], ids=["one-pass-prompts", "5-row-passes"])
+def test_batched_sequences_give_what_each_gives_alone(model, rows):
+    """In 5-row passes the prompts are cut into pieces beside the others' decode steps, and the logits wanted
+    are gathered from rows in the middle of the pass."""
+    solo = [alone(model, i, p) for i, p in enumerate(PROMPTS)]
+    for slots in ([0, 1, 2], [2, 0, 1]):      # slots swapped: a sequence's slot does not matter either
+        got = together(model, list(zip(slots, range(3))), rows)
+        for (tokens, logits), (want_tokens, want_logits) in zip(got, solo):
+            assert tokens == want_tokens and len(tokens) == NEW
+            for a, b in zip(logits, want_logits):
+                np.testing.assert_array_equal(a, b)    # the same kernels on the same rows: the same floats
+
+
+def test_batch_parts_are_checked(model):
+    vocab, seq = model.config.vocab_size, model.seq_len
+    for parts, message in (([Part(0, seq - 1, [1, 2], True)], "past the context"),
+                           ([Part(3, 0, [1], True)], "slots"),
+                           ([Part(0, 0, [vocab], True)], "not in the model's vocabulary")):
+        with pytest.raises(DpllamaError, match=message):
+            model.batch(parts)
+    with pytest.raises(ValueError, match="a batch holds 1 to"):
+        model.batch([Part(0, 0, [1] * (model.chunk + 1), True)])
+
+
+def test_chunked_prompt_equals_the_whole_prompt_fed_at_once(model):
+    model.select(0)
+    whole = generate(model, PROMPTS[2], 4, Sampler(temperature=0), keep_logits=True)
     first = [(t, whole.logits) for t in whole]
-    chunked = run(model, [(0, PROMPTS[0])], 4, True, chunk=3)[0]
-    assert [t for t, _ in first] == chunked[0]
-    for (_, a), b in zip(first, chunked[1]):
+    chunked = generate(model, PROMPTS[2], 4, Sampler(temperature=0), chunk=3, keep_logits=True)
+    second = [(t, chunked.logits) for t in chunked]
+    assert [t for t, _ in first] == [t for t, _ in second]
+    for (_, a), (_, b) in zip(first, second):
         np.testing.assert_array_equal(a, b)

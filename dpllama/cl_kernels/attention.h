@@ -12,6 +12,14 @@
 #define KEY_AT(k_cache, cache_offset, seq_p, c, p) ((k_cache) + (cache_offset) + (size_t)(c) * (seq_p) + (p))
 #define VALUE_AT(v_cache, cache_offset, kv_dim, c, p) ((v_cache) + (cache_offset) + (size_t)(p) * (kv_dim) + (c))
 
+// Where row n of a forward pass sits. A pass over one sequence (slot_stride = 0) gets that sequence's state
+// {pos, n_prompt}: its row n is at position pos + n, in the slot whose layer starts at cache_offset. A batched pass
+// (the host's Llama.batch: rows of several sequences, each at its own position) gets a table of {pos, slot} per
+// row, and cache_offset is then slot 0's layer: slot s's starts slot_stride floats further per slot.
+#define ROW_POS(state, n, slot_stride) ((slot_stride) ? (state)[2 * (n)] : (state)[0] + (n))
+#define ROW_CACHE(state, n, slot_stride, cache_offset) \
+    ((size_t)(cache_offset) + ((slot_stride) ? (size_t)(state)[2 * (n) + 1] * (size_t)(slot_stride) : 0))
+
 #if defined(ATTENTION_POSITIONS)
 #define floatP CAT(float, ATTENTION_POSITIONS)  // a run of positions (2, 4, 8 or 16)
 #define floatH CAT(float, HD_VEC)       // a run of head dimensions (-DHD_VEC divides head_dim)
@@ -24,8 +32,8 @@
 #endif
 
 
-// Attention for query head h of token n (a row of query, q_stride apart), at position state[0] + n, over
-// cache positions 0..pos (causal), by the whole work-group. Query head h reads key/value head
+// Attention for query head h of row n (a row of query, q_stride apart), at its position (ROW_POS), over its
+// slot's cache positions 0..pos (causal), by the whole work-group. Query head h reads key/value head
 // h / (n_heads / n_kv_heads) (grouped-query attention). att is scratch [T][n_heads][seq_p] for the scores.
 // The L threads of a group split the positions for the scores and the head dimensions for the weighted
 // sum of values; scratch holds L floats.
@@ -33,12 +41,13 @@ inline void attend(const int h, const int n, __global const float *query, __glob
                    __global const float *v_cache, __global float *att, __global float *out,
                    __global const int *state, const int n_heads, const int n_kv_heads, const int head_dim,
                    const int seq_p, const int q_stride, const int out_stride, const int cache_offset,
-                   __local float *scratch) {
+                   const int slot_stride, __local float *scratch) {
     const int lid = get_local_id(0), L = get_local_size(0);
-    const int pos = state[0] + n, kv_dim = n_kv_heads * head_dim, kvh = h / (n_heads / n_kv_heads);
+    const int pos = ROW_POS(state, n, slot_stride), kv_dim = n_kv_heads * head_dim, kvh = h / (n_heads / n_kv_heads);
+    const size_t layer = ROW_CACHE(state, n, slot_stride, cache_offset);
     __global const float *q = query + (size_t)n * q_stride + h * head_dim;
-    __global const float *kh = KEY_AT(k_cache, cache_offset, seq_p, kvh * head_dim, 0);
-    __global const float *vh = VALUE_AT(v_cache, cache_offset, kv_dim, kvh * head_dim, 0);
+    __global const float *kh = KEY_AT(k_cache, layer, seq_p, kvh * head_dim, 0);
+    __global const float *vh = VALUE_AT(v_cache, layer, kv_dim, kvh * head_dim, 0);
     __global float *a = att + ((size_t)n * n_heads + h) * seq_p;
     const float scale = rsqrt((float)head_dim);
 

@@ -301,16 +301,16 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
 }
 
 // [q; k; v] = [Wq; Wk; Wv] rmsnorm(x, g) (+ [bq; bk; bv] when built with -DQKV_BIAS: qwen2's biases, added
-// before RoPE; llama's build neither reads nor adds them), then RoPE on q and k at each token's position
-// pos + n (adjacent pairs (x[2i], x[2i+1]) of every head turned by pair i's angle, llama2.c's and llama.cpp's
-// rotation; rope holds (cos, sin) of the angles [seq][head_dim / 2], made on the host with any frequency
+// before RoPE; llama's build neither reads nor adds them), then RoPE on q and k at each row's position
+// (attention.h's ROW_POS: pos + n in a sequence's pass, the table's in a batch): adjacent pairs (x[2i], x[2i+1])
+// of every head turned by pair i's angle, llama2.c's and llama.cpp's rotation; rope holds (cos, sin) of the angles [seq][head_dim / 2], made on the host with any frequency
 // scaling. NEOX RoPE's pairs (x[i], x[i + head_dim/2]) become adjacent by the host's order of the Q and K rows,
 // so this one rotation serves both). q goes to y; k and v go straight into this layer's KV cache (layout in
 // attention.h): QKV, RoPE and the cache append in one launch. TILE_ROWS is even and tiles start at multiples
 // of TILE_ROWS, so a pair never straddles two tiles.
 #define QKV_ARGS __global const float *bias, __global float *k_cache, __global float *v_cache, \
                  __global const int *state, __global const float *rope, const int q_dim, const int kv_dim, \
-                 const int head_dim, const int seq_p, const int cache_offset
+                 const int head_dim, const int seq_p, const int cache_offset, const int slot_stride
 
 // Rotate and store the rows of `tiles` tiles from t0 (work-item 0's acc) as q, k or v.
 inline void store_qkv(__private const floatV *acc, const int t0, const int tiles, const int rows, const int T,
@@ -319,7 +319,8 @@ inline void store_qkv(__private const floatV *acc, const int t0, const int tiles
     for (int tt = 0; tt < tiles; tt++) {
         const int first = (t0 + tt) * TILE_ROWS;
         for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
-            const int pos = state[0] + tok0 + n;
+            const int pos = ROW_POS(state, tok0 + n, slot_stride);
+            const size_t layer = ROW_CACHE(state, tok0 + n, slot_stride, cache_offset);
             for (int i = 0; i < TILE_ROWS && first + i < rows; i += 2) {
                 const int r = first + i;
                 float a = ((const float *)&acc[tt * TOKENS + n])[i], b = ((const float *)&acc[tt * TOKENS + n])[i + 1];
@@ -337,11 +338,11 @@ inline void store_qkv(__private const floatV *acc, const int t0, const int tiles
                     y[(size_t)(tok0 + n) * y_stride + r] = a;
                     y[(size_t)(tok0 + n) * y_stride + r + 1] = b;
                 } else if (r < q_dim + kv_dim) {
-                    __global float *kc = KEY_AT(k_cache, cache_offset, seq_p, r - q_dim, pos);
+                    __global float *kc = KEY_AT(k_cache, layer, seq_p, r - q_dim, pos);
                     kc[0] = a;
                     kc[seq_p] = b;
                 } else {
-                    __global float *vc = VALUE_AT(v_cache, cache_offset, kv_dim, r - q_dim - kv_dim, pos);
+                    __global float *vc = VALUE_AT(v_cache, layer, kv_dim, r - q_dim - kv_dim, pos);
                     vc[0] = a;
                     vc[1] = b;
                 }
@@ -356,7 +357,7 @@ __kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global c
     tile_rows(w_, s_, m_, x, g, 1, GROUP_TILES(rows), cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
     if (get_local_id(0) == 0)
         store_qkv(acc, GROUP_TILES(rows), rows, T, y, y_stride, bias, k_cache, v_cache, state, rope, q_dim, kv_dim,
-                  head_dim, seq_p, cache_offset);
+                  head_dim, seq_p, cache_offset, slot_stride);
 }
 
 #if defined(ATTENTION_POSITIONS) && defined(SOLO)
@@ -380,12 +381,12 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
             tile_rows(w_, s_, m_, x, g, 1, t0, min(TILES, end - t0), cols, cols_p, T, x_stride, eps, scratch,
                       scratch_ss, acc);
             store_qkv(acc, t0, min(TILES, end - t0), rows, T, y, y_stride, bias, k_cache, v_cache, state, rope, q_dim,
-                      kv_dim, head_dim, seq_p, cache_offset);
+                      kv_dim, head_dim, seq_p, cache_offset, slot_stride);
         }
     }
     for (int h = 0; h < GQA; h++)
         attend(j * GQA + h, 0, y, k_cache, v_cache, att, att_out, state, n_heads, kv_dim / head_dim, head_dim,
-               seq_p, y_stride, out_stride, cache_offset, att_scratch);
+               seq_p, y_stride, out_stride, cache_offset, slot_stride, att_scratch);
 }
 #endif
 

@@ -4,8 +4,10 @@ Reports prompt-processing tok/s (`--prompt` tokens, 512 by default), decode tok/
 tokens (128), ms per token, GB/s of weight bytes read per decoded token, kernel launches per token,
 first-token latency, and model load + kernel build time with an empty kernel cache (cold) and with
 the cache filled (cached). `--repeat N` gives the median and the spread; `--profile` adds kernel time
-by kernel from profiling events, for decode. Speed is only ever compared within one run: the machine
-is noisy.
+by kernel from profiling events, for decode. `--batch 1,8` adds batched decoding (the server's engine):
+B sequences of `--prompt` tokens each, decoding together in one forward pass per step, and their aggregate
+tok/s against B = 1 of the same kind in the same run. Speed is only ever compared within one run: the
+machine is noisy.
 """
 from __future__ import annotations
 
@@ -22,17 +24,17 @@ import numpy as np
 
 from dpllama.commands.options import add_device, add_model
 from dpllama.errors import DpllamaError
-from dpllama.generate import Sampler, generate
+from dpllama.generate import Sampler, generate, step_together
 from dpllama.hub import resolve_model
 from dpllama.loaders import load_weights
 from dpllama.model.llama import Llama
 from dpllama.runtime import build_stats, open_queue
 
 
-def _load(path, device, config, max_seq, profiling=False):
+def _load(path, device, config, max_seq, profiling=False, slots=1):
     t = time.perf_counter()
     weights = load_weights(path)
-    model = Llama(weights, open_queue(device, config, profiling=profiling), max_seq=max_seq)
+    model = Llama(weights, open_queue(device, config, profiling=profiling), max_seq=max_seq, slots=slots)
     model.q.wait()
     return model, time.perf_counter() - t
 
@@ -78,15 +80,31 @@ def run_once(model, prompt: list[int], n_gen: int) -> dict:
     }
 
 
+def run_batched(model, prompts: list[list[int]], n_gen: int) -> dict:
+    """len(prompts) greedy sequences in slots 0, 1, ... through batched passes (step_together, as the server's
+    engine runs them): once every prompt is in, n_gen - 1 steps of one pass for all, timed."""
+    gens = []
+    for slot, prompt in enumerate(prompts):
+        model.select(slot)
+        gens.append(generate(model, prompt, n_gen, Sampler(temperature=0)))
+    while not all(g.prompted for g in gens):    # the prompts, a pass's worth at a time, and each one's first token
+        step_together(model, gens)
+    t, steps = time.perf_counter(), 0
+    while step_together(model, gens):
+        steps += 1
+    step_s = (time.perf_counter() - t) / steps
+    return {"decode_tok_s": len(prompts) / step_s, "ms_per_step": step_s * 1e3}
+
+
 def bench(model_path: str, device=None, config=None, n_prompt=512, n_gen=128, repeat=1, profile=False,
-          progress=True) -> dict:
+          progress=True, batch: tuple[int, ...] = ()) -> dict:
     path = resolve_model(model_path)
     say = (lambda s: print(f"dpllama bench: {s}", file=sys.stderr, flush=True)) if progress else (lambda s: None)
     max_seq = n_prompt + n_gen
     say("load + build, empty kernel cache ...")
     cold = _cold_load_s(path, device, config, max_seq)
     say("load + build, cached ...")
-    model, cached = _load(path, device, config, max_seq, profiling=profile)
+    model, cached = _load(path, device, config, max_seq, profiling=profile, slots=max(batch, default=1))
     if model.seq_len < max_seq:
         raise DpllamaError(f"--prompt {n_prompt} + --gen {n_gen} tokens exceed {path}'s context of {model.seq_len}")
     runs = []
@@ -114,6 +132,14 @@ def bench(model_path: str, device=None, config=None, n_prompt=512, n_gen=128, re
         total = sum(p["ns"] for p in prof.values()) or 1
         result["profile"] = {k: {"calls": p["calls"], "ms": p["ns"] / 1e6, "share": p["ns"] / total}
                              for k, p in sorted(prof.items(), key=lambda kv: -kv[1]["ns"])}
+    if batch:
+        result["batched"] = {}
+        for b in batch:
+            say(f"batched: {b} sequences of {n_prompt} prompt tokens, {n_gen} generated each ...")
+            result["batched"][b] = run_batched(model, [random_prompt(model, n_prompt, rng) for _ in range(b)], n_gen)
+        first = result["batched"][batch[0]]["decode_tok_s"]
+        for r in result["batched"].values():
+            r["vs_first"] = r["decode_tok_s"] / first     # aggregate tok/s against the first B's, same run
     return result
 
 
@@ -130,6 +156,9 @@ def format_text(r: dict) -> str:
     ]
     for name, p in r.get("profile", {}).items():
         lines.append(f"  {name:<20} {p['calls']:>7} calls {p['ms']:10.1f} ms  {100 * p['share']:5.1f}%")
+    for b, p in r.get("batched", {}).items():
+        lines.append(f"batched  {b:>3} sequences: {p['decode_tok_s']:8.2f} tok/s in all ({p['vs_first']:.2f}x), "
+                     f"{p['ms_per_step']:.2f} ms per step")
     return "\n".join(lines)
 
 
@@ -139,6 +168,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen", type=int, default=128, help="generated tokens (default 128)")
     p.add_argument("--repeat", type=int, default=1, help="runs; the median and the spread are reported")
     p.add_argument("--profile", action="store_true", help="kernel time by kernel, from profiling events")
+    p.add_argument("--batch", default="", metavar="B,B,...",
+                   help="also batched decoding of B sequences at once for each B (e.g. 1,8,16), as the server runs them")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     add_device(p, ctx=False)
@@ -148,7 +179,13 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt < 1 or args.gen < 2 or args.repeat < 1:
         raise DpllamaError(f"need --prompt >= 1, --gen >= 2, --repeat >= 1; found {args.prompt}, {args.gen}, "
                            f"{args.repeat}")
+    try:
+        batch = tuple(int(b) for b in args.batch.split(",")) if args.batch else ()
+    except ValueError:
+        batch = (0,)
+    if any(b < 1 for b in batch):
+        raise DpllamaError(f"--batch takes sequence counts >= 1 separated by commas (e.g. 1,8), found {args.batch!r}")
     r = bench(args.model, args.device, args.config, args.prompt, args.gen, args.repeat, args.profile,
-              progress=not args.quiet)
+              progress=not args.quiet, batch=batch)
     print(json.dumps(r, indent=2) if args.json else format_text(r))
     return 0

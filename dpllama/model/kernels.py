@@ -30,7 +30,7 @@ class Signature:
 # argument groups the matrix kernels share (their macros WEIGHT_ARGS, GEMV_ARGS, QKV_ARGS, GEMV_SCRATCH)
 WEIGHT = "w_ s_ m_"
 GEMV = "rows cols cols_p T x_stride y_stride"
-QKV = "bias k_cache v_cache state rope q_dim kv_dim head_dim seq_p cache_offset"
+QKV = "bias k_cache v_cache state rope q_dim kv_dim head_dim seq_p cache_offset slot_stride"
 SCRATCH = "scratch scratch_ss"
 
 SIGNATURES = {s.name: s for s in (
@@ -43,8 +43,8 @@ SIGNATURES = {s.name: s for s in (
                                f"att_scratch"),
     Signature("argmax_embed", f"logits tokens state n {WEIGHT} x cols cols_p best best_i"),
     Signature("attention", "query k_cache v_cache att out state n_heads n_kv_heads head_dim seq_p q_stride "
-                           "out_stride cache_offset scratch"),
-    Signature("move_row", "x row n"),
+                           "out_stride cache_offset slot_stride scratch"),
+    Signature("gather_rows", "x rows first count n"),
     Signature("advance", "state n"),
 )}
 
@@ -86,13 +86,16 @@ def qkv_attention(q: Queue, program, t: DeviceTensor, n_kv_heads: int, x, g, y, 
 
 
 def attention(q: Queue, program, geo: Geometry, T: int, query, k_cache, v_cache, att, out, state, n_heads: int,
-              n_kv_heads: int, head_dim: int, seq_p: int, q_stride: int, cache_offset: int) -> Command:
-    """Causal attention of T query rows over the cache, a work-group per head and token."""
+              n_kv_heads: int, head_dim: int, seq_p: int, q_stride: int, cache_offset: int,
+              slot_stride: int) -> Command:
+    """Causal attention of T query rows over the cache, a work-group per head and token (rows placed as
+    attention.h's ROW_POS says: a sequence's with slot_stride 0, a batch's by their table)."""
     A = geo.attention
     return SIGNATURES["attention"].bind(
         q, program, (n_heads * A, T), (A, 1), query=query, k_cache=k_cache, v_cache=v_cache, att=att, out=out,
         state=state, **ints(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, seq_p=seq_p,
-                            q_stride=q_stride, out_stride=q_stride, cache_offset=cache_offset),
+                            q_stride=q_stride, out_stride=q_stride, cache_offset=cache_offset,
+                            slot_stride=slot_stride),
         scratch=Local(A * 4))
 
 
@@ -106,9 +109,10 @@ def argmax_embed(q: Queue, emb: DeviceTensor, logits, tokens, state, x, vocab_si
         best=Local(R * 4), best_i=Local(R * 4))
 
 
-def move_row(q: Queue, program, x, row: int, n: int) -> Command:
-    """x[0] = x[row] (rows of n floats)."""
-    return SIGNATURES["move_row"].bind(q, program, (64,), None, x=x.read_write(), **ints(row=row, n=n))
+def gather_rows(q: Queue, program, x, rows, first: int, count: int, n: int) -> Command:
+    """x[i] = x[rows[first + i]], i < count (rows of n floats; the rows increasing)."""
+    return SIGNATURES["gather_rows"].bind(q, program, (64,), None, x=x.read_write(), rows=rows.read(),
+                                          **ints(first=first, count=count, n=n))
 
 
 def advance(q: Queue, program, state, n: int) -> Command:

@@ -6,7 +6,8 @@ positions. Per slot and layer (the layout the attention kernels read and the QKV
                              attention_positions positions
     values [seq_p][kv_dim]   each position's channels side by side
 with seq_p = seq_len rounded up to attention_positions. Kernels take the start of a slot's layer as
-`cache_offset` (`KVCache.offset`).
+`cache_offset` (`KVCache.offset`); a batched pass, whose rows belong to several slots, takes slot 0's and the
+`slot_stride`.
 
 A Sequence is one sequence's place in the engine: its cache slot, its tokens on the device, its position, and
 the logits of the last token it fed (its own, so that a pass enqueued ahead for one sequence survives another's
@@ -35,7 +36,13 @@ class KVCache:
 
     def offset(self, layer: int, slot: int = 0) -> int:
         """Where a slot's layer starts, in floats, in both k and v."""
-        return (slot * self.n_layers + layer) * self.kv_dim * self.seq_p
+        return slot * self.slot_stride + layer * self.kv_dim * self.seq_p
+
+    @property
+    def slot_stride(self) -> int:
+        """Floats from a layer of one slot to the same layer of the next (a batched pass's kernels add
+        slot * slot_stride to slot 0's offset)."""
+        return self.n_layers * self.kv_dim * self.seq_p
 
     @staticmethod
     def floats_per_position(n_layers: int, kv_dim: int) -> int:

@@ -18,6 +18,12 @@ also embeds the chosen token for the next pass). The all-rows pass (`feed_rows`,
 pass with the LM head over every row of x, into a [chunk, vocab] buffer made on its first use. Decode on CPU
 configs fuses the first two launches of a layer into one (qkv_attention, a work-group per KV head).
 
+A batch (`batch`, what the server runs) is the same pass over the rows of several sequences at once: each row
+has its own position and KV cache slot, from a table {pos, slot} per row that the host writes before the pass,
+so each weight is read and decoded once for every running sequence (a decode step of each, prompt chunks of
+others). The rows whose logits are wanted (each sequence's last) are gathered to the front and go through the
+LM head together; their logits are read back and sampled on the host.
+
 The rooms around it: layout.py packs weights into the device layout and holds the launch geometry,
 kernels.py binds each kernel's arguments (one launcher per kernel), kv_cache.py owns the KV cache's layout and
 each sequence's tokens and position. This file is the forward pass and the token loop's primitives.
@@ -35,6 +41,11 @@ from dpllama.formats import round_up
 from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor, weight_defines
 from dpllama.model.weights import Layer, Tensor, Weights, rope_angles
 from dpllama.runtime import Buffer, Queue
+
+
+def not_finite(pos: int) -> str:
+    return (f"the logits at position {pos} are not finite (NaN or infinity): the model's weights or its "
+            f"activations overflowed float32")
 
 
 def rope_table(seq_len: int, head_dim: int, theta: float, freq_factors=None) -> np.ndarray:
@@ -56,6 +67,15 @@ def floats_per_position(c, geo: Geometry, slots: int = 1) -> tuple[int, ...]:
     every slot, a prefill chunk's attention scores (att), the RoPE table (rope) and each slot's tokens."""
     return (slots * KVCache.floats_per_position(c.n_layers, c.kv_dim), geo.prefill_chunk * c.n_heads, c.head_dim,
             slots)
+
+
+@dataclass
+class Part:
+    """A batch's rows of one sequence (Llama.batch): the tokens at positions pos, pos + 1, ... of its slot."""
+    slot: int
+    pos: int
+    tokens: list[int]
+    logits: bool            # whether the logits after the last token are wanted
 
 
 @dataclass
@@ -137,6 +157,15 @@ class Llama:
                               name="rope")  # [seq, hd/2, 2]
         self.sequences = [Sequence(q, self.seq_len, c.vocab_size, slot) for slot in range(slots)]
         self.seq = self.sequences[0]
+        self.row_ids = q.buffer(host=np.arange(n, dtype=np.int32), name="row_ids")   # 0, 1, ..., chunk - 1
+        # a batch's rows: their token ids (embed reads them from batch_start's 0), {pos, slot} per row, and
+        # those whose logits are wanted
+        self.batch_tokens = zeros(q, n, "batch_tokens", np.int32)
+        self.batch_start = zeros(q, 1, "batch_start", np.int32)
+        self.batch_rows = zeros(q, 2 * n, "batch_rows", np.int32)
+        self.batch_wanted = zeros(q, n, "batch_wanted", np.int32)
+        self.batch_commands: dict[int, list] = {}       # T -> the layers over a batch of T rows
+        self.head_commands: dict[int, list] = {}        # m -> the gather and LM head of m of its rows
 
         # each sequence's passes are bound to its own buffers and cache slot, so they are recorded per slot
         self.commands: dict[tuple[int, bool, int], list] = {}   # (T, every row, slot) -> the pass over T tokens
@@ -193,14 +222,32 @@ class Llama:
         key = (T, every_row, self.seq.slot)
         if key in self.commands:
             return self.commands[key]
-        c, q, geo = self.config, self.q, self.geometry
+        c, q, seq = self.config, self.q, self.seq
+        cmds = self._layer_commands(T, seq.tokens, seq.state, seq.state, seq.slot, 0)
+        if every_row:
+            cmds.append(self._lm_head(T, self._row_logits()))
+        else:
+            if T > 1:   # only the last token's logits are wanted: its residual row moves to row 0
+                cmds.append(kernels.gather_rows(q, self.state_prog, self.x, self.row_ids, T - 1, 1, self.dim_p))
+            cmds.append(self._lm_head(1, seq.logits))
+        self.commands[key] = cmds
+        return cmds
+
+    def _layer_commands(self, T: int, tokens: Buffer, start: Buffer, state: Buffer, slot: int,
+                        slot_stride: int) -> list:
+        """The launches that take T rows from their token ids (tokens[start[0] ..]) through every layer, into x:
+        the rows of one sequence (its tokens, its state {pos, n_prompt} as start and state, its slot;
+        slot_stride 0) or of a batch (the batch's ids from 0, its table of {pos, slot} per row, slot 0 and the
+        cache's slot stride; attention.h's ROW_POS)."""
+        c, q, geo, cache = self.config, self.q, self.geometry, self.cache
         q_dim, kv_dim, eps = c.n_heads * c.head_dim, c.kv_dim, np.float32(c.norm_eps)
-        seq, cache = self.seq, self.cache
-        cmds = [kernels.embed(q, self.tok_embeddings, T, seq.tokens, seq.state, self.x, self.dim_p)]
+        cmds = [kernels.embed(q, self.tok_embeddings, T, tokens, start, self.x, self.dim_p)]
         for i, L in enumerate(self.layers):
+            offset = cache.offset(i, slot)
             kv = dict(bias=L.qkv_bias.read(), k_cache=cache.k.read_write(), v_cache=cache.v.read_write(),
-                      state=seq.state.read(), rope=self.rope.read(), **kernels.ints(q_dim=q_dim, kv_dim=kv_dim, head_dim=c.head_dim,
-                                                             seq_p=cache.seq_p, cache_offset=cache.offset(i, seq.slot)))
+                      state=state.read(), rope=self.rope.read(),
+                      **kernels.ints(q_dim=q_dim, kv_dim=kv_dim, head_dim=c.head_dim, seq_p=cache.seq_p,
+                                     cache_offset=offset, slot_stride=slot_stride))
             x, g, query = self.x.read(), L.attn_norm.read(), self.query.write()
             if T == 1 and self.fused_attention:
                 cmds.append(kernels.qkv_attention(
@@ -211,8 +258,8 @@ class Llama:
                     kernels.gemv(q, "gemv_norm_rope_kv", L.wqkv, T, x, query, self.dim_p, self.q_p, g=g, eps=eps,
                                  **kv),
                     kernels.attention(q, self.attention_prog, geo, T, self.query.read(), cache.k.read(), cache.v.read(),
-                                      self.att.read_write(), self.att_out.write(), seq.state.read(), c.n_heads,
-                                      c.n_kv_heads, c.head_dim, cache.seq_p, self.q_p, cache.offset(i, seq.slot)),
+                                      self.att.read_write(), self.att_out.write(), state.read(), c.n_heads,
+                                      c.n_kv_heads, c.head_dim, cache.seq_p, self.q_p, offset, slot_stride),
                 ]
             cmds += [
                 kernels.gemv(q, "gemv_add", L.wo, T, self.att_out.read(), self.x.read_write(), self.q_p, self.dim_p),
@@ -220,18 +267,67 @@ class Llama:
                              self.hidden_p, g=L.ffn_norm.read(), eps=eps),
                 kernels.gemv(q, "gemv_add", L.w2, T, self.h.read(), self.x.read_write(), self.hidden_p, self.dim_p),
             ]
-        if every_row:
-            if self.row_logits is None:
-                self.row_logits = zeros(q, self.chunk * c.vocab_size, "row_logits")
-            cmds.append(kernels.gemv(q, "gemv_norm", self.output, T, self.x.read(), self.row_logits.write(),
-                                     self.dim_p, c.vocab_size, g=self.norm.read(), eps=eps))
-        else:
-            if T > 1:   # only the last token's logits are wanted: its residual row moves to row 0
-                cmds.append(kernels.move_row(q, self.state_prog, self.x, T - 1, self.dim_p))
-            cmds.append(kernels.gemv(q, "gemv_norm", self.output, 1, self.x.read(), self.logits.write(), self.dim_p,
-                                     0, g=self.norm.read(), eps=eps))
-        self.commands[key] = cmds
         return cmds
+
+    def _lm_head(self, rows: int, logits: Buffer):
+        """logits[r] = Wcls rmsnorm(x[r], norm) for the first `rows` rows of x."""
+        c = self.config
+        return kernels.gemv(self.q, "gemv_norm", self.output, rows, self.x.read(), logits.write(), self.dim_p,
+                            c.vocab_size, g=self.norm.read(), eps=np.float32(c.norm_eps))
+
+    def _row_logits(self) -> Buffer:
+        """[chunk, vocab], for passes that want the logits of several rows; made on first use (perplexity's and
+        the batches' only)."""
+        if self.row_logits is None:
+            self.row_logits = zeros(self.q, self.chunk * self.config.vocab_size, "row_logits")
+        return self.row_logits
+
+    # ---- batches: rows of several sequences in one pass (the server's engine drives them) ----
+    def batch(self, parts: list[Part]) -> np.ndarray:
+        """One forward pass over the tokens of several sequences, each in its own slot at its own positions
+        (a decode step of each, prompt chunks of some): every weight is read and decoded once for all of them.
+        At most `chunk` tokens in all. Returns float32 [m, vocab]: the logits after the last token of each of
+        the m parts that want them, in order. The sequences' single-sequence state (their device tokens and
+        position, `select`, `pos`) is neither read nor moved: a sequence is driven by batches or by the
+        primitives, not both."""
+        T = sum(len(p.tokens) for p in parts)
+        if not 0 < T <= self.chunk:
+            raise ValueError(f"a batch holds 1 to {self.chunk} tokens, found {T}")
+        rows, ids, wanted = np.empty((T, 2), np.int32), np.empty(T, np.int32), []
+        r = 0
+        for p in parts:
+            n = len(p.tokens)
+            if not (0 <= p.pos and p.pos + n <= self.seq_len and 0 <= p.slot < len(self.sequences)):
+                raise DpllamaError(f"batch part at position {p.pos}, {n} tokens, slot {p.slot}: past the context "
+                                   f"of {self.seq_len} tokens or the {len(self.sequences)} slots")
+            rows[r:r + n] = np.stack([np.arange(p.pos, p.pos + n), np.full(n, p.slot)], axis=1)
+            ids[r:r + n] = p.tokens
+            r += n
+            if p.logits:
+                wanted.append(r - 1)
+        if ((ids < 0) | (ids >= self.config.vocab_size)).any():   # embed reads the row of each id unchecked
+            raise DpllamaError(f"token id {int(ids[(ids < 0) | (ids >= self.config.vocab_size)][0])} is not in "
+                               f"the model's vocabulary of {self.config.vocab_size}")
+        self.batch_tokens.set(ids)
+        self.batch_rows.set(rows.ravel())
+        if T not in self.batch_commands:
+            self.batch_commands[T] = self._layer_commands(T, self.batch_tokens, self.batch_start, self.batch_rows,
+                                                          0, self.cache.slot_stride)
+        self.q.replay(self.batch_commands[T])
+        m = len(wanted)
+        if not m:
+            return np.empty((0, self.config.vocab_size), np.float32)
+        if m not in self.head_commands:
+            self.head_commands[m] = [
+                kernels.gather_rows(self.q, self.state_prog, self.x, self.batch_wanted, 0, m, self.dim_p),
+                self._lm_head(m, self._row_logits())]
+        head = self.head_commands[m]
+        if wanted != list(range(m)):          # else the rows are in place already (a batch of decode steps)
+            self.batch_wanted.set(np.array(wanted, np.int32))
+        else:
+            head = head[1:]
+        self.q.replay(head)
+        return self.row_logits.get(count=m * self.config.vocab_size).reshape(m, -1)
 
     def _advance(self, n: int) -> None:
         key = (n, self.seq.slot)
@@ -283,7 +379,7 @@ class Llama:
                 rows[done:done + T] = self.row_logits.get(count=T * self.config.vocab_size).reshape(T, -1)
                 bad = ~np.isfinite(rows[done:done + T]).all(axis=1)
                 if bad.any():
-                    raise DpllamaError(self._not_finite(self.pos + int(bad.argmax())))
+                    raise DpllamaError(not_finite(self.pos + int(bad.argmax())))
             done += T
             step = T if done < n else T - 1
             if step:
@@ -305,12 +401,8 @@ class Llama:
             self.feed(1, embedded=True)
         copied.wait()
         if token[0] < 0:        # argmax_next's mark for logits that are not all finite
-            raise DpllamaError(self._not_finite())
+            raise DpllamaError(not_finite(self.pos))
         return int(token[0])
-
-    def _not_finite(self, pos: int | None = None) -> str:
-        return (f"the logits at position {self.pos if pos is None else pos} are not finite (NaN or infinity): the "
-                f"model's weights or its activations overflowed float32")
 
     def next_given(self, token: int | None = None) -> None:
         """Move on to a token the host knows: the prompt's next one (None) or a host-sampled one."""
@@ -321,5 +413,5 @@ class Llama:
     def read_logits(self) -> np.ndarray:
         logits = self.logits.get()
         if not np.isfinite(logits).all():
-            raise DpllamaError(self._not_finite())
+            raise DpllamaError(not_finite(self.pos))
         return logits

@@ -295,7 +295,8 @@ class Reply:
     @staticmethod
     def usage(done: Done) -> dict:
         return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                "total_tokens": done.prompt_tokens + done.completion_tokens}
+                "total_tokens": done.prompt_tokens + done.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
 
     async def stream(self, engine: Engine, usage: bool, note: dict):
         """Server-sent events: a first chunk with the role (chat), delta chunks, a chunk with finish_reason, the

@@ -1,20 +1,17 @@
 """The engine behind `dpllama serve`: a bounded wait queue, the model's slots, and one scheduler thread.
 
 The scheduler thread loads the model and is then the only thread that touches the device. Each round it
-admits waiting requests into free slots (each slot a `Sequence` of the model, with its own KV cache and
-position: the context is per slot) and gives every running request one piece of work, round-robin: a
-prompt chunk (`prefill_chunk` tokens) or one new token. So a new prompt is processed between the decode steps
-of the running streams, which never stall for a whole prompt. Every request runs through the one generation
-contract, dpllama.generate (`Generation.steps()`), with its own sampler; the model is switched to the
-request's slot (`Llama.select`) before each piece.
+admits waiting requests into free slots (each slot a sequence of the model with its own KV cache and
+positions: the context is per slot) and runs one batched forward pass (`Llama.batch`) for all running
+requests: every decoding request's newest token, then, in the room left of the pass's `prefill_chunk` rows,
+the next pieces of the prompts still being read, oldest request first. Each weight is read and decoded once
+per pass for all of them, and a new prompt is read in pieces between the decode steps of the running
+streams, which never stall for a whole prompt. Every request is a `Generation` (dpllama.generate, the one
+generation contract) with its own sampler, and the passes are dpllama.generate.step_together's.
 
-Not yet batched on the device: each piece is its own forward pass, so N running streams read the weights
-N times per round. A batched pass (one read of each weight for every running sequence, kernels taking a
-position and slot per token) would replace the round's loop over `_step` with one call; everything around it
-(admission, sampling per slot, stop strings, events) stays.
-
-Results do not depend on load: a slot's passes are the same kernels over the same chunks whatever the other
-slots do, and a request's sampler is its own.
+Results do not depend on load: a row's arithmetic is the same whichever rows share its pass (the matrix
+kernels treat rows independently, attention reads only the row's own slot), and a request's sampler is
+its own.
 """
 from __future__ import annotations
 
@@ -28,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from dpllama.errors import DpllamaError
-from dpllama.generate import Generation, Sampler, generate
+from dpllama.generate import Generation, Sampler, generate, step_together
 from dpllama.llm import LLM, text_decoder
 from dpllama.serve.metrics import Metrics
 from dpllama.tokenizer import Tokenizer
@@ -62,6 +59,7 @@ class Done:
     finish_reason: str          # stop, length, cancelled
     prompt_tokens: int
     completion_tokens: int      # every token the model produced, an end-of-text token included
+    cached_tokens: int = 0      # of the prompt's, those whose KV cache a slot held from its previous request
 
 
 @dataclass
@@ -135,6 +133,7 @@ class Run:
     slot: int
     generation: Generation
     text: StopText
+    cached: int = 0                                             # prompt tokens kept from the slot's cache
     pending: list[TokenLogprob] = field(default_factory=list)    # logprobs of tokens whose text is held back
     last: float | None = None                                   # when its latest token came
 
@@ -150,7 +149,8 @@ class Engine:
         self.ready = threading.Event()
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
-        self._free = list(range(slots - 1, -1, -1))     # popped from the end: slot 0 first
+        self._free = list(range(slots))
+        self._kept: list[list[int]] = [[] for _ in range(slots)]   # per slot, the tokens its KV cache holds
         self._running: list[Run] = []
         self._accepting = True
         self._stopping = False
@@ -203,16 +203,15 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     break
-                admitted = [(self._waiting.popleft(), self._free.pop())
+                admitted = [self._slot_for(self._waiting.popleft())
                             for _ in range(min(len(self._free), len(self._waiting)))]
                 self.metrics.waiting.set(len(self._waiting))
-            for request, slot in admitted:
-                self._admit(request, slot)
-            for run in list(self._running):
-                if run.request.cancelled:
-                    self._finish(run, "cancelled")
-                else:
-                    self._step(run)
+            for request, slot, keep in admitted:
+                self._admit(request, slot, keep)
+            for run in [r for r in self._running if r.request.cancelled]:
+                self._finish(run, "cancelled")
+            if self._running:
+                self._pass()
         for run in list(self._running):
             self._finish(run, "cancelled")
         with self._cond:
@@ -221,49 +220,80 @@ class Engine:
             self._waiting.clear()
             self.metrics.waiting.set(0)
 
-    def _admit(self, request: Request, slot: int) -> None:
+    def _slot_for(self, request: Request) -> tuple[Request, int, int]:
+        """The free slot whose KV cache holds the longest prefix of the request's prompt (the lowest of equals),
+        taken, and how many of the prompt's tokens it can keep (all but the last, which must be fed)."""
+        def common(slot: int) -> int:
+            kept, n = self._kept[slot], 0
+            for a, b in zip(kept, request.prompt):
+                if a != b:
+                    break
+                n += 1
+            return n
+        slot = max(self._free, key=lambda s: (common(s), -s))
+        self._free.remove(slot)
+        return request, slot, min(common(slot), len(request.prompt) - 1)
+
+    def _admit(self, request: Request, slot: int, keep: int) -> None:
+        """Start the request in `slot`, reusing the KV cache of the prompt's first `keep` tokens (llama-server's
+        cache_prompt: a chat's follow-up turn reads only its new messages). Results are the same either way: the
+        kept rows were computed by the same kernels."""
         model, tok = self.llm.model, self.llm.tokenizer
         model.select(slot)
+        self._kept[slot] = []       # until it ends, what the slot holds is in flux
         try:
-            gen = generate(model, request.prompt, request.max_new, request.sampler, tok.eos_ids, chunk=model.chunk,
+            gen = generate(model, request.prompt, request.max_new, request.sampler, tok.eos_ids, keep=keep,
                            keep_logits=request.logprobs is not None)
         except DpllamaError as e:
             with self._cond:
                 self._free.append(slot)
             self._ended(request, Failed(str(e)))
             return
-        self.metrics.prompt_tokens.inc(len(request.prompt))
-        self._running.append(Run(request, slot, gen, StopText(tok, request.prompt[-1], request.stops)))
+        self.metrics.prompt_tokens.inc(len(request.prompt) - keep)
+        self.metrics.prompt_tokens_cached.inc(keep)
+        run = Run(request, slot, gen, StopText(tok, request.prompt[-1], request.stops), keep)
+        self._running.append(run)
         self.metrics.running.set(len(self._running))
+        if gen.ended:           # max_tokens 0, or a prompt that fills the context
+            self._finish(run, "length")
 
-    def _step(self, run: Run) -> None:
-        """One piece of the request's work: a prompt chunk, or a new token sent on as text."""
-        gen, request = run.generation, run.request
-        self.llm.model.select(run.slot)
+    def _pass(self) -> None:
+        """One batched forward pass for every running request (dpllama.generate.step_together)."""
+        runs = {id(run.generation): run for run in self._running}
         try:
-            token = next(gen.steps())
-        except StopIteration:
-            self._finish(run, "stop" if gen.stop_token is not None else "length")
-            return
+            results = step_together(self.llm.model, [run.generation for run in self._running])
         except DpllamaError as e:
-            self._finish(run, "error", str(e))
+            for run in list(self._running):
+                self._finish(run, "error", str(e))
             return
-        if token is None:       # a prompt chunk went through
-            return
-        now = time.perf_counter()
-        if run.last is None:
-            self.metrics.time_to_first_token.observe(now - request.arrived)
-        else:
-            self.metrics.time_per_output_token.observe(now - run.last)
-        run.last = now
-        if request.logprobs is not None:
-            run.pending.append(token_logprob(gen.logits, token, request.logprobs))
-        text = run.text.push(token)
-        if run.text.stopped:
-            self._send(run, text)
-            self._finish(run, "stop")
-        elif text:
-            self._send(run, text)
+        for gen, result in results:
+            run = runs[id(gen)]
+            if isinstance(result, DpllamaError):
+                self._finish(run, "error", str(result))
+            else:
+                self._took(run, result)
+
+    def _took(self, run: Run, token: int | None) -> None:
+        """The pass has run the request's part: send on its new token as text, end it when it has ended."""
+        gen, request = run.generation, run.request
+        if token is not None:
+            now = time.perf_counter()
+            if run.last is None:
+                self.metrics.time_to_first_token.observe(now - request.arrived)
+            else:
+                self.metrics.time_per_output_token.observe(now - run.last)
+            run.last = now
+            if request.logprobs is not None:
+                run.pending.append(token_logprob(gen.logits, token, request.logprobs))
+            text = run.text.push(token)
+            if run.text.stopped:
+                self._send(run, text)
+                self._finish(run, "stop")
+                return
+            if text:
+                self._send(run, text)
+        if gen.ended:
+            self._finish(run, "stop" if gen.stop_token is not None else "length")
 
     def _send(self, run: Run, text: str) -> None:
         run.request.emit(Piece(text, run.pending))
@@ -275,14 +305,14 @@ class Engine:
             tail = run.text.flush()
             if tail or run.pending:
                 self._send(run, tail)
-        gen.steps().close()     # its stats end now
         self._running.remove(run)
+        self._kept[run.slot] = [] if error else gen.tokens[:gen.fed]     # the tokens whose passes have run
         with self._cond:
             self._free.append(run.slot)
         self.metrics.running.set(len(self._running))
         self.metrics.generation_tokens.inc(gen.stats.generated_tokens)
         self._ended(run.request, Failed(error) if error else
-                    Done(reason, len(run.request.prompt), gen.stats.generated_tokens))
+                    Done(reason, len(run.request.prompt), gen.stats.generated_tokens, run.cached))
 
     def _ended(self, request: Request, event: Done | Failed) -> None:
         self.metrics.finished.labels(event.finish_reason if isinstance(event, Done) else "error").inc()

@@ -18,6 +18,8 @@ class Metrics:
         self.rejected = Counter("dpllama_requests_rejected", "requests refused before they waited: the queue was "
                                 "full (429) or the server not accepting (503)", ["status"], registry=r)
         self.prompt_tokens = Counter("dpllama_prompt_tokens", "prompt tokens processed", registry=r)
+        self.prompt_tokens_cached = Counter("dpllama_prompt_tokens_cached", "prompt tokens whose KV cache a slot "
+                                            "kept from its previous request (not processed again)", registry=r)
         self.generation_tokens = Counter("dpllama_generation_tokens", "tokens generated", registry=r)
         self.time_to_first_token = Histogram("dpllama_time_to_first_token_seconds", "from a request's arrival to "
                                              "its first new token", buckets=LATENCY_BUCKETS, registry=r)
