@@ -31,14 +31,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prompts(model_path: Path, n: int, tokens: int) -> list[str]:
-    """n different texts of about `tokens` tokens (the model's tokenizer, no device)."""
+def prompts(model_path: Path, levels: list[int], tokens: int) -> dict[int, list[str]]:
+    """For each level (and 0, the warm-up), as many texts of about `tokens` tokens as it has clients (the model's
+    tokenizer, no device). Each text starts with its own tag, so no request finds its prompt in a slot's
+    cache from an earlier one (both servers reuse a cached prefix)."""
     from dpllama.loaders import load_tokenizer, load_weights
     tok = load_tokenizer(load_weights(model_path), None, model_path)
-    out = []
-    for i in range(n):
-        ids = tok.encode(f"Story {i + 1}. " + STORY * (tokens // 30 + 2), bos=False)[:tokens]
-        out.append(tok.decode(ids))
+    out = {}
+    for level in [0, *levels]:
+        out[level] = [tok.decode(tok.encode(f"Story {level}-{i + 1}. " + STORY * (tokens // 30 + 2), bos=False)[:tokens])
+                      for i in range(max(level, 1))]
     return out
 
 
@@ -76,6 +78,7 @@ def pct(values: list[float], p: float) -> float:
 
 
 def level(base: str, model: str, texts: list[str], n: int, max_tokens: int) -> dict:
+    """n concurrent clients, client i sending texts[i]."""
     results: list = []
     threads = [threading.Thread(target=client, args=(base, model, texts[i], max_tokens, results)) for i in range(n)]
     t0 = time.perf_counter()
@@ -91,16 +94,16 @@ def level(base: str, model: str, texts: list[str], n: int, max_tokens: int) -> d
             "itl_p50": pct(itl, 50), "itl_p95": pct(itl, 95)}
 
 
-def run_server(name: str, cmd: list[str], ready: str, model: str, texts: list[str], levels: list[int],
+def run_server(name: str, cmd: list[str], ready: str, model: str, texts: dict[int, list[str]], levels: list[int],
                max_tokens: int) -> list[dict]:
     """The rows of each level on the server `cmd` starts, once `ready` (a URL) answers 200."""
     base = ready.rsplit("/", 1)[0].removesuffix("/v1")
     proc = start(cmd, ready)
     try:
-        level(base, model, texts, 1, 8)     # warm up
+        level(base, model, texts[0], 1, 8)     # warm up
         rows = []
         for n in levels:
-            row = {"server": name, **level(base, model, texts, n, max_tokens)}
+            row = {"server": name, **level(base, model, texts[n], n, max_tokens)}
             print(json.dumps(row), file=sys.stderr, flush=True)
             rows.append(row)
         return rows
@@ -121,7 +124,7 @@ def main() -> int:
     levels = [int(n) for n in args.levels.split(",")]
     from dpllama.hub import resolve_model
     path = resolve_model(args.model)
-    texts = prompts(path, max(levels), args.prompt_tokens)
+    texts = prompts(path, levels, args.prompt_tokens)
     ctx = str(args.prompt_tokens + args.max_tokens + 64)
     port = free_port()
     rows = run_server("dpllama", [sys.executable, "-m", "dpllama.cli", "serve", "-m", str(path), "--port", str(port),

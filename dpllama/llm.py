@@ -84,14 +84,14 @@ class LLM:
         return self.stream(self.encode(prompt), check_steps(steps), sampler, echo_prompt)
 
 
-def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None, slots: int = 1) -> int:
+def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None, slots: int = 1, chunk: int | None = None) -> int:
     """The context of each of `slots` sequences: `max_seq` (--ctx), else the model's, clamped (with a line on
     stderr, as llama.cpp clamps n_ctx) to what the device holds, sized before anything is allocated: Llama's
-    buffers that grow with the context (KV cache, a prefill chunk's attention scores, RoPE table, tokens)
+    buffers that grow with the context (KV cache, the attention scores of a pass of `chunk` rows, RoPE table, tokens)
     together in one maximum allocation, and each under 2^31 elements, as the kernels index them with int."""
     n = min(max_seq or c.seq_len, c.seq_len)
     geo = Geometry.of(q.config)
-    per_pos = floats_per_position(c, geo, slots)
+    per_pos = floats_per_position(c, max(slots, chunk or geo.prefill_chunk), slots)
     step = geo.attention_positions      # Llama pads the context to a multiple of it
     cap = max(step, min(q.max_alloc // (4 * sum(per_pos)), (2**31 - 1) // max(per_pos)) // step * step)
     if n > cap:
@@ -103,14 +103,14 @@ def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None, slots: int
 
 
 def load(model: str, tokenizer: str | None = None, device: str | None = None, config: str | None = None,
-         max_seq: int | None = None, slots: int = 1) -> LLM:
+         max_seq: int | None = None, slots: int = 1, chunk: int | None = None) -> LLM:
     """Load a model (path or known name) and its tokenizer onto a device (selector or YAML config), with
-    `slots` sequences (`Llama.select`). Each one's context is `max_seq` tokens, else the model's, at most what
-    the device holds (`fit_context`)."""
+    `slots` sequences (`Llama.select`) and passes of up to `chunk` rows (Llama). Each one's context is `max_seq`
+    tokens, else the model's, at most what the device holds (`fit_context`)."""
     if max_seq is not None and max_seq < 1:     # before any work, as the CLI checks --ctx
         raise DpllamaError(f"max_seq must be at least 1, found {max_seq}")
     path = resolve_model(model)
     weights = load_weights(path)
     tok = load_tokenizer(weights, tokenizer, path)
     q = open_queue(device, config)
-    return LLM(Llama(weights, q, fit_context(weights.config, q, max_seq, slots), slots), tok, path)
+    return LLM(Llama(weights, q, fit_context(weights.config, q, max_seq, slots, chunk), slots, chunk), tok, path)

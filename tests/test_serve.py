@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -135,6 +137,15 @@ def test_bad_requests_are_400_naming_the_parameter(server, client):
     r = http.post(f"{server.url}/v1/chat/completions", content=b'{"model": ', timeout=10,
                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("option, message", [(("--parallel", "0"), "--parallel must be at least 1, found 0"),
+                                             (("--batch-size", "0"), "--batch-size must be at least 1, found 0"),
+                                             (("--port", "70000"), "--port must be between 0 and 65535, found 70000")])
+def test_bad_options_are_one_line_errors(repo_root, option, message):
+    r = subprocess.run([sys.executable, "-m", "dpllama.cli", "serve", *stories_args(*option)], capture_output=True,
+                       text=True, cwd=repo_root, timeout=60)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"dpllama: error: {message}"], r.stderr
 
 
 def test_api_keys_from_options_and_a_file(tmp_path):

@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8080, help="port to listen on, 0 = any free one (default 8080)")
     p.add_argument("--parallel", "-np", type=int, default=1, metavar="N",
                    help="requests run at once, each in a slot with its own KV cache of --ctx tokens (default 1)")
+    p.add_argument("--batch-size", "-b", type=int, default=256, metavar="N",
+                   help="rows of one forward pass: each running request's next token, then pieces of new prompts "
+                        "(default 256; larger lets new prompts in with fewer, longer passes)")
     p.add_argument("--max-waiting", type=int, default=64, metavar="N",
                    help="requests that may wait for a slot; more get 429 (default 64)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
@@ -70,6 +73,7 @@ def api_keys(args: argparse.Namespace) -> frozenset[str]:
 def check(args: argparse.Namespace) -> None:
     for ok, rule in ((0 <= args.port <= 65535, f"--port must be between 0 and 65535, found {args.port}"),
                      (args.parallel >= 1, f"--parallel must be at least 1, found {args.parallel}"),
+                     (args.batch_size >= 1, f"--batch-size must be at least 1, found {args.batch_size}"),
                      (args.max_waiting >= 0, f"--max-waiting must be >= 0, found {args.max_waiting}"),
                      (args.drain_timeout >= 0, f"--drain-timeout must be >= 0, found {args.drain_timeout}"),
                      (args.replicas >= 0, f"--replicas must be >= 0, found {args.replicas}"),
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.model_name or Path(args.model).name
 
     def load(slots: int):
-        llm = load_llm(args, slots)
+        llm = load_llm(args, slots, args.batch_size)
         print(f"dpllama: ready: {name}, {slots} slot(s) of {llm.model.seq_len} tokens each", file=sys.stderr,
               flush=True)
         return llm

@@ -62,11 +62,11 @@ def neox_rows(n_heads: int, head_dim: int) -> np.ndarray:
     return (np.arange(n_heads)[:, None] * head_dim + half).ravel()
 
 
-def floats_per_position(c, geo: Geometry, slots: int = 1) -> tuple[int, ...]:
+def floats_per_position(c, chunk: int, slots: int = 1) -> tuple[int, ...]:
     """Floats that each position of the context costs in Llama's buffers that grow with it: the KV cache of
-    every slot, a prefill chunk's attention scores (att), the RoPE table (rope) and each slot's tokens."""
-    return (slots * KVCache.floats_per_position(c.n_layers, c.kv_dim), geo.prefill_chunk * c.n_heads, c.head_dim,
-            slots)
+    every slot, the attention scores of a pass of `chunk` rows (att), the RoPE table (rope) and each slot's
+    tokens."""
+    return (slots * KVCache.floats_per_position(c.n_layers, c.kv_dim), chunk * c.n_heads, c.head_dim, slots)
 
 
 @dataclass
@@ -91,15 +91,18 @@ class DeviceLayer:
 
 
 class Llama:
-    def __init__(self, weights: Weights, q: Queue, max_seq: int | None = None, slots: int = 1):
+    def __init__(self, weights: Weights, q: Queue, max_seq: int | None = None, slots: int = 1,
+                 chunk: int | None = None):
         """The model on `q`'s device, laid out and launched as `q`'s config asks, for `slots` sequences with a
-        context of `max_seq` tokens each (at most the model's). The primitives act on the selected sequence
-        (`select`), the first one until another is selected."""
+        context of `max_seq` tokens each (at most the model's), and forward passes of up to `chunk` rows (a
+        prompt chunk, a batch; the config's prefill_chunk unless given). The primitives act on the selected
+        sequence (`select`), the first one until another is selected."""
         self.config = c = weights.config
         self.q = q
         self.geometry = geo = Geometry.of(q.config)
         self.seq_len = min(max_seq or c.seq_len, c.seq_len)
-        self.chunk = max(1, min(geo.prefill_chunk, self.seq_len))
+        # a pass holds a decode step of every slot at least, so a batch never leaves a decoding sequence out
+        self.chunk = max(slots, min(chunk or geo.prefill_chunk, self.seq_len))
         self.attention_defines = (f"ATTENTION_POSITIONS={geo.attention_positions}", f"HD_VEC={pow2_divisor(c.head_dim)}")
         dim, q_dim = c.dim, c.n_heads * c.head_dim
         # decode's attention inside the QKV launch (qkv_attention): where the config asks for it for this
