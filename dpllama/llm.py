@@ -103,14 +103,18 @@ def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None, slots: int
 
 
 def load(model: str, tokenizer: str | None = None, device: str | None = None, config: str | None = None,
-         max_seq: int | None = None, slots: int = 1, chunk: int | None = None) -> LLM:
+         max_seq: int | None = None, slots: int = 1, chunk: int | None = None,
+         check: Callable[[ModelConfig], None] | None = None) -> LLM:
     """Load a model (path or known name) and its tokenizer onto a device (selector or YAML config), with
     `slots` sequences (`Llama.select`) and passes of up to `chunk` rows (Llama). Each one's context is `max_seq`
-    tokens, else the model's, at most what the device holds (`fit_context`)."""
+    tokens, else the model's, at most what the device holds (`fit_context`). `check(config)` runs once the
+    model's shape is known, before anything goes to the device (a command's limits that depend on the model)."""
     if max_seq is not None and max_seq < 1:     # before any work, as the CLI checks --ctx
         raise DpllamaError(f"max_seq must be at least 1, found {max_seq}")
     path = resolve_model(model)
     weights = load_weights(path)
+    if check:
+        check(weights.config)
     tok = load_tokenizer(weights, tokenizer, path)
     q = open_queue(device, config)
     return LLM(Llama(weights, q, fit_context(weights.config, q, max_seq, slots, chunk), slots, chunk), tok, path)

@@ -272,3 +272,14 @@ def test_bad_input_is_one_line_and_an_exit_status(tiny, capsys):
         lines = [line for line in err.splitlines() if line.startswith("dpllama: error:")]
         assert code == 1 and len(lines) == 1 and "Traceback" not in err, f"{name}: {code} {err}"
         assert re.search(message, lines[0]), f"{name}: {lines[0]}"
+
+
+def test_ctx_past_the_models_context_is_refused_before_the_device_opens(tiny, capsys, monkeypatch):
+    """-c beyond the context in the model's header: one line before any kernel compiles or weight goes up."""
+    import dpllama.llm
+
+    def no_device(*args, **kwargs):
+        raise AssertionError("the device was opened")
+    monkeypatch.setattr(dpllama.llm, "open_queue", no_device)
+    code, _, err = ppl_cli(capsys, *tiny_args(tiny, "-f", tiny / "text.txt", "-c", 64))
+    assert code == 1 and "-c 64 is beyond the model's context of 32 tokens" in err and "opened" not in err

@@ -68,7 +68,8 @@ def check_ctx(args: argparse.Namespace) -> None:
         raise DpllamaError(f"--ctx must be at least 1, found {args.ctx}")
 
 
-def load_llm(args: argparse.Namespace, slots: int = 1, chunk: int | None = None):
+def load_llm(args: argparse.Namespace, slots: int = 1, chunk: int | None = None, check=None):
+    """dpllama.llm.load with the command line's model, tokenizer, device, config and --ctx (`check`: load's)."""
     from dpllama.llm import load
     check_ctx(args)
-    return load(args.model, args.tokenizer, args.device, args.config, args.ctx, slots, chunk)
+    return load(args.model, args.tokenizer, args.device, args.config, args.ctx, slots, chunk, check)

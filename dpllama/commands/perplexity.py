@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     text = read_text(args.file) if args.file else None
     check_ctx(n_ctx)     # the protocol's own limits, before the model loads
     args.ctx = n_ctx
-    llm = load_llm(args)
+    # the model's context from its header, before kernels compile; then what the device holds (fit_context)
+    llm = load_llm(args, check=lambda config: check_ctx(n_ctx, config.seq_len))
     check_ctx(n_ctx, llm.model.seq_len)
     tokens = None
     if text is not None:
