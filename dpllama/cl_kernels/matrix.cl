@@ -59,6 +59,20 @@ typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-b
 #else
 #define MADD(acc, m, p) ((acc) + (as_intV(m) & 0xffff) * (((p) << 16) >> 16) + (as_intV(m) >> 16) * ((p) >> 16))
 #endif
+// The weight stream of a tile, `words` vectors a block from w, prefetched PREFETCH_COLS columns ahead, one
+// prefetch per 64-byte line, where the compiler targets x86 (clang's builtin; a prefetch never faults, so the
+// lines past a tile's end cost nothing wrong). Measured on Qwen2.5-Coder-0.5B's decode (docs/PERFORMANCE.md):
+// the hardware prefetchers alone left the decode loop waiting on memory.
+#if defined(__SSE2__)
+#ifndef PREFETCH_COLS
+#define PREFETCH_COLS 128
+#endif
+#define PREFETCH_AHEAD(w, words) \
+    for (int i_ = 0; i_ < (words); i_ += (TILE_ROWS >= 16 ? 1 : 16 / TILE_ROWS)) \
+        __builtin_prefetch((__global const char *)((w) + (words) * (PREFETCH_COLS / BLOCK) + i_))
+#else
+#define PREFETCH_AHEAD(w, words)
+#endif
 // independent accumulators per token: one chain of dependent multiply-adds would wait on each one's latency
 #define CHAINS (TOKENS >= 4 ? 1 : 4)
 // pairs of weights a packed word yields, and the mask that leaves one pair in a lane's 16-bit halves (int5:
@@ -144,6 +158,7 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
 #if defined(W_INT5)
     // 5 words per 32 columns: 4 of nibbles, then the fifth bits (see the header)
     __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 32 * 5) + (BLOCK / 32 * 5) * b;
+    PREFETCH_AHEAD(w, BLOCK / 32 * 5);
 #pragma unroll
     for (int i = 0; i < BLOCK / 32; i++) {
         const uintV high = w[5 * i + 4];
@@ -161,6 +176,7 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
 #else
     // a packed word holds PAIRS pairs of the block (q8: 2 of bytes, int4: 4 of nibbles; see the header)
     __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / (2 * PAIRS)) + (BLOCK / (2 * PAIRS)) * b;
+    PREFETCH_AHEAD(w, BLOCK / (2 * PAIRS));
 #pragma unroll
     for (int j = 0; j < BLOCK / (2 * PAIRS); j++) {
         const uintV u = w[j];
