@@ -64,9 +64,7 @@ typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-b
 // lines past a tile's end cost nothing wrong). Measured on Qwen2.5-Coder-0.5B's decode (docs/PERFORMANCE.md):
 // the hardware prefetchers alone left the decode loop waiting on memory.
 #if defined(__SSE2__)
-#ifndef PREFETCH_COLS
 #define PREFETCH_COLS 128
-#endif
 #define PREFETCH_AHEAD(w, words) \
     for (int i_ = 0; i_ < (words); i_ += (TILE_ROWS >= 16 ? 1 : 16 / TILE_ROWS)) \
         __builtin_prefetch((__global const char *)((w) + (words) * (PREFETCH_COLS / BLOCK) + i_))
