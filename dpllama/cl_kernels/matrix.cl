@@ -26,7 +26,8 @@
 // values in bytes, whose bytes 0 and 2 (and 1 and 3, after a shift by 8) are pairs (k, k + 4): mask 0x001f001f
 // leaves them in a lane's halves, as int4's mask leaves its nibbles. Per word: 4 shifts (the plane twice, u
 // once, a byte once more), 2 bit-selects (one vpternlogd each on AVX-512) and 4 masks, against int4's 3 shifts
-// and 4 masks, and against q8 no more loads for 5 bits a weight instead of 8.
+// and 4 masks. q8 decodes with fewer operations but reads 8 bits a weight where int5 reads 5, which is what a
+// decode step, streaming its weights from memory, waits on (docs/PERFORMANCE.md).
 
 #include "common.h"
 #include "weights.h"
@@ -60,9 +61,10 @@ typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-b
 #define MADD(acc, m, p) ((acc) + (as_intV(m) & 0xffff) * (((p) << 16) >> 16) + (as_intV(m) >> 16) * ((p) >> 16))
 #endif
 // The weight stream of a tile, `words` vectors a block from w, prefetched PREFETCH_COLS columns ahead, one
-// prefetch per 64-byte line, where the compiler targets x86 (clang's builtin; a prefetch never faults, so the
-// lines past a tile's end cost nothing wrong). Measured on Qwen2.5-Coder-0.5B's decode (docs/PERFORMANCE.md):
-// the hardware prefetchers alone left the decode loop waiting on memory.
+// prefetch per 64-byte line, where the compiler targets x86 (clang's builtin; a prefetch never faults, so those
+// past a tile's end are harmless). The hardware prefetchers alone left the decode loop waiting on memory:
+// measured from memory, 14-33% less time per matrix with it (docs/PERFORMANCE.md), and int5 gained nothing on
+// q8 in Qwen2.5-Coder-0.5B's decode without it.
 #if defined(__SSE2__)
 #define PREFETCH_COLS 128
 #define PREFETCH_AHEAD(w, words) \
