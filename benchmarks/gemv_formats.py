@@ -1,12 +1,15 @@
 """Decode gemv (gemv_add, one token) speed of each device weight format, as each GGUF type loads it.
 
-    PYTHONPATH=. python benchmarks/gemv_formats.py [--device cpu] [--rounds 7] [--launches 50]
+    PYTHONPATH=. python benchmarks/gemv_formats.py [--device cpu] [--rounds 7] [--launches 50] [--copies 1]
 
 Two shapes of Qwen2.5-Coder-0.5B's FFN: [4864 x 896] (gate/up: rows of 896 take no K-quant, so Q5_0 or Q8_0)
 and [896 x 4864] (down: Q4_K or Q6_K). Matrices of random blocks (tests/helpers.gguf_tensor; speed does not
 depend on the values). The formats are timed in turn, round after round (a shared, noisy machine drifts: each
 round sees them all), and each reports its median over the rounds: microseconds per launch, GB/s of the bytes
-it stores (data, scales, mins), and its time relative to q8 group 32 (Q8_0) of the same shape.
+it stores (data, scales, mins), and its time relative to q8 group 32 (Q8_0) of the same shape. One matrix of a
+format stays in the CPU's cache from launch to launch; `--copies N` cycles through N distinct matrices of it
+(N x 2.5-5.5 MB), so that with N x 2.5 MB well beyond the last-level cache each launch reads its weights from
+memory, as a model's decode step does.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ SHAPES = {"4864x896": (4864, 896, [GT.Q8_0, GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1])
 
 def describe(t) -> str:
     return (f"{t.kind} g{t.group}" + (" asym" if t.mins is not None else "")
-            + (" f32-scales" if t.kind == "int4" and t.scales.dtype == np.float32 else ""))
+            + (" f32-scales" if t.kind != "q8" and t.scales.dtype == np.float32 else ""))
 
 
 def main() -> None:
@@ -36,27 +39,31 @@ def main() -> None:
     ap.add_argument("--device")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--launches", type=int, default=50)
+    ap.add_argument("--copies", type=int, default=1, help="distinct matrices per format, launched in turn")
     args = ap.parse_args()
     q = open_queue(args.device, out_of_order=False, profiling=False)
     geo = Geometry.of(q.config)
-    print(f"{q.device}, tile_rows {geo.tile_rows}; median of {args.rounds} rounds of {args.launches} launches")
+    print(f"{q.device}, tile_rows {geo.tile_rows}; median of {args.rounds} rounds of {args.launches} launches"
+          f" over {args.copies} matrices per format")
     rng = np.random.default_rng(0)
     for shape, (rows, cols, types) in SHAPES.items():
         cases = []
         for ggml_type in types:
-            t = gguf_tensor(rng, ggml_type, rows, cols)
-            dt = DeviceTensor(q, t, ggml_type.name, geo)
-            x = q.buffer(host=rng.standard_normal(dt.cols_p).astype(np.float32))
-            y = q.buffer(host=np.zeros(rows, np.float32))
-            cmd = kernels.gemv(q, "gemv_add", dt, 1, x.read(), y.read_write(), dt.cols_p, rows)
-            q.enqueue(cmd)          # built and warm
+            cmds = []
+            for _ in range(args.copies):
+                t = gguf_tensor(rng, ggml_type, rows, cols)
+                dt = DeviceTensor(q, t, ggml_type.name, geo)
+                x = q.buffer(host=rng.standard_normal(dt.cols_p).astype(np.float32))
+                y = q.buffer(host=np.zeros(rows, np.float32))
+                cmds.append(kernels.gemv(q, "gemv_add", dt, 1, x.read(), y.read_write(), dt.cols_p, rows))
+                q.enqueue(cmds[-1])     # built and warm
             q.wait()
-            cases.append((ggml_type.name, describe(t), dt.nbytes, cmd, []))
+            cases.append((ggml_type.name, describe(t), dt.nbytes, cmds, []))
         for _ in range(args.rounds):
-            for *_, cmd, times in cases:
+            for *_, cmds, times in cases:
                 start = time.perf_counter()
-                for _ in range(args.launches):
-                    q.enqueue(cmd)
+                for i in range(args.launches):
+                    q.enqueue(cmds[i % len(cmds)])
                 q.wait()
                 times.append((time.perf_counter() - start) / args.launches)
         base = statistics.median(cases[0][-1])

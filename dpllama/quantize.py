@@ -6,7 +6,8 @@ and the classifier by default; a tied model's one table is both, kept in 8 bits 
 and writes dpllama's GGUF container with the model config and the tokenizer inside, so the one file is
 enough to run. Every kind loads and runs as written (an int4 table too: the device decodes its rows).
 int4 tensors whose group and scheme match the request are carried over bit for bit (GGUF Q4_0 / Q4_1, and Q4_K,
-with its float32 scales), and so are 8-bit ones kept in 8 bits (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K: q8 of any group).
+with its float32 scales), and so are 8-bit ones kept in 8 bits (Q8_0, Q6_K: q8 of any group) and 5-bit ones
+(Q5_0, Q5_1, Q5_K: int5), which 8 bits would only round again.
 Prints per-tensor and overall error: RMSE relative to the source weights' RMS.
 """
 from __future__ import annotations
@@ -25,10 +26,10 @@ EIGHT_BIT_CHOICES = ("tok_embeddings", "output")
 
 
 def convert(t: Tensor, bits: int, group: int, symmetric: bool) -> Tensor:
-    """t in the requested format; already in it (an int4 of any scale type, a q8 of any group) means unchanged
-    (lossless)."""
+    """t in the requested format; already in it (an int4 of any scale type, a q8 of any group; for 8 bits an
+    int5 too, which q8 would re-round rather than widen) means unchanged (lossless)."""
     if bits == 8:
-        return t if t.kind == "q8" else quantize_q8(t.dequantize(), 32)
+        return t if t.kind in ("q8", "int5") else quantize_q8(t.dequantize(), 32)
     if t.kind == "int4" and t.group == group and (t.mins is None) == symmetric:
         return t
     return quantize_int4(t.dequantize(), group, symmetric)

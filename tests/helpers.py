@@ -138,7 +138,8 @@ def gguf_tensor(rng, ggml_type: GGMLQuantizationType, rows: int, cols: int) -> T
 
     def cut(a, n):
         return None if a is None else np.ascontiguousarray(a[:, :n])
-    return Tensor(t.kind, rows, cols, cut(t.data, cols_p if t.kind == "q8" else cols_p // 8),
+    # every format's data holds a row's columns in order, at a fixed width per column (q8 1, int4 1/8, int5 5/32)
+    return Tensor(t.kind, rows, cols, cut(t.data, t.data.shape[1] * cols_p // cols_b),
                   cut(t.scales, cols_p // t.group), cut(t.mins, cols_p // t.group), t.group)
 
 

@@ -27,7 +27,7 @@ from dpllama.formats import round_up
 from dpllama.model import kernels
 from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor
 from dpllama.model.llama import rope_table
-from dpllama.model.quant import quantize_int4, quantize_q8
+from dpllama.model.quant import quantize_int4, quantize_q8, widen
 from dpllama.model.weights import Tensor
 from dpllama.runtime import Local, program
 from dpllama.runtime.queue import Queue
@@ -41,8 +41,8 @@ from tests.helpers import QWEN_TENSORS, gguf_tensor, qwen_gguf_path
 # serially (with L = 1 all cols_p terms), a tree of log2(L) levels joins the work-items, and the scale products
 # add a few roundings: gemv_rtol(cols_p) bounds that, whatever order a device sums in. (Measured errors are a
 # few % of it: rounding errors mostly cancel.) The kernel sums s*sum(q x) of the stored values (q8: q + 128,
-# int4: q) and (-128 s, -8 s or m)*sum(x) separately and adds them, so the magnitude includes
-# (128|s| or 8|s|, + |m|) |x| per element.
+# int4 and int5: q) and (-128 s, -8 s, -16 s or m)*sum(x) separately and adds them, so the magnitude includes
+# (128|s|, 8|s| or 16|s|, + |m|) |x| per element.
 def gemv_rtol(cols_p: int) -> float:
     return (cols_p + 16) * 2.0 ** -24
 
@@ -88,11 +88,27 @@ def gguf_format(ggml_type):
     return lambda w: gguf_tensor(np.random.default_rng(zlib.crc32(w.tobytes())), ggml_type, *w.shape)
 
 
-# the formats GGUF's other types load as (dpllama/model/quant.py): q8 group 16 (Q6_K), q8 asymmetric (Q5_1,
-# Q5_K), and int4 with float32 scales: asymmetric group 32 (Q4_K), symmetric (Q3_K) and asymmetric (Q2_K) group 16
-FORMATS |= {"q8g16-q6k": gguf_format(GT.Q6_K), "q8asym32-q5k": gguf_format(GT.Q5_K),
+def int5_group(fmt, group: int):
+    """int5 of a larger group than GGUF's 32 (which no loader makes, and the kernels take): fmt's tensor with
+    one scale (and min) per `group` columns, its values whatever those make."""
+    def make(w):
+        t = fmt(w)
+        every = lambda a: None if a is None else np.ascontiguousarray(a[:, ::group // t.group])   # noqa: E731
+        data = np.pad(t.data, ((0, 0), (0, round_up(t.cols, group) // 32 * 5 - t.data.shape[1])))
+        return Tensor("int5", t.rows, t.cols, data, every(t.scales), every(t.mins), group)
+    return make
+
+
+# the formats GGUF's other types load as (dpllama/model/quant.py): q8 group 16 (Q6_K), int5 symmetric (Q5_0)
+# and asymmetric (Q5_1; Q5_K with float32 scales), int4 with float32 scales: asymmetric group 32 (Q4_K),
+# symmetric (Q3_K) and asymmetric (Q2_K) group 16; q8 asymmetric, which fused matrices of Q5_1 and Q8_0 meet in
+# (quant.widen); int5 in a group of 64
+FORMATS |= {"q8g16-q6k": gguf_format(GT.Q6_K), "int5g32-q50": gguf_format(GT.Q5_0),
+            "int5asym32-q51": gguf_format(GT.Q5_1), "int5asym32f-q5k": gguf_format(GT.Q5_K),
             "int4asym32f-q4k": gguf_format(GT.Q4_K), "int4g16f-q3k": gguf_format(GT.Q3_K),
-            "int4asym16f-q2k": gguf_format(GT.Q2_K)}
+            "int4asym16f-q2k": gguf_format(GT.Q2_K),
+            "q8asym32-q51": lambda w: widen([gguf_format(GT.Q5_1)(w), quantize_q8(w, 32)])[0],
+            "int5g64": int5_group(gguf_format(GT.Q5_0), 64)}
 # (rows, cols): rows not a multiple of any tile height (37: several tiles of 16), cols not a multiple of the
 # groups (or of 8), a single column, and 520 columns = 65 blocks of 8, one more than the largest work-group,
 # so work-items loop over blocks
@@ -114,8 +130,9 @@ GEOMETRIES = {
 }
 # which formats run in which geometry: every format in the CPU one; a few, one per code path, in the others
 # (each (format, geometry) costs two program builds, ~2.3 s each on PoCL when the cache is cold)
-GEOMETRY_FORMATS = {"cpu": list(FORMATS), "gpu": ["q8g32", "int4g32", "int4asym128", "q8asym32-q5k", "int4g16f-q3k"],
-                    "odd": ["f32", "int4asym64"]}
+GEOMETRY_FORMATS = {"cpu": list(FORMATS), "gpu": ["q8g32", "int4g32", "int4asym128", "q8asym32-q51", "int4g16f-q3k",
+                                                  "int5g32-q50", "int5asym32f-q5k"],
+                    "odd": ["f32", "int4asym64", "int5asym32-q51"]}
 GEMV_PARAMS = [(fmt, geo, mode) for geo, fmts in GEOMETRY_FORMATS.items() for fmt in fmts
                for mode in ("decode", "prefill")]
 GEMV_KERNELS = ["gemv_add", "gemv_norm", "gemv_norm_swiglu"]
@@ -137,8 +154,8 @@ def f32(a) -> np.ndarray:
 def error_scale(t: Tensor, x: np.ndarray) -> np.ndarray:
     """Per row, the sum of magnitudes of the terms the kernel adds for W x (see gemv_rtol)."""
     mag = np.abs(t.dequantize()).astype(np.float64)
-    if t.kind != "f32":     # the offset of the stored values (q8: q + 128, int4: q - 8 or 0) and the min
-        per_group = (128 if t.kind == "q8" else 8) * np.abs(t.scales.astype(np.float64))
+    if t.kind != "f32":     # the offset of the stored values (q8: q + 128, int4: q - 8 or 0, int5: q - 16 or 0) and the min
+        per_group = {"q8": 128, "int4": 8, "int5": 16}[t.kind] * np.abs(t.scales.astype(np.float64))
         if t.mins is not None:
             per_group = per_group + np.abs(t.mins.astype(np.float64))
         mag = mag + np.repeat(per_group, t.group, axis=1)[:, :t.cols]
@@ -247,7 +264,7 @@ ISA_FALLBACKS = {"avx512-no-vnni": ["__AVX512VNNI__"], "avx2": ["__AVX512VNNI__"
                  "generic": ["__AVX512VNNI__", "__AVX512F__", "__AVX512BW__", "__AVX2__"]}
 
 
-@pytest.mark.parametrize("fmt", ["q8g32", "int4asym32", "int4asym16f-q2k"])
+@pytest.mark.parametrize("fmt", ["q8g32", "int4asym32", "int4asym16f-q2k", "int5g32-q50", "int5asym32f-q5k"])
 @pytest.mark.parametrize("isa", list(ISA_FALLBACKS))
 def test_gemv_isa_fallbacks(q, tmp_path, monkeypatch, isa, fmt):
     kernels = tmp_path / "cl_kernels"
@@ -452,7 +469,7 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T, row
                 f"ATTENTION_POSITIONS={pos_vec} L={local}")
 
 
-@pytest.mark.parametrize("fmt", ["q8g32", "int4g32", "int4asym128", "q8asym32-q5k"])
+@pytest.mark.parametrize("fmt", ["q8g32", "int4g32", "int4asym128", "q8asym32-q51", "int5g32-q50"])
 @pytest.mark.parametrize("local", [1, 64, 256])
 @pytest.mark.parametrize("n", [1, 5, 97, 1000, 4096])
 def test_argmax_embed(q, n, local, fmt):

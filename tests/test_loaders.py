@@ -50,10 +50,10 @@ def assert_same_norms(a, b):
 
 # GGUF type -> the device format it loads as: kind, group, asymmetric, scale type (docs/ARCHITECTURE.md's table)
 DEVICE_FORMAT = {T.Q4_0: ("int4", 32, False, np.float16), T.Q4_1: ("int4", 32, True, np.float16),
-                 T.Q5_0: ("q8", 32, False, np.float32), T.Q5_1: ("q8", 32, True, np.float32),
+                 T.Q5_0: ("int5", 32, False, np.float16), T.Q5_1: ("int5", 32, True, np.float16),
                  T.Q8_0: ("q8", 32, False, np.float32), T.Q2_K: ("int4", 16, True, np.float32),
                  T.Q3_K: ("int4", 16, False, np.float32), T.Q4_K: ("int4", 32, True, np.float32),
-                 T.Q5_K: ("q8", 32, True, np.float32), T.Q6_K: ("q8", 16, False, np.float32)}
+                 T.Q5_K: ("int5", 32, True, np.float32), T.Q6_K: ("q8", 16, False, np.float32)}
 # the types gguf-py can also quantize (real blocks from real values, besides random bytes)
 QUANTIZABLE = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
 
@@ -81,7 +81,7 @@ def test_gguf_blocks_repack_losslessly(ggml_type):
     for blocks in sources:
         t = GGUF_REPACK[ggml_type](blocks, rows, cols)
         assert format_of(t) == DEVICE_FORMAT[ggml_type]
-        assert t.data.shape == (rows, cols // 8 if t.kind == "int4" else cols)
+        assert t.data.shape == (rows, {"int4": cols // 8, "int5": cols // 32 * 5, "q8": cols}[t.kind])
         assert np.array_equal(t.dequantize(), dequantize(blocks, ggml_type))
 
 
@@ -111,7 +111,12 @@ WIDEN = [((T.Q4_0, T.Q4_1), ("int4", 32, True, np.float16)), ((T.Q4_0, T.Q4_K), 
          ((T.Q4_K, T.Q2_K), ("int4", 16, True, np.float32)), ((T.Q3_K, T.Q4_0), ("int4", 16, False, np.float32)),
          ((T.Q5_0, T.Q6_K), ("q8", 16, False, np.float32)), ((T.Q8_0, T.Q5_1), ("q8", 32, True, np.float32)),
          ((T.Q4_0, T.Q8_0), ("q8", 32, False, np.float32)), ((T.Q3_K, T.Q5_K), ("q8", 16, True, np.float32)),
-         ((T.Q4_1, T.F16), ("f32", 0, False, None))]
+         ((T.Q4_1, T.F16), ("f32", 0, False, None)),
+         # int5 meets 4 bits in int5 (group 32), 8 bits or groups of 16 in q8: Qwen2.5-Coder Q4_K_M's attn_v is
+         # Q8_0 in half the layers, beside Q5_0 attn_q and attn_k
+         ((T.Q5_0, T.Q4_0), ("int5", 32, False, np.float16)), ((T.Q5_0, T.Q4_1), ("int5", 32, True, np.float16)),
+         ((T.Q5_1, T.Q4_K), ("int5", 32, True, np.float32)), ((T.Q5_0, T.Q5_K), ("int5", 32, True, np.float32)),
+         ((T.Q5_0, T.Q8_0), ("q8", 32, False, np.float32)), ((T.Q5_1, T.Q2_K), ("q8", 16, True, np.float32))]
 
 
 @pytest.mark.parametrize("types, want", WIDEN, ids=lambda v: "-".join(t.name for t in v) if isinstance(v[0], T) else "")

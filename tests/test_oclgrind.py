@@ -111,3 +111,19 @@ def test_quantized_forward_under_oclgrind(oclgrind_env, repo_root, geometry, fee
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "Oclgrind" in r.stderr and " passed" in r.stdout
     assert reports(r.stderr) == []
+
+
+def test_int5_kernels_under_oclgrind(oclgrind_env, repo_root):
+    """int5's reads (tests/test_kernels.py): block_dot's five words a block, decode and prefill, in the GPU geometry
+    (work-items splitting a tile's blocks) and with several tiles a work-group, and weight_at's (embed); the
+    stories260K and int4 models above hold no int5 matrix."""
+    env, d = oclgrind_env
+    tests = [f"tests/test_kernels.py::test_gemv_kernels[gemv_add-{case}]"
+             for case in ("int5g32-q50-gpu-decode", "int5asym32f-q5k-gpu-prefill", "int5asym32-q51-odd-decode")]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider", *tests,
+                        "tests/test_kernels.py::test_embed[int5g32-q50-gpu]"],
+                       capture_output=True, text=True, cwd=repo_root, timeout=900,
+                       env=dict(env, DPLLAMA_CONFIG=str(d / "gpu-geometry.yaml")))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "Oclgrind" in r.stderr and "4 passed" in r.stdout
+    assert reports(r.stderr) == []

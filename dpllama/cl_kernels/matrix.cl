@@ -17,7 +17,17 @@
 // bytes 0 and 2 are pair 2h and bytes 1 and 3 pair 2h+1 (DeviceTensor packs them). So sum q_k x_k is integer
 // multiply-adds of 16-bit pairs, which x86 does for 32 weights in one instruction (VNNI vpdpwssd; pmaddwd and
 // an add on AVX2), where float math spends a conversion and an FMA per weight, and for int4 a shift and a
-// mask on top (measured: int4 2-3x faster). The offsets (q - 8, q + 128) go into the block sum of x.
+// mask on top (measured: int4 2-3x faster). The offsets (q - 8, q - 16, q + 128) go into the block sum of x.
+//
+// int5 adds a word of fifth bits to int4's four words of nibbles per 32 columns, which DeviceTensor permutes
+// so that the bit of column 8j + 2b + p (b < 4, p < 2) sits at bit 8b + 2j + p: shifted by 2j + p - 4, it
+// lands at bit 4 of byte b. One bit-select per word j then joins the even nibbles (u & 0x0f0f0f0f: column
+// 8j + 2b in byte b) and the odd ones ((u >> 4) & 0x0f0f0f0f) with their fifth bits into two words of 5-bit
+// values in bytes, whose bytes 0 and 2 (and 1 and 3, after a shift by 8) are pairs (k, k + 4): mask 0x001f001f
+// leaves them in a lane's halves, as int4's mask leaves its nibbles. Per word: 4 shifts (the plane twice, u
+// once, a byte once more), 2 bit-selects (one vpternlogd each on AVX-512) and 4 masks, against int4's 3 shifts
+// and 4 masks. q8 decodes with fewer operations but reads 8 bits a weight where int5 reads 5, which is what a
+// decode step, streaming its weights from memory, waits on (docs/PERFORMANCE.md).
 
 #include "common.h"
 #include "weights.h"
@@ -50,20 +60,46 @@ typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-b
 #else
 #define MADD(acc, m, p) ((acc) + (as_intV(m) & 0xffff) * (((p) << 16) >> 16) + (as_intV(m) >> 16) * ((p) >> 16))
 #endif
+// The weight stream of a tile, `words` vectors a block from w, prefetched PREFETCH_COLS columns ahead, one
+// prefetch per 64-byte line, where the compiler targets x86 (clang's builtin; a prefetch never faults, so those
+// past a tile's end are harmless). The hardware prefetchers alone left the decode loop waiting on memory:
+// measured from memory, 14-33% less time per matrix with it (docs/PERFORMANCE.md), and int5 gained nothing on
+// q8 in Qwen2.5-Coder-0.5B's decode without it.
+#if defined(__SSE2__)
+#define PREFETCH_COLS 128
+#define PREFETCH_AHEAD(w, words) \
+    for (int i_ = 0; i_ < (words); i_ += (TILE_ROWS >= 16 ? 1 : 16 / TILE_ROWS)) \
+        __builtin_prefetch((__global const char *)((w) + (words) * (PREFETCH_COLS / BLOCK) + i_))
+#else
+#define PREFETCH_AHEAD(w, words)
+#endif
 // independent accumulators per token: one chain of dependent multiply-adds would wait on each one's latency
 #define CHAINS (TOKENS >= 4 ? 1 : 4)
-// pairs of weights a packed word yields, and the mask that leaves one pair in a lane's 16-bit halves
+// pairs of weights a packed word yields, and the mask that leaves one pair in a lane's 16-bit halves (int5:
+// of the words of 5-bit bytes it makes, see the header)
 #if defined(W_Q8)
 #define PAIRS 2
 #define PAIR_MASK 0x00ff00ffu
+#elif defined(W_INT5)
+#define PAIRS 4
+#define PAIR_MASK 0x001f001fu
 #else
 #define PAIRS 4
 #define PAIR_MASK 0x000f000fu
 #endif
+// the stored values' offset, taken off through the block sum of x: q8's bytes are q + 128; symmetric int4 and
+// int5 are s (q - 8) and s (q - 16); asymmetric ones add m sum(x) instead
+#if defined(W_Q8)
+#define Q_OFFSET 128.0f
+#elif defined(W_INT5) && !defined(ASYM)
+#define Q_OFFSET 16.0f
+#elif !defined(ASYM)
+#define Q_OFFSET 8.0f
+#endif
 #endif
 
-#if !defined(W_F32) && !defined(W_Q8) && !defined(W_INT4)
-#error "build matrix.cl with one of -DW_F32, -DW_Q8, -DW_INT4"
+#if !defined(W_F32) && !defined(W_Q8) && !defined(W_INT4) && !defined(W_INT5)
+#error "build matrix.cl with one of -DW_F32, -DW_Q8, -DW_INT4, -DW_INT5"
 #endif
 
 #if defined(W_F32)
@@ -96,9 +132,11 @@ typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-b
 #endif
 
 #define SUM8(v) (((v).s0 + (v).s1) + ((v).s2 + (v).s3) + ((v).s4 + (v).s5) + ((v).s6 + (v).s7))
+// v >> n, or v << -n for n < 0 (n a constant once the loops are unrolled)
+#define SHIFT_RIGHT(v, n) ((n) >= 0 ? (v) >> (uint)(n) : (v) << (uint)(-(n)))
 
 // acc[n] += the TILE_ROWS rows of tile t dotted with block b of token n's input (n < TOKENS): xin[n][BLOCK] as floats,
-// or for q8 and int4 xq[n][BLOCK / 2] 16-bit pairs and their scale dx[n]; sx[n] = sum of that block of token
+// or for q8, int4 and int5 xq[n][BLOCK / 2] 16-bit pairs and their scale dx[n]; sx[n] = sum of that block of token
 // n's input (as rounded). Each weight is loaded and decoded once for all tokens.
 // (always_inline and the unrolled loops keep the accumulators in registers: PoCL's compiler left them on the stack)
 __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, const int b, const int cols_p, __private const float *xin,
@@ -114,19 +152,40 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
     intV part[TOKENS * CHAINS];
 #pragma unroll
     for (int i = 0; i < TOKENS * CHAINS; i++) part[i] = 0;
+    // pair k of the block, its two weights in the halves of every lane of m, into every token's sums
+#define PAIR_MADD(k, m) for (int n = 0; n < TOKENS; n++) \
+        part[n * CHAINS + (k) % CHAINS] = MADD(part[n * CHAINS + (k) % CHAINS], (m), xq[n * (BLOCK / 2) + (k)])
+#if defined(W_INT5)
+    // 5 words per 32 columns: 4 of nibbles, then the fifth bits (see the header)
+    __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 32 * 5) + (BLOCK / 32 * 5) * b;
+    PREFETCH_AHEAD(w, BLOCK / 32 * 5);
+#pragma unroll
+    for (int i = 0; i < BLOCK / 32; i++) {
+        const uintV high = w[5 * i + 4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const uintV u = w[5 * i + j];
+            // columns 8j + 2b and 8j + 2b + 1 as 5-bit values in byte b (bits 5-7 are left over from the plane)
+            const uintV even = (u & 0x0f0f0f0fu) | (SHIFT_RIGHT(high, 2 * j - 4) & 0xf0f0f0f0u);
+            const uintV odd = ((u >> 4) & 0x0f0f0f0fu) | (SHIFT_RIGHT(high, 2 * j - 3) & 0xf0f0f0f0u);
+#pragma unroll
+            for (int h = 0; h < PAIRS; h++)
+                PAIR_MADD(16 * i + 4 * j + h, ((h & 1 ? odd : even) >> (uint)(8 * (h / 2))) & PAIR_MASK);
+        }
+    }
+#else
     // a packed word holds PAIRS pairs of the block (q8: 2 of bytes, int4: 4 of nibbles; see the header)
     __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / (2 * PAIRS)) + (BLOCK / (2 * PAIRS)) * b;
+    PREFETCH_AHEAD(w, BLOCK / (2 * PAIRS));
 #pragma unroll
     for (int j = 0; j < BLOCK / (2 * PAIRS); j++) {
         const uintV u = w[j];
 #pragma unroll
-        for (int h = 0; h < PAIRS; h++) {
-            const int k = PAIRS * j + h;                                        // pair k of the block
-            const uintV m = (u >> (uint)(16 / PAIRS * h)) & PAIR_MASK;          // its two weights
-            for (int n = 0; n < TOKENS; n++)
-                part[n * CHAINS + k % CHAINS] = MADD(part[n * CHAINS + k % CHAINS], m, xq[n * (BLOCK / 2) + k]);
-        }
+        for (int h = 0; h < PAIRS; h++)
+            PAIR_MADD(PAIRS * j + h, (u >> (uint)(16 / PAIRS * h)) & PAIR_MASK);
     }
+#endif
+#undef PAIR_MADD
     const size_t g = (size_t)t * (cols_p / GROUP) + b;
     const floatV s = TILE_SCALES(s_, g);
 #if defined(ASYM)
@@ -136,14 +195,12 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
         intV q = part[n * CHAINS];
         for (int c = 1; c < CHAINS; c++) q += part[n * CHAINS + c];
         const floatV qx = __builtin_convertvector(q, floatV) * dx[n];     // sum_k q_k x_k (inline, unlike convert_floatV)
-#if defined(W_Q8) && defined(ASYM)
-        acc[n] += s * (qx - 128.0f * sx[n]) + m * sx[n];
-#elif defined(W_Q8)
-        acc[n] += s * (qx - 128.0f * sx[n]);
-#elif defined(ASYM)
-        acc[n] += s * qx + m * sx[n];
+#if defined(Q_OFFSET) && defined(ASYM)
+        acc[n] += s * (qx - Q_OFFSET * sx[n]) + m * sx[n];
+#elif defined(Q_OFFSET)
+        acc[n] += s * (qx - Q_OFFSET * sx[n]);
 #else
-        acc[n] += s * (qx - 8.0f * sx[n]);
+        acc[n] += s * qx + m * sx[n];
 #endif
     }
 #endif
@@ -205,7 +262,7 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
                 *(__private int4 *)(xq + n * (BLOCK / 2) + 4 * c) = (v.lo & 0xffff) | (v.hi << 16);
                 vsum += v;
             }
-            // the block sum that q8's and int4's offsets need: of the rounded block, so that the kernel
+            // the block sum that the offsets and mins need: of the rounded block, so that the kernel
             // computes W times the rounded x exactly
             vsum.lo += vsum.hi;
             vsum.lo.lo += vsum.lo.hi;

@@ -7,10 +7,11 @@ tensor names), so GGUF tools can inspect it, plus the key `dpllama.format` (uint
 f32 matrices, all norms and biases and rope_freqs.weight are plain F32 tensors, as llama.cpp names them.
 A quantized matrix `<name>` [rows, cols]
 (e.g. blk.0.attn_q) with group g and cols_p = cols rounded up to a multiple of g is stored as
-  - key `dpllama.kind.<name>` (string "q8" or "int4") and key `dpllama.group.<name>` (uint32 g)
+  - key `dpllama.kind.<name>` (string "q8", "int4" or "int5") and key `dpllama.group.<name>` (uint32 g)
   - q8:   `<name>.qweight` I8 [rows, cols_p], `<name>.scales` F32 [rows, cols_p / g]
   - int4: `<name>.qweight` I32 [rows, cols_p / 8] (the uint32 words of `Tensor.data`, bit for bit: GGUF
           has no unsigned 32-bit type), `<name>.scales` F16 (or F32, as a GGUF K-quant loads) [rows, cols_p / g]
+  - int5: as int4, with `<name>.qweight` I32 [rows, cols_p / 32 * 5] (g a multiple of 32)
   - asymmetric only, `<name>.mins` [rows, cols_p / g] of the scales' type
 exactly the arrays of `dpllama.model.weights.Tensor`, so loading is a view, not a conversion.
 """
@@ -48,6 +49,9 @@ _CONVERT = {
     T.BF16: lambda raw, rows, cols: Tensor.f32((raw.view("<u2").astype(np.uint32) << 16).view("<f4")
                                                .reshape(rows, cols)),
 } | GGUF_REPACK
+# quantized container kinds -> the multiple their group must be, and their qweight's width for cols_p columns
+_QUANTIZED = {"q8": (1, lambda cols_p: cols_p), "int4": (8, lambda cols_p: cols_p // 8),
+              "int5": (32, lambda cols_p: cols_p // 32 * 5)}
 # container array types -> NumPy dtype of the view
 _CONTAINER_DTYPES = {T.F32: "<f4", T.F16: "<f2", T.I8: "i1", T.I32: "<u4"}
 # ModelConfig field -> the GGUF key it comes from, for messages
@@ -153,12 +157,12 @@ def load_gguf(path: str | os.PathLike) -> Weights:
         if kind is None:
             return convert(f"{base}.weight", rows, cols, (rows, cols))
         group = fields.get(f"dpllama.group.{base}", 0)
-        if kind not in ("q8", "int4") or group <= 0 or (kind == "int4" and group % 8):
+        if kind not in _QUANTIZED or group <= 0 or group % _QUANTIZED[kind][0]:
             raise DpllamaError(f"{path}: bad dpllama layout for {base}: kind {kind!r}, group {group}")
         cols_p = round_up(cols, group)
         groups = (rows, cols_p // group)
-        data = array(f"{base}.qweight", (T.I8,), (rows, cols_p)) if kind == "q8" else \
-            array(f"{base}.qweight", (T.I32,), (rows, cols_p // 8))
+        data = array(f"{base}.qweight", (T.I8,) if kind == "q8" else (T.I32,),
+                     (rows, _QUANTIZED[kind][1](cols_p)))
         scales = array(f"{base}.scales", (T.F32,) if kind == "q8" else (T.F16, T.F32), groups)
         scale_type = T.F32 if scales.dtype == np.float32 else T.F16
         mins = array(f"{base}.mins", (scale_type,), groups) if f"{base}.mins" in tensors else None
@@ -208,7 +212,7 @@ def _add_matrix(w: GGUFWriter, base: str, t: Tensor) -> None:
         return
     w.add_string(f"dpllama.kind.{base}", t.kind)
     w.add_uint32(f"dpllama.group.{base}", t.group)
-    w.add_tensor(f"{base}.qweight", np.ascontiguousarray(t.data).view(np.int32) if t.kind == "int4" else t.data)
+    w.add_tensor(f"{base}.qweight", t.data if t.kind == "q8" else np.ascontiguousarray(t.data).view(np.int32))
     w.add_tensor(f"{base}.scales", np.ascontiguousarray(t.scales))        # in their type: loading is a view
     if t.mins is not None:
         w.add_tensor(f"{base}.mins", np.ascontiguousarray(t.mins))

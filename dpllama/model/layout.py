@@ -1,8 +1,8 @@
 """The device layout of the weights: how a matrix is packed for the matrix kernels, and the geometry of
 their launches.
 
-A matrix goes up in its storage format (f32, q8, int4 with per-group scales and mins), cut into tiles of
-`tile_rows` rows; inside a tile the `tile_rows` values of one column (one packed word for int4) lie side by
+A matrix goes up in its storage format (f32, q8, int4 or int5 with per-group scales and mins), cut into tiles
+of `tile_rows` rows; inside a tile the `tile_rows` values of one column (one packed word for int4) lie side by
 side, so that one vector load fetches that column for the whole tile (cl_kernels/weights.h says the
 same from the kernel's side). Several matrices with the same input become one (`fuse_rows`),
 so that one launch computes them all.
@@ -98,6 +98,20 @@ def q8_words(q: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).reshape(rows, cols_p).view("<u4")
 
 
+def int5_words(data: np.ndarray) -> np.ndarray:
+    """An int5 Tensor's data, uint32[rows, cols_p / 32 * 5] -> the same with every word of fifth bits permuted
+    as the matrix kernels read it (weights.h): the bit of column 8j + 2b + p (j, b < 4, p < 2) of the 32 moves
+    from bit 8j + 2b + p to bit 8b + 2j + p, which swaps the 2-bit fields j and b of the bit index (two
+    delta swaps: index bit 4 with bit 2, then bit 3 with bit 1)."""
+    words = data.reshape(data.shape[0], -1, 5).copy()
+    h = words[:, :, 4]
+    for shift, mask in ((12, 0x0000F0F0), (6, 0x00CC00CC)):     # the bits whose index has bit a = 0, bit b = 1
+        d = ((h >> np.uint32(shift)) ^ h) & np.uint32(mask)
+        h ^= d ^ (d << np.uint32(shift))
+    words[:, :, 4] = h
+    return words.reshape(data.shape)
+
+
 def weight_defines(t: Tensor, tile_rows: int, tiles: int, tokens: int) -> tuple[str, ...]:
     """The matrix program's defines for `t`'s format and a launch geometry."""
     fmt = ("W_F32",) if t.kind == "f32" else (
@@ -123,6 +137,8 @@ class DeviceTensor:
             data[:, :t.cols] = t.data
         if t.kind == "q8":
             data = q8_words(data)
+        elif t.kind == "int5":
+            data = int5_words(data)
         self.rows, self.cols, self.cols_p = t.rows, t.cols, cols_p
         self.nbytes = t.nbytes
         self.geometry = geometry

@@ -4,7 +4,9 @@ All NumPy, vectorized over whole tensors.
 
 GGUF type -> Tensor (docs/ARCHITECTURE.md, "Weight formats", has the table and the reasons):
   Q4_0 int4 symmetric g32 fp16 scales      Q4_1 int4 asymmetric g32 fp16
-  Q8_0 q8 g32      Q5_0 q8 g32      Q5_1 q8 asymmetric g32      Q6_K q8 g16      Q5_K q8 asymmetric g32
+  Q5_0 int5 symmetric g32 fp16 scales      Q5_1 int5 asymmetric g32 fp16
+  Q5_K int5 asymmetric g32 float32 scales and mins
+  Q8_0 q8 g32      Q6_K q8 g16
   Q4_K int4 asymmetric g32 float32 scales and mins               Q3_K int4 symmetric g16 float32 scales
   Q2_K int4 asymmetric g16 float32 scales and mins
 Every one is exact: the K-quants' two-level scales (fp16 d times a 4-, 6- or 8-bit sub-block scale: up to 19
@@ -19,7 +21,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from dpllama.errors import DpllamaError
-from dpllama.model.weights import Tensor
+from dpllama.model.weights import OFFSET, Tensor
 
 
 
@@ -44,6 +46,15 @@ def _pack_nibbles(q: np.ndarray) -> np.ndarray:
     q = q.astype(np.uint8)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)
     return np.ascontiguousarray(packed).view("<u4")
+
+
+def _pack_int5(q: np.ndarray) -> np.ndarray:
+    """uint8[rows, n] values 0..31 (n % 32 == 0) -> uint32[rows, n // 32 * 5]: per 32 values their low 4 bits
+    as _pack_nibbles packs them (4 words), then their fifth bits, value i at bit i (weights.py's int5)."""
+    rows = q.shape[0]
+    nibbles = _pack_nibbles(q & 15).reshape(rows, -1, 4)
+    high = np.packbits((q >> 4).reshape(rows, -1, 32), axis=-1, bitorder="little").view("<u4")   # [rows, n/32, 1]
+    return np.ascontiguousarray(np.concatenate([nibbles, high], axis=2).reshape(rows, -1))
 
 
 def quantize_q8(w: np.ndarray, group: int = 32) -> Tensor:
@@ -136,6 +147,10 @@ def _int4(q: np.ndarray, rows: int, cols: int, group: int, scales: np.ndarray, m
     return Tensor("int4", rows, cols, _pack_nibbles(q), scales=scales, mins=mins, group=group)
 
 
+def _int5(q: np.ndarray, rows: int, cols: int, group: int, scales: np.ndarray, mins=None) -> Tensor:
+    return Tensor("int5", rows, cols, _pack_int5(q), scales=scales, mins=mins, group=group)
+
+
 def _q8(q: np.ndarray, rows: int, cols: int, group: int, scales: np.ndarray, mins=None) -> Tensor:
     return Tensor("q8", rows, cols, np.ascontiguousarray(q, np.int8), scales=scales, mins=mins, group=group)
 
@@ -164,17 +179,18 @@ def repack_q4_1(raw: np.ndarray, rows: int, cols: int) -> Tensor:
 
 
 def repack_q5_0(raw: np.ndarray, rows: int, cols: int) -> Tensor:
-    """Q5_0 (22 bytes / 32: fp16 d, 4 bytes of fifth bits, 16 of nibbles; w = d (q - 16)) -> q8 g32."""
+    """Q5_0 (22 bytes / 32: fp16 d, 4 bytes of fifth bits, 16 of nibbles; w = d (q - 16)) -> int5 symmetric g32,
+    fp16 scales."""
     b = _blocks(raw, rows, cols, GGMLQuantizationType.Q5_0)
     q = _nibbles_32(b[:, :, 6:]) | (_high_bits_32(b[:, :, 2:6]) << 4)
-    return _q8(q.astype(np.int8) - 16, rows, cols, 32, _f32(b, 0))
+    return _int5(q, rows, cols, 32, _f16(b, 0))
 
 
 def repack_q5_1(raw: np.ndarray, rows: int, cols: int) -> Tensor:
-    """Q5_1 (24 bytes / 32: fp16 d, fp16 m, fifth bits, nibbles; w = d q + m) -> q8 asymmetric g32."""
+    """Q5_1 (24 bytes / 32: fp16 d, fp16 m, fifth bits, nibbles; w = d q + m) -> int5 asymmetric g32, fp16."""
     b = _blocks(raw, rows, cols, GGMLQuantizationType.Q5_1)
     q = _nibbles_32(b[:, :, 8:]) | (_high_bits_32(b[:, :, 4:8]) << 4)
-    return _q8(q, rows, cols, 32, _f32(b, 0), _f32(b, 2))
+    return _int5(q, rows, cols, 32, _f16(b, 0), _f16(b, 2))
 
 
 def repack_q8_0(raw: np.ndarray, rows: int, cols: int) -> Tensor:
@@ -217,12 +233,12 @@ def repack_q4_k(raw: np.ndarray, rows: int, cols: int) -> Tensor:
 
 def repack_q5_k(raw: np.ndarray, rows: int, cols: int) -> Tensor:
     """Q5_K (176 bytes / 256: Q4_K's fields, with 32 bytes of fifth bits (sub-block j at bit j) before the
-    nibbles; w = d sc q - dmin m per 32, q < 32) -> q8 asymmetric g32."""
+    nibbles; w = d sc q - dmin m per 32, q < 32) -> int5 asymmetric g32, float32 scales and mins."""
     b = _blocks(raw, rows, cols, GGMLQuantizationType.Q5_K)
     sc, mn = _scale_min_k4(b[:, :, 4:16])
     low = _flat(_planes(b[:, :, 48:].reshape(rows, -1, 4, 32), (0, 4), 0xF))
     q = low | (_flat(_planes(b[:, :, 16:48], range(8), 1)) << 4)
-    return _q8(q, rows, cols, 32, _times(_f32(b, 0), sc), -_times(_f32(b, 2), mn))
+    return _int5(q, rows, cols, 32, _times(_f32(b, 0), sc), -_times(_f32(b, 2), mn))
 
 
 def repack_q6_k(raw: np.ndarray, rows: int, cols: int) -> Tensor:
@@ -245,28 +261,35 @@ GGUF_REPACK = {T.Q4_0: repack_q4_0, T.Q4_1: repack_q4_1, T.Q5_0: repack_q5_0, T.
 def widen(tensors: list[Tensor]) -> list[Tensor]:
     """The tensors in one format, the narrowest that holds each exactly (so fuse_rows can stack them): f32 if
     any is f32 or the groups share no multiple of 8; else groups split to their greatest common divisor
-    (each scale repeated), q8 unless all are int4 (4-bit values fit in 8), asymmetric if any is (min = 0,
-    or -8 s for symmetric int4: exact), float32 scales unless all are fp16."""
+    (each scale repeated), int4 if all are int4, int5 if all are int4 or int5 and that group is a multiple of
+    32 (int5's words of fifth bits span 32 inputs), else q8 (4- and 5-bit values fit in 8); asymmetric if any
+    is (min = 0, or -8 s / -16 s for symmetric int4 / int5: exact), float32 scales unless all are fp16 and the
+    kind is not q8 (whose kernels take float32 only)."""
     if len({(t.kind, t.group, t.mins is not None, t.scales.dtype if t.group else None) for t in tensors}) == 1:
         return tensors
     group = math.gcd(*(t.group for t in tensors))
     if any(t.kind == "f32" for t in tensors) or group % 8:
         return [Tensor.f32(t.dequantize()) for t in tensors]
-    kind = "int4" if all(t.kind == "int4" for t in tensors) else "q8"
+    kinds = {t.kind for t in tensors}
+    kind = "int4" if kinds == {"int4"} else "int5" if kinds <= {"int4", "int5"} and group % 32 == 0 else "q8"
     asym = any(t.mins is not None for t in tensors)
-    dtype = np.float16 if kind == "int4" and all(t.scales.dtype == np.float16 for t in tensors) else np.float32
+    dtype = np.float16 if kind != "q8" and all(t.scales.dtype == np.float16 for t in tensors) else np.float32
 
     def one(t: Tensor) -> Tensor:
         q = t.data if t.kind == "q8" else t.levels()
         scales = t.scales.astype(dtype)
         mins = None if t.mins is None else t.mins.astype(dtype)
-        if t.kind == "int4" and t.mins is None and kind == "q8":
-            q = q.astype(np.int8) - 8                       # s (q - 8) as a q8 value
-        elif t.kind == "int4" and t.mins is None and asym:
-            mins = -8 * scales                              # s (q - 8) = s q + (-8 s)
+        if t.kind in OFFSET and t.mins is None:             # s (q - offset)
+            if kind == "q8":
+                q = q.astype(np.int8) - OFFSET[t.kind]      # as a q8 value
+            elif asym:
+                mins = -OFFSET[t.kind] * scales             # = s q + (-offset s)
+            else:
+                q = q + (OFFSET[kind] - OFFSET[t.kind])     # int4's q - 8 as int5's (q + 8) - 16
         if asym and mins is None:
             mins = np.zeros_like(scales)
         k = t.group // group                                # each group splits into k
-        return Tensor(kind, t.rows, t.cols, q.astype(np.int8) if kind == "q8" else _pack_nibbles(q),
-                      np.repeat(scales, k, axis=1), None if mins is None else np.repeat(mins, k, axis=1), group)
+        data = q.astype(np.int8) if kind == "q8" else _pack_int5(q) if kind == "int5" else _pack_nibbles(q)
+        return Tensor(kind, t.rows, t.cols, data, np.repeat(scales, k, axis=1),
+                      None if mins is None else np.repeat(mins, k, axis=1), group)
     return [one(t) for t in tensors]

@@ -2,7 +2,7 @@
 
 It is the oracle the device kernels are tested against, so it favours being obviously right over being
 fast: weights are dequantized once to float32, activations and the KV cache stay float32, except that a
-quantized (q8, int4) matrix multiplies its input rounded to 16-bit steps per group, as the kernels do
+quantized (q8, int4, int5) matrix multiplies its input rounded to 16-bit steps per group, as the kernels do
 (matrix.cl's header).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 def round_to_int16_steps(x: np.ndarray, group: int) -> np.ndarray:
     """x with each group of `group` elements rounded to a multiple of max|x over the group| / 32767: what
-    the q8 and int4 kernels multiply (they take x as 16-bit integers and one scale per group)."""
+    the quantized kernels multiply (they take x as 16-bit integers and one scale per group)."""
     xg = np.pad(x, (0, -x.size % group)).reshape(-1, group)
     top = np.abs(xg).max(axis=1, keepdims=True)
     inv = np.divide(f32(32767), top, out=np.zeros_like(top), where=top > 0)

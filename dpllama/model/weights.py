@@ -13,9 +13,14 @@ dequantizes it. Storage formats of a weight matrix W[rows=out, cols=in] (y = W @
   or float32 where float16 would round them (GGUF's K-quants: d * sub-block scale);
   symmetric:  w = scale * (q - 8)
   asymmetric: w = scale * q + min, mins [rows, cols_p // group] of the scales' type
+- ``int5``: data uint32[rows, cols_p // 32 * 5]: per 32 inputs, int4's four words of nibbles (the low 4 bits
+  of each value), then one word of their fifth bits, element 32*b + i at bit i of word 5*b + 4 (GGUF's
+  Q5_0, Q5_1 and Q5_K, bit for bit); groups are multiples of 32; scales and mins as int4's;
+  symmetric:  w = scale * (q - 16)
+  asymmetric: w = scale * q + min
 
 cols_p is cols rounded up to a multiple of the group size; the padding holds zero weights
-(q = 0 for q8, q = 8 symmetric, q = 0 with min = 0 asymmetric in a padded-only group).
+(q = 0 for q8, q = 8 or 16 symmetric, q = 0 with min = 0 asymmetric in a padded-only group).
 """
 from __future__ import annotations
 
@@ -132,9 +137,24 @@ def check_config(c: ModelConfig, source: str, names: dict[str, str] | None = Non
                       f"{next(f for f in factors if not (math.isfinite(f) and f > 0))}")
 
 
+# the symmetric kinds' offset: w = scale * (q - OFFSET)
+OFFSET = {"int4": 8, "int5": 16}
+
+
+def unpack_levels(kind: str, data: np.ndarray) -> np.ndarray:
+    """int4 or int5 data (the layouts above), uint32[rows, n] -> the values q, uint8[rows, cols_p]."""
+    rows = data.shape[0]
+    if kind == "int5":
+        words = data.reshape(rows, -1, 5)
+        high = (words[:, :, 4:] >> np.arange(32, dtype=np.uint32)) & 1        # [rows, blocks, 32]
+        return unpack_levels("int4", words[:, :, :4].reshape(rows, -1)) | (high.astype(np.uint8).reshape(rows, -1) << 4)
+    shifts = np.arange(8, dtype=np.uint32) * 4
+    return ((data[:, :, None] >> shifts) & 0xF).astype(np.uint8).reshape(rows, -1)
+
+
 @dataclass
 class Tensor:
-    """One weight matrix [rows, cols] in one of the formats above: f32, q8 or int4."""
+    """One weight matrix [rows, cols] in one of the formats above: f32, q8, int4 or int5."""
     kind: str
     rows: int
     cols: int
@@ -152,9 +172,8 @@ class Tensor:
         return sum(a.nbytes for a in (self.data, self.scales, self.mins) if a is not None)
 
     def levels(self) -> np.ndarray:
-        """An int4 tensor's 4-bit values q, uint8[rows, cols_p] (before the - 8 of the symmetric kind)."""
-        shifts = np.arange(8, dtype=np.uint32) * 4
-        return ((self.data[:, :, None] >> shifts) & 0xF).astype(np.uint8).reshape(self.rows, -1)
+        """An int4 or int5 tensor's values q, uint8[rows, cols_p] (before the - 8 or - 16 of the symmetric kind)."""
+        return unpack_levels(self.kind, self.data)
 
     @staticmethod
     def f32(w: np.ndarray) -> "Tensor":
@@ -175,10 +194,10 @@ class Tensor:
         g = self.group
         if self.kind == "q8":
             q = self.data.astype(np.float32).reshape(self.rows, -1, g)
-        elif self.kind == "int4":
+        elif self.kind in OFFSET:
             q = self.levels().reshape(self.rows, -1, g).astype(np.float32)
             if self.mins is None:
-                q -= 8
+                q -= OFFSET[self.kind]
         else:
             raise ValueError(f"unknown tensor kind {self.kind!r}")
         w = self.scales.astype(np.float32)[:, :, None] * q
@@ -194,9 +213,9 @@ class Tensor:
 MAX_WEIGHT = 2.0 ** 32
 # the stored floats of each kind, with the share of MAX_WEIGHT each may take: q8 w = s q (+ m), |q| <= 128, so
 # |s| < 2^-8 and |m| < 2^-1; int4 w = s (q - 8) or s q + m, q <= 15, so |s| < 2^-5 and |m| < 2^-1 keep |w| below
-# the bound
+# the bound; int5's q <= 31 takes |s| < 2^-6
 _FLOATS = {"f32": (("weight", "data", 1),), "q8": (("scale", "scales", 256), ("min", "mins", 2)),
-           "int4": (("scale", "scales", 32), ("min", "mins", 2))}
+           "int4": (("scale", "scales", 32), ("min", "mins", 2)), "int5": (("scale", "scales", 64), ("min", "mins", 2))}
 
 
 def _within(a: np.ndarray, bound: float) -> bool:
