@@ -118,7 +118,7 @@ def test_int5_kernels_under_oclgrind(oclgrind_env, repo_root):
     (work-items splitting a tile's blocks) and with several tiles a work-group, and weight_at's (embed); the
     stories260K and int4 models above hold no int5 matrix."""
     env, d = oclgrind_env
-    tests = [f"tests/test_kernels.py::test_gemv_kernels[gemv_add-{case}]"
+    tests = [f"tests/test_kernels.py::test_gemv_kernels[{case}-gemv_add]"
              for case in ("int5g32-q50-gpu-decode", "int5asym32f-q5k-gpu-prefill", "int5asym32-q51-odd-decode")]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider", *tests,
                         "tests/test_kernels.py::test_embed[int5g32-q50-gpu]"],
