@@ -40,14 +40,16 @@ class Geometry:
     prefill_tokens: int         # prompt tokens per work-group in prefill
     prefill_tiles: int          # row tiles per work-group in prefill
     prefill_chunk: int          # prompt tokens per forward pass
+    decode_rows: int = 1        # passes of up to this many rows run decode's kernels (a work-group per row)
 
     @classmethod
     def of(cls, config: DeviceConfig) -> "Geometry":
         return cls(**config["work_group"])
 
     def tokens(self, T: int) -> int:
-        """Tokens per work-group for a pass over T tokens: 1 to decode, prefill_tokens in prefill."""
-        return 1 if T == 1 else self.prefill_tokens
+        """Tokens per work-group for a pass over T rows: 1 to decode (and for a batch of up to decode_rows rows,
+        a work-group per row), prefill_tokens in prefill."""
+        return 1 if T <= max(1, self.decode_rows) else self.prefill_tokens
 
     def tiles(self, tokens: int) -> int:
         """Row tiles per work-group for `tokens` tokens per work-group."""
