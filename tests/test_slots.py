@@ -90,6 +90,8 @@ def test_batch_parts_are_checked(model):
             model.batch(parts)
     with pytest.raises(ValueError, match="a batch holds 1 to"):
         model.batch([Part(0, 0, [1] * (model.chunk + 1), True)])
+    with pytest.raises(ValueError, match="one part per slot"):
+        model.batch([Part(0, 0, [1], False), Part(0, 1, [2], True)])
 
 
 def test_chunked_prompt_equals_the_whole_prompt_fed_at_once(model):

@@ -167,6 +167,7 @@ class Llama:
         self.batch_start = zeros(q, 1, "batch_start", np.int32)
         self.batch_rows = zeros(q, 2 * n, "batch_rows", np.int32)
         self.batch_wanted = zeros(q, n, "batch_wanted", np.int32)
+        self.batch_logits = zeros(q, slots * c.vocab_size, "batch_logits")     # a row per part: one part per slot
         self.batch_commands: dict[int, list] = {}       # T -> the layers over a batch of T rows
         self.head_commands: dict[int, list] = {}        # m -> the gather and LM head of m of its rows
 
@@ -279,8 +280,7 @@ class Llama:
                             c.vocab_size, g=self.norm.read(), eps=np.float32(c.norm_eps))
 
     def _row_logits(self) -> Buffer:
-        """[chunk, vocab], for passes that want the logits of several rows; made on first use (perplexity's and
-        the batches' only)."""
+        """[chunk, vocab], for the all-rows passes (perplexity); made on first use."""
         if self.row_logits is None:
             self.row_logits = zeros(self.q, self.chunk * self.config.vocab_size, "row_logits")
         return self.row_logits
@@ -296,6 +296,8 @@ class Llama:
         T = sum(len(p.tokens) for p in parts)
         if not 0 < T <= self.chunk:
             raise ValueError(f"a batch holds 1 to {self.chunk} tokens, found {T}")
+        if len({p.slot for p in parts}) < len(parts):
+            raise ValueError("a batch holds one part per slot")
         rows, ids, wanted = np.empty((T, 2), np.int32), np.empty(T, np.int32), []
         r = 0
         for p in parts:
@@ -323,14 +325,14 @@ class Llama:
         if m not in self.head_commands:
             self.head_commands[m] = [
                 kernels.gather_rows(self.q, self.state_prog, self.x, self.batch_wanted, 0, m, self.dim_p),
-                self._lm_head(m, self._row_logits())]
+                self._lm_head(m, self.batch_logits)]
         head = self.head_commands[m]
         if wanted != list(range(m)):          # else the rows are in place already (a batch of decode steps)
             self.batch_wanted.set(np.array(wanted, np.int32))
         else:
             head = head[1:]
         self.q.replay(head)
-        return self.row_logits.get(count=m * self.config.vocab_size).reshape(m, -1)
+        return self.batch_logits.get(count=m * self.config.vocab_size).reshape(m, -1)
 
     def _advance(self, n: int) -> None:
         key = (n, self.seq.slot)

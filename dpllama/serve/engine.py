@@ -3,10 +3,11 @@
 The scheduler thread loads the model and is then the only thread that touches the device. Each round it
 admits waiting requests into free slots (each slot a sequence of the model with its own KV cache and
 positions: the context is per slot) and runs one batched forward pass (`Llama.batch`) for all running
-requests: every decoding request's newest token, then, in the room left of the pass's `prefill_chunk` rows,
-the next pieces of the prompts still being read, oldest request first. Each weight is read and decoded once
+requests: every decoding request's newest token, then, in the room left of the pass's rows (`--batch-size`,
+Llama's `chunk`), the next pieces of the prompts still being read, oldest request first. Each weight is read and decoded once
 per pass for all of them, and a new prompt is read in pieces between the decode steps of the running
-streams, which never stall for a whole prompt. Every request is a `Generation` (dpllama.generate, the one
+streams, which never stall for more than a pass. A new request goes to the free slot whose KV cache holds
+the longest prefix of its prompt (llama-server's cache_prompt). Every request is a `Generation` (dpllama.generate, the one
 generation contract) with its own sampler, and the passes are dpllama.generate.step_together's.
 
 Results do not depend on load: a row's arithmetic is the same whichever rows share its pass (the matrix
