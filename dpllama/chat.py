@@ -7,7 +7,7 @@ template of its own (any llama2.c model) gets ChatML, and the chat says so at th
 """
 from __future__ import annotations
 
-from dpllama.generate import Sampler, generate
+from dpllama.generate import Sampler, generate, reusable
 from dpllama.llm import LLM
 from dpllama.tokenizer import StreamDecoder, Tokenizer
 
@@ -42,9 +42,7 @@ class Chat:
             while len(ids) + min(self.max_reply, limit // 4) > limit and len(self.messages) > first + 1:
                 del self.messages[first:first + 2]      # the oldest exchange
                 ids = self._prompt_ids()
-            keep = 0
-            while keep < min(len(self.cached), len(ids) - 1) and self.cached[keep] == ids[keep]:
-                keep += 1
+            keep = reusable(self.cached, ids)
             self.cached = ids[:keep]    # all the cache is sure to hold if the reply is cut short
             model, tok = self.llm.model, self.llm.tokenizer
             dec = StreamDecoder(tok, prev=ids[-1])

@@ -118,6 +118,15 @@ class Sampler:
         return int(order[min(i, len(order) - 1)])
 
 
+def reusable(cached: list[int], prompt: list[int]) -> int:
+    """How many of `prompt`'s first tokens a KV cache holding `cached` serves (`generate`'s keep): their common
+    prefix, short of the prompt's last token, which must be fed for its logits."""
+    keep = 0
+    while keep < min(len(cached), len(prompt) - 1) and cached[keep] == prompt[keep]:
+        keep += 1
+    return keep
+
+
 def check_steps(steps: int, name: str = "steps") -> int:
     """`steps` (positions to run, as llama2.c's -n) unless it is negative; `name` is how the user gave it."""
     if steps < 0:

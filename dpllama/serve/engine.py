@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from dpllama.errors import DpllamaError
-from dpllama.generate import Generation, Sampler, generate, step_together
+from dpllama.generate import Generation, Sampler, generate, reusable, step_together
 from dpllama.llm import LLM, text_decoder
 from dpllama.serve.metrics import Metrics
 from dpllama.tokenizer import Tokenizer
@@ -224,16 +224,9 @@ class Engine:
     def _slot_for(self, request: Request) -> tuple[Request, int, int]:
         """The free slot whose KV cache holds the longest prefix of the request's prompt (the lowest of equals),
         taken, and how many of the prompt's tokens it can keep (all but the last, which must be fed)."""
-        def common(slot: int) -> int:
-            kept, n = self._kept[slot], 0
-            for a, b in zip(kept, request.prompt):
-                if a != b:
-                    break
-                n += 1
-            return n
-        slot = max(self._free, key=lambda s: (common(s), -s))
+        slot = max(self._free, key=lambda s: (reusable(self._kept[s], request.prompt), -s))
         self._free.remove(slot)
-        return request, slot, min(common(slot), len(request.prompt) - 1)
+        return request, slot, reusable(self._kept[slot], request.prompt)
 
     def _admit(self, request: Request, slot: int, keep: int) -> None:
         """Start the request in `slot`, reusing the KV cache of the prompt's first `keep` tokens (llama-server's
