@@ -16,7 +16,7 @@ from dpllama.generate import Sampler, check_steps, generate, new_tokens
 from dpllama.hub import resolve_model
 from dpllama.loaders import load_tokenizer, load_weights
 from dpllama.model.layout import Geometry
-from dpllama.model.llama import Llama, floats_per_position
+from dpllama.model.llama import Llama, floats_per_position, pass_rows
 from dpllama.model.weights import ModelConfig
 from dpllama.runtime import Queue, open_queue
 from dpllama.tokenizer import StreamDecoder, Tokenizer, printable_piece
@@ -91,7 +91,7 @@ def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None, slots: int
     together in one maximum allocation, and each under 2^31 elements, as the kernels index them with int."""
     n = min(max_seq or c.seq_len, c.seq_len)
     geo = Geometry.of(q.config)
-    per_pos = floats_per_position(c, max(slots, chunk or geo.prefill_chunk), slots)
+    per_pos = floats_per_position(c, pass_rows(geo.prefill_chunk, slots, chunk, n), slots)
     step = geo.attention_positions      # Llama pads the context to a multiple of it
     cap = max(step, min(q.max_alloc // (4 * sum(per_pos)), (2**31 - 1) // max(per_pos)) // step * step)
     if n > cap:

@@ -62,6 +62,12 @@ def neox_rows(n_heads: int, head_dim: int) -> np.ndarray:
     return (np.arange(n_heads)[:, None] * head_dim + half).ravel()
 
 
+def pass_rows(prefill_chunk: int, slots: int, chunk: int | None, seq_len: int) -> int:
+    """Rows of a forward pass: `chunk` (else the config's prefill_chunk), at most the context, and at least a
+    decode step of every slot, so that a batch never leaves a decoding sequence out."""
+    return max(slots, min(chunk or prefill_chunk, seq_len))
+
+
 def floats_per_position(c, chunk: int, slots: int = 1) -> tuple[int, ...]:
     """Floats that each position of the context costs in Llama's buffers that grow with it: the KV cache of
     every slot, the attention scores of a pass of `chunk` rows (att), the RoPE table (rope) and each slot's
@@ -101,8 +107,7 @@ class Llama:
         self.q = q
         self.geometry = geo = Geometry.of(q.config)
         self.seq_len = min(max_seq or c.seq_len, c.seq_len)
-        # a pass holds a decode step of every slot at least, so a batch never leaves a decoding sequence out
-        self.chunk = max(slots, min(chunk or geo.prefill_chunk, self.seq_len))
+        self.chunk = pass_rows(geo.prefill_chunk, slots, chunk, self.seq_len)
         self.attention_defines = (f"ATTENTION_POSITIONS={geo.attention_positions}", f"HD_VEC={pow2_divisor(c.head_dim)}")
         dim, q_dim = c.dim, c.n_heads * c.head_dim
         # decode's attention inside the QKV launch (qkv_attention): where the config asks for it for this
