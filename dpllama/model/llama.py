@@ -290,6 +290,12 @@ class Llama:
             self.row_logits = zeros(self.q, self.chunk * self.config.vocab_size, "row_logits")
         return self.row_logits
 
+    def _check_ids(self, ids, where: str = "") -> None:
+        """The embedding kernels read the row of each id unchecked: one past the table reads far outside it."""
+        bad = next((int(t) for t in ids if not 0 <= t < self.config.vocab_size), None)
+        if bad is not None:
+            raise DpllamaError(f"token id {bad} {where}is not in the model's vocabulary of {self.config.vocab_size}")
+
     # ---- batches: rows of several sequences in one pass (the server's engine drives them) ----
     def batch(self, parts: list[Part]) -> np.ndarray:
         """One forward pass over the tokens of several sequences, each in its own slot at its own positions
@@ -315,9 +321,7 @@ class Llama:
             r += n
             if p.logits:
                 wanted.append(r - 1)
-        if ((ids < 0) | (ids >= self.config.vocab_size)).any():   # embed reads the row of each id unchecked
-            raise DpllamaError(f"token id {int(ids[(ids < 0) | (ids >= self.config.vocab_size)][0])} is not in "
-                               f"the model's vocabulary of {self.config.vocab_size}")
+        self._check_ids(ids)
         self.batch_tokens.set(ids)
         self.batch_rows.set(rows.ravel())
         if T not in self.batch_commands:
@@ -354,11 +358,7 @@ class Llama:
             raise DpllamaError("the prompt must hold at least one token (e.g. BOS)")
         if len(prompt) > self.seq_len:
             raise DpllamaError(f"prompt of {len(prompt)} tokens does not fit the context of {self.seq_len}")
-        # the embedding kernels read the row of each id unchecked: one past the table reads far outside it
-        bad = next((t for t in prompt if not 0 <= t < self.config.vocab_size), None)
-        if bad is not None:
-            raise DpllamaError(f"token id {bad} in the prompt is not in the model's vocabulary of "
-                               f"{self.config.vocab_size}")
+        self._check_ids(prompt, "in the prompt ")
         if not 0 <= keep < len(prompt):
             raise ValueError(f"keep={keep} must leave at least one of {len(prompt)} prompt tokens to feed")
         self.seq.reset(prompt, keep)
