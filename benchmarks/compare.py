@@ -3,6 +3,7 @@
     python benchmarks/compare.py                      # SmolLM2-135M Q4_1, 512-token prompt, 128 generated
     python benchmarks/compare.py --rounds 5 --json    # more rounds; machine-readable
     POCL_KERNELLIB_NAME=avx2 python benchmarks/compare.py   # dpllama's AVX2 path on an AVX-512 host (PoCL >= 3.1)
+    python benchmarks/compare.py --activation-bits 16,8     # dpllama with 16- and with 8-bit activations, one run
 
 llama.cpp comes from llama-cpp-python (the `bench` extra: `pip install '.[bench]'`, a native build of
 several minutes); it runs with the same thread count as the machine's cores. Each round measures
@@ -87,6 +88,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--activation-bits", default="16", metavar="B,B",
+                    help="dpllama's --activation-bits, each measured in every round (default 16; 16,8 for both)")
     args = ap.parse_args()
     try:
         import llama_cpp
@@ -95,22 +98,30 @@ def main() -> None:
 
     path = resolve_model(args.model)
     queue = open_queue()
-    ours = Llama(load_weights(path), queue, max_seq=args.prompt + args.gen)
+    weights = load_weights(path)
+    # each activation width dpllama runs with, by its name in the results: "dpllama" for the default 16 bits
+    name = lambda bits: "dpllama" if bits == 16 else f"dpllama {bits}-bit"    # noqa: E731
+    ours_all = {name(b): Llama(weights, queue, max_seq=args.prompt + args.gen, activation_bits=b)
+                for b in (int(b) for b in args.activation_bits.split(","))}
     theirs = llama_cpp.Llama(model_path=str(path), n_ctx=args.prompt + args.gen + 8, n_batch=512,
                              n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     rng = np.random.default_rng(0)
-    prompt = [int(t) for t in rng.integers(17, ours.config.vocab_size, args.prompt)]
-    run_once(ours, prompt[:16], 4)                # warm-up: first launches, page-ins
+    prompt = [int(t) for t in rng.integers(17, weights.config.vocab_size, args.prompt)]
+    for m in ours_all.values():
+        run_once(m, prompt[:16], 4)               # warm-up: first launches, page-ins
     llamacpp_round(theirs, prompt[:16], 4)
     rounds = []
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
-        a, b = run_once(ours, prompt, args.gen), llamacpp_round(theirs, prompt, args.gen)
-        rounds.append({"dpllama": a, "llama.cpp": b,
-                       "prompt_ratio": a["prompt_tok_s"] / b["prompt_tok_s"],
-                       "decode_ratio": a["decode_tok_s"] / b["decode_tok_s"]})
-    med = {k: statistics.median(r[k] for r in rounds) for k in ("prompt_ratio", "decode_ratio")}
-    for who in ("dpllama", "llama.cpp"):
+        row = {who: run_once(m, prompt, args.gen) for who, m in ours_all.items()}
+        b = row["llama.cpp"] = llamacpp_round(theirs, prompt, args.gen)
+        for who in ours_all:
+            suffix = "" if who == "dpllama" else f" ({who})"
+            row["prompt_ratio" + suffix] = row[who]["prompt_tok_s"] / b["prompt_tok_s"]
+            row["decode_ratio" + suffix] = row[who]["decode_tok_s"] / b["decode_tok_s"]
+        rounds.append(row)
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0] if "ratio" in k}
+    for who in (*ours_all, "llama.cpp"):
         for k in ("prompt_tok_s", "decode_tok_s"):
             med[f"{who} {k}"] = statistics.median(r[who][k] for r in rounds)
 
@@ -146,10 +157,13 @@ def main() -> None:
     print(f"{path.name}, {args.prompt}-token prompt, {args.gen} generated, {args.threads} threads, "
           f"{args.rounds} interleaved rounds (medians); dpllama on {queue.device}, kernel path "
           f"{result['kernel_path']}, config {result['config']}")
-    print(f"{'':10} {'prompt tok/s':>13} {'decode tok/s':>13}")
-    for who in ("dpllama", "llama.cpp"):
-        print(f"{who:10} {med[who + ' prompt_tok_s']:13.1f} {med[who + ' decode_tok_s']:13.1f}")
-    print(f"{'ratio':10} {med['prompt_ratio']:13.2f} {med['decode_ratio']:13.2f}")
+    print(f"{'':16} {'prompt tok/s':>13} {'decode tok/s':>13}")
+    for who in (*ours_all, "llama.cpp"):
+        print(f"{who:16} {med[who + ' prompt_tok_s']:13.1f} {med[who + ' decode_tok_s']:13.1f}")
+    for who in ours_all:
+        suffix = "" if who == "dpllama" else f" ({who})"
+        print(f"{'ratio ' + who[8:] if suffix else 'ratio':16} {med['prompt_ratio' + suffix]:13.2f} "
+              f"{med['decode_ratio' + suffix]:13.2f}")
     print(f"streaming read bandwidth (read-only kernel): {bw:.1f} GB/s")
     for kind, r in roof.items():
         print(f"stories15M {kind:8}: {r['decode_tok_s']:7.1f} tok/s, {r['weight_mb']:.1f} MB/token, "

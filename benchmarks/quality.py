@@ -4,6 +4,7 @@ in llama-perplexity's protocol (dpllama/perplexity.py).
     PYTHONPATH=. python benchmarks/quality.py                 # 16 chunks of 512 (about 15 minutes on 2 cores)
     PYTHONPATH=. python benchmarks/quality.py --chunks 4 --json
     PYTHONPATH=. python benchmarks/quality.py --model qwen2.5-coder-0.5b   # the file as shipped against its f32
+    PYTHONPATH=. python benchmarks/quality.py --shipped-only  # the reference and the file as shipped only
 
 The reference of the KL divergence is the shipped Q4_1 file's own weights dequantized to float32 and run with float32
 weights and activations (dpllama's f32 kernels): there is no float32 SmolLM2 GGUF here, so every other row is the
@@ -12,7 +13,8 @@ against the original bf16 model. The float32 reference is the computation of the
 shared/models/smollm2/perplexity_wikitext2.json, whose per-chunk values are printed beside it. Each model goes
 through the same code as `dpllama perplexity` (chunk_distributions); the int4 variants are `dpllama quantize`'s
 (dpllama.quantize.quantize, the table kept in 8 bits as its default); "q8" puts every matrix in q8 group 32, which
-the command does not offer. Not part of the test suite.
+the command does not offer. The file as shipped is also run with `--activation-bits 8` (llama.cpp's numerics). Not
+part of the test suite.
 """
 from __future__ import annotations
 
@@ -51,18 +53,20 @@ def every_matrix(w: Weights, convert) -> Weights:
 
 
 def variants(w: Weights, requantized: bool):
-    """(name, weights) of every row, the reference first; built one at a time (the f32 one holds 650 MB for
-    SmolLM2, 2 GB for Qwen2.5-0.5B). `requantized`: SmolLM2's rows in dpllama's other formats too."""
+    """(name, weights, activation bits) of every row, the reference first; built one at a time (the f32 one holds
+    650 MB for SmolLM2, 2 GB for Qwen2.5-0.5B). `requantized`: SmolLM2's rows in dpllama's other formats too."""
     shipped = Path(w.meta["path"]).name
-    yield f"f32 reference ({shipped} dequantized)", every_matrix(w, lambda t: Tensor.f32(t.dequantize()))
-    yield f"{shipped} as shipped", w
+    yield f"f32 reference ({shipped} dequantized)", every_matrix(w, lambda t: Tensor.f32(t.dequantize())), 16
+    yield f"{shipped} as shipped", w, 16
+    yield f"{shipped} as shipped, --activation-bits 8", w, 8
     if not requantized:
         return
-    yield "q8 g32, every matrix", every_matrix(w, lambda t: t if t.kind == "q8" else quantize_q8(t.dequantize(), 32))
+    yield ("q8 g32, every matrix", every_matrix(w, lambda t: t if t.kind == "q8" else quantize_q8(t.dequantize(), 32)),
+           16)
     for group in (32, 64, 128):
         for symmetric in (True, False):
             if (group, symmetric) != (32, False):   # g32 asym is Q4_1's own layout: carried over bit for bit
-                yield f"int4 g{group} {'sym' if symmetric else 'asym'}", quantize(w, group, symmetric)
+                yield f"int4 g{group} {'sym' if symmetric else 'asym'}", quantize(w, group, symmetric), 16
 
 
 def exact_kl(ref_log_p: np.ndarray, dist) -> np.ndarray:
@@ -102,6 +106,7 @@ def main() -> int:
     ap.add_argument("-c", type=int, default=512, dest="n_ctx")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--model", default="smollm2-135m", help="a known model or a GGUF (only SmolLM2 is requantized)")
+    ap.add_argument("--shipped-only", action="store_true", help="the reference and the file as shipped only")
     args = ap.parse_args()
     path = resolve_model(args.model)
     w = load_gguf(path)
@@ -110,9 +115,9 @@ def main() -> int:
     rows, ref_log_p, base = [], [], None
     with tempfile.TemporaryDirectory() as tmp:
         base_path = Path(tmp) / "f32.kld"
-        for name, weights in variants(w, args.model == "smollm2-135m"):
+        for name, weights, bits in variants(w, args.model == "smollm2-135m" and not args.shipped_only):
             print(f"quality: {name} ...", file=sys.stderr, flush=True)
-            model = Llama(weights, q, max_seq=args.n_ctx)
+            model = Llama(weights, q, max_seq=args.n_ctx, activation_bits=bits)
             if base is None:
                 with open(base_path, "wb") as f:
                     writer = BaseWriter(f, args.n_ctx, w.config.vocab_size, tokens, args.chunks)
@@ -146,10 +151,12 @@ def table(r: dict) -> str:
               for row in r["rows"] if "kl" in row]
     if r["oracle"]:
         o = r["oracle"]
-        lines += ["", "first 4 chunks: dpllama f32 | oracle fp32 | dpllama Q4_1 | llama.cpp Q4_1"]
+        lines += ["", "first 4 chunks: dpllama f32 | oracle fp32 | dpllama Q4_1 | dpllama Q4_1 8-bit activations | "
+                      "llama.cpp Q4_1"]
         for i in range(min(4, r["chunks"])):
             lines.append(f"  [{i + 1}] {r['rows'][0]['chunk_ppl'][i]:.4f} | {o['fp32']['chunk_ppl'][i]:.4f} | "
-                         f"{r['rows'][1]['chunk_ppl'][i]:.4f} | {o['llamacpp']['chunk_ppl'][i]:.4f}")
+                         f"{r['rows'][1]['chunk_ppl'][i]:.4f} | {r['rows'][2]['chunk_ppl'][i]:.4f} | "
+                         f"{o['llamacpp']['chunk_ppl'][i]:.4f}")
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from dpllama.hub import resolve_model
 from dpllama.loaders import load_tokenizer, load_weights
 from dpllama.model.layout import Geometry
 from dpllama.model.llama import Llama, floats_per_position, pass_rows
-from dpllama.model.weights import ModelConfig
+from dpllama.model.weights import ACTIVATION_BITS, ModelConfig
 from dpllama.runtime import Queue, open_queue
 from dpllama.tokenizer import StreamDecoder, Tokenizer, printable_piece
 
@@ -104,17 +104,22 @@ def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None, slots: int
 
 def load(model: str, tokenizer: str | None = None, device: str | None = None, config: str | None = None,
          max_seq: int | None = None, slots: int = 1, chunk: int | None = None,
-         check: Callable[[ModelConfig], None] | None = None) -> LLM:
+         check: Callable[[ModelConfig], None] | None = None, activation_bits: int = 16) -> LLM:
     """Load a model (path or known name) and its tokenizer onto a device (selector or YAML config), with
-    `slots` sequences (`Llama.select`) and passes of up to `chunk` rows (Llama). Each one's context is `max_seq`
-    tokens, else the model's, at most what the device holds (`fit_context`). `check(config)` runs once the
-    model's shape is known, before anything goes to the device (a command's limits that depend on the model)."""
+    `slots` sequences (`Llama.select`), passes of up to `chunk` rows and `activation_bits` (Llama). Each one's
+    context is `max_seq` tokens, else the model's, at most what the device holds (`fit_context`).
+    `check(config)` runs once the model's shape is known, before anything goes to the device (a command's limits
+    that depend on the model)."""
     if max_seq is not None and max_seq < 1:     # before any work, as the CLI checks --ctx
         raise DpllamaError(f"max_seq must be at least 1, found {max_seq}")
+    if activation_bits not in ACTIVATION_BITS:
+        raise DpllamaError(f"activation_bits must be one of {', '.join(map(str, ACTIVATION_BITS))}, "
+                           f"found {activation_bits}")
     path = resolve_model(model)
     weights = load_weights(path)
     if check:
         check(weights.config)
     tok = load_tokenizer(weights, tokenizer, path)
     q = open_queue(device, config)
-    return LLM(Llama(weights, q, fit_context(weights.config, q, max_seq, slots, chunk), slots, chunk), tok, path)
+    return LLM(Llama(weights, q, fit_context(weights.config, q, max_seq, slots, chunk), slots, chunk,
+                     activation_bits), tok, path)

@@ -40,11 +40,18 @@ LOGITS_RTOL = 1e-4
 # far below what a wrong element, position or scale gives (order 1). Measured: 1.1e-4 on AVX2 and on AVX-512
 # without VNNI (PoCL 3.0 and 3.1), 2e-6 where the compiler rounds as NumPy does.
 QUANT_LOGITS_RTOL = 5e-4
+# With 8-bit activations (int4 and int5 matrices, --activation-bits 8) a step is 1/127 of max |x|, so a flip moves
+# a product 258x more, and it is ~258x rarer (float rounding of x * 127 / max|x| reaches a half step's edge 258x
+# less often than of x * 32767 / max|x|). Measured: 5.2e-4 of the largest logit on the every-type model (PoCL
+# 3.1, AVX-512); a reference that rounds to 16-bit steps instead is 1e-2 away, so 3e-3 tells the two apart.
+X8_LOGITS_RTOL = 3e-3
 
 
-def logits_atol(weights: Weights, want: np.ndarray) -> float:
-    quantized = any(t.kind != "f32" for _, t in weights.matrices())
-    return (QUANT_LOGITS_RTOL if quantized else LOGITS_RTOL) * np.abs(want).max()
+def logits_atol(weights: Weights, want: np.ndarray, activation_bits: int = 16) -> float:
+    kinds = {t.kind for _, t in weights.matrices()}
+    rtol = (X8_LOGITS_RTOL if activation_bits == 8 and kinds & {"int4", "int5"}
+            else QUANT_LOGITS_RTOL if kinds - {"f32"} else LOGITS_RTOL)
+    return rtol * np.abs(want).max()
 
 
 # Other configs on the same device (validated by parse_config like a YAML file). Their programs are the ones
@@ -106,12 +113,13 @@ def random_model(tmp_path_factory):
     return load_llama2c(path)
 
 
-def compare_logits(q, weights: Weights, tokens: list[int], feeds: list[int], what: str) -> Llama:
+def compare_logits(q, weights: Weights, tokens: list[int], feeds: list[int], what: str,
+                   activation_bits: int = 16) -> Llama:
     """Feed `tokens` (all known) in pieces of `feeds` tokens (Llama.feed: batched prefill in chunks, or one
     token) and compare the logits after every piece, those of its last token, with the reference's.
     Returns the device model, for checks of what it holds."""
     assert sum(feeds) == len(tokens)
-    model, ref = Llama(weights, q), Reference(weights)
+    model, ref = Llama(weights, q, activation_bits=activation_bits), Reference(weights, activation_bits)
     model.start(tokens)
     pos = 0
     for i, n in enumerate(feeds):
@@ -122,12 +130,12 @@ def compare_logits(q, weights: Weights, tokens: list[int], feeds: list[int], wha
             want = ref.forward(tokens[p], p)
         pos += n
         got = model.read_logits()
-        np.testing.assert_allclose(got, want, rtol=0, atol=logits_atol(weights, want),
+        np.testing.assert_allclose(got, want, rtol=0, atol=logits_atol(weights, want, activation_bits),
                                    err_msg=f"{what}: logits at position {pos - 1} (feeds {feeds})")
     return model
 
 
-def compare_batched(q, weights: Weights, what: str) -> None:
+def compare_batched(q, weights: Weights, what: str, activation_bits: int = 16) -> None:
     """Three sequences in slots 2, 0 and 1 fed together in batched passes (Llama.batch), one piece of each per
     pass: pieces of 2, 1 and 3 tokens, so that prompt pieces sit beside single tokens and the rows
     whose logits are wanted (every other piece's last) are gathered from the middle of the pass; each such row
@@ -137,8 +145,8 @@ def compare_batched(q, weights: Weights, what: str) -> None:
     lengths, pieces, slots = (9, 4, 7), (2, 1, 3), (2, 0, 1)
     rng = np.random.default_rng(21)
     seqs = [[1] + rng.integers(0, c.vocab_size, n - 1).tolist() for n in lengths]
-    refs = [Reference(weights) for _ in seqs]
-    model = Llama(weights, q, slots=3)
+    refs = [Reference(weights, activation_bits) for _ in seqs]
+    model = Llama(weights, q, slots=3, activation_bits=activation_bits)
     fed, step = [0, 0, 0], 0
     while any(f < n for f, n in zip(fed, lengths)):
         parts, wanted = [], []
@@ -155,12 +163,13 @@ def compare_batched(q, weights: Weights, what: str) -> None:
                 ref_logits = refs[i].forward(seqs[i][p], p)
             if part.logits:
                 row = got[wanted.index(i)]
-                np.testing.assert_allclose(row, ref_logits, rtol=0, atol=logits_atol(weights, ref_logits),
+                np.testing.assert_allclose(row, ref_logits, rtol=0, atol=logits_atol(weights, ref_logits, activation_bits),
                                            err_msg=f"{what}: batched logits of sequence {i} at position {p}")
             fed[i] += len(part.tokens)
         step += 1
     single = model.batch([Part(0, lengths[1], [3], True)])[0]           # one more token of sequence 1 (slot 0)
-    np.testing.assert_allclose(single, refs[1].forward(3, lengths[1]), rtol=0, atol=logits_atol(weights, single),
+    np.testing.assert_allclose(single, refs[1].forward(3, lengths[1]), rtol=0,
+                               atol=logits_atol(weights, single, activation_bits),
                                err_msg=f"{what}: a batch of one row")
 
 
@@ -205,6 +214,15 @@ def test_batched_passes_match_reference(q, random_model, variant):
 def test_batched_passes_other_configs(config_q, random_model):
     name, cq = config_q
     compare_batched(cq, VARIANTS["int4-sym-g32"](random_model), name)
+
+
+@pytest.mark.parametrize("feeds", FEEDS)
+def test_8_bit_activations_match_reference(q, every_type_model, feeds):
+    """--activation-bits 8: int4 and int5 matrices take bytes of x (q8 ones keep 16 bits), in decode, prefill and
+    batched passes, against the reference that rounds as they do."""
+    compare_logits(q, every_type_model, random_tokens(sum(FEEDS[feeds])), FEEDS[feeds], "8-bit activations", 8)
+    if feeds == "prefill":
+        compare_batched(q, every_type_model, "8-bit activations, batched", 8)
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,20 @@ the matching CPU config. PoCL 3.1 and later can be told to target an older CPU t
 real AVX2 and portable code. In a subprocess per path: the probe must report that path, the forward pass of a
 random model in every weight format (and one with a tensor of every GGUF type) must match the NumPy reference
 (tests/test_forward.py), and no build may print a compiler warning (PyOpenCL's CompilerWarning is an error there). A path the host's driver cannot
-target (the pip PoCL 3.0, a GPU) skips with that reason. The AVX-512 VNNI path is built only where the compiler
-targets VNNI; test_kernels.py's test_gemv_isa_fallbacks covers the others below it on such a host.
+target (the pip PoCL 3.0, a GPU) skips with that reason. The AVX-512 VNNI path runs only where the compiler
+targets VNNI; test_kernels.py's test_gemv_isa_fallbacks covers the others below it on such a host, and where no
+driver here targets VNNI, clang compiles it for a VNNI CPU (test_vnni_path_compiles).
 """
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from dpllama.runtime import select_device
+from dpllama.runtime import program, select_device
 
 TARGETS = {"avx2": "avx2", "portable": "sse2"}     # kernel path -> PoCL kernel library that targets it
 PROBE = "from dpllama.runtime import select_device; print(select_device()[0].kernel_path)"
@@ -44,7 +46,8 @@ def test_kernel_path(repo_root, tmp_path, path):
                           "-W", "error::pyopencl.CompilerWarning",
                           "tests/test_forward.py::test_logits_match_reference",
                           "tests/test_forward.py::test_greedy_and_given_tokens_mixed",
-                          "tests/test_forward.py::test_every_gguf_type_matches_reference"],
+                          "tests/test_forward.py::test_every_gguf_type_matches_reference",
+                          "tests/test_forward.py::test_8_bit_activations_match_reference"],
                          capture_output=True, text=True, cwd=repo_root, env=env, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout.splitlines()[-1]
@@ -68,3 +71,31 @@ def test_every_other_driver(repo_root, tmp_path):
                               "tests/test_cli.py::test_generate_matches_llama2c_byte_for_byte"],
                              capture_output=True, text=True, cwd=repo_root, env=env, timeout=900)
         assert run.returncode == 0, f"{d}: " + run.stdout[-3000:] + run.stderr[-2000:]
+
+
+# (defines, the VNNI instruction its multiply-adds must become): 16-bit activations pair with vpdpwssd, bytes
+# (int4 and int5 under --activation-bits 8) with vpdpbusd
+VNNI_BUILDS = [(("W_Q8", "GROUP=32", "SCALES_F32"), "vpdpwssd"), (("W_INT4", "GROUP=32"), "vpdpwssd"),
+               (("W_INT4", "GROUP=32", "X_BYTES"), "vpdpbusd"), (("W_INT5", "GROUP=64", "ASYM", "SCALES_F32"), "vpdpwssd"),
+               (("W_INT5", "GROUP=64", "ASYM", "SCALES_F32", "X_BYTES"), "vpdpbusd")]
+
+
+@pytest.mark.parametrize("defines,instruction", VNNI_BUILDS, ids=["-".join(d) for d, _ in VNNI_BUILDS])
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_vnni_path_compiles(tmp_path, defines, instruction, tokens):
+    """matrix.cl as a driver gets it (program.source), compiled by clang for an AVX-512 VNNI CPU (Ice Lake server),
+    to LLVM IR: it must build and multiply with the VNNI instruction. Only compiled, not run: a run needs a
+    driver that targets VNNI (PoCL 3.1 targets Zen 5, which has it, as skylake-avx512, which has not)."""
+    clang = shutil.which("clang-15") or shutil.which("clang")
+    if clang is None:
+        pytest.skip("no clang here to compile the VNNI path with (Debian's PoCL brings clang-15)")
+    src = tmp_path / "matrix.cl"
+    src.write_text(program.source("matrix.cl"))
+    out = tmp_path / "matrix.ll"
+    # -fgnu89-inline: the helpers are plain `inline`, which C99 rules would leave without a body to look into
+    r = subprocess.run([clang, "-x", "cl", "-cl-std=CL1.2", "-Xclang", "-finclude-default-header", "-fgnu89-inline",
+                        "-target", "x86_64-unknown-linux-gnu", "-march=icelake-server", "-O1", "-emit-llvm", "-S",
+                        *(f"-D{d}" for d in defines), "-DTILE_ROWS=16", "-DTILES=4", f"-DTOKENS={tokens}",
+                        "-o", str(out), str(src)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr[-3000:]
+    assert f"llvm.x86.avx512.{instruction}.512" in out.read_text()

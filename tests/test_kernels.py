@@ -28,7 +28,7 @@ from dpllama.model import kernels
 from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor
 from dpllama.model.llama import rope_table
 from dpllama.model.quant import quantize_int4, quantize_q8, widen
-from dpllama.model.weights import Tensor
+from dpllama.model.weights import Tensor, x_steps
 from dpllama.runtime import Local, program
 from dpllama.runtime.queue import Queue
 from dpllama.formats.gguf import read_gguf
@@ -133,8 +133,13 @@ GEOMETRIES = {
 GEOMETRY_FORMATS = {"cpu": list(FORMATS), "gpu": ["q8g32", "int4g32", "int4asym128", "q8asym32-q51", "int4g16f-q3k",
                                                   "int5g32-q50", "int5asym32f-q5k"],
                     "odd": ["f32", "int4asym64", "int5asym32-q51"]}
+# and with 8-bit activations (matrix.cl's X_BYTES: int4 and int5 only): a format per group size and kind in the CPU
+# geometry (group 16: a flush after 2 words; 64 and 128: several per block), one of each kind in the others
+X8_FORMATS = {"cpu": ["int4g32", "int4asym128", "int4g16f-q3k", "int5g32-q50", "int5asym32f-q5k", "int5g64"],
+              "gpu": ["int4g32", "int5g32-q50"], "odd": ["int4asym64"]}
 GEMV_PARAMS = [(fmt, geo, mode) for geo, fmts in GEOMETRY_FORMATS.items() for fmt in fmts
-               for mode in ("decode", "prefill")]
+               for mode in ("decode", "prefill")] + [
+              (fmt, geo, mode) for geo, fmts in X8_FORMATS.items() for fmt in fmts for mode in ("decode-x8", "prefill-x8")]
 GEMV_KERNELS = ["gemv_add", "gemv_norm", "gemv_norm_swiglu"]
 
 
@@ -162,14 +167,16 @@ def error_scale(t: Tensor, x: np.ndarray) -> np.ndarray:
     return mag @ np.abs(x.astype(np.float64))
 
 
-def x_rounding(t: Tensor, X: np.ndarray) -> np.ndarray | float:
-    """q8 and int4 kernels multiply W by x rounded per group to 16-bit steps of max|x over the group| / 32767
-    (matrix.cl's header), each element moved by up to half a step: per token and row, |W| times half steps."""
-    if t.kind == "f32":
+def x_rounding(t: Tensor, X: np.ndarray, activation_bits: int = 16) -> np.ndarray | float:
+    """Quantized kernels multiply W by x rounded per group to steps of max|x over the group| / 32767 (16 bits), or
+    / 127 for int4 and int5 with 8-bit activations (matrix.cl's header), each element moved by up to half a step:
+    per token and row, |W| times half steps."""
+    steps = x_steps(t.kind, activation_bits)
+    if not steps:
         return 0.0
     T, cols = X.shape
     a = np.pad(np.abs(X.astype(np.float64)), ((0, 0), (0, -cols % t.group))).reshape(T, -1, t.group)
-    half_step = np.repeat(a.max(axis=2) / 65534, t.group, axis=1)[:, :cols]
+    half_step = np.repeat(a.max(axis=2) / (2 * steps), t.group, axis=1)[:, :cols]
     return half_step @ np.abs(t.dequantize().astype(np.float64)).T
 
 
@@ -192,12 +199,13 @@ def check_close(got, want, tol, what):
 
 # ---------------------------------------------------------------- matrix.cl
 
-def run_gemv(q, kernel: str, t: Tensor, geometry: str, X: np.ndarray, g=None, Y0=None) -> np.ndarray:
+def run_gemv(q, kernel: str, t: Tensor, geometry: str, X: np.ndarray, g=None, Y0=None,
+             activation_bits: int = 16) -> np.ndarray:
     """Upload `t` and launch `kernel` over the rows of X [T, cols], bound by the model's launcher; returns
     Y [T, n_out] (n_out = t.rows, or t.rows / 2 for gemv_norm_swiglu). Rows of x and y lie apart with gaps:
     NaN in x's (they must not be read), a sentinel in y's (they must not be written)."""
     T = X.shape[0]
-    dt = DeviceTensor(q, t, "w", GEOMETRIES[geometry][0])
+    dt = DeviceTensor(q, t, "w", GEOMETRIES[geometry][0], activation_bits=activation_bits)
     n_out = t.rows // 2 if kernel == "gemv_norm_swiglu" else t.rows
     x_stride, y_stride = dt.cols_p + 16, n_out + 5
     xp = np.zeros((T, dt.cols_p), np.float32)
@@ -219,17 +227,18 @@ def run_gemv(q, kernel: str, t: Tensor, geometry: str, X: np.ndarray, g=None, Y0
 @pytest.mark.parametrize("fmt,geometry,mode", GEMV_PARAMS, ids=["-".join(p) for p in GEMV_PARAMS])
 def test_gemv_kernels(q, fmt, geometry, mode, kernel):
     rng = np.random.default_rng(zlib.crc32(f"{fmt} {geometry} {mode} {kernel}".encode()))
-    T = 1 if mode == "decode" else GEOMETRIES[geometry][-1]
+    T = 1 if mode.startswith("decode") else GEOMETRIES[geometry][-1]
+    bits = 8 if mode.endswith("x8") else 16
     for rows, cols in SHAPES:
-        what = f"{kernel} {fmt} {geometry} {GEOMETRIES[geometry]} T={T} [{rows}x{cols}]"
+        what = f"{kernel} {fmt} {geometry} {GEOMETRIES[geometry]} T={T} {bits}-bit x [{rows}x{cols}]"
         t = FORMATS[fmt](rng.standard_normal((rows, cols)).astype(np.float32))
         rtol = gemv_rtol(t.cols_padded if t.kind != "f32" else round_up(cols, 8))
         X = rng.standard_normal((T, cols)).astype(np.float32)
         if kernel == "gemv_add":
             Y0 = rng.standard_normal((T, rows)).astype(np.float32)
-            got = run_gemv(q, kernel, t, geometry, X, Y0=Y0)
+            got = run_gemv(q, kernel, t, geometry, X, Y0=Y0, activation_bits=bits)
             want = X.astype(np.float64) @ t.dequantize().astype(np.float64).T + Y0
-            tol = rtol * (error_scale(t, np.abs(X).T).T + np.abs(Y0)) + x_rounding(t, X) + GEMV_ATOL
+            tol = rtol * (error_scale(t, np.abs(X).T).T + np.abs(Y0)) + x_rounding(t, X, bits) + GEMV_ATOL
             check_close(got, want, tol, what)
             continue
         g = (1 + 0.5 * rng.standard_normal(cols)).astype(np.float32)
@@ -238,15 +247,15 @@ def test_gemv_kernels(q, fmt, geometry, mode, kernel):
 
         def normed(t):
             a = XN @ t.dequantize().astype(np.float64).T
-            return a, rtol * error_scale(t, np.abs(XN).T).T + x_rounding(t, XN) + GEMV_ATOL + NORM_RTOL * np.abs(a)
+            return a, rtol * error_scale(t, np.abs(XN).T).T + x_rounding(t, XN, bits) + GEMV_ATOL + NORM_RTOL * np.abs(a)
         if kernel == "gemv_norm":
-            got = run_gemv(q, kernel, t, geometry, X, g=g)
+            got = run_gemv(q, kernel, t, geometry, X, g=g, activation_bits=bits)
             check_close(got, *normed(t), what)
             continue
         # gemv_norm_swiglu: t is the gate (w1), up (w3) has the same shape, fused as Llama fuses them
         up_t = FORMATS[fmt](rng.standard_normal((rows, cols)).astype(np.float32))
         fused = fuse_rows([t, up_t], GEOMETRIES[geometry][0].tile_rows // 2)
-        got = run_gemv(q, kernel, fused, geometry, X, g=g)
+        got = run_gemv(q, kernel, fused, geometry, X, g=g, activation_bits=bits)
         (gate, tol_g), (up, tol_u) = normed(t), normed(up_t)
         sig = 1 / (1 + np.exp(-gate))
         want = gate * sig * up
@@ -264,7 +273,8 @@ ISA_FALLBACKS = {"avx512-no-vnni": ["__AVX512VNNI__"], "avx2": ["__AVX512VNNI__"
                  "generic": ["__AVX512VNNI__", "__AVX512F__", "__AVX512BW__", "__AVX2__"]}
 
 
-@pytest.mark.parametrize("fmt", ["q8g32", "int4asym32", "int4asym16f-q2k", "int5g32-q50", "int5asym32f-q5k"])
+@pytest.mark.parametrize("fmt", ["q8g32", "int4asym32", "int4asym16f-q2k", "int5g32-q50", "int5asym32f-q5k",
+                                 "int4asym32-x8", "int5asym32f-q5k-x8"])      # -x8: with 8-bit activations
 @pytest.mark.parametrize("isa", list(ISA_FALLBACKS))
 def test_gemv_isa_fallbacks(q, tmp_path, monkeypatch, isa, fmt):
     kernels = tmp_path / "cl_kernels"
@@ -275,13 +285,15 @@ def test_gemv_isa_fallbacks(q, tmp_path, monkeypatch, isa, fmt):
     fq = Queue(q.device, q.config, out_of_order=False)
     rng = np.random.default_rng(zlib.crc32(f"{isa} {fmt}".encode()))
     rows, cols = SHAPES[-1]
-    t = FORMATS[fmt](rng.standard_normal((rows, cols)).astype(np.float32))
+    bits = 8 if fmt.endswith("-x8") else 16
+    t = FORMATS[fmt.removesuffix("-x8")](rng.standard_normal((rows, cols)).astype(np.float32))
     for T in (1, GEOMETRIES["cpu"][-1]):                  # the decode and the prefill program
         X = rng.standard_normal((T, cols)).astype(np.float32)
         Y0 = rng.standard_normal((T, rows)).astype(np.float32)
-        got = run_gemv(fq, "gemv_add", t, "cpu", X, Y0=Y0)
+        got = run_gemv(fq, "gemv_add", t, "cpu", X, Y0=Y0, activation_bits=bits)
         want = X.astype(np.float64) @ t.dequantize().astype(np.float64).T + Y0
-        tol = gemv_rtol(t.cols_padded) * (error_scale(t, np.abs(X).T).T + np.abs(Y0)) + x_rounding(t, X) + GEMV_ATOL
+        tol = (gemv_rtol(t.cols_padded) * (error_scale(t, np.abs(X).T).T + np.abs(Y0)) + x_rounding(t, X, bits)
+               + GEMV_ATOL)
         check_close(got, want, tol, f"gemv_add {fmt} without {ISA_FALLBACKS[isa]} T={T}")
 
 

@@ -2,6 +2,7 @@
 Most tests use stories260K (a token in about a millisecond); the oracle test uses SmolLM2."""
 from __future__ import annotations
 
+import os
 import json
 import re
 import signal
@@ -146,6 +147,13 @@ def test_bad_options_are_one_line_errors(repo_root, option, message):
     r = subprocess.run([sys.executable, "-m", "dpllama.cli", "serve", *stories_args(*option)], capture_output=True,
                        text=True, cwd=repo_root, timeout=60)
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"dpllama: error: {message}"], r.stderr
+
+
+def test_bad_option_from_the_environment_stops_before_listening(repo_root):
+    r = subprocess.run([sys.executable, "-m", "dpllama.cli", "serve", *stories_args()], capture_output=True,
+                       text=True, cwd=repo_root, timeout=60, env=dict(os.environ, DPLLAMA_ACTIVATION_BITS="7"))
+    assert r.returncode == 2 and "listening" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("argument --activation-bits: must be 16 or 8, found '7'"), r.stderr
 
 
 def test_api_keys_from_options_and_a_file(tmp_path):

@@ -19,6 +19,17 @@
 // an add on AVX2), where float math spends a conversion and an FMA per weight, and for int4 a shift and a
 // mask on top (measured: int4 2-3x faster). The offsets (q - 8, q - 16, q + 128) go into the block sum of x.
 //
+//
+// Built with -DX_BYTES (int4 and int5 only: `--activation-bits 8`), they take x as bytes instead, llama.cpp's
+// numerics: each block scaled by 127 / max|x| and rounded (each value moved by at most max|x| / 254), an int
+// holding 4 bytes of x, those of the columns whose weights one mask of a packed word leaves in the 4 bytes of a
+// lane: word j's even nibbles (u & 0x0f0f0f0f: columns 8j, 8j + 2, 8j + 4, 8j + 6) and its odd ones
+// ((u >> 4) & 0x0f0f0f0f). Unsigned-by-signed byte multiply-adds then take 64 weights an instruction (pmaddubsw,
+// its 16-bit pair sums added up over a few words before pmaddwd by 1 widens them; VNNI's vpdpbusd in one),
+// and half the multiply-adds of the 16-bit pairs: prompts ran 1.2-1.3x faster on AVX-512 without VNNI. The
+// cost is fidelity: SmolLM2's first logits move by up to 1.0 from float32 math's instead of 0.004
+// (docs/PERFORMANCE.md, docs/QUALITY.md), so 16 bits stay the default.
+
 // int5 adds a word of fifth bits to int4's four words of nibbles per 32 columns, which DeviceTensor permutes
 // so that the bit of column 8j + 2b + p (b < 4, p < 2) sits at bit 8b + 2j + p: shifted by 2j + p - 4, it
 // lands at bit 4 of byte b. One bit-select per word j then joins the even nibbles (u & 0x0f0f0f0f: column
@@ -42,6 +53,15 @@
 #define as_intV CAT(as_int, TILE_ROWS)
 
 #if !defined(W_F32)
+typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-bit lanes (OpenCL has no short32)
+typedef char chars64 __attribute__((ext_vector_type(64)));      // a zmm of bytes
+typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of bytes
+#if defined(X_BYTES) && !defined(W_INT4) && !defined(W_INT5)
+#error "X_BYTES is for int4 and int5 weights: q8's take 16-bit x"
+#endif
+#if !defined(X_BYTES)
+#define X_MAX 32767.0f      // x as 16-bit pairs (the header)
+#define X_PER_INT 2
 // acc + lo(m) * lo(p) + hi(m) * hi(p) in every 32-bit lane, the halves taken as signed 16-bit integers;
 // p, one int, is the same pair for all lanes. x86's instructions where the compiler targets them (clang's
 // builtins, under the macros it defines for the target: vpdpwssd with VNNI, vpmaddwd and an add on zmm with
@@ -49,7 +69,6 @@
 #if TILE_ROWS == 16 && defined(__AVX512VNNI__)
 #define MADD(acc, m, p) __builtin_ia32_vpdpwssd512((acc), as_int16(m), (int16)(p))
 #elif TILE_ROWS == 16 && defined(__AVX512BW__)
-typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-bit lanes (OpenCL has no short32)
 #define MADD(acc, m, p) ((acc) + __builtin_ia32_pmaddwd512(__builtin_astype((m), shorts32), \
                                                            __builtin_astype((int16)(p), shorts32)))
 #elif TILE_ROWS == 8 && defined(__AVX2__)
@@ -59,6 +78,51 @@ typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-b
                                  (acc).hi + __builtin_ia32_pmaddwd256(as_short16((m).hi), as_short16((int8)(p)))))
 #else
 #define MADD(acc, m, p) ((acc) + (as_intV(m) & 0xffff) * (((p) << 16) >> 16) + (as_intV(m) >> 16) * ((p) >> 16))
+#endif
+#else
+#define X_MAX 127.0f        // x as bytes (the header)
+#define X_PER_INT 4
+// Sums of 4 byte products per 32-bit lane: w's bytes unsigned (weights 0..31), p's signed (x, |x| <= 127; p,
+// one int, is the same 4 bytes for all lanes). DOT4(d, w, p) adds them into d, of type DOTS; WIDEN(d) gives
+// d's lanes as intV. x86 adds pmaddubsw's 16-bit pair sums into 16-bit lanes, which hold DOT_WORDS words' worth
+// (int4: 8 x 2 x 15 x 127 = 30480; int5: 4 x 2 x 31 x 127 = 31496) before WIDEN's pmaddwd by 1 must take them;
+// VNNI's vpdpbusd and plain arithmetic sum into 32-bit lanes at once.
+#if TILE_ROWS == 16 && defined(__AVX512VNNI__)
+#define DOTS int16
+#define DOT4(d, w, p) __builtin_ia32_vpdpbusd512((d), as_int16(w), (int16)(p))
+#define WIDEN(d) (d)
+#elif TILE_ROWS == 16 && defined(__AVX512BW__)
+#define DOTS shorts32
+#define DOT4(d, w, p) ((d) + __builtin_ia32_pmaddubsw512(__builtin_astype((w), chars64), \
+                                                         __builtin_astype((int16)(p), chars64)))
+#define WIDEN(d) __builtin_ia32_pmaddwd512((d), (shorts32)(1))
+#elif TILE_ROWS == 8 && defined(__AVX2__)
+#define DOTS short16
+#define DOT4(d, w, p) ((d) + __builtin_ia32_pmaddubsw256(__builtin_astype((w), chars32), \
+                                                         __builtin_astype((int8)(p), chars32)))
+#define WIDEN(d) __builtin_ia32_pmaddwd256((d), (short16)(1))
+#elif TILE_ROWS == 16 && defined(__AVX2__)
+#define DOTS shorts32       // two ymm
+#define HALF16(v, i) __builtin_shufflevector((v), (v), 16 * (i) + 0, 16 * (i) + 1, 16 * (i) + 2, 16 * (i) + 3, \
+    16 * (i) + 4, 16 * (i) + 5, 16 * (i) + 6, 16 * (i) + 7, 16 * (i) + 8, 16 * (i) + 9, 16 * (i) + 10, \
+    16 * (i) + 11, 16 * (i) + 12, 16 * (i) + 13, 16 * (i) + 14, 16 * (i) + 15)
+#define DOT4(d, w, p) ((d) + __builtin_shufflevector( \
+    __builtin_ia32_pmaddubsw256(__builtin_astype((w).lo, chars32), __builtin_astype((int8)(p), chars32)), \
+    __builtin_ia32_pmaddubsw256(__builtin_astype((w).hi, chars32), __builtin_astype((int8)(p), chars32)), \
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31))
+#define WIDEN(d) ((int16)(__builtin_ia32_pmaddwd256(HALF16((d), 0), (short16)(1)), \
+                          __builtin_ia32_pmaddwd256(HALF16((d), 1), (short16)(1))))
+#else
+#define DOTS intV
+#define DOT4(d, w, p) ((d) + as_intV((w) & 0xff) * (((p) << 24) >> 24) + as_intV(((w) >> 8) & 0xff) * (((p) << 16) >> 24) \
+                           + as_intV(((w) >> 16) & 0xff) * (((p) << 8) >> 24) + as_intV((w) >> 24) * ((p) >> 24))
+#define WIDEN(d) (d)
+#endif
+#if defined(W_INT5)
+#define DOT_WORDS 2
+#else
+#define DOT_WORDS 4
+#endif
 #endif
 // The weight stream of a tile, `words` vectors a block from w, prefetched PREFETCH_COLS columns ahead, one
 // prefetch per 64-byte line, where the compiler targets x86 (clang's builtin; a prefetch never faults, so those
@@ -74,7 +138,8 @@ typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-b
 #define PREFETCH_AHEAD(w, words)
 #endif
 // independent accumulators per token: one chain of dependent multiply-adds would wait on each one's latency
-#define CHAINS (TOKENS >= 4 ? 1 : 4)
+// (bytes: a word's even columns take one, its odd ones the other)
+#define CHAINS (TOKENS >= 4 ? 1 : X_PER_INT == 4 ? 2 : 4)
 // pairs of weights a packed word yields, and the mask that leaves one pair in a lane's 16-bit halves (int5:
 // of the words of 5-bit bytes it makes, see the header)
 #if defined(W_Q8)
@@ -136,7 +201,7 @@ typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-b
 #define SHIFT_RIGHT(v, n) ((n) >= 0 ? (v) >> (uint)(n) : (v) << (uint)(-(n)))
 
 // acc[n] += the TILE_ROWS rows of tile t dotted with block b of token n's input (n < TOKENS): xin[n][BLOCK] as floats,
-// or for q8, int4 and int5 xq[n][BLOCK / 2] 16-bit pairs and their scale dx[n]; sx[n] = sum of that block of token
+// or for q8, int4 and int5 xq[n][BLOCK / X_PER_INT] its 16-bit pairs (or bytes) and their scale dx[n]; sx[n] = sum of that block of token
 // n's input (as rounded). Each weight is loaded and decoded once for all tokens.
 // (always_inline and the unrolled loops keep the accumulators in registers: PoCL's compiler left them on the stack)
 __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, const int b, const int cols_p, __private const float *xin,
@@ -150,6 +215,7 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
     }
 #else
     intV part[TOKENS * CHAINS];
+#if X_PER_INT == 2
 #pragma unroll
     for (int i = 0; i < TOKENS * CHAINS; i++) part[i] = 0;
     // pair k of the block, its two weights in the halves of every lane of m, into every token's sums
@@ -186,6 +252,48 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
     }
 #endif
 #undef PAIR_MADD
+#else
+    // words of 4 weights in bytes, each word's even columns and its odd ones (see the header), into 16-bit (x86)
+    // sums per token and chain, taken into the 32-bit ones every DOT_WORDS words
+    DOTS dots[TOKENS * CHAINS];
+#pragma unroll
+    for (int i = 0; i < TOKENS * CHAINS; i++) {
+        part[i] = 0;
+        dots[i] = 0;
+    }
+    // quad k of the block (columns 8 (k / 2) + 2 i + k % 2, i < 4), its weights in the bytes of every lane of v
+#define QUAD_DOT(k, v) for (int n = 0; n < TOKENS; n++) \
+        dots[n * CHAINS + (k) % CHAINS] = DOT4(dots[n * CHAINS + (k) % CHAINS], (v), xq[n * (BLOCK / 4) + (k)])
+#define WIDEN_DOTS() for (int i = 0; i < TOKENS * CHAINS; i++) { part[i] += WIDEN(dots[i]); dots[i] = 0; }
+#if defined(W_INT5)
+    __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 32 * 5) + (BLOCK / 32 * 5) * b;
+    PREFETCH_AHEAD(w, BLOCK / 32 * 5);
+#pragma unroll
+    for (int i = 0; i < BLOCK / 32; i++) {
+        const uintV high = w[5 * i + 4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const uintV u = w[5 * i + j];
+            // the even and the odd columns of word j as 5-bit values in bytes: nibbles and fifth bits
+            QUAD_DOT(8 * i + 2 * j, (u & 0x0f0f0f0fu) | (SHIFT_RIGHT(high, 2 * j - 4) & 0x10101010u));
+            QUAD_DOT(8 * i + 2 * j + 1, ((u >> 4) & 0x0f0f0f0fu) | (SHIFT_RIGHT(high, 2 * j - 3) & 0x10101010u));
+            if (j % DOT_WORDS == DOT_WORDS - 1) WIDEN_DOTS();
+        }
+    }
+#else
+    __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 8) + (BLOCK / 8) * b;
+    PREFETCH_AHEAD(w, BLOCK / 8);
+#pragma unroll
+    for (int j = 0; j < BLOCK / 8; j++) {
+        const uintV u = w[j];
+        QUAD_DOT(2 * j, u & 0x0f0f0f0fu);
+        QUAD_DOT(2 * j + 1, (u >> 4) & 0x0f0f0f0fu);
+        if (j % DOT_WORDS == DOT_WORDS - 1 || j == BLOCK / 8 - 1) WIDEN_DOTS();
+    }
+#endif
+#undef QUAD_DOT
+#undef WIDEN_DOTS
+#endif
     const size_t g = (size_t)t * (cols_p / GROUP) + b;
     const floatV s = TILE_SCALES(s_, g);
 #if defined(ASYM)
@@ -222,7 +330,7 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
     float8 xin8[TOKENS * BLOCK / 8];        // float8-aligned storage for the prepared blocks
     __private float *xin = (__private float *)xin8;
 #if !defined(W_F32)
-    int4 xq4[TOKENS * BLOCK / 8];           // the blocks as 16-bit pairs (quantized weights)
+    int4 xq4[(TOKENS * BLOCK / X_PER_INT + 3) / 4];    // the blocks as 16-bit pairs or bytes (quantized weights)
     __private int *xq = (__private int *)xq4;
     float dx[TOKENS];
 #else
@@ -253,13 +361,19 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
             amax.lo = amax.lo > amax.hi ? amax.lo : amax.hi;
             amax.lo.lo = amax.lo.lo > amax.lo.hi ? amax.lo.lo : amax.lo.hi;
             const float top = as_float(max(amax.s0, amax.s1));
-            dx[n] = top / 32767.0f;
-            const float inv = top > 0.0f ? 32767.0f / top : 0.0f;
+            dx[n] = top / X_MAX;
+            const float inv = top > 0.0f ? X_MAX / top : 0.0f;
             int8 vsum = 0;
             for (int c = 0; c < BLOCK / 8; c++) {
                 // + 1.5 * 2^23 leaves round-to-nearest(v) in the low mantissa bits, for |v| < 2^22
                 const int8 v = as_int8(*(__private float8 *)(xin + n * BLOCK + 8 * c) * inv + 12582912.0f) - 0x4b400000;
+#if X_PER_INT == 2
                 *(__private int4 *)(xq + n * (BLOCK / 2) + 4 * c) = (v.lo & 0xffff) | (v.hi << 16);
+#else
+                const int8 sb = (v & 0xff) << (int8)(0, 0, 8, 8, 16, 16, 24, 24);    // columns 2i and 2i + 1 to byte i
+                *(__private int2 *)(xq + n * (BLOCK / 4) + 2 * c) = (int2)(sb.s0 | sb.s2 | sb.s4 | sb.s6,
+                                                                           sb.s1 | sb.s3 | sb.s5 | sb.s7);
+#endif
                 vsum += v;
             }
             // the block sum that the offsets and mins need: of the rounded block, so that the kernel

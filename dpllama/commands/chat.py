@@ -7,7 +7,7 @@ import signal
 import sys
 
 from dpllama.chat import Chat
-from dpllama.commands.options import add_device, add_model, add_sampling, load_llm, sampler_from
+from dpllama.commands.options import add_activation_bits, add_device, add_model, add_sampling, load_llm, sampler_from
 from dpllama.generate import Sampler, check_steps
 from dpllama.llm import LLM
 
@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-reply", type=int, default=512, help="longest reply in tokens (default 512)")
     add_sampling(p, temperature=0.7)
     add_device(p)
+    add_activation_bits(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dpllama.commands.options import add_device, add_model, add_sampling, load_llm, sampler_from
+from dpllama.commands.options import add_activation_bits, add_device, add_model, add_sampling, load_llm, sampler_from
 from dpllama.errors import DpllamaError
 from dpllama.generate import Stats, check_steps
 
@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--special", action="store_true", help="parse special tokens such as <|im_start|> in the prompt")
     add_sampling(p, temperature=1.0)
     add_device(p)
+    add_activation_bits(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,6 +29,20 @@ def add_device(p: argparse.ArgumentParser, ctx: bool = True, config_help: str = 
                        help="context length to allocate (default: the model's)")
 
 
+def activation_bits(text: str) -> int:
+    """--activation-bits' type: argparse checks a type, unlike choices, on a default from the environment too."""
+    if text.strip() not in ("16", "8"):
+        raise argparse.ArgumentTypeError(f"must be 16 or 8, found {text!r}")
+    return int(text)
+
+
+def add_activation_bits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--activation-bits", type=activation_bits, default=16, metavar="{16,8}",
+                   help="how int4 and int5 matrices take their input: as 16-bit integers (default: logits within "
+                        "~0.01 of float32 math's) or as bytes, llama.cpp's numerics (prompts 1.2-1.3x faster, "
+                        "logits further from float32 math's: docs/QUALITY.md)")
+
+
 class Temperature(argparse.Action):
     """-t/--temperature/--temp. -t is llama2.c's temperature, but `-t 4` reads like llama.cpp's thread count:
     a whole number from 2 up written after -t gets a warning (after --temperature or --temp it is meant)."""
@@ -69,7 +83,9 @@ def check_ctx(args: argparse.Namespace) -> None:
 
 
 def load_llm(args: argparse.Namespace, slots: int = 1, chunk: int | None = None, check=None):
-    """dpllama.llm.load with the command line's model, tokenizer, device, config and --ctx (`check`: load's)."""
+    """dpllama.llm.load with the command line's model, tokenizer, device, config, --ctx and --activation-bits
+    (`check`: load's)."""
     from dpllama.llm import load
     check_ctx(args)
-    return load(args.model, args.tokenizer, args.device, args.config, args.ctx, slots, chunk, check)
+    return load(args.model, args.tokenizer, args.device, args.config, args.ctx, slots, chunk, check,
+                args.activation_bits)

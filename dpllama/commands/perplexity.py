@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpllama.commands.options import add_device, add_model, load_llm
+from dpllama.commands.options import add_activation_bits, add_device, add_model, load_llm
 from dpllama.errors import DpllamaError
 from dpllama.fileio import atomic_output, check_output
 from dpllama.perplexity import (Base, BaseWriter, KLStatistics, check_ctx, chunk_count, chunk_distributions,
@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compare the model with the base of --kl-divergence-base: KL divergence, same top token, "
                         "PPL ratio")
     add_device(p, ctx=False)
+    add_activation_bits(p)
 
 
 def say(text: str) -> None:

@@ -8,7 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
-from dpllama.commands.options import add_device, add_model, check_ctx, load_llm
+from dpllama.commands.options import add_activation_bits, add_device, add_model, check_ctx, load_llm
 from dpllama.errors import DpllamaError
 
 ENV_PREFIX = "DPLLAMA_"
@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run N engines as Ray Serve replicas behind Ray's HTTP proxy (needs dpllama[ray]); "
                         "0: one engine in this process (default)")
     add_device(p)
+    add_activation_bits(p)
     environment_defaults(p)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from dpllama.formats import round_up
 from dpllama.model.quant import widen
-from dpllama.model.weights import Tensor
+from dpllama.model.weights import Tensor, x_steps
 from dpllama.runtime import DeviceConfig, Queue
 
 
@@ -114,11 +114,12 @@ def int5_words(data: np.ndarray) -> np.ndarray:
     return words.reshape(data.shape)
 
 
-def weight_defines(t: Tensor, tile_rows: int, tiles: int, tokens: int) -> tuple[str, ...]:
-    """The matrix program's defines for `t`'s format and a launch geometry."""
+def weight_defines(t: Tensor, tile_rows: int, tiles: int, tokens: int, activation_bits: int = 16) -> tuple[str, ...]:
+    """The matrix program's defines for `t`'s format, the input's width and a launch geometry."""
     fmt = ("W_F32",) if t.kind == "f32" else (
         (f"W_{t.kind.upper()}", f"GROUP={t.group}") + (("ASYM",) if t.mins is not None else ())
-        + (("SCALES_F32",) if t.scales.dtype == np.float32 else ()))
+        + (("SCALES_F32",) if t.scales.dtype == np.float32 else ())
+        + (("X_BYTES",) if x_steps(t.kind, activation_bits) == 127 else ()))
     return fmt + (f"TILE_ROWS={tile_rows}", f"TILES={tiles}", f"TOKENS={tokens}")
 
 
@@ -126,8 +127,10 @@ class DeviceTensor:
     """A weight matrix on the device in the tiled layout, and the defines of the programs that read it, by
     tokens per work-group (1 to decode, `prefill_tokens` in prefill)."""
 
-    def __init__(self, q: Queue, t: Tensor, name: str, geometry: Geometry, defines: tuple[str, ...] = ()):
-        """`defines`: the programs' own besides the format's and geometry's (QKV_BIAS for a biased Wqkv)."""
+    def __init__(self, q: Queue, t: Tensor, name: str, geometry: Geometry, defines: tuple[str, ...] = (),
+                 activation_bits: int = 16):
+        """`defines`: the programs' own besides the format's and geometry's (QKV_BIAS for a biased Wqkv);
+        `activation_bits`: 8 has int4 and int5 programs take x as bytes (matrix.cl's X_BYTES)."""
         if t.kind == "q8" and t.group % 8:
             # the kernels read a q8 group as whole 8-column blocks; a smaller group (llama2.c v2 files of widths
             # not a multiple of 8: stories260K's is 4) goes up as float32, the same values in 4x the memory
@@ -150,7 +153,8 @@ class DeviceTensor:
                         else q.buffer(4, name=f"{name}.{part}-unused")
                         for part, a in (("data", data), ("scales", t.scales), ("mins", t.mins))]
         self.q = q
-        self.defines = {n: weight_defines(t, g, geometry.tiles(n), n) + defines for n in (1, geometry.prefill_tokens)}
+        self.defines = {n: weight_defines(t, g, geometry.tiles(n), n, activation_bits) + defines
+                        for n in (1, geometry.prefill_tokens)}
 
     def program(self, tokens: int):
         """The matrix program for `tokens` tokens per work-group (Llama builds them all at once, with progress)."""

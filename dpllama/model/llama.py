@@ -39,7 +39,7 @@ from dpllama.model import kernels
 from dpllama.model.kv_cache import KVCache, Sequence, zeros
 from dpllama.formats import round_up
 from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor, weight_defines
-from dpllama.model.weights import Layer, Tensor, Weights, rope_angles
+from dpllama.model.weights import ACTIVATION_BITS, Layer, Tensor, Weights, rope_angles
 from dpllama.runtime import Buffer, Queue
 
 
@@ -98,12 +98,18 @@ class DeviceLayer:
 
 class Llama:
     def __init__(self, weights: Weights, q: Queue, max_seq: int | None = None, slots: int = 1,
-                 chunk: int | None = None):
+                 chunk: int | None = None, activation_bits: int = 16):
         """The model on `q`'s device, laid out and launched as `q`'s config asks, for `slots` sequences with a
         context of `max_seq` tokens each (at most the model's), and forward passes of up to `chunk` rows (a
-        prompt chunk, a batch; the config's prefill_chunk unless given). The primitives act on the selected
-        sequence (`select`), the first one until another is selected."""
+        prompt chunk, a batch; the config's prefill_chunk unless given). `activation_bits` 8: int4 and int5
+        matrices take their input as bytes (llama.cpp's numerics, faster, further from float32 math) instead of
+        16-bit integers (matrix.cl's header). The primitives act on the selected sequence (`select`), the first
+        one until another is selected."""
+        if activation_bits not in ACTIVATION_BITS:
+            raise DpllamaError(f"activation bits must be one of {', '.join(map(str, ACTIVATION_BITS))}, "
+                               f"found {activation_bits}")
         self.config = c = weights.config
+        self.activation_bits = activation_bits
         self.q = q
         self.geometry = geo = Geometry.of(q.config)
         self.seq_len = min(max_seq or c.seq_len, c.seq_len)
@@ -120,8 +126,8 @@ class Llama:
         pad = lambda n: max(round_up(n, m) for m in [16, *groups])  # noqa: E731
         self.dim_p, self.q_p, self.hidden_p = pad(dim), pad(q_dim), pad(c.hidden_dim)
 
-        def upload(t: Tensor, name: str) -> DeviceTensor:
-            return DeviceTensor(q, t, name, geo)
+        def upload(t: Tensor, name: str, defines: tuple[str, ...] = ()) -> DeviceTensor:
+            return DeviceTensor(q, t, name, geo, defines, activation_bits)
 
         def norm_weight(w: np.ndarray) -> Buffer:
             return q.buffer(host=np.pad(w.astype(np.float32), (0, self.dim_p - dim)))
@@ -135,7 +141,7 @@ class Llama:
             wqkv = fuse_rows([wq, wk, wv])
             self.layers.append(DeviceLayer(
                 attn_norm=norm_weight(L.attn_norm),
-                wqkv=DeviceTensor(q, wqkv, f"layers.{i}.wqkv", geo, self.qkv_defines),
+                wqkv=upload(wqkv, f"layers.{i}.wqkv", self.qkv_defines),
                 qkv_bias=q.buffer(host=bias, name=f"layers.{i}.qkv_bias") if bias is not None
                 else q.buffer(4, name=f"layers.{i}.qkv_bias-unused"),
                 wo=upload(L.wo, f"layers.{i}.wo"), ffn_norm=norm_weight(L.ffn_norm),
@@ -200,7 +206,7 @@ class Llama:
         if not self.fused_attention:
             return None
         c, geo = self.config, self.geometry
-        return (*weight_defines(wqkv, geo.tile_rows, geo.decode_tiles, 1), *self.qkv_defines,
+        return (*weight_defines(wqkv, geo.tile_rows, geo.decode_tiles, 1, self.activation_bits), *self.qkv_defines,
                 *self.attention_defines, f"GQA={c.n_heads // c.n_kv_heads}", "SOLO")
 
     def select(self, slot: int) -> None:

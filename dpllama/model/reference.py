@@ -2,14 +2,15 @@
 
 It is the oracle the device kernels are tested against, so it favours being obviously right over being
 fast: weights are dequantized once to float32, activations and the KV cache stay float32, except that a
-quantized (q8, int4, int5) matrix multiplies its input rounded to 16-bit steps per group, as the kernels do
-(matrix.cl's header).
+quantized (q8, int4, int5) matrix multiplies its input rounded per group to 16-bit steps (int4 and int5 to 8-bit
+ones with activation_bits 8), as the kernels do (matrix.cl's header).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from dpllama.model.weights import Tensor, Weights, layer_shapes, rope_angles
+from dpllama.model.quant import widen
+from dpllama.model.weights import Tensor, Weights, layer_shapes, rope_angles, x_steps
 
 f32 = np.float32
 
@@ -19,37 +20,43 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return weight * (x * (f32(1) / np.sqrt(np.dot(x, x) / f32(x.size) + f32(eps))))
 
 
-def round_to_int16_steps(x: np.ndarray, group: int) -> np.ndarray:
-    """x with each group of `group` elements rounded to a multiple of max|x over the group| / 32767: what
-    the quantized kernels multiply (they take x as 16-bit integers and one scale per group)."""
+def round_to_steps(x: np.ndarray, group: int, steps: int) -> np.ndarray:
+    """x with each group of `group` elements rounded to a multiple of max|x over the group| / steps: what the
+    quantized kernels multiply (they take x as integers, 16-bit or bytes, and one scale per group)."""
     xg = np.pad(x, (0, -x.size % group)).reshape(-1, group)
     top = np.abs(xg).max(axis=1, keepdims=True)
-    inv = np.divide(f32(32767), top, out=np.zeros_like(top), where=top > 0)
-    return (np.rint(xg * inv) * (top / f32(32767))).ravel()[:x.size]
+    inv = np.divide(f32(steps), top, out=np.zeros_like(top), where=top > 0)
+    return (np.rint(xg * inv) * (top / f32(steps))).ravel()[:x.size]
 
 
 class Matrix:
     """W as float32 [rows, cols]; `w @ x` is what the device computes for it."""
 
-    def __init__(self, t: Tensor):
+    def __init__(self, t: Tensor, activation_bits: int = 16):
         self.w = t.dequantize()
-        self.group = t.group if t.kind != "f32" else 0      # quantized: its input is rounded per group
+        self.group, self.steps = t.group, x_steps(t.kind, activation_bits)    # quantized: x rounded per group
 
     def __matmul__(self, x: np.ndarray) -> np.ndarray:
-        return self.w @ (round_to_int16_steps(x, self.group) if self.group else x)
+        return self.w @ (round_to_steps(x, self.group, self.steps) if self.steps else x)
 
 
 class Reference:
-    def __init__(self, weights: Weights):
+    def __init__(self, weights: Weights, activation_bits: int = 16):
+        """`activation_bits`: the device's (Llama's), which decides how quantized matrices' inputs are rounded."""
         c = self.config = weights.config
-        self.output = Matrix(weights.tok_embeddings if weights.tied else weights.output)  # [vocab, dim]
+        self.output = Matrix(weights.tok_embeddings if weights.tied else weights.output, activation_bits)  # [vocab, dim]
         self.tok_embeddings = self.output.w if weights.tied else weights.tok_embeddings.dequantize()  # [vocab, dim]
         self.norm = np.asarray(weights.norm, f32)                       # [dim]
         # per layer: {attn_norm [dim], wq [dim, dim], wk / wv [kv_dim, dim], wo [dim, dim], ffn_norm [dim],
         #             w1 / w3 [hidden_dim, dim], w2 [dim, hidden_dim], and with qkv_bias bq [dim], bk / bv [kv_dim]}
-        self.layers = [{name: (Matrix(getattr(layer, name)) if len(shape) == 2
+        # The device multiplies Q, K and V in one matrix, and gate and up in another, each in the one format that
+        # holds its parts (quant.widen): their inputs are rounded as that format's are, so here too.
+        def matrices(layer) -> dict[str, Tensor]:
+            return dict(zip(("wq", "wk", "wv", "w1", "w3"), widen([layer.wq, layer.wk, layer.wv]) + widen([layer.w1, layer.w3])))
+        self.layers = [{name: (Matrix(fused.get(name, getattr(layer, name)), activation_bits) if len(shape) == 2
                                else np.asarray(getattr(layer, name), f32))
-                        for name, shape in layer_shapes(c).items()} for layer in weights.layers]
+                        for name, shape in layer_shapes(c).items()}
+                       for layer in weights.layers for fused in [matrices(layer)]]
         # np.zeros maps pages lazily, so a long context costs memory only as far as it is used
         self.key_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32)     # [layer, pos, kv_dim]
         self.value_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32)   # [layer, pos, kv_dim]

@@ -218,6 +218,18 @@ _FLOATS = {"f32": (("weight", "data", 1),), "q8": (("scale", "scales", 256), ("m
            "int4": (("scale", "scales", 32), ("min", "mins", 2)), "int5": (("scale", "scales", 64), ("min", "mins", 2))}
 
 
+ACTIVATION_BITS = (16, 8)
+
+
+def x_steps(kind: str, activation_bits: int = 16) -> int:
+    """The steps per max|x| to which the matrix kernels round the input of a `kind` matrix, group by group
+    (matrix.cl's header): 0 for float32 weights (not rounded), bytes (127) for int4 and int5 under
+    `activation_bits` 8 (llama.cpp's numerics), else 16 bits (32767)."""
+    if activation_bits not in ACTIVATION_BITS:
+        raise ValueError(f"activation bits must be one of {ACTIVATION_BITS}, found {activation_bits}")
+    return 0 if kind == "f32" else 127 if activation_bits == 8 and kind in ("int4", "int5") else 32767
+
+
 def _within(a: np.ndarray, bound: float) -> bool:
     """Every |a| < bound: no NaN, no infinity (NaN fails every comparison)."""
     if a.dtype == np.float16:   # numpy's float16 min/max convert value by value, 50x slower than this:
