@@ -17,7 +17,7 @@ from dpllama.hub import resolve_model
 from dpllama.loaders import load_tokenizer, load_weights
 from dpllama.model.layout import Geometry
 from dpllama.model.llama import Llama, floats_per_position, pass_rows
-from dpllama.model.weights import ACTIVATION_BITS, ModelConfig
+from dpllama.model.weights import ModelConfig, check_activation_bits
 from dpllama.runtime import Queue, open_queue
 from dpllama.tokenizer import StreamDecoder, Tokenizer, printable_piece
 
@@ -112,9 +112,7 @@ def load(model: str, tokenizer: str | None = None, device: str | None = None, co
     that depend on the model)."""
     if max_seq is not None and max_seq < 1:     # before any work, as the CLI checks --ctx
         raise DpllamaError(f"max_seq must be at least 1, found {max_seq}")
-    if activation_bits not in ACTIVATION_BITS:
-        raise DpllamaError(f"activation_bits must be one of {', '.join(map(str, ACTIVATION_BITS))}, "
-                           f"found {activation_bits}")
+    check_activation_bits(activation_bits)
     path = resolve_model(model)
     weights = load_weights(path)
     if check:

@@ -50,6 +50,12 @@ def test_api_generate_rejects_bad_arguments_at_the_call():
     assert "".join(llm.generate("Once upon a time", steps=8, temperature=0)).startswith("Once upon a time")
 
 
+def test_api_load_rejects_bad_activation_bits_before_reading_the_model():
+    """Checked first: the model named here does not exist, and the error is about the bits, not the file."""
+    with pytest.raises(DpllamaError, match="activation bits must be one of 16, 8, found 4"):
+        dpllama.load("/nonexistent/model.gguf", activation_bits=4)
+
+
 def test_remove_stale_takes_only_dead_writers_temporaries(tmp_path):
     """A killed writer's temporary goes (file or folder); a live one's stays, whoever it is, and so does another
     host's until it is a day old (its PID says nothing here); files that are not dpllama's temporaries stay."""

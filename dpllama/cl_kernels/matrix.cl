@@ -19,14 +19,13 @@
 // an add on AVX2), where float math spends a conversion and an FMA per weight, and for int4 a shift and a
 // mask on top (measured: int4 2-3x faster). The offsets (q - 8, q - 16, q + 128) go into the block sum of x.
 //
-//
 // Built with -DX_BYTES (int4 and int5 only: `--activation-bits 8`), they take x as bytes instead, llama.cpp's
 // numerics: each block scaled by 127 / max|x| and rounded (each value moved by at most max|x| / 254), an int
 // holding 4 bytes of x, those of the columns whose weights one mask of a packed word leaves in the 4 bytes of a
 // lane: word j's even nibbles (u & 0x0f0f0f0f: columns 8j, 8j + 2, 8j + 4, 8j + 6) and its odd ones
 // ((u >> 4) & 0x0f0f0f0f). Unsigned-by-signed byte multiply-adds then take 64 weights an instruction (pmaddubsw,
 // its 16-bit pair sums added up over a few words before pmaddwd by 1 widens them; VNNI's vpdpbusd in one),
-// and half the multiply-adds of the 16-bit pairs: prompts ran 1.2-1.3x faster on AVX-512 without VNNI. The
+// and half the multiply-adds of the 16-bit pairs: prompts ran 1.2-1.3x faster on AVX2 and AVX-512 without VNNI. The
 // cost is fidelity: SmolLM2's first logits move by up to 1.0 from float32 math's instead of 0.004
 // (docs/PERFORMANCE.md, docs/QUALITY.md), so 16 bits stay the default.
 

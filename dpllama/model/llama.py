@@ -39,7 +39,7 @@ from dpllama.model import kernels
 from dpllama.model.kv_cache import KVCache, Sequence, zeros
 from dpllama.formats import round_up
 from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor, weight_defines
-from dpllama.model.weights import ACTIVATION_BITS, Layer, Tensor, Weights, rope_angles
+from dpllama.model.weights import Layer, Tensor, Weights, check_activation_bits, rope_angles
 from dpllama.runtime import Buffer, Queue
 
 
@@ -105,9 +105,7 @@ class Llama:
         matrices take their input as bytes (llama.cpp's numerics, faster, further from float32 math) instead of
         16-bit integers (matrix.cl's header). The primitives act on the selected sequence (`select`), the first
         one until another is selected."""
-        if activation_bits not in ACTIVATION_BITS:
-            raise DpllamaError(f"activation bits must be one of {', '.join(map(str, ACTIVATION_BITS))}, "
-                               f"found {activation_bits}")
+        check_activation_bits(activation_bits)
         self.config = c = weights.config
         self.activation_bits = activation_bits
         self.q = q

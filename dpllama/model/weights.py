@@ -221,12 +221,17 @@ _FLOATS = {"f32": (("weight", "data", 1),), "q8": (("scale", "scales", 256), ("m
 ACTIVATION_BITS = (16, 8)
 
 
+def check_activation_bits(activation_bits: int) -> None:
+    if activation_bits not in ACTIVATION_BITS:
+        raise DpllamaError(f"activation bits must be one of {', '.join(map(str, ACTIVATION_BITS))}, "
+                           f"found {activation_bits}")
+
+
 def x_steps(kind: str, activation_bits: int = 16) -> int:
     """The steps per max|x| to which the matrix kernels round the input of a `kind` matrix, group by group
     (matrix.cl's header): 0 for float32 weights (not rounded), bytes (127) for int4 and int5 under
     `activation_bits` 8 (llama.cpp's numerics), else 16 bits (32767)."""
-    if activation_bits not in ACTIVATION_BITS:
-        raise ValueError(f"activation bits must be one of {ACTIVATION_BITS}, found {activation_bits}")
+    check_activation_bits(activation_bits)
     return 0 if kind == "f32" else 127 if activation_bits == 8 and kind in ("int4", "int5") else 32767
 
 
