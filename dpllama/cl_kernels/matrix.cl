@@ -214,12 +214,28 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
     }
 #else
     intV part[TOKENS * CHAINS];
-#if X_PER_INT == 2
 #pragma unroll
     for (int i = 0; i < TOKENS * CHAINS; i++) part[i] = 0;
+#if X_PER_INT == 2
     // pair k of the block, its two weights in the halves of every lane of m, into every token's sums
 #define PAIR_MADD(k, m) for (int n = 0; n < TOKENS; n++) \
         part[n * CHAINS + (k) % CHAINS] = MADD(part[n * CHAINS + (k) % CHAINS], (m), xq[n * (BLOCK / 2) + (k)])
+    // int5 word j of 32 columns i, as its even and odd columns in bytes: pairs (k, k + 4) in a lane's halves
+#define INT5_WORD(i, j, even, odd) _Pragma("unroll") for (int h = 0; h < PAIRS; h++) \
+        PAIR_MADD(16 * (i) + 4 * (j) + h, ((h & 1 ? (odd) : (even)) >> (uint)(8 * (h / 2))) & PAIR_MASK)
+#else
+    // words of 4 weights in bytes, each word's even columns and its odd ones (see the header), into 16-bit (x86)
+    // sums per token and chain, taken into the 32-bit ones every DOT_WORDS words
+    DOTS dots[TOKENS * CHAINS];
+#pragma unroll
+    for (int i = 0; i < TOKENS * CHAINS; i++) dots[i] = 0;
+    // quad k of the block (columns 8 (k / 2) + 2 i + k % 2, i < 4), its weights in the bytes of every lane of v
+#define QUAD_DOT(k, v) for (int n = 0; n < TOKENS; n++) \
+        dots[n * CHAINS + (k) % CHAINS] = DOT4(dots[n * CHAINS + (k) % CHAINS], (v), xq[n * (BLOCK / 4) + (k)])
+#define WIDEN_DOTS() for (int i = 0; i < TOKENS * CHAINS; i++) { part[i] += WIDEN(dots[i]); dots[i] = 0; }
+#define INT5_WORD(i, j, even, odd) QUAD_DOT(8 * (i) + 2 * (j), (even)); QUAD_DOT(8 * (i) + 2 * (j) + 1, (odd)); \
+        if ((j) % DOT_WORDS == DOT_WORDS - 1) WIDEN_DOTS()
+#endif
 #if defined(W_INT5)
     // 5 words per 32 columns: 4 of nibbles, then the fifth bits (see the header)
     __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 32 * 5) + (BLOCK / 32 * 5) * b;
@@ -230,15 +246,13 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const uintV u = w[5 * i + j];
-            // columns 8j + 2b and 8j + 2b + 1 as 5-bit values in byte b (bits 5-7 are left over from the plane)
-            const uintV even = (u & 0x0f0f0f0fu) | (SHIFT_RIGHT(high, 2 * j - 4) & 0xf0f0f0f0u);
-            const uintV odd = ((u >> 4) & 0x0f0f0f0fu) | (SHIFT_RIGHT(high, 2 * j - 3) & 0xf0f0f0f0u);
-#pragma unroll
-            for (int h = 0; h < PAIRS; h++)
-                PAIR_MADD(16 * i + 4 * j + h, ((h & 1 ? odd : even) >> (uint)(8 * (h / 2))) & PAIR_MASK);
+            // columns 8j + 2b (even) and 8j + 2b + 1 (odd) as 5-bit values in byte b: nibbles and fifth bits
+            const uintV even = (u & 0x0f0f0f0fu) | (SHIFT_RIGHT(high, 2 * j - 4) & 0x10101010u);
+            const uintV odd = ((u >> 4) & 0x0f0f0f0fu) | (SHIFT_RIGHT(high, 2 * j - 3) & 0x10101010u);
+            INT5_WORD(i, j, even, odd);
         }
     }
-#else
+#elif X_PER_INT == 2
     // a packed word holds PAIRS pairs of the block (q8: 2 of bytes, int4: 4 of nibbles; see the header)
     __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / (2 * PAIRS)) + (BLOCK / (2 * PAIRS)) * b;
     PREFETCH_AHEAD(w, BLOCK / (2 * PAIRS));
@@ -248,36 +262,6 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
 #pragma unroll
         for (int h = 0; h < PAIRS; h++)
             PAIR_MADD(PAIRS * j + h, (u >> (uint)(16 / PAIRS * h)) & PAIR_MASK);
-    }
-#endif
-#undef PAIR_MADD
-#else
-    // words of 4 weights in bytes, each word's even columns and its odd ones (see the header), into 16-bit (x86)
-    // sums per token and chain, taken into the 32-bit ones every DOT_WORDS words
-    DOTS dots[TOKENS * CHAINS];
-#pragma unroll
-    for (int i = 0; i < TOKENS * CHAINS; i++) {
-        part[i] = 0;
-        dots[i] = 0;
-    }
-    // quad k of the block (columns 8 (k / 2) + 2 i + k % 2, i < 4), its weights in the bytes of every lane of v
-#define QUAD_DOT(k, v) for (int n = 0; n < TOKENS; n++) \
-        dots[n * CHAINS + (k) % CHAINS] = DOT4(dots[n * CHAINS + (k) % CHAINS], (v), xq[n * (BLOCK / 4) + (k)])
-#define WIDEN_DOTS() for (int i = 0; i < TOKENS * CHAINS; i++) { part[i] += WIDEN(dots[i]); dots[i] = 0; }
-#if defined(W_INT5)
-    __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 32 * 5) + (BLOCK / 32 * 5) * b;
-    PREFETCH_AHEAD(w, BLOCK / 32 * 5);
-#pragma unroll
-    for (int i = 0; i < BLOCK / 32; i++) {
-        const uintV high = w[5 * i + 4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const uintV u = w[5 * i + j];
-            // the even and the odd columns of word j as 5-bit values in bytes: nibbles and fifth bits
-            QUAD_DOT(8 * i + 2 * j, (u & 0x0f0f0f0fu) | (SHIFT_RIGHT(high, 2 * j - 4) & 0x10101010u));
-            QUAD_DOT(8 * i + 2 * j + 1, ((u >> 4) & 0x0f0f0f0fu) | (SHIFT_RIGHT(high, 2 * j - 3) & 0x10101010u));
-            if (j % DOT_WORDS == DOT_WORDS - 1) WIDEN_DOTS();
-        }
     }
 #else
     __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 8) + (BLOCK / 8) * b;
@@ -290,9 +274,10 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
         if (j % DOT_WORDS == DOT_WORDS - 1 || j == BLOCK / 8 - 1) WIDEN_DOTS();
     }
 #endif
+#undef PAIR_MADD
 #undef QUAD_DOT
 #undef WIDEN_DOTS
-#endif
+#undef INT5_WORD
     const size_t g = (size_t)t * (cols_p / GROUP) + b;
     const floatV s = TILE_SCALES(s_, g);
 #if defined(ASYM)
