@@ -163,7 +163,8 @@ def compare_batched(q, weights: Weights, what: str, activation_bits: int = 16) -
                 ref_logits = refs[i].forward(seqs[i][p], p)
             if part.logits:
                 row = got[wanted.index(i)]
-                np.testing.assert_allclose(row, ref_logits, rtol=0, atol=logits_atol(weights, ref_logits, activation_bits),
+                np.testing.assert_allclose(row, ref_logits, rtol=0,
+                                           atol=logits_atol(weights, ref_logits, activation_bits),
                                            err_msg=f"{what}: batched logits of sequence {i} at position {p}")
             fed[i] += len(part.tokens)
         step += 1

@@ -139,7 +139,8 @@ X8_FORMATS = {"cpu": ["int4g32", "int4asym128", "int4g16f-q3k", "int5g32-q50", "
               "gpu": ["int4g32", "int5g32-q50"], "odd": ["int4asym64"]}
 GEMV_PARAMS = [(fmt, geo, mode) for geo, fmts in GEOMETRY_FORMATS.items() for fmt in fmts
                for mode in ("decode", "prefill")] + [
-              (fmt, geo, mode) for geo, fmts in X8_FORMATS.items() for fmt in fmts for mode in ("decode-x8", "prefill-x8")]
+              (fmt, geo, mode) for geo, fmts in X8_FORMATS.items() for fmt in fmts
+              for mode in ("decode-x8", "prefill-x8")]
 GEMV_KERNELS = ["gemv_add", "gemv_norm", "gemv_norm_swiglu"]
 
 

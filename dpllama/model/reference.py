@@ -44,7 +44,8 @@ class Reference:
     def __init__(self, weights: Weights, activation_bits: int = 16):
         """`activation_bits`: the device's (Llama's), which decides how quantized matrices' inputs are rounded."""
         c = self.config = weights.config
-        self.output = Matrix(weights.tok_embeddings if weights.tied else weights.output, activation_bits)  # [vocab, dim]
+        self.output = Matrix(weights.tok_embeddings if weights.tied else weights.output,   # [vocab, dim]
+                             activation_bits)
         self.tok_embeddings = self.output.w if weights.tied else weights.tok_embeddings.dequantize()  # [vocab, dim]
         self.norm = np.asarray(weights.norm, f32)                       # [dim]
         # per layer: {attn_norm [dim], wq [dim, dim], wk / wv [kv_dim, dim], wo [dim, dim], ffn_norm [dim],
@@ -52,7 +53,8 @@ class Reference:
         # The device multiplies Q, K and V in one matrix, and gate and up in another, each in the one format that
         # holds its parts (quant.widen): their inputs are rounded as that format's are, so here too.
         def matrices(layer) -> dict[str, Tensor]:
-            return dict(zip(("wq", "wk", "wv", "w1", "w3"), widen([layer.wq, layer.wk, layer.wv]) + widen([layer.w1, layer.w3])))
+            fused = widen([layer.wq, layer.wk, layer.wv]) + widen([layer.w1, layer.w3])
+            return dict(zip(("wq", "wk", "wv", "w1", "w3"), fused))
         self.layers = [{name: (Matrix(fused.get(name, getattr(layer, name)), activation_bits) if len(shape) == 2
                                else np.asarray(getattr(layer, name), f32))
                         for name, shape in layer_shapes(c).items()}
