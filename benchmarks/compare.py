@@ -101,6 +101,7 @@ def main() -> None:
     weights = load_weights(path)
     # each activation width dpllama runs with, by its name in the results: "dpllama" for the default 16 bits
     name = lambda bits: "dpllama" if bits == 16 else f"dpllama {bits}-bit"    # noqa: E731
+    ratio = lambda kind, who: f"{kind}_ratio" + ("" if who == "dpllama" else f" ({who})")  # noqa: E731
     ours_all = {name(b): Llama(weights, queue, max_seq=args.prompt + args.gen, activation_bits=b)
                 for b in (int(b) for b in args.activation_bits.split(","))}
     theirs = llama_cpp.Llama(model_path=str(path), n_ctx=args.prompt + args.gen + 8, n_batch=512,
@@ -116,9 +117,8 @@ def main() -> None:
         row = {who: run_once(m, prompt, args.gen) for who, m in ours_all.items()}
         b = row["llama.cpp"] = llamacpp_round(theirs, prompt, args.gen)
         for who in ours_all:
-            suffix = "" if who == "dpllama" else f" ({who})"
-            row["prompt_ratio" + suffix] = row[who]["prompt_tok_s"] / b["prompt_tok_s"]
-            row["decode_ratio" + suffix] = row[who]["decode_tok_s"] / b["decode_tok_s"]
+            for kind in ("prompt", "decode"):
+                row[ratio(kind, who)] = row[who][f"{kind}_tok_s"] / b[f"{kind}_tok_s"]
         rounds.append(row)
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0] if "ratio" in k}
     for who in (*ours_all, "llama.cpp"):
@@ -161,9 +161,8 @@ def main() -> None:
     for who in (*ours_all, "llama.cpp"):
         print(f"{who:16} {med[who + ' prompt_tok_s']:13.1f} {med[who + ' decode_tok_s']:13.1f}")
     for who in ours_all:
-        suffix = "" if who == "dpllama" else f" ({who})"
-        print(f"{'ratio ' + who[8:] if suffix else 'ratio':16} {med['prompt_ratio' + suffix]:13.2f} "
-              f"{med['decode_ratio' + suffix]:13.2f}")
+        print(f"{'ratio' + who.removeprefix('dpllama'):16} {med[ratio('prompt', who)]:13.2f} "
+              f"{med[ratio('decode', who)]:13.2f}")
     print(f"streaming read bandwidth (read-only kernel): {bw:.1f} GB/s")
     for kind, r in roof.items():
         print(f"stories15M {kind:8}: {r['decode_tok_s']:7.1f} tok/s, {r['weight_mb']:.1f} MB/token, "

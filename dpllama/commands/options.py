@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from dpllama.errors import DpllamaError
+from dpllama.model.weights import ACTIVATION_BITS
 
 SELECTOR_HELP = ("device selector: cpu, gpu, gpu:1, a device number, platform=NAME, vendor=NAME, name~TEXT, "
                  "isa=avx2, comma-separated terms all must hold (default: $DPLLAMA_DEVICE, else the best device)")
@@ -31,8 +32,8 @@ def add_device(p: argparse.ArgumentParser, ctx: bool = True, config_help: str = 
 
 def activation_bits(text: str) -> int:
     """--activation-bits' type: argparse checks a type, unlike choices, on a default from the environment too."""
-    if text.strip() not in ("16", "8"):
-        raise argparse.ArgumentTypeError(f"must be 16 or 8, found {text!r}")
+    if text.strip() not in map(str, ACTIVATION_BITS):
+        raise argparse.ArgumentTypeError(f"must be {' or '.join(map(str, ACTIVATION_BITS))}, found {text!r}")
     return int(text)
 
 
