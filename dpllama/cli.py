@@ -15,6 +15,7 @@ import sys
 from dpllama import __version__
 from dpllama.errors import DpllamaError
 from dpllama.fileio import remove_live
+from dpllama.signals import signals_held
 
 # name -> help; the command is dpllama.commands.<name>
 COMMANDS = {
@@ -70,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGINT, interrupted)
     try:
         words = sys.argv[1:] if argv is None else argv
-        args, unknown = parser(words).parse_known_args(words)
+        # the threads the command's imports start (NumPy's BLAS) never take SIGINT or SIGTERM (dpllama/signals.py)
+        with signals_held():
+            p = parser(words)
+        args, unknown = p.parse_known_args(words)
         if unknown:     # with the subcommand's usage, not the top level's, which does not show its options
             args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return args.run(args)

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dpllama"
 # room -> its modules; an entry holds a module and, for a package, everything in it. The root package's own
 # module is "dpllama.__init__". Moving a module to another package means editing its entry here.
 ROOMS = {
-    "base": ("dpllama.errors", "dpllama.fileio", "dpllama.paths"),
+    "base": ("dpllama.errors", "dpllama.fileio", "dpllama.paths", "dpllama.signals"),
     "formats": ("dpllama.formats",),
     "runtime": ("dpllama.runtime",),
     "tokenizer": ("dpllama.tokenizer",),

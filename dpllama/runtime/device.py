@@ -22,6 +22,7 @@ import pyopencl as cl
 from dpllama.errors import DpllamaError
 from dpllama.fileio import atomic_output
 from dpllama.paths import dpllama_home
+from dpllama.signals import signals_held
 
 NO_PLATFORM_HELP = (
     "no OpenCL platform found: install one, e.g. PoCL's CPU driver with "
@@ -62,11 +63,12 @@ def run_probe(cl_device) -> Probe:
     """Build and run PROBE_SOURCE on a device (a fraction of a second; Device.probe caches the result)."""
     try:
         ctx = cl.Context([cl_device])
-        prg = cl.Program(ctx, PROBE_SOURCE).build(cache_dir=False)
         queue = cl.CommandQueue(ctx)
         flags = np.zeros(len(ISA_MACROS), np.int32)
         buf = cl.Buffer(ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=flags)
-        prg.isa(queue, (1,), None, buf)
+        with signals_held():    # the build, and the launch, where PoCL compiles the kernel for its work-group size
+            prg = cl.Program(ctx, PROBE_SOURCE).build(cache_dir=False)
+            prg.isa(queue, (1,), None, buf)
         cl.enqueue_copy(queue, flags, buf)
         queue.finish()
     except cl.Error as e:
@@ -172,17 +174,20 @@ class Device:
 
 def list_devices() -> list[Device]:
     """Every device of every platform, in a stable order. Raises DpllamaError when there is none."""
-    try:
-        platforms = cl.get_platforms()
-    except cl.Error:   # PLATFORM_NOT_FOUND_KHR from the ICD loader
-        platforms = []
+    with signals_held():    # the drivers start their threads here: they inherit this thread's blocked signals
+        try:
+            platforms = cl.get_platforms()
+        except cl.Error:   # PLATFORM_NOT_FOUND_KHR from the ICD loader
+            platforms = []
+        per_platform = []
+        for p in platforms:
+            try:
+                per_platform.append(p.get_devices())
+            except cl.Error:
+                continue
     devices: list[Device] = []
     per_type: dict[str, int] = {}
-    for p in platforms:
-        try:
-            cl_devices = p.get_devices()
-        except cl.Error:
-            continue
+    for cl_devices in per_platform:
         for d in cl_devices:
             dev = Device(len(devices), 0, d)
             dev.type_index = per_type.get(dev.type, 0)

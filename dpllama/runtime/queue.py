@@ -27,6 +27,7 @@ from dpllama.runtime.config import DeviceConfig, defaults
 from dpllama.runtime.device import Device
 from dpllama.runtime import program
 from dpllama.runtime.program import KernelRef, Program
+from dpllama.signals import signals_held
 
 READ, WRITE, READ_WRITE = 1, 2, 3
 MAX_READERS = 64    # reader events kept per buffer before they are folded into one marker
@@ -147,6 +148,14 @@ class Command:
         self.name = self.kernel.function_name    # a driver query: once, not at every launch
 
     def launch(self, cl_queue, wait):
+        """The first launch, where a driver may compile the kernel for its work-group size (PoCL does, in this
+        thread: dpllama/signals.py); every later one goes straight to the driver (_launch)."""
+        with signals_held():
+            ev = self._launch(cl_queue, wait)
+        self.launch = self._launch
+        return ev
+
+    def _launch(self, cl_queue, wait):
         return cl.enqueue_nd_range_kernel(cl_queue, self.kernel, self.global_size, self.local_size, wait_for=wait)
 
 
