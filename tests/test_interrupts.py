@@ -1,9 +1,9 @@
 """Interruptions (issue 11): SIGINT and SIGKILL at fixed-seed pseudo-random points of real `generate` and `quantize`
 runs never leave a file that a later run uses or that piles up.
 
-generate writes only into $DPLLAMA_HOME/kernels (the kernel binaries, the device probe), and only while kernels
-compile: each run here starts with an empty DPLLAMA_HOME and an empty POCL_CACHE_DIR, so they really compile
-(~8 s of the run on a 2-core PoCL CPU). After each interruption, the next, uninterrupted run in the same folders
+generate writes only into $DPLLAMA_HOME/kernels (the kernel binaries, or with PoCL notes of its builds, and the
+device probe), and only while kernels compile: each run here starts with an empty DPLLAMA_HOME and an empty
+POCL_CACHE_DIR, so they really compile (~2 s of the run on a 2-core PoCL CPU). After each interruption, the next, uninterrupted run in the same folders
 prints stories260K's greedy oracle and leaves no temporary. Pull under signals is in tests/test_pull.py.
 
 A Ctrl-C in Python's own first ~25 ms (the interpreter, runpy, cli.py's imports), before any dpllama code runs,
@@ -25,10 +25,10 @@ from dpllama.fileio import HOST, TEMP
 from tests.helpers import llama2c_dir
 
 SEED = 11
-GENERATE_POINTS = 6     # each costs about one cold run (~9 s here): the interrupted part, then the next run's rest
+GENERATE_POINTS = 6     # each costs about one cold run (~3 s here): the interrupted part, then the next run's rest
 QUANTIZE_POINTS = 10
 PROMPT = "Once upon a time"
-PROMPT_EXIT_S = 10      # a Ctrl-C lands when the compiler returns to Python: up to one program's compile (~2.5 s)
+PROMPT_EXIT_S = 10      # a Ctrl-C lands when the compiler returns to Python: up to one program's compile (~0.5 s)
 # exit 130 after `dpllama: interrupted` (cli.interrupted exits at once, wherever Python was)
 INTERRUPTED = (130,)
 

@@ -129,7 +129,7 @@ GEOMETRIES = {
     "odd": (geometry(8, 8, 3, 3, 2), 5),      # several tiles per work-group and a tree
 }
 # which formats run in which geometry: every format in the CPU one; a few, one per code path, in the others
-# (each (format, geometry) costs two program builds, ~2.3 s each on PoCL when the cache is cold)
+# (each (format, geometry) costs two program builds and their kernels' first launches, ~1 s on PoCL from a cold cache)
 GEOMETRY_FORMATS = {"cpu": list(FORMATS), "gpu": ["q8g32", "int4g32", "int4asym128", "q8asym32-q51", "int4g16f-q3k",
                                                   "int5g32-q50", "int5asym32f-q5k"],
                     "odd": ["f32", "int4asym64", "int5asym32-q51"]}
