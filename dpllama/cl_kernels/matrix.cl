@@ -218,7 +218,7 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
     for (int i = 0; i < TOKENS * CHAINS; i++) part[i] = 0;
 #if X_PER_INT == 2
     // pair k of the block, its two weights in the halves of every lane of m, into every token's sums
-#define PAIR_MADD(k, m) for (int n = 0; n < TOKENS; n++) \
+#define PAIR_MADD(k, m) _Pragma("unroll") for (int n = 0; n < TOKENS; n++) \
         part[n * CHAINS + (k) % CHAINS] = MADD(part[n * CHAINS + (k) % CHAINS], (m), xq[n * (BLOCK / 2) + (k)])
     // int5 word j of 32 columns i, as its even and odd columns in bytes: pairs (k, k + 4) in a lane's halves
 #define INT5_WORD(i, j, even, odd) _Pragma("unroll") for (int h = 0; h < PAIRS; h++) \
@@ -230,9 +230,9 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
 #pragma unroll
     for (int i = 0; i < TOKENS * CHAINS; i++) dots[i] = 0;
     // quad k of the block (columns 8 (k / 2) + 2 i + k % 2, i < 4), its weights in the bytes of every lane of v
-#define QUAD_DOT(k, v) for (int n = 0; n < TOKENS; n++) \
+#define QUAD_DOT(k, v) _Pragma("unroll") for (int n = 0; n < TOKENS; n++) \
         dots[n * CHAINS + (k) % CHAINS] = DOT4(dots[n * CHAINS + (k) % CHAINS], (v), xq[n * (BLOCK / 4) + (k)])
-#define WIDEN_DOTS() for (int i = 0; i < TOKENS * CHAINS; i++) { part[i] += WIDEN(dots[i]); dots[i] = 0; }
+#define WIDEN_DOTS() _Pragma("unroll") for (int i = 0; i < TOKENS * CHAINS; i++) { part[i] += WIDEN(dots[i]); dots[i] = 0; }
 #define INT5_WORD(i, j, even, odd) QUAD_DOT(8 * (i) + 2 * (j), (even)); QUAD_DOT(8 * (i) + 2 * (j) + 1, (odd)); \
         if ((j) % DOT_WORDS == DOT_WORDS - 1) WIDEN_DOTS()
 #endif
