@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from dpllama.errors import DpllamaError
-from dpllama.model.llama import Llama, Part, not_finite
+from dpllama.model.llama import Llama, Part, Pending, not_finite
 
 
 class XorShift:
@@ -166,7 +166,7 @@ class Generation:
     (for its log-probabilities).
 
     Drive it one way: iterate over it (the model's selected sequence alone, through the token loop's primitives),
-    or pass it with others to `step_together`, which runs the passes of several at once (Llama.batch; the
+    or pass it with others to a `Batcher`, which runs the passes of several at once (Llama.enqueue_batch; the
     server's engine)."""
 
     def __init__(self, model: Llama, prompt: list[int], max_new: int, sampler: Sampler,
@@ -176,17 +176,20 @@ class Generation:
         self.slot = model.seq.slot
         self.max_new = max(0, min(max_new, model.seq_len - len(prompt) + 1))
         self.tokens = list(prompt)
+        self.prompt_len = len(prompt)
         self.stop_token: int | None = None
         self.stats = Stats(len(prompt) - keep)
         self.keep_logits = keep_logits
         self.logits: np.ndarray | None = None
-        self.fed = keep                 # tokens whose forward pass has run (batched driving)
+        self.fed = keep                 # tokens whose forward pass has been enqueued (batched driving)
+        self.ahead = 0                  # new tokens chosen on the device by enqueued passes, not yet taken (batched)
+        self.on_device = sampler.greedy and not sampler.penalized and not keep_logits
         self.ended = False
         if not self.max_new:
             self._end()
 
     def __iter__(self) -> Iterator[int]:
-        model, sampler = self.model, self.sampler
+        model = self.model
         if self.ended:
             return
         try:
@@ -196,10 +199,9 @@ class Generation:
                 model.next_given()      # on to the prompt's next token, where feed(n) would have gone on itself
                 n -= self.chunk
             model.feed(n)
-            on_device = sampler.greedy and not sampler.penalized and not self.keep_logits
             while True:
                 more = self.stats.generated_tokens + 1 < self.max_new
-                if on_device:
+                if self.on_device:
                     tok = model.next_greedy(ahead=more)
                 else:
                     tok = self._draw(model.read_logits())
@@ -209,36 +211,52 @@ class Generation:
                 yield tok
                 if not more:
                     return
-                if not on_device:
+                if not self.on_device:
                     model.step()
         finally:
             self._end()
 
-    # ---- batched driving ----
-    def part(self, room: int) -> Part | None:
+    # ---- batched driving (Batcher) ----
+    def part(self, room: int, chosen: int | None) -> Part | None:
         """What this generation feeds in the next batched pass, at most `room` tokens: the next piece of its
-        prompt, or its newest token. None once it has ended, or without room."""
+        prompt, or its newest token; that one from the device when a pass in flight chose it there (as its
+        wanted row `chosen`). None once it has ended, once its last token is chosen, or without room."""
         if self.ended or room <= 0:
             return None
+        if self.ahead:
+            if self.stats.generated_tokens + self.ahead >= self.max_new:
+                return None
+            return Part(self.slot, self.fed, [-1 - chosen], logits=True, greedy=True)
         todo = self.tokens[self.fed:self.fed + room]
-        return Part(self.slot, self.fed, todo, logits=self.fed + len(todo) == len(self.tokens))
+        return Part(self.slot, self.fed, todo, logits=self.fed + len(todo) == len(self.tokens), greedy=self.on_device)
+
+    def enqueued(self, part: Part) -> None:
+        self.fed += len(part.tokens)
+        self.ahead += part.logits and part.greedy
 
     @property
     def prompted(self) -> bool:
-        """Whether its whole prompt has been fed (it is decoding)."""
-        return self.stats.first_token is not None
+        """Whether its whole prompt has been fed, or its pass enqueued (it is decoding)."""
+        return self.fed >= self.prompt_len
 
-    def took(self, part: Part, logits: np.ndarray | None) -> int | None:
-        """The pass that fed `part` has run; `logits`: those after its last token (when the part wanted them).
-        Returns the new token drawn from them, None after a piece of the prompt or a stop token (then `ended`);
-        `ended` also turns true with the last token max_new allows, which is returned."""
-        self.fed += len(part.tokens)
-        if logits is None:
+    def took(self, part: Part, result: int | np.ndarray | None) -> int | None:
+        """The pass that fed `part` has run; `result`: what came back for its last token (when the part wanted
+        logits): the token chosen on the device, or the logits. Returns the new token, None after a piece of the
+        prompt, after a stop token (then `ended`) or once it has ended; `ended` also turns true with the last
+        token max_new allows, which is returned."""
+        if part.logits and part.greedy:
+            self.ahead -= 1
+        if result is None or self.ended:        # a prompt piece; or a pass enqueued before a stop token was seen
             return None
         try:
-            if not np.isfinite(logits).all():
-                raise DpllamaError(not_finite(part.pos + len(part.tokens) - 1))
-            tok = self._draw(logits)
+            if part.greedy:
+                if result < 0:                  # argmax_rows' mark for logits that are not all finite
+                    raise DpllamaError(not_finite(part.pos + len(part.tokens) - 1))
+                tok = result
+            else:
+                if not np.isfinite(result).all():
+                    raise DpllamaError(not_finite(part.pos + len(part.tokens) - 1))
+                tok = self._draw(result)
             if not self._took(tok):
                 return None
             if self.stats.generated_tokens == self.max_new:
@@ -273,28 +291,72 @@ class Generation:
             self.stats.end = time.perf_counter()
 
 
-def step_together(model: Llama, gens: list[Generation]) -> list[tuple[Generation, int | None | DpllamaError]]:
-    """One batched forward pass (Llama.batch) for generations of `model`, each in its own slot: the newest token
-    of each decoding one, then pieces of the prompts still being read, the earliest in `gens` first, in the room
-    left of the pass's `model.chunk` rows. Returns each generation that had a part in it, with its new token
-    (None: a prompt piece went through, or a stop token ended it) or the error that ended it (logits that are
-    not finite)."""
-    room, parts = model.chunk, []
-    for gen in sorted(gens, key=lambda g: not g.prompted):     # a stable sort: otherwise in the given order
-        part = gen.part(room)
-        if part is not None:
-            parts.append((gen, part))
-            room -= len(part.tokens)
-    if not parts:
-        return []
-    logits = iter(model.batch([part for _, part in parts]))
-    out: list[tuple[Generation, int | None | DpllamaError]] = []
-    for gen, part in parts:
-        try:
-            out.append((gen, gen.took(part, next(logits) if part.logits else None)))
-        except DpllamaError as e:
-            out.append((gen, e))
-    return out
+class Batcher:
+    """Runs generations of `model`, each in its own slot, in batched forward passes (Llama.enqueue_batch), as the
+    server's engine does: each pass holds the newest token of each decoding generation, then pieces of the prompts
+    still being read, the earliest given first, in the room left of the pass's `model.chunk` rows. A greedy
+    generation's tokens are chosen on the device and fed from there, so the next pass is enqueued before the host
+    has read this one's tokens, and the device never waits on the host; a pass with a token drawn on the host
+    (sampling, penalties, log-probabilities) is waited for before the next is made. A generation that has just
+    drawn a stop token may then still get one more row, whose result is dropped (its cost: a row)."""
+
+    def __init__(self, model: Llama):
+        self.model = model
+        self.in_flight: tuple[list[tuple[Generation, Part]], Pending] | None = None
+
+    @property
+    def idle(self) -> bool:
+        """No pass is in flight."""
+        return self.in_flight is None
+
+    def step(self, gens: list[Generation]) -> list[tuple[Generation, int | None | DpllamaError]]:
+        """Enqueue the next pass for `gens`, then collect the pass before it. Returns each generation that had a
+        part in that one and had not ended before, with its new token (None: a prompt piece went through, or a stop
+        token ended it) or the error that ended it (logits that are not finite). [] with nothing in flight. A pass
+        that cannot be made (Llama.enqueue_batch's DpllamaError) raises, after the one in flight is collected."""
+        out = []
+        if self.in_flight and not all(p.greedy for _, p in self.in_flight[0] if p.logits):
+            out = self._collect()       # a token drawn on the host comes before its generation's next part
+        chosen = {}
+        if self.in_flight:              # the rows of the pass in flight whose tokens the device chose
+            chosen = {id(g): i for i, (g, p) in enumerate((g, p) for g, p in self.in_flight[0] if p.logits)}
+        room, parts = self.model.chunk, []
+        for gen in sorted(gens, key=lambda g: not g.prompted):     # a stable sort: otherwise in the given order
+            part = gen.part(room, chosen.get(id(gen)))
+            if part is not None:
+                parts.append((gen, part))
+                room -= len(part.tokens)
+        pending = None
+        if parts:
+            try:
+                pending = self.model.enqueue_batch([p for _, p in parts])
+            except DpllamaError:
+                self._collect()
+                raise
+            for gen, part in parts:
+                gen.enqueued(part)
+        out += self._collect()
+        if pending:
+            self.in_flight = (parts, pending)
+        return out
+
+    def _collect(self) -> list[tuple[Generation, int | None | DpllamaError]]:
+        if self.in_flight is None:
+            return []
+        parts, pending = self.in_flight
+        self.in_flight = None
+        results = iter(pending.wait())
+        out = []
+        for gen, part in parts:
+            ended = gen.ended
+            try:
+                token = gen.took(part, next(results) if part.logits else None)
+            except DpllamaError as e:
+                out.append((gen, e))
+                continue
+            if not ended:
+                out.append((gen, token))
+        return out
 
 
 def generate(model: Llama, prompt: list[int], max_new: int, sampler: Sampler, stop: set[int] = frozenset(),

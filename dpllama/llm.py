@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler, check_steps, generate, new_tokens

@@ -320,19 +320,23 @@ EMBED_PARAMS = [(fmt, geo) for geo in ("cpu", "gpu") for fmt in GEOMETRY_FORMATS
 
 @pytest.mark.parametrize("fmt,geometry", EMBED_PARAMS, ids=["-".join(p) for p in EMBED_PARAMS])
 def test_embed(q, fmt, geometry):
+    """Rows of the table by token id; an id -1 - i takes chosen[i] (a batch's token chosen on the device by the
+    batch before), and a chosen -1 (logits that were not finite) row 0."""
     geo = GEOMETRIES[geometry][0]
     rng = np.random.default_rng(7)
-    vocab, T, pos = 23, 3, 2                      # vocab not a multiple of the tile height
-    tokens = np.array([9, 9, 5, 0, vocab - 1, 11], np.int32)
+    vocab, T, pos = 23, 5, 2                      # vocab not a multiple of the tile height
+    tokens = np.array([9, 9, 5, -2, vocab - 1, -1, 0, 11], np.int32)
+    chosen = np.array([-1, 17], np.int32)
+    rows = [5, 17, vocab - 1, 0, 0]               # tokens[pos:pos + T] with chosen's in
     for cols in (172, 200, 64, 1, 8, 520):
         t = FORMATS[fmt](rng.standard_normal((vocab, cols)).astype(np.float32))
         dt = DeviceTensor(q, t, "emb", geo)
         stride = dt.cols_p + 16
         xb = q.buffer(host=np.zeros(T * stride, np.float32))
-        q.enqueue(kernels.embed(q, dt, T, q.buffer(host=tokens), q.buffer(host=np.array([pos, 1], np.int32)), xb,
-                                stride))
+        q.enqueue(kernels.embed(q, dt, T, q.buffer(host=tokens), q.buffer(host=np.array([pos, 1], np.int32)),
+                                q.buffer(host=chosen), xb, stride))
         x = xb.get().reshape(T, stride)
-        want = t.dequantize()[tokens[pos:pos + T]]
+        want = t.dequantize()[rows]
         np.testing.assert_allclose(x[:, :cols], want, rtol=EMBED_RTOL, atol=EMBED_RTOL * np.abs(want).max(),
                                    err_msg=f"embed {fmt} tile_rows={geo.tile_rows} cols={cols}")
         assert not x[:, cols:].any(), f"embed {fmt} cols={cols}: the padding of x must stay zero"
@@ -530,6 +534,33 @@ def test_argmax_embed(q, n, local, fmt):
         np.testing.assert_allclose(x[:cols], table.dequantize()[max(want_tokens[pos + 1], 0)], rtol=EMBED_RTOL,
                                    err_msg=what)
         assert (x[cols:] == 7.0).all(), what
+
+
+@pytest.mark.parametrize("local", [1, 64])
+@pytest.mark.parametrize("n", [5, 97, 1000])
+def test_argmax_rows(q, n, local):
+    """A batch's greedy rows: chosen[r] = the first index of the largest logit of row r, rows 16-float aligned
+    (round_up(n, 16) apart) with garbage between; -1 for a NaN anywhere or an infinity at the top, as
+    test_argmax_embed's (-inf below a finite top is a masked logit, not an error)."""
+    rng = np.random.default_rng(n + local)
+    stride = (n + 15) // 16 * 16
+    logits = rng.standard_normal((9, stride)).astype(np.float32)
+    logits[:, n:] = 1e30                        # past each row's end: never taken
+    logits[1, rng.integers(0, n, max(1, n // 3))] = -np.inf
+    logits[2, rng.choice(n, size=min(n, 3), replace=False)] = logits[2, :n].max() + 1    # a tie
+    logits[3, rng.integers(0, n)] = np.nan
+    logits[4, :n] = np.nan
+    logits[5, :n] = -np.inf
+    logits[6, rng.integers(0, n)] = np.inf
+    logits[7, :n] = 0.0
+    logits[8, n - 1] = 9.0                      # the last logit (in the n % 16 tail where there is one)
+    emb = DeviceTensor(q, FORMATS["q8g32"](rng.standard_normal((8, 32)).astype(np.float32)), "emb",
+                       geometry(16, 1, 4, 8, 16, reduce=local))
+    for m in (1, 9):
+        cb = q.buffer(host=np.full(9, 77, np.int32))
+        q.enqueue(kernels.argmax_rows(q, emb, q.buffer(host=logits), m, n, stride, cb))
+        want = [int(np.flatnonzero(r == r.max())[0]) if np.isfinite(r.max()) else -1 for r in logits[:m, :n]]
+        np.testing.assert_array_equal(cb.get(np.int32), want + [77] * (9 - m), err_msg=f"n={n} L={local} m={m}")
 
 
 def test_advance(q):

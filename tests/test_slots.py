@@ -1,5 +1,5 @@
-"""Several sequences in one model (Llama(slots=n)), run together in batched passes (Llama.batch, driven by
-dpllama.generate.step_together): each gives what it gives alone through the single-sequence path, token for
+"""Several sequences in one model (Llama(slots=n)), run together in batched passes (Llama.enqueue_batch, driven
+by a dpllama.generate.Batcher): each gives what it gives alone through the single-sequence path, token for
 token and logit for logit, whatever shares its passes. (tests/test_forward.py checks batched passes against the
 NumPy reference, under every config.)"""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dpllama.errors import DpllamaError
-from dpllama.generate import Sampler, generate, step_together
+from dpllama.generate import Batcher, Sampler, generate
 from dpllama.model.llama import Llama, Part
 from tests.helpers import random_weights
 
@@ -52,16 +52,16 @@ def together(model, slots_prompts, rows: int | None = None) -> list[tuple[list[i
         gens.append(generate(model, PROMPTS[i], NEW, sampler(i), keep_logits=True))
     out = {id(g): ([], []) for g in gens}
     chunk, model.chunk = model.chunk, rows or model.chunk
+    batcher = Batcher(model)
     try:
         for _ in range(100):
-            results = step_together(model, gens)
-            if not results:
-                break
-            for gen, token in results:
+            for gen, token in batcher.step(gens):
                 assert not isinstance(token, DpllamaError)
                 if token is not None:
                     out[id(gen)][0].append(token)
                     out[id(gen)][1].append(gen.logits)
+            if batcher.idle:
+                break
     finally:
         model.chunk = chunk
     assert all(g.ended for g in gens)
@@ -103,3 +103,44 @@ def test_chunked_prompt_equals_the_whole_prompt_fed_at_once(model):
     assert [t for t, _ in first] == [t for t, _ in second]
     for (_, a), (_, b) in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("rows", [None, 5], ids=["one-pass-prompts", "5-row-passes"])
+def test_greedy_tokens_chosen_on_the_device_give_what_each_gives_alone(model, rows, monkeypatch):
+    """Greedy generations without kept logits get their tokens from the device's argmax (argmax_rows), and each
+    pass is enqueued before the host has read the one before: the next pass feeds those tokens from the device.
+    Each gives the tokens it gives alone, whether a stop token ends it part way (its extra row dropped), max_new
+    does, or it shares its passes with a sequence sampled on the host (which makes the Batcher wait)."""
+    def solo(i, stop):
+        model.select(0)
+        return list(generate(model, PROMPTS[i], NEW, Sampler(temperature=0), stop))
+    free = [solo(i, set()) for i in range(3)]
+    stops = [set(), {free[1][2]}, set()]                # sequence 1 stops at its third token (or before)
+    want = [solo(i, stops[i]) for i in range(3)]
+    assert len(want[1]) < NEW and len(want[0]) == len(want[2]) == NEW
+    fed_from_device = []
+    enqueue = model.enqueue_batch
+    monkeypatch.setattr(model, "enqueue_batch", lambda parts: (
+        fed_from_device.extend(t for p in parts for t in p.tokens if t < 0), enqueue(parts))[1])
+    chunk, model.chunk = model.chunk, rows or model.chunk
+    try:
+        for host_drawn in (False, True):       # then sequence 2 keeps its logits: its tokens are drawn on the host
+            gens = []
+            for slot, i in enumerate(range(3)):
+                model.select(slot)
+                gens.append(generate(model, PROMPTS[i], NEW, Sampler(temperature=0), stops[i],
+                                     keep_logits=host_drawn and i == 2))
+            out = {id(g): [] for g in gens}
+            batcher = Batcher(model)
+            for _ in range(100):
+                for gen, token in batcher.step(gens):
+                    assert not isinstance(token, DpllamaError)
+                    if token is not None:
+                        out[id(gen)].append(token)
+                if batcher.idle:
+                    break
+            assert all(g.ended for g in gens)
+            assert [out[id(g)] for g in gens] == want
+    finally:
+        model.chunk = chunk
+    assert fed_from_device, "no pass fed a token from the device"

@@ -25,7 +25,7 @@ import numpy as np
 
 from dpllama.commands.options import add_activation_bits, add_device, add_model
 from dpllama.errors import DpllamaError
-from dpllama.generate import Sampler, generate, step_together
+from dpllama.generate import Batcher, Sampler, generate
 from dpllama.hub import resolve_model
 from dpllama.loaders import load_weights
 from dpllama.model.llama import Llama
@@ -93,16 +93,20 @@ def run_once(model, prompt: list[int], n_gen: int) -> dict:
 
 
 def run_batched(model, prompts: list[list[int]], n_gen: int) -> dict:
-    """len(prompts) greedy sequences in slots 0, 1, ... through batched passes (step_together, as the server's
-    engine runs them): once every prompt is in, n_gen - 1 steps of one pass for all, timed."""
+    """len(prompts) greedy sequences in slots 0, 1, ... through batched passes (a Batcher, as the server's engine
+    runs them): once every prompt is in, n_gen - 1 steps of one pass for all, timed."""
     gens = []
     for slot, prompt in enumerate(prompts):
         model.select(slot)
         gens.append(generate(model, prompt, n_gen, Sampler(temperature=0)))
+    batcher = Batcher(model)
     while not all(g.prompted for g in gens):    # the prompts, a pass's worth at a time, and each one's first token
-        step_together(model, gens)
+        batcher.step(gens)
     t, steps = time.perf_counter(), 0
-    while step_together(model, gens):
+    while True:
+        batcher.step(gens)
+        if batcher.idle:
+            break
         steps += 1
     step_s = (time.perf_counter() - t) / steps
     return {"decode_tok_s": len(prompts) / step_s, "ms_per_step": step_s * 1e3}

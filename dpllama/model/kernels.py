@@ -34,7 +34,7 @@ QKV = "bias k_cache v_cache state rope q_dim kv_dim head_dim seq_p cache_offset 
 SCRATCH = "scratch scratch_ss"
 
 SIGNATURES = {s.name: s for s in (
-    Signature("embed", f"{WEIGHT} tokens state x cols cols_p x_stride"),
+    Signature("embed", f"{WEIGHT} tokens state chosen x cols cols_p x_stride"),
     Signature("gemv_add", f"{WEIGHT} x y {GEMV} {SCRATCH}"),
     Signature("gemv_norm", f"{WEIGHT} x g y {GEMV} eps {SCRATCH}"),
     Signature("gemv_norm_swiglu", f"{WEIGHT} x g y {GEMV} eps {SCRATCH}"),
@@ -42,6 +42,7 @@ SIGNATURES = {s.name: s for s in (
     Signature("qkv_attention", f"{WEIGHT} x g y {GEMV} eps {QKV} att att_out n_heads out_stride {SCRATCH} "
                                f"att_scratch"),
     Signature("argmax_embed", f"logits tokens state n {WEIGHT} x cols cols_p best best_i"),
+    Signature("argmax_rows", "logits n stride chosen best best_i"),
     Signature("attention", "query k_cache v_cache att out state n_heads n_kv_heads head_dim seq_p q_stride "
                            "out_stride cache_offset slot_stride scratch"),
     Signature("gather_rows", "x rows first count n"),
@@ -54,11 +55,12 @@ def ints(**values) -> dict:
     return {k: np.int32(v) for k, v in values.items()}
 
 
-def embed(q: Queue, emb: DeviceTensor, T: int, tokens, state, x, x_stride: int) -> Command:
-    """x[n] = the embedding row of tokens[pos + n], n < T."""
+def embed(q: Queue, emb: DeviceTensor, T: int, tokens, state, chosen, x, x_stride: int) -> Command:
+    """x[n] = the embedding row of tokens[pos + n], n < T; an id -1 - i takes chosen[i] (a batch's rows fed from the
+    batch before, argmax_rows)."""
     return SIGNATURES["embed"].bind(q, emb.program(1), (64, T), (64, 1), **emb.args(), tokens=tokens.read(),
-                                    state=state.read(), x=x.write(), **ints(cols=emb.cols, cols_p=emb.cols_p,
-                                                                             x_stride=x_stride))
+                                    state=state.read(), chosen=chosen.read(), x=x.write(),
+                                    **ints(cols=emb.cols, cols_p=emb.cols_p, x_stride=x_stride))
 
 
 def gemv(q: Queue, kernel: str, t: DeviceTensor, T: int, x, y, x_stride: int, y_stride: int, **extra) -> Command:
@@ -107,6 +109,15 @@ def argmax_embed(q: Queue, emb: DeviceTensor, logits, tokens, state, x, vocab_si
         q, q.program("sampling.cl", *emb.defines[1]), (R,), (R,), logits=logits.read(), tokens=tokens.read_write(), state=state.read_write(),
         n=np.int32(vocab_size), **emb.args(), x=x.write(), **ints(cols=emb.cols, cols_p=emb.cols_p),
         best=Local(R * 4), best_i=Local(R * 4))
+
+
+def argmax_rows(q: Queue, emb: DeviceTensor, logits, m: int, vocab_size: int, stride: int, chosen) -> Command:
+    """chosen[r] = the argmax of logits row r (-1: not all finite), r < m, a work-group per row; the rows are
+    `stride` floats apart, a multiple of 16 (they are read as 16-float vectors)."""
+    R = emb.geometry.reduce
+    return SIGNATURES["argmax_rows"].bind(
+        q, q.program("sampling.cl", *emb.defines[1]), (R, m), (R, 1), logits=logits.read(),
+        **ints(n=vocab_size, stride=stride), chosen=chosen.write(), best=Local(R * 4), best_i=Local(R * 4))
 
 
 def gather_rows(q: Queue, program, x, rows, first: int, count: int, n: int) -> Command:

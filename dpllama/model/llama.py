@@ -22,7 +22,10 @@ A batch (`batch`, what the server runs) is the same pass over the rows of severa
 has its own position and KV cache slot, from a table {pos, slot} per row that the host writes before the pass,
 so each weight is read and decoded once for every running sequence (a decode step of each, prompt chunks of
 others). The rows whose logits are wanted (each sequence's last) are gathered to the front and go through the
-LM head together; their logits are read back and sampled on the host.
+LM head together; their logits are read back and sampled on the host, or, for greedy sequences, their argmax is
+taken on the device (argmax_rows) and only the token comes back. The next batch can feed such a token from the
+device (its embed reads it there), so the host enqueues batch n + 1 before it reads batch n's tokens, as
+single-sequence decoding does (dpllama.generate.Batcher).
 
 The rooms around it: layout.py packs weights into the device layout and holds the launch geometry,
 kernels.py binds each kernel's arguments (one launcher per kernel), kv_cache.py owns the KV cache's layout and
@@ -77,11 +80,32 @@ def floats_per_position(c, chunk: int, slots: int = 1) -> tuple[int, ...]:
 
 @dataclass
 class Part:
-    """A batch's rows of one sequence (Llama.batch): the tokens at positions pos, pos + 1, ... of its slot."""
+    """A batch's rows of one sequence (Llama.batch): the tokens at positions pos, pos + 1, ... of its slot. An id
+    -1 - i stands for the token that the batch before chose on the device for its i-th part that wanted logits
+    (a greedy part's, fed without the host reading it first)."""
     slot: int
     pos: int
     tokens: list[int]
     logits: bool            # whether the logits after the last token are wanted
+    greedy: bool = False    # with logits: the device chooses the next token (their argmax) and only it comes back
+
+
+class Pending:
+    """A batch enqueued (Llama.enqueue_batch), its results on their way to the host."""
+
+    def __init__(self, results: list, uploads: list):
+        self._results = results     # per part that wants logits: (array, event, greedy)
+        self._uploads = uploads     # the batch's table copies: kept until done (dropping one waits for it)
+
+    def wait(self) -> list:
+        """For each part that wanted logits, in order: the token the device chose (int; -1 for logits that are
+        not all finite) for a greedy part, the logits (float32 [vocab]) for the others."""
+        out = []
+        for array, event, greedy in self._results:
+            event.wait()
+            out.append(int(array[0]) if greedy else array)
+        self._uploads = []
+        return out
 
 
 @dataclass
@@ -176,7 +200,12 @@ class Llama:
         self.batch_start = zeros(q, 1, "batch_start", np.int32)
         self.batch_rows = zeros(q, 2 * n, "batch_rows", np.int32)
         self.batch_wanted = zeros(q, n, "batch_wanted", np.int32)
-        self.batch_logits = zeros(q, slots * c.vocab_size, "batch_logits")     # a row per part: one part per slot
+        # a row per part (one part per slot), rows 16 floats aligned: argmax_rows reads them as float16 vectors
+        self.vocab_p = round_up(c.vocab_size, 16)
+        self.batch_logits = zeros(q, slots * self.vocab_p, "batch_logits")
+        self.batch_chosen = zeros(q, slots, "batch_chosen", np.int32)          # the argmax of each of those rows
+        self.chosen_rows = 0            # rows of batch_chosen that the latest batch filled (what its next may feed)
+        self.argmax_rows_commands: dict[int, object] = {}   # m -> the argmax of m rows of batch_logits
         self.batch_commands: dict[int, list] = {}       # T -> the layers over a batch of T rows
         self.head_commands: dict[int, list] = {}        # m -> the gather and LM head of m of its rows
 
@@ -235,7 +264,7 @@ class Llama:
         key = (T, every_row, self.seq.slot)
         if key in self.commands:
             return self.commands[key]
-        c, q, seq = self.config, self.q, self.seq
+        q, seq = self.q, self.seq
         cmds = self._layer_commands(T, seq.tokens, seq.state, seq.state, seq.slot, 0)
         if every_row:
             cmds.append(self._lm_head(T, self._row_logits()))
@@ -254,7 +283,7 @@ class Llama:
         cache's slot stride; attention.h's ROW_POS)."""
         c, q, geo, cache = self.config, self.q, self.geometry, self.cache
         q_dim, kv_dim, eps = c.n_heads * c.head_dim, c.kv_dim, np.float32(c.norm_eps)
-        cmds = [kernels.embed(q, self.tok_embeddings, T, tokens, start, self.x, self.dim_p)]
+        cmds = [kernels.embed(q, self.tok_embeddings, T, tokens, start, self.batch_chosen, self.x, self.dim_p)]
         for i, L in enumerate(self.layers):
             offset = cache.offset(i, slot)
             kv = dict(bias=L.qkv_bias.read(), k_cache=cache.k.read_write(), v_cache=cache.v.read_write(),
@@ -282,11 +311,12 @@ class Llama:
             ]
         return cmds
 
-    def _lm_head(self, rows: int, logits: Buffer):
-        """logits[r] = Wcls rmsnorm(x[r], norm) for the first `rows` rows of x."""
+    def _lm_head(self, rows: int, logits: Buffer, stride: int | None = None):
+        """logits[r] = Wcls rmsnorm(x[r], norm) for the first `rows` rows of x, `stride` floats apart (the vocabulary's
+        size unless given)."""
         c = self.config
         return kernels.gemv(self.q, "gemv_norm", self.output, rows, self.x.read(), logits.write(), self.dim_p,
-                            c.vocab_size, g=self.norm.read(), eps=np.float32(c.norm_eps))
+                            stride or c.vocab_size, g=self.norm.read(), eps=np.float32(c.norm_eps))
 
     def _row_logits(self) -> Buffer:
         """[chunk, vocab], for the all-rows passes (perplexity); made on first use."""
@@ -302,12 +332,19 @@ class Llama:
 
     # ---- batches: rows of several sequences in one pass (the server's engine drives them) ----
     def batch(self, parts: list[Part]) -> np.ndarray:
-        """One forward pass over the tokens of several sequences, each in its own slot at its own positions
+        """One forward pass over the tokens of several sequences (enqueue_batch), waited for: float32 [m, vocab],
+        the logits after the last token of each of the m parts that want them (none of them greedy), in order."""
+        logits = self.enqueue_batch(parts).wait()
+        return np.stack(logits) if logits else np.empty((0, self.config.vocab_size), np.float32)
+
+    def enqueue_batch(self, parts: list[Part]) -> Pending:
+        """Enqueue one forward pass over the tokens of several sequences, each in its own slot at its own positions
         (a decode step of each, prompt chunks of some): every weight is read and decoded once for all of them.
-        At most `chunk` tokens in all. Returns float32 [m, vocab]: the logits after the last token of each of
-        the m parts that want them, in order. The sequences' single-sequence state (their device tokens and
-        position, `select`, `pos`) is neither read nor moved: a sequence is driven by batches or by the
-        primitives, not both."""
+        At most `chunk` tokens in all. The parts that want logits get them back, or for greedy parts the token
+        their argmax chooses, computed on the device; a part of the next batch may feed that token from there
+        (Part), so the host can enqueue the next batch before it has read this one's tokens. The sequences'
+        single-sequence state (their device tokens and position, `select`, `pos`) is neither read nor moved: a
+        sequence is driven by batches or by the primitives, not both."""
         T = sum(len(p.tokens) for p in parts)
         if not 0 < T <= self.chunk:
             raise ValueError(f"a batch holds 1 to {self.chunk} tokens, found {T}")
@@ -325,27 +362,43 @@ class Llama:
             r += n
             if p.logits:
                 wanted.append(r - 1)
-        self._check_ids(ids)
-        self.batch_tokens.set(ids)
-        self.batch_rows.set(rows.ravel())
+        self._check_ids(ids[ids >= 0])
+        if (ids < -self.chosen_rows).any():
+            raise ValueError(f"a batch feeds chosen tokens -1 .. -{self.chosen_rows} (the batch before chose "
+                             f"{self.chosen_rows}), found {int(ids.min())}")
+        uploads = [self.batch_tokens.set_async(ids), self.batch_rows.set_async(rows.ravel())]
         if T not in self.batch_commands:
             self.batch_commands[T] = self._layer_commands(T, self.batch_tokens, self.batch_start, self.batch_rows,
                                                           0, self.cache.slot_stride)
         self.q.replay(self.batch_commands[T])
-        m = len(wanted)
+        m, vocab = len(wanted), self.config.vocab_size
+        greedy = [p.greedy for p in parts if p.logits]
+        self.chosen_rows = m if any(greedy) else 0
         if not m:
-            return np.empty((0, self.config.vocab_size), np.float32)
+            return Pending([], uploads)
         if m not in self.head_commands:
             self.head_commands[m] = [
                 kernels.gather_rows(self.q, self.state_prog, self.x, self.batch_wanted, 0, m, self.dim_p),
-                self._lm_head(m, self.batch_logits)]
+                self._lm_head(m, self.batch_logits, self.vocab_p)]
         head = self.head_commands[m]
         if wanted != list(range(m)):          # else the rows are in place already (a batch of decode steps)
-            self.batch_wanted.set(np.array(wanted, np.int32))
+            uploads.append(self.batch_wanted.set_async(np.array(wanted, np.int32)))
         else:
             head = head[1:]
         self.q.replay(head)
-        return self.batch_logits.get(count=m * self.config.vocab_size).reshape(m, -1)
+        if any(greedy):
+            if m not in self.argmax_rows_commands:
+                self.argmax_rows_commands[m] = kernels.argmax_rows(self.q, self.tok_embeddings, self.batch_logits, m,
+                                                                   vocab, self.vocab_p, self.batch_chosen)
+            self.q.enqueue(self.argmax_rows_commands[m])
+            chosen, copied = self.batch_chosen.get_async(np.int32, 0, m)
+            results = [(chosen[i:i + 1], copied, True) if g else
+                       (*self.batch_logits.get_async(np.float32, i * self.vocab_p, vocab), False)
+                       for i, g in enumerate(greedy)]
+        else:                                   # every row's logits, in one copy
+            logits, copied = self.batch_logits.get_async(np.float32, 0, m * self.vocab_p)
+            results = [(row[:vocab], copied, False) for row in logits.reshape(m, self.vocab_p)]
+        return Pending(results, uploads)
 
     def _advance(self, n: int) -> None:
         key = (n, self.seq.slot)

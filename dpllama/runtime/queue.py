@@ -124,14 +124,19 @@ class Buffer:
     def set(self, host: np.ndarray, offset: int = 0) -> Event:
         """Host accessor for writing `host` at element `offset`: waits for earlier users of the
         buffer, then copies."""
+        return self.set_async(host, offset).wait()   # the host array may be reused by the caller at once
+
+    def set_async(self, host: np.ndarray, offset: int = 0) -> Event:
+        """`set` without the wait: the copy runs after the work enqueued before it that uses the buffer, and the
+        host goes on. The event keeps `host` alive until the copy is done (the caller must not change it) and
+        must be kept until then: dropping it waits for the copy (PyOpenCL's NannyEvent)."""
         host = np.ascontiguousarray(host)
         start = offset * host.itemsize
         if start + host.nbytes > self.nbytes:
             raise ValueError(f"buffer {self.name!r}: {host.nbytes} bytes at {start} do not fit in {self.nbytes}")
         ev = cl.enqueue_copy(self.queue.cl_queue, self.cl_buffer, host, dst_offset=start,
-                             wait_for=self._deps(WRITE) or None)
+                             wait_for=self._deps(WRITE) or None, is_blocking=False)
         self._record(WRITE, ev)
-        ev.wait()   # the host array may be reused by the caller at once
         return Event(ev, f"set {self.name}")
 
 

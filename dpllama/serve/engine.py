@@ -8,7 +8,9 @@ Llama's `chunk`), the next pieces of the prompts still being read, oldest reques
 per pass for all of them, and a new prompt is read in pieces between the decode steps of the running
 streams, which never stall for more than a pass. A new request goes to the free slot whose KV cache holds
 the longest prefix of its prompt (llama-server's cache_prompt). Every request is a `Generation` (dpllama.generate, the one
-generation contract) with its own sampler, and the passes are dpllama.generate.step_together's.
+generation contract) with its own sampler, and the passes are a dpllama.generate.Batcher's: greedy requests' tokens
+are chosen on the device, and each round enqueues the next pass before it reads the tokens of the one before, so
+the host's work (text, events, admissions) runs while the device computes.
 
 Results do not depend on load: a row's arithmetic is the same whichever rows share its pass (the matrix
 kernels treat rows independently, attention reads only the row's own slot), and a request's sampler is
@@ -26,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from dpllama.errors import DpllamaError
-from dpllama.generate import Generation, Sampler, generate, reusable, step_together
+from dpllama.generate import Batcher, Generation, Sampler, generate, reusable
 from dpllama.llm import LLM, text_decoder
 from dpllama.serve.metrics import Metrics
 from dpllama.tokenizer import Tokenizer
@@ -153,6 +155,7 @@ class Engine:
         self._free = list(range(slots))
         self._kept: list[list[int]] = [[] for _ in range(slots)]   # per slot, the tokens its KV cache holds
         self._running: list[Run] = []
+        self._batcher: Batcher | None = None
         self._accepting = True
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name="dpllama-scheduler", daemon=True)
@@ -194,6 +197,7 @@ class Engine:
         except DpllamaError as e:
             self._on_fatal(str(e))
             return
+        self._batcher = Batcher(self.llm.model)
         self.ready.set()
         while True:
             with self._cond:
@@ -211,7 +215,7 @@ class Engine:
                 self._admit(request, slot, keep)
             for run in [r for r in self._running if r.request.cancelled]:
                 self._finish(run, "cancelled")
-            if self._running:
+            if self._running or not self._batcher.idle:
                 self._pass()
         for run in list(self._running):
             self._finish(run, "cancelled")
@@ -252,16 +256,19 @@ class Engine:
             self._finish(run, "length")
 
     def _pass(self) -> None:
-        """One batched forward pass for every running request (dpllama.generate.step_together)."""
+        """Enqueue one batched forward pass for every running request and take the results of the one before
+        (Batcher.step)."""
         runs = {id(run.generation): run for run in self._running}
         try:
-            results = step_together(self.llm.model, [run.generation for run in self._running])
+            results = self._batcher.step([run.generation for run in self._running])
         except DpllamaError as e:
             for run in list(self._running):
                 self._finish(run, "error", str(e))
             return
         for gen, result in results:
-            run = runs[id(gen)]
+            run = runs.get(id(gen))
+            if run is None:         # its request was cancelled while the pass was in flight
+                continue
             if isinstance(result, DpllamaError):
                 self._finish(run, "error", str(result))
             else:
