@@ -17,7 +17,7 @@ from dpllama.hub import resolve_model
 from dpllama.loaders import load_tokenizer, load_weights
 from dpllama.model.layout import Geometry
 from dpllama.model.llama import Llama, floats_per_position, pass_rows
-from dpllama.model.weights import ModelConfig, check_activation_bits
+from dpllama.model.weights import ModelConfig, check_activation_bits, check_kv_cache
 from dpllama.runtime import Queue, open_queue
 from dpllama.tokenizer import StreamDecoder, Tokenizer, printable_piece
 
@@ -84,14 +84,15 @@ class LLM:
         return self.stream(self.encode(prompt), check_steps(steps), sampler, echo_prompt)
 
 
-def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None, slots: int = 1, chunk: int | None = None) -> int:
+def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None, slots: int = 1, chunk: int | None = None,
+                kv_cache: str = "f16") -> int:
     """The context of each of `slots` sequences: `max_seq` (--ctx), else the model's, clamped (with a line on
     stderr, as llama.cpp clamps n_ctx) to what the device holds, sized before anything is allocated: Llama's
     buffers that grow with the context (KV cache, the attention scores of a pass of `chunk` rows, RoPE table, tokens)
     together in one maximum allocation, and each under 2^31 elements, as the kernels index them with int."""
     n = min(max_seq or c.seq_len, c.seq_len)
     geo = Geometry.of(q.config)
-    per_pos = floats_per_position(c, pass_rows(geo.prefill_chunk, slots, chunk, n), slots)
+    per_pos = floats_per_position(c, pass_rows(geo.prefill_chunk, slots, chunk, n), slots, kv_cache)
     step = geo.attention_positions      # Llama pads the context to a multiple of it
     cap = max(step, min(q.max_alloc // (4 * sum(per_pos)), (2**31 - 1) // max(per_pos)) // step * step)
     if n > cap:
@@ -104,20 +105,21 @@ def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None, slots: int
 
 def load(model: str, tokenizer: str | None = None, device: str | None = None, config: str | None = None,
          max_seq: int | None = None, slots: int = 1, chunk: int | None = None,
-         check: Callable[[ModelConfig], None] | None = None, activation_bits: int = 16) -> LLM:
+         check: Callable[[ModelConfig], None] | None = None, activation_bits: int = 16, kv_cache: str = "f16") -> LLM:
     """Load a model (path or known name) and its tokenizer onto a device (selector or YAML config), with
-    `slots` sequences (`Llama.select`), passes of up to `chunk` rows and `activation_bits` (Llama). Each one's
+    `slots` sequences (`Llama.select`), passes of up to `chunk` rows, `activation_bits` and `kv_cache` (Llama). Each one's
     context is `max_seq` tokens, else the model's, at most what the device holds (`fit_context`).
     `check(config)` runs once the model's shape is known, before anything goes to the device (a command's limits
     that depend on the model)."""
     if max_seq is not None and max_seq < 1:     # before any work, as the CLI checks --ctx
         raise DpllamaError(f"max_seq must be at least 1, found {max_seq}")
     check_activation_bits(activation_bits)
+    check_kv_cache(kv_cache)
     path = resolve_model(model)
     weights = load_weights(path)
     if check:
         check(weights.config)
     tok = load_tokenizer(weights, tokenizer, path)
     q = open_queue(device, config)
-    return LLM(Llama(weights, q, fit_context(weights.config, q, max_seq, slots, chunk), slots, chunk,
-                     activation_bits), tok, path)
+    return LLM(Llama(weights, q, fit_context(weights.config, q, max_seq, slots, chunk, kv_cache), slots, chunk,
+                     activation_bits, kv_cache), tok, path)

@@ -114,12 +114,16 @@ def random_model(tmp_path_factory):
 
 
 def compare_logits(q, weights: Weights, tokens: list[int], feeds: list[int], what: str,
-                   activation_bits: int = 16) -> Llama:
+                   activation_bits: int = 16, kv_cache: str = "f32") -> Llama:
     """Feed `tokens` (all known) in pieces of `feeds` tokens (Llama.feed: batched prefill in chunks, or one
     token) and compare the logits after every piece, those of its last token, with the reference's.
-    Returns the device model, for checks of what it holds."""
+    Returns the device model, for checks of what it holds. The KV cache is float32 unless asked: with fp16 the
+    two sides' keys and values, which differ in float32's last bits, sometimes round to neighbouring fp16
+    values, and those larger differences then flip the 16- and 8-bit roundings of quantized matrices' inputs
+    far more often than the tolerances below allow for (test_fp16_kv_cache_matches_reference has its own)."""
     assert sum(feeds) == len(tokens)
-    model, ref = Llama(weights, q, activation_bits=activation_bits), Reference(weights, activation_bits)
+    model = Llama(weights, q, activation_bits=activation_bits, kv_cache=kv_cache)
+    ref = Reference(weights, activation_bits, kv_cache)
     model.start(tokens)
     pos = 0
     for i, n in enumerate(feeds):
@@ -135,18 +139,18 @@ def compare_logits(q, weights: Weights, tokens: list[int], feeds: list[int], wha
     return model
 
 
-def compare_batched(q, weights: Weights, what: str, activation_bits: int = 16) -> None:
+def compare_batched(q, weights: Weights, what: str, activation_bits: int = 16, kv_cache: str = "f32") -> None:
     """Three sequences in slots 2, 0 and 1 fed together in batched passes (Llama.batch), one piece of each per
     pass: pieces of 2, 1 and 3 tokens, so that prompt pieces sit beside single tokens and the rows
     whose logits are wanted (every other piece's last) are gathered from the middle of the pass; each such row
     against the reference of its own sequence. With 1 slot (pieces of 1) a pass of a single row: decode's launch,
-    the fused QKV-attention one where the config fuses them."""
+    the fused QKV-attention one where the config fuses them. The KV cache as in compare_logits."""
     c = weights.config
     lengths, pieces, slots = (9, 4, 7), (2, 1, 3), (2, 0, 1)
     rng = np.random.default_rng(21)
     seqs = [[1] + rng.integers(0, c.vocab_size, n - 1).tolist() for n in lengths]
-    refs = [Reference(weights, activation_bits) for _ in seqs]
-    model = Llama(weights, q, slots=3, activation_bits=activation_bits)
+    refs = [Reference(weights, activation_bits, kv_cache) for _ in seqs]
+    model = Llama(weights, q, slots=3, activation_bits=activation_bits, kv_cache=kv_cache)
     fed, step = [0, 0, 0], 0
     while any(f < n for f, n in zip(fed, lengths)):
         parts, wanted = [], []
@@ -485,6 +489,19 @@ def test_llama2c_v2_groups_smaller_than_8(q, tmp_path):
     assert w.layers[0].w2.kind == "q8" and w.layers[0].w2.group == 4
     for feeds in FEEDS.values():
         compare_logits(q, w, random_tokens(STEPS), feeds, "q8 group 4")
+
+
+@pytest.mark.parametrize("config", ["cpu", *CONFIGS])
+def test_fp16_kv_cache_matches_reference(q, random_model, config):
+    """The default fp16 KV cache against a reference that rounds its keys and values to fp16 alike, in sequence
+    passes (prefill chunks, decode steps) and batched ones, on float32 weights: with no quantized input there is
+    no rounding step for an fp16 value's neighbour to flip, and the logits stay within float32's tolerance."""
+    cq = q if config == "cpu" else queue_with(q, CONFIGS[config])
+    for feeds in FEEDS.values():
+        model = compare_logits(cq, random_model, random_tokens(sum(feeds)), feeds, f"fp16 KV {config}", kv_cache="f16")
+        assert model.cache.k.nbytes == model.cache.v.nbytes == 2 * model.config.n_layers * model.config.kv_dim * \
+            model.cache.seq_p
+    compare_batched(cq, random_model, f"fp16 KV {config}", kv_cache="f16")
 
 
 def test_logits_that_are_not_finite_stop_generation(q, random_model):

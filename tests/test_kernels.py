@@ -61,6 +61,8 @@ SWIGLU_ATOL = 1e-37
 # length, plus the rounding of the rotation itself.
 ROPE_ANGLE_ATOL_PER_POS = 2e-6
 ROPE_RTOL = 1e-6
+# the KV cache holds fp16, rounded to nearest: half an ulp, 2^-11 relative for normal values, 2^-25 at most below
+F16_RTOL, F16_ATOL = 2.0 ** -11, 2.0 ** -25
 # attention: each score is a float32 dot of head_dim terms (<= 64 -> 64 x 6e-8 of sum |q k| worst case);
 # exp turns a score error into the same relative error of its weight; the weighted sum of values adds
 # pos + 1 roundings. Relative to max |v|: 2e-5 covers the worst case of the shapes below.
@@ -387,7 +389,7 @@ def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geom
     sentinel = np.float32(-99)
     xb = q.buffer(host=rows_with_gaps(xp, x_stride, np.nan))
     yb = q.buffer(host=np.full(T * y_stride, sentinel, np.float32))
-    cache0 = np.full(2 * kv_dim * seq_p, sentinel, np.float32)
+    cache0 = np.full(2 * kv_dim * seq_p, sentinel, np.float16)       # fp16 (attention.h)
     kb, vb = q.buffer(host=cache0), q.buffer(host=cache0)
     q.enqueue(kernels.gemv(q, "gemv_norm_rope_kv", dt, T, xb.read(), yb.write(), x_stride, y_stride,
                            g=q.buffer(host=np.ones(dt.cols_p, np.float32)).read(), eps=np.float32(EPS),
@@ -398,8 +400,8 @@ def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geom
                                           cache_offset=offset, slot_stride=0)))
     Y = yb.get().reshape(T, y_stride)
     assert (Y[:, q_dim:] == sentinel).all(), "wrote beyond q in y"
-    K = kb.get()[offset:].reshape(kv_dim, seq_p)
-    V = vb.get()[offset:].reshape(seq_p, kv_dim)
+    K = kb.get(np.float16)[offset:].reshape(kv_dim, seq_p).astype(np.float32)
+    V = vb.get(np.float16)[offset:].reshape(seq_p, kv_dim).astype(np.float32)
     for n in range(T):
         p = pos + n
         what = (f"rope {geometry} heads={n_heads}/{n_kv_heads} hd={head_dim} theta={theta} token {n} at pos {p}"
@@ -416,14 +418,17 @@ def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geom
             pair_len = np.repeat(np.hypot(part[0::2], part[1::2]), 2)
             pair_mag = np.repeat(np.hypot(m[0::2], m[1::2]), 2)
             tol = ROPE_ANGLE_ATOL_PER_POS * p * pair_len + (ROPE_RTOL + NORM_RTOL) * pair_mag + 1e-7
+            if name == "k":                                 # then rounded to fp16 in the cache
+                tol += F16_RTOL * (np.abs(want) + tol) + F16_ATOL
             check_close(got, want, tol, f"{what}: {name}")
-        check_close(V[p], biased[q_dim + kv_dim:], NORM_RTOL * mag[q_dim + kv_dim:] + 1e-7,
-                    f"{what}: v must be stored as it is")
+        v_tol = NORM_RTOL * mag[q_dim + kv_dim:] + 1e-7
+        check_close(V[p], biased[q_dim + kv_dim:], v_tol + F16_RTOL * (np.abs(biased[q_dim + kv_dim:]) + v_tol) + F16_ATOL,
+                    f"{what}: v must be stored as it is, in fp16")
     written = np.zeros(seq_p, bool)
     written[pos:pos + T] = True
     assert (K[:, ~written] == sentinel).all() and (V[~written] == sentinel).all(), \
         "gemv_norm_rope_kv wrote other positions of the cache"
-    assert (kb.get()[:offset] == sentinel).all() and (vb.get()[:offset] == sentinel).all(), \
+    assert (kb.get(np.float16)[:offset] == sentinel).all() and (vb.get(np.float16)[:offset] == sentinel).all(), \
         "gemv_norm_rope_kv wrote another layer's cache"
 
 
@@ -457,8 +462,8 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T, row
     Q = (2 * rng.standard_normal((T, q_dim))).astype(np.float32)        # peaky enough for softmax to matter
     qkv = np.zeros((T, q_dim + 2 * kv_dim), np.float32)
     qkv[:, :q_dim] = Q
-    kcache = rng.standard_normal(slots * 2 * kv_dim * seq_p).astype(np.float32)   # [slot][layer][kv_dim][seq_p]
-    vcache = rng.standard_normal(slots * 2 * seq_p * kv_dim).astype(np.float32)   # [slot][layer][seq_p][kv_dim]
+    kcache = rng.standard_normal(slots * 2 * kv_dim * seq_p).astype(np.float16)   # [slot][layer][kv_dim][seq_p]
+    vcache = rng.standard_normal(slots * 2 * seq_p * kv_dim).astype(np.float16)   # [slot][layer][seq_p][kv_dim]
     sentinel = np.float32(-77)
     outb = q.buffer(host=rows_with_gaps(np.full((T, q_dim), np.nan, np.float32), out_stride, sentinel))
     prog = attention_program(q, pos_vec, pow2_divisor(head_dim))
@@ -484,6 +489,25 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T, row
     check_close(out[:, :q_dim], want, ATT_ATOL_REL * np.abs(vcache).max(),
                 f"attention heads={n_heads}/{n_kv_heads} hd={head_dim} pos={pos} T={T} {rows} "
                 f"ATTENTION_POSITIONS={pos_vec} L={local}")
+
+
+# attention.h reads the fp16 cache with AVX-512's conversion, with F16C's (AVX2 CPUs) or with vload_half (GPUs, other
+# CPUs); the last two are built here as test_gemv_isa_fallbacks builds matrix.cl's. The shapes take every vector
+# width: 16 and 4 positions, 64 (16 at a time), 8 and 6 (2 at a time) head dimensions.
+ATTENTION_ISA_FALLBACKS = {"f16c": ["__AVX512F__"], "vload_half": ["__AVX512F__", "__F16C__"]}
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,pos_vec,local", [(2, 2, 64, 16, 1), (6, 2, 8, 4, 16),
+                                                                       (3, 1, 6, 16, 1)])
+@pytest.mark.parametrize("isa", list(ATTENTION_ISA_FALLBACKS))
+def test_attention_isa_fallbacks(q, tmp_path, monkeypatch, isa, n_heads, n_kv_heads, head_dim, pos_vec, local):
+    kernels = tmp_path / "cl_kernels"
+    shutil.copytree(program.KERNEL_DIR, kernels)
+    source = kernels / "attention.cl"
+    source.write_text("".join(f"#undef {m}\n" for m in ATTENTION_ISA_FALLBACKS[isa]) + source.read_text())
+    monkeypatch.setattr(program, "KERNEL_DIR", kernels)
+    test_attention(Queue(q.device, q.config, out_of_order=False), n_heads, n_kv_heads, head_dim, pos_vec, local,
+                   pos=37, T=4, rows="table")
 
 
 @pytest.mark.parametrize("fmt", ["q8g32", "int4g32", "int4asym128", "q8asym32-q51", "int5g32-q50"])

@@ -222,8 +222,9 @@ def _stories_with_seq_len(path, seq_len: int):
 
 
 def _cap(c, q) -> int:
-    """The context 8 MiB holds: KV cache, 64 tokens' attention scores, RoPE table and tokens, float32."""
-    per_pos = 4 * (2 * c.n_layers * c.kv_dim + q.config.work_group("prefill_chunk") * c.n_heads + c.head_dim + 1)
+    """The context 8 MiB holds: KV cache (fp16 keys and values), 64 tokens' attention scores, RoPE table and tokens
+    (float32, int32)."""
+    per_pos = 2 * 2 * c.n_layers * c.kv_dim + 4 * (q.config.work_group("prefill_chunk") * c.n_heads + c.head_dim + 1)
     step = q.config.work_group("attention_positions")
     return (8 << 20) // per_pos // step * step
 

@@ -5,7 +5,7 @@
 #include "attention.h"
 
 // The attention kernel (attention.h's attend), one work-group per head and token.
-__kernel void attention(__global const float *query, __global const float *k_cache, __global const float *v_cache,
+__kernel void attention(__global const float *query, __global const kv_t *k_cache, __global const kv_t *v_cache,
                         __global float *att, __global float *out, __global const int *state,
                         const int n_heads, const int n_kv_heads, const int head_dim, const int seq_p,
                         const int q_stride, const int out_stride, const int cache_offset, const int slot_stride,

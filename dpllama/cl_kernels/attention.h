@@ -8,7 +8,11 @@
 // vector load gives a channel of ATTENTION_POSITIONS positions), values [seq_p][kv_dim] (each position's channels
 // side by side). seq_p is seq_len rounded up to ATTENTION_POSITIONS. matrix.cl's gemv_norm_rope_kv fills it. A layer's
 // part starts at cache_offset (the host's KVCache.offset, dpllama/model/kv_cache.py); within it, these give
-// the key and the value of channel c at position p:
+// the key and the value of channel c at position p. Keys and values are fp16 (llama.cpp's default cache type):
+// attention reads the whole cache of every layer at each step, so at long contexts its bytes, not the weights',
+// set a decode step's pace; half of them read in half the time (SmolLM2 after 512 tokens: decode 4-8% and prompts
+// 10% faster), and a slot's context costs half the memory. They are stored rounded to nearest (vstore_half_rte) and
+// read by LOAD_HALFS below; -DKV_F32 builds a float32 cache instead (KV_LOAD, KV_STORE):
 #define KEY_AT(k_cache, cache_offset, seq_p, c, p) ((k_cache) + (cache_offset) + (size_t)(c) * (seq_p) + (p))
 #define VALUE_AT(v_cache, cache_offset, kv_dim, c, p) ((v_cache) + (cache_offset) + (size_t)(p) * (kv_dim) + (c))
 
@@ -20,8 +24,49 @@
 #define ROW_CACHE(state, n, slot_stride, cache_offset) \
     ((size_t)(cache_offset) + ((slot_stride) ? (size_t)(state)[2 * (n) + 1] * (size_t)(slot_stride) : 0))
 
+// n fp16 values at p as a floatn (n = 2, 4, 8 or 16, a literal or a macro of one; p aligned to n halves): one
+// conversion instruction per 8 or 16 where the compiler targets F16C or AVX-512, vload_halfn elsewhere (GPUs
+// convert natively; PoCL makes it a call). x86 without AVX joins vload_half4s: a wider vload_half returns a
+// vector wider than SSE's registers, which "changes the ABI" (a warning on every build). (Oclgrind 21.10's
+// uninitialized-value check crashes on such a join, so targets without those macros keep the wide vload_half.)
+#if defined(__AVX512F__)
+#define LOAD_HALFS_16(p) __builtin_ia32_vcvtph2ps512_mask(as_short16(*(__global const ushort16 *)(p)), (float16)(0.0f), \
+                                                        (ushort)0xffff, 4)
+#elif defined(__F16C__) || defined(__SSE2__)
+#define LOAD_HALFS_16(p) (float16)(LOAD_HALFS_8(p), LOAD_HALFS_8((p) + 8))
+#else
+#define LOAD_HALFS_16(p) vload_half16(0, p)
+#endif
+#if defined(__F16C__)
+#define LOAD_HALFS_8(p) __builtin_ia32_vcvtph2ps256(as_short8(*(__global const ushort8 *)(p)))
+#define LOAD_HALFS_4(p) __builtin_ia32_vcvtph2ps(as_short8((ushort8)(*(__global const ushort4 *)(p), (ushort4)(0))))
+#elif defined(__SSE2__) && !defined(__AVX__)
+#define LOAD_HALFS_8(p) (float8)(vload_half4(0, p), vload_half4(0, (p) + 4))
+#define LOAD_HALFS_4(p) vload_half4(0, p)
+#else
+#define LOAD_HALFS_8(p) vload_half8(0, p)
+#define LOAD_HALFS_4(p) vload_half4(0, p)
+#endif
+#define LOAD_HALFS_2(p) vload_half2(0, p)
+#define LOAD_HALFS(p, n) CAT(LOAD_HALFS_, n)(p)
+
+// The cache's values: fp16, or float32 where built with -DKV_F32 (Llama's kv_cache="f32": float32 math end to end,
+// what the tests that check the other kernels against NumPy's float32 math run). KV_LOAD(p, n): n values at p as a
+// floatn; KV_STORE(v, i, p): value v into p[i].
+#if defined(KV_F32)
+#define kv_t float
+#define KV_LOAD(p, n) (*(__global const CAT(float, n) *)(p))
+#define KV_STORE(v, i, p) ((p)[i] = (v))
+#else
+#define kv_t half
+#define KV_LOAD(p, n) LOAD_HALFS(p, n)
+#define KV_STORE(v, i, p) vstore_half_rte((v), (i), (p))
+#endif
+
 #if defined(ATTENTION_POSITIONS)
 #define floatP CAT(float, ATTENTION_POSITIONS)  // a run of positions (2, 4, 8 or 16)
+#define KV_LOAD_P(p) KV_LOAD(p, ATTENTION_POSITIONS)
+#define KV_LOAD_H(p) KV_LOAD(p, HD_VEC)
 #define floatH CAT(float, HD_VEC)       // a run of head dimensions (-DHD_VEC divides head_dim)
 // exp of a run of positions: on AVX and AVX2 a float16 goes to the library's exp in halves, as a float16
 // passed by value there "changes the ABI" (a compiler warning on every build; see matrix.cl)
@@ -33,12 +78,12 @@
 
 
 // Attention for query head h of row n (a row of query, q_stride apart), at its position (ROW_POS), over its
-// slot's cache positions 0..pos (causal), by the whole work-group. Query head h reads key/value head
+// slot's cache positions 0..pos (causal), by the whole work-group, in float32 (from an fp16 cache too). Query head h reads key/value head
 // h / (n_heads / n_kv_heads) (grouped-query attention). att is scratch [T][n_heads][seq_p] for the scores.
 // The L threads of a group split the positions for the scores and the head dimensions for the weighted
 // sum of values; scratch holds L floats.
-inline void attend(const int h, const int n, __global const float *query, __global const float *k_cache,
-                   __global const float *v_cache, __global float *att, __global float *out,
+inline void attend(const int h, const int n, __global const float *query, __global const kv_t *k_cache,
+                   __global const kv_t *v_cache, __global float *att, __global float *out,
                    __global const int *state, const int n_heads, const int n_kv_heads, const int head_dim,
                    const int seq_p, const int q_stride, const int out_stride, const int cache_offset,
                    const int slot_stride, __local float *scratch) {
@@ -46,8 +91,8 @@ inline void attend(const int h, const int n, __global const float *query, __glob
     const int pos = ROW_POS(state, n, slot_stride), kv_dim = n_kv_heads * head_dim, kvh = h / (n_heads / n_kv_heads);
     const size_t layer = ROW_CACHE(state, n, slot_stride, cache_offset);
     __global const float *q = query + (size_t)n * q_stride + h * head_dim;
-    __global const float *kh = KEY_AT(k_cache, layer, seq_p, kvh * head_dim, 0);
-    __global const float *vh = VALUE_AT(v_cache, layer, kv_dim, kvh * head_dim, 0);
+    __global const kv_t *kh = KEY_AT(k_cache, layer, seq_p, kvh * head_dim, 0);
+    __global const kv_t *vh = VALUE_AT(v_cache, layer, kv_dim, kvh * head_dim, 0);
     __global float *a = att + ((size_t)n * n_heads + h) * seq_p;
     const float scale = rsqrt((float)head_dim);
 
@@ -57,17 +102,17 @@ inline void attend(const int h, const int n, __global const float *query, __glob
     for (int t0 = lid * ATTENTION_POSITIONS; t0 <= pos; t0 += L * ATTENTION_POSITIONS) {
         // four independent chains of FMAs (one would wait on each one's latency); head_dim is even (RoPE pairs)
         floatP s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-        __global const float *kt = kh + t0;
+        __global const kv_t *kt = kh + t0;
         int d = 0;
         for (; d + 4 <= head_dim; d += 4) {
-            s0 += q[d] * *(__global const floatP *)(kt + (size_t)d * seq_p);
-            s1 += q[d + 1] * *(__global const floatP *)(kt + (size_t)(d + 1) * seq_p);
-            s2 += q[d + 2] * *(__global const floatP *)(kt + (size_t)(d + 2) * seq_p);
-            s3 += q[d + 3] * *(__global const floatP *)(kt + (size_t)(d + 3) * seq_p);
+            s0 += q[d] * KV_LOAD_P(kt + (size_t)d * seq_p);
+            s1 += q[d + 1] * KV_LOAD_P(kt + (size_t)(d + 1) * seq_p);
+            s2 += q[d + 2] * KV_LOAD_P(kt + (size_t)(d + 2) * seq_p);
+            s3 += q[d + 3] * KV_LOAD_P(kt + (size_t)(d + 3) * seq_p);
         }
         for (; d < head_dim; d += 2) {
-            s0 += q[d] * *(__global const floatP *)(kt + (size_t)d * seq_p);
-            s1 += q[d + 1] * *(__global const floatP *)(kt + (size_t)(d + 1) * seq_p);
+            s0 += q[d] * KV_LOAD_P(kt + (size_t)d * seq_p);
+            s1 += q[d + 1] * KV_LOAD_P(kt + (size_t)(d + 1) * seq_p);
         }
         floatP s = ((s0 + s1) + (s2 + s3)) * scale;
         if (t0 + ATTENTION_POSITIONS > pos + 1)                                 // the vector runs past the causal edge
@@ -90,15 +135,15 @@ inline void attend(const int h, const int n, __global const float *query, __glob
     group_barrier(CLK_GLOBAL_MEM_FENCE);
     for (int d0 = lid * HD_VEC; d0 < head_dim; d0 += L * HD_VEC) {
         floatH o0 = 0.0f, o1 = 0.0f, o2 = 0.0f, o3 = 0.0f;    // four chains, as for the scores
-        __global const float *vd = vh + d0;
+        __global const kv_t *vd = vh + d0;
         int t = 0;
         for (; t + 4 <= pos + 1; t += 4) {
-            o0 += a[t] * *(__global const floatH *)(vd + (size_t)t * kv_dim);
-            o1 += a[t + 1] * *(__global const floatH *)(vd + (size_t)(t + 1) * kv_dim);
-            o2 += a[t + 2] * *(__global const floatH *)(vd + (size_t)(t + 2) * kv_dim);
-            o3 += a[t + 3] * *(__global const floatH *)(vd + (size_t)(t + 3) * kv_dim);
+            o0 += a[t] * KV_LOAD_H(vd + (size_t)t * kv_dim);
+            o1 += a[t + 1] * KV_LOAD_H(vd + (size_t)(t + 1) * kv_dim);
+            o2 += a[t + 2] * KV_LOAD_H(vd + (size_t)(t + 2) * kv_dim);
+            o3 += a[t + 3] * KV_LOAD_H(vd + (size_t)(t + 3) * kv_dim);
         }
-        for (; t <= pos; t++) o0 += a[t] * *(__global const floatH *)(vd + (size_t)t * kv_dim);
+        for (; t <= pos; t++) o0 += a[t] * KV_LOAD_H(vd + (size_t)t * kv_dim);
         *(__global floatH *)(out + (size_t)n * out_stride + h * head_dim + d0) = ((o0 + o1) + (o2 + o3)) / sum;
     }
 }

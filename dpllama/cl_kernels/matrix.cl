@@ -478,7 +478,7 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
 // so this one rotation serves both). q goes to y; k and v go straight into this layer's KV cache (layout in
 // attention.h): QKV, RoPE and the cache append in one launch. TILE_ROWS is even and tiles start at multiples
 // of TILE_ROWS, so a pair never straddles two tiles.
-#define QKV_ARGS __global const float *bias, __global float *k_cache, __global float *v_cache, \
+#define QKV_ARGS __global const float *bias, __global kv_t *k_cache, __global kv_t *v_cache, \
                  __global const int *state, __global const float *rope, const int q_dim, const int kv_dim, \
                  const int head_dim, const int seq_p, const int cache_offset, const int slot_stride
 
@@ -508,13 +508,13 @@ inline void store_qkv(__private const floatV *acc, const int t0, const int tiles
                     y[(size_t)(tok0 + n) * y_stride + r] = a;
                     y[(size_t)(tok0 + n) * y_stride + r + 1] = b;
                 } else if (r < q_dim + kv_dim) {
-                    __global float *kc = KEY_AT(k_cache, layer, seq_p, r - q_dim, pos);
-                    kc[0] = a;
-                    kc[seq_p] = b;
+                    __global kv_t *kc = KEY_AT(k_cache, layer, seq_p, r - q_dim, pos);
+                    KV_STORE(a, 0, kc);
+                    KV_STORE(b, seq_p, kc);
                 } else {
-                    __global float *vc = VALUE_AT(v_cache, layer, kv_dim, r - q_dim - kv_dim, pos);
-                    vc[0] = a;
-                    vc[1] = b;
+                    __global kv_t *vc = VALUE_AT(v_cache, layer, kv_dim, r - q_dim - kv_dim, pos);
+                    KV_STORE(a, 0, vc);
+                    KV_STORE(b, 1, vc);
                 }
             }
         }

@@ -5,7 +5,8 @@ positions. Per slot and layer (the layout the attention kernels read and the QKV
     keys   [kv_dim][seq_p]   each channel's positions side by side: one vector load gives a channel of
                              attention_positions positions
     values [seq_p][kv_dim]   each position's channels side by side
-with seq_p = seq_len rounded up to attention_positions. Kernels take the start of a slot's layer as
+with seq_p = seq_len rounded up to attention_positions, each value fp16 (attention.h says why; float32 with
+kv_cache="f32"). Kernels take the start of a slot's layer as
 `cache_offset` (`KVCache.offset`); a batched pass, whose rows belong to several slots, takes slot 0's and the
 `slot_stride`.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from dpllama.formats import round_up
+from dpllama.model.weights import KV_TYPES, check_kv_cache
 from dpllama.runtime import Queue
 
 
@@ -27,27 +29,29 @@ def zeros(q: Queue, n: int, name: str, dtype=np.float32):
 
 
 class KVCache:
-    def __init__(self, q: Queue, n_layers: int, kv_dim: int, seq_len: int, positions: int, slots: int = 1):
+    def __init__(self, q: Queue, n_layers: int, kv_dim: int, seq_len: int, positions: int, slots: int = 1,
+                 kv_cache: str = "f16"):
+        check_kv_cache(kv_cache)
         self.n_layers, self.kv_dim, self.slots = n_layers, kv_dim, slots
         self.seq_p = round_up(seq_len, positions)
         n = slots * n_layers * kv_dim * self.seq_p
-        self.k = zeros(q, n, "k_cache")     # [slot][layer][kv_dim][seq_p]
-        self.v = zeros(q, n, "v_cache")     # [slot][layer][seq_p][kv_dim]
+        self.k = zeros(q, n, "k_cache", KV_TYPES[kv_cache])     # [slot][layer][kv_dim][seq_p]
+        self.v = zeros(q, n, "v_cache", KV_TYPES[kv_cache])     # [slot][layer][seq_p][kv_dim]
 
     def offset(self, layer: int, slot: int = 0) -> int:
-        """Where a slot's layer starts, in floats, in both k and v."""
+        """Where a slot's layer starts, in values, in both k and v."""
         return slot * self.slot_stride + layer * self.kv_dim * self.seq_p
 
     @property
     def slot_stride(self) -> int:
-        """Floats from a layer of one slot to the same layer of the next (a batched pass's kernels add
+        """Values from a layer of one slot to the same layer of the next (a batched pass's kernels add
         slot * slot_stride to slot 0's offset)."""
         return self.n_layers * self.kv_dim * self.seq_p
 
     @staticmethod
-    def floats_per_position(n_layers: int, kv_dim: int) -> int:
-        """Floats each position of one slot costs (keys and values of every layer)."""
-        return 2 * n_layers * kv_dim
+    def floats_per_position(n_layers: int, kv_dim: int, kv_cache: str = "f16") -> int:
+        """What each position of one slot costs, in the bytes of as many floats: keys and values of every layer."""
+        return 2 * n_layers * kv_dim * np.dtype(KV_TYPES[kv_cache]).itemsize // 4
 
 
 class Sequence:

@@ -39,7 +39,7 @@ import numpy as np
 
 from dpllama.errors import DpllamaError
 from dpllama.model import kernels
-from dpllama.model.kv_cache import KVCache, Sequence, zeros
+from dpllama.model.kv_cache import KVCache, Sequence, check_kv_cache, zeros
 from dpllama.formats import round_up
 from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor, weight_defines
 from dpllama.model.weights import Layer, Tensor, Weights, check_activation_bits, rope_angles
@@ -71,11 +71,11 @@ def pass_rows(prefill_chunk: int, slots: int, chunk: int | None, seq_len: int) -
     return max(slots, min(chunk or prefill_chunk, seq_len))
 
 
-def floats_per_position(c, chunk: int, slots: int = 1) -> tuple[int, ...]:
+def floats_per_position(c, chunk: int, slots: int = 1, kv_cache: str = "f16") -> tuple[int, ...]:
     """Floats that each position of the context costs in Llama's buffers that grow with it: the KV cache of
     every slot, the attention scores of a pass of `chunk` rows (att), the RoPE table (rope) and each slot's
     tokens."""
-    return (slots * KVCache.floats_per_position(c.n_layers, c.kv_dim), chunk * c.n_heads, c.head_dim, slots)
+    return (slots * KVCache.floats_per_position(c.n_layers, c.kv_dim, kv_cache), chunk * c.n_heads, c.head_dim, slots)
 
 
 @dataclass
@@ -122,21 +122,25 @@ class DeviceLayer:
 
 class Llama:
     def __init__(self, weights: Weights, q: Queue, max_seq: int | None = None, slots: int = 1,
-                 chunk: int | None = None, activation_bits: int = 16):
+                 chunk: int | None = None, activation_bits: int = 16, kv_cache: str = "f16"):
         """The model on `q`'s device, laid out and launched as `q`'s config asks, for `slots` sequences with a
         context of `max_seq` tokens each (at most the model's), and forward passes of up to `chunk` rows (a
         prompt chunk, a batch; the config's prefill_chunk unless given). `activation_bits` 8: int4 and int5
         matrices take their input as bytes (llama.cpp's numerics, faster, further from float32 math) instead of
-        16-bit integers (matrix.cl's header). The primitives act on the selected sequence (`select`), the first
+        16-bit integers (matrix.cl's header). `kv_cache` "f32" keeps keys and values in float32 instead of fp16
+        (attention.h: twice the bytes, float32 math end to end). The primitives act on the selected sequence (`select`), the first
         one until another is selected."""
         check_activation_bits(activation_bits)
+        check_kv_cache(kv_cache)
         self.config = c = weights.config
         self.activation_bits = activation_bits
         self.q = q
         self.geometry = geo = Geometry.of(q.config)
         self.seq_len = min(max_seq or c.seq_len, c.seq_len)
         self.chunk = pass_rows(geo.prefill_chunk, slots, chunk, self.seq_len)
-        self.attention_defines = (f"ATTENTION_POSITIONS={geo.attention_positions}", f"HD_VEC={pow2_divisor(c.head_dim)}")
+        kv_defines = ("KV_F32",) if kv_cache == "f32" else ()      # attention.h: the cache's value type
+        self.attention_defines = (f"ATTENTION_POSITIONS={geo.attention_positions}", f"HD_VEC={pow2_divisor(c.head_dim)}",
+                                  *kv_defines)
         dim, q_dim = c.dim, c.n_heads * c.head_dim
         # decode's attention inside the QKV launch (qkv_attention): where the config asks for it for this
         # many KV heads, work-groups are single work-items (CPUs), and a head's rows are whole tiles
@@ -156,7 +160,7 @@ class Llama:
 
         # ---- weights, as stored (llama2.c run.c order) ----
         self.tok_embeddings = upload(weights.tok_embeddings, "tok_embeddings")   # [vocab, dim]
-        self.qkv_defines = ("QKV_BIAS",) if c.qkv_bias else ()
+        self.qkv_defines = (("QKV_BIAS",) if c.qkv_bias else ()) + kv_defines
         self.layers: list[DeviceLayer] = []
         for i, L in enumerate(weights.layers):
             wq, wk, wv, bias = self._qkv(L)
@@ -187,7 +191,7 @@ class Llama:
         self.query = zeros(q, n * self.q_p, "query")             # [chunk, q_dim] (k and v go to the cache)
         self.att_out = zeros(q, n * self.q_p, "att_out")         # attention output [chunk, q_dim]
         self.h = zeros(q, n * self.hidden_p, "h")                # SwiGLU output [chunk, hidden]
-        self.cache = KVCache(q, c.n_layers, c.kv_dim, self.seq_len, geo.attention_positions, slots)
+        self.cache = KVCache(q, c.n_layers, c.kv_dim, self.seq_len, geo.attention_positions, slots, kv_cache)
         self.att = zeros(q, n * c.n_heads * self.cache.seq_p, "att")   # attention scores [chunk, n_heads, seq]
         self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta, c.rope_freq_factors),
                               name="rope")  # [seq, hd/2, 2]
@@ -233,8 +237,9 @@ class Llama:
         if not self.fused_attention:
             return None
         c, geo = self.config, self.geometry
-        return (*weight_defines(wqkv, geo.tile_rows, geo.decode_tiles, 1, self.activation_bits), *self.qkv_defines,
-                *self.attention_defines, f"GQA={c.n_heads // c.n_kv_heads}", "SOLO")
+        return tuple(dict.fromkeys((*weight_defines(wqkv, geo.tile_rows, geo.decode_tiles, 1, self.activation_bits),
+                                    *self.qkv_defines, *self.attention_defines, f"GQA={c.n_heads // c.n_kv_heads}",
+                                    "SOLO")))
 
     def select(self, slot: int) -> None:
         """Make the sequence of `slot` the one the primitives act on. Activations are shared: a caller switching

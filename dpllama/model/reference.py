@@ -1,16 +1,17 @@
 """NumPy reference forward pass: llama2.c run.c's math in float32, one token at a time.
 
 It is the oracle the device kernels are tested against, so it favours being obviously right over being
-fast: weights are dequantized once to float32, activations and the KV cache stay float32, except that a
-quantized (q8, int4, int5) matrix multiplies its input rounded per group to 16-bit steps (int4 and int5 to 8-bit
-ones with activation_bits 8), as the kernels do (matrix.cl's header).
+fast: weights are dequantized once to float32, activations stay float32, except that a quantized (q8, int4, int5)
+matrix multiplies its input rounded per group to 16-bit steps (int4 and int5 to 8-bit ones with activation_bits 8),
+as the kernels do (matrix.cl's header), and the KV cache holds keys and values rounded to fp16, as the device's does
+(attention.h; float32 with kv_cache="f32"), attention's math on them float32.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from dpllama.model.quant import widen
-from dpllama.model.weights import Tensor, Weights, layer_shapes, rope_angles, x_steps
+from dpllama.model.weights import KV_TYPES, Tensor, Weights, layer_shapes, rope_angles, x_steps
 
 f32 = np.float32
 
@@ -41,8 +42,9 @@ class Matrix:
 
 
 class Reference:
-    def __init__(self, weights: Weights, activation_bits: int = 16):
-        """`activation_bits`: the device's (Llama's), which decides how quantized matrices' inputs are rounded."""
+    def __init__(self, weights: Weights, activation_bits: int = 16, kv_cache: str = "f16"):
+        """`activation_bits` and `kv_cache`: the device's (Llama's), which decide how quantized matrices' inputs are
+        rounded and what the KV cache holds."""
         c = self.config = weights.config
         self.output = Matrix(weights.tok_embeddings if weights.tied else weights.output,   # [vocab, dim]
                              activation_bits)
@@ -60,8 +62,8 @@ class Reference:
                         for name, shape in layer_shapes(c).items()}
                        for layer in weights.layers for fused in [matrices(layer)]]
         # np.zeros maps pages lazily, so a long context costs memory only as far as it is used
-        self.key_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32)     # [layer, pos, kv_dim]
-        self.value_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32)   # [layer, pos, kv_dim]
+        self.key_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), KV_TYPES[kv_cache])     # [layer, pos, kv_dim]
+        self.value_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), KV_TYPES[kv_cache])   # [layer, pos, kv_dim]
 
     def rope(self, x: np.ndarray, pos: int) -> np.ndarray:
         """Rotate the pairs of every head of x [n * head_dim] by RoPE's angle i at pos: ADJACENT pairs
@@ -92,6 +94,7 @@ class Reference:
             qh = q.reshape(c.n_kv_heads, group, hd)                       # [kv_head, group, hd]
             keys = self.key_cache[l, :pos + 1].reshape(pos + 1, c.n_kv_heads, hd).transpose(1, 2, 0)
             values = self.value_cache[l, :pos + 1].reshape(pos + 1, c.n_kv_heads, hd).transpose(1, 0, 2)
+            keys, values = keys.astype(f32), values.astype(f32)           # fp16 -> float32, exactly
             scores = (qh @ keys) / np.sqrt(f32(hd))                       # [kv_head, group, pos + 1]
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             att = (scores / scores.sum(axis=-1, keepdims=True)) @ values  # [kv_head, group, hd]

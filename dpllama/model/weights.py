@@ -221,6 +221,15 @@ _FLOATS = {"f32": (("weight", "data", 1),), "q8": (("scale", "scales", 256), ("m
 ACTIVATION_BITS = (16, 8)
 
 
+# the KV cache's value types (llama.cpp's --cache-type-k/v names): fp16 by default, float32 for float32 math end to end
+KV_TYPES = {"f16": np.float16, "f32": np.float32}
+
+
+def check_kv_cache(kv_cache: str) -> None:
+    if kv_cache not in KV_TYPES:
+        raise DpllamaError(f"kv_cache must be one of {', '.join(KV_TYPES)}, found {kv_cache!r}")
+
+
 def check_activation_bits(activation_bits: int) -> None:
     if activation_bits not in ACTIVATION_BITS:
         raise DpllamaError(f"activation bits must be one of {', '.join(map(str, ACTIVATION_BITS))}, "
