@@ -250,6 +250,15 @@ def test_every_gguf_type_other_configs(config_q, every_type_model):
     compare_logits(cq, every_type_model, random_tokens(sum(feeds), 5), feeds, f"{name} every GGUF type")
 
 
+def test_fused_attention_needs_a_kv_head_per_compute_unit(q, random_model, monkeypatch):
+    """With fewer KV heads (2 here) than compute units, the fused launch's work-groups would leave some idle
+    through the QKV projection: decode keeps attention in a launch of its own."""
+    cq = queue_with(q, CONFIGS["fused-attention"])
+    for units, fused in ((1, True), (2, True), (3, False)):
+        monkeypatch.setattr(type(q.device), "compute_units", property(lambda self: units))
+        assert Llama(random_model, cq).fused_attention == fused, f"{units} compute units"
+
+
 def test_fused_attention_needs_single_work_item_groups(q, random_model):
     """qkv_attention exists for work-groups of one work-item; a GPU geometry asking for it runs unfused."""
     cq = queue_with(q, {"work_group": GPU_LIKE, "fuse": dict(attention_min_kv_heads=1)})

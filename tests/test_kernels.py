@@ -151,8 +151,8 @@ def q(queue):
     return queue
 
 
-def attention_program(q, pos_vec: int = 16, hd_vec: int = 8):
-    return q.program("attention.cl", f"ATTENTION_POSITIONS={pos_vec}", f"HD_VEC={hd_vec}")
+def attention_program(q, pos_vec: int = 16, hd_vec: int = 8, gqa: int | None = None):
+    return q.program("attention.cl", f"ATTENTION_POSITIONS={pos_vec}", f"HD_VEC={hd_vec}", *([f"GQA={gqa}"] if gqa else []))
 
 
 def f32(a) -> np.ndarray:
@@ -433,20 +433,21 @@ def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geom
 
 
 ATT_SHAPES = [(1, 1, 8), (2, 2, 64), (4, 2, 8), (6, 2, 8), (12, 4, 64), (3, 1, 6)]   # (n_heads, n_kv, hd)
-# (positions per vector, work-items per head); each (ATTENTION_POSITIONS, HD_VEC) pair is a build, so ATTENTION_POSITIONS 4 runs with
-# head_dim 8 only (HD_VEC 8)
-ATT_GEOMETRIES = [(16, 1), (16, 64), (4, 16)]
+# (positions per vector, work-items per group, grouped): grouped builds with GQA, a work-group of one work-item per
+# key/value head (attend_heads: CPUs), the others a work-group per query head (attend). Each (ATTENTION_POSITIONS,
+# HD_VEC) pair is a build, so ATTENTION_POSITIONS 4 runs with head_dim 8 only (HD_VEC 8)
+ATT_GEOMETRIES = [(16, 1, True), (4, 1, True), (16, 1, False), (16, 64, False), (4, 16, False)]
 
 
-ATT_PARAMS = [(*shape, pos_vec, local) for shape in ATT_SHAPES for pos_vec, local in ATT_GEOMETRIES
-              if pos_vec == 16 or shape[2] == 8]
+ATT_PARAMS = [(*shape, *geometry) for shape in ATT_SHAPES for geometry in ATT_GEOMETRIES
+              if geometry[0] == 16 or shape[2] == 8]
 
 
 @pytest.mark.parametrize("rows", ["sequence", "table"])
 @pytest.mark.parametrize("T", [1, 4])
 @pytest.mark.parametrize("pos", [0, 5, 100])
-@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,pos_vec,local", ATT_PARAMS)
-def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T, rows):
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,pos_vec,local,grouped", ATT_PARAMS)
+def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, grouped, pos, T, rows):
     """T query tokens attending causally over layer 1 of 2 of the caches; GQA: query head h reads kv head
     h // (n_heads / n_kv_heads). Rows of one sequence (state {pos, n_prompt}): token n at position pos + n (a
     prefill chunk when T > 1), in the one slot. Rows of a batch (state a table of {pos, slot} per row,
@@ -466,8 +467,8 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T, row
     vcache = rng.standard_normal(slots * 2 * seq_p * kv_dim).astype(np.float16)   # [slot][layer][seq_p][kv_dim]
     sentinel = np.float32(-77)
     outb = q.buffer(host=rows_with_gaps(np.full((T, q_dim), np.nan, np.float32), out_stride, sentinel))
-    prog = attention_program(q, pos_vec, pow2_divisor(head_dim))
-    q.submit(prog.attention, (n_heads * local, T), (local, 1), q.buffer(host=rows_with_gaps(qkv, qkv_stride, np.nan)).read(),
+    prog = attention_program(q, pos_vec, pow2_divisor(head_dim), n_heads // n_kv_heads if grouped else None)
+    q.submit(prog.attention, (n_kv_heads if grouped else n_heads * local, T), (local, 1), q.buffer(host=rows_with_gaps(qkv, qkv_stride, np.nan)).read(),
              q.buffer(host=kcache).read(), q.buffer(host=vcache).read(), q.buffer(T * n_heads * seq_p * 4).read_write(),
              outb.write(), q.buffer(host=state).read(), np.int32(n_heads),
              np.int32(n_kv_heads), np.int32(head_dim), np.int32(seq_p), np.int32(qkv_stride), np.int32(out_stride),
@@ -488,7 +489,7 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T, row
             want[n, h * head_dim:(h + 1) * head_dim] = (w / w.sum()) @ V[:p + 1, kv]
     check_close(out[:, :q_dim], want, ATT_ATOL_REL * np.abs(vcache).max(),
                 f"attention heads={n_heads}/{n_kv_heads} hd={head_dim} pos={pos} T={T} {rows} "
-                f"ATTENTION_POSITIONS={pos_vec} L={local}")
+                f"ATTENTION_POSITIONS={pos_vec} L={local}{' grouped' if grouped else ''}")
 
 
 # attention.h reads the fp16 cache with AVX-512's conversion, with F16C's (AVX2 CPUs) or with vload_half (GPUs, other
@@ -497,17 +498,19 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, pos, T, row
 ATTENTION_ISA_FALLBACKS = {"f16c": ["__AVX512F__"], "vload_half": ["__AVX512F__", "__F16C__"]}
 
 
-@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,pos_vec,local", [(2, 2, 64, 16, 1), (6, 2, 8, 4, 16),
-                                                                       (3, 1, 6, 16, 1)])
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,pos_vec,local,grouped", [(2, 2, 64, 16, 1, True),
+                                                                               (6, 2, 8, 4, 16, False),
+                                                                               (3, 1, 6, 16, 1, True)])
 @pytest.mark.parametrize("isa", list(ATTENTION_ISA_FALLBACKS))
-def test_attention_isa_fallbacks(q, tmp_path, monkeypatch, isa, n_heads, n_kv_heads, head_dim, pos_vec, local):
+def test_attention_isa_fallbacks(q, tmp_path, monkeypatch, isa, n_heads, n_kv_heads, head_dim, pos_vec, local,
+                                 grouped):
     kernels = tmp_path / "cl_kernels"
     shutil.copytree(program.KERNEL_DIR, kernels)
     source = kernels / "attention.cl"
     source.write_text("".join(f"#undef {m}\n" for m in ATTENTION_ISA_FALLBACKS[isa]) + source.read_text())
     monkeypatch.setattr(program, "KERNEL_DIR", kernels)
     test_attention(Queue(q.device, q.config, out_of_order=False), n_heads, n_kv_heads, head_dim, pos_vec, local,
-                   pos=37, T=4, rows="table")
+                   grouped, pos=37, T=4, rows="table")
 
 
 @pytest.mark.parametrize("fmt", ["q8g32", "int4g32", "int4asym128", "q8asym32-q51", "int5g32-q50"])

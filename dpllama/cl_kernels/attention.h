@@ -147,4 +147,111 @@ inline void attend(const int h, const int n, __global const float *query, __glob
         *(__global floatH *)(out + (size_t)n * out_stride + h * head_dim + d0) = ((o0 + o1) + (o2 + o3)) / sum;
     }
 }
+
+#if defined(GQA)
+// Attention for the GQA query heads j * GQA .. j * GQA + GQA - 1 of row n, those that read key/value head j, by one
+// work-item (work-groups of one, CPUs: attention.cl's kernel and matrix.cl's qkv_attention): each key and value
+// vector loaded serves all GQA heads, where attend, a head at a time, loads them GQA times (SmolLM2 after 512
+// tokens: a decode step 5.35 -> 5.05 ms). Each head's sums run in ATT_CHAINS independent chains (an FMA waits
+// on the one before in its chain), over the head dimensions for the scores, over the positions for the values;
+// one head gets 4 chains, several share the latency with 2 each. Both kernels take this one function, so a row's
+// attention is the same float operations whichever kernel runs it: a sequence alone (decode's fused launch) and
+// beside others (a batch's attention launch) get the same bits.
+#define ATT_CHAINS (GQA == 1 ? 4 : 2)
+inline void attend_heads(const int j, const int n, __global const float *query, __global const kv_t *k_cache,
+                         __global const kv_t *v_cache, __global float *att, __global float *out,
+                         __global const int *state, const int n_heads, const int n_kv_heads, const int head_dim,
+                         const int seq_p, const int q_stride, const int out_stride, const int cache_offset,
+                         const int slot_stride) {
+    const int pos = ROW_POS(state, n, slot_stride), kv_dim = n_kv_heads * head_dim;
+    const size_t layer = ROW_CACHE(state, n, slot_stride, cache_offset);
+    __global const float *q = query + (size_t)n * q_stride + j * GQA * head_dim;    // the heads' q, side by side
+    __global const kv_t *kh = KEY_AT(k_cache, layer, seq_p, j * head_dim, 0);
+    __global const kv_t *vh = VALUE_AT(v_cache, layer, kv_dim, j * head_dim, 0);
+    __global float *a = att + ((size_t)n * n_heads + j * GQA) * seq_p;              // the heads' score rows
+    const float scale = rsqrt((float)head_dim);
+
+    floatP mv[GQA];     // running maxima as vectors, reduced once at the end (as attend's)
+#pragma unroll
+    for (int g = 0; g < GQA; g++) mv[g] = -INFINITY;
+    for (int t0 = 0; t0 <= pos; t0 += ATTENTION_POSITIONS) {
+        floatP s[ATT_CHAINS * GQA];
+#pragma unroll
+        for (int i = 0; i < ATT_CHAINS * GQA; i++) s[i] = 0.0f;
+        __global const kv_t *kt = kh + t0;
+        int d = 0;
+        for (; d + ATT_CHAINS <= head_dim; d += ATT_CHAINS) {
+#pragma unroll
+            for (int c = 0; c < ATT_CHAINS; c++) {
+                const floatP k = KV_LOAD_P(kt + (size_t)(d + c) * seq_p);
+#pragma unroll
+                for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * head_dim + d + c] * k;
+            }
+        }
+        for (; d < head_dim; d += 2) {       // head_dim is even (RoPE pairs): what 4 chains leave is a pair
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const floatP k = KV_LOAD_P(kt + (size_t)(d + c) * seq_p);
+#pragma unroll
+                for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * head_dim + d + c] * k;
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < GQA; g++) {
+#if ATT_CHAINS == 4
+            floatP sg = ((s[4 * g] + s[4 * g + 1]) + (s[4 * g + 2] + s[4 * g + 3])) * scale;
+#else
+            floatP sg = (s[2 * g] + s[2 * g + 1]) * scale;
+#endif
+            if (t0 + ATTENTION_POSITIONS > pos + 1)                             // the vector runs past the causal edge
+                for (int i = pos + 1 - t0; i < ATTENTION_POSITIONS; i++) ((float *)&sg)[i] = -INFINITY;
+            *(__global floatP *)(a + (size_t)g * seq_p + t0) = sg;
+            mv[g] = sg > mv[g] ? sg : mv[g];
+        }
+    }
+    float sum[GQA];
+    for (int g = 0; g < GQA; g++) {         // each head's softmax weights, in place of its scores
+        float m = -INFINITY;
+        for (int i = 0; i < ATTENTION_POSITIONS; i++) m = m > ((float *)&mv[g])[i] ? m : ((float *)&mv[g])[i];
+        __global float *ag = a + (size_t)g * seq_p;
+        floatP sv = 0.0f;
+        for (int t0 = 0; t0 <= pos; t0 += ATTENTION_POSITIONS) {
+            const floatP e = EXP_P(*(__global floatP *)(ag + t0) - m);
+            *(__global floatP *)(ag + t0) = e;
+            sv += e;
+        }
+        sum[g] = 0.0f;
+        for (int i = 0; i < ATTENTION_POSITIONS; i++) sum[g] += ((float *)&sv)[i];
+    }
+    for (int d0 = 0; d0 < head_dim; d0 += HD_VEC) {
+        floatH o[ATT_CHAINS * GQA];
+#pragma unroll
+        for (int i = 0; i < ATT_CHAINS * GQA; i++) o[i] = 0.0f;
+        __global const kv_t *vd = vh + d0;
+        int t = 0;
+        for (; t + ATT_CHAINS <= pos + 1; t += ATT_CHAINS) {
+#pragma unroll
+            for (int c = 0; c < ATT_CHAINS; c++) {
+                const floatH v = KV_LOAD_H(vd + (size_t)(t + c) * kv_dim);
+#pragma unroll
+                for (int g = 0; g < GQA; g++) o[ATT_CHAINS * g + c] += a[(size_t)g * seq_p + t + c] * v;
+            }
+        }
+        for (; t <= pos; t++) {
+            const floatH v = KV_LOAD_H(vd + (size_t)t * kv_dim);
+#pragma unroll
+            for (int g = 0; g < GQA; g++) o[ATT_CHAINS * g] += a[(size_t)g * seq_p + t] * v;
+        }
+#pragma unroll
+        for (int g = 0; g < GQA; g++) {
+#if ATT_CHAINS == 4
+            const floatH og = (o[4 * g] + o[4 * g + 1]) + (o[4 * g + 2] + o[4 * g + 3]);
+#else
+            const floatH og = o[2 * g] + o[2 * g + 1];
+#endif
+            *(__global floatH *)(out + (size_t)n * out_stride + (j * GQA + g) * head_dim + d0) = og / sum[g];
+        }
+    }
+}
+#endif
 #endif

@@ -534,7 +534,8 @@ __kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global c
 // One decode step's QKV and attention in one launch (TOKENS = 1; built with ATTENTION_POSITIONS and HD_VEC, GQA = query
 // heads per KV head, head_dim a multiple of TILE_ROWS): work-group j takes KV head j's rows of the stacked
 // [Wq; Wk; Wv], its GQA query heads' q, its k and its v (three runs of tiles, TILES at a time), stores
-// them as gemv_norm_rope_kv does, then attends for those query heads (attention.h's attend). It saves a
+// them as gemv_norm_rope_kv does, then attends for those query heads (attention.h's attend_heads, as the attention
+// kernel's CPU build does: the same float operations for a row either way). It saves a
 // launch per layer, which dominates small models' steps; with fewer KV heads than cores it would idle
 // some. Work-groups of one work-item only (CPU configs): where several share a tile's columns (GPUs),
 // barriers would sit between the parts, and PoCL's compiler ran for minutes on that build, so it could
@@ -554,9 +555,8 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
                       kv_dim, head_dim, seq_p, cache_offset, slot_stride);
         }
     }
-    for (int h = 0; h < GQA; h++)
-        attend(j * GQA + h, 0, y, k_cache, v_cache, att, att_out, state, n_heads, kv_dim / head_dim, head_dim,
-               seq_p, y_stride, out_stride, cache_offset, slot_stride, att_scratch);
+    attend_heads(j, 0, y, k_cache, v_cache, att, att_out, state, n_heads, kv_dim / head_dim, head_dim,
+                 seq_p, y_stride, out_stride, cache_offset, slot_stride);
 }
 #endif
 

@@ -90,11 +90,13 @@ def qkv_attention(q: Queue, program, t: DeviceTensor, n_kv_heads: int, x, g, y, 
 def attention(q: Queue, program, geo: Geometry, T: int, query, k_cache, v_cache, att, out, state, n_heads: int,
               n_kv_heads: int, head_dim: int, seq_p: int, q_stride: int, cache_offset: int,
               slot_stride: int) -> Command:
-    """Causal attention of T query rows over the cache, a work-group per head and token (rows placed as
-    attention.h's ROW_POS says: a sequence's with slot_stride 0, a batch's by their table)."""
+    """Causal attention of T query rows over the cache, a work-group per head and token, or with work-groups of one
+    work-item (geo.attention 1, a program built with GQA) per key/value head and token (rows placed as attention.h's
+    ROW_POS says: a sequence's with slot_stride 0, a batch's by their table)."""
     A = geo.attention
+    groups = n_kv_heads if A == 1 else n_heads * A
     return SIGNATURES["attention"].bind(
-        q, program, (n_heads * A, T), (A, 1), query=query, k_cache=k_cache, v_cache=v_cache, att=att, out=out,
+        q, program, (groups, T), (A, 1), query=query, k_cache=k_cache, v_cache=v_cache, att=att, out=out,
         state=state, **ints(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, seq_p=seq_p,
                             q_stride=q_stride, out_stride=q_stride, cache_offset=cache_offset,
                             slot_stride=slot_stride),

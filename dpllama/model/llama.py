@@ -139,14 +139,17 @@ class Llama:
         self.seq_len = min(max_seq or c.seq_len, c.seq_len)
         self.chunk = pass_rows(geo.prefill_chunk, slots, chunk, self.seq_len)
         kv_defines = ("KV_F32",) if kv_cache == "f32" else ()      # attention.h: the cache's value type
+        # work-groups of one work-item take the query heads of a key/value head together (attention.h's attend_heads)
+        gqa = (f"GQA={c.n_heads // c.n_kv_heads}",) if geo.attention == 1 else ()
         self.attention_defines = (f"ATTENTION_POSITIONS={geo.attention_positions}", f"HD_VEC={pow2_divisor(c.head_dim)}",
-                                  *kv_defines)
+                                  *gqa, *kv_defines)
         dim, q_dim = c.dim, c.n_heads * c.head_dim
-        # decode's attention inside the QKV launch (qkv_attention): where the config asks for it for this
-        # many KV heads, work-groups are single work-items (CPUs), and a head's rows are whole tiles
+        # decode's attention inside the QKV launch (qkv_attention, a work-group per KV head): where the config asks
+        # for it for this many KV heads and there are as many as compute units (fewer would leave some idle through
+        # the QKV projection), work-groups are single work-items (CPUs), and a head's rows are whole tiles
         min_kv = q.config["fuse"]["attention_min_kv_heads"]
-        self.fused_attention = (bool(min_kv) and c.n_kv_heads >= min_kv and geo.gemv == 1
-                                and c.head_dim % geo.tile_rows == 0)
+        self.fused_attention = (bool(min_kv) and c.n_kv_heads >= max(min_kv, q.device.compute_units)
+                                and geo.gemv == 1 and geo.attention == 1 and c.head_dim % geo.tile_rows == 0)
         groups = {t.group for _, t in weights.matrices() if t.group}
         # activation rows are padded like weight columns (zeros), and to 16 floats for vector access
         pad = lambda n: max(round_up(n, m) for m in [16, *groups])  # noqa: E731

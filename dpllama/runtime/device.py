@@ -119,6 +119,10 @@ class Device:
         return self.cl_device.platform.name.strip()
 
     @property
+    def compute_units(self) -> int:
+        return self.cl_device.max_compute_units
+
+    @property
     def name(self) -> str:
         return self.cl_device.name.strip()
 
@@ -151,7 +155,7 @@ class Device:
             "vendor": d.vendor.strip(),
             "driver": d.driver_version.strip(),
             "opencl": d.version.strip(),
-            "compute_units": d.max_compute_units,
+            "compute_units": self.compute_units,
             "clock_mhz": d.max_clock_frequency,
             "global_mem_bytes": d.global_mem_size,
             "local_mem_bytes": d.local_mem_size,
