@@ -176,11 +176,16 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 // passed by value (float16 on AVX2, float8 on SSE) makes clang warn that it "changes the ABI", on every
 // build. Library calls on such vectors (convert_uint16, exp(float16)) do the same, so none appear here.
 
-// fp16 bits -> float: one F16C instruction where the compiler targets AVX-512, else integer operations
+// fp16 bits -> float: one F16C instruction per 16 (AVX-512) or 8 values (F16C on AVX2), else integer operations
 // (those handle normal numbers; subnormal scales flush to zero). The widening is clang's
 // __builtin_convertvector, which compiles inline, where convert_uintV is a library call.
 #if TILE_ROWS == 16 && defined(__AVX512F__)
 #define HALF_BITS_TO_FLOAT(h) __builtin_ia32_vcvtph2ps512_mask(as_short16(h), (float16)(0.0f), (ushort)0xffff, 4)
+#elif TILE_ROWS == 16 && defined(__F16C__)
+#define HALF_BITS_TO_FLOAT(h) (float16)(__builtin_ia32_vcvtph2ps256(as_short8((h).lo)), \
+                                        __builtin_ia32_vcvtph2ps256(as_short8((h).hi)))
+#elif TILE_ROWS == 8 && defined(__F16C__)
+#define HALF_BITS_TO_FLOAT(h) __builtin_ia32_vcvtph2ps256(as_short8(h))
 #else
 #define HALF_EXP(u) (((u) >> 10) & 0x1f)
 #define HALF_BITS_TO_FLOAT(h) half_bits_from_uint(__builtin_convertvector((h), uintV))
