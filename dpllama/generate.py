@@ -319,7 +319,7 @@ class Batcher:
             out = self._collect()       # a token drawn on the host comes before its generation's next part
         chosen = {}
         if self.in_flight:              # the rows of the pass in flight whose tokens the device chose
-            chosen = {id(g): i for i, (g, p) in enumerate((g, p) for g, p in self.in_flight[0] if p.logits)}
+            chosen = {id(g): i for i, g in enumerate(g for g, p in self.in_flight[0] if p.logits)}
         room, parts = self.model.chunk, []
         for gen in sorted(gens, key=lambda g: not g.prompted):     # a stable sort: otherwise in the given order
             part = gen.part(room, chosen.get(id(gen)))

@@ -78,8 +78,8 @@
 
 
 // Attention for query head h of row n (a row of query, q_stride apart), at its position (ROW_POS), over its
-// slot's cache positions 0..pos (causal), by the whole work-group, in float32 (from an fp16 cache too). Query head h reads key/value head
-// h / (n_heads / n_kv_heads) (grouped-query attention). att is scratch [T][n_heads][seq_p] for the scores.
+// slot's cache positions 0..pos (causal), by the whole work-group, in float32 (from an fp16 cache too). Query head
+// h reads key/value head h / (n_heads / n_kv_heads) (grouped-query attention). att is scratch [T][n_heads][seq_p] for the scores.
 // The L threads of a group split the positions for the scores and the head dimensions for the weighted
 // sum of values; scratch holds L floats.
 inline void attend(const int h, const int n, __global const float *query, __global const kv_t *k_cache,

@@ -18,8 +18,8 @@ also embeds the chosen token for the next pass). The all-rows pass (`feed_rows`,
 pass with the LM head over every row of x, into a [chunk, vocab] buffer made on its first use. Decode on CPU
 configs fuses the first two launches of a layer into one (qkv_attention, a work-group per KV head).
 
-A batch (`batch`, what the server runs) is the same pass over the rows of several sequences at once: each row
-has its own position and KV cache slot, from a table {pos, slot} per row that the host writes before the pass,
+A batch (`enqueue_batch`, what the server runs) is the same pass over the rows of several sequences at once: each
+row has its own position and KV cache slot, from a table {pos, slot} per row that the host writes before the pass,
 so each weight is read and decoded once for every running sequence (a decode step of each, prompt chunks of
 others). The rows whose logits are wanted (each sequence's last) are gathered to the front and go through the
 LM head together; their logits are read back and sampled on the host, or, for greedy sequences, their argmax is
@@ -128,8 +128,8 @@ class Llama:
         prompt chunk, a batch; the config's prefill_chunk unless given). `activation_bits` 8: int4 and int5
         matrices take their input as bytes (llama.cpp's numerics, faster, further from float32 math) instead of
         16-bit integers (matrix.cl's header). `kv_cache` "f32" keeps keys and values in float32 instead of fp16
-        (attention.h: twice the bytes, float32 math end to end). The primitives act on the selected sequence (`select`), the first
-        one until another is selected."""
+        (attention.h: twice the bytes, float32 math end to end). The primitives act on the selected sequence
+        (`select`), the first one until another is selected."""
         check_activation_bits(activation_bits)
         check_kv_cache(kv_cache)
         self.config = c = weights.config
@@ -239,10 +239,10 @@ class Llama:
     def _qkv_attention_defines(self, wqkv: Tensor) -> tuple[str, ...] | None:
         if not self.fused_attention:
             return None
-        c, geo = self.config, self.geometry
+        geo = self.geometry
+        # the attention defines hold GQA (work-groups of one work-item) and, as the QKV ones, the cache's type
         return tuple(dict.fromkeys((*weight_defines(wqkv, geo.tile_rows, geo.decode_tiles, 1, self.activation_bits),
-                                    *self.qkv_defines, *self.attention_defines, f"GQA={c.n_heads // c.n_kv_heads}",
-                                    "SOLO")))
+                                    *self.qkv_defines, *self.attention_defines, "SOLO")))
 
     def select(self, slot: int) -> None:
         """Make the sequence of `slot` the one the primitives act on. Activations are shared: a caller switching
