@@ -37,6 +37,19 @@ def test_generate_matches_llama2c_byte_for_byte(stories, repo_root, prompt_args,
     assert "achieved tok/s" in r.stderr
 
 
+def test_cache_type_f32_matches_llama2c_too(stories, repo_root):
+    """--cache-type f32 keeps the KV cache in float32, as run.c does: the same greedy text (the default fp16 cache's
+    is test_generate_matches_llama2c_byte_for_byte's). A type that is not one is argparse's one-line error."""
+    d, model, tok = stories
+    r = run("generate", "-m", model, "-z", tok, "-p", "Once upon a time", "-n", 128, "-t", 0, "--cache-type", "f32",
+            cwd=repo_root)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.encode() == (d / "reference_stories260K_greedy.txt").read_bytes()
+    r = run("generate", "-m", model, "-z", tok, "--cache-type", "q8_0", cwd=repo_root)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "argument --cache-type: must be f16 or f32, found 'q8_0'"), r.stderr
+
+
 def test_generate_clamps_steps_to_the_context(stories, repo_root):
     _, model, tok = stories
     r = run("generate", "-m", model, "-z", tok, "-n", 100000, "-t", 0, cwd=repo_root)

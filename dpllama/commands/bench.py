@@ -32,33 +32,34 @@ from dpllama.model.llama import Llama
 from dpllama.runtime import build_stats, open_queue
 
 
-def _load(path, device, config, max_seq, activation_bits=16, profiling=False, slots=1):
+def _load(path, device, config, max_seq, activation_bits=16, profiling=False, slots=1, kv_cache="f16"):
     t = time.perf_counter()
     weights = load_weights(path)
     model = Llama(weights, open_queue(device, config, profiling=profiling), max_seq=max_seq, slots=slots,
-                  activation_bits=activation_bits)
+                  activation_bits=activation_bits, kv_cache=kv_cache)
     model.q.wait()
     return model, time.perf_counter() - t
 
 
-def _first_token(path, device, config, max_seq, activation_bits) -> float:
+def _first_token(path, device, config, max_seq, activation_bits, kv_cache) -> float:
     """Seconds from nothing to a first generated token: load, build, and the first launches of prefill's and decode's
     kernels (where a driver such as PoCL compiles each kernel for its work-group size)."""
     t = time.perf_counter()
-    model, _ = _load(path, device, config, max_seq, activation_bits)
+    model, _ = _load(path, device, config, max_seq, activation_bits, kv_cache=kv_cache)
     prompt = list(range(3, 4 + model.geometry.prefill_tokens))      # a prefill pass, then decode steps
     list(generate(model, prompt, 2, Sampler(temperature=0)))
     return time.perf_counter() - t
 
 
-def _cold_start_s(path, device, config, max_seq, activation_bits) -> float:
+def _cold_start_s(path, device, config, max_seq, activation_bits, kv_cache) -> float:
     """_first_token in a fresh process with every kernel cache empty: dpllama's ($DPLLAMA_HOME) and the OpenCL
     driver's own (PoCL's POCL_CACHE_DIR), which a process reads once."""
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, DPLLAMA_HOME=tmp, POCL_CACHE_DIR=tmp)
         code = ("import sys, json; from dpllama.commands.bench import _first_token; "
                 "print(json.dumps(_first_token(sys.argv[1], *json.loads(sys.argv[2]))))")
-        r = subprocess.run([sys.executable, "-c", code, str(path), json.dumps([device, config, max_seq, activation_bits])],
+        r = subprocess.run([sys.executable, "-c", code, str(path),
+                            json.dumps([device, config, max_seq, activation_bits, kv_cache])],
                            env=env, capture_output=True, text=True)
         if r.returncode != 0:
             raise DpllamaError(f"cold start of {path} failed: {r.stderr.strip().splitlines()[-1]}")
@@ -113,14 +114,15 @@ def run_batched(model, prompts: list[list[int]], n_gen: int) -> dict:
 
 
 def bench(model_path: str, device=None, config=None, n_prompt=512, n_gen=128, repeat=1, profile=False,
-          progress=True, batch: tuple[int, ...] = (), activation_bits: int = 16) -> dict:
+          progress=True, batch: tuple[int, ...] = (), activation_bits: int = 16, kv_cache: str = "f16") -> dict:
     path = resolve_model(model_path)
     say = (lambda s: print(f"dpllama bench: {s}", file=sys.stderr, flush=True)) if progress else (lambda s: None)
     max_seq = n_prompt + n_gen
     say("load, build and a first token, empty kernel caches ...")
-    cold = _cold_start_s(path, device, config, max_seq, activation_bits)
+    cold = _cold_start_s(path, device, config, max_seq, activation_bits, kv_cache)
     say("load + build, cached ...")
-    model, cached = _load(path, device, config, max_seq, activation_bits, profiling=profile, slots=max(batch, default=1))
+    model, cached = _load(path, device, config, max_seq, activation_bits, profiling=profile, slots=max(batch, default=1),
+                          kv_cache=kv_cache)
     if model.seq_len < max_seq:
         raise DpllamaError(f"--prompt {n_prompt} + --gen {n_gen} tokens exceed {path}'s context of {model.seq_len}")
     runs = []
@@ -133,7 +135,7 @@ def bench(model_path: str, device=None, config=None, n_prompt=512, n_gen=128, re
     c = model.config
     result = {
         "model": str(path), "device": str(model.q.device), "config": model.q.config.path,
-        "activation_bits": activation_bits,
+        "activation_bits": activation_bits, "kv_cache": kv_cache,
         "shape": {"dim": c.dim, "hidden_dim": c.hidden_dim, "n_layers": c.n_layers, "n_heads": c.n_heads,
                   "n_kv_heads": c.n_kv_heads, "vocab_size": c.vocab_size},
         "weight_bytes_per_token": model.weight_bytes, "prompt_tokens": n_prompt, "generated_tokens": n_gen,
@@ -163,7 +165,7 @@ def bench(model_path: str, device=None, config=None, n_prompt=512, n_gen=128, re
 def format_text(r: dict) -> str:
     lines = [f"model    {r['model']}", f"device   {r['device']}  (config {r['config']})",
              f"weights  {r['weight_bytes_per_token'] / 1e6:.1f} MB read per token, "
-             f"{r['activation_bits']}-bit activations into int4/int5 matrices"]
+             f"{r['activation_bits']}-bit activations into int4/int5 matrices, {r['kv_cache']} KV cache"]
     spread = lambda k: f" ± {r[k + '_spread'] / 2:.2f}" if r["repeat"] > 1 else ""  # noqa: E731
     lines += [
         f"prompt   {r['prompt_tok_s']:8.2f} tok/s{spread('prompt_tok_s')}  ({r['prompt_tokens']} tokens)",
@@ -206,6 +208,6 @@ def run(args: argparse.Namespace) -> int:
     if any(b < 1 for b in batch):
         raise DpllamaError(f"--batch takes sequence counts >= 1 separated by commas (e.g. 1,8), found {args.batch!r}")
     r = bench(args.model, args.device, args.config, args.prompt, args.gen, args.repeat, args.profile,
-              progress=not args.quiet, batch=batch, activation_bits=args.activation_bits)
+              progress=not args.quiet, batch=batch, activation_bits=args.activation_bits, kv_cache=args.cache_type)
     print(json.dumps(r, indent=2) if args.json else format_text(r))
     return 0

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from dpllama.errors import DpllamaError
-from dpllama.model.weights import ACTIVATION_BITS
+from dpllama.model.weights import ACTIVATION_BITS, KV_TYPES
 
 SELECTOR_HELP = ("device selector: cpu, gpu, gpu:1, a device number, platform=NAME, vendor=NAME, name~TEXT, "
                  "isa=avx2, comma-separated terms all must hold (default: $DPLLAMA_DEVICE, else the best device)")
@@ -37,11 +37,22 @@ def activation_bits(text: str) -> int:
     return int(text)
 
 
+def cache_type(text: str) -> str:
+    """--cache-type's type (a type, not choices, as activation_bits)."""
+    if text.strip() not in KV_TYPES:
+        raise argparse.ArgumentTypeError(f"must be {' or '.join(KV_TYPES)}, found {text!r}")
+    return text.strip()
+
+
 def add_activation_bits(p: argparse.ArgumentParser) -> None:
+    """--activation-bits and --cache-type: the numerics of a model's matrices and of its KV cache."""
     p.add_argument("--activation-bits", type=activation_bits, default=16, metavar="{16,8}",
                    help="how int4 and int5 matrices take their input: as 16-bit integers (default: logits within "
                         "~0.01 of float32 math's) or as bytes, llama.cpp's numerics (prompts 1.2-1.3x faster, "
                         "logits further from float32 math's: docs/QUALITY.md)")
+    p.add_argument("--cache-type", type=cache_type, default="f16", metavar="{f16,f32}",
+                   help="the KV cache's values: fp16 (default, llama.cpp's; half the memory and bytes read per "
+                        "step) or float32 (float32 math end to end)")
 
 
 class Temperature(argparse.Action):
@@ -84,9 +95,9 @@ def check_ctx(args: argparse.Namespace) -> None:
 
 
 def load_llm(args: argparse.Namespace, slots: int = 1, chunk: int | None = None, check=None):
-    """dpllama.llm.load with the command line's model, tokenizer, device, config, --ctx and --activation-bits
-    (`check`: load's)."""
+    """dpllama.llm.load with the command line's model, tokenizer, device, config, --ctx, --activation-bits and
+    --cache-type (`check`: load's)."""
     from dpllama.llm import load
     check_ctx(args)
     return load(args.model, args.tokenizer, args.device, args.config, args.ctx, slots, chunk, check,
-                args.activation_bits)
+                args.activation_bits, args.cache_type)
