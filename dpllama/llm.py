@@ -107,8 +107,8 @@ def load(model: str, tokenizer: str | None = None, device: str | None = None, co
          max_seq: int | None = None, slots: int = 1, chunk: int | None = None,
          check: Callable[[ModelConfig], None] | None = None, activation_bits: int = 16, kv_cache: str = "f16") -> LLM:
     """Load a model (path or known name) and its tokenizer onto a device (selector or YAML config), with
-    `slots` sequences (`Llama.select`), passes of up to `chunk` rows, `activation_bits` and `kv_cache` (Llama). Each one's
-    context is `max_seq` tokens, else the model's, at most what the device holds (`fit_context`).
+    `slots` sequences (`Llama.select`), passes of up to `chunk` rows, `activation_bits` and `kv_cache` (Llama).
+    Each one's context is `max_seq` tokens, else the model's, at most what the device holds (`fit_context`).
     `check(config)` runs once the model's shape is known, before anything goes to the device (a command's limits
     that depend on the model)."""
     if max_seq is not None and max_seq < 1:     # before any work, as the CLI checks --ctx

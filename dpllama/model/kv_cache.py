@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from dpllama.formats import round_up
-from dpllama.model.weights import KV_TYPES, check_kv_cache
+from dpllama.model.weights import KV_TYPES
 from dpllama.runtime import Queue
 
 
@@ -31,7 +31,6 @@ def zeros(q: Queue, n: int, name: str, dtype=np.float32):
 class KVCache:
     def __init__(self, q: Queue, n_layers: int, kv_dim: int, seq_len: int, positions: int, slots: int = 1,
                  kv_cache: str = "f16"):
-        check_kv_cache(kv_cache)
         self.n_layers, self.kv_dim, self.slots = n_layers, kv_dim, slots
         self.seq_p = round_up(seq_len, positions)
         n = slots * n_layers * kv_dim * self.seq_p

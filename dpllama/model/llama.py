@@ -39,10 +39,10 @@ import numpy as np
 
 from dpllama.errors import DpllamaError
 from dpllama.model import kernels
-from dpllama.model.kv_cache import KVCache, Sequence, check_kv_cache, zeros
+from dpllama.model.kv_cache import KVCache, Sequence, zeros
 from dpllama.formats import round_up
 from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor, weight_defines
-from dpllama.model.weights import Layer, Tensor, Weights, check_activation_bits, rope_angles
+from dpllama.model.weights import Layer, Tensor, Weights, check_activation_bits, check_kv_cache, rope_angles
 from dpllama.runtime import Buffer, Queue
 
 
