@@ -115,30 +115,35 @@ FORMATS |= {"q8g16-q6k": gguf_format(GT.Q6_K), "int5g32-q50": gguf_format(GT.Q5_
 # groups (or of 8), a single column, and 520 columns = 65 blocks of 8, one more than the largest work-group,
 # so work-items loop over blocks
 SHAPES = [(13, 172), (7, 200), (5, 64), (3, 1), (9, 8), (37, 520)]
-# Launch geometries: (tile_rows, gemv work-items per tile, decode_tiles, prefill_tokens, prefill_tiles), and T
-# for prefill. A DeviceTensor builds the decode and the prefill program of its geometry, and both are tested:
-# T = 1 runs the decode program, T > 1 the prefill one, as kernels.gemv chooses. The prefill T is not a multiple of the tokens per work-group (a partial token group), and the row
-# counts of SHAPES leave the last tile group partial.
-def geometry(tile_rows, gemv, decode_tiles, prefill_tokens, prefill_tiles, reduce=64) -> Geometry:
+# Launch geometries: (tile_rows, gemv work-items per tile, decode_tiles, prefill_tokens, prefill_tiles,
+# decode_groups), and T for prefill. A DeviceTensor builds the decode and the prefill program of its geometry, and
+# both are tested: T = 1 runs the decode program, T > 1 the prefill one, as kernels.gemv chooses. The prefill T is
+# not a multiple of the tokens per work-group (a partial token group), and the row counts of SHAPES leave the last
+# tile group partial. With gemv 1, decode has decode_groups work-groups per compute unit (1 here: tests/conftest.py)
+# split the runs of decode_tiles tiles (37 rows: 3 runs of a 16-row tile for 2 groups; 3 runs of up to 2 8-row tiles
+# for 3 groups), each group preparing its input row: "solo" decodes 3 rows at once (decode_rows), a group each.
+def geometry(tile_rows, gemv, decode_tiles, prefill_tokens, prefill_tiles, decode_groups=2, decode_rows=1,
+             reduce=64) -> Geometry:
     return Geometry(gemv=gemv, tile_rows=tile_rows, reduce=reduce, attention=1, attention_positions=16,
                     decode_tiles=decode_tiles, prefill_tokens=prefill_tokens, prefill_tiles=prefill_tiles,
-                    prefill_chunk=64)
+                    prefill_chunk=64, decode_groups=decode_groups, decode_rows=decode_rows)
 
 
 GEOMETRIES = {
-    "cpu": (geometry(16, 1, 4, 8, 16), 19),   # dpllama/configs/cpu.yaml
+    "cpu": (geometry(16, 1, 1, 8, 16), 19),   # dpllama/configs/cpu.yaml
     "gpu": (geometry(4, 64, 1, 4, 1), 6),     # the GPU configs: work-items split the columns, a tree joins them
     "odd": (geometry(8, 8, 3, 3, 2), 5),      # several tiles per work-group and a tree
+    "solo": (geometry(8, 1, 2, 3, 2, 3, 3), 5),  # gemv 1: runs of 2 tiles split by 3 work-groups, 3 rows
 }
 # which formats run in which geometry: every format in the CPU one; a few, one per code path, in the others
 # (each (format, geometry) costs two program builds and their kernels' first launches, ~1 s on PoCL from a cold cache)
 GEOMETRY_FORMATS = {"cpu": list(FORMATS), "gpu": ["q8g32", "int4g32", "int4asym128", "q8asym32-q51", "int4g16f-q3k",
                                                   "int5g32-q50", "int5asym32f-q5k"],
-                    "odd": ["f32", "int4asym64", "int5asym32-q51"]}
+                    "odd": ["f32", "int4asym64", "int5asym32-q51"], "solo": ["f32", "q8g32", "int4asym64", "int5g32-q50"]}
 # and with 8-bit activations (matrix.cl's X_BYTES: int4 and int5 only): a format per group size and kind in the CPU
 # geometry (group 16: a flush after 2 words; 64 and 128: several per block), one of each kind in the others
 X8_FORMATS = {"cpu": ["int4g32", "int4asym128", "int4g16f-q3k", "int5g32-q50", "int5asym32f-q5k", "int5g64"],
-              "gpu": ["int4g32", "int5g32-q50"], "odd": ["int4asym64"]}
+              "gpu": ["int4g32", "int5g32-q50"], "odd": ["int4asym64"], "solo": ["int4asym64"]}
 GEMV_PARAMS = [(fmt, geo, mode) for geo, fmts in GEOMETRY_FORMATS.items() for fmt in fmts
                for mode in ("decode", "prefill")] + [
               (fmt, geo, mode) for geo, fmts in X8_FORMATS.items() for fmt in fmts
@@ -230,7 +235,7 @@ def run_gemv(q, kernel: str, t: Tensor, geometry: str, X: np.ndarray, g=None, Y0
 @pytest.mark.parametrize("fmt,geometry,mode", GEMV_PARAMS, ids=["-".join(p) for p in GEMV_PARAMS])
 def test_gemv_kernels(q, fmt, geometry, mode, kernel):
     rng = np.random.default_rng(zlib.crc32(f"{fmt} {geometry} {mode} {kernel}".encode()))
-    T = 1 if mode.startswith("decode") else GEOMETRIES[geometry][-1]
+    T = GEOMETRIES[geometry][0].decode_rows if mode.startswith("decode") else GEOMETRIES[geometry][-1]
     bits = 8 if mode.endswith("x8") else 16
     for rows, cols in SHAPES:
         what = f"{kernel} {fmt} {geometry} {GEOMETRIES[geometry]} T={T} {bits}-bit x [{rows}x{cols}]"

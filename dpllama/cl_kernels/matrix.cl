@@ -2,9 +2,10 @@
 //
 // Build with one weight format and -DTILE_ROWS (weights.h: the formats and their device layout), and
 // -DTOKENS=n: the input vectors one work-group takes (1 to decode; more in prefill, so that every
-// weight loaded and decoded serves n tokens), and -DTILES=k: the tiles one work-group takes.
+// weight loaded and decoded serves n tokens), and -DTILES=k: the tiles one work-group takes at a time
+// (-DX_ONCE, decode on CPUs: a work-group takes runs of k tiles, preparing its input once for all of them).
 //
-// One work-group computes one tile; its L threads split the columns (L = 1 on CPUs, where the TILE_ROWS lanes
+// A work-group computes TILES tiles; its L threads split the columns (L = 1 on CPUs, where the TILE_ROWS lanes
 // are the SIMD lanes; L = 32..64 on GPUs) and a tree reduction joins them. The hot loop uses plain
 // loads and arithmetic only: PoCL does not inline vload*/vload_half, and a call stops vectorization.
 // For asymmetric formats the block sum of x is shared by all rows: sum_k (s*q_k + m) x_k = s * sum q_k x_k + m * sum x_k.
@@ -168,8 +169,10 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 
 #if defined(W_F32)
 #define BLOCK 8                 // columns a thread takes at a time: one scale group, or 8 floats
+#define XQ_BLOCK 0              // float weights take x as floats (xin), no xq
 #else
 #define BLOCK GROUP
+#define XQ_BLOCK (BLOCK / X_PER_INT)    // ints of xq a block
 #endif
 
 // Helpers that take or return vectors are macros, not functions: a vector wider than the target's registers
@@ -303,16 +306,117 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
 #endif
 }
 
-// The shared body: for the `tiles` (<= TILES) tiles from t0 (a work-group's own: GROUP_TILES(rows))
+// Block b of one input row (xr, BLOCK floats; zeros unless `live`) as the kernels take it: xin = the block, times
+// g's (gb) when `norm`; for quantized weights xq = its 16-bit pairs (or bytes), dx = their scale, sx = the sum
+// of the block as rounded. Returns the block's sum of squares (RMSNorm's).
+inline float prepare_block(__global const float8 *xr, __global const float8 *gb, const int live, const int norm,
+                           __private float *xin, __private int *xq, __private float *dx, __private float *sx) {
+    float8 sq = 0.0f;                 // 8 lanes at a time: this is per-row-group scalar work otherwise
+    for (int c = 0; c < BLOCK / 8; c++) {
+        const float8 v = live ? xr[c] : (float8)(0.0f);
+        sq += v * v;
+        *(__private float8 *)(xin + 8 * c) = norm ? v * gb[c] : v;
+    }
+#if !defined(W_F32)
+    // max |x| and rounding with plain arithmetic: fabs, fmax and convert_*_rte are calls in PoCL
+    uint8 amax = 0;
+    for (int c = 0; c < BLOCK / 8; c++) {
+        const uint8 a = as_uint8(*(__private float8 *)(xin + 8 * c)) & 0x7fffffffu;
+        amax = a > amax ? a : amax;         // non-negative floats order as their bits do
+    }
+    amax.lo = amax.lo > amax.hi ? amax.lo : amax.hi;
+    amax.lo.lo = amax.lo.lo > amax.lo.hi ? amax.lo.lo : amax.lo.hi;
+    const float top = as_float(max(amax.s0, amax.s1));
+    *dx = top / X_MAX;
+    const float inv = top > 0.0f ? X_MAX / top : 0.0f;
+    int8 vsum = 0;
+    for (int c = 0; c < BLOCK / 8; c++) {
+        // + 1.5 * 2^23 leaves round-to-nearest(v) in the low mantissa bits, for |v| < 2^22
+        const int8 v = as_int8(*(__private float8 *)(xin + 8 * c) * inv + 12582912.0f) - 0x4b400000;
+#if X_PER_INT == 2
+        *(__private int4 *)(xq + 4 * c) = (v.lo & 0xffff) | (v.hi << 16);
+#else
+        const int8 sb = (v & 0xff) << (int8)(0, 0, 8, 8, 16, 16, 24, 24);    // columns 2i and 2i + 1 to byte i
+        *(__private int2 *)(xq + 2 * c) = (int2)(sb.s0 | sb.s2 | sb.s4 | sb.s6, sb.s1 | sb.s3 | sb.s5 | sb.s7);
+#endif
+        vsum += v;
+    }
+    // the block sum that the offsets and mins need: of the rounded block, so that the kernel
+    // computes W times the rounded x exactly
+    vsum.lo += vsum.hi;
+    vsum.lo.lo += vsum.lo.hi;
+    *sx = (float)(vsum.s0 + vsum.s1) * *dx;
+#endif
+    return SUM8(sq);
+}
+
+// Decode on CPUs (-DX_ONCE: TOKENS = 1, work-groups of one work-item): a work-group prepares its input row
+// once, into `row` (local memory), and then takes its share of the matrix's tiles, TILES at a time
+// (FOR_TILES): preparing a block of x for every TILES tiles, as prefill and GPUs do, had each of a decode
+// launch's work-groups redo it, a third of gemv_add's time on AVX2 (perf annotate). Per block b, at
+// row + b * ROW_BLOCK_INTS: xq's ints, then dx and sx as float bits (float weights: xin); then the row's sum
+// of squares. At most cols_p + 1 ints (BLOCK >= 8).
+#if defined(X_ONCE)
+#if TOKENS != 1
+#error "X_ONCE is decode's: build it with TOKENS=1"
+#endif
+#if defined(W_F32)
+#define ROW_BLOCK_INTS BLOCK
+#else
+#define ROW_BLOCK_INTS (XQ_BLOCK + 2)
+#endif
+#define ROW_SS(cols_p) ((cols_p) / BLOCK * ROW_BLOCK_INTS)
+inline void prepare_row(__global const float *x, __global const float *g, const int norm, const int cols_p,
+                        __local int *row) {
+    float ss = 0.0f;
+    for (int b = 0; b < cols_p / BLOCK; b++) {
+        float8 xin8[BLOCK / 8];
+        __private float *xin = (__private float *)xin8;
+        int4 xq4[XQ_BLOCK / 4 + 1];       // (float weights take no xq)
+        __private int *xq = (__private int *)xq4;
+        float dx, sx;
+        ss += prepare_block((__global const float8 *)(x + BLOCK * b), (__global const float8 *)(g + BLOCK * b), 1,
+                            norm, xin, xq, &dx, &sx);
+        __local int *r = row + b * ROW_BLOCK_INTS;
+#if defined(W_F32)
+        for (int i = 0; i < BLOCK; i++) r[i] = as_int(xin[i]);
+#else
+        for (int i = 0; i < XQ_BLOCK; i++) r[i] = xq[i];
+        r[XQ_BLOCK] = as_int(dx);
+        r[XQ_BLOCK + 1] = as_int(sx);
+#endif
+    }
+    row[ROW_SS(cols_p)] = as_int(ss);
+}
+// block b of the prepared row as tile_rows takes it
+#if defined(W_F32)
+#define ROW_BLOCK(row, b, xin, xq, dx, sx) \
+    for (int i_ = 0; i_ < BLOCK; i_++) (xin)[i_] = as_float((row)[(b) * ROW_BLOCK_INTS + i_])
+#else
+#define ROW_BLOCK(row, b, xin, xq, dx, sx) { \
+        __local const int *r_ = (row) + (b) * ROW_BLOCK_INTS; \
+        for (int i_ = 0; i_ < XQ_BLOCK; i_++) (xq)[i_] = r_[i_]; \
+        (dx)[0] = as_float(r_[XQ_BLOCK]); \
+        (sx)[0] = as_float(r_[XQ_BLOCK + 1]); }
+#endif
+// the row of x this work-group's input is (get_group_id(1): a row of a pass of several), prepared (in a kernel
+// taking GEMV_ARGS and GEMV_SCRATCH, whose x_stride, cols_p and row it uses)
+#define PREPARE_ROW(x, g, norm) prepare_row((x) + (size_t)get_group_id(1) * x_stride, (g), (norm), cols_p, row)
+#else
+#define PREPARE_ROW(x, g, norm)
+#endif
+
+// The shared body: for the `tiles` (<= TILES) tiles from t0 (a run of the work-group's: FOR_TILES)
 // and the TOKENS input rows from tok0 = get_group_id(1) * TOKENS (those < T; x's rows are x_stride
 // apart), acc[tt * TOKENS + n] = tile t0 + tt times row tok0 + n of x, or of x * g / rms(x) when
 // `norm` (RMSNorm fused into the projection after it). Preparing a block of x is scalar work, so a
-// work-group shares it among TILES * TILE_ROWS rows. The get_local_size(0) work-items of a group split the
-// columns (GPUs; 1 on CPUs). The result is valid in work-item 0.
+// work-group shares it among TILES * TILE_ROWS rows (X_ONCE: takes it from `row`, prepared once for all its
+// runs). The get_local_size(0) work-items of a group split the columns (GPUs; 1 on CPUs). The result is valid
+// in work-item 0.
 inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float *g, const int norm,
                       const int t0, const int tiles, const int cols, const int cols_p, const int T,
                       const int x_stride, const float eps, __local floatV *scratch, __local float *scratch_ss,
-                      __private floatV *acc) {
+                      __local const int *row, __private floatV *acc) {
     const int lid = get_local_id(0), L = get_local_size(0);
     const int tok0 = get_group_id(1) * TOKENS;
     float ss[TOKENS], sx[TOKENS];
@@ -321,57 +425,25 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
 #if !defined(W_F32)
     int4 xq4[(TOKENS * BLOCK / X_PER_INT + 3) / 4];    // the blocks as 16-bit pairs or bytes (quantized weights)
     __private int *xq = (__private int *)xq4;
-    float dx[TOKENS];
 #else
-    __private int *xq = 0;
-    __private float *dx = 0;
+    __private int *xq = 0;      // float weights take xin
 #endif
+    float dx[TOKENS];
+#if defined(X_ONCE)
+    ss[0] = as_float(row[ROW_SS(cols_p)]);
+#else
     for (int n = 0; n < TOKENS; n++) ss[n] = 0.0f;
+#endif
     for (int i = 0; i < TILES * TOKENS; i++) acc[i] = 0.0f;
     for (int b = lid; b < cols_p / BLOCK; b += L) {
-        for (int n = 0; n < TOKENS; n++) {    // this block of every token's input, loaded once for all rows
-            __global const float8 *xr = (__global const float8 *)(x + (size_t)(tok0 + n) * x_stride + BLOCK * b);
-            __global const float8 *gb = (__global const float8 *)(g + BLOCK * b);
-            const int live = tok0 + n < T;
-            float8 sq = 0.0f;                 // 8 lanes at a time: this is per-row-group scalar work otherwise
-            for (int c = 0; c < BLOCK / 8; c++) {
-                const float8 v = live ? xr[c] : (float8)(0.0f);
-                sq += v * v;
-                *(__private float8 *)(xin + n * BLOCK + 8 * c) = norm ? v * gb[c] : v;
-            }
-            ss[n] += SUM8(sq);
-#if !defined(W_F32)
-            // max |x| and rounding with plain arithmetic: fabs, fmax and convert_*_rte are calls in PoCL
-            uint8 amax = 0;
-            for (int c = 0; c < BLOCK / 8; c++) {
-                const uint8 a = as_uint8(*(__private float8 *)(xin + n * BLOCK + 8 * c)) & 0x7fffffffu;
-                amax = a > amax ? a : amax;         // non-negative floats order as their bits do
-            }
-            amax.lo = amax.lo > amax.hi ? amax.lo : amax.hi;
-            amax.lo.lo = amax.lo.lo > amax.lo.hi ? amax.lo.lo : amax.lo.hi;
-            const float top = as_float(max(amax.s0, amax.s1));
-            dx[n] = top / X_MAX;
-            const float inv = top > 0.0f ? X_MAX / top : 0.0f;
-            int8 vsum = 0;
-            for (int c = 0; c < BLOCK / 8; c++) {
-                // + 1.5 * 2^23 leaves round-to-nearest(v) in the low mantissa bits, for |v| < 2^22
-                const int8 v = as_int8(*(__private float8 *)(xin + n * BLOCK + 8 * c) * inv + 12582912.0f) - 0x4b400000;
-#if X_PER_INT == 2
-                *(__private int4 *)(xq + n * (BLOCK / 2) + 4 * c) = (v.lo & 0xffff) | (v.hi << 16);
+#if defined(X_ONCE)
+        ROW_BLOCK(row, b, xin, xq, dx, sx);
 #else
-                const int8 sb = (v & 0xff) << (int8)(0, 0, 8, 8, 16, 16, 24, 24);    // columns 2i and 2i + 1 to byte i
-                *(__private int2 *)(xq + n * (BLOCK / 4) + 2 * c) = (int2)(sb.s0 | sb.s2 | sb.s4 | sb.s6,
-                                                                           sb.s1 | sb.s3 | sb.s5 | sb.s7);
+        for (int n = 0; n < TOKENS; n++)    // this block of every token's input, prepared once for all rows
+            ss[n] += prepare_block((__global const float8 *)(x + (size_t)(tok0 + n) * x_stride + BLOCK * b),
+                                   (__global const float8 *)(g + BLOCK * b), tok0 + n < T, norm,
+                                   xin + n * BLOCK, xq + n * XQ_BLOCK, dx + n, sx + n);
 #endif
-                vsum += v;
-            }
-            // the block sum that the offsets and mins need: of the rounded block, so that the kernel
-            // computes W times the rounded x exactly
-            vsum.lo += vsum.hi;
-            vsum.lo.lo += vsum.lo.hi;
-            sx[n] = (float)(vsum.s0 + vsum.s1) * dx[n];
-#endif
-        }
         // in decode a constant trip count, so that unrolled the accumulators can live in registers (in
         // prefill TILES x TOKENS accumulators could not, and unrolling them all swamps the compiler)
 #if TOKENS == 1
@@ -401,14 +473,14 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
 }
 
 // y[token][row] (=, or += when `add`) the work-group's values
-inline void store_rows(__global float *y, __private const floatV *acc, const int rows, const int T,
+inline void store_rows(__global float *y, __private const floatV *acc, const int t0, const int rows, const int T,
                        const int y_stride, const int add) {
     const int tok0 = get_group_id(1) * TOKENS;
     if (get_local_id(0) != 0) return;
     for (int tt = 0; tt < TILES; tt++)
         for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
             __global float *yr = y + (size_t)(tok0 + n) * y_stride;
-            const int first = (get_group_id(0) * TILES + tt) * TILE_ROWS;
+            const int first = (t0 + tt) * TILE_ROWS;
             for (int i = 0; i < TILE_ROWS && first + i < rows; i++) {
                 const float v = ((const float *)&acc[tt * TOKENS + n])[i];
                 yr[first + i] = add ? yr[first + i] + v : v;
@@ -421,23 +493,41 @@ inline void store_rows(__global float *y, __private const floatV *acc, const int
 // Global size (ceil(tiles / TILES) * L, ceil(T / TOKENS)), local (L, 1).
 #define GEMV_ARGS const int rows, const int cols, const int cols_p, const int T, const int x_stride, \
                   const int y_stride
-#define GEMV_SCRATCH __local floatV *scratch, __local float *scratch_ss
-// a work-group's tiles of a matrix of `rows` rows: the first, and how many (the last group's may be fewer)
-#define GROUP_TILES(rows) (int)get_group_id(0) * TILES, min(TILES, ((rows) + TILE_ROWS - 1) / TILE_ROWS - (int)get_group_id(0) * TILES)
+#define GEMV_SCRATCH __local floatV *scratch, __local float *scratch_ss, __local int *row
+// The work-group's tiles of a matrix of `rows` rows, TILES at a time: the first of them (t0) and how many (the
+// matrix's last may be fewer). In decode on CPUs (X_ONCE) work-group i of n takes the i-th n-th of the runs,
+// else the run of its index.
+#define TILE_RUNS(rows) (((rows) + TILE_ROWS * TILES - 1) / (TILE_ROWS * TILES))
+#if defined(X_ONCE)
+#define FOR_TILES(rows, t0, tiles) \
+    for (int r_ = get_group_id(0) * TILE_RUNS(rows) / get_num_groups(0), \
+             end_ = (get_group_id(0) + 1) * TILE_RUNS(rows) / get_num_groups(0); r_ < end_; r_++) \
+        for (int t0 = r_ * TILES, tiles = min(TILES, ((rows) + TILE_ROWS - 1) / TILE_ROWS - t0), once_ = 1; once_; once_ = 0)
+#else
+#define FOR_TILES(rows, t0, tiles) \
+    for (int t0 = get_group_id(0) * TILES, tiles = min(TILES, ((rows) + TILE_ROWS - 1) / TILE_ROWS - t0), once_ = 1; \
+         once_; once_ = 0)
+#endif
 
 // y += W x: a projection that feeds the residual stream adds itself in
 __kernel void gemv_add(WEIGHT_ARGS, __global const float *x, __global float *y, GEMV_ARGS, GEMV_SCRATCH) {
-    floatV acc[TILES * TOKENS];
-    tile_rows(w_, s_, m_, x, x, 0, GROUP_TILES(rows), cols, cols_p, T, x_stride, 0.0f, scratch, scratch_ss, acc);
-    store_rows(y, acc, rows, T, y_stride, 1);
+    PREPARE_ROW(x, x, 0);
+    FOR_TILES(rows, t0, tiles) {
+        floatV acc[TILES * TOKENS];
+        tile_rows(w_, s_, m_, x, x, 0, t0, tiles, cols, cols_p, T, x_stride, 0.0f, scratch, scratch_ss, row, acc);
+        store_rows(y, acc, t0, rows, T, y_stride, 1);
+    }
 }
 
 // y = W rmsnorm(x, g): RMSNorm fused into the projection after it (QKV, LM head)
 __kernel void gemv_norm(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
                         GEMV_ARGS, const float eps, GEMV_SCRATCH) {
-    floatV acc[TILES * TOKENS];
-    tile_rows(w_, s_, m_, x, g, 1, GROUP_TILES(rows), cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
-    store_rows(y, acc, rows, T, y_stride, 0);
+    PREPARE_ROW(x, g, 1);
+    FOR_TILES(rows, t0, tiles) {
+        floatV acc[TILES * TOKENS];
+        tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc);
+        store_rows(y, acc, t0, rows, T, y_stride, 0);
+    }
 }
 
 // y = silu(gate) * up with [gate; up] = W rmsnorm(x, g): RMSNorm, both FFN projections and SwiGLU in
@@ -460,17 +550,20 @@ __kernel void gemv_norm(WEIGHT_ARGS, __global const float *x, __global const flo
 #endif
 __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
                                GEMV_ARGS, const float eps, GEMV_SCRATCH) {
-    floatV acc[TILES * TOKENS];
-    tile_rows(w_, s_, m_, x, g, 1, GROUP_TILES(rows), cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
     const int tok0 = get_group_id(1) * TOKENS;
-    if (get_local_id(0) != 0) return;
-    for (int tt = 0; tt < TILES; tt++) {
-        const int first = (get_group_id(0) * TILES + tt) * (TILE_ROWS / 2);
-        for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
-            const floatHalfV gate = acc[tt * TOKENS + n].lo, up = acc[tt * TOKENS + n].hi;
-            const floatHalfV out = gate / (1.0f + EXP_HALF(-gate)) * up;
-            for (int i = 0; i < TILE_ROWS / 2 && first + i < rows / 2; i++)
-                y[(size_t)(tok0 + n) * y_stride + first + i] = ((const float *)&out)[i];
+    PREPARE_ROW(x, g, 1);
+    FOR_TILES(rows, t0, tiles) {
+        floatV acc[TILES * TOKENS];
+        tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc);
+        if (get_local_id(0) != 0) continue;
+        for (int tt = 0; tt < TILES; tt++) {
+            const int first = (t0 + tt) * (TILE_ROWS / 2);
+            for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
+                const floatHalfV gate = acc[tt * TOKENS + n].lo, up = acc[tt * TOKENS + n].hi;
+                const floatHalfV out = gate / (1.0f + EXP_HALF(-gate)) * up;
+                for (int i = 0; i < TILE_ROWS / 2 && first + i < rows / 2; i++)
+                    y[(size_t)(tok0 + n) * y_stride + first + i] = ((const float *)&out)[i];
+            }
         }
     }
 }
@@ -528,11 +621,14 @@ inline void store_qkv(__private const floatV *acc, const int t0, const int tiles
 
 __kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
                                 GEMV_ARGS, const float eps, QKV_ARGS, GEMV_SCRATCH) {
-    floatV acc[TILES * TOKENS];
-    tile_rows(w_, s_, m_, x, g, 1, GROUP_TILES(rows), cols, cols_p, T, x_stride, eps, scratch, scratch_ss, acc);
-    if (get_local_id(0) == 0)
-        store_qkv(acc, GROUP_TILES(rows), rows, T, y, y_stride, bias, k_cache, v_cache, state, rope, q_dim, kv_dim,
-                  head_dim, seq_p, cache_offset, slot_stride);
+    PREPARE_ROW(x, g, 1);
+    FOR_TILES(rows, t0, tiles) {
+        floatV acc[TILES * TOKENS];
+        tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc);
+        if (get_local_id(0) == 0)
+            store_qkv(acc, t0, tiles, rows, T, y, y_stride, bias, k_cache, v_cache, state, rope, q_dim, kv_dim,
+                      head_dim, seq_p, cache_offset, slot_stride);
+    }
 }
 
 #if defined(ATTENTION_POSITIONS) && defined(SOLO)
@@ -549,13 +645,14 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
                             GEMV_ARGS, const float eps, QKV_ARGS, __global float *att, __global float *att_out,
                             const int n_heads, const int out_stride, GEMV_SCRATCH, __local float *att_scratch) {
     const int j = get_group_id(0), ht = head_dim / TILE_ROWS;
+    PREPARE_ROW(x, g, 1);
     for (int part = 0; part < 3; part++) {      // q of the GQA heads, k, v
         const int first = part == 0 ? j * GQA * ht : (q_dim + (part - 1) * kv_dim) / TILE_ROWS + j * ht;
         const int end = first + (part == 0 ? GQA * ht : ht);
         for (int t0 = first; t0 < end; t0 += TILES) {
             floatV acc[TILES];
             tile_rows(w_, s_, m_, x, g, 1, t0, min(TILES, end - t0), cols, cols_p, T, x_stride, eps, scratch,
-                      scratch_ss, acc);
+                      scratch_ss, row, acc);
             store_qkv(acc, t0, min(TILES, end - t0), rows, T, y, y_stride, bias, k_cache, v_cache, state, rope, q_dim,
                       kv_dim, head_dim, seq_p, cache_offset, slot_stride);
         }

@@ -241,7 +241,7 @@ class Llama:
             return None
         geo = self.geometry
         # the attention defines hold GQA (work-groups of one work-item) and, as the QKV ones, the cache's type
-        return tuple(dict.fromkeys((*weight_defines(wqkv, geo.tile_rows, geo.decode_tiles, 1, self.activation_bits),
+        return tuple(dict.fromkeys((*weight_defines(wqkv, geo, 1, self.activation_bits),
                                     *self.qkv_defines, *self.attention_defines, "SOLO")))
 
     def select(self, slot: int) -> None:
