@@ -116,17 +116,18 @@ FORMATS |= {"q8g16-q6k": gguf_format(GT.Q6_K), "int5g32-q50": gguf_format(GT.Q5_
 # so work-items loop over blocks
 SHAPES = [(13, 172), (7, 200), (5, 64), (3, 1), (9, 8), (37, 520)]
 # Launch geometries: (tile_rows, gemv work-items per tile, decode_tiles, prefill_tokens, prefill_tiles,
-# decode_groups), and T for prefill. A DeviceTensor builds the decode and the prefill program of its geometry, and
+# matrix_groups), and T for prefill. A DeviceTensor builds the decode and the prefill program of its geometry, and
 # both are tested: T = 1 runs the decode program, T > 1 the prefill one, as kernels.gemv chooses. The prefill T is
 # not a multiple of the tokens per work-group (a partial token group), and the row counts of SHAPES leave the last
-# tile group partial. With gemv 1, decode has decode_groups work-groups per compute unit (1 here: tests/conftest.py)
-# split the runs of decode_tiles tiles (37 rows: 3 runs of a 16-row tile for 2 groups; 3 runs of up to 2 8-row tiles
-# for 3 groups), each group preparing its input row: "solo" decodes 3 rows at once (decode_rows), a group each.
-def geometry(tile_rows, gemv, decode_tiles, prefill_tokens, prefill_tiles, decode_groups=2, decode_rows=1,
+# tile group partial. With gemv 1, matrix_groups work-groups per compute unit (1 here: tests/conftest.py) and group
+# of input rows split the tiles, up to decode_tiles (prefill_tiles) at a time, each preparing its rows once: 37 rows
+# are 3 tiles of 16 for 2 groups (prefill: fewer than prefill_tiles each), 5 of 8 for 3 groups (runs of 2 and 1);
+# "solo" decodes 3 rows at once (decode_rows), groups for each.
+def geometry(tile_rows, gemv, decode_tiles, prefill_tokens, prefill_tiles, matrix_groups=2, decode_rows=1,
              reduce=64) -> Geometry:
     return Geometry(gemv=gemv, tile_rows=tile_rows, reduce=reduce, attention=1, attention_positions=16,
                     decode_tiles=decode_tiles, prefill_tokens=prefill_tokens, prefill_tiles=prefill_tiles,
-                    prefill_chunk=64, decode_groups=decode_groups, decode_rows=decode_rows)
+                    prefill_chunk=64, matrix_groups=matrix_groups, decode_rows=decode_rows)
 
 
 GEOMETRIES = {

@@ -3,7 +3,7 @@
 // Build with one weight format and -DTILE_ROWS (weights.h: the formats and their device layout), and
 // -DTOKENS=n: the input vectors one work-group takes (1 to decode; more in prefill, so that every
 // weight loaded and decoded serves n tokens), and -DTILES=k: the tiles one work-group takes at a time
-// (-DX_ONCE, decode on CPUs: a work-group takes runs of k tiles, preparing its input once for all of them).
+// (-DX_ONCE, CPUs: a work-group takes runs of k tiles, preparing its input once for all of them).
 //
 // A work-group computes TILES tiles; its L threads split the columns (L = 1 on CPUs, where the TILE_ROWS lanes
 // are the SIMD lanes; L = 32..64 on GPUs) and a tree reduction joins them. The hot loop uses plain
@@ -350,58 +350,61 @@ inline float prepare_block(__global const float8 *xr, __global const float8 *gb,
     return SUM8(sq);
 }
 
-// Decode on CPUs (-DX_ONCE: TOKENS = 1, work-groups of one work-item): a work-group prepares its input row
-// once, into `row` (local memory), and then takes its share of the matrix's tiles, TILES at a time
-// (FOR_TILES): preparing a block of x for every TILES tiles, as prefill and GPUs do, had each of a decode
-// launch's work-groups redo it, a third of gemv_add's time on AVX2 (perf annotate). Per block b, at
-// row + b * ROW_BLOCK_INTS: xq's ints, then dx and sx as float bits (float weights: xin); then the row's sum
-// of squares. At most cols_p + 1 ints (BLOCK >= 8).
+// CPUs (-DX_ONCE: work-groups of one work-item): a work-group prepares its TOKENS input rows once, into `row`
+// (local memory), and then takes its share of the matrix's tiles, TILES at a time (FOR_TILES), so that a few
+// work-groups per core split a launch evenly. Preparing a block of x for every TILES tiles, as GPUs do, had
+// each of a decode launch's work-groups redo it: a third of gemv_add's time on AVX2 (perf annotate). Per block
+// b, at row + b * ROW_BLOCK_INTS: the TOKENS rows' xq ints (XQ_BLOCK each: the layout tile_rows' xq has),
+// then their dx, then their sx, as float bits (float weights: the rows' xin); after the blocks the rows' sums
+// of squares. At most TOKENS * (cols_p + 1) ints (BLOCK >= 8).
 #if defined(X_ONCE)
-#if TOKENS != 1
-#error "X_ONCE is decode's: build it with TOKENS=1"
-#endif
 #if defined(W_F32)
-#define ROW_BLOCK_INTS BLOCK
+#define ROW_BLOCK_INTS (TOKENS * BLOCK)
 #else
-#define ROW_BLOCK_INTS (XQ_BLOCK + 2)
+#define ROW_BLOCK_INTS (TOKENS * (XQ_BLOCK + 2))
 #endif
 #define ROW_SS(cols_p) ((cols_p) / BLOCK * ROW_BLOCK_INTS)
-inline void prepare_row(__global const float *x, __global const float *g, const int norm, const int cols_p,
-                        __local int *row) {
-    float ss = 0.0f;
+inline void prepare_rows(__global const float *x, const int x_stride, const int live_rows, __global const float *g,
+                         const int norm, const int cols_p, __local int *row) {
+    float ss[TOKENS];
+    for (int n = 0; n < TOKENS; n++) ss[n] = 0.0f;
     for (int b = 0; b < cols_p / BLOCK; b++) {
-        float8 xin8[BLOCK / 8];
-        __private float *xin = (__private float *)xin8;
-        int4 xq4[XQ_BLOCK / 4 + 1];       // (float weights take no xq)
-        __private int *xq = (__private int *)xq4;
-        float dx, sx;
-        ss += prepare_block((__global const float8 *)(x + BLOCK * b), (__global const float8 *)(g + BLOCK * b), 1,
-                            norm, xin, xq, &dx, &sx);
         __local int *r = row + b * ROW_BLOCK_INTS;
+        for (int n = 0; n < TOKENS; n++) {
+            float8 xin8[BLOCK / 8];
+            __private float *xin = (__private float *)xin8;
+            int4 xq4[XQ_BLOCK / 4 + 1];       // (float weights take no xq)
+            __private int *xq = (__private int *)xq4;
+            float dx, sx;
+            ss[n] += prepare_block((__global const float8 *)(x + (size_t)n * x_stride + BLOCK * b),
+                                   (__global const float8 *)(g + BLOCK * b), n < live_rows, norm, xin, xq, &dx, &sx);
 #if defined(W_F32)
-        for (int i = 0; i < BLOCK; i++) r[i] = as_int(xin[i]);
+            for (int i = 0; i < BLOCK; i++) r[n * BLOCK + i] = as_int(xin[i]);
 #else
-        for (int i = 0; i < XQ_BLOCK; i++) r[i] = xq[i];
-        r[XQ_BLOCK] = as_int(dx);
-        r[XQ_BLOCK + 1] = as_int(sx);
+            for (int i = 0; i < XQ_BLOCK; i++) r[n * XQ_BLOCK + i] = xq[i];
+            r[TOKENS * XQ_BLOCK + n] = as_int(dx);
+            r[TOKENS * (XQ_BLOCK + 1) + n] = as_int(sx);
 #endif
+        }
     }
-    row[ROW_SS(cols_p)] = as_int(ss);
+    for (int n = 0; n < TOKENS; n++) row[ROW_SS(cols_p) + n] = as_int(ss[n]);
 }
-// block b of the prepared row as tile_rows takes it
+// block b of the prepared rows as tile_rows takes it
 #if defined(W_F32)
 #define ROW_BLOCK(row, b, xin, xq, dx, sx) \
-    for (int i_ = 0; i_ < BLOCK; i_++) (xin)[i_] = as_float((row)[(b) * ROW_BLOCK_INTS + i_])
+    for (int i_ = 0; i_ < TOKENS * BLOCK; i_++) (xin)[i_] = as_float((row)[(b) * ROW_BLOCK_INTS + i_])
 #else
 #define ROW_BLOCK(row, b, xin, xq, dx, sx) { \
         __local const int *r_ = (row) + (b) * ROW_BLOCK_INTS; \
-        for (int i_ = 0; i_ < XQ_BLOCK; i_++) (xq)[i_] = r_[i_]; \
-        (dx)[0] = as_float(r_[XQ_BLOCK]); \
-        (sx)[0] = as_float(r_[XQ_BLOCK + 1]); }
+        for (int i_ = 0; i_ < TOKENS * XQ_BLOCK; i_++) (xq)[i_] = r_[i_]; \
+        for (int n_ = 0; n_ < TOKENS; n_++) { \
+            (dx)[n_] = as_float(r_[TOKENS * XQ_BLOCK + n_]); \
+            (sx)[n_] = as_float(r_[TOKENS * (XQ_BLOCK + 1) + n_]); } }
 #endif
-// the row of x this work-group's input is (get_group_id(1): a row of a pass of several), prepared (in a kernel
-// taking GEMV_ARGS and GEMV_SCRATCH, whose x_stride, cols_p and row it uses)
-#define PREPARE_ROW(x, g, norm) prepare_row((x) + (size_t)get_group_id(1) * x_stride, (g), (norm), cols_p, row)
+// the rows of x this work-group's input is (from get_group_id(1) * TOKENS; those < T are live), prepared (in a
+// kernel taking GEMV_ARGS and GEMV_SCRATCH, whose T, x_stride, cols_p and row it uses)
+#define PREPARE_ROW(x, g, norm) prepare_rows((x) + (size_t)get_group_id(1) * TOKENS * x_stride, x_stride, \
+                                             T - (int)get_group_id(1) * TOKENS, (g), (norm), cols_p, row)
 #else
 #define PREPARE_ROW(x, g, norm)
 #endif
@@ -430,7 +433,7 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
 #endif
     float dx[TOKENS];
 #if defined(X_ONCE)
-    ss[0] = as_float(row[ROW_SS(cols_p)]);
+    for (int n = 0; n < TOKENS; n++) ss[n] = as_float(row[ROW_SS(cols_p) + n]);
 #else
     for (int n = 0; n < TOKENS; n++) ss[n] = 0.0f;
 #endif
@@ -473,11 +476,11 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
 }
 
 // y[token][row] (=, or += when `add`) the work-group's values
-inline void store_rows(__global float *y, __private const floatV *acc, const int t0, const int rows, const int T,
-                       const int y_stride, const int add) {
+inline void store_rows(__global float *y, __private const floatV *acc, const int t0, const int tiles, const int rows,
+                       const int T, const int y_stride, const int add) {
     const int tok0 = get_group_id(1) * TOKENS;
     if (get_local_id(0) != 0) return;
-    for (int tt = 0; tt < TILES; tt++)
+    for (int tt = 0; tt < tiles; tt++)
         for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
             __global float *yr = y + (size_t)(tok0 + n) * y_stride;
             const int first = (t0 + tt) * TILE_ROWS;
@@ -494,19 +497,18 @@ inline void store_rows(__global float *y, __private const floatV *acc, const int
 #define GEMV_ARGS const int rows, const int cols, const int cols_p, const int T, const int x_stride, \
                   const int y_stride
 #define GEMV_SCRATCH __local floatV *scratch, __local float *scratch_ss, __local int *row
-// The work-group's tiles of a matrix of `rows` rows, TILES at a time: the first of them (t0) and how many (the
-// matrix's last may be fewer). In decode on CPUs (X_ONCE) work-group i of n takes the i-th n-th of the runs,
-// else the run of its index.
-#define TILE_RUNS(rows) (((rows) + TILE_ROWS * TILES - 1) / (TILE_ROWS * TILES))
+// The work-group's tiles of a matrix of `rows` rows, up to TILES at a time: the first of them (t0) and how many.
+// On CPUs (X_ONCE) work-group i of n takes the i-th n-th of the tiles, else the TILES from TILES times its index
+// (the matrix's last group may have fewer).
+#define ROW_TILES(rows) (((rows) + TILE_ROWS - 1) / TILE_ROWS)
 #if defined(X_ONCE)
 #define FOR_TILES(rows, t0, tiles) \
-    for (int r_ = get_group_id(0) * TILE_RUNS(rows) / get_num_groups(0), \
-             end_ = (get_group_id(0) + 1) * TILE_RUNS(rows) / get_num_groups(0); r_ < end_; r_++) \
-        for (int t0 = r_ * TILES, tiles = min(TILES, ((rows) + TILE_ROWS - 1) / TILE_ROWS - t0), once_ = 1; once_; once_ = 0)
+    for (int t0 = get_group_id(0) * ROW_TILES(rows) / get_num_groups(0), \
+             end_ = (get_group_id(0) + 1) * ROW_TILES(rows) / get_num_groups(0), tiles = min(TILES, end_ - t0); \
+         t0 < end_; t0 += TILES, tiles = min(TILES, end_ - t0))
 #else
 #define FOR_TILES(rows, t0, tiles) \
-    for (int t0 = get_group_id(0) * TILES, tiles = min(TILES, ((rows) + TILE_ROWS - 1) / TILE_ROWS - t0), once_ = 1; \
-         once_; once_ = 0)
+    for (int t0 = get_group_id(0) * TILES, tiles = min(TILES, ROW_TILES(rows) - t0), once_ = 1; once_; once_ = 0)
 #endif
 
 // y += W x: a projection that feeds the residual stream adds itself in
@@ -515,7 +517,7 @@ __kernel void gemv_add(WEIGHT_ARGS, __global const float *x, __global float *y, 
     FOR_TILES(rows, t0, tiles) {
         floatV acc[TILES * TOKENS];
         tile_rows(w_, s_, m_, x, x, 0, t0, tiles, cols, cols_p, T, x_stride, 0.0f, scratch, scratch_ss, row, acc);
-        store_rows(y, acc, t0, rows, T, y_stride, 1);
+        store_rows(y, acc, t0, tiles, rows, T, y_stride, 1);
     }
 }
 
@@ -526,7 +528,7 @@ __kernel void gemv_norm(WEIGHT_ARGS, __global const float *x, __global const flo
     FOR_TILES(rows, t0, tiles) {
         floatV acc[TILES * TOKENS];
         tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc);
-        store_rows(y, acc, t0, rows, T, y_stride, 0);
+        store_rows(y, acc, t0, tiles, rows, T, y_stride, 0);
     }
 }
 
@@ -556,7 +558,7 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
         floatV acc[TILES * TOKENS];
         tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc);
         if (get_local_id(0) != 0) continue;
-        for (int tt = 0; tt < TILES; tt++) {
+        for (int tt = 0; tt < tiles; tt++) {
             const int first = (t0 + tt) * (TILE_ROWS / 2);
             for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
                 const floatHalfV gate = acc[tt * TOKENS + n].lo, up = acc[tt * TOKENS + n].hi;

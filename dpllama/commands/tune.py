@@ -24,7 +24,7 @@ from dpllama.runtime import DeviceConfig, open_queue
 SEARCH = [
     ("tile_rows", (4, 8, 16), "decode"),
     ("decode_tiles", (1, 2, 4, 8), "decode"),
-    ("decode_groups", (1, 2, 4), "decode"),
+    ("matrix_groups", (1, 2, 4), "decode"),
     ("gemv", (1, 16, 64), "decode"),
     ("attention", (1, 16, 64), "decode"),
     ("prefill_tokens", (4, 8, 16), "prefill"),

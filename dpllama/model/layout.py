@@ -41,7 +41,7 @@ class Geometry:
     prefill_tiles: int          # row tiles per work-group in prefill
     prefill_chunk: int          # prompt tokens per forward pass
     decode_rows: int = 1        # passes of up to this many rows run decode's kernels (a work-group per row)
-    decode_groups: int = 2      # gemv 1: decode's work-groups per compute unit, each preparing its input row once
+    matrix_groups: int = 2      # gemv 1: a matrix launch's work-groups per compute unit (and group of input rows)
 
     @classmethod
     def of(cls, config: DeviceConfig) -> "Geometry":
@@ -55,12 +55,6 @@ class Geometry:
     def tiles(self, tokens: int) -> int:
         """Row tiles per work-group for `tokens` tokens per work-group."""
         return self.decode_tiles if tokens == 1 else self.prefill_tiles
-
-    def one_row_per_group(self, tokens: int) -> bool:
-        """Whether matrix launches of `tokens` tokens per work-group have decode_groups work-groups per compute unit,
-        of one work-item each, prepare their input row once and split the tiles (matrix.cl's X_ONCE): decode on
-        CPUs (gemv 1). Elsewhere a work-group takes decode_tiles tiles and prepares the input per block."""
-        return tokens == 1 and self.gemv == 1
 
 
 def fuse_rows(tensors: list[Tensor], block: int = 0) -> Tensor:
@@ -121,15 +115,16 @@ def int5_words(data: np.ndarray) -> np.ndarray:
     return words.reshape(data.shape)
 
 
-def weight_defines(t: Tensor, geometry: Geometry, tokens: int, activation_bits: int = 16) -> tuple[str, ...]:
+def weight_defines(t: Tensor, geometry: Geometry, tokens: int, activation_bits: int = 16,
+                   once: bool = False) -> tuple[str, ...]:
     """The matrix program's defines for `t`'s format, the input's width and a launch geometry with `tokens` tokens
-    per work-group (X_ONCE: decode with work-groups of one work-item, each preparing its input row once)."""
+    per work-group; `once`: work-groups of one work-item, each preparing its input rows once (X_ONCE)."""
     fmt = ("W_F32",) if t.kind == "f32" else (
         (f"W_{t.kind.upper()}", f"GROUP={t.group}") + (("ASYM",) if t.mins is not None else ())
         + (("SCALES_F32",) if t.scales.dtype == np.float32 else ())
         + (("X_BYTES",) if x_steps(t.kind, activation_bits) == 127 else ()))
     return fmt + (f"TILE_ROWS={geometry.tile_rows}", f"TILES={geometry.tiles(tokens)}", f"TOKENS={tokens}") + (
-        ("X_ONCE",) if geometry.one_row_per_group(tokens) else ())
+        ("X_ONCE",) if once else ())
 
 
 class DeviceTensor:
@@ -162,7 +157,12 @@ class DeviceTensor:
                         else q.buffer(4, name=f"{name}.{part}-unused")
                         for part, a in (("data", data), ("scales", t.scales), ("mins", t.mins))]
         self.q = q
-        self.defines = {n: weight_defines(t, geometry, n, activation_bits) + defines
+        # Where work-groups are single work-items (CPUs), a launch has matrix_groups of them per compute unit, each
+        # preparing its input rows once into local memory and taking an equal share of the tiles (matrix.cl's
+        # X_ONCE), if those rows fit in half the local memory; else a work-group per `tiles` tiles
+        self.once = {n: geometry.gemv == 1 and n * (cols_p + 1) * 4 <= q.device.local_mem_size // 2
+                     for n in (1, geometry.prefill_tokens)}
+        self.defines = {n: weight_defines(t, geometry, n, activation_bits, self.once[n]) + defines
                         for n in (1, geometry.prefill_tokens)}
 
     def program(self, tokens: int):

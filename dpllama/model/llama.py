@@ -41,7 +41,7 @@ from dpllama.errors import DpllamaError
 from dpllama.model import kernels
 from dpllama.model.kv_cache import KVCache, Sequence, zeros
 from dpllama.formats import round_up
-from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor, weight_defines
+from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor
 from dpllama.model.weights import Layer, Tensor, Weights, check_activation_bits, check_kv_cache, rope_angles
 from dpllama.runtime import Buffer, Queue
 
@@ -167,10 +167,10 @@ class Llama:
         self.layers: list[DeviceLayer] = []
         for i, L in enumerate(weights.layers):
             wq, wk, wv, bias = self._qkv(L)
-            wqkv = fuse_rows([wq, wk, wv])
+            wqkv = upload(fuse_rows([wq, wk, wv]), f"layers.{i}.wqkv", self.qkv_defines)
             self.layers.append(DeviceLayer(
                 attn_norm=norm_weight(L.attn_norm),
-                wqkv=upload(wqkv, f"layers.{i}.wqkv", self.qkv_defines),
+                wqkv=wqkv,
                 qkv_bias=q.buffer(host=bias, name=f"layers.{i}.qkv_bias") if bias is not None
                 else q.buffer(4, name=f"layers.{i}.qkv_bias-unused"),
                 wo=upload(L.wo, f"layers.{i}.wo"), ffn_norm=norm_weight(L.ffn_norm),
@@ -236,13 +236,12 @@ class Llama:
         bias = np.concatenate([bq, bk, L.bv]).astype(np.float32) if c.qkv_bias else None
         return wq, wk, L.wv, bias
 
-    def _qkv_attention_defines(self, wqkv: Tensor) -> tuple[str, ...] | None:
+    def _qkv_attention_defines(self, wqkv: DeviceTensor) -> tuple[str, ...] | None:
         if not self.fused_attention:
             return None
-        geo = self.geometry
-        # the attention defines hold GQA (work-groups of one work-item) and, as the QKV ones, the cache's type
-        return tuple(dict.fromkeys((*weight_defines(wqkv, geo, 1, self.activation_bits),
-                                    *self.qkv_defines, *self.attention_defines, "SOLO")))
+        # wqkv's decode program's, and attention's: they hold GQA (work-groups of one work-item) and, as the QKV ones,
+        # the cache's type
+        return tuple(dict.fromkeys((*wqkv.defines[1], *self.attention_defines, "SOLO")))
 
     def select(self, slot: int) -> None:
         """Make the sequence of `slot` the one the primitives act on. Activations are shared: a caller switching

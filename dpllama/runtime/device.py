@@ -123,6 +123,10 @@ class Device:
         return self.cl_device.max_compute_units
 
     @property
+    def local_mem_size(self) -> int:
+        return self.cl_device.local_mem_size
+
+    @property
     def name(self) -> str:
         return self.cl_device.name.strip()
 
