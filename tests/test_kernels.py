@@ -306,6 +306,24 @@ def test_gemv_isa_fallbacks(q, tmp_path, monkeypatch, isa, fmt):
         check_close(got, want, tol, f"gemv_add {fmt} without {ISA_FALLBACKS[isa]} T={T}")
 
 
+def test_gemv_where_the_rows_do_not_fit_local_memory(q, monkeypatch):
+    """Where a work-group's input rows would take more than half the device's local memory, CPU geometries fall back
+    to a work-group per run of tiles, each preparing its input per block (matrix.cl without X_ONCE): still W x."""
+    monkeypatch.setattr(type(q.device), "local_mem_size", property(lambda self: 1024))
+    rng = np.random.default_rng(7)
+    rows, cols = SHAPES[-1]                       # 520 columns: 2 KiB a row, more than half of 1 KiB
+    t = FORMATS["int4asym32"](rng.standard_normal((rows, cols)).astype(np.float32))
+    dt = DeviceTensor(q, t, "w", GEOMETRIES["cpu"][0])
+    assert not any(dt.once.values()) and not any("X_ONCE" in d for d in dt.defines.values())
+    for T in (1, GEOMETRIES["cpu"][-1]):
+        X = rng.standard_normal((T, cols)).astype(np.float32)
+        Y0 = rng.standard_normal((T, rows)).astype(np.float32)
+        got = run_gemv(q, "gemv_add", t, "cpu", X, Y0=Y0)
+        want = X.astype(np.float64) @ t.dequantize().astype(np.float64).T + Y0
+        tol = gemv_rtol(t.cols_padded) * (error_scale(t, np.abs(X).T).T + np.abs(Y0)) + x_rounding(t, X) + GEMV_ATOL
+        check_close(got, want, tol, f"gemv_add without X_ONCE T={T}")
+
+
 def test_gemv_real_q4_k_m_tensors(q):
     """Qwen2.5-Coder-0.5B Q4_K_M's tensors of each quantized type (Q5_0, Q8_0, Q6_K, Q4_K), decode and prefill,
     against the NumPy product with gguf's dequantization (test_loaders checks that the repack equals it)."""

@@ -3,7 +3,7 @@
 // Build with one weight format and -DTILE_ROWS (weights.h: the formats and their device layout), and
 // -DTOKENS=n: the input vectors one work-group takes (1 to decode; more in prefill, so that every
 // weight loaded and decoded serves n tokens), and -DTILES=k: the tiles one work-group takes at a time
-// (-DX_ONCE, CPUs: a work-group takes runs of k tiles, preparing its input once for all of them).
+// (-DX_ONCE, CPUs: a work-group takes an equal share of the tiles, k at a time, preparing its input once for all).
 //
 // A work-group computes TILES tiles; its L threads split the columns (L = 1 on CPUs, where the TILE_ROWS lanes
 // are the SIMD lanes; L = 32..64 on GPUs) and a tree reduction joins them. The hot loop uses plain
