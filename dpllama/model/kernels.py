@@ -69,15 +69,16 @@ def gemv(q: Queue, kernel: str, t: DeviceTensor, T: int, x, y, x_stride: int, y_
     geo = t.geometry
     tokens = geo.tokens(T)
     tiles, L = geo.tiles(tokens), geo.gemv
-    groups = round_up(t.rows, geo.tile_rows * tiles) // (geo.tile_rows * tiles)
     once = t.once[tokens]
     if once:    # matrix_groups work-groups per compute unit (per group of input rows), each taking a share of the tiles
         groups = min(-(-t.rows // geo.tile_rows), geo.matrix_groups * q.device.compute_units)
+    else:       # a work-group per `tiles` tiles
+        groups = round_up(t.rows, geo.tile_rows * tiles) // (geo.tile_rows * tiles)
     return SIGNATURES[kernel].bind(
         q, t.program(tokens), (groups * L, round_up(T, tokens) // tokens), (L, 1), **t.args(), x=x, y=y,
         **ints(rows=t.rows, cols=t.cols, cols_p=t.cols_p, T=T, x_stride=x_stride, y_stride=y_stride), **extra,
         scratch=Local(geo.tile_rows * tiles * tokens * L * 4), scratch_ss=Local(tokens * L * 4),
-        row=Local(tokens * (t.cols_p + 1) * 4 if once else 4))
+        row=Local(t.row_bytes(tokens) if once else 4))
 
 
 def qkv_attention(q: Queue, program, t: DeviceTensor, n_kv_heads: int, x, g, y, eps: float, cache: dict,
@@ -88,7 +89,7 @@ def qkv_attention(q: Queue, program, t: DeviceTensor, n_kv_heads: int, x, g, y, 
         q, program, (n_kv_heads, 1), (1, 1), **t.args(), x=x, g=g, y=y,
         **ints(rows=t.rows, cols=t.cols, cols_p=t.cols_p, T=1, x_stride=x_stride, y_stride=q_stride),
         eps=np.float32(eps), **cache, att=att, att_out=att_out, **ints(n_heads=n_heads, out_stride=q_stride),
-        scratch=Local(4), scratch_ss=Local(4), row=Local((t.cols_p + 1) * 4 if t.once[1] else 4), att_scratch=Local(4))
+        scratch=Local(4), scratch_ss=Local(4), row=Local(t.row_bytes(1) if t.once[1] else 4), att_scratch=Local(4))
 
 
 def attention(q: Queue, program, geo: Geometry, T: int, query, k_cache, v_cache, att, out, state, n_heads: int,

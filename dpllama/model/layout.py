@@ -160,10 +160,14 @@ class DeviceTensor:
         # Where work-groups are single work-items (CPUs), a launch has matrix_groups of them per compute unit, each
         # preparing its input rows once into local memory and taking an equal share of the tiles (matrix.cl's
         # X_ONCE), if those rows fit in half the local memory; else a work-group per `tiles` tiles
-        self.once = {n: geometry.gemv == 1 and n * (cols_p + 1) * 4 <= q.device.local_mem_size // 2
+        self.once = {n: geometry.gemv == 1 and self.row_bytes(n) <= q.device.local_mem_size // 2
                      for n in (1, geometry.prefill_tokens)}
         self.defines = {n: weight_defines(t, geometry, n, activation_bits, self.once[n]) + defines
                         for n in (1, geometry.prefill_tokens)}
+
+    def row_bytes(self, tokens: int) -> int:
+        """Local memory for the `tokens` input rows an X_ONCE work-group prepares (at most cols_p + 1 ints a row)."""
+        return tokens * (self.cols_p + 1) * 4
 
     def program(self, tokens: int):
         """The matrix program for `tokens` tokens per work-group (Llama builds them all at once, with progress)."""

@@ -40,7 +40,7 @@ SCHEMA = {
         "reduce": (int, 64),        # single work-group reductions: greedy argmax, devices --check
         "attention": (int, 64),     # threads per head and token in attention
         "attention_positions": (int, 16),  # positions per vector in attention scores (2, 4, 8 or 16)
-        "decode_tiles": (int, 1),   # row tiles per work-group when decoding (they share the input's preparation)
+        "decode_tiles": (int, 1),   # row tiles a work-group takes at a time when decoding
         "decode_rows": (int, 1),    # passes of up to this many rows (batches of decode steps) use decode's kernels
         "matrix_groups": (int, 2),  # gemv 1 (CPUs): matrix launches' work-groups per compute unit (and group of rows)
         "prefill_tokens": (int, 8),  # prompt tokens per work-group in prefill matrix kernels
