@@ -207,12 +207,18 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 // v >> n, or v << -n for n < 0 (n a constant once the loops are unrolled)
 #define SHIFT_RIGHT(v, n) ((n) >= 0 ? (v) >> (uint)(n) : (v) << (uint)(-(n)))
 
+// the address space of block_dot's prepared input: X_ONCE work-groups read it where they prepared it (local memory)
+#if defined(X_ONCE)
+#define X_SPACE __local
+#else
+#define X_SPACE __private
+#endif
 // acc[n] += the TILE_ROWS rows of tile t dotted with block b of token n's input (n < TOKENS): xin[n][BLOCK] as floats,
 // or for q8, int4 and int5 xq[n][BLOCK / X_PER_INT] its 16-bit pairs (or bytes) and their scale dx[n]; sx[n] = sum of that block of token
 // n's input (as rounded). Each weight is loaded and decoded once for all tokens.
 // (always_inline and the unrolled loops keep the accumulators in registers: PoCL's compiler left them on the stack)
-__attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, const int b, const int cols_p, __private const float *xin,
-                      __private const int *xq, __private const float *dx, __private const float *sx,
+__attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, const int b, const int cols_p, X_SPACE const float *xin,
+                      X_SPACE const int *xq, X_SPACE const float *dx, X_SPACE const float *sx,
                       __private floatV *acc) {
 #if defined(W_F32)
     __global const floatV *w = (__global const floatV *)w_ + (size_t)t * cols_p + BLOCK * b;
@@ -351,25 +357,28 @@ inline float prepare_block(__global const float8 *xr, __global const float8 *gb,
 }
 
 // CPUs (-DX_ONCE: work-groups of one work-item): a work-group prepares its TOKENS input rows once, into `row`
-// (local memory), and then takes its share of the matrix's tiles, TILES at a time (FOR_TILES), so that a few
-// work-groups per core split a launch evenly. Preparing a block of x for every TILES tiles, as GPUs do, had
-// each of a decode launch's work-groups redo it: a third of gemv_add's time on AVX2 (perf annotate). Per block
-// b, at row + b * ROW_BLOCK_INTS: the TOKENS rows' xq ints (XQ_BLOCK each: the layout tile_rows' xq has),
-// then their dx, then their sx, as float bits (float weights: the rows' xin); after the blocks the rows' sums
-// of squares. At most TOKENS * (cols_p + 1) ints (BLOCK >= 8).
+// (local memory), and then takes its share of the matrix's tiles (FOR_TILES), so that a few work-groups per core
+// split a launch evenly. Preparing a block of x for every TILES tiles, as GPUs do, had each of a decode launch's
+// work-groups redo it: a third of gemv_add's time on AVX2 (perf annotate). The rows' xq ints come first, block b's
+// at row + b * TOKENS * XQ_BLOCK (XQ_BLOCK each, tile_rows' layout); then, as floats, per block b at
+// ROW_F(row, cols_p) + b * ROW_F_BLOCK their dx and then their sx (float weights: the rows' xin), and after the
+// blocks the rows' sums of squares. At most TOKENS * (cols_p + 1) ints (BLOCK >= 8).
 #if defined(X_ONCE)
 #if defined(W_F32)
-#define ROW_BLOCK_INTS (TOKENS * BLOCK)
+#define ROW_F_BLOCK (TOKENS * BLOCK)
 #else
-#define ROW_BLOCK_INTS (TOKENS * (XQ_BLOCK + 2))
+#define ROW_F_BLOCK (2 * TOKENS)
 #endif
-#define ROW_SS(cols_p) ((cols_p) / BLOCK * ROW_BLOCK_INTS)
+#define ROW_F(row, cols_p) ((__local float *)((row) + (cols_p) / BLOCK * TOKENS * XQ_BLOCK))
+#define ROW_SS(cols_p) ((cols_p) / BLOCK * ROW_F_BLOCK)
 inline void prepare_rows(__global const float *x, const int x_stride, const int live_rows, __global const float *g,
                          const int norm, const int cols_p, __local int *row) {
+    __local float *row_f = ROW_F(row, cols_p);
     float ss[TOKENS];
     for (int n = 0; n < TOKENS; n++) ss[n] = 0.0f;
     for (int b = 0; b < cols_p / BLOCK; b++) {
-        __local int *r = row + b * ROW_BLOCK_INTS;
+        __local int *q = row + b * TOKENS * XQ_BLOCK;
+        __local float *f = row_f + b * ROW_F_BLOCK;
         for (int n = 0; n < TOKENS; n++) {
             float8 xin8[BLOCK / 8];
             __private float *xin = (__private float *)xin8;
@@ -379,28 +388,16 @@ inline void prepare_rows(__global const float *x, const int x_stride, const int 
             ss[n] += prepare_block((__global const float8 *)(x + (size_t)n * x_stride + BLOCK * b),
                                    (__global const float8 *)(g + BLOCK * b), n < live_rows, norm, xin, xq, &dx, &sx);
 #if defined(W_F32)
-            for (int i = 0; i < BLOCK; i++) r[n * BLOCK + i] = as_int(xin[i]);
+            for (int i = 0; i < BLOCK; i++) f[n * BLOCK + i] = xin[i];
 #else
-            for (int i = 0; i < XQ_BLOCK; i++) r[n * XQ_BLOCK + i] = xq[i];
-            r[TOKENS * XQ_BLOCK + n] = as_int(dx);
-            r[TOKENS * (XQ_BLOCK + 1) + n] = as_int(sx);
+            for (int i = 0; i < XQ_BLOCK; i++) q[n * XQ_BLOCK + i] = xq[i];
+            f[n] = dx;
+            f[TOKENS + n] = sx;
 #endif
         }
     }
-    for (int n = 0; n < TOKENS; n++) row[ROW_SS(cols_p) + n] = as_int(ss[n]);
+    for (int n = 0; n < TOKENS; n++) row_f[ROW_SS(cols_p) + n] = ss[n];
 }
-// block b of the prepared rows as tile_rows takes it
-#if defined(W_F32)
-#define ROW_BLOCK(row, b, xin, xq, dx, sx) \
-    for (int i_ = 0; i_ < TOKENS * BLOCK; i_++) (xin)[i_] = as_float((row)[(b) * ROW_BLOCK_INTS + i_])
-#else
-#define ROW_BLOCK(row, b, xin, xq, dx, sx) { \
-        __local const int *r_ = (row) + (b) * ROW_BLOCK_INTS; \
-        for (int i_ = 0; i_ < TOKENS * XQ_BLOCK; i_++) (xq)[i_] = r_[i_]; \
-        for (int n_ = 0; n_ < TOKENS; n_++) { \
-            (dx)[n_] = as_float(r_[TOKENS * XQ_BLOCK + n_]); \
-            (sx)[n_] = as_float(r_[TOKENS * (XQ_BLOCK + 1) + n_]); } }
-#endif
 // the rows of x this work-group's input is (from get_group_id(1) * TOKENS; those < T are live), prepared (in a
 // kernel taking GEMV_ARGS and GEMV_SCRATCH, whose T, x_stride, cols_p and row it uses)
 #define PREPARE_ROW(x, g, norm) prepare_rows((x) + (size_t)get_group_id(1) * TOKENS * x_stride, x_stride, \
@@ -420,9 +417,24 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
                       const int t0, const int tiles, const int cols, const int cols_p, const int T,
                       const int x_stride, const float eps, __local floatV *scratch, __local float *scratch_ss,
                       __local const int *row, __private floatV *acc) {
+    float ss[TOKENS];
+#if defined(X_ONCE)
+    // tile by tile, each one's TOKENS sums in registers over the blocks, the input read where it was prepared
+    __local const float *row_f = ROW_F(row, cols_p);
+    for (int n = 0; n < TOKENS; n++) ss[n] = row_f[ROW_SS(cols_p) + n];
+    for (int tt = 0; tt < tiles; tt++) {
+        floatV a[TOKENS];
+        for (int n = 0; n < TOKENS; n++) a[n] = 0.0f;
+        for (int b = 0; b < cols_p / BLOCK; b++) {
+            __local const float *f = row_f + b * ROW_F_BLOCK;
+            block_dot(w_, s_, m_, t0 + tt, b, cols_p, f, row + b * TOKENS * XQ_BLOCK, f, f + TOKENS, a);
+        }
+        for (int n = 0; n < TOKENS; n++) acc[tt * TOKENS + n] = a[n];
+    }
+#else
     const int lid = get_local_id(0), L = get_local_size(0);
     const int tok0 = get_group_id(1) * TOKENS;
-    float ss[TOKENS], sx[TOKENS];
+    float sx[TOKENS], dx[TOKENS];
     float8 xin8[TOKENS * BLOCK / 8];        // float8-aligned storage for the prepared blocks
     __private float *xin = (__private float *)xin8;
 #if !defined(W_F32)
@@ -431,22 +443,13 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
 #else
     __private int *xq = 0;      // float weights take xin
 #endif
-    float dx[TOKENS];
-#if defined(X_ONCE)
-    for (int n = 0; n < TOKENS; n++) ss[n] = as_float(row[ROW_SS(cols_p) + n]);
-#else
     for (int n = 0; n < TOKENS; n++) ss[n] = 0.0f;
-#endif
     for (int i = 0; i < TILES * TOKENS; i++) acc[i] = 0.0f;
     for (int b = lid; b < cols_p / BLOCK; b += L) {
-#if defined(X_ONCE)
-        ROW_BLOCK(row, b, xin, xq, dx, sx);
-#else
         for (int n = 0; n < TOKENS; n++)    // this block of every token's input, prepared once for all rows
             ss[n] += prepare_block((__global const float8 *)(x + (size_t)(tok0 + n) * x_stride + BLOCK * b),
                                    (__global const float8 *)(g + BLOCK * b), tok0 + n < T, norm,
                                    xin + n * BLOCK, xq + n * XQ_BLOCK, dx + n, sx + n);
-#endif
         // in decode a constant trip count, so that unrolled the accumulators can live in registers (in
         // prefill TILES x TOKENS accumulators could not, and unrolling them all swamps the compiler)
 #if TOKENS == 1
@@ -455,7 +458,8 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
         for (int tt = 0; tt < TILES; tt++)
             if (tt < tiles) block_dot(w_, s_, m_, t0 + tt, b, cols_p, xin, xq, dx, sx, acc + tt * TOKENS);
     }
-#if !defined(SOLO)
+#endif
+#if !defined(SOLO) && !defined(X_ONCE)
     if (L > 1) {
         for (int i = 0; i < TILES * TOKENS; i++) scratch[i * L + lid] = acc[i];
         for (int n = 0; n < TOKENS; n++) scratch_ss[n * L + lid] = ss[n];
@@ -472,7 +476,7 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
     }
 #endif
     if (norm)
-        for (int i = 0; i < TILES * TOKENS; i++) acc[i] *= rsqrt(ss[i % TOKENS] / cols + eps);
+        for (int i = 0; i < tiles * TOKENS; i++) acc[i] *= rsqrt(ss[i % TOKENS] / cols + eps);
 }
 
 // y[token][row] (=, or += when `add`) the work-group's values
