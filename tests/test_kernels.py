@@ -119,10 +119,11 @@ SHAPES = [(13, 172), (7, 200), (5, 64), (3, 1), (9, 8), (37, 520)]
 # matrix_groups), and T for prefill. A DeviceTensor builds the decode and the prefill program of its geometry, and
 # both are tested: T = 1 runs the decode program, T > 1 the prefill one, as kernels.gemv chooses. The prefill T is
 # not a multiple of the tokens per work-group (a partial token group), and the row counts of SHAPES leave the last
-# tile group partial. With gemv 1, matrix_groups work-groups per compute unit (1 here: tests/conftest.py) and group
-# of input rows split the tiles, up to decode_tiles (prefill_tiles) at a time, each preparing its rows once: 37 rows
-# are 3 tiles of 16 for 2 groups (prefill: fewer than prefill_tiles each), 5 of 8 for 3 groups (runs of 2 and 1);
-# "solo" decodes 3 rows at once (decode_rows), groups for each.
+# tile group partial. With gemv 1, matrix_groups work-groups per compute unit (1 here: tests/conftest.py), spread
+# over the groups of input rows, split the tiles, up to decode_tiles (prefill_tiles) at a time, each preparing its
+# rows once: in "cpu", 37 rows are 3 tiles of 16 for 2 groups in decode (1 group a row group in prefill); "solo"
+# decodes 3 rows at once (decode_rows), 2 groups each, and its prefill has 2 row groups of 3 groups each (37 rows:
+# 5 tiles of 8, split 1-2-2, runs of up to 2).
 def geometry(tile_rows, gemv, decode_tiles, prefill_tokens, prefill_tiles, matrix_groups=2, decode_rows=1,
              reduce=64) -> Geometry:
     return Geometry(gemv=gemv, tile_rows=tile_rows, reduce=reduce, attention=1, attention_positions=16,
@@ -134,7 +135,7 @@ GEOMETRIES = {
     "cpu": (geometry(16, 1, 1, 8, 16), 19),   # dpllama/configs/cpu.yaml
     "gpu": (geometry(4, 64, 1, 4, 1), 6),     # the GPU configs: work-items split the columns, a tree joins them
     "odd": (geometry(8, 8, 3, 3, 2), 5),      # several tiles per work-group and a tree
-    "solo": (geometry(8, 1, 2, 3, 2, 3, 3), 5),  # gemv 1: runs of 2 tiles split by 3 work-groups, 3 rows
+    "solo": (geometry(8, 1, 2, 3, 2, 6, 3), 5),  # gemv 1: runs of 2 tiles split by 2 or 3 work-groups, 3 rows
 }
 # which formats run in which geometry: every format in the CPU one; a few, one per code path, in the others
 # (each (format, geometry) costs two program builds and their kernels' first launches, ~1 s on PoCL from a cold cache)

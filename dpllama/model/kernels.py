@@ -70,12 +70,13 @@ def gemv(q: Queue, kernel: str, t: DeviceTensor, T: int, x, y, x_stride: int, y_
     tokens = geo.tokens(T)
     tiles, L = geo.tiles(tokens), geo.gemv
     once = t.once[tokens]
-    if once:    # matrix_groups work-groups per compute unit (per group of input rows), each taking a share of the tiles
-        groups = min(-(-t.rows // geo.tile_rows), geo.matrix_groups * q.device.compute_units)
+    row_groups = round_up(T, tokens) // tokens
+    if once:    # matrix_groups work-groups per compute unit in all, each taking a share of its input rows' tiles
+        groups = min(-(-t.rows // geo.tile_rows), -(-geo.matrix_groups * q.device.compute_units // row_groups))
     else:       # a work-group per `tiles` tiles
         groups = round_up(t.rows, geo.tile_rows * tiles) // (geo.tile_rows * tiles)
     return SIGNATURES[kernel].bind(
-        q, t.program(tokens), (groups * L, round_up(T, tokens) // tokens), (L, 1), **t.args(), x=x, y=y,
+        q, t.program(tokens), (groups * L, row_groups), (L, 1), **t.args(), x=x, y=y,
         **ints(rows=t.rows, cols=t.cols, cols_p=t.cols_p, T=T, x_stride=x_stride, y_stride=y_stride), **extra,
         scratch=Local(geo.tile_rows * tiles * tokens * L * 4), scratch_ss=Local(tokens * L * 4),
         row=Local(t.row_bytes(tokens) if once else 4))

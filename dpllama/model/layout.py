@@ -41,7 +41,7 @@ class Geometry:
     prefill_tiles: int          # row tiles per work-group in prefill
     prefill_chunk: int          # prompt tokens per forward pass
     decode_rows: int = 1        # passes of up to this many rows run decode's kernels (a work-group per row)
-    matrix_groups: int = 2      # gemv 1: a matrix launch's work-groups per compute unit (and group of input rows)
+    matrix_groups: int = 2      # gemv 1: a matrix launch's work-groups per compute unit (over its groups of input rows)
 
     @classmethod
     def of(cls, config: DeviceConfig) -> "Geometry":
@@ -157,9 +157,10 @@ class DeviceTensor:
                         else q.buffer(4, name=f"{name}.{part}-unused")
                         for part, a in (("data", data), ("scales", t.scales), ("mins", t.mins))]
         self.q = q
-        # Where work-groups are single work-items (CPUs), a launch has matrix_groups of them per compute unit, each
-        # preparing its input rows once into local memory and taking an equal share of the tiles (matrix.cl's
-        # X_ONCE), if those rows fit in half the local memory; else a work-group per `tiles` tiles
+        # Where work-groups are single work-items (CPUs), a launch has matrix_groups of them per compute unit (spread
+        # over its groups of input rows), each preparing its rows once into local memory and taking an equal share
+        # of the tiles (matrix.cl's X_ONCE), if those rows fit in half the local memory; else a work-group per
+        # `tiles` tiles
         self.once = {n: geometry.gemv == 1 and self.row_bytes(n) <= q.device.local_mem_size // 2
                      for n in (1, geometry.prefill_tokens)}
         self.defines = {n: weight_defines(t, geometry, n, activation_bits, self.once[n]) + defines

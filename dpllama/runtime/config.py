@@ -42,7 +42,7 @@ SCHEMA = {
         "attention_positions": (int, 16),  # positions per vector in attention scores (2, 4, 8 or 16)
         "decode_tiles": (int, 1),   # row tiles a work-group takes at a time when decoding
         "decode_rows": (int, 1),    # passes of up to this many rows (batches of decode steps) use decode's kernels
-        "matrix_groups": (int, 2),  # gemv 1 (CPUs): matrix launches' work-groups per compute unit (and group of rows)
+        "matrix_groups": (int, 2),  # gemv 1 (CPUs): matrix launches' work-groups per compute unit
         "prefill_tokens": (int, 8),  # prompt tokens per work-group in prefill matrix kernels
         "prefill_tiles": (int, 1),  # row tiles per work-group in prefill
         "prefill_chunk": (int, 64),  # prompt tokens per forward pass in prefill
