@@ -369,7 +369,8 @@ inline float prepare_block(__global const float8 *xr, __global const float8 *gb,
 #else
 #define ROW_F_BLOCK (2 * TOKENS)
 #endif
-#define ROW_F(row, cols_p) ((__local float *)((row) + (cols_p) / BLOCK * TOKENS * XQ_BLOCK))
+#define ROW_Q(row, b) ((row) + (b) * TOKENS * XQ_BLOCK)      // block b's xq ints
+#define ROW_F(row, cols_p) ((__local float *)ROW_Q(row, (cols_p) / BLOCK))
 #define ROW_SS(cols_p) ((cols_p) / BLOCK * ROW_F_BLOCK)
 inline void prepare_rows(__global const float *x, const int x_stride, const int live_rows, __global const float *g,
                          const int norm, const int cols_p, __local int *row) {
@@ -377,7 +378,7 @@ inline void prepare_rows(__global const float *x, const int x_stride, const int 
     float ss[TOKENS];
     for (int n = 0; n < TOKENS; n++) ss[n] = 0.0f;
     for (int b = 0; b < cols_p / BLOCK; b++) {
-        __local int *q = row + b * TOKENS * XQ_BLOCK;
+        __local int *q = ROW_Q(row, b);
         __local float *f = row_f + b * ROW_F_BLOCK;
         for (int n = 0; n < TOKENS; n++) {
             float8 xin8[BLOCK / 8];
@@ -427,7 +428,7 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
         for (int n = 0; n < TOKENS; n++) a[n] = 0.0f;
         for (int b = 0; b < cols_p / BLOCK; b++) {
             __local const float *f = row_f + b * ROW_F_BLOCK;
-            block_dot(w_, s_, m_, t0 + tt, b, cols_p, f, row + b * TOKENS * XQ_BLOCK, f, f + TOKENS, a);
+            block_dot(w_, s_, m_, t0 + tt, b, cols_p, f, ROW_Q(row, b), f, f + TOKENS, a);
         }
         for (int n = 0; n < TOKENS; n++) acc[tt * TOKENS + n] = a[n];
     }
