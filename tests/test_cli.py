@@ -1,6 +1,7 @@
 """The `dpllama` command as a user runs it: generate, tokenize, chat, pull; output and exit codes."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import select
@@ -190,8 +191,9 @@ def test_chat_names_its_template(template, kind, note):
 
 
 def start(*args, cwd=None):
+    """The command with pipes; a crash prints every thread's Python stack on stderr, for the test's message."""
     return subprocess.Popen([sys.executable, "-m", "dpllama.cli", *map(str, args)], cwd=cwd, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONFAULTHANDLER="1"))
 
 
 def wait_readable(stream, seconds=60):
@@ -212,6 +214,43 @@ def test_chat_ctrl_c_stops_the_reply_not_the_chat(chatty, repo_root):
                                               "dpllama: reply stopped (Ctrl-C); Ctrl-C at the prompt quits",
                                               "dpllama: the conversation starts over"]
     assert len(out) < 3000          # well short of the 4,000 tokens it was going to say
+
+
+def test_chat_ctrl_c_is_acted_on_between_tokens(stories):
+    """A SIGINT during a reply is noted and the reply stops after the piece being written, not wherever the token
+    loop happened to be (inside the runtime, between a launch and the host's record of it): the chat goes on
+    with the model whole, and the next reply is the one a chat that was cut there cleanly gives."""
+    import io
+
+    import dpllama
+    from dpllama.chat import Chat
+    from dpllama.commands.chat import repl
+    from dpllama.generate import Sampler
+
+    class PressAt(io.StringIO):
+        def __init__(self, n):
+            super().__init__()
+            self.n = n
+
+        def write(self, text):
+            self.n -= 1
+            if self.n == 0:
+                signal.raise_signal(signal.SIGINT)
+            return super().write(text)
+
+    _, model, tok = stories
+    llm = dpllama.load(str(model), str(tok))
+    out, err = PressAt(5), io.StringIO()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        repl(llm, Sampler(temperature=0), None, 40, io.StringIO("Tell me a story\nAnd then?\n"), out, err)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    chat = Chat(llm, Sampler(temperature=0), max_reply=40)
+    with contextlib.closing(chat.reply("Tell me a story")) as pieces:
+        cut = "".join(next(pieces) for _ in range(5))
+    assert out.getvalue() == f"{cut}\n{''.join(chat.reply('And then?'))}\n"
+    assert err.getvalue().count("reply stopped (Ctrl-C)") == 1
 
 
 def test_chat_ctrl_c_at_the_prompt_quits(chatty, repo_root):

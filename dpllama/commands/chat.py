@@ -10,6 +10,7 @@ from dpllama.chat import Chat
 from dpllama.commands.options import add_activation_bits, add_device, add_model, add_sampling, load_llm, sampler_from
 from dpllama.generate import Sampler, check_steps
 from dpllama.llm import LLM
+from dpllama.signals import presses_noted
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     max_reply = check_steps(args.max_reply, "-n")
     sampler = sampler_from(args)
     llm = load_llm(args)
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C stops a reply (repl), not the chat
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # at the prompt, input() raises it: the chat ends
     repl(llm, sampler, args.system, max_reply)
     return 0
 
@@ -71,14 +72,13 @@ def repl(llm: LLM, sampler: Sampler, system: str | None, max_reply: int, stdin=s
             stderr.write("dpllama: the conversation starts over\n")
             stderr.flush()
             continue
-        stopped = False
-        with contextlib.closing(chat.reply(line)) as pieces:
-            try:
-                for piece in pieces:
-                    stdout.write(piece)
-                    stdout.flush()
-            except KeyboardInterrupt:
-                stopped = True
+        with presses_noted() as pressed, contextlib.closing(chat.reply(line)) as pieces:
+            for piece in pieces:
+                stdout.write(piece)
+                stdout.flush()
+                if pressed:     # the reply stops between tokens, where the model's state is whole
+                    break
+        stopped = bool(pressed)
         stdout.write("\n")
         stdout.flush()
         if stopped:
