@@ -144,3 +144,29 @@ def test_greedy_tokens_chosen_on_the_device_give_what_each_gives_alone(model, ro
     finally:
         model.chunk = chunk
     assert fed_from_device, "no pass fed a token from the device"
+
+
+def test_prepared_batches_record_nothing_when_they_run(queue, weights, monkeypatch):
+    """prepare_batches(n) records the launches of every batch of decode steps of up to n sequences (the server does,
+    before it is ready): batches of one-token prompts and decode steps then record nothing, and their tokens are
+    the ones each sequence gives alone."""
+    fresh = Llama(weights, queue, slots=3)
+    prompts = [[5], [7], [9]]
+    want = [alone(fresh, i, p)[0] for i, p in enumerate(prompts)]
+    fresh.prepare_batches(3)
+    assert list(fresh.batch_commands) == list(fresh.head_commands) == list(fresh.argmax_rows_commands) == [1, 2, 3]
+    monkeypatch.setattr(fresh, "_layer_commands", lambda *a: pytest.fail(f"a batch recorded its pass: {a[0]} rows"))
+    gens = []
+    for slot, p in enumerate(prompts):
+        fresh.select(slot)
+        gens.append(generate(fresh, p, NEW, sampler(slot), keep_logits=True))
+    out = {id(g): [] for g in gens}
+    batcher = Batcher(fresh)
+    for _ in range(100):
+        for gen, token in batcher.step(gens):
+            if token is not None:
+                out[id(gen)].append(token)
+        if batcher.idle:
+            break
+    assert [out[id(g)] for g in gens] == want
+    assert list(fresh.batch_commands) == list(fresh.head_commands) == [1, 2, 3]

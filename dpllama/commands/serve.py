@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     def load(slots: int):
         llm = load_llm(args, slots, args.batch_size)
+        llm.model.prepare_batches(slots)    # the passes of decode steps, recorded before the first request
         print(f"dpllama: ready: {name}, {slots} slot(s) of {llm.model.seq_len} tokens each", file=sys.stderr,
               flush=True)
         return llm

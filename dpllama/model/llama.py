@@ -212,9 +212,9 @@ class Llama:
         self.batch_logits = zeros(q, slots * self.vocab_p, "batch_logits")
         self.batch_chosen = zeros(q, slots, "batch_chosen", np.int32)          # the argmax of each of those rows
         self.chosen_rows = 0            # rows of batch_chosen that the latest batch filled (what its next may feed)
-        self.argmax_rows_commands: dict[int, object] = {}   # m -> the argmax of m rows of batch_logits
-        self.batch_commands: dict[int, list] = {}       # T -> the layers over a batch of T rows
-        self.head_commands: dict[int, list] = {}        # m -> the gather and LM head of m of its rows
+        self.argmax_rows_commands: dict[int, object] = {}   # m -> _argmax_rows_command(m)
+        self.batch_commands: dict[int, list] = {}       # T -> _batch_commands(T)
+        self.head_commands: dict[int, list] = {}        # m -> _head_commands(m)
 
         # each sequence's passes are bound to its own buffers and cache slot, so they are recorded per slot
         self.commands: dict[tuple[int, bool, int], list] = {}   # (T, every row, slot) -> the pass over T tokens
@@ -374,30 +374,20 @@ class Llama:
             raise ValueError(f"a batch feeds chosen tokens -1 .. -{self.chosen_rows} (the batch before chose "
                              f"{self.chosen_rows}), found {int(ids.min())}")
         uploads = [self.batch_tokens.set_async(ids), self.batch_rows.set_async(rows.ravel())]
-        if T not in self.batch_commands:
-            self.batch_commands[T] = self._layer_commands(T, self.batch_tokens, self.batch_start, self.batch_rows,
-                                                          0, self.cache.slot_stride)
-        self.q.replay(self.batch_commands[T])
+        self.q.replay(self._batch_commands(T))
         m, vocab = len(wanted), self.config.vocab_size
         greedy = [p.greedy for p in parts if p.logits]
         self.chosen_rows = m if any(greedy) else 0
         if not m:
             return Pending([], uploads)
-        if m not in self.head_commands:
-            self.head_commands[m] = [
-                kernels.gather_rows(self.q, self.state_prog, self.x, self.batch_wanted, 0, m, self.dim_p),
-                self._lm_head(m, self.batch_logits, self.vocab_p)]
-        head = self.head_commands[m]
+        head = self._head_commands(m)
         if wanted != list(range(m)):          # else the rows are in place already (a batch of decode steps)
             uploads.append(self.batch_wanted.set_async(np.array(wanted, np.int32)))
         else:
             head = head[1:]
         self.q.replay(head)
         if any(greedy):
-            if m not in self.argmax_rows_commands:
-                self.argmax_rows_commands[m] = kernels.argmax_rows(self.q, self.tok_embeddings, self.batch_logits, m,
-                                                                   vocab, self.vocab_p, self.batch_chosen)
-            self.q.enqueue(self.argmax_rows_commands[m])
+            self.q.enqueue(self._argmax_rows_command(m))
             chosen, copied = self.batch_chosen.get_async(np.int32, 0, m)
             results = [(chosen[i:i + 1], copied, True) if g else
                        (*self.batch_logits.get_async(np.float32, i * self.vocab_p, vocab), False)
@@ -406,6 +396,39 @@ class Llama:
             logits, copied = self.batch_logits.get_async(np.float32, 0, m * self.vocab_p)
             results = [(row[:vocab], copied, False) for row in logits.reshape(m, self.vocab_p)]
         return Pending(results, uploads)
+
+    def prepare_batches(self, sequences: int) -> None:
+        """Record the launches of every batch of decode steps of up to `sequences` sequences ahead of use. A pass's
+        launches are recorded the first time a batch of its size runs, ~25 ms of host time for SmolLM2's 151 (most
+        of it PyOpenCL making kernel objects), which a server would otherwise spend in its first steps at each new
+        number of running requests, on the cores the device needs."""
+        for n in range(1, min(sequences, self.chunk) + 1):
+            self._batch_commands(n)
+            self._head_commands(n)
+            self._argmax_rows_command(n)
+
+    def _batch_commands(self, T: int) -> list:
+        """The layers over a batch of T rows."""
+        if T not in self.batch_commands:
+            self.batch_commands[T] = self._layer_commands(T, self.batch_tokens, self.batch_start, self.batch_rows,
+                                                          0, self.cache.slot_stride)
+        return self.batch_commands[T]
+
+    def _head_commands(self, m: int) -> list:
+        """The gather and LM head of m of a batch's rows."""
+        if m not in self.head_commands:
+            self.head_commands[m] = [
+                kernels.gather_rows(self.q, self.state_prog, self.x, self.batch_wanted, 0, m, self.dim_p),
+                self._lm_head(m, self.batch_logits, self.vocab_p)]
+        return self.head_commands[m]
+
+    def _argmax_rows_command(self, m: int):
+        """The argmax of m rows of batch_logits, into batch_chosen."""
+        if m not in self.argmax_rows_commands:
+            self.argmax_rows_commands[m] = kernels.argmax_rows(self.q, self.tok_embeddings, self.batch_logits, m,
+                                                               self.config.vocab_size, self.vocab_p,
+                                                               self.batch_chosen)
+        return self.argmax_rows_commands[m]
 
     def _advance(self, n: int) -> None:
         key = (n, self.seq.slot)
