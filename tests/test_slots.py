@@ -147,14 +147,17 @@ def test_greedy_tokens_chosen_on_the_device_give_what_each_gives_alone(model, ro
 
 
 def test_prepared_batches_record_nothing_when_they_run(queue, weights, monkeypatch):
-    """prepare_batches(n) records the launches of every batch of decode steps of up to n sequences (the server does,
-    before it is ready): batches of one-token prompts and decode steps then record nothing, and their tokens are
-    the ones each sequence gives alone."""
+    """prepare_batches(n) records the launches of every batch of decode steps of up to n sequences and of a full
+    pass (the server does, before it is ready): batches of one-token prompts and decode steps then record nothing,
+    and their tokens are the ones each sequence gives alone. Past decode_rows rows, a batch runs padded to whole
+    groups of prefill's rows (padded_rows), so sizes share their launches."""
     fresh = Llama(weights, queue, slots=3)
     prompts = [[5], [7], [9]]
     want = [alone(fresh, i, p)[0] for i, p in enumerate(prompts)]
     fresh.prepare_batches(3)
-    assert list(fresh.batch_commands) == list(fresh.head_commands) == list(fresh.argmax_rows_commands) == [1, 2, 3]
+    sizes = sorted({fresh.padded_rows(n) for n in (1, 2, 3)} | {fresh.chunk})
+    assert sorted(fresh.batch_commands) == sizes and fresh.chunk in sizes and len(sizes) <= 4
+    assert list(fresh.head_commands) == list(fresh.argmax_rows_commands) == [1, 2, 3]
     monkeypatch.setattr(fresh, "_layer_commands", lambda *a: pytest.fail(f"a batch recorded its pass: {a[0]} rows"))
     gens = []
     for slot, p in enumerate(prompts):
@@ -169,4 +172,4 @@ def test_prepared_batches_record_nothing_when_they_run(queue, weights, monkeypat
         if batcher.idle:
             break
     assert [out[id(g)] for g in gens] == want
-    assert list(fresh.batch_commands) == list(fresh.head_commands) == [1, 2, 3]
+    assert sorted(fresh.batch_commands) == sizes and list(fresh.head_commands) == [1, 2, 3]

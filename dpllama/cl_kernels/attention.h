@@ -19,7 +19,9 @@
 // Where row n of a forward pass sits. A pass over one sequence (slot_stride = 0) gets that sequence's state
 // {pos, n_prompt}: its row n is at position pos + n, in the slot whose layer starts at cache_offset. A batched pass
 // (the host's Llama.batch: rows of several sequences, each at its own position) gets a table of {pos, slot} per
-// row, and cache_offset is then slot 0's layer: slot s's starts slot_stride floats further per slot.
+// row, and cache_offset is then slot 0's layer: slot s's starts slot_stride floats further per slot. A batch's
+// padding rows (Llama.pass_rows: prefill's kernels compute whole groups of rows anyway) have position -1: they
+// neither write the cache nor attend.
 #define ROW_POS(state, n, slot_stride) ((slot_stride) ? (state)[2 * (n)] : (state)[0] + (n))
 #define ROW_CACHE(state, n, slot_stride, cache_offset) \
     ((size_t)(cache_offset) + ((slot_stride) ? (size_t)(state)[2 * (n) + 1] * (size_t)(slot_stride) : 0))
@@ -89,6 +91,7 @@ inline void attend(const int h, const int n, __global const float *query, __glob
                    const int slot_stride, __local float *scratch) {
     const int lid = get_local_id(0), L = get_local_size(0);
     const int pos = ROW_POS(state, n, slot_stride), kv_dim = n_kv_heads * head_dim, kvh = h / (n_heads / n_kv_heads);
+    if (pos < 0) return;    // a padding row: the whole work-group returns, before any barrier
     const size_t layer = ROW_CACHE(state, n, slot_stride, cache_offset);
     __global const float *q = query + (size_t)n * q_stride + h * head_dim;
     __global const kv_t *kh = KEY_AT(k_cache, layer, seq_p, kvh * head_dim, 0);
@@ -164,6 +167,7 @@ inline void attend_heads(const int j, const int n, __global const float *query, 
                          const int seq_p, const int q_stride, const int out_stride, const int cache_offset,
                          const int slot_stride) {
     const int pos = ROW_POS(state, n, slot_stride), kv_dim = n_kv_heads * head_dim;
+    if (pos < 0) return;    // a padding row
     const size_t layer = ROW_CACHE(state, n, slot_stride, cache_offset);
     __global const float *q = query + (size_t)n * q_stride + j * GQA * head_dim;    // the heads' q, side by side
     __global const kv_t *kh = KEY_AT(k_cache, layer, seq_p, j * head_dim, 0);

@@ -595,6 +595,7 @@ inline void store_qkv(__private const floatV *acc, const int t0, const int tiles
         const int first = (t0 + tt) * TILE_ROWS;
         for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
             const int pos = ROW_POS(state, tok0 + n, slot_stride);
+            if (pos < 0) continue;      // a batch's padding row (attention.h): no place in the cache
             const size_t layer = ROW_CACHE(state, tok0 + n, slot_stride, cache_offset);
             for (int i = 0; i < TILE_ROWS && first + i < rows; i += 2) {
                 const int r = first + i;

@@ -357,7 +357,9 @@ class Llama:
             raise ValueError(f"a batch holds 1 to {self.chunk} tokens, found {T}")
         if len({p.slot for p in parts}) < len(parts):
             raise ValueError("a batch holds one part per slot")
-        rows, ids, wanted = np.empty((T, 2), np.int32), np.empty(T, np.int32), []
+        P = self.padded_rows(T)
+        rows, ids, wanted = np.empty((P, 2), np.int32), np.zeros(P, np.int32), []
+        rows[T:] = (-1, 0)      # padding rows: position -1 (attention.h), token 0
         r = 0
         for p in parts:
             n = len(p.tokens)
@@ -374,7 +376,7 @@ class Llama:
             raise ValueError(f"a batch feeds chosen tokens -1 .. -{self.chosen_rows} (the batch before chose "
                              f"{self.chosen_rows}), found {int(ids.min())}")
         uploads = [self.batch_tokens.set_async(ids), self.batch_rows.set_async(rows.ravel())]
-        self.q.replay(self._batch_commands(T))
+        self.q.replay(self._batch_commands(P))
         m, vocab = len(wanted), self.config.vocab_size
         greedy = [p.greedy for p in parts if p.logits]
         self.chosen_rows = m if any(greedy) else 0
@@ -397,18 +399,29 @@ class Llama:
             results = [(row[:vocab], copied, False) for row in logits.reshape(m, self.vocab_p)]
         return Pending(results, uploads)
 
+    def padded_rows(self, T: int) -> int:
+        """The rows a batch of T rows runs as. Up to decode_rows, T: decode's kernels take a row per work-group.
+        Past them, prefill's kernels take rows in groups of prefill_tokens, and compute a group's every row whatever
+        T is, so T is rounded up to whole groups (at most `chunk`) and the rest are padding rows, which skip the KV
+        cache and attention. A batch's launches are then recorded for at most chunk / prefill_tokens sizes, not for
+        every size the prompts' pieces make."""
+        tokens = self.geometry.tokens(T)
+        return T if tokens == 1 else min(round_up(T, tokens), self.chunk)
+
     def prepare_batches(self, sequences: int) -> None:
-        """Record the launches of every batch of decode steps of up to `sequences` sequences ahead of use. A pass's
-        launches are recorded the first time a batch of its size runs, ~25 ms of host time for SmolLM2's 151 (most
-        of it PyOpenCL making kernel objects), which a server would otherwise spend in its first steps at each new
-        number of running requests, on the cores the device needs."""
+        """Record, ahead of use, the launches of every batch of decode steps of up to `sequences` sequences, and of
+        a full pass (`chunk` rows, the prompts' usual). A pass's launches are recorded the first time a batch of
+        its size runs, ~25 ms of host time for SmolLM2's 151 (most of it PyOpenCL making kernel objects), which
+        a server would otherwise spend in its first steps at each new number of running requests, on the cores
+        the device needs."""
         for n in range(1, min(sequences, self.chunk) + 1):
-            self._batch_commands(n)
+            self._batch_commands(self.padded_rows(n))
             self._head_commands(n)
             self._argmax_rows_command(n)
+        self._batch_commands(self.chunk)
 
     def _batch_commands(self, T: int) -> list:
-        """The layers over a batch of T rows."""
+        """The layers over a batch of T rows (padded_rows)."""
         if T not in self.batch_commands:
             self.batch_commands[T] = self._layer_commands(T, self.batch_tokens, self.batch_start, self.batch_rows,
                                                           0, self.cache.slot_stride)
