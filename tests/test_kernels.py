@@ -146,10 +146,15 @@ GEOMETRY_FORMATS = {"cpu": list(FORMATS), "gpu": ["q8g32", "int4g32", "int4asym1
 # geometry (group 16: a flush after 2 words; 64 and 128: several per block), one of each kind in the others
 X8_FORMATS = {"cpu": ["int4g32", "int4asym128", "int4g16f-q3k", "int5g32-q50", "int5asym32f-q5k", "int5g64"],
               "gpu": ["int4g32", "int5g32-q50"], "odd": ["int4asym64"], "solo": ["int4asym64"]}
+# and a batch of a few rows in the CPU geometry (Geometry.tokens: groups of 2 rows, and of 4 with a padding row), a
+# format per kernel code path
+FEW_ROWS = {"rows2": 2, "rows3": 3}
+FEW_FORMATS = ["f32", "q8g32", "int4g32", "int4asym128", "int4g16f-q3k", "int5g32-q50"]
 GEMV_PARAMS = [(fmt, geo, mode) for geo, fmts in GEOMETRY_FORMATS.items() for fmt in fmts
                for mode in ("decode", "prefill")] + [
               (fmt, geo, mode) for geo, fmts in X8_FORMATS.items() for fmt in fmts
-              for mode in ("decode-x8", "prefill-x8")]
+              for mode in ("decode-x8", "prefill-x8")] + [
+              (fmt, "cpu", mode) for fmt in FEW_FORMATS for mode in FEW_ROWS] + [("int4g32", "cpu", "rows2-x8")]
 GEMV_KERNELS = ["gemv_add", "gemv_norm", "gemv_norm_swiglu"]
 
 
@@ -237,7 +242,8 @@ def run_gemv(q, kernel: str, t: Tensor, geometry: str, X: np.ndarray, g=None, Y0
 @pytest.mark.parametrize("fmt,geometry,mode", GEMV_PARAMS, ids=["-".join(p) for p in GEMV_PARAMS])
 def test_gemv_kernels(q, fmt, geometry, mode, kernel):
     rng = np.random.default_rng(zlib.crc32(f"{fmt} {geometry} {mode} {kernel}".encode()))
-    T = GEOMETRIES[geometry][0].decode_rows if mode.startswith("decode") else GEOMETRIES[geometry][-1]
+    T = (GEOMETRIES[geometry][0].decode_rows if mode.startswith("decode") else FEW_ROWS.get(mode.split("-")[0])
+         or GEOMETRIES[geometry][-1])
     bits = 8 if mode.endswith("x8") else 16
     for rows, cols in SHAPES:
         what = f"{kernel} {fmt} {geometry} {GEOMETRIES[geometry]} T={T} {bits}-bit x [{rows}x{cols}]"
@@ -457,6 +463,40 @@ def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geom
         "gemv_norm_rope_kv wrote another layer's cache"
 
 
+@pytest.mark.parametrize("geometry", ["cpu", "gpu"])
+def test_gemv_norm_rope_kv_skips_padding_rows(q, geometry):
+    """A batch's rows through the fused QKV projection, placed by a table of {pos, slot} (two slots of two layers):
+    each real row's k and v land at its position in its slot's layer 1, and a padding row (position -1,
+    Llama.padded_rows) writes neither the cache nor its q row."""
+    n_heads, n_kv_heads, head_dim, seq_p = 2, 1, 8, 16
+    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    rows = q_dim + 2 * kv_dim
+    where = [(4, 0), (-1, 0), (7, 1)]
+    T = len(where)
+    dt = DeviceTensor(q, Tensor.f32(np.eye(rows, dtype=np.float32)), "wqkv", GEOMETRIES[geometry][0])
+    X = np.random.default_rng(3).standard_normal((T, rows)).astype(np.float32)
+    xp = np.zeros((T, dt.cols_p), np.float32)
+    xp[:, :rows] = X
+    sentinel = np.float32(-99)
+    yb = q.buffer(host=np.full(T * q_dim, sentinel, np.float32))
+    cache0 = np.full(2 * 2 * kv_dim * seq_p, sentinel, np.float16)    # [slot][layer][...]
+    kb, vb = q.buffer(host=cache0), q.buffer(host=cache0)
+    q.enqueue(kernels.gemv(q, "gemv_norm_rope_kv", dt, T, q.buffer(host=xp).read(), yb.write(), dt.cols_p, q_dim,
+                           g=q.buffer(host=np.ones(dt.cols_p, np.float32)).read(), eps=np.float32(EPS),
+                           bias=q.buffer(host=np.full(rows, np.nan, np.float32)).read(), k_cache=kb.read_write(),
+                           v_cache=vb.read_write(), state=q.buffer(host=np.array(where, np.int32).ravel()).read(),
+                           rope=q.buffer(host=rope_table(seq_p, head_dim, 10000.0)).read(),
+                           **kernels.ints(q_dim=q_dim, kv_dim=kv_dim, head_dim=head_dim, seq_p=seq_p,
+                                          cache_offset=kv_dim * seq_p, slot_stride=2 * kv_dim * seq_p)))
+    Y = yb.get().reshape(T, q_dim)
+    assert (Y[1] == sentinel).all() and (Y[[0, 2]] != sentinel).all()
+    K = kb.get(np.float16).reshape(2, 2, kv_dim, seq_p)
+    V = vb.get(np.float16).reshape(2, 2, seq_p, kv_dim)
+    k_written = {(s, layer, p) for s, layer, _, p in zip(*np.nonzero(K != sentinel))}
+    v_written = {(s, layer, p) for s, layer, p, _ in zip(*np.nonzero(V != sentinel))}
+    assert k_written == v_written == {(0, 1, 4), (1, 1, 7)}, (k_written, v_written)
+
+
 ATT_SHAPES = [(1, 1, 8), (2, 2, 64), (4, 2, 8), (6, 2, 8), (12, 4, 64), (3, 1, 6)]   # (n_heads, n_kv, hd)
 # (positions per vector, work-items per group, grouped): grouped builds with GQA, a work-group of one work-item per
 # key/value head (attend_heads: CPUs), the others a work-group per query head (attend). Each (ATTENTION_POSITIONS,
@@ -468,7 +508,7 @@ ATT_PARAMS = [(*shape, *geometry) for shape in ATT_SHAPES for geometry in ATT_GE
               if geometry[0] == 16 or shape[2] == 8]
 
 
-@pytest.mark.parametrize("rows", ["sequence", "table"])
+@pytest.mark.parametrize("rows", ["sequence", "table", "padded"])
 @pytest.mark.parametrize("T", [1, 4])
 @pytest.mark.parametrize("pos", [0, 5, 100])
 @pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,pos_vec,local,grouped", ATT_PARAMS)
@@ -476,7 +516,8 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, grouped, po
     """T query tokens attending causally over layer 1 of 2 of the caches; GQA: query head h reads kv head
     h // (n_heads / n_kv_heads). Rows of one sequence (state {pos, n_prompt}): token n at position pos + n (a
     prefill chunk when T > 1), in the one slot. Rows of a batch (state a table of {pos, slot} per row,
-    attention.h's ROW_POS): row n at position pos + 3n of slot n % 2, each reading only its own slot."""
+    attention.h's ROW_POS): row n at position pos + 3n of slot n % 2, each reading only its own slot; "padded":
+    the batch's last row is padding (position -1, Llama.padded_rows), whose output row is left as it was."""
     rng = np.random.default_rng(pos * 7 + n_heads + local + T)
     seq_p = 112                                   # a multiple of every ATTENTION_POSITIONS, > 100 + 3 * 3
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
@@ -484,6 +525,8 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, grouped, po
     offset = kv_dim * seq_p
     slots, slot_stride = (1, 0) if rows == "sequence" else (2, 2 * kv_dim * seq_p)
     where = [(pos + n, 0) for n in range(T)] if rows == "sequence" else [(pos + 3 * n, n % 2) for n in range(T)]
+    if rows == "padded":
+        where[-1] = (-1, 0)
     state = np.array([pos, 1] if rows == "sequence" else [v for w in where for v in w], np.int32)
     Q = (2 * rng.standard_normal((T, q_dim))).astype(np.float32)        # peaky enough for softmax to matter
     qkv = np.zeros((T, q_dim + 2 * kv_dim), np.float32)
@@ -491,7 +534,9 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, grouped, po
     kcache = rng.standard_normal(slots * 2 * kv_dim * seq_p).astype(np.float16)   # [slot][layer][kv_dim][seq_p]
     vcache = rng.standard_normal(slots * 2 * seq_p * kv_dim).astype(np.float16)   # [slot][layer][seq_p][kv_dim]
     sentinel = np.float32(-77)
-    outb = q.buffer(host=rows_with_gaps(np.full((T, q_dim), np.nan, np.float32), out_stride, sentinel))
+    out0 = np.full((T, q_dim), np.nan, np.float32)
+    out0[[n for n, (p, _) in enumerate(where) if p < 0]] = 5.0     # a padding row's: to stay as it is
+    outb = q.buffer(host=rows_with_gaps(out0, out_stride, sentinel))
     prog = attention_program(q, pos_vec, pow2_divisor(head_dim), n_heads // n_kv_heads if grouped else None)
     q.submit(prog.attention, (n_kv_heads if grouped else n_heads * local, T), (local, 1), q.buffer(host=rows_with_gaps(qkv, qkv_stride, np.nan)).read(),
              q.buffer(host=kcache).read(), q.buffer(host=vcache).read(), q.buffer(T * n_heads * seq_p * 4).read_write(),
@@ -504,6 +549,8 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, grouped, po
     group = n_heads // n_kv_heads
     want = np.empty((T, q_dim))
     for n, (p, slot) in enumerate(where):
+        if p < 0:
+            continue
         layer = slot * 2 * kv_dim * seq_p + offset
         K = kcache[layer:layer + kv_dim * seq_p].reshape(kv_dim, seq_p).astype(np.float64)
         V = vcache[layer:layer + kv_dim * seq_p].reshape(seq_p, kv_dim).astype(np.float64)
@@ -512,7 +559,9 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, grouped, po
             s = Q[n, h * head_dim:(h + 1) * head_dim].astype(np.float64) @ K[kv, :p + 1] / np.sqrt(head_dim)
             w = np.exp(s - s.max())
             want[n, h * head_dim:(h + 1) * head_dim] = (w / w.sum()) @ V[:p + 1, kv]
-    check_close(out[:, :q_dim], want, ATT_ATOL_REL * np.abs(vcache).max(),
+    real = [n for n, (p, _) in enumerate(where) if p >= 0]
+    assert (out[[n for n in range(T) if n not in real], :q_dim] == 5.0).all(), "attention wrote a padding row"
+    check_close(out[real, :q_dim], want[real], ATT_ATOL_REL * np.abs(vcache).max(),
                 f"attention heads={n_heads}/{n_kv_heads} hd={head_dim} pos={pos} T={T} {rows} "
                 f"ATTENTION_POSITIONS={pos_vec} L={local}{' grouped' if grouped else ''}")
 

@@ -48,9 +48,20 @@ class Geometry:
         return cls(**config["work_group"])
 
     def tokens(self, T: int) -> int:
-        """Tokens per work-group for a pass over T rows: 1 to decode (and for a batch of up to decode_rows rows,
-        a work-group per row), prefill_tokens in prefill."""
-        return 1 if T <= max(1, self.decode_rows) else self.prefill_tokens
+        """Input rows per work-group (a group of rows, which shares each weight's decoding) for a pass over T rows:
+        1 for up to decode_rows rows (decode's kernels, a work-group per row); past them the smallest power of two
+        that holds T, up to prefill_tokens. So a batch of a few rows (a server's few decode steps) decodes each
+        weight once for all of them and computes few padding rows."""
+        if T <= max(1, self.decode_rows):
+            return 1
+        n = 2
+        while n < T and n < self.prefill_tokens:
+            n *= 2
+        return min(n, self.prefill_tokens)
+
+    def token_counts(self) -> list[int]:
+        """Every value tokens() takes: the matrix programs built for each model."""
+        return sorted({self.tokens(T) for T in range(1, self.prefill_tokens + 1)} | {self.prefill_tokens})
 
     def tiles(self, tokens: int) -> int:
         """Row tiles per work-group for `tokens` tokens per work-group."""
@@ -129,7 +140,7 @@ def weight_defines(t: Tensor, geometry: Geometry, tokens: int, activation_bits: 
 
 class DeviceTensor:
     """A weight matrix on the device in the tiled layout, and the defines of the programs that read it, by
-    tokens per work-group (1 to decode, `prefill_tokens` in prefill)."""
+    tokens per work-group (Geometry.tokens: 1 to decode, up to `prefill_tokens` in prefill and batches)."""
 
     def __init__(self, q: Queue, t: Tensor, name: str, geometry: Geometry, defines: tuple[str, ...] = (),
                  activation_bits: int = 16):
@@ -162,9 +173,9 @@ class DeviceTensor:
         # of the tiles (matrix.cl's X_ONCE), if those rows fit in half the local memory; else a work-group per
         # `tiles` tiles
         self.once = {n: geometry.gemv == 1 and self.row_bytes(n) <= q.device.local_mem_size // 2
-                     for n in (1, geometry.prefill_tokens)}
+                     for n in geometry.token_counts()}
         self.defines = {n: weight_defines(t, geometry, n, activation_bits, self.once[n]) + defines
-                        for n in (1, geometry.prefill_tokens)}
+                        for n in geometry.token_counts()}
 
     def row_bytes(self, tokens: int) -> int:
         """Local memory for the `tokens` input rows an X_ONCE work-group prepares (at most cols_p + 1 ints a row)."""

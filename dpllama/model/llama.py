@@ -401,10 +401,10 @@ class Llama:
 
     def padded_rows(self, T: int) -> int:
         """The rows a batch of T rows runs as. Up to decode_rows, T: decode's kernels take a row per work-group.
-        Past them, prefill's kernels take rows in groups of prefill_tokens, and compute a group's every row whatever
-        T is, so T is rounded up to whole groups (at most `chunk`) and the rest are padding rows, which skip the KV
-        cache and attention. A batch's launches are then recorded for at most chunk / prefill_tokens sizes, not for
-        every size the prompts' pieces make."""
+        Past them the matrix kernels take rows in groups (Geometry.tokens: 2, 4, ... prefill_tokens) and compute a
+        group's every row whatever T is, so T is rounded up to whole groups (at most `chunk`) and the rest are
+        padding rows, which skip the KV cache and attention. A batch's launches are then recorded for at most
+        chunk / prefill_tokens sizes and a few small ones, not for every size the prompts' pieces make."""
         tokens = self.geometry.tokens(T)
         return T if tokens == 1 else min(round_up(T, tokens), self.chunk)
 
