@@ -4,7 +4,11 @@ p50/p95 inter-token latency. With llama-cpp-python's server importable (`pip ins
 the same load on it, same GGUF, in the same run.
 
     python benchmarks/serve_load.py                       # SmolLM2-135M, from dpllama's cache
-    python benchmarks/serve_load.py --levels 1,8 --no-llama-cpp
+    python benchmarks/serve_load.py --levels 1,8 --no-llama-cpp --rounds 5
+
+With --rounds N the levels run N times over (new prompts each time) and the table gives each figure's median; each
+level's aggregate is also given against the first level's of the same round (a 2-vCPU VM drifts by 20% from
+minute to minute, and a ratio of two runs a minute apart moves with it).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -31,16 +36,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prompts(model_path: Path, levels: list[int], tokens: int) -> dict[int, list[str]]:
-    """For each level (and 0, the warm-up), as many texts of about `tokens` tokens as it has clients (the model's
-    tokenizer, no device). Each text starts with its own tag, so no request finds its prompt in a slot's
-    cache from an earlier one (both servers reuse a cached prefix)."""
+def prompts(model_path: Path, levels: list[int], tokens: int, rounds: int = 1) -> dict[tuple[int, int], list[str]]:
+    """For each round and level (and level 0, the warm-up), as many texts of about `tokens` tokens as the level has
+    clients (the model's tokenizer, no device). Each text starts with its own tag, so no request finds its prompt
+    in a slot's cache from an earlier one (both servers reuse a cached prefix)."""
     from dpllama.loaders import load_tokenizer, load_weights
     tok = load_tokenizer(load_weights(model_path), None, model_path)
     out = {}
-    for level in [0, *levels]:
-        out[level] = [tok.decode(tok.encode(f"Story {level}-{i + 1}. " + STORY * (tokens // 30 + 2), bos=False)[:tokens])
-                      for i in range(max(level, 1))]
+    for r in range(rounds):
+        for level in [0, *levels]:
+            out[r, level] = [tok.decode(tok.encode(f"Story {r}.{level}-{i + 1}. " + STORY * (tokens // 30 + 2),
+                                                   bos=False)[:tokens]) for i in range(max(level, 1))]
     return out
 
 
@@ -97,20 +103,30 @@ def level(session: http.Client, base: str, model: str, texts: list[str], n: int,
             "itl_p50": pct(itl, 50), "itl_p95": pct(itl, 95)}
 
 
-def run_server(name: str, cmd: list[str], ready: str, model: str, texts: dict[int, list[str]], levels: list[int],
-               max_tokens: int) -> list[dict]:
-    """The rows of each level on the server `cmd` starts, once `ready` (a URL) answers 200."""
+def run_server(name: str, cmd: list[str], ready: str, model: str, texts: dict[tuple[int, int], list[str]],
+               levels: list[int], max_tokens: int, rounds: int = 1) -> list[dict]:
+    """The rows of each level on the server `cmd` starts, once `ready` (a URL) answers 200: per level, the medians
+    over `rounds` rounds, and `vs_first`, the median over rounds of its aggregate against the first level's."""
     base = ready.rsplit("/", 1)[0].removesuffix("/v1")
     proc = start(cmd, ready)
     session = http.Client(timeout=600, limits=http.Limits(max_connections=max(levels),
                                                           max_keepalive_connections=max(levels)))
     try:
-        level(session, base, model, texts[0], 1, 8)     # warm up
+        level(session, base, model, texts[0, 0], 1, 8)     # warm up
+        runs = []
+        for r in range(rounds):
+            for n in levels:
+                row = {"server": name, "round": r, **level(session, base, model, texts[r, n], n, max_tokens)}
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                runs.append(row)
         rows = []
         for n in levels:
-            row = {"server": name, **level(session, base, model, texts[n], n, max_tokens)}
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            rows.append(row)
+            mine = [row for row in runs if row["clients"] == n]
+            first = {row["round"]: row["tok_s"] for row in runs if row["clients"] == levels[0]}
+            rows.append({"server": name, "clients": n, "rounds": rounds,
+                         **{k: statistics.median(row[k] for row in mine) for k in mine[0] if k not in
+                            ("server", "round", "clients")},
+                         "vs_first": statistics.median(row["tok_s"] / first[row["round"]] for row in mine)})
         return rows
     finally:
         session.close()
@@ -126,16 +142,17 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2, help="llama-cpp-python's threads (default 2)")
     p.add_argument("--no-llama-cpp", action="store_true", help="dpllama only")
+    p.add_argument("--rounds", type=int, default=1, help="run the levels this many times over; medians (default 1)")
     args = p.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
     from dpllama.hub import resolve_model
     path = resolve_model(args.model)
-    texts = prompts(path, levels, args.prompt_tokens)
+    texts = prompts(path, levels, args.prompt_tokens, args.rounds)
     ctx = str(args.prompt_tokens + args.max_tokens + 64)
     port = free_port()
     rows = run_server("dpllama", [sys.executable, "-m", "dpllama.cli", "serve", "-m", str(path), "--port", str(port),
                                   "--parallel", str(max(levels)), "--ctx", ctx, "--model-name", "m"],
-                      f"http://127.0.0.1:{port}/health", "m", texts, levels, args.max_tokens)
+                      f"http://127.0.0.1:{port}/health", "m", texts, levels, args.max_tokens, args.rounds)
     try:
         import llama_cpp.server  # noqa: F401
         have_llama_cpp = not args.no_llama_cpp
@@ -150,13 +167,16 @@ def main() -> int:
                                                 str(args.threads), "--n_ctx", ctx, "--model_alias", "m",
                                                 # by default a new request cuts the running stream off
                                                 "--interrupt_requests", "False"],
-                           f"http://127.0.0.1:{port}/v1/models", "m", texts, levels, args.max_tokens)  # no /health
-    print(f"{os.cpu_count()} CPUs, {path.name}, prompts of {args.prompt_tokens} tokens, {args.max_tokens} out, greedy\n")
-    print("| server | clients | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) | inter-token p50 (ms) | inter-token p95 (ms) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+                           f"http://127.0.0.1:{port}/v1/models", "m", texts, levels, args.max_tokens,
+                           args.rounds)  # no /health
+    print(f"{os.cpu_count()} CPUs, {path.name}, prompts of {args.prompt_tokens} tokens, {args.max_tokens} out, greedy"
+          + (f", medians of {args.rounds} rounds" if args.rounds > 1 else "") + "\n")
+    print(f"| server | clients | aggregate tok/s | vs {levels[0]} client(s) | TTFT p50 (s) | TTFT p95 (s) | "
+          "inter-token p50 (ms) | inter-token p95 (ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['server']} | {r['clients']} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} | {r['ttft_p95']:.2f} | "
-              f"{r['itl_p50'] * 1000:.0f} | {r['itl_p95'] * 1000:.0f} |")
+        print(f"| {r['server']} | {r['clients']} | {r['tok_s']:.1f} | {r['vs_first']:.2f}x | {r['ttft_p50']:.2f} | "
+              f"{r['ttft_p95']:.2f} | {r['itl_p50'] * 1000:.0f} | {r['itl_p95'] * 1000:.0f} |")
     return 0
 
 
