@@ -20,7 +20,7 @@
 // {pos, n_prompt}: its row n is at position pos + n, in the slot whose layer starts at cache_offset. A batched pass
 // (the host's Llama.batch: rows of several sequences, each at its own position) gets a table of {pos, slot} per
 // row, and cache_offset is then slot 0's layer: slot s's starts slot_stride floats further per slot. A batch's
-// padding rows (Llama.pass_rows: prefill's kernels compute whole groups of rows anyway) have position -1: they
+// padding rows (Llama.padded_rows: the matrix kernels compute whole groups of rows anyway) have position -1: they
 // neither write the cache nor attend.
 #define ROW_POS(state, n, slot_stride) ((slot_stride) ? (state)[2 * (n)] : (state)[0] + (n))
 #define ROW_CACHE(state, n, slot_stride, cache_offset) \
