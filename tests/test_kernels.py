@@ -146,15 +146,16 @@ GEOMETRY_FORMATS = {"cpu": list(FORMATS), "gpu": ["q8g32", "int4g32", "int4asym1
 # geometry (group 16: a flush after 2 words; 64 and 128: several per block), one of each kind in the others
 X8_FORMATS = {"cpu": ["int4g32", "int4asym128", "int4g16f-q3k", "int5g32-q50", "int5asym32f-q5k", "int5g64"],
               "gpu": ["int4g32", "int5g32-q50"], "odd": ["int4asym64"], "solo": ["int4asym64"]}
-# and a batch of a few rows in the CPU geometry (Geometry.tokens: groups of 2 rows, and of 4 with a padding row), a
-# format per kernel code path
+# and a batch of a few rows (Geometry.tokens: groups of 2 rows, and of 4 with a padding row), a format per kernel code
+# path in the CPU geometry, two in the GPU one
 FEW_ROWS = {"rows2": 2, "rows3": 3}
 FEW_FORMATS = ["f32", "q8g32", "int4g32", "int4asym128", "int4g16f-q3k", "int5g32-q50"]
 GEMV_PARAMS = [(fmt, geo, mode) for geo, fmts in GEOMETRY_FORMATS.items() for fmt in fmts
                for mode in ("decode", "prefill")] + [
               (fmt, geo, mode) for geo, fmts in X8_FORMATS.items() for fmt in fmts
               for mode in ("decode-x8", "prefill-x8")] + [
-              (fmt, "cpu", mode) for fmt in FEW_FORMATS for mode in FEW_ROWS] + [("int4g32", "cpu", "rows2-x8")]
+              (fmt, "cpu", mode) for fmt in FEW_FORMATS for mode in FEW_ROWS] + [("int4g32", "cpu", "rows2-x8")] + [
+              (fmt, "gpu", "rows2") for fmt in ("q8g32", "int4g32")]
 GEMV_KERNELS = ["gemv_add", "gemv_norm", "gemv_norm_swiglu"]
 
 
