@@ -159,6 +159,17 @@ def test_replay_runs_recorded_commands_in_order(either_order):
     assert q.launches == launches + 4
 
 
+def test_live_queues_are_drained_at_exit(queue):
+    """The runtime's atexit hook (queue._drain) waits for every live queue's commands, so no kernel is left running
+    while the process shuts the driver down: a slow kernel still running when it is called has ended after it."""
+    from dpllama.runtime import queue as queue_module
+    prog = queue.program("check.cl")
+    event = slow_add(queue, prog, filled(queue, 1), filled(queue, 0), 1, spin=4 * SPIN)
+    assert event.cl_event.command_execution_status != cl.command_execution_status.COMPLETE, "ended too soon to tell"
+    queue_module._drain()
+    assert event.cl_event.command_execution_status == cl.command_execution_status.COMPLETE
+
+
 @pytest.mark.parametrize("local", [16, 64, 256])
 def test_group_sum(queue, local):
     prog = queue.program("check.cl")
