@@ -119,10 +119,10 @@ def run_server(name: str, cmd: list[str], ready: str, model: str, texts: dict[tu
                 row = {"server": name, "round": r, **level(session, base, model, texts[r, n], n, max_tokens)}
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 runs.append(row)
+        first = {row["round"]: row["tok_s"] for row in runs if row["clients"] == levels[0]}
         rows = []
         for n in levels:
             mine = [row for row in runs if row["clients"] == n]
-            first = {row["round"]: row["tok_s"] for row in runs if row["clients"] == levels[0]}
             rows.append({"server": name, "clients": n, "rounds": rounds,
                          **{k: statistics.median(row[k] for row in mine) for k in mine[0] if k not in
                             ("server", "round", "clients")},
