@@ -178,7 +178,7 @@ def _drain() -> None:
     suspect away for the cost of the pass in flight."""
     for q in list(_queues):
         try:
-            q.cl_queue.finish()
+            q.wait()
         except cl.Error:        # a device that failed has nothing left to run
             pass
 
