@@ -93,7 +93,7 @@ def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None, slots: int
     n = min(max_seq or c.seq_len, c.seq_len)
     geo = Geometry.of(q.config)
     per_pos = floats_per_position(c, pass_rows(geo.prefill_chunk, slots, chunk, n), slots, kv_cache)
-    step = geo.attention_positions      # Llama pads the context to a multiple of it
+    step = max(geo.attention_positions, geo.key_block)     # Llama pads the context to a multiple of it (KVCache)
     cap = max(step, min(q.max_alloc // (4 * sum(per_pos)), (2**31 - 1) // max(per_pos)) // step * step)
     if n > cap:
         what = f"--ctx {n}" if n == max_seq else f"the model's context of {n} tokens"

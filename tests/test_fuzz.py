@@ -787,7 +787,8 @@ def config_cases():
         typ = type(default)
         bad = list(bad_of[typ])
         if path[0] == "work_group":
-            bad += [0, 65536, 3] if path[1] in ("gemv", "reduce", "attention", "tile_rows") else [0, 65536]
+            bad += ([0, 65536, 3] if path[1] in ("gemv", "reduce", "attention", "tile_rows") else
+                    [65536, 24] if path[1] == "key_block" else [0, 65536])     # key_block 0: one block
         if path[0] == "match":
             bad += ["a,b"] + (["quantum"] if path[1] == "type" else [])
         for value in rng.sample(bad, 3):

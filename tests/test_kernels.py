@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType as GT
 
 from dpllama.formats import round_up
 from dpllama.model import kernels
+from dpllama.model.kv_cache import cache_defines, keys_by_channel
 from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor
 from dpllama.model.llama import rope_table
 from dpllama.model.quant import quantize_int4, quantize_q8, widen
@@ -125,14 +126,14 @@ SHAPES = [(13, 172), (7, 200), (5, 64), (3, 1), (9, 8), (37, 520)]
 # decodes 3 rows at once (decode_rows), 2 groups each, and its prefill has 2 row groups of 3 groups each (37 rows:
 # 5 tiles of 8, split 1-2-2, runs of up to 2).
 def geometry(tile_rows, gemv, decode_tiles, prefill_tokens, prefill_tiles, matrix_groups=2, decode_rows=1,
-             reduce=64) -> Geometry:
+             reduce=64, key_block=0) -> Geometry:
     return Geometry(gemv=gemv, tile_rows=tile_rows, reduce=reduce, attention=1, attention_positions=16,
                     decode_tiles=decode_tiles, prefill_tokens=prefill_tokens, prefill_tiles=prefill_tiles,
-                    prefill_chunk=64, matrix_groups=matrix_groups, decode_rows=decode_rows)
+                    prefill_chunk=64, matrix_groups=matrix_groups, decode_rows=decode_rows, key_block=key_block)
 
 
 GEOMETRIES = {
-    "cpu": (geometry(16, 1, 1, 8, 16), 19),   # dpllama/configs/cpu.yaml
+    "cpu": (geometry(16, 1, 1, 8, 16, key_block=16), 19),   # dpllama/configs/cpu.yaml
     "gpu": (geometry(4, 64, 1, 4, 1), 6),     # the GPU configs: work-items split the columns, a tree joins them
     "odd": (geometry(8, 8, 3, 3, 2), 5),      # several tiles per work-group and a tree
     "solo": (geometry(8, 1, 2, 3, 2, 6, 3), 5),  # gemv 1: runs of 2 tiles split by 2 or 3 work-groups, 3 rows
@@ -164,8 +165,9 @@ def q(queue):
     return queue
 
 
-def attention_program(q, pos_vec: int = 16, hd_vec: int = 8, gqa: int | None = None):
-    return q.program("attention.cl", f"ATTENTION_POSITIONS={pos_vec}", f"HD_VEC={hd_vec}", *([f"GQA={gqa}"] if gqa else []))
+def attention_program(q, pos_vec: int = 16, hd_vec: int = 8, gqa: int | None = None, key_block: int = 0):
+    return q.program("attention.cl", f"ATTENTION_POSITIONS={pos_vec}", f"HD_VEC={hd_vec}", *([f"GQA={gqa}"] if gqa else []),
+                     *cache_defines("f16", key_block))
 
 
 def f32(a) -> np.ndarray:
@@ -401,8 +403,8 @@ ROPE_SHAPES = [(6, 2, 8), (4, 4, 64), (1, 1, 8), (3, 1, 6)]   # (n_heads, n_kv_h
 @pytest.mark.parametrize("n_heads,n_kv_heads,head_dim", ROPE_SHAPES)
 def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geometry, bias):
     """T tokens at positions pos..pos+T-1 through the fused QKV projection: q rotated into y, k rotated
-    and v stored as they are into layer 1 of 2 of the caches (keys [kv_dim][seq_p], values [seq_p][kv_dim],
-    attention.h). The weight is the identity, so the projection is rmsnorm(x) (covered with real
+    and v stored as they are into layer 1 of 2 of the caches (keys in the geometry's blocks of positions, values
+    [seq_p][kv_dim], attention.h). The weight is the identity, so the projection is rmsnorm(x) (covered with real
     weights by test_gemv_kernels) and every difference is the rotation's or the storing's. With `bias` the
     QKV_BIAS build adds a bias to every row before the rotation; without, its bias argument is never read
     (NaN there)."""
@@ -411,8 +413,9 @@ def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geom
     rows = q_dim + 2 * kv_dim
     seq_p = 48
     offset = kv_dim * seq_p                       # the second layer's part of the caches
-    dt = DeviceTensor(q, Tensor.f32(np.eye(rows, dtype=np.float32)), "wqkv", GEOMETRIES[geometry][0],
-                      ("QKV_BIAS",) if bias else ())
+    geo = GEOMETRIES[geometry][0]
+    dt = DeviceTensor(q, Tensor.f32(np.eye(rows, dtype=np.float32)), "wqkv", geo,
+                      (("QKV_BIAS",) if bias else ()) + cache_defines("f16", geo.key_block))
     B = rng.standard_normal(rows).astype(np.float32) if bias else np.full(rows, np.nan, np.float32)
     X = rng.standard_normal((T, rows)).astype(np.float32)
     x_stride, y_stride = dt.cols_p + 16, q_dim + 5
@@ -432,7 +435,7 @@ def test_gemv_norm_rope_kv(q, n_heads, n_kv_heads, head_dim, theta, pos, T, geom
                                           cache_offset=offset, slot_stride=0)))
     Y = yb.get().reshape(T, y_stride)
     assert (Y[:, q_dim:] == sentinel).all(), "wrote beyond q in y"
-    K = kb.get(np.float16)[offset:].reshape(kv_dim, seq_p).astype(np.float32)
+    K = keys_by_channel(kb.get(np.float16)[offset:], kv_dim, geo.key_block).astype(np.float32)
     V = vb.get(np.float16)[offset:].reshape(seq_p, kv_dim).astype(np.float32)
     for n in range(T):
         p = pos + n
@@ -474,7 +477,8 @@ def test_gemv_norm_rope_kv_skips_padding_rows(q, geometry):
     rows = q_dim + 2 * kv_dim
     where = [(4, 0), (-1, 0), (7, 1)]
     T = len(where)
-    dt = DeviceTensor(q, Tensor.f32(np.eye(rows, dtype=np.float32)), "wqkv", GEOMETRIES[geometry][0])
+    geo = GEOMETRIES[geometry][0]
+    dt = DeviceTensor(q, Tensor.f32(np.eye(rows, dtype=np.float32)), "wqkv", geo, cache_defines("f16", geo.key_block))
     X = np.random.default_rng(3).standard_normal((T, rows)).astype(np.float32)
     xp = np.zeros((T, dt.cols_p), np.float32)
     xp[:, :rows] = X
@@ -491,7 +495,8 @@ def test_gemv_norm_rope_kv_skips_padding_rows(q, geometry):
                                           cache_offset=kv_dim * seq_p, slot_stride=2 * kv_dim * seq_p)))
     Y = yb.get().reshape(T, q_dim)
     assert (Y[1] == sentinel).all() and (Y[[0, 2]] != sentinel).all()
-    K = kb.get(np.float16).reshape(2, 2, kv_dim, seq_p)
+    K = np.stack([keys_by_channel(layer, kv_dim, geo.key_block)
+                  for layer in kb.get(np.float16).reshape(4, kv_dim * seq_p)]).reshape(2, 2, kv_dim, seq_p)
     V = vb.get(np.float16).reshape(2, 2, seq_p, kv_dim)
     k_written = {(s, layer, p) for s, layer, _, p in zip(*np.nonzero(K != sentinel))}
     v_written = {(s, layer, p) for s, layer, p, _ in zip(*np.nonzero(V != sentinel))}
@@ -499,10 +504,12 @@ def test_gemv_norm_rope_kv_skips_padding_rows(q, geometry):
 
 
 ATT_SHAPES = [(1, 1, 8), (2, 2, 64), (4, 2, 8), (6, 2, 8), (12, 4, 64), (3, 1, 6)]   # (n_heads, n_kv, hd)
-# (positions per vector, work-items per group, grouped): grouped builds with GQA, a work-group of one work-item per
-# key/value head (attend_heads: CPUs), the others a work-group per query head (attend). Each (ATTENTION_POSITIONS,
-# HD_VEC) pair is a build, so ATTENTION_POSITIONS 4 runs with head_dim 8 only (HD_VEC 8)
-ATT_GEOMETRIES = [(16, 1, True), (4, 1, True), (16, 1, False), (16, 64, False), (4, 16, False)]
+# (positions per vector, work-items per group, grouped, key block): grouped builds with GQA, a work-group of one
+# work-item per key/value head (attend_heads: CPUs), the others a work-group per query head (attend); the keys in
+# blocks of 16 positions (KEY_BLOCK, the CPU configs') or in one (0, the GPU configs'), each kernel both ways, and
+# with 4 positions a vector 4 of them to a block. Each (ATTENTION_POSITIONS, HD_VEC) pair is a build, so
+# ATTENTION_POSITIONS 4 runs with head_dim 8 only (HD_VEC 8)
+ATT_GEOMETRIES = [(16, 1, True, 16), (4, 1, True, 0), (16, 1, False, 16), (16, 64, False, 0), (4, 16, False, 16)]
 
 
 ATT_PARAMS = [(*shape, *geometry) for shape in ATT_SHAPES for geometry in ATT_GEOMETRIES
@@ -512,8 +519,8 @@ ATT_PARAMS = [(*shape, *geometry) for shape in ATT_SHAPES for geometry in ATT_GE
 @pytest.mark.parametrize("rows", ["sequence", "table", "padded"])
 @pytest.mark.parametrize("T", [1, 4])
 @pytest.mark.parametrize("pos", [0, 5, 100])
-@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,pos_vec,local,grouped", ATT_PARAMS)
-def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, grouped, pos, T, rows):
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,pos_vec,local,grouped,key_block", ATT_PARAMS)
+def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, grouped, key_block, pos, T, rows):
     """T query tokens attending causally over layer 1 of 2 of the caches; GQA: query head h reads kv head
     h // (n_heads / n_kv_heads). Rows of one sequence (state {pos, n_prompt}): token n at position pos + n (a
     prefill chunk when T > 1), in the one slot. Rows of a batch (state a table of {pos, slot} per row,
@@ -532,13 +539,13 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, grouped, po
     Q = (2 * rng.standard_normal((T, q_dim))).astype(np.float32)        # peaky enough for softmax to matter
     qkv = np.zeros((T, q_dim + 2 * kv_dim), np.float32)
     qkv[:, :q_dim] = Q
-    kcache = rng.standard_normal(slots * 2 * kv_dim * seq_p).astype(np.float16)   # [slot][layer][kv_dim][seq_p]
+    kcache = rng.standard_normal(slots * 2 * kv_dim * seq_p).astype(np.float16)   # [slot][layer][keys' layout]
     vcache = rng.standard_normal(slots * 2 * seq_p * kv_dim).astype(np.float16)   # [slot][layer][seq_p][kv_dim]
     sentinel = np.float32(-77)
     out0 = np.full((T, q_dim), np.nan, np.float32)
     out0[[n for n, (p, _) in enumerate(where) if p < 0]] = 5.0     # a padding row's: to stay as it is
     outb = q.buffer(host=rows_with_gaps(out0, out_stride, sentinel))
-    prog = attention_program(q, pos_vec, pow2_divisor(head_dim), n_heads // n_kv_heads if grouped else None)
+    prog = attention_program(q, pos_vec, pow2_divisor(head_dim), n_heads // n_kv_heads if grouped else None, key_block)
     q.submit(prog.attention, (n_kv_heads if grouped else n_heads * local, T), (local, 1), q.buffer(host=rows_with_gaps(qkv, qkv_stride, np.nan)).read(),
              q.buffer(host=kcache).read(), q.buffer(host=vcache).read(), q.buffer(T * n_heads * seq_p * 4).read_write(),
              outb.write(), q.buffer(host=state).read(), np.int32(n_heads),
@@ -553,7 +560,7 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, grouped, po
         if p < 0:
             continue
         layer = slot * 2 * kv_dim * seq_p + offset
-        K = kcache[layer:layer + kv_dim * seq_p].reshape(kv_dim, seq_p).astype(np.float64)
+        K = keys_by_channel(kcache[layer:layer + kv_dim * seq_p], kv_dim, key_block).astype(np.float64)
         V = vcache[layer:layer + kv_dim * seq_p].reshape(seq_p, kv_dim).astype(np.float64)
         for h in range(n_heads):
             kv = slice((h // group) * head_dim, (h // group + 1) * head_dim)
@@ -573,19 +580,18 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, grouped, po
 ATTENTION_ISA_FALLBACKS = {"f16c": ["__AVX512F__"], "vload_half": ["__AVX512F__", "__F16C__"]}
 
 
-@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,pos_vec,local,grouped", [(2, 2, 64, 16, 1, True),
-                                                                               (6, 2, 8, 4, 16, False),
-                                                                               (3, 1, 6, 16, 1, True)])
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,pos_vec,local,grouped,key_block",
+                         [(2, 2, 64, 16, 1, True, 16), (6, 2, 8, 4, 16, False, 0), (3, 1, 6, 16, 1, True, 16)])
 @pytest.mark.parametrize("isa", list(ATTENTION_ISA_FALLBACKS))
 def test_attention_isa_fallbacks(q, tmp_path, monkeypatch, isa, n_heads, n_kv_heads, head_dim, pos_vec, local,
-                                 grouped):
+                                 grouped, key_block):
     kernels = tmp_path / "cl_kernels"
     shutil.copytree(program.KERNEL_DIR, kernels)
     source = kernels / "attention.cl"
     source.write_text("".join(f"#undef {m}\n" for m in ATTENTION_ISA_FALLBACKS[isa]) + source.read_text())
     monkeypatch.setattr(program, "KERNEL_DIR", kernels)
     test_attention(Queue(q.device, q.config, out_of_order=False), n_heads, n_kv_heads, head_dim, pos_vec, local,
-                   grouped, pos=37, T=4, rows="table")
+                   grouped, key_block, pos=37, T=4, rows="table")
 
 
 @pytest.mark.parametrize("fmt", ["q8g32", "int4g32", "int4asym128", "q8asym32-q51", "int5g32-q50"])

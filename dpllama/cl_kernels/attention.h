@@ -4,16 +4,32 @@
 
 #include "common.h"
 
-// KV cache layout, per layer: keys [kv_dim][seq_p] (each channel's positions side by side, so one
-// vector load gives a channel of ATTENTION_POSITIONS positions), values [seq_p][kv_dim] (each position's channels
-// side by side). seq_p is seq_len rounded up to ATTENTION_POSITIONS. matrix.cl's gemv_norm_rope_kv fills it. A layer's
-// part starts at cache_offset (the host's KVCache.offset, dpllama/model/kv_cache.py); within it, these give
-// the key and the value of channel c at position p. Keys and values are fp16 (llama.cpp's default cache type):
+// KV cache layout, per layer: values [seq_p][kv_dim] (each position's channels side by side); keys in blocks of
+// KEY_BLOCK positions, [seq_p / KEY_BLOCK][kv_dim][KEY_BLOCK] (in a block, each channel's positions side by side, so
+// one vector load gives a channel of ATTENTION_POSITIONS positions, which divides KEY_BLOCK). Built without
+// -DKEY_BLOCK (the GPU configs) a block is the whole sequence: keys [kv_dim][seq_p], each work-item's run of
+// positions next to the next one's. The CPU configs' blocks of 16 (work_group.key_block) keep what attend_heads reads
+// for a run of positions in one stretch of memory (head_dim x 16 keys, 2 KB for fp16 and head_dim 64), which a
+// prefetch can fetch ahead, where a channel's whole row put them in head_dim stretches seq_p apart, which the hardware
+// prefetchers did not follow; and a new position's keys fill kv_dim / 2 cache lines, not kv_dim (stores that each
+// missed the cache: 5% of an 8-row batch step's time). SmolLM2, 8-row batch steps over positions 128-428: 1.11-1.28x
+// faster on the avx512 path, 1.07-1.10x on avx2; one sequence's decode over 128-728: 1.06x. seq_p is seq_len rounded
+// up to KEY_BLOCK (and to ATTENTION_POSITIONS). matrix.cl's gemv_norm_rope_kv fills the cache. A layer's part
+// starts at cache_offset (the host's KVCache.offset, dpllama/model/kv_cache.py, with the NumPy twin of this layout);
+// within it, KEY_AT and VALUE_AT give the key and the value of channel c at position p, and KEY_STRIDE the distance
+// from a key to the next channel's at the same position. Keys and values are fp16 (llama.cpp's default cache type):
 // attention reads the whole cache of every layer at each step, so at long contexts its bytes, not the weights',
 // set a decode step's pace; half of them read in half the time (SmolLM2 after 512 tokens: decode 4-8% and prompts
 // 10% faster), and a slot's context costs half the memory. They are stored rounded to nearest (vstore_half_rte) and
 // read by LOAD_HALFS below; -DKV_F32 builds a float32 cache instead (KV_LOAD, KV_STORE):
-#define KEY_AT(k_cache, cache_offset, seq_p, c, p) ((k_cache) + (cache_offset) + (size_t)(c) * (seq_p) + (p))
+#if defined(KEY_BLOCK)
+#define KEY_STRIDE(seq_p) KEY_BLOCK
+#define KEY_AT(k_cache, cache_offset, kv_dim, seq_p, c, p) ((k_cache) + (cache_offset) + \
+    (size_t)((p) / KEY_BLOCK) * (kv_dim) * KEY_BLOCK + (size_t)(c) * KEY_BLOCK + (p) % KEY_BLOCK)
+#else
+#define KEY_STRIDE(seq_p) (seq_p)
+#define KEY_AT(k_cache, cache_offset, kv_dim, seq_p, c, p) ((k_cache) + (cache_offset) + (size_t)(c) * (seq_p) + (p))
+#endif
 #define VALUE_AT(v_cache, cache_offset, kv_dim, c, p) ((v_cache) + (cache_offset) + (size_t)(p) * (kv_dim) + (c))
 
 // Where row n of a forward pass sits. A pass over one sequence (slot_stride = 0) gets that sequence's state
@@ -94,9 +110,9 @@ inline void attend(const int h, const int n, __global const float *query, __glob
     if (pos < 0) return;    // a padding row: the whole work-group returns, before any barrier
     const size_t layer = ROW_CACHE(state, n, slot_stride, cache_offset);
     __global const float *q = query + (size_t)n * q_stride + h * head_dim;
-    __global const kv_t *kh = KEY_AT(k_cache, layer, seq_p, kvh * head_dim, 0);
     __global const kv_t *vh = VALUE_AT(v_cache, layer, kv_dim, kvh * head_dim, 0);
     __global float *a = att + ((size_t)n * n_heads + h) * seq_p;
+    const size_t ks = KEY_STRIDE(seq_p);
     const float scale = rsqrt((float)head_dim);
 
     // vector running max and sum, reduced once at the end: fmax and a per-lane scalar loop cost calls and
@@ -105,17 +121,17 @@ inline void attend(const int h, const int n, __global const float *query, __glob
     for (int t0 = lid * ATTENTION_POSITIONS; t0 <= pos; t0 += L * ATTENTION_POSITIONS) {
         // four independent chains of FMAs (one would wait on each one's latency); head_dim is even (RoPE pairs)
         floatP s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-        __global const kv_t *kt = kh + t0;
+        __global const kv_t *kt = KEY_AT(k_cache, layer, kv_dim, seq_p, kvh * head_dim, t0);
         int d = 0;
         for (; d + 4 <= head_dim; d += 4) {
-            s0 += q[d] * KV_LOAD_P(kt + (size_t)d * seq_p);
-            s1 += q[d + 1] * KV_LOAD_P(kt + (size_t)(d + 1) * seq_p);
-            s2 += q[d + 2] * KV_LOAD_P(kt + (size_t)(d + 2) * seq_p);
-            s3 += q[d + 3] * KV_LOAD_P(kt + (size_t)(d + 3) * seq_p);
+            s0 += q[d] * KV_LOAD_P(kt + d * ks);
+            s1 += q[d + 1] * KV_LOAD_P(kt + (d + 1) * ks);
+            s2 += q[d + 2] * KV_LOAD_P(kt + (d + 2) * ks);
+            s3 += q[d + 3] * KV_LOAD_P(kt + (d + 3) * ks);
         }
         for (; d < head_dim; d += 2) {
-            s0 += q[d] * KV_LOAD_P(kt + (size_t)d * seq_p);
-            s1 += q[d + 1] * KV_LOAD_P(kt + (size_t)(d + 1) * seq_p);
+            s0 += q[d] * KV_LOAD_P(kt + d * ks);
+            s1 += q[d + 1] * KV_LOAD_P(kt + (d + 1) * ks);
         }
         floatP s = ((s0 + s1) + (s2 + s3)) * scale;
         if (t0 + ATTENTION_POSITIONS > pos + 1)                                 // the vector runs past the causal edge
@@ -170,9 +186,9 @@ inline void attend_heads(const int j, const int n, __global const float *query, 
     if (pos < 0) return;    // a padding row
     const size_t layer = ROW_CACHE(state, n, slot_stride, cache_offset);
     __global const float *q = query + (size_t)n * q_stride + j * GQA * head_dim;    // the heads' q, side by side
-    __global const kv_t *kh = KEY_AT(k_cache, layer, seq_p, j * head_dim, 0);
     __global const kv_t *vh = VALUE_AT(v_cache, layer, kv_dim, j * head_dim, 0);
     __global float *a = att + ((size_t)n * n_heads + j * GQA) * seq_p;              // the heads' score rows
+    const size_t ks = KEY_STRIDE(seq_p);
     const float scale = rsqrt((float)head_dim);
 
     floatP mv[GQA];     // running maxima as vectors, reduced once at the end (as attend's)
@@ -182,12 +198,19 @@ inline void attend_heads(const int j, const int n, __global const float *query, 
         floatP s[ATT_CHAINS * GQA];
 #pragma unroll
         for (int i = 0; i < ATT_CHAINS * GQA; i++) s[i] = 0.0f;
-        __global const kv_t *kt = kh + t0;
+        __global const kv_t *kt = KEY_AT(k_cache, layer, kv_dim, seq_p, j * head_dim, t0);
+#if defined(KEY_BLOCK) && defined(__SSE2__)
+        // the head's keys two blocks on, a prefetch per 64-byte line (clang's builtin; one never faults, so those
+        // past the cache's end are harmless): about half of the blocks' gain above
+        if (t0 % KEY_BLOCK == 0)
+            for (int i = 0; i < head_dim * KEY_BLOCK; i += 64 / sizeof(kv_t))
+                __builtin_prefetch((__global const char *)(kt + (size_t)2 * kv_dim * KEY_BLOCK + i));
+#endif
         int d = 0;
         for (; d + ATT_CHAINS <= head_dim; d += ATT_CHAINS) {
 #pragma unroll
             for (int c = 0; c < ATT_CHAINS; c++) {
-                const floatP k = KV_LOAD_P(kt + (size_t)(d + c) * seq_p);
+                const floatP k = KV_LOAD_P(kt + (d + c) * ks);
 #pragma unroll
                 for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * head_dim + d + c] * k;
             }
@@ -195,7 +218,7 @@ inline void attend_heads(const int j, const int n, __global const float *query, 
         for (; d < head_dim; d += 2) {       // head_dim is even (RoPE pairs): what 4 chains leave is a pair
 #pragma unroll
             for (int c = 0; c < 2; c++) {
-                const floatP k = KV_LOAD_P(kt + (size_t)(d + c) * seq_p);
+                const floatP k = KV_LOAD_P(kt + (d + c) * ks);
 #pragma unroll
                 for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * head_dim + d + c] * k;
             }

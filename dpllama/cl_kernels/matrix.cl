@@ -614,9 +614,9 @@ inline void store_qkv(__private const floatV *acc, const int t0, const int tiles
                     y[(size_t)(tok0 + n) * y_stride + r] = a;
                     y[(size_t)(tok0 + n) * y_stride + r + 1] = b;
                 } else if (r < q_dim + kv_dim) {
-                    __global kv_t *kc = KEY_AT(k_cache, layer, seq_p, r - q_dim, pos);
+                    __global kv_t *kc = KEY_AT(k_cache, layer, kv_dim, seq_p, r - q_dim, pos);
                     KV_STORE(a, 0, kc);
-                    KV_STORE(b, seq_p, kc);
+                    KV_STORE(b, KEY_STRIDE(seq_p), kc);
                 } else {
                     __global kv_t *vc = VALUE_AT(v_cache, layer, kv_dim, r - q_dim - kv_dim, pos);
                     KV_STORE(a, 0, vc);

@@ -42,6 +42,7 @@ class Geometry:
     prefill_chunk: int          # prompt tokens per forward pass
     decode_rows: int = 1        # passes of up to this many rows run decode's kernels (a work-group per row)
     matrix_groups: int = 2      # gemv 1: a matrix launch's work-groups per compute unit (over its groups of input rows)
+    key_block: int = 0          # the KV cache's keys in blocks of this many positions (0: one block; attention.h)
 
     @classmethod
     def of(cls, config: DeviceConfig) -> "Geometry":

@@ -39,7 +39,7 @@ import numpy as np
 
 from dpllama.errors import DpllamaError
 from dpllama.model import kernels
-from dpllama.model.kv_cache import KVCache, Sequence, zeros
+from dpllama.model.kv_cache import KVCache, Sequence, cache_defines, zeros
 from dpllama.formats import round_up
 from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor
 from dpllama.model.weights import Layer, Tensor, Weights, check_activation_bits, check_kv_cache, rope_angles
@@ -138,7 +138,7 @@ class Llama:
         self.geometry = geo = Geometry.of(q.config)
         self.seq_len = min(max_seq or c.seq_len, c.seq_len)
         self.chunk = pass_rows(geo.prefill_chunk, slots, chunk, self.seq_len)
-        kv_defines = ("KV_F32",) if kv_cache == "f32" else ()      # attention.h: the cache's value type
+        kv_defines = cache_defines(kv_cache, geo.key_block)        # attention.h: the cache's value type and layout
         # work-groups of one work-item take the query heads of a key/value head together (attention.h's attend_heads)
         gqa = (f"GQA={c.n_heads // c.n_kv_heads}",) if geo.attention == 1 else ()
         self.attention_defines = (f"ATTENTION_POSITIONS={geo.attention_positions}", f"HD_VEC={pow2_divisor(c.head_dim)}",
@@ -194,7 +194,8 @@ class Llama:
         self.query = zeros(q, n * self.q_p, "query")             # [chunk, q_dim] (k and v go to the cache)
         self.att_out = zeros(q, n * self.q_p, "att_out")         # attention output [chunk, q_dim]
         self.h = zeros(q, n * self.hidden_p, "h")                # SwiGLU output [chunk, hidden]
-        self.cache = KVCache(q, c.n_layers, c.kv_dim, self.seq_len, geo.attention_positions, slots, kv_cache)
+        self.cache = KVCache(q, c.n_layers, c.kv_dim, self.seq_len, geo.attention_positions, slots, kv_cache,
+                             geo.key_block)
         self.att = zeros(q, n * c.n_heads * self.cache.seq_p, "att")   # attention scores [chunk, n_heads, seq]
         self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta, c.rope_freq_factors),
                               name="rope")  # [seq, hd/2, 2]

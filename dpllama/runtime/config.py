@@ -40,6 +40,7 @@ SCHEMA = {
         "reduce": (int, 64),        # single work-group reductions: greedy argmax, devices --check
         "attention": (int, 64),     # threads per head and token in attention
         "attention_positions": (int, 16),  # positions per vector in attention scores (2, 4, 8 or 16)
+        "key_block": (int, 0),      # KV cache keys in blocks of this many positions; 0: one block (attention.h)
         "decode_tiles": (int, 1),   # row tiles a work-group takes at a time when decoding
         "decode_rows": (int, 1),    # passes of up to this many rows (batches of decode steps) use decode's kernels
         "matrix_groups": (int, 2),  # gemv 1 (CPUs): matrix launches' work-groups per compute unit
@@ -138,7 +139,7 @@ def parse_config(text: str, path: str = "<string>") -> DeviceConfig:
             raise DpllamaError(f"{path}: key 'match.{k}' must not contain ',' (values match as substrings, "
                                f"{v.split(',')[0].strip()!r} is enough), found {v!r}")
     for k, n in values["work_group"].items():
-        if n == 0:
+        if n == 0 and k != "key_block":
             raise DpllamaError(f"{path}: key 'work_group.{k}' must be a positive integer, found 0")
     for k in ("gemv", "reduce", "attention"):     # group_sum/group_max (common.h) halve the group each step
         n = values["work_group"][k]
@@ -152,6 +153,10 @@ def parse_config(text: str, path: str = "<string>") -> DeviceConfig:
         if n not in VECTOR_WIDTHS:
             raise DpllamaError(f"{path}: key 'work_group.{k}' must be one of 2, 4, 8, 16 (an OpenCL vector "
                                f"width), found {n}")
+    block, positions = values["work_group"]["key_block"], values["work_group"]["attention_positions"]
+    if block % positions:       # a score vector's positions lie in one block
+        raise DpllamaError(f"{path}: key 'work_group.key_block' must be 0 or a multiple of attention_positions "
+                           f"({positions}), found {block}")
     return DeviceConfig(values, path)
 
 
