@@ -594,6 +594,21 @@ def test_attention_isa_fallbacks(q, tmp_path, monkeypatch, isa, n_heads, n_kv_he
                    grouped, key_block, pos=37, T=4, rows="table")
 
 
+@pytest.mark.parametrize("geometry", ["cpu", "solo"])
+@pytest.mark.parametrize("isa", list(ATTENTION_ISA_FALLBACKS))
+def test_gemv_norm_rope_kv_isa_fallbacks(q, tmp_path, monkeypatch, isa, geometry):
+    """matrix.cl's store_qkv converts a tile to the cache's fp16 with AVX-512's instruction (the tests above, on an
+    AVX-512 machine), with F16C's (AVX2 CPUs; tiles of 16 rows and of 8: the "solo" geometry) or value by value
+    with vstore_half_rte (other CPUs): each the same rounding."""
+    kernels = tmp_path / "cl_kernels"
+    shutil.copytree(program.KERNEL_DIR, kernels)
+    source = kernels / "matrix.cl"
+    source.write_text("".join(f"#undef {m}\n" for m in ATTENTION_ISA_FALLBACKS[isa]) + source.read_text())
+    monkeypatch.setattr(program, "KERNEL_DIR", kernels)
+    test_gemv_norm_rope_kv(Queue(q.device, q.config, out_of_order=False), 4, 4, 64, 10000.0, pos=37, T=3,
+                           geometry=geometry, bias=True)
+
+
 @pytest.mark.parametrize("fmt", ["q8g32", "int4g32", "int4asym128", "q8asym32-q51", "int5g32-q50"])
 @pytest.mark.parametrize("local", [1, 64, 256])
 @pytest.mark.parametrize("n", [1, 5, 97, 1000, 4096])

@@ -489,6 +489,11 @@ inline void store_rows(__global float *y, __private const floatV *acc, const int
         for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
             __global float *yr = y + (size_t)(tok0 + n) * y_stride;
             const int first = (t0 + tt) * TILE_ROWS;
+            if (first + TILE_ROWS <= rows && y_stride % TILE_ROWS == 0) {    // a whole tile, aligned: a vector
+                __global floatV *yv = (__global floatV *)(yr + first);
+                *yv = add ? *yv + acc[tt * TOKENS + n] : acc[tt * TOKENS + n];
+                continue;
+            }
             for (int i = 0; i < TILE_ROWS && first + i < rows; i++) {
                 const float v = ((const float *)&acc[tt * TOKENS + n])[i];
                 yr[first + i] = add ? yr[first + i] + v : v;
@@ -568,8 +573,11 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
             for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
                 const floatHalfV gate = acc[tt * TOKENS + n].lo, up = acc[tt * TOKENS + n].hi;
                 const floatHalfV out = gate / (1.0f + EXP_HALF(-gate)) * up;
-                for (int i = 0; i < TILE_ROWS / 2 && first + i < rows / 2; i++)
-                    y[(size_t)(tok0 + n) * y_stride + first + i] = ((const float *)&out)[i];
+                if (first + TILE_ROWS / 2 <= rows / 2 && y_stride % (TILE_ROWS / 2) == 0)     // aligned: a vector
+                    *(__global floatHalfV *)(y + (size_t)(tok0 + n) * y_stride + first) = out;
+                else
+                    for (int i = 0; i < TILE_ROWS / 2 && first + i < rows / 2; i++)
+                        y[(size_t)(tok0 + n) * y_stride + first + i] = ((const float *)&out)[i];
             }
         }
     }
@@ -587,7 +595,49 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
                  __global const int *state, __global const float *rope, const int q_dim, const int kv_dim, \
                  const int head_dim, const int seq_p, const int cache_offset, const int slot_stride
 
-// Rotate and store the rows of `tiles` tiles from t0 (work-item 0's acc) as q, k or v.
+// RoPE in vector form: lanes 2i and 2i + 1 of a tile swapped (PAIR_SWAP), so that out = v * c + PAIR_SWAP(v) * s
+// with c = (cos_i, cos_i) and s = (-sin_i, sin_i) per pair turns every pair at once. The table holds a position's
+// (cos_i, sin_i) side by side, so c is the even lanes of a tile of it doubled (EVENS) and s its odd ones (ODDS) times
+// PAIR_SIGNS. (clang's builtin, inline, where OpenCL's shuffle is a library call in PoCL.)
+#if TILE_ROWS == 16
+#define PAIR_SWAP(v) __builtin_shufflevector((v), (v), 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)
+#define EVENS(v) __builtin_shufflevector((v), (v), 0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14)
+#define ODDS(v) __builtin_shufflevector((v), (v), 1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15)
+#define PAIR_SIGNS (float16)(-1.0f, 1.0f, -1.0f, 1.0f, -1.0f, 1.0f, -1.0f, 1.0f, \
+                             -1.0f, 1.0f, -1.0f, 1.0f, -1.0f, 1.0f, -1.0f, 1.0f)
+#elif TILE_ROWS == 8
+#define PAIR_SWAP(v) __builtin_shufflevector((v), (v), 1, 0, 3, 2, 5, 4, 7, 6)
+#define EVENS(v) __builtin_shufflevector((v), (v), 0, 0, 2, 2, 4, 4, 6, 6)
+#define ODDS(v) __builtin_shufflevector((v), (v), 1, 1, 3, 3, 5, 5, 7, 7)
+#define PAIR_SIGNS (float8)(-1.0f, 1.0f, -1.0f, 1.0f, -1.0f, 1.0f, -1.0f, 1.0f)
+#elif TILE_ROWS == 4
+#define PAIR_SWAP(v) __builtin_shufflevector((v), (v), 1, 0, 3, 2)
+#define EVENS(v) __builtin_shufflevector((v), (v), 0, 0, 2, 2)
+#define ODDS(v) __builtin_shufflevector((v), (v), 1, 1, 3, 3)
+#define PAIR_SIGNS (float4)(-1.0f, 1.0f, -1.0f, 1.0f)
+#else
+#define PAIR_SWAP(v) __builtin_shufflevector((v), (v), 1, 0)
+#define EVENS(v) __builtin_shufflevector((v), (v), 0, 0)
+#define ODDS(v) __builtin_shufflevector((v), (v), 1, 1)
+#define PAIR_SIGNS (float2)(-1.0f, 1.0f)
+#endif
+// A tile of floats as the bits of fp16 values rounded to nearest even (vstore_half_rte's rounding), in one or two
+// conversion instructions where the compiler targets AVX-512 or F16C; elsewhere store_qkv converts each value with
+// vstore_half_rte, which PoCL compiles to ~30 integer operations a value (a fifth of a prompt pass's QKV launch
+// went to them and the scalar rotation before).
+#if !defined(KV_F32) && TILE_ROWS == 16 && defined(__AVX512F__)
+#define HALF_BITS(v) as_ushort16(__builtin_ia32_vcvtps2ph512_mask((v), 0, (short16)(0), (ushort)0xffff))
+#elif !defined(KV_F32) && TILE_ROWS == 16 && defined(__F16C__)
+#define HALF_BITS(v) (ushort16)(as_ushort8(__builtin_ia32_vcvtps2ph256((v).lo, 0)), \
+                                as_ushort8(__builtin_ia32_vcvtps2ph256((v).hi, 0)))
+#elif !defined(KV_F32) && TILE_ROWS == 8 && defined(__F16C__)
+#define HALF_BITS(v) as_ushort8(__builtin_ia32_vcvtps2ph256((v), 0))
+#endif
+
+// Rotate and store the rows of `tiles` tiles from t0 (work-item 0's acc) as q, k or v: a tile of a token at a time,
+// its rotation and its conversion to the cache's fp16 in vector form, its stores a lane at a time. Where head_dim is
+// a multiple of TILE_ROWS, a whole tile lies in one head of q or k (a vector of the table turns it) or in v; else
+// (small test models) a tile may hold rows of q, k and v and of several heads, and c and s are made lane by lane.
 inline void store_qkv(__private const floatV *acc, const int t0, const int tiles, const int rows, const int T,
                       __global float *y, const int y_stride, QKV_ARGS) {
     const int tok0 = get_group_id(1) * TOKENS;
@@ -597,31 +647,51 @@ inline void store_qkv(__private const floatV *acc, const int t0, const int tiles
             const int pos = ROW_POS(state, tok0 + n, slot_stride);
             if (pos < 0) continue;      // a batch's padding row (attention.h): no place in the cache
             const size_t layer = ROW_CACHE(state, tok0 + n, slot_stride, cache_offset);
-            for (int i = 0; i < TILE_ROWS && first + i < rows; i += 2) {
-                const int r = first + i;
-                float a = ((const float *)&acc[tt * TOKENS + n])[i], b = ((const float *)&acc[tt * TOKENS + n])[i + 1];
+            const int whole = head_dim % TILE_ROWS == 0 && first + TILE_ROWS <= rows;
+            floatV v = acc[tt * TOKENS + n], c = 1.0f, s = 0.0f;     // v's rows keep c = 1, s = 0: no turn
 #if defined(QKV_BIAS)
-                a += bias[r];
-                b += bias[r + 1];
+            if (whole)
+                v += *(__global const floatV *)(bias + first);
+            else
+                for (int i = 0; i < TILE_ROWS && first + i < rows; i++) ((float *)&v)[i] += bias[first + i];
 #endif
-                if (r < q_dim + kv_dim) {                       // q or k: rotate the pair
-                    __global const float *cs = rope + (size_t)pos * head_dim + (r < q_dim ? r : r - q_dim) % head_dim;
-                    const float ra = a * cs[0] - b * cs[1];
-                    b = a * cs[1] + b * cs[0];
-                    a = ra;
+            if (whole && first < q_dim + kv_dim) {     // q or k: the pairs' angles at this position, from the table
+                const floatV cs = *(__global const floatV *)(rope + (size_t)pos * head_dim +
+                                                              (first < q_dim ? first : first - q_dim) % head_dim);
+                c = EVENS(cs);
+                s = ODDS(cs) * PAIR_SIGNS;
+            } else if (!whole) {
+                for (int i = 0; i < TILE_ROWS && first + i < rows; i += 2) {
+                    const int r = first + i;
+                    if (r < q_dim + kv_dim) {                   // q or k: pair i / 2's angle at this position
+                        __global const float *cs = rope + (size_t)pos * head_dim + (r < q_dim ? r : r - q_dim) % head_dim;
+                        ((float *)&c)[i] = ((float *)&c)[i + 1] = cs[0];
+                        ((float *)&s)[i] = -cs[1];
+                        ((float *)&s)[i + 1] = cs[1];
+                    }
                 }
+            }
+            const floatV out = v * c + PAIR_SWAP(v) * s;
+#if defined(HALF_BITS)
+            const ushortV bits = HALF_BITS(out);
+#endif
+            for (int i = 0; i < TILE_ROWS && first + i < rows; i++) {
+                const int r = first + i;
+                const float o = ((const float *)&out)[i];
+                __global kv_t *to;
                 if (r < q_dim) {
-                    y[(size_t)(tok0 + n) * y_stride + r] = a;
-                    y[(size_t)(tok0 + n) * y_stride + r + 1] = b;
+                    y[(size_t)(tok0 + n) * y_stride + r] = o;
+                    continue;
                 } else if (r < q_dim + kv_dim) {
-                    __global kv_t *kc = KEY_AT(k_cache, layer, kv_dim, seq_p, r - q_dim, pos);
-                    KV_STORE(a, 0, kc);
-                    KV_STORE(b, KEY_STRIDE(seq_p), kc);
+                    to = KEY_AT(k_cache, layer, kv_dim, seq_p, r - q_dim, pos);
                 } else {
-                    __global kv_t *vc = VALUE_AT(v_cache, layer, kv_dim, r - q_dim - kv_dim, pos);
-                    KV_STORE(a, 0, vc);
-                    KV_STORE(b, 1, vc);
+                    to = VALUE_AT(v_cache, layer, kv_dim, r - q_dim - kv_dim, pos);
                 }
+#if defined(HALF_BITS)
+                *(__global ushort *)to = ((const ushort *)&bits)[i];
+#else
+                KV_STORE(o, 0, to);
+#endif
             }
         }
     }
