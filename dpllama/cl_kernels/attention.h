@@ -257,6 +257,14 @@ inline void attend_heads(const int j, const int n, __global const float *query, 
         __global const kv_t *vd = vh + d0;
         int t = 0;
         for (; t + ATT_CHAINS <= pos + 1; t += ATT_CHAINS) {
+#if defined(__SSE2__)
+            // in the first run over the positions, the head's values 32 positions on, a prefetch per 64-byte line
+            // (SmolLM2 over 130-450 positions, in-process A/B: 8-row batch steps and one sequence's decode 1.01-1.04x)
+            if (d0 == 0)
+                for (int c = 0; c < ATT_CHAINS; c++)
+                    for (int i = 0; i < head_dim; i += 64 / sizeof(kv_t))
+                        __builtin_prefetch((__global const char *)(vh + (size_t)(t + c + 32) * kv_dim + i));
+#endif
 #pragma unroll
             for (int c = 0; c < ATT_CHAINS; c++) {
                 const floatH v = KV_LOAD_H(vd + (size_t)(t + c) * kv_dim);

@@ -623,8 +623,8 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
 #endif
 // A tile of floats as the bits of fp16 values rounded to nearest even (vstore_half_rte's rounding), in one or two
 // conversion instructions where the compiler targets AVX-512 or F16C; elsewhere store_qkv converts each value with
-// vstore_half_rte, which PoCL compiles to ~30 integer operations a value (a fifth of a prompt pass's QKV launch
-// went to them and the scalar rotation before).
+// vstore_half_rte, which PoCL compiles to ~30 integer operations a value (with the scalar rotation before, 13-16%
+// of a prompt pass's QKV launch).
 #if !defined(KV_F32) && TILE_ROWS == 16 && defined(__AVX512F__)
 #define HALF_BITS(v) as_ushort16(__builtin_ia32_vcvtps2ph512_mask((v), 0, (short16)(0), (ushort)0xffff))
 #elif !defined(KV_F32) && TILE_ROWS == 16 && defined(__F16C__)
