@@ -166,8 +166,8 @@ def q(queue):
 
 
 def attention_program(q, pos_vec: int = 16, hd_vec: int = 8, gqa: int | None = None, key_block: int = 0):
-    return q.program("attention.cl", f"ATTENTION_POSITIONS={pos_vec}", f"HD_VEC={hd_vec}", *([f"GQA={gqa}"] if gqa else []),
-                     *cache_defines("f16", key_block))
+    return q.program("attention.cl", f"ATTENTION_POSITIONS={pos_vec}", f"HD_VEC={hd_vec}",
+                     *([f"GQA={gqa}"] if gqa else []), *cache_defines("f16", key_block))
 
 
 def f32(a) -> np.ndarray:

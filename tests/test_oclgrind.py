@@ -1,7 +1,8 @@
 """The kernels under Oclgrind, a checking OpenCL runtime that reports out-of-bounds reads and writes, data races
 and reads of uninitialized memory: stories260K greedy against llama2.c's oracle, and the forward pass of a
 random model in the quantized formats against the NumPy reference, in the GPU launch geometry (work-items
-sharing a tile, tree reductions, barriers) and in the CPU one (a work-item per tile, the fused attention).
+sharing a tile, tree reductions, barriers) and in the CPU one (a work-item per tile, the fused attention, the
+keys in blocks of positions).
 Any report fails the test, but for two of the driver-probing calls every OpenCL program makes (NOISE).
 
 Oclgrind interprets every work-item, so the shapes are small; it rejects -g and needs -cl-opt-disable under
@@ -27,8 +28,9 @@ CONFIGS = {
                     "work_group: {gemv: 16, tile_rows: 4, attention: 16, attention_positions: 4, reduce: 16, "
                     "prefill_chunk: 4}\n",
     "cpu-geometry": "match: {platform: Oclgrind}\nbuild_options: [-cl-opt-disable]\n"
-                    "work_group: {gemv: 1, tile_rows: 8, attention: 1, attention_positions: 8, reduce: 16, "
-                    "decode_tiles: 2, prefill_tiles: 4, prefill_chunk: 4}\nfuse: {attention_min_kv_heads: 1}\n",
+                    "work_group: {gemv: 1, tile_rows: 8, attention: 1, attention_positions: 8, key_block: 16, "
+                    "reduce: 16, decode_tiles: 2, prefill_tiles: 4, prefill_chunk: 4}\n"
+                    "fuse: {attention_min_kv_heads: 1}\n",
 }
 # Reports from the runtime's own probing that are not dpllama's calls: device queries for parameters an OpenCL
 # 1.2 device lacks (PyOpenCL and dpllama's device facts ask for them), and PyOpenCL's kernel-name probing.
