@@ -15,6 +15,7 @@ from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler, check_steps, generate, new_tokens
 from dpllama.hub import resolve_model
 from dpllama.loaders import load_tokenizer, load_weights
+from dpllama.model.kv_cache import position_step
 from dpllama.model.layout import Geometry
 from dpllama.model.llama import Llama, floats_per_position, pass_rows
 from dpllama.model.weights import ModelConfig, check_activation_bits, check_kv_cache
@@ -93,7 +94,7 @@ def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None, slots: int
     n = min(max_seq or c.seq_len, c.seq_len)
     geo = Geometry.of(q.config)
     per_pos = floats_per_position(c, pass_rows(geo.prefill_chunk, slots, chunk, n), slots, kv_cache)
-    step = max(geo.attention_positions, geo.key_block)     # Llama pads the context to a multiple of it (KVCache)
+    step = position_step(geo.attention_positions, geo.key_block)     # Llama's KVCache pads the context to it
     cap = max(step, min(q.max_alloc // (4 * sum(per_pos)), (2**31 - 1) // max(per_pos)) // step * step)
     if n > cap:
         what = f"--ctx {n}" if n == max_seq else f"the model's context of {n} tokens"

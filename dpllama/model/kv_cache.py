@@ -35,6 +35,12 @@ def cache_defines(kv_cache: str = "f16", key_block: int = 0) -> tuple[str, ...]:
     return (("KV_F32",) if kv_cache == "f32" else ()) + ((f"KEY_BLOCK={key_block}",) if key_block else ())
 
 
+def position_step(positions: int, key_block: int = 0) -> int:
+    """The cache holds a multiple of this many positions (seq_p): whole score vectors and whole key blocks
+    (key_block is 0 or a multiple of positions, config validation says)."""
+    return max(positions, key_block)
+
+
 def keys_by_channel(keys: np.ndarray, kv_dim: int, key_block: int = 0) -> np.ndarray:
     """A layer's keys as the cache holds them (flat, kv_dim * seq_p values) -> [kv_dim][seq_p]."""
     seq_p = keys.size // kv_dim
@@ -46,7 +52,7 @@ class KVCache:
     def __init__(self, q: Queue, n_layers: int, kv_dim: int, seq_len: int, positions: int, slots: int = 1,
                  kv_cache: str = "f16", key_block: int = 0):
         self.n_layers, self.kv_dim, self.slots = n_layers, kv_dim, slots
-        self.seq_p = round_up(seq_len, max(positions, key_block))    # key_block: 0 or a multiple of positions
+        self.seq_p = round_up(seq_len, position_step(positions, key_block))
         n = slots * n_layers * kv_dim * self.seq_p
         self.k = zeros(q, n, "k_cache", KV_TYPES[kv_cache])     # [slot][layer][seq_p / key_block][kv_dim][key_block]
         self.v = zeros(q, n, "v_cache", KV_TYPES[kv_cache])     # [slot][layer][seq_p][kv_dim]
