@@ -121,6 +121,7 @@ def test_integrated_intel_gets_the_defaults():
 @pytest.mark.parametrize("probe, config, rows", [
     (AVX512, "cpu", 16),
     (Probe(macros=("__AVX512VNNI__",) + AVX512.macros), "cpu", 16),
+    (Probe(macros=("__AVX512BW__",) + AVX512.macros, vnni_asm=True), "cpu", 16),     # VNNI through inline assembly
     (AVX2, "cpu-avx2", 16),
     (Probe(macros=("__AVX__", "__SSE4_1__")), "cpu-portable", 4),
     (Probe(), "cpu-portable", 4),               # no x86 macros at all: another architecture

@@ -53,6 +53,9 @@ def test_json(listing):
         assert d["reason"].startswith("selected: " if d["selected"] else "not selected: ")
         assert d["global_mem_bytes"] > 0 and d["compute_units"] > 0 and d["max_work_group_size"] > 0
         assert {"type", "vendor", "driver", "opencl", "fp16", "int8_dot", "subgroups", "out_of_order_queue"} <= d.keys()
+        assert d["vnni_asm"] in (True, False)
+        if d["vnni_asm"]:       # VNNI the compiler does not target, through inline assembly
+            assert d["kernel_path"] == "avx512-vnni" and "__AVX512VNNI__" not in d["isa_macros"], d
     assert listing["config"] == selected[0]["config"]
     if selected[0]["type"] == "cpu":
         assert listing["config"].endswith("cpu.yaml")

@@ -84,10 +84,14 @@ VNNI_BUILDS = [(("W_Q8", "GROUP=32", "SCALES_F32"), "vpdpwssd"), (("W_INT4", "GR
 
 @pytest.mark.parametrize("defines,instruction", VNNI_BUILDS, ids=["-".join(d) for d, _ in VNNI_BUILDS])
 @pytest.mark.parametrize("tokens", [1, 8])
-def test_vnni_path_compiles(tmp_path, defines, instruction, tokens):
-    """matrix.cl as a driver gets it (program.source), compiled by clang for an AVX-512 VNNI CPU (Ice Lake server),
-    to LLVM IR: it must build and multiply with the VNNI instruction. Only compiled, not run: a run needs a
-    driver that targets VNNI (PoCL 3.1 targets Zen 5, which has it, as skylake-avx512, which has not)."""
+@pytest.mark.parametrize("march", ["icelake-server", "skylake-avx512"])
+def test_vnni_path_compiles(tmp_path, defines, instruction, tokens, march):
+    """matrix.cl as a driver gets it (program.source), compiled by clang to LLVM IR for an AVX-512 VNNI CPU (Ice Lake
+    server), where it must multiply with clang's VNNI builtin, and for an AVX-512 target without VNNI with VNNI_ASM
+    (what the probe sets where the CPU has VNNI that the compiler does not target: PoCL 3.1 builds for Zen 5 as
+    skylake-avx512), where it must multiply with the instruction in inline assembly. The builtin path is only
+    compiled here, not run: that needs a driver that targets VNNI; test_kernels.py runs the inline one where the
+    CPU has VNNI."""
     clang = shutil.which("clang-15") or shutil.which("clang")
     if clang is None:
         pytest.skip("no clang here to compile the VNNI path with (Debian's PoCL brings clang-15)")
@@ -96,8 +100,13 @@ def test_vnni_path_compiles(tmp_path, defines, instruction, tokens):
     out = tmp_path / "matrix.ll"
     # -fgnu89-inline: the helpers are plain `inline`, which C99 rules would leave without a body to look into
     r = subprocess.run([clang, "-x", "cl", "-cl-std=CL1.2", "-Xclang", "-finclude-default-header", "-fgnu89-inline",
-                        "-target", "x86_64-unknown-linux-gnu", "-march=icelake-server", "-O1", "-emit-llvm", "-S",
-                        *(f"-D{d}" for d in defines), "-DTILE_ROWS=16", "-DTILES=4", f"-DTOKENS={tokens}",
+                        "-target", "x86_64-unknown-linux-gnu", f"-march={march}", "-O1", "-emit-llvm", "-S",
+                        *(f"-D{d}" for d in defines), *(["-DVNNI_ASM"] if march == "skylake-avx512" else []),
+                        "-DTILE_ROWS=16", "-DTILES=4", f"-DTOKENS={tokens}",
                         "-o", str(out), str(src)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr[-3000:]
-    assert f"llvm.x86.avx512.{instruction}.512" in out.read_text()
+    ir = out.read_text()
+    if march == "icelake-server":
+        assert f"llvm.x86.avx512.{instruction}.512" in ir
+    else:
+        assert f'asm "{instruction} ' in ir and "pmadd" not in ir

@@ -288,7 +288,8 @@ def test_gemv_kernels(q, fmt, geometry, mode, kernel):
 # matrix.cl picks x86 instructions by the macros the compiler defines for the target (VNNI, AVX-512 F16C,
 # AVX2 pmaddwd) and plain OpenCL C otherwise. This host takes the first paths; the others, which AVX2-only
 # CPUs and GPUs take, are built here by #undef-ing those macros at the top of a copy of the kernels.
-ISA_FALLBACKS = {"avx512-no-vnni": ["__AVX512VNNI__"], "avx2": ["__AVX512VNNI__", "__AVX512F__", "__AVX512BW__"],
+ISA_FALLBACKS = {"avx512-no-vnni": ["__AVX512VNNI__", "VNNI_ASM"],
+                 "avx2": ["__AVX512VNNI__", "__AVX512F__", "__AVX512BW__"],
                  "generic": ["__AVX512VNNI__", "__AVX512F__", "__AVX512BW__", "__AVX2__"]}
 
 
@@ -314,6 +315,33 @@ def test_gemv_isa_fallbacks(q, tmp_path, monkeypatch, isa, fmt):
         tol = (gemv_rtol(t.cols_padded) * (error_scale(t, np.abs(X).T).T + np.abs(Y0)) + x_rounding(t, X, bits)
                + GEMV_ATOL)
         check_close(got, want, tol, f"gemv_add {fmt} without {ISA_FALLBACKS[isa]} T={T}")
+
+
+@pytest.mark.parametrize("fmt", ["q8g32", "int4asym32", "int5asym32f-q5k", "int4asym32-x8", "int5g32-q50-x8"])
+def test_vnni_asm_sums_as_pmaddwd_does(q, tmp_path, monkeypatch, fmt):
+    """On a CPU whose VNNI the compiler does not target, matrix.cl multiplies through inline assembly (VNNI_ASM,
+    dpllama/runtime/device.py): vpdpwssd (vpdpbusd for 8-bit activations) must give the pmaddwd path's (and
+    pmaddubsw's) results bit for bit, in decode and prefill, so a model's output does not depend on which path
+    the CPU takes."""
+    if not q.device.probe().vnni_asm:
+        pytest.skip("this host's CPU driver targets VNNI itself, or the CPU has none: no VNNI_ASM path here")
+    kernels = tmp_path / "cl_kernels"
+    shutil.copytree(program.KERNEL_DIR, kernels)
+    (kernels / "matrix.cl").write_text("#undef VNNI_ASM\n" + (kernels / "matrix.cl").read_text())
+    rng = np.random.default_rng(zlib.crc32(fmt.encode()))
+    rows, cols = SHAPES[-1]
+    t = FORMATS[fmt.removesuffix("-x8")](rng.standard_normal((rows, cols)).astype(np.float32))
+    bits = 8 if fmt.endswith("-x8") else 16
+    for T in (1, GEOMETRIES["cpu"][-1]):
+        X = rng.standard_normal((T, cols)).astype(np.float32)
+        Y0 = rng.standard_normal((T, rows)).astype(np.float32)
+        asm = run_gemv(Queue(q.device, q.config, out_of_order=False), "gemv_add", t, "cpu", X, Y0=Y0,
+                       activation_bits=bits)
+        monkeypatch.setattr(program, "KERNEL_DIR", kernels)
+        plain = run_gemv(Queue(q.device, q.config, out_of_order=False), "gemv_add", t, "cpu", X, Y0=Y0,
+                         activation_bits=bits)
+        monkeypatch.undo()
+        assert np.array_equal(asm, plain), f"{fmt} T={T}: VNNI_ASM and pmaddwd differ by {np.abs(asm - plain).max()}"
 
 
 def test_gemv_where_the_rows_do_not_fit_local_memory(q, monkeypatch):

@@ -230,7 +230,8 @@ def test_pocl_compiles_only_the_kernels_launched(tmp_path, repo_root):
                              text=True, timeout=120)
         assert run.returncode == 0 and not run.stderr, run.stderr
     built = sorted(so.parent.parent.name for so in (tmp_path / "pocl").rglob("*.so"))
-    assert built == ["axpy", "isa"], built     # (isa: the device probe) not slow_add, group_sums, read_sum, nor for any size
+    probes = ["isa", "vnni"] if select_device()[0].probe().vnni_asm else ["isa"]     # the device probe's kernels
+    assert built == sorted(["axpy", *probes]), built     # not slow_add, group_sums, read_sum, nor for any size
     [note] = (tmp_path / "home" / "kernels").glob("check-*.bin")
     assert note.read_bytes() == program.DRIVER_NOTE
 
@@ -291,3 +292,27 @@ def test_buffer_larger_than_the_allocation_limit_is_refused(queue, monkeypatch):
     queue.buffer(1 << 20, name="fits")
     with pytest.raises(DpllamaError, match=r"buffer k_cache needs 2\.0 MiB, more than the 1 MiB .*--ctx"):
         queue.buffer(2 << 20, name="k_cache")
+
+
+def test_vnni_through_inline_assembly_only_where_the_cpu_has_it(monkeypatch, tmp_path):
+    """The probe reaches a CPU's VNNI that the compiler does not target through inline assembly (VNNI_ASM), and only
+    where the host CPU lists avx512_vnni: elsewhere running the instruction would kill the process (SIGILL). The
+    probe's cache is keyed by that flag too, so a DPLLAMA_HOME shared with another machine never passes it on."""
+    from dpllama.runtime import device as devmod
+    dev = select_device()[0]
+    probe = devmod.run_probe(dev.cl_device)
+    macros = set(probe.macros)
+    can = ("__AVX512BW__" in macros and "__AVX512VNNI__" not in macros and dev.type == "cpu"
+           and "avx512_vnni" in devmod.host_cpu_flags())
+    assert probe.vnni_asm <= can, probe
+    if "Portable Computing Language" in dev.platform:      # its compiler takes inline assembly
+        assert probe.vnni_asm == can, probe
+    assert probe.defines == (("VNNI_ASM",) if probe.vnni_asm else ())
+    assert [o for o in Queue(dev, None).build_options if "VNNI" in o] == [f"-D{d}" for d in probe.defines]
+    monkeypatch.setattr(devmod, "host_cpu_flags", lambda: frozenset({"fpu", "sse2", "avx2"}))
+    assert not devmod.run_probe(dev.cl_device).vnni_asm         # never tried on a CPU without the flag
+    monkeypatch.setenv("DPLLAMA_HOME", str(tmp_path))
+    fresh = devmod.Device(dev.index, dev.type_index, dev.cl_device)
+    assert not fresh.probe().vnni_asm and fresh.probe().macros == probe.macros
+    [stored] = (tmp_path / "kernels").glob("probe-*.json")
+    assert json.loads(stored.read_text()) == {"macros": list(probe.macros), "vnni_asm": False}

@@ -68,6 +68,12 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 // AVX-512 BW, on two ymm with AVX2), plain integer arithmetic anywhere else.
 #if TILE_ROWS == 16 && defined(__AVX512VNNI__)
 #define MADD(acc, m, p) __builtin_ia32_vpdpwssd512((acc), as_int16(m), (int16)(p))
+#elif TILE_ROWS == 16 && defined(__AVX512BW__) && defined(VNNI_ASM)
+// the same instruction on a CPU that has it where the compiler does not target it (-DVNNI_ASM: the runtime's probe,
+// dpllama/runtime/device.py), p broadcast from memory by the instruction itself ({1to16}); the same sums, bit for
+// bit, as the pmaddwd path below, in half the instructions (prompts ~1.13x, decode ~1.08x: docs/PERFORMANCE.md)
+#define MADD(acc, m, p) ({ int16 a_ = (acc); \
+    __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(a_) : "v"(as_int16(m)), "m"(p)); a_; })
 #elif TILE_ROWS == 16 && defined(__AVX512BW__)
 #define MADD(acc, m, p) ((acc) + __builtin_ia32_pmaddwd512(__builtin_astype((m), shorts32), \
                                                            __builtin_astype((int16)(p), shorts32)))
@@ -90,6 +96,11 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #if TILE_ROWS == 16 && defined(__AVX512VNNI__)
 #define DOTS int16
 #define DOT4(d, w, p) __builtin_ia32_vpdpbusd512((d), as_int16(w), (int16)(p))
+#define WIDEN(d) (d)
+#elif TILE_ROWS == 16 && defined(__AVX512BW__) && defined(VNNI_ASM)
+#define DOTS int16          // as above, through inline assembly (MADD's VNNI_ASM)
+#define DOT4(d, w, p) ({ int16 d_ = (d); \
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(d_) : "v"(as_int16(w)), "m"(p)); d_; })
 #define WIDEN(d) (d)
 #elif TILE_ROWS == 16 && defined(__AVX512BW__)
 #define DOTS shorts32

@@ -106,7 +106,8 @@ def render(s: Survey) -> str:
 def as_dict(s: Survey) -> dict:
     devices = [{**dev.facts(), "selected": dev is s.chosen, "reason": s.reasons[dev.index],
                 "kernel_path": None if dev.probe().error else dev.kernel_path, "isa_macros": list(dev.probe().macros),
-                "compiler_error": dev.probe().error, "config": device_config(s, dev)} for dev in s.devices]
+                "vnni_asm": dev.probe().vnni_asm, "compiler_error": dev.probe().error,
+                "config": device_config(s, dev)} for dev in s.devices]
     return {"devices": devices, "selected": s.chosen and s.chosen.index,
             "config": s.config and config_path(s.config), **({"error": s.error} if s.error else {})}
 

@@ -11,6 +11,7 @@ Selector strings (comma-separated terms, all must hold):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,16 @@ ISA_MACROS = ("__AVX512VNNI__", "__AVX512BW__", "__AVX512F__", "__AVX2__", "__FM
               "__SSE4_1__")
 PROBE_SOURCE = ("__kernel void isa(__global int *flags) {\n"
                 + "".join(f"#ifdef {m}\n    flags[{i}] = 1;\n#endif\n" for i, m in enumerate(ISA_MACROS)) + "}\n")
+# A CPU can have VNNI (integer dot products: vpdpwssd, vpdpbusd) that its driver's compiler does not target: PoCL 3.1's
+# LLVM 15 builds for AMD Zen 4 and Zen 5 as skylake-avx512. There matrix.cl reaches VNNI through inline assembly
+# (-DVNNI_ASM), once this kernel has run it and got its sums right (probe_vnni_asm).
+VNNI_ASM_PROBE = """__kernel void vnni(__global int16 *v) {
+    int16 acc = v[0];
+    const int pair = v[1].s0;
+    __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(v[2]), "m"(pair));
+    v[3] = acc;
+}
+"""
 
 
 @dataclass(frozen=True)
@@ -43,20 +54,56 @@ class Probe:
     instruction-set macros of its target, which choose matrix.cl's path and the CPU config."""
     error: str = ""                     # the compiler's or driver's complaint; "" when the kernel ran
     macros: tuple[str, ...] = ()        # those of ISA_MACROS the compiler defined
+    vnni_asm: bool = False              # the CPU runs VNNI_ASM_PROBE's vpdpwssd, which the compiler does not target
 
     @property
     def kernel_path(self) -> str:
-        """matrix.cl's integer path: vpdpwssd (AVX-512 VNNI), AVX-512 without it, pmaddwd (AVX2), or plain
-        OpenCL C (any other CPU, every GPU)."""
+        """matrix.cl's integer path: vpdpwssd (AVX-512 VNNI, from the compiler or through inline assembly),
+        AVX-512 without it, pmaddwd (AVX2), or plain OpenCL C (any other CPU, every GPU)."""
         m = set(self.macros)
         if "__AVX512F__" in m:
-            return "avx512-vnni" if "__AVX512VNNI__" in m else "avx512"
+            return "avx512-vnni" if "__AVX512VNNI__" in m or self.vnni_asm else "avx512"
         return "avx2" if "__AVX2__" in m else "portable"
+
+    @property
+    def defines(self) -> tuple[str, ...]:
+        """What every program for the device is built with besides its config's options: VNNI_ASM where the
+        CPU's VNNI is reached through inline assembly."""
+        return ("VNNI_ASM",) if self.vnni_asm else ()
 
     @property
     def why(self) -> str:
         shown = ", ".join(self.macros) or "none of " + ", ".join(ISA_MACROS[:4])
-        return f"{self.kernel_path} (the compiler defines {shown})"
+        asm = "; the CPU's avx512_vnni, which it does not target, through inline assembly" if self.vnni_asm else ""
+        return f"{self.kernel_path} (the compiler defines {shown}{asm})"
+
+
+@functools.cache
+def host_cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags as Linux lists them (/proc/cpuinfo); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((frozenset(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")),
+                        frozenset())
+    except OSError:
+        return frozenset()
+
+
+def probe_vnni_asm(ctx, queue) -> bool:
+    """Whether VNNI_ASM_PROBE builds and sums right on the device. Run only where the host CPU, which a CPU
+    driver's kernels run on, lists avx512_vnni: elsewhere the instruction would stop the process (SIGILL)."""
+    v = np.zeros((4, 16), np.int32)
+    v[0], v[1, 0] = 5, 3 << 16 | 2          # acc; the pair (2, 3) as 16-bit halves
+    v[2] = 7 << 16 | 5                      # the pair (5, 7) in every lane
+    buf = cl.Buffer(ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=v)
+    try:
+        with signals_held():
+            cl.Program(ctx, VNNI_ASM_PROBE).build(cache_dir=False).vnni(queue, (1,), None, buf)
+        cl.enqueue_copy(queue, v, buf)
+        queue.finish()
+    except cl.Error:        # a driver without inline assembly (an emulator, another compiler)
+        return False
+    return bool((v[3] == 5 + 2 * 5 + 3 * 7).all())
 
 
 def run_probe(cl_device) -> Probe:
@@ -74,7 +121,11 @@ def run_probe(cl_device) -> Probe:
     except cl.Error as e:
         lines = [ln.strip() for ln in str(e).splitlines()]
         return Probe(error=next((ln for ln in lines if ln.startswith("error:")), lines[0] if lines else repr(e)))
-    return Probe(macros=tuple(m for m, f in zip(ISA_MACROS, flags) if f))
+    macros = tuple(m for m, f in zip(ISA_MACROS, flags) if f)
+    vnni_asm = ("__AVX512BW__" in macros and "__AVX512VNNI__" not in macros
+                and cl_device.type & cl.device_type.CPU and "avx512_vnni" in host_cpu_flags()
+                and probe_vnni_asm(ctx, queue))
+    return Probe(macros=macros, vnni_asm=bool(vnni_asm))
 
 
 TYPE_NAMES = {cl.device_type.GPU: "gpu", cl.device_type.CPU: "cpu", cl.device_type.ACCELERATOR: "accelerator"}
@@ -91,13 +142,17 @@ class Device:
 
     def probe(self) -> Probe:
         """Whether the device's compiler works and which instruction sets it targets: measured once per
-        device and driver, then read from $DPLLAMA_HOME/kernels (the key holds the driver version and
-        the device name, which for PoCL names the compiler's target CPU)."""
+        device and driver, then read from $DPLLAMA_HOME/kernels (the key holds the driver version, the device
+        name, which for PoCL names the compiler's target CPU, and whether the host CPU has VNNI, so that a home
+        shared with a machine without it never hands this one's VNNI_ASM over)."""
         if self.probed is None:
-            key = hashlib.sha256((self.cache_key() + "\0" + PROBE_SOURCE).encode()).hexdigest()[:32]
+            vnni = str("avx512_vnni" in host_cpu_flags())
+            key = hashlib.sha256("\0".join((self.cache_key(), PROBE_SOURCE, VNNI_ASM_PROBE, vnni)).encode())
+            key = key.hexdigest()[:32]
             path = dpllama_home() / "kernels" / f"probe-{key}.json"
             try:        # only a working compiler's macros are stored
-                self.probed = Probe(macros=tuple(json.loads(path.read_text())["macros"]))
+                stored = json.loads(path.read_text())
+                self.probed = Probe(macros=tuple(stored["macros"]), vnni_asm=stored["vnni_asm"] is True)
             except (OSError, ValueError, TypeError, KeyError):
                 self.probed = run_probe(self.cl_device)
                 if self.probed.error:      # not stored: it may be passing (out of memory, a busy GPU)
@@ -105,7 +160,8 @@ class Device:
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     with atomic_output(path) as tmp:
-                        tmp.write_text(json.dumps({"macros": self.probed.macros}))
+                        tmp.write_text(json.dumps({"macros": self.probed.macros,
+                                                   "vnni_asm": self.probed.vnni_asm}))
                 except OSError:     # a read-only cache only costs another probe next time
                     pass
         return self.probed

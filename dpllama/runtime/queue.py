@@ -194,7 +194,7 @@ class Queue:
         self.config = config = config or DeviceConfig(defaults())
         out_of_order = config["queue"]["out_of_order"] if out_of_order is None else out_of_order
         profiling = config["queue"]["profiling"] if profiling is None else profiling
-        self.build_options = list(config["build_options"])
+        self.build_options = list(config["build_options"]) + [f"-D{d}" for d in device.probe().defines]
         self.programs: dict[str, Program] = {}
         self.context = cl.Context([device.cl_device])
         self.out_of_order = out_of_order and device.out_of_order
