@@ -123,6 +123,8 @@ def test_integrated_intel_gets_the_defaults():
     (Probe(macros=("__AVX512VNNI__",) + AVX512.macros), "cpu", 16),
     (Probe(macros=("__AVX512BW__",) + AVX512.macros, vnni_asm=True), "cpu", 16),     # VNNI through inline assembly
     (AVX2, "cpu-avx2", 16),
+    (Probe(macros=AVX2.macros, vnni_asm=True), "cpu-avx2", 16),                          # AVX-VNNI likewise
+    (Probe(macros=("__AVXVNNI__",) + AVX2.macros), "cpu-avx2", 16),
     (Probe(macros=("__AVX__", "__SSE4_1__")), "cpu-portable", 4),
     (Probe(), "cpu-portable", 4),               # no x86 macros at all: another architecture
 ])
@@ -132,6 +134,20 @@ def test_cpu_config_follows_the_instruction_set(probe, config, rows):
     cfg = shipped_config_for(cpu)
     assert cfg.path == str(CONFIG_DIR / f"{config}.yaml")
     assert cfg.work_group("tile_rows") == rows
+
+
+def test_kernel_paths_and_their_defines():
+    """VNNI from the compiler or through inline assembly names the path "-vnni"; the assembly's define is the one
+    for the path the compiler targets (zmm on AVX-512 BW, ymm's VEX form on AVX2)."""
+    bw = Probe(macros=("__AVX512BW__",) + AVX512.macros)
+    assert (bw.kernel_path, bw.defines) == ("avx512", ())
+    assert Probe(macros=bw.macros, vnni_asm=True).kernel_path == "avx512-vnni"
+    assert Probe(macros=bw.macros, vnni_asm=True).defines == ("VNNI_ASM",)
+    assert (AVX2.kernel_path, AVX2.defines) == ("avx2", ())
+    assert Probe(macros=("__AVXVNNI__",) + AVX2.macros).kernel_path == "avx2-vnni"
+    assert Probe(macros=AVX2.macros, vnni_asm=True).kernel_path == "avx2-vnni"
+    assert Probe(macros=AVX2.macros, vnni_asm=True).defines == ("AVXVNNI_ASM",)
+    assert Probe().defines == () and Probe().kernel_path == "portable"
 
 
 def test_a_device_whose_compiler_fails_is_passed_over():

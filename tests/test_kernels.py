@@ -31,6 +31,7 @@ from dpllama.model.llama import rope_table
 from dpllama.model.quant import quantize_int4, quantize_q8, widen
 from dpllama.model.weights import Tensor, x_steps
 from dpllama.runtime import Local, program
+from dpllama.runtime.device import host_cpu_flags
 from dpllama.runtime.queue import Queue
 from dpllama.formats.gguf import read_gguf
 from dpllama.model.quant import GGUF_REPACK
@@ -317,31 +318,43 @@ def test_gemv_isa_fallbacks(q, tmp_path, monkeypatch, isa, fmt):
         check_close(got, want, tol, f"gemv_add {fmt} without {ISA_FALLBACKS[isa]} T={T}")
 
 
+# The inline-assembly VNNI paths against the paths they replace, as prefixes of matrix.cl: (the CPU flag it needs, the
+# VNNI side's, the plain side's). zmm: what the probe sets on an AVX-512 target (VNNI_ASM), against pmaddwd on zmm;
+# ymm: the AVX2 path's, AVX-VNNI (AVXVNNI_ASM), against pmaddwd on two ymm, built here by #undef-ing AVX-512.
+AVX2_ONLY = "".join(f"#undef {m}\n" for m in ("__AVX512VNNI__", "__AVX512F__", "__AVX512BW__", "__AVXVNNI__", "VNNI_ASM"))
+VNNI_ASM_SIDES = {"zmm": ("avx512_vnni", "", "#undef VNNI_ASM\n"),
+                  "ymm": ("avx_vnni", AVX2_ONLY + "#define AVXVNNI_ASM\n", AVX2_ONLY)}
+
+
 @pytest.mark.parametrize("fmt", ["q8g32", "int4asym32", "int5asym32f-q5k", "int4asym32-x8", "int5g32-q50-x8"])
-def test_vnni_asm_sums_as_pmaddwd_does(q, tmp_path, monkeypatch, fmt):
-    """On a CPU whose VNNI the compiler does not target, matrix.cl multiplies through inline assembly (VNNI_ASM,
-    dpllama/runtime/device.py): vpdpwssd (vpdpbusd for 8-bit activations) must give the pmaddwd path's (and
-    pmaddubsw's) results bit for bit, in decode and prefill, so a model's output does not depend on which path
-    the CPU takes."""
-    if not q.device.probe().vnni_asm:
-        pytest.skip("this host's CPU driver targets VNNI itself, or the CPU has none: no VNNI_ASM path here")
-    kernels = tmp_path / "cl_kernels"
-    shutil.copytree(program.KERNEL_DIR, kernels)
-    (kernels / "matrix.cl").write_text("#undef VNNI_ASM\n" + (kernels / "matrix.cl").read_text())
-    rng = np.random.default_rng(zlib.crc32(fmt.encode()))
+@pytest.mark.parametrize("flavor", list(VNNI_ASM_SIDES))
+def test_vnni_asm_sums_as_pmaddwd_does(q, tmp_path, monkeypatch, flavor, fmt):
+    """On a CPU whose VNNI the compiler does not target, matrix.cl multiplies through inline assembly (the probe's
+    VNNI_ASM or AVXVNNI_ASM, dpllama/runtime/device.py): vpdpwssd (vpdpbusd for 8-bit activations) must give the
+    pmaddwd path's (pmaddubsw's) results bit for bit, in decode and prefill, so a model's output does not depend on
+    which path the CPU takes."""
+    flag, vnni, plain = VNNI_ASM_SIDES[flavor]
+    probe = q.device.probe()
+    if not (probe.vnni_asm and flag in host_cpu_flags()) or (flavor == "zmm" and probe.defines != ("VNNI_ASM",)):
+        pytest.skip(f"no {flavor} VNNI through inline assembly here (the CPU lacks {flag}, or the compiler targets it)")
+    dirs = []
+    for side, prefix in (("vnni", vnni), ("plain", plain)):
+        dirs.append(tmp_path / side)
+        shutil.copytree(program.KERNEL_DIR, dirs[-1])
+        (dirs[-1] / "matrix.cl").write_text(prefix + (dirs[-1] / "matrix.cl").read_text())
+    rng = np.random.default_rng(zlib.crc32(f"{flavor} {fmt}".encode()))
     rows, cols = SHAPES[-1]
     t = FORMATS[fmt.removesuffix("-x8")](rng.standard_normal((rows, cols)).astype(np.float32))
     bits = 8 if fmt.endswith("-x8") else 16
     for T in (1, GEOMETRIES["cpu"][-1]):
         X = rng.standard_normal((T, cols)).astype(np.float32)
         Y0 = rng.standard_normal((T, rows)).astype(np.float32)
-        asm = run_gemv(Queue(q.device, q.config, out_of_order=False), "gemv_add", t, "cpu", X, Y0=Y0,
-                       activation_bits=bits)
-        monkeypatch.setattr(program, "KERNEL_DIR", kernels)
-        plain = run_gemv(Queue(q.device, q.config, out_of_order=False), "gemv_add", t, "cpu", X, Y0=Y0,
-                         activation_bits=bits)
-        monkeypatch.undo()
-        assert np.array_equal(asm, plain), f"{fmt} T={T}: VNNI_ASM and pmaddwd differ by {np.abs(asm - plain).max()}"
+        got = []
+        for d in dirs:
+            monkeypatch.setattr(program, "KERNEL_DIR", d)
+            got.append(run_gemv(Queue(q.device, q.config, out_of_order=False), "gemv_add", t, "cpu", X, Y0=Y0,
+                                activation_bits=bits))
+        assert np.array_equal(*got), f"{flavor} {fmt} T={T}: VNNI and pmaddwd differ by {np.abs(got[0] - got[1]).max()}"
 
 
 def test_gemv_where_the_rows_do_not_fit_local_memory(q, monkeypatch):

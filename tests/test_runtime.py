@@ -295,19 +295,20 @@ def test_buffer_larger_than_the_allocation_limit_is_refused(queue, monkeypatch):
 
 
 def test_vnni_through_inline_assembly_only_where_the_cpu_has_it(monkeypatch, tmp_path):
-    """The probe reaches a CPU's VNNI that the compiler does not target through inline assembly (VNNI_ASM), and only
-    where the host CPU lists avx512_vnni: elsewhere running the instruction would kill the process (SIGILL). The
-    probe's cache is keyed by that flag too, so a DPLLAMA_HOME shared with another machine never passes it on."""
+    """The probe reaches a CPU's VNNI that the compiler does not target through inline assembly (VNNI_ASM on an
+    AVX-512 target, AVXVNNI_ASM on an AVX2 one), and only where the host CPU lists the instruction's flag
+    (avx512_vnni, avx_vnni): elsewhere running it would kill the process (SIGILL). The probe's cache is keyed by those
+    flags too, so a DPLLAMA_HOME shared with another machine never passes it on."""
     from dpllama.runtime import device as devmod
     dev = select_device()[0]
     probe = devmod.run_probe(dev.cl_device)
-    macros = set(probe.macros)
-    can = ("__AVX512BW__" in macros and "__AVX512VNNI__" not in macros and dev.type == "cpu"
-           and "avx512_vnni" in devmod.host_cpu_flags())
+    path = probe.asm_path       # (the compiler's VNNI macro, the CPU's flag, matrix.cl's define, the probe kernel)
+    can = bool(path and path[0] not in probe.macros and dev.type == "cpu" and path[1] in devmod.host_cpu_flags())
     assert probe.vnni_asm <= can, probe
     if "Portable Computing Language" in dev.platform:      # its compiler takes inline assembly
         assert probe.vnni_asm == can, probe
-    assert probe.defines == (("VNNI_ASM",) if probe.vnni_asm else ())
+    assert probe.defines == ((path[2],) if probe.vnni_asm else ())
+    assert probe.kernel_path.endswith("-vnni") if probe.vnni_asm else True
     assert [o for o in Queue(dev, None).build_options if "VNNI" in o] == [f"-D{d}" for d in probe.defines]
     monkeypatch.setattr(devmod, "host_cpu_flags", lambda: frozenset({"fpu", "sse2", "avx2"}))
     assert not devmod.run_probe(dev.cl_device).vnni_asm         # never tried on a CPU without the flag

@@ -65,7 +65,9 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 // acc + lo(m) * lo(p) + hi(m) * hi(p) in every 32-bit lane, the halves taken as signed 16-bit integers;
 // p, one int, is the same pair for all lanes. x86's instructions where the compiler targets them (clang's
 // builtins, under the macros it defines for the target: vpdpwssd with VNNI, vpmaddwd and an add on zmm with
-// AVX-512 BW, on two ymm with AVX2), plain integer arithmetic anywhere else.
+// AVX-512 BW, on two ymm with AVX2, vpdpwssd on them with AVX-VNNI), or VNNI in inline assembly where the runtime's
+// probe found the CPU has it and the compiler does not target it (VNNI_ASM, AVXVNNI_ASM); plain integer arithmetic
+// anywhere else.
 #if TILE_ROWS == 16 && defined(__AVX512VNNI__)
 #define MADD(acc, m, p) __builtin_ia32_vpdpwssd512((acc), as_int16(m), (int16)(p))
 #elif TILE_ROWS == 16 && defined(__AVX512BW__) && defined(VNNI_ASM)
@@ -77,11 +79,22 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #elif TILE_ROWS == 16 && defined(__AVX512BW__)
 #define MADD(acc, m, p) ((acc) + __builtin_ia32_pmaddwd512(__builtin_astype((m), shorts32), \
                                                            __builtin_astype((int16)(p), shorts32)))
-#elif TILE_ROWS == 8 && defined(__AVX2__)
-#define MADD(acc, m, p) ((acc) + __builtin_ia32_pmaddwd256(as_short16(m), as_short16((int8)(p))))
-#elif TILE_ROWS == 16 && defined(__AVX2__)
-#define MADD(acc, m, p) ((int16)((acc).lo + __builtin_ia32_pmaddwd256(as_short16((m).lo), as_short16((int8)(p))), \
-                                 (acc).hi + __builtin_ia32_pmaddwd256(as_short16((m).hi), as_short16((int8)(p)))))
+#elif (TILE_ROWS == 8 || TILE_ROWS == 16) && defined(__AVX2__)
+// on ymm (TILE_ROWS 16: two): AVX-VNNI's vpdpwssd where the compiler targets it, or in its VEX form in inline assembly
+// where the probe found the CPU has it (-DAVXVNNI_ASM; Intel since Alder Lake, AMD Zen 5), else vpmaddwd and an add
+#if defined(__AVXVNNI__)
+#define MADD_Y(acc, m, p) __builtin_ia32_vpdpwssd256((acc), (m), (int8)(p))
+#elif defined(AVXVNNI_ASM)
+#define MADD_Y(acc, m, p) ({ int8 a_ = (acc); \
+    __asm__("%{vex%} vpdpwssd %2, %1, %0" : "+x"(a_) : "x"(m), "x"((int8)(p))); a_; })
+#else
+#define MADD_Y(acc, m, p) ((acc) + __builtin_ia32_pmaddwd256(as_short16(m), as_short16((int8)(p))))
+#endif
+#if TILE_ROWS == 8
+#define MADD(acc, m, p) MADD_Y((acc), as_int8(m), (p))
+#else
+#define MADD(acc, m, p) ((int16)(MADD_Y((acc).lo, as_int8((m).lo), (p)), MADD_Y((acc).hi, as_int8((m).hi), (p))))
+#endif
 #else
 #define MADD(acc, m, p) ((acc) + (as_intV(m) & 0xffff) * (((p) << 16) >> 16) + (as_intV(m) >> 16) * ((p) >> 16))
 #endif
@@ -107,6 +120,22 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #define DOT4(d, w, p) ((d) + __builtin_ia32_pmaddubsw512(__builtin_astype((w), chars64), \
                                                          __builtin_astype((int16)(p), chars64)))
 #define WIDEN(d) __builtin_ia32_pmaddwd512((d), (shorts32)(1))
+#elif (TILE_ROWS == 8 || TILE_ROWS == 16) && (defined(__AVXVNNI__) || defined(AVXVNNI_ASM))
+// AVX-VNNI's vpdpbusd on ymm, as MADD_Y's vpdpwssd
+#if defined(__AVXVNNI__)
+#define DOT4_Y(d, w, p) __builtin_ia32_vpdpbusd256((d), (w), (int8)(p))
+#else
+#define DOT4_Y(d, w, p) ({ int8 d_ = (d); \
+    __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(d_) : "x"(w), "x"((int8)(p))); d_; })
+#endif
+#if TILE_ROWS == 8
+#define DOTS int8
+#define DOT4(d, w, p) DOT4_Y((d), as_int8(w), (p))
+#else
+#define DOTS int16
+#define DOT4(d, w, p) ((int16)(DOT4_Y((d).lo, as_int8((w).lo), (p)), DOT4_Y((d).hi, as_int8((w).hi), (p))))
+#endif
+#define WIDEN(d) (d)
 #elif TILE_ROWS == 8 && defined(__AVX2__)
 #define DOTS short16
 #define DOT4(d, w, p) ((d) + __builtin_ia32_pmaddubsw256(__builtin_astype((w), chars32), \

@@ -7,7 +7,7 @@ Selector strings (comma-separated terms, all must hold):
     platform=NVIDIA              platform name contains (case-insensitive)
     vendor=Intel                 device vendor contains
     name~Arc                     device name contains
-    isa=avx2                     kernel path contains (avx512-vnni, avx512, avx2, portable: Device.kernel_path)
+    isa=avx2                     kernel path contains (avx512-vnni, avx512, avx2-vnni, avx2, portable: Device.kernel_path)
 """
 from __future__ import annotations
 
@@ -31,20 +31,31 @@ NO_PLATFORM_HELP = (
     "(NVIDIA driver, intel-opencl-icd, ROCm's rocm-opencl-runtime)")
 
 # What the device's compiler predefines for its target: matrix.cl takes its instruction-set path from these
-ISA_MACROS = ("__AVX512VNNI__", "__AVX512BW__", "__AVX512F__", "__AVX2__", "__FMA__", "__F16C__", "__AVX__",
-              "__SSE4_1__")
+ISA_MACROS = ("__AVX512VNNI__", "__AVX512BW__", "__AVX512F__", "__AVXVNNI__", "__AVX2__", "__FMA__", "__F16C__",
+              "__AVX__", "__SSE4_1__")
 PROBE_SOURCE = ("__kernel void isa(__global int *flags) {\n"
                 + "".join(f"#ifdef {m}\n    flags[{i}] = 1;\n#endif\n" for i, m in enumerate(ISA_MACROS)) + "}\n")
 # A CPU can have VNNI (integer dot products: vpdpwssd, vpdpbusd) that its driver's compiler does not target: PoCL 3.1's
-# LLVM 15 builds for AMD Zen 4 and Zen 5 as skylake-avx512. There matrix.cl reaches VNNI through inline assembly
-# (-DVNNI_ASM), once this kernel has run it and got its sums right (probe_vnni_asm).
-VNNI_ASM_PROBE = """__kernel void vnni(__global int16 *v) {
+# LLVM 15 builds for AMD Zen 4 and Zen 5 as skylake-avx512. There matrix.cl reaches it through inline assembly, once
+# a kernel has run the instruction and got its sums right (probe_vnni_asm): for the AVX-512 path, AVX-512 VNNI on a zmm
+# (-DVNNI_ASM); for the AVX2 path, AVX-VNNI's VEX form on a ymm (-DAVXVNNI_ASM; Intel since Alder Lake, AMD Zen 5).
+# Per path: the macro that says the compiler targets it, the CPU's flag (/proc/cpuinfo), matrix.cl's define, the probe.
+VNNI_ASM = {
+    "__AVX512BW__": ("__AVX512VNNI__", "avx512_vnni", "VNNI_ASM", """__kernel void vnni(__global int16 *v) {
     int16 acc = v[0];
     const int pair = v[1].s0;
     __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(v[2]), "m"(pair));
     v[3] = acc;
 }
-"""
+"""),
+    "__AVX2__": ("__AVXVNNI__", "avx_vnni", "AVXVNNI_ASM", """__kernel void vnni(__global int16 *v) {
+    int8 acc = v[0].lo;
+    const int8 pair = v[1].s0;
+    __asm__("%{vex%} vpdpwssd %2, %1, %0" : "+x"(acc) : "x"(v[2].lo), "x"(pair));
+    v[3] = (int16)(acc, acc);
+}
+"""),
+}
 
 
 @dataclass(frozen=True)
@@ -54,27 +65,36 @@ class Probe:
     instruction-set macros of its target, which choose matrix.cl's path and the CPU config."""
     error: str = ""                     # the compiler's or driver's complaint; "" when the kernel ran
     macros: tuple[str, ...] = ()        # those of ISA_MACROS the compiler defined
-    vnni_asm: bool = False              # the CPU runs VNNI_ASM_PROBE's vpdpwssd, which the compiler does not target
+    vnni_asm: bool = False              # the CPU runs its path's VNNI_ASM probe, VNNI the compiler does not target
 
     @property
     def kernel_path(self) -> str:
-        """matrix.cl's integer path: vpdpwssd (AVX-512 VNNI, from the compiler or through inline assembly),
-        AVX-512 without it, pmaddwd (AVX2), or plain OpenCL C (any other CPU, every GPU)."""
+        """matrix.cl's integer path: vpdpwssd on zmm (AVX-512 VNNI, from the compiler or through inline
+        assembly), AVX-512 without it, vpdpwssd on ymm (AVX-VNNI, likewise), pmaddwd (AVX2), or plain OpenCL C
+        (any other CPU, every GPU)."""
         m = set(self.macros)
         if "__AVX512F__" in m:
             return "avx512-vnni" if "__AVX512VNNI__" in m or self.vnni_asm else "avx512"
-        return "avx2" if "__AVX2__" in m else "portable"
+        if "__AVX2__" in m:
+            return "avx2-vnni" if "__AVXVNNI__" in m or self.vnni_asm else "avx2"
+        return "portable"
+
+    @property
+    def asm_path(self) -> tuple[str, str, str, str] | None:
+        """VNNI_ASM's entry for the path the compiler targets (None: not x86 with AVX2)."""
+        return next((VNNI_ASM[m] for m in VNNI_ASM if m in self.macros), None)
 
     @property
     def defines(self) -> tuple[str, ...]:
-        """What every program for the device is built with besides its config's options: VNNI_ASM where the
-        CPU's VNNI is reached through inline assembly."""
-        return ("VNNI_ASM",) if self.vnni_asm else ()
+        """What every program for the device is built with besides its config's options: VNNI_ASM or AVXVNNI_ASM
+        where the CPU's VNNI is reached through inline assembly."""
+        return (self.asm_path[2],) if self.vnni_asm else ()
 
     @property
     def why(self) -> str:
         shown = ", ".join(self.macros) or "none of " + ", ".join(ISA_MACROS[:4])
-        asm = "; the CPU's avx512_vnni, which it does not target, through inline assembly" if self.vnni_asm else ""
+        asm = (f"; the CPU's {self.asm_path[1]}, which it does not target, through inline assembly"
+               if self.vnni_asm else "")
         return f"{self.kernel_path} (the compiler defines {shown}{asm})"
 
 
@@ -89,16 +109,16 @@ def host_cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
-def probe_vnni_asm(ctx, queue) -> bool:
-    """Whether VNNI_ASM_PROBE builds and sums right on the device. Run only where the host CPU, which a CPU
-    driver's kernels run on, lists avx512_vnni: elsewhere the instruction would stop the process (SIGILL)."""
+def probe_vnni_asm(ctx, queue, source: str) -> bool:
+    """Whether a VNNI_ASM probe builds and sums right on the device. Run only where the host CPU, which a CPU
+    driver's kernels run on, lists the instruction's flag: elsewhere it would stop the process (SIGILL)."""
     v = np.zeros((4, 16), np.int32)
     v[0], v[1, 0] = 5, 3 << 16 | 2          # acc; the pair (2, 3) as 16-bit halves
     v[2] = 7 << 16 | 5                      # the pair (5, 7) in every lane
     buf = cl.Buffer(ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=v)
     try:
         with signals_held():
-            cl.Program(ctx, VNNI_ASM_PROBE).build(cache_dir=False).vnni(queue, (1,), None, buf)
+            cl.Program(ctx, source).build(cache_dir=False).vnni(queue, (1,), None, buf)
         cl.enqueue_copy(queue, v, buf)
         queue.finish()
     except cl.Error:        # a driver without inline assembly (an emulator, another compiler)
@@ -121,11 +141,12 @@ def run_probe(cl_device) -> Probe:
     except cl.Error as e:
         lines = [ln.strip() for ln in str(e).splitlines()]
         return Probe(error=next((ln for ln in lines if ln.startswith("error:")), lines[0] if lines else repr(e)))
-    macros = tuple(m for m, f in zip(ISA_MACROS, flags) if f)
-    vnni_asm = ("__AVX512BW__" in macros and "__AVX512VNNI__" not in macros
-                and cl_device.type & cl.device_type.CPU and "avx512_vnni" in host_cpu_flags()
-                and probe_vnni_asm(ctx, queue))
-    return Probe(macros=macros, vnni_asm=bool(vnni_asm))
+    probe = Probe(macros=tuple(m for m, f in zip(ISA_MACROS, flags) if f))
+    path = probe.asm_path
+    if (path and path[0] not in probe.macros and cl_device.type & cl.device_type.CPU and path[1] in host_cpu_flags()
+            and probe_vnni_asm(ctx, queue, path[3])):
+        return Probe(macros=probe.macros, vnni_asm=True)
+    return probe
 
 
 TYPE_NAMES = {cl.device_type.GPU: "gpu", cl.device_type.CPU: "cpu", cl.device_type.ACCELERATOR: "accelerator"}
@@ -143,11 +164,11 @@ class Device:
     def probe(self) -> Probe:
         """Whether the device's compiler works and which instruction sets it targets: measured once per
         device and driver, then read from $DPLLAMA_HOME/kernels (the key holds the driver version, the device
-        name, which for PoCL names the compiler's target CPU, and whether the host CPU has VNNI, so that a home
-        shared with a machine without it never hands this one's VNNI_ASM over)."""
+        name, which for PoCL names the compiler's target CPU, and the host CPU's VNNI flags, so that a home
+        shared with a machine without them never hands this one's VNNI_ASM over)."""
         if self.probed is None:
-            vnni = str("avx512_vnni" in host_cpu_flags())
-            key = hashlib.sha256("\0".join((self.cache_key(), PROBE_SOURCE, VNNI_ASM_PROBE, vnni)).encode())
+            vnni = sorted(host_cpu_flags() & {flag for _, flag, _, _ in VNNI_ASM.values()})
+            key = hashlib.sha256("\0".join((self.cache_key(), PROBE_SOURCE, repr(VNNI_ASM), *vnni)).encode())
             key = key.hexdigest()[:32]
             path = dpllama_home() / "kernels" / f"probe-{key}.json"
             try:        # only a working compiler's macros are stored
