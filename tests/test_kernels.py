@@ -290,7 +290,7 @@ def test_gemv_kernels(q, fmt, geometry, mode, kernel):
 # AVX2 pmaddwd) and plain OpenCL C otherwise. This host takes the first paths; the others, which AVX2-only
 # CPUs and GPUs take, are built here by #undef-ing those macros at the top of a copy of the kernels.
 ISA_FALLBACKS = {"avx512-no-vnni": ["__AVX512VNNI__", "VNNI_ASM"],
-                 "avx2": ["__AVX512VNNI__", "__AVX512F__", "__AVX512BW__"],
+                 "avx2": ["__AVX512VNNI__", "__AVX512F__", "__AVX512BW__", "__AVXVNNI__"],
                  "generic": ["__AVX512VNNI__", "__AVX512F__", "__AVX512BW__", "__AVX2__"]}
 
 

@@ -73,7 +73,7 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #elif TILE_ROWS == 16 && defined(__AVX512BW__) && defined(VNNI_ASM)
 // the same instruction on a CPU that has it where the compiler does not target it (-DVNNI_ASM: the runtime's probe,
 // dpllama/runtime/device.py), p broadcast from memory by the instruction itself ({1to16}); the same sums, bit for
-// bit, as the pmaddwd path below, in half the instructions (prompts ~1.13x, decode ~1.08x: docs/PERFORMANCE.md)
+// bit, as the pmaddwd path below, in half the instructions (prompts 1.14x, decode 1.05x: docs/PERFORMANCE.md)
 #define MADD(acc, m, p) ({ int16 a_ = (acc); \
     __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(a_) : "v"(as_int16(m)), "m"(p)); a_; })
 #elif TILE_ROWS == 16 && defined(__AVX512BW__)

@@ -7,7 +7,8 @@ Selector strings (comma-separated terms, all must hold):
     platform=NVIDIA              platform name contains (case-insensitive)
     vendor=Intel                 device vendor contains
     name~Arc                     device name contains
-    isa=avx2                     kernel path contains (avx512-vnni, avx512, avx2-vnni, avx2, portable: Device.kernel_path)
+    isa=avx2                     kernel path contains (avx512-vnni, avx512, avx2-vnni, avx2, portable:
+                                 Device.kernel_path)
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ PROBE_SOURCE = ("__kernel void isa(__global int *flags) {\n"
 # a kernel has run the instruction and got its sums right (probe_vnni_asm): for the AVX-512 path, AVX-512 VNNI on a zmm
 # (-DVNNI_ASM); for the AVX2 path, AVX-VNNI's VEX form on a ymm (-DAVXVNNI_ASM; Intel since Alder Lake, AMD Zen 5).
 # Per path: the macro that says the compiler targets it, the CPU's flag (/proc/cpuinfo), matrix.cl's define, the probe.
-VNNI_ASM = {
+VNNI_ASM_PATHS = {
     "__AVX512BW__": ("__AVX512VNNI__", "avx512_vnni", "VNNI_ASM", """__kernel void vnni(__global int16 *v) {
     int16 acc = v[0];
     const int pair = v[1].s0;
@@ -65,7 +66,7 @@ class Probe:
     instruction-set macros of its target, which choose matrix.cl's path and the CPU config."""
     error: str = ""                     # the compiler's or driver's complaint; "" when the kernel ran
     macros: tuple[str, ...] = ()        # those of ISA_MACROS the compiler defined
-    vnni_asm: bool = False              # the CPU runs its path's VNNI_ASM probe, VNNI the compiler does not target
+    vnni_asm: bool = False              # the CPU ran its path's VNNI_ASM_PATHS probe: VNNI the compiler lacks
 
     @property
     def kernel_path(self) -> str:
@@ -81,8 +82,8 @@ class Probe:
 
     @property
     def asm_path(self) -> tuple[str, str, str, str] | None:
-        """VNNI_ASM's entry for the path the compiler targets (None: not x86 with AVX2)."""
-        return next((VNNI_ASM[m] for m in VNNI_ASM if m in self.macros), None)
+        """VNNI_ASM_PATHS' entry for the path the compiler targets (None: not x86 with AVX2)."""
+        return next((VNNI_ASM_PATHS[m] for m in VNNI_ASM_PATHS if m in self.macros), None)
 
     @property
     def defines(self) -> tuple[str, ...]:
@@ -110,7 +111,7 @@ def host_cpu_flags() -> frozenset[str]:
 
 
 def probe_vnni_asm(ctx, queue, source: str) -> bool:
-    """Whether a VNNI_ASM probe builds and sums right on the device. Run only where the host CPU, which a CPU
+    """Whether a VNNI_ASM_PATHS probe builds and sums right on the device. Run only where the host CPU, which a CPU
     driver's kernels run on, lists the instruction's flag: elsewhere it would stop the process (SIGILL)."""
     v = np.zeros((4, 16), np.int32)
     v[0], v[1, 0] = 5, 3 << 16 | 2          # acc; the pair (2, 3) as 16-bit halves
@@ -167,9 +168,9 @@ class Device:
         name, which for PoCL names the compiler's target CPU, and the host CPU's VNNI flags, so that a home
         shared with a machine without them never hands this one's VNNI_ASM over)."""
         if self.probed is None:
-            vnni = sorted(host_cpu_flags() & {flag for _, flag, _, _ in VNNI_ASM.values()})
-            key = hashlib.sha256("\0".join((self.cache_key(), PROBE_SOURCE, repr(VNNI_ASM), *vnni)).encode())
-            key = key.hexdigest()[:32]
+            vnni = sorted(host_cpu_flags() & {flag for _, flag, _, _ in VNNI_ASM_PATHS.values()})
+            key = "\0".join((self.cache_key(), PROBE_SOURCE, repr(VNNI_ASM_PATHS), *vnni))
+            key = hashlib.sha256(key.encode()).hexdigest()[:32]
             path = dpllama_home() / "kernels" / f"probe-{key}.json"
             try:        # only a working compiler's macros are stored
                 stored = json.loads(path.read_text())
