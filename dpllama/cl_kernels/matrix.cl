@@ -59,6 +59,20 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #if defined(X_BYTES) && !defined(W_INT4) && !defined(W_INT5)
 #error "X_BYTES is for int4 and int5 weights: q8's take 16-bit x"
 #endif
+// A VNNI instruction (vpdpwssd, vpdpbusd) written in inline assembly, for CPUs that have it where the compiler does not
+// target it (the runtime's probe defines VNNI_ASM or AVXVNNI_ASM): acc += the sums of m's and p's products, p one int
+// for every lane. On a zmm p comes broadcast from memory by the instruction ({1to16}); on a ymm, in the VEX form
+// (AVX-VNNI), from a register.
+#define VNNI_ZMM(insn, acc, m, p) ({ int16 a_ = (acc); \
+    __asm__(insn " %2%{1to16%}, %1, %0" : "+v"(a_) : "v"(as_int16(m)), "m"(p)); a_; })
+#define VNNI_YMM(insn, acc, m, p) ({ int8 a_ = (acc); \
+    __asm__("%{vex%} " insn " %2, %1, %0" : "+x"(a_) : "x"(m), "x"((int8)(p))); a_; })
+// f(acc, m, p) on ymm halves: once for a tile of 8 rows, on .lo and .hi for 16 (AVX2's two registers)
+#if TILE_ROWS == 8
+#define ON_YMM(f, acc, m, p) f((acc), as_int8(m), (p))
+#else
+#define ON_YMM(f, acc, m, p) ((int16)(f((acc).lo, as_int8((m).lo), (p)), f((acc).hi, as_int8((m).hi), (p))))
+#endif
 #if !defined(X_BYTES)
 #define X_MAX 32767.0f      // x as 16-bit pairs (the header)
 #define X_PER_INT 2
@@ -71,11 +85,9 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #if TILE_ROWS == 16 && defined(__AVX512VNNI__)
 #define MADD(acc, m, p) __builtin_ia32_vpdpwssd512((acc), as_int16(m), (int16)(p))
 #elif TILE_ROWS == 16 && defined(__AVX512BW__) && defined(VNNI_ASM)
-// the same instruction on a CPU that has it where the compiler does not target it (-DVNNI_ASM: the runtime's probe,
-// dpllama/runtime/device.py), p broadcast from memory by the instruction itself ({1to16}); the same sums, bit for
-// bit, as the pmaddwd path below, in half the instructions (prompts 1.14x, decode 1.05x: docs/PERFORMANCE.md)
-#define MADD(acc, m, p) ({ int16 a_ = (acc); \
-    __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(a_) : "v"(as_int16(m)), "m"(p)); a_; })
+// the same instruction in inline assembly (VNNI_ZMM; -DVNNI_ASM: the runtime's probe, dpllama/runtime/device.py):
+// the same sums, bit for bit, as the pmaddwd path below, in half the instructions (prompts 1.14x, decode 1.05x)
+#define MADD(acc, m, p) VNNI_ZMM("vpdpwssd", (acc), (m), (p))
 #elif TILE_ROWS == 16 && defined(__AVX512BW__)
 #define MADD(acc, m, p) ((acc) + __builtin_ia32_pmaddwd512(__builtin_astype((m), shorts32), \
                                                            __builtin_astype((int16)(p), shorts32)))
@@ -85,16 +97,11 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #if defined(__AVXVNNI__)
 #define MADD_Y(acc, m, p) __builtin_ia32_vpdpwssd256((acc), (m), (int8)(p))
 #elif defined(AVXVNNI_ASM)
-#define MADD_Y(acc, m, p) ({ int8 a_ = (acc); \
-    __asm__("%{vex%} vpdpwssd %2, %1, %0" : "+x"(a_) : "x"(m), "x"((int8)(p))); a_; })
+#define MADD_Y(acc, m, p) VNNI_YMM("vpdpwssd", (acc), (m), (p))
 #else
 #define MADD_Y(acc, m, p) ((acc) + __builtin_ia32_pmaddwd256(as_short16(m), as_short16((int8)(p))))
 #endif
-#if TILE_ROWS == 8
-#define MADD(acc, m, p) MADD_Y((acc), as_int8(m), (p))
-#else
-#define MADD(acc, m, p) ((int16)(MADD_Y((acc).lo, as_int8((m).lo), (p)), MADD_Y((acc).hi, as_int8((m).hi), (p))))
-#endif
+#define MADD(acc, m, p) ON_YMM(MADD_Y, acc, m, p)
 #else
 #define MADD(acc, m, p) ((acc) + (as_intV(m) & 0xffff) * (((p) << 16) >> 16) + (as_intV(m) >> 16) * ((p) >> 16))
 #endif
@@ -112,8 +119,7 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #define WIDEN(d) (d)
 #elif TILE_ROWS == 16 && defined(__AVX512BW__) && defined(VNNI_ASM)
 #define DOTS int16          // as above, through inline assembly (MADD's VNNI_ASM)
-#define DOT4(d, w, p) ({ int16 d_ = (d); \
-    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(d_) : "v"(as_int16(w)), "m"(p)); d_; })
+#define DOT4(d, w, p) VNNI_ZMM("vpdpbusd", (d), (w), (p))
 #define WIDEN(d) (d)
 #elif TILE_ROWS == 16 && defined(__AVX512BW__)
 #define DOTS shorts32
@@ -125,16 +131,10 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #if defined(__AVXVNNI__)
 #define DOT4_Y(d, w, p) __builtin_ia32_vpdpbusd256((d), (w), (int8)(p))
 #else
-#define DOT4_Y(d, w, p) ({ int8 d_ = (d); \
-    __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(d_) : "x"(w), "x"((int8)(p))); d_; })
+#define DOT4_Y(d, w, p) VNNI_YMM("vpdpbusd", (d), (w), (p))
 #endif
-#if TILE_ROWS == 8
-#define DOTS int8
-#define DOT4(d, w, p) DOT4_Y((d), as_int8(w), (p))
-#else
-#define DOTS int16
-#define DOT4(d, w, p) ((int16)(DOT4_Y((d).lo, as_int8((w).lo), (p)), DOT4_Y((d).hi, as_int8((w).hi), (p))))
-#endif
+#define DOTS intV
+#define DOT4(d, w, p) ON_YMM(DOT4_Y, d, w, p)
 #define WIDEN(d) (d)
 #elif TILE_ROWS == 8 && defined(__AVX2__)
 #define DOTS short16
