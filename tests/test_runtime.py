@@ -302,12 +302,13 @@ def test_vnni_through_inline_assembly_only_where_the_cpu_has_it(monkeypatch, tmp
     from dpllama.runtime import device as devmod
     dev = select_device()[0]
     probe = devmod.run_probe(dev.cl_device)
-    path = probe.asm_path       # (the compiler's VNNI macro, the CPU's flag, matrix.cl's define, the probe kernel)
-    can = bool(path and path[0] not in probe.macros and dev.type == "cpu" and path[1] in devmod.host_cpu_flags())
+    path = probe.asm_path
+    can = bool(path and path.compiler_macro not in probe.macros and dev.type == "cpu"
+               and path.cpu_flag in devmod.host_cpu_flags())
     assert probe.vnni_asm <= can, probe
     if "Portable Computing Language" in dev.platform:      # its compiler takes inline assembly
         assert probe.vnni_asm == can, probe
-    assert probe.defines == ((path[2],) if probe.vnni_asm else ())
+    assert probe.defines == ((path.define,) if probe.vnni_asm else ())
     assert probe.kernel_path.endswith("-vnni") if probe.vnni_asm else True
     assert [o for o in Queue(dev, None).build_options if "VNNI" in o] == [f"-D{d}" for d in probe.defines]
     monkeypatch.setattr(devmod, "host_cpu_flags", lambda: frozenset({"fpu", "sse2", "avx2"}))

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyopencl as cl
@@ -36,20 +37,30 @@ ISA_MACROS = ("__AVX512VNNI__", "__AVX512BW__", "__AVX512F__", "__AVXVNNI__", "_
               "__AVX__", "__SSE4_1__")
 PROBE_SOURCE = ("__kernel void isa(__global int *flags) {\n"
                 + "".join(f"#ifdef {m}\n    flags[{i}] = 1;\n#endif\n" for i, m in enumerate(ISA_MACROS)) + "}\n")
-# A CPU can have VNNI (integer dot products: vpdpwssd, vpdpbusd) that its driver's compiler does not target: PoCL 3.1's
-# LLVM 15 builds for AMD Zen 4 and Zen 5 as skylake-avx512. There matrix.cl reaches it through inline assembly, once
-# a kernel has run the instruction and got its sums right (probe_vnni_asm): for the AVX-512 path, AVX-512 VNNI on a zmm
-# (-DVNNI_ASM); for the AVX2 path, AVX-VNNI's VEX form on a ymm (-DAVXVNNI_ASM; Intel since Alder Lake, AMD Zen 5).
-# Per path: the macro that says the compiler targets it, the CPU's flag (/proc/cpuinfo), matrix.cl's define, the probe.
+
+
+class AsmPath(NamedTuple):
+    """A CPU can have VNNI (integer dot products: vpdpwssd, vpdpbusd) that its driver's compiler does not target: PoCL
+    3.1's LLVM 15 builds for AMD Zen 4 and Zen 5 as skylake-avx512. There matrix.cl reaches it through inline assembly,
+    once `probe` has run the instruction and got its sums right (probe_vnni_asm): for the AVX-512 path, AVX-512 VNNI on
+    a zmm (-DVNNI_ASM); for the AVX2 path, AVX-VNNI's VEX form on a ymm (-DAVXVNNI_ASM; Intel since Alder Lake, AMD
+    Zen 5)."""
+    compiler_macro: str     # defined where the compiler targets the instruction itself (no assembly needed)
+    cpu_flag: str           # the host CPU's flag for it (/proc/cpuinfo)
+    define: str             # what matrix.cl is built with to use the assembly
+    probe: str              # the kernel that runs it once
+
+
+# per path, by the macro of the target that takes it
 VNNI_ASM_PATHS = {
-    "__AVX512BW__": ("__AVX512VNNI__", "avx512_vnni", "VNNI_ASM", """__kernel void vnni(__global int16 *v) {
+    "__AVX512BW__": AsmPath("__AVX512VNNI__", "avx512_vnni", "VNNI_ASM", """__kernel void vnni(__global int16 *v) {
     int16 acc = v[0];
     const int pair = v[1].s0;
     __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(v[2]), "m"(pair));
     v[3] = acc;
 }
 """),
-    "__AVX2__": ("__AVXVNNI__", "avx_vnni", "AVXVNNI_ASM", """__kernel void vnni(__global int16 *v) {
+    "__AVX2__": AsmPath("__AVXVNNI__", "avx_vnni", "AVXVNNI_ASM", """__kernel void vnni(__global int16 *v) {
     int8 acc = v[0].lo;
     const int8 pair = v[1].s0;
     __asm__("%{vex%} vpdpwssd %2, %1, %0" : "+x"(acc) : "x"(v[2].lo), "x"(pair));
@@ -81,7 +92,7 @@ class Probe:
         return "portable"
 
     @property
-    def asm_path(self) -> tuple[str, str, str, str] | None:
+    def asm_path(self) -> AsmPath | None:
         """VNNI_ASM_PATHS' entry for the path the compiler targets (None: not x86 with AVX2)."""
         return next((VNNI_ASM_PATHS[m] for m in VNNI_ASM_PATHS if m in self.macros), None)
 
@@ -89,12 +100,12 @@ class Probe:
     def defines(self) -> tuple[str, ...]:
         """What every program for the device is built with besides its config's options: VNNI_ASM or AVXVNNI_ASM
         where the CPU's VNNI is reached through inline assembly."""
-        return (self.asm_path[2],) if self.vnni_asm else ()
+        return (self.asm_path.define,) if self.vnni_asm else ()
 
     @property
     def why(self) -> str:
         shown = ", ".join(self.macros) or "none of " + ", ".join(ISA_MACROS[:4])
-        asm = (f"; the CPU's {self.asm_path[1]}, which it does not target, through inline assembly"
+        asm = (f"; the CPU's {self.asm_path.cpu_flag}, which it does not target, through inline assembly"
                if self.vnni_asm else "")
         return f"{self.kernel_path} (the compiler defines {shown}{asm})"
 
@@ -144,8 +155,8 @@ def run_probe(cl_device) -> Probe:
         return Probe(error=next((ln for ln in lines if ln.startswith("error:")), lines[0] if lines else repr(e)))
     probe = Probe(macros=tuple(m for m, f in zip(ISA_MACROS, flags) if f))
     path = probe.asm_path
-    if (path and path[0] not in probe.macros and cl_device.type & cl.device_type.CPU and path[1] in host_cpu_flags()
-            and probe_vnni_asm(ctx, queue, path[3])):
+    if (path and path.compiler_macro not in probe.macros and cl_device.type & cl.device_type.CPU
+            and path.cpu_flag in host_cpu_flags() and probe_vnni_asm(ctx, queue, path.probe)):
         return Probe(macros=probe.macros, vnni_asm=True)
     return probe
 
@@ -168,7 +179,7 @@ class Device:
         name, which for PoCL names the compiler's target CPU, and the host CPU's VNNI flags, so that a home
         shared with a machine without them never hands this one's VNNI_ASM over)."""
         if self.probed is None:
-            vnni = sorted(host_cpu_flags() & {flag for _, flag, _, _ in VNNI_ASM_PATHS.values()})
+            vnni = sorted(host_cpu_flags() & {path.cpu_flag for path in VNNI_ASM_PATHS.values()})
             key = "\0".join((self.cache_key(), PROBE_SOURCE, repr(VNNI_ASM_PATHS), *vnni))
             key = hashlib.sha256(key.encode()).hexdigest()[:32]
             path = dpllama_home() / "kernels" / f"probe-{key}.json"
