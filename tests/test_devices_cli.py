@@ -58,8 +58,10 @@ def test_json(listing):
             assert d["kernel_path"] in ("avx512-vnni", "avx2-vnni"), d
             assert not {"__AVX512VNNI__", "__AVXVNNI__"} & set(d["isa_macros"]), d
     assert listing["config"] == selected[0]["config"]
-    if selected[0]["type"] == "cpu":
-        assert listing["config"].endswith("cpu.yaml")
+    if selected[0]["type"] == "cpu":        # the config follows the kernel path the CPU's compiler targets
+        expected = {"avx512": "cpu.yaml", "avx512-vnni": "cpu.yaml", "avx2": "cpu-avx2.yaml",
+                    "avx2-vnni": "cpu-avx2.yaml", "portable": "cpu-portable.yaml"}[selected[0]["kernel_path"]]
+        assert os.path.basename(listing["config"]) == expected, selected[0]
 
 
 def test_listing(dpllama, listing):
