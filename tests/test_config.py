@@ -7,6 +7,7 @@ import pytest
 
 from dpllama.errors import DpllamaError
 from dpllama.runtime import Device, Probe, choose, config_device, list_devices, load_config, select_device
+from dpllama.runtime import device as devmod
 from dpllama.runtime.config import CONFIG_DIR, SCHEMA, parse_config, shipped_config_for, shipped_configs
 
 
@@ -164,6 +165,34 @@ def test_a_device_whose_compiler_fails_is_passed_over():
                                            r"'generic' \(that PoCL's LLVM does not know this CPU; a newer PoCL does: "
                                            r"`apt-get install pocl-opencl-icd`"):
         choose(cpus, "cpu:0")
+
+
+def test_the_same_cpu_through_two_drivers_gets_the_wider_kernels():
+    """On AMD Zen 4 the pip PoCL 3.0 compiles for AVX2 (its LLVM 14 calls the CPU znver3) and Debian's PoCL 3.1 for
+    AVX-512: whichever order the ICD loader lists them in, the AVX-512 one is used."""
+    def pocl(index, probe, name):
+        return fake_device(index, index, CPU, name, "AuthenticAMD", "Portable Computing Language", units=2,
+                           mhz=2596, unified=True, probe=probe)
+    for pip_first in (True, False):
+        pip, debian = pocl(0, AVX2, "pthread-AMD EPYC"), pocl(1, AVX512, "pthread-skylake-avx512-AMD EPYC")
+        if not pip_first:
+            pip.index, debian.index = 1, 0
+        best, reasons = choose([pip, debian])
+        assert best is debian
+        assert reasons[pip.index] == ("not selected: pthread-skylake-avx512-AMD EPYC's compiler targets more of "
+                                      "this CPU (avx512 kernels, here avx2)")
+    assert choose([pip, debian], str(pip.index))[0] is pip       # a selector still chooses either
+    faster = pocl(2, AVX2, "pthread-AMD EPYC")
+    faster.cl_device.max_compute_units = 4                # a different, larger CPU still ranks by its size
+    assert choose([pip, debian, faster])[0] is faster
+
+
+def test_a_compiler_that_leaves_the_cpus_avx512_unused_says_so(monkeypatch):
+    monkeypatch.setattr(devmod, "host_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw"}))
+    assert AVX2.why.endswith("; the CPU has AVX-512 too, which it does not target (Debian's and Ubuntu's PoCL do))")
+    assert "too" not in AVX512.why
+    monkeypatch.setattr(devmod, "host_cpu_flags", lambda: frozenset({"avx2"}))
+    assert "AVX-512" not in AVX2.why
 
 
 def test_isa_selector():

@@ -107,6 +107,8 @@ class Probe:
         shown = ", ".join(self.macros) or "none of " + ", ".join(ISA_MACROS[:4])
         asm = (f"; the CPU's {self.asm_path.cpu_flag}, which it does not target, through inline assembly"
                if self.vnni_asm else "")
+        if self.kernel_path.startswith("avx2") and {"avx512f", "avx512bw"} <= host_cpu_flags():
+            asm += "; the CPU has AVX-512 too, which it does not target (Debian's and Ubuntu's PoCL do)"
         return f"{self.kernel_path} (the compiler defines {shown}{asm})"
 
 
@@ -163,6 +165,7 @@ def run_probe(cl_device) -> Probe:
 
 TYPE_NAMES = {cl.device_type.GPU: "gpu", cl.device_type.CPU: "cpu", cl.device_type.ACCELERATOR: "accelerator"}
 TYPE_RANK = {"gpu": 0, "accelerator": 1, "cpu": 2, "other": 3}
+KERNEL_PATHS = ("portable", "avx2", "avx2-vnni", "avx512", "avx512-vnni")     # Probe.kernel_path, narrowest first
 
 
 @dataclass
@@ -341,6 +344,11 @@ def choose(devices: list[Device], selector: str | None = None, source: str = "se
     best = next((d for d in ranked if not d.probe().error), None)
     if best is None:
         raise DpllamaError(_unusable(ranked))
+    if best.type == "cpu":
+        # the same CPU through two drivers (the pip PoCL and the distribution's, say, whose compilers target
+        # AVX2 and AVX-512 on AMD Zen 4): the one whose compiler uses more of it, whatever the drivers' order
+        twins = [d for d in ranked if _score(d)[:3] == _score(best)[:3] and not d.probe().error]
+        best = max(twins, key=lambda d: KERNEL_PATHS.index(d.kernel_path))
     reasons = {}
     for d in devices:
         if d is best:
@@ -352,6 +360,9 @@ def choose(devices: list[Device], selector: str | None = None, source: str = "se
             reasons[d.index] = f"not selected: its compiler fails on a one-line kernel ({d.probed.error})"
         elif TYPE_RANK[d.type] > TYPE_RANK[best.type]:
             reasons[d.index] = f"not selected: a {best.type} is preferred over a {d.type}"
+        elif d.probed is not None and d.kernel_path != best.kernel_path and _score(d)[:3] == _score(best)[:3]:
+            reasons[d.index] = (f"not selected: {best.name}'s compiler targets more of this CPU ({best.kernel_path} "
+                                f"kernels, here {d.kernel_path})")
         else:
             reasons[d.index] = f"not selected: {best.name} ranks higher (discrete first, then compute units x clock)"
     return best, reasons
