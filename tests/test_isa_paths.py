@@ -82,12 +82,13 @@ VNNI_BUILDS = [(("W_Q8", "GROUP=32", "SCALES_F32"), "vpdpwssd"), (("W_INT4", "GR
                (("W_INT5", "GROUP=64", "ASYM", "SCALES_F32", "X_BYTES"), "vpdpbusd")]
 
 
-# -march, the define the probe would add, and how the VNNI instruction must appear in the IR ({} its name): clang's
+# -march, the defines the probe would add, and how the VNNI instruction must appear in the IR ({} its name): clang's
 # builtin where the compiler targets VNNI (AVX-512 VNNI on zmm; AVX-VNNI on ymm for TILE_ROWS 16's two halves), inline
 # assembly where the probe found VNNI that the compiler does not target (skylake-avx512: PoCL 3.1 on Zen 4 and 5;
-# haswell: an AVX2 target on a CPU with AVX-VNNI)
-VNNI_TARGETS = {"icelake-server": ("", "llvm.x86.avx512.{}.512"), "skylake-avx512": ("VNNI_ASM", 'asm "{} '),
-                "alderlake": ("", "llvm.x86.avx512.{}.256"), "haswell": ("AVXVNNI_ASM", 'asm "{{vex}} {} ')}
+# haswell: an AVX2 target on a CPU with AVX-VNNI; znver3: the pip PoCL 3.0 on Zen 4, AVX-512 VNNI's EVEX form on ymm)
+VNNI_TARGETS = {"icelake-server": ((), "llvm.x86.avx512.{}.512"), "skylake-avx512": (("VNNI_ASM",), 'asm "{} '),
+                "alderlake": ((), "llvm.x86.avx512.{}.256"), "haswell": (("AVXVNNI_ASM",), 'asm "{{vex}} {} '),
+                "znver3": (("AVXVNNI_ASM", "VNNI_EVEX"), 'asm "{} ')}
 
 
 @pytest.mark.parametrize("defines,instruction", VNNI_BUILDS, ids=["-".join(d) for d, _ in VNNI_BUILDS])
@@ -107,7 +108,7 @@ def test_vnni_path_compiles(tmp_path, defines, instruction, tokens, march):
     # -fgnu89-inline: the helpers are plain `inline`, which C99 rules would leave without a body to look into
     r = subprocess.run([clang, "-x", "cl", "-cl-std=CL1.2", "-Xclang", "-finclude-default-header", "-fgnu89-inline",
                         "-target", "x86_64-unknown-linux-gnu", f"-march={march}", "-O1", "-emit-llvm", "-S",
-                        *(f"-D{d}" for d in defines), *(f"-D{d}" for d in VNNI_TARGETS[march][:1] if d),
+                        *(f"-D{d}" for d in defines), *(f"-D{d}" for d in VNNI_TARGETS[march][0]),
                         "-DTILE_ROWS=16", "-DTILES=4", f"-DTOKENS={tokens}",
                         "-o", str(out), str(src)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr[-3000:]

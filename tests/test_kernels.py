@@ -318,12 +318,16 @@ def test_gemv_isa_fallbacks(q, tmp_path, monkeypatch, isa, fmt):
         check_close(got, want, tol, f"gemv_add {fmt} without {ISA_FALLBACKS[isa]} T={T}")
 
 
-# The inline-assembly VNNI paths against the paths they replace, as prefixes of matrix.cl: (the CPU flag it needs, the
-# VNNI side's, the plain side's). zmm: what the probe sets on an AVX-512 target (VNNI_ASM), against pmaddwd on zmm;
-# ymm: the AVX2 path's, AVX-VNNI (AVXVNNI_ASM), against pmaddwd on two ymm, built here by #undef-ing AVX-512.
-AVX2_ONLY = "".join(f"#undef {m}\n" for m in ("__AVX512VNNI__", "__AVX512F__", "__AVX512BW__", "__AVXVNNI__", "VNNI_ASM"))
-VNNI_ASM_SIDES = {"zmm": ("avx512_vnni", "", "#undef VNNI_ASM\n"),
-                  "ymm": ("avx_vnni", AVX2_ONLY + "#define AVXVNNI_ASM\n", AVX2_ONLY)}
+# The inline-assembly VNNI paths against the paths they replace, as prefixes of matrix.cl: (the CPU flags they need,
+# the VNNI side's, the plain side's). zmm: what the probe sets on an AVX-512 target (VNNI_ASM), against pmaddwd on zmm;
+# ymm: the AVX2 path's, AVX-VNNI (AVXVNNI_ASM), against pmaddwd on two ymm, built here by #undef-ing AVX-512; ymm-evex:
+# the AVX2 path's on CPUs with AVX-512 VNNI instead (AVXVNNI_ASM and VNNI_EVEX).
+AVX2_ONLY = "".join(f"#undef {m}\n" for m in ("__AVX512VNNI__", "__AVX512F__", "__AVX512BW__", "__AVXVNNI__", "VNNI_ASM",
+                                               "AVXVNNI_ASM", "VNNI_EVEX"))
+VNNI_ASM_SIDES = {"zmm": ({"avx512_vnni"}, "", "#undef VNNI_ASM\n"),
+                  "ymm": ({"avx_vnni"}, AVX2_ONLY + "#define AVXVNNI_ASM\n", AVX2_ONLY),
+                  "ymm-evex": ({"avx512_vnni", "avx512vl"}, AVX2_ONLY + "#define AVXVNNI_ASM\n#define VNNI_EVEX\n",
+                               AVX2_ONLY)}
 
 
 @pytest.mark.parametrize("fmt", ["q8g32", "int4asym32", "int5asym32f-q5k", "int4asym32-x8", "int5g32-q50-x8"])
@@ -333,10 +337,11 @@ def test_vnni_asm_sums_as_pmaddwd_does(q, tmp_path, monkeypatch, flavor, fmt):
     VNNI_ASM or AVXVNNI_ASM, dpllama/runtime/device.py): vpdpwssd (vpdpbusd for 8-bit activations) must give the
     pmaddwd path's (pmaddubsw's) results bit for bit, in decode and prefill, so a model's output does not depend on
     which path the CPU takes."""
-    flag, vnni, plain = VNNI_ASM_SIDES[flavor]
+    flags, vnni, plain = VNNI_ASM_SIDES[flavor]
     probe = q.device.probe()
-    if not (probe.vnni_asm and flag in host_cpu_flags()) or (flavor == "zmm" and probe.defines != ("VNNI_ASM",)):
-        pytest.skip(f"no {flavor} VNNI through inline assembly here (the CPU lacks {flag}, or the compiler targets it)")
+    if not (probe.vnni_asm and flags <= host_cpu_flags()) or (flavor == "zmm" and probe.defines != ("VNNI_ASM",)):
+        pytest.skip(f"no {flavor} VNNI through inline assembly here (the CPU lacks {' or '.join(sorted(flags))}, or the "
+                    "compiler targets it)")
     dirs = []
     for side, prefix in (("vnni", vnni), ("plain", plain)):
         dirs.append(tmp_path / side)

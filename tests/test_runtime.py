@@ -13,7 +13,7 @@ import pyopencl as cl
 import pytest
 
 from dpllama.errors import DpllamaError
-from dpllama.runtime import Local, Queue, select_device
+from dpllama.runtime import Local, Queue, choose, list_devices, select_device
 from dpllama.runtime import program
 from dpllama.runtime.queue import MAX_READERS
 
@@ -230,7 +230,10 @@ def test_pocl_compiles_only_the_kernels_launched(tmp_path, repo_root):
                              text=True, timeout=120)
         assert run.returncode == 0 and not run.stderr, run.stderr
     built = sorted(so.parent.parent.name for so in (tmp_path / "pocl").rglob("*.so"))
-    probes = ["isa", "vnni"] if select_device()[0].probe().vnni_asm else ["isa"]     # the device probe's kernels
+    devices = list_devices()
+    choose(devices)     # the device probe's kernels, on each PoCL device the choice probed (the same CPU twice: both)
+    probes = [k for d in devices if d.probed is not None and program.driver_caches(d)
+              for k in (["isa", "vnni"] if d.probed.vnni_asm else ["isa"])]
     assert built == sorted(["axpy", *probes]), built     # not slow_add, group_sums, read_sum, nor for any size
     [note] = (tmp_path / "home" / "kernels").glob("check-*.bin")
     assert note.read_bytes() == program.DRIVER_NOTE
@@ -294,6 +297,37 @@ def test_buffer_larger_than_the_allocation_limit_is_refused(queue, monkeypatch):
         queue.buffer(2 << 20, name="k_cache")
 
 
+@pytest.mark.parametrize("flags, defines", [
+    ({"avx2", "avx_vnni", "avx512_vnni", "avx512vl"}, ("AVXVNNI_ASM",)),          # AMD Zen 5: AVX-VNNI's VEX form
+    ({"avx2", "avx512_vnni", "avx512vl"}, ("AVXVNNI_ASM", "VNNI_EVEX")),          # Zen 4, Ice Lake: AVX-512 VNNI's
+    ({"avx2", "avx512_vnni"}, None),                                              # the EVEX form on ymm needs VL
+    ({"avx2"}, None),
+])
+def test_the_avx2_paths_vnni_alternatives(monkeypatch, flags, defines):
+    """A compiler that targets AVX2 on a CPU with VNNI (the pip PoCL 3.0 on AMD Zen 4) reaches it through the first of
+    the AVX2 path's alternatives that the CPU's flags allow; none without them."""
+    from dpllama.runtime import device as devmod
+    monkeypatch.setattr(devmod, "host_cpu_flags", lambda: frozenset(flags))
+    probe = devmod.Probe(macros=("__AVX2__", "__FMA__", "__F16C__", "__AVX__", "__SSE4_1__"), vnni_asm=True)
+    assert (probe.asm_path and probe.asm_path.defines) == defines
+    if defines:
+        assert probe.defines == defines and probe.kernel_path == "avx2-vnni"
+        assert "through inline assembly" in probe.why
+
+
+def test_the_probe_is_kept_under_the_same_name_by_every_process(tmp_path, repo_root):
+    """The probe's cache key is built from reprs: one of a set would follow the process's string hashing
+    (PYTHONHASHSEED), and each run would probe again and leave a file more."""
+    names = []
+    for seed in ("1", "4"):     # seeds whose set iteration orders differ
+        home = tmp_path / seed
+        subprocess.run([sys.executable, "-c", "from dpllama.runtime import select_device; select_device()"],
+                       env={**os.environ, "DPLLAMA_HOME": str(home), "PYTHONHASHSEED": seed}, cwd=repo_root,
+                       check=True, timeout=120)
+        names.append(sorted(p.name for p in (home / "kernels").glob("probe-*.json")))
+    assert names[0] == names[1] and names[0], names
+
+
 def test_vnni_through_inline_assembly_only_where_the_cpu_has_it(monkeypatch, tmp_path):
     """The probe reaches a CPU's VNNI that the compiler does not target through inline assembly (VNNI_ASM on an
     AVX-512 target, AVXVNNI_ASM on an AVX2 one), and only where the host CPU lists the instruction's flag
@@ -304,11 +338,11 @@ def test_vnni_through_inline_assembly_only_where_the_cpu_has_it(monkeypatch, tmp
     probe = devmod.run_probe(dev.cl_device)
     path = probe.asm_path
     can = bool(path and path.compiler_macro not in probe.macros and dev.type == "cpu"
-               and path.cpu_flag in devmod.host_cpu_flags())
+               and devmod.host_cpu_flags().issuperset(path.cpu_flags))
     assert probe.vnni_asm <= can, probe
     if "Portable Computing Language" in dev.platform:      # its compiler takes inline assembly
         assert probe.vnni_asm == can, probe
-    assert probe.defines == ((path.define,) if probe.vnni_asm else ())
+    assert probe.defines == (path.defines if probe.vnni_asm else ())
     assert probe.kernel_path.endswith("-vnni") if probe.vnni_asm else True
     assert [o for o in Queue(dev, None).build_options if "VNNI" in o] == [f"-D{d}" for d in probe.defines]
     monkeypatch.setattr(devmod, "host_cpu_flags", lambda: frozenset({"fpu", "sse2", "avx2"}))

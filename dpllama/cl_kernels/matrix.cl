@@ -61,12 +61,18 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #endif
 // A VNNI instruction (vpdpwssd, vpdpbusd) written in inline assembly, for CPUs that have it where the compiler does not
 // target it (the runtime's probe defines VNNI_ASM or AVXVNNI_ASM): acc += the sums of m's and p's products, p one int
-// for every lane. On a zmm p comes broadcast from memory by the instruction ({1to16}); on a ymm, in the VEX form
-// (AVX-VNNI), from a register.
+// for every lane. On a zmm p comes broadcast from memory by the instruction ({1to16}); on a ymm, from a register, in
+// AVX-VNNI's VEX form, or with -DVNNI_EVEX in AVX-512 VNNI's EVEX form (with AVX-512 VL: CPUs with AVX-512 VNNI and
+// not AVX-VNNI, whose compiler targets AVX2, as the pip PoCL 3.0 does AMD Zen 4: 8-row batch steps 1.09x).
 #define VNNI_ZMM(insn, acc, m, p) ({ int16 a_ = (acc); \
     __asm__(insn " %2%{1to16%}, %1, %0" : "+v"(a_) : "v"(as_int16(m)), "m"(p)); a_; })
+#if defined(VNNI_EVEX)
+#define YMM_FORM ""
+#else
+#define YMM_FORM "%{vex%} "
+#endif
 #define VNNI_YMM(insn, acc, m, p) ({ int8 a_ = (acc); \
-    __asm__("%{vex%} " insn " %2, %1, %0" : "+x"(a_) : "x"(m), "x"((int8)(p))); a_; })
+    __asm__(YMM_FORM insn " %2, %1, %0" : "+x"(a_) : "x"(m), "x"((int8)(p))); a_; })
 // f(acc, m, p) on ymm halves: once for a tile of 8 rows, on .lo and .hi for 16 (AVX2's two registers)
 #if TILE_ROWS == 8
 #define ON_YMM(f, acc, m, p) f((acc), as_int8(m), (p))
@@ -92,8 +98,9 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #define MADD(acc, m, p) ((acc) + __builtin_ia32_pmaddwd512(__builtin_astype((m), shorts32), \
                                                            __builtin_astype((int16)(p), shorts32)))
 #elif (TILE_ROWS == 8 || TILE_ROWS == 16) && defined(__AVX2__)
-// on ymm (TILE_ROWS 16: two): AVX-VNNI's vpdpwssd where the compiler targets it, or in its VEX form in inline assembly
-// where the probe found the CPU has it (-DAVXVNNI_ASM; Intel since Alder Lake, AMD Zen 5), else vpmaddwd and an add
+// on ymm (TILE_ROWS 16: two): AVX-VNNI's vpdpwssd where the compiler targets it, or in inline assembly where the probe
+// found the CPU has it (-DAVXVNNI_ASM: Intel since Alder Lake, AMD Zen 5; with -DVNNI_EVEX, AVX-512 VNNI's form: AMD
+// Zen 4, Intel since Ice Lake), else vpmaddwd and an add
 #if defined(__AVXVNNI__)
 #define MADD_Y(acc, m, p) __builtin_ia32_vpdpwssd256((acc), (m), (int8)(p))
 #elif defined(AVXVNNI_ASM)

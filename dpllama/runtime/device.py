@@ -41,33 +41,38 @@ PROBE_SOURCE = ("__kernel void isa(__global int *flags) {\n"
 
 class AsmPath(NamedTuple):
     """A CPU can have VNNI (integer dot products: vpdpwssd, vpdpbusd) that its driver's compiler does not target: PoCL
-    3.1's LLVM 15 builds for AMD Zen 4 and Zen 5 as skylake-avx512. There matrix.cl reaches it through inline assembly,
-    once `probe` has run the instruction and got its sums right (probe_vnni_asm): for the AVX-512 path, AVX-512 VNNI on
-    a zmm (-DVNNI_ASM); for the AVX2 path, AVX-VNNI's VEX form on a ymm (-DAVXVNNI_ASM; Intel since Alder Lake, AMD
-    Zen 5)."""
-    compiler_macro: str     # defined where the compiler targets the instruction itself (no assembly needed)
-    cpu_flag: str           # the host CPU's flag for it (/proc/cpuinfo)
-    define: str             # what matrix.cl is built with to use the assembly
-    probe: str              # the kernel that runs it once
+    3.1's LLVM 15 builds for AMD Zen 4 and Zen 5 as skylake-avx512, the pip PoCL 3.0's LLVM 14 for Zen 4 as znver3
+    (AVX2). There matrix.cl reaches it through inline assembly, once `probe` has run the instruction and got its sums
+    right (probe_vnni_asm): for the AVX-512 path, AVX-512 VNNI on a zmm (-DVNNI_ASM); for the AVX2 path, on a ymm,
+    AVX-VNNI's VEX form (-DAVXVNNI_ASM; Intel since Alder Lake, AMD Zen 5) or else AVX-512 VNNI's EVEX form, which
+    needs AVX-512 VL too (-DAVXVNNI_ASM -DVNNI_EVEX; AMD Zen 4, Intel since Ice Lake)."""
+    compiler_macro: str         # defined where the compiler targets the instruction itself (no assembly needed)
+    cpu_flags: tuple[str, ...]  # the host CPU's flags for it (/proc/cpuinfo; a tuple: its repr keys the probe's cache)
+    defines: tuple[str, ...]    # what matrix.cl is built with to use the assembly
+    probe: str                  # the kernel that runs it once
 
 
-# per path, by the macro of the target that takes it
+def ymm_probe(form: str) -> str:
+    """The probe of vpdpwssd on a ymm in `form`: "%{vex%} " (AVX-VNNI) or "" (the EVEX form: AVX-512 VNNI + VL)."""
+    return ("__kernel void vnni(__global int16 *v) {\n    int8 acc = v[0].lo;\n    const int8 pair = v[1].s0;\n"
+            f'    __asm__("{form}vpdpwssd %2, %1, %0" : "+x"(acc) : "x"(v[2].lo), "x"(pair));\n'
+            "    v[3] = (int16)(acc, acc);\n}\n")
+
+
+# per path, by the macro of the target that takes it: the alternatives in order, the first the CPU has
 VNNI_ASM_PATHS = {
-    "__AVX512BW__": AsmPath("__AVX512VNNI__", "avx512_vnni", "VNNI_ASM", """__kernel void vnni(__global int16 *v) {
+    "__AVX512BW__": (AsmPath("__AVX512VNNI__", ("avx512_vnni",), ("VNNI_ASM",), """__kernel void vnni(__global int16 *v) {
     int16 acc = v[0];
     const int pair = v[1].s0;
     __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(v[2]), "m"(pair));
     v[3] = acc;
 }
-"""),
-    "__AVX2__": AsmPath("__AVXVNNI__", "avx_vnni", "AVXVNNI_ASM", """__kernel void vnni(__global int16 *v) {
-    int8 acc = v[0].lo;
-    const int8 pair = v[1].s0;
-    __asm__("%{vex%} vpdpwssd %2, %1, %0" : "+x"(acc) : "x"(v[2].lo), "x"(pair));
-    v[3] = (int16)(acc, acc);
+"""),),
+    "__AVX2__": (AsmPath("__AVXVNNI__", ("avx_vnni",), ("AVXVNNI_ASM",), ymm_probe("%{vex%} ")),
+                 AsmPath("__AVXVNNI__", ("avx512_vnni", "avx512vl"), ("AVXVNNI_ASM", "VNNI_EVEX"),
+                         ymm_probe(""))),
 }
-"""),
-}
+VNNI_FLAGS = frozenset().union(*(path.cpu_flags for paths in VNNI_ASM_PATHS.values() for path in paths))
 
 
 @dataclass(frozen=True)
@@ -93,20 +98,22 @@ class Probe:
 
     @property
     def asm_path(self) -> AsmPath | None:
-        """VNNI_ASM_PATHS' entry for the path the compiler targets (None: not x86 with AVX2)."""
-        return next((VNNI_ASM_PATHS[m] for m in VNNI_ASM_PATHS if m in self.macros), None)
+        """VNNI_ASM_PATHS' first alternative for the path the compiler targets whose flags the host CPU has (None: not
+        x86 with AVX2, or a CPU without VNNI)."""
+        paths = next((VNNI_ASM_PATHS[m] for m in VNNI_ASM_PATHS if m in self.macros), ())
+        return next((path for path in paths if host_cpu_flags().issuperset(path.cpu_flags)), None)
 
     @property
     def defines(self) -> tuple[str, ...]:
         """What every program for the device is built with besides its config's options: VNNI_ASM or AVXVNNI_ASM
-        where the CPU's VNNI is reached through inline assembly."""
-        return (self.asm_path.define,) if self.vnni_asm else ()
+        (and VNNI_EVEX) where the CPU's VNNI is reached through inline assembly."""
+        return self.asm_path.defines if self.vnni_asm else ()
 
     @property
     def why(self) -> str:
         shown = ", ".join(self.macros) or "none of " + ", ".join(ISA_MACROS[:4])
-        asm = (f"; the CPU's {self.asm_path.cpu_flag}, which it does not target, through inline assembly"
-               if self.vnni_asm else "")
+        asm = (f"; the CPU's {' and '.join(self.asm_path.cpu_flags)}, which it does not target, through inline "
+               "assembly" if self.vnni_asm else "")
         if self.kernel_path.startswith("avx2") and {"avx512f", "avx512bw"} <= host_cpu_flags():
             asm += "; the CPU has AVX-512 too, which it does not target (Debian's and Ubuntu's PoCL do)"
         return f"{self.kernel_path} (the compiler defines {shown}{asm})"
@@ -156,9 +163,9 @@ def run_probe(cl_device) -> Probe:
         lines = [ln.strip() for ln in str(e).splitlines()]
         return Probe(error=next((ln for ln in lines if ln.startswith("error:")), lines[0] if lines else repr(e)))
     probe = Probe(macros=tuple(m for m, f in zip(ISA_MACROS, flags) if f))
-    path = probe.asm_path
+    path = probe.asm_path       # only one whose flags the host CPU lists: elsewhere the instruction is SIGILL
     if (path and path.compiler_macro not in probe.macros and cl_device.type & cl.device_type.CPU
-            and path.cpu_flag in host_cpu_flags() and probe_vnni_asm(ctx, queue, path.probe)):
+            and probe_vnni_asm(ctx, queue, path.probe)):
         return Probe(macros=probe.macros, vnni_asm=True)
     return probe
 
@@ -182,7 +189,7 @@ class Device:
         name, which for PoCL names the compiler's target CPU, and the host CPU's VNNI flags, so that a home
         shared with a machine without them never hands this one's VNNI_ASM over)."""
         if self.probed is None:
-            vnni = sorted(host_cpu_flags() & {path.cpu_flag for path in VNNI_ASM_PATHS.values()})
+            vnni = sorted(host_cpu_flags() & VNNI_FLAGS)
             key = "\0".join((self.cache_key(), PROBE_SOURCE, repr(VNNI_ASM_PATHS), *vnni))
             key = hashlib.sha256(key.encode()).hexdigest()[:32]
             path = dpllama_home() / "kernels" / f"probe-{key}.json"
