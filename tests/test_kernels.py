@@ -341,7 +341,7 @@ def test_vnni_asm_sums_as_pmaddwd_does(q, tmp_path, monkeypatch, flavor, fmt):
     probe = q.device.probe()
     if not (probe.vnni_asm and flags <= host_cpu_flags()) or (flavor == "zmm" and probe.defines != ("VNNI_ASM",)):
         pytest.skip(f"no {flavor} VNNI through inline assembly here (the CPU lacks {' or '.join(sorted(flags))}, or the "
-                    "compiler targets it)")
+                    "compiler targets VNNI itself, or not the instruction set of this flavor's path)")
     dirs = []
     for side, prefix in (("vnni", vnni), ("plain", plain)):
         dirs.append(tmp_path / side)
