@@ -52,6 +52,25 @@
 #define intV CAT(int, TILE_ROWS)
 #define as_intV CAT(as_int, TILE_ROWS)
 
+// LANES: the rows block_dot multiplies at once. A whole tile, but for AVX2 without AVX-512 at 8 tokens: there a
+// 16-row tile is two ymm registers, so 8 tokens' integer sums alone take all 16 of them, and clang spilled ~3
+// values to the stack for every 2 multiply-adds (and reloaded them). A work-group then goes over a tile twice,
+// its rows 0-7 and then 8-15 (HALVES), each pass's sums in 8 registers; the second pass finds the tile's
+// weights in L1. The same products and sums in the same order: the results are bit for bit the same.
+#if defined(X_ONCE) && !defined(W_F32) && TILE_ROWS == 16 && TOKENS >= 8 && defined(__AVX2__) && !defined(__AVX512F__)
+#define LANES 8
+#else
+#define LANES TILE_ROWS
+#endif
+#define HALVES (TILE_ROWS / LANES)
+#define floatL CAT(float, LANES)
+#define uintL CAT(uint, LANES)
+#define ushortL CAT(ushort, LANES)
+#define as_floatL CAT(as_float, LANES)
+#define as_uintL CAT(as_uint, LANES)
+#define intL CAT(int, LANES)
+#define as_intL CAT(as_int, LANES)
+
 #if !defined(W_F32)
 typedef short shorts32 __attribute__((ext_vector_type(32)));    // a zmm of 16-bit lanes (OpenCL has no short32)
 typedef char chars64 __attribute__((ext_vector_type(64)));      // a zmm of bytes
@@ -73,8 +92,8 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #endif
 #define VNNI_YMM(insn, acc, m, p) ({ int8 a_ = (acc); \
     __asm__(YMM_FORM insn " %2, %1, %0" : "+x"(a_) : "x"(m), "x"((int8)(p))); a_; })
-// f(acc, m, p) on ymm halves: once for a tile of 8 rows, on .lo and .hi for 16 (AVX2's two registers)
-#if TILE_ROWS == 8
+// f(acc, m, p) on ymm halves: once for 8 lanes, on .lo and .hi for 16 (AVX2's two registers)
+#if LANES == 8
 #define ON_YMM(f, acc, m, p) f((acc), as_int8(m), (p))
 #else
 #define ON_YMM(f, acc, m, p) ((int16)(f((acc).lo, as_int8((m).lo), (p)), f((acc).hi, as_int8((m).hi), (p))))
@@ -88,17 +107,17 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 // AVX-512 BW, on two ymm with AVX2, vpdpwssd on them with AVX-VNNI), or VNNI in inline assembly where the runtime's
 // probe found the CPU has it and the compiler does not target it (VNNI_ASM, AVXVNNI_ASM); plain integer arithmetic
 // anywhere else.
-#if TILE_ROWS == 16 && defined(__AVX512VNNI__)
+#if LANES == 16 && defined(__AVX512VNNI__)
 #define MADD(acc, m, p) __builtin_ia32_vpdpwssd512((acc), as_int16(m), (int16)(p))
-#elif TILE_ROWS == 16 && defined(__AVX512BW__) && defined(VNNI_ASM)
+#elif LANES == 16 && defined(__AVX512BW__) && defined(VNNI_ASM)
 // the same instruction in inline assembly (VNNI_ZMM; -DVNNI_ASM: the runtime's probe, dpllama/runtime/device.py):
 // the same sums, bit for bit, as the pmaddwd path below, in half the instructions (prompts 1.14x, decode 1.05x)
 #define MADD(acc, m, p) VNNI_ZMM("vpdpwssd", (acc), (m), (p))
-#elif TILE_ROWS == 16 && defined(__AVX512BW__)
+#elif LANES == 16 && defined(__AVX512BW__)
 #define MADD(acc, m, p) ((acc) + __builtin_ia32_pmaddwd512(__builtin_astype((m), shorts32), \
                                                            __builtin_astype((int16)(p), shorts32)))
-#elif (TILE_ROWS == 8 || TILE_ROWS == 16) && defined(__AVX2__)
-// on ymm (TILE_ROWS 16: two): AVX-VNNI's vpdpwssd where the compiler targets it, or in inline assembly where the probe
+#elif (LANES == 8 || LANES == 16) && defined(__AVX2__)
+// on ymm (LANES 16: two): AVX-VNNI's vpdpwssd where the compiler targets it, or in inline assembly where the probe
 // found the CPU has it (-DAVXVNNI_ASM: Intel since Alder Lake, AMD Zen 5; with -DVNNI_EVEX, AVX-512 VNNI's form: AMD
 // Zen 4, Intel since Ice Lake), else vpmaddwd and an add
 #if defined(__AVXVNNI__)
@@ -110,7 +129,7 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #endif
 #define MADD(acc, m, p) ON_YMM(MADD_Y, acc, m, p)
 #else
-#define MADD(acc, m, p) ((acc) + (as_intV(m) & 0xffff) * (((p) << 16) >> 16) + (as_intV(m) >> 16) * ((p) >> 16))
+#define MADD(acc, m, p) ((acc) + (as_intL(m) & 0xffff) * (((p) << 16) >> 16) + (as_intL(m) >> 16) * ((p) >> 16))
 #endif
 #else
 #define X_MAX 127.0f        // x as bytes (the header)
@@ -120,35 +139,35 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 // d's lanes as intV. x86 adds pmaddubsw's 16-bit pair sums into 16-bit lanes, which hold DOT_WORDS words' worth
 // (int4: 8 x 2 x 15 x 127 = 30480; int5: 4 x 2 x 31 x 127 = 31496) before WIDEN's pmaddwd by 1 must take them;
 // VNNI's vpdpbusd and plain arithmetic sum into 32-bit lanes at once.
-#if TILE_ROWS == 16 && defined(__AVX512VNNI__)
+#if LANES == 16 && defined(__AVX512VNNI__)
 #define DOTS int16
 #define DOT4(d, w, p) __builtin_ia32_vpdpbusd512((d), as_int16(w), (int16)(p))
 #define WIDEN(d) (d)
-#elif TILE_ROWS == 16 && defined(__AVX512BW__) && defined(VNNI_ASM)
+#elif LANES == 16 && defined(__AVX512BW__) && defined(VNNI_ASM)
 #define DOTS int16          // as above, through inline assembly (MADD's VNNI_ASM)
 #define DOT4(d, w, p) VNNI_ZMM("vpdpbusd", (d), (w), (p))
 #define WIDEN(d) (d)
-#elif TILE_ROWS == 16 && defined(__AVX512BW__)
+#elif LANES == 16 && defined(__AVX512BW__)
 #define DOTS shorts32
 #define DOT4(d, w, p) ((d) + __builtin_ia32_pmaddubsw512(__builtin_astype((w), chars64), \
                                                          __builtin_astype((int16)(p), chars64)))
 #define WIDEN(d) __builtin_ia32_pmaddwd512((d), (shorts32)(1))
-#elif (TILE_ROWS == 8 || TILE_ROWS == 16) && (defined(__AVXVNNI__) || defined(AVXVNNI_ASM))
+#elif (LANES == 8 || LANES == 16) && (defined(__AVXVNNI__) || defined(AVXVNNI_ASM))
 // AVX-VNNI's vpdpbusd on ymm, as MADD_Y's vpdpwssd
 #if defined(__AVXVNNI__)
 #define DOT4_Y(d, w, p) __builtin_ia32_vpdpbusd256((d), (w), (int8)(p))
 #else
 #define DOT4_Y(d, w, p) VNNI_YMM("vpdpbusd", (d), (w), (p))
 #endif
-#define DOTS intV
+#define DOTS intL
 #define DOT4(d, w, p) ON_YMM(DOT4_Y, d, w, p)
 #define WIDEN(d) (d)
-#elif TILE_ROWS == 8 && defined(__AVX2__)
+#elif LANES == 8 && defined(__AVX2__)
 #define DOTS short16
 #define DOT4(d, w, p) ((d) + __builtin_ia32_pmaddubsw256(__builtin_astype((w), chars32), \
                                                          __builtin_astype((int8)(p), chars32)))
 #define WIDEN(d) __builtin_ia32_pmaddwd256((d), (short16)(1))
-#elif TILE_ROWS == 16 && defined(__AVX2__)
+#elif LANES == 16 && defined(__AVX2__)
 #define DOTS shorts32       // two ymm
 #define HALF16(v, i) __builtin_shufflevector((v), (v), 16 * (i) + 0, 16 * (i) + 1, 16 * (i) + 2, 16 * (i) + 3, \
     16 * (i) + 4, 16 * (i) + 5, 16 * (i) + 6, 16 * (i) + 7, 16 * (i) + 8, 16 * (i) + 9, 16 * (i) + 10, \
@@ -160,9 +179,9 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #define WIDEN(d) ((int16)(__builtin_ia32_pmaddwd256(HALF16((d), 0), (short16)(1)), \
                           __builtin_ia32_pmaddwd256(HALF16((d), 1), (short16)(1))))
 #else
-#define DOTS intV
-#define DOT4(d, w, p) ((d) + as_intV((w) & 0xff) * (((p) << 24) >> 24) + as_intV(((w) >> 8) & 0xff) * (((p) << 16) >> 24) \
-                           + as_intV(((w) >> 16) & 0xff) * (((p) << 8) >> 24) + as_intV((w) >> 24) * ((p) >> 24))
+#define DOTS intL
+#define DOT4(d, w, p) ((d) + as_intL((w) & 0xff) * (((p) << 24) >> 24) + as_intL(((w) >> 8) & 0xff) * (((p) << 16) >> 24) \
+                           + as_intL(((w) >> 16) & 0xff) * (((p) << 8) >> 24) + as_intL((w) >> 24) * ((p) >> 24))
 #define WIDEN(d) (d)
 #endif
 #if defined(W_INT5)
@@ -226,28 +245,28 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 // passed by value (float16 on AVX2, float8 on SSE) makes clang warn that it "changes the ABI", on every
 // build. Library calls on such vectors (convert_uint16, exp(float16)) do the same, so none appear here.
 
-// fp16 bits -> float: one F16C instruction per 16 (AVX-512) or 8 values (F16C on AVX2), else integer operations
-// (those handle normal numbers; subnormal scales flush to zero). The widening is clang's
+// LANES fp16 bits -> floats: one F16C instruction per 16 (AVX-512) or 8 values (F16C on AVX2), else integer
+// operations (those handle normal numbers; subnormal scales flush to zero). The widening is clang's
 // __builtin_convertvector, which compiles inline, where convert_uintV is a library call.
-#if TILE_ROWS == 16 && defined(__AVX512F__)
+#if LANES == 16 && defined(__AVX512F__)
 #define HALF_BITS_TO_FLOAT(h) __builtin_ia32_vcvtph2ps512_mask(as_short16(h), (float16)(0.0f), (ushort)0xffff, 4)
-#elif TILE_ROWS == 16 && defined(__F16C__)
+#elif LANES == 16 && defined(__F16C__)
 #define HALF_BITS_TO_FLOAT(h) (float16)(__builtin_ia32_vcvtph2ps256(as_short8((h).lo)), \
                                         __builtin_ia32_vcvtph2ps256(as_short8((h).hi)))
-#elif TILE_ROWS == 8 && defined(__F16C__)
+#elif LANES == 8 && defined(__F16C__)
 #define HALF_BITS_TO_FLOAT(h) __builtin_ia32_vcvtph2ps256(as_short8(h))
 #else
 #define HALF_EXP(u) (((u) >> 10) & 0x1f)
-#define HALF_BITS_TO_FLOAT(h) half_bits_from_uint(__builtin_convertvector((h), uintV))
-#define half_bits_from_uint(u) as_floatV((((u) & 0x8000) << 16) | \
-    ((((HALF_EXP(u) + 112) << 23) | (((u) & 0x3ff) << 13)) & as_uintV(HALF_EXP(u) != 0)))  // not select(): a call in PoCL
+#define HALF_BITS_TO_FLOAT(h) half_bits_from_uint(__builtin_convertvector((h), uintL))
+#define half_bits_from_uint(u) as_floatL((((u) & 0x8000) << 16) | \
+    ((((HALF_EXP(u) + 112) << 23) | (((u) & 0x3ff) << 13)) & as_uintL(HALF_EXP(u) != 0)))  // not select(): a call in PoCL
 #endif
 
-// the TILE_ROWS scales (or mins) of group g of a tile, as floats
+// the LANES scales (or mins) of group g of a tile's half h, as floats
 #if defined(SCALES_F32)
-#define TILE_SCALES(p, g) (((__global const floatV *)(p))[g])
+#define TILE_SCALES(p, g, h) (((__global const floatL *)(p))[HALVES * (g) + (h)])
 #else
-#define TILE_SCALES(p, g) HALF_BITS_TO_FLOAT(((__global const ushortV *)(p))[g])
+#define TILE_SCALES(p, g, h) HALF_BITS_TO_FLOAT(((__global const ushortL *)(p))[HALVES * (g) + (h)])
 #endif
 
 #define SUM8(v) (((v).s0 + (v).s1) + ((v).s2 + (v).s3) + ((v).s4 + (v).s5) + ((v).s6 + (v).s7))
@@ -260,21 +279,24 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #else
 #define X_SPACE __private
 #endif
-// acc[n] += the TILE_ROWS rows of tile t dotted with block b of token n's input (n < TOKENS): xin[n][BLOCK] as floats,
+// acc[n] += the LANES rows of tile t's half h (rows LANES h to LANES h + LANES - 1) dotted with block b of token n's
+// input (n < TOKENS): xin[n][BLOCK] as floats,
 // or for q8, int4 and int5 xq[n][BLOCK / X_PER_INT] its 16-bit pairs (or bytes) and their scale dx[n]; sx[n] = sum of that block of token
 // n's input (as rounded). Each weight is loaded and decoded once for all tokens.
 // (always_inline and the unrolled loops keep the accumulators in registers: PoCL's compiler left them on the stack)
-__attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, const int b, const int cols_p, X_SPACE const float *xin,
-                      X_SPACE const int *xq, X_SPACE const float *dx, X_SPACE const float *sx,
-                      __private floatV *acc) {
+__attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, const int b, const int h, const int cols_p,
+                      X_SPACE const float *xin, X_SPACE const int *xq, X_SPACE const float *dx,
+                      X_SPACE const float *sx, __private floatL *acc) {
+// the block's vector i of the tile (wt, uintV), that is of half h: lanes LANES h to LANES h + LANES - 1
+#define W_AT(wt, i) (((__global const uintL *)(wt))[HALVES * (i) + h])
 #if defined(W_F32)
     __global const floatV *w = (__global const floatV *)w_ + (size_t)t * cols_p + BLOCK * b;
     for (int k = 0; k < BLOCK; k++) {
-        const floatV wk = w[k];
+        const floatL wk = as_floatL(W_AT(w, k));
         for (int n = 0; n < TOKENS; n++) acc[n] += wk * xin[n * BLOCK + k];
     }
 #else
-    intV part[TOKENS * CHAINS];
+    intL part[TOKENS * CHAINS];
 #pragma unroll
     for (int i = 0; i < TOKENS * CHAINS; i++) part[i] = 0;
 #if X_PER_INT == 2
@@ -300,36 +322,36 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
 #if defined(W_INT5)
     // 5 words per 32 columns: 4 of nibbles, then the fifth bits (see the header)
     __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 32 * 5) + (BLOCK / 32 * 5) * b;
-    PREFETCH_AHEAD(w, BLOCK / 32 * 5);
+    if (h == 0) PREFETCH_AHEAD(w, BLOCK / 32 * 5);
 #pragma unroll
     for (int i = 0; i < BLOCK / 32; i++) {
-        const uintV high = w[5 * i + 4];
+        const uintL high = W_AT(w, 5 * i + 4);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            const uintV u = w[5 * i + j];
+            const uintL u = W_AT(w, 5 * i + j);
             // columns 8j + 2b (even) and 8j + 2b + 1 (odd) as 5-bit values in byte b: nibbles and fifth bits
-            const uintV even = (u & 0x0f0f0f0fu) | (SHIFT_RIGHT(high, 2 * j - 4) & 0x10101010u);
-            const uintV odd = ((u >> 4) & 0x0f0f0f0fu) | (SHIFT_RIGHT(high, 2 * j - 3) & 0x10101010u);
+            const uintL even = (u & 0x0f0f0f0fu) | (SHIFT_RIGHT(high, 2 * j - 4) & 0x10101010u);
+            const uintL odd = ((u >> 4) & 0x0f0f0f0fu) | (SHIFT_RIGHT(high, 2 * j - 3) & 0x10101010u);
             INT5_WORD(i, j, even, odd);
         }
     }
 #elif X_PER_INT == 2
     // a packed word holds PAIRS pairs of the block (q8: 2 of bytes, int4: 4 of nibbles; see the header)
     __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / (2 * PAIRS)) + (BLOCK / (2 * PAIRS)) * b;
-    PREFETCH_AHEAD(w, BLOCK / (2 * PAIRS));
+    if (h == 0) PREFETCH_AHEAD(w, BLOCK / (2 * PAIRS));
 #pragma unroll
     for (int j = 0; j < BLOCK / (2 * PAIRS); j++) {
-        const uintV u = w[j];
+        const uintL u = W_AT(w, j);
 #pragma unroll
         for (int h = 0; h < PAIRS; h++)
             PAIR_MADD(PAIRS * j + h, (u >> (uint)(16 / PAIRS * h)) & PAIR_MASK);
     }
 #else
     __global const uintV *w = (__global const uintV *)w_ + (size_t)t * (cols_p / 8) + (BLOCK / 8) * b;
-    PREFETCH_AHEAD(w, BLOCK / 8);
+    if (h == 0) PREFETCH_AHEAD(w, BLOCK / 8);
 #pragma unroll
     for (int j = 0; j < BLOCK / 8; j++) {
-        const uintV u = w[j];
+        const uintL u = W_AT(w, j);
         QUAD_DOT(2 * j, u & 0x0f0f0f0fu);
         QUAD_DOT(2 * j + 1, (u >> 4) & 0x0f0f0f0fu);
         if (j % DOT_WORDS == DOT_WORDS - 1 || j == BLOCK / 8 - 1) WIDEN_DOTS();
@@ -340,9 +362,9 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
 #undef WIDEN_DOTS
 #undef INT5_WORD
     const size_t g = (size_t)t * (cols_p / GROUP) + b;
-    const floatV s = TILE_SCALES(s_, g);
+    const floatL s = TILE_SCALES(s_, g, h);
 #if defined(ASYM)
-    const floatV m = TILE_SCALES(m_, g);
+    const floatL m = TILE_SCALES(m_, g, h);
 #endif
     // unrolled, so that the accumulators stay in registers; each token's update in 4 vector operations (a
     // conversion, a multiply and two multiply-adds, -cl-mad-enable's FMAs), which at 8 tokens take a fifth of a
@@ -350,10 +372,10 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
     // an add more)
 #pragma unroll
     for (int n = 0; n < TOKENS; n++) {
-        intV q = part[n * CHAINS];
+        intL q = part[n * CHAINS];
 #pragma unroll
         for (int c = 1; c < CHAINS; c++) q += part[n * CHAINS + c];
-        const floatV qx = __builtin_convertvector(q, floatV) * dx[n];     // sum_k q_k x_k (inline, unlike convert_floatV)
+        const floatL qx = __builtin_convertvector(q, floatL) * dx[n];     // sum_k q_k x_k (inline, unlike convert_floatV)
 #if defined(Q_OFFSET) && defined(ASYM)
         acc[n] = s * (qx - Q_OFFSET * sx[n]) + (m * sx[n] + acc[n]);
 #elif defined(Q_OFFSET)
@@ -363,6 +385,7 @@ __attribute__((always_inline)) inline void block_dot(WEIGHT_ARGS, const int t, c
 #endif
     }
 #endif
+#undef W_AT
 }
 
 // Block b of one input row (xr, BLOCK floats; zeros unless `live`) as the kernels take it: xin = the block, times
@@ -476,17 +499,18 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
     // tile by tile, each one's TOKENS sums in registers over the blocks, the input read where it was prepared
     __local const float *row_f = ROW_F(row, cols_p);
     for (int n = 0; n < TOKENS; n++) ss[n] = row_f[ROW_SS(cols_p) + n];
-    for (int tt = 0; tt < tiles; tt++) {
-        floatV a[TOKENS];       // in registers: every loop over it unrolled
+    for (int tt = 0; tt < tiles; tt++)
+        for (int h = 0; h < HALVES; h++) {      // the tile's halves one after the other (LANES)
+            floatL a[TOKENS];       // in registers: every loop over it unrolled
 #pragma unroll
-        for (int n = 0; n < TOKENS; n++) a[n] = 0.0f;
-        for (int b = 0; b < cols_p / BLOCK; b++) {
-            __local const float *f = row_f + b * ROW_F_BLOCK;
-            block_dot(w_, s_, m_, t0 + tt, b, cols_p, f, ROW_Q(row, b), f, f + TOKENS, a);
+            for (int n = 0; n < TOKENS; n++) a[n] = 0.0f;
+            for (int b = 0; b < cols_p / BLOCK; b++) {
+                __local const float *f = row_f + b * ROW_F_BLOCK;
+                block_dot(w_, s_, m_, t0 + tt, b, h, cols_p, f, ROW_Q(row, b), f, f + TOKENS, a);
+            }
+#pragma unroll
+            for (int n = 0; n < TOKENS; n++) ((__private floatL *)&acc[tt * TOKENS + n])[h] = a[n];
         }
-#pragma unroll
-        for (int n = 0; n < TOKENS; n++) acc[tt * TOKENS + n] = a[n];
-    }
 #else
     const int lid = get_local_id(0), L = get_local_size(0);
     const int tok0 = get_group_id(1) * TOKENS;
@@ -512,7 +536,7 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
 #pragma unroll
 #endif
         for (int tt = 0; tt < TILES; tt++)
-            if (tt < tiles) block_dot(w_, s_, m_, t0 + tt, b, cols_p, xin, xq, dx, sx, acc + tt * TOKENS);
+            if (tt < tiles) block_dot(w_, s_, m_, t0 + tt, b, 0, cols_p, xin, xq, dx, sx, acc + tt * TOKENS);
     }
 #endif
 #if !defined(SOLO) && !defined(X_ONCE)
