@@ -47,16 +47,13 @@
 #define floatV CAT(float, TILE_ROWS)
 #define uintV CAT(uint, TILE_ROWS)
 #define ushortV CAT(ushort, TILE_ROWS)
-#define as_floatV CAT(as_float, TILE_ROWS)
-#define as_uintV CAT(as_uint, TILE_ROWS)
-#define intV CAT(int, TILE_ROWS)
-#define as_intV CAT(as_int, TILE_ROWS)
 
-// LANES: the rows block_dot multiplies at once. A whole tile, but for AVX2 without AVX-512 at 8 tokens: there a
-// 16-row tile is two ymm registers, so 8 tokens' integer sums alone take all 16 of them, and clang spilled ~3
-// values to the stack for every 2 multiply-adds (and reloaded them). A work-group then goes over a tile twice,
-// its rows 0-7 and then 8-15 (HALVES), each pass's sums in 8 registers; the second pass finds the tile's
-// weights in L1. The same products and sums in the same order: the results are bit for bit the same.
+// LANES: the rows block_dot multiplies at once (its vectors: floatL, ...). A whole tile, but for AVX2 without AVX-512
+// at 8 tokens: there a 16-row tile is two ymm registers, so 8 tokens' integer sums alone take all 16 of them, and
+// clang's code for a block's 256 multiply-adds spilled to and reloaded from the stack ~400 times. A work-group then
+// goes over a tile twice, its rows 0-7 and then 8-15 (HALVES), each pass's sums in 8 registers; the second pass
+// finds the tile's weights in L1. The same products and sums in the same order: the results are bit for bit the
+// same (8-row steps 1.11x, prompts 1.15-1.34x on a Zen 3; 4 tokens spill less and ran slower in halves).
 #if defined(X_ONCE) && !defined(W_F32) && TILE_ROWS == 16 && TOKENS >= 8 && defined(__AVX2__) && !defined(__AVX512F__)
 #define LANES 8
 #else
@@ -136,7 +133,7 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #define X_PER_INT 4
 // Sums of 4 byte products per 32-bit lane: w's bytes unsigned (weights 0..31), p's signed (x, |x| <= 127; p,
 // one int, is the same 4 bytes for all lanes). DOT4(d, w, p) adds them into d, of type DOTS; WIDEN(d) gives
-// d's lanes as intV. x86 adds pmaddubsw's 16-bit pair sums into 16-bit lanes, which hold DOT_WORDS words' worth
+// d's lanes as intL. x86 adds pmaddubsw's 16-bit pair sums into 16-bit lanes, which hold DOT_WORDS words' worth
 // (int4: 8 x 2 x 15 x 127 = 30480; int5: 4 x 2 x 31 x 127 = 31496) before WIDEN's pmaddwd by 1 must take them;
 // VNNI's vpdpbusd and plain arithmetic sum into 32-bit lanes at once.
 #if LANES == 16 && defined(__AVX512VNNI__)
