@@ -232,7 +232,8 @@ def test_pocl_compiles_only_the_kernels_launched(tmp_path, repo_root):
     built = sorted(so.parent.parent.name for so in (tmp_path / "pocl").rglob("*.so"))
     devices = list_devices()
     choose(devices)     # the device probe's kernels, on each PoCL device the choice probed (the same CPU twice: both)
-    probes = [k for d in devices if d.probed is not None and program.driver_caches(d)
+    probes = [k for d in devices        # a PoCL whose compiler fails (the pip one's LLVM 14 on Zen 5) builds nothing
+              if d.probed is not None and not d.probed.error and program.driver_caches(d)
               for k in (["isa", "vnni"] if d.probed.vnni_asm else ["isa"])]
     assert built == sorted(["axpy", *probes]), built     # not slow_add, group_sums, read_sum, nor for any size
     [note] = (tmp_path / "home" / "kernels").glob("check-*.bin")
