@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -65,9 +68,12 @@ CONFIGS = {     # name -> {section: values changed}
     # the shipped geometry with prompts in chunks of 5, so a prompt spans several chunks and a partial one
     "chunked": {"work_group": dict(prefill_chunk=5)},
     # decode's attention inside the QKV launch (matrix.cl's qkv_attention), with 8-row tiles (head_dim 8) taken
-    # 2 at a time, so a KV head's 3 query tiles take two runs
+    # 2 at a time, so a KV head's 3 query tiles take two runs (a layer in launches of their own: the shipped CPU
+    # configs' matrix.cl layer would run decode's instead)
     "fused-attention": {"work_group": dict(tile_rows=8, decode_tiles=2, prefill_chunk=5),
-                        "fuse": dict(attention_min_kv_heads=1)},
+                        "fuse": dict(attention_min_kv_heads=1, layer_max_units=0)},
+    # every layer in its five launches, as GPUs run it
+    "separate-launches": {"fuse": dict(layer_max_units=0)},
 }
 
 
@@ -263,6 +269,61 @@ def test_fused_attention_needs_single_work_item_groups(q, random_model):
     """qkv_attention exists for work-groups of one work-item; a GPU geometry asking for it runs unfused."""
     cq = queue_with(q, {"work_group": GPU_LIKE, "fuse": dict(attention_min_kv_heads=1)})
     assert not Llama(random_model, cq).fused_attention
+
+
+def layer_phases(model: Llama) -> set[int]:
+    """The phases the model's layers run in matrix.cl's layer launch, over all its group sizes (empty: none do)."""
+    return {phases for L in model.layers for _, phases in L.layer.values()}
+
+
+@pytest.mark.parametrize("variant, phases", [("int4-asym-g64", {5}), ("int4-mixed-g32-tied", {2, 3}),
+                                             ("every-type", {2})])
+def test_layer_launch_matches_separate_launches(q, random_model, every_type_model, variant, phases):
+    """matrix.cl's layer (a layer's phases in one launch, the work-groups claiming their tasks) computes what the
+    separate launches compute, bit for bit: a prompt of two groups of rows, decode steps, and batches of 1 to 15 rows
+    at different positions. Where a layer's matrices differ in format (symmetric and asymmetric int4 in turn;
+    every GGUF type), its launch runs the phases up to the first matrix of another format (QKV and attention at
+    least) and the rest run on their own."""
+    weights = every_type_model if variant == "every-type" else VARIANTS[variant](random_model)
+    fused = Llama(weights, queue_with(q, {"fuse": dict(layer_max_units=q.device.compute_units)}), slots=8)
+    alone = Llama(weights, queue_with(q, {"fuse": dict(layer_max_units=0)}), slots=8)
+    if not fused.layers[0].layer:
+        pytest.skip(f"the config for {q.device} has no single-work-item work-groups (matrix.cl's layer is for CPUs)")
+    assert layer_phases(fused) == phases and not layer_phases(alone)
+    prompt = random_tokens(13, 3)
+    for model in (fused, alone):
+        model.start(prompt)
+        model.feed(len(prompt))
+    for step in range(3):
+        for model in (fused, alone):
+            model.next_given(5 + step)
+            model.step()
+        np.testing.assert_array_equal(fused.read_logits(), alone.read_logits(), f"decode step {step}")
+    for rows in (1, 3, 8):
+        parts = [Part(slot, 7 + slot, [2 + slot], True) for slot in range(rows)]
+        np.testing.assert_array_equal(fused.batch(parts), alone.batch(parts), f"a batch of {rows} rows")
+    parts = [Part(slot, 9, random_tokens(5, slot), True) for slot in (1, 2, 3)]
+    np.testing.assert_array_equal(fused.batch(parts), alone.batch(parts), "a batch of 3 prompt pieces")
+
+
+def test_layer_launch_on_one_driver_thread(repo_root):
+    """Where the driver runs a launch's work-groups one after the other on one thread (PoCL with one worker thread),
+    the first does every task and the others find none left: matrix.cl's layer never waits on a work-group that
+    has not started. stories260K's oracle, greedy, in a process with POCL_MAX_PTHREAD_COUNT=1 (bounded in time: a
+    launch waiting on itself would hang)."""
+    stories_weights()   # skips without the oracle files
+    ids = oracle_ids("reference_stories260K_greedy_ids.txt")
+    code = ("import sys; from dpllama.generate import Sampler, generate; from dpllama.loaders import load_weights; "
+            "from dpllama.model.llama import Llama; from dpllama.runtime import open_queue; "
+            "from tests.test_forward import layer_phases; "
+            f"m = Llama(load_weights(sys.argv[1]), open_queue()); assert layer_phases(m) == {{5}}, 'no layer launch'; "
+            f"print(list(generate(m, {ids[:5]}, 40, Sampler(temperature=0))))")
+    run = subprocess.run([sys.executable, "-c", code, str(llama2c_dir() / "stories260K.bin")], cwd=repo_root,
+                         env=dict(os.environ, POCL_MAX_PTHREAD_COUNT="1"), capture_output=True, text=True, timeout=300)
+    if run.returncode and "no layer launch" in run.stderr:
+        pytest.skip("the device dpllama uses here runs no layer launch (matrix.cl's layer is for CPUs)")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert eval(run.stdout.strip()) == ids[5:45]
 
 
 def check_greedy(model: Llama, weights: Weights, prompt: list[int], n: int, what: str) -> list[int]:

@@ -1,6 +1,6 @@
 """The model's launchers (dpllama/model/kernels.py) against the kernels they launch: each Signature must list
 the compiled kernel's arguments, by name and in order, for every program a model builds (both weight-format
-builds, the attention program, decode's fused QKV + attention); a launcher given too few or unknown arguments
+builds, the attention program, decode's fused QKV + attention, a layer in one launch); a launcher given too few or unknown arguments
 fails before any launch."""
 from __future__ import annotations
 
@@ -16,29 +16,31 @@ from dpllama.runtime.config import DeviceConfig
 from tests.helpers import random_weights
 
 
-@pytest.fixture(scope="module")
-def arg_info_queue(queue):
-    """A queue whose programs keep their argument names (and that asks for the fused attention kernel)."""
+def arg_info_queue(queue, layer_max_units: int) -> Queue:
+    """A queue whose programs keep their argument names (and that asks for the fused attention kernel, and for a
+    layer in one launch or not)."""
     values = copy.deepcopy(queue.config.values)
     values["build_options"].append("-cl-kernel-arg-info")
-    values["fuse"]["attention_min_kv_heads"] = 1
-    values["work_group"].update(gemv=1, tile_rows=8)
+    values["fuse"].update(attention_min_kv_heads=1, layer_max_units=layer_max_units)
+    values["work_group"].update(gemv=1, tile_rows=8, attention=1)
     return Queue(queue.device, DeviceConfig(values, "<arg-info>"), out_of_order=False)
 
 
-def test_every_signature_matches_its_kernel(arg_info_queue):
+def test_every_signature_matches_its_kernel(queue):
     w = random_weights(32, 48, 2, 4, 2, 40, 16, False, 0)
     w.layers[0].w2 = quantize_int4(w.layers[0].w2.dequantize(), 32, symmetric=False)    # a second format
-    model = Llama(w, arg_info_queue)
-    assert model.fused_attention
     seen = set()
-    for prog in arg_info_queue.programs.values():
-        for name in prog.names:
-            if prog.file == "check.cl":
-                continue
-            assert name in kernels.SIGNATURES, f"{prog.file}: kernel {name} has no launcher"
-            assert prog.arg_names(name) == kernels.SIGNATURES[name].args, f"{prog.file}: {name}"
-            seen.add(name)
+    for units in (0, queue.device.compute_units):      # decode's QKV + attention; matrix.cl's layer
+        q = arg_info_queue(queue, units)
+        model = Llama(w, q)
+        assert model.fused_attention and bool(model.layers[0].layer) == bool(units)
+        for prog in q.programs.values():
+            for name in prog.names:
+                if prog.file == "check.cl":
+                    continue
+                assert name in kernels.SIGNATURES, f"{prog.file}: kernel {name} has no launcher"
+                assert prog.arg_names(name) == kernels.SIGNATURES[name].args, f"{prog.file}: {name}"
+                seen.add(name)
     assert seen == set(kernels.SIGNATURES)
 
 

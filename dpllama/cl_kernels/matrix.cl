@@ -556,10 +556,9 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
         for (int i = 0; i < tiles * TOKENS; i++) acc[i] *= rsqrt(ss[i % TOKENS] / cols + eps);
 }
 
-// y[token][row] (=, or += when `add`) the work-group's values
+// y[tok0 + n][row] (=, or += when `add`) the work-group's values, n < TOKENS, tok0 + n < T
 inline void store_rows(__global float *y, __private const floatV *acc, const int t0, const int tiles, const int rows,
-                       const int T, const int y_stride, const int add) {
-    const int tok0 = get_group_id(1) * TOKENS;
+                       const int tok0, const int T, const int y_stride, const int add) {
     if (get_local_id(0) != 0) return;
     for (int tt = 0; tt < tiles; tt++)
         for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
@@ -603,7 +602,7 @@ __kernel void gemv_add(WEIGHT_ARGS, __global const float *x, __global float *y, 
     FOR_TILES(rows, t0, tiles) {
         floatV acc[TILES * TOKENS];
         tile_rows(w_, s_, m_, x, x, 0, t0, tiles, cols, cols_p, T, x_stride, 0.0f, scratch, scratch_ss, row, acc);
-        store_rows(y, acc, t0, tiles, rows, T, y_stride, 1);
+        store_rows(y, acc, t0, tiles, rows, get_group_id(1) * TOKENS, T, y_stride, 1);
     }
 }
 
@@ -614,7 +613,7 @@ __kernel void gemv_norm(WEIGHT_ARGS, __global const float *x, __global const flo
     FOR_TILES(rows, t0, tiles) {
         floatV acc[TILES * TOKENS];
         tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc);
-        store_rows(y, acc, t0, tiles, rows, T, y_stride, 0);
+        store_rows(y, acc, t0, tiles, rows, get_group_id(1) * TOKENS, T, y_stride, 0);
     }
 }
 
@@ -636,26 +635,31 @@ __kernel void gemv_norm(WEIGHT_ARGS, __global const float *x, __global const flo
 #else
 #define EXP_HALF(v) exp(v)
 #endif
+// silu(gate) * up of `tiles` tiles from t0 (work-item 0's acc) into y's rows from tok0
+inline void store_swiglu(__private const floatV *acc, const int t0, const int tiles, const int rows, const int tok0,
+                         const int T, __global float *y, const int y_stride) {
+    for (int tt = 0; tt < tiles; tt++) {
+        const int first = (t0 + tt) * (TILE_ROWS / 2);
+        for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
+            const floatHalfV gate = acc[tt * TOKENS + n].lo, up = acc[tt * TOKENS + n].hi;
+            const floatHalfV out = gate / (1.0f + EXP_HALF(-gate)) * up;
+            if (first + TILE_ROWS / 2 <= rows / 2 && y_stride % (TILE_ROWS / 2) == 0)     // aligned: a vector
+                *(__global floatHalfV *)(y + (size_t)(tok0 + n) * y_stride + first) = out;
+            else
+                for (int i = 0; i < TILE_ROWS / 2 && first + i < rows / 2; i++)
+                    y[(size_t)(tok0 + n) * y_stride + first + i] = ((const float *)&out)[i];
+        }
+    }
+}
+
 __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
                                GEMV_ARGS, const float eps, GEMV_SCRATCH) {
-    const int tok0 = get_group_id(1) * TOKENS;
     PREPARE_ROW(x, g, 1);
     FOR_TILES(rows, t0, tiles) {
         floatV acc[TILES * TOKENS];
         tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc);
-        if (get_local_id(0) != 0) continue;
-        for (int tt = 0; tt < tiles; tt++) {
-            const int first = (t0 + tt) * (TILE_ROWS / 2);
-            for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
-                const floatHalfV gate = acc[tt * TOKENS + n].lo, up = acc[tt * TOKENS + n].hi;
-                const floatHalfV out = gate / (1.0f + EXP_HALF(-gate)) * up;
-                if (first + TILE_ROWS / 2 <= rows / 2 && y_stride % (TILE_ROWS / 2) == 0)     // aligned: a vector
-                    *(__global floatHalfV *)(y + (size_t)(tok0 + n) * y_stride + first) = out;
-                else
-                    for (int i = 0; i < TILE_ROWS / 2 && first + i < rows / 2; i++)
-                        y[(size_t)(tok0 + n) * y_stride + first + i] = ((const float *)&out)[i];
-            }
-        }
+        if (get_local_id(0) == 0)
+            store_swiglu(acc, t0, tiles, rows, get_group_id(1) * TOKENS, T, y, y_stride);
     }
 }
 
@@ -714,9 +718,8 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
 // its rotation and its conversion to the cache's fp16 in vector form, its stores a lane at a time. Where head_dim is
 // a multiple of TILE_ROWS, a whole tile lies in one head of q or k (a vector of the table turns it) or in v; else
 // (small test models) a tile may hold rows of q, k and v and of several heads, and c and s are made lane by lane.
-inline void store_qkv(__private const floatV *acc, const int t0, const int tiles, const int rows, const int T,
-                      __global float *y, const int y_stride, QKV_ARGS) {
-    const int tok0 = get_group_id(1) * TOKENS;
+inline void store_qkv(__private const floatV *acc, const int t0, const int tiles, const int rows, const int tok0,
+                      const int T, __global float *y, const int y_stride, QKV_ARGS) {
     for (int tt = 0; tt < tiles; tt++) {
         const int first = (t0 + tt) * TILE_ROWS;
         for (int n = 0; n < TOKENS && tok0 + n < T; n++) {
@@ -780,8 +783,8 @@ __kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global c
         floatV acc[TILES * TOKENS];
         tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc);
         if (get_local_id(0) == 0)
-            store_qkv(acc, t0, tiles, rows, T, y, y_stride, bias, k_cache, v_cache, state, rope, q_dim, kv_dim,
-                      head_dim, seq_p, cache_offset, slot_stride);
+            store_qkv(acc, t0, tiles, rows, get_group_id(1) * TOKENS, T, y, y_stride, bias, k_cache, v_cache, state,
+                      rope, q_dim, kv_dim, head_dim, seq_p, cache_offset, slot_stride);
     }
 }
 
@@ -807,12 +810,128 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
             floatV acc[TILES];
             tile_rows(w_, s_, m_, x, g, 1, t0, min(TILES, end - t0), cols, cols_p, T, x_stride, eps, scratch,
                       scratch_ss, row, acc);
-            store_qkv(acc, t0, min(TILES, end - t0), rows, T, y, y_stride, bias, k_cache, v_cache, state, rope, q_dim,
-                      kv_dim, head_dim, seq_p, cache_offset, slot_stride);
+            store_qkv(acc, t0, min(TILES, end - t0), rows, 0, T, y, y_stride, bias, k_cache, v_cache, state, rope,
+                      q_dim, kv_dim, head_dim, seq_p, cache_offset, slot_stride);
         }
     }
     attend_heads(j, 0, y, k_cache, v_cache, att, att_out, state, n_heads, kv_dim / head_dim, head_dim,
                  seq_p, y_stride, out_stride, cache_offset, slot_stride);
+}
+#endif
+
+#if defined(LAYER) && defined(X_ONCE) && defined(GQA)
+// A layer of a pass in one launch, where the other kernels take five (four with qkv_attention): a launch's start and
+// end cost a 2-core CPU's OpenCL driver ~10 us of idle cores each (the next command is made ready, a sleeping worker
+// thread wakes), as much as a decode step's smaller launches compute. Built with a matrix program's defines and
+// attention's (GQA: work-groups of one work-item, CPUs); launched as a work-group per core. The layer's phases run in
+// order: QKV (with RoPE and the KV cache's append), attention, Wo, SwiGLU, W2, the first `phases` of them (2 to 5: up
+// to the first matrix whose format differs from Wqkv's; the rest run as their own kernels). A phase is a list of
+// tasks (a group of TOKENS rows and a share of a matrix's tiles; attention's KV heads and rows), which the
+// work-groups claim one at a time (atomic_inc on `counters`), and a work-group goes on to the next phase once every
+// task of this one is done.
+// It waits only for tasks that another work-group has claimed, so it never waits on one that has not started: where
+// the driver runs the work-groups one after the other on one thread (PoCL does when its other thread is busy), the
+// first does every task and the others find none left. Each task computes what the separate kernels compute, with
+// the same functions: the results are the same, bit for bit. x86's memory order makes a task's stores visible
+// before its atomic count of done (the atomics also keep the compiler from moving them); only CPU configs build
+// this (work-groups of one work-item), where the driver's threads share coherent memory.
+// counters: per phase the tasks claimed and the tasks done, on cache lines of their own, then the work-groups out,
+// zeros between launches (the last work-group out leaves them so)
+#define LAYER_PHASES 5
+#define CLAIMED(c, p) ((c) + 32 * (p))
+#define DONE(c, p) ((c) + 32 * (p) + 16)
+#if defined(__SSE2__)
+#define SPIN_PAUSE() __builtin_ia32_pause()
+#else
+#define SPIN_PAUSE()
+#endif
+#define STORE_ADD 0
+#define STORE_SWIGLU 1
+#define STORE_QKV 2
+
+// wait for every one of phase p's `total` tasks to be done: the count read atomically, and between two such reads
+// with plain loads, which leave the cache line shared among the waiting cores (an atomic read takes it from the
+// others); a work-group that finds its phase done at once (as under a driver that runs one after the other) reads
+// the counters only atomically
+inline void phase_end(__global volatile int *c, const int p, const int total) {
+    while (atomic_add(DONE(c, p), 0) < total)
+        while (*DONE(c, p) < total) SPIN_PAUSE();
+    mem_fence(CLK_GLOBAL_MEM_FENCE);
+}
+
+// phase p: y (=, +=, or silu(gate) * up, or q and the cache: `store`) W x, or W rmsnorm(x, g) when `norm`: a task
+// per group of TOKENS input rows and share of the tiles (`shares` a group), group by group; a work-group prepares a
+// group's input rows when its first task there comes
+inline void matrix_phase(WEIGHT_ARGS, const int p, const int shares, __global volatile int *c,
+                         __global const float *x, const int x_stride, __global const float *g, const int norm,
+                         __global float *y, const int y_stride, const int rows, const int cols, const int cols_p,
+                         const int T, const float eps, const int store, QKV_ARGS, GEMV_SCRATCH) {
+    const int tasks = (T + TOKENS - 1) / TOKENS * shares;
+    int prepared = -1;      // the group of rows in `row`
+    for (int task; (task = atomic_inc(CLAIMED(c, p))) < tasks; atomic_inc(DONE(c, p))) {
+        const int tok0 = task / shares * TOKENS, share = task % shares;
+        if (prepared != tok0)
+            prepare_rows(x + (size_t)tok0 * x_stride, x_stride, T - tok0, g, norm, cols_p, row);
+        prepared = tok0;
+        for (int t0 = share * ROW_TILES(rows) / shares, end = (share + 1) * ROW_TILES(rows) / shares; t0 < end;
+             t0 += TILES) {
+            const int tiles = min(TILES, end - t0);
+            floatV acc[TILES * TOKENS];
+            tile_rows(w_, s_, m_, x, g, norm, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc);
+            if (store == STORE_QKV)
+                store_qkv(acc, t0, tiles, rows, tok0, T, y, y_stride, bias, k_cache, v_cache, state, rope, q_dim,
+                          kv_dim, head_dim, seq_p, cache_offset, slot_stride);
+            else if (store == STORE_SWIGLU)
+                store_swiglu(acc, t0, tiles, rows, tok0, T, y, y_stride);
+            else
+                store_rows(y, acc, t0, tiles, rows, tok0, T, y_stride, 1);
+        }
+    }
+    phase_end(c, p, tasks);
+}
+
+// The weights: wq_.. [Wq; Wk; Wv] (q_dim + 2 kv_dim rows), wo_.. Wo (dim rows, q_dim columns), wf_.. [W1; W3] in blocks
+// (2 hidden rows), wd_.. W2 (dim rows, hidden columns); cp_*: their padded columns. Activations: x [T][dim_p], query and
+// att_out [T][q_p], h [T][hidden_p], att attention's scratch; the KV cache and the rows' positions as for
+// gemv_norm_rope_kv and attention.
+__kernel void layer(__global const void *wq_, __global const void *sq_, __global const void *mq_,
+                    __global const void *wo_, __global const void *so_, __global const void *mo_,
+                    __global const void *wf_, __global const void *sf_, __global const void *mf_,
+                    __global const void *wd_, __global const void *sd_, __global const void *md_,
+                    __global float *x, __global const float *attn_norm, __global const float *ffn_norm,
+                    __global float *query, __global float *att, __global float *att_out, __global float *h,
+                    const int T, const int dim, const int hidden, const int dim_p, const int q_p, const int hidden_p,
+                    const int cp_qkv, const int cp_o, const int cp_f, const int cp_d, const float eps, QKV_ARGS,
+                    const int n_heads, const int shares, const int phases, __global volatile int *counters,
+                    GEMV_SCRATCH) {
+    __global volatile int *c = counters;
+    const int n_kv_heads = kv_dim / head_dim;
+    matrix_phase(wq_, sq_, mq_, 0, shares, c, x, dim_p, attn_norm, 1, query, q_p, q_dim + 2 * kv_dim, dim, cp_qkv, T,
+                 eps, STORE_QKV, bias, k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p, cache_offset,
+                 slot_stride, scratch, scratch_ss, row);
+    for (int task; (task = atomic_inc(CLAIMED(c, 1))) < n_kv_heads * T; atomic_inc(DONE(c, 1)))
+        attend_heads(task % n_kv_heads, task / n_kv_heads, query, k_cache, v_cache, att, att_out, state, n_heads,
+                     n_kv_heads, head_dim, seq_p, q_p, q_p, cache_offset, slot_stride);
+    phase_end(c, 1, n_kv_heads * T);
+    if (phases > 2)
+        matrix_phase(wo_, so_, mo_, 2, shares, c, att_out, q_p, attn_norm, 0, x, dim_p, dim, q_dim, cp_o, T, eps,
+                     STORE_ADD, bias, k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p, cache_offset,
+                     slot_stride, scratch, scratch_ss, row);
+    if (phases > 3)
+        matrix_phase(wf_, sf_, mf_, 3, shares, c, x, dim_p, ffn_norm, 1, h, hidden_p, 2 * hidden, dim, cp_f, T, eps,
+                     STORE_SWIGLU, bias, k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p, cache_offset,
+                     slot_stride, scratch, scratch_ss, row);
+    if (phases > 4)
+        matrix_phase(wd_, sd_, md_, 4, shares, c, h, hidden_p, ffn_norm, 0, x, dim_p, dim, hidden, cp_d, T, eps,
+                     STORE_ADD, bias, k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p, cache_offset,
+                     slot_stride, scratch, scratch_ss, row);
+    if (atomic_inc(c + 32 * LAYER_PHASES) == get_num_groups(0) - 1) {   // the last one out: every other has left
+        for (int p = 0; p < LAYER_PHASES; p++) {
+            atomic_xchg(CLAIMED(c, p), 0);
+            atomic_xchg(DONE(c, p), 0);
+        }
+        atomic_xchg(c + 32 * LAYER_PHASES, 0);
+    }
 }
 #endif
 

@@ -118,6 +118,7 @@ class DeviceLayer:
     w13: DeviceTensor                       # [2 hidden, dim]: blocks of W1 rows and W3 rows alternating
     w2: DeviceTensor                        # [dim, hidden]
     qkv_attention: tuple[str, ...] | None   # defines of decode's QKV launch with attention, None if not fused
+    layer: dict[int, tuple[tuple[str, ...], int]]   # tokens per group -> matrix.cl's layer: its defines and phases
 
 
 class Llama:
@@ -175,7 +176,11 @@ class Llama:
                 else q.buffer(4, name=f"layers.{i}.qkv_bias-unused"),
                 wo=upload(L.wo, f"layers.{i}.wo"), ffn_norm=norm_weight(L.ffn_norm),
                 w13=upload(fuse_rows([L.w1, L.w3], geo.tile_rows // 2), f"layers.{i}.w13"),
-                w2=upload(L.w2, f"layers.{i}.w2"), qkv_attention=self._qkv_attention_defines(wqkv)))
+                w2=upload(L.w2, f"layers.{i}.w2"), qkv_attention=None, layer={}))
+            D = self.layers[-1]
+            D.layer = self._layer_defines(D)
+            if 1 not in D.layer:    # decode's launches are the layer's own where it is one launch
+                D.qkv_attention = self._qkv_attention_defines(wqkv)
         self.norm = norm_weight(weights.norm)                                      # [dim]
         self.output = self.tok_embeddings if weights.tied else upload(weights.output, "output")  # [vocab, dim]
 
@@ -184,7 +189,8 @@ class Llama:
         q.build_all([("attention.cl", self.attention_defines), ("state.cl", ()),
                      ("sampling.cl", self.tok_embeddings.defines[1])]
                     + [("matrix.cl", d) for t in matrices for d in t.defines.values()]
-                    + [("matrix.cl", L.qkv_attention) for L in self.layers if L.qkv_attention])
+                    + [("matrix.cl", L.qkv_attention) for L in self.layers if L.qkv_attention]
+                    + [("matrix.cl", d) for L in self.layers for d, _ in L.layer.values()])
         self.attention_prog = q.program("attention.cl", *self.attention_defines)
         self.state_prog = q.program("state.cl")
 
@@ -197,6 +203,8 @@ class Llama:
         self.cache = KVCache(q, c.n_layers, c.kv_dim, self.seq_len, geo.attention_positions, slots, kv_cache,
                              geo.key_block)
         self.att = zeros(q, n * c.n_heads * self.cache.seq_p, "att")   # attention scores [chunk, n_heads, seq]
+        # matrix.cl's layer: its phases' task counters (zeros between launches)
+        self.layer_counters = zeros(q, 32 * 5 + 16, "layer_counters", np.int32)
         self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta, c.rope_freq_factors),
                               name="rope")  # [seq, hd/2, 2]
         self.sequences = [Sequence(q, self.seq_len, c.vocab_size, slot) for slot in range(slots)]
@@ -236,6 +244,28 @@ class Llama:
             bq, bk = (bq[rq], bk[rk]) if c.qkv_bias else (bq, bk)
         bias = np.concatenate([bq, bk, L.bv]).astype(np.float32) if c.qkv_bias else None
         return wq, wk, L.wv, bias
+
+    def _layer_defines(self, L: DeviceLayer) -> dict[int, tuple[tuple[str, ...], int]]:
+        """For each number of tokens per group: the defines of L's launch of matrix.cl's layer, and how many of the
+        layer's phases it runs (QKV, attention, Wo, SwiGLU, W2: at least the first two, and on while the matrices
+        share Wqkv's program, format and geometry, their input rows prepared once, X_ONCE). Where the config asks for
+        it and work-groups are single work-items (CPUs)."""
+        geo = self.geometry
+        if not (self.q.device.compute_units <= self.q.config["fuse"]["layer_max_units"] and geo.gemv == 1
+                and geo.attention == 1):
+            return {}
+        out = {}
+        for n in geo.token_counts():
+            qkv = L.wqkv.defines[n]
+            if "X_ONCE" not in qkv:
+                continue
+            phases = 2
+            for t in (L.wo, L.w13, L.w2):
+                if t.defines[n] + self.qkv_defines != qkv:
+                    break
+                phases += 1
+            out[n] = (tuple(dict.fromkeys((*qkv, *self.attention_defines, "LAYER"))), phases)
+        return out
 
     def _qkv_attention_defines(self, wqkv: DeviceTensor) -> tuple[str, ...] | None:
         if not self.fused_attention:
@@ -299,7 +329,14 @@ class Llama:
                       **kernels.ints(q_dim=q_dim, kv_dim=kv_dim, head_dim=c.head_dim, seq_p=cache.seq_p,
                                      cache_offset=offset, slot_stride=slot_stride))
             x, g, query = self.x.read(), L.attn_norm.read(), self.query.write()
-            if T == 1 and self.fused_attention:
+            fused = L.layer.get(geo.tokens(T))      # the layer's first phases in one launch
+            if fused:
+                defines, phases = fused
+                cmds.append(kernels.layer(
+                    q, q.program("matrix.cl", *defines), L, T, phases, self.x.read_write(), self.query.read_write(),
+                    self.att.read_write(), self.att_out.read_write(), self.h.read_write(), self.dim_p, self.q_p,
+                    self.hidden_p, eps, kv, c.n_heads, self.layer_counters.read_write()))
+            elif T == 1 and L.qkv_attention:
                 cmds.append(kernels.qkv_attention(
                     q, q.program("matrix.cl", *L.qkv_attention), L.wqkv, c.n_kv_heads, x, g, query, eps, kv,
                     self.att.read_write(), self.att_out.write(), c.n_heads, self.dim_p, self.q_p))
@@ -311,12 +348,12 @@ class Llama:
                                       self.att.read_write(), self.att_out.write(), state.read(), c.n_heads,
                                       c.n_kv_heads, c.head_dim, cache.seq_p, self.q_p, offset, slot_stride),
                 ]
-            cmds += [
+            cmds += [   # the phases after those the layer's launch ran (after QKV and attention without it)
                 kernels.gemv(q, "gemv_add", L.wo, T, self.att_out.read(), self.x.read_write(), self.q_p, self.dim_p),
                 kernels.gemv(q, "gemv_norm_swiglu", L.w13, T, self.x.read(), self.h.write(), self.dim_p,
                              self.hidden_p, g=L.ffn_norm.read(), eps=eps),
                 kernels.gemv(q, "gemv_add", L.w2, T, self.h.read(), self.x.read_write(), self.hidden_p, self.dim_p),
-            ]
+            ][fused[1] - 2 if fused else 0:]
         return cmds
 
     def _lm_head(self, rows: int, logits: Buffer, stride: int | None = None):
