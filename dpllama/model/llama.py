@@ -15,7 +15,9 @@ A forward pass, per layer (5 launches, each over all T tokens):
     x   += W2 h                                     gemv_add
 then logits = Wcls rmsnorm(x[last], norm) (gemv_norm), and greedy sampling on the device (argmax_embed, which
 also embeds the chosen token for the next pass). The all-rows pass (`feed_rows`, for perplexity) is the same
-pass with the LM head over every row of x, into a [chunk, vocab] buffer made on its first use. Decode on CPU
+pass with the LM head over every row of x, into a [chunk, vocab] buffer made on its first use. On CPU configs a
+layer is one launch (matrix.cl's layer, fuse.layer_max_units: its work-groups claim the five steps' tasks and wait
+for each other between steps), up to the first matrix in another format than Wqkv's; without it, decode on CPU
 configs fuses the first two launches of a layer into one (qkv_attention, a work-group per KV head).
 
 A batch (`enqueue_batch`, what the server runs) is the same pass over the rows of several sequences at once: each
