@@ -845,6 +845,8 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
 #else
 #define SPIN_PAUSE()
 #endif
+#define QKV_VALUES bias, k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p, cache_offset, slot_stride
+#define SCRATCH_VALUES scratch, scratch_ss, row
 #define STORE_ADD 0
 #define STORE_SWIGLU 1
 #define STORE_QKV 2
@@ -879,8 +881,7 @@ inline void matrix_phase(WEIGHT_ARGS, const int p, const int shares, __global vo
             floatV acc[TILES * TOKENS];
             tile_rows(w_, s_, m_, x, g, norm, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc);
             if (store == STORE_QKV)
-                store_qkv(acc, t0, tiles, rows, tok0, T, y, y_stride, bias, k_cache, v_cache, state, rope, q_dim,
-                          kv_dim, head_dim, seq_p, cache_offset, slot_stride);
+                store_qkv(acc, t0, tiles, rows, tok0, T, y, y_stride, QKV_VALUES);
             else if (store == STORE_SWIGLU)
                 store_swiglu(acc, t0, tiles, rows, tok0, T, y, y_stride);
             else
@@ -907,24 +908,20 @@ __kernel void layer(__global const void *wq_, __global const void *sq_, __global
     __global volatile int *c = counters;
     const int n_kv_heads = kv_dim / head_dim;
     matrix_phase(wq_, sq_, mq_, 0, shares, c, x, dim_p, attn_norm, 1, query, q_p, q_dim + 2 * kv_dim, dim, cp_qkv, T,
-                 eps, STORE_QKV, bias, k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p, cache_offset,
-                 slot_stride, scratch, scratch_ss, row);
+                 eps, STORE_QKV, QKV_VALUES, SCRATCH_VALUES);
     for (int task; (task = atomic_inc(CLAIMED(c, 1))) < n_kv_heads * T; atomic_inc(DONE(c, 1)))
         attend_heads(task % n_kv_heads, task / n_kv_heads, query, k_cache, v_cache, att, att_out, state, n_heads,
                      n_kv_heads, head_dim, seq_p, q_p, q_p, cache_offset, slot_stride);
     phase_end(c, 1, n_kv_heads * T);
     if (phases > 2)
         matrix_phase(wo_, so_, mo_, 2, shares, c, att_out, q_p, attn_norm, 0, x, dim_p, dim, q_dim, cp_o, T, eps,
-                     STORE_ADD, bias, k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p, cache_offset,
-                     slot_stride, scratch, scratch_ss, row);
+                     STORE_ADD, QKV_VALUES, SCRATCH_VALUES);
     if (phases > 3)
         matrix_phase(wf_, sf_, mf_, 3, shares, c, x, dim_p, ffn_norm, 1, h, hidden_p, 2 * hidden, dim, cp_f, T, eps,
-                     STORE_SWIGLU, bias, k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p, cache_offset,
-                     slot_stride, scratch, scratch_ss, row);
+                     STORE_SWIGLU, QKV_VALUES, SCRATCH_VALUES);
     if (phases > 4)
         matrix_phase(wd_, sd_, md_, 4, shares, c, h, hidden_p, ffn_norm, 0, x, dim_p, dim, hidden, cp_d, T, eps,
-                     STORE_ADD, bias, k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p, cache_offset,
-                     slot_stride, scratch, scratch_ss, row);
+                     STORE_ADD, QKV_VALUES, SCRATCH_VALUES);
     if (atomic_inc(c + 32 * LAYER_PHASES) == get_num_groups(0) - 1) {   // the last one out: every other has left
         for (int p = 0; p < LAYER_PHASES; p++) {
             atomic_xchg(CLAIMED(c, p), 0);
