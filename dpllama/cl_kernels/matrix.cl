@@ -832,9 +832,11 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
 // It waits only for tasks that another work-group has claimed, so it never waits on one that has not started: where
 // the driver runs the work-groups one after the other on one thread (PoCL does when its other thread is busy), the
 // first does every task and the others find none left. Each task computes what the separate kernels compute, with
-// the same functions: the results are the same, bit for bit. x86's memory order makes a task's stores visible
-// before its atomic count of done (the atomics also keep the compiler from moving them); only CPU configs build
-// this (work-groups of one work-item), where the driver's threads share coherent memory.
+// the same functions: the results are the same, bit for bit. A task's stores are visible to another work-group
+// once it sees the task counted done: the CPU drivers' threads share coherent memory, and their OpenCL 1.2 atomics
+// are sequentially consistent (PoCL's are LLVM's seq_cst), which keeps both the processor and the compiler from
+// moving the stores past the count or the reads after it before it. GPUs promise neither within a launch, so only
+// the CPU configs (work-groups of one work-item) build this.
 // counters: per phase the tasks claimed and the tasks done, on cache lines of their own, then the work-groups out,
 // zeros between launches (the last work-group out leaves them so)
 #define LAYER_PHASES 5
