@@ -171,18 +171,17 @@ class Llama:
         for i, L in enumerate(weights.layers):
             wq, wk, wv, bias = self._qkv(L)
             wqkv = upload(fuse_rows([wq, wk, wv]), f"layers.{i}.wqkv", self.qkv_defines)
+            wo, w2 = upload(L.wo, f"layers.{i}.wo"), upload(L.w2, f"layers.{i}.w2")
+            w13 = upload(fuse_rows([L.w1, L.w3], geo.tile_rows // 2), f"layers.{i}.w13")
+            layer = self._layer_defines(wqkv, wo, w13, w2)
             self.layers.append(DeviceLayer(
                 attn_norm=norm_weight(L.attn_norm),
                 wqkv=wqkv,
                 qkv_bias=q.buffer(host=bias, name=f"layers.{i}.qkv_bias") if bias is not None
                 else q.buffer(4, name=f"layers.{i}.qkv_bias-unused"),
-                wo=upload(L.wo, f"layers.{i}.wo"), ffn_norm=norm_weight(L.ffn_norm),
-                w13=upload(fuse_rows([L.w1, L.w3], geo.tile_rows // 2), f"layers.{i}.w13"),
-                w2=upload(L.w2, f"layers.{i}.w2"), qkv_attention=None, layer={}))
-            D = self.layers[-1]
-            D.layer = self._layer_defines(D)
-            if 1 not in D.layer:    # decode's launches are the layer's own where it is one launch
-                D.qkv_attention = self._qkv_attention_defines(wqkv)
+                wo=wo, ffn_norm=norm_weight(L.ffn_norm), w13=w13, w2=w2,
+                # decode's launches are the layer's own where it is one launch
+                qkv_attention=None if 1 in layer else self._qkv_attention_defines(wqkv), layer=layer))
         self.norm = norm_weight(weights.norm)                                      # [dim]
         self.output = self.tok_embeddings if weights.tied else upload(weights.output, "output")  # [vocab, dim]
 
@@ -247,9 +246,10 @@ class Llama:
         bias = np.concatenate([bq, bk, L.bv]).astype(np.float32) if c.qkv_bias else None
         return wq, wk, L.wv, bias
 
-    def _layer_defines(self, L: DeviceLayer) -> dict[int, tuple[tuple[str, ...], int]]:
-        """For each number of tokens per group: the defines of L's launch of matrix.cl's layer, and how many of the
-        layer's phases it runs (QKV, attention, Wo, SwiGLU, W2: at least the first two, and on while the matrices
+    def _layer_defines(self, wqkv: DeviceTensor, wo: DeviceTensor, w13: DeviceTensor,
+                       w2: DeviceTensor) -> dict[int, tuple[tuple[str, ...], int]]:
+        """For each number of tokens per group: the defines of a layer's launch of matrix.cl's layer, and how many of
+        the layer's phases it runs (QKV, attention, Wo, SwiGLU, W2: at least the first two, and on while the matrices
         share Wqkv's program, format and geometry, their input rows prepared once, X_ONCE). Where the config asks for
         it and work-groups are single work-items (CPUs)."""
         geo = self.geometry
@@ -258,11 +258,11 @@ class Llama:
             return {}
         out = {}
         for n in geo.token_counts():
-            qkv = L.wqkv.defines[n]
+            qkv = wqkv.defines[n]
             if "X_ONCE" not in qkv:
                 continue
             phases = 2
-            for t in (L.wo, L.w13, L.w2):
+            for t in (wo, w13, w2):
                 if t.defines[n] + self.qkv_defines != qkv:
                     break
                 phases += 1
