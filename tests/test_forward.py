@@ -306,6 +306,21 @@ def test_layer_launch_matches_separate_launches(q, random_model, every_type_mode
     np.testing.assert_array_equal(fused.batch(parts), alone.batch(parts), "a batch of 3 prompt pieces")
 
 
+def test_layer_launch_takes_a_work_group_per_usable_cpu(q, random_model, monkeypatch):
+    """A process allowed fewer CPUs than the device has compute units (taskset, a container's cpuset) launches
+    matrix.cl's layer with a work-group per allowed CPU: two on one CPU would wait out each other's time slices at
+    every phase's end (pinned to one CPU, SmolLM2's decode ran 0.82x the separate launches' speed with two)."""
+    weights = VARIANTS["int4-asym-g64"](random_model)
+    cq = queue_with(q, {"fuse": dict(layer_max_units=q.device.compute_units)})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    model = Llama(weights, cq)
+    if not layer_phases(model):
+        pytest.skip(f"the config for {q.device} has no single-work-item work-groups (matrix.cl's layer is for CPUs)")
+    [size] = {c.global_size for c in model.forward_commands(1) if c.name == "layer"}
+    assert size == (1, 1)
+    check_greedy(model, weights, [1, 5, 17], 4, "one work-group")
+
+
 def test_layer_launch_on_one_driver_thread(repo_root):
     """Where the driver runs a launch's work-groups one after the other on one thread (PoCL with one worker thread),
     the first does every task and the others find none left: matrix.cl's layer never waits on a work-group that

@@ -7,6 +7,8 @@ that test, not a run. Each launcher also owns its launch geometry (global and lo
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from dpllama.formats import round_up
@@ -99,16 +101,20 @@ def qkv_attention(q: Queue, program, t: DeviceTensor, n_kv_heads: int, x, g, y, 
 def layer(q: Queue, program, L, T: int, phases: int, x, query, att, att_out, h, dim_p: int, q_p: int,
           hidden_p: int, eps, qkv: dict, n_heads: int, counters) -> Command:
     """The first `phases` phases of a layer of a pass over T rows in one launch (matrix.cl's layer, a work-group per
-    compute unit): L's matrices (a DeviceLayer), qkv the QKV kernel's cache and position arguments."""
+    compute unit, at most one per CPU this process may run on: the device is this host's CPU, and work-groups that
+    share a CPU would wait out each other's time slices at every phase's end): L's matrices (a DeviceLayer), qkv the
+    QKV kernel's cache and position arguments."""
+    units = min(q.device.compute_units, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else os.cpu_count() or 1)
     tensors = (L.wqkv, L.wo, L.w13, L.w2)
     named = {f"{k}{m}_": b for m, t in zip("qofd", tensors) for k, b in zip("wsm", (b.read() for b in t.buffers))}
     used, tokens = tensors[:phases - 1], L.wqkv.geometry.tokens(T)      # the matrices its phases multiply by
     # a phase's tasks: its groups of rows, each in shares of the matrix's tiles, a few tasks per work-group in all, so
     # that the work-groups end each phase together (a group of rows is prepared by each work-group that takes a share)
     groups = -(-T // tokens)
-    shares = min(-(-4 * q.device.compute_units // groups), min(-(-t.rows // L.wqkv.geometry.tile_rows) for t in used))
+    shares = min(-(-4 * units // groups), min(-(-t.rows // L.wqkv.geometry.tile_rows) for t in used))
     return SIGNATURES["layer"].bind(
-        q, program, (q.device.compute_units, 1), (1, 1), **named, x=x, attn_norm=L.attn_norm.read(),
+        q, program, (units, 1), (1, 1), **named, x=x, attn_norm=L.attn_norm.read(),
         ffn_norm=L.ffn_norm.read(), query=query, att=att, att_out=att_out, h=h,
         **ints(T=T, dim=L.wo.rows, hidden=L.w2.cols, dim_p=dim_p, q_p=q_p, hidden_p=hidden_p, cp_qkv=L.wqkv.cols_p,
                cp_o=L.wo.cols_p, cp_f=L.w13.cols_p, cp_d=L.w2.cols_p, n_heads=n_heads, shares=shares, phases=phases),
