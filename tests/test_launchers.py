@@ -1,7 +1,7 @@
 """The model's launchers (dpllama/model/kernels.py) against the kernels they launch: each Signature must list
 the compiled kernel's arguments, by name and in order, for every program a model builds (both weight-format
-builds, the attention program, decode's fused QKV + attention, a layer in one launch); a launcher given too few or unknown arguments
-fails before any launch."""
+builds, the attention program, decode's fused QKV + attention, a layer in one launch); a launcher given too few or
+unknown arguments fails before any launch."""
 from __future__ import annotations
 
 import copy

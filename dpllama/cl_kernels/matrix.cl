@@ -842,6 +842,7 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
 #define LAYER_PHASES 5
 #define CLAIMED(c, p) ((c) + 32 * (p))
 #define DONE(c, p) ((c) + 32 * (p) + 16)
+#define LEFT(c) ((c) + 32 * LAYER_PHASES)
 #if defined(__SSE2__)
 #define SPIN_PAUSE() __builtin_ia32_pause()
 #else
@@ -924,12 +925,12 @@ __kernel void layer(__global const void *wq_, __global const void *sq_, __global
     if (phases > 4)
         matrix_phase(wd_, sd_, md_, 4, shares, c, h, hidden_p, ffn_norm, 0, x, dim_p, dim, hidden, cp_d, T, eps,
                      STORE_ADD, QKV_VALUES, SCRATCH_VALUES);
-    if (atomic_inc(c + 32 * LAYER_PHASES) == get_num_groups(0) - 1) {   // the last one out: every other has left
+    if (atomic_inc(LEFT(c)) == get_num_groups(0) - 1) {    // the last one out: every other has left
         for (int p = 0; p < LAYER_PHASES; p++) {
             atomic_xchg(CLAIMED(c, p), 0);
             atomic_xchg(DONE(c, p), 0);
         }
-        atomic_xchg(c + 32 * LAYER_PHASES, 0);
+        atomic_xchg(LEFT(c), 0);
     }
 }
 #endif
