@@ -294,7 +294,7 @@ def test_config_that_is_not_text(tmp_path):
 def test_config_beyond_the_device_fails_before_any_launch(queue, work_group):
     """Work-groups too large for the device or the kernel (no device takes 8192 work-items), or local memory
     beyond the device's (the scratch grows with gemv x rows x tiles x tokens: 4096 work-items need 1 MiB in
-    decode, gemv 128 with 64 prefill tokens 8 MiB; it crashed PoCL's CPU device), fail in one line naming the
+    decode, gemv 128 with a prompt of 64 prefill tokens 8 MiB; it crashed PoCL's CPU device), fail in one line naming the
     config before any launch."""
     from tests.helpers import random_weights
     from dpllama.model.llama import Llama
@@ -303,9 +303,9 @@ def test_config_beyond_the_device_fails_before_any_launch(queue, work_group):
     values = dict(queue.config.values, work_group=dict(queue.config["work_group"], **work_group))
     cq = Queue(queue.device, parse_config(dump_config(values), "big.yaml"), out_of_order=False)
     with pytest.raises(DpllamaError, match=r"^big\.yaml: kernel \w+ would need .* lower the work_group sizes"):
-        model = Llama(random_weights(32, 48, 1, 4, 2, 40, 16, True, 0), cq)
-        model.start(list(range(1, 9)))
-        model.feed(8)
+        model = Llama(random_weights(32, 48, 1, 4, 2, 40, 72, True, 0), cq)
+        model.start([1 + i % 39 for i in range(64)])   # a whole group of prefill tokens: the scratch's largest
+        model.feed(64)
 
     with pytest.raises(DpllamaError, match=r"^nope\.yaml: config file not found \(shipped configs: "
                                            r"amd, cpu, cpu-avx2, cpu-portable, intel-arc, nvidia\)"):
