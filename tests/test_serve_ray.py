@@ -1,6 +1,6 @@
 """`dpllama serve --replicas 2`: two engines as Ray Serve replicas behind Ray's HTTP proxy on 127.0.0.1, the same
-API; both serve requests. Skips where Ray Serve is not installed (the `ray` extra, which CI does not install:
-about 240 MB)."""
+API; both serve requests. Skips where Ray Serve is not installed (the `ray` extra, about 240 MB, which the
+README's set-up leaves out and .ci/run installs)."""
 from __future__ import annotations
 
 import socket
