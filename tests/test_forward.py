@@ -272,14 +272,19 @@ def test_fused_attention_needs_single_work_item_groups(q, random_model):
 
 
 def layer_phases(model: Llama) -> set[int]:
-    """The phases the model's layers run in matrix.cl's layer launch, over all its group sizes (empty: none do)."""
+    """The phases the model's layers run in matrix.cl's layers launch, over all its group sizes (empty: none do)."""
     return {phases for L in model.layers for _, phases in L.layer.values()}
+
+
+def layer_launches(model: Llama, T: int = 1) -> int:
+    """matrix.cl's layers launches in a pass over T rows."""
+    return sum(c.name == "layers" for c in model.forward_commands(T))
 
 
 @pytest.mark.parametrize("variant, phases", [("int4-asym-g64", {5}), ("int4-mixed-g32-tied", {2, 3}),
                                              ("every-type", {2})])
 def test_layer_launch_matches_separate_launches(q, random_model, every_type_model, variant, phases):
-    """matrix.cl's layer (a layer's phases in one launch, the work-groups claiming their tasks) computes what the
+    """matrix.cl's layers (the layers' phases in one launch, the work-groups claiming their tasks) computes what the
     separate launches compute, bit for bit: a prompt of two groups of rows, decode steps, and batches of 1 to 15 rows
     at different positions. Where a layer's matrices differ in format (symmetric and asymmetric int4 in turn;
     every GGUF type), its launch runs the phases up to the first matrix of another format (QKV and attention at
@@ -288,8 +293,10 @@ def test_layer_launch_matches_separate_launches(q, random_model, every_type_mode
     fused = Llama(weights, queue_with(q, {"fuse": dict(layer_max_units=q.device.compute_units)}), slots=8)
     alone = Llama(weights, queue_with(q, {"fuse": dict(layer_max_units=0)}), slots=8)
     if not fused.layers[0].layer:
-        pytest.skip(f"the config for {q.device} has no single-work-item work-groups (matrix.cl's layer is for CPUs)")
+        pytest.skip(f"the config for {q.device} has no single-work-item work-groups (matrix.cl's layers is for CPUs)")
     assert layer_phases(fused) == phases and not layer_phases(alone)
+    # where every phase is in one format, one launch takes every layer; else a launch a layer
+    assert layer_launches(fused) == (1 if phases == {5} else len(fused.layers))
     prompt = random_tokens(13, 3)
     for model in (fused, alone):
         model.start(prompt)
@@ -308,22 +315,46 @@ def test_layer_launch_matches_separate_launches(q, random_model, every_type_mode
 
 def test_layer_launch_takes_a_work_group_per_usable_cpu(q, random_model, monkeypatch):
     """A process allowed fewer CPUs than the device has compute units (taskset, a container's cpuset) launches
-    matrix.cl's layer with a work-group per allowed CPU: two on one CPU would wait out each other's time slices at
+    matrix.cl's layers with a work-group per allowed CPU: two on one CPU would wait out each other's time slices at
     every phase's end (pinned to one CPU, SmolLM2's decode ran 0.82x the separate launches' speed with two)."""
     weights = VARIANTS["int4-asym-g64"](random_model)
     cq = queue_with(q, {"fuse": dict(layer_max_units=q.device.compute_units)})
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     model = Llama(weights, cq)
     if not layer_phases(model):
-        pytest.skip(f"the config for {q.device} has no single-work-item work-groups (matrix.cl's layer is for CPUs)")
-    [size] = {c.global_size for c in model.forward_commands(1) if c.name == "layer"}
+        pytest.skip(f"the config for {q.device} has no single-work-item work-groups (matrix.cl's layers is for CPUs)")
+    [size] = {c.global_size for c in model.forward_commands(1) if c.name == "layers"}
     assert size == (1, 1)
     check_greedy(model, weights, [1, 5, 17], 4, "one work-group")
 
 
+def test_layer_launches_split_where_one_allocation_cannot_hold_the_layers(q):
+    """The layers a launch takes share one buffer, as many as one allocation holds (memory.max_alloc_mb): with room
+    for one layer (2.3 MB of float32 weights here), each layer gets a buffer and a launch, and the logits are the
+    same bits as one launch for all, and as the separate launches."""
+    weights = random_weights(256, 512, 3, 4, 2, SHAPE["vocab"], 32, True, 0)
+    models = [Llama(weights, queue_with(q, {"fuse": dict(layer_max_units=units), "memory": dict(max_alloc_mb=mb)}))
+              for units, mb in ((q.device.compute_units, 0), (q.device.compute_units, 3), (0, 0))]
+    if not layer_phases(models[0]):
+        pytest.skip(f"the config for {q.device} has no single-work-item work-groups (matrix.cl's layers is for CPUs)")
+    assert [len(m.layer_buffers) for m in models] == [1, 3, 0]
+    assert [layer_launches(m) for m in models] == [1, 3, 0]
+    prompt = random_tokens(9, 4)
+    for model in models:
+        model.start(prompt)
+        model.feed(len(prompt))
+    for step in range(3):
+        for model in models:
+            model.next_given(3 + step)
+            model.step()
+        first, *others = (model.read_logits() for model in models)
+        for other in others:
+            np.testing.assert_array_equal(first, other, f"decode step {step}")
+
+
 def test_layer_launch_on_one_driver_thread(repo_root):
     """Where the driver runs a launch's work-groups one after the other on one thread (PoCL with one worker thread),
-    the first does every task and the others find none left: matrix.cl's layer never waits on a work-group that
+    the first does every task and the others find none left: matrix.cl's layers never waits on a work-group that
     has not started. stories260K's oracle, greedy, in a process with POCL_MAX_PTHREAD_COUNT=1 (bounded in time: a
     launch waiting on itself would hang)."""
     stories_weights()   # skips without the oracle files
@@ -336,7 +367,7 @@ def test_layer_launch_on_one_driver_thread(repo_root):
     run = subprocess.run([sys.executable, "-c", code, str(llama2c_dir() / "stories260K.bin")], cwd=repo_root,
                          env=dict(os.environ, POCL_MAX_PTHREAD_COUNT="1"), capture_output=True, text=True, timeout=300)
     if run.returncode and "no layer launch" in run.stderr:
-        pytest.skip("the device dpllama uses here runs no layer launch (matrix.cl's layer is for CPUs)")
+        pytest.skip("the device dpllama uses here runs no layer launch (matrix.cl's layers is for CPUs)")
     assert run.returncode == 0, run.stderr[-2000:]
     assert eval(run.stdout.strip()) == ids[5:45]
 

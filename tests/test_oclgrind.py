@@ -31,7 +31,7 @@ CONFIGS = {
                     "work_group: {gemv: 1, tile_rows: 8, attention: 1, attention_positions: 8, key_block: 16, "
                     "reduce: 16, decode_tiles: 2, prefill_tiles: 4, prefill_chunk: 4}\n"
                     "fuse: {attention_min_kv_heads: 1}\n",
-    # the same with a layer in one launch (matrix.cl's layer): its work-groups share its task counters
+    # the same with the layers in one launch (matrix.cl's layers): its work-groups share its task counters
     "cpu-layer": "match: {platform: Oclgrind}\nbuild_options: [-cl-opt-disable]\n"
                  "work_group: {gemv: 1, tile_rows: 8, attention: 1, attention_positions: 8, key_block: 16, "
                  "reduce: 16, decode_tiles: 2, prefill_tiles: 4, prefill_chunk: 4}\n"

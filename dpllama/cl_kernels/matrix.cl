@@ -820,15 +820,15 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
 #endif
 
 #if defined(LAYER) && defined(X_ONCE) && defined(GQA)
-// A layer of a pass in one launch, where the other kernels take five (four with qkv_attention): a launch's start and
-// end cost a 2-core CPU's OpenCL driver ~10 us of idle cores each (the next command is made ready, a sleeping worker
-// thread wakes), as much as a decode step's smaller launches compute. Built with a matrix program's defines and
-// attention's (GQA: work-groups of one work-item, CPUs); launched as a work-group per core. The layer's phases run in
-// order: QKV (with RoPE and the KV cache's append), attention, Wo, SwiGLU, W2, the first `phases` of them (2 to 5: up
-// to the first matrix whose format differs from Wqkv's; the rest run as their own kernels). A phase is a list of
-// tasks (a group of TOKENS rows and a share of a matrix's tiles; attention's KV heads and rows), which the
-// work-groups claim one at a time (atomic_inc on `counters`), and a work-group goes on to the next phase once every
-// task of this one is done.
+// Layers of a pass in one launch, where the other kernels take five a layer (four with qkv_attention): a launch's
+// start and end cost a 2-core CPU's OpenCL driver ~10-20 us of idle cores each (the next command is made ready, a
+// sleeping worker thread wakes), as much as a decode step's smaller launches compute. Built with a matrix program's
+// defines and attention's (GQA: work-groups of one work-item, CPUs); launched as a work-group per core. A layer's
+// phases run in order: QKV (with RoPE and the KV cache's append), attention, Wo, SwiGLU, W2, the first `phases` of
+// them (2 to 5: up to the first matrix whose format differs from Wqkv's; the rest run as their own kernels, and the
+// launch then takes one layer). A phase is a list of tasks (a group of TOKENS rows and a share of a matrix's tiles;
+// attention's KV heads and rows), which the work-groups claim one at a time (atomic_inc on `counters`), and a
+// work-group goes on to the next phase, or the next layer's first, once every task of this one is done.
 // It waits only for tasks that another work-group has claimed, so it never waits on one that has not started: where
 // the driver runs the work-groups one after the other on one thread (PoCL does when its other thread is busy), the
 // first does every task and the others find none left. Each task computes what the separate kernels compute, with
@@ -837,12 +837,13 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
 // are sequentially consistent (PoCL's are LLVM's seq_cst), which keeps both the processor and the compiler from
 // moving the stores past the count or the reads after it before it. GPUs promise neither within a launch, so only
 // the CPU configs (work-groups of one work-item) build this.
-// counters: per phase the tasks claimed and the tasks done, on cache lines of their own, then the work-groups out,
-// zeros between launches (the last work-group out leaves them so)
+// counters: per layer of the launch and phase, the tasks claimed and the tasks done, on cache lines of their own,
+// then the work-groups out; zeros between launches (the last work-group out leaves them so)
 #define LAYER_PHASES 5
 #define CLAIMED(c, p) ((c) + 32 * (p))
 #define DONE(c, p) ((c) + 32 * (p) + 16)
-#define LEFT(c) ((c) + 32 * LAYER_PHASES)
+#define LAYER_COUNTERS (32 * LAYER_PHASES)
+#define LEFT(c, layers) ((c) + LAYER_COUNTERS * (layers))
 #if defined(__SSE2__)
 #define SPIN_PAUSE() __builtin_ia32_pause()
 #else
@@ -853,6 +854,9 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
 #define STORE_ADD 0
 #define STORE_SWIGLU 1
 #define STORE_QKV 2
+// a layer's arrays in the launch's weights buffer, in the order of `parts`' rows (the host's Llama.layer_parts):
+// Wqkv's data, scales and mins, then Wo's, [W1; W3]'s and W2's, then attn_norm, ffn_norm and the QKV biases
+#define LAYER_PARTS 15
 
 // wait for every one of phase p's `total` tasks to be done: the count read atomically, and between two such reads
 // with plain loads, which leave the cache line shared among the waiting cores (an atomic read takes it from the
@@ -894,21 +898,20 @@ inline void matrix_phase(WEIGHT_ARGS, const int p, const int shares, __global vo
     phase_end(c, p, tasks);
 }
 
-// The weights: wq_.. [Wq; Wk; Wv] (q_dim + 2 kv_dim rows), wo_.. Wo (dim rows, q_dim columns), wf_.. [W1; W3] in blocks
-// (2 hidden rows), wd_.. W2 (dim rows, hidden columns); cp_*: their padded columns. Activations: x [T][dim_p], query and
-// att_out [T][q_p], h [T][hidden_p], att attention's scratch; the KV cache and the rows' positions as for
-// gemv_norm_rope_kv and attention.
-__kernel void layer(__global const void *wq_, __global const void *sq_, __global const void *mq_,
-                    __global const void *wo_, __global const void *so_, __global const void *mo_,
-                    __global const void *wf_, __global const void *sf_, __global const void *mf_,
-                    __global const void *wd_, __global const void *sd_, __global const void *md_,
-                    __global float *x, __global const float *attn_norm, __global const float *ffn_norm,
-                    __global float *query, __global float *att, __global float *att_out, __global float *h,
-                    const int T, const int dim, const int hidden, const int dim_p, const int q_p, const int hidden_p,
-                    const int cp_qkv, const int cp_o, const int cp_f, const int cp_d, const float eps, QKV_ARGS,
-                    const int n_heads, const int shares, const int phases, __global volatile int *counters,
-                    GEMV_SCRATCH) {
-    __global volatile int *c = counters;
+// One layer's phases: its matrices wq_.. [Wq; Wk; Wv] (q_dim + 2 kv_dim rows), wo_.. Wo (dim rows, q_dim columns),
+// wf_.. [W1; W3] in blocks (2 hidden rows), wd_.. W2 (dim rows, hidden columns); cp_*: their padded columns.
+// Activations: x [T][dim_p], query and att_out [T][q_p], h [T][hidden_p], att attention's scratch; the KV cache and
+// the rows' positions as for gemv_norm_rope_kv and attention.
+inline void layer_phases(__global const void *wq_, __global const void *sq_, __global const void *mq_,
+                         __global const void *wo_, __global const void *so_, __global const void *mo_,
+                         __global const void *wf_, __global const void *sf_, __global const void *mf_,
+                         __global const void *wd_, __global const void *sd_, __global const void *md_,
+                         __global float *x, __global const float *attn_norm, __global const float *ffn_norm,
+                         __global float *query, __global float *att, __global float *att_out, __global float *h,
+                         const int T, const int dim, const int hidden, const int dim_p, const int q_p,
+                         const int hidden_p, const int cp_qkv, const int cp_o, const int cp_f, const int cp_d,
+                         const float eps, QKV_ARGS, const int n_heads, const int shares, const int phases,
+                         __global volatile int *c, GEMV_SCRATCH) {
     const int n_kv_heads = kv_dim / head_dim;
     matrix_phase(wq_, sq_, mq_, 0, shares, c, x, dim_p, attn_norm, 1, query, q_p, q_dim + 2 * kv_dim, dim, cp_qkv, T,
                  eps, STORE_QKV, QKV_VALUES, SCRATCH_VALUES);
@@ -925,12 +928,35 @@ __kernel void layer(__global const void *wq_, __global const void *sq_, __global
     if (phases > 4)
         matrix_phase(wd_, sd_, md_, 4, shares, c, h, hidden_p, ffn_norm, 0, x, dim_p, dim, hidden, cp_d, T, eps,
                      STORE_ADD, QKV_VALUES, SCRATCH_VALUES);
-    if (atomic_inc(LEFT(c)) == get_num_groups(0) - 1) {    // the last one out: every other has left
-        for (int p = 0; p < LAYER_PHASES; p++) {
-            atomic_xchg(CLAIMED(c, p), 0);
-            atomic_xchg(DONE(c, p), 0);
-        }
-        atomic_xchg(LEFT(c), 0);
+}
+
+// Layers first .. first + count - 1 of the weights buffer `weights` (their arrays where `parts` says, a row of
+// LAYER_PARTS byte offsets a layer), each in turn: layer l's KV cache starts cache_stride values after layer l - 1's.
+// More than one layer only where each runs all five phases.
+__kernel void layers(__global const char *weights, __global const uint *parts, const int first, const int count,
+                     __global float *x, __global float *query, __global float *att, __global float *att_out,
+                     __global float *h, const int T, const int dim, const int hidden, const int dim_p, const int q_p,
+                     const int hidden_p, const int cp_qkv, const int cp_o, const int cp_f, const int cp_d,
+                     const float eps, __global kv_t *k_cache, __global kv_t *v_cache, __global const int *state,
+                     __global const float *rope, const int q_dim, const int kv_dim, const int head_dim,
+                     const int seq_p, const int cache_offset, const int cache_stride, const int slot_stride,
+                     const int n_heads, const int shares, const int phases, __global volatile int *counters,
+                     GEMV_SCRATCH) {
+    for (int l = 0; l < count; l++) {
+        __global const uint *o = parts + (size_t)(first + l) * LAYER_PARTS;
+#define PART(k) (weights + o[k])
+        layer_phases(PART(0), PART(1), PART(2), PART(3), PART(4), PART(5), PART(6), PART(7), PART(8), PART(9),
+                     PART(10), PART(11), x, (__global const float *)PART(12), (__global const float *)PART(13), query,
+                     att, att_out, h, T, dim, hidden, dim_p, q_p, hidden_p, cp_qkv, cp_o, cp_f, cp_d, eps,
+                     (__global const float *)PART(14), k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p,
+                     cache_offset + l * cache_stride, slot_stride, n_heads, shares, phases,
+                     counters + LAYER_COUNTERS * l, scratch, scratch_ss, row);
+#undef PART
+    }
+    if (atomic_inc(LEFT(counters, count)) == get_num_groups(0) - 1) {     // the last one out: every other has left
+        for (int i = 0; i < LAYER_COUNTERS * count; i += 16)   // each phase's CLAIMED and DONE
+            atomic_xchg(counters + i, 0);
+        atomic_xchg(LEFT(counters, count), 0);
     }
 }
 #endif

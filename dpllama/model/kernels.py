@@ -43,9 +43,9 @@ SIGNATURES = {s.name: s for s in (
     Signature("gemv_norm_rope_kv", f"{WEIGHT} x g y {GEMV} eps {QKV} {SCRATCH}"),
     Signature("qkv_attention", f"{WEIGHT} x g y {GEMV} eps {QKV} att att_out n_heads out_stride {SCRATCH} "
                                f"att_scratch"),
-    Signature("layer", "wq_ sq_ mq_ wo_ so_ mo_ wf_ sf_ mf_ wd_ sd_ md_ x attn_norm ffn_norm query att att_out h "
-                       "T dim hidden dim_p q_p hidden_p cp_qkv cp_o cp_f cp_d eps bias k_cache v_cache state rope "
-                       f"q_dim kv_dim head_dim seq_p cache_offset slot_stride n_heads shares phases counters {SCRATCH}"),
+    Signature("layers", "weights parts first count x query att att_out h T dim hidden dim_p q_p hidden_p cp_qkv "
+                        "cp_o cp_f cp_d eps k_cache v_cache state rope q_dim kv_dim head_dim seq_p cache_offset "
+                        f"cache_stride slot_stride n_heads shares phases counters {SCRATCH}"),
     Signature("argmax_embed", f"logits tokens state n {WEIGHT} x cols cols_p best best_i"),
     Signature("argmax_rows", "logits n stride chosen best best_i"),
     Signature("attention", "query k_cache v_cache att out state n_heads n_kv_heads head_dim seq_p q_stride "
@@ -98,27 +98,28 @@ def qkv_attention(q: Queue, program, t: DeviceTensor, n_kv_heads: int, x, g, y, 
         scratch=Local(4), scratch_ss=Local(4), row=Local(t.row_bytes(1) if t.once[1] else 4), att_scratch=Local(4))
 
 
-def layer(q: Queue, program, L, T: int, phases: int, x, query, att, att_out, h, dim_p: int, q_p: int,
-          hidden_p: int, eps, qkv: dict, n_heads: int, counters) -> Command:
-    """The first `phases` phases of a layer of a pass over T rows in one launch (matrix.cl's layer, a work-group per
-    compute unit, at most one per CPU this process may run on: the device is this host's CPU, and work-groups that
-    share a CPU would wait out each other's time slices at every phase's end): L's matrices (a DeviceLayer), qkv the
-    QKV kernel's cache and position arguments."""
+def layers(q: Queue, program, weights, parts, first: int, count: int, L, T: int, phases: int, x, query, att, att_out,
+           h, dim_p: int, q_p: int, hidden_p: int, eps, cache: dict, n_heads: int, counters) -> Command:
+    """Layers first .. first + count - 1 of a pass over T rows in one launch, the first `phases` phases of each
+    (matrix.cl's layers, a work-group per compute unit, at most one per CPU this process may run on: the device is
+    this host's CPU, and work-groups that share a CPU would wait out each other's time slices at every phase's end):
+    their arrays in `weights` where the rows of `parts` say, L the first one's DeviceLayer (its shapes and
+    programs those of all), `cache` the KV cache and position arguments with the first one's cache_offset."""
     units = min(q.device.compute_units, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                 else os.cpu_count() or 1)
     tensors = (L.wqkv, L.wo, L.w13, L.w2)
-    named = {f"{k}{m}_": b for m, t in zip("qofd", tensors) for k, b in zip("wsm", (b.read() for b in t.buffers))}
     used, tokens = tensors[:phases - 1], L.wqkv.geometry.tokens(T)      # the matrices its phases multiply by
     # a phase's tasks: its groups of rows, each in shares of the matrix's tiles, a few tasks per work-group in all, so
     # that the work-groups end each phase together (a group of rows is prepared by each work-group that takes a share)
     groups = -(-T // tokens)
     shares = min(-(-4 * units // groups), min(-(-t.rows // L.wqkv.geometry.tile_rows) for t in used))
-    return SIGNATURES["layer"].bind(
-        q, program, (units, 1), (1, 1), **named, x=x, attn_norm=L.attn_norm.read(),
-        ffn_norm=L.ffn_norm.read(), query=query, att=att, att_out=att_out, h=h,
-        **ints(T=T, dim=L.wo.rows, hidden=L.w2.cols, dim_p=dim_p, q_p=q_p, hidden_p=hidden_p, cp_qkv=L.wqkv.cols_p,
-               cp_o=L.wo.cols_p, cp_f=L.w13.cols_p, cp_d=L.w2.cols_p, n_heads=n_heads, shares=shares, phases=phases),
-        eps=eps, **qkv, counters=counters,
+    return SIGNATURES["layers"].bind(
+        q, program, (units, 1), (1, 1), weights=weights.read(), parts=parts.read(), x=x, query=query, att=att,
+        att_out=att_out, h=h,
+        **ints(first=first, count=count, T=T, dim=L.wo.rows, hidden=L.w2.cols, dim_p=dim_p, q_p=q_p,
+               hidden_p=hidden_p, cp_qkv=L.wqkv.cols_p, cp_o=L.wo.cols_p, cp_f=L.w13.cols_p, cp_d=L.w2.cols_p,
+               n_heads=n_heads, shares=shares, phases=phases),
+        eps=eps, **cache, counters=counters,
         scratch=Local(4), scratch_ss=Local(4), row=Local(max(t.row_bytes(tokens) for t in used)))
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from dpllama.formats import round_up
 from dpllama.model.quant import widen
 from dpllama.model.weights import Tensor, x_steps
-from dpllama.runtime import DeviceConfig, Queue
+from dpllama.runtime import Buffer, DeviceConfig, Queue
 
 
 def pow2_divisor(n: int, limit: int = 16) -> int:
@@ -139,14 +139,66 @@ def weight_defines(t: Tensor, geometry: Geometry, tokens: int, activation_bits: 
         ("X_ONCE",) if once else ())
 
 
+class Arena:
+    """A layer's arrays (its matrices' parts, norms and biases) on their way into a buffer that a run of layers
+    shares (`upload`), which matrix.cl's `layers` kernel takes whole, with a table of where each array starts. Each
+    array starts at an offset aligned for a sub-buffer (Queue.align), so the other kernels take it as a buffer of
+    its own (`region`)."""
+
+    def __init__(self, q: Queue):
+        self.q = q
+        self.entries: list[tuple[int, int, str]] = []       # each array's offset in the arena, size and name
+        self.arrays: list[np.ndarray | None] = []           # the arrays, until uploaded
+        self.nbytes = 0
+        self.base = 0                                       # where the arena starts in the shared buffer, once
+        self.regions: list[Buffer] = []                     # uploaded, and each array's sub-buffer of it
+
+    def add(self, a: np.ndarray | None, name: str) -> int:
+        """Place `a` (None: 4 bytes nothing reads, for a kernel argument that must be a buffer); its handle."""
+        offset, size = round_up(self.nbytes, self.q.align), 4 if a is None else a.nbytes
+        self.entries.append((offset, size, name))
+        self.arrays.append(a)
+        self.nbytes = offset + size
+        return len(self.entries) - 1
+
+    def offset(self, handle: int) -> int:
+        """Where the array starts in the shared buffer, in bytes."""
+        return self.base + self.entries[handle][0]
+
+    def region(self, handle: int) -> Buffer:
+        """The array as a buffer of its own (a sub-buffer of the shared one)."""
+        return self.regions[handle]
+
+    @staticmethod
+    def upload(arenas: list[Arena], name: str) -> Buffer:
+        """One buffer holding every array of `arenas`, in order, and each array's sub-buffer."""
+        q, end = arenas[0].q, 0
+        for arena in arenas:
+            arena.base, end = round_up(end, q.align), round_up(end, q.align) + arena.nbytes
+        # copied in whole as the buffer is made: arrays written into it one by one (clEnqueueWriteBuffer at their
+        # offsets) were taken for uninitialized by Oclgrind where kernels read them through the whole buffer
+        host = np.zeros(end, np.uint8)
+        for arena in arenas:
+            for (offset, size, _), a in zip(arena.entries, arena.arrays):
+                if a is not None:
+                    start = arena.base + offset
+                    host[start:start + size] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+            arena.arrays = []
+        buffer = q.buffer(host=host, name=name)
+        for arena in arenas:
+            arena.regions = [buffer.region(arena.base + offset, size, n) for offset, size, n in arena.entries]
+        return buffer
+
+
 class DeviceTensor:
     """A weight matrix on the device in the tiled layout, and the defines of the programs that read it, by
     tokens per work-group (Geometry.tokens: 1 to decode, up to `prefill_tokens` in prefill and batches)."""
 
     def __init__(self, q: Queue, t: Tensor, name: str, geometry: Geometry, defines: tuple[str, ...] = (),
-                 activation_bits: int = 16):
+                 activation_bits: int = 16, arena: Arena | None = None):
         """`defines`: the programs' own besides the format's and geometry's (QKV_BIAS for a biased Wqkv);
-        `activation_bits`: 8 has int4 and int5 programs take x as bytes (matrix.cl's X_BYTES)."""
+        `activation_bits`: 8 has int4 and int5 programs take x as bytes (matrix.cl's X_BYTES); `arena`: its arrays
+        go there, and its buffers come once the arena is uploaded (`place`), not now."""
         if t.kind == "q8" and t.group % 8:
             # the kernels read a q8 group as whole 8-column blocks; a smaller group (llama2.c v2 files of widths
             # not a multiple of 8: stories260K's is 4) goes up as float32, the same values in 4x the memory
@@ -164,10 +216,13 @@ class DeviceTensor:
         self.nbytes = t.nbytes
         self.geometry = geometry
         g = geometry.tile_rows
-        self.buffers = [q.buffer(host=tile(a.view(np.uint16) if a.dtype == np.float16 else a, g),
-                                 name=f"{name}.{part}") if a is not None
-                        else q.buffer(4, name=f"{name}.{part}-unused")
-                        for part, a in (("data", data), ("scales", t.scales), ("mins", t.mins))]
+        parts = [(f"{name}.{part}" if a is not None else f"{name}.{part}-unused",
+                  tile(a.view(np.uint16) if a.dtype == np.float16 else a, g) if a is not None else None)
+                 for part, a in (("data", data), ("scales", t.scales), ("mins", t.mins))]
+        if arena is None:
+            self.buffers = [q.buffer(host=a, name=n) if a is not None else q.buffer(4, name=n) for n, a in parts]
+        else:
+            self.handles = [arena.add(a, n) for n, a in parts]      # data, scales, mins
         self.q = q
         # Where work-groups are single work-items (CPUs), a launch has matrix_groups of them per compute unit (spread
         # over its groups of input rows), each preparing its rows once into local memory and taking an equal share
@@ -177,6 +232,10 @@ class DeviceTensor:
                      for n in geometry.token_counts()}
         self.defines = {n: weight_defines(t, geometry, n, activation_bits, self.once[n]) + defines
                         for n in geometry.token_counts()}
+
+    def place(self, arena: Arena) -> None:
+        """Take its buffers from `arena`, uploaded."""
+        self.buffers = [arena.region(h) for h in self.handles]
 
     def row_bytes(self, tokens: int) -> int:
         """Local memory for the `tokens` input rows an X_ONCE work-group prepares (at most cols_p + 1 ints a row)."""

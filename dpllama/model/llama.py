@@ -15,10 +15,11 @@ A forward pass, per layer (5 launches, each over all T tokens):
     x   += W2 h                                     gemv_add
 then logits = Wcls rmsnorm(x[last], norm) (gemv_norm), and greedy sampling on the device (argmax_embed, which
 also embeds the chosen token for the next pass). The all-rows pass (`feed_rows`, for perplexity) is the same
-pass with the LM head over every row of x, into a [chunk, vocab] buffer made on its first use. On CPU configs a
-layer is one launch (matrix.cl's layer, fuse.layer_max_units: its work-groups claim the five steps' tasks and wait
-for each other between steps), up to the first matrix in another format than Wqkv's; without it, decode on CPU
-configs fuses the first two launches of a layer into one (qkv_attention, a work-group per KV head).
+pass with the LM head over every row of x, into a [chunk, vocab] buffer made on its first use. On CPU configs the
+layers are one launch (matrix.cl's layers, fuse.layer_max_units: its work-groups claim the five steps' tasks and
+wait for each other between steps; their weights in one buffer, as many layers as one allocation holds), or a
+launch a layer, up to its first matrix in another format than Wqkv's, where the formats vary; without it, decode on
+CPU configs fuses the first two launches of a layer into one (qkv_attention, a work-group per KV head).
 
 A batch (`enqueue_batch`, what the server runs) is the same pass over the rows of several sequences at once: each
 row has its own position and KV cache slot, from a table {pos, slot} per row that the host writes before the pass,
@@ -43,7 +44,7 @@ from dpllama.errors import DpllamaError
 from dpllama.model import kernels
 from dpllama.model.kv_cache import KVCache, Sequence, cache_defines, zeros
 from dpllama.formats import round_up
-from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor
+from dpllama.model.layout import Arena, DeviceTensor, Geometry, fuse_rows, pow2_divisor
 from dpllama.model.weights import Layer, Tensor, Weights, check_activation_bits, check_kv_cache, rope_angles
 from dpllama.runtime import Buffer, Queue
 
@@ -112,15 +113,17 @@ class Pending:
 
 @dataclass
 class DeviceLayer:
-    attn_norm: Buffer                       # [dim]
     wqkv: DeviceTensor                      # [q_dim + 2 kv_dim, dim]: Wq, Wk, Wv stacked
-    qkv_bias: Buffer                        # [q_dim + 2 kv_dim]: bq, bk, bv stacked (4 unused bytes without)
     wo: DeviceTensor                        # [dim, q_dim]
-    ffn_norm: Buffer                        # [dim]
     w13: DeviceTensor                       # [2 hidden, dim]: blocks of W1 rows and W3 rows alternating
     w2: DeviceTensor                        # [dim, hidden]
     qkv_attention: tuple[str, ...] | None   # defines of decode's QKV launch with attention, None if not fused
-    layer: dict[int, tuple[tuple[str, ...], int]]   # tokens per group -> matrix.cl's layer: its defines and phases
+    layer: dict[int, tuple[tuple[str, ...], int]]   # tokens per group -> matrix.cl's layers: its defines and phases
+    attn_norm: Buffer | None = None         # [dim]
+    ffn_norm: Buffer | None = None          # [dim]
+    qkv_bias: Buffer | None = None          # [q_dim + 2 kv_dim]: bq, bk, bv stacked (4 unused bytes without)
+    group: int = -1                         # with the layer launch: the buffer it shares with other layers
+    row: int = -1                           # (Llama.layer_buffers) and its row in that buffer's table of parts
 
 
 class Llama:
@@ -158,31 +161,48 @@ class Llama:
         pad = lambda n: max(round_up(n, m) for m in [16, *groups])  # noqa: E731
         self.dim_p, self.q_p, self.hidden_p = pad(dim), pad(q_dim), pad(c.hidden_dim)
 
-        def upload(t: Tensor, name: str, defines: tuple[str, ...] = ()) -> DeviceTensor:
-            return DeviceTensor(q, t, name, geo, defines, activation_bits)
+        def upload(t: Tensor, name: str, defines: tuple[str, ...] = (), arena: Arena | None = None) -> DeviceTensor:
+            return DeviceTensor(q, t, name, geo, defines, activation_bits, arena)
 
-        def norm_weight(w: np.ndarray) -> Buffer:
-            return q.buffer(host=np.pad(w.astype(np.float32), (0, self.dim_p - dim)))
+        def norm_weight(w: np.ndarray) -> np.ndarray:
+            return np.pad(w.astype(np.float32), (0, self.dim_p - dim))
 
         # ---- weights, as stored (llama2.c run.c order) ----
         self.tok_embeddings = upload(weights.tok_embeddings, "tok_embeddings")   # [vocab, dim]
         self.qkv_defines = (("QKV_BIAS",) if c.qkv_bias else ()) + kv_defines
+        # layers in one launch (matrix.cl's layers) on CPU configs: then runs of layers share a buffer (each its
+        # arrays in an Arena), as many as one allocation holds
+        self.layer_launch = (q.device.compute_units <= q.config["fuse"]["layer_max_units"] and geo.gemv == 1
+                             and geo.attention == 1)
         self.layers: list[DeviceLayer] = []
+        self.layer_buffers: list[tuple[Buffer, Buffer]] = []     # per run of layers: their arrays, the table of parts
+        run: list[tuple[DeviceLayer, Arena, list[int]]] = []     # layers whose arrays wait for their shared buffer
         for i, L in enumerate(weights.layers):
+            arena = Arena(q) if self.layer_launch else None
             wq, wk, wv, bias = self._qkv(L)
-            wqkv = upload(fuse_rows([wq, wk, wv]), f"layers.{i}.wqkv", self.qkv_defines)
-            wo, w2 = upload(L.wo, f"layers.{i}.wo"), upload(L.w2, f"layers.{i}.w2")
-            w13 = upload(fuse_rows([L.w1, L.w3], geo.tile_rows // 2), f"layers.{i}.w13")
+            wqkv = upload(fuse_rows([wq, wk, wv]), f"layers.{i}.wqkv", self.qkv_defines, arena)
+            wo, w2 = upload(L.wo, f"layers.{i}.wo", arena=arena), upload(L.w2, f"layers.{i}.w2", arena=arena)
+            w13 = upload(fuse_rows([L.w1, L.w3], geo.tile_rows // 2), f"layers.{i}.w13", arena=arena)
             layer = self._layer_defines(wqkv, wo, w13, w2)
-            self.layers.append(DeviceLayer(
-                attn_norm=norm_weight(L.attn_norm),
-                wqkv=wqkv,
-                qkv_bias=q.buffer(host=bias, name=f"layers.{i}.qkv_bias") if bias is not None
-                else q.buffer(4, name=f"layers.{i}.qkv_bias-unused"),
-                wo=wo, ffn_norm=norm_weight(L.ffn_norm), w13=w13, w2=w2,
-                # decode's launches are the layer's own where it is one launch
-                qkv_attention=None if 1 in layer else self._qkv_attention_defines(wqkv), layer=layer))
-        self.norm = norm_weight(weights.norm)                                      # [dim]
+            D = DeviceLayer(wqkv=wqkv, wo=wo, w13=w13, w2=w2, layer=layer,
+                            # decode's launches are the layer's own where it is one launch
+                            qkv_attention=None if 1 in layer else self._qkv_attention_defines(wqkv))
+            vectors = ((norm_weight(L.attn_norm), f"layers.{i}.attn_norm"),
+                       (norm_weight(L.ffn_norm), f"layers.{i}.ffn_norm"),
+                       (bias, f"layers.{i}.qkv_bias" if bias is not None else f"layers.{i}.qkv_bias-unused"))
+            if arena is None:
+                D.attn_norm, D.ffn_norm, D.qkv_bias = (q.buffer(host=a, name=n) if a is not None
+                                                       else q.buffer(4, name=n) for a, n in vectors)
+            else:
+                handles = [arena.add(a, n) for a, n in vectors]
+                if run and sum(round_up(r.nbytes, q.align) for _, r, _ in run) + arena.nbytes > q.max_alloc:
+                    self._upload_layers(run)
+                    run = []
+                run.append((D, arena, handles))
+            self.layers.append(D)
+        if run:
+            self._upload_layers(run)
+        self.norm = q.buffer(host=norm_weight(weights.norm), name="norm")          # [dim]
         self.output = self.tok_embeddings if weights.tied else upload(weights.output, "output")  # [vocab, dim]
 
         # ---- programs: every variant this model uses, compiled once per device (progress on stderr) ----
@@ -204,8 +224,8 @@ class Llama:
         self.cache = KVCache(q, c.n_layers, c.kv_dim, self.seq_len, geo.attention_positions, slots, kv_cache,
                              geo.key_block)
         self.att = zeros(q, n * c.n_heads * self.cache.seq_p, "att")   # attention scores [chunk, n_heads, seq]
-        # matrix.cl's layer: its phases' task counters (zeros between launches)
-        self.layer_counters = zeros(q, 32 * 5 + 16, "layer_counters", np.int32)
+        # matrix.cl's layers: its phases' task counters, per layer of a launch (zeros between launches)
+        self.layer_counters = zeros(q, 32 * 5 * c.n_layers + 16, "layer_counters", np.int32)
         self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta, c.rope_freq_factors),
                               name="rope")  # [seq, hd/2, 2]
         self.sequences = [Sequence(q, self.seq_len, c.vocab_size, slot) for slot in range(slots)]
@@ -246,15 +266,30 @@ class Llama:
         bias = np.concatenate([bq, bk, L.bv]).astype(np.float32) if c.qkv_bias else None
         return wq, wk, L.wv, bias
 
+    def _upload_layers(self, run: list[tuple[DeviceLayer, Arena, list[int]]]) -> None:
+        """One buffer for a run of layers' arrays and the table of where each layer's start (matrix.cl's layers
+        takes both: a row of 15 byte offsets a layer, its LAYER_PARTS), and each array as a sub-buffer of it for
+        the other kernels."""
+        first = len(self.layers) - len(run)
+        weights = Arena.upload([arena for _, arena, _ in run], f"layers.{first}-{first + len(run) - 1}")
+        parts = []
+        for D, arena, handles in run:
+            tensors = (D.wqkv, D.wo, D.w13, D.w2)
+            for t in tensors:
+                t.place(arena)
+            D.attn_norm, D.ffn_norm, D.qkv_bias = (arena.region(h) for h in handles)
+            D.group, D.row = len(self.layer_buffers), len(parts)
+            parts.append([arena.offset(h) for h in [*(h for t in tensors for h in t.handles), *handles]])
+        self.layer_buffers.append((weights, self.q.buffer(host=np.array(parts, np.uint32), name="layer_parts")))
+
     def _layer_defines(self, wqkv: DeviceTensor, wo: DeviceTensor, w13: DeviceTensor,
                        w2: DeviceTensor) -> dict[int, tuple[tuple[str, ...], int]]:
-        """For each number of tokens per group: the defines of a layer's launch of matrix.cl's layer, and how many of
+        """For each number of tokens per group: the defines of a layer's launch of matrix.cl's layers, and how many of
         the layer's phases it runs (QKV, attention, Wo, SwiGLU, W2: at least the first two, and on while the matrices
         share Wqkv's program, format and geometry, their input rows prepared once, X_ONCE). Where the config asks for
         it and work-groups are single work-items (CPUs)."""
         geo = self.geometry
-        if not (self.q.device.compute_units <= self.q.config["fuse"]["layer_max_units"] and geo.gemv == 1
-                and geo.attention == 1):
+        if not self.layer_launch:
             return {}
         out = {}
         for n in geo.token_counts():
@@ -324,28 +359,37 @@ class Llama:
         c, q, geo, cache = self.config, self.q, self.geometry, self.cache
         q_dim, kv_dim, eps = c.n_heads * c.head_dim, c.kv_dim, np.float32(c.norm_eps)
         cmds = [kernels.embed(q, self.tok_embeddings, T, tokens, start, self.batch_chosen, self.x, self.dim_p)]
-        for i, L in enumerate(self.layers):
-            offset = cache.offset(i, slot)
-            kv = dict(bias=L.qkv_bias.read(), k_cache=cache.k.read_write(), v_cache=cache.v.read_write(),
-                      state=state.read(), rope=self.rope.read(),
-                      **kernels.ints(q_dim=q_dim, kv_dim=kv_dim, head_dim=c.head_dim, seq_p=cache.seq_p,
-                                     cache_offset=offset, slot_stride=slot_stride))
+        i = 0
+        while i < len(self.layers):
+            L, offset, count = self.layers[i], cache.offset(i, slot), 1
+            kv = dict(k_cache=cache.k.read_write(), v_cache=cache.v.read_write(), state=state.read(),
+                      rope=self.rope.read(), **kernels.ints(q_dim=q_dim, kv_dim=kv_dim, head_dim=c.head_dim,
+                                                            seq_p=cache.seq_p, cache_offset=offset,
+                                                            slot_stride=slot_stride))
             x, g, query = self.x.read(), L.attn_norm.read(), self.query.write()
             fused = L.layer.get(geo.tokens(T))      # the layer's first phases in one launch
             if fused:
                 defines, phases = fused
-                cmds.append(kernels.layer(
-                    q, q.program("matrix.cl", *defines), L, T, phases, self.x.read_write(), self.query.read_write(),
-                    self.att.read_write(), self.att_out.read_write(), self.h.read_write(), self.dim_p, self.q_p,
-                    self.hidden_p, eps, kv, c.n_heads, self.layer_counters.read_write()))
+                # and the layers after it that share its buffer and program, where each runs all five phases
+                while (phases == 5 and i + count < len(self.layers) and self.layers[i + count].group == L.group
+                       and self.layers[i + count].layer.get(geo.tokens(T)) == fused):
+                    count += 1
+                weights, parts = self.layer_buffers[L.group]
+                cmds.append(kernels.layers(
+                    q, q.program("matrix.cl", *defines), weights, parts, L.row, count, L, T, phases,
+                    self.x.read_write(), self.query.read_write(), self.att.read_write(), self.att_out.read_write(),
+                    self.h.read_write(), self.dim_p, self.q_p, self.hidden_p, eps,
+                    dict(kv, **kernels.ints(cache_stride=cache.offset(1) - cache.offset(0))), c.n_heads,
+                    self.layer_counters.read_write()))
             elif T == 1 and L.qkv_attention:
                 cmds.append(kernels.qkv_attention(
-                    q, q.program("matrix.cl", *L.qkv_attention), L.wqkv, c.n_kv_heads, x, g, query, eps, kv,
+                    q, q.program("matrix.cl", *L.qkv_attention), L.wqkv, c.n_kv_heads, x, g, query, eps,
+                    dict(kv, bias=L.qkv_bias.read()),
                     self.att.read_write(), self.att_out.write(), c.n_heads, self.dim_p, self.q_p))
             else:
                 cmds += [
                     kernels.gemv(q, "gemv_norm_rope_kv", L.wqkv, T, x, query, self.dim_p, self.q_p, g=g, eps=eps,
-                                 **kv),
+                                 bias=L.qkv_bias.read(), **kv),
                     kernels.attention(q, self.attention_prog, geo, T, self.query.read(), cache.k.read(), cache.v.read(),
                                       self.att.read_write(), self.att_out.write(), state.read(), c.n_heads,
                                       c.n_kv_heads, c.head_dim, cache.seq_p, self.q_p, offset, slot_stride),
@@ -356,6 +400,7 @@ class Llama:
                              self.hidden_p, g=L.ffn_norm.read(), eps=eps),
                 kernels.gemv(q, "gemv_add", L.w2, T, self.h.read(), self.x.read_write(), self.hidden_p, self.dim_p),
             ][fused[1] - 2 if fused else 0:]
+            i += count
         return cmds
 
     def _lm_head(self, rows: int, logits: Buffer, stride: int | None = None):

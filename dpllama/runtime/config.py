@@ -52,8 +52,8 @@ SCHEMA = {
         # decode: attention inside the QKV launch, a work-group per KV head, for models with at least this
         # many KV heads (0: never; fewer work-groups than cores would idle some)
         "attention_min_kv_heads": (int, 0),
-        # a layer of a pass in one launch (matrix.cl's layer) on devices of up to this many compute units (0: never),
-        # where work-groups are single work-items (CPUs)
+        # the layers of a pass in one launch (matrix.cl's layers) on devices of up to this many compute units
+        # (0: never), where work-groups are single work-items (CPUs)
         "layer_max_units": (int, 0),
     },
     "memory": {

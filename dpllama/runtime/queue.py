@@ -81,6 +81,16 @@ class Buffer:
         self.last_write: cl.Event | None = None
         self.reads: list[cl.Event] = []
 
+    def region(self, offset: int, nbytes: int, name: str = "") -> "Buffer":
+        """`nbytes` of this buffer from byte `offset` (a multiple of Queue.align) as a buffer of its own (an OpenCL
+        sub-buffer), for data written once before any kernel reads it (weights): the two share memory, not the
+        dependency state that orders work on it."""
+        sub = Buffer.__new__(Buffer)
+        sub.queue, sub.name, sub.nbytes = self.queue, name, nbytes
+        sub.cl_buffer = self.cl_buffer.get_sub_region(offset, max(nbytes, 1))
+        sub.last_write, sub.reads = None, []
+        return sub
+
     def read(self) -> Accessor:
         return Accessor(self, READ)
 
@@ -250,6 +260,11 @@ class Queue:
         """The largest buffer to allocate: the config's memory.max_alloc_mb, else the driver's limit."""
         mb = self.config["memory"]["max_alloc_mb"]
         return mb << 20 if mb else self.device.cl_device.max_mem_alloc_size
+
+    @property
+    def align(self) -> int:
+        """The alignment, in bytes, of a sub-buffer's offset in its buffer (Buffer.region)."""
+        return self.device.cl_device.mem_base_addr_align // 8
 
     def buffer(self, nbytes: int = 0, host: np.ndarray | None = None, name: str = "") -> Buffer:
         size = host.nbytes if host is not None else nbytes
