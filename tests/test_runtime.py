@@ -298,6 +298,22 @@ def test_buffer_larger_than_the_allocation_limit_is_refused(queue, monkeypatch):
         queue.buffer(2 << 20, name="k_cache")
 
 
+def test_a_region_is_its_part_of_the_buffer(queue):
+    """Buffer.region (a sub-buffer, at an offset aligned as Queue.align says): a kernel given the region reads and
+    writes those bytes of the buffer, and nothing past them."""
+    n, offset = 64, 2 * queue.align
+    whole = queue.buffer(host=np.arange(offset // 4 + 2 * n, dtype=np.float32), name="whole")
+    part = whole.region(offset, n * 4, "part")
+    assert part.nbytes == n * 4
+    np.testing.assert_array_equal(part.get(), np.arange(offset // 4, offset // 4 + n, dtype=np.float32))
+    ones = queue.buffer(host=np.ones(n, np.float32))
+    queue.submit(queue.program("check.cl").axpy, (n,), None, ones.read(), part.read_write(), np.float32(0.5),
+                 np.int32(n)).wait()
+    expect = np.arange(offset // 4 + 2 * n, dtype=np.float32)
+    expect[offset // 4:offset // 4 + n] += 0.5
+    np.testing.assert_array_equal(whole.get(), expect)
+
+
 @pytest.mark.parametrize("flags, defines", [
     ({"avx2", "avx_vnni", "avx512_vnni", "avx512vl"}, ("AVXVNNI_ASM",)),          # AMD Zen 5: AVX-VNNI's VEX form
     ({"avx2", "avx512_vnni", "avx512vl"}, ("AVXVNNI_ASM", "VNNI_EVEX")),          # Zen 4, Ice Lake: AVX-512 VNNI's
