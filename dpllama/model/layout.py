@@ -139,6 +139,11 @@ def weight_defines(t: Tensor, geometry: Geometry, tokens: int, activation_bits: 
         ("X_ONCE",) if once else ())
 
 
+def upload_array(q: Queue, a: np.ndarray | None, name: str) -> Buffer:
+    """`a` in a buffer of its own, or for None 4 bytes nothing reads (a kernel argument that must be a buffer)."""
+    return q.buffer(host=a, name=name) if a is not None else q.buffer(4, name=name)
+
+
 class Arena:
     """A layer's arrays (its matrices' parts, norms and biases) on their way into a buffer that a run of layers
     shares (`upload`), which matrix.cl's `layers` kernel takes whole, with a table of where each array starts. Each
@@ -220,7 +225,7 @@ class DeviceTensor:
                   tile(a.view(np.uint16) if a.dtype == np.float16 else a, g) if a is not None else None)
                  for part, a in (("data", data), ("scales", t.scales), ("mins", t.mins))]
         if arena is None:
-            self.buffers = [q.buffer(host=a, name=n) if a is not None else q.buffer(4, name=n) for n, a in parts]
+            self.buffers = [upload_array(q, a, n) for n, a in parts]
         else:
             self.handles = [arena.add(a, n) for n, a in parts]      # data, scales, mins
         self.q = q

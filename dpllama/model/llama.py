@@ -44,7 +44,7 @@ from dpllama.errors import DpllamaError
 from dpllama.model import kernels
 from dpllama.model.kv_cache import KVCache, Sequence, cache_defines, zeros
 from dpllama.formats import round_up
-from dpllama.model.layout import Arena, DeviceTensor, Geometry, fuse_rows, pow2_divisor
+from dpllama.model.layout import Arena, DeviceTensor, Geometry, fuse_rows, pow2_divisor, upload_array
 from dpllama.model.weights import Layer, Tensor, Weights, check_activation_bits, check_kv_cache, rope_angles
 from dpllama.runtime import Buffer, Queue
 
@@ -191,8 +191,7 @@ class Llama:
                        (norm_weight(L.ffn_norm), f"layers.{i}.ffn_norm"),
                        (bias, f"layers.{i}.qkv_bias" if bias is not None else f"layers.{i}.qkv_bias-unused"))
             if arena is None:
-                D.attn_norm, D.ffn_norm, D.qkv_bias = (q.buffer(host=a, name=n) if a is not None
-                                                       else q.buffer(4, name=n) for a, n in vectors)
+                D.attn_norm, D.ffn_norm, D.qkv_bias = (upload_array(q, a, n) for a, n in vectors)
             else:
                 handles = [arena.add(a, n) for a, n in vectors]
                 if run and sum(round_up(r.nbytes, q.align) for _, r, _ in run) + arena.nbytes > q.max_alloc:
