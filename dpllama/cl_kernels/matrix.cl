@@ -854,7 +854,7 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
 #define STORE_ADD 0
 #define STORE_SWIGLU 1
 #define STORE_QKV 2
-// a layer's arrays in the launch's weights buffer, in the order of `parts`' rows (the host's Llama.layer_parts):
+// a layer's arrays in the launch's weights buffer, in the order of `parts`' rows (the host's Llama._upload_layers):
 // Wqkv's data, scales and mins, then Wo's, [W1; W3]'s and W2's, then attn_norm, ffn_norm and the QKV biases
 #define LAYER_PARTS 15
 

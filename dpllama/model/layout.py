@@ -175,11 +175,20 @@ class Arena:
         return self.regions[handle]
 
     @staticmethod
+    def size(arenas: list[Arena]) -> int:
+        """The bytes of the buffer that `upload` makes for `arenas`, each where the one before ends, aligned."""
+        end = 0
+        for arena in arenas:
+            end = round_up(end, arena.q.align) + arena.nbytes
+        return end
+
+    @staticmethod
     def upload(arenas: list[Arena], name: str) -> Buffer:
         """One buffer holding every array of `arenas`, in order, and each array's sub-buffer."""
         q, end = arenas[0].q, 0
         for arena in arenas:
-            arena.base, end = round_up(end, q.align), round_up(end, q.align) + arena.nbytes
+            arena.base = round_up(end, q.align)
+            end = arena.base + arena.nbytes
         # copied in whole as the buffer is made: arrays written into it one by one (clEnqueueWriteBuffer at their
         # offsets) were taken for uninitialized by Oclgrind where kernels read them through the whole buffer
         host = np.zeros(end, np.uint8)

@@ -194,7 +194,7 @@ class Llama:
                 D.attn_norm, D.ffn_norm, D.qkv_bias = (upload_array(q, a, n) for a, n in vectors)
             else:
                 handles = [arena.add(a, n) for a, n in vectors]
-                if run and sum(round_up(r.nbytes, q.align) for _, r, _ in run) + arena.nbytes > q.max_alloc:
+                if run and Arena.size([r for _, r, _ in run] + [arena]) > q.max_alloc:
                     self._upload_layers(run)
                     run = []
                 run.append((D, arena, handles))
