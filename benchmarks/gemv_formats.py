@@ -1,4 +1,4 @@
-"""Decode gemv (gemv_add, one token) speed of each device weight format, as each GGUF type loads it.
+"""gemv (gemv_add) speed of each device weight format, as each GGUF type loads it: one input row a launch, as in decode.
 
     PYTHONPATH=. python benchmarks/gemv_formats.py [--device cpu] [--rounds 7] [--launches 50] [--copies 1] [--tokens 1]
 
@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=1, help="distinct matrices per format, launched in turn")
     ap.add_argument("--tokens", type=int, default=1, help="input rows per launch (default 1: decode)")
     args = ap.parse_args()
+    if args.tokens < 1:
+        ap.error(f"--tokens must be at least 1, not {args.tokens}")
     q = open_queue(args.device, out_of_order=False, profiling=False)
     geo = Geometry.of(q.config)
     print(f"{q.device}, tile_rows {geo.tile_rows}; median of {args.rounds} rounds of {args.launches} launches"
@@ -70,7 +72,8 @@ def main() -> None:
                 q.wait()
                 times.append((time.perf_counter() - start) / args.launches)
         base = statistics.median(cases[0][-1])
-        print(f"\n[{shape}]  {'type':6} {'device format':22} {'MB':>6} {'us':>8} {'GB/s':>7} {'G MAC/s':>8} {'time / Q8_0':>11}")
+        print(f"\n[{shape}]  {'type':6} {'device format':22} {'MB':>6} {'us':>8} {'GB/s':>7} {'G MAC/s':>8} "
+              f"{'time / Q8_0':>11}")
         for name, fmt, nbytes, _, times in cases:
             s = statistics.median(times)
             print(f"{'':12}{name:6} {fmt:22} {nbytes / 1e6:6.2f} {s * 1e6:8.1f} {nbytes / s / 1e9:7.2f} "
