@@ -1,10 +1,11 @@
 """Load on `dpllama serve`: 1, 2, 4, 8 and 16 concurrent streaming clients, each a different prompt of about 128
-tokens and 128 tokens out (greedy), and per level the aggregate output tok/s, p50/p95 time to first token and
+tokens and 128 tokens out (greedy, or sampled with --temperature), and per level the aggregate output tok/s, p50/p95 time to first token and
 p50/p95 inter-token latency. With llama-cpp-python's server importable (`pip install 'llama-cpp-python[server]'`),
 the same load on it, same GGUF, in the same run.
 
     python benchmarks/serve_load.py                       # SmolLM2-135M, from dpllama's cache
     python benchmarks/serve_load.py --levels 1,8 --no-llama-cpp --rounds 5
+    python benchmarks/serve_load.py --temperature 0.7 --top-p 0.9 # sampled, as chat clients ask
 
 With --rounds N the levels run N times over (new prompts each time) and the table gives each figure's median; each
 level's aggregate is also given against the first level's of the same round (a 2-vCPU VM drifts by 20% from
@@ -66,9 +67,10 @@ def start(cmd: list[str], url: str, timeout: float = 300) -> subprocess.Popen:
     sys.exit(f"serve_load: {' '.join(cmd)} not ready after {timeout:.0f} s")
 
 
-def client(session: http.Client, base: str, model: str, prompt: str, max_tokens: int, out: list) -> None:
+def client(session: http.Client, base: str, model: str, prompt: str, max_tokens: int, out: list,
+           sampling: dict) -> None:
     """One streaming completion: when it was sent, and when each chunk with text came."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, **sampling}
     sent, times = time.perf_counter(), []
     with session.stream("POST", f"{base}/v1/completions", json=body) as r:
         r.raise_for_status()
@@ -83,12 +85,13 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))] if values else float("nan")
 
 
-def level(session: http.Client, base: str, model: str, texts: list[str], n: int, max_tokens: int) -> dict:
+def level(session: http.Client, base: str, model: str, texts: list[str], n: int, max_tokens: int,
+          sampling: dict) -> dict:
     """n concurrent clients, client i sending texts[i], all through `session`, made once for the run: a client of
     its own per stream (httpx's http.stream) builds an SSL context each, ~20 ms of CPU, and at 8 streams that put
     ~150 ms of the benchmark's own set-up inside the measured time, on the cores the server computes on."""
     results: list = []
-    threads = [threading.Thread(target=client, args=(session, base, model, texts[i], max_tokens, results))
+    threads = [threading.Thread(target=client, args=(session, base, model, texts[i], max_tokens, results, sampling))
                for i in range(n)]
     t0 = time.perf_counter()
     for t in threads:
@@ -104,7 +107,7 @@ def level(session: http.Client, base: str, model: str, texts: list[str], n: int,
 
 
 def run_server(name: str, cmd: list[str], ready: str, model: str, texts: dict[tuple[int, int], list[str]],
-               levels: list[int], max_tokens: int, rounds: int = 1) -> list[dict]:
+               levels: list[int], max_tokens: int, rounds: int = 1, sampling: dict | None = None) -> list[dict]:
     """The rows of each level on the server `cmd` starts, once `ready` (a URL) answers 200: per level, the medians
     over `rounds` rounds, and `vs_first`, the median over rounds of its aggregate against the first level's."""
     base = ready.rsplit("/", 1)[0].removesuffix("/v1")
@@ -112,11 +115,12 @@ def run_server(name: str, cmd: list[str], ready: str, model: str, texts: dict[tu
     session = http.Client(timeout=600, limits=http.Limits(max_connections=max(levels),
                                                           max_keepalive_connections=max(levels)))
     try:
-        level(session, base, model, texts[0, 0], 1, 8)     # warm up
+        sampling = sampling or {"temperature": 0}
+        level(session, base, model, texts[0, 0], 1, 8, sampling)     # warm up
         runs = []
         for r in range(rounds):
             for n in levels:
-                row = {"server": name, "round": r, **level(session, base, model, texts[r, n], n, max_tokens)}
+                row = {"server": name, "round": r, **level(session, base, model, texts[r, n], n, max_tokens, sampling)}
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 runs.append(row)
         first = {row["round"]: row["tok_s"] for row in runs if row["clients"] == levels[0]}
@@ -143,8 +147,12 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="llama-cpp-python's threads (default 2)")
     p.add_argument("--no-llama-cpp", action="store_true", help="dpllama only")
     p.add_argument("--rounds", type=int, default=1, help="run the levels this many times over; medians (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's top-p (default 1: off)")
     args = p.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": 1} if args.temperature else \
+        {"temperature": 0}
     from dpllama.hub import resolve_model
     path = resolve_model(args.model)
     texts = prompts(path, levels, args.prompt_tokens, args.rounds)
@@ -152,7 +160,7 @@ def main() -> int:
     port = free_port()
     rows = run_server("dpllama", [sys.executable, "-m", "dpllama.cli", "serve", "-m", str(path), "--port", str(port),
                                   "--parallel", str(max(levels)), "--ctx", ctx, "--model-name", "m"],
-                      f"http://127.0.0.1:{port}/health", "m", texts, levels, args.max_tokens, args.rounds)
+                      f"http://127.0.0.1:{port}/health", "m", texts, levels, args.max_tokens, args.rounds, sampling)
     try:
         import llama_cpp.server  # noqa: F401
         have_llama_cpp = not args.no_llama_cpp
@@ -168,8 +176,9 @@ def main() -> int:
                                                 # by default a new request cuts the running stream off
                                                 "--interrupt_requests", "False"],
                            f"http://127.0.0.1:{port}/v1/models", "m", texts, levels, args.max_tokens,
-                           args.rounds)  # no /health
-    print(f"{os.cpu_count()} CPUs, {path.name}, prompts of {args.prompt_tokens} tokens, {args.max_tokens} out, greedy"
+                           args.rounds, sampling)  # no /health
+    how = f"temperature {args.temperature}, top-p {args.top_p}" if args.temperature else "greedy"
+    print(f"{os.cpu_count()} CPUs, {path.name}, prompts of {args.prompt_tokens} tokens, {args.max_tokens} out, {how}"
           + (f", medians of {args.rounds} rounds" if args.rounds > 1 else "") + "\n")
     print(f"| server | clients | aggregate tok/s | vs {levels[0]} client(s) | TTFT p50 (s) | TTFT p95 (s) | "
           "inter-token p50 (ms) | inter-token p95 (ms) |")

@@ -1,9 +1,10 @@
 """Token generation: sampling and the token loop, streaming text as it comes.
 
-Greedy decoding never leaves the device (argmax writes the next token into the device's token
-buffer; only its id is read back). Sampling with a temperature or a repetition penalty reads the
-logits back (vocab x 4 bytes) and draws on the host with llama2.c's xorshift generator, so a
-`seed` reproduces a run.
+Tokens are chosen on the device where the sampler allows (sampling.cl's draw: greedy, or a temperature with top-p,
+the coin drawn on the host with llama2.c's xorshift generator, so a `seed` reproduces a run): the token goes into the
+device's token buffer and only its id is read back, so the next step is enqueued before it is read. A repetition or
+presence penalty, a top-k above 1 and log-probabilities read the logits back (vocab x 4 bytes) and draw on the host
+(Sampler.pick, run.c's sample_topp, of which the device's draw is the twin).
 """
 from __future__ import annotations
 
@@ -72,6 +73,19 @@ class Sampler:
     @property
     def penalized(self) -> bool:
         return self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def on_device(self) -> bool:
+        """Whether the device can draw this sampler's tokens (sampling.cl): greedy, or a temperature with top-p,
+        without a penalty (it needs the history) or a top-k above 1 (the host's argpartition)."""
+        return not self.penalized and (self.greedy or self.top_k in (0, 1))
+
+    def draw(self) -> tuple[float, float, float]:
+        """The device's draw of the next token: (temperature, top_p, coin), temperature 0 for the argmax (top-k 1
+        too), top_p 0 for none. Draws the coin, as `pick` would for this token."""
+        if self.greedy or self.top_k == 1:
+            return 0.0, 0.0, 0.0
+        return self.temperature, self.top_p if 0.0 < self.top_p < 1.0 else 0.0, self.rng.f32()
 
     def penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         """llama.cpp's penalties over the last repeat_last_n tokens: the repetition penalty divides positive
@@ -183,7 +197,7 @@ class Generation:
         self.logits: np.ndarray | None = None
         self.fed = keep                 # tokens whose forward pass has been enqueued (batched driving)
         self.ahead = 0                  # new tokens chosen on the device by enqueued passes, not yet taken (batched)
-        self.on_device = sampler.greedy and not sampler.penalized and not keep_logits
+        self.on_device = sampler.on_device and not keep_logits
         self.ended = False
         if not self.max_new:
             self._end()
@@ -202,7 +216,7 @@ class Generation:
             while True:
                 more = self.stats.generated_tokens + 1 < self.max_new
                 if self.on_device:
-                    tok = model.next_greedy(ahead=more)
+                    tok = model.next_chosen(self.sampler.draw(), ahead=more)
                 else:
                     tok = self._draw(model.read_logits())
                     model.next_given(tok)
@@ -226,13 +240,14 @@ class Generation:
         if self.ahead:
             if self.stats.generated_tokens + self.ahead >= self.max_new:
                 return None
-            return Part(self.slot, self.fed, [-1 - chosen], logits=True, greedy=True)
+            return Part(self.slot, self.fed, [-1 - chosen], logits=True, draw=self.sampler.draw())
         todo = self.tokens[self.fed:self.fed + room]
-        return Part(self.slot, self.fed, todo, logits=self.fed + len(todo) == len(self.tokens), greedy=self.on_device)
+        logits = self.fed + len(todo) == len(self.tokens)
+        return Part(self.slot, self.fed, todo, logits, self.sampler.draw() if logits and self.on_device else None)
 
     def enqueued(self, part: Part) -> None:
         self.fed += len(part.tokens)
-        self.ahead += part.logits and part.greedy
+        self.ahead += part.logits and part.draw is not None
 
     @property
     def prompted(self) -> bool:
@@ -244,13 +259,13 @@ class Generation:
         logits): the token chosen on the device, or the logits. Returns the new token, None after a piece of the
         prompt, after a stop token (then `ended`) or once it has ended; `ended` also turns true with the last
         token max_new allows, which is returned."""
-        if part.logits and part.greedy:
+        if part.logits and part.draw is not None:
             self.ahead -= 1
         if result is None or self.ended:        # a prompt piece; or a pass enqueued before a stop token was seen
             return None
         try:
-            if part.greedy:
-                if result < 0:                  # argmax_rows' mark for logits that are not all finite
+            if part.draw is not None:
+                if result < 0:                  # choose_rows' mark for logits that are not all finite
                     raise DpllamaError(not_finite(part.pos + len(part.tokens) - 1))
                 tok = result
             else:
@@ -294,10 +309,11 @@ class Generation:
 class Batcher:
     """Runs generations of `model`, each in its own slot, in batched forward passes (Llama.enqueue_batch), as the
     server's engine does: each pass holds the newest token of each decoding generation, then pieces of the prompts
-    still being read, the earliest given first, in the room left of the pass's `model.chunk` rows. A greedy
-    generation's tokens are chosen on the device and fed from there, so the next pass is enqueued before the host
-    has read this one's tokens, and the device never waits on the host; a pass with a token drawn on the host
-    (sampling, penalties, log-probabilities) is waited for before the next is made. A generation that has just
+    still being read, the earliest given first, in the room left of the pass's `model.chunk` rows. The tokens of a
+    generation whose sampler the device can draw for (Sampler.on_device: greedy, or a temperature with top-p) are
+    chosen on the device and fed from there, so the next pass is enqueued before the host has read this one's
+    tokens, and the device never waits on the host; a pass with a token drawn on the host (penalties, a top-k above
+    1, log-probabilities) is waited for before the next is made. A generation that has just
     drawn a stop token may then still get one more row, whose result is dropped (its cost: a row)."""
 
     def __init__(self, model: Llama):
@@ -315,7 +331,7 @@ class Batcher:
         token ended it) or the error that ended it (logits that are not finite). [] with nothing in flight. A pass
         that cannot be made (Llama.enqueue_batch's DpllamaError) raises, after the one in flight is collected."""
         out = []
-        if self.in_flight and not all(p.greedy for _, p in self.in_flight[0] if p.logits):
+        if self.in_flight and not all(p.draw is not None for _, p in self.in_flight[0] if p.logits):
             out = self._collect()       # a token drawn on the host comes before its generation's next part
         chosen = {}
         if self.in_flight:              # the rows of the pass in flight whose tokens the device chose

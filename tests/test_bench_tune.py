@@ -21,12 +21,12 @@ def test_bench_reports_every_figure(repo_root):
         assert out[key] > 0 and out[key + "_spread"] >= 0, key     # median and spread over the repeats
     assert out["first_token_cold_s"] > 0 and out["load_cached_s"] > 0
     # one launch for all the layers where the config runs them in one (the CPU configs: matrix.cl's layers; stories260K's
-    # layers run all five phases in one format), else 5 a layer; then the LM head and argmax_embed
+    # layers run all five phases in one format), else 5 a layer; then the LM head and choose_embed
     fused = select_device()[0].compute_units <= load_config(out["config"])["fuse"]["layer_max_units"]
     assert out["launches_per_token"] == (1 if fused else 5 * out["shape"]["n_layers"]) + 2
     assert out["weight_bytes_per_token"] > 0 and out["repeat"] == 2
     assert set(out["profile"]) >= ({"layers"} if fused else {"gemv_norm_rope_kv", "attention", "gemv_add",
-                                                            "gemv_norm_swiglu"}) | {"argmax_embed"}
+                                                            "gemv_norm_swiglu"}) | {"choose_embed"}
     assert set(out["batched"]) == {"1", "3"} and out["batched"]["1"]["vs_first"] == 1.0
     for b in ("1", "3"):
         assert out["batched"][b]["decode_tok_s"] > 0 and out["batched"][b]["ms_per_step"] > 0

@@ -290,7 +290,7 @@ def test_config_that_is_not_text(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("work_group", [dict(gemv=4096), dict(reduce=8192), dict(gemv=128, prefill_tokens=64)])
+@pytest.mark.parametrize("work_group", [dict(gemv=4096), dict(gemv=64, reduce=8192), dict(gemv=128, prefill_tokens=64)])
 def test_config_beyond_the_device_fails_before_any_launch(queue, work_group):
     """Work-groups too large for the device or the kernel (no device takes 8192 work-items), or local memory
     beyond the device's (the scratch grows with gemv x rows x tiles x tokens: 4096 work-items need 1 MiB in

@@ -373,7 +373,7 @@ def test_layer_launch_on_one_driver_thread(repo_root):
 
 
 def check_greedy(model: Llama, weights: Weights, prompt: list[int], n: int, what: str) -> list[int]:
-    """n greedy tokens on the device (argmax_embed: the argmax, and the chosen token's embedding row for the
+    """n greedy tokens on the device (choose_embed: the argmax, and the chosen token's embedding row for the
     next pass) after a batched prompt follow the reference's logits, near-ties aside. Returns the new ids."""
     ref = Reference(weights)
     ids = list(generate(model, prompt, n, Sampler(temperature=0)))
@@ -416,7 +416,7 @@ def test_greedy_and_given_tokens_mixed(q, random_model):
     check("the prompt")
     for step, given in enumerate([None, 7, None, None, 3]):
         if given is None:
-            seq.append(model.next_greedy(ahead=step % 2 == 0))
+            seq.append(model.next_chosen(ahead=step % 2 == 0))
             if step % 2:
                 model.step()
         else:
@@ -424,7 +424,7 @@ def test_greedy_and_given_tokens_mixed(q, random_model):
             model.next_given(given)
             model.step()
         check(f"step {step} ({'greedy' if given is None else 'given'})")
-    model.next_greedy()                                 # chosen and embedded, but never fed: a new turn
+    model.next_chosen()                                 # chosen and embedded, but never fed: a new turn
     seq.append(13)                                      # puts another token in its place
     model.start(seq, keep=len(seq) - 1)
     model.feed(1)
@@ -432,7 +432,7 @@ def test_greedy_and_given_tokens_mixed(q, random_model):
     seq += [11, 12, 14]                                 # a prompt's slots: the greedy step keeps and embeds
     model.start(seq, keep=len(seq) - 3)                 # 11, then 12 and 14 go through one 2-token pass
     model.feed(1)
-    assert model.next_greedy() == 12
+    assert model.next_chosen() == 12
     model.feed(2)
     check("a 2-token feed after a greedy step")
 
@@ -520,7 +520,7 @@ def test_keep_8bit_none_keeps_int4_embedding_and_classifier(q, tmp_path, tied, s
 
 def test_stories260K_int4_embedding_greedy(q, tmp_path):
     """stories260K (tied) through `quantize --keep-8bit none` (int4 g32 asym): greedy decoding on the device,
-    whose argmax_embed decodes the int4 table's row of each chosen token, follows the reference's logits."""
+    whose choose_embed decodes the int4 table's row of each chosen token, follows the reference's logits."""
     stories_weights()
     d = llama2c_dir()
     w = quantize_cli(d / "stories260K.bin", tmp_path / "q.gguf", "-z", d / "tok512.bin", "--keep-8bit", "none")
@@ -622,7 +622,7 @@ def test_fp16_kv_cache_matches_reference(q, random_model, config):
 
 def test_logits_that_are_not_finite_stop_generation(q, random_model):
     """NaN or infinite logits (weights or activations that overflowed) are an error naming the position, for
-    greedy decoding on the device (argmax_embed marks them) and for the host's sampler alike."""
+    greedy decoding on the device (choose_embed marks them) and for the host's sampler alike."""
     model = Llama(random_model, q)
     model.start([1, 5])
     model.feed(2)
@@ -631,7 +631,7 @@ def test_logits_that_are_not_finite_stop_generation(q, random_model):
         with pytest.raises(DpllamaError, match="^the logits at position 1 are not finite"):
             model.read_logits()
         with pytest.raises(DpllamaError, match="^the logits at position 2 are not finite"):
-            model.next_greedy()
+            model.next_chosen()
         model.start([1, 5])
         model.feed(2)
 

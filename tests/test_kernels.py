@@ -655,11 +655,17 @@ def test_gemv_norm_rope_kv_isa_fallbacks(q, tmp_path, monkeypatch, isa, geometry
                            geometry=geometry, bias=True)
 
 
+def draw_geometry(local: int) -> Geometry:
+    """A geometry whose draws (sampling.cl) take work-groups of `local` work-items: 1 as the CPU configs' (single
+    work-items, built with SOLO), more as the GPU configs' (the config's reduce)."""
+    return geometry(16, 1 if local == 1 else 64, 4, 8, 16, reduce=local)
+
+
 @pytest.mark.parametrize("fmt", ["q8g32", "int4g32", "int4asym128", "q8asym32-q51", "int5g32-q50"])
 @pytest.mark.parametrize("local", [1, 64, 256])
 @pytest.mark.parametrize("n", [1, 5, 97, 1000, 4096])
-def test_argmax_embed(q, n, local, fmt):
-    """Greedy sampling: the first index of the largest logit goes to tokens[pos + 1] unless that slot holds a
+def test_choose_embed_greedy(q, n, local, fmt):
+    """Greedy sampling (a draw of temperature 0): the first index of the largest logit goes to tokens[pos + 1] unless that slot holds a
     prompt token, pos advances, and the row of the token now at pos + 1 is embedded into x (a q8 table, an
     int4 symmetric and an asymmetric one: `quantize --keep-8bit none` makes the tied classifier int4).
     Logits with a NaN, an infinity at the top or nothing above -inf give -1 and embed row 0 (issue 11: they
@@ -667,7 +673,8 @@ def test_argmax_embed(q, n, local, fmt):
     rng = np.random.default_rng(n + local)
     cols = 40                                   # padded to a whole group (64 or 128): x[cols:] must stay as it is
     table = FORMATS[fmt](rng.standard_normal((max(n, 110), cols)).astype(np.float32))
-    emb = DeviceTensor(q, table, "emb", geometry(16, 1, 4, 8, 16, reduce=local))
+    emb = DeviceTensor(q, table, "emb", draw_geometry(local))
+    assert kernels.draw_items(emb.geometry) == local
     for trial in range(10):
         logits = rng.standard_normal(n).astype(np.float32)
         if trial == 1:
@@ -692,7 +699,8 @@ def test_argmax_embed(q, n, local, fmt):
         tb = q.buffer(host=tokens0)
         sb = q.buffer(host=np.array([pos, n_prompt], np.int32))
         xb = q.buffer(host=np.full(emb.cols_p, 7.0, np.float32))
-        q.enqueue(kernels.argmax_embed(q, emb, q.buffer(host=logits), tb, sb, xb, n))
+        q.enqueue(kernels.choose_embed(q, emb, q.buffer(host=logits), tb, sb, q.buffer(host=np.zeros(4, np.float32)),
+                                       xb, n, q.buffer(2 * round_up(n, 16) * 4)))
         want_tokens = tokens0.copy()
         if pos + 1 >= n_prompt:
             want_tokens[pos + 1] = expected
@@ -707,10 +715,11 @@ def test_argmax_embed(q, n, local, fmt):
 
 @pytest.mark.parametrize("local", [1, 64])
 @pytest.mark.parametrize("n", [5, 97, 1000])
-def test_argmax_rows(q, n, local):
+def test_choose_rows_greedy(q, n, local):
     """A batch's greedy rows: chosen[r] = the first index of the largest logit of row r, rows 16-float aligned
     (round_up(n, 16) apart) with garbage between; -1 for a NaN anywhere or an infinity at the top, as
-    test_argmax_embed's (-inf below a finite top is a masked logit, not an error)."""
+    test_choose_embed_greedy's (-inf below a finite top is a masked logit, not an error). A row the host draws
+    (a negative temperature) is left as it was: its chosen entry and its logits."""
     rng = np.random.default_rng(n + local)
     stride = (n + 15) // 16 * 16
     logits = rng.standard_normal((9, stride)).astype(np.float32)
@@ -724,12 +733,88 @@ def test_argmax_rows(q, n, local):
     logits[7, :n] = 0.0
     logits[8, n - 1] = 9.0                      # the last logit (in the n % 16 tail where there is one)
     emb = DeviceTensor(q, FORMATS["q8g32"](rng.standard_normal((8, 32)).astype(np.float32)), "emb",
-                       geometry(16, 1, 4, 8, 16, reduce=local))
+                       draw_geometry(local))
     for m in (1, 9):
         cb = q.buffer(host=np.full(9, 77, np.int32))
-        q.enqueue(kernels.argmax_rows(q, emb, q.buffer(host=logits), m, n, stride, cb))
+        draws = np.zeros((9, 4), np.float32)
+        draws[7, 0] = -1.0                      # the host's row
+        lb = q.buffer(host=logits)
+        q.enqueue(kernels.choose_rows(q, emb, lb, m, n, stride, q.buffer(host=draws), cb,
+                                      q.buffer(2 * 9 * stride * 4)))
         want = [int(np.flatnonzero(r == r.max())[0]) if np.isfinite(r.max()) else -1 for r in logits[:m, :n]]
+        want = [77 if r == 7 else w for r, w in enumerate(want)]
         np.testing.assert_array_equal(cb.get(np.int32), want + [77] * (9 - m), err_msg=f"n={n} L={local} m={m}")
+        np.testing.assert_array_equal(lb.get().reshape(9, stride), logits, err_msg="a greedy draw changed its logits")
+
+
+def reference_draw(logits: np.ndarray, temperature: float, top_p: float, coin: float, slack: float) -> set[int]:
+    """The tokens a sampled draw (sampling.cl, dpllama.generate.Sampler.sample) may give: in float64, the softmax
+    at the temperature; with 0 < top_p < 1 the candidates p >= min((1 - top_p) / (n - 1), max p) in descending
+    order (ties: lower index first) cut after the first whose running sum passes top_p, else every token in index
+    order; the coin takes the first whose running sum passes coin x their total. Every boundary that lies within
+    `slack` of what it is compared with may go either way (the device sums in float32, in its own order)."""
+    x = (logits.astype(np.float64) - logits.max()) / temperature
+    p = np.exp(x) / np.exp(x).sum()
+    n = p.size
+    if 0.0 < top_p < 1.0:
+        cand = np.flatnonzero(p >= min((1.0 - top_p) / max(n - 1, 1), p.max()) * (1 - slack))
+        order = cand[np.lexsort((cand, -p[cand]))]
+    else:
+        order = np.arange(n)
+    cum = np.cumsum(p[order])
+    if 0.0 < top_p < 1.0:       # the nucleus may end at any candidate whose running sum is within slack of top_p
+        ends = range(int(np.searchsorted(cum, top_p - slack, side="right")),
+                     min(int(np.searchsorted(cum, top_p + slack, side="right")), len(order) - 1) + 1)
+    else:
+        ends = [len(order) - 1]
+    ok = set()
+    for end in ends:
+        u = coin * cum[end]
+        below = np.concatenate([[0.0], cum[:end]])          # each one's running sum before it
+        ok |= {int(order[j]) for j in range(end + 1) if below[j] - slack <= u <= cum[j] + slack}
+        if u >= cum[end] - slack:                           # a coin past the total by rounding takes the last
+            ok.add(int(order[end]))
+    return ok
+
+
+@pytest.mark.parametrize("local", [1, 64])
+@pytest.mark.parametrize("n", [5, 97, 1000, 4101])
+def test_choose_rows_sampled(q, n, local):
+    """A batch's sampled rows: the token drawn at a temperature, with top-p or without, by a coin, against the
+    float64 draw (reference_draw), rows of peaked, flat and tied logits (a flat row's candidates are all n).
+    The device's float32 values and sums differ from exact ones by at most (n / local + log2(local) + 2 max|x| + 8)
+    units of 2^-24 of the total: each exp's argument x = (l - max) / T is two roundings (an ulp of x: |x| 2^-23 of
+    e = exp(x)), exp itself a few ulps, each work-item's run summed in order, a tree of local of them. So a
+    boundary within that of its comparison may go either way; every other draw is the reference's. The row is left
+    as exp((l - max) / T), each value within that too."""
+    rng = np.random.default_rng(n * 3 + local)
+    stride = (n + 15) // 16 * 16
+    emb = DeviceTensor(q, FORMATS["q8g32"](rng.standard_normal((8, 32)).astype(np.float32)), "emb",
+                       draw_geometry(local))
+    rows = [3 * rng.standard_normal(n), 8 * rng.standard_normal(n), np.zeros(n), rng.standard_normal(n)]
+    rows[3][rng.choice(n, size=min(n, 4), replace=False)] = rows[3].max() + 2     # a tie at the top
+    cases = [(r, t, p, c) for r in range(len(rows)) for t, p in [(1.0, 0.0), (0.7, 0.9), (1.3, 0.5), (0.5, 0.999)]
+             for c in (rng.random(), 0.0, 1.0 - 2.0 ** -24)]
+    logits = np.zeros((len(cases), stride), np.float32)
+    draws = np.zeros((len(cases), 4), np.float32)
+    for i, (r, t, p, c) in enumerate(cases):
+        logits[i, :n] = rows[r]
+        draws[i] = (t, p, c, (1.0 - p) / max(n - 1, 1))
+    cb = q.buffer(host=np.full(len(cases), -7, np.int32))
+    lb = q.buffer(host=logits)
+    q.enqueue(kernels.choose_rows(q, emb, lb, len(cases), n, stride, q.buffer(host=draws), cb,
+                                  q.buffer(2 * len(cases) * stride * 4)))
+    got = cb.get(np.int32)
+    left = lb.get().reshape(len(cases), stride)[:, :n]
+    for i, (r, t, p, c) in enumerate(cases):
+        x = (logits[i, :n].astype(np.float64) - logits[i, :n].max()) / t
+        slack = (n / local + np.log2(local) + 2 * np.abs(x).max() + 8) * 2.0 ** -24
+        ok = reference_draw(logits[i, :n], t, p, c, slack)
+        assert int(got[i]) in ok, (f"n={n} L={local} row {r} T={t} top_p={p} coin={c}: drew {got[i]}, "
+                                   f"not in {sorted(ok)[:8]}")
+        # (below float32's normal range, 2^-126, its values keep only absolute precision)
+        np.testing.assert_allclose(left[i], np.exp(x), rtol=slack, atol=2.0 ** -126,
+                                   err_msg="the row is left as exp((l - max) / T)")
 
 
 def test_advance(q):

@@ -82,7 +82,7 @@ def test_reports_are_parsed():
     """The filter keeps a kernel's invalid read and drops the probing noise (so a clean run means something)."""
     err = ("Oclgrind - OpenCL runtime error detected\n\tFunction: clGetDeviceInfo\n\tFor argument 'param_name'\n"
            "\tError:    CL_INVALID_VALUE\n\nInvalid read of size 4 at global memory address 0x1000000000040\n"
-           "\tKernel: argmax_embed\n\tEntity: Global(0,0,0) Local(0,0,0) Group(0,0,0)\n")
+           "\tKernel: choose_embed\n\tEntity: Global(0,0,0) Local(0,0,0) Group(0,0,0)\n")
     assert [r.splitlines()[0] for r in reports(err)] == ["Invalid read of size 4 at global memory address "
                                                         "0x1000000000040"]
 

@@ -105,15 +105,25 @@ def test_chunked_prompt_equals_the_whole_prompt_fed_at_once(model):
         np.testing.assert_array_equal(a, b)
 
 
+DEVICE_DRAWS = {"greedy": lambda i: Sampler(temperature=0),
+                "top-p": lambda i: Sampler(temperature=0.8, top_p=0.9, seed=10 + i),
+                "whole": lambda i: Sampler(temperature=1.2, top_p=1.0, seed=20 + i)}
+
+
+@pytest.mark.parametrize("draw", list(DEVICE_DRAWS))
 @pytest.mark.parametrize("rows", [None, 5], ids=["one-pass-prompts", "5-row-passes"])
-def test_greedy_tokens_chosen_on_the_device_give_what_each_gives_alone(model, rows, monkeypatch):
-    """Greedy generations without kept logits get their tokens from the device's argmax (argmax_rows), and each
-    pass is enqueued before the host has read the one before: the next pass feeds those tokens from the device.
-    Each gives the tokens it gives alone, whether a stop token ends it part way (its extra row dropped), max_new
-    does, or it shares its passes with a sequence sampled on the host (which makes the Batcher wait)."""
+def test_tokens_drawn_on_the_device_give_what_each_gives_alone(model, rows, draw, monkeypatch):
+    """Generations without kept logits, greedy or sampled at a temperature (with top-p, or from the whole
+    distribution), get their tokens drawn on the device (choose_rows; alone, choose_embed), and each pass is
+    enqueued before the host has read the one before: the next pass feeds those tokens from the device. Each gives
+    the tokens it gives alone (the same logits, the same coins: the same draws), whether a stop token ends it part
+    way (its extra row dropped), max_new does, or it shares its passes with a sequence drawn on the host (which
+    makes the Batcher wait)."""
+    new_sampler = DEVICE_DRAWS[draw]
+
     def solo(i, stop):
         model.select(0)
-        return list(generate(model, PROMPTS[i], NEW, Sampler(temperature=0), stop))
+        return list(generate(model, PROMPTS[i], NEW, new_sampler(i), stop))
     free = [solo(i, set()) for i in range(3)]
     stops = [set(), {free[1][2]}, set()]                # sequence 1 stops at its third token (or before)
     want = [solo(i, stops[i]) for i in range(3)]
@@ -128,7 +138,7 @@ def test_greedy_tokens_chosen_on_the_device_give_what_each_gives_alone(model, ro
             gens = []
             for slot, i in enumerate(range(3)):
                 model.select(slot)
-                gens.append(generate(model, PROMPTS[i], NEW, Sampler(temperature=0), stops[i],
+                gens.append(generate(model, PROMPTS[i], NEW, new_sampler(i), stops[i],
                                      keep_logits=host_drawn and i == 2))
             out = {id(g): [] for g in gens}
             batcher = Batcher(model)
@@ -146,6 +156,24 @@ def test_greedy_tokens_chosen_on_the_device_give_what_each_gives_alone(model, ro
     assert fed_from_device, "no pass fed a token from the device"
 
 
+@pytest.mark.parametrize("kind,on_device", [("top-p", True), ("whole", True), ("top-k 1", True), ("top-k 5", False),
+                                             ("repeat penalty", False), ("kept logits", False)])
+def test_tokens_are_drawn_on_the_device_unless_the_host_must(model, monkeypatch, kind, on_device):
+    """A sampler at a temperature draws on the device (no logits come back, and the next step is enqueued before
+    the token is read), with top-p or without, and top-k 1 is the argmax; a top-k above 1, a penalty (it needs the
+    history) or kept logits (log-probabilities) read the logits back and draw on the host."""
+    samplers = {"top-p": Sampler(temperature=0.8, top_p=0.9, seed=1), "whole": Sampler(temperature=0.8, top_p=1.0),
+                "top-k 1": Sampler(temperature=0.8, top_k=1), "top-k 5": Sampler(temperature=0.8, top_k=5),
+                "repeat penalty": Sampler(temperature=0.8, repeat_penalty=1.3), "kept logits": Sampler(temperature=0.8)}
+    reads = []
+    read_logits = model.read_logits
+    monkeypatch.setattr(model, "read_logits", lambda: (reads.append(1), read_logits())[1])
+    model.select(0)
+    tokens = list(generate(model, PROMPTS[0], NEW, samplers[kind], keep_logits=kind == "kept logits"))
+    assert len(tokens) == NEW
+    assert (not reads) == on_device, f"{kind}: {len(reads)} reads of the logits"
+
+
 def test_prepared_batches_record_nothing_when_they_run(queue, weights, monkeypatch):
     """prepare_batches(n) records the launches of every batch of decode steps of up to n sequences and of a full
     pass (the server does, before it is ready): batches of one-token prompts and decode steps then record nothing,
@@ -157,7 +185,7 @@ def test_prepared_batches_record_nothing_when_they_run(queue, weights, monkeypat
     fresh.prepare_batches(3)
     sizes = sorted({fresh.padded_rows(n) for n in (1, 2, 3)} | {fresh.chunk})
     assert sorted(fresh.batch_commands) == sizes and fresh.chunk in sizes and len(sizes) <= 4
-    assert list(fresh.head_commands) == list(fresh.argmax_rows_commands) == [1, 2, 3]
+    assert list(fresh.head_commands) == list(fresh.choose_rows_commands) == [1, 2, 3]
     monkeypatch.setattr(fresh, "_layer_commands", lambda *a: pytest.fail(f"a batch recorded its pass: {a[0]} rows"))
     gens = []
     for slot, p in enumerate(prompts):

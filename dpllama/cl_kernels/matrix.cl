@@ -963,7 +963,7 @@ __kernel void layers(__global const char *weights, __global const uint *parts, c
 
 // x[n] = row tokens[pos + n] of the embedding table, dequantized (state = {pos, ...}); global (any, T). In a
 // batch, an id -1 - i stands for chosen[i], the token the batch before chose on the device for its i-th greedy
-// row (sampling.cl's argmax_rows; -1 there, logits that were not finite, embeds row 0: the host reports them).
+// row (sampling.cl's choose_rows; -1 there, logits that were not finite, embeds row 0: the host reports them).
 __kernel void embed(WEIGHT_ARGS, __global const int *tokens, __global const int *state,
                     __global const int *chosen, __global float *x, const int cols, const int cols_p,
                     const int x_stride) {

@@ -1,7 +1,8 @@
-// Greedy sampling on the device: argmax_embed, the step between two forward passes of a sequence, and
-// argmax_rows, a batch's. argmax_embed embeds the token it picks, so it reads the embedding table, and the
-// program is built with that table's weight format (weights.h).
+// Drawing the next token on the device: choose_embed, the step between two forward passes of a sequence, and
+// choose_rows, a batch's; greedy (the argmax) or sampled (a temperature with top-p). choose_embed embeds the token it
+// draws, so it reads the embedding table, and the program is built with that table's weight format (weights.h).
 
+#include "common.h"
 #include "weights.h"
 
 // The argmax of n logits by one work-group: the first index of the largest, for every work-item. Logits that
@@ -39,26 +40,205 @@ inline int argmax_of(__global const float *logits, const int n, __local float *b
     }
     best[lid] = bv;
     best_i[lid] = bi;
-    barrier(CLK_LOCAL_MEM_FENCE);
+    group_barrier(CLK_LOCAL_MEM_FENCE);
     for (int h = L / 2; h > 0; h >>= 1) {
         if (lid < h && (best[lid + h] > best[lid] || (best[lid + h] == best[lid] && best_i[lid + h] < best_i[lid]))) {
             best[lid] = best[lid + h];
             best_i[lid] = best_i[lid + h];
         }
-        barrier(CLK_LOCAL_MEM_FENCE);
+        group_barrier(CLK_LOCAL_MEM_FENCE);
     }
     return best[0] > -INFINITY && best[0] < INFINITY ? best_i[0] : -1;
 }
 
-// Greedy sampling on the device, by one work-group: the argmax of the logits becomes tokens[pos + 1] (unless
-// that slot still holds a prompt token), then pos advances; every work-item gets tokens[pos + 1], the token
-// to embed next (-1: logits that are not all finite).
-inline int argmax_next(__global const float *logits, __global int *tokens, __global int *state, const int n,
-                       __local float *best, __local int *best_i) {
+// ---- a sampled draw ----
+// A sampled row's draw is run.c's sample_topp (dpllama.generate.Sampler.sample, its NumPy twin) by the row's draw
+// parameters {temperature T, top_p, coin, tail = (1 - top_p) / (n - 1)} (Llama.draw_params; a greedy row's T is 0:
+// the argmax; a row the host samples has a negative T and is left as it is). Without top-p (0) every token is a
+// candidate, in index order; with it the candidates are the tokens whose probability is at least the cutoff
+// min(tail, max p), in descending order of probability (ties: the lower index first), and the nucleus is their
+// shortest run whose sum passes top_p. The coin takes the first candidate whose running sum passes coin x the total
+// (of the nucleus). The row becomes e_i = exp((l_i - max) / T) in place, and the sums and targets are in its units
+// (Z = sum e: p_i = e_i / Z). The candidates are never sorted: where a descending running sum passes a target is
+// found by bisection on the values' bits (a non-negative float's bits order as the float does), ~30 sums over the
+// candidates, then a walk in index order among those of that one value. The candidates are first copied, in index
+// order, into `cand` (values, then indices), so that the sums run over them only: a few hundred to a few thousand
+// of a language model's vocabulary at the usual temperatures. The sums are the work-group's, in its order, not the
+// host's cumulative sums: a coin within float rounding of a boundary may fall on the other side of it.
+
+// exp of 16 floats: the vector library's, in pieces where a float16 argument would be wider than the registers
+// (AVX, AVX2: "changes the ABI", a compiler warning on every build; SSE and GPUs: float4s)
+#if defined(__AVX512F__)
+#define EXP16(v) exp(v)
+#elif defined(__AVX__)
+#define EXP16(v) (float16)(exp((v).lo), exp((v).hi))
+#else
+#define EXP16(v) (float16)(exp((v).lo.lo), exp((v).lo.hi), exp((v).hi.lo), exp((v).hi.hi))
+#endif
+#define SUM16(v) (((v).s0 + (v).s1) + ((v).s2 + (v).s3) + ((v).s4 + (v).s5) + ((v).s6 + (v).s7) + \
+                  ((v).s8 + (v).s9) + ((v).sa + (v).sb) + ((v).sc + (v).sd) + ((v).se + (v).sf))
+
+// this work-item's contiguous share [i0, i1) of c items, starting at a multiple of 16 (whole float16 vectors)
+#define SHARE16(c, i0, i1) const int per_##i0 = 16 * ((((c) + 15) / 16 + (int)get_local_size(0) - 1) / \
+    (int)get_local_size(0)), i0 = min((int)get_local_id(0) * per_##i0, (c)), i1 = min(i0 + per_##i0, (c))
+// the sum of the values ip[i], i0 <= i < i1 (i0 a multiple of 16, ip 64-byte aligned), whose value p and key k
+// (float16 and uint16 16 at a time, then float and uint) make `take` true
+#define SUM_WHERE(ip, i0, i1, take) ({ \
+    float16 acc16_ = 0.0f; int i_ = (i0); \
+    for (; i_ + 16 <= (i1); i_ += 16) { \
+        const float16 p = ((__global const float16 *)(ip))[i_ / 16]; const uint16 k = as_uint16(p); \
+        acc16_ += as_float16(as_int16(p) & (take)); } \
+    float acc_ = SUM16(acc16_); \
+    for (; i_ < (i1); i_++) { \
+        const float p = (ip)[i_]; const uint k = as_uint(p); \
+        if ((take) & 1) acc_ += p; } \
+    acc_; })
+
+// The searches run in one work-item (the candidates are few, and a barrier in them would cost PoCL's compiler
+// minutes). The first of the c items (values ip, indices ii, in index order; ii 0: item i is token i) whose key is
+// `key` (any key with all_keys) at which acc + their running sum in index order passes `target`: its token, -1 if
+// none; *at: the running sum through it (or the whole).
+inline int walk(__global const float *ip, __global const int *ii, const int c, float acc, const float target,
+                const uint key, const int all_keys, float *at) {
+    int i = 0;
+    for (; i + 16 <= c; i += 16) {       // 16 at a time up to the vector where the sum passes, then one by one
+        const float s = all_keys ? SUM_WHERE(ip, i, i + 16, k == k) : SUM_WHERE(ip, i, i + 16, k == key);
+        if (acc + s > target) break;
+        acc += s;
+    }
+    for (; i < c; i++)
+        if (all_keys || as_uint(ip[i]) == key) {
+            acc += ip[i];
+            if (acc > target) {
+                *at = acc;
+                return ii ? ii[i] : i;
+            }
+        }
+    *at = acc;
+    return -1;
+}
+
+// The first of the c items in descending order of value (ties: the lower index first) at which their running sum
+// passes `target`: its token, -1 if their whole sum does not; *at: the running sum through it (or the whole), *key_at:
+// its key. K = the largest key whose items and those above it sum past the target, by bisection between `low` and
+// `top`, the smallest and the largest key; the items above K sum to `above`; the walk among those of key K ends it.
+inline int first_past(__global const float *ip, __global const int *ii, const int c, const float target,
+                      const uint low, const uint top, uint *key_at, float *at) {
+    const float total = SUM_WHERE(ip, 0, c, k == k);
+    if (!(total > target)) {
+        *at = total;
+        return -1;
+    }
+    uint lo = low, hi = top + 1;     // sum(key >= lo) > target >= sum(key >= hi)
+    float above = 0.0f;
+    while (hi - lo > 1) {
+        const uint mid = lo + (hi - lo) / 2;
+        const float g = SUM_WHERE(ip, 0, c, k >= mid);
+        if (g > target) lo = mid;
+        else { hi = mid; above = g; }
+    }
+    *key_at = lo;
+    return walk(ip, ii, c, above, target, lo, 0, at);
+}
+
+// The nucleus's draw from the c candidates (values cp, indices cp_i, in index order), in one work-item: through the
+// first candidate in descending order whose running sum passes nucleus (top_p Z; none: all of them), the first
+// whose running sum passes the coin's share of theirs.
+inline int nucleus_draw(__global const float *cp, __global const int *ci, const int c, const float nucleus,
+                        const float coin, const uint low, const uint top) {
+    uint last_key, key;
+    float kept, at;
+    const int last = first_past(cp, ci, c, nucleus, low, top, &last_key, &kept);
+    const int t = first_past(cp, ci, c, coin * kept, low, top, &key, &at);
+    if (last >= 0)      // a coin past the nucleus by rounding takes its last candidate, as the host's sums do
+        return t < 0 || key < last_key || (key == last_key && t > last) ? last : t;
+    if (t >= 0)
+        return t;
+    // every candidate is in the nucleus and the coin passed their sum by rounding: the last of them in descending
+    // order (the least likely; of equals, the highest index)
+    uint least = 0xffffffffu;
+    int out = -1;
+    for (int i = 0; i < c; i++)
+        if (as_uint(cp[i]) <= least) {
+            least = as_uint(cp[i]);
+            out = ci[i];
+        }
+    return out;
+}
+
+// The draw of one row (see above): its token, -1 for logits that are not all finite. Every work-item gets it.
+// The work-group takes the row's exponentials and their sum, and copies out the candidates; work-item 0 searches.
+inline int draw_of(__global float *logits, const int n, __global const float *draw, __global float *cand,
+                   __local float *red, __local int *redi) {
+    const int best = argmax_of(logits, n, red, redi);
+    const float T = draw[0], top_p = draw[1], coin = draw[2], tail = draw[3];
+    if (best < 0 || T == 0.0f) return best;
+    const float m = logits[best];
+    group_barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);   // every work-item has it and argmax_of's result
+    SHARE16(n, i0, i1);                                           // before the row is overwritten
+    float16 zs = 0.0f;
+    int i = i0;
+    for (; i + 16 <= i1; i += 16) {
+        __global float16 *l = (__global float16 *)(logits + i);
+        const float16 e = EXP16((*l - m) / T);
+        *l = e;
+        zs += e;
+    }
+    float z = SUM16(zs);
+    for (; i < i1; i++) {
+        logits[i] = exp((logits[i] - m) / T);
+        z += logits[i];
+    }
+    z = group_sum(z, red);          // its barriers also publish the row to the work-group
+    group_barrier(CLK_GLOBAL_MEM_FENCE);
+    const int lid = get_local_id(0), L = get_local_size(0);
+    const int nucleus = top_p > 0.0f && top_p < 1.0f;
+    // the candidates, in index order, into cand: each work-item's after the work-items' before (none without top-p:
+    // every work-item passes the barriers, which PoCL's compiler does not take in a branch)
+    const float cutoff = nucleus ? min(tail * z, 1.0f) : INFINITY;     // tail: (1 - top_p) / (n - 1), from the host
+    __global float *cp = cand;
+    __global int *ci = (__global int *)(cand + (n + 15) / 16 * 16);
+    int k = 0;
+    for (int j = i0; j < i1; j++) k += logits[j] >= cutoff;
+    redi[lid] = k;
+    group_barrier(CLK_LOCAL_MEM_FENCE);
+    if (lid == 0)
+        for (int j = 0, sum = 0; j <= L; j++) {
+            const int kj = j < L ? redi[j] : 0;
+            redi[j] = sum;
+            sum += kj;
+        }
+    group_barrier(CLK_LOCAL_MEM_FENCE);
+    int o = redi[lid];
+    for (int j = i0; j < i1; j++)
+        if (logits[j] >= cutoff) {
+            cp[o] = logits[j];
+            ci[o++] = j;
+        }
+    group_barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
+    if (lid == 0) {
+        float at;
+        int t;
+        if (nucleus)        // the candidates' keys lie between the cutoff's and 1's (the largest: exp(0))
+            t = nucleus_draw(cp, ci, redi[L], top_p * z, coin, as_uint(cutoff), as_uint(1.0f));
+        else {              // every token, in index order
+            t = walk(logits, 0, n, 0.0f, coin * z, 0, 1, &at);
+            t = t < 0 ? n - 1 : t;
+        }
+        redi[0] = t;
+    }
+    group_barrier(CLK_LOCAL_MEM_FENCE);
+    const int t = redi[0];
+    group_barrier(CLK_LOCAL_MEM_FENCE);
+    return t;
+}
+
+// A token chosen on the device becomes tokens[pos + 1] (unless that slot still holds a prompt token), then pos
+// advances; every work-item gets tokens[pos + 1], the token to embed next (-1: logits that are not all finite).
+inline int chosen_next(const int chosen, __global int *tokens, __global int *state) {
     const int pos = state[0];
-    const int chosen = argmax_of(logits, n, best, best_i);
     const int next = pos + 1 >= state[1] ? chosen : tokens[pos + 1];
-    barrier(CLK_GLOBAL_MEM_FENCE);      // every work-item has read state[0] before work-item 0 moves it
+    group_barrier(CLK_GLOBAL_MEM_FENCE);    // every work-item has read state[0] before work-item 0 moves it
     if (get_local_id(0) == 0) {
         tokens[pos + 1] = next;
         state[0] = pos + 1;
@@ -66,22 +246,25 @@ inline int argmax_next(__global const float *logits, __global int *tokens, __glo
     return next;
 }
 
-// Greedy decoding's step between two forward passes, one work-group (argmax_next above), which
-// also embeds the token it leaves at tokens[pos + 1] into x, so the next pass starts without an embed
-// launch. The weight arguments are the embedding table's.
-__kernel void argmax_embed(__global const float *logits, __global int *tokens, __global int *state, const int n,
-                           WEIGHT_ARGS, __global float *x, const int cols, const int cols_p,
-                           __local float *best, __local int *best_i) {
-    const int r = max(argmax_next(logits, tokens, state, n, best, best_i), 0);   // -1: the host stops
+// Decoding's step between two forward passes of a sequence, one work-group: the token drawn from the logits
+// (draw_of: greedy or sampled, by draw's parameters) goes to tokens[pos + 1] (chosen_next), and its embedding row
+// into x, so the next pass starts without an embed launch. The weight arguments are the embedding table's.
+__kernel void choose_embed(__global float *logits, __global int *tokens, __global int *state, const int n,
+                           __global const float *draw, WEIGHT_ARGS, __global float *x, const int cols,
+                           const int cols_p, __global float *cand, __local float *best, __local int *best_i) {
+    const int r = max(chosen_next(draw_of(logits, n, draw, cand, best, best_i), tokens, state), 0);  // -1: the host stops
     for (int c = get_local_id(0); c < cols; c += get_local_size(0))
         x[c] = weight_at(w_, s_, m_, r, c, cols_p);
 }
 
-// A batch's greedy rows (Llama.enqueue_batch): chosen[r] = the argmax of logits row r (n floats, rows `stride` apart,
-// a multiple of 16: argmax_of reads float16 vectors; -1 where they are not all finite), a work-group per row. The
-// next batch's embed reads the tokens it feeds from chosen, on the device.
-__kernel void argmax_rows(__global const float *logits, const int n, const int stride, __global int *chosen,
-                          __local float *best, __local int *best_i) {
-    const int r = get_group_id(1), i = argmax_of(logits + (size_t)r * stride, n, best, best_i);
-    if (get_local_id(0) == 0) chosen[r] = i;
+// A batch's rows whose tokens the device chooses (Llama.enqueue_batch): chosen[r] = the token drawn from logits row
+// r (n floats, rows `stride` apart, a multiple of 16: argmax_of reads float16 vectors; -1 where they are not all
+// finite) by its draw parameters draws[4 r ..], a work-group per row (cand: 2 stride floats a row); rows the host
+// samples (a negative temperature) are skipped. The next batch's embed reads the tokens it feeds from chosen.
+__kernel void choose_rows(__global float *logits, const int n, const int stride, __global const float *draws,
+                          __global int *chosen, __global float *cand, __local float *best, __local int *best_i) {
+    const int r = get_group_id(1);
+    if (draws[4 * r] < 0.0f) return;
+    const int t = draw_of(logits + (size_t)r * stride, n, draws + 4 * r, cand + (size_t)2 * r * stride, best, best_i);
+    if (get_local_id(0) == 0) chosen[r] = t;
 }

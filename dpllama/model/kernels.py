@@ -46,8 +46,8 @@ SIGNATURES = {s.name: s for s in (
     Signature("layers", "weights parts first count x query att att_out h T dim hidden dim_p q_p hidden_p cp_qkv "
                         "cp_o cp_f cp_d eps k_cache v_cache state rope q_dim kv_dim head_dim seq_p cache_offset "
                         f"cache_stride slot_stride n_heads shares phases counters {SCRATCH}"),
-    Signature("argmax_embed", f"logits tokens state n {WEIGHT} x cols cols_p best best_i"),
-    Signature("argmax_rows", "logits n stride chosen best best_i"),
+    Signature("choose_embed", f"logits tokens state n draw {WEIGHT} x cols cols_p cand best best_i"),
+    Signature("choose_rows", "logits n stride draws chosen cand best best_i"),
     Signature("attention", "query k_cache v_cache att out state n_heads n_kv_heads head_dim seq_p q_stride "
                            "out_stride cache_offset slot_stride scratch"),
     Signature("gather_rows", "x rows first count n"),
@@ -62,7 +62,7 @@ def ints(**values) -> dict:
 
 def embed(q: Queue, emb: DeviceTensor, T: int, tokens, state, chosen, x, x_stride: int) -> Command:
     """x[n] = the embedding row of tokens[pos + n], n < T; an id -1 - i takes chosen[i] (a batch's rows fed from the
-    batch before, argmax_rows)."""
+    batch before, choose_rows)."""
     return SIGNATURES["embed"].bind(q, emb.program(1), (64, T), (64, 1), **emb.args(), tokens=tokens.read(),
                                     state=state.read(), chosen=chosen.read(), x=x.write(),
                                     **ints(cols=emb.cols, cols_p=emb.cols_p, x_stride=x_stride))
@@ -139,23 +139,39 @@ def attention(q: Queue, program, geo: Geometry, T: int, query, k_cache, v_cache,
         scratch=Local(A * 4))
 
 
-def argmax_embed(q: Queue, emb: DeviceTensor, logits, tokens, state, x, vocab_size: int) -> Command:
-    """Greedy sampling by one work-group: the argmax of the logits becomes the next token, whose embedding
-    row goes into x for the pass after."""
-    R = emb.geometry.reduce
-    return SIGNATURES["argmax_embed"].bind(
-        q, q.program("sampling.cl", *emb.defines[1]), (R,), (R,), logits=logits.read(), tokens=tokens.read_write(), state=state.read_write(),
-        n=np.int32(vocab_size), **emb.args(), x=x.write(), **ints(cols=emb.cols, cols_p=emb.cols_p),
-        best=Local(R * 4), best_i=Local(R * 4))
+def draw_items(geo: Geometry) -> int:
+    """Work-items of a draw's work-group (sampling.cl): one where the config's work-groups are single work-items
+    (CPUs: the program is built with SOLO, its barriers compile away), else the config's reduce."""
+    return 1 if geo.gemv == 1 else geo.reduce
 
 
-def argmax_rows(q: Queue, emb: DeviceTensor, logits, m: int, vocab_size: int, stride: int, chosen) -> Command:
-    """chosen[r] = the argmax of logits row r (-1: not all finite), r < m, a work-group per row; the rows are
-    `stride` floats apart, a multiple of 16 (they are read as 16-float vectors)."""
-    R = emb.geometry.reduce
-    return SIGNATURES["argmax_rows"].bind(
-        q, q.program("sampling.cl", *emb.defines[1]), (R, m), (R, 1), logits=logits.read(),
-        **ints(n=vocab_size, stride=stride), chosen=chosen.write(), best=Local(R * 4), best_i=Local(R * 4))
+def draw_defines(emb: DeviceTensor) -> tuple[str, ...]:
+    """sampling.cl's defines: the embedding table's format (choose_embed embeds), and SOLO for single work-items."""
+    return (*emb.defines[1], *(("SOLO",) if draw_items(emb.geometry) == 1 else ()))
+
+
+def choose_embed(q: Queue, emb: DeviceTensor, logits, tokens, state, draw, x, vocab_size: int, cand) -> Command:
+    """Decoding's step on the device by one work-group: the token drawn from the logits by `draw`'s parameters
+    (greedy or sampled: sampling.cl) becomes the next token, whose embedding row goes into x for the pass after.
+    A sampled draw leaves the row as exp((l - max) / T) and uses cand (2 round_up(vocab_size, 16) floats)."""
+    R = draw_items(emb.geometry)
+    return SIGNATURES["choose_embed"].bind(
+        q, q.program("sampling.cl", *draw_defines(emb)), (R,), (R,), logits=logits.read_write(),
+        tokens=tokens.read_write(), state=state.read_write(), n=np.int32(vocab_size), draw=draw.read(), **emb.args(),
+        x=x.write(), **ints(cols=emb.cols, cols_p=emb.cols_p), cand=cand.read_write(), best=Local((R + 1) * 4),
+        best_i=Local((R + 1) * 4))
+
+
+def choose_rows(q: Queue, emb: DeviceTensor, logits, m: int, vocab_size: int, stride: int, draws, chosen,
+                cand) -> Command:
+    """chosen[r] = the token drawn from logits row r by draws[4 r ..] (greedy or sampled; -1: not all finite;
+    skipped: a negative temperature), r < m, a work-group per row; the rows are `stride` floats apart, a multiple
+    of 16 (they are read as 16-float vectors), and cand holds 2 stride floats a row."""
+    R = draw_items(emb.geometry)
+    return SIGNATURES["choose_rows"].bind(
+        q, q.program("sampling.cl", *draw_defines(emb)), (R, m), (R, 1), logits=logits.read_write(),
+        **ints(n=vocab_size, stride=stride), draws=draws.read(), chosen=chosen.write(), cand=cand.read_write(),
+        best=Local((R + 1) * 4), best_i=Local((R + 1) * 4))
 
 
 def gather_rows(q: Queue, program, x, rows, first: int, count: int, n: int) -> Command:

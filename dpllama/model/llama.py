@@ -13,9 +13,10 @@ A forward pass, per layer (5 launches, each over all T tokens):
     x   += Wo o                                     gemv_add          (residual fused)
     h    = silu(W1 n) * (W3 n), n = rmsnorm(x)      gemv_norm_swiglu  (W1/W3 row blocks alternate)
     x   += W2 h                                     gemv_add
-then logits = Wcls rmsnorm(x[last], norm) (gemv_norm), and greedy sampling on the device (argmax_embed, which
-also embeds the chosen token for the next pass). The all-rows pass (`feed_rows`, for perplexity) is the same
-pass with the LM head over every row of x, into a [chunk, vocab] buffer made on its first use. On CPU configs the
+then logits = Wcls rmsnorm(x[last], norm) (gemv_norm), and the next token drawn on the device (choose_embed: the
+argmax, or a sample at a temperature with top-p; it also embeds the token for the next pass). The all-rows pass
+(`feed_rows`, for perplexity) is the same pass with the LM head over every row of x, into a [chunk, vocab] buffer
+made on its first use. On CPU configs the
 layers are one launch (matrix.cl's layers, fuse.layer_max_units: its work-groups claim the five steps' tasks and
 wait for each other between steps; their weights in one buffer, as many layers as one allocation holds), or a
 launch a layer, up to its first matrix in another format than Wqkv's, where the formats vary; without it, decode on
@@ -25,10 +26,10 @@ A batch (`enqueue_batch`, what the server runs) is the same pass over the rows o
 row has its own position and KV cache slot, from a table {pos, slot} per row that the host writes before the pass,
 so each weight is read and decoded once for every running sequence (a decode step of each, prompt chunks of
 others). The rows whose logits are wanted (each sequence's last) are gathered to the front and go through the
-LM head together; their logits are read back and sampled on the host, or, for greedy sequences, their argmax is
-taken on the device (argmax_rows) and only the token comes back. The next batch can feed such a token from the
-device (its embed reads it there), so the host enqueues batch n + 1 before it reads batch n's tokens, as
-single-sequence decoding does (dpllama.generate.Batcher).
+LM head together; their logits are read back and sampled on the host, or, for sequences whose sampler the device
+can draw for (greedy, temperature and top-p), their tokens are drawn on the device (choose_rows) and only they
+come back. The next batch can feed such a token from the device (its embed reads it there), so the host enqueues
+batch n + 1 before it reads batch n's tokens, as single-sequence decoding does (dpllama.generate.Batcher).
 
 The rooms around it: layout.py packs weights into the device layout and holds the launch geometry,
 kernels.py binds each kernel's arguments (one launcher per kernel), kv_cache.py owns the KV cache's layout and
@@ -85,28 +86,29 @@ def floats_per_position(c, chunk: int, slots: int = 1, kv_cache: str = "f16") ->
 class Part:
     """A batch's rows of one sequence (Llama.batch): the tokens at positions pos, pos + 1, ... of its slot. An id
     -1 - i stands for the token that the batch before chose on the device for its i-th part that wanted logits
-    (a greedy part's, fed without the host reading it first)."""
+    (a part with a draw, fed without the host reading it first)."""
     slot: int
     pos: int
     tokens: list[int]
     logits: bool            # whether the logits after the last token are wanted
-    greedy: bool = False    # with logits: the device chooses the next token (their argmax) and only it comes back
+    draw: tuple[float, float, float] | None = None  # with logits: the device draws the next token by these
+    #                                                 (Sampler.draw) and only it comes back; None: the logits do
 
 
 class Pending:
     """A batch enqueued (Llama.enqueue_batch), its results on their way to the host."""
 
     def __init__(self, results: list, uploads: list):
-        self._results = results     # per part that wants logits: (array, event, greedy)
+        self._results = results     # per part that wants logits: (array, event, drawn on the device)
         self._uploads = uploads     # the batch's table copies: kept until done (dropping one waits for it)
 
     def wait(self) -> list:
-        """For each part that wanted logits, in order: the token the device chose (int; -1 for logits that are
-        not all finite) for a greedy part, the logits (float32 [vocab]) for the others."""
+        """For each part that wanted logits, in order: the token the device drew (int; -1 for logits that are
+        not all finite) for a part with a draw, the logits (float32 [vocab]) for the others."""
         out = []
-        for array, event, greedy in self._results:
+        for array, event, drawn in self._results:
             event.wait()
-            out.append(int(array[0]) if greedy else array)
+            out.append(int(array[0]) if drawn else array)
         self._uploads = []
         return out
 
@@ -207,7 +209,7 @@ class Llama:
         # ---- programs: every variant this model uses, compiled once per device (progress on stderr) ----
         matrices = [self.tok_embeddings, self.output] + [t for L in self.layers for t in (L.wqkv, L.wo, L.w13, L.w2)]
         q.build_all([("attention.cl", self.attention_defines), ("state.cl", ()),
-                     ("sampling.cl", self.tok_embeddings.defines[1])]
+                     ("sampling.cl", kernels.draw_defines(self.tok_embeddings))]
                     + [("matrix.cl", d) for t in matrices for d in t.defines.values()]
                     + [("matrix.cl", L.qkv_attention) for L in self.layers if L.qkv_attention]
                     + [("matrix.cl", d) for L in self.layers for d, _ in L.layer.values()])
@@ -236,12 +238,14 @@ class Llama:
         self.batch_start = zeros(q, 1, "batch_start", np.int32)
         self.batch_rows = zeros(q, 2 * n, "batch_rows", np.int32)
         self.batch_wanted = zeros(q, n, "batch_wanted", np.int32)
-        # a row per part (one part per slot), rows 16 floats aligned: argmax_rows reads them as float16 vectors
+        # a row per part (one part per slot), rows 16 floats aligned: choose_rows reads them as float16 vectors
         self.vocab_p = round_up(c.vocab_size, 16)
         self.batch_logits = zeros(q, slots * self.vocab_p, "batch_logits")
-        self.batch_chosen = zeros(q, slots, "batch_chosen", np.int32)          # the argmax of each of those rows
+        self.batch_draws = zeros(q, 4 * slots, "batch_draws")    # each row's draw (draw_params), [slots][4]
+        self.batch_chosen = zeros(q, slots, "batch_chosen", np.int32)          # the token drawn from each row
         self.chosen_rows = 0            # rows of batch_chosen that the latest batch filled (what its next may feed)
-        self.argmax_rows_commands: dict[int, object] = {}   # m -> _argmax_rows_command(m)
+        self.choose_rows_commands: dict[int, object] = {}   # m -> _choose_rows_command(m)
+        self.draw_cand = zeros(q, 2 * slots * self.vocab_p, "draw_cand")      # a sampled draw's candidates, per row
         self.batch_commands: dict[int, list] = {}       # T -> _batch_commands(T)
         self.head_commands: dict[int, list] = {}        # m -> _head_commands(m)
 
@@ -249,8 +253,11 @@ class Llama:
         self.commands: dict[tuple[int, bool, int], list] = {}   # (T, every row, slot) -> the pass over T tokens
         self.row_logits: Buffer | None = None        # [chunk, vocab]: the all-rows pass's, made on its first use
         self.advance_commands: dict[tuple[int, int], object] = {}
-        self.argmax_commands = [kernels.argmax_embed(q, self.tok_embeddings, s.logits, s.tokens, s.state, self.x,
-                                                     c.vocab_size) for s in self.sequences]
+        self.step_draw = zeros(q, 4, "step_draw")        # the draw of a sequence's next token (next_chosen)
+        self.step_draw_upload = None                     # its copy in flight (dropping it would wait for it)
+        self.choose_commands = [kernels.choose_embed(q, self.tok_embeddings, s.logits, s.tokens, s.state,
+                                                     self.step_draw, self.x, c.vocab_size, self.draw_cand)
+                                for s in self.sequences]
         self.forward_commands(1)
 
     def _qkv(self, L: Layer) -> tuple[Tensor, Tensor, Tensor, np.ndarray | None]:
@@ -333,7 +340,7 @@ class Llama:
 
     def forward_commands(self, T: int, every_row: bool = False) -> list:
         """The launches of one forward pass over tokens[pos .. pos + T), recorded on first use; the first
-        embeds the tokens (skipped after argmax_embed, which embeds the token it chooses). The logits are
+        embeds the tokens (skipped after choose_embed, which embeds the token it draws). The logits are
         the last token's (`logits`), or with `every_row` those of all T tokens (`row_logits`, row t at t * vocab)."""
         key = (T, every_row, self.seq.slot)
         if key in self.commands:
@@ -424,15 +431,15 @@ class Llama:
     # ---- batches: rows of several sequences in one pass (the server's engine drives them) ----
     def batch(self, parts: list[Part]) -> np.ndarray:
         """One forward pass over the tokens of several sequences (enqueue_batch), waited for: float32 [m, vocab],
-        the logits after the last token of each of the m parts that want them (none of them greedy), in order."""
+        the logits after the last token of each of the m parts that want them (none with a draw), in order."""
         logits = self.enqueue_batch(parts).wait()
         return np.stack(logits) if logits else np.empty((0, self.config.vocab_size), np.float32)
 
     def enqueue_batch(self, parts: list[Part]) -> Pending:
         """Enqueue one forward pass over the tokens of several sequences, each in its own slot at its own positions
         (a decode step of each, prompt chunks of some): every weight is read and decoded once for all of them.
-        At most `chunk` tokens in all. The parts that want logits get them back, or for greedy parts the token
-        their argmax chooses, computed on the device; a part of the next batch may feed that token from there
+        At most `chunk` tokens in all. The parts that want logits get them back, or for parts with a draw the token
+        the device draws (choose_rows: their argmax, or a sample); a part of the next batch may feed that token from there
         (Part), so the host can enqueue the next batch before it has read this one's tokens. The sequences'
         single-sequence state (their device tokens and position, `select`, `pos`) is neither read nor moved: a
         sequence is driven by batches or by the primitives, not both."""
@@ -462,8 +469,9 @@ class Llama:
         uploads = [self.batch_tokens.set_async(ids), self.batch_rows.set_async(rows.ravel())]
         self.q.replay(self._batch_commands(P))
         m, vocab = len(wanted), self.config.vocab_size
-        greedy = [p.greedy for p in parts if p.logits]
-        self.chosen_rows = m if any(greedy) else 0
+        draws = [p.draw for p in parts if p.logits]
+        drawn = [d is not None for d in draws]
+        self.chosen_rows = m if any(drawn) else 0
         if not m:
             return Pending([], uploads)
         head = self._head_commands(m)
@@ -472,12 +480,13 @@ class Llama:
         else:
             head = head[1:]
         self.q.replay(head)
-        if any(greedy):
-            self.q.enqueue(self._argmax_rows_command(m))
+        if any(drawn):
+            uploads.append(self.batch_draws.set_async(np.array([self.draw_params(d) for d in draws], np.float32)))
+            self.q.enqueue(self._choose_rows_command(m))
             chosen, copied = self.batch_chosen.get_async(np.int32, 0, m)
-            results = [(chosen[i:i + 1], copied, True) if g else
+            results = [(chosen[i:i + 1], copied, True) if d else
                        (*self.batch_logits.get_async(np.float32, i * self.vocab_p, vocab), False)
-                       for i, g in enumerate(greedy)]
+                       for i, d in enumerate(drawn)]
         else:                                   # every row's logits, in one copy
             logits, copied = self.batch_logits.get_async(np.float32, 0, m * self.vocab_p)
             results = [(row[:vocab], copied, False) for row in logits.reshape(m, self.vocab_p)]
@@ -501,7 +510,7 @@ class Llama:
         for n in range(1, min(sequences, self.chunk) + 1):
             self._batch_commands(self.padded_rows(n))
             self._head_commands(n)
-            self._argmax_rows_command(n)
+            self._choose_rows_command(n)
         self._batch_commands(self.chunk)
 
     def _batch_commands(self, T: int) -> list:
@@ -519,13 +528,21 @@ class Llama:
                 self._lm_head(m, self.batch_logits, self.vocab_p)]
         return self.head_commands[m]
 
-    def _argmax_rows_command(self, m: int):
-        """The argmax of m rows of batch_logits, into batch_chosen."""
-        if m not in self.argmax_rows_commands:
-            self.argmax_rows_commands[m] = kernels.argmax_rows(self.q, self.tok_embeddings, self.batch_logits, m,
+    def _choose_rows_command(self, m: int):
+        """The tokens drawn from m rows of batch_logits by batch_draws, into batch_chosen."""
+        if m not in self.choose_rows_commands:
+            self.choose_rows_commands[m] = kernels.choose_rows(self.q, self.tok_embeddings, self.batch_logits, m,
                                                                self.config.vocab_size, self.vocab_p,
-                                                               self.batch_chosen)
-        return self.argmax_rows_commands[m]
+                                                               self.batch_draws, self.batch_chosen, self.draw_cand)
+        return self.choose_rows_commands[m]
+
+    def draw_params(self, draw: tuple[float, float, float] | None) -> tuple[float, float, float, float]:
+        """sampling.cl's draw parameters of a row: {temperature, top_p, coin, (1 - top_p) / (vocab - 1)} (the
+        top-p cutoff's, as Sampler.sample computes it), or a negative temperature for a row the host draws."""
+        if draw is None:
+            return -1.0, 0.0, 0.0, 0.0
+        temperature, top_p, coin = draw
+        return temperature, top_p, coin, (1.0 - top_p) / max(self.config.vocab_size - 1, 1)
 
     def _advance(self, n: int) -> None:
         key = (n, self.seq.slot)
@@ -550,7 +567,7 @@ class Llama:
     def feed(self, n: int = 1, embedded: bool = False) -> None:
         """Enqueue the forward pass of the n known tokens from the current position, in chunks; the
         logits are those of the last one, whose position is then the current one. `embedded`: x already
-        holds the first token's embedding (argmax_embed's)."""
+        holds the first token's embedding (choose_embed's)."""
         self._feed(n, embedded, None)
 
     def feed_rows(self, n: int) -> np.ndarray:
@@ -583,18 +600,20 @@ class Llama:
         """Enqueue the forward pass of the token at the current position (logits only)."""
         self.feed(1)
 
-    def next_greedy(self, ahead: bool = False) -> int:
-        """Argmax on the device into tokens[pos+1]; returns that token (4 bytes back to the host). With
-        `ahead`, the forward pass of that token is enqueued behind the copy of the token, so the host has
-        the token as soon as the argmax is done and enqueues the next step while the device runs this one
-        (a stop token then costs one pass nobody reads)."""
-        self.q.enqueue(self.argmax_commands[self.seq.slot])
+    def next_chosen(self, draw: tuple[float, float, float] = (0.0, 0.0, 0.0), ahead: bool = False) -> int:
+        """The next token drawn on the device by `draw` (Sampler.draw; the default: the argmax) into tokens[pos+1];
+        returns that token (4 bytes back to the host). With `ahead`, the forward pass of that token is enqueued
+        behind the copy of the token, so the host has the token as soon as it is drawn and enqueues the next step
+        while the device runs this one (a stop token then costs one pass nobody reads). A sampled draw leaves the
+        logits as probabilities."""
+        self.step_draw_upload = self.step_draw.set_async(np.array(self.draw_params(draw), np.float32))
+        self.q.enqueue(self.choose_commands[self.seq.slot])
         self.seq.pos += 1
         token, copied = self.seq.tokens.get_async(np.int32, self.pos, 1)
         if ahead:
             self.feed(1, embedded=True)
         copied.wait()
-        if token[0] < 0:        # argmax_next's mark for logits that are not all finite
+        if token[0] < 0:        # draw_of's mark for logits that are not all finite
             raise DpllamaError(not_finite(self.pos))
         return int(token[0])
 

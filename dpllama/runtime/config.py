@@ -37,7 +37,7 @@ SCHEMA = {
     "work_group": {
         "gemv": (int, 64),          # work-items splitting one row tile's columns in the matrix kernels
         "tile_rows": (int, 4),      # rows per tile: the vector lanes of a matrix kernel's work-item (kernels' TILE_ROWS)
-        "reduce": (int, 64),        # single work-group reductions: greedy argmax, devices --check
+        "reduce": (int, 64),        # single work-group reductions: the draw (gemv > 1), devices --check
         "attention": (int, 64),     # threads per head and token in attention
         "attention_positions": (int, 16),  # positions per vector in attention scores (2, 4, 8 or 16)
         "key_block": (int, 0),      # KV cache keys in blocks of this many positions; 0: one block (attention.h)
