@@ -66,9 +66,10 @@ inline int argmax_of(__global const float *logits, const int n, __local float *b
 // of a language model's vocabulary at the usual temperatures. The sums are the work-group's, in its order, not the
 // host's cumulative sums: a coin within float rounding of a boundary may fall on the other side of it.
 
-// exp of 16 floats: the vector library's, in pieces where a float16 argument would be wider than the registers
-// (AVX, AVX2: "changes the ABI", a compiler warning on every build; SSE and GPUs: float4s)
-#if defined(__AVX512F__)
+// exp of 16 floats: the vector library's, in pieces on x86 where a float16 argument would be wider than the
+// registers (AVX, AVX2: float8s; SSE: float4s; else "changes the ABI", a compiler warning on every build). Not on
+// GPUs: Oclgrind's uninitialized-value check crashes on such a join (attention.h's LOAD_HALFS says the same).
+#if defined(__AVX512F__) || !defined(__SSE2__)
 #define EXP16(v) exp(v)
 #elif defined(__AVX__)
 #define EXP16(v) (float16)(exp((v).lo), exp((v).hi))
