@@ -63,8 +63,9 @@ inline int argmax_of(__global const float *logits, const int n, __local float *b
 // found by bisection on the values' bits (a non-negative float's bits order as the float does), ~30 sums over the
 // candidates, then a walk in index order among those of that one value. The candidates are first copied, in index
 // order, into `cand` (values, then indices), so that the sums run over them only: a few hundred to a few thousand
-// of a language model's vocabulary at the usual temperatures. The sums are the work-group's, in its order, not the
-// host's cumulative sums: a coin within float rounding of a boundary may fall on the other side of it.
+// of a language model's vocabulary at the usual temperatures. The sums are float32 in the device's order (16 at a
+// time, the work-group's tree for Z), not the host's cumulative sums: a coin within float rounding of a boundary
+// may fall on the other side of it.
 
 // exp of 16 floats: the vector library's, in pieces on x86 where a float16 argument would be wider than the
 // registers (AVX, AVX2: float8s; SSE: float4s; else "changes the ABI", a compiler warning on every build). Not on
@@ -142,7 +143,7 @@ inline int first_past(__global const float *ip, __global const int *ii, const in
     return walk(ip, ii, c, above, target, lo, 0, at);
 }
 
-// The nucleus's draw from the c candidates (values cp, indices cp_i, in index order), in one work-item: through the
+// The nucleus's draw from the c candidates (values cp, indices ci, in index order), in one work-item: through the
 // first candidate in descending order whose running sum passes nucleus (top_p Z; none: all of them), the first
 // whose running sum passes the coin's share of theirs.
 inline int nucleus_draw(__global const float *cp, __global const int *ci, const int c, const float nucleus,
