@@ -1,6 +1,6 @@
 """Load on `dpllama serve`: 1, 2, 4, 8 and 16 concurrent streaming clients, each a different prompt of about 128
-tokens and 128 tokens out (greedy, or sampled with --temperature), and per level the aggregate output tok/s, p50/p95 time to first token and
-p50/p95 inter-token latency. With llama-cpp-python's server importable (`pip install 'llama-cpp-python[server]'`),
+tokens and 128 tokens out (greedy, or sampled with --temperature), and per level the aggregate output tok/s,
+p50/p95 time to first token and p50/p95 inter-token latency. With llama-cpp-python's server importable (`pip install 'llama-cpp-python[server]'`),
 the same load on it, same GGUF, in the same run.
 
     python benchmarks/serve_load.py                       # SmolLM2-135M, from dpllama's cache

@@ -665,9 +665,9 @@ def draw_geometry(local: int) -> Geometry:
 @pytest.mark.parametrize("local", [1, 64, 256])
 @pytest.mark.parametrize("n", [1, 5, 97, 1000, 4096])
 def test_choose_embed_greedy(q, n, local, fmt):
-    """Greedy sampling (a draw of temperature 0): the first index of the largest logit goes to tokens[pos + 1] unless that slot holds a
-    prompt token, pos advances, and the row of the token now at pos + 1 is embedded into x (a q8 table, an
-    int4 symmetric and an asymmetric one: `quantize --keep-8bit none` makes the tied classifier int4).
+    """Greedy sampling (a draw of temperature 0): the first index of the largest logit goes to tokens[pos + 1]
+    unless that slot holds a prompt token, pos advances, and the row of the token now at pos + 1 is embedded into x
+    (a q8 table, an int4 symmetric and an asymmetric one: `quantize --keep-8bit none` makes the tied classifier int4).
     Logits with a NaN, an infinity at the top or nothing above -inf give -1 and embed row 0 (issue 11: they
     gave index 0x7fffffff with fewer than 16 logits, and a read far past the table)."""
     rng = np.random.default_rng(n + local)

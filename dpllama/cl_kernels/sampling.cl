@@ -254,7 +254,8 @@ inline int chosen_next(const int chosen, __global int *tokens, __global int *sta
 __kernel void choose_embed(__global float *logits, __global int *tokens, __global int *state, const int n,
                            __global const float *draw, WEIGHT_ARGS, __global float *x, const int cols,
                            const int cols_p, __global float *cand, __local float *best, __local int *best_i) {
-    const int r = max(chosen_next(draw_of(logits, n, draw, cand, best, best_i), tokens, state), 0);  // -1: the host stops
+    const int t = draw_of(logits, n, draw, cand, best, best_i);
+    const int r = max(chosen_next(t, tokens, state), 0);     // -1: the host stops
     for (int c = get_local_id(0); c < cols; c += get_local_size(0))
         x[c] = weight_at(w_, s_, m_, r, c, cols_p);
 }

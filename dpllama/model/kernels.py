@@ -158,8 +158,8 @@ def choose_embed(q: Queue, emb: DeviceTensor, logits, tokens, state, draw, x, vo
     return SIGNATURES["choose_embed"].bind(
         q, q.program("sampling.cl", *draw_defines(emb)), (R,), (R,), logits=logits.read_write(),
         tokens=tokens.read_write(), state=state.read_write(), n=np.int32(vocab_size), draw=draw.read(), **emb.args(),
-        x=x.write(), **ints(cols=emb.cols, cols_p=emb.cols_p), cand=cand.read_write(), best=Local((R + 1) * 4),
-        best_i=Local((R + 1) * 4))
+        x=x.write(), **ints(cols=emb.cols, cols_p=emb.cols_p), cand=cand.read_write(), best=Local(R * 4),
+        best_i=Local((R + 1) * 4))     # best_i[R]: the candidates' count
 
 
 def choose_rows(q: Queue, emb: DeviceTensor, logits, m: int, vocab_size: int, stride: int, draws, chosen,
@@ -171,7 +171,7 @@ def choose_rows(q: Queue, emb: DeviceTensor, logits, m: int, vocab_size: int, st
     return SIGNATURES["choose_rows"].bind(
         q, q.program("sampling.cl", *draw_defines(emb)), (R, m), (R, 1), logits=logits.read_write(),
         **ints(n=vocab_size, stride=stride), draws=draws.read(), chosen=chosen.write(), cand=cand.read_write(),
-        best=Local((R + 1) * 4), best_i=Local((R + 1) * 4))
+        best=Local(R * 4), best_i=Local((R + 1) * 4))
 
 
 def gather_rows(q: Queue, program, x, rows, first: int, count: int, n: int) -> Command:

@@ -439,8 +439,8 @@ class Llama:
         """Enqueue one forward pass over the tokens of several sequences, each in its own slot at its own positions
         (a decode step of each, prompt chunks of some): every weight is read and decoded once for all of them.
         At most `chunk` tokens in all. The parts that want logits get them back, or for parts with a draw the token
-        the device draws (choose_rows: their argmax, or a sample); a part of the next batch may feed that token from there
-        (Part), so the host can enqueue the next batch before it has read this one's tokens. The sequences'
+        the device draws (choose_rows: their argmax, or a sample); a part of the next batch may feed that token from
+        there (Part), so the host can enqueue the next batch before it has read this one's tokens. The sequences'
         single-sequence state (their device tokens and position, `select`, `pos`) is neither read nor moved: a
         sequence is driven by batches or by the primitives, not both."""
         T = sum(len(p.tokens) for p in parts)
