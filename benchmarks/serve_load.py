@@ -6,6 +6,7 @@ the same load on it, same GGUF, in the same run.
     python benchmarks/serve_load.py                       # SmolLM2-135M, from dpllama's cache
     python benchmarks/serve_load.py --levels 1,8 --no-llama-cpp --rounds 5
     python benchmarks/serve_load.py --temperature 0.7 --top-p 0.9 # sampled, as chat clients ask
+    python benchmarks/serve_load.py --temperature 0.8 --top-k 40 --top-p 0.95     # llama.cpp's way
 
 With --rounds N the levels run N times over (new prompts each time) and the table gives each figure's median; each
 level's aggregate is also given against the first level's of the same round (a 2-vCPU VM drifts by 20% from
@@ -149,10 +150,11 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=1, help="run the levels this many times over; medians (default 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's top-p (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling's k (default 0: off)")
     args = p.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": 1} if args.temperature else \
-        {"temperature": 0}
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": 1} \
+        if args.temperature else {"temperature": 0}
     from dpllama.hub import resolve_model
     path = resolve_model(args.model)
     texts = prompts(path, levels, args.prompt_tokens, args.rounds)
@@ -177,7 +179,7 @@ def main() -> int:
                                                 "--interrupt_requests", "False"],
                            f"http://127.0.0.1:{port}/v1/models", "m", texts, levels, args.max_tokens,
                            args.rounds, sampling)  # no /health
-    how = f"temperature {args.temperature}, top-p {args.top_p}" if args.temperature else "greedy"
+    how = f"temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}" if args.temperature else "greedy"
     print(f"{os.cpu_count()} CPUs, {path.name}, prompts of {args.prompt_tokens} tokens, {args.max_tokens} out, {how}"
           + (f", medians of {args.rounds} rounds" if args.rounds > 1 else "") + "\n")
     print(f"| server | clients | aggregate tok/s | vs {levels[0]} client(s) | TTFT p50 (s) | TTFT p95 (s) | "

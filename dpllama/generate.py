@@ -1,10 +1,10 @@
 """Token generation: sampling and the token loop, streaming text as it comes.
 
-Tokens are chosen on the device where the sampler allows (sampling.cl's draw: greedy, or a temperature with top-p,
-the coin drawn on the host with llama2.c's xorshift generator, so a `seed` reproduces a run): the token goes into the
-device's token buffer and only its id is read back, so the next step is enqueued before it is read. A repetition or
-presence penalty, a top-k above 1 and log-probabilities read the logits back (vocab x 4 bytes) and draw on the host
-(Sampler.pick, run.c's sample_topp, of which the device's draw is the twin).
+Tokens are chosen on the device where the sampler allows (sampling.cl's draw: greedy, or a temperature with top-k
+and top-p, the coin drawn on the host with llama2.c's xorshift generator, so a `seed` reproduces a run): the token goes
+into the device's token buffer and only its id is read back, so the next step is enqueued before it is read. A
+repetition, presence or frequency penalty and log-probabilities read the logits back (vocab x 4 bytes) and draw on the
+host (Sampler.pick, run.c's sample_topp with a top-k, of which the device's draw is the twin).
 """
 from __future__ import annotations
 
@@ -76,16 +76,16 @@ class Sampler:
 
     @property
     def on_device(self) -> bool:
-        """Whether the device can draw this sampler's tokens (sampling.cl): greedy, or a temperature with top-p,
-        without a penalty (it needs the history) or a top-k above 1 (the host's argpartition)."""
-        return not self.penalized and (self.greedy or self.top_k in (0, 1))
+        """Whether the device can draw this sampler's tokens (sampling.cl): greedy, or a temperature with top-k and
+        top-p, without a penalty (it needs the history)."""
+        return not self.penalized
 
-    def draw(self) -> tuple[float, float, float]:
-        """The device's draw of the next token: (temperature, top_p, coin), temperature 0 for the argmax (top-k 1
-        too), top_p 0 for none. Draws the coin, as `pick` would for this token."""
+    def draw(self) -> tuple[float, float, float, int]:
+        """The device's draw of the next token: (temperature, top_p, coin, top_k), temperature 0 for the argmax
+        (top-k 1 too), top_p 0 and top_k 0 for none. Draws the coin, as `pick` would for this token."""
         if self.greedy or self.top_k == 1:
-            return 0.0, 0.0, 0.0
-        return self.temperature, self.top_p if 0.0 < self.top_p < 1.0 else 0.0, self.rng.f32()
+            return 0.0, 0.0, 0.0, 0
+        return self.temperature, self.top_p if 0.0 < self.top_p < 1.0 else 0.0, self.rng.f32(), self.top_k
 
     def penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         """llama.cpp's penalties over the last repeat_last_n tokens: the repetition penalty divides positive
@@ -109,12 +109,16 @@ class Sampler:
         return self.sample(z / z.sum())
 
     def sample(self, probs: np.ndarray) -> int:
-        """Draw from probabilities, cut to the top k and to the top-p nucleus (run.c's sample_topp)."""
+        """Draw from probabilities, cut to the top k (ties: the lower index first) and to the top-p nucleus (run.c's
+        sample_topp), in descending order of probability; without either, every token in index order."""
         coin = self.rng.f32()
         n = probs.shape[0]
         order = None
         if self.top_k and self.top_k < n:
-            order = np.argpartition(-probs, self.top_k)[:self.top_k]
+            least = np.partition(probs, n - self.top_k)[n - self.top_k]     # the k-th largest
+            above = np.flatnonzero(probs > least)
+            order = np.union1d(above, np.flatnonzero(probs == least)[:self.top_k - len(above)])
+            order = order[np.argsort(-probs[order], kind="stable")]
         if 0.0 < self.top_p < 1.0:
             # tokens below it cannot be in the nucleus (run.c's shortcut), but the most likely one always is
             # (run.c reads out of bounds when nothing passes: a top-p below 1 / vocab on flat probabilities)
@@ -310,11 +314,11 @@ class Batcher:
     """Runs generations of `model`, each in its own slot, in batched forward passes (Llama.enqueue_batch), as the
     server's engine does: each pass holds the newest token of each decoding generation, then pieces of the prompts
     still being read, the earliest given first, in the room left of the pass's `model.chunk` rows. The tokens of a
-    generation whose sampler the device can draw for (Sampler.on_device: greedy, or a temperature with top-p) are
-    chosen on the device and fed from there, so the next pass is enqueued before the host has read this one's
-    tokens, and the device never waits on the host; a pass with a token drawn on the host (penalties, a top-k above
-    1, log-probabilities) is waited for before the next is made. A generation that has just
-    drawn a stop token may then still get one more row, whose result is dropped (its cost: a row)."""
+    generation whose sampler the device can draw for (Sampler.on_device: greedy, or a temperature with top-k and
+    top-p) are chosen on the device and fed from there, so the next pass is enqueued before the host has read this
+    one's tokens, and the device never waits on the host; a pass with a token drawn on the host (penalties,
+    log-probabilities) is waited for before the next is made. A generation that has just drawn a stop token may then
+    still get one more row, whose result is dropped (its cost: a row)."""
 
     def __init__(self, model: Llama):
         self.model = model

@@ -24,6 +24,7 @@ import pytest
 from gguf import GGMLQuantizationType as GT
 
 from dpllama.formats import round_up
+from dpllama.generate import Sampler, XorShift
 from dpllama.model import kernels
 from dpllama.model.kv_cache import cache_defines, keys_by_channel
 from dpllama.model.layout import DeviceTensor, Geometry, fuse_rows, pow2_divisor
@@ -736,7 +737,7 @@ def test_choose_rows_greedy(q, n, local):
                        draw_geometry(local))
     for m in (1, 9):
         cb = q.buffer(host=np.full(9, 77, np.int32))
-        draws = np.zeros((9, 4), np.float32)
+        draws = np.zeros((9, kernels.DRAW_PARAMS), np.float32)
         draws[7, 0] = -1.0                      # the host's row
         lb = q.buffer(host=logits)
         q.enqueue(kernels.choose_rows(q, emb, lb, m, n, stride, q.buffer(host=draws), cb,
@@ -747,23 +748,36 @@ def test_choose_rows_greedy(q, n, local):
         np.testing.assert_array_equal(lb.get().reshape(9, stride), logits, err_msg="a greedy draw changed its logits")
 
 
-def reference_draw(logits: np.ndarray, temperature: float, top_p: float, coin: float, slack: float) -> set[int]:
+def reference_draw(logits: np.ndarray, temperature: float, top_p: float, coin: float, slack: float,
+                   top_k: int = 0) -> set[int]:
     """The tokens a sampled draw (sampling.cl, dpllama.generate.Sampler.sample) may give: in float64, the softmax
-    at the temperature; with 0 < top_p < 1 the candidates p >= min((1 - top_p) / (n - 1), max p) in descending
-    order (ties: lower index first) cut after the first whose running sum passes top_p, else every token in index
-    order; the coin takes the first whose running sum passes coin x their total. Every boundary that lies within
-    `slack` of what it is compared with may go either way (the device sums in float32, in its own order)."""
+    at the temperature; with 0 < top_k < n the top_k most likely tokens (ties: lower index first), with 0 < top_p < 1
+    the candidates (of them) p >= min((1 - top_p) / (n - 1), max p), in descending order (ties: lower index first),
+    cut after the first whose running sum passes top_p; with neither every token in index order. The coin takes the
+    first whose running sum passes coin x their total. Every boundary that lies within `slack` of what it is
+    compared with may go either way (the device sums in float32, in its own order). The top k's edge is not one of
+    them: the device compares single values, each within (2 max|x| + 8) 2^-24 of its own (slack's share for one
+    value), and the k-th and the next are asserted to be equal or further apart than that."""
     x = (logits.astype(np.float64) - logits.max()) / temperature
     p = np.exp(x) / np.exp(x).sum()
     n = p.size
+    ranked = np.lexsort((np.arange(n), -p))
+    kept = np.arange(n)
+    if 0 < top_k < n:
+        kth, nxt = p[ranked[top_k - 1]], p[ranked[top_k]]
+        assert kth == nxt or kth - nxt > (2 * np.abs(x).max() + 8) * 2.0 ** -24 * kth, "a top-k edge within rounding"
+        kept = ranked[:top_k]
     if 0.0 < top_p < 1.0:
-        cand = np.flatnonzero(p >= min((1.0 - top_p) / max(n - 1, 1), p.max()) * (1 - slack))
+        cand = np.intersect1d(kept, np.flatnonzero(p >= min((1.0 - top_p) / max(n - 1, 1), p.max()) * (1 - slack)))
         order = cand[np.lexsort((cand, -p[cand]))]
+    elif 0 < top_k < n:
+        order = kept
     else:
         order = np.arange(n)
     cum = np.cumsum(p[order])
     if 0.0 < top_p < 1.0:       # the nucleus may end at any candidate whose running sum is within slack of top_p
-        ends = range(int(np.searchsorted(cum, top_p - slack, side="right")),
+        # (or at the last, where the top k's sum does not pass it)
+        ends = range(min(int(np.searchsorted(cum, top_p - slack, side="right")), len(order) - 1),
                      min(int(np.searchsorted(cum, top_p + slack, side="right")), len(order) - 1) + 1)
     else:
         ends = [len(order) - 1]
@@ -780,8 +794,9 @@ def reference_draw(logits: np.ndarray, temperature: float, top_p: float, coin: f
 @pytest.mark.parametrize("local", [1, 64])
 @pytest.mark.parametrize("n", [5, 97, 1000, 4101])
 def test_choose_rows_sampled(q, n, local):
-    """A batch's sampled rows: the token drawn at a temperature, with top-p or without, by a coin, against the
-    float64 draw (reference_draw), rows of peaked, flat and tied logits (a flat row's candidates are all n).
+    """A batch's sampled rows: the token drawn at a temperature, with top-k and top-p or without, by a coin, against
+    the float64 draw (reference_draw), rows of peaked, flat and tied logits (a flat row's candidates are all n; the
+    top k of flat and tied ones are the first of the ties).
     The device's float32 values and sums differ from exact ones by at most (n / local + log2(local) + 2 max|x| + 8)
     units of 2^-24 of the total: each exp's argument x = (l - max) / T is two roundings (an ulp of x: |x| 2^-23 of
     e = exp(x)), exp itself a few ulps, each work-item's run summed in order, a tree of local of them. So a
@@ -793,29 +808,52 @@ def test_choose_rows_sampled(q, n, local):
                        draw_geometry(local))
     rows = [3 * rng.standard_normal(n), 8 * rng.standard_normal(n), np.zeros(n), rng.standard_normal(n)]
     rows[3][rng.choice(n, size=min(n, 4), replace=False)] = rows[3].max() + 2     # a tie at the top
-    cases = [(r, t, p, c) for r in range(len(rows)) for t, p in [(1.0, 0.0), (0.7, 0.9), (1.3, 0.5), (0.5, 0.999)]
+    cases = [(r, t, p, k, c) for r in range(len(rows))
+             for t, p, k in [(1.0, 0.0, 0), (0.7, 0.9, 0), (1.3, 0.5, 0), (0.5, 0.999, 0), (1.0, 0.0, 3), (0.8, 0.0, 40),
+                             (0.9, 0.95, 2), (1.1, 0.9, 40), (0.6, 0.999, n - 1), (1.0, 0.0, n)]
              for c in (rng.random(), 0.0, 1.0 - 2.0 ** -24)]
     logits = np.zeros((len(cases), stride), np.float32)
-    draws = np.zeros((len(cases), 4), np.float32)
-    for i, (r, t, p, c) in enumerate(cases):
+    draws = np.zeros((len(cases), kernels.DRAW_PARAMS), np.float32)
+    for i, (r, t, p, k, c) in enumerate(cases):
         logits[i, :n] = rows[r]
-        draws[i] = (t, p, c, (1.0 - p) / max(n - 1, 1))
+        draws[i] = (t, p, c, (1.0 - p) / max(n - 1, 1), k)
     cb = q.buffer(host=np.full(len(cases), -7, np.int32))
     lb = q.buffer(host=logits)
     q.enqueue(kernels.choose_rows(q, emb, lb, len(cases), n, stride, q.buffer(host=draws), cb,
                                   q.buffer(2 * len(cases) * stride * 4)))
     got = cb.get(np.int32)
     left = lb.get().reshape(len(cases), stride)[:, :n]
-    for i, (r, t, p, c) in enumerate(cases):
+    for i, (r, t, p, k, c) in enumerate(cases):
         x = (logits[i, :n].astype(np.float64) - logits[i, :n].max()) / t
         slack = (n / local + np.log2(local) + 2 * np.abs(x).max() + 8) * 2.0 ** -24
-        ok = reference_draw(logits[i, :n], t, p, c, slack)
-        assert int(got[i]) in ok, (f"n={n} L={local} row {r} T={t} top_p={p} coin={c}: drew {got[i]}, "
+        ok = reference_draw(logits[i, :n], t, p, c, slack, k)
+        assert int(got[i]) in ok, (f"n={n} L={local} row {r} T={t} top_p={p} top_k={k} coin={c}: drew {got[i]}, "
                                    f"not in {sorted(ok)[:8]}")
         # (below float32's normal range, 2^-126, its values keep only absolute precision)
         np.testing.assert_allclose(left[i], np.exp(x), rtol=slack, atol=2.0 ** -126,
                                    err_msg="the row is left as exp((l - max) / T)")
 
+
+
+@pytest.mark.parametrize("n", [5, 97, 4101])
+def test_host_draw_is_the_devices_twin(n):
+    """The host's draw (Sampler.pick, for what the device cannot draw: penalties, kept logits) against the same float64
+    reference as the device's (reference_draw): top-k and top-p, ties, the draw's order. Its float32 sums run over up
+    to n values in order: a slack of (n + 2 max|x| + 8) units of 2^-24, the device's at one work-item."""
+    rng = np.random.default_rng(n)
+    rows = [3 * rng.standard_normal(n), np.zeros(n), rng.standard_normal(n)]
+    rows[2][rng.choice(n, size=min(n, 4), replace=False)] = rows[2].max() + 2     # a tie at the top
+    for r, row in enumerate(rows):
+        logits = row.astype(np.float32)
+        for t, p, k in [(1.0, 0.0, 0), (0.7, 0.9, 0), (1.0, 0.0, 3), (0.8, 0.0, 40), (0.9, 0.95, 2), (1.1, 0.9, 40)]:
+            for seed in range(3):
+                sampler = Sampler(temperature=t, top_p=p, top_k=k, seed=seed)
+                coin = XorShift(seed).f32()         # the coin pick draws first
+                x = (logits.astype(np.float64) - logits.max()) / t
+                slack = (n + 2 * np.abs(x).max() + 8) * 2.0 ** -24
+                ok = reference_draw(logits, t, p, coin, slack, k)
+                got = sampler.pick(logits, [])
+                assert got in ok, f"n={n} row {r} T={t} top_p={p} top_k={k} coin={coin}: drew {got}, not in {sorted(ok)[:8]}"
 
 def test_advance(q):
     prog = q.program("state.cl")

@@ -107,14 +107,15 @@ def test_chunked_prompt_equals_the_whole_prompt_fed_at_once(model):
 
 DEVICE_DRAWS = {"greedy": lambda i: Sampler(temperature=0),
                 "top-p": lambda i: Sampler(temperature=0.8, top_p=0.9, seed=10 + i),
-                "whole": lambda i: Sampler(temperature=1.2, top_p=1.0, seed=20 + i)}
+                "whole": lambda i: Sampler(temperature=1.2, top_p=1.0, seed=20 + i),
+                "top-k": lambda i: Sampler(temperature=0.9, top_k=40, top_p=0.95, seed=30 + i)}
 
 
 @pytest.mark.parametrize("draw", list(DEVICE_DRAWS))
 @pytest.mark.parametrize("rows", [None, 5], ids=["one-pass-prompts", "5-row-passes"])
 def test_tokens_drawn_on_the_device_give_what_each_gives_alone(model, rows, draw, monkeypatch):
-    """Generations without kept logits, greedy or sampled at a temperature (with top-p, or from the whole
-    distribution), get their tokens drawn on the device (choose_rows; alone, choose_embed), and each pass is
+    """Generations without kept logits, greedy or sampled at a temperature (with top-p, top-k and top-p, or from the
+    whole distribution), get their tokens drawn on the device (choose_rows; alone, choose_embed), and each pass is
     enqueued before the host has read the one before: the next pass feeds those tokens from the device. Each gives
     the tokens it gives alone (the same logits, the same coins: the same draws), whether a stop token ends it part
     way (its extra row dropped), max_new does, or it shares its passes with a sequence drawn on the host (which
@@ -156,12 +157,12 @@ def test_tokens_drawn_on_the_device_give_what_each_gives_alone(model, rows, draw
     assert fed_from_device, "no pass fed a token from the device"
 
 
-@pytest.mark.parametrize("kind,on_device", [("top-p", True), ("whole", True), ("top-k 1", True), ("top-k 5", False),
+@pytest.mark.parametrize("kind,on_device", [("top-p", True), ("whole", True), ("top-k 1", True), ("top-k 5", True),
                                              ("repeat penalty", False), ("kept logits", False)])
 def test_tokens_are_drawn_on_the_device_unless_the_host_must(model, monkeypatch, kind, on_device):
     """A sampler at a temperature draws on the device (no logits come back, and the next step is enqueued before
-    the token is read), with top-p or without, and top-k 1 is the argmax; a top-k above 1, a penalty (it needs the
-    history) or kept logits (log-probabilities) read the logits back and draw on the host."""
+    the token is read), with top-k, top-p or neither, and top-k 1 is the argmax; a penalty (it needs the history) or
+    kept logits (log-probabilities) read the logits back and draw on the host."""
     samplers = {"top-p": Sampler(temperature=0.8, top_p=0.9, seed=1), "whole": Sampler(temperature=0.8, top_p=1.0),
                 "top-k 1": Sampler(temperature=0.8, top_k=1), "top-k 5": Sampler(temperature=0.8, top_k=5),
                 "repeat penalty": Sampler(temperature=0.8, repeat_penalty=1.3), "kept logits": Sampler(temperature=0.8)}

@@ -1,6 +1,7 @@
 // Drawing the next token on the device: choose_embed, the step between two forward passes of a sequence, and
-// choose_rows, a batch's; greedy (the argmax) or sampled (a temperature with top-p). choose_embed embeds the token it
-// draws, so it reads the embedding table, and the program is built with that table's weight format (weights.h).
+// choose_rows, a batch's; greedy (the argmax) or sampled (a temperature with top-k and top-p). choose_embed embeds the
+// token it draws, so it reads the embedding table, and the program is built with that table's weight format
+// (weights.h).
 
 #include "common.h"
 #include "weights.h"
@@ -52,18 +53,21 @@ inline int argmax_of(__global const float *logits, const int n, __local float *b
 }
 
 // ---- a sampled draw ----
-// A sampled row's draw is run.c's sample_topp (dpllama.generate.Sampler.sample, its NumPy twin) by the row's draw
-// parameters {temperature T, top_p, coin, tail = (1 - top_p) / (n - 1)} (Llama.draw_params; a greedy row's T is 0:
-// the argmax; a row the host samples has a negative T and is left as it is). Without top-p (0) every token is a
-// candidate, in index order; with it the candidates are the tokens whose probability is at least the cutoff
-// min(tail, max p), in descending order of probability (ties: the lower index first), and the nucleus is their
+// A sampled row's draw is run.c's sample_topp (dpllama.generate.Sampler.sample, its NumPy twin) with a top-k, by the
+// row's DRAW_PARAMS draw parameters {temperature T, top_p, coin, tail = (1 - top_p) / (n - 1), top_k}
+// (Llama.draw_params; a greedy row's T is 0: the argmax; a row the host samples has a negative T and is left as it
+// is). Without top-k (0) and top-p (0) every token is a candidate, in index order. Otherwise the candidates are in
+// descending order of probability (ties: the lower index first): with top-k the top_k first tokens in that order,
+// with top-p those (of them) whose probability is at least the cutoff min(tail, max p), and the nucleus is their
 // shortest run whose sum passes top_p. The coin takes the first candidate whose running sum passes coin x the total
 // (of the nucleus). The row becomes e_i = exp((l_i - max) / T) in place, and the sums and targets are in its units
 // (Z = sum e: p_i = e_i / Z). The candidates are never sorted: where a descending running sum passes a target is
 // found by bisection on the values' bits (a non-negative float's bits order as the float does), ~30 sums over the
 // candidates, then a walk in index order among those of that one value. The candidates are first copied, in index
 // order, into `cand` (values, then indices), so that the sums run over them only: a few hundred to a few thousand
-// of a language model's vocabulary at the usual temperatures. The sums are float32 in the device's order (16 at a
+// of a language model's vocabulary at the usual temperatures. The top-k's smallest value is found the same way, by
+// bisection on counts (over the top-p candidates, or without top-p over the whole row), and the candidates are then
+// cut to the top k in place. The sums are float32 in the device's order (16 at a
 // time, the work-group's tree for Z), not the host's cumulative sums: a coin within float rounding of a boundary
 // may fall on the other side of it.
 
@@ -77,6 +81,7 @@ inline int argmax_of(__global const float *logits, const int n, __local float *b
 #else
 #define EXP16(v) (float16)(exp((v).lo.lo), exp((v).lo.hi), exp((v).hi.lo), exp((v).hi.hi))
 #endif
+#define DRAW_PARAMS 5       // floats of a row's draw parameters (Llama.draw_params)
 #define SUM16(v) (((v).s0 + (v).s1) + ((v).s2 + (v).s3) + ((v).s4 + (v).s5) + ((v).s6 + (v).s7) + \
                   ((v).s8 + (v).s9) + ((v).sa + (v).sb) + ((v).sc + (v).sd) + ((v).se + (v).sf))
 
@@ -95,6 +100,43 @@ inline int argmax_of(__global const float *logits, const int n, __local float *b
         const float p = (ip)[i_]; const uint k = as_uint(p); \
         if ((take) & 1) acc_ += p; } \
     acc_; })
+
+// how many of the c values ip[i] (ip 64-byte aligned) have a key (bits) of at least `least`
+inline int count_from(__global const float *ip, const int c, const uint least) {
+    int16 n16 = 0;
+    int i = 0;
+    for (; i + 16 <= c; i += 16)
+        n16 -= as_uint16(((__global const float16 *)ip)[i / 16]) >= (uint16)(least);     // true is -1
+    int n = n16.s0 + n16.s1 + n16.s2 + n16.s3 + n16.s4 + n16.s5 + n16.s6 + n16.s7 + n16.s8 + n16.s9 + n16.sa +
+            n16.sb + n16.sc + n16.sd + n16.se + n16.sf;
+    for (; i < c; i++) n += as_uint(ip[i]) >= least;
+    return n;
+}
+
+// The top k of the c items (values ip, indices ii, in index order; ii 0: item i is token i; k < c) into the items
+// (cp, ci), in index order (in place where they are the same): those above key K, the largest key that k items
+// reach (by bisection between `low` and `top`, the smallest and the largest key), and the first of those at K
+// (ties: the lower index first); *least: K.
+inline void top_k_of(__global const float *ip, __global const int *ii, const int c, const int k, const uint low,
+                     const uint top, __global float *cp, __global int *ci, uint *least) {
+    uint lo = low, hi = top + 1;     // count(key >= lo) >= k > count(key >= hi)
+    int above = 0;
+    while (hi - lo > 1) {
+        const uint mid = lo + (hi - lo) / 2;
+        const int g = count_from(ip, c, mid);
+        if (g >= k) lo = mid;
+        else { hi = mid; above = g; }
+    }
+    *least = lo;
+    for (int i = 0, o = 0, at = k - above; i < c; i++) {
+        const uint key = as_uint(ip[i]);
+        if (key > lo || (key == lo && at-- > 0)) {
+            const int token = ii ? ii[i] : i;
+            cp[o] = ip[i];
+            ci[o++] = token;
+        }
+    }
+}
 
 // The searches run in one work-item (the candidates are few, and a barrier in them would cost PoCL's compiler
 // minutes). The first of the c items (values ip, indices ii, in index order; ii 0: item i is token i) whose key is
@@ -174,6 +216,7 @@ inline int draw_of(__global float *logits, const int n, __global const float *dr
                    __local float *red, __local int *redi) {
     const int best = argmax_of(logits, n, red, redi);
     const float T = draw[0], top_p = draw[1], coin = draw[2], tail = draw[3];
+    const int top_k = (int)draw[4];
     if (best < 0 || T == 0.0f) return best;
     const float m = logits[best];
     group_barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);   // every work-item has it and argmax_of's result
@@ -219,11 +262,18 @@ inline int draw_of(__global float *logits, const int n, __global const float *dr
         }
     group_barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
     if (lid == 0) {
-        float at;
-        int t;
-        if (nucleus)        // the candidates' keys lie between the cutoff's and 1's (the largest: exp(0))
-            t = nucleus_draw(cp, ci, redi[L], top_p * z, coin, as_uint(cutoff), as_uint(1.0f));
-        else {              // every token, in index order
+        // the candidates' keys lie between the cutoff's (0 without top-p) and 1's (the largest: exp(0))
+        uint low = nucleus ? as_uint(cutoff) : 0;
+        int c = nucleus ? redi[L] : n, t;
+        const int cut = top_k > 0 && top_k < c;
+        if (cut) {      // to the top k: the candidates in place, or the row's into cand
+            top_k_of(nucleus ? cp : logits, nucleus ? ci : 0, c, top_k, low, as_uint(1.0f), cp, ci, &low);
+            c = top_k;
+        }
+        if (nucleus || cut)             // in descending order (without top-p: the nucleus is all of them)
+            t = nucleus_draw(cp, ci, c, nucleus ? top_p * z : INFINITY, coin, low, as_uint(1.0f));
+        else {                          // every token, in index order
+            float at;
             t = walk(logits, 0, n, 0.0f, coin * z, 0, 1, &at);
             t = t < 0 ? n - 1 : t;
         }
@@ -262,12 +312,12 @@ __kernel void choose_embed(__global float *logits, __global int *tokens, __globa
 
 // A batch's rows whose tokens the device chooses (Llama.enqueue_batch): chosen[r] = the token drawn from logits row
 // r (n floats, rows `stride` apart, a multiple of 16: argmax_of reads float16 vectors; -1 where they are not all
-// finite) by its draw parameters draws[4 r ..], a work-group per row (cand: 2 stride floats a row); rows the host
+// finite) by its draw parameters draws[DRAW_PARAMS r ..], a work-group per row (cand: 2 stride floats a row); rows the host
 // samples (a negative temperature) are skipped. The next batch's embed reads the tokens it feeds from chosen.
 __kernel void choose_rows(__global float *logits, const int n, const int stride, __global const float *draws,
                           __global int *chosen, __global float *cand, __local float *best, __local int *best_i) {
     const int r = get_group_id(1);
-    if (draws[4 * r] < 0.0f) return;
-    const int t = draw_of(logits + (size_t)r * stride, n, draws + 4 * r, cand + (size_t)2 * r * stride, best, best_i);
+    if (draws[DRAW_PARAMS * r] < 0.0f) return;
+    const int t = draw_of(logits + (size_t)r * stride, n, draws + DRAW_PARAMS * r, cand + (size_t)2 * r * stride, best, best_i);
     if (get_local_id(0) == 0) chosen[r] = t;
 }

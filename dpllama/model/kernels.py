@@ -139,6 +139,9 @@ def attention(q: Queue, program, geo: Geometry, T: int, query, k_cache, v_cache,
         scratch=Local(A * 4))
 
 
+DRAW_PARAMS = 5     # floats of a row's draw parameters (Llama.draw_params; sampling.cl's DRAW_PARAMS)
+
+
 def draw_items(geo: Geometry) -> int:
     """Work-items of a draw's work-group (sampling.cl): one where the config's work-groups are single work-items
     (CPUs: the program is built with SOLO, its barriers compile away), else the config's reduce."""

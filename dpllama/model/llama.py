@@ -14,7 +14,7 @@ A forward pass, per layer (5 launches, each over all T tokens):
     h    = silu(W1 n) * (W3 n), n = rmsnorm(x)      gemv_norm_swiglu  (W1/W3 row blocks alternate)
     x   += W2 h                                     gemv_add
 then logits = Wcls rmsnorm(x[last], norm) (gemv_norm), and the next token drawn on the device (choose_embed: the
-argmax, or a sample at a temperature with top-p; it also embeds the token for the next pass). The all-rows pass
+argmax, or a sample at a temperature with top-k and top-p; it also embeds the token for the next pass). The all-rows pass
 (`feed_rows`, for perplexity) is the same pass with the LM head over every row of x, into a [chunk, vocab] buffer
 made on its first use. On CPU configs the
 layers are one launch (matrix.cl's layers, fuse.layer_max_units: its work-groups claim the five steps' tasks and
@@ -27,7 +27,7 @@ row has its own position and KV cache slot, from a table {pos, slot} per row tha
 so each weight is read and decoded once for every running sequence (a decode step of each, prompt chunks of
 others). The rows whose logits are wanted (each sequence's last) are gathered to the front and go through the
 LM head together; their logits are read back and sampled on the host, or, for sequences whose sampler the device
-can draw for (greedy, temperature and top-p), their tokens are drawn on the device (choose_rows) and only they
+can draw for (greedy, or a temperature with top-k and top-p), their tokens are drawn on the device (choose_rows) and only they
 come back. The next batch can feed such a token from the device (its embed reads it there), so the host enqueues
 batch n + 1 before it reads batch n's tokens, as single-sequence decoding does (dpllama.generate.Batcher).
 
@@ -91,7 +91,7 @@ class Part:
     pos: int
     tokens: list[int]
     logits: bool            # whether the logits after the last token are wanted
-    draw: tuple[float, float, float] | None = None  # with logits: the device draws the next token by these
+    draw: tuple[float, float, float, int] | None = None     # with logits: the device draws the next token by these
     #                                                 (Sampler.draw) and only it comes back; None: the logits do
 
 
@@ -241,7 +241,7 @@ class Llama:
         # a row per part (one part per slot), rows 16 floats aligned: choose_rows reads them as float16 vectors
         self.vocab_p = round_up(c.vocab_size, 16)
         self.batch_logits = zeros(q, slots * self.vocab_p, "batch_logits")
-        self.batch_draws = zeros(q, 4 * slots, "batch_draws")    # each row's draw (draw_params), [slots][4]
+        self.batch_draws = zeros(q, kernels.DRAW_PARAMS * slots, "batch_draws")   # each row's draw_params
         self.batch_chosen = zeros(q, slots, "batch_chosen", np.int32)          # the token drawn from each row
         self.chosen_rows = 0            # rows of batch_chosen that the latest batch filled (what its next may feed)
         self.choose_rows_commands: dict[int, object] = {}   # m -> _choose_rows_command(m)
@@ -253,7 +253,7 @@ class Llama:
         self.commands: dict[tuple[int, bool, int], list] = {}   # (T, every row, slot) -> the pass over T tokens
         self.row_logits: Buffer | None = None        # [chunk, vocab]: the all-rows pass's, made on its first use
         self.advance_commands: dict[tuple[int, int], object] = {}
-        self.step_draw = zeros(q, 4, "step_draw")        # the draw of a sequence's next token (next_chosen)
+        self.step_draw = zeros(q, kernels.DRAW_PARAMS, "step_draw")    # a sequence's next token's (next_chosen)
         self.step_draw_upload = None                     # its copy in flight (dropping it would wait for it)
         self.choose_commands = [kernels.choose_embed(q, self.tok_embeddings, s.logits, s.tokens, s.state,
                                                      self.step_draw, self.x, c.vocab_size, self.draw_cand)
@@ -536,13 +536,15 @@ class Llama:
                                                                self.batch_draws, self.batch_chosen, self.draw_cand)
         return self.choose_rows_commands[m]
 
-    def draw_params(self, draw: tuple[float, float, float] | None) -> tuple[float, float, float, float]:
-        """sampling.cl's draw parameters of a row: {temperature, top_p, coin, (1 - top_p) / (vocab - 1)} (the
-        top-p cutoff's, as Sampler.sample computes it), or a negative temperature for a row the host draws."""
+    def draw_params(self, draw: tuple[float, float, float, int] | None) -> tuple[float, ...]:
+        """sampling.cl's kernels.DRAW_PARAMS draw parameters of a row: {temperature, top_p, coin, (1 - top_p) /
+        (vocab - 1) (the top-p cutoff's, as Sampler.sample computes it), top_k}, or a negative temperature for a row
+        the host draws."""
         if draw is None:
-            return -1.0, 0.0, 0.0, 0.0
-        temperature, top_p, coin = draw
-        return temperature, top_p, coin, (1.0 - top_p) / max(self.config.vocab_size - 1, 1)
+            return -1.0, 0.0, 0.0, 0.0, 0.0
+        temperature, top_p, coin, top_k = draw
+        return (temperature, top_p, coin, (1.0 - top_p) / max(self.config.vocab_size - 1, 1),
+                float(min(top_k, self.config.vocab_size)))     # a float32 holds it exactly (vocabularies < 2^24)
 
     def _advance(self, n: int) -> None:
         key = (n, self.seq.slot)
@@ -600,7 +602,7 @@ class Llama:
         """Enqueue the forward pass of the token at the current position (logits only)."""
         self.feed(1)
 
-    def next_chosen(self, draw: tuple[float, float, float] = (0.0, 0.0, 0.0), ahead: bool = False) -> int:
+    def next_chosen(self, draw: tuple[float, float, float, int] = (0.0, 0.0, 0.0, 0), ahead: bool = False) -> int:
         """The next token drawn on the device by `draw` (Sampler.draw; the default: the argmax) into tokens[pos+1];
         returns that token (4 bytes back to the host). With `ahead`, the forward pass of that token is enqueued
         behind the copy of the token, so the host has the token as soon as it is drawn and enqueues the next step
