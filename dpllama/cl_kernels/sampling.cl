@@ -65,9 +65,10 @@ inline int argmax_of(__global const float *logits, const int n, __local float *b
 // found by bisection on the values' bits (a non-negative float's bits order as the float does), ~30 sums over the
 // candidates, then a walk in index order among those of that one value. The candidates are first copied, in index
 // order, into `cand` (values, then indices), so that the sums run over them only: a few hundred to a few thousand
-// of a language model's vocabulary at the usual temperatures. The top-k's smallest value is found the same way, by
-// bisection on counts (over the top-p candidates, or without top-p over the whole row), and the candidates are then
-// cut to the top k in place. The sums are float32 in the device's order (16 at a
+// of a language model's vocabulary at the usual temperatures. A top-k's k-th largest value is found the same way, by
+// bisection on counts: each work-item's over its share, whose largest bounds the candidates from below (so that a
+// top-k without top-p copies out a few times k of them, not the row), then over the candidates, which are cut to the
+// top k in place. The sums are float32 in the device's order (16 at a
 // time, the work-group's tree for Z), not the host's cumulative sums: a coin within float rounding of a boundary
 // may fall on the other side of it.
 
@@ -113,29 +114,33 @@ inline int count_from(__global const float *ip, const int c, const uint least) {
     return n;
 }
 
-// The top k of the c items (values ip, indices ii, in index order; ii 0: item i is token i; k < c) into the items
-// (cp, ci), in index order (in place where they are the same): those above key K, the largest key that k items
-// reach (by bisection between `low` and `top`, the smallest and the largest key), and the first of those at K
-// (ties: the lower index first); *least: K.
-inline void top_k_of(__global const float *ip, __global const int *ii, const int c, const int k, const uint low,
-                     const uint top, __global float *cp, __global int *ci, uint *least) {
+// K, the largest key that k of the c values ip[i] reach (0 < k <= c; ip 64-byte aligned), by bisection between
+// `low` and `top`, the smallest and the largest key; *above: how many of them exceed it.
+inline uint kth_key(__global const float *ip, const int c, const int k, const uint low, const uint top, int *above) {
     uint lo = low, hi = top + 1;     // count(key >= lo) >= k > count(key >= hi)
-    int above = 0;
+    *above = 0;
     while (hi - lo > 1) {
         const uint mid = lo + (hi - lo) / 2;
         const int g = count_from(ip, c, mid);
         if (g >= k) lo = mid;
-        else { hi = mid; above = g; }
+        else { hi = mid; *above = g; }
     }
-    *least = lo;
+    return lo;
+}
+
+// The c candidates (values cp, indices ci, in index order; k < c) cut in place to their top k: those above K
+// (kth_key) and the first of those at K (ties: the lower index first); returns K.
+inline uint top_k_of(__global float *cp, __global int *ci, const int c, const int k, const uint low, const uint top) {
+    int above;
+    const uint K = kth_key(cp, c, k, low, top, &above);
     for (int i = 0, o = 0, at = k - above; i < c; i++) {
-        const uint key = as_uint(ip[i]);
-        if (key > lo || (key == lo && at-- > 0)) {
-            const int token = ii ? ii[i] : i;
-            cp[o] = ip[i];
-            ci[o++] = token;
+        const uint key = as_uint(cp[i]);
+        if (key > K || (key == K && at-- > 0)) {
+            cp[o] = cp[i];
+            ci[o++] = ci[i];
         }
     }
+    return K;
 }
 
 // The searches run in one work-item (the candidates are few, and a barrier in them would cost PoCL's compiler
@@ -237,10 +242,24 @@ inline int draw_of(__global float *logits, const int n, __global const float *dr
     z = group_sum(z, red);          // its barriers also publish the row to the work-group
     group_barrier(CLK_GLOBAL_MEM_FENCE);
     const int lid = get_local_id(0), L = get_local_size(0);
-    const int nucleus = top_p > 0.0f && top_p < 1.0f;
-    // the candidates, in index order, into cand: each work-item's after the work-items' before (none without top-p:
-    // every work-item passes the barriers, which PoCL's compiler does not take in a branch)
-    const float cutoff = nucleus ? min(tail * z, 1.0f) : INFINITY;     // tail: (1 - top_p) / (n - 1), from the host
+    const int nucleus = top_p > 0.0f && top_p < 1.0f, ranked = top_k > 0 && top_k < n;
+    // with top-k, a floor under its k-th largest value: each work-item's own k-th largest (none where its share holds
+    // fewer), the work-group's largest of them. At least k tokens reach it, so the top k are among those that do,
+    // and few others do: at most k - 1 a work-item besides the work-item's whose it is. (With one work-item, the
+    // row's k-th largest itself.)
+    int above;
+    redi[lid] = ranked && i1 - i0 >= top_k ? (int)kth_key(logits + i0, i1 - i0, top_k, 0, as_uint(1.0f), &above) : 0;
+    group_barrier(CLK_LOCAL_MEM_FENCE);
+    for (int h = L / 2; h > 0; h >>= 1) {       // keys of non-negative floats: below 2^31, compared as ints
+        if (lid < h) redi[lid] = max(redi[lid], redi[lid + h]);
+        group_barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    const float floor_k = as_float(redi[0]);
+    group_barrier(CLK_LOCAL_MEM_FENCE);
+    // the candidates, in index order, into cand: each work-item's after the work-items' before (none without top-p
+    // or top-k: every work-item passes the barriers, which PoCL's compiler does not take in a branch)
+    const float cutoff = nucleus ? max(min(tail * z, 1.0f), floor_k)    // tail: (1 - top_p) / (n - 1), from the host
+                                 : ranked ? floor_k : INFINITY;
     __global float *cp = cand;
     __global int *ci = (__global int *)(cand + (n + 15) / 16 * 16);
     int k = 0;
@@ -262,15 +281,14 @@ inline int draw_of(__global float *logits, const int n, __global const float *dr
         }
     group_barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
     if (lid == 0) {
-        // the candidates' keys lie between the cutoff's (0 without top-p) and 1's (the largest: exp(0))
-        uint low = nucleus ? as_uint(cutoff) : 0;
-        int c = nucleus ? redi[L] : n, t;
-        const int cut = top_k > 0 && top_k < c;
-        if (cut) {      // to the top k: the candidates in place, or the row's into cand
-            top_k_of(nucleus ? cp : logits, nucleus ? ci : 0, c, top_k, low, as_uint(1.0f), cp, ci, &low);
+        // the candidates' keys lie between the cutoff's and 1's (the largest: exp(0))
+        uint low = as_uint(cutoff);
+        int c = redi[L], t;
+        if (ranked && top_k < c) {      // cut to the top k
+            low = top_k_of(cp, ci, c, top_k, low, as_uint(1.0f));
             c = top_k;
         }
-        if (nucleus || cut)             // in descending order (without top-p: the nucleus is all of them)
+        if (nucleus || ranked)          // in descending order (without top-p: the nucleus is all of them)
             t = nucleus_draw(cp, ci, c, nucleus ? top_p * z : INFINITY, coin, low, as_uint(1.0f));
         else {                          // every token, in index order
             float at;
