@@ -809,8 +809,8 @@ def test_choose_rows_sampled(q, n, local):
     rows = [3 * rng.standard_normal(n), 8 * rng.standard_normal(n), np.zeros(n), rng.standard_normal(n)]
     rows[3][rng.choice(n, size=min(n, 4), replace=False)] = rows[3].max() + 2     # a tie at the top
     cases = [(r, t, p, k, c) for r in range(len(rows))
-             for t, p, k in [(1.0, 0.0, 0), (0.7, 0.9, 0), (1.3, 0.5, 0), (0.5, 0.999, 0), (1.0, 0.0, 3), (0.8, 0.0, 40),
-                             (0.9, 0.95, 2), (1.1, 0.9, 40), (0.6, 0.999, n - 1), (1.0, 0.0, n)]
+             for t, p, k in [(1.0, 0.0, 0), (0.7, 0.9, 0), (1.3, 0.5, 0), (0.5, 0.999, 0), (1.0, 0.0, 3),
+                             (0.8, 0.0, 40), (0.9, 0.95, 2), (1.1, 0.9, 40), (0.6, 0.999, n - 1), (1.0, 0.0, n)]
              for c in (rng.random(), 0.0, 1.0 - 2.0 ** -24)]
     logits = np.zeros((len(cases), stride), np.float32)
     draws = np.zeros((len(cases), kernels.DRAW_PARAMS), np.float32)
@@ -853,7 +853,8 @@ def test_host_draw_is_the_devices_twin(n):
                 slack = (n + 2 * np.abs(x).max() + 8) * 2.0 ** -24
                 ok = reference_draw(logits, t, p, coin, slack, k)
                 got = sampler.pick(logits, [])
-                assert got in ok, f"n={n} row {r} T={t} top_p={p} top_k={k} coin={coin}: drew {got}, not in {sorted(ok)[:8]}"
+                assert got in ok, (f"n={n} row {r} T={t} top_p={p} top_k={k} coin={coin}: drew {got}, "
+                                   f"not in {sorted(ok)[:8]}")
 
 def test_advance(q):
     prog = q.program("state.cl")

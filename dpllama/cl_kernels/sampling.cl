@@ -68,9 +68,8 @@ inline int argmax_of(__global const float *logits, const int n, __local float *b
 // of a language model's vocabulary at the usual temperatures. A top-k's k-th largest value is found the same way, by
 // bisection on counts: each work-item's over its share, whose largest bounds the candidates from below (so that a
 // top-k without top-p copies out a few times k of them, not the row), then over the candidates, which are cut to the
-// top k in place. The sums are float32 in the device's order (16 at a
-// time, the work-group's tree for Z), not the host's cumulative sums: a coin within float rounding of a boundary
-// may fall on the other side of it.
+// top k in place. The sums are float32 in the device's order (16 at a time, the work-group's tree for Z), not the
+// host's cumulative sums: a coin within float rounding of a boundary may fall on the other side of it.
 
 // exp of 16 floats: the vector library's, in pieces on x86 where a float16 argument would be wider than the
 // registers (AVX, AVX2: float8s; SSE: float4s; else "changes the ABI", a compiler warning on every build). Not on
@@ -330,12 +329,13 @@ __kernel void choose_embed(__global float *logits, __global int *tokens, __globa
 
 // A batch's rows whose tokens the device chooses (Llama.enqueue_batch): chosen[r] = the token drawn from logits row
 // r (n floats, rows `stride` apart, a multiple of 16: argmax_of reads float16 vectors; -1 where they are not all
-// finite) by its draw parameters draws[DRAW_PARAMS r ..], a work-group per row (cand: 2 stride floats a row); rows the host
-// samples (a negative temperature) are skipped. The next batch's embed reads the tokens it feeds from chosen.
+// finite) by its draw parameters draws[DRAW_PARAMS r ..], a work-group per row (cand: 2 stride floats a row); rows
+// the host samples (a negative temperature) are skipped. The next batch's embed reads the tokens it feeds from chosen.
 __kernel void choose_rows(__global float *logits, const int n, const int stride, __global const float *draws,
                           __global int *chosen, __global float *cand, __local float *best, __local int *best_i) {
     const int r = get_group_id(1);
     if (draws[DRAW_PARAMS * r] < 0.0f) return;
-    const int t = draw_of(logits + (size_t)r * stride, n, draws + DRAW_PARAMS * r, cand + (size_t)2 * r * stride, best, best_i);
+    const int t = draw_of(logits + (size_t)r * stride, n, draws + DRAW_PARAMS * r, cand + (size_t)2 * r * stride,
+                          best, best_i);
     if (get_local_id(0) == 0) chosen[r] = t;
 }

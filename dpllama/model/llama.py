@@ -14,8 +14,8 @@ A forward pass, per layer (5 launches, each over all T tokens):
     h    = silu(W1 n) * (W3 n), n = rmsnorm(x)      gemv_norm_swiglu  (W1/W3 row blocks alternate)
     x   += W2 h                                     gemv_add
 then logits = Wcls rmsnorm(x[last], norm) (gemv_norm), and the next token drawn on the device (choose_embed: the
-argmax, or a sample at a temperature with top-k and top-p; it also embeds the token for the next pass). The all-rows pass
-(`feed_rows`, for perplexity) is the same pass with the LM head over every row of x, into a [chunk, vocab] buffer
+argmax, or a sample at a temperature with top-k and top-p; it also embeds the token for the next pass). The all-rows
+pass (`feed_rows`, for perplexity) is the same pass with the LM head over every row of x, into a [chunk, vocab] buffer
 made on its first use. On CPU configs the
 layers are one launch (matrix.cl's layers, fuse.layer_max_units: its work-groups claim the five steps' tasks and
 wait for each other between steps; their weights in one buffer, as many layers as one allocation holds), or a
@@ -27,8 +27,8 @@ row has its own position and KV cache slot, from a table {pos, slot} per row tha
 so each weight is read and decoded once for every running sequence (a decode step of each, prompt chunks of
 others). The rows whose logits are wanted (each sequence's last) are gathered to the front and go through the
 LM head together; their logits are read back and sampled on the host, or, for sequences whose sampler the device
-can draw for (greedy, or a temperature with top-k and top-p), their tokens are drawn on the device (choose_rows) and only they
-come back. The next batch can feed such a token from the device (its embed reads it there), so the host enqueues
+can draw for (greedy, or a temperature with top-k and top-p), their tokens are drawn on the device (choose_rows) and
+only they come back. The next batch can feed such a token from the device (its embed reads it there), so the host enqueues
 batch n + 1 before it reads batch n's tokens, as single-sequence decoding does (dpllama.generate.Batcher).
 
 The rooms around it: layout.py packs weights into the device layout and holds the launch geometry,
