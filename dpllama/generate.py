@@ -123,8 +123,11 @@ class Sampler:
             # tokens below it cannot be in the nucleus (run.c's shortcut), but the most likely one always is
             # (run.c reads out of bounds when nothing passes: a top-p below 1 / vocab on flat probabilities)
             cutoff = min((1.0 - self.top_p) / max(n - 1, 1), float(probs.max()))
-            cand = np.nonzero(probs >= cutoff)[0] if order is None else order[probs[order] >= cutoff]
-            order = cand[np.argsort(-probs[cand], kind="stable")]
+            if order is None:
+                cand = np.nonzero(probs >= cutoff)[0]
+                order = cand[np.argsort(-probs[cand], kind="stable")]
+            else:                   # the top k's, in descending order already
+                order = order[probs[order] >= cutoff]
             cum = np.cumsum(probs[order])
             last = int(np.searchsorted(cum, self.top_p, side="right"))
             order = order[:min(last + 1, len(order))]

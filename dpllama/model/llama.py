@@ -15,12 +15,12 @@ A forward pass, per layer (5 launches, each over all T tokens):
     x   += W2 h                                     gemv_add
 then logits = Wcls rmsnorm(x[last], norm) (gemv_norm), and the next token drawn on the device (choose_embed: the
 argmax, or a sample at a temperature with top-k and top-p; it also embeds the token for the next pass). The all-rows
-pass (`feed_rows`, for perplexity) is the same pass with the LM head over every row of x, into a [chunk, vocab] buffer
-made on its first use. On CPU configs the
-layers are one launch (matrix.cl's layers, fuse.layer_max_units: its work-groups claim the five steps' tasks and
-wait for each other between steps; their weights in one buffer, as many layers as one allocation holds), or a
-launch a layer, up to its first matrix in another format than Wqkv's, where the formats vary; without it, decode on
-CPU configs fuses the first two launches of a layer into one (qkv_attention, a work-group per KV head).
+pass (`feed_rows`, for perplexity) is the same pass with the LM head over every row of x, into a [chunk, vocab]
+buffer made on its first use. On CPU configs the layers are one launch (matrix.cl's layers, fuse.layer_max_units:
+its work-groups claim the five steps' tasks and wait for each other between steps; their weights in one buffer, as
+many layers as one allocation holds), or a launch a layer, up to its first matrix in another format than Wqkv's,
+where the formats vary; without it, decode on CPU configs fuses the first two launches of a layer into one
+(qkv_attention, a work-group per KV head).
 
 A batch (`enqueue_batch`, what the server runs) is the same pass over the rows of several sequences at once: each
 row has its own position and KV cache slot, from a table {pos, slot} per row that the host writes before the pass,
@@ -28,8 +28,8 @@ so each weight is read and decoded once for every running sequence (a decode ste
 others). The rows whose logits are wanted (each sequence's last) are gathered to the front and go through the
 LM head together; their logits are read back and sampled on the host, or, for sequences whose sampler the device
 can draw for (greedy, or a temperature with top-k and top-p), their tokens are drawn on the device (choose_rows) and
-only they come back. The next batch can feed such a token from the device (its embed reads it there), so the host enqueues
-batch n + 1 before it reads batch n's tokens, as single-sequence decoding does (dpllama.generate.Batcher).
+only they come back. The next batch can feed such a token from the device (its embed reads it there), so the host
+enqueues batch n + 1 before it reads batch n's tokens, as single-sequence decoding does (dpllama.generate.Batcher).
 
 The rooms around it: layout.py packs weights into the device layout and holds the launch geometry,
 kernels.py binds each kernel's arguments (one launcher per kernel), kv_cache.py owns the KV cache's layout and
@@ -92,7 +92,7 @@ class Part:
     tokens: list[int]
     logits: bool            # whether the logits after the last token are wanted
     draw: tuple[float, float, float, int] | None = None     # with logits: the device draws the next token by these
-    #                                                 (Sampler.draw) and only it comes back; None: the logits do
+    #                                                         (Sampler.draw) and only it comes back; None: the logits do
 
 
 class Pending:
