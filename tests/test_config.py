@@ -209,6 +209,14 @@ def test_every_shipped_config_loads():
         assert load_config(CONFIG_DIR / f"{name}.yaml").selector
 
 
+def test_prefetch_may_be_off():
+    """work_group keys are positive, but the prefetch distances may be 0 (no software prefetch)."""
+    wg = parse_config("work_group: {decode_prefetch: 0, prefill_prefetch: 0}", "p.yaml")["work_group"]
+    assert (wg["decode_prefetch"], wg["prefill_prefetch"]) == (0, 0)
+    wg = parse_config("", "d.yaml")["work_group"]
+    assert (wg["decode_prefetch"], wg["prefill_prefetch"]) == (128, 512)
+
+
 def test_config_without_match_falls_back_to_environment(monkeypatch):
     cfg = parse_config("queue: {profiling: true}", "plain.yaml")
     assert config_device(cfg, MACHINE)[0].index == 1

@@ -16,6 +16,8 @@ for 14 formats in the CPU geometry, 7 in two others) and 4 attention.cl programs
 """
 from __future__ import annotations
 
+import dataclasses
+
 import shutil
 import zlib
 
@@ -285,6 +287,30 @@ def test_gemv_kernels(q, fmt, geometry, mode, kernel):
         check_close(got[:, :rows], want, tol, what)
         # the zero rows that pad the last tile give silu(0) * 0, into the activation's zero padding
         assert not got[:, rows:].any(), f"{what}: padding outputs {got[:, rows:]} must be 0"
+
+
+@pytest.mark.parametrize("fmt", ["q8g32", "int4asym32", "int5asym32f-q5k"])
+def test_prefetch_distance_changes_no_result(q, monkeypatch, fmt):
+    """work_group.decode_prefetch and prefill_prefetch (matrix.cl's PREFETCH_COLS, tuned per CPU) only say how far
+    ahead the weights are prefetched: every distance, none included, gives the same results bit for bit, in decode
+    and prefill, and each program is built with its phase's distance."""
+    rng = np.random.default_rng(zlib.crc32(fmt.encode()))
+    rows, cols = SHAPES[-1]
+    t = FORMATS[fmt](rng.standard_normal((rows, cols)).astype(np.float32))
+    base, prefill_T = GEOMETRIES["cpu"]
+    got = {}
+    for decode, prefill in ((0, 0), (128, 512), (512, 128), (1024, 1024)):
+        geo = dataclasses.replace(base, decode_prefetch=decode, prefill_prefetch=prefill)
+        monkeypatch.setitem(GEOMETRIES, "cpu", (geo, prefill_T))
+        dt = DeviceTensor(q, t, "w", geo)
+        assert all(f"PREFETCH_COLS={decode if n == 1 else prefill}" in d for n, d in dt.defines.items())
+        for T in (1, prefill_T):
+            X = rng.standard_normal((T, cols)).astype(np.float32) if (decode, prefill) == (0, 0) else got[T, "x"]
+            got[T, "x"] = X
+            y = run_gemv(q, "gemv_add", t, "cpu", X, Y0=np.zeros((T, rows), np.float32))
+            if (T, "y") in got:
+                assert np.array_equal(y, got[T, "y"]), f"{fmt} T={T}: prefetch {decode}/{prefill} changed the sums"
+            got[T, "y"] = y
 
 
 # matrix.cl picks x86 instructions by the macros the compiler defines for the target (VNNI, AVX-512 F16C,

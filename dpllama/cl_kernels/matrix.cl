@@ -187,17 +187,16 @@ typedef char chars32 __attribute__((ext_vector_type(32)));      // a ymm of byte
 #define DOT_WORDS 4
 #endif
 #endif
-// The weight stream of a tile, `words` vectors a block from w, prefetched PREFETCH_COLS columns ahead, one
+// The weight stream of a tile, `words` vectors a block from w, prefetched -DPREFETCH_COLS columns ahead (whole blocks;
+// the config's work_group.decode_prefetch and prefill_prefetch: how far ahead pays depends on the CPU's memory), one
 // prefetch per 64-byte line, where the compiler targets x86 (clang's builtin; a prefetch never faults, so those
 // past a tile's end are harmless). The hardware prefetchers alone left the decode loop waiting on memory:
 // measured from memory, 14-33% less time per matrix with it (docs/PERFORMANCE.md), and int5 gained nothing on
-// q8 in Qwen2.5-Coder-0.5B's decode without it. Batched steps and prefill (TOKENS >= 2), whose weights each serve
-// several rows, fetch further ahead: 512 columns (a tile's row of 576 columns nearly) made 8-row batch steps
-// 1.03-1.04x and 256-token prompts 1.024x faster than 128 on the family-6 model-167 Xeon (benchmarks/ab_kernels.py
-// both ways round; 256 gained less, 1,024 nothing). Decode stays at 128: 256 was slower there on a Zen 5 (5.9
-// against 5.45 ms a token), though 512 ran 1.07-1.12x faster on that Xeon (docs/PERFORMANCE.md).
-#if defined(__SSE2__)
-#define PREFETCH_COLS (TOKENS >= 2 ? 512 : 128)
+// q8 in Qwen2.5-Coder-0.5B's decode without it.
+#if !defined(PREFETCH_COLS)
+#define PREFETCH_COLS 128
+#endif
+#if defined(__SSE2__) && PREFETCH_COLS > 0
 #define PREFETCH_AHEAD(w, words) \
     for (int i_ = 0; i_ < (words); i_ += (TILE_ROWS >= 16 ? 1 : 16 / TILE_ROWS)) \
         __builtin_prefetch((__global const char *)((w) + (words) * (PREFETCH_COLS / BLOCK) + i_))

@@ -30,6 +30,8 @@ SEARCH = [
     ("prefill_tokens", (4, 8, 16), "prefill"),
     ("prefill_tiles", (1, 4, 16), "prefill"),
     ("prefill_chunk", (32, 64, 128), "prefill"),
+    ("decode_prefetch", (128, 256, 512), "decode"),
+    ("prefill_prefetch", (128, 512), "prefill"),
 ]
 PROMPT = 128        # prefill measure: tokens per pass
 MIN_SECONDS = 0.4   # each measurement repeats its phase for at least this long

@@ -43,6 +43,8 @@ class Geometry:
     decode_rows: int = 1        # passes of up to this many rows run decode's kernels (a work-group per row)
     matrix_groups: int = 2      # gemv 1: a matrix launch's work-groups per compute unit (over its groups of input rows)
     key_block: int = 0          # the KV cache's keys in blocks of this many positions (0: one block; attention.h)
+    decode_prefetch: int = 128  # columns ahead that decode's matrix kernels prefetch a tile's weights (x86)
+    prefill_prefetch: int = 512  # the same in passes of several rows (matrix.cl's PREFETCH_COLS)
 
     @classmethod
     def of(cls, config: DeviceConfig) -> "Geometry":
@@ -67,6 +69,10 @@ class Geometry:
     def tiles(self, tokens: int) -> int:
         """Row tiles per work-group for `tokens` tokens per work-group."""
         return self.decode_tiles if tokens == 1 else self.prefill_tiles
+
+    def prefetch(self, tokens: int) -> int:
+        """Columns ahead that the matrix kernels prefetch weights with `tokens` tokens per work-group."""
+        return self.decode_prefetch if tokens == 1 else self.prefill_prefetch
 
 
 def fuse_rows(tensors: list[Tensor], block: int = 0) -> Tensor:
@@ -135,8 +141,8 @@ def weight_defines(t: Tensor, geometry: Geometry, tokens: int, activation_bits: 
         (f"W_{t.kind.upper()}", f"GROUP={t.group}") + (("ASYM",) if t.mins is not None else ())
         + (("SCALES_F32",) if t.scales.dtype == np.float32 else ())
         + (("X_BYTES",) if x_steps(t.kind, activation_bits) == 127 else ()))
-    return fmt + (f"TILE_ROWS={geometry.tile_rows}", f"TILES={geometry.tiles(tokens)}", f"TOKENS={tokens}") + (
-        ("X_ONCE",) if once else ())
+    return fmt + (f"TILE_ROWS={geometry.tile_rows}", f"TILES={geometry.tiles(tokens)}", f"TOKENS={tokens}",
+                  f"PREFETCH_COLS={geometry.prefetch(tokens)}") + (("X_ONCE",) if once else ())
 
 
 def upload_array(q: Queue, a: np.ndarray | None, name: str) -> Buffer:

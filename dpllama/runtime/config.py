@@ -47,6 +47,8 @@ SCHEMA = {
         "prefill_tokens": (int, 8),  # prompt tokens per work-group in prefill matrix kernels
         "prefill_tiles": (int, 1),  # row tiles per work-group in prefill
         "prefill_chunk": (int, 64),  # prompt tokens per forward pass in prefill
+        "decode_prefetch": (int, 128),   # x86 CPUs: columns ahead that decode's matrix kernels prefetch weights (0: none)
+        "prefill_prefetch": (int, 512),  # the same for passes of several rows (prefill, batches)
     },
     "fuse": {
         # decode: attention inside the QKV launch, a work-group per KV head, for models with at least this
@@ -142,7 +144,7 @@ def parse_config(text: str, path: str = "<string>") -> DeviceConfig:
             raise DpllamaError(f"{path}: key 'match.{k}' must not contain ',' (values match as substrings, "
                                f"{v.split(',')[0].strip()!r} is enough), found {v!r}")
     for k, n in values["work_group"].items():
-        if n == 0 and k != "key_block":
+        if n == 0 and k not in ("key_block", "decode_prefetch", "prefill_prefetch"):
             raise DpllamaError(f"{path}: key 'work_group.{k}' must be a positive integer, found 0")
     for k in ("gemv", "reduce", "attention"):     # group_sum/group_max (common.h) halve the group each step
         n = values["work_group"][k]
