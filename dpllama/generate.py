@@ -1,10 +1,11 @@
 """Token generation: sampling and the token loop, streaming text as it comes.
 
 Tokens are chosen on the device where the sampler allows (sampling.cl's draw: greedy, or a temperature with top-k
-and top-p, the coin drawn on the host with llama2.c's xorshift generator, so a `seed` reproduces a run): the token goes
-into the device's token buffer and only its id is read back, so the next step is enqueued before it is read. A
-repetition, presence or frequency penalty and log-probabilities read the logits back (vocab x 4 bytes) and draw on the
-host (Sampler.pick, run.c's sample_topp with a top-k, of which the device's draw is the twin).
+and top-p, after llama.cpp's repetition, presence and frequency penalties over up to PENALTY_WINDOW latest tokens; the
+coin drawn on the host with llama2.c's xorshift generator, so a `seed` reproduces a run): the token goes into the
+device's token buffer and only its id is read back, so the next step is enqueued before it is read. Log-probabilities
+and penalties over a longer window (or the whole history) read the logits back (vocab x 4 bytes) and draw on the
+host (Sampler.pick: Sampler.penalize, then run.c's sample_topp with a top-k, of which the device's draw is the twin).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from dpllama.errors import DpllamaError
-from dpllama.model.llama import Llama, Part, Pending, not_finite
+from dpllama.model.llama import PENALTY_WINDOW, Llama, Part, Pending, not_finite
 
 
 class XorShift:
@@ -75,30 +76,42 @@ class Sampler:
         return self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
+    def window(self) -> int:
+        """How many of the latest tokens the penalties count: 0 without a penalty, -1 for the whole history."""
+        return self.repeat_last_n if self.penalized else 0
+
+    @property
     def on_device(self) -> bool:
         """Whether the device can draw this sampler's tokens (sampling.cl): greedy, or a temperature with top-k and
-        top-p, without a penalty (it needs the history)."""
-        return not self.penalized
+        top-p, after penalties over at most PENALTY_WINDOW tokens (more, or the whole history, draw on the host)."""
+        return 0 <= self.window <= PENALTY_WINDOW
 
-    def draw(self) -> tuple[float, float, float, int]:
-        """The device's draw of the next token: (temperature, top_p, coin, top_k), temperature 0 for the argmax
-        (top-k 1 too), top_p 0 and top_k 0 for none. Draws the coin, as `pick` would for this token."""
+    def draw(self) -> tuple[float, float, float, int, float, float, float, int]:
+        """The device's draw of the next token: (temperature, top_p, coin, top_k, repeat penalty, presence penalty,
+        frequency penalty, window), temperature 0 for the argmax (top-k 1 too), top_p 0 and top_k 0 for none, window 0
+        for no penalty. Draws the coin, as `pick` would for this token."""
+        penalties = (self.repeat_penalty, self.presence_penalty, self.frequency_penalty, self.window)
         if self.greedy or self.top_k == 1:
-            return 0.0, 0.0, 0.0, 0
-        return self.temperature, self.top_p if 0.0 < self.top_p < 1.0 else 0.0, self.rng.f32(), self.top_k
+            return 0.0, 0.0, 0.0, 0, *penalties
+        return self.temperature, self.top_p if 0.0 < self.top_p < 1.0 else 0.0, self.rng.f32(), self.top_k, *penalties
 
     def penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
-        """llama.cpp's penalties over the last repeat_last_n tokens: the repetition penalty divides positive
-        logits and multiplies negative ones, once per token; then the presence and frequency penalties are
-        subtracted (once per token, and once per occurrence)."""
-        if not self.penalized or not history or self.repeat_last_n == 0:
+        """llama.cpp's penalties over the last repeat_last_n tokens (-1: all, as llama.cpp), sampling.cl's penalize
+        operation for operation: in the window's order, a token's logit at its first occurrence is divided by the
+        repetition penalty where positive (multiplied where not), less the presence penalty; at every occurrence, less
+        the frequency penalty. In float32, each operation rounded, as the device does."""
+        if not self.window or not history:
             return logits
-        window = history if self.repeat_last_n < 0 else history[-self.repeat_last_n:]   # -1: all, as llama.cpp
-        ids, counts = np.unique(np.asarray(window, np.int64), return_counts=True)
-        v = logits[ids]
+        window = history if self.window < 0 else history[-self.window:]
         logits = logits.copy()
-        logits[ids] = (np.where(v > 0, v / self.repeat_penalty, v * self.repeat_penalty)
-                       - self.presence_penalty - self.frequency_penalty * counts)
+        rp, pp, fp = np.float32(self.repeat_penalty), np.float32(self.presence_penalty), np.float32(self.frequency_penalty)
+        seen = set()
+        for t in window:
+            v = logits[t]
+            if t not in seen:
+                seen.add(t)
+                v = (v / rp if v > 0 else v * rp) - pp
+            logits[t] = v - fp
         return logits
 
     def pick(self, logits: np.ndarray, history: list[int]) -> int:
@@ -244,13 +257,17 @@ class Generation:
         wanted row `chosen`). None once it has ended, once its last token is chosen, or without room."""
         if self.ended or room <= 0:
             return None
+        window = self.sampler.window if self.on_device else 0
         if self.ahead:
             if self.stats.generated_tokens + self.ahead >= self.max_new:
                 return None
-            return Part(self.slot, self.fed, [-1 - chosen], logits=True, draw=self.sampler.draw())
+            return Part(self.slot, self.fed, [-1 - chosen], logits=True, draw=self.sampler.draw(),
+                        history=tuple(self.tokens[max(len(self.tokens) - window, 0):]) if window else ())
         todo = self.tokens[self.fed:self.fed + room]
-        logits = self.fed + len(todo) == len(self.tokens)
-        return Part(self.slot, self.fed, todo, logits, self.sampler.draw() if logits and self.on_device else None)
+        end = self.fed + len(todo)
+        logits = end == len(self.tokens)
+        return Part(self.slot, self.fed, todo, logits, self.sampler.draw() if logits and self.on_device else None,
+                    tuple(self.tokens[max(end - 1 - window, 0):end - 1]) if logits and window else ())
 
     def enqueued(self, part: Part) -> None:
         self.fed += len(part.tokens)

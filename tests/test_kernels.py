@@ -726,8 +726,9 @@ def test_choose_embed_greedy(q, n, local, fmt):
         tb = q.buffer(host=tokens0)
         sb = q.buffer(host=np.array([pos, n_prompt], np.int32))
         xb = q.buffer(host=np.full(emb.cols_p, 7.0, np.float32))
-        q.enqueue(kernels.choose_embed(q, emb, q.buffer(host=logits), tb, sb, q.buffer(host=np.zeros(4, np.float32)),
-                                       xb, n, q.buffer(2 * round_up(n, 16) * 4)))
+        q.enqueue(kernels.choose_embed(q, emb, q.buffer(host=logits), tb, sb,
+                                       q.buffer(host=np.zeros(kernels.DRAW_PARAMS, np.float32)), xb, n,
+                                       q.buffer(2 * round_up(n, 16) * 4)))
         want_tokens = tokens0.copy()
         if pos + 1 >= n_prompt:
             want_tokens[pos + 1] = expected
@@ -738,6 +739,11 @@ def test_choose_embed_greedy(q, n, local, fmt):
         np.testing.assert_allclose(x[:cols], table.dequantize()[max(want_tokens[pos + 1], 0)], rtol=EMBED_RTOL,
                                    err_msg=what)
         assert (x[cols:] == 7.0).all(), what
+
+
+def no_windows(q) -> tuple:
+    """choose_rows' penalty arguments for rows without penalties (a window of 0 tokens each): window, W, fed."""
+    return q.buffer(host=np.zeros(1, np.int32)), 1, q.buffer(host=np.zeros(1, np.int32))
 
 
 @pytest.mark.parametrize("local", [1, 64])
@@ -766,7 +772,7 @@ def test_choose_rows_greedy(q, n, local):
         draws = np.zeros((9, kernels.DRAW_PARAMS), np.float32)
         draws[7, 0] = -1.0                      # the host's row
         lb = q.buffer(host=logits)
-        q.enqueue(kernels.choose_rows(q, emb, lb, m, n, stride, q.buffer(host=draws), cb,
+        q.enqueue(kernels.choose_rows(q, emb, lb, m, n, stride, q.buffer(host=draws), *no_windows(q), cb,
                                       q.buffer(2 * 9 * stride * 4)))
         want = [int(np.flatnonzero(r == r.max())[0]) if np.isfinite(r.max()) else -1 for r in logits[:m, :n]]
         want = [77 if r == 7 else w for r, w in enumerate(want)]
@@ -842,10 +848,10 @@ def test_choose_rows_sampled(q, n, local):
     draws = np.zeros((len(cases), kernels.DRAW_PARAMS), np.float32)
     for i, (r, t, p, k, c) in enumerate(cases):
         logits[i, :n] = rows[r]
-        draws[i] = (t, p, c, (1.0 - p) / max(n - 1, 1), k)
+        draws[i, :5] = (t, p, c, (1.0 - p) / max(n - 1, 1), k)
     cb = q.buffer(host=np.full(len(cases), -7, np.int32))
     lb = q.buffer(host=logits)
-    q.enqueue(kernels.choose_rows(q, emb, lb, len(cases), n, stride, q.buffer(host=draws), cb,
+    q.enqueue(kernels.choose_rows(q, emb, lb, len(cases), n, stride, q.buffer(host=draws), *no_windows(q), cb,
                                   q.buffer(2 * len(cases) * stride * 4)))
     got = cb.get(np.int32)
     left = lb.get().reshape(len(cases), stride)[:, :n]
@@ -859,6 +865,62 @@ def test_choose_rows_sampled(q, n, local):
         np.testing.assert_allclose(left[i], np.exp(x), rtol=slack, atol=2.0 ** -126,
                                    err_msg="the row is left as exp((l - max) / T)")
 
+
+
+PENALTIES = [(1.1, 0.0, 0.0), (1.3, 0.5, 0.25), (1.0, -0.7, 0.0), (0.8, 0.0, 1.5), (1.0, 0.0, -0.3)]
+
+
+@pytest.mark.parametrize("local", [1, 64])
+@pytest.mark.parametrize("n", [5, 97, 1000])
+def test_penalties_on_device_are_the_hosts(q, n, local):
+    """The penalties (sampling.cl's penalize: repetition, presence, frequency) on the device give the host's
+    Sampler.penalize bit for bit, in a batch's rows (choose_rows: each row's own window, with repeats, tokens at the
+    row's ends and -1 - i entries taken from the pass's fed tokens) and in a sequence's step (choose_embed: the window
+    the sequence's latest tokens, cut to its length at the start). A greedy row is left as the penalized logits, and
+    its token is their argmax."""
+    rng = np.random.default_rng(n * 7 + local)
+    stride = round_up(n, 16)
+    emb = DeviceTensor(q, FORMATS["q8g32"](rng.standard_normal((n, 32)).astype(np.float32)), "emb", draw_geometry(local))
+    fed = rng.integers(0, n, 12).astype(np.int32)
+    m, W = len(PENALTIES) * 2, 40
+    logits = (4 * rng.standard_normal((m, stride))).astype(np.float32)
+    logits[:, :n][rng.random((m, n)) < 0.3] *= -1.0
+    window = np.zeros((m, W), np.int32)
+    draws = np.zeros((m, kernels.DRAW_PARAMS), np.float32)
+    histories = []
+    for i in range(m):
+        w = [1, 7, W][i % 3] if n > 5 else [1, 3, W][i % 3]
+        ids = rng.integers(0, min(n, 6) if i % 2 else n, w)         # odd rows: many repeats
+        ids[0], ids[-1] = 0, n - 1
+        marks = rng.random(w) < 0.2                                 # a fed row's token, resolved on the device
+        window[i, :w] = np.where(marks, -1 - np.arange(w) % len(fed), ids)
+        histories.append([int(fed[(-1 - e)]) if e < 0 else int(e) for e in window[i, :w]])
+        draws[i, 5:] = (*PENALTIES[i // 2], w)
+    lb = q.buffer(host=logits)
+    cb = q.buffer(host=np.full(m, -7, np.int32))
+    q.enqueue(kernels.choose_rows(q, emb, lb, m, n, stride, q.buffer(host=draws), q.buffer(host=window), W,
+                                  q.buffer(host=fed), cb, q.buffer(2 * m * stride * 4)))
+    left, got = lb.get().reshape(m, stride)[:, :n], cb.get(np.int32)
+    for i, history in enumerate(histories):
+        rp, pp, fp = PENALTIES[i // 2]
+        want = Sampler(temperature=0, repeat_penalty=rp, presence_penalty=pp, frequency_penalty=fp,
+                       repeat_last_n=len(history)).penalize(logits[i, :n], history)
+        assert not np.array_equal(want, logits[i, :n]), "the case must change the logits"
+        np.testing.assert_array_equal(left[i], want, err_msg=f"n={n} L={local} row {i}: penalized logits")
+        assert got[i] == int(np.argmax(want)), f"n={n} L={local} row {i}"
+    # a sequence's step: the window is tokens[pos - w + 1 .. pos], w the parameter's, at most pos + 1
+    for pos, w in ((9, 4), (2, 40)):
+        tokens = rng.integers(0, n, 16).astype(np.int32)
+        row = logits[0, :n].copy()
+        draw = np.zeros(kernels.DRAW_PARAMS, np.float32)
+        draw[5:] = (1.3, 0.5, 0.25, w)
+        lb, tb = q.buffer(host=row), q.buffer(host=tokens)
+        q.enqueue(kernels.choose_embed(q, emb, lb, tb, q.buffer(host=np.array([pos, 0], np.int32)),
+                                       q.buffer(host=draw), q.buffer(emb.cols_p * 4), n, q.buffer(2 * stride * 4)))
+        want = Sampler(temperature=0, repeat_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25,
+                       repeat_last_n=w).penalize(row, list(tokens[:pos + 1]))
+        np.testing.assert_array_equal(lb.get(), want, err_msg=f"choose_embed pos={pos} w={w}")
+        assert tb.get(np.int32)[pos + 1] == int(np.argmax(want))
 
 
 @pytest.mark.parametrize("n", [5, 97, 4101])

@@ -108,14 +108,20 @@ def test_chunked_prompt_equals_the_whole_prompt_fed_at_once(model):
 DEVICE_DRAWS = {"greedy": lambda i: Sampler(temperature=0),
                 "top-p": lambda i: Sampler(temperature=0.8, top_p=0.9, seed=10 + i),
                 "whole": lambda i: Sampler(temperature=1.2, top_p=1.0, seed=20 + i),
-                "top-k": lambda i: Sampler(temperature=0.9, top_k=40, top_p=0.95, seed=30 + i)}
+                "top-k": lambda i: Sampler(temperature=0.9, top_k=40, top_p=0.95, seed=30 + i),
+                "penalized": lambda i: Sampler(temperature=0.9, top_k=40, top_p=0.95, repeat_penalty=1.3,
+                                               presence_penalty=0.3, frequency_penalty=0.5, repeat_last_n=6,
+                                               seed=40 + i),
+                "greedy penalized": lambda i: Sampler(temperature=0, repeat_penalty=1.5, repeat_last_n=64)}
 
 
 @pytest.mark.parametrize("draw", list(DEVICE_DRAWS))
 @pytest.mark.parametrize("rows", [None, 5], ids=["one-pass-prompts", "5-row-passes"])
 def test_tokens_drawn_on_the_device_give_what_each_gives_alone(model, rows, draw, monkeypatch):
     """Generations without kept logits, greedy or sampled at a temperature (with top-p, top-k and top-p, or from the
-    whole distribution), get their tokens drawn on the device (choose_rows; alone, choose_embed), and each pass is
+    whole distribution; with penalties, over windows that the batch uploads with the token fed from the device last,
+    and that alone choose_embed reads from the sequence's tokens), get their tokens drawn on the device (choose_rows;
+    alone, choose_embed), and each pass is
     enqueued before the host has read the one before: the next pass feeds those tokens from the device. Each gives
     the tokens it gives alone (the same logits, the same coins: the same draws), whether a stop token ends it part
     way (its extra row dropped), max_new does, or it shares its passes with a sequence drawn on the host (which
@@ -158,14 +164,21 @@ def test_tokens_drawn_on_the_device_give_what_each_gives_alone(model, rows, draw
 
 
 @pytest.mark.parametrize("kind,on_device", [("top-p", True), ("whole", True), ("top-k 1", True), ("top-k 5", True),
-                                             ("repeat penalty", False), ("kept logits", False)])
+                                             ("repeat penalty", True), ("penalties over 256", True),
+                                             ("penalties over 257", False), ("penalties over all", False),
+                                             ("kept logits", False)])
 def test_tokens_are_drawn_on_the_device_unless_the_host_must(model, monkeypatch, kind, on_device):
     """A sampler at a temperature draws on the device (no logits come back, and the next step is enqueued before
-    the token is read), with top-k, top-p or neither, and top-k 1 is the argmax; a penalty (it needs the history) or
-    kept logits (log-probabilities) read the logits back and draw on the host."""
+    the token is read), with top-k, top-p or neither, and top-k 1 is the argmax, after penalties over up to
+    PENALTY_WINDOW tokens; penalties over more (or the whole history) or kept logits (log-probabilities) read the
+    logits back and draw on the host."""
     samplers = {"top-p": Sampler(temperature=0.8, top_p=0.9, seed=1), "whole": Sampler(temperature=0.8, top_p=1.0),
                 "top-k 1": Sampler(temperature=0.8, top_k=1), "top-k 5": Sampler(temperature=0.8, top_k=5),
-                "repeat penalty": Sampler(temperature=0.8, repeat_penalty=1.3), "kept logits": Sampler(temperature=0.8)}
+                "repeat penalty": Sampler(temperature=0.8, repeat_penalty=1.3),
+                "penalties over 256": Sampler(temperature=0.8, frequency_penalty=0.5, repeat_last_n=256),
+                "penalties over 257": Sampler(temperature=0.8, frequency_penalty=0.5, repeat_last_n=257),
+                "penalties over all": Sampler(temperature=0.8, presence_penalty=0.5, repeat_last_n=-1),
+                "kept logits": Sampler(temperature=0.8)}
     reads = []
     read_logits = model.read_logits
     monkeypatch.setattr(model, "read_logits", lambda: (reads.append(1), read_logits())[1])
@@ -173,6 +186,35 @@ def test_tokens_are_drawn_on_the_device_unless_the_host_must(model, monkeypatch,
     tokens = list(generate(model, PROMPTS[0], NEW, samplers[kind], keep_logits=kind == "kept logits"))
     assert len(tokens) == NEW
     assert (not reads) == on_device, f"{kind}: {len(reads)} reads of the logits"
+
+
+@pytest.mark.parametrize("last_n", [3, 64])
+def test_penalties_on_the_device_give_the_hosts_tokens(model, last_n):
+    """Greedy with penalties strong enough to change its course: the tokens drawn on the device (alone: choose_embed,
+    the window from the sequence's tokens on the device; batched beside another sequence: choose_rows, the window
+    from the host with the token fed from the device) are those the host draws (kept logits: Sampler.penalize on the
+    logits read back, then the argmax), which the device's penalties give bit for bit."""
+    sampler = lambda: Sampler(temperature=0, repeat_penalty=1.8, presence_penalty=0.4, frequency_penalty=0.6,  # noqa: E731
+                              repeat_last_n=last_n)
+    model.select(0)
+    plain = list(generate(model, PROMPTS[1], NEW, Sampler(temperature=0)))
+    host = list(generate(model, PROMPTS[1], NEW, sampler(), keep_logits=True))
+    device = list(generate(model, PROMPTS[1], NEW, sampler()))
+    assert host != plain, "the penalties must change the greedy tokens"
+    assert device == host
+    gens = []
+    for slot, (prompt, s) in enumerate(((PROMPTS[1], sampler()), (PROMPTS[0], Sampler(temperature=0)))):
+        model.select(slot)
+        gens.append(generate(model, prompt, NEW, s))
+    out = {id(g): [] for g in gens}
+    batcher = Batcher(model)
+    for _ in range(100):
+        for gen, token in batcher.step(gens):
+            if token is not None:
+                out[id(gen)].append(token)
+        if batcher.idle:
+            break
+    assert out[id(gens[0])] == host
 
 
 def test_prepared_batches_record_nothing_when_they_run(queue, weights, monkeypatch):

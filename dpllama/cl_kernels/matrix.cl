@@ -971,13 +971,15 @@ __kernel void layers(__global const char *weights, __global const uint *parts, c
 }
 #endif
 
-// x[n] = row tokens[pos + n] of the embedding table, dequantized (state = {pos, ...}); global (any, T). In a
-// batch, an id -1 - i stands for chosen[i], the token the batch before chose on the device for its i-th greedy
-// row (sampling.cl's choose_rows; -1 there, logits that were not finite, embeds row 0: the host reports them).
+// x[n] = row tokens[pos + n] of the embedding table, dequantized (state = {pos, ...}), and fed[n] = that token;
+// global (any, T). In a batch, an id -1 - i stands for chosen[i], the token the batch before chose on the device for
+// its i-th row (sampling.cl's choose_rows; -1 there, logits that were not finite, embeds row 0: the host reports
+// them); fed keeps it for this batch's draws, whose penalties count it (choose_rows overwrites chosen).
 __kernel void embed(WEIGHT_ARGS, __global const int *tokens, __global const int *state,
                     __global const int *chosen, __global float *x, const int cols, const int cols_p,
-                    const int x_stride) {
+                    const int x_stride, __global int *fed) {
     const int n = get_global_id(1), id = tokens[state[0] + n], r = id >= 0 ? id : max(chosen[-1 - id], 0);
+    if (get_global_id(0) == 0) fed[n] = r;
     for (int c = get_global_id(0); c < cols; c += get_global_size(0))
         x[(size_t)n * x_stride + c] = weight_at(w_, s_, m_, r, c, cols_p);
 }

@@ -52,9 +52,42 @@ inline int argmax_of(__global const float *logits, const int n, __local float *b
     return best[0] > -INFINITY && best[0] < INFINITY ? best_i[0] : -1;
 }
 
+// ---- penalties ----
+// llama.cpp's repetition, presence and frequency penalties (dpllama.generate.Sampler.penalize, the twin): over a
+// window of the w latest tokens, in order, each token's logit at its first occurrence is divided by the repetition
+// penalty rp where positive (multiplied where not), and the presence penalty pp is subtracted; at every occurrence
+// the frequency penalty fp is. In float32, one rounding per operation as the host's (the product is stored before
+// the subtraction, so that -cl-mad-enable cannot fuse the two into one rounding). The window's ids: a token, or -1 - r
+// for the token embed resolved for row r of the pass (`fed`: a batch's row fed from the batch before, which the host
+// has not read yet). `mark` (an int per token of the row, scratch: a draw's candidates' space) gets each token's
+// first position in the window, written before it is read, so it needs no clearing. In work-item 0 (a window of
+// at most a few hundred tokens), then a barrier for the work-group.
+#define WINDOW_ID(ids, i, fed) ((ids)[i] >= 0 ? (ids)[i] : (fed)[-1 - (ids)[i]])
+inline void penalize(__global float *logits, const int n, __global const int *ids, const int w,
+                     __global const int *fed, const float rp, const float pp, const float fp, __global int *mark) {
+    if (get_local_id(0) == 0 && w > 0) {
+        for (int i = w - 1; i >= 0; i--) {
+            const int t = WINDOW_ID(ids, i, fed);
+            if (t >= 0 && t < n) mark[t] = i;
+        }
+        for (int i = 0; i < w; i++) {
+            const int t = WINDOW_ID(ids, i, fed);
+            if (t < 0 || t >= n) continue;
+            float v = logits[t];
+            if (mark[t] == i) {
+                volatile float scaled = v > 0.0f ? v / rp : v * rp;
+                v = scaled - pp;
+            }
+            logits[t] = v - fp;
+        }
+    }
+    group_barrier(CLK_GLOBAL_MEM_FENCE);
+}
+
 // ---- a sampled draw ----
 // A sampled row's draw is run.c's sample_topp (dpllama.generate.Sampler.sample, its NumPy twin) with a top-k, by the
-// row's DRAW_PARAMS draw parameters {temperature T, top_p, coin, tail = (1 - top_p) / (n - 1), top_k}
+// row's DRAW_PARAMS draw parameters {temperature T, top_p, coin, tail = (1 - top_p) / (n - 1), top_k, and the
+// penalties', which `penalize` applies before: rp, pp, fp, and the window's length}
 // (Llama.draw_params; a greedy row's T is 0: the argmax; a row the host samples has a negative T and is left as it
 // is). Without top-k (0) and top-p (0) every token is a candidate, in index order. Otherwise the candidates are in
 // descending order of probability (ties: the lower index first): with top-k the top_k first tokens in that order,
@@ -81,7 +114,7 @@ inline int argmax_of(__global const float *logits, const int n, __local float *b
 #else
 #define EXP16(v) (float16)(exp((v).lo.lo), exp((v).lo.hi), exp((v).hi.lo), exp((v).hi.hi))
 #endif
-#define DRAW_PARAMS 5       // floats of a row's draw parameters (Llama.draw_params)
+#define DRAW_PARAMS 9       // floats of a row's draw parameters (Llama.draw_params)
 #define SUM16(v) (((v).s0 + (v).s1) + ((v).s2 + (v).s3) + ((v).s4 + (v).s5) + ((v).s6 + (v).s7) + \
                   ((v).s8 + (v).s9) + ((v).sa + (v).sb) + ((v).sc + (v).sd) + ((v).se + (v).sf))
 
@@ -316,11 +349,15 @@ inline int chosen_next(const int chosen, __global int *tokens, __global int *sta
 }
 
 // Decoding's step between two forward passes of a sequence, one work-group: the token drawn from the logits
-// (draw_of: greedy or sampled, by draw's parameters) goes to tokens[pos + 1] (chosen_next), and its embedding row
-// into x, so the next pass starts without an embed launch. The weight arguments are the embedding table's.
+// (draw_of: greedy or sampled, by draw's parameters, after the penalties over the window of the sequence's latest
+// tokens, tokens[pos - w + 1 .. pos], w at most the parameter's) goes to tokens[pos + 1] (chosen_next), and its
+// embedding row into x, so the next pass starts without an embed launch. The weight arguments are the embedding
+// table's.
 __kernel void choose_embed(__global float *logits, __global int *tokens, __global int *state, const int n,
                            __global const float *draw, WEIGHT_ARGS, __global float *x, const int cols,
                            const int cols_p, __global float *cand, __local float *best, __local int *best_i) {
+    const int pos = state[0], w = min((int)draw[8], pos + 1);
+    penalize(logits, n, tokens + pos + 1 - w, w, tokens, draw[5], draw[6], draw[7], (__global int *)cand);
     const int t = draw_of(logits, n, draw, cand, best, best_i);
     const int r = max(chosen_next(t, tokens, state), 0);     // -1: the host stops
     for (int c = get_local_id(0); c < cols; c += get_local_size(0))
@@ -329,13 +366,18 @@ __kernel void choose_embed(__global float *logits, __global int *tokens, __globa
 
 // A batch's rows whose tokens the device chooses (Llama.enqueue_batch): chosen[r] = the token drawn from logits row
 // r (n floats, rows `stride` apart, a multiple of 16: argmax_of reads float16 vectors; -1 where they are not all
-// finite) by its draw parameters draws[DRAW_PARAMS r ..], a work-group per row (cand: 2 stride floats a row); rows
-// the host samples (a negative temperature) are skipped. The next batch's embed reads the tokens it feeds from chosen.
+// finite) by its draw parameters draws[DRAW_PARAMS r ..], after the penalties over its window (window[W r ..], ids as
+// `penalize` takes them, `fed` the pass's rows' tokens as embed resolved them), a work-group per row (cand: 2 stride
+// floats a row); rows the host samples (a negative temperature) are skipped. The next batch's embed reads the tokens
+// it feeds from chosen.
 __kernel void choose_rows(__global float *logits, const int n, const int stride, __global const float *draws,
-                          __global int *chosen, __global float *cand, __local float *best, __local int *best_i) {
+                          __global const int *window, const int W, __global const int *fed, __global int *chosen,
+                          __global float *cand, __local float *best, __local int *best_i) {
     const int r = get_group_id(1);
-    if (draws[DRAW_PARAMS * r] < 0.0f) return;
-    const int t = draw_of(logits + (size_t)r * stride, n, draws + DRAW_PARAMS * r, cand + (size_t)2 * r * stride,
-                          best, best_i);
+    __global const float *draw = draws + DRAW_PARAMS * r;
+    if (draw[0] < 0.0f) return;
+    penalize(logits + (size_t)r * stride, n, window + (size_t)W * r, (int)draw[8], fed, draw[5], draw[6], draw[7],
+             (__global int *)(cand + (size_t)2 * r * stride));
+    const int t = draw_of(logits + (size_t)r * stride, n, draw, cand + (size_t)2 * r * stride, best, best_i);
     if (get_local_id(0) == 0) chosen[r] = t;
 }

@@ -36,7 +36,7 @@ QKV = "bias k_cache v_cache state rope q_dim kv_dim head_dim seq_p cache_offset 
 SCRATCH = "scratch scratch_ss row"
 
 SIGNATURES = {s.name: s for s in (
-    Signature("embed", f"{WEIGHT} tokens state chosen x cols cols_p x_stride"),
+    Signature("embed", f"{WEIGHT} tokens state chosen x cols cols_p x_stride fed"),
     Signature("gemv_add", f"{WEIGHT} x y {GEMV} {SCRATCH}"),
     Signature("gemv_norm", f"{WEIGHT} x g y {GEMV} eps {SCRATCH}"),
     Signature("gemv_norm_swiglu", f"{WEIGHT} x g y {GEMV} eps {SCRATCH}"),
@@ -47,7 +47,7 @@ SIGNATURES = {s.name: s for s in (
                         "cp_o cp_f cp_d eps k_cache v_cache state rope q_dim kv_dim head_dim seq_p cache_offset "
                         f"cache_stride slot_stride n_heads shares phases counters {SCRATCH}"),
     Signature("choose_embed", f"logits tokens state n draw {WEIGHT} x cols cols_p cand best best_i"),
-    Signature("choose_rows", "logits n stride draws chosen cand best best_i"),
+    Signature("choose_rows", "logits n stride draws window W fed chosen cand best best_i"),
     Signature("attention", "query k_cache v_cache att out state n_heads n_kv_heads head_dim seq_p q_stride "
                            "out_stride cache_offset slot_stride scratch"),
     Signature("gather_rows", "x rows first count n"),
@@ -60,12 +60,12 @@ def ints(**values) -> dict:
     return {k: np.int32(v) for k, v in values.items()}
 
 
-def embed(q: Queue, emb: DeviceTensor, T: int, tokens, state, chosen, x, x_stride: int) -> Command:
+def embed(q: Queue, emb: DeviceTensor, T: int, tokens, state, chosen, x, x_stride: int, fed) -> Command:
     """x[n] = the embedding row of tokens[pos + n], n < T; an id -1 - i takes chosen[i] (a batch's rows fed from the
-    batch before, choose_rows)."""
+    batch before, choose_rows); fed[n] = the token row n embeds."""
     return SIGNATURES["embed"].bind(q, emb.program(1), (64, T), (64, 1), **emb.args(), tokens=tokens.read(),
                                     state=state.read(), chosen=chosen.read(), x=x.write(),
-                                    **ints(cols=emb.cols, cols_p=emb.cols_p, x_stride=x_stride))
+                                    **ints(cols=emb.cols, cols_p=emb.cols_p, x_stride=x_stride), fed=fed.write())
 
 
 def gemv(q: Queue, kernel: str, t: DeviceTensor, T: int, x, y, x_stride: int, y_stride: int, **extra) -> Command:
@@ -139,7 +139,7 @@ def attention(q: Queue, program, geo: Geometry, T: int, query, k_cache, v_cache,
         scratch=Local(A * 4))
 
 
-DRAW_PARAMS = 5     # floats of a row's draw parameters (Llama.draw_params; sampling.cl's DRAW_PARAMS)
+DRAW_PARAMS = 9     # floats of a row's draw parameters (Llama.draw_params; sampling.cl's DRAW_PARAMS)
 
 
 def draw_items(geo: Geometry) -> int:
@@ -165,16 +165,17 @@ def choose_embed(q: Queue, emb: DeviceTensor, logits, tokens, state, draw, x, vo
         best_i=Local((R + 1) * 4))     # best_i[R]: the candidates' count
 
 
-def choose_rows(q: Queue, emb: DeviceTensor, logits, m: int, vocab_size: int, stride: int, draws, chosen,
-                cand) -> Command:
-    """chosen[r] = the token drawn from logits row r by draws[4 r ..] (greedy or sampled; -1: not all finite;
-    skipped: a negative temperature), r < m, a work-group per row; the rows are `stride` floats apart, a multiple
-    of 16 (they are read as 16-float vectors), and cand holds 2 stride floats a row."""
+def choose_rows(q: Queue, emb: DeviceTensor, logits, m: int, vocab_size: int, stride: int, draws, window, W: int,
+                fed, chosen, cand) -> Command:
+    """chosen[r] = the token drawn from logits row r by draws[DRAW_PARAMS r ..] (greedy or sampled, after the
+    penalties over window[W r ..], whose ids -1 - i are fed[i]; -1: not all finite; skipped: a negative temperature),
+    r < m, a work-group per row; the rows are `stride` floats apart, a multiple of 16 (they are read as 16-float
+    vectors), and cand holds 2 stride floats a row."""
     R = draw_items(emb.geometry)
     return SIGNATURES["choose_rows"].bind(
         q, q.program("sampling.cl", *draw_defines(emb)), (R, m), (R, 1), logits=logits.read_write(),
-        **ints(n=vocab_size, stride=stride), draws=draws.read(), chosen=chosen.write(), cand=cand.read_write(),
-        best=Local(R * 4), best_i=Local((R + 1) * 4))
+        **ints(n=vocab_size, stride=stride), draws=draws.read(), window=window.read(), W=np.int32(W),
+        fed=fed.read(), chosen=chosen.write(), cand=cand.read_write(), best=Local(R * 4), best_i=Local((R + 1) * 4))
 
 
 def gather_rows(q: Queue, program, x, rows, first: int, count: int, n: int) -> Command:

@@ -82,6 +82,10 @@ def floats_per_position(c, chunk: int, slots: int = 1, kv_cache: str = "f16") ->
     return (slots * KVCache.floats_per_position(c.n_layers, c.kv_dim, kv_cache), chunk * c.n_heads, c.head_dim, slots)
 
 
+# the most tokens a draw's penalties look back over on the device (a batch's window buffer holds this many a row)
+PENALTY_WINDOW = 256
+
+
 @dataclass
 class Part:
     """A batch's rows of one sequence (Llama.batch): the tokens at positions pos, pos + 1, ... of its slot. An id
@@ -91,8 +95,11 @@ class Part:
     pos: int
     tokens: list[int]
     logits: bool            # whether the logits after the last token are wanted
-    draw: tuple[float, float, float, int] | None = None     # with logits: the device draws the next token by these
-    #                                                         (Sampler.draw) and only it comes back; None: the logits do
+    draw: tuple | None = None   # with logits: the device draws the next token by these (Sampler.draw: temperature,
+    #                             top-p, coin, top-k, the penalties and their window's length) and only it comes back;
+    #                             None: the logits do
+    history: tuple[int, ...] = ()   # with a penalized draw: the sequence's tokens before the last one fed here, at
+    #                                 least the window's length less one of them
 
 
 class Pending:
@@ -243,6 +250,9 @@ class Llama:
         self.batch_logits = zeros(q, slots * self.vocab_p, "batch_logits")
         self.batch_draws = zeros(q, kernels.DRAW_PARAMS * slots, "batch_draws")   # each row's draw_params
         self.batch_chosen = zeros(q, slots, "batch_chosen", np.int32)          # the token drawn from each row
+        self.batch_fed = zeros(q, n, "batch_fed", np.int32)         # the token each row of a pass embedded (embed's)
+        # per row that wants logits, the window of tokens its draw's penalties count (sampling.cl's penalize)
+        self.batch_window = zeros(q, slots * PENALTY_WINDOW, "batch_window", np.int32)
         self.chosen_rows = 0            # rows of batch_chosen that the latest batch filled (what its next may feed)
         self.choose_rows_commands: dict[int, object] = {}   # m -> _choose_rows_command(m)
         self.draw_cand = zeros(q, 2 * slots * self.vocab_p, "draw_cand")      # a sampled draw's candidates, per row
@@ -364,7 +374,8 @@ class Llama:
         cache's slot stride; attention.h's ROW_POS)."""
         c, q, geo, cache = self.config, self.q, self.geometry, self.cache
         q_dim, kv_dim, eps = c.n_heads * c.head_dim, c.kv_dim, np.float32(c.norm_eps)
-        cmds = [kernels.embed(q, self.tok_embeddings, T, tokens, start, self.batch_chosen, self.x, self.dim_p)]
+        cmds = [kernels.embed(q, self.tok_embeddings, T, tokens, start, self.batch_chosen, self.x, self.dim_p,
+                              self.batch_fed)]
         i = 0
         while i < len(self.layers):
             L, offset, count = self.layers[i], cache.offset(i, slot), 1
@@ -481,7 +492,14 @@ class Llama:
             head = head[1:]
         self.q.replay(head)
         if any(drawn):
-            uploads.append(self.batch_draws.set_async(np.array([self.draw_params(d) for d in draws], np.float32)))
+            windows = [self._window(p, r) for p, r in zip((p for p in parts if p.logits), wanted)]
+            uploads.append(self.batch_draws.set_async(np.array([self.draw_params(d, len(w))
+                                                               for d, w in zip(draws, windows)], np.float32)))
+            if any(windows):
+                table = np.zeros((m, PENALTY_WINDOW), np.int32)
+                for i, w in enumerate(windows):
+                    table[i, :len(w)] = w
+                uploads.append(self.batch_window.set_async(table.ravel()))
             self.q.enqueue(self._choose_rows_command(m))
             chosen, copied = self.batch_chosen.get_async(np.int32, 0, m)
             results = [(chosen[i:i + 1], copied, True) if d else
@@ -532,19 +550,34 @@ class Llama:
         """The tokens drawn from m rows of batch_logits by batch_draws, into batch_chosen."""
         if m not in self.choose_rows_commands:
             self.choose_rows_commands[m] = kernels.choose_rows(self.q, self.tok_embeddings, self.batch_logits, m,
-                                                               self.config.vocab_size, self.vocab_p,
-                                                               self.batch_draws, self.batch_chosen, self.draw_cand)
+                                                               self.config.vocab_size, self.vocab_p, self.batch_draws,
+                                                               self.batch_window, PENALTY_WINDOW, self.batch_fed,
+                                                               self.batch_chosen, self.draw_cand)
         return self.choose_rows_commands[m]
 
-    def draw_params(self, draw: tuple[float, float, float, int] | None) -> tuple[float, ...]:
+    @staticmethod
+    def _window(part: Part, row: int) -> list[int]:
+        """The tokens a part's draw penalizes (sampling.cl's penalize): the latest of its history and the token its
+        last row feeds, as -1 - row where the device chose it (embed resolves it into batch_fed); [] without a
+        penalty."""
+        n = part.draw[7] if part.draw is not None else 0
+        if not n:
+            return []
+        last = part.tokens[-1]
+        known = list(part.history[max(len(part.history) - (n - 1), 0):]) if n > 1 else []
+        return known + [last if last >= 0 else -1 - row]
+
+    def draw_params(self, draw: tuple | None, window: int | None = None) -> tuple[float, ...]:
         """sampling.cl's kernels.DRAW_PARAMS draw parameters of a row: {temperature, top_p, coin, (1 - top_p) /
-        (vocab - 1) (the top-p cutoff's, as Sampler.sample computes it), top_k}, or a negative temperature for a row
-        the host draws."""
+        (vocab - 1) (the top-p cutoff's, as Sampler.sample computes it), top_k, repeat penalty, presence penalty,
+        frequency penalty, the penalties' window} (the window: `window` tokens, else the draw's, which choose_embed
+        cuts to the sequence's), or a negative temperature for a row the host draws."""
         if draw is None:
-            return -1.0, 0.0, 0.0, 0.0, 0.0
-        temperature, top_p, coin, top_k = draw
+            return -1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0
+        temperature, top_p, coin, top_k, repeat, presence, frequency, last_n = draw
         return (temperature, top_p, coin, (1.0 - top_p) / max(self.config.vocab_size - 1, 1),
-                float(min(top_k, self.config.vocab_size)))     # a float32 holds it exactly (vocabularies < 2^24)
+                float(min(top_k, self.config.vocab_size)),      # a float32 holds it exactly (vocabularies < 2^24)
+                repeat, presence, frequency, float(last_n if window is None else window))
 
     def _advance(self, n: int) -> None:
         key = (n, self.seq.slot)
@@ -602,7 +635,7 @@ class Llama:
         """Enqueue the forward pass of the token at the current position (logits only)."""
         self.feed(1)
 
-    def next_chosen(self, draw: tuple[float, float, float, int] = (0.0, 0.0, 0.0, 0), ahead: bool = False) -> int:
+    def next_chosen(self, draw: tuple = (0.0, 0.0, 0.0, 0, 1.0, 0.0, 0.0, 0), ahead: bool = False) -> int:
         """The next token drawn on the device by `draw` (Sampler.draw; the default: the argmax) into tokens[pos+1];
         returns that token (4 bytes back to the host). With `ahead`, the forward pass of that token is enqueued
         behind the copy of the token, so the host has the token as soon as it is drawn and enqueues the next step
