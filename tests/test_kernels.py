@@ -430,7 +430,7 @@ EMBED_PARAMS = [(fmt, geo) for geo in ("cpu", "gpu") for fmt in GEOMETRY_FORMATS
 @pytest.mark.parametrize("fmt,geometry", EMBED_PARAMS, ids=["-".join(p) for p in EMBED_PARAMS])
 def test_embed(q, fmt, geometry):
     """Rows of the table by token id; an id -1 - i takes chosen[i] (a batch's token chosen on the device by the
-    batch before), and a chosen -1 (logits that were not finite) row 0."""
+    batch before), and a chosen -1 (logits that were not finite) row 0; fed gets the ids of the rows embedded."""
     geo = GEOMETRIES[geometry][0]
     rng = np.random.default_rng(7)
     vocab, T, pos = 23, 5, 2                      # vocab not a multiple of the tile height
@@ -442,8 +442,10 @@ def test_embed(q, fmt, geometry):
         dt = DeviceTensor(q, t, "emb", geo)
         stride = dt.cols_p + 16
         xb = q.buffer(host=np.zeros(T * stride, np.float32))
+        fb = q.buffer(host=np.full(T + 1, -9, np.int32))
         q.enqueue(kernels.embed(q, dt, T, q.buffer(host=tokens), q.buffer(host=np.array([pos, 1], np.int32)),
-                                q.buffer(host=chosen), xb, stride))
+                                q.buffer(host=chosen), xb, stride, fb))
+        np.testing.assert_array_equal(fb.get(np.int32), rows + [-9])
         x = xb.get().reshape(T, stride)
         want = t.dequantize()[rows]
         np.testing.assert_allclose(x[:, :cols], want, rtol=EMBED_RTOL, atol=EMBED_RTOL * np.abs(want).max(),

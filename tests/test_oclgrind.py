@@ -136,16 +136,18 @@ def test_int5_kernels_under_oclgrind(oclgrind_env, repo_root):
     assert reports(r.stderr) == []
 
 
+@pytest.mark.parametrize("test", ["test_choose_rows_sampled", "test_penalties_on_device_are_the_hosts"])
 @pytest.mark.parametrize("local", [1, 64])
-def test_sampled_draws_under_oclgrind(oclgrind_env, repo_root, local):
+def test_sampled_draws_under_oclgrind(oclgrind_env, repo_root, local, test):
     """The device's draws (sampling.cl, tests/test_kernels.py's test_choose_rows_sampled): the softmax in place, the
-    candidates' copy and the searches, in one work-item (CPU configs: SOLO) or in a work-group of 64 (GPU configs:
-    its barriers); a vocabulary of 97, not a whole number of 16-float vectors. One process each: Oclgrind 21.10's
-    uninitialized-value check reports the second of two runs of the same draws in one process (each alone is
-    clean)."""
+    candidates' copy and the searches, and the penalties (test_penalties_on_device_are_the_hosts: the window's ids,
+    the fed tokens, the marks in the candidates' space), in one work-item (CPU configs: SOLO) or in a work-group of
+    64 (GPU configs: its barriers); a vocabulary of 97, not a whole number of 16-float vectors. One process each:
+    Oclgrind 21.10's uninitialized-value check reports the second of two runs of the same draws in one process (each
+    alone is clean)."""
     env, d = oclgrind_env
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider",
-                        f"tests/test_kernels.py::test_choose_rows_sampled[97-{local}]"],
+                        f"tests/test_kernels.py::{test}[97-{local}]"],
                        capture_output=True, text=True, cwd=repo_root, timeout=900,
                        env=dict(env, DPLLAMA_CONFIG=str(d / "gpu-geometry.yaml")))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
