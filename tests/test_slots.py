@@ -43,6 +43,23 @@ def alone(model, i: int, prompt: list[int]) -> tuple[list[int], list[np.ndarray]
     return tokens, logits
 
 
+def run_batched(model, gens) -> list[tuple[list[int], list]]:
+    """Each generation's tokens and the logits each came from (None where not kept), all run in one Batcher's
+    passes to their end (at most 100)."""
+    out = {id(g): ([], []) for g in gens}
+    batcher = Batcher(model)
+    for _ in range(100):
+        for gen, token in batcher.step(gens):
+            assert not isinstance(token, DpllamaError)
+            if token is not None:
+                out[id(gen)][0].append(token)
+                out[id(gen)][1].append(gen.logits)
+        if batcher.idle:
+            break
+    assert all(g.ended for g in gens)
+    return [out[id(g)] for g in gens]
+
+
 def together(model, slots_prompts, rows: int | None = None) -> list[tuple[list[int], list[np.ndarray]]]:
     """Each (slot, i)'s tokens and logits from PROMPTS[i], all generated in batched passes of at most `rows`
     rows."""
@@ -50,22 +67,11 @@ def together(model, slots_prompts, rows: int | None = None) -> list[tuple[list[i
     for slot, i in slots_prompts:
         model.select(slot)
         gens.append(generate(model, PROMPTS[i], NEW, sampler(i), keep_logits=True))
-    out = {id(g): ([], []) for g in gens}
     chunk, model.chunk = model.chunk, rows or model.chunk
-    batcher = Batcher(model)
     try:
-        for _ in range(100):
-            for gen, token in batcher.step(gens):
-                assert not isinstance(token, DpllamaError)
-                if token is not None:
-                    out[id(gen)][0].append(token)
-                    out[id(gen)][1].append(gen.logits)
-            if batcher.idle:
-                break
+        return run_batched(model, gens)
     finally:
         model.chunk = chunk
-    assert all(g.ended for g in gens)
-    return [out[id(g)] for g in gens]
 
 
 @pytest.mark.parametrize("rows", [None, 5], ids=["one-pass-prompts", "5-row-passes"])
@@ -147,17 +153,7 @@ def test_tokens_drawn_on_the_device_give_what_each_gives_alone(model, rows, draw
                 model.select(slot)
                 gens.append(generate(model, PROMPTS[i], NEW, new_sampler(i), stops[i],
                                      keep_logits=host_drawn and i == 2))
-            out = {id(g): [] for g in gens}
-            batcher = Batcher(model)
-            for _ in range(100):
-                for gen, token in batcher.step(gens):
-                    assert not isinstance(token, DpllamaError)
-                    if token is not None:
-                        out[id(gen)].append(token)
-                if batcher.idle:
-                    break
-            assert all(g.ended for g in gens)
-            assert [out[id(g)] for g in gens] == want
+            assert [tokens for tokens, _ in run_batched(model, gens)] == want
     finally:
         model.chunk = chunk
     assert fed_from_device, "no pass fed a token from the device"
@@ -206,15 +202,7 @@ def test_penalties_on_the_device_give_the_hosts_tokens(model, last_n):
     for slot, (prompt, s) in enumerate(((PROMPTS[1], sampler()), (PROMPTS[0], Sampler(temperature=0)))):
         model.select(slot)
         gens.append(generate(model, prompt, NEW, s))
-    out = {id(g): [] for g in gens}
-    batcher = Batcher(model)
-    for _ in range(100):
-        for gen, token in batcher.step(gens):
-            if token is not None:
-                out[id(gen)].append(token)
-        if batcher.idle:
-            break
-    assert out[id(gens[0])] == host
+    assert run_batched(model, gens)[0][0] == host
 
 
 def test_prepared_batches_record_nothing_when_they_run(queue, weights, monkeypatch):
@@ -234,13 +222,5 @@ def test_prepared_batches_record_nothing_when_they_run(queue, weights, monkeypat
     for slot, p in enumerate(prompts):
         fresh.select(slot)
         gens.append(generate(fresh, p, NEW, sampler(slot), keep_logits=True))
-    out = {id(g): [] for g in gens}
-    batcher = Batcher(fresh)
-    for _ in range(100):
-        for gen, token in batcher.step(gens):
-            if token is not None:
-                out[id(gen)].append(token)
-        if batcher.idle:
-            break
-    assert [out[id(g)] for g in gens] == want
+    assert [tokens for tokens, _ in run_batched(fresh, gens)] == want
     assert sorted(fresh.batch_commands) == sizes and list(fresh.head_commands) == [1, 2, 3]
