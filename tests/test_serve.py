@@ -140,6 +140,43 @@ def test_bad_requests_are_400_naming_the_parameter(server, client):
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_extreme_and_malformed_bodies_get_answers_not_server_errors(server):
+    """Bodies a fuzzer sends: numbers JSON cannot hold (NaN, Infinity), values past any sensible range, lone
+    surrogates, ids outside the vocabulary. Each gets a 4xx in OpenAI's error shape or a normal completion of at most
+    2 tokens, never a 5xx, and the server stays healthy."""
+    chat, completions = "/v1/chat/completions", "/v1/completions"
+    hi = '"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2'
+    refused = [(chat, f'{{"model": "{MODEL}", {hi}, "temperature": NaN}}', "temperature"),
+               (chat, f'{{"model": "{MODEL}", {hi}, "top_p": NaN}}', "top_p"),
+               (chat, f'{{"model": "{MODEL}", {hi}, "presence_penalty": -Infinity}}', "presence_penalty"),
+               (chat, f'{{"model": "{MODEL}", {hi}, "repeat_penalty": Infinity}}', "repeat_penalty"),
+               (chat, f'{{"model": "{MODEL}", {hi}, "max_tokens": 1.5}}', "max_tokens"),
+               (chat, f'{{"model": "{MODEL}", {hi}, "stop": [1]}}', "stop.str"),
+               (completions, f'{{"model": "{MODEL}", "prompt": [], "max_tokens": 2}}', "prompt"),
+               (completions, f'{{"model": "{MODEL}", "prompt": [-1], "max_tokens": 2}}', "prompt"),
+               (completions, f'{{"model": "{MODEL}", "prompt": [512], "max_tokens": 2}}', "prompt"),
+               ("/detokenize", '{"tokens": [9223372036854775808]}', "tokens"),
+               ("/detokenize", '{"tokens": [1.5]}', "tokens.0")]
+    served = [(chat, f'{{"model": "{MODEL}", {hi}, "top_k": 1000000000000, "temperature": 0.5}}'),
+              (chat, f'{{"model": "{MODEL}", {hi}, "seed": {2 ** 80}, "temperature": 0.5}}'),
+              (chat, f'{{"model": "{MODEL}", {hi}, "seed": -5, "temperature": 0.5}}'),
+              (chat, f'{{"model": "{MODEL}", {hi}, "repeat_last_n": 1000000000000, "frequency_penalty": 1}}'),
+              (chat, f'{{"model": "{MODEL}", {hi}, "repeat_last_n": 0, "repeat_penalty": 1.5}}'),
+              (chat, f'{{"model": "{MODEL}", {hi}, "stop": ["", ""]}}'),
+              (chat, f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "\\ud800"}}], "max_tokens": 2}}'),
+              (chat, f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": {10 ** 20}}}'),
+              (completions, f'{{"model": "{MODEL}", "prompt": [1, 2, 3], "max_tokens": 2}}')]
+    post = lambda path, body: http.post(f"{server.url}{path}", content=body.encode(), timeout=60,
+                                        headers={"content-type": "application/json"})
+    for path, body, param in refused:
+        r = post(path, body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    for path, body in served:
+        r = post(path, body)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length"), (body, r.text)
+    assert http.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+
+
 @pytest.mark.parametrize("option, message", [(("--parallel", "0"), "--parallel must be at least 1, found 0"),
                                              (("--batch-size", "0"), "--batch-size must be at least 1, found 0"),
                                              (("--port", "70000"), "--port must be between 0 and 65535, found 70000")])
