@@ -496,11 +496,12 @@ inline void prepare_rows(__global const float *x, const int x_stride, const int 
 // `norm` (RMSNorm fused into the projection after it). Preparing a block of x is scalar work, so a
 // work-group shares it among TILES * TILE_ROWS rows (X_ONCE: takes it from `row`, prepared once for all its
 // runs). The get_local_size(0) work-items of a group split the columns (GPUs; 1 on CPUs). The result is valid
-// in work-item 0.
+// in work-item 0. X_ONCE: the `ahead` lines of 64 bytes from `fetch` are prefetched into L2 on the way, a few per
+// block (the layer launch's keys and values for the next layer's attention, matrix_phase; 0 for none).
 inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float *g, const int norm,
                       const int t0, const int tiles, const int cols, const int cols_p, const int T,
                       const int x_stride, const float eps, __local floatV *scratch, __local float *scratch_ss,
-                      __local const int *row, __private floatV *acc) {
+                      __local const int *row, __private floatV *acc, __global const char *fetch, const int ahead) {
     float ss[TOKENS];
 #if defined(X_ONCE)
     // tile by tile, each one's TOKENS sums in registers over the blocks, the input read where it was prepared
@@ -511,7 +512,15 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
             floatL a[TOKENS];       // in registers: every loop over it unrolled
 #pragma unroll
             for (int n = 0; n < TOKENS; n++) a[n] = 0.0f;
+            // the lines are numbered on over the tiles' halves' blocks; none of this varies in the loop, so the
+            // compiler makes a loop without it for the launches that fetch nothing
+            const int per_block = (ahead + tiles * HALVES * (cols_p / BLOCK) - 1) / (tiles * HALVES * (cols_p / BLOCK));
+            const int first = (tt * HALVES + h) * (cols_p / BLOCK) * per_block;
             for (int b = 0; b < cols_p / BLOCK; b++) {
+#if defined(__SSE2__)
+                for (int i = first + b * per_block; i < min(first + (b + 1) * per_block, ahead); i++)
+                    __builtin_prefetch(fetch + 64 * (size_t)i, 0, 2);  // prefetcht1: into L2, not the L1 the loop uses
+#endif
                 __local const float *f = row_f + b * ROW_F_BLOCK;
                 block_dot(w_, s_, m_, t0 + tt, b, h, cols_p, f, ROW_Q(row, b), f, f + TOKENS, a);
             }
@@ -611,7 +620,8 @@ __kernel void gemv_add(WEIGHT_ARGS, __global const float *x, __global float *y, 
     PREPARE_ROW(x, x, 0);
     FOR_TILES(rows, t0, tiles) {
         floatV acc[TILES * TOKENS];
-        tile_rows(w_, s_, m_, x, x, 0, t0, tiles, cols, cols_p, T, x_stride, 0.0f, scratch, scratch_ss, row, acc);
+        tile_rows(w_, s_, m_, x, x, 0, t0, tiles, cols, cols_p, T, x_stride, 0.0f, scratch, scratch_ss, row, acc,
+                  0, 0);
         store_rows(y, acc, t0, tiles, rows, get_group_id(1) * TOKENS, T, y_stride, 1);
     }
 }
@@ -622,7 +632,8 @@ __kernel void gemv_norm(WEIGHT_ARGS, __global const float *x, __global const flo
     PREPARE_ROW(x, g, 1);
     FOR_TILES(rows, t0, tiles) {
         floatV acc[TILES * TOKENS];
-        tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc);
+        tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc,
+                  0, 0);
         store_rows(y, acc, t0, tiles, rows, get_group_id(1) * TOKENS, T, y_stride, 0);
     }
 }
@@ -667,7 +678,8 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
     PREPARE_ROW(x, g, 1);
     FOR_TILES(rows, t0, tiles) {
         floatV acc[TILES * TOKENS];
-        tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc);
+        tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc,
+                  0, 0);
         if (get_local_id(0) == 0)
             store_swiglu(acc, t0, tiles, rows, get_group_id(1) * TOKENS, T, y, y_stride);
     }
@@ -791,7 +803,8 @@ __kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global c
     PREPARE_ROW(x, g, 1);
     FOR_TILES(rows, t0, tiles) {
         floatV acc[TILES * TOKENS];
-        tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc);
+        tile_rows(w_, s_, m_, x, g, 1, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc,
+                  0, 0);
         if (get_local_id(0) == 0)
             store_qkv(acc, t0, tiles, rows, get_group_id(1) * TOKENS, T, y, y_stride, bias, k_cache, v_cache, state,
                       rope, q_dim, kv_dim, head_dim, seq_p, cache_offset, slot_stride);
@@ -819,7 +832,7 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
         for (int t0 = first; t0 < end; t0 += TILES) {
             floatV acc[TILES];
             tile_rows(w_, s_, m_, x, g, 1, t0, min(TILES, end - t0), cols, cols_p, T, x_stride, eps, scratch,
-                      scratch_ss, row, acc);
+                      scratch_ss, row, acc, 0, 0);
             store_qkv(acc, t0, min(TILES, end - t0), rows, 0, T, y, y_stride, bias, k_cache, v_cache, state, rope,
                       q_dim, kv_dim, head_dim, seq_p, cache_offset, slot_stride);
         }
@@ -837,8 +850,9 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
 // phases run in order: QKV (with RoPE and the KV cache's append), attention, Wo, SwiGLU, W2, the first `phases` of
 // them (2 to 5: up to the first matrix whose format differs from Wqkv's; the rest run as their own kernels, and the
 // launch then takes one layer). A phase is a list of tasks (a group of TOKENS rows and a share of a matrix's tiles;
-// attention's KV heads and rows), which the work-groups claim one at a time (atomic_inc on `counters`), and a
-// work-group goes on to the next phase, or the next layer's first, once every task of this one is done.
+// attention's KV heads and rows), which the work-groups claim one at a time (atomic_inc on `counters`; attention's
+// from a queue per work-group first where the keys and values were fetched ahead, below), and a work-group goes
+// on to the next phase, or the next layer's first, once every task of this one is done.
 // It waits only for tasks that another work-group has claimed, so it never waits on one that has not started: where
 // the driver runs the work-groups one after the other on one thread (PoCL does when its other thread is busy), the
 // first does every task and the others find none left. Each task computes what the separate kernels compute, with
@@ -850,7 +864,7 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
 // counters: per layer of the launch and phase, the tasks claimed and the tasks done, on cache lines of their own,
 // then the work-groups out; zeros between launches (the last work-group out leaves them so)
 #define LAYER_PHASES 5
-#define CLAIMED(c, p) ((c) + 32 * (p))
+#define CLAIMED(c, p) ((c) + 32 * (p))      // attention's: one a work-group, CLAIMED(c, 1) + g (see layer_phases)
 #define DONE(c, p) ((c) + 32 * (p) + 16)
 #define LAYER_COUNTERS (32 * LAYER_PHASES)
 #define LEFT(c, layers) ((c) + LAYER_COUNTERS * (layers))
@@ -878,15 +892,57 @@ inline void phase_end(__global volatile int *c, const int p, const int total) {
     mem_fence(CLK_GLOBAL_MEM_FENCE);
 }
 
+// Batch steps of a few sequences (2 to KV_AHEAD_ROWS rows, each its own slot) spend a quarter of their time in
+// attention, half of that waiting for keys and values from memory (SmolLM2, 8 rows at positions 130-216: every row
+// reading one slot's cache instead, the same bytes but from cache, ran steps 1.1-1.2x faster), while the matrices'
+// loops leave the memory idle. So the [W1; W3] phase, the longest, fetches the next layer's keys and values into L2
+// a few lines a block (tile_rows' `fetch`), each work-group those of the rows whose attention it then takes first
+// (layer_phases): 8- and 16-row steps 1.04-1.06x faster (benchmarks/ab_kernels.py both ways round). Each row's
+// cache is two runs of memory (attention.h: keys blocks 0 .. pos / KEY_BLOCK, values positions 0 .. pos), fetched
+// in `parts` slices, the work-group's k-th tile run taking slice k (all rows' first slices first). Where the
+// lines went to whichever core's tile came first, or came in bursts before the tiles, steps ran no faster or
+// 1.04-1.07x slower. Passes of more rows (prompts, whose rows share their slot's cache) fetch nothing, nor builds
+// whose keys are not in blocks.
+#if !defined(KV_AHEAD_ROWS)
+#define KV_AHEAD_ROWS 16
+#endif
+#if defined(KEY_BLOCK)
+#define KV_AHEAD(T) ((T) > 1 && (T) <= KV_AHEAD_ROWS)
+#else
+#define KV_AHEAD(T) 0
+#endif
+#define QUEUES min((int)get_num_groups(0), 16)     // attention's queues: CLAIMED(c, 1) + g, before DONE(c, 1)
+// the first of the `ahead` lines to fetch for this work-group's k-th tile run of `calls`, of the KV cache at
+// layer offset `next`
+inline __global const char *kv_slice(const int k, const int calls, const int T, __global const kv_t *k_cache,
+                                     __global const kv_t *v_cache, __global const int *state, const int kv_dim,
+                                     const long next, const int slot_stride, int *ahead) {
+    const int G = QUEUES, g = get_group_id(0), runs = g < G ? 2 * ((T - g + G - 1) / G) : 0;
+    *ahead = 0;
+    if (runs == 0 || k / runs >= max(1, calls / runs)) return 0;
+    const int parts = max(1, calls / runs), run = k % runs, part = k / runs, n = g + G * (run / 2);
+    const int pos = ROW_POS(state, n, slot_stride);
+    if (pos < 0) return 0;
+    const size_t layer = ROW_CACHE(state, n, slot_stride, next);
+    const size_t bytes = run % 2 ? (size_t)(pos + 1) * kv_dim * sizeof(kv_t)
+                                 : (size_t)(pos / KEY_BLOCK + 1) * kv_dim * KEY_BLOCK * sizeof(kv_t);
+    const size_t from = bytes * part / parts & ~(size_t)63, to = bytes * (part + 1) / parts;
+    *ahead = (int)((to - from + 63) / 64);
+    return (__global const char *)(run % 2 ? v_cache + layer : k_cache + layer) + from;
+}
+
 // phase p: y (=, +=, or silu(gate) * up, or q and the cache: `store`) W x, or W rmsnorm(x, g) when `norm`: a task
 // per group of TOKENS input rows and share of the tiles (`shares` a group), group by group; a work-group prepares a
-// group's input rows when its first task there comes
+// group's input rows when its first task there comes. With `next` >= 0 (a layer's offset in the KV cache) its tile
+// runs fetch that layer's keys and values ahead (above).
 inline void matrix_phase(WEIGHT_ARGS, const int p, const int shares, __global volatile int *c,
                          __global const float *x, const int x_stride, __global const float *g, const int norm,
                          __global float *y, const int y_stride, const int rows, const int cols, const int cols_p,
-                         const int T, const float eps, const int store, QKV_ARGS, GEMV_SCRATCH) {
+                         const int T, const float eps, const int store, QKV_ARGS, const long next, GEMV_SCRATCH) {
     const int tasks = (T + TOKENS - 1) / TOKENS * shares;
+    const int calls = ROW_TILES(rows) / TILES * ((T + TOKENS - 1) / TOKENS) / QUEUES;     // tile runs, about
     int prepared = -1;      // the group of rows in `row`
+    int done = 0;           // this work-group's tile runs so far
     for (int task; (task = atomic_inc(CLAIMED(c, p))) < tasks; atomic_inc(DONE(c, p))) {
         const int tok0 = task / shares * TOKENS, share = task % shares;
         if (prepared != tok0)
@@ -896,7 +952,11 @@ inline void matrix_phase(WEIGHT_ARGS, const int p, const int shares, __global vo
              t0 += TILES) {
             const int tiles = min(TILES, end - t0);
             floatV acc[TILES * TOKENS];
-            tile_rows(w_, s_, m_, x, g, norm, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc);
+            int ahead = 0;
+            __global const char *fetch = next >= 0 ? kv_slice(done++, calls, T, k_cache, v_cache, state, kv_dim, next,
+                                                              slot_stride, &ahead) : 0;
+            tile_rows(w_, s_, m_, x, g, norm, t0, tiles, cols, cols_p, T, x_stride, eps, scratch, scratch_ss, row, acc,
+                      fetch, ahead);
             if (store == STORE_QKV)
                 store_qkv(acc, t0, tiles, rows, tok0, T, y, y_stride, QKV_VALUES);
             else if (store == STORE_SWIGLU)
@@ -911,7 +971,9 @@ inline void matrix_phase(WEIGHT_ARGS, const int p, const int shares, __global vo
 // One layer's phases: its matrices wq_.. [Wq; Wk; Wv] (q_dim + 2 kv_dim rows), wo_.. Wo (dim rows, q_dim columns),
 // wf_.. [W1; W3] in blocks (2 hidden rows), wd_.. W2 (dim rows, hidden columns); cp_*: their padded columns.
 // Activations: x [T][dim_p], query and att_out [T][q_p], h [T][hidden_p], att attention's scratch; the KV cache and
-// the rows' positions as for gemv_norm_rope_kv and attention.
+// the rows' positions as for gemv_norm_rope_kv and attention. `next`: the next layer's offset in the KV cache, whose
+// keys and values [W1; W3] fetches ahead, or -1. Where they are fetched (KV_AHEAD), work-group g takes the attention
+// of rows g, g + G, g + 2G, ... (G work-groups), whose keys and values it fetched, before the others' left.
 inline void layer_phases(__global const void *wq_, __global const void *sq_, __global const void *mq_,
                          __global const void *wo_, __global const void *so_, __global const void *mo_,
                          __global const void *wf_, __global const void *sf_, __global const void *mf_,
@@ -921,23 +983,26 @@ inline void layer_phases(__global const void *wq_, __global const void *sq_, __g
                          const int T, const int dim, const int hidden, const int dim_p, const int q_p,
                          const int hidden_p, const int cp_qkv, const int cp_o, const int cp_f, const int cp_d,
                          const float eps, QKV_ARGS, const int n_heads, const int shares, const int phases,
-                         __global volatile int *c, GEMV_SCRATCH) {
-    const int n_kv_heads = kv_dim / head_dim;
+                         __global volatile int *c, const long next, GEMV_SCRATCH) {
+    const int n_kv_heads = kv_dim / head_dim, G = KV_AHEAD(T) ? QUEUES : 1;
     matrix_phase(wq_, sq_, mq_, 0, shares, c, x, dim_p, attn_norm, 1, query, q_p, q_dim + 2 * kv_dim, dim, cp_qkv, T,
-                 eps, STORE_QKV, QKV_VALUES, SCRATCH_VALUES);
-    for (int task; (task = atomic_inc(CLAIMED(c, 1))) < n_kv_heads * T; atomic_inc(DONE(c, 1)))
-        attend_heads(task % n_kv_heads, task / n_kv_heads, query, k_cache, v_cache, att, att_out, state, n_heads,
-                     n_kv_heads, head_dim, seq_p, q_p, q_p, cache_offset, slot_stride);
+                 eps, STORE_QKV, QKV_VALUES, -1, SCRATCH_VALUES);
+    for (int i = 0; i < G; i++) {       // queue g: rows g, g + G, ...; this work-group's first (one queue: all rows)
+        const int g = (get_group_id(0) + i) % G, tasks = n_kv_heads * ((T - g + G - 1) / G);
+        for (int task; (task = atomic_inc(CLAIMED(c, 1) + g)) < tasks; atomic_inc(DONE(c, 1)))
+            attend_heads(task % n_kv_heads, g + G * (task / n_kv_heads), query, k_cache, v_cache, att, att_out, state,
+                         n_heads, n_kv_heads, head_dim, seq_p, q_p, q_p, cache_offset, slot_stride);
+    }
     phase_end(c, 1, n_kv_heads * T);
     if (phases > 2)
         matrix_phase(wo_, so_, mo_, 2, shares, c, att_out, q_p, attn_norm, 0, x, dim_p, dim, q_dim, cp_o, T, eps,
-                     STORE_ADD, QKV_VALUES, SCRATCH_VALUES);
+                     STORE_ADD, QKV_VALUES, -1, SCRATCH_VALUES);
     if (phases > 3)
         matrix_phase(wf_, sf_, mf_, 3, shares, c, x, dim_p, ffn_norm, 1, h, hidden_p, 2 * hidden, dim, cp_f, T, eps,
-                     STORE_SWIGLU, QKV_VALUES, SCRATCH_VALUES);
+                     STORE_SWIGLU, QKV_VALUES, KV_AHEAD(T) ? next : -1, SCRATCH_VALUES);
     if (phases > 4)
         matrix_phase(wd_, sd_, md_, 4, shares, c, h, hidden_p, ffn_norm, 0, x, dim_p, dim, hidden, cp_d, T, eps,
-                     STORE_ADD, QKV_VALUES, SCRATCH_VALUES);
+                     STORE_ADD, QKV_VALUES, -1, SCRATCH_VALUES);
 }
 
 // Layers first .. first + count - 1 of the weights buffer `weights` (their arrays where `parts` says, a row of
@@ -960,12 +1025,15 @@ __kernel void layers(__global const char *weights, __global const uint *parts, c
                      att, att_out, h, T, dim, hidden, dim_p, q_p, hidden_p, cp_qkv, cp_o, cp_f, cp_d, eps,
                      (__global const float *)PART(14), k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p,
                      cache_offset + l * cache_stride, slot_stride, n_heads, shares, phases,
-                     counters + LAYER_COUNTERS * l, scratch, scratch_ss, row);
+                     counters + LAYER_COUNTERS * l, l + 1 < count ? cache_offset + (l + 1) * (long)cache_stride : -1,
+                     scratch, scratch_ss, row);
 #undef PART
     }
     if (atomic_inc(LEFT(counters, count)) == get_num_groups(0) - 1) {     // the last one out: every other has left
         for (int i = 0; i < LAYER_COUNTERS * count; i += 16)   // each phase's CLAIMED and DONE
             atomic_xchg(counters + i, 0);
+        for (int l = 0; l < count && KV_AHEAD(T); l++)         // attention's queues past the first
+            for (int g = 1; g < QUEUES; g++) atomic_xchg(CLAIMED(counters + LAYER_COUNTERS * l, 1) + g, 0);
         atomic_xchg(LEFT(counters, count), 0);
     }
 }
