@@ -512,8 +512,8 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
             floatL a[TOKENS];       // in registers: every loop over it unrolled
 #pragma unroll
             for (int n = 0; n < TOKENS; n++) a[n] = 0.0f;
-            // the lines are numbered on over the tiles' halves' blocks; none of this varies in the loop, so the
-            // compiler makes a loop without it for the launches that fetch nothing
+            // the lines numbered on over the tiles' halves' blocks, from values that do not change in the loop (a
+            // counter carried through it cost prompts, which fetch nothing, ~2%)
             const int per_block = (ahead + tiles * HALVES * (cols_p / BLOCK) - 1) / (tiles * HALVES * (cols_p / BLOCK));
             const int first = (tt * HALVES + h) * (cols_p / BLOCK) * per_block;
             for (int b = 0; b < cols_p / BLOCK; b++) {
@@ -897,7 +897,8 @@ inline void phase_end(__global volatile int *c, const int p, const int total) {
 // reading one slot's cache instead, the same bytes but from cache, ran steps 1.1-1.2x faster), while the matrices'
 // loops leave the memory idle. So the [W1; W3] phase, the longest, fetches the next layer's keys and values into L2
 // a few lines a block (tile_rows' `fetch`), each work-group those of the rows whose attention it then takes first
-// (layer_phases): 8- and 16-row steps 1.04-1.06x faster (benchmarks/ab_kernels.py both ways round). Each row's
+// (layer_phases): 8-row steps 1.06-1.07x faster, 16-row 1.04-1.05x (benchmarks/ab_kernels.py both ways round,
+// prompts and one sequence unchanged). Each row's
 // cache is two runs of memory (attention.h: keys blocks 0 .. pos / KEY_BLOCK, values positions 0 .. pos), fetched
 // in `parts` slices, the work-group's k-th tile run taking slice k (all rows' first slices first). Where the
 // lines went to whichever core's tile came first, or came in bursts before the tiles, steps ran no faster or
