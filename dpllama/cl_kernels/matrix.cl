@@ -507,16 +507,16 @@ inline void tile_rows(WEIGHT_ARGS, __global const float *x, __global const float
     // tile by tile, each one's TOKENS sums in registers over the blocks, the input read where it was prepared
     __local const float *row_f = ROW_F(row, cols_p);
     for (int n = 0; n < TOKENS; n++) ss[n] = row_f[ROW_SS(cols_p) + n];
+    // the lines to fetch numbered on over the tiles' halves' blocks, from values that do not change in the loop: with
+    // a counter carried through it, prompts (which fetch nothing) ran ~1.5% slower, with these ~1% (noise)
+    const int blocks = cols_p / BLOCK, per_block = (ahead + tiles * HALVES * blocks - 1) / (tiles * HALVES * blocks);
     for (int tt = 0; tt < tiles; tt++)
         for (int h = 0; h < HALVES; h++) {      // the tile's halves one after the other (LANES)
             floatL a[TOKENS];       // in registers: every loop over it unrolled
 #pragma unroll
             for (int n = 0; n < TOKENS; n++) a[n] = 0.0f;
-            // the lines numbered on over the tiles' halves' blocks, from values that do not change in the loop: with
-            // a counter carried through it, prompts (which fetch nothing) ran ~1.5% slower, with these ~1% (noise)
-            const int per_block = (ahead + tiles * HALVES * (cols_p / BLOCK) - 1) / (tiles * HALVES * (cols_p / BLOCK));
-            const int first = (tt * HALVES + h) * (cols_p / BLOCK) * per_block;
-            for (int b = 0; b < cols_p / BLOCK; b++) {
+            const int first = (tt * HALVES + h) * blocks * per_block;
+            for (int b = 0; b < blocks; b++) {
 #if defined(__SSE2__)
                 for (int i = first + b * per_block; i < min(first + (b + 1) * per_block, ahead); i++)
                     __builtin_prefetch(fetch + 64 * (size_t)i, 0, 2);  // prefetcht1: into L2, not the L1 the loop uses
@@ -920,8 +920,9 @@ inline __global const char *kv_slice(const int k, const int calls, const int T, 
                                      const long next, const int slot_stride, int *ahead) {
     const int G = QUEUES, g = get_group_id(0), runs = g < G ? 2 * ((T - g + G - 1) / G) : 0;
     *ahead = 0;
-    if (runs == 0 || k / runs >= max(1, calls / runs)) return 0;
+    if (runs == 0) return 0;
     const int parts = max(1, calls / runs), run = k % runs, part = k / runs, n = g + G * (run / 2);
+    if (part >= parts) return 0;
     const int pos = ROW_POS(state, n, slot_stride);
     if (pos < 0) return 0;
     const size_t layer = ROW_CACHE(state, n, slot_stride, next);
