@@ -279,8 +279,37 @@ def test_sigterm_finishes_the_running_stream_then_exits():
         assert s.proc.wait(30) == 0
         with pytest.raises(http.ConnectError):
             http.get(f"{s.url}/health", timeout=5)
+        assert s.wait_for("dpllama: SIGTERM: ", 10).endswith("those running have 30 s to finish")
+        assert s.wait_for("dpllama: stopped", 10)
     finally:
         s.stop()
+
+
+def test_sigterm_answers_what_the_drain_time_cuts_off_with_503():
+    """--drain-timeout 1 and a stream that needs ~10 s (SmolLM2, 2,000 tokens): 1 s after SIGTERM the engine cancels
+    it, and its stream ends with an error event, as the request waiting behind it gets a 503, before the connections
+    close; no traceback in the log (uvicorn's own deadline, which cancelled the responses' tasks, logged them)."""
+    with Server("-m", str(smollm2_gguf_path()), "--drain-timeout", "1", "--model-name", "smollm2") as s:
+        body = {"model": "smollm2", "prompt": "Once", "max_tokens": 2000, "temperature": 0, "stream": True}
+        with ThreadPoolExecutor(1) as pool, http.Client(timeout=60) as c, \
+                c.stream("POST", f"{s.url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(lines)
+            behind = pool.submit(http.post, f"{s.url}/v1/completions", json={**body, "stream": False}, timeout=60)
+            deadline = time.monotonic() + 30
+            while metric(s, "dpllama_requests_waiting") < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            s.proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+            assert json.loads(rest[-1][6:])["error"] == {"message": "the server shut down before the request was done",
+                                                         "type": "unavailable_error", "param": None, "code": None}
+            answer = behind.result()
+        assert answer.status_code == 503 and "shut down" in answer.json()["error"]["message"]
+        assert s.proc.wait(30) == 0
+        assert s.wait_for("dpllama: stopped", 10)
+        assert s.wait_for("dpllama: SIGTERM: ", 1).endswith("those running have 1 s to finish")
+        assert sum("finish=cancelled" in line for line in s.lines) == 2, "\n".join(s.lines)
+        assert not [line for line in s.lines if "Traceback" in line or line.startswith("ERROR")], "\n".join(s.lines)
 
 
 def test_eight_concurrent_greedy_streams_match_their_solo_outputs(server, client):

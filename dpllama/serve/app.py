@@ -12,6 +12,7 @@ import json
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ from dpllama.serve.engine import Busy, Done, Engine, Failed, Piece, Request, Tok
 from dpllama.serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, ParameterError, Sampling,
                                    TokenizeRequest)
 
+SHUT_DOWN = "the server shut down before the request was done"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 503: "unavailable_error"}
 
@@ -241,14 +243,31 @@ def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiti
         server.should_exit = True
 
     engine = Engine(load, slots, max_waiting, Metrics(), fatal)
-    server = uvicorn.Server(uvicorn.Config(make_app(engine, model_name, api_keys), log_level="warning",
-                                           access_log=False, lifespan="on", timeout_graceful_shutdown=drain_timeout))
+    # when the drain time is up the engine cancels what is left, so that each request still gets its answer (a 503,
+    # in a stream too) before uvicorn closes the connections; uvicorn's own deadline, later, would cancel the
+    # responses' tasks, which it logs as tracebacks
+    deadline = threading.Timer(drain_timeout, engine.stop)
+    deadline.daemon = True
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            if not self.should_exit:    # the first signal (a second Ctrl-C is uvicorn's forced exit)
+                print(f"dpllama: {signal.Signals(sig).name}: no new requests; those running have {drain_timeout:g} s "
+                      f"to finish", file=sys.stderr, flush=True)
+                engine.drain()
+                deadline.start()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(make_app(engine, model_name, api_keys), log_level="warning", access_log=False,
+                                   lifespan="on", timeout_graceful_shutdown=drain_timeout + 10))
     # uvicorn takes SIGTERM and SIGINT while it serves and raises them again once it is done: SIGTERM has then
     # drained the server and ends it with status 0, as a container's stop should
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run(sockets=[sock])
+    deadline.cancel()
     if failed:
         raise DpllamaError(failed[0])
+    print("dpllama: stopped", file=sys.stderr, flush=True)
 
 
 class Reply:
@@ -317,6 +336,9 @@ class Reply:
                     yield f"data: {json.dumps(error_body(500, event.message))}\n\n"
                     return
                 note.update(completion=event.completion_tokens, finish=event.finish_reason)
+                if event.finish_reason == "cancelled":      # by the server's stop: the error a whole response gets
+                    yield f"data: {json.dumps(error_body(503, SHUT_DOWN))}\n\n"
+                    return
                 yield self.chunk([self.choice(None, [], event.finish_reason)], **extra)
                 if usage:
                     yield self.chunk([], usage=self.usage(event))
@@ -349,7 +371,7 @@ class Reply:
                 break
         note.update(completion=event.completion_tokens, finish=event.finish_reason)
         if event.finish_reason == "cancelled":
-            raise ApiError(503, "the server shut down before the request was done")
+            raise ApiError(503, SHUT_DOWN)
         text = "".join(texts)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},

@@ -182,8 +182,14 @@ class Engine:
         with self._cond:
             self._cond.notify()
 
+    def drain(self) -> None:
+        """Refuse new requests (503); those running or waiting go on (the server's stop has begun)."""
+        with self._cond:
+            self._accepting = False
+
     def stop(self, timeout: float = 30) -> None:
-        """Refuse new requests, cancel those left and end the scheduler thread."""
+        """Refuse new requests, cancel those left (each one's client gets its answer: a 503) and end the scheduler
+        thread."""
         with self._cond:
             self._accepting = False
             self._stopping = True
