@@ -441,6 +441,11 @@ def resolve_model(name: str) -> Path:
         return ensure(name)
     if name.startswith(HF):
         return hf_model(name)
+    return local_model(name)
+
+
+def local_model(name: str) -> Path:
+    """`name` as a model file on disk, checked; a known or `hf:` name is not one (resolve_model fetches those)."""
     p = Path(name)
     if p.is_dir():
         raise DpllamaError(f"{name}: is a folder, not a model file")

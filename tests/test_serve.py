@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from dpllama.hub import MODELS
 from tests.helpers import llama2c_dir, shared_models, smollm2_gguf_path
 from tests.serving import Server
 
@@ -191,6 +192,15 @@ def test_bad_option_from_the_environment_stops_before_listening(repo_root):
                        text=True, cwd=repo_root, timeout=60, env=dict(os.environ, DPLLAMA_ACTIVATION_BITS="7"))
     assert r.returncode == 2 and "listening" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].endswith("argument --activation-bits: must be 16 or 8, found '7'"), r.stderr
+
+
+def test_missing_model_file_stops_before_listening(repo_root, tmp_path):
+    missing = tmp_path / "nope.gguf"
+    r = subprocess.run([sys.executable, "-m", "dpllama.cli", "serve", "-m", str(missing), "--port", "0"],
+                       capture_output=True, text=True, cwd=repo_root, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"dpllama: error: {missing}: model file not found (known names: {', '.join(MODELS)}; "
+        f"or hf:OWNER/REPO/FILE.gguf)"], r.stderr
 
 
 def test_api_keys_from_options_and_a_file(tmp_path):
