@@ -134,6 +134,18 @@ def test_bad_requests_are_400_naming_the_parameter(server, client):
                       ({"messages": [{"role": "user", "content": "x " * 2000}]}, "messages")]:
         e = refused(**kw)
         assert e.status_code == 400 and e.body["param"] == param, (kw, e.body)
+    e = refused(response_format={"type": "json_object"})
+    assert e.status_code == 400 and e.body["param"] == "response_format", e.body
+    e = refused(extra_body={"stream_options": {"include_obfuscation": True}}, stream=True)
+    assert e.status_code == 400 and e.body["param"] == "stream_options.include_obfuscation", e.body
+    # what clients send with every request, asking for nothing more than the server does, is served
+    neutral = {"tools": [], "logit_bias": {}, "response_format": {"type": "text"}, "tool_choice": "none",
+               "parallel_tool_calls": True, "store": False, "metadata": None}
+    done = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi", "tool_calls": []}],
+                                          max_tokens=2, **neutral)
+    assert done.choices[0].finish_reason in ("stop", "length")
+    done = client.completions.create(model=MODEL, prompt="Once", max_tokens=2, best_of=1, suffix="", logit_bias={})
+    assert done.choices[0].finish_reason in ("stop", "length")
     e = refused(model="gpt-4")
     assert e.status_code == 404 and e.body["code"] == "model_not_found"
     r = http.post(f"{server.url}/v1/chat/completions", content=b'{"model": ', timeout=10,

@@ -1,8 +1,9 @@
 """The request bodies the server takes, as OpenAI's API and llama.cpp's server spell them, and their limits.
 
 A parameter this server does not implement (tools, n > 1, logit_bias, echo, ...) is refused with 400 naming
-it, never ignored: `unsupported` lists a body's fields that no model here declares. A field sent as null
-counts as not sent, as clients send them.
+it, never ignored: `unsupported` lists a body's fields that no model here declares. A field sent with a value
+that asks for nothing (null, an empty list or object, OpenAI's default such as `response_format: {"type":
+"text"}`) counts as not sent: clients and frameworks send them with every request.
 """
 from __future__ import annotations
 
@@ -17,6 +18,21 @@ class ParameterError(Exception):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+# the values of fields this server does not implement that ask for what it does anyway (OpenAI's defaults)
+NEUTRAL = {"response_format": {"type": "text"}, "tool_choice": "none", "parallel_tool_calls": True, "best_of": 1,
+           "store": False, "suffix": ""}
+
+
+def asks_nothing(name: str, value) -> bool:
+    return value is None or value == [] or value == {} or (
+        name in NEUTRAL and type(value) is type(NEUTRAL[name]) and value == NEUTRAL[name])
+
+
+def extras(model: BaseModel, prefix: str = "") -> list[str]:
+    """The model's fields that it does not declare, sent with a value that asks for something."""
+    return [prefix + name for name, value in (model.model_extra or {}).items() if not asks_nothing(name, value)]
 
 
 class StreamOptions(BaseModel):
@@ -51,11 +67,7 @@ class Sampling(BaseModel):
 
     def unsupported(self) -> list[str]:
         """Fields sent with a value that this server does not implement, in the body's order."""
-        extra = [name for name, value in (self.model_extra or {}).items() if value is not None]
-        if self.stream_options:
-            extra += [f"stream_options.{name}" for name, value in (self.stream_options.model_extra or {}).items()
-                      if value is not None]
-        return extra
+        return extras(self) + (extras(self.stream_options, "stream_options.") if self.stream_options else [])
 
 
 class Message(BaseModel):
@@ -83,7 +95,7 @@ class ChatRequest(Sampling):
     def unsupported(self) -> list[str]:
         extra = super().unsupported()
         for i, m in enumerate(self.messages):
-            extra += [f"messages[{i}].{name}" for name, value in (m.model_extra or {}).items() if value is not None]
+            extra += extras(m, f"messages[{i}].")
         return extra
 
     def limit(self) -> int | None:
