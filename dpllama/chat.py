@@ -12,11 +12,19 @@ from dpllama.llm import LLM
 from dpllama.tokenizer import StreamDecoder, Tokenizer
 
 
+def chat_text(tok: Tokenizer, messages: list[dict]) -> str:
+    """A conversation in the model's chat template, ready for the assistant's reply."""
+    return tok.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def chat_ids(tok: Tokenizer, text: str) -> list[int]:
+    """The token ids of chat_text's `text`: the template writes BOS itself where the model wants one."""
+    return tok.encode(text, bos=False, parse_special=True)
+
+
 def chat_prompt(tok: Tokenizer, messages: list[dict]) -> list[int]:
     """The token ids of a conversation in the model's chat template, ready for the assistant's reply."""
-    text = tok.apply_chat_template(messages, add_generation_prompt=True)
-    # the template writes BOS itself where the model wants one
-    return tok.encode(text, bos=False, parse_special=True)
+    return chat_ids(tok, chat_text(tok, messages))
 
 
 class Chat:

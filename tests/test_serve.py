@@ -148,6 +148,16 @@ def test_bad_requests_are_400_naming_the_parameter(server, client):
     assert done.choices[0].finish_reason in ("stop", "length")
     e = refused(model="gpt-4")
     assert e.status_code == 404 and e.body["code"] == "model_not_found"
+    # a text too long for the context whatever its tokens (tok512: 7 bytes a token at most, 512 per slot) is
+    # refused without being encoded, which for megabytes would hold every stream
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, "Once upon a time " * 211)     # 3,587 characters
+    assert e.value.body["param"] == "prompt" and e.value.body["code"] == "context_length_exceeded"
+    assert e.value.body["message"] == ("the prompt is 3587 characters, more than the context of 512 tokens per slot "
+                                       "holds (a token is at most 7 bytes)")
+    r = http.post(f"{server.url}/tokenize", json={"content": "a" * 3585}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "content", r.text
+    assert len(http.post(f"{server.url}/tokenize", json={"content": "a" * 3584}, timeout=10).json()["tokens"]) > 512
     r = http.post(f"{server.url}/v1/chat/completions", content=b'{"model": ', timeout=10,
                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}

@@ -417,3 +417,68 @@ def test_smollm2_round_trip(smollm2):
     assert smollm2.encode("12345") == [33, 34, 35, 36, 37]
     for s in ROUND_TRIP:
         assert smollm2.decode(smollm2.encode(s)) == s, s
+
+
+# ---------------------------------------------------------------- too_long: a floor on a text's tokens, unencoded
+
+def texts_to_bound(tok) -> list[str]:
+    """Texts near the floor's edge: every token's text repeated (the longest reach it), runs of the characters a
+    vocabulary drops, random characters from every plane, and the round-trip cases."""
+    import random
+    rng = random.Random(0)
+    longest = max(range(tok.vocab_size), key=lambda t: len(tok.token_bytes(t)))
+    texts = [tok.token_bytes(longest).decode("utf-8", "replace") * 40, "\x04" * 500 + "a", *ROUND_TRIP]
+    texts += [tok.token_bytes(t).decode("utf-8", "replace") * 3 for t in rng.sample(range(tok.vocab_size), 200)]
+    for high in (0x80, 0x800, 0x10000, 0x110000):
+        texts.append("".join(chr(c) if not 0xD800 <= (c := rng.randrange(high)) < 0xE000 else "x"
+                             for _ in range(500)))
+    return texts
+
+
+def check_floor(tok):
+    most = tok.most_bytes_per_token
+    for text in texts_to_bound(tok):
+        n = len(tok.encode(text, parse_special=True))
+        kept = len(text) - sum(map(text.count, tok.vanishing))
+        assert n * most >= kept, (text[:30], n, kept, most)
+        assert not tok.too_long(text, n), text[:30]       # never a text that fits
+    assert tok.too_long("a" * (most * 10 + 1), 10) and not tok.too_long("a" * most * 10, 10)
+
+
+def test_floor_on_tokens_llama2c_and_spm(tmp_path, tok512, tok32k):
+    pieces = base_pieces() + [b" ", b"a", b"b", b"c", b"aa", b"ab", b"bc", b" a"]
+    scores = [0.0] * 259 + [0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -1.5, -3.0]
+    spm = tokenizer_from_gguf_fields(spm_fields(pieces, scores), "t.gguf")
+    for tok in (tok512, tok32k, spm, tokenizer_from_gguf_fields(spm_fields(tok512.pieces, tok512.scores), "t")):
+        check_floor(tok)
+    assert (tok512.most_bytes_per_token, spm.most_bytes_per_token, spm.vanishing) == (7, 5, "")   # " little", "</s>"
+    # without byte tokens a run of characters the vocabulary lacks is one <unk>: no floor
+    no_bytes = Llama2cTokenizer(write_llama2c_bin(tmp_path / "t.bin", [b"<unk>", b"\n<s>\n", b"\n</s>\n", b" ",
+                                                                       b"a"]), 5)
+    assert no_bytes.most_bytes_per_token is None and len(no_bytes.encode("é" * 1000)) == 3
+    assert not no_bytes.too_long("é" * 1000, 2)
+
+
+def test_floor_on_tokens_gpt2(tiny_gpt2):
+    check_floor(tiny_gpt2)
+    assert tiny_gpt2.most_bytes_per_token == len("<|endoftext|>") and tiny_gpt2.vanishing == ""
+    # a vocabulary without some ASCII bytes (SmolLM2's lacks six controls) drops them: they count for nothing
+    fields = gpt2_fields()
+    from dpllama.tokenizer.gguf import _bytes_to_unicode
+    char = _bytes_to_unicode()
+    dropped = [char[4], char[6]]
+    fields["tokenizer.ggml.tokens"] = [t for t in fields["tokenizer.ggml.tokens"] if t not in dropped]
+    fields["tokenizer.ggml.token_type"] = fields["tokenizer.ggml.token_type"][:len(fields["tokenizer.ggml.tokens"])]
+    gaps = tokenizer_from_gguf_fields(fields, "gaps.gguf")
+    assert gaps.vanishing == "\x04\x06" and gaps.encode("\x04\x06" * 500) == []
+    check_floor(gaps)
+    assert not gaps.too_long("\x04" * 10_000 + "a", 1)
+    # one without a continuation byte drops part of a character: no floor
+    fields["tokenizer.ggml.tokens"] = [t for t in fields["tokenizer.ggml.tokens"] if t != char[0x80]]
+    fields["tokenizer.ggml.token_type"] = fields["tokenizer.ggml.token_type"][:len(fields["tokenizer.ggml.tokens"])]
+    assert tokenizer_from_gguf_fields(fields, "gaps.gguf").most_bytes_per_token is None
+
+
+def test_floor_on_tokens_smollm2(smollm2):
+    check_floor(smollm2)
+    assert smollm2.most_bytes_per_token == 81 and smollm2.vanishing == "\x04\x06\x13\x14\x16\x1d"

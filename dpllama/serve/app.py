@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from dpllama.chat import chat_prompt
+from dpllama.chat import chat_ids, chat_text
 from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler
 from dpllama.llm import LLM
@@ -150,7 +150,9 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
 
     @app.post("/tokenize", dependencies=guarded)
     async def tokenize(body: TokenizeRequest):
-        tok = loaded().tokenizer
+        llm = loaded()
+        refuse_too_long(llm, body.content, "content", "the text")
+        tok = llm.tokenizer
         ids = tok.encode(body.content, bos=body.add_special, parse_special=body.parse_special)
         if body.with_pieces:
             return {"tokens": [{"id": t, "piece": tok.token_bytes(t).decode("utf-8", "replace")} for t in ids]}
@@ -172,6 +174,14 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
             raise ApiError(404, f"the model {body.model!r} does not exist: this server serves {model_name!r}",
                            "model", "model_not_found")
         return loaded()
+
+    def refuse_too_long(llm: LLM, text: str, param: str, what: str) -> None:
+        """A text that cannot fit the context is refused before it is encoded (Tokenizer.too_long)."""
+        ctx, tok = llm.model.seq_len, llm.tokenizer
+        if tok.too_long(text, ctx):
+            raise ApiError(400, f"{what} is {len(text)} characters, more than the context of {ctx} tokens per "
+                                f"slot holds (a token is at most {tok.most_bytes_per_token} bytes)", param,
+                           "context_length_exceeded")
 
     def request_of(llm: LLM, body: ChatRequest | CompletionRequest, prompt: list[int], param: str) -> Request:
         ctx = llm.model.seq_len
@@ -207,7 +217,9 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         llm = check(body)
         try:
             messages = [{"role": m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
-            prompt = chat_prompt(llm.tokenizer, messages)
+            text = chat_text(llm.tokenizer, messages)
+            refuse_too_long(llm, text, "messages", "the conversation in the chat template")
+            prompt = chat_ids(llm.tokenizer, text)
         except ParameterError as e:
             raise ApiError(400, str(e), e.param) from None
         except DpllamaError as e:      # the template refused the conversation
@@ -218,6 +230,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
     async def completions(http: HttpRequest, body: CompletionRequest):
         llm = check(body)
         if isinstance(body.prompt, str):
+            refuse_too_long(llm, body.prompt, "prompt", "the prompt")
             prompt = llm.encode(body.prompt)
         else:
             vocab = llm.model.config.vocab_size

@@ -6,6 +6,7 @@ import heapq
 import json
 import re
 from datetime import datetime
+from functools import cached_property
 
 from dpllama.errors import DpllamaError
 
@@ -63,6 +64,29 @@ class Tokenizer:
                 out.append(self.decode_piece(prev, t))
             prev = t
         return b"".join(out).decode("utf-8", "replace")
+
+    def every_byte_encodes(self) -> bool:
+        """Whether a character the vocabulary lacks becomes a token a byte (its byte tokens, or <unk>), an error,
+        or nothing (`vanishing`), so that no token stands for more text than its own bytes."""
+        return True
+
+    vanishing = ""      # characters encode() drops
+
+    @cached_property
+    def most_bytes_per_token(self) -> int | None:
+        """The most bytes of text one token of encode() stands for; None where nothing bounds it (a run of
+        characters the vocabulary lacks as one <unk>)."""
+        return max(len(self.token_bytes(t)) for t in range(self.vocab_size)) if self.every_byte_encodes() else None
+
+    def too_long(self, text: str, tokens: int) -> bool:
+        """Whether `text` is sure to encode to more than `tokens` tokens, known without encoding it: a character
+        that does not vanish is a byte at least, and a token most_bytes_per_token at most. The server refuses
+        such a prompt at once; encoding megabytes holds the interpreter, and every stream with it, for seconds to
+        minutes."""
+        most = self.most_bytes_per_token
+        if most is None or len(text) <= tokens * most:
+            return False
+        return len(text) - sum(map(text.count, self.vanishing)) > tokens * most
 
     def special_text(self, token: int) -> str:
         """Text of a special token as chat templates spell it (bos_token, eos_token)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import cached_property
 
 from dpllama.errors import DpllamaError
 from dpllama.tokenizer.base import Tokenizer, merge_by_score, utf8
@@ -187,7 +188,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs + extra, map(chr, cs + [256 + k for k in range(len(extra))])))
 
 
-_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+_UNICODE_OF_BYTE = _bytes_to_unicode()
+_BYTE_OF_CHAR = {c: b for b, c in _UNICODE_OF_BYTE.items()}
 # The pre-tokenizers, as llama.cpp's llm_tokenizer_bpe (src/llama-vocab.cpp) splits text before byte-level BPE:
 # tokenizer.ggml.pre -> its regexes, each splitting every piece the one before left (what a match leaves
 # between matches is a piece too), under the names llama.cpp gives them.
@@ -252,6 +254,16 @@ class Gpt2Tokenizer(GgufTokenizer):
         for f in frags:
             ids.extend([f] if isinstance(f, int) else self.hf.encode(f, add_special_tokens=False).ids)
         return ids
+
+    def every_byte_encodes(self) -> bool:
+        # HF's BPE drops a byte the vocabulary lacks (SmolLM2's: a few ASCII controls, bytes UTF-8 never or
+        # seldom starts a character with): a character of several bytes keeps one while its continuation
+        # bytes (0x80-0xBF) are all there, so that only `vanishing` ASCII ones go whole
+        return all(_UNICODE_OF_BYTE[b] in self.token_to_id for b in range(0x80, 0xC0))
+
+    @cached_property
+    def vanishing(self) -> str:
+        return "".join(chr(b) for b in range(0x80) if _UNICODE_OF_BYTE[b] not in self.token_to_id)
 
     def normal_bytes(self, token: int) -> bytes:
         text = self.tokens[token]

@@ -130,6 +130,9 @@ class Llama2cTokenizer(Tokenizer):
     def token_bytes(self, token: int) -> bytes:
         return self.decode_piece(None, token)
 
+    def every_byte_encodes(self) -> bool:
+        return len(self.byte_ids) == 256    # else a run of characters the vocabulary lacks is one <unk>
+
     def special_text(self, token: int) -> str:
         return self.pieces[token].decode("utf-8", "replace").strip()
 
