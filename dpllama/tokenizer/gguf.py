@@ -2,6 +2,7 @@
 ("llama": scores + <0xNN> byte fallback) and byte-level BPE ("gpt2", encoded with HF tokenizers)."""
 from __future__ import annotations
 
+import os
 import re
 from functools import cached_property
 
@@ -21,6 +22,9 @@ SPACE = "\u2581"  # SentencePiece's visible space "▁"
 _BYTE_TOKEN = re.compile("<0x[0-9A-Fa-f]{2}>")
 
 KEY = "tokenizer.ggml."
+# HF tokenizers' batches would otherwise run on a pool of threads of its own, and a process that forks after using
+# it prints a warning
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class GgufTokenizer(Tokenizer):
@@ -250,9 +254,12 @@ class Gpt2Tokenizer(GgufTokenizer):
         self.hf.pre_tokenizer = pre_tokenizer(pre)
 
     def encode_fragments(self, frags: list) -> list[int]:
+        # encode_batch lets go of the interpreter while it works (encode holds it: a server's streams stopped for
+        # the length of a long prompt's encoding); TOKENIZERS_PARALLELISM (above) keeps it in this thread
+        texts = iter(self.hf.encode_batch([f for f in frags if isinstance(f, str)], add_special_tokens=False))
         ids = []
         for f in frags:
-            ids.extend([f] if isinstance(f, int) else self.hf.encode(f, add_special_tokens=False).ids)
+            ids.extend([f] if isinstance(f, int) else next(texts).ids)
         return ids
 
     def every_byte_encodes(self) -> bool:
