@@ -444,8 +444,10 @@ def resolve_model(name: str) -> Path:
     return local_model(name)
 
 
-def local_model(name: str) -> Path:
-    """`name` as a model file on disk, checked; a known or `hf:` name is not one (resolve_model fetches those)."""
+def local_model(name: str) -> Path | None:
+    """`name` as a model file on disk, checked; None for a known or `hf:` name (resolve_model fetches those)."""
+    if name in MODELS or name.startswith(HF):
+        return None
     p = Path(name)
     if p.is_dir():
         raise DpllamaError(f"{name}: is a folder, not a model file")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dpllama.commands.options import add_activation_bits, add_device, add_model, check_ctx, load_llm
 from dpllama.errors import DpllamaError
-from dpllama.hub import HF, MODELS, local_model
+from dpllama.hub import local_model
 
 ENV_PREFIX = "DPLLAMA_"
 
@@ -101,8 +101,7 @@ def listen(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     check(args)
     keys = api_keys(args)
-    if args.model not in MODELS and not args.model.startswith(HF):
-        local_model(args.model)     # a missing file is one line, before the server listens (a fetch is not: long)
+    local_model(args.model)     # a missing file is one line before the server listens (a fetch, long, comes after)
     name = args.model_name or Path(args.model).name
 
     def load(slots: int):
