@@ -422,8 +422,9 @@ def test_smollm2_round_trip(smollm2):
 # ---------------------------------------------------------------- too_long: a floor on a text's tokens, unencoded
 
 def texts_to_bound(tok) -> list[str]:
-    """Texts near the floor's edge: every token's text repeated (the longest reach it), runs of the characters a
-    vocabulary drops, random characters from every plane, and the round-trip cases."""
+    """Texts near the floor's edge: the longest token's text repeated (where the floor is reached), 200 other
+    tokens' texts, a run of characters a vocabulary may drop, random characters of every plane, and the
+    round-trip cases."""
     import random
     rng = random.Random(0)
     longest = max(range(tok.vocab_size), key=lambda t: len(tok.token_bytes(t)))
@@ -451,7 +452,7 @@ def test_floor_on_tokens_llama2c_and_spm(tmp_path, tok512, tok32k):
     spm = tokenizer_from_gguf_fields(spm_fields(pieces, scores), "t.gguf")
     for tok in (tok512, tok32k, spm, tokenizer_from_gguf_fields(spm_fields(tok512.pieces, tok512.scores), "t")):
         check_floor(tok)
-    assert (tok512.most_bytes_per_token, spm.most_bytes_per_token, spm.vanishing) == (7, 5, "")   # " little", "</s>"
+    assert (tok512.most_bytes_per_token, spm.most_bytes_per_token, spm.vanishing) == (7, 5, "")   # " little", "<unk>"
     # without byte tokens a run of characters the vocabulary lacks is one <unk>: no floor
     no_bytes = Llama2cTokenizer(write_llama2c_bin(tmp_path / "t.bin", [b"<unk>", b"\n<s>\n", b"\n</s>\n", b" ",
                                                                        b"a"]), 5)
