@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Callable
 
 from fastapi import Depends, FastAPI, Request as HttpRequest
@@ -151,10 +152,9 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
     @app.post("/tokenize", dependencies=guarded)
     async def tokenize(body: TokenizeRequest):
         llm = loaded()
-        refuse_too_long(llm, body.content, "content", "the text")
         tok = llm.tokenizer
-        ids = await asyncio.to_thread(tok.encode, body.content, bos=body.add_special,
-                                      parse_special=body.parse_special)
+        ids = await encoded(llm, body.content, "content", "the text",
+                            partial(tok.encode, bos=body.add_special, parse_special=body.parse_special))
         if body.with_pieces:
             return {"tokens": [{"id": t, "piece": tok.token_bytes(t).decode("utf-8", "replace")} for t in ids]}
         return {"tokens": ids}
@@ -176,16 +176,17 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
                            "model", "model_not_found")
         return loaded()
 
-    # Texts are encoded in a worker thread (the tokenizers let go of the interpreter: HF's while it works, the
-    # Python ones every few milliseconds), so that the event loop goes on sending the other streams' tokens; a
-    # 600,000-character prompt took 0.4 s to encode.
-    def refuse_too_long(llm: LLM, text: str, param: str, what: str) -> None:
-        """A text that cannot fit the context is refused before it is encoded (Tokenizer.too_long)."""
+    async def encoded(llm: LLM, text: str, param: str, what: str, encode: Callable[[str], list[int]]) -> list[int]:
+        """encode(text), in a worker thread (the tokenizers let go of the interpreter: HF's while it works, the
+        Python ones every few milliseconds), so that the event loop goes on sending the other streams' tokens (a
+        600,000-character prompt took 0.4 s to encode); a text that cannot fit the context (Tokenizer.too_long)
+        is refused without being encoded."""
         ctx, tok = llm.model.seq_len, llm.tokenizer
         if tok.too_long(text, ctx):
             raise ApiError(400, f"{what} is {len(text)} characters, more than the context of {ctx} tokens per "
                                 f"slot holds (a token is at most {tok.most_bytes_per_token} bytes)", param,
                            "context_length_exceeded")
+        return await asyncio.to_thread(encode, text)
 
     def request_of(llm: LLM, body: ChatRequest | CompletionRequest, prompt: list[int], param: str) -> Request:
         ctx = llm.model.seq_len
@@ -221,9 +222,8 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         llm = check(body)
         try:
             messages = [{"role": m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
-            text = chat_text(llm.tokenizer, messages)
-            refuse_too_long(llm, text, "messages", "the conversation in the chat template")
-            prompt = await asyncio.to_thread(chat_ids, llm.tokenizer, text)
+            prompt = await encoded(llm, chat_text(llm.tokenizer, messages), "messages",
+                                   "the conversation in the chat template", partial(chat_ids, llm.tokenizer))
         except ParameterError as e:
             raise ApiError(400, str(e), e.param) from None
         except DpllamaError as e:      # the template refused the conversation
@@ -234,8 +234,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
     async def completions(http: HttpRequest, body: CompletionRequest):
         llm = check(body)
         if isinstance(body.prompt, str):
-            refuse_too_long(llm, body.prompt, "prompt", "the prompt")
-            prompt = await asyncio.to_thread(llm.encode, body.prompt)
+            prompt = await encoded(llm, body.prompt, "prompt", "the prompt", llm.encode)
         else:
             vocab = llm.model.config.vocab_size
             if not body.prompt or not all(0 <= t < vocab for t in body.prompt):
