@@ -163,6 +163,29 @@ def test_bad_requests_are_400_naming_the_parameter(server, client):
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_a_body_longer_than_any_prompt_can_use_is_413(server):
+    """A body is refused past 6 x ctx x the longest token's bytes + 64 KiB (tok512: 6 x 512 x 7 + 65,536), counted
+    as it arrives, with a Content-Length or without (chunked), and read to its end so that the client gets the
+    answer; at the limit the body is parsed and its prompt refused as too long for the context."""
+    limit = 6 * 512 * 7 + 65536
+    url = f"{server.url}/v1/completions"
+
+    def body(size: int) -> bytes:
+        head = f'{{"model": "{MODEL}", "max_tokens": 2, "prompt": "'.encode()
+        return head + b"a" * (size - len(head) - 2) + b'"}'
+    for size, chunked in ((limit + 1, False), (limit + 1, True), (8 << 20, False)):
+        data = body(size)
+        content = (data[i:i + 65536] for i in range(0, len(data), 65536)) if chunked else data
+        r = http.post(url, content=content, timeout=60, headers={"content-type": "application/json"})
+        assert r.status_code == 413, (size, chunked, r.text)
+        assert r.json()["error"] == {"message": f"the request body is {size} bytes, more than the {limit} that any "
+                                                "request can use with this model's context per slot",
+                                     "type": "invalid_request_error", "param": None, "code": "request_too_large"}
+    r = http.post(url, content=body(limit), timeout=60, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert complete(server.client(), "Once upon a time", max_tokens=2).choices[0].finish_reason == "length"
+
+
 def test_extreme_and_malformed_bodies_get_answers_not_server_errors(server):
     """Bodies a fuzzer sends: numbers JSON cannot hold (NaN, Infinity), values past any sensible range, lone
     surrogates, ids outside the vocabulary. Each gets a 4xx in OpenAI's error shape or a normal completion of at most

@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     def load(slots: int):
         llm = load_llm(args, slots, args.batch_size)
         llm.model.prepare_batches(slots)    # the passes of decode steps, recorded before the first request
+        llm.tokenizer.most_bytes_per_token  # and the longest token (the body limit, the floor on tokens): 0.1 s for
+                                            # Qwen's 151,936, which the first request would take in the event loop
         print(f"dpllama: ready: {name}, {slots} slot(s) of {llm.model.seq_len} tokens each", file=sys.stderr,
               flush=True)
         return llm

@@ -3,7 +3,8 @@
 
 Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a body this server cannot
 serve (malformed, a parameter out of range or not implemented, a prompt longer than the context), 401 without
-a valid API key, 404 for another model, 429 when the wait queue is full, 503 while loading or shutting down.
+a valid API key, 404 for another model, 413 for a body longer than any this context can use, 429 when the wait
+queue is full, 503 while loading or shutting down.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from dpllama.serve.schemas import (ChatRequest, CompletionRequest, DetokenizeReq
 
 SHUT_DOWN = "the server shut down before the request was done"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               429: "rate_limit_error", 500: "server_error", 503: "unavailable_error"}
+               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "unavailable_error"}
 
 
 class ApiError(Exception):
@@ -52,6 +53,44 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(error_body(e.status, e.message, e.param, e.code), e.status)
+
+
+def body_limit(llm: LLM) -> int | None:
+    """The most bytes a request body can need, None where nothing bounds a text's tokens (Tokenizer.too_long):
+    its texts fit the slot's context, ctx tokens of at most most_bytes_per_token bytes of UTF-8, which JSON spells
+    in 6 bytes a byte at most (\\u001f; a character of 3 bytes in 6, of 4 in 12), plus 64 KiB for the rest."""
+    most = llm.tokenizer.most_bytes_per_token
+    return None if most is None else 6 * llm.model.seq_len * most + 65536
+
+
+class BodyLimit:
+    """413 for a request body of more than `limit()` bytes (None: none yet, the model loading), counted as it
+    arrives, whatever Content-Length says. FastAPI holds a body whole and parses it in the event loop: 32 MB held
+    every stream for 0.15 s, and a gigabyte would take a gigabyte. The rest of the body is read and dropped
+    before the answer, so that a client still sending gets it rather than a reset connection."""
+
+    def __init__(self, app, limit: Callable[[], int | None]):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        most = self.limit() if scope["type"] == "http" else None
+        if most is None:
+            return await self.app(scope, receive, send)
+        size = 0
+
+        async def counted():
+            nonlocal size
+            message = await receive()
+            while message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size <= most:
+                    return message
+                if not message.get("more_body"):
+                    raise HTTPException(413, f"the request body is {size} bytes, more than the {most} that any "
+                                             f"request can use with this model's context per slot")
+                message = await receive()
+            return message      # http.disconnect
+        await self.app(scope, counted, send)
 
 
 class RequestLog:
@@ -98,7 +137,8 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         await asyncio.get_running_loop().run_in_executor(None, engine.stop)
 
     app = FastAPI(title="dpllama", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(RequestLog, replica=replica)
+    app.add_middleware(BodyLimit, limit=lambda: body_limit(engine.llm) if engine.ready.is_set() else None)
+    app.add_middleware(RequestLog, replica=replica)     # the outer one: it logs BodyLimit's answers too
     metrics = engine.metrics
 
     @app.exception_handler(ApiError)
@@ -115,7 +155,8 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
-        return error_response(ApiError(e.status_code, str(e.detail)))
+        return error_response(ApiError(e.status_code, str(e.detail), code="request_too_large" if e.status_code == 413
+                                       else None))
 
     def authorized(request: HttpRequest) -> None:
         if not api_keys:
