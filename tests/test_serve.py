@@ -15,7 +15,7 @@ import pytest
 
 from dpllama.hub import MODELS
 from tests.helpers import llama2c_dir, shared_models, smollm2_gguf_path
-from tests.serving import Server
+from tests.serving import REPO, Server
 
 openai = pytest.importorskip("openai", reason="the serve tests need the test extra's openai client")
 http = pytest.importorskip("httpx2", reason="openai's HTTP client, for what the openai client does not send")
@@ -365,6 +365,37 @@ def test_sigterm_answers_what_the_drain_time_cuts_off_with_503():
         assert s.wait_for("dpllama: SIGTERM: ", 1).endswith("those running have 1 s to finish")
         assert sum("finish=cancelled" in line for line in s.lines) == 2, "\n".join(s.lines)
         assert not [line for line in s.lines if "Traceback" in line or line.startswith("ERROR")], "\n".join(s.lines)
+
+
+def test_ctrl_c_stops_the_server_as_sigterm_does():
+    with Server(*stories_args()) as s:
+        assert complete(s.client(), "Once", max_tokens=2).choices[0].finish_reason == "length"
+        s.proc.send_signal(signal.SIGINT)
+        assert s.proc.wait(30) == 0
+        assert s.wait_for("dpllama: SIGINT: ", 10) and s.wait_for("dpllama: stopped", 10)
+
+
+def test_sigterm_stops_the_server_once_nobody_reads_its_log():
+    """`dpllama serve 2>&1 | head`, or a log shipper gone: writing the log fails (EPIPE), and the server goes on
+    serving, then stops at SIGTERM with status 0 (the handler's log line used to raise before it stopped anything,
+    so that only SIGKILL ended it)."""
+    proc = subprocess.Popen([sys.executable, "-m", "dpllama.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+                             *stories_args()], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("dpllama: ready"):
+            lines.append(proc.stderr.readline())
+            assert lines[-1], lines
+        url = re.search(r"http://127\.0\.0\.1:\d+", "".join(lines)).group(0)
+        proc.stderr.close()
+        done = http.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "Once", "max_tokens": 2}, timeout=30)
+        assert done.status_code == 200 and http.get(f"{url}/health", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_eight_concurrent_greedy_streams_match_their_solo_outputs(server, client):

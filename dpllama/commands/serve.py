@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import sys
 from pathlib import Path
 
 from dpllama.commands.options import add_activation_bits, add_device, add_model, check_ctx, load_llm
 from dpllama.errors import DpllamaError
 from dpllama.hub import local_model
+from dpllama.serve import log
 
 ENV_PREFIX = "DPLLAMA_"
 
@@ -109,8 +109,7 @@ def run(args: argparse.Namespace) -> int:
         llm.model.prepare_batches(slots)    # the passes of decode steps, recorded before the first request
         llm.tokenizer.most_bytes_per_token  # and the longest token (the body limit, the floor on tokens): 0.1 s for
                                             # Qwen's 151,936, which the first request would take in the event loop
-        print(f"dpllama: ready: {name}, {slots} slot(s) of {llm.model.seq_len} tokens each", file=sys.stderr,
-              flush=True)
+        log(f"dpllama: ready: {name}, {slots} slot(s) of {llm.model.seq_len} tokens each")
         return llm
 
     if args.replicas:
@@ -121,6 +120,6 @@ def run(args: argparse.Namespace) -> int:
     from dpllama.serve.app import serve
     sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    print(f"dpllama: listening on http://{host}:{port} (loading {args.model})", file=sys.stderr, flush=True)
+    log(f"dpllama: listening on http://{host}:{port} (loading {args.model})")
     serve(sock, load, args.parallel, args.max_waiting, name, keys, args.drain_timeout)
     return 0

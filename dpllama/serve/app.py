@@ -12,7 +12,6 @@ import asyncio
 import json
 import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -30,6 +29,7 @@ from dpllama.chat import chat_ids, chat_text
 from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler
 from dpllama.llm import LLM
+from dpllama.serve import log
 from dpllama.serve.metrics import Metrics
 from dpllama.serve.engine import Busy, Done, Engine, Failed, Piece, Request, TokenLogprob, Unavailable
 from dpllama.serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, ParameterError, Sampling,
@@ -120,8 +120,8 @@ class RequestLog:
         finally:
             client = scope.get("client") or ("-", 0)
             extra = "".join(f" {k}={v}" for k, v in note.items())
-            print(f"dpllama: {client[0]} {scope['method']} {scope['path']} {status[0]} "
-                  f"{time.perf_counter() - start:.3f}s{extra}", file=sys.stderr, flush=True)
+            log(f"dpllama: {client[0]} {scope['method']} {scope['path']} {status[0]} "
+                f"{time.perf_counter() - start:.3f}s{extra}")
 
 
 def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozenset(),
@@ -309,22 +309,23 @@ def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiti
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:
             if not self.should_exit:    # the first signal (a second Ctrl-C is uvicorn's forced exit)
-                print(f"dpllama: {signal.Signals(sig).name}: no new requests; those running have {drain_timeout:g} s "
-                      f"to finish", file=sys.stderr, flush=True)
                 engine.drain()
                 deadline.start()
+                log(f"dpllama: {signal.Signals(sig).name}: no new requests; those running have {drain_timeout:g} s "
+                    f"to finish")
             super().handle_exit(sig, frame)
 
     server = Server(uvicorn.Config(make_app(engine, model_name, api_keys), log_level="warning", access_log=False,
                                    lifespan="on", timeout_graceful_shutdown=drain_timeout + 10))
-    # uvicorn takes SIGTERM and SIGINT while it serves and raises them again once it is done: SIGTERM has then
-    # drained the server and ends it with status 0, as a container's stop should
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # uvicorn takes SIGTERM and SIGINT while it serves and raises them again once it is done: either has then
+    # drained the server, which ends with status 0, as a container's stop should (not the CLI's 130 for Ctrl-C)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
     server.run(sockets=[sock])
     deadline.cancel()
     if failed:
         raise DpllamaError(failed[0])
-    print("dpllama: stopped", file=sys.stderr, flush=True)
+    log("dpllama: stopped")
 
 
 class Reply:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 import threading
 from typing import Callable
 
 from dpllama.errors import DpllamaError
 from dpllama.llm import LLM
+from dpllama.serve import log
 
 
 def serve_replicas(load: Callable[[int], LLM], host: str, port: int, replicas: int, slots: int, max_waiting: int,
@@ -31,7 +31,7 @@ def serve_replicas(load: Callable[[int], LLM], host: str, port: int, replicas: i
     class Replica:
         def __serve_build_asgi_app__(self):
             def fatal(message: str) -> None:
-                print(f"dpllama: error: {message}", file=sys.stderr, flush=True)
+                log(f"dpllama: error: {message}")
                 os._exit(1)     # the replica dies, and Ray Serve says so and starts another
             engine = Engine(load, slots, max_waiting, Metrics(), fatal)
             return make_app(engine, model_name, api_keys, replica=f"{socket.gethostname()}:{os.getpid()}")
@@ -41,8 +41,7 @@ def serve_replicas(load: Callable[[int], LLM], host: str, port: int, replicas: i
     deployment = serve.deployment(serve.ingress()(Replica), name="dpllama", num_replicas=replicas,
                                   max_ongoing_requests=slots + max_waiting, graceful_shutdown_timeout_s=drain_timeout)
     serve.run(deployment.bind(), name="dpllama", route_prefix="/")
-    print(f"dpllama: listening on http://{host}:{port} ({replicas} Ray Serve replicas of {model_name})",
-          file=sys.stderr, flush=True)
+    log(f"dpllama: listening on http://{host}:{port} ({replicas} Ray Serve replicas of {model_name})")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
