@@ -431,3 +431,10 @@ def test_smollm2_oracles_beside_fifteen_others():
             {"role": "user", "content": "What is the capital of France?"}])
         assert chat.choices[0].message.content == "The capital of France is Paris."
         assert chat.choices[0].finish_reason == "stop"
+        # cut by max_tokens inside a character, whose bytes end as U+FFFD: a stop that only that last character
+        # completes cuts the text there, and the reply says so
+        french = {"model": "smollm2", "prompt": "Les élèves français aiment", "max_tokens": 60, "temperature": 0}
+        whole = client.completions.create(**french).choices[0]
+        assert whole.text.endswith("t \ufffd") and whole.finish_reason == "length", whole
+        cut = client.completions.create(**french, stop=["t \ufffd"]).choices[0]
+        assert (cut.text, cut.finish_reason) == (whole.text[:-3], "stop")

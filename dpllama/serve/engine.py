@@ -92,30 +92,62 @@ class Request:
             pass
 
 
+class StopMatch:
+    """One stop string's matcher (Knuth-Morris-Pratt): fed the text a character at a time, `k` is how many of the
+    stop's first characters the text ends with, in constant time a character amortized. Comparing each new text's
+    end with every prefix of the stop cost its length squared a token: seconds a stream, in the thread that
+    serves every stream, for a stop of a few thousand characters that the output keeps matching the start of."""
+
+    def __init__(self, stop: str):
+        self.stop, self.k = stop, 0
+        self.back = [0] * len(stop)     # back[i]: the longest proper prefix of stop[:i + 1] that ends it too
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.back[k - 1]
+            k += stop[i] == stop[k]
+            self.back[i] = k
+
+    def feed(self, c: str) -> bool:
+        """Take the text's next character; whether the text now ends with the whole stop."""
+        stop, k = self.stop, self.k
+        if k == len(stop):
+            k = self.back[k - 1]
+        while k and c != stop[k]:
+            k = self.back[k - 1]
+        self.k = k = k + (c == stop[k])
+        return k == len(stop)
+
+
 class StopText:
     """New tokens to text, cut at the first of `stops`: text that could be the start of a stop string is held
-    back until the next tokens show it is not, so no part of a stop string is ever sent."""
+    back until the next tokens show it is not, so no part of a stop string is ever sent. Of the stops a token
+    completes, the text is cut where the first begins (llama-server's)."""
 
     def __init__(self, tok: Tokenizer, prev: int, stops: tuple[str, ...]):
         self.decoder = text_decoder(tok, prev)
-        self.stops = tuple(s for s in stops if s)
+        self.matches = [StopMatch(s) for s in stops if s]
         self.held = ""
         self.stopped = False
 
     def push(self, token: int) -> str:
-        return self._release(self.decoder.push(token))
+        return self.release(self.decoder.push(token))
 
     def flush(self) -> str:
-        return self._release(self.decoder.flush(), final=True)
+        return self.release(self.decoder.flush(), final=True)
 
-    def _release(self, text: str, final: bool = False) -> str:
-        held = self.held + text
-        cuts = [i for i in (held.find(s) for s in self.stops) if i >= 0]
-        if cuts:
+    def release(self, text: str, final: bool = False) -> str:
+        """Of the text held and the new `text`, what can be sent: up to a stop, or all but what could begin one
+        (`final`: all)."""
+        held, cut = self.held + text, None
+        for i, c in enumerate(text, len(self.held) + 1):
+            for m in self.matches:
+                if m.feed(c) and (cut is None or i - len(m.stop) < cut):
+                    cut = i - len(m.stop)
+        if cut is not None:
             self.stopped, self.held = True, ""
-            return held[:min(cuts)]
-        keep = 0 if final else max((n for s in self.stops for n in range(min(len(s) - 1, len(held)), 0, -1)
-                                    if held.endswith(s[:n])), default=0)
+            return held[:cut]
+        keep = 0 if final else max((m.k for m in self.matches), default=0)    # what could begin a stop
         self.held = held[len(held) - keep:]
         return held[:len(held) - keep]
 
@@ -310,6 +342,8 @@ class Engine:
         gen = run.generation
         if reason in ("stop", "length") and not run.text.stopped:
             tail = run.text.flush()
+            if run.text.stopped:    # at a stop that ends in the text's last, unfinished character (U+FFFD)
+                reason = "stop"
             if tail or run.pending:
                 self._send(run, tail)
         self._running.remove(run)
