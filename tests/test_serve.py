@@ -158,6 +158,12 @@ def test_bad_requests_are_400_naming_the_parameter(server, client):
     r = http.post(f"{server.url}/tokenize", json={"content": "a" * 3585}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "content", r.text
     assert len(http.post(f"{server.url}/tokenize", json={"content": "a" * 3584}, timeout=10).json()["tokens"]) > 512
+    # work in Python that grows with the body, refused before it is done: it would hold every stream
+    r = http.post(f"{server.url}/detokenize", json={"tokens": [300] * 513}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "513 token ids, more than the context of 512 per slot"
+    assert len(http.post(f"{server.url}/detokenize", json={"tokens": [300] * 512}, timeout=10).json()["content"]) > 512
+    e = refused(messages=[{"role": "user", "content": ""}] * 513)
+    assert e.status_code == 400 and e.body["code"] == "context_length_exceeded" and e.body["param"] == "messages"
     r = http.post(f"{server.url}/v1/chat/completions", content=b'{"model": ', timeout=10,
                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}

@@ -194,15 +194,21 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
     async def tokenize(body: TokenizeRequest):
         llm = loaded()
         tok = llm.tokenizer
-        ids = await encoded(llm, body.content, "content", "the text",
-                            partial(tok.encode, bos=body.add_special, parse_special=body.parse_special))
+        ids = await prompt_of(llm, lambda: body.content, "content", "the text",
+                              partial(tok.encode, bos=body.add_special, parse_special=body.parse_special))
         if body.with_pieces:
             return {"tokens": [{"id": t, "piece": tok.token_bytes(t).decode("utf-8", "replace")} for t in ids]}
         return {"tokens": ids}
 
     @app.post("/detokenize", dependencies=guarded)
     async def detokenize(body: DetokenizeRequest):
-        tok = loaded().tokenizer
+        llm = loaded()
+        tok, ctx = llm.tokenizer, llm.model.seq_len
+        # no more than a slot's context, which any model's input or output here fits: decoding is Python work,
+        # and beside a stream it runs ~8 times slower than alone and holds the stream as long (1.9 million ids:
+        # 2.6 s, the stream's tokens held 1.9 s)
+        if len(body.tokens) > ctx:
+            raise ApiError(400, f"{len(body.tokens)} token ids, more than the context of {ctx} per slot", "tokens")
         bad = next((t for t in body.tokens if not 0 <= t < tok.vocab_size), None)
         if bad is not None:
             raise ApiError(400, f"token id {bad} is not in the vocabulary of {tok.vocab_size}", "tokens")
@@ -217,23 +223,33 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
                            "model", "model_not_found")
         return loaded()
 
-    async def encoded(llm: LLM, text: str, param: str, what: str, encode: Callable[[str], list[int]]) -> list[int]:
-        """encode(text), in a worker thread (the tokenizers let go of the interpreter: HF's while it works, the
-        Python ones every few milliseconds), so that the event loop goes on sending the other streams' tokens (a
-        600,000-character prompt took 0.4 s to encode); a text that cannot fit the context (Tokenizer.too_long)
-        is refused without being encoded."""
+    async def prompt_of(llm: LLM, text_of: Callable[[], str], param: str, what: str,
+                        encode: Callable[[str], list[int]]) -> list[int]:
+        """encode(text_of()), in a worker thread, so that the event loop goes on sending the other streams' tokens
+        (the tokenizers and Jinja let go of the interpreter: HF's while it works, Python code every few
+        milliseconds; a 600,000-character prompt took 0.4 s to encode, a template over 90,000 messages 1.5 s to
+        render). A text that cannot fit the context (Tokenizer.too_long) is refused without being encoded."""
         ctx, tok = llm.model.seq_len, llm.tokenizer
-        if tok.too_long(text, ctx):
-            raise ApiError(400, f"{what} is {len(text)} characters, more than the context of {ctx} tokens per "
-                                f"slot holds (a token is at most {tok.most_bytes_per_token} bytes)", param,
-                           "context_length_exceeded")
-        return await asyncio.to_thread(encode, text)
 
-    def request_of(llm: LLM, body: ChatRequest | CompletionRequest, prompt: list[int], param: str) -> Request:
+        def work() -> list[int]:
+            text = text_of()
+            if tok.too_long(text, ctx):
+                raise ApiError(400, f"{what} is {len(text)} characters, more than the context of {ctx} tokens per "
+                                    f"slot holds (a token is at most {tok.most_bytes_per_token} bytes)", param,
+                               "context_length_exceeded")
+            return encode(text)
+        return await asyncio.to_thread(work)
+
+    def fitting(llm: LLM, prompt: list[int], param: str) -> list[int]:
         ctx = llm.model.seq_len
         if len(prompt) > ctx:
             raise ApiError(400, f"the prompt is {len(prompt)} tokens, more than the context of {ctx} per slot",
                            param, "context_length_exceeded")
+        return prompt
+
+    def request_of(llm: LLM, body: ChatRequest | CompletionRequest, prompt: list[int], param: str) -> Request:
+        fitting(llm, prompt, param)
+        ctx = llm.model.seq_len
         sampler = Sampler(body.temperature, body.top_p, body.top_k, body.repeat_penalty, body.repeat_last_n,
                           time.time_ns() if body.seed is None else body.seed, body.presence_penalty,
                           body.frequency_penalty)
@@ -261,10 +277,17 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(http: HttpRequest, body: ChatRequest):
         llm = check(body)
-        try:
+        ctx = llm.model.seq_len
+        if len(body.messages) > ctx:    # a template gives each at least a token (90,000 took 1.5 s to render)
+            raise ApiError(400, f"{len(body.messages)} messages, more than the context of {ctx} tokens per slot "
+                                f"holds", "messages", "context_length_exceeded")
+
+        def text() -> str:
             messages = [{"role": m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
-            prompt = await encoded(llm, chat_text(llm.tokenizer, messages), "messages",
-                                   "the conversation in the chat template", partial(chat_ids, llm.tokenizer))
+            return chat_text(llm.tokenizer, messages)
+        try:
+            prompt = await prompt_of(llm, text, "messages", "the conversation in the chat template",
+                                     partial(chat_ids, llm.tokenizer))
         except ParameterError as e:
             raise ApiError(400, str(e), e.param) from None
         except DpllamaError as e:      # the template refused the conversation
@@ -275,12 +298,12 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
     async def completions(http: HttpRequest, body: CompletionRequest):
         llm = check(body)
         if isinstance(body.prompt, str):
-            prompt = await encoded(llm, body.prompt, "prompt", "the prompt", llm.encode)
+            prompt = await prompt_of(llm, lambda: body.prompt, "prompt", "the prompt", llm.encode)
         else:
             vocab = llm.model.config.vocab_size
-            if not body.prompt or not all(0 <= t < vocab for t in body.prompt):
+            prompt = fitting(llm, body.prompt, "prompt")       # before the ids are looked at: millions took 0.5 s
+            if not prompt or not all(0 <= t < vocab for t in prompt):
                 raise ApiError(400, f"a prompt of token ids holds at least one, each below {vocab}", "prompt")
-            prompt = body.prompt
         return await run(http, body, llm, prompt, "prompt", chat=False)
 
     return app
