@@ -63,32 +63,51 @@ def body_limit(llm: LLM) -> int | None:
     return None if most is None else 6 * llm.model.seq_len * most + 65536
 
 
-class BodyLimit:
-    """413 for a request body of more than `limit()` bytes (None: none yet, the model loading), counted as it
-    arrives, whatever Content-Length says. FastAPI holds a body whole and parses it in the event loop: 32 MB held
-    every stream for 0.15 s, and a gigabyte would take a gigabyte. The rest of the body is read and dropped
-    before the answer, so that a client still sending gets it rather than a reset connection."""
+class IncomingBody:
+    """A request body as it arrives. 413 past `limit()` bytes (None: no limit, the model loading), counted as it
+    arrives, whatever Content-Length says: FastAPI holds a body whole and parses it in the event loop, where 32 MB
+    held every stream for 0.15 s, and a gigabyte would take a gigabyte. The rest is read and dropped before the
+    answer, so that a client still sending gets it rather than a reset connection. 503 once the server begins
+    to stop (`closing`) with the body still on its way: the request is not running yet, and uvicorn would wait
+    for it until its own deadline, then cancel it, answer 500 and log a traceback."""
 
-    def __init__(self, app, limit: Callable[[], int | None]):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: Callable[[], int | None], closing: asyncio.Event):
+        self.app, self.limit, self.closing = app, limit, closing
+
+    async def arrival(self, receive) -> dict:
+        if self.closing.is_set():
+            raise HTTPException(503, "the server is shutting down")
+        got, stop = asyncio.ensure_future(receive()), asyncio.ensure_future(self.closing.wait())
+        try:
+            await asyncio.wait((got, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            arrived = got.done()
+            if not arrived:
+                got.cancel()
+        if not arrived:
+            raise HTTPException(503, "the server is shutting down")
+        return got.result()
 
     async def __call__(self, scope, receive, send):
-        most = self.limit() if scope["type"] == "http" else None
-        if most is None:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        size = 0
+        most, size, whole = self.limit(), 0, False
 
         async def counted():
-            nonlocal size
-            message = await receive()
+            nonlocal size, whole
+            if whole:
+                return await receive()      # after the body: a disconnect, whenever it comes
+            message = await self.arrival(receive)
             while message["type"] == "http.request":
                 size += len(message.get("body", b""))
-                if size <= most:
+                whole = not message.get("more_body")
+                if most is None or size <= most:
                     return message
-                if not message.get("more_body"):
+                if whole:
                     raise HTTPException(413, f"the request body is {size} bytes, more than the {most} that any "
                                              f"request can use with this model's context per slot")
-                message = await receive()
+                message = await self.arrival(receive)
             return message      # http.disconnect
         await self.app(scope, counted, send)
 
@@ -137,8 +156,10 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         await asyncio.get_running_loop().run_in_executor(None, engine.stop)
 
     app = FastAPI(title="dpllama", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, limit=lambda: body_limit(engine.llm) if engine.ready.is_set() else None)
-    app.add_middleware(RequestLog, replica=replica)     # the outer one: it logs BodyLimit's answers too
+    app.state.closing = asyncio.Event()     # the server has begun to stop (serve's signal handler sets it)
+    app.add_middleware(IncomingBody, limit=lambda: body_limit(engine.llm) if engine.ready.is_set() else None,
+                       closing=app.state.closing)
+    app.add_middleware(RequestLog, replica=replica)     # the outer one: it logs IncomingBody's answers too
     metrics = engine.metrics
 
     @app.exception_handler(ApiError)
@@ -334,11 +355,13 @@ def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiti
             if not self.should_exit:    # the first signal (a second Ctrl-C is uvicorn's forced exit)
                 engine.drain()
                 deadline.start()
+                asyncio.get_running_loop().call_soon_threadsafe(app.state.closing.set)
                 log(f"dpllama: {signal.Signals(sig).name}: no new requests; those running have {drain_timeout:g} s "
                     f"to finish")
             super().handle_exit(sig, frame)
 
-    server = Server(uvicorn.Config(make_app(engine, model_name, api_keys), log_level="warning", access_log=False,
+    app = make_app(engine, model_name, api_keys)
+    server = Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                    lifespan="on", timeout_graceful_shutdown=drain_timeout + 10))
     # uvicorn takes SIGTERM and SIGINT while it serves and raises them again once it is done: either has then
     # drained the server, which ends with status 0, as a container's stop should (not the CLI's 130 for Ctrl-C)
