@@ -19,6 +19,8 @@ import numpy as np
 from dpllama.errors import DpllamaError
 from dpllama.model.llama import PENALTY_WINDOW, Llama, Part, Pending, not_finite
 
+FLT_MAX = np.finfo(np.float32).max
+
 
 class XorShift:
     """llama2.c run.c's random_u32 / random_f32 (xorshift64*), seed for seed."""
@@ -99,7 +101,8 @@ class Sampler:
         """llama.cpp's penalties over the last repeat_last_n tokens (-1: all, as llama.cpp), sampling.cl's penalize
         operation for operation: in the window's order, a token's logit at its first occurrence is divided by the
         repetition penalty where positive (multiplied where not), less the presence penalty; at every occurrence, less
-        the frequency penalty. In float32, each operation rounded, as the device does."""
+        the frequency penalty. In float32, each operation rounded, as the device does, the quotient or product held to
+        the finite floats (a penalty of 1e-38 makes a logit of 4 overflow, and the infinity the draw's NaN)."""
         if not self.window or not history:
             return logits
         window = history if self.window < 0 else history[-self.window:]
@@ -110,7 +113,8 @@ class Sampler:
             v = logits[t]
             if t not in seen:
                 seen.add(t)
-                v = (v / rp if v > 0 else v * rp) - pp
+                with np.errstate(over="ignore", divide="ignore"):     # a penalty below float32's least: 0
+                    v = (min(v / rp, FLT_MAX) if v > 0 else max(v * rp, -FLT_MAX)) - pp
             logits[t] = v - fp
         return logits
 
@@ -118,7 +122,8 @@ class Sampler:
         logits = self.penalize(logits, history)
         if self.greedy:
             return int(np.argmax(logits))
-        z = np.exp((logits - logits.max()) / self.temperature)
+        with np.errstate(over="ignore"):   # penalized logits may lie FLT_MAX apart: their gap is -inf, e^-inf 0
+            z = np.exp((logits - logits.max()) / self.temperature)
         return self.sample(z / z.sum())
 
     def sample(self, probs: np.ndarray) -> int:

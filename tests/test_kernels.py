@@ -869,7 +869,9 @@ def test_choose_rows_sampled(q, n, local):
 
 
 
-PENALTIES = [(1.1, 0.0, 0.0), (1.3, 0.5, 0.25), (1.0, -0.7, 0.0), (0.8, 0.0, 1.5), (1.0, 0.0, -0.3)]
+# the last two overflow float32 (a logit of 4 divided by 1e-38, -4 times 1e38): held to the finite floats
+PENALTIES = [(1.1, 0.0, 0.0), (1.3, 0.5, 0.25), (1.0, -0.7, 0.0), (0.8, 0.0, 1.5), (1.0, 0.0, -0.3),
+             (1e-38, 0.5, 0.0), (1e38, 0.0, 0.25)]
 
 
 @pytest.mark.parametrize("local", [1, 64])

@@ -215,6 +215,8 @@ def test_extreme_and_malformed_bodies_get_answers_not_server_errors(server):
               (chat, f'{{"model": "{MODEL}", {hi}, "seed": -5, "temperature": 0.5}}'),
               (chat, f'{{"model": "{MODEL}", {hi}, "repeat_last_n": 1000000000000, "frequency_penalty": 1}}'),
               (chat, f'{{"model": "{MODEL}", {hi}, "repeat_last_n": 0, "repeat_penalty": 1.5}}'),
+              (chat, f'{{"model": "{MODEL}", {hi}, "repeat_penalty": 1e-38}}'),     # logits / 1e-38 overflow
+              (chat, f'{{"model": "{MODEL}", {hi}, "repeat_penalty": 1e-38, "repeat_last_n": -1}}'),   # on the host
               (chat, f'{{"model": "{MODEL}", {hi}, "stop": ["", ""]}}'),
               (chat, f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "\\ud800"}}], "max_tokens": 2}}'),
               (chat, f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": {10 ** 20}}}'),

@@ -57,7 +57,8 @@ inline int argmax_of(__global const float *logits, const int n, __local float *b
 // window of the w latest tokens, in order, each token's logit at its first occurrence is divided by the repetition
 // penalty rp where positive (multiplied where not), and the presence penalty pp is subtracted; at every occurrence
 // the frequency penalty fp is. In float32, one rounding per operation as the host's (the product is stored before
-// the subtraction, so that -cl-mad-enable cannot fuse the two into one rounding). The window's ids: a token, or -1 - r
+// the subtraction, so that -cl-mad-enable cannot fuse the two into one rounding), the quotient or product held to
+// the finite floats: a penalty of 1e-38 makes a logit of 4 overflow, and the infinity the draw's NaN. The window's ids: a token, or -1 - r
 // for the token embed resolved for row r of the pass (`fed`: a batch's row fed from the batch before, which the host
 // has not read yet). `mark` (an int per token of the row, scratch: a draw's candidates' space) gets each token's
 // first position in the window, written before it is read, so it needs no clearing. In work-item 0 (a window of
@@ -75,7 +76,7 @@ inline void penalize(__global float *logits, const int n, __global const int *id
             if (t < 0 || t >= n) continue;
             float v = logits[t];
             if (mark[t] == i) {
-                volatile float scaled = v > 0.0f ? v / rp : v * rp;
+                volatile float scaled = v > 0.0f ? fmin(v / rp, FLT_MAX) : fmax(v * rp, -FLT_MAX);
                 v = scaled - pp;
             }
             logits[t] = v - fp;
