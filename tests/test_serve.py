@@ -229,12 +229,26 @@ def test_extreme_and_malformed_bodies_get_answers_not_server_errors(server):
     for path, body in served:
         r = post(path, body)
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length"), (body, r.text)
+    # JSON whatever the Content-Type says: none, curl -d's form type, text
+    body = f'{{"model": "{MODEL}", "prompt": "Once", "max_tokens": 2, "temperature": 0}}'.encode()
+    want = post(completions, body.decode()).json()["choices"][0]["text"]
+    for kind in (None, "application/x-www-form-urlencoded", "text/plain"):
+        r = http.post(f"{server.url}{completions}", content=body, timeout=60,
+                      headers={"content-type": kind} if kind else {})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, (kind, r.text)
+    # OpenAI's "developer" messages are its newer models' system prompt
+    said = [post(chat, json.dumps({"model": MODEL, "max_tokens": 8, "temperature": 0, "messages": [
+        {"role": role, "content": "Be brief."}, {"role": "user", "content": "Hi"}]})).json() for role in
+        ("system", "developer")]
+    assert said[0]["choices"][0]["message"] == said[1]["choices"][0]["message"], said
     assert http.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
 
 
 @pytest.mark.parametrize("option, message", [(("--parallel", "0"), "--parallel must be at least 1, found 0"),
                                              (("--batch-size", "0"), "--batch-size must be at least 1, found 0"),
-                                             (("--port", "70000"), "--port must be between 0 and 65535, found 70000")])
+                                             (("--port", "70000"), "--port must be between 0 and 65535, found 70000"),
+                                             (("--api-key", " , "), "--api-key ' , ': no key in it (from the command "
+                                              "line or $DPLLAMA_API_KEY); leave it out for a server without keys")])
 def test_bad_options_are_one_line_errors(repo_root, option, message):
     r = subprocess.run([sys.executable, "-m", "dpllama.cli", "serve", *stories_args(*option)], capture_output=True,
                        text=True, cwd=repo_root, timeout=60)
@@ -268,6 +282,10 @@ def test_api_keys_from_options_and_a_file(tmp_path):
             s.client("wrong").models.list()
         assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
         assert http.get(f"{s.url}/health", timeout=10).status_code == 200     # probes need no key
+        # the key is checked before the body is read: without one, a body is not even parsed
+        r = http.post(f"{s.url}/v1/chat/completions", content=b'{"model": ', timeout=10,
+                      headers={"content-type": "application/json"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
 
 
 def test_full_queue_is_429_and_a_gone_client_cancels_its_request():

@@ -60,6 +60,9 @@ def environment_defaults(p: argparse.ArgumentParser) -> None:
 
 def api_keys(args: argparse.Namespace) -> frozenset[str]:
     keys = [k.strip() for a in args.api_key for k in a.split(",") if k.strip()]
+    if args.api_key and not keys:   # a secret left empty must not start a server open to all
+        raise DpllamaError(f"--api-key {','.join(args.api_key)!r}: no key in it (from the command line or "
+                           f"${ENV_PREFIX}API_KEY); leave it out for a server without keys")
     if args.api_key_file:
         try:
             lines = Path(args.api_key_file).read_text().splitlines()

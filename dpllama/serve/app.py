@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Callable
 
-from fastapi import Depends, FastAPI, Request as HttpRequest
+from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -67,7 +67,8 @@ class IncomingBody:
     """A request body as it arrives. 413 past `limit()` bytes (None: no limit, the model loading), counted as it
     arrives, whatever Content-Length says: FastAPI holds a body whole and parses it in the event loop, where 32 MB
     held every stream for 0.15 s, and a gigabyte would take a gigabyte. The rest is read and dropped before the
-    answer, so that a client still sending gets it rather than a reset connection. 503 once the server begins
+    answer, so that a client still sending gets it rather than a reset connection. A body is JSON whatever its
+    Content-Type says (`curl -d` sends a form's), as llama-server takes it. 503 once the server begins
     to stop (`closing`) with the body still on its way: the request is not running yet, and uvicorn would wait
     for it until its own deadline, then cancel it, answer 500 and log a traceback."""
 
@@ -92,6 +93,9 @@ class IncomingBody:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] == "POST":   # every body here is JSON, whatever it says it is (curl -d: a form's type)
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                     + [(b"content-type", b"application/json")]}
         most, size, whole = self.limit(), 0, False
 
         async def counted():
@@ -110,6 +114,23 @@ class IncomingBody:
                 message = await self.arrival(receive)
             return message      # http.disconnect
         await self.app(scope, counted, send)
+
+
+class ApiKeys:
+    """401 for a request without one of `keys` as its Bearer token (no keys: none asked), before its body is read,
+    so that a client without a key costs no parsing. /health needs none: probes come without."""
+
+    def __init__(self, app, keys: frozenset[str]):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.keys and scope["path"] != "/health":
+            scheme, _, key = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or key.strip() not in self.keys:
+                answer = error_response(ApiError(401, "a valid API key is needed (Authorization: Bearer KEY)",
+                                                 code="invalid_api_key"))
+                return await answer(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class RequestLog:
@@ -159,7 +180,8 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
     app.state.closing = asyncio.Event()     # the server has begun to stop (serve's signal handler sets it)
     app.add_middleware(IncomingBody, limit=lambda: body_limit(engine.llm) if engine.ready.is_set() else None,
                        closing=app.state.closing)
-    app.add_middleware(RequestLog, replica=replica)     # the outer one: it logs IncomingBody's answers too
+    app.add_middleware(ApiKeys, keys=api_keys)
+    app.add_middleware(RequestLog, replica=replica)     # the outer one: it logs the others' answers too
     metrics = engine.metrics
 
     @app.exception_handler(ApiError)
@@ -179,19 +201,10 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         return error_response(ApiError(e.status_code, str(e.detail), code="request_too_large" if e.status_code == 413
                                        else None))
 
-    def authorized(request: HttpRequest) -> None:
-        if not api_keys:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or key.strip() not in api_keys:
-            raise ApiError(401, "a valid API key is needed (Authorization: Bearer KEY)", code="invalid_api_key")
-
     def loaded() -> LLM:
         if not engine.ready.is_set():
             raise ApiError(503, "the model is loading")
         return engine.llm
-
-    guarded = [Depends(authorized)]
 
     @app.get("/health")
     async def health():
@@ -199,11 +212,11 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
             return JSONResponse(error_body(503, "the model is loading"), 503)
         return {"status": "ok"}
 
-    @app.get("/metrics", dependencies=guarded)
+    @app.get("/metrics")
     async def prometheus():
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=guarded)
+    @app.get("/v1/models")
     async def models():
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "dpllama"}
         if engine.ready.is_set():
@@ -211,7 +224,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
                             "n_vocab": engine.llm.model.config.vocab_size}
         return {"object": "list", "data": [card]}
 
-    @app.post("/tokenize", dependencies=guarded)
+    @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         llm = loaded()
         tok = llm.tokenizer
@@ -221,7 +234,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
             return {"tokens": [{"id": t, "piece": tok.token_bytes(t).decode("utf-8", "replace")} for t in ids]}
         return {"tokens": ids}
 
-    @app.post("/detokenize", dependencies=guarded)
+    @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         llm = loaded()
         tok, ctx = llm.tokenizer, llm.model.seq_len
@@ -295,7 +308,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
             return StreamingResponse(reply.stream(engine, usage, note), media_type="text/event-stream")
         return await reply.whole(engine, http, note)
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
+    @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest, body: ChatRequest):
         llm = check(body)
         ctx = llm.model.seq_len
@@ -304,7 +317,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
                                 f"holds", "messages", "context_length_exceeded")
 
         def text() -> str:
-            messages = [{"role": m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
+            messages = [{"role": m.template_role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
             return chat_text(llm.tokenizer, messages)
         try:
             prompt = await prompt_of(llm, text, "messages", "the conversation in the chat template",
@@ -315,7 +328,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
             raise ApiError(400, str(e), "messages") from None
         return await run(http, body, llm, prompt, "messages", chat=True)
 
-    @app.post("/v1/completions", dependencies=guarded)
+    @app.post("/v1/completions")
     async def completions(http: HttpRequest, body: CompletionRequest):
         llm = check(body)
         if isinstance(body.prompt, str):

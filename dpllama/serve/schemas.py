@@ -72,9 +72,15 @@ class Sampling(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict]
     name: str | None = None
+
+    @property
+    def template_role(self) -> str:
+        """The role as chat templates know it: OpenAI's "developer" (its newer models' name for the system
+        prompt, which its clients send) is "system"."""
+        return "system" if self.role == "developer" else self.role
 
     def text(self, where: str) -> str:
         """The message's text: a string, or text parts (OpenAI's content array) joined."""
