@@ -347,6 +347,18 @@ def test_a_follow_up_reuses_the_slots_cached_prefix():
         assert again.choices[0].text == reused.choices[0].text
 
 
+def test_two_conversations_on_two_slots_keep_their_slots():
+    """Two slots, two conversations taking turns: each follow-up reads only its new text. A new conversation shares
+    BOS with the slot the other left, which the longest prefix alone chose over the empty slot: each turn then
+    took the other's slot and read its whole conversation again."""
+    with Server(*stories_args("--parallel", "2")) as s:
+        client, prompts = s.client(), ["Once upon a time", "The cat sat on"]
+        firsts = [complete(client, p, max_tokens=16) for p in prompts]
+        for p, first in zip(prompts, firsts):
+            again = complete(client, p + first.choices[0].text + " Then", max_tokens=8)
+            assert again.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens, (p, again.usage)
+
+
 def test_sigterm_finishes_the_running_stream_then_exits():
     s = Server(*stories_args())
     try:

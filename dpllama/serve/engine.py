@@ -6,8 +6,8 @@ positions: the context is per slot) and runs one batched forward pass (`Llama.ba
 requests: every decoding request's newest token, then, in the room left of the pass's rows (`--batch-size`,
 Llama's `chunk`), the next pieces of the prompts still being read, oldest request first. Each weight is read and decoded once
 per pass for all of them, and a new prompt is read in pieces between the decode steps of the running
-streams, which never stall for more than a pass. A new request goes to the free slot whose KV cache holds
-the longest prefix of its prompt (llama-server's cache_prompt). Every request is a `Generation` (dpllama.generate, the one
+streams, which never stall for more than a pass. A new request goes to the free slot whose KV cache it gains
+most from and loses least of (llama-server's cache_prompt). Every request is a `Generation` (dpllama.generate, the one
 generation contract) with its own sampler, and the passes are a dpllama.generate.Batcher's: greedy requests' tokens
 are chosen on the device, and each round enqueues the next pass before it reads the tokens of the one before, so
 the host's work (text, events, admissions) runs while the device computes.
@@ -19,6 +19,7 @@ its own.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections import deque
@@ -186,6 +187,8 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._free = list(range(slots))
         self._kept: list[list[int]] = [[] for _ in range(slots)]   # per slot, the tokens its KV cache holds
+        self._used = [0] * slots                                    # per slot, when a request last took it
+        self._clock = itertools.count(1)
         self._running: list[Run] = []
         self._batcher: Batcher | None = None
         self._accepting = True
@@ -264,10 +267,17 @@ class Engine:
             self.metrics.waiting.set(0)
 
     def _slot_for(self, request: Request) -> tuple[Request, int, int]:
-        """The free slot whose KV cache holds the longest prefix of the request's prompt (the lowest of equals),
-        taken, and how many of the prompt's tokens it can keep (all but the last, which must be fed)."""
-        slot = max(self._free, key=lambda s: (reusable(self._kept[s], request.prompt), -s))
+        """The free slot whose KV cache the request gains most from and loses least of (the prompt's tokens it
+        holds less those it would throw away; of equals, the one used least recently), taken, and how many of the
+        prompt's tokens it can keep (all but the last, which must be fed). The longest prefix alone sent a new
+        conversation to the slot of another that shared its system prompt, not to an empty one: two chats on two
+        slots then took each other's slot at every turn, and each turn read its whole conversation again."""
+        def value(s: int) -> tuple[int, int]:
+            keep = reusable(self._kept[s], request.prompt)
+            return keep - (len(self._kept[s]) - keep), -self._used[s]
+        slot = max(self._free, key=value)
         self._free.remove(slot)
+        self._used[slot] = next(self._clock)
         return request, slot, reusable(self._kept[slot], request.prompt)
 
     def _admit(self, request: Request, slot: int, keep: int) -> None:
