@@ -58,9 +58,9 @@ inline int argmax_of(__global const float *logits, const int n, __local float *b
 // penalty rp where positive (multiplied where not), and the presence penalty pp is subtracted; at every occurrence
 // the frequency penalty fp is. In float32, one rounding per operation as the host's (the product is stored before
 // the subtraction, so that -cl-mad-enable cannot fuse the two into one rounding), the quotient or product held to
-// the finite floats: a penalty of 1e-38 makes a logit of 4 overflow, and the infinity the draw's NaN. The window's ids: a token, or -1 - r
-// for the token embed resolved for row r of the pass (`fed`: a batch's row fed from the batch before, which the host
-// has not read yet). `mark` (an int per token of the row, scratch: a draw's candidates' space) gets each token's
+// the finite floats: a penalty of 1e-38 makes a logit of 4 overflow, and the infinity the draw's NaN. The window's
+// ids: a token, or -1 - r for the token embed resolved for row r of the pass (`fed`: a batch's row fed from the
+// batch before, which the host has not read yet). `mark` (an int per token of the row, scratch: a draw's candidates' space) gets each token's
 // first position in the window, written before it is read, so it needs no clearing. In work-item 0 (a window of
 // at most a few hundred tokens), then a barrier for the work-group.
 #define WINDOW_ID(ids, i, fed) ((ids)[i] >= 0 ? (ids)[i] : (fed)[-1 - (ids)[i]])
