@@ -272,13 +272,11 @@ class Engine:
         prompt's tokens it can keep (all but the last, which must be fed). The longest prefix alone sent a new
         conversation to the slot of another that shared its system prompt, not to an empty one: two chats on two
         slots then took each other's slot at every turn, and each turn read its whole conversation again."""
-        def value(s: int) -> tuple[int, int]:
-            keep = reusable(self._kept[s], request.prompt)
-            return keep - (len(self._kept[s]) - keep), -self._used[s]
-        slot = max(self._free, key=value)
+        keep = {s: reusable(self._kept[s], request.prompt) for s in self._free}
+        slot = max(self._free, key=lambda s: (keep[s] - (len(self._kept[s]) - keep[s]), -self._used[s]))
         self._free.remove(slot)
         self._used[slot] = next(self._clock)
-        return request, slot, reusable(self._kept[slot], request.prompt)
+        return request, slot, keep[slot]
 
     def _admit(self, request: Request, slot: int, keep: int) -> None:
         """Start the request in `slot`, reusing the KV cache of the prompt's first `keep` tokens (llama-server's
