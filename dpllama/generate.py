@@ -18,6 +18,7 @@ import numpy as np
 
 from dpllama.errors import DpllamaError
 from dpllama.model.llama import PENALTY_WINDOW, Llama, Part, Pending, not_finite
+from dpllama.model.weights import ModelConfig
 
 FLT_MAX = np.finfo(np.float32).max
 
@@ -335,10 +336,35 @@ class Generation:
             self.stats.end = time.perf_counter()
 
 
+def positions_per_row(c: ModelConfig) -> float:
+    """Positions of attention that cost a row about what the matrices cost it: the matrices' multiply-adds a row
+    over attention's a position (scores and values, every query head), over 3, as attention's float multiply-adds
+    run ~3 times slower than the matrices' integer ones (SmolLM2: 3,072 / 3 = 1,024; a 2,048-token prompt, whose
+    attention took 1.0 of its 2.3 s on a 2-vCPU Xeon, gives ~1,300)."""
+    matrices = c.dim * (c.n_heads * c.head_dim + 2 * c.kv_dim) + c.n_heads * c.head_dim * c.dim + 3 * c.dim * c.hidden_dim
+    return matrices / (2 * c.n_heads * c.head_dim) / 3
+
+
+def rows_cost(c: ModelConfig, rows: int, first: int) -> float:
+    """What `rows` rows at positions first, first + 1, ... cost a pass, in rows at position 0."""
+    return rows + rows * (first + (rows - 1) / 2) / positions_per_row(c)
+
+
+def piece_rows(c: ModelConfig, cost: float, first: int) -> int:
+    """The most rows from position `first` that cost at most `cost` (rows_cost), at least one. Where a prompt's
+    piece goes beside decoding sequences, so that their next token waits for about a pass of position-0 rows
+    however far the prompt is: 256 rows at position 7,000 took SmolLM2's pass from ~0.2 to ~3 s, each a pause in
+    every stream beside it."""
+    P = positions_per_row(c)
+    a, b = 1 / (2 * P), 1 + (first - 0.5) / P      # rows_cost = a r^2 + b r
+    return max(1, int((-b + math.sqrt(b * b + 4 * a * max(cost, 0))) / (2 * a)))
+
+
 class Batcher:
     """Runs generations of `model`, each in its own slot, in batched forward passes (Llama.enqueue_batch), as the
     server's engine does: each pass holds the newest token of each decoding generation, then pieces of the prompts
-    still being read, the earliest given first, in the room left of the pass's `model.chunk` rows. The tokens of a
+    still being read, the earliest given first, in the room left of the pass's `model.chunk` rows; beside decoding
+    rows, pieces that cost at most what a pass of `model.chunk` rows at position 0 costs (piece_rows). The tokens of a
     generation whose sampler the device can draw for (Sampler.on_device: greedy, or a temperature with top-k and
     top-p) are chosen on the device and fed from there, so the next pass is enqueued before the host has read this
     one's tokens, and the device never waits on the host; a pass with a token drawn on the host (penalties,
@@ -366,11 +392,15 @@ class Batcher:
         if self.in_flight:              # the rows of the pass in flight whose tokens the device chose
             chosen = {id(g): i for i, g in enumerate(g for g, p in self.in_flight[0] if p.logits)}
         room, parts = self.model.chunk, []
+        cost = room     # what the pass may cost beside decoding rows, in rows at position 0 (piece_rows)
         for gen in sorted(gens, key=lambda g: not g.prompted):     # a stable sort: otherwise in the given order
-            part = gen.part(room, chosen.get(id(gen)))
+            decoding = any(g.prompted for g, _ in parts)
+            rows = room if gen.prompted or not decoding else min(room, piece_rows(self.model.config, cost, gen.fed))
+            part = gen.part(rows, chosen.get(id(gen)))
             if part is not None:
                 parts.append((gen, part))
                 room -= len(part.tokens)
+                cost -= rows_cost(self.model.config, len(part.tokens), part.pos)
         pending = None
         if parts:
             try:

@@ -285,8 +285,9 @@ def layer_launches(model: Llama, T: int = 1) -> int:
                                              ("every-type", {2})])
 def test_layer_launch_matches_separate_launches(q, random_model, every_type_model, variant, phases):
     """matrix.cl's layers (the layers' phases in one launch, the work-groups claiming their tasks) computes what the
-    separate launches compute, bit for bit: a prompt of two groups of rows, decode steps, and batches of 1 to 15 rows
-    at different positions. Where a layer's matrices differ in format (symmetric and asymmetric int4 in turn;
+    separate launches compute, bit for bit: a prompt of 27 rows (attention in blocks of rows, attention.h's
+    attend_rows, the last block short), decode steps, batches of 1 to 15 rows at different positions (a row at a
+    time), and one of 21 rows from three slots (blocks that span slots). Where a layer's matrices differ in format (symmetric and asymmetric int4 in turn;
     every GGUF type), its launch runs the phases up to the first matrix of another format (QKV and attention at
     least) and the rest run on their own."""
     weights = every_type_model if variant == "every-type" else VARIANTS[variant](random_model)
@@ -297,7 +298,7 @@ def test_layer_launch_matches_separate_launches(q, random_model, every_type_mode
     assert layer_phases(fused) == phases and not layer_phases(alone)
     # where every phase is in one format, one launch takes every layer; else a launch a layer
     assert layer_launches(fused) == (1 if phases == {5} else len(fused.layers))
-    prompt = random_tokens(13, 3)
+    prompt = random_tokens(27, 3)
     for model in (fused, alone):
         model.start(prompt)
         model.feed(len(prompt))
@@ -309,8 +310,9 @@ def test_layer_launch_matches_separate_launches(q, random_model, every_type_mode
     for rows in (1, 3, 8):
         parts = [Part(slot, 7 + slot, [2 + slot], True) for slot in range(rows)]
         np.testing.assert_array_equal(fused.batch(parts), alone.batch(parts), f"a batch of {rows} rows")
-    parts = [Part(slot, 9, random_tokens(5, slot), True) for slot in (1, 2, 3)]
-    np.testing.assert_array_equal(fused.batch(parts), alone.batch(parts), "a batch of 3 prompt pieces")
+    for rows in (5, 7):
+        parts = [Part(slot, 9, random_tokens(rows, slot), True) for slot in (1, 2, 3)]
+        np.testing.assert_array_equal(fused.batch(parts), alone.batch(parts), f"a batch of 3 prompt pieces of {rows}")
 
 
 def test_layer_launch_takes_a_work_group_per_usable_cpu(q, random_model, monkeypatch):

@@ -224,3 +224,47 @@ def test_prepared_batches_record_nothing_when_they_run(queue, weights, monkeypat
         gens.append(generate(fresh, p, NEW, sampler(slot), keep_logits=True))
     assert [tokens for tokens, _ in run_batched(fresh, gens)] == want
     assert sorted(fresh.batch_commands) == sizes and list(fresh.head_commands) == [1, 2, 3]
+
+
+def test_prompt_pieces_beside_decoding_rows_cost_at_most_a_pass(queue, monkeypatch):
+    """Beside a decoding sequence, a long prompt goes in pieces that cost the pass at most what `chunk` rows at
+    position 0 cost (generate.piece_rows: attention makes a row at position p cost 1 + p / positions_per_row), so
+    that the decoding sequence's tokens never wait for a pass of `chunk` rows far into the context; and both give
+    what each gives alone."""
+    from dpllama.generate import positions_per_row, rows_cost
+    weights = random_weights(seq_len=256, seed=4)
+    model = Llama(weights, queue, slots=2, chunk=64)
+    P = positions_per_row(weights.config)
+    assert P < 100          # this model's pieces shrink well within its context (at 190 they are a third)
+    rng = np.random.default_rng(1)
+    long = [int(t) for t in rng.integers(1, weights.config.vocab_size, 200)]
+    model.select(0)
+    want_short = list(generate(model, [1, 2, 3], 220, Sampler(temperature=0)))
+    model.select(0)
+    want_long = list(generate(model, long, 8, Sampler(temperature=0)))
+    passes = []
+    enqueue = model.enqueue_batch
+    monkeypatch.setattr(model, "enqueue_batch", lambda parts: passes.append(list(parts)) or enqueue(parts))
+    model.select(0)
+    short = generate(model, [1, 2, 3], 220, Sampler(temperature=0))
+    batcher, got = Batcher(model), {}
+    for _ in range(20):     # the short one decoding before the long one comes
+        for gen, token in batcher.step([short]):
+            if token is not None:
+                got.setdefault(id(gen), []).append(token)
+    model.select(1)
+    second = generate(model, long, 8, Sampler(temperature=0))
+    for _ in range(400):
+        for gen, token in batcher.step([short, second]):
+            if token is not None:
+                got.setdefault(id(gen), []).append(token)
+        if batcher.idle:
+            break
+    assert got[id(short)] == want_short and got[id(second)] == want_long
+    beside = [p for p in passes if len(p) > 1 and any(len(x.tokens) > 1 for x in p)]
+    pieces = [len(x.tokens) for p in beside for x in p if x.slot == 1]
+    assert sum(pieces) + 1 >= len(long) - 64 and min(pieces) < 64 // 3     # every piece but maybe the first: beside
+    for p in beside:
+        cost = sum(rows_cost(weights.config, len(x.tokens), x.pos) for x in p)
+        piece = next(x for x in p if x.slot == 1)
+        assert cost <= model.chunk or len(piece.tokens) == 1, (cost, [(x.pos, len(x.tokens)) for x in p])

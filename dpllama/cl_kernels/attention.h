@@ -294,5 +294,154 @@ inline void attend_heads(const int j, const int n, __global const float *query, 
         }
     }
 }
+
+// Attention for rows n0 .. n0 + rows - 1 (rows <= ATT_ROWS) and key/value head j: what attend_heads computes for
+// each row, the same float operations in the same order, so the same bits whichever rows share a block; but the
+// rows take each run of keys and of values in turn while it is in L1, where attend_heads has each row stream its
+// slot's cache from L2 or L3. A prompt's rows share their slot's cache, so a block reads it once, not once a row:
+// a cache of 7,000 positions is 0.9 MB of keys and 0.9 MB of values a key/value head (SmolLM2), which a row's
+// 1,152 multiply-adds a position could not keep up with. Rows of other slots (a server's batch) are served the
+// same way, each from its own cache. The keys' vectors run ATTENTION_POSITIONS positions at a time; the values
+// VALUE_RUN (a multiple of ATT_CHAINS) at a time, each row's sums kept in `o` between runs.
+#if !defined(ATT_ROWS)
+#define ATT_ROWS 8
+#endif
+#define VALUE_RUN 64
+inline void attend_rows(const int j, const int n0, const int rows, __global const float *query,
+                        __global const kv_t *k_cache, __global const kv_t *v_cache, __global float *att,
+                        __global float *out, __global const int *state, const int n_heads, const int n_kv_heads,
+                        const int head_dim, const int seq_p, const int q_stride, const int out_stride,
+                        const int cache_offset, const int slot_stride) {
+    const int kv_dim = n_kv_heads * head_dim;
+    const size_t ks = KEY_STRIDE(seq_p);
+    const float scale = rsqrt((float)head_dim);
+    int pos[ATT_ROWS];
+    size_t layer[ATT_ROWS];
+    int last = -1, far = 0;     // the rows' furthest position (padding rows: -1), and a row there
+    for (int r = 0; r < rows; r++) {
+        pos[r] = ROW_POS(state, n0 + r, slot_stride);
+        layer[r] = ROW_CACHE(state, n0 + r, slot_stride, cache_offset);
+        if (pos[r] > last) last = pos[r], far = r;
+    }
+    floatP mv[ATT_ROWS][GQA];
+    for (int r = 0; r < rows; r++)
+        for (int g = 0; g < GQA; g++) mv[r][g] = -INFINITY;
+    for (int t0 = 0; t0 <= last; t0 += ATTENTION_POSITIONS) {
+#if defined(KEY_BLOCK) && defined(__SSE2__)
+        if (t0 % KEY_BLOCK == 0) {  // as attend_heads, for the furthest row's cache (a prompt's rows share it)
+            __global const kv_t *kt = KEY_AT(k_cache, layer[far], kv_dim, seq_p, j * head_dim, t0);
+            __global const kv_t *vh = VALUE_AT(v_cache, layer[far], kv_dim, j * head_dim, 0);
+            for (int i = 0; i < head_dim * KEY_BLOCK; i += 64 / sizeof(kv_t))
+                __builtin_prefetch((__global const char *)(kt + (size_t)2 * kv_dim * KEY_BLOCK + i));
+            for (int c = 0; c < KEY_BLOCK; c++)
+                for (int i = 0; i < head_dim; i += 64 / sizeof(kv_t))
+                    __builtin_prefetch((__global const char *)(vh + (size_t)(t0 + 2 * KEY_BLOCK + c) * kv_dim + i));
+        }
+#endif
+        for (int r = 0; r < rows; r++) {
+            if (t0 > pos[r]) continue;
+            __global const float *q = query + (size_t)(n0 + r) * q_stride + j * GQA * head_dim;
+            __global float *a = att + ((size_t)(n0 + r) * n_heads + j * GQA) * seq_p;
+            __global const kv_t *kt = KEY_AT(k_cache, layer[r], kv_dim, seq_p, j * head_dim, t0);
+            floatP s[ATT_CHAINS * GQA];
+#pragma unroll
+            for (int i = 0; i < ATT_CHAINS * GQA; i++) s[i] = 0.0f;
+            int d = 0;
+            for (; d + ATT_CHAINS <= head_dim; d += ATT_CHAINS) {
+#pragma unroll
+                for (int c = 0; c < ATT_CHAINS; c++) {
+                    const floatP k = KV_LOAD_P(kt + (d + c) * ks);
+#pragma unroll
+                    for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * head_dim + d + c] * k;
+                }
+            }
+            for (; d < head_dim; d += 2) {
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    const floatP k = KV_LOAD_P(kt + (d + c) * ks);
+#pragma unroll
+                    for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * head_dim + d + c] * k;
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < GQA; g++) {
+#if ATT_CHAINS == 4
+                floatP sg = ((s[4 * g] + s[4 * g + 1]) + (s[4 * g + 2] + s[4 * g + 3])) * scale;
+#else
+                floatP sg = (s[2 * g] + s[2 * g + 1]) * scale;
+#endif
+                if (t0 + ATTENTION_POSITIONS > pos[r] + 1)
+                    for (int i = pos[r] + 1 - t0; i < ATTENTION_POSITIONS; i++) ((float *)&sg)[i] = -INFINITY;
+                *(__global floatP *)(a + (size_t)g * seq_p + t0) = sg;
+                mv[r][g] = sg > mv[r][g] ? sg : mv[r][g];
+            }
+        }
+    }
+    float sum[ATT_ROWS][GQA];
+    for (int r = 0; r < rows; r++) {
+        __global float *a = att + ((size_t)(n0 + r) * n_heads + j * GQA) * seq_p;
+        for (int g = 0; g < GQA; g++) {
+            float m = -INFINITY;
+            for (int i = 0; i < ATTENTION_POSITIONS; i++) m = m > ((float *)&mv[r][g])[i] ? m : ((float *)&mv[r][g])[i];
+            __global float *ag = a + (size_t)g * seq_p;
+            floatP sv = 0.0f;
+            for (int t0 = 0; t0 <= pos[r]; t0 += ATTENTION_POSITIONS) {
+                const floatP e = EXP_P(*(__global floatP *)(ag + t0) - m);
+                *(__global floatP *)(ag + t0) = e;
+                sv += e;
+            }
+            sum[r][g] = 0.0f;
+            for (int i = 0; i < ATTENTION_POSITIONS; i++) sum[r][g] += ((float *)&sv)[i];
+        }
+    }
+    for (int d0 = 0; d0 < head_dim; d0 += HD_VEC) {
+        floatH o[ATT_ROWS][ATT_CHAINS * GQA];
+        for (int r = 0; r < rows; r++)
+#pragma unroll
+            for (int i = 0; i < ATT_CHAINS * GQA; i++) o[r][i] = 0.0f;
+        // each row's run of ATT_CHAINS positions at a time up to the last whole one, as attend_heads's first loop
+        for (int t1 = 0; t1 <= last; t1 += VALUE_RUN) {
+            for (int r = 0; r < rows; r++) {
+                const int end = min(t1 + VALUE_RUN, (pos[r] + 1) / ATT_CHAINS * ATT_CHAINS);
+                if (t1 >= end) continue;
+                __global const kv_t *vd = VALUE_AT(v_cache, layer[r], kv_dim, j * head_dim + d0, 0);
+                __global const float *a = att + ((size_t)(n0 + r) * n_heads + j * GQA) * seq_p;
+                floatH run[ATT_CHAINS * GQA];
+#pragma unroll
+                for (int i = 0; i < ATT_CHAINS * GQA; i++) run[i] = o[r][i];
+                for (int t = t1; t < end; t += ATT_CHAINS) {
+#pragma unroll
+                    for (int c = 0; c < ATT_CHAINS; c++) {
+                        const floatH v = KV_LOAD_H(vd + (size_t)(t + c) * kv_dim);
+#pragma unroll
+                        for (int g = 0; g < GQA; g++) run[ATT_CHAINS * g + c] += a[(size_t)g * seq_p + t + c] * v;
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < ATT_CHAINS * GQA; i++) o[r][i] = run[i];
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            if (pos[r] < 0) continue;
+            __global const kv_t *vd = VALUE_AT(v_cache, layer[r], kv_dim, j * head_dim + d0, 0);
+            __global const float *a = att + ((size_t)(n0 + r) * n_heads + j * GQA) * seq_p;
+            for (int t = (pos[r] + 1) / ATT_CHAINS * ATT_CHAINS; t <= pos[r]; t++) {   // attend_heads's second loop
+                const floatH v = KV_LOAD_H(vd + (size_t)t * kv_dim);
+#pragma unroll
+                for (int g = 0; g < GQA; g++) o[r][ATT_CHAINS * g] += a[(size_t)g * seq_p + t] * v;
+            }
+#pragma unroll
+            for (int g = 0; g < GQA; g++) {
+#if ATT_CHAINS == 4
+                const floatH og = (o[r][4 * g] + o[r][4 * g + 1]) + (o[r][4 * g + 2] + o[r][4 * g + 3]);
+#else
+                const floatH og = o[r][2 * g] + o[r][2 * g + 1];
+#endif
+                *(__global floatH *)(out + (size_t)(n0 + r) * out_stride + (j * GQA + g) * head_dim + d0) =
+                    og / sum[r][g];
+            }
+        }
+    }
+}
 #endif
 #endif

@@ -989,13 +989,23 @@ inline void layer_phases(__global const void *wq_, __global const void *sq_, __g
     const int n_kv_heads = kv_dim / head_dim, G = KV_AHEAD(T) ? QUEUES : 1;
     matrix_phase(wq_, sq_, mq_, 0, shares, c, x, dim_p, attn_norm, 1, query, q_p, q_dim + 2 * kv_dim, dim, cp_qkv, T,
                  eps, STORE_QKV, QKV_VALUES, -1, SCRATCH_VALUES);
-    for (int i = 0; i < G; i++) {       // queue g: rows g, g + G, ...; this work-group's first (one queue: all rows)
-        const int g = (get_group_id(0) + i) % G, tasks = n_kv_heads * ((T - g + G - 1) / G);
-        for (int task; (task = atomic_inc(CLAIMED(c, 1) + g)) < tasks; atomic_inc(DONE(c, 1)))
-            attend_heads(task % n_kv_heads, g + G * (task / n_kv_heads), query, k_cache, v_cache, att, att_out, state,
-                         n_heads, n_kv_heads, head_dim, seq_p, q_p, q_p, cache_offset, slot_stride);
+    if (KV_AHEAD(T) || T == 1) {
+        for (int i = 0; i < G; i++) {   // queue g: rows g, g + G, ...; this work-group's first (one queue: all rows)
+            const int g = (get_group_id(0) + i) % G, tasks = n_kv_heads * ((T - g + G - 1) / G);
+            for (int task; (task = atomic_inc(CLAIMED(c, 1) + g)) < tasks; atomic_inc(DONE(c, 1)))
+                attend_heads(task % n_kv_heads, g + G * (task / n_kv_heads), query, k_cache, v_cache, att, att_out,
+                             state, n_heads, n_kv_heads, head_dim, seq_p, q_p, q_p, cache_offset, slot_stride);
+        }
+        phase_end(c, 1, n_kv_heads * T);
+    } else {    // blocks of ATT_ROWS rows (attention.h's attend_rows), the last (the furthest positions) first
+        const int blocks = (T + ATT_ROWS - 1) / ATT_ROWS, tasks = n_kv_heads * blocks;
+        for (int task; (task = atomic_inc(CLAIMED(c, 1))) < tasks; atomic_inc(DONE(c, 1))) {
+            const int n0 = (blocks - 1 - task / n_kv_heads) * ATT_ROWS;
+            attend_rows(task % n_kv_heads, n0, min(ATT_ROWS, T - n0), query, k_cache, v_cache, att, att_out, state,
+                        n_heads, n_kv_heads, head_dim, seq_p, q_p, q_p, cache_offset, slot_stride);
+        }
+        phase_end(c, 1, tasks);
     }
-    phase_end(c, 1, n_kv_heads * T);
     if (phases > 2)
         matrix_phase(wo_, so_, mo_, 2, shares, c, att_out, q_p, attn_norm, 0, x, dim_p, dim, q_dim, cp_o, T, eps,
                      STORE_ADD, QKV_VALUES, -1, SCRATCH_VALUES);
