@@ -195,6 +195,7 @@ VARIANTS = {
 FEEDS = {
     "decode": [1] * STEPS,                       # one token per forward pass, logits at every position
     "prefill": [6, 1, 1, 1, 1],                  # a prompt in one batched pass, then decode
+    "long prefill": [24, 1, 1],                  # over 16 rows: the layer launch's attention in blocks (attend_rows)
 }
 
 
