@@ -7,6 +7,7 @@ template of its own (any llama2.c model) gets ChatML, and the chat says so at th
 """
 from __future__ import annotations
 
+from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler, generate, reusable
 from dpllama.llm import LLM
 from dpllama.tokenizer import StreamDecoder, Tokenizer
@@ -19,12 +20,20 @@ def chat_text(tok: Tokenizer, messages: list[dict]) -> str:
 
 def chat_ids(tok: Tokenizer, text: str) -> list[int]:
     """The token ids of chat_text's `text`: the template writes BOS itself where the model wants one."""
-    return tok.encode(text, bos=False, parse_special=True)
+    ids = tok.encode(text, bos=False, parse_special=True)
+    if not ids:     # a template that writes nothing (a model's metadata is anybody's)
+        raise DpllamaError(f"{tok.source}: the chat template rendered the conversation as no tokens at all")
+    return ids
 
 
 def chat_prompt(tok: Tokenizer, messages: list[dict]) -> list[int]:
     """The token ids of a conversation in the model's chat template, ready for the assistant's reply."""
     return chat_ids(tok, chat_text(tok, messages))
+
+
+class MessageTooLong(DpllamaError):
+    """A message that does not fit the context with room for a reply, even with every earlier exchange dropped:
+    that message is refused, the conversation goes on."""
 
 
 class Chat:
@@ -35,24 +44,27 @@ class Chat:
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.cached: list[int] = []     # tokens whose keys and values the model's cache holds
 
-    def _prompt_ids(self) -> list[int]:
-        return chat_prompt(self.llm.tokenizer, self.messages)
-
     def reply(self, user: str):
         """Stream the assistant's answer to `user`, piece by piece; it joins the conversation, as far as it
-        went when the stream is cut short (Ctrl-C, or closed), so that the roles still alternate."""
-        self.messages.append({"role": "user", "content": user})
+        went when the stream is cut short (Ctrl-C, or closed), so that the roles still alternate. MessageTooLong,
+        before any piece, leaves the conversation as it was."""
+        tok, limit = self.llm.tokenizer, self.llm.model.seq_len
+        messages = self.messages + [{"role": "user", "content": user}]
+        ids = chat_prompt(tok, messages)
+        first = 1 if messages[0]["role"] == "system" else 0
+        while len(ids) + min(self.max_reply, limit // 4) > limit and len(messages) > first + 1:
+            del messages[first:first + 2]       # the oldest exchange
+            ids = chat_prompt(tok, messages)
+        if len(ids) >= limit:
+            raise MessageTooLong(f"the message does not fit the context: with {'the system prompt and ' * first}"
+                                 f"no earlier exchange it is {len(ids)} tokens in the chat template, the context "
+                                 f"holds {limit} with at least one for the reply")
+        self.messages = messages
         answer = []
         try:
-            ids = self._prompt_ids()
-            limit = self.llm.model.seq_len
-            first = 1 if self.messages[0]["role"] == "system" else 0
-            while len(ids) + min(self.max_reply, limit // 4) > limit and len(self.messages) > first + 1:
-                del self.messages[first:first + 2]      # the oldest exchange
-                ids = self._prompt_ids()
             keep = reusable(self.cached, ids)
             self.cached = ids[:keep]    # all the cache is sure to hold if the reply is cut short
-            model, tok = self.llm.model, self.llm.tokenizer
+            model = self.llm.model
             dec = StreamDecoder(tok, prev=ids[-1])
             reply = generate(model, ids, self.max_reply, self.sampler, tok.eos_ids, keep)
             for t in reply:

@@ -253,6 +253,26 @@ def test_chat_ctrl_c_is_acted_on_between_tokens(stories):
     assert err.getvalue().count("reply stopped (Ctrl-C)") == 1
 
 
+def test_chat_refuses_a_message_longer_than_the_context_and_goes_on(stories):
+    """A message that cannot fit the context even alone is refused with one line; the conversation before it stays
+    and the chat answers the next message as it would have without the long one."""
+    import io
+
+    import dpllama
+    from dpllama.commands.chat import repl
+    from dpllama.generate import Sampler
+
+    _, model, tok = stories
+    llm = dpllama.load(str(model), str(tok), max_seq=64)
+    out, err = io.StringIO(), io.StringIO()
+    repl(llm, Sampler(temperature=0), None, 8, io.StringIO("Hi\n" + "story " * 100 + "\nAnd then?\n"), out, err)
+    refused = [line for line in err.getvalue().splitlines() if "not sent" in line]
+    assert len(refused) == 1 and "does not fit the context" in refused[0] and "holds 64" in refused[0], err.getvalue()
+    alone, _ = io.StringIO(), io.StringIO()
+    repl(llm, Sampler(temperature=0), None, 8, io.StringIO("Hi\nAnd then?\n"), alone, _)
+    assert out.getvalue() == alone.getvalue() and out.getvalue().count("\n") == 2
+
+
 def test_chat_ctrl_c_at_the_prompt_quits(chatty, repo_root):
     p = start(*chatty, cwd=repo_root)
     deadline = time.monotonic() + 60

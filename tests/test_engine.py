@@ -1,9 +1,10 @@
-"""The server's engine without a server: stop strings (StopText)."""
+"""The server's engine without a server: stop strings (StopText), a failed load."""
 from __future__ import annotations
 
 import random
 
-from dpllama.serve.engine import StopText
+from dpllama.serve.engine import Engine, StopText
+from dpllama.serve.metrics import Metrics
 from dpllama.tokenizer import Llama2cTokenizer
 from tests.helpers import llama2c_dir
 
@@ -53,3 +54,17 @@ def test_overlapping_stops_and_a_stop_across_pieces():
     assert [st.release(c) for c in "aaaa"] == ["", "", "a", "a"] and st.release("b") == "" and st.stopped
     st = stop_text(("the end",))
     assert st.release("and the") == "and " and st.release("n they ran", final=True) == "then they ran"
+
+
+def test_a_load_that_raises_anything_is_fatal():
+    """Whatever the load raises (the driver's RuntimeError for a buffer it cannot make, with --parallel 999999) ends
+    the server through on_fatal, in one line; the scheduler thread used to die with a traceback and leave the server
+    listening, never ready."""
+    def load(slots):
+        raise RuntimeError("create_buffer failed: OUT_OF_HOST_MEMORY")
+    told = []
+    engine = Engine(load, 2, 4, Metrics(), told.append)
+    engine.start()
+    engine._thread.join(10)
+    assert told == ["loading the model failed: RuntimeError: create_buffer failed: OUT_OF_HOST_MEMORY"]
+    assert not engine.ready.is_set() and not engine._thread.is_alive()

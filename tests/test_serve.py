@@ -248,11 +248,24 @@ def test_extreme_and_malformed_bodies_get_answers_not_server_errors(server):
                                              (("--batch-size", "0"), "--batch-size must be at least 1, found 0"),
                                              (("--port", "70000"), "--port must be between 0 and 65535, found 70000"),
                                              (("--api-key", " , "), "--api-key ' , ': no key in it (from the command "
-                                              "line or $DPLLAMA_API_KEY); leave it out for a server without keys")])
+                                              "line or $DPLLAMA_API_KEY); leave it out for a server without keys"),
+                                             (("--drain-timeout", "inf"), "--drain-timeout must be between 0 and 86400 "
+                                              "seconds, found inf"),
+                                             (("--api-key-file", "/dev/zero"), "--api-key-file /dev/zero: not a regular "
+                                              "file")])
 def test_bad_options_are_one_line_errors(repo_root, option, message):
     r = subprocess.run([sys.executable, "-m", "dpllama.cli", "serve", *stories_args(*option)], capture_output=True,
                        text=True, cwd=repo_root, timeout=60)
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"dpllama: error: {message}"], r.stderr
+
+
+def test_api_key_file_that_is_not_text(repo_root, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_bytes(b"key\n\xff\xfe\n")
+    r = subprocess.run([sys.executable, "-m", "dpllama.cli", "serve", *stories_args("--api-key-file", str(keys))],
+                       capture_output=True, text=True, cwd=repo_root, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"dpllama: error: --api-key-file {keys}: not UTF-8 text (byte 4)"], r.stderr
 
 
 def test_bad_option_from_the_environment_stops_before_listening(repo_root):

@@ -1,5 +1,6 @@
 """Tokenizers: llama2.c against upstream run.c oracles, GGUF SPM/BPE against llama.cpp semantics."""
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -262,6 +263,27 @@ def test_chat_templates(tiny_gpt2):
     broken = tokenizer_from_gguf_fields(gpt2_fields(**{"tokenizer.chat_template": "{% for %}"}), "b.gguf")
     with pytest.raises(DpllamaError, match=r"b\.gguf: chat template error"):
         broken.apply_chat_template(msgs)
+
+
+@pytest.mark.parametrize("template, error", [
+    ("{{ 1/0 }}", "ZeroDivisionError: division by zero"),
+    ('{{ "a" + 1 }}', "TypeError: can only concatenate str"),
+    ("{{ range(10**9) }}", "OverflowError: Range too big"),
+    ('{{ "%d" % "x" }}', "TypeError: %d format"),
+])
+def test_chat_template_expressions_that_raise(tiny_gpt2, template, error):
+    """A model's template whose expressions raise what Python raises (its metadata is anybody's) is the model's
+    error in one line, not a traceback (chat) or a 500 (serve)."""
+    bad = tokenizer_from_gguf_fields(gpt2_fields(**{"tokenizer.chat_template": template}), "t.gguf")
+    with pytest.raises(DpllamaError, match=re.escape(f"t.gguf: chat template error: {error}")):
+        bad.apply_chat_template([{"role": "user", "content": "Hi"}])
+
+
+def test_chat_template_that_writes_nothing(tiny_gpt2):
+    from dpllama.chat import chat_prompt
+    empty = tokenizer_from_gguf_fields(gpt2_fields(**{"tokenizer.chat_template": "{# nothing #}"}), "e.gguf")
+    with pytest.raises(DpllamaError, match=r"^e\.gguf: the chat template rendered the conversation as no tokens"):
+        chat_prompt(empty, [{"role": "user", "content": "Hi"}])
 
 
 def test_gguf_field_errors():

@@ -6,7 +6,7 @@ import contextlib
 import signal
 import sys
 
-from dpllama.chat import Chat
+from dpllama.chat import Chat, MessageTooLong
 from dpllama.commands.options import add_activation_bits, add_device, add_model, add_sampling, load_llm, sampler_from
 from dpllama.generate import Sampler, check_steps
 from dpllama.llm import LLM
@@ -73,11 +73,16 @@ def repl(llm: LLM, sampler: Sampler, system: str | None, max_reply: int, stdin=s
             stderr.flush()
             continue
         with presses_noted() as pressed, contextlib.closing(chat.reply(line)) as pieces:
-            for piece in pieces:
-                stdout.write(piece)
-                stdout.flush()
-                if pressed:     # the reply stops between tokens, where the model's state is whole
-                    break
+            try:
+                for piece in pieces:
+                    stdout.write(piece)
+                    stdout.flush()
+                    if pressed:     # the reply stops between tokens, where the model's state is whole
+                        break
+            except MessageTooLong as e:
+                stderr.write(f"dpllama: {e}; not sent\n")
+                stderr.flush()
+                continue
         stopped = bool(pressed)
         stdout.write("\n")
         stdout.flush()

@@ -64,10 +64,15 @@ def api_keys(args: argparse.Namespace) -> frozenset[str]:
         raise DpllamaError(f"--api-key {','.join(args.api_key)!r}: no key in it (from the command line or "
                            f"${ENV_PREFIX}API_KEY); leave it out for a server without keys")
     if args.api_key_file:
+        path = Path(args.api_key_file)
         try:
-            lines = Path(args.api_key_file).read_text().splitlines()
+            if not path.is_file():      # a device (/dev/zero) or a FIFO would be read without end
+                raise DpllamaError(f"--api-key-file {path}: {'not a regular file' if path.exists() else 'no such file'}")
+            lines = path.read_text().splitlines()
         except OSError as e:
-            raise DpllamaError(f"--api-key-file {args.api_key_file}: {e.strerror}") from None
+            raise DpllamaError(f"--api-key-file {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise DpllamaError(f"--api-key-file {path}: not UTF-8 text (byte {e.start})") from None
         found = [k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#")]
         if not found:
             raise DpllamaError(f"--api-key-file {args.api_key_file}: no key in it")
@@ -80,7 +85,8 @@ def check(args: argparse.Namespace) -> None:
                      (args.parallel >= 1, f"--parallel must be at least 1, found {args.parallel}"),
                      (args.batch_size >= 1, f"--batch-size must be at least 1, found {args.batch_size}"),
                      (args.max_waiting >= 0, f"--max-waiting must be >= 0, found {args.max_waiting}"),
-                     (args.drain_timeout >= 0, f"--drain-timeout must be >= 0, found {args.drain_timeout}"),
+                     (0 <= args.drain_timeout <= 86400,
+                      f"--drain-timeout must be between 0 and 86400 seconds, found {args.drain_timeout}"),
                      (args.replicas >= 0, f"--replicas must be >= 0, found {args.replicas}"),
                      (not args.replicas or args.port, "--replicas needs a --port other than 0 (Ray's proxy binds it)")):
         if not ok:

@@ -238,6 +238,9 @@ class Engine:
         except DpllamaError as e:
             self._on_fatal(str(e))
             return
+        except Exception as e:      # the driver's (a buffer it cannot make): the server must not go on never ready
+            self._on_fatal(f"loading the model failed: {type(e).__name__}: {e}")
+            return
         self._batcher = Batcher(self.llm.model)
         self.ready.set()
         while True:

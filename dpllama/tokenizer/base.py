@@ -205,3 +205,5 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
         raise DpllamaError(f"{source}: chat template refused the messages: {e}") from None
     except jinja2.TemplateError as e:
         raise DpllamaError(f"{source}: chat template error: {e}") from None
+    except Exception as e:      # what its expressions raise: {{ 1/0 }}, {{ "a" + 1 }}, a range past the sandbox's
+        raise DpllamaError(f"{source}: chat template error: {type(e).__name__}: {e}") from None
