@@ -2,7 +2,8 @@
 
 Each turn renders the whole conversation with the template, then feeds only the tokens after the
 longest prefix already in the KV cache, so earlier turns are not recomputed. When the conversation
-outgrows the context, the oldest exchanges are dropped (the system prompt stays). A model without a
+outgrows the context, the oldest exchanges are dropped (the system prompt stays); a message that does not fit
+even alone is refused (MessageTooLong) and the conversation stays as it was. A model without a
 template of its own (any llama2.c model) gets ChatML, and the chat says so at the start.
 """
 from __future__ import annotations
