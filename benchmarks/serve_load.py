@@ -11,6 +11,12 @@ the same load on it, same GGUF, in the same run.
 With --rounds N the levels run N times over (new prompts each time) and the table gives each figure's median; each
 level's aggregate is also given against the first level's of the same round (a 2-vCPU VM drifts by 20% from
 minute to minute, and a ratio of two runs a minute apart moves with it).
+
+    python benchmarks/serve_load.py --beside 7000 --rounds 2     # a stream, and a 7,000-token prompt beside it
+
+With --beside N, instead of the levels: one stream runs, and once it does a prompt of about N tokens comes (one
+token out); how long that prompt takes, and how many tokens the stream got meanwhile and how long it waited for
+them (dpllama only: llama-cpp-python's server runs one request at a time).
 """
 from __future__ import annotations
 
@@ -107,6 +113,35 @@ def level(session: http.Client, base: str, model: str, texts: list[str], n: int,
             "itl_p50": pct(itl, 50), "itl_p95": pct(itl, 95)}
 
 
+def beside(session: http.Client, base: str, model: str, long_text: str) -> dict:
+    """A greedy stream, and `long_text` as a prompt once the stream runs: the prompt's seconds, and the stream's
+    tokens while it was read, with their gaps' median and longest. The stream is closed once the prompt is done."""
+    done, times = threading.Event(), []
+
+    def stream():
+        body = {"model": model, "prompt": "Once upon a time", "max_tokens": 100000, "stream": True, "temperature": 0}
+        with session.stream("POST", f"{base}/v1/completions", json=body) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    times.append(time.perf_counter())
+                if done.is_set() or line == "data: [DONE]":
+                    return
+    t = threading.Thread(target=stream)
+    t.start()
+    time.sleep(0.5)
+    t1 = time.perf_counter()
+    r = session.post(f"{base}/v1/completions", json={"model": model, "prompt": long_text, "max_tokens": 1,
+                                                     "temperature": 0})
+    t2 = time.perf_counter()
+    done.set()
+    t.join()
+    r.raise_for_status()
+    gaps = [b - a for a, b in zip(times, times[1:]) if t1 <= b <= t2]
+    return {"prompt_tokens": r.json()["usage"]["prompt_tokens"], "prompt_s": t2 - t1, "stream_tokens": len(gaps),
+            "gap_p50": pct(gaps, 50), "gap_max": max(gaps, default=float("nan"))}
+
+
 def run_server(name: str, cmd: list[str], ready: str, model: str, texts: dict[tuple[int, int], list[str]],
                levels: list[int], max_tokens: int, rounds: int = 1, sampling: dict | None = None) -> list[dict]:
     """The rows of each level on the server `cmd` starts, once `ready` (a URL) answers 200: per level, the medians
@@ -151,7 +186,11 @@ def main() -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's top-p (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling's k (default 0: off)")
+    p.add_argument("--beside", type=int, default=0, metavar="N",
+                   help="instead of the levels: a prompt of about N tokens beside a running stream")
     args = p.parse_args()
+    if args.beside:
+        return run_beside(args)
     levels = [int(n) for n in args.levels.split(",")]
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": 1} \
         if args.temperature else {"temperature": 0}
@@ -188,6 +227,32 @@ def main() -> int:
     for r in rows:
         print(f"| {r['server']} | {r['clients']} | {r['tok_s']:.1f} | {r['vs_first']:.2f}x | {r['ttft_p50']:.2f} | "
               f"{r['ttft_p95']:.2f} | {r['itl_p50'] * 1000:.0f} | {r['itl_p95'] * 1000:.0f} |")
+    return 0
+
+
+def run_beside(args) -> int:
+    from dpllama.hub import resolve_model
+    path = resolve_model(args.model)
+    texts = prompts(path, [1], args.beside, args.rounds)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start([sys.executable, "-m", "dpllama.cli", "serve", "-m", str(path), "--port", str(port), "--parallel",
+                  "2", "--ctx", str(args.beside + 64), "--model-name", "m"], f"{base}/health")
+    rows = []
+    try:
+        with http.Client(timeout=600) as session:
+            for r in range(args.rounds):
+                rows.append(beside(session, base, "m", texts[r, 1][0]))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    print(f"{os.cpu_count()} CPUs, {path.name}, a greedy stream and a prompt beside it\n")
+    print("| prompt tokens | prompt s | stream's tokens meanwhile | their gap p50 (s) | longest gap (s) |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['prompt_tokens']} | {r['prompt_s']:.1f} | {r['stream_tokens']} | {r['gap_p50']:.2f} | "
+              f"{r['gap_max']:.2f} |")
     return 0
 
 
