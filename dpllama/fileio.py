@@ -1,4 +1,5 @@
-"""Writing files so that nobody ever sees half of one, and no temporary outlives its writer for long."""
+"""Writing files so that nobody ever sees half of one, and no temporary outlives its writer for long; checking the
+files a command reads and writes before it starts."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +7,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -91,6 +93,10 @@ def check_output(path: str | os.PathLike, inputs=()) -> Path:
     work, not after it: not a folder or a device; not one of `inputs` (paths or None), nor a link to one, which
     the output would replace; its folder exists and takes a new file (tried: os.access says yes to root on
     /sys, /proc and read-only file systems)."""
+    if str(path) == "-":
+        raise DpllamaError("-: the output goes to a file, not to standard output: give the file's name")
+    if str(path).endswith(os.sep):     # Path() would drop the slash and write a file of the folder's name
+        raise DpllamaError(f"{path}: names a folder: give the output file's name")
     path = Path(path)
     # os.path's tests, not Path's: they answer False where Path's raise (a folder that may not be listed)
     if os.path.isdir(path):
@@ -109,3 +115,15 @@ def check_output(path: str | os.PathLike, inputs=()) -> Path:
     except OSError as e:
         raise DpllamaError(f"{path}: cannot write in {path.parent}: {e.strerror}") from None
     return path
+
+
+def check_input(path: str | os.PathLike) -> None:
+    """Refuse an input that is read whole or mapped but is not a regular file: a device has no end (/dev/zero)
+    and a FIFO blocks its reader until a writer comes. What cannot be looked at, and a folder, are left to the
+    caller's open(), whose error its caller words."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):   # ValueError: a NUL in the name
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise DpllamaError(f"{path}: not a regular file")

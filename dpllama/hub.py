@@ -33,7 +33,7 @@ from pathlib import Path
 
 from dpllama import fileio
 from dpllama.errors import DpllamaError
-from dpllama.fileio import atomic_output, check_output, remove_stale, temp_prefix
+from dpllama.fileio import atomic_output, check_input, check_output, remove_stale, temp_prefix
 from dpllama.paths import hf_dir, models_dir
 
 
@@ -451,6 +451,7 @@ def local_model(name: str) -> Path | None:
     p = Path(name)
     if p.is_dir():
         raise DpllamaError(f"{name}: is a folder, not a model file")
+    check_input(p)      # a device or a FIFO: not "not found"
     if not p.is_file():
         raise DpllamaError(f"{name}: model file not found (known names: {', '.join(MODELS)}; "
                            f"or {HF}OWNER/REPO/FILE.gguf)")

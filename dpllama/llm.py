@@ -85,22 +85,31 @@ class LLM:
         return self.stream(self.encode(prompt), check_steps(steps), sampler, echo_prompt)
 
 
-def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None, slots: int = 1, chunk: int | None = None,
-                kv_cache: str = "f16") -> int:
-    """The context of each of `slots` sequences: `max_seq` (--ctx), else the model's, clamped (with a line on
-    stderr, as llama.cpp clamps n_ctx) to what the device holds, sized before anything is allocated: Llama's
-    buffers that grow with the context (KV cache, the attention scores of a pass of `chunk` rows, RoPE table, tokens)
-    together in one maximum allocation, and each under 2^31 elements, as the kernels index them with int."""
-    n = min(max_seq or c.seq_len, c.seq_len)
+def context_cap(c: ModelConfig, q: Queue, n: int, slots: int = 1, chunk: int | None = None,
+                kv_cache: str = "f16") -> tuple[int, str]:
+    """The most tokens of context each of `slots` sequences can have on q's device, sized before anything is
+    allocated: Llama's buffers that grow with the context (KV cache, the attention scores of a pass of `chunk` rows,
+    RoPE table, tokens) together in one maximum allocation, and each under 2^31 elements, as the kernels index them
+    with int; and what n tokens of it need, said for a message."""
     geo = Geometry.of(q.config)
     per_pos = floats_per_position(c, pass_rows(geo.prefill_chunk, slots, chunk, n), slots, kv_cache)
     step = position_step(geo.attention_positions, geo.key_block)     # Llama's KVCache pads the context to it
-    cap = max(step, min(q.max_alloc // (4 * sum(per_pos)), (2**31 - 1) // max(per_pos)) // step * step)
+    cap = min(q.max_alloc // (4 * sum(per_pos)), (2**31 - 1) // max(per_pos)) // step * step    # 0: not even a step
+    return cap, (f"{n * sum(per_pos) * 4 / 2**20:.0f} MiB of KV cache and scratch, more than {q.device} holds in one "
+                 f"allocation ({q.max_alloc / 2**20:.0f} MiB) of under 2^31 floats")
+
+
+def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None, slots: int = 1, chunk: int | None = None,
+                kv_cache: str = "f16") -> int:
+    """The context of each of `slots` sequences: `max_seq` (--ctx), else the model's, clamped (with a line on
+    stderr, as llama.cpp clamps n_ctx) to what the device holds (context_cap)."""
+    n = min(max_seq or c.seq_len, c.seq_len)
+    cap, need = context_cap(c, q, n, slots, chunk, kv_cache)
+    what = f"--ctx {n}" if n == max_seq else f"the model's context of {n} tokens"
+    if cap == 0:    # --parallel 999999: its passes' scratch alone is more than the device holds
+        raise DpllamaError(f"{what} for {slots} sequence(s) needs {need}, and so would the shortest context")
     if n > cap:
-        what = f"--ctx {n}" if n == max_seq else f"the model's context of {n} tokens"
-        print(f"dpllama: {what} needs {n * sum(per_pos) * 4 / 2**20:.0f} MiB of KV cache and scratch, more than "
-              f"{q.device} holds in one allocation ({q.max_alloc / 2**20:.0f} MiB) of under 2^31 floats: using "
-              f"{cap} tokens", file=sys.stderr)
+        print(f"dpllama: {what} needs {need}: using {cap} tokens", file=sys.stderr)
     return min(n, cap)
 
 

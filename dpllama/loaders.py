@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from dpllama.errors import DpllamaError
+from dpllama.fileio import check_input
 from dpllama.formats import GGUF_MAGIC
 from dpllama.hub import resolve_model
 from dpllama.model.weights import Weights
@@ -15,8 +16,13 @@ from dpllama.tokenizer import Llama2cTokenizer, Tokenizer, load_gguf_tokenizer, 
 
 def is_gguf(path: str | os.PathLike) -> bool:
     """By its magic; a file named .gguf counts too, so that load_gguf tells it when it is not one."""
-    with open(path, "rb") as f:
-        return f.read(4) == GGUF_MAGIC or Path(path).suffix.lower() == ".gguf"
+    check_input(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:    # a file that stat calls regular may still refuse reads (/proc/self/mem)
+        raise DpllamaError(f"{path}: cannot read: {e.strerror}") from None
+    return magic == GGUF_MAGIC or Path(path).suffix.lower() == ".gguf"
 
 
 def load_weights(path: str | os.PathLike) -> Weights:

@@ -26,6 +26,7 @@ average), and the KL of the top 128 with the rest lumped into one outcome came o
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -37,6 +38,7 @@ from dpllama.errors import DpllamaError
 WINDOW = 16.0                   # nats below a position's largest log-probability that its base record keeps
 STEP = WINDOW / 65535           # ... in 16-bit steps of this many nats
 MIN_CTX = 4     # the smallest even chunk that scores a token (first = 2 scores position 2's prediction of 3)
+MAX_NLL = math.log(sys.float_info.max)  # the largest NLL whose e^NLL, a perplexity, is a float
 
 
 def first_scored(n_ctx: int) -> int:
@@ -190,8 +192,28 @@ class Base:
             raise DpllamaError(f"{path}: {size} bytes where its header ({n_chunk} chunks of {n_ctx}, vocabulary "
                                f"{n_vocab}) makes {want}: {'truncated' if size < want else 'trailing data'}")
         tokens = np.fromfile(path, "<i4", n_chunk * n_ctx, offset=tokens_at)
+        if (bad := np.flatnonzero((tokens < 0) | (tokens >= n_vocab))).size:
+            raise DpllamaError(f"{path}: corrupted: token {bad[0]} of the text is {tokens[bad[0]]}, expected an id "
+                               f"0..{n_vocab - 1}")
         records = np.memmap(path, rec, "r", records_at, (n_chunk, scored))
         return cls(path, n_ctx, n_vocab, tokens, records)
+
+    def chunk(self, i: int) -> np.ndarray:
+        """Chunk i's records, read and checked: each field within what BaseWriter writes, so that a corrupted file
+        is named, not turned into nan statistics or a traceback. Checked chunk by chunk, as they are used: a long
+        text's records may not fit in memory."""
+        rec = np.array(self.records[i])
+        # log p of the top token is between -ln(vocab) and 0, the floor 16 below it, rounded up (a step of slack)
+        low = -WINDOW - math.log(self.n_vocab) - STEP
+        for field, ok, expected in (
+                ("nll", (rec["nll"] >= 0) & (rec["nll"] <= MAX_NLL), f"0 to {MAX_NLL:.2f}"),
+                ("top", (rec["top"] >= 0) & (rec["top"] < self.n_vocab), f"an id 0..{self.n_vocab - 1}"),
+                ("floor", (rec["floor"] >= low) & (rec["floor"] <= -WINDOW), f"{low:.4f} to {-WINDOW}")):
+            if not ok.all():    # NaN fails the comparisons
+                j = int(np.argmin(ok))
+                raise DpllamaError(f"{self.path}: corrupted: chunk {i + 1}, scored position {j}: {field} is "
+                                   f"{rec[field][j]:.7g}, expected {expected}")
+        return rec
 
     def check(self, n_vocab: int, tokens: np.ndarray | None) -> None:
         """That a model of n_vocab tokens, and the text's `tokens` if given, are those the base was made with."""

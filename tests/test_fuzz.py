@@ -423,7 +423,8 @@ def gguf_metadata_cases():
         ("attention.head_count", [(u, 0), (u, 3), (u, 8), (u, 32), (V.ARRAY, per_layer)], []),
         ("attention.head_count_kv", [(u, 0), (u, 1), (u, 3), (u, 8), (V.FLOAT64, 2.0)], []),
         ("rope.dimension_count", [(u, 4), (u, 0), (V.STRING, "x")], []),
-        ("rope.freq_base", [(f, 0.0), (f, -1.0), (f, math.nan), (f, math.inf), (u, 10000)], [(f, 1e-30)]),
+        ("rope.freq_base", [(f, 0.0), (f, -1.0), (f, math.nan), (f, math.inf), (u, 10000),
+                            (V.FLOAT64, 1e-300), (V.FLOAT64, 1e300)], [(f, 1e-30)]),    # 0, inf in float32
         ("attention.layer_norm_rms_epsilon", [(f, 0.0), (f, -1e-5), (f, 1.0), (f, math.nan), (f, math.inf)],
          [(V.FLOAT64, 1e-6)]),
     ]:
@@ -474,6 +475,15 @@ def gguf_metadata_cases():
     def duplicate(kvs, tensors):
         kvs.append(kvs[2])
     add("GGUF", "gguf-duplicate-key", True, gguf(duplicate))
+
+    def llama3_scaling(factor: float):     # Llama 3.1's RoPE scaling with this factor
+        def edit(kvs, tensors):
+            for key, vtype, value in [("type", V.STRING, "llama3"), ("factor", f, factor), ("low_freq_factor", f, 1.0),
+                                      ("high_freq_factor", f, 4.0), ("original_context_length", u, 8192)]:
+                set_kv(f"llama.rope.scaling.{key}", vtype, value)(kvs, tensors)
+        return edit
+    for factor, bad in [(8.0, False), (math.inf, True), (1e-45, True)]:    # 1e-45: a float32 below the normal ones
+        add("GGUF", f"gguf-llama3-scaling-factor={factor}", bad, gguf(llama3_scaling(factor)))
 
     def vocabulary(tokens: list):   # tokens, their types and scores, consistent
         def edit(kvs, tensors):
@@ -1022,6 +1032,12 @@ def cli_cases():
     S, Z = STORIES, TOK512
     gen = ["generate", "-m", S, "-z", Z, "-n", "8"]
 
+    def fifo(rest: Callable):     # a FIFO named "fifo" in the folder, then the arguments: nobody ever writes to it
+        def at(folder):
+            os.mkfifo(folder / "fifo")
+            return rest(folder)
+        return at
+
     def inputs(**named):    # write {file name: bytes} in the folder, then give the arguments
         def args(rest: Callable):
             def at(folder):
@@ -1061,6 +1077,11 @@ def cli_cases():
         ("generate-ctx-float", True, lambda f: gen + ["-c", "1e3"]),
         ("generate-t-text", True, lambda f: gen + ["-t", "x"]),
         ("generate-unknown-option", True, lambda f: gen + ["--bogus"]),
+        ("generate-t-past-float32", True, lambda f: gen + ["-t", "1e39"]),
+        ("generate-repeat-penalty-past-float32", True, lambda f: gen + ["--repeat-penalty", "1e39", "-t", "0.8"]),
+        # a FIFO blocks its reader; /proc/self/mem is a regular file that refuses reads
+        ("tokenize-tokenizer-fifo", True, fifo(lambda f: ["tokenize", "-z", f / "fifo", "hi"])),
+        ("generate-model-proc-mem", True, lambda f: ["generate", "-m", "/proc/self/mem", "-z", Z]),
         ("generate-config-bytes", True, inputs(**{"c.yaml": b"\xff\xfe"})(lambda f: gen + ["--config", f / "c.yaml"])),
         ("generate-config-unknown-key", True, inputs(**{"c.yaml": b"gpu: {fast: true}\n"})(
             lambda f: gen + ["--config", f / "c.yaml"])),
@@ -1096,6 +1117,8 @@ def cli_cases():
     cli_case("quantize", False, lambda f: ["quantize", S, f / "out.gguf", "-z", Z], outputs=("out.gguf",))
     cli_case("quantize-onto-input", True, inputs(**{"m.bin": STORIES.read_bytes})(
         lambda f: ["quantize", f / "m.bin", f / "m.bin", "-z", Z]), same="m.bin")
+    cli_case("devices-write-onto-config", True, inputs(**{"c.yaml": b"name: mine\n"})(
+        lambda f: ["devices", "--config", f / "c.yaml", "--write-config", f / "c.yaml"]), same="c.yaml")
     cli_case("chat", False, lambda f: ["chat", "-m", S, "-z", Z, "-n", "8", "-t", "0"],
              stdin="hello\n/reset\nwhat now? \u00e9\n/exit\n".encode())
     cli_case("pull-home-unusable", True, lambda f: ["pull", "smollm2-135m"], env={"DPLLAMA_HOME": "/proc/nope"})

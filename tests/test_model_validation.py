@@ -173,9 +173,9 @@ def test_gguf_metadata_array_item_type(gguf):
 
 
 @pytest.mark.parametrize("key, fmt, value, message", [
-    ("llama.rope.freq_base", "f", np.nan, "llama.rope.freq_base must be finite and positive, found nan"),
-    ("llama.rope.freq_base", "f", 0.0, "llama.rope.freq_base must be finite and positive, found 0.0"),
-    ("llama.rope.freq_base", "f", np.inf, "llama.rope.freq_base must be finite and positive, found inf"),
+    *[("llama.rope.freq_base", "f", v, r"llama.rope.freq_base must be a positive float32 \(1.175e-38 to 3.403e\+38\), "
+                                          f"found {shown}")
+      for v, shown in [(np.nan, "nan"), (0.0, "0.0"), (np.inf, "inf"), (1e-40, "9.99994610111476e-41")]],
     ("llama.attention.layer_norm_rms_epsilon", "f", 0.0,
      "llama.attention.layer_norm_rms_epsilon must be between 0 and 1, found 0.0"),
     ("llama.attention.layer_norm_rms_epsilon", "f", 1.0,

@@ -18,7 +18,7 @@ from dpllama.llm import load
 from dpllama.model.llama import Llama
 from dpllama.model.llama2c import load_llama2c
 from dpllama.model.reference import Reference
-from dpllama.perplexity import STEP, Base, BaseWriter, KLStatistics, chunk_distributions
+from dpllama.perplexity import HEADER, STEP, Base, BaseWriter, KLStatistics, chunk_distributions, record
 from dpllama.tokenizer import Llama2cTokenizer
 from tests.helpers import SHARED, random_llama2c, random_weights, shared_models, smollm2_gguf_path
 from tests.test_forward import GPU_LIKE, SHAPE, int4_weights, logits_atol, queue_with
@@ -222,6 +222,18 @@ def test_kl_against_the_exact_kl(tiny, queue, tmp_path):
         np.testing.assert_array_equal(stats.same_top, lp.argmax(axis=1) == lq.argmax(axis=1))
 
 
+def corrupted(d, name: str, change) -> tuple:
+    """The arguments of --kl-divergence against a copy of good.kld in which change(tokens, records) has written,
+    both memory-mapped: int32 [chunks * N_CTX] and record(VOCAB) [chunks, scored]."""
+    (d / name).write_bytes((d / "good.kld").read_bytes())
+    base = Base.read(d / "good.kld")
+    tokens = np.memmap(d / name, "<i4", "r+", HEADER.itemsize, base.tokens.shape)
+    records = np.memmap(d / name, record(VOCAB), "r+", HEADER.itemsize + tokens.nbytes, base.records.shape)
+    change(tokens, records)
+    tokens.flush(), records.flush()
+    return tiny_args(d, "--kl-divergence", "--kl-divergence-base", d / name)
+
+
 def error_cases(d):
     """name -> (arguments, what the one line says)."""
     (d / "short.txt").write_text("too short")
@@ -261,6 +273,24 @@ def error_cases(d):
         "--kl-divergence alone": (tiny_args(d, *text, "--kl-divergence"),
                                   r"--kl-divergence needs --kl-divergence-base"),
         "base into a folder": (tiny_args(d, *text, "--kl-divergence-base", d), r"is a folder"),
+        "text from a device": (tiny_args(d, "-f", "/dev/zero"), r"/dev/zero: not a regular file"),
+        # a base's body as read: each field within what BaseWriter writes, else named (not a traceback, nor nan)
+        "base target past the vocabulary": (corrupted(d, "t.kld", lambda t, r: t.__setitem__(N_CTX - 1, 99999)),
+                                            r"t\.kld: corrupted: token 15 of the text is 99999, expected an id "
+                                            r"0\.\.259"),
+        "base token -1": (corrupted(d, "t1.kld", lambda t, r: t.__setitem__(N_CTX - 1, -1)),
+                          r"t1\.kld: corrupted: token 15 of the text is -1, expected"),
+        "base nll huge": (corrupted(d, "n.kld", lambda t, r: r["nll"].__setitem__((1, 2), 1e308)),
+                          r"n\.kld: corrupted: chunk 2, scored position 2: nll is 1e\+308, expected 0 to 709\.78"),
+        "base nll nan": (corrupted(d, "nn.kld", lambda t, r: r["nll"].__setitem__((0, 0), math.nan)),
+                         r"nn\.kld: corrupted: chunk 1, scored position 0: nll is nan"),
+        "base top past the vocabulary": (corrupted(d, "top.kld", lambda t, r: r["top"].__setitem__((0, 1), VOCAB)),
+                                         r"top\.kld: corrupted: chunk 1, scored position 1: top is 260, expected an "
+                                         r"id 0\.\.259"),
+        "base floor nan": (corrupted(d, "f.kld", lambda t, r: r["floor"].__setitem__((2, 0), math.nan)),
+                           r"f\.kld: corrupted: chunk 3, scored position 0: floor is nan, expected -21\.\d+ to -16"),
+        "base floor huge": (corrupted(d, "f1.kld", lambda t, r: r["floor"].__setitem__((0, 0), 1e30)),
+                            r"f1\.kld: corrupted: chunk 1, scored position 0: floor is 1e\+30"),
     }
 
 

@@ -120,13 +120,16 @@ def test_quantize_errors_are_one_line(stories, tmp_path, repo_root):
 
 
 def test_quantize_refuses_bad_outputs_before_any_work(stories, tmp_path, repo_root):
-    """A folder, a device, a place nobody can write, or an input (the model, a link to it, the tokenizer) as
-    the output: one line, before loading or quantizing anything (nothing on stdout), and the inputs intact."""
+    """A folder (a name ending in / too), standard output, a device, a place nobody can write, or an input (the
+    model, a link to it, the tokenizer) as the output: one line, before loading or quantizing anything (nothing on
+    stdout), and the inputs intact."""
     model, tok = (Path(shutil.copy(p, tmp_path)) for p in stories)    # copies: a bug must not eat the shared ones
     (tmp_path / "link.bin").symlink_to(model)
     (tmp_path / "dir.gguf").mkdir()
     before = {p: p.read_bytes() for p in (model, tok)}
-    for out, message in [(tmp_path / "dir.gguf", "is a folder"), ("/dev/null", "not a regular file"),
+    for out, message in [(tmp_path / "dir.gguf", "is a folder"), (f"{tmp_path}/out.gguf/", "names a folder"),
+                         ("-", "the output goes to a file, not to standard output"),
+                         ("/dev/null", "not a regular file"),
                          ("/sys/out.gguf", "cannot write in /sys"), ("/proc/self/out.gguf", "cannot write in /proc"),
                          (model, f"is the input {model}"), (tmp_path / "link.bin", f"is the input {model}"),
                          (tok, f"is the input {tok}")]:

@@ -2,6 +2,7 @@
 never a traceback from deep inside or a silently wrong result. Killed writers' temporaries do not pile up."""
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import subprocess
@@ -12,9 +13,15 @@ import numpy as np
 import pytest
 
 import dpllama
+from dpllama.commands.options import add_sampling, sampler_from
+from dpllama.commands.perplexity import read_text
 from dpllama.errors import DpllamaError
 from dpllama.fileio import HOST, remove_stale
 from dpllama.generate import Sampler
+from dpllama.hub import local_model
+from dpllama.loaders import load_weights
+from dpllama.runtime.config import load_config
+from dpllama.tokenizer import Llama2cTokenizer, load_gguf_tokenizer
 from tests.helpers import llama2c_dir
 
 
@@ -39,6 +46,15 @@ def test_top_p_below_one_over_vocab_keeps_the_most_likely_token():
     assert Sampler(top_p=0.001, seed=1).sample(np.full(512, 1 / 512, np.float32)) == 0
 
 
+def test_top_p_below_float32s_least_stays_a_cut_on_the_device():
+    """--top-p 1e-50 is 0 in float32, the device's "off"; it is taken as float32's least normal number, which keeps the
+    most likely token alone, as 1e-50 does."""
+    p = argparse.ArgumentParser()
+    add_sampling(p, temperature=1.0)
+    top_p = np.float32(sampler_from(p.parse_args(["--top-p", "1e-50"])).draw()[1])
+    assert top_p == np.finfo(np.float32).tiny
+
+
 def test_api_generate_rejects_bad_arguments_at_the_call():
     d = llama2c_dir()
     llm = dpllama.load(str(d / "stories260K.bin"), str(d / "tok512.bin"), max_seq=16)
@@ -54,6 +70,28 @@ def test_api_load_rejects_bad_activation_bits_before_reading_the_model():
     """Checked first: the model named here does not exist, and the error is about the bits, not the file."""
     with pytest.raises(DpllamaError, match="activation bits must be one of 16, 8, found 4"):
         dpllama.load("/nonexistent/model.gguf", activation_bits=4)
+
+
+def test_inputs_that_are_not_regular_files_are_refused_unread(tmp_path):
+    """Each input read whole or mapped: a device would be read without end (/dev/zero), a FIFO blocks until a writer
+    comes; and /proc/self/mem, a regular file, refuses reads."""
+    os.mkfifo(tmp_path / "fifo")
+    for path in ("/dev/zero", tmp_path / "fifo"):
+        for read in (Llama2cTokenizer, load_gguf_tokenizer, load_weights, load_config, read_text,
+                     lambda p: local_model(str(p))):
+            with pytest.raises(DpllamaError, match=f"^{path}: not a regular file$"):
+                read(path)
+    with pytest.raises(DpllamaError, match="^/proc/self/mem: cannot read: Input/output error$"):
+        load_weights("/proc/self/mem")
+
+
+def test_more_sequences_than_the_device_holds_any_context_for():
+    """`serve --parallel 999999`: the passes' scratch alone is more than one allocation; one line, before anything is
+    allocated (the context used to shrink to a step, then the driver failed)."""
+    d = llama2c_dir()
+    with pytest.raises(DpllamaError, match=r"^the model's context of 512 tokens for 999999 sequence\(s\) needs \d+ MiB "
+                                           r".*, and so would the shortest context$"):
+        dpllama.load(str(d / "stories260K.bin"), str(d / "tok512.bin"), slots=999999)
 
 
 def test_remove_stale_takes_only_dead_writers_temporaries(tmp_path):

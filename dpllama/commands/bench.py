@@ -28,15 +28,27 @@ from dpllama.errors import DpllamaError
 from dpllama.generate import Batcher, Sampler, generate
 from dpllama.hub import resolve_model
 from dpllama.loaders import load_weights
+from dpllama.llm import context_cap
 from dpllama.model.llama import Llama
 from dpllama.runtime import build_stats, open_queue
+
+
+def check_fits(c, q, max_seq: int, slots: int, kv_cache: str) -> None:
+    """That `slots` sequences of max_seq tokens fit the model's context and the device (llm.context_cap), before
+    Llama allocates them: it would shrink the context, and bench's runs need theirs whole."""
+    if max_seq > c.seq_len:
+        raise DpllamaError(f"--prompt + --gen: {max_seq} tokens, more than the model's context of {c.seq_len}")
+    cap, need = context_cap(c, q, max_seq, slots, kv_cache=kv_cache)
+    if max_seq > cap:
+        raise DpllamaError(f"{slots} sequences (--batch) of {max_seq} tokens (--prompt + --gen) need {need}")
 
 
 def _load(path, device, config, max_seq, activation_bits=16, profiling=False, slots=1, kv_cache="f16"):
     t = time.perf_counter()
     weights = load_weights(path)
-    model = Llama(weights, open_queue(device, config, profiling=profiling), max_seq=max_seq, slots=slots,
-                  activation_bits=activation_bits, kv_cache=kv_cache)
+    q = open_queue(device, config, profiling=profiling)
+    check_fits(weights.config, q, max_seq, slots, kv_cache)
+    model = Llama(weights, q, max_seq=max_seq, slots=slots, activation_bits=activation_bits, kv_cache=kv_cache)
     model.q.wait()
     return model, time.perf_counter() - t
 
@@ -46,7 +58,9 @@ def _first_token(path, device, config, max_seq, activation_bits, kv_cache) -> fl
     kernels (where a driver such as PoCL compiles each kernel for its work-group size)."""
     t = time.perf_counter()
     model, _ = _load(path, device, config, max_seq, activation_bits, kv_cache=kv_cache)
-    prompt = list(range(3, 4 + model.geometry.prefill_tokens))      # a prefill pass, then decode steps
+    # a prefill pass, then decode steps: a token more than a pass, and room for two decode steps where the
+    # context (--prompt + --gen) is shorter
+    prompt = list(range(3, 3 + min(model.geometry.prefill_tokens + 1, model.seq_len - 1)))
     list(generate(model, prompt, 2, Sampler(temperature=0)))
     return time.perf_counter() - t
 
@@ -57,7 +71,9 @@ def _cold_start_s(path, device, config, max_seq, activation_bits, kv_cache) -> f
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, DPLLAMA_HOME=tmp, POCL_CACHE_DIR=tmp)
         code = ("import sys, json; from dpllama.commands.bench import _first_token; "
-                "print(json.dumps(_first_token(sys.argv[1], *json.loads(sys.argv[2]))))")
+                "from dpllama.errors import DpllamaError\n"
+                "try: print(json.dumps(_first_token(sys.argv[1], *json.loads(sys.argv[2]))))\n"
+                "except DpllamaError as e: sys.exit(str(e))")     # its message alone as the last line
         r = subprocess.run([sys.executable, "-c", code, str(path),
                             json.dumps([device, config, max_seq, activation_bits, kv_cache])],
                            env=env, capture_output=True, text=True)
@@ -124,8 +140,6 @@ def bench(model_path: str, device=None, config=None, n_prompt=512, n_gen=128, re
     say("load + build, cached ...")
     model, cached = _load(path, device, config, max_seq, activation_bits, profiling=profile, slots=max(batch, default=1),
                           kv_cache=kv_cache)
-    if model.seq_len < max_seq:
-        raise DpllamaError(f"--prompt {n_prompt} + --gen {n_gen} tokens exceed {path}'s context of {model.seq_len}")
     runs = []
     rng = np.random.default_rng(0)
     run_once(model, random_prompt(model, 8, rng), 4)   # warm-up: first launches of every kernel

@@ -14,7 +14,7 @@ import numpy as np
 
 from dpllama.commands.options import add_device
 from dpllama.errors import DpllamaError
-from dpllama.fileio import atomic_output
+from dpllama.fileio import atomic_output, check_output
 from dpllama.runtime import (Device, DeviceConfig, Local, OpenCLError, build_stats, choose_device, list_devices,
                              open_queue, select_device, shipped_config_for)
 from dpllama.runtime.config import dump_config
@@ -118,12 +118,18 @@ def substring(text: str) -> str:
     return text.split(",")[0].strip()
 
 
-def write_config(path: str, dev: Device, cfg: DeviceConfig, origin: str = "dpllama devices --write-config",
+def config_output(path: str, inputs=()) -> Path:
+    """Where write_config is to write `path`, checked before the work that makes the config (tune's takes minutes):
+    its folder exists, and it can take the file without replacing one of `inputs` (check_output)."""
+    if not Path(path).parent.is_dir():
+        raise DpllamaError(f"{path}: cannot write config: folder {Path(path).parent} does not exist")
+    return check_output(path, inputs)
+
+
+def write_config(target: Path, dev: Device, cfg: DeviceConfig, origin: str = "dpllama devices --write-config",
                  note: str = "") -> Path:
-    """`cfg` with `match` naming exactly `dev`, written atomically: a reader never sees half a file."""
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise DpllamaError(f"{path}: cannot write config: folder {target.parent} does not exist")
+    """`cfg` with `match` naming exactly `dev`, written atomically to `target` (config_output's): a reader never sees
+    half a file."""
     values = copy.deepcopy(cfg.values)
     values["match"] = {"type": dev.type, "platform": substring(dev.platform),
                        "vendor": substring(dev.cl_device.vendor), "name": substring(dev.name)}
@@ -134,7 +140,7 @@ def write_config(path: str, dev: Device, cfg: DeviceConfig, origin: str = "dplla
         with atomic_output(target) as tmp:
             tmp.write_text(text)
     except OSError as e:
-        raise DpllamaError(f"{path}: cannot write config: {e.strerror}") from None
+        raise DpllamaError(f"{target}: cannot write config: {e.strerror}") from None
     return target
 
 
@@ -219,6 +225,8 @@ def devices(selector: str | None = None, config: str | None = None, as_json: boo
     """The listing, then the check, then the written config: a config is written only for a device
     that passed the check when both are asked for."""
     s = survey(selector, config)
+    # before the check: a config cannot replace the one it comes from
+    target = write_path and config_output(write_path, (s.config and config_path(s.config),))
     out = as_dict(s)
     if not as_json:
         print(render(s), flush=True)    # the listing shows even when the check below fails
@@ -231,7 +239,7 @@ def devices(selector: str | None = None, config: str | None = None, as_json: boo
         if not as_json:
             print(check_line(out["check"]))
     if write_path:
-        out["written_config"] = str(write_config(write_path, s.chosen, s.config))
+        out["written_config"] = str(write_config(target, s.chosen, s.config))
         if not as_json:
             print(f"wrote {out['written_config']}")
     if as_json:

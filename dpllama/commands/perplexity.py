@@ -16,7 +16,7 @@ import numpy as np
 
 from dpllama.commands.options import add_activation_bits, add_device, add_model, load_llm
 from dpllama.errors import DpllamaError
-from dpllama.fileio import atomic_output, check_output
+from dpllama.fileio import atomic_output, check_input, check_output
 from dpllama.perplexity import (Base, BaseWriter, KLStatistics, check_ctx, chunk_count, chunk_distributions,
                                 ppl_estimate)
 
@@ -44,6 +44,7 @@ def say(text: str) -> None:
 
 
 def read_text(path: str) -> str:
+    check_input(path)
     try:
         return Path(path).read_bytes().decode("utf-8")
     except OSError as e:
@@ -146,7 +147,7 @@ def kl_divergence(model, base: Base, n_chunk: int, bos: int | None) -> int:
     timer, out, parts = Timer(model, base.n_ctx, n_chunk), sys.stdout, []
     out.write(COLUMNS + "\n")
     for i, (dist, targets) in enumerate(chunk_distributions(model, base.tokens, base.n_ctx, n_chunk, bos)):
-        parts.append(KLStatistics.of(base.records[i], dist, targets))
+        parts.append(KLStatistics.of(base.chunk(i), dist, targets))
         timer.chunk_done()
         s = KLStatistics.join(parts).summary()
         out.write(f"{i + 1:4d}{s['PPL(Q)'][0]:14.4f} ± {s['PPL(Q)'][1]:9.4f}"

@@ -12,7 +12,7 @@ import copy
 import sys
 import time
 
-from dpllama.commands.devices import write_config
+from dpllama.commands.devices import config_output, config_path, write_config
 from dpllama.commands.options import add_device, add_model
 from dpllama.generate import Sampler, generate
 from dpllama.hub import resolve_model
@@ -63,10 +63,13 @@ def measure(model: Llama, phase: str) -> float:
     return max(run() for _ in range(3))
 
 
-def tune(model_path: str, device: str | None, config: str | None, out: str, say=print) -> dict:
+def tune(model_path: str, device: str | None, config: str | None, out: str, say=print,
+         tokenizer: str | None = None) -> dict:
     path = resolve_model(model_path)
     weights = load_weights(path)
     q = open_queue(device, config)
+    # before minutes of tuning; the tokenizer counts as an input though tune reads none
+    target = config_output(out, (path, tokenizer, config_path(q.config)))
     base: DeviceConfig = q.config
     limit = q.device.cl_device.max_work_group_size
     wg = q.config.values["work_group"]
@@ -83,7 +86,7 @@ def tune(model_path: str, device: str | None, config: str | None, out: str, say=
         found[key] = {"value": wg[key], "phase": phase, "tok_s": scores}
     note = "".join(f"# tuned on {path.name}: work_group.{k} = {r['value']} ({r['phase']} {r['tok_s'][r['value']]:.1f} tok/s)\n"
                    for k, r in found.items())
-    written = write_config(out, q.device, DeviceConfig(copy.deepcopy(q.config.values), base.path),
+    written = write_config(target, q.device, DeviceConfig(copy.deepcopy(q.config.values), base.path),
                            origin=f"dpllama tune -m {model_path}", note=note)
     say(f"wrote {written}")
     return found
@@ -98,5 +101,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     tune(args.model, args.device, args.config, args.write_config,
-         say=lambda s: print(f"dpllama tune: {s}", file=sys.stderr, flush=True))
+         say=lambda s: print(f"dpllama tune: {s}", file=sys.stderr, flush=True), tokenizer=args.tokenizer)
     return 0

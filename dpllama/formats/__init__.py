@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from dpllama.errors import DpllamaError
+from dpllama.fileio import check_input
 
 GGUF_MAGIC = b"GGUF"    # a GGUF file's first bytes (a llama2.c checkpoint has none to look for)
 
@@ -19,6 +20,7 @@ def round_up(n: int, multiple: int) -> int:
 
 def map_file(path: Path):
     """The whole file, memory-mapped read-only (b"" when empty: an empty file cannot be mapped)."""
+    check_input(path)
     try:
         with open(path, "rb") as f:
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""

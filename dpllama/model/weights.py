@@ -32,6 +32,9 @@ import numpy as np
 from dpllama.errors import DpllamaError
 from dpllama.formats import round_up
 
+# float32's least normal and largest numbers: the device's arithmetic, and the numbers a value read as float64 (a
+# GGUF key, a flag) must lie between to mean the same there
+F32_TINY, F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -123,8 +126,10 @@ def check_config(c: ModelConfig, source: str, names: dict[str, str] | None = Non
         raise bad(f"{name('n_heads')} {c.n_heads} is not a multiple of {name('n_kv_heads')} {c.n_kv_heads}")
     if c.head_dim % 2:
         raise bad(f"head_dim {c.head_dim} is odd (RoPE rotates pairs)")
-    if not (math.isfinite(c.rope_theta) and c.rope_theta > 0):
-        raise bad(f"{name('rope_theta')} must be finite and positive, found {c.rope_theta}")
+    # RoPE's tables are float32: a base or factor outside its normal numbers would be 0 or infinite there
+    if not F32_TINY <= c.rope_theta <= F32_MAX:     # NaN fails too
+        raise bad(f"{name('rope_theta')} must be a positive float32 ({F32_TINY:.4g} to {F32_MAX:.4g}), found "
+                  f"{c.rope_theta}")
     if not 0 < c.norm_eps < 1:      # NaN fails too
         raise bad(f"{name('norm_eps')} must be between 0 and 1, found {c.norm_eps}")
     if c.rope_freq_factors is not None:
@@ -132,9 +137,9 @@ def check_config(c: ModelConfig, source: str, names: dict[str, str] | None = Non
         if len(factors) != c.head_dim // 2:
             raise bad(f"{name('rope_freq_factors')} holds {len(factors)} factors, expected head_dim / 2 = "
                       f"{c.head_dim // 2}")
-        if not all(math.isfinite(f) and f > 0 for f in factors):
-            raise bad(f"{name('rope_freq_factors')} must be finite and positive, found "
-                      f"{next(f for f in factors if not (math.isfinite(f) and f > 0))}")
+        if not all(F32_TINY <= f <= F32_MAX for f in factors):
+            raise bad(f"{name('rope_freq_factors')} must be positive float32s ({F32_TINY:.4g} to {F32_MAX:.4g}), "
+                      f"found {next(f for f in factors if not F32_TINY <= f <= F32_MAX)}")
 
 
 # the symmetric kinds' offset: w = scale * (q - OFFSET)

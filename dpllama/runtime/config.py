@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from dpllama.errors import DpllamaError
+from dpllama.fileio import check_input
 from dpllama.runtime.device import Device, choose, list_devices, select_device
 
 CONFIG_DIR = files("dpllama") / "configs"   # the shipped configs, in the package in a checkout and installed
@@ -173,6 +174,7 @@ def shipped_configs() -> dict:
 
 def load_config(path: str | Path) -> DeviceConfig:
     p = Path(path)
+    check_input(p)
     if not p.is_file():
         shipped = shipped_configs()
         if p.name not in shipped:

@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 from dpllama.errors import DpllamaError
+from dpllama.fileio import check_input
 from dpllama.tokenizer.base import Tokenizer, merge_by_score, utf8
 from dpllama.tokenizer.gguf import BYTE, CONTROL, NORMAL, UNKNOWN
 
@@ -21,6 +22,7 @@ _PRINTABLE = frozenset(range(0x20, 0x7F)) | frozenset(b" \t\n\v\f\r")
 
 
 def _read_vocab(path: Path, vocab_size: int | None) -> tuple[list[bytes], list[float]]:
+    check_input(path)
     try:
         data = path.read_bytes()
     except OSError as e:
