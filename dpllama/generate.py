@@ -18,9 +18,7 @@ import numpy as np
 
 from dpllama.errors import DpllamaError
 from dpllama.model.llama import PENALTY_WINDOW, Llama, Part, Pending, not_finite
-from dpllama.model.weights import ModelConfig
-
-FLT_MAX = np.finfo(np.float32).max
+from dpllama.model.weights import F32_MAX, F32_TINY, ModelConfig
 
 
 class XorShift:
@@ -55,12 +53,13 @@ class Sampler:
     def __post_init__(self):
         # the CLI and the Python API both come through here, before a model loads; each test is written so
         # that NaN, which compares false with everything, fails it
-        for ok, rule, value in ((0 <= self.temperature < math.inf, "temperature must be >= 0 and finite",
-                                 self.temperature),
+        # the device samples in float32: a number past its largest would be infinite there
+        for ok, rule, value in ((0 <= self.temperature <= F32_MAX, f"temperature must be >= 0 and at most "
+                                 f"{F32_MAX:.4g} (float32's largest)", self.temperature),
                                 (0 <= self.top_p <= 1, "top-p must be between 0 and 1", self.top_p),
                                 (self.top_k >= 0, "top-k must be >= 0", self.top_k),
-                                (0 < self.repeat_penalty < math.inf, "repeat-penalty must be > 0 and finite",
-                                 self.repeat_penalty),
+                                (0 < self.repeat_penalty <= F32_MAX, f"repeat-penalty must be > 0 and at most "
+                                 f"{F32_MAX:.4g} (float32's largest)", self.repeat_penalty),
                                 (self.repeat_last_n >= -1, "repeat-last-n must be >= -1", self.repeat_last_n),
                                 (-2 <= self.presence_penalty <= 2, "presence penalty must be between -2 and 2",
                                  self.presence_penalty),
@@ -68,6 +67,8 @@ class Sampler:
                                  self.frequency_penalty)):
             if not ok:
                 raise DpllamaError(f"sampling: {rule}, found {value}")
+        if 0 < self.top_p < F32_TINY:   # 0 in float32, the device's "off": the least cut keeps the top token alone
+            self.top_p = F32_TINY
         self.rng = XorShift(self.seed)
 
     @property
@@ -115,7 +116,7 @@ class Sampler:
             if t not in seen:
                 seen.add(t)
                 with np.errstate(over="ignore", divide="ignore"):     # a penalty below float32's least: 0
-                    v = (min(v / rp, FLT_MAX) if v > 0 else max(v * rp, -FLT_MAX)) - pp
+                    v = (min(v / rp, F32_MAX) if v > 0 else max(v * rp, -F32_MAX)) - pp
             logits[t] = v - fp
         return logits
 
@@ -123,7 +124,7 @@ class Sampler:
         logits = self.penalize(logits, history)
         if self.greedy:
             return int(np.argmax(logits))
-        with np.errstate(over="ignore"):   # penalized logits may lie FLT_MAX apart: their gap is -inf, e^-inf 0
+        with np.errstate(over="ignore"):   # penalized logits may lie F32_MAX apart: their gap is -inf, e^-inf 0
             z = np.exp((logits - logits.max()) / self.temperature)
         return self.sample(z / z.sum())
 

@@ -129,9 +129,9 @@ def test_tokenize_takes_a_llama2c_model_with_its_tokenizer_beside(stories, besid
 @pytest.mark.parametrize("args, message", [
     (("-n", "-5"), "-n must be >= 0, found -5"),
     (("--top-p", "2"), "sampling: top-p must be between 0 and 1, found 2.0"),
-    (("-t", "-1"), "sampling: temperature must be >= 0 and finite, found -1.0"),
-    (("-t", "nan"), "sampling: temperature must be >= 0 and finite, found nan"),
-    (("--repeat-penalty", "nan", "-t", "0.8"), "sampling: repeat-penalty must be > 0 and finite, found nan"),
+    (("-t", "-1"), "sampling: temperature must be >= 0 and at most 3.403e+38 (float32's largest), found -1.0"),
+    (("-t", "nan"), "sampling: temperature must be >= 0 and at most 3.403e+38 (float32's largest), found nan"),
+    (("--repeat-penalty", "nan", "-t", "0.8"), "sampling: repeat-penalty must be > 0 and at most 3.403e+38 (float32's largest), found nan"),
     (("--top-k", "-1"), "sampling: top-k must be >= 0, found -1"),
     (("--ctx", "0"), "--ctx must be at least 1, found 0"),
 ])

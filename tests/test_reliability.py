@@ -2,9 +2,9 @@
 never a traceback from deep inside or a silently wrong result. Killed writers' temporaries do not pile up."""
 from __future__ import annotations
 
-import argparse
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import dpllama
-from dpllama.commands.options import add_sampling, sampler_from
 from dpllama.commands.perplexity import read_text
 from dpllama.errors import DpllamaError
 from dpllama.fileio import HOST, remove_stale
@@ -25,19 +24,25 @@ from dpllama.tokenizer import Llama2cTokenizer, load_gguf_tokenizer
 from tests.helpers import llama2c_dir
 
 
+TEMPERATURE = "temperature must be >= 0 and at most 3.403e+38 (float32's largest)"
+PENALTY = "repeat-penalty must be > 0 and at most 3.403e+38 (float32's largest)"
+
+
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=math.nan), "temperature must be >= 0 and finite, found nan"),
-    (dict(temperature=math.inf), "temperature must be >= 0 and finite, found inf"),
-    (dict(temperature=-1), "temperature must be >= 0 and finite, found -1"),
+    (dict(temperature=math.nan), f"{TEMPERATURE}, found nan"),
+    (dict(temperature=math.inf), f"{TEMPERATURE}, found inf"),
+    (dict(temperature=1e39), f"{TEMPERATURE}, found 1e+39"),     # finite in float64, infinite on the device
+    (dict(temperature=-1), f"{TEMPERATURE}, found -1"),
     (dict(top_p=math.nan), "top-p must be between 0 and 1, found nan"),
     (dict(top_p=2), "top-p must be between 0 and 1, found 2"),
     (dict(top_k=-1), "top-k must be >= 0, found -1"),
-    (dict(temperature=0.8, repeat_penalty=math.nan), "repeat-penalty must be > 0 and finite, found nan"),
-    (dict(repeat_penalty=0), "repeat-penalty must be > 0 and finite, found 0"),
+    (dict(temperature=0.8, repeat_penalty=math.nan), f"{PENALTY}, found nan"),
+    (dict(repeat_penalty=1e39), f"{PENALTY}, found 1e+39"),
+    (dict(repeat_penalty=0), f"{PENALTY}, found 0"),
     (dict(repeat_last_n=-2), "repeat-last-n must be >= -1, found -2"),
 ])
 def test_sampler_rejects_bad_values(kwargs, message):
-    with pytest.raises(DpllamaError, match=f"^sampling: {message}$"):
+    with pytest.raises(DpllamaError, match=f"^sampling: {re.escape(message)}$"):
         Sampler(**kwargs)
 
 
@@ -47,12 +52,9 @@ def test_top_p_below_one_over_vocab_keeps_the_most_likely_token():
 
 
 def test_top_p_below_float32s_least_stays_a_cut_on_the_device():
-    """--top-p 1e-50 is 0 in float32, the device's "off"; it is taken as float32's least normal number, which keeps the
-    most likely token alone, as 1e-50 does."""
-    p = argparse.ArgumentParser()
-    add_sampling(p, temperature=1.0)
-    top_p = np.float32(sampler_from(p.parse_args(["--top-p", "1e-50"])).draw()[1])
-    assert top_p == np.finfo(np.float32).tiny
+    """top-p 1e-50 (--top-p, the API) is 0 in float32, the device's "off"; it is taken as float32's least normal
+    number, which keeps the most likely token alone, as 1e-50 does."""
+    assert np.float32(Sampler(top_p=1e-50).draw()[1]) == np.finfo(np.float32).tiny
 
 
 def test_api_generate_rejects_bad_arguments_at_the_call():

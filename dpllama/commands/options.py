@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 from dpllama.errors import DpllamaError
-from dpllama.model.weights import ACTIVATION_BITS, F32_MAX, F32_TINY, KV_TYPES
+from dpllama.model.weights import ACTIVATION_BITS, KV_TYPES
 
 SELECTOR_HELP = ("device selector: cpu, gpu, gpu:1, a device number, platform=NAME, vendor=NAME, name~TEXT, "
                  "isa=avx2, comma-separated terms all must hold (default: $DPLLAMA_DEVICE, else the best device)")
@@ -56,34 +55,15 @@ def add_activation_bits(p: argparse.ArgumentParser) -> None:
                         "step) or float32 (float32 math end to end)")
 
 
-def float32(text: str) -> float:
-    """A sampling number's type: the device samples in float32, where a finite number past its largest would be
-    infinite (NaN and infinities are left to the sampler's checks)."""
-    x = float(text)
-    if math.isfinite(x) and abs(x) > F32_MAX:
-        raise argparse.ArgumentTypeError(f"must be at most {F32_MAX:.4g} in magnitude (float32's largest), "
-                                         f"found {text}")
-    return x
-
-
-def top_p(text: str) -> float:
-    """--top-p's type: a cut below float32's least normal number would be 0 on the device, which is off; it is
-    raised to that number, which keeps the most likely token alone, as the smaller cut does."""
-    p = float(text)
-    return F32_TINY if 0 < p < F32_TINY else p
-
-
 class Temperature(argparse.Action):
     """-t/--temperature/--temp. -t is llama2.c's temperature, but `-t 4` reads like llama.cpp's thread count:
     a whole number from 2 up written after -t gets a warning (after --temperature or --temp it is meant)."""
 
     def __call__(self, parser, namespace, value, option_string=None):
         try:
-            t = float32(value)
+            t = float(value)
         except ValueError:
             raise argparse.ArgumentError(self, f"invalid float value: {value!r}") from None
-        except argparse.ArgumentTypeError as e:
-            raise argparse.ArgumentError(self, str(e)) from None
         if option_string == "-t" and value.isdigit() and int(value) >= 2:
             print(f"dpllama: warning: -t {value} is the sampling temperature (llama2.c's -t), not a thread count "
                   f"(llama.cpp's -t); --temperature {value} says it without this warning", file=sys.stderr)
@@ -93,11 +73,9 @@ class Temperature(argparse.Action):
 def add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("-t", "--temperature", "--temp", action=Temperature, default=temperature, metavar="T",
                    help=f"sampling temperature, 0 = greedy (default {temperature})")
-    p.add_argument("--top-p", type=top_p, default=0.9,
-                   help="nucleus sampling cut, 0 or 1 = off (default 0.9); a cut below 1.2e-38 (float32's least "
-                        "normal number) is taken as 1.2e-38: the most likely token alone")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling cut, 0 or 1 = off (default 0.9)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
-    p.add_argument("--repeat-penalty", type=float32, default=1.0,
+    p.add_argument("--repeat-penalty", type=float, default=1.0,
                    help="penalty for tokens among the last --repeat-last-n, 1 = off (default 1.0)")
     p.add_argument("--repeat-last-n", type=int, default=64, help="window of --repeat-penalty: 0 off, -1 the whole history (default 64)")
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: from the clock)")
