@@ -31,6 +31,7 @@ from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler
 from dpllama.llm import LLM
 from dpllama.serve import log
+from dpllama.signals import HELD
 from dpllama.serve.metrics import Metrics
 from dpllama.serve.engine import Busy, Done, Engine, Failed, Piece, Request, TokenLogprob, Unavailable
 from dpllama.serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, ParameterError, Sampling,
@@ -377,8 +378,15 @@ def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiti
     # responses' tasks, which it logs as tracebacks
     deadline = threading.Timer(drain_timeout, engine.stop)
     deadline.daemon = True
+    loop: list[asyncio.AbstractEventLoop] = []     # the server's, once it runs (signals below)
+    started = threading.Event()
 
     class Server(uvicorn.Server):
+        async def serve(self, sockets=None) -> None:
+            loop.append(asyncio.get_running_loop())
+            started.set()
+            await super().serve(sockets)
+
         def handle_exit(self, sig: int, frame) -> None:
             if not self.should_exit:    # the first signal (a second Ctrl-C is uvicorn's forced exit)
                 engine.drain()
@@ -391,10 +399,26 @@ def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiti
     app = make_app(engine, model_name, api_keys)
     server = Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                    lifespan="on", timeout_graceful_shutdown=drain_timeout + 10))
-    # uvicorn takes SIGTERM and SIGINT while it serves and raises them again once it is done: either has then
-    # drained the server, which ends with status 0, as a container's stop should (not the CLI's 130 for Ctrl-C)
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGTERM and SIGINT are taken by a thread of their own (sigwait), never by a handler: every thread of the
+    # server is started after this and holds them blocked, as the main thread now does. A handler would also run
+    # LLVM's, installed while PoCL compiles in the scheduler thread, which deletes the compile's files (see
+    # dpllama/signals.py): a SIGTERM during a first start's compiles failed its load with a build error. Either
+    # signal drains the server, which ends with status 0, as a container's stop should (not the CLI's 130).
+    def signals() -> None:
+        while True:
+            sig = signal.sigwait(HELD)
+            started.wait()
+            try:
+                loop[0].call_soon_threadsafe(server.handle_exit, sig, None)
+            except RuntimeError:    # the loop has closed: the server has stopped
+                return
+
+    # uvicorn's handlers, which never run now, raise the signals they would have taken again once it is done: these
+    # take them, should they ever come
+    for sig in HELD:
         signal.signal(sig, lambda signum, frame: None)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+    threading.Thread(target=signals, name="dpllama-signals", daemon=True).start()
     server.run(sockets=[sock])
     deadline.cancel()
     if failed:
