@@ -168,6 +168,125 @@ inline void attend(const int h, const int n, __global const float *query, __glob
 }
 
 #if defined(GQA)
+#define ATT_CHAINS (GQA == 1 ? 4 : 2)
+
+// The parts of attend_heads and attend_rows, so that a row gets the same float operations in either:
+// score_run: a row's scores for its GQA query heads (at q) at positions t0 .. t0 + ATTENTION_POSITIONS - 1 (keys at
+// kt), into its score rows (a, seq_p apart), past the causal edge pos -INFINITY, and their running maxima mv
+inline void score_run(const int t0, const int pos, __global const kv_t *kt, const size_t ks, const int head_dim,
+                      const int seq_p, const float scale, __global const float *q, __global float *a, floatP *mv) {
+    floatP s[ATT_CHAINS * GQA];
+#pragma unroll
+    for (int i = 0; i < ATT_CHAINS * GQA; i++) s[i] = 0.0f;
+    int d = 0;
+    for (; d + ATT_CHAINS <= head_dim; d += ATT_CHAINS) {
+#pragma unroll
+        for (int c = 0; c < ATT_CHAINS; c++) {
+            const floatP k = KV_LOAD_P(kt + (d + c) * ks);
+#pragma unroll
+            for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * head_dim + d + c] * k;
+        }
+    }
+    for (; d < head_dim; d += 2) {       // head_dim is even (RoPE pairs): what 4 chains leave is a pair
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            const floatP k = KV_LOAD_P(kt + (d + c) * ks);
+#pragma unroll
+            for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * head_dim + d + c] * k;
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < GQA; g++) {
+#if ATT_CHAINS == 4
+        floatP sg = ((s[4 * g] + s[4 * g + 1]) + (s[4 * g + 2] + s[4 * g + 3])) * scale;
+#else
+        floatP sg = (s[2 * g] + s[2 * g + 1]) * scale;
+#endif
+        if (t0 + ATTENTION_POSITIONS > pos + 1)                             // the vector runs past the causal edge
+            for (int i = pos + 1 - t0; i < ATTENTION_POSITIONS; i++) ((float *)&sg)[i] = -INFINITY;
+        *(__global floatP *)(a + (size_t)g * seq_p + t0) = sg;
+        mv[g] = sg > mv[g] ? sg : mv[g];
+    }
+}
+
+// softmax_row: each head's softmax weights in place of its scores at positions 0..pos, their sums
+inline void softmax_row(const int pos, const int seq_p, __global float *a, const floatP *mv, float *sum) {
+    for (int g = 0; g < GQA; g++) {
+        float m = -INFINITY;
+        for (int i = 0; i < ATTENTION_POSITIONS; i++) m = m > ((float *)&mv[g])[i] ? m : ((float *)&mv[g])[i];
+        __global float *ag = a + (size_t)g * seq_p;
+        floatP sv = 0.0f;
+        for (int t0 = 0; t0 <= pos; t0 += ATTENTION_POSITIONS) {
+            const floatP e = EXP_P(*(__global floatP *)(ag + t0) - m);
+            *(__global floatP *)(ag + t0) = e;
+            sv += e;
+        }
+        sum[g] = 0.0f;
+        for (int i = 0; i < ATTENTION_POSITIONS; i++) sum[g] += ((float *)&sv)[i];
+    }
+}
+
+// value_run: a row's weighted values of positions t .. end - 1 (a multiple of ATT_CHAINS of them; values at vd, the
+// head dimensions d0 .. d0 + HD_VEC - 1 of its key/value head) added to its sums o, ATT_CHAINS chains over the
+// positions; with `fetch`, each position's values 32 positions on prefetched (builds whose keys are not in blocks,
+// where the scores' pass has not fetched them; vh: the head's values at dimension 0)
+inline void value_run(int t, const int end, __global const kv_t *vd, __global const kv_t *vh, const int kv_dim,
+                      const int head_dim, const int seq_p, __global const float *a, floatH *o, const int fetch) {
+    for (; t < end; t += ATT_CHAINS) {
+#if defined(__SSE2__) && !defined(KEY_BLOCK)
+        // SmolLM2 over 130-450 positions, in-process A/B: 8-row batch steps and one sequence's decode 1.01-1.04x
+        if (fetch)
+            for (int c = 0; c < ATT_CHAINS; c++)
+                for (int i = 0; i < head_dim; i += 64 / sizeof(kv_t))
+                    __builtin_prefetch((__global const char *)(vh + (size_t)(t + c + 32) * kv_dim + i));
+#endif
+#pragma unroll
+        for (int c = 0; c < ATT_CHAINS; c++) {
+            const floatH v = KV_LOAD_H(vd + (size_t)(t + c) * kv_dim);
+#pragma unroll
+            for (int g = 0; g < GQA; g++) o[ATT_CHAINS * g + c] += a[(size_t)g * seq_p + t + c] * v;
+        }
+    }
+}
+
+// value_end: a row's values after its last whole run of ATT_CHAINS positions (whole) up to pos, into the first
+// chain, then the chains' sums over the softmax's sums, stored at out (its GQA heads' dimensions d0 ..)
+inline void value_end(const int whole, const int pos, __global const kv_t *vd, const int kv_dim, const int head_dim,
+                      const int seq_p, __global const float *a, floatH *o, const float *sum, __global float *out) {
+    for (int t = whole; t <= pos; t++) {
+        const floatH v = KV_LOAD_H(vd + (size_t)t * kv_dim);
+#pragma unroll
+        for (int g = 0; g < GQA; g++) o[ATT_CHAINS * g] += a[(size_t)g * seq_p + t] * v;
+    }
+#pragma unroll
+    for (int g = 0; g < GQA; g++) {
+#if ATT_CHAINS == 4
+        const floatH og = (o[4 * g] + o[4 * g + 1]) + (o[4 * g + 2] + o[4 * g + 3]);
+#else
+        const floatH og = o[2 * g] + o[2 * g + 1];
+#endif
+        *(__global floatH *)(out + (size_t)g * head_dim) = og / sum[g];
+    }
+}
+
+#if defined(KEY_BLOCK) && defined(__SSE2__)
+// at a key block's first position t0, the head's keys two blocks on, a prefetch per 64-byte line (clang's builtin;
+// one never faults, so those past the cache's end are harmless): about half of the blocks' gain (the layout's
+// comment above); and those positions' values, so that the weighted sums find them in cache (8-row batch steps
+// 1.03x, one sequence's decode the same)
+#define FETCH_BLOCK(kt, vh, t0, kv_dim, head_dim) do { \
+        if ((t0) % KEY_BLOCK) break; \
+        for (int i_ = 0; i_ < (head_dim) * KEY_BLOCK; i_ += 64 / sizeof(kv_t)) \
+            __builtin_prefetch((__global const char *)((kt) + (size_t)2 * (kv_dim) * KEY_BLOCK + i_)); \
+        for (int c_ = 0; c_ < KEY_BLOCK; c_++) \
+            for (int i_ = 0; i_ < (head_dim); i_ += 64 / sizeof(kv_t)) \
+                __builtin_prefetch((__global const char *)((vh) + (size_t)((t0) + 2 * KEY_BLOCK + c_) * (kv_dim) + \
+                                                           i_)); \
+    } while (0)
+#else
+#define FETCH_BLOCK(kt, vh, t0, kv_dim, head_dim) do {} while (0)
+#endif
+
 // Attention for the GQA query heads j * GQA .. j * GQA + GQA - 1 of row n, those that read key/value head j, by one
 // work-item (work-groups of one, CPUs: attention.cl's kernel and matrix.cl's qkv_attention): each key and value
 // vector loaded serves all GQA heads, where attend, a head at a time, loads them GQA times (SmolLM2 after 512
@@ -176,7 +295,6 @@ inline void attend(const int h, const int n, __global const float *query, __glob
 // one head gets 4 chains, several share the latency with 2 each. Both kernels take this one function, so a row's
 // attention is the same float operations whichever kernel runs it: a sequence alone (decode's fused launch) and
 // beside others (a batch's attention launch) get the same bits.
-#define ATT_CHAINS (GQA == 1 ? 4 : 2)
 inline void attend_heads(const int j, const int n, __global const float *query, __global const kv_t *k_cache,
                          __global const kv_t *v_cache, __global float *att, __global float *out,
                          __global const int *state, const int n_heads, const int n_kv_heads, const int head_dim,
@@ -195,114 +313,30 @@ inline void attend_heads(const int j, const int n, __global const float *query, 
 #pragma unroll
     for (int g = 0; g < GQA; g++) mv[g] = -INFINITY;
     for (int t0 = 0; t0 <= pos; t0 += ATTENTION_POSITIONS) {
-        floatP s[ATT_CHAINS * GQA];
-#pragma unroll
-        for (int i = 0; i < ATT_CHAINS * GQA; i++) s[i] = 0.0f;
         __global const kv_t *kt = KEY_AT(k_cache, layer, kv_dim, seq_p, j * head_dim, t0);
-#if defined(KEY_BLOCK) && defined(__SSE2__)
-        // the head's keys two blocks on, a prefetch per 64-byte line (clang's builtin; one never faults, so those
-        // past the cache's end are harmless): about half of the blocks' gain above; and those positions' values, so
-        // that the weighted sum below finds them in cache (8-row batch steps 1.03x, one sequence's decode the same)
-        if (t0 % KEY_BLOCK == 0) {
-            for (int i = 0; i < head_dim * KEY_BLOCK; i += 64 / sizeof(kv_t))
-                __builtin_prefetch((__global const char *)(kt + (size_t)2 * kv_dim * KEY_BLOCK + i));
-            for (int c = 0; c < KEY_BLOCK; c++)
-                for (int i = 0; i < head_dim; i += 64 / sizeof(kv_t))
-                    __builtin_prefetch((__global const char *)(vh + (size_t)(t0 + 2 * KEY_BLOCK + c) * kv_dim + i));
-        }
-#endif
-        int d = 0;
-        for (; d + ATT_CHAINS <= head_dim; d += ATT_CHAINS) {
-#pragma unroll
-            for (int c = 0; c < ATT_CHAINS; c++) {
-                const floatP k = KV_LOAD_P(kt + (d + c) * ks);
-#pragma unroll
-                for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * head_dim + d + c] * k;
-            }
-        }
-        for (; d < head_dim; d += 2) {       // head_dim is even (RoPE pairs): what 4 chains leave is a pair
-#pragma unroll
-            for (int c = 0; c < 2; c++) {
-                const floatP k = KV_LOAD_P(kt + (d + c) * ks);
-#pragma unroll
-                for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * head_dim + d + c] * k;
-            }
-        }
-#pragma unroll
-        for (int g = 0; g < GQA; g++) {
-#if ATT_CHAINS == 4
-            floatP sg = ((s[4 * g] + s[4 * g + 1]) + (s[4 * g + 2] + s[4 * g + 3])) * scale;
-#else
-            floatP sg = (s[2 * g] + s[2 * g + 1]) * scale;
-#endif
-            if (t0 + ATTENTION_POSITIONS > pos + 1)                             // the vector runs past the causal edge
-                for (int i = pos + 1 - t0; i < ATTENTION_POSITIONS; i++) ((float *)&sg)[i] = -INFINITY;
-            *(__global floatP *)(a + (size_t)g * seq_p + t0) = sg;
-            mv[g] = sg > mv[g] ? sg : mv[g];
-        }
+        FETCH_BLOCK(kt, vh, t0, kv_dim, head_dim);
+        score_run(t0, pos, kt, ks, head_dim, seq_p, scale, q, a, mv);
     }
     float sum[GQA];
-    for (int g = 0; g < GQA; g++) {         // each head's softmax weights, in place of its scores
-        float m = -INFINITY;
-        for (int i = 0; i < ATTENTION_POSITIONS; i++) m = m > ((float *)&mv[g])[i] ? m : ((float *)&mv[g])[i];
-        __global float *ag = a + (size_t)g * seq_p;
-        floatP sv = 0.0f;
-        for (int t0 = 0; t0 <= pos; t0 += ATTENTION_POSITIONS) {
-            const floatP e = EXP_P(*(__global floatP *)(ag + t0) - m);
-            *(__global floatP *)(ag + t0) = e;
-            sv += e;
-        }
-        sum[g] = 0.0f;
-        for (int i = 0; i < ATTENTION_POSITIONS; i++) sum[g] += ((float *)&sv)[i];
-    }
+    softmax_row(pos, seq_p, a, mv, sum);
+    const int whole = (pos + 1) / ATT_CHAINS * ATT_CHAINS;   // the positions in whole runs of ATT_CHAINS
     for (int d0 = 0; d0 < head_dim; d0 += HD_VEC) {
         floatH o[ATT_CHAINS * GQA];
 #pragma unroll
         for (int i = 0; i < ATT_CHAINS * GQA; i++) o[i] = 0.0f;
-        __global const kv_t *vd = vh + d0;
-        int t = 0;
-        for (; t + ATT_CHAINS <= pos + 1; t += ATT_CHAINS) {
-#if defined(__SSE2__) && !defined(KEY_BLOCK)
-            // in the first run over the positions, the head's values 32 positions on, a prefetch per 64-byte line
-            // (SmolLM2 over 130-450 positions, in-process A/B: 8-row batch steps and one sequence's decode
-            // 1.01-1.04x), where the scores' pass above has not prefetched them with the keys' blocks
-            if (d0 == 0)
-                for (int c = 0; c < ATT_CHAINS; c++)
-                    for (int i = 0; i < head_dim; i += 64 / sizeof(kv_t))
-                        __builtin_prefetch((__global const char *)(vh + (size_t)(t + c + 32) * kv_dim + i));
-#endif
-#pragma unroll
-            for (int c = 0; c < ATT_CHAINS; c++) {
-                const floatH v = KV_LOAD_H(vd + (size_t)(t + c) * kv_dim);
-#pragma unroll
-                for (int g = 0; g < GQA; g++) o[ATT_CHAINS * g + c] += a[(size_t)g * seq_p + t + c] * v;
-            }
-        }
-        for (; t <= pos; t++) {
-            const floatH v = KV_LOAD_H(vd + (size_t)t * kv_dim);
-#pragma unroll
-            for (int g = 0; g < GQA; g++) o[ATT_CHAINS * g] += a[(size_t)g * seq_p + t] * v;
-        }
-#pragma unroll
-        for (int g = 0; g < GQA; g++) {
-#if ATT_CHAINS == 4
-            const floatH og = (o[4 * g] + o[4 * g + 1]) + (o[4 * g + 2] + o[4 * g + 3]);
-#else
-            const floatH og = o[2 * g] + o[2 * g + 1];
-#endif
-            *(__global floatH *)(out + (size_t)n * out_stride + (j * GQA + g) * head_dim + d0) = og / sum[g];
-        }
+        value_run(0, whole, vh + d0, vh, kv_dim, head_dim, seq_p, a, o, d0 == 0);
+        value_end(whole, pos, vh + d0, kv_dim, head_dim, seq_p, a, o, sum,
+                  out + (size_t)n * out_stride + j * GQA * head_dim + d0);
     }
 }
 
 // Attention for rows n0 .. n0 + rows - 1 (rows <= ATT_ROWS) and key/value head j: what attend_heads computes for
-// each row, the same float operations in the same order, so the same bits whichever rows share a block; but the
-// rows take each run of keys and of values in turn while it is in L1, where attend_heads has each row stream its
-// slot's cache from L2 or L3. A prompt's rows share their slot's cache, so a block reads it once, not once a row:
-// a cache of 7,000 positions is 0.9 MB of keys and 0.9 MB of values a key/value head (SmolLM2), which a row's
-// 1,152 multiply-adds a position could not keep up with. Rows of other slots (a server's batch) are served the
-// same way, each from its own cache. The keys' vectors run ATTENTION_POSITIONS positions at a time; the values
-// VALUE_RUN (a multiple of ATT_CHAINS) at a time, each row's sums kept in `o` between runs.
+// each row, with the same functions, so the same bits whichever rows share a block; but the rows take each run of
+// keys and of values in turn while it is in L1, where attend_heads has each row stream its slot's cache from L2 or
+// L3. A prompt's rows share their slot's cache, so a block reads it once, not once a row: a cache of 7,000
+// positions is 0.9 MB of keys and 0.9 MB of values a key/value head (SmolLM2). Rows of other slots (a server's
+// batch) are served the same way, each from its own cache. The keys' vectors run ATTENTION_POSITIONS positions at
+// a time; the values VALUE_RUN (a multiple of ATT_CHAINS) at a time, each row's sums kept in `o` between runs.
 #if !defined(ATT_ROWS)
 #define ATT_ROWS 8
 #endif
@@ -313,134 +347,52 @@ inline void attend_rows(const int j, const int n0, const int rows, __global cons
                         const int head_dim, const int seq_p, const int q_stride, const int out_stride,
                         const int cache_offset, const int slot_stride) {
     const int kv_dim = n_kv_heads * head_dim;
-    const size_t ks = KEY_STRIDE(seq_p);
+    const size_t ks = KEY_STRIDE(seq_p), a_row = (size_t)n_heads * seq_p;
     const float scale = rsqrt((float)head_dim);
-    int pos[ATT_ROWS];
+    __global const float *q = query + (size_t)n0 * q_stride + j * GQA * head_dim;     // row r's: + r * q_stride
+    __global float *a = att + ((size_t)n0 * n_heads + j * GQA) * seq_p;                // row r's: + r * a_row
+    int pos[ATT_ROWS], whole[ATT_ROWS];      // each row's position, and where its whole runs of ATT_CHAINS end
     size_t layer[ATT_ROWS];
     int last = -1, far = 0;     // the rows' furthest position (padding rows: -1), and a row there
     for (int r = 0; r < rows; r++) {
         pos[r] = ROW_POS(state, n0 + r, slot_stride);
+        whole[r] = (pos[r] + 1) / ATT_CHAINS * ATT_CHAINS;
         layer[r] = ROW_CACHE(state, n0 + r, slot_stride, cache_offset);
         if (pos[r] > last) last = pos[r], far = r;
     }
-    floatP mv[ATT_ROWS][GQA];
-    for (int r = 0; r < rows; r++)
-        for (int g = 0; g < GQA; g++) mv[r][g] = -INFINITY;
+    floatP mv[ATT_ROWS * GQA];
+    for (int i = 0; i < rows * GQA; i++) mv[i] = -INFINITY;
     for (int t0 = 0; t0 <= last; t0 += ATTENTION_POSITIONS) {
-#if defined(KEY_BLOCK) && defined(__SSE2__)
-        if (t0 % KEY_BLOCK == 0) {  // as attend_heads, for the furthest row's cache (a prompt's rows share it)
-            __global const kv_t *kt = KEY_AT(k_cache, layer[far], kv_dim, seq_p, j * head_dim, t0);
-            __global const kv_t *vh = VALUE_AT(v_cache, layer[far], kv_dim, j * head_dim, 0);
-            for (int i = 0; i < head_dim * KEY_BLOCK; i += 64 / sizeof(kv_t))
-                __builtin_prefetch((__global const char *)(kt + (size_t)2 * kv_dim * KEY_BLOCK + i));
-            for (int c = 0; c < KEY_BLOCK; c++)
-                for (int i = 0; i < head_dim; i += 64 / sizeof(kv_t))
-                    __builtin_prefetch((__global const char *)(vh + (size_t)(t0 + 2 * KEY_BLOCK + c) * kv_dim + i));
-        }
-#endif
-        for (int r = 0; r < rows; r++) {
-            if (t0 > pos[r]) continue;
-            __global const float *q = query + (size_t)(n0 + r) * q_stride + j * GQA * head_dim;
-            __global float *a = att + ((size_t)(n0 + r) * n_heads + j * GQA) * seq_p;
-            __global const kv_t *kt = KEY_AT(k_cache, layer[r], kv_dim, seq_p, j * head_dim, t0);
-            floatP s[ATT_CHAINS * GQA];
-#pragma unroll
-            for (int i = 0; i < ATT_CHAINS * GQA; i++) s[i] = 0.0f;
-            int d = 0;
-            for (; d + ATT_CHAINS <= head_dim; d += ATT_CHAINS) {
-#pragma unroll
-                for (int c = 0; c < ATT_CHAINS; c++) {
-                    const floatP k = KV_LOAD_P(kt + (d + c) * ks);
-#pragma unroll
-                    for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * head_dim + d + c] * k;
-                }
-            }
-            for (; d < head_dim; d += 2) {
-#pragma unroll
-                for (int c = 0; c < 2; c++) {
-                    const floatP k = KV_LOAD_P(kt + (d + c) * ks);
-#pragma unroll
-                    for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * head_dim + d + c] * k;
-                }
-            }
-#pragma unroll
-            for (int g = 0; g < GQA; g++) {
-#if ATT_CHAINS == 4
-                floatP sg = ((s[4 * g] + s[4 * g + 1]) + (s[4 * g + 2] + s[4 * g + 3])) * scale;
-#else
-                floatP sg = (s[2 * g] + s[2 * g + 1]) * scale;
-#endif
-                if (t0 + ATTENTION_POSITIONS > pos[r] + 1)
-                    for (int i = pos[r] + 1 - t0; i < ATTENTION_POSITIONS; i++) ((float *)&sg)[i] = -INFINITY;
-                *(__global floatP *)(a + (size_t)g * seq_p + t0) = sg;
-                mv[r][g] = sg > mv[r][g] ? sg : mv[r][g];
-            }
-        }
-    }
-    float sum[ATT_ROWS][GQA];
-    for (int r = 0; r < rows; r++) {
-        __global float *a = att + ((size_t)(n0 + r) * n_heads + j * GQA) * seq_p;
-        for (int g = 0; g < GQA; g++) {
-            float m = -INFINITY;
-            for (int i = 0; i < ATTENTION_POSITIONS; i++) m = m > ((float *)&mv[r][g])[i] ? m : ((float *)&mv[r][g])[i];
-            __global float *ag = a + (size_t)g * seq_p;
-            floatP sv = 0.0f;
-            for (int t0 = 0; t0 <= pos[r]; t0 += ATTENTION_POSITIONS) {
-                const floatP e = EXP_P(*(__global floatP *)(ag + t0) - m);
-                *(__global floatP *)(ag + t0) = e;
-                sv += e;
-            }
-            sum[r][g] = 0.0f;
-            for (int i = 0; i < ATTENTION_POSITIONS; i++) sum[r][g] += ((float *)&sv)[i];
-        }
-    }
-    for (int d0 = 0; d0 < head_dim; d0 += HD_VEC) {
-        floatH o[ATT_ROWS][ATT_CHAINS * GQA];
+        FETCH_BLOCK(KEY_AT(k_cache, layer[far], kv_dim, seq_p, j * head_dim, t0),   // the furthest row's cache: a
+                    VALUE_AT(v_cache, layer[far], kv_dim, j * head_dim, 0), t0, kv_dim, head_dim);  // prompt's share it
         for (int r = 0; r < rows; r++)
-#pragma unroll
-            for (int i = 0; i < ATT_CHAINS * GQA; i++) o[r][i] = 0.0f;
-        // each row's run of ATT_CHAINS positions at a time up to the last whole one, as attend_heads's first loop
-        for (int t1 = 0; t1 <= last; t1 += VALUE_RUN) {
+            if (t0 <= pos[r])
+                score_run(t0, pos[r], KEY_AT(k_cache, layer[r], kv_dim, seq_p, j * head_dim, t0), ks, head_dim, seq_p,
+                          scale, q + (size_t)r * q_stride, a + r * a_row, mv + r * GQA);
+    }
+    float sum[ATT_ROWS * GQA];
+    for (int r = 0; r < rows; r++)
+        if (pos[r] >= 0) softmax_row(pos[r], seq_p, a + r * a_row, mv + r * GQA, sum + r * GQA);
+    for (int d0 = 0; d0 < head_dim; d0 += HD_VEC) {
+        floatH o[ATT_ROWS * ATT_CHAINS * GQA];
+        for (int i = 0; i < rows * ATT_CHAINS * GQA; i++) o[i] = 0.0f;
+        for (int t1 = 0; t1 <= last; t1 += VALUE_RUN)
             for (int r = 0; r < rows; r++) {
-                const int end = min(t1 + VALUE_RUN, (pos[r] + 1) / ATT_CHAINS * ATT_CHAINS);
-                if (t1 >= end) continue;
-                __global const kv_t *vd = VALUE_AT(v_cache, layer[r], kv_dim, j * head_dim + d0, 0);
-                __global const float *a = att + ((size_t)(n0 + r) * n_heads + j * GQA) * seq_p;
-                floatH run[ATT_CHAINS * GQA];
+                if (t1 >= whole[r]) continue;
+                __global const kv_t *vh = VALUE_AT(v_cache, layer[r], kv_dim, j * head_dim, 0);
+                floatH run[ATT_CHAINS * GQA];       // the row's sums, in registers for the run
 #pragma unroll
-                for (int i = 0; i < ATT_CHAINS * GQA; i++) run[i] = o[r][i];
-                for (int t = t1; t < end; t += ATT_CHAINS) {
+                for (int i = 0; i < ATT_CHAINS * GQA; i++) run[i] = o[r * ATT_CHAINS * GQA + i];
+                value_run(t1, min(t1 + VALUE_RUN, whole[r]), vh + d0, vh, kv_dim, head_dim, seq_p, a + r * a_row, run,
+                          0);
 #pragma unroll
-                    for (int c = 0; c < ATT_CHAINS; c++) {
-                        const floatH v = KV_LOAD_H(vd + (size_t)(t + c) * kv_dim);
-#pragma unroll
-                        for (int g = 0; g < GQA; g++) run[ATT_CHAINS * g + c] += a[(size_t)g * seq_p + t + c] * v;
-                    }
-                }
-#pragma unroll
-                for (int i = 0; i < ATT_CHAINS * GQA; i++) o[r][i] = run[i];
+                for (int i = 0; i < ATT_CHAINS * GQA; i++) o[r * ATT_CHAINS * GQA + i] = run[i];
             }
-        }
-        for (int r = 0; r < rows; r++) {
-            if (pos[r] < 0) continue;
-            __global const kv_t *vd = VALUE_AT(v_cache, layer[r], kv_dim, j * head_dim + d0, 0);
-            __global const float *a = att + ((size_t)(n0 + r) * n_heads + j * GQA) * seq_p;
-            for (int t = (pos[r] + 1) / ATT_CHAINS * ATT_CHAINS; t <= pos[r]; t++) {   // attend_heads's second loop
-                const floatH v = KV_LOAD_H(vd + (size_t)t * kv_dim);
-#pragma unroll
-                for (int g = 0; g < GQA; g++) o[r][ATT_CHAINS * g] += a[(size_t)g * seq_p + t] * v;
-            }
-#pragma unroll
-            for (int g = 0; g < GQA; g++) {
-#if ATT_CHAINS == 4
-                const floatH og = (o[r][4 * g] + o[r][4 * g + 1]) + (o[r][4 * g + 2] + o[r][4 * g + 3]);
-#else
-                const floatH og = o[r][2 * g] + o[r][2 * g + 1];
-#endif
-                *(__global floatH *)(out + (size_t)(n0 + r) * out_stride + (j * GQA + g) * head_dim + d0) =
-                    og / sum[r][g];
-            }
-        }
+        for (int r = 0; r < rows; r++)
+            if (pos[r] >= 0)
+                value_end(whole[r], pos[r], VALUE_AT(v_cache, layer[r], kv_dim, j * head_dim + d0, 0), kv_dim, head_dim,
+                          seq_p, a + r * a_row, o + r * ATT_CHAINS * GQA, sum + r * GQA,
+                          out + (size_t)(n0 + r) * out_stride + j * GQA * head_dim + d0);
     }
 }
 #endif
