@@ -346,17 +346,17 @@ def positions_per_row(c: ModelConfig) -> float:
     return matrices / (2 * c.n_heads * c.head_dim) / 3
 
 
-def rows_cost(c: ModelConfig, rows: int, first: int) -> float:
-    """What `rows` rows at positions first, first + 1, ... cost a pass, in rows at position 0."""
-    return rows + rows * (first + (rows - 1) / 2) / positions_per_row(c)
+def rows_cost(P: float, rows: int, first: int) -> float:
+    """What `rows` rows at positions first, first + 1, ... cost a pass, in rows at position 0 (P:
+    positions_per_row)."""
+    return rows + rows * (first + (rows - 1) / 2) / P
 
 
-def piece_rows(c: ModelConfig, cost: float, first: int) -> int:
+def piece_rows(P: float, cost: float, first: int) -> int:
     """The most rows from position `first` that cost at most `cost` (rows_cost), at least one. Where a prompt's
     piece goes beside decoding sequences, so that their next token waits for about a pass of position-0 rows
     however far the prompt is: 256 rows at position 7,000 took SmolLM2's pass from ~0.2 to ~3 s, each a pause in
     every stream beside it."""
-    P = positions_per_row(c)
     a, b = 1 / (2 * P), 1 + (first - 0.5) / P      # rows_cost = a r^2 + b r
     return max(1, int((-b + math.sqrt(b * b + 4 * a * max(cost, 0))) / (2 * a)))
 
@@ -374,6 +374,7 @@ class Batcher:
 
     def __init__(self, model: Llama):
         self.model = model
+        self.positions_per_row = positions_per_row(model.config)
         self.in_flight: tuple[list[tuple[Generation, Part]], Pending] | None = None
 
     @property
@@ -393,15 +394,16 @@ class Batcher:
         if self.in_flight:              # the rows of the pass in flight whose tokens the device chose
             chosen = {id(g): i for i, g in enumerate(g for g, p in self.in_flight[0] if p.logits)}
         room, parts = self.model.chunk, []
-        cost = room     # what the pass may cost beside decoding rows, in rows at position 0 (piece_rows)
+        cost, P = room, self.positions_per_row  # what the pass may cost beside decoding rows (piece_rows)
+        decoding = False                        # a decoding row is in the pass
         for gen in sorted(gens, key=lambda g: not g.prompted):     # a stable sort: otherwise in the given order
-            decoding = any(g.prompted for g, _ in parts)
-            rows = room if gen.prompted or not decoding else min(room, piece_rows(self.model.config, cost, gen.fed))
+            rows = min(room, piece_rows(P, cost, gen.fed)) if decoding and not gen.prompted else room
             part = gen.part(rows, chosen.get(id(gen)))
             if part is not None:
                 parts.append((gen, part))
                 room -= len(part.tokens)
-                cost -= rows_cost(self.model.config, len(part.tokens), part.pos)
+                cost -= rows_cost(P, len(part.tokens), part.pos)
+                decoding |= gen.prompted
         pending = None
         if parts:
             try:

@@ -265,6 +265,6 @@ def test_prompt_pieces_beside_decoding_rows_cost_at_most_a_pass(queue, monkeypat
     pieces = [len(x.tokens) for p in beside for x in p if x.slot == 1]
     assert sum(pieces) + 1 >= len(long) - 64 and min(pieces) < 64 // 3     # every piece but maybe the first: beside
     for p in beside:
-        cost = sum(rows_cost(weights.config, len(x.tokens), x.pos) for x in p)
+        cost = sum(rows_cost(P, len(x.tokens), x.pos) for x in p)
         piece = next(x for x in p if x.slot == 1)
         assert cost <= model.chunk or len(piece.tokens) == 1, (cost, [(x.pos, len(x.tokens)) for x in p])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dpllama.commands.options import add_activation_bits, add_device, add_model, check_ctx, load_llm
 from dpllama.errors import DpllamaError
+from dpllama.fileio import check_input
 from dpllama.hub import local_model
 from dpllama.serve import log
 
@@ -66,9 +67,10 @@ def api_keys(args: argparse.Namespace) -> frozenset[str]:
     if args.api_key_file:
         path = Path(args.api_key_file)
         try:
-            if not path.is_file():      # a device (/dev/zero) or a FIFO would be read without end
-                raise DpllamaError(f"--api-key-file {path}: {'not a regular file' if path.exists() else 'no such file'}")
+            check_input(path)       # a device (/dev/zero) or a FIFO would be read without end
             lines = path.read_text().splitlines()
+        except DpllamaError as e:
+            raise DpllamaError(f"--api-key-file {e}") from None
         except OSError as e:
             raise DpllamaError(f"--api-key-file {path}: {e.strerror}") from None
         except UnicodeDecodeError as e:

@@ -31,11 +31,11 @@ from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler
 from dpllama.llm import LLM
 from dpllama.serve import log
-from dpllama.signals import HELD
 from dpllama.serve.metrics import Metrics
 from dpllama.serve.engine import Busy, Done, Engine, Failed, Piece, Request, TokenLogprob, Unavailable
 from dpllama.serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, ParameterError, Sampling,
                                    TokenizeRequest)
+from dpllama.signals import HELD
 
 SHUT_DOWN = "the server shut down before the request was done"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
@@ -322,10 +322,11 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         # (in the event loop, holding every stream: 90,000 took 0.4-0.5 s, the body's JSON ~0.03 s)
         data = await json_body(http)
         messages = data.get("messages") if isinstance(data, dict) else None
-        if engine.ready.is_set() and isinstance(messages, list) and len(messages) > engine.llm.model.seq_len:
+        ctx = engine.llm.model.seq_len if engine.ready.is_set() else None
+        if ctx and isinstance(messages, list) and len(messages) > ctx:
             # a template gives each at least a token (90,000 took 1.5 s to render)
-            raise ApiError(400, f"{len(messages)} messages, more than the context of {engine.llm.model.seq_len} "
-                                f"tokens per slot holds", "messages", "context_length_exceeded")
+            raise ApiError(400, f"{len(messages)} messages, more than the context of {ctx} tokens per slot holds",
+                           "messages", "context_length_exceeded")
         try:
             body = ChatRequest.model_validate(data)
         except ValidationError as e:
