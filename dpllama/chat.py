@@ -44,11 +44,16 @@ class Chat:
         self.max_reply = max_reply
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.cached: list[int] = []     # tokens whose keys and values the model's cache holds
+        self.last = None                # the generation of the last reply: while it owns the sequence, `cached` holds
+        self.replying = False           # a reply is being read
 
     def reply(self, user: str):
         """Stream the assistant's answer to `user`, piece by piece; it joins the conversation, as far as it
         went when the stream is cut short (Ctrl-C, or closed), so that the roles still alternate. MessageTooLong,
-        before any piece, leaves the conversation as it was."""
+        before any piece, leaves the conversation as it was; so does a DpllamaError for a reply asked for while the
+        last one is still being read (its message would come between the last one's and its answer)."""
+        if self.replying:
+            raise DpllamaError("the last reply is still being read: read it to its end or close it first")
         tok, limit = self.llm.tokenizer, self.llm.model.seq_len
         messages = self.messages + [{"role": "user", "content": user}]
         ids = chat_prompt(tok, messages)
@@ -62,12 +67,15 @@ class Chat:
                                  f"holds {limit} with at least one for the reply")
         self.messages = messages
         answer = []
+        self.replying = True
         try:
+            model = self.llm.model
+            if model.seq.owner is not self.last:    # another generation has run on the model since: its cache is
+                self.cached = []                    # not this conversation's
             keep = reusable(self.cached, ids)
             self.cached = ids[:keep]    # all the cache is sure to hold if the reply is cut short
-            model = self.llm.model
             dec = StreamDecoder(tok, prev=ids[-1])
-            reply = generate(model, ids, self.max_reply, self.sampler, tok.eos_ids, keep)
+            reply = self.last = generate(model, ids, self.max_reply, self.sampler, tok.eos_ids, keep)
             for t in reply:
                 piece = dec.push(t)
                 answer.append(piece)
@@ -77,4 +85,5 @@ class Chat:
             yield tail
             self.cached = reply.tokens[:model.pos]      # the tokens fed: the last one was produced, not fed
         finally:
+            self.replying = False
             self.messages.append({"role": "assistant", "content": "".join(answer).strip()})

@@ -9,6 +9,7 @@ host (Sampler.pick: Sampler.penalize, then run.c's sample_topp with a top-k, of 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -208,13 +209,17 @@ class Generation:
 
     Drive it one way: iterate over it (the model's selected sequence alone, through the token loop's primitives),
     or pass it with others to a `Batcher`, which runs the passes of several at once (Llama.enqueue_batch; the
-    server's engine)."""
+    server's engine). A sequence runs one generation at a time: one started on it since (in this thread or
+    another) makes this one's next step a DpllamaError, where their tokens would have mixed in one KV cache."""
 
     def __init__(self, model: Llama, prompt: list[int], max_new: int, sampler: Sampler,
                  stop: set[int] = frozenset(), keep: int = 0, chunk: int = 0, keep_logits: bool = False):
-        model.start(prompt, keep)       # checks the prompt before anything runs
+        with model.lock:
+            model.start(prompt, keep)       # checks the prompt before anything runs
+            self.seq = model.seq
+            self.seq.owner = self
         self.model, self.sampler, self.stop, self.chunk = model, sampler, stop, chunk
-        self.slot = model.seq.slot
+        self.slot = self.seq.slot
         self.max_new = max(0, min(max_new, model.seq_len - len(prompt) + 1))
         self.tokens = list(prompt)
         self.prompt_len = len(prompt)
@@ -234,28 +239,43 @@ class Generation:
         if self.ended:
             return
         try:
-            n = len(self.tokens) - self.fed
-            while 0 < self.chunk < n:
-                model.feed(self.chunk)
-                model.next_given()      # on to the prompt's next token, where feed(n) would have gone on itself
-                n -= self.chunk
-            model.feed(n)
+            with self._holding():
+                n = len(self.tokens) - self.fed
+                while 0 < self.chunk < n:
+                    model.feed(self.chunk)
+                    model.next_given()  # on to the prompt's next token, where feed(n) would have gone on itself
+                    n -= self.chunk
+                model.feed(n)
+            first = True
             while True:
-                more = self.stats.generated_tokens + 1 < self.max_new
-                if self.on_device:
-                    tok = model.next_chosen(self.sampler.draw(), ahead=more)
-                else:
-                    tok = self._draw(model.read_logits())
-                    model.next_given(tok)
+                with self._holding():
+                    if not (first or self.on_device):
+                        model.step()
+                    first = False
+                    more = self.stats.generated_tokens + 1 < self.max_new
+                    if self.on_device:
+                        tok = model.next_chosen(self.sampler.draw(), ahead=more)
+                    else:
+                        tok = self._draw(model.read_logits())
+                        model.next_given(tok)
                 if not self._took(tok):
                     return
                 yield tok
                 if not more:
                     return
-                if not self.on_device:
-                    model.step()
         finally:
             self._end()
+
+    @contextlib.contextmanager
+    def _holding(self):
+        """The model's lock, for steps of this generation's, which must still own the selected sequence: between
+        two of them another thread's may not step, and another generation started on it is this one's end."""
+        with self.model.lock:
+            if self.model.seq is not self.seq or self.seq.owner is not self:
+                raise DpllamaError("another generation was started on this sequence (slot "
+                                   f"{self.slot}) since this one was: a sequence runs one at a time (read one to its "
+                                   "end or close it before the next; threads: a model each)")
+            yield
 
     # ---- batched driving (Batcher) ----
     def part(self, room: int, chosen: int | None) -> Part | None:

@@ -68,6 +68,92 @@ def test_api_generate_rejects_bad_arguments_at_the_call():
     assert "".join(llm.generate("Once upon a time", steps=8, temperature=0)).startswith("Once upon a time")
 
 
+@pytest.fixture(scope="module")
+def stories_llm():
+    d = llama2c_dir()
+    return dpllama.load(str(d / "stories260K.bin"), str(d / "tok512.bin"))
+
+
+def greedy(llm, prompt: str) -> str:
+    return "".join(llm.generate(prompt, steps=40, temperature=0))
+
+
+def test_a_generation_started_over_another_ends_the_first(stories_llm):
+    """A sequence runs one generation at a time: a stream read after another generation started on its sequence (two
+    streams in turns, one created and read after another call, one resumed after another call) is a DpllamaError,
+    where their tokens mixed in one KV cache and both gave wrong text; the later one gives what it gives alone."""
+    llm = stories_llm
+    alone = {p: greedy(llm, p) for p in ("Once upon a time", "The dog")}
+    first = iter(llm.generate("Once upon a time", steps=40, temperature=0))
+    head = [next(first) for _ in range(4)]
+    assert "".join(llm.generate("The dog", steps=40, temperature=0)) == alone["The dog"]
+    with pytest.raises(DpllamaError, match=r"^another generation was started on this sequence \(slot 0\) since this "
+                                           r"one was: a sequence runs one at a time"):
+        next(first)
+    assert alone["Once upon a time"].startswith("".join(head))
+    created = llm.generate("Once upon a time", steps=40, temperature=0)
+    assert greedy(llm, "The dog") == alone["The dog"]
+    with pytest.raises(DpllamaError, match="another generation was started"):
+        "".join(created)
+    assert greedy(llm, "Once upon a time") == alone["Once upon a time"]
+
+
+def test_one_model_from_two_threads_gives_right_text_or_an_error(stories_llm):
+    """Two threads each generating on one model: each gets its text as alone, or a DpllamaError where the other
+    started over it; never text mixed from both (it came 9 and 10 times in 10)."""
+    import threading
+    llm = stories_llm
+    prompts = ("Once upon a time", "The dog")
+    alone = {p: greedy(llm, p) for p in prompts}
+    for _ in range(5):
+        got = {}
+
+        def run(prompt):
+            try:
+                got[prompt] = greedy(llm, prompt)
+            except DpllamaError as e:
+                got[prompt] = e
+        threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for p in prompts:
+            assert got[p] == alone[p] or "another generation was started" in str(got[p]), (p, got[p])
+
+
+def test_chat_after_other_use_of_its_model(stories_llm):
+    """A chat whose model ran another generation between its turns (llm.generate, another Chat) re-reads its
+    conversation instead of trusting the KV cache it left, which the other one overwrote: its turn is the one an
+    uninterrupted chat gives. A reply asked for while the last is still being read is refused, the conversation
+    unchanged."""
+    from dpllama.chat import Chat
+    from dpllama.generate import Sampler
+    llm = stories_llm
+
+    def chat():
+        return Chat(llm, Sampler(temperature=0), max_reply=40)
+    c = chat()
+    "".join(c.reply("Hello"))
+    want = "".join(c.reply("Tell me a story"))
+    c, other = chat(), chat()
+    "".join(c.reply("Hello"))
+    greedy(llm, "The dog")
+    assert "".join(c.reply("Tell me a story")) == want
+    c = chat()
+    "".join(c.reply("Hello"))
+    "".join(other.reply("Goodbye"))
+    assert "".join(c.reply("Tell me a story")) == want
+    c = chat()
+    pieces = c.reply("Hello")
+    next(pieces)
+    with pytest.raises(DpllamaError, match="^the last reply is still being read: read it to its end or close it"):
+        next(c.reply("Tell me a story"))
+    "".join(pieces)
+    assert [m["role"] for m in c.messages] == ["user", "assistant"]
+    assert "".join(c.reply("Tell me a story")) == want
+
+
 def test_api_load_rejects_bad_activation_bits_before_reading_the_model():
     """Checked first: the model named here does not exist, and the error is about the bits, not the file."""
     with pytest.raises(DpllamaError, match="activation bits must be one of 16, 8, found 4"):

@@ -80,6 +80,7 @@ class Sequence:
         self.state = zeros(q, 2, "state", np.int32)                 # {pos, n_prompt}
         self.logits = zeros(q, vocab_size, "logits")                # [vocab], of the last token fed
         self.pos = 0
+        self.owner = None       # the generation that started it last (dpllama.generate.Generation)
 
     def reset(self, tokens: list[int], pos: int) -> None:
         """Make `tokens` the known tokens, and `pos` the position."""

@@ -37,6 +37,7 @@ each sequence's tokens and position. This file is the forward pass and the token
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -238,6 +239,7 @@ class Llama:
                               name="rope")  # [seq, hd/2, 2]
         self.sequences = [Sequence(q, self.seq_len, c.vocab_size, slot) for slot in range(slots)]
         self.seq = self.sequences[0]
+        self.lock = threading.Lock()    # held by a generation's steps (dpllama.generate.Generation), threads' too
         self.row_ids = q.buffer(host=np.arange(n, dtype=np.int32), name="row_ids")   # 0, 1, ..., chunk - 1
         # a batch's rows: their token ids (embed reads them from batch_start's 0), {pos, slot} per row, and
         # those whose logits are wanted
