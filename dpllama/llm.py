@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import numbers
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -73,7 +74,7 @@ class LLM:
     def stream(self, prompt_ids: list[int], steps: int, sampler: Sampler, echo_prompt: bool = True) -> TextStream:
         """Text as it is generated over `steps` positions, prompt included (llama2.c's -n), the prompt first
         when `echo_prompt`."""
-        return TextStream(self, prompt_ids, steps, sampler, echo_prompt)
+        return TextStream(self, prompt_ids, check_steps(steps), sampler, echo_prompt)
 
     def generate(self, prompt: str, steps: int = 256, temperature: float = 1.0, top_p: float = 0.9,
                  top_k: int = 0, repeat_penalty: float = 1.0, seed: int = 0, echo_prompt: bool = True
@@ -82,7 +83,7 @@ class LLM:
         positions, prompt included, as llama2.c's -n; temperature 0 is greedy. Bad arguments raise
         DpllamaError here, not when the stream is read."""
         sampler = Sampler(temperature, top_p, top_k, repeat_penalty, seed=seed)
-        return self.stream(self.encode(prompt), check_steps(steps), sampler, echo_prompt)
+        return self.stream(self.encode(prompt), steps, sampler, echo_prompt)
 
 
 def context_cap(c: ModelConfig, q: Queue, n: int, slots: int = 1, chunk: int | None = None,
@@ -121,8 +122,11 @@ def load(model: str, tokenizer: str | None = None, device: str | None = None, co
     Each one's context is `max_seq` tokens, else the model's, at most what the device holds (`fit_context`).
     `check(config)` runs once the model's shape is known, before anything goes to the device (a command's limits
     that depend on the model)."""
-    if max_seq is not None and max_seq < 1:     # before any work, as the CLI checks --ctx
-        raise DpllamaError(f"max_seq must be at least 1, found {max_seq}")
+    # before any work, as the CLI checks --ctx; a bool is an int to Python, and 0 slots failed in the driver
+    for name, value, optional in (("max_seq", max_seq, True), ("slots", slots, False), ("chunk", chunk, True)):
+        if not (value is None and optional or isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                and value >= 1):
+            raise DpllamaError(f"{name} must be a whole number of at least 1, found {value!r}")
     check_activation_bits(activation_bits)
     check_kv_cache(kv_cache)
     path = resolve_model(model)

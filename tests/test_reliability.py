@@ -154,6 +154,21 @@ def test_chat_after_other_use_of_its_model(stories_llm):
     assert "".join(c.reply("Tell me a story")) == want
 
 
+@pytest.mark.parametrize("kwargs", [dict(slots=0), dict(slots=-1), dict(slots=2.5), dict(slots=None),
+                                    dict(max_seq=1.5), dict(max_seq=True), dict(chunk=-3), dict(chunk="8")])
+def test_api_load_rejects_counts_that_are_not_whole_and_positive(kwargs):
+    """Before anything loads (slots=0 failed in the driver, -1 in NumPy, 2.5 in Python; chunk=-3 became 1)."""
+    (name, value), = kwargs.items()
+    with pytest.raises(DpllamaError, match=f"^{name} must be a whole number of at least 1, found "
+                                           f"{re.escape(repr(value))}$"):
+        dpllama.load("/nonexistent/model.gguf", **kwargs)
+
+
+def test_api_stream_rejects_negative_steps(stories_llm):
+    with pytest.raises(DpllamaError, match="^steps must be >= 0, found -5$"):     # it gave '' where generate refused
+        stories_llm.stream([1, 2], -5, Sampler(temperature=0))
+
+
 def test_api_load_rejects_bad_activation_bits_before_reading_the_model():
     """Checked first: the model named here does not exist, and the error is about the bits, not the file."""
     with pytest.raises(DpllamaError, match="activation bits must be one of 16, 8, found 4"):
