@@ -286,6 +286,14 @@ def test_chat_template_that_writes_nothing(tiny_gpt2):
         chat_prompt(empty, [{"role": "user", "content": "Hi"}])
 
 
+def test_decode_refuses_ids_outside_the_vocabulary(tiny_gpt2):
+    """-1 decoded as the vocabulary's last token; the others raised IndexError or TypeError."""
+    for bad in (-1, tiny_gpt2.vocab_size, 2**64, 3.0, None):
+        with pytest.raises(DpllamaError, match=rf"^tiny\.gguf: token id {re.escape(repr(bad))} is not in the "
+                                               rf"vocabulary of {tiny_gpt2.vocab_size}$"):
+            tiny_gpt2.decode([5, bad])
+
+
 def test_gguf_field_errors():
     with pytest.raises(DpllamaError, match=r"x\.gguf: unsupported tokenizer model 'bert'"):
         tokenizer_from_gguf_fields(gpt2_fields(**{"tokenizer.ggml.model": "bert"}), "x.gguf")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import numbers
 import re
 from datetime import datetime
 from functools import cached_property
@@ -58,6 +59,10 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """The text of `ids`, each piece decoded after the one before it."""
+        ids = list(ids)
+        for t in ids:       # a negative id would index from the vocabulary's end: another token's text
+            if not (isinstance(t, numbers.Integral) and 0 <= t < self.vocab_size):
+                raise DpllamaError(f"{self.source}: token id {t!r} is not in the vocabulary of {self.vocab_size}")
         out, prev = [], None
         for t in ids:
             if t not in self.decode_skips:
