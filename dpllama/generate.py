@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -54,6 +55,14 @@ class Sampler:
     def __post_init__(self):
         # the CLI and the Python API both come through here, before a model loads; each test is written so
         # that NaN, which compares false with everything, fails it
+        for name, kind in (("temperature", numbers.Real), ("top_p", numbers.Real), ("top_k", numbers.Integral),
+                           ("repeat_penalty", numbers.Real), ("repeat_last_n", numbers.Integral),
+                           ("seed", numbers.Integral), ("presence_penalty", numbers.Real),
+                           ("frequency_penalty", numbers.Real)):
+            value = getattr(self, name)
+            if not isinstance(value, kind) or isinstance(value, bool):  # "0" and None raised TypeErrors further on
+                raise DpllamaError(f"sampling: {name.replace('_', '-')} must be "
+                                   f"{'a whole number' if kind is numbers.Integral else 'a number'}, found {value!r}")
         # the device samples in float32: a number past its largest would be infinite there
         for ok, rule, value in ((0 <= self.temperature <= F32_MAX, f"temperature must be >= 0 and at most "
                                  f"{F32_MAX:.4g} (float32's largest)", self.temperature),
@@ -171,6 +180,8 @@ def reusable(cached: list[int], prompt: list[int]) -> int:
 
 def check_steps(steps: int, name: str = "steps") -> int:
     """`steps` (positions to run, as llama2.c's -n) unless it is negative; `name` is how the user gave it."""
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool):
+        raise DpllamaError(f"{name} must be a whole number, found {steps!r}")
     if steps < 0:
         raise DpllamaError(f"{name} must be >= 0, found {steps}")
     return steps

@@ -40,6 +40,10 @@ PENALTY = "repeat-penalty must be > 0 and at most 3.403e+38 (float32's largest)"
     (dict(repeat_penalty=1e39), f"{PENALTY}, found 1e+39"),
     (dict(repeat_penalty=0), f"{PENALTY}, found 0"),
     (dict(repeat_last_n=-2), "repeat-last-n must be >= -1, found -2"),
+    (dict(temperature="0"), "temperature must be a number, found '0'"),     # TypeErrors from deep inside, before
+    (dict(top_k=2.5), "top-k must be a whole number, found 2.5"),
+    (dict(seed=None), "seed must be a whole number, found None"),
+    (dict(repeat_last_n=2.5), "repeat-last-n must be a whole number, found 2.5"),
 ])
 def test_sampler_rejects_bad_values(kwargs, message):
     with pytest.raises(DpllamaError, match=f"^sampling: {re.escape(message)}$"):
@@ -62,7 +66,8 @@ def test_api_generate_rejects_bad_arguments_at_the_call():
     llm = dpllama.load(str(d / "stories260K.bin"), str(d / "tok512.bin"), max_seq=16)
     for kwargs, message in [(dict(temperature=-1), "temperature must be >= 0"),
                             (dict(top_p=2), "top-p must be between 0 and 1"),
-                            (dict(steps=-5), "steps must be >= 0, found -5")]:
+                            (dict(steps=-5), "steps must be >= 0, found -5"),
+                            (dict(steps="10"), "steps must be a whole number, found '10'")]:
         with pytest.raises(DpllamaError, match=message):
             llm.generate("Once upon a time", **kwargs)          # raised by the call, before any iteration
     assert "".join(llm.generate("Once upon a time", steps=8, temperature=0)).startswith("Once upon a time")
