@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+
 from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler, check_steps, generate, new_tokens
 from dpllama.hub import resolve_model
@@ -44,6 +46,9 @@ class TextStream:
     def __iter__(self) -> Iterator[str]:
         return self._pieces
 
+    def __next__(self) -> str:      # an iterator, as generate's annotation says: next(llm.generate(...))
+        return next(self._pieces)
+
     def _run(self, tok: Tokenizer, prompt: list[int], echo: int) -> Iterator[str]:
         """The first `echo` prompt tokens, then the new ones."""
         dec = text_decoder(tok, prev=prompt[0] if echo else prompt[-1])
@@ -64,6 +69,8 @@ class LLM:
         self.path = path
 
     def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        if not isinstance(text, str):   # None, bytes, a list of ids (stream takes those) raised TypeErrors inside
+            raise DpllamaError(f"the prompt must be a str, found {type(text).__name__}")
         ids = self.tokenizer.encode(text, parse_special=parse_special)
         if not ids:     # a model needs one token to start from
             if self.tokenizer.bos_id is None:
@@ -74,7 +81,12 @@ class LLM:
     def stream(self, prompt_ids: list[int], steps: int, sampler: Sampler, echo_prompt: bool = True) -> TextStream:
         """Text as it is generated over `steps` positions, prompt included (llama2.c's -n), the prompt first
         when `echo_prompt`."""
-        return TextStream(self, prompt_ids, check_steps(steps), sampler, echo_prompt)
+        if not isinstance(sampler, Sampler):
+            raise DpllamaError(f"sampler must be a dpllama.generate.Sampler, found {type(sampler).__name__}")
+        ids = list(prompt_ids) if isinstance(prompt_ids, (list, tuple, range, np.ndarray)) else None
+        if ids is None or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+            raise DpllamaError(f"the prompt must be a list of token ids (whole numbers), found {prompt_ids!r:.60}")
+        return TextStream(self, [int(t) for t in ids], check_steps(steps), sampler, echo_prompt)
 
     def generate(self, prompt: str, steps: int = 256, temperature: float = 1.0, top_p: float = 0.9,
                  top_k: int = 0, repeat_penalty: float = 1.0, seed: int = 0, echo_prompt: bool = True

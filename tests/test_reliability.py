@@ -174,6 +174,26 @@ def test_api_stream_rejects_negative_steps(stories_llm):
         stories_llm.stream([1, 2], -5, Sampler(temperature=0))
 
 
+def test_api_calls_with_arguments_of_the_wrong_kind(stories_llm):
+    """One line at the call for what raised TypeError, ValueError or AttributeError from deep inside; a NumPy array
+    of ids is a prompt; the stream is an iterator, as generate's annotation says."""
+    from dpllama.chat import Chat
+    llm, greedy = stories_llm, Sampler(temperature=0)
+    for call, message in [(lambda: llm.generate(None), "the prompt must be a str, found NoneType"),
+                          (lambda: llm.generate(b"Once"), "the prompt must be a str, found bytes"),
+                          (lambda: llm.stream("Once", 8, greedy), "the prompt must be a list of token ids"),
+                          (lambda: llm.stream([1, 2.5], 8, greedy), "the prompt must be a list of token ids"),
+                          (lambda: llm.stream([1, 2], 8, None), "sampler must be a dpllama.generate.Sampler"),
+                          (lambda: Chat(llm, greedy, max_reply=-1), "max_reply must be >= 0, found -1"),
+                          (lambda: Chat(llm, greedy, max_reply=2.5), "max_reply must be a whole number, found 2.5"),
+                          (lambda: Chat(llm, None), "sampler must be a dpllama.generate.Sampler")]:
+        with pytest.raises(DpllamaError, match=f"^{re.escape(message)}"):
+            call()
+    ids = llm.encode("Once upon a time")
+    assert "".join(llm.stream(np.array(ids), 20, greedy)) == "".join(llm.stream(ids, 20, greedy))
+    assert next(llm.generate("Once upon a time", steps=8, temperature=0)) == "Once"
+
+
 def test_api_load_rejects_bad_activation_bits_before_reading_the_model():
     """Checked first: the model named here does not exist, and the error is about the bits, not the file."""
     with pytest.raises(DpllamaError, match="activation bits must be one of 16, 8, found 4"):
