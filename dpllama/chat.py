@@ -9,7 +9,7 @@ template of its own (any llama2.c model) gets ChatML, and the chat says so at th
 from __future__ import annotations
 
 from dpllama.errors import DpllamaError
-from dpllama.generate import Sampler, check_steps, generate, reusable
+from dpllama.generate import Sampler, check_sampler, check_steps, generate, reusable
 from dpllama.llm import LLM
 from dpllama.tokenizer import StreamDecoder, Tokenizer
 
@@ -39,10 +39,8 @@ class MessageTooLong(DpllamaError):
 
 class Chat:
     def __init__(self, llm: LLM, sampler: Sampler, system: str | None = None, max_reply: int = 512):
-        if not isinstance(sampler, Sampler):
-            raise DpllamaError(f"sampler must be a dpllama.generate.Sampler, found {type(sampler).__name__}")
         self.llm = llm
-        self.sampler = sampler
+        self.sampler = check_sampler(sampler)
         self.max_reply = check_steps(max_reply, "max_reply")
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.cached: list[int] = []     # tokens whose keys and values the model's cache holds

@@ -23,6 +23,16 @@ from dpllama.model.llama import PENALTY_WINDOW, Llama, Part, Pending, not_finite
 from dpllama.model.weights import F32_MAX, F32_TINY, ModelConfig
 
 
+def whole(x) -> bool:
+    """An integer, NumPy's too, and not a bool (which Python counts as one)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def real(x) -> bool:
+    """A real number, NumPy's too, and not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 class XorShift:
     """llama2.c run.c's random_u32 / random_f32 (xorshift64*), seed for seed."""
 
@@ -55,14 +65,13 @@ class Sampler:
     def __post_init__(self):
         # the CLI and the Python API both come through here, before a model loads; each test is written so
         # that NaN, which compares false with everything, fails it
-        for name, kind in (("temperature", numbers.Real), ("top_p", numbers.Real), ("top_k", numbers.Integral),
-                           ("repeat_penalty", numbers.Real), ("repeat_last_n", numbers.Integral),
-                           ("seed", numbers.Integral), ("presence_penalty", numbers.Real),
-                           ("frequency_penalty", numbers.Real)):
+        for name, kind in (("temperature", real), ("top_p", real), ("top_k", whole), ("repeat_penalty", real),
+                           ("repeat_last_n", whole), ("seed", whole), ("presence_penalty", real),
+                           ("frequency_penalty", real)):
             value = getattr(self, name)
-            if not isinstance(value, kind) or isinstance(value, bool):  # "0" and None raised TypeErrors further on
+            if not kind(value):     # "0", None or 2.5 raised TypeErrors further on, or went to the device as a window
                 raise DpllamaError(f"sampling: {name.replace('_', '-')} must be "
-                                   f"{'a whole number' if kind is numbers.Integral else 'a number'}, found {value!r}")
+                                   f"{'a whole number' if kind is whole else 'a number'}, found {value!r}")
         # the device samples in float32: a number past its largest would be infinite there
         for ok, rule, value in ((0 <= self.temperature <= F32_MAX, f"temperature must be >= 0 and at most "
                                  f"{F32_MAX:.4g} (float32's largest)", self.temperature),
@@ -178,9 +187,17 @@ def reusable(cached: list[int], prompt: list[int]) -> int:
     return keep
 
 
+
+
+def check_sampler(sampler) -> Sampler:
+    if not isinstance(sampler, Sampler):
+        raise DpllamaError(f"sampler must be a dpllama.generate.Sampler, found {type(sampler).__name__}")
+    return sampler
+
+
 def check_steps(steps: int, name: str = "steps") -> int:
     """`steps` (positions to run, as llama2.c's -n) unless it is negative; `name` is how the user gave it."""
-    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool):
+    if not whole(steps):
         raise DpllamaError(f"{name} must be a whole number, found {steps!r}")
     if steps < 0:
         raise DpllamaError(f"{name} must be >= 0, found {steps}")

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import numbers
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -15,7 +14,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from dpllama.errors import DpllamaError
-from dpllama.generate import Sampler, check_steps, generate, new_tokens
+from dpllama.generate import Sampler, check_sampler, check_steps, generate, new_tokens, whole
 from dpllama.hub import resolve_model
 from dpllama.loaders import load_tokenizer, load_weights
 from dpllama.model.kv_cache import position_step
@@ -81,12 +80,10 @@ class LLM:
     def stream(self, prompt_ids: list[int], steps: int, sampler: Sampler, echo_prompt: bool = True) -> TextStream:
         """Text as it is generated over `steps` positions, prompt included (llama2.c's -n), the prompt first
         when `echo_prompt`."""
-        if not isinstance(sampler, Sampler):
-            raise DpllamaError(f"sampler must be a dpllama.generate.Sampler, found {type(sampler).__name__}")
         ids = list(prompt_ids) if isinstance(prompt_ids, (list, tuple, range, np.ndarray)) else None
-        if ids is None or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+        if ids is None or not all(whole(t) for t in ids):
             raise DpllamaError(f"the prompt must be a list of token ids (whole numbers), found {prompt_ids!r:.60}")
-        return TextStream(self, [int(t) for t in ids], check_steps(steps), sampler, echo_prompt)
+        return TextStream(self, [int(t) for t in ids], check_steps(steps), check_sampler(sampler), echo_prompt)
 
     def generate(self, prompt: str, steps: int = 256, temperature: float = 1.0, top_p: float = 0.9,
                  top_k: int = 0, repeat_penalty: float = 1.0, seed: int = 0, echo_prompt: bool = True
@@ -136,8 +133,7 @@ def load(model: str, tokenizer: str | None = None, device: str | None = None, co
     that depend on the model)."""
     # before any work, as the CLI checks --ctx; a bool is an int to Python, and 0 slots failed in the driver
     for name, value, optional in (("max_seq", max_seq, True), ("slots", slots, False), ("chunk", chunk, True)):
-        if not (value is None and optional or isinstance(value, numbers.Integral) and not isinstance(value, bool)
-                and value >= 1):
+        if not (value is None and optional or whole(value) and value >= 1):
             raise DpllamaError(f"{name} must be a whole number of at least 1, found {value!r}")
     check_activation_bits(activation_bits)
     check_kv_cache(kv_cache)
