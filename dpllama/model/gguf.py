@@ -27,8 +27,8 @@ from dpllama.errors import DpllamaError
 from dpllama.formats import round_up
 from dpllama.formats.gguf import FORMAT_KEY, FORMAT_VERSION, RawTensor, add_field, read_gguf, write_gguf
 from dpllama.model.quant import GGUF_REPACK
-from dpllama.model.weights import (F32_MAX, F32_TINY, Layer, ModelConfig, Tensor, Weights, check_config,
-                                   check_values, layer_shapes, llama3_rope_factors)
+from dpllama.model.weights import (F32_RANGE, Layer, ModelConfig, Tensor, Weights, check_config, check_values,
+                                   layer_shapes, llama3_rope_factors, positive_f32)
 
 # Layer field -> GGUF tensor name inside blk.N, less its suffix (layer_tensor_name adds it)
 GGUF_LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
@@ -95,9 +95,9 @@ def _config(path: Path, fields: dict, vocab_size: int, arch: str, qkv_bias: bool
         if not (factor > 0 and 0 < low < high and original > 0):      # NaN fails too
             raise DpllamaError(f"{path}: {arch}.rope.scaling.{{{','.join(LLAMA3_SCALING)}}} are {params}: expected "
                                f"factor > 0, 0 < low_freq_factor < high_freq_factor, original_context_length > 0")
-        if not F32_TINY <= factor <= F32_MAX:      # it divides float32 frequencies, as check_config's factors
-            raise DpllamaError(f"{path}: {arch}.rope.scaling.factor must be a positive float32 ({F32_TINY:.4g} to "
-                               f"{F32_MAX:.4g}), found {factor}")
+        if not positive_f32(factor):      # it divides float32 frequencies, as check_config's factors
+            raise DpllamaError(f"{path}: {arch}.rope.scaling.factor must be a positive float32 {F32_RANGE}, found "
+                               f"{factor}")
         c.rope_freq_factors = llama3_rope_factors(c.head_dim, c.rope_theta, *params)
     elif scaling != "none":
         raise DpllamaError(f"{path}: {arch}.rope.scaling.type is {scaling!r}, expected 'none' or 'llama3' "

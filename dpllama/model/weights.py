@@ -35,6 +35,12 @@ from dpllama.formats import round_up
 # float32's least normal and largest numbers: the device's arithmetic, and the numbers a value read as float64 (a
 # GGUF key, a flag) must lie between to mean the same there
 F32_TINY, F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+F32_RANGE = f"({F32_TINY:.4g} to {F32_MAX:.4g})"     # said where a value is out of it
+
+
+def positive_f32(x: float) -> bool:
+    """A positive float32 that is normal and finite (NaN is not)."""
+    return F32_TINY <= x <= F32_MAX
 
 
 @dataclass
@@ -127,9 +133,8 @@ def check_config(c: ModelConfig, source: str, names: dict[str, str] | None = Non
     if c.head_dim % 2:
         raise bad(f"head_dim {c.head_dim} is odd (RoPE rotates pairs)")
     # RoPE's tables are float32: a base or factor outside its normal numbers would be 0 or infinite there
-    if not F32_TINY <= c.rope_theta <= F32_MAX:     # NaN fails too
-        raise bad(f"{name('rope_theta')} must be a positive float32 ({F32_TINY:.4g} to {F32_MAX:.4g}), found "
-                  f"{c.rope_theta}")
+    if not positive_f32(c.rope_theta):
+        raise bad(f"{name('rope_theta')} must be a positive float32 {F32_RANGE}, found {c.rope_theta}")
     if not 0 < c.norm_eps < 1:      # NaN fails too
         raise bad(f"{name('norm_eps')} must be between 0 and 1, found {c.norm_eps}")
     if c.rope_freq_factors is not None:
@@ -137,9 +142,9 @@ def check_config(c: ModelConfig, source: str, names: dict[str, str] | None = Non
         if len(factors) != c.head_dim // 2:
             raise bad(f"{name('rope_freq_factors')} holds {len(factors)} factors, expected head_dim / 2 = "
                       f"{c.head_dim // 2}")
-        if not all(F32_TINY <= f <= F32_MAX for f in factors):
-            raise bad(f"{name('rope_freq_factors')} must be positive float32s ({F32_TINY:.4g} to {F32_MAX:.4g}), "
-                      f"found {next(f for f in factors if not F32_TINY <= f <= F32_MAX)}")
+        wrong = next((f for f in factors if not positive_f32(f)), None)
+        if wrong is not None:
+            raise bad(f"{name('rope_freq_factors')} must be positive float32s {F32_RANGE}, found {wrong}")
 
 
 # the symmetric kinds' offset: w = scale * (q - OFFSET)
