@@ -6,8 +6,8 @@ and the classifier by default; a tied model's one table is both, kept in 8 bits 
 and writes dpllama's GGUF container with the model config and the tokenizer inside, so the one file is
 enough to run. Every kind loads and runs as written (an int4 table too: the device decodes its rows).
 int4 tensors whose group and scheme match the request are carried over bit for bit (GGUF Q4_0 / Q4_1, and Q4_K,
-with its float32 scales), and so are 8-bit ones kept in 8 bits (Q8_0, Q6_K: q8 of any group) and 5-bit ones
-(Q5_0, Q5_1, Q5_K: int5), which 8 bits would only round again.
+with its float32 scales), and so are 8-bit ones kept in 8 bits (Q8_0, Q6_K, IQ4_NL, IQ4_XS: q8 of any group) and
+5-bit ones (Q5_0, Q5_1, Q5_K: int5), which 8 bits would only round again.
 Prints per-tensor and overall error: RMSE relative to the source weights' RMS.
 """
 from __future__ import annotations

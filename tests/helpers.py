@@ -112,7 +112,8 @@ def random_weights(dim=32, hidden=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab
 # |level x sub-block scale| they multiply, so that random blocks hold weights of order 1
 GGUF_SCALES = {T.Q4_0: ((0,), 8), T.Q4_1: ((0, 2), 15), T.Q5_0: ((0,), 16), T.Q5_1: ((0, 2), 31),
                T.Q8_0: ((0,), 127), T.Q2_K: ((80, 82), 3 * 15), T.Q3_K: ((108,), 4 * 32),
-               T.Q4_K: ((0, 2), 15 * 63), T.Q5_K: ((0, 2), 31 * 63), T.Q6_K: ((208,), 32 * 128)}
+               T.Q4_K: ((0, 2), 15 * 63), T.Q5_K: ((0, 2), 31 * 63), T.Q6_K: ((208,), 32 * 128),
+               T.IQ4_NL: ((0,), 127), T.IQ4_XS: ((0,), 32 * 127)}
 
 
 def random_gguf_blocks(rng, ggml_type: GGMLQuantizationType, rows: int, cols: int, scale: float = 1.0) -> np.ndarray:
@@ -145,14 +146,17 @@ def gguf_tensor(rng, ggml_type: GGMLQuantizationType, rows: int, cols: int) -> T
 
 # a model shape every GGUF type fits (rows of 256 and 512: whole K-quant blocks) and a type for each of its
 # tensors, every type dpllama reads among them, mixed as llama.cpp's _S/_M files mix them: fused matrices
-# (Q, K, V; gate and up) of different formats
-EVERY_TYPE_SHAPE = dict(dim=256, hidden=512, n_layers=2, n_heads=4, n_kv_heads=2, vocab=97, seq_len=32)
+# (Q, K, V; gate and up) of different formats; blk.2 as an IQ4_XS file (IQ4_XS, IQ4_NL, K-quants)
+EVERY_TYPE_SHAPE = dict(dim=256, hidden=512, n_layers=3, n_heads=4, n_kv_heads=2, vocab=97, seq_len=32)
 EVERY_TYPE = {"token_embd.weight": T.Q5_0, "output.weight": T.Q6_K,
               "blk.0.attn_q.weight": T.Q2_K, "blk.0.attn_k.weight": T.Q3_K, "blk.0.attn_v.weight": T.Q4_K,
               "blk.0.attn_output.weight": T.Q5_K, "blk.0.ffn_gate.weight": T.Q5_1, "blk.0.ffn_down.weight": T.Q6_K,
               "blk.0.ffn_up.weight": T.Q4_0, "blk.1.attn_q.weight": T.Q8_0, "blk.1.attn_k.weight": T.Q4_1,
               "blk.1.attn_v.weight": T.Q6_K, "blk.1.attn_output.weight": T.F16, "blk.1.ffn_gate.weight": T.Q4_K,
-              "blk.1.ffn_up.weight": T.Q4_K, "blk.1.ffn_down.weight": T.BF16, "blk.1.attn_norm.weight": T.F16}
+              "blk.1.ffn_up.weight": T.Q4_K, "blk.1.ffn_down.weight": T.BF16, "blk.1.attn_norm.weight": T.F16,
+              "blk.2.attn_q.weight": T.IQ4_XS, "blk.2.attn_k.weight": T.IQ4_NL, "blk.2.attn_v.weight": T.Q5_K,
+              "blk.2.attn_output.weight": T.IQ4_XS, "blk.2.ffn_gate.weight": T.IQ4_XS,
+              "blk.2.ffn_up.weight": T.IQ4_XS, "blk.2.ffn_down.weight": T.IQ4_NL}
 
 
 def random_llama2c(path, dim=32, hidden=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab=40, seq_len=16,
@@ -169,12 +173,22 @@ def quantize_cli(src, out, *options) -> Weights:
     return load_weights(out)
 
 
+def gguf_data(array: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    """`array` quantized to `ggml_type` with gguf.quants, or random blocks of that type as large as its values
+    where gguf-py does not quantize to it (the K-quants, IQ4_NL, IQ4_XS; the array's shape only)."""
+    array = np.asarray(array, np.float32)
+    try:
+        return quantize(array, ggml_type)
+    except NotImplementedError:
+        return random_gguf_blocks(np.random.default_rng(array.size), ggml_type, *array.shape,
+                                  scale=float(np.abs(array).max()))
+
+
 def write_test_gguf(path, weights: Weights, types=None, arch=None, drop=(), extra=None, fields=None,
                     tokenizer=None) -> dict:
     """Write f32 `weights` as a llama.cpp-style GGUF of architecture `arch` (default the config's) with
     TOKENIZER_FIELDS, or with `tokenizer`'s {key: value} instead. `types` maps GGUF tensor names to their type
-    (default F32), quantized with gguf.quants, or random blocks of that type where gguf-py does not quantize to
-    it (the K-quants; the array's shape only); `drop` names tensors to leave out, `extra` adds {name: float32
+    (default F32), as gguf_data writes it; `drop` names tensors to leave out, `extra` adds {name: float32
     array}, `fields` adds metadata {key: value}. Returns {name: (type, the array written)}."""
     c, types = weights.config, types or {}
     arrays = {"token_embd.weight": weights.tok_embeddings.dequantize(), "output_norm.weight": weights.norm}
@@ -196,12 +210,7 @@ def write_test_gguf(path, weights: Weights, types=None, arch=None, drop=(), extr
         if name in drop:
             continue
         ggml_type = types.get(name, GGMLQuantizationType.F32)
-        array = np.asarray(array, np.float32)
-        try:
-            data = quantize(array, ggml_type)
-        except NotImplementedError:         # gguf-py cannot quantize to the K-quants: random blocks instead
-            data = random_gguf_blocks(np.random.default_rng(array.size), ggml_type, *array.shape,
-                                      scale=float(np.abs(array).max()))
+        data = gguf_data(array, ggml_type)
         w.add_tensor(name, data, raw_dtype=ggml_type)
         written[name] = (ggml_type, data)
     w.write_header_to_file()

@@ -32,7 +32,6 @@ import yaml
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 from gguf import GGUFValueType as V
-from gguf.quants import quantize as ggml_quantize
 
 import dpllama
 from dpllama.errors import DpllamaError
@@ -44,7 +43,7 @@ from dpllama.model.llama2c import write_llama2c
 from dpllama.quantize import quantize
 from dpllama.runtime.config import defaults, load_config
 from dpllama.tokenizer import Llama2cTokenizer, StreamDecoder, tokenizer_from_gguf_fields
-from tests.helpers import SHARED, TOKENIZER_FIELDS, llama2c_dir, random_weights
+from tests.helpers import SHARED, TOKENIZER_FIELDS, gguf_data, llama2c_dir, random_weights
 
 # mutated weights make NumPy warn on the way to the refusal
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -299,17 +298,18 @@ l2c_cases()
 
 # ------------------------------------------------------------------------------------------- GGUF models
 
-G = dict(dim=32, hidden=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab=8, seq_len=16)
+G = dict(dim=32, hidden=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab=8, seq_len=16)
 # a byte-level BPE vocabulary of the model's 8 tokens ("Ġ" is GPT-2's space), whose merges it holds
 VOCAB = ["<|endoftext|>", "h", "i", "hi", "\u0120", "\u0120hi", "!", "<|im_end|>"]
 MERGES = ["h i", "\u0120 hi"]
 SCALAR = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i", V.FLOAT32: "f",
           V.BOOL: "?", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}
-# GGUF tensor -> its type in the base: one of each type the loader converts
+# GGUF tensor -> its type in the base: one of each type the loader converts (the K-quants' 256-weight blocks
+# aside; IQ4_XS's fit ffn_down's rows of hidden = 256)
 TYPES = {"output.weight": T.F32, "token_embd.weight": T.Q8_0, "output_norm.weight": T.F32,
          "blk.0.attn_norm.weight": T.F32, "blk.0.attn_q.weight": T.Q4_0, "blk.0.attn_k.weight": T.Q4_1,
          "blk.0.attn_v.weight": T.F16, "blk.0.attn_output.weight": T.BF16, "blk.0.ffn_norm.weight": T.F32,
-         "blk.0.ffn_gate.weight": T.F32, "blk.0.ffn_down.weight": T.F32, "blk.0.ffn_up.weight": T.F32}
+         "blk.0.ffn_gate.weight": T.IQ4_NL, "blk.0.ffn_down.weight": T.IQ4_XS, "blk.0.ffn_up.weight": T.F32}
 
 
 def gstr(s) -> bytes:
@@ -362,7 +362,7 @@ def gguf_base() -> tuple[list, list]:
         a = getattr(layer, field)
         arrays[f"blk.0.{name}.weight"] = a if isinstance(a, np.ndarray) else a.data
     tensors = [dict(name=n, dims=list(reversed(a.shape)), type=TYPES[n], offset=None,
-                    data=ggml_quantize(np.asarray(a, np.float32), TYPES[n]).tobytes()) for n, a in arrays.items()]
+                    data=gguf_data(a, TYPES[n]).tobytes()) for n, a in arrays.items()]
     kvs = [("general.architecture", V.STRING, "llama"), ("general.alignment", V.UINT32, 32)]
     kvs += [(f"llama.{k}", V.UINT32, G[g]) for k, g in [
         ("vocab_size", "vocab"), ("context_length", "seq_len"), ("embedding_length", "dim"),
@@ -560,7 +560,7 @@ def gguf_data_cases():
     rng = random.Random(23)
     kinds = list(TYPES)
     # bits of a bad value: float32 in F32, float16 in F16 and in the block scales of Q8_0 (d), Q4_0 (d), Q4_1
-    # (d, m), whose blocks are 34, 18 and 20 bytes
+    # (d, m), IQ4_NL (d) and IQ4_XS (d), whose blocks are 34, 18, 20, 18 and 136 bytes
     f16 = {"nan": 0x7E00, "inf": 0x7C00, "-inf": 0xFC00}
     for value in ("nan", "inf", "-inf"):
         for name in kinds:
@@ -572,10 +572,10 @@ def gguf_data_cases():
                 mutate = lambda d, at, name=name, k=k, v=float(value): put(
                     d, at[name] + 2 * k, "H", np.float32(v).view(np.uint32) >> 16)
             else:
-                block = {T.F16: 2, T.Q8_0: 34, T.Q4_0: 18, T.Q4_1: 20}[t]
+                block = {T.F16: 2, T.Q8_0: 34, T.Q4_0: 18, T.Q4_1: 20, T.IQ4_NL: 18, T.IQ4_XS: 136}[t]
                 scale = 2 * rng.randrange(2) if t == T.Q4_1 else 0
                 mutate = lambda d, at, name=name, o=block * (k % 4) + scale, v=f16[value]: put(d, at[name] + o, "H", v)
-            if name in ("output.weight", "blk.0.ffn_gate.weight") or t != T.F32:
+            if name in ("output.weight", "blk.0.ffn_up.weight") or t != T.F32:
                 add("GGUF", f"gguf-data-{name}-{value}", True, gguf(mutate=mutate))
     end = len(gguf_bytes(*gguf_base())[0])
     start = min(gguf_bytes(*gguf_base())[1].values())

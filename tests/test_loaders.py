@@ -53,7 +53,8 @@ DEVICE_FORMAT = {T.Q4_0: ("int4", 32, False, np.float16), T.Q4_1: ("int4", 32, T
                  T.Q5_0: ("int5", 32, False, np.float16), T.Q5_1: ("int5", 32, True, np.float16),
                  T.Q8_0: ("q8", 32, False, np.float32), T.Q2_K: ("int4", 16, True, np.float32),
                  T.Q3_K: ("int4", 16, False, np.float32), T.Q4_K: ("int4", 32, True, np.float32),
-                 T.Q5_K: ("int5", 32, True, np.float32), T.Q6_K: ("q8", 16, False, np.float32)}
+                 T.Q5_K: ("int5", 32, True, np.float32), T.Q6_K: ("q8", 16, False, np.float32),
+                 T.IQ4_NL: ("q8", 32, False, np.float32), T.IQ4_XS: ("q8", 32, False, np.float32)}
 # the types gguf-py can also quantize (real blocks from real values, besides random bytes)
 QUANTIZABLE = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
 
@@ -85,6 +86,35 @@ def test_gguf_blocks_repack_losslessly(ggml_type):
         assert np.array_equal(t.dequantize(), dequantize(blocks, ggml_type))
 
 
+def iq4_extreme_blocks(ggml_type) -> np.ndarray:
+    """uint8[8, bytes of 256 weights] of `ggml_type` (IQ4_NL or IQ4_XS): its nibbles every byte 0..255 (every
+    pair of levels), IQ4_XS's sub-block scales ls 0..63 (block r: 8r .. 8r + 7), the fp16 d of the blocks in turn
+    0, -0, the smallest subnormal, -1.5, inf (times ls - 32 = 0: NaN), 65504, NaN, -inf."""
+    block, nbytes = GGML_QUANT_SIZES[ggml_type]
+    raw = np.zeros((8, 256 // block, nbytes), np.uint8)
+    d = np.array([0, -0.0, 2 ** -24, -1.5, np.inf, 65504, np.nan, -np.inf], np.float16)
+    raw[:, :, 0:2] = np.resize(d, raw.shape[:2])[:, :, None].view(np.uint8)
+    qs = raw[:, :, 2:] if ggml_type == T.IQ4_NL else raw[:, :, 8:]
+    qs[:] = np.resize(np.arange(256, dtype=np.uint8), qs.shape)
+    if ggml_type == T.IQ4_XS:           # low 4 bits two a byte, then high 2 bits in a uint16, sub-block j at bit 2j
+        ls = np.arange(64, dtype=np.uint16).reshape(8, 1, 8)
+        raw[:, :, 4:8] = (ls[:, :, 0::2] & 15) | ((ls[:, :, 1::2] & 15) << 4)
+        high = ((ls >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(axis=2, dtype=np.uint16)
+        raw[:, :, 2:4] = high.astype("<u2")[:, :, None].view(np.uint8)
+    return raw.reshape(8, -1)
+
+
+@pytest.mark.parametrize("ggml_type", [T.IQ4_NL, T.IQ4_XS], ids=lambda t: t.name)
+def test_iq4_extreme_blocks_repack_bit_for_bit(ggml_type):
+    """IQ4's every level and every sub-block scale, with zero, negative, huge and non-finite d: the loaded Tensor's
+    values are gguf's bit for bit (d (ls - 32) in float32 before the level, as gguf multiplies; NaN for NaN)."""
+    blocks = iq4_extreme_blocks(ggml_type)
+    with np.errstate(invalid="ignore"):
+        got, want = GGUF_REPACK[ggml_type](blocks, 8, 256).dequantize(), dequantize(blocks, ggml_type)
+    assert np.isnan(want).any() and np.isinf(want).any()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def test_real_q4_k_m_tensors_repack_losslessly():
     """Qwen2.5-Coder-0.5B Q4_K_M's tensors of each quantized type it holds (the file's architecture is another
     matter: the tensors are read through the format's parser alone)."""
@@ -97,13 +127,16 @@ def test_real_q4_k_m_tensors_repack_losslessly():
         assert np.array_equal(t.dequantize(), dequantize(raw.data.reshape(raw.shape[0], -1), ggml_type)), name
 
 
-def test_k_quant_block_scales_are_checked():
-    """A K-quant's fp16 d is multiplied into its float32 scales: a NaN or infinity there is a one-line error."""
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.IQ4_XS], ids=lambda t: t.name)
+def test_k_quant_block_scales_are_checked(ggml_type):
+    """A K-quant's (and IQ4_XS's) fp16 d is multiplied into its float32 scales: a NaN or infinity there is a
+    one-line error."""
     from dpllama.model.weights import check_values
-    blocks = random_gguf_blocks(RNG, T.Q4_K, 2, 256)
+    blocks = random_gguf_blocks(RNG, ggml_type, 2, 256)
     blocks[1, 0:2] = np.array([np.inf], np.float16).view(np.uint8)
-    with pytest.raises(DpllamaError, match=r"^f: tensor w has scale inf at \[1, 0\]: expected finite values"):
-        check_values("f", "w", GGUF_REPACK[T.Q4_K](blocks, 2, 256))
+    blocks[1, 4] = 1                    # the first sub-block's scale sc = 1 (Q4_K), ls - 32 != 0 (IQ4_XS): not NaN
+    with pytest.raises(DpllamaError, match=r"^f: tensor w has scale -?inf at \[1, 0\]: expected finite values"):
+        check_values("f", "w", GGUF_REPACK[ggml_type](blocks, 2, 256))
 
 
 # pairs of formats that fused matrices (Q, K, V; gate and up) may meet in, and the format `widen` gives both
@@ -116,7 +149,10 @@ WIDEN = [((T.Q4_0, T.Q4_1), ("int4", 32, True, np.float16)), ((T.Q4_0, T.Q4_K), 
          # Q8_0 in half the layers, beside Q5_0 attn_q and attn_k
          ((T.Q5_0, T.Q4_0), ("int5", 32, False, np.float16)), ((T.Q5_0, T.Q4_1), ("int5", 32, True, np.float16)),
          ((T.Q5_1, T.Q4_K), ("int5", 32, True, np.float32)), ((T.Q5_0, T.Q5_K), ("int5", 32, True, np.float32)),
-         ((T.Q5_0, T.Q8_0), ("q8", 32, False, np.float32)), ((T.Q5_1, T.Q2_K), ("q8", 16, True, np.float32))]
+         ((T.Q5_0, T.Q8_0), ("q8", 32, False, np.float32)), ((T.Q5_1, T.Q2_K), ("q8", 16, True, np.float32)),
+         # IQ4_NL and IQ4_XS load as q8 g32: the 8-bit rules
+         ((T.IQ4_XS, T.IQ4_NL), ("q8", 32, False, np.float32)), ((T.IQ4_XS, T.Q4_K), ("q8", 32, True, np.float32)),
+         ((T.IQ4_NL, T.Q5_0), ("q8", 32, False, np.float32)), ((T.IQ4_XS, T.Q6_K), ("q8", 16, False, np.float32))]
 
 
 @pytest.mark.parametrize("types, want", WIDEN, ids=lambda v: "-".join(t.name for t in v) if isinstance(v[0], T) else "")
@@ -300,7 +336,7 @@ def test_gguf_mixed_types(tmp_path, shape, types):
     assert w.meta["format"] == "gguf" and w.meta["tokenizer_fields"] == TOKENIZER_FIELDS
     assert w.meta["chat_template"] == TOKENIZER_FIELDS["tokenizer.chat_template"]
     names = {"tok_embeddings": "token_embd", "output": "output"}
-    names.update({f"layers.{i}.{f}": f"blk.{i}.{g}" for i in range(2)
+    names.update({f"layers.{i}.{f}": f"blk.{i}.{g}" for i in range(shape["n_layers"])
                   for f, g in [("wq", "attn_q"), ("wk", "attn_k"), ("wv", "attn_v"), ("wo", "attn_output"),
                                ("w1", "ffn_gate"), ("w2", "ffn_down"), ("w3", "ffn_up")]})
     for name, t in w.matrices():
@@ -336,9 +372,9 @@ def test_gguf_header_parser_matches_gguf_reader(tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(arch="gpt2"), "unsupported GGUF architecture 'gpt2' \\(supported: llama, qwen2\\)"),
-    (dict(types={"blk.1.attn_q.weight": T.IQ4_NL}),
-     "tensor blk.1.attn_q.weight has type IQ4_NL, which dpllama does not support \\(supported: F32, F16, BF16, "
-     "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K\\)"),
+    (dict(types={"blk.1.attn_q.weight": T.MXFP4}),
+     "tensor blk.1.attn_q.weight has type MXFP4, which dpllama does not support \\(supported: F32, F16, BF16, "
+     "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS\\)"),
     (dict(drop={"blk.1.ffn_up.weight"}), "missing tensor blk.1.ffn_up.weight"),
     (dict(extra={"blk.1.attn_output.bias": np.ones(64, np.float32)}),
      "unexpected tensor blk.1.attn_output.bias \\(1 in all\\): a model feature dpllama does not implement"),

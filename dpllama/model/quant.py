@@ -9,6 +9,7 @@ GGUF type -> Tensor (docs/ARCHITECTURE.md, "Weight formats", has the table and t
   Q8_0 q8 g32      Q6_K q8 g16
   Q4_K int4 asymmetric g32 float32 scales and mins               Q3_K int4 symmetric g16 float32 scales
   Q2_K int4 asymmetric g16 float32 scales and mins
+  IQ4_NL q8 g32    IQ4_XS q8 g32 (their 16 levels are a table, not evenly spaced: the values are the q8)
 Every one is exact: the K-quants' two-level scales (fp16 d times a 4-, 6- or 8-bit sub-block scale: up to 19
 significant bits) are multiplied out in float32, which holds the product exactly, as gguf's own dequantization
 computes it; float16 (11 bits) would round them.
@@ -133,6 +134,13 @@ def _times(d: np.ndarray, sub: np.ndarray) -> np.ndarray:
     return _flat(d[:, :, None] * sub.astype(np.float32))
 
 
+def _fields(b: np.ndarray, bits: int) -> np.ndarray:
+    """uint8[rows, n, k] -> uint8[rows, n, k * 8 // bits]: every byte's `bits`-wide fields, low first, byte
+    after byte (an array of small fields packed in little-endian order: IQ4_XS's sub-block scales)."""
+    fields = _planes(b, range(0, 8, bits), (1 << bits) - 1)            # [rows, n, fields a byte, k]
+    return fields.swapaxes(-1, -2).reshape(*b.shape[:-1], -1)
+
+
 def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K / Q5_K's 12 bytes of 6-bit scales and mins of 8 sub-blocks -> uint8[rows, n_blocks, 8] each:
     sub-block j < 4 in the low 6 bits of bytes j (scale) and j + 4 (min); j >= 4 has its low 4 bits in byte
@@ -251,11 +259,33 @@ def repack_q6_k(raw: np.ndarray, rows: int, cols: int) -> Tensor:
     return _q8(q, rows, cols, 16, _times(_f32(b, 208), b[:, :, 192:208].view(np.int8)))
 
 
+# llama.cpp's kvalues_iq4nl: the weights of IQ4_NL and IQ4_XS are d times these, indexed by their nibbles.
+# All fit int8, so q8 holds them exactly; the int4 kernels would need them decoded through the table in the
+# kernel (their arithmetic is linear in q), which is not done: these types cost 9 bits a weight on the device.
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+
+def repack_iq4_nl(raw: np.ndarray, rows: int, cols: int) -> Tensor:
+    """IQ4_NL (18 bytes / 32: fp16 d, 16 bytes of nibbles in Q4_0's order; w = d IQ4_VALUES[q]) -> q8 g32."""
+    b = _blocks(raw, rows, cols, GGMLQuantizationType.IQ4_NL)
+    return _q8(IQ4_VALUES[_nibbles_32(b[:, :, 2:])], rows, cols, 32, _f32(b, 0))
+
+
+def repack_iq4_xs(raw: np.ndarray, rows: int, cols: int) -> Tensor:
+    """IQ4_XS (136 bytes / 256: fp16 d, uint16 of the 8 sub-block scales' high 2 bits, 4 bytes of their low 4
+    bits, 128 bytes of nibbles, 16 a sub-block in Q4_0's order; w = (d (ls - 32)) IQ4_VALUES[q] per 32, ls
+    6-bit) -> q8 g32, float32 scales (d (ls - 32), as gguf computes it, exact: 11 + 6 significant bits)."""
+    b = _blocks(raw, rows, cols, GGMLQuantizationType.IQ4_XS)
+    ls = _fields(b[:, :, 4:8], 4) | (_fields(b[:, :, 2:4], 2) << 4)
+    q = IQ4_VALUES[_nibbles_32(b[:, :, 8:].reshape(rows, -1, 16))]
+    return _q8(q, rows, cols, 32, _times(_f32(b, 0), ls.astype(np.int8) - 32))
+
+
 T = GGMLQuantizationType
 # GGUF's quantized types -> their lossless repack
 GGUF_REPACK = {T.Q4_0: repack_q4_0, T.Q4_1: repack_q4_1, T.Q5_0: repack_q5_0, T.Q5_1: repack_q5_1,
                T.Q8_0: repack_q8_0, T.Q2_K: repack_q2_k, T.Q3_K: repack_q3_k, T.Q4_K: repack_q4_k,
-               T.Q5_K: repack_q5_k, T.Q6_K: repack_q6_k}
+               T.Q5_K: repack_q5_k, T.Q6_K: repack_q6_k, T.IQ4_NL: repack_iq4_nl, T.IQ4_XS: repack_iq4_xs}
 
 
 def widen(tensors: list[Tensor]) -> list[Tensor]:
