@@ -74,6 +74,9 @@ CONFIGS = {     # name -> {section: values changed}
                         "fuse": dict(attention_min_kv_heads=1, layer_max_units=0)},
     # every layer in its five launches, as GPUs run it
     "separate-launches": {"fuse": dict(layer_max_units=0)},
+    # attention in spans of 16 positions (attention.h), so rows past position 15 fold two: in one task, or (the layer
+    # launch's passes of up to 16 rows) in a task per span and one to fold them
+    "short-spans": {"work_group": dict(attention_span=16)},
 }
 
 
@@ -287,13 +290,15 @@ def layer_launches(model: Llama, T: int = 1) -> int:
 def test_layer_launch_matches_separate_launches(q, random_model, every_type_model, variant, phases):
     """matrix.cl's layers (the layers' phases in one launch, the work-groups claiming their tasks) computes what the
     separate launches compute, bit for bit: a prompt of 27 rows (attention in blocks of rows, attention.h's
-    attend_rows, the last block short), decode steps, batches of 1 to 15 rows at different positions (a row at a
-    time), and one of 21 rows from three slots (blocks that span slots). Where a layer's matrices differ in format (symmetric and asymmetric int4 in turn;
+    attend_rows, the last block short), decode steps, batches of 1 to 8 rows at different positions (a row at a
+    time), and one of 21 rows from three slots (blocks that span slots), attention in spans of 16 positions (rows
+    past 15 fold two; the layer launch gives each its own task in passes of up to 16 rows). Where a layer's matrices differ in format (symmetric and asymmetric int4 in turn;
     every GGUF type), its launch runs the phases up to the first matrix of another format (QKV and attention at
     least) and the rest run on their own."""
     weights = every_type_model if variant == "every-type" else VARIANTS[variant](random_model)
-    fused = Llama(weights, queue_with(q, {"fuse": dict(layer_max_units=q.device.compute_units)}), slots=8)
-    alone = Llama(weights, queue_with(q, {"fuse": dict(layer_max_units=0)}), slots=8)
+    spans = {"work_group": dict(attention_span=16)}     # rows past position 15 in two spans, split or not
+    fused = Llama(weights, queue_with(q, {"fuse": dict(layer_max_units=q.device.compute_units), **spans}), slots=8)
+    alone = Llama(weights, queue_with(q, {"fuse": dict(layer_max_units=0), **spans}), slots=8)
     if not fused.layers[0].layer:
         pytest.skip(f"the config for {q.device} has no single-work-item work-groups (matrix.cl's layers is for CPUs)")
     assert layer_phases(fused) == phases and not layer_phases(alone)
@@ -309,10 +314,10 @@ def test_layer_launch_matches_separate_launches(q, random_model, every_type_mode
             model.step()
         np.testing.assert_array_equal(fused.read_logits(), alone.read_logits(), f"decode step {step}")
     for rows in (1, 3, 8):
-        parts = [Part(slot, 7 + slot, [2 + slot], True) for slot in range(rows)]
+        parts = [Part(slot, 7 + 2 * slot, [2 + slot], True) for slot in range(rows)]
         np.testing.assert_array_equal(fused.batch(parts), alone.batch(parts), f"a batch of {rows} rows")
     for rows in (5, 7):
-        parts = [Part(slot, 9, random_tokens(rows, slot), True) for slot in (1, 2, 3)]
+        parts = [Part(slot, 12, random_tokens(rows, slot), True) for slot in (1, 2, 3)]
         np.testing.assert_array_equal(fused.batch(parts), alone.batch(parts), f"a batch of 3 prompt pieces of {rows}")
 
 

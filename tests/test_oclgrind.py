@@ -29,12 +29,13 @@ CONFIGS = {
                     "prefill_chunk: 4}\n",
     "cpu-geometry": "match: {platform: Oclgrind}\nbuild_options: [-cl-opt-disable]\n"
                     "work_group: {gemv: 1, tile_rows: 8, attention: 1, attention_positions: 8, key_block: 16, "
-                    "reduce: 16, decode_tiles: 2, prefill_tiles: 4, prefill_chunk: 4}\n"
+                    "reduce: 16, decode_tiles: 2, prefill_tiles: 4, prefill_chunk: 4, attention_span: 8}\n"
                     "fuse: {attention_min_kv_heads: 1}\n",
-    # the same with the layers in one launch (matrix.cl's layers): its work-groups share its task counters
+    # the same with the layers in one launch (matrix.cl's layers): its work-groups share its task counters, and the
+    # spans of rows past position 7 (attention_span 8) are tasks of their own, then folded
     "cpu-layer": "match: {platform: Oclgrind}\nbuild_options: [-cl-opt-disable]\n"
                  "work_group: {gemv: 1, tile_rows: 8, attention: 1, attention_positions: 8, key_block: 16, "
-                 "reduce: 16, decode_tiles: 2, prefill_tiles: 4, prefill_chunk: 4}\n"
+                 "reduce: 16, decode_tiles: 2, prefill_tiles: 4, prefill_chunk: 4, attention_span: 8}\n"
                  "fuse: {layer_max_units: 1024}\n",
 }
 # Reports from the runtime's own probing that are not dpllama's calls: device queries for parameters an OpenCL

@@ -170,6 +170,20 @@ inline void attend(const int h, const int n, __global const float *query, __glob
 #if defined(GQA)
 #define ATT_CHAINS (GQA == 1 ? 4 : 2)
 
+// Spans: a row's positions are taken ATT_SPAN at a time (-DATT_SPAN, the config's work_group.attention_span; a
+// multiple of ATTENTION_POSITIONS and of 4, so of ATT_CHAINS), each span's softmax with its own largest score m and sum l, and
+// the spans folded in order into the row's, as flash-decoding does: the sums so far scaled by exp(M - M') and the
+// span's by exp(m - M'), M' the larger of the largest scores (fold_span, FOLD), the weighted values divided by the
+// sum once at the end (normalize). So the layer launch can give a long row's spans to different work-groups
+// (matrix.cl's layer_phases, attend_span and fold_spans) where a task per key/value head left cores idle (SmolLM2's 3
+// heads on 2 cores: one waits a third of the time). Every path folds the spans in the same order with the same
+// functions, so a row gets the same bits in one task or in several; a row of one span (positions below ATT_SPAN)
+// gets what it got before spans, og / sum.
+#if !defined(ATT_SPAN)
+#define ATT_SPAN 512
+#endif
+#define ROW_SPANS(pos) (max((pos), 0) / ATT_SPAN + 1)
+
 // The parts of attend_heads and attend_rows, so that a row gets the same float operations in either:
 // score_run: a row's scores for its GQA query heads (at q) at positions t0 .. t0 + ATTENTION_POSITIONS - 1 (keys at
 // kt), into its score rows (a, seq_p apart), past the causal edge pos -INFINITY, and their running maxima mv
@@ -209,22 +223,46 @@ inline void score_run(const int t0, const int pos, __global const kv_t *kt, cons
     }
 }
 
-// softmax_row: each head's softmax weights in place of its scores at positions 0..pos, their sums
-inline void softmax_row(const int pos, const int seq_p, __global float *a, const floatP *mv, float *sum) {
+// softmax_span: each head's softmax weights in place of its scores at positions from..last (a span's), their largest
+// score m (of the running maxima mv) and their sum l
+inline void softmax_span(const int from, const int last, const int seq_p, __global float *a, const floatP *mv,
+                         float *m, float *l) {
     for (int g = 0; g < GQA; g++) {
-        float m = -INFINITY;
-        for (int i = 0; i < ATTENTION_POSITIONS; i++) m = m > ((float *)&mv[g])[i] ? m : ((float *)&mv[g])[i];
+        float top = -INFINITY;
+        for (int i = 0; i < ATTENTION_POSITIONS; i++) top = top > ((float *)&mv[g])[i] ? top : ((float *)&mv[g])[i];
         __global float *ag = a + (size_t)g * seq_p;
         floatP sv = 0.0f;
-        for (int t0 = 0; t0 <= pos; t0 += ATTENTION_POSITIONS) {
-            const floatP e = EXP_P(*(__global floatP *)(ag + t0) - m);
+        for (int t0 = from; t0 <= last; t0 += ATTENTION_POSITIONS) {
+            const floatP e = EXP_P(*(__global floatP *)(ag + t0) - top);
             *(__global floatP *)(ag + t0) = e;
             sv += e;
         }
-        sum[g] = 0.0f;
-        for (int i = 0; i < ATTENTION_POSITIONS; i++) sum[g] += ((float *)&sv)[i];
+        m[g] = top;
+        l[g] = 0.0f;
+        for (int i = 0; i < ATTENTION_POSITIONS; i++) l[g] += ((float *)&sv)[i];
     }
 }
+
+// fold_span: span s's (m, l) into the row's running (M, L), each head's, and the weights that the values' sums so far
+// (alpha) and the span's (beta) take in FOLD; the first span's are the row's
+inline void fold_span(const int s, const float *m, const float *l, float *M, float *L, float *alpha, float *beta) {
+    for (int g = 0; g < GQA; g++) {
+        alpha[g] = 0.0f;
+        beta[g] = 1.0f;
+        if (s == 0) {
+            M[g] = m[g];
+            L[g] = l[g];
+            continue;
+        }
+        const float top = M[g] > m[g] ? M[g] : m[g];
+        alpha[g] = exp(M[g] - top);
+        beta[g] = exp(m[g] - top);
+        L[g] = L[g] * alpha[g] + l[g] * beta[g];
+        M[g] = top;
+    }
+}
+// span s's sums of weighted values (sums) folded into the row's so far (o)
+#define FOLD(s, o, sums, alpha, beta) ((s) == 0 ? (sums) : (o) * (alpha) + (sums) * (beta))
 
 // value_run: a row's weighted values of positions t .. end - 1 (a multiple of ATT_CHAINS of them; values at vd, the
 // head dimensions d0 .. d0 + HD_VEC - 1 of its key/value head) added to its sums o, ATT_CHAINS chains over the
@@ -249,11 +287,13 @@ inline void value_run(int t, const int end, __global const kv_t *vd, __global co
     }
 }
 
-// value_end: a row's values after its last whole run of ATT_CHAINS positions (whole) up to pos, into the first
-// chain, then the chains' sums over the softmax's sums, stored at out (its GQA heads' dimensions d0 ..)
-inline void value_end(const int whole, const int pos, __global const kv_t *vd, const int kv_dim, const int head_dim,
-                      const int seq_p, __global const float *a, floatH *o, const float *sum, __global float *out) {
-    for (int t = whole; t <= pos; t++) {
+// value_end: a row's values after its last whole run of ATT_CHAINS positions in the span (whole) up to last, into the
+// first chain, then the chains' sums, folded as span s into dst (its GQA heads' dimensions d0 .., heads dst_stride
+// apart)
+inline void value_end(const int whole, const int last, __global const kv_t *vd, const int kv_dim, const int seq_p,
+                      __global const float *a, floatH *o, const int s, const float *alpha, const float *beta,
+                      __global float *dst, const int dst_stride) {
+    for (int t = whole; t <= last; t++) {
         const floatH v = KV_LOAD_H(vd + (size_t)t * kv_dim);
 #pragma unroll
         for (int g = 0; g < GQA; g++) o[ATT_CHAINS * g] += a[(size_t)g * seq_p + t] * v;
@@ -265,8 +305,18 @@ inline void value_end(const int whole, const int pos, __global const kv_t *vd, c
 #else
         const floatH og = o[2 * g] + o[2 * g + 1];
 #endif
-        *(__global floatH *)(out + (size_t)g * head_dim) = og / sum[g];
+        __global floatH *d = (__global floatH *)(dst + (size_t)g * dst_stride);
+        *d = FOLD(s, *d, og, alpha[g], beta[g]);
     }
+}
+
+// normalize: a row's folded sums of weighted values (its GQA heads' at out) over the softmax's sums L
+inline void normalize(__global float *out, const int head_dim, const float *L) {
+    for (int g = 0; g < GQA; g++)
+        for (int d0 = 0; d0 < head_dim; d0 += HD_VEC) {
+            __global floatH *o = (__global floatH *)(out + (size_t)g * head_dim + d0);
+            *o = *o / L[g];
+        }
 }
 
 #if defined(KEY_BLOCK) && defined(__SSE2__)
@@ -287,47 +337,102 @@ inline void value_end(const int whole, const int pos, __global const kv_t *vd, c
 #define FETCH_BLOCK(kt, vh, t0, kv_dim, head_dim) do {} while (0)
 #endif
 
-// Attention for the GQA query heads j * GQA .. j * GQA + GQA - 1 of row n, those that read key/value head j, by one
-// work-item (work-groups of one, CPUs: attention.cl's kernel and matrix.cl's qkv_attention): each key and value
-// vector loaded serves all GQA heads, where attend, a head at a time, loads them GQA times (SmolLM2 after 512
-// tokens: a decode step 5.35 -> 5.05 ms). Each head's sums run in ATT_CHAINS independent chains (an FMA waits
-// on the one before in its chain), over the head dimensions for the scores, over the positions for the values;
-// one head gets 4 chains, several share the latency with 2 each. Both kernels take this one function, so a row's
-// attention is the same float operations whichever kernel runs it: a sequence alone (decode's fused launch) and
-// beside others (a batch's attention launch) get the same bits.
-inline void attend_heads(const int j, const int n, __global const float *query, __global const kv_t *k_cache,
-                         __global const kv_t *v_cache, __global float *att, __global float *out,
-                         __global const int *state, const int n_heads, const int n_kv_heads, const int head_dim,
-                         const int seq_p, const int q_stride, const int out_stride, const int cache_offset,
-                         const int slot_stride) {
+// The arguments every attention body takes, in this order
+#define ATT_PARAMS __global const float *query, __global const kv_t *k_cache, __global const kv_t *v_cache, \
+    __global float *att, __global float *out, __global const int *state, const int n_heads, const int n_kv_heads, \
+    const int head_dim, const int seq_p, const int q_stride, const int out_stride, const int cache_offset, \
+    const int slot_stride
+#define ATT_VALUES query, k_cache, v_cache, att, out, state, n_heads, n_kv_heads, head_dim, seq_p, q_stride, \
+    out_stride, cache_offset, slot_stride
+
+// span_sums: span s of row n for the GQA query heads of key/value head j: its scores, its softmax (m and l, each
+// head's), and its weighted values folded as span `fold` into dst (the heads' dimensions, heads dst_stride apart) with
+// the row's running (M, L)
+inline void span_sums(const int j, const int n, const int s, const int fold, __global float *dst, const int dst_stride,
+                      float *M, float *L, float *m, float *l, ATT_PARAMS) {
     const int pos = ROW_POS(state, n, slot_stride), kv_dim = n_kv_heads * head_dim;
-    if (pos < 0) return;    // a padding row
     const size_t layer = ROW_CACHE(state, n, slot_stride, cache_offset);
     __global const float *q = query + (size_t)n * q_stride + j * GQA * head_dim;    // the heads' q, side by side
     __global const kv_t *vh = VALUE_AT(v_cache, layer, kv_dim, j * head_dim, 0);
     __global float *a = att + ((size_t)n * n_heads + j * GQA) * seq_p;              // the heads' score rows
     const size_t ks = KEY_STRIDE(seq_p);
     const float scale = rsqrt((float)head_dim);
+    const int from = s * ATT_SPAN, last = min(pos, from + ATT_SPAN - 1);
 
     floatP mv[GQA];     // running maxima as vectors, reduced once at the end (as attend's)
 #pragma unroll
     for (int g = 0; g < GQA; g++) mv[g] = -INFINITY;
-    for (int t0 = 0; t0 <= pos; t0 += ATTENTION_POSITIONS) {
+    for (int t0 = from; t0 <= last; t0 += ATTENTION_POSITIONS) {
         __global const kv_t *kt = KEY_AT(k_cache, layer, kv_dim, seq_p, j * head_dim, t0);
         FETCH_BLOCK(kt, vh, t0, kv_dim, head_dim);
         score_run(t0, pos, kt, ks, head_dim, seq_p, scale, q, a, mv);
     }
-    float sum[GQA];
-    softmax_row(pos, seq_p, a, mv, sum);
-    const int whole = (pos + 1) / ATT_CHAINS * ATT_CHAINS;   // the positions in whole runs of ATT_CHAINS
+    softmax_span(from, last, seq_p, a, mv, m, l);
+    float alpha[GQA], beta[GQA];
+    fold_span(fold, m, l, M, L, alpha, beta);
+    const int whole = min(from + ATT_SPAN, (pos + 1) / ATT_CHAINS * ATT_CHAINS);  // the span's whole runs' end
     for (int d0 = 0; d0 < head_dim; d0 += HD_VEC) {
         floatH o[ATT_CHAINS * GQA];
 #pragma unroll
         for (int i = 0; i < ATT_CHAINS * GQA; i++) o[i] = 0.0f;
-        value_run(0, whole, vh + d0, vh, kv_dim, head_dim, seq_p, a, o, d0 == 0);
-        value_end(whole, pos, vh + d0, kv_dim, head_dim, seq_p, a, o, sum,
-                  out + (size_t)n * out_stride + j * GQA * head_dim + d0);
+        value_run(from, whole, vh + d0, vh, kv_dim, head_dim, seq_p, a, o, d0 == 0);
+        value_end(whole, last, vh + d0, kv_dim, seq_p, a, o, fold, alpha, beta, dst + d0, dst_stride);
     }
+}
+
+// Attention for the GQA query heads j * GQA .. j * GQA + GQA - 1 of row n, those that read key/value head j, by one
+// work-item (work-groups of one, CPUs: attention.cl's kernel, matrix.cl's qkv_attention and layer launch), its spans
+// in turn: each key and value vector loaded serves all GQA heads, where attend, a head at a time, loads them GQA times
+// (SmolLM2 after 512 tokens: a decode step 5.35 -> 5.05 ms). Each head's sums run in ATT_CHAINS independent chains (an
+// FMA waits on the one before in its chain), over the head dimensions for the scores, over the positions for the
+// values; one head gets 4 chains, several share the latency with 2 each. Every kernel takes these functions, so a
+// row's attention is the same float operations whichever kernel runs it: a sequence alone (decode's fused launch)
+// and beside others (a batch's attention launch) get the same bits.
+inline void attend_heads(const int j, const int n, ATT_PARAMS) {
+    const int pos = ROW_POS(state, n, slot_stride);
+    if (pos < 0) return;    // a padding row
+    __global float *o = out + (size_t)n * out_stride + j * GQA * head_dim;
+    float M[GQA], L[GQA], m[GQA], l[GQA];
+    for (int s = 0; s < ROW_SPANS(pos); s++) span_sums(j, n, s, s, o, head_dim, M, L, m, l, ATT_VALUES);
+    normalize(o, head_dim, L);
+}
+
+// A row's spans apart (the layer launch's tasks, a span each, then one to fold them): span s's sums, m and l in its
+// part of `parts`, [rows][n_heads][spans][head_dim + HD_VEC] floats (a head's sums of weighted values, then m and l;
+// spans: seq_p's), which fold_spans folds as attend_heads does, to the same bits
+#define PART_SPANS(seq_p) (((seq_p) + ATT_SPAN - 1) / ATT_SPAN)
+#define SPAN_PART(parts, n, h, s) \
+    ((parts) + (((size_t)(n) * n_heads + (h)) * PART_SPANS(seq_p) + (s)) * (head_dim + HD_VEC))
+inline void attend_span(const int j, const int n, const int s, __global float *parts, ATT_PARAMS) {
+    __global float *p = SPAN_PART(parts, n, j * GQA, s);
+    const int stride = PART_SPANS(seq_p) * (head_dim + HD_VEC);      // to the next head's part
+    float M[GQA], L[GQA], m[GQA], l[GQA];
+    span_sums(j, n, s, 0, p, stride, M, L, m, l, ATT_VALUES);
+    for (int g = 0; g < GQA; g++) {
+        p[(size_t)g * stride + head_dim] = m[g];
+        p[(size_t)g * stride + head_dim + 1] = l[g];
+    }
+}
+
+inline void fold_spans(const int j, const int n, __global const float *parts, ATT_PARAMS) {
+    const int pos = ROW_POS(state, n, slot_stride), stride = PART_SPANS(seq_p) * (head_dim + HD_VEC);
+    __global float *o = out + (size_t)n * out_stride + j * GQA * head_dim;
+    float M[GQA], L[GQA], alpha[GQA], beta[GQA];
+    for (int s = 0; s < ROW_SPANS(pos); s++) {
+        __global const float *p = SPAN_PART(parts, n, j * GQA, s);
+        float m[GQA], l[GQA];
+        for (int g = 0; g < GQA; g++) {
+            m[g] = p[(size_t)g * stride + head_dim];
+            l[g] = p[(size_t)g * stride + head_dim + 1];
+        }
+        fold_span(s, m, l, M, L, alpha, beta);
+        for (int g = 0; g < GQA; g++)
+            for (int d0 = 0; d0 < head_dim; d0 += HD_VEC) {
+                __global floatH *d = (__global floatH *)(o + (size_t)g * head_dim + d0);
+                *d = FOLD(s, *d, *(__global const floatH *)(p + (size_t)g * stride + d0), alpha[g], beta[g]);
+            }
+    }
+    normalize(o, head_dim, L);
 }
 
 // Attention for rows n0 .. n0 + rows - 1 (rows <= ATT_ROWS) and key/value head j: what attend_heads computes for
@@ -336,64 +441,76 @@ inline void attend_heads(const int j, const int n, __global const float *query, 
 // L3. A prompt's rows share their slot's cache, so a block reads it once, not once a row: a cache of 7,000
 // positions is 0.9 MB of keys and 0.9 MB of values a key/value head (SmolLM2). Rows of other slots (a server's
 // batch) are served the same way, each from its own cache. The keys' vectors run ATTENTION_POSITIONS positions at
-// a time; the values VALUE_RUN (a multiple of ATT_CHAINS) at a time, each row's sums kept in `o` between runs.
+// a time; the values VALUE_RUN (a multiple of ATT_CHAINS) at a time, each row's sums kept in `o` between runs; the
+// spans in turn, each row's folded as attend_heads folds them.
 #if !defined(ATT_ROWS)
 #define ATT_ROWS 8
 #endif
 #define VALUE_RUN 64
-inline void attend_rows(const int j, const int n0, const int rows, __global const float *query,
-                        __global const kv_t *k_cache, __global const kv_t *v_cache, __global float *att,
-                        __global float *out, __global const int *state, const int n_heads, const int n_kv_heads,
-                        const int head_dim, const int seq_p, const int q_stride, const int out_stride,
-                        const int cache_offset, const int slot_stride) {
+inline void attend_rows(const int j, const int n0, const int rows, ATT_PARAMS) {
     const int kv_dim = n_kv_heads * head_dim;
     const size_t ks = KEY_STRIDE(seq_p), a_row = (size_t)n_heads * seq_p;
     const float scale = rsqrt((float)head_dim);
     __global const float *q = query + (size_t)n0 * q_stride + j * GQA * head_dim;     // row r's: + r * q_stride
     __global float *a = att + ((size_t)n0 * n_heads + j * GQA) * seq_p;                // row r's: + r * a_row
-    int pos[ATT_ROWS], whole[ATT_ROWS];      // each row's position, and where its whole runs of ATT_CHAINS end
+    __global float *o_rows = out + (size_t)n0 * out_stride + j * GQA * head_dim;       // row r's: + r * out_stride
+    int pos[ATT_ROWS];          // each row's position
     size_t layer[ATT_ROWS];
     int last = -1, far = 0;     // the rows' furthest position (padding rows: -1), and a row there
     for (int r = 0; r < rows; r++) {
         pos[r] = ROW_POS(state, n0 + r, slot_stride);
-        whole[r] = (pos[r] + 1) / ATT_CHAINS * ATT_CHAINS;
         layer[r] = ROW_CACHE(state, n0 + r, slot_stride, cache_offset);
         if (pos[r] > last) last = pos[r], far = r;
     }
-    floatP mv[ATT_ROWS * GQA];
-    for (int i = 0; i < rows * GQA; i++) mv[i] = -INFINITY;
-    for (int t0 = 0; t0 <= last; t0 += ATTENTION_POSITIONS) {
-        FETCH_BLOCK(KEY_AT(k_cache, layer[far], kv_dim, seq_p, j * head_dim, t0),   // the furthest row's cache: a
-                    VALUE_AT(v_cache, layer[far], kv_dim, j * head_dim, 0), t0, kv_dim, head_dim);  // prompt's share it
+    float M[ATT_ROWS * GQA], L[ATT_ROWS * GQA];     // each row's running largest scores and sums (fold_span)
+    for (int s = 0; s * ATT_SPAN <= last; s++) {
+        const int from = s * ATT_SPAN, to = min(last, from + ATT_SPAN - 1);
+        int end[ATT_ROWS], whole[ATT_ROWS];     // each row's last position in the span, and its whole runs' end
+        for (int r = 0; r < rows; r++) {
+            end[r] = min(pos[r], to);
+            whole[r] = min(from + ATT_SPAN, (pos[r] + 1) / ATT_CHAINS * ATT_CHAINS);
+        }
+        floatP mv[ATT_ROWS * GQA];
+        for (int i = 0; i < rows * GQA; i++) mv[i] = -INFINITY;
+        for (int t0 = from; t0 <= to; t0 += ATTENTION_POSITIONS) {
+            FETCH_BLOCK(KEY_AT(k_cache, layer[far], kv_dim, seq_p, j * head_dim, t0),   // the furthest row's cache: a
+                        VALUE_AT(v_cache, layer[far], kv_dim, j * head_dim, 0), t0, kv_dim, head_dim);  // prompt's share it
+            for (int r = 0; r < rows; r++)
+                if (t0 <= pos[r])
+                    score_run(t0, pos[r], KEY_AT(k_cache, layer[r], kv_dim, seq_p, j * head_dim, t0), ks, head_dim,
+                              seq_p, scale, q + (size_t)r * q_stride, a + r * a_row, mv + r * GQA);
+        }
+        float alpha[ATT_ROWS * GQA], beta[ATT_ROWS * GQA];
         for (int r = 0; r < rows; r++)
-            if (t0 <= pos[r])
-                score_run(t0, pos[r], KEY_AT(k_cache, layer[r], kv_dim, seq_p, j * head_dim, t0), ks, head_dim, seq_p,
-                          scale, q + (size_t)r * q_stride, a + r * a_row, mv + r * GQA);
-    }
-    float sum[ATT_ROWS * GQA];
-    for (int r = 0; r < rows; r++)
-        if (pos[r] >= 0) softmax_row(pos[r], seq_p, a + r * a_row, mv + r * GQA, sum + r * GQA);
-    for (int d0 = 0; d0 < head_dim; d0 += HD_VEC) {
-        floatH o[ATT_ROWS * ATT_CHAINS * GQA];
-        for (int i = 0; i < rows * ATT_CHAINS * GQA; i++) o[i] = 0.0f;
-        for (int t1 = 0; t1 <= last; t1 += VALUE_RUN)
-            for (int r = 0; r < rows; r++) {
-                if (t1 >= whole[r]) continue;
-                __global const kv_t *vh = VALUE_AT(v_cache, layer[r], kv_dim, j * head_dim, 0);
-                floatH run[ATT_CHAINS * GQA];       // the row's sums, in registers for the run
-#pragma unroll
-                for (int i = 0; i < ATT_CHAINS * GQA; i++) run[i] = o[r * ATT_CHAINS * GQA + i];
-                value_run(t1, min(t1 + VALUE_RUN, whole[r]), vh + d0, vh, kv_dim, head_dim, seq_p, a + r * a_row, run,
-                          0);
-#pragma unroll
-                for (int i = 0; i < ATT_CHAINS * GQA; i++) o[r * ATT_CHAINS * GQA + i] = run[i];
+            if (pos[r] >= from) {
+                float m[GQA], l[GQA];
+                softmax_span(from, end[r], seq_p, a + r * a_row, mv + r * GQA, m, l);
+                fold_span(s, m, l, M + r * GQA, L + r * GQA, alpha + r * GQA, beta + r * GQA);
             }
-        for (int r = 0; r < rows; r++)
-            if (pos[r] >= 0)
-                value_end(whole[r], pos[r], VALUE_AT(v_cache, layer[r], kv_dim, j * head_dim + d0, 0), kv_dim, head_dim,
-                          seq_p, a + r * a_row, o + r * ATT_CHAINS * GQA, sum + r * GQA,
-                          out + (size_t)(n0 + r) * out_stride + j * GQA * head_dim + d0);
+        for (int d0 = 0; d0 < head_dim; d0 += HD_VEC) {
+            floatH o[ATT_ROWS * ATT_CHAINS * GQA];
+            for (int i = 0; i < rows * ATT_CHAINS * GQA; i++) o[i] = 0.0f;
+            for (int t1 = from; t1 <= to; t1 += VALUE_RUN)
+                for (int r = 0; r < rows; r++) {
+                    if (t1 >= whole[r]) continue;
+                    __global const kv_t *vh = VALUE_AT(v_cache, layer[r], kv_dim, j * head_dim, 0);
+                    floatH run[ATT_CHAINS * GQA];       // the row's sums, in registers for the run
+#pragma unroll
+                    for (int i = 0; i < ATT_CHAINS * GQA; i++) run[i] = o[r * ATT_CHAINS * GQA + i];
+                    value_run(t1, min(t1 + VALUE_RUN, whole[r]), vh + d0, vh, kv_dim, head_dim, seq_p, a + r * a_row,
+                              run, 0);
+#pragma unroll
+                    for (int i = 0; i < ATT_CHAINS * GQA; i++) o[r * ATT_CHAINS * GQA + i] = run[i];
+                }
+            for (int r = 0; r < rows; r++)
+                if (pos[r] >= from)
+                    value_end(whole[r], end[r], VALUE_AT(v_cache, layer[r], kv_dim, j * head_dim + d0, 0), kv_dim,
+                              seq_p, a + r * a_row, o + r * ATT_CHAINS * GQA, s, alpha + r * GQA, beta + r * GQA,
+                              o_rows + (size_t)r * out_stride + d0, head_dim);
+        }
     }
+    for (int r = 0; r < rows; r++)
+        if (pos[r] >= 0) normalize(o_rows + (size_t)r * out_stride, head_dim, L + r * GQA);
 }
 #endif
 #endif

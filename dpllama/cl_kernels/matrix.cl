@@ -863,7 +863,8 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
 // the CPU configs (work-groups of one work-item) build this.
 // counters: per layer of the launch and phase, the tasks claimed and the tasks done, on cache lines of their own,
 // then the work-groups out; zeros between launches (the last work-group out leaves them so)
-#define LAYER_PHASES 5
+#define LAYER_PHASES 6
+#define FOLD_PHASE 5        // attention's spans folded (layer_phases), after its own tasks
 #define CLAIMED(c, p) ((c) + 32 * (p))      // attention's: one a work-group, CLAIMED(c, 1) + g (see layer_phases)
 #define DONE(c, p) ((c) + 32 * (p) + 16)
 #define LAYER_COUNTERS (32 * LAYER_PHASES)
@@ -873,6 +874,9 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
 #else
 #define SPIN_PAUSE()
 #endif
+// attention.h's ATT_VALUES in a layer launch: q and attention's output rows q_p apart
+#define LAYER_ATT_VALUES query, k_cache, v_cache, att, att_out, state, n_heads, n_kv_heads, head_dim, seq_p, q_p, q_p, \
+    cache_offset, slot_stride
 #define QKV_VALUES bias, k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p, cache_offset, slot_stride
 #define SCRATCH_VALUES scratch, scratch_ss, row
 #define STORE_ADD 0
@@ -972,7 +976,8 @@ inline void matrix_phase(WEIGHT_ARGS, const int p, const int shares, __global vo
 
 // One layer's phases: its matrices wq_.. [Wq; Wk; Wv] (q_dim + 2 kv_dim rows), wo_.. Wo (dim rows, q_dim columns),
 // wf_.. [W1; W3] in blocks (2 hidden rows), wd_.. W2 (dim rows, hidden columns); cp_*: their padded columns.
-// Activations: x [T][dim_p], query and att_out [T][q_p], h [T][hidden_p], att attention's scratch; the KV cache and
+// Activations: x [T][dim_p], query and att_out [T][q_p], h [T][hidden_p], att attention's scratch and att_parts the
+// sums of the spans it splits (attention.h's attend_span; passes of up to KV_AHEAD_ROWS rows); the KV cache and
 // the rows' positions as for gemv_norm_rope_kv and attention. `next`: the next layer's offset in the KV cache, whose
 // keys and values [W1; W3] fetches ahead, or -1. Where they are fetched (KV_AHEAD), work-group g takes the attention
 // of rows g, g + G, g + 2G, ... (G work-groups), whose keys and values it fetched, before the others' left.
@@ -981,28 +986,52 @@ inline void layer_phases(__global const void *wq_, __global const void *sq_, __g
                          __global const void *wf_, __global const void *sf_, __global const void *mf_,
                          __global const void *wd_, __global const void *sd_, __global const void *md_,
                          __global float *x, __global const float *attn_norm, __global const float *ffn_norm,
-                         __global float *query, __global float *att, __global float *att_out, __global float *h,
-                         const int T, const int dim, const int hidden, const int dim_p, const int q_p,
-                         const int hidden_p, const int cp_qkv, const int cp_o, const int cp_f, const int cp_d,
+                         __global float *query, __global float *att, __global float *att_parts,
+                         __global float *att_out, __global float *h, const int T, const int dim, const int hidden,
+                         const int dim_p, const int q_p, const int hidden_p, const int cp_qkv, const int cp_o, const int cp_f, const int cp_d,
                          const float eps, QKV_ARGS, const int n_heads, const int shares, const int phases,
                          __global volatile int *c, const long next, GEMV_SCRATCH) {
     const int n_kv_heads = kv_dim / head_dim, G = KV_AHEAD(T) ? QUEUES : 1;
     matrix_phase(wq_, sq_, mq_, 0, shares, c, x, dim_p, attn_norm, 1, query, q_p, q_dim + 2 * kv_dim, dim, cp_qkv, T,
                  eps, STORE_QKV, QKV_VALUES, -1, SCRATCH_VALUES);
     if (KV_AHEAD(T) || T == 1) {
-        for (int i = 0; i < G; i++) {   // queue g: rows g, g + G, ...; this work-group's first (one queue: all rows)
-            const int g = (get_group_id(0) + i) % G, tasks = n_kv_heads * ((T - g + G - 1) / G);
-            for (int task; (task = atomic_inc(CLAIMED(c, 1) + g)) < tasks; atomic_inc(DONE(c, 1)))
-                attend_heads(task % n_kv_heads, g + G * (task / n_kv_heads), query, k_cache, v_cache, att, att_out,
-                             state, n_heads, n_kv_heads, head_dim, seq_p, q_p, q_p, cache_offset, slot_stride);
+        // a task per key/value head and row, or per span of a row of several (attention.h's attend_span: the cores
+        // share a long row's heads), whose spans are then folded (fold_spans: phase FOLD_PHASE); queue g takes rows
+        // g, g + G, ..., the tasks of a row in a run
+        int tasks = 0, split = 0;
+        for (int n = 0; n < T; n++) {
+            const int spans = ROW_SPANS(ROW_POS(state, n, slot_stride));
+            tasks += n_kv_heads * spans;
+            split |= spans > 1;
         }
-        phase_end(c, 1, n_kv_heads * T);
+        for (int i = 0; i < G; i++) {   // queue g: rows g, g + G, ...; this work-group's first (one queue: all rows)
+            const int g = (get_group_id(0) + i) % G;
+            int queued = 0;
+            for (int n = g; n < T; n += G) queued += n_kv_heads * ROW_SPANS(ROW_POS(state, n, slot_stride));
+            for (int task; (task = atomic_inc(CLAIMED(c, 1) + g)) < queued; atomic_inc(DONE(c, 1))) {
+                int n = g, spans;
+                while (task >= n_kv_heads * (spans = ROW_SPANS(ROW_POS(state, n, slot_stride)))) {
+                    task -= n_kv_heads * spans;
+                    n += G;
+                }
+                if (spans == 1)
+                    attend_heads(task % n_kv_heads, n, LAYER_ATT_VALUES);
+                else
+                    attend_span(task % n_kv_heads, n, task / n_kv_heads, att_parts, LAYER_ATT_VALUES);
+            }
+        }
+        phase_end(c, 1, tasks);
+        if (split) {
+            for (int task; (task = atomic_inc(CLAIMED(c, FOLD_PHASE))) < n_kv_heads * T; atomic_inc(DONE(c, FOLD_PHASE)))
+                if (ROW_SPANS(ROW_POS(state, task / n_kv_heads, slot_stride)) > 1)
+                    fold_spans(task % n_kv_heads, task / n_kv_heads, att_parts, LAYER_ATT_VALUES);
+            phase_end(c, FOLD_PHASE, n_kv_heads * T);
+        }
     } else {    // blocks of ATT_ROWS rows (attention.h's attend_rows), the last (the furthest positions) first
         const int blocks = (T + ATT_ROWS - 1) / ATT_ROWS, tasks = n_kv_heads * blocks;
         for (int task; (task = atomic_inc(CLAIMED(c, 1))) < tasks; atomic_inc(DONE(c, 1))) {
             const int n0 = (blocks - 1 - task / n_kv_heads) * ATT_ROWS;
-            attend_rows(task % n_kv_heads, n0, min(ATT_ROWS, T - n0), query, k_cache, v_cache, att, att_out, state,
-                        n_heads, n_kv_heads, head_dim, seq_p, q_p, q_p, cache_offset, slot_stride);
+            attend_rows(task % n_kv_heads, n0, min(ATT_ROWS, T - n0), LAYER_ATT_VALUES);
         }
         phase_end(c, 1, tasks);
     }
@@ -1021,8 +1050,8 @@ inline void layer_phases(__global const void *wq_, __global const void *sq_, __g
 // LAYER_PARTS byte offsets a layer), each in turn: layer l's KV cache starts cache_stride values after layer l - 1's.
 // More than one layer only where each runs all five phases.
 __kernel void layers(__global const char *weights, __global const uint *parts, const int first, const int count,
-                     __global float *x, __global float *query, __global float *att, __global float *att_out,
-                     __global float *h, const int T, const int dim, const int hidden, const int dim_p, const int q_p,
+                     __global float *x, __global float *query, __global float *att, __global float *att_parts,
+                     __global float *att_out, __global float *h, const int T, const int dim, const int hidden, const int dim_p, const int q_p,
                      const int hidden_p, const int cp_qkv, const int cp_o, const int cp_f, const int cp_d,
                      const float eps, __global kv_t *k_cache, __global kv_t *v_cache, __global const int *state,
                      __global const float *rope, const int q_dim, const int kv_dim, const int head_dim,
@@ -1034,7 +1063,7 @@ __kernel void layers(__global const char *weights, __global const uint *parts, c
 #define PART(k) (weights + o[k])
         layer_phases(PART(0), PART(1), PART(2), PART(3), PART(4), PART(5), PART(6), PART(7), PART(8), PART(9),
                      PART(10), PART(11), x, (__global const float *)PART(12), (__global const float *)PART(13), query,
-                     att, att_out, h, T, dim, hidden, dim_p, q_p, hidden_p, cp_qkv, cp_o, cp_f, cp_d, eps,
+                     att, att_parts, att_out, h, T, dim, hidden, dim_p, q_p, hidden_p, cp_qkv, cp_o, cp_f, cp_d, eps,
                      (__global const float *)PART(14), k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p,
                      cache_offset + l * cache_stride, slot_stride, n_heads, shares, phases,
                      counters + LAYER_COUNTERS * l, l + 1 < count ? cache_offset + (l + 1) * (long)cache_stride : -1,

@@ -43,7 +43,7 @@ SIGNATURES = {s.name: s for s in (
     Signature("gemv_norm_rope_kv", f"{WEIGHT} x g y {GEMV} eps {QKV} {SCRATCH}"),
     Signature("qkv_attention", f"{WEIGHT} x g y {GEMV} eps {QKV} att att_out n_heads out_stride {SCRATCH} "
                                f"att_scratch"),
-    Signature("layers", "weights parts first count x query att att_out h T dim hidden dim_p q_p hidden_p cp_qkv "
+    Signature("layers", "weights parts first count x query att att_parts att_out h T dim hidden dim_p q_p hidden_p cp_qkv "
                         "cp_o cp_f cp_d eps k_cache v_cache state rope q_dim kv_dim head_dim seq_p cache_offset "
                         f"cache_stride slot_stride n_heads shares phases counters {SCRATCH}"),
     Signature("choose_embed", f"logits tokens state n draw {WEIGHT} x cols cols_p cand best best_i"),
@@ -98,8 +98,8 @@ def qkv_attention(q: Queue, program, t: DeviceTensor, n_kv_heads: int, x, g, y, 
         scratch=Local(4), scratch_ss=Local(4), row=Local(t.row_bytes(1) if t.once[1] else 4), att_scratch=Local(4))
 
 
-def layers(q: Queue, program, weights, parts, first: int, count: int, L, T: int, phases: int, x, query, att, att_out,
-           h, dim_p: int, q_p: int, hidden_p: int, eps, cache: dict, n_heads: int, counters) -> Command:
+def layers(q: Queue, program, weights, parts, first: int, count: int, L, T: int, phases: int, x, query, att,
+           att_parts, att_out, h, dim_p: int, q_p: int, hidden_p: int, eps, cache: dict, n_heads: int, counters) -> Command:
     """Layers first .. first + count - 1 of a pass over T rows in one launch, the first `phases` phases of each
     (matrix.cl's layers, a work-group per compute unit, at most one per CPU this process may run on: the device is
     this host's CPU, and work-groups that share a CPU would wait out each other's time slices at every phase's end):
@@ -115,7 +115,7 @@ def layers(q: Queue, program, weights, parts, first: int, count: int, L, T: int,
     shares = min(-(-4 * units // groups), min(-(-t.rows // L.wqkv.geometry.tile_rows) for t in used))
     return SIGNATURES["layers"].bind(
         q, program, (units, 1), (1, 1), weights=weights.read(), parts=parts.read(), x=x, query=query, att=att,
-        att_out=att_out, h=h,
+        att_parts=att_parts, att_out=att_out, h=h,
         **ints(first=first, count=count, T=T, dim=L.wo.rows, hidden=L.w2.cols, dim_p=dim_p, q_p=q_p,
                hidden_p=hidden_p, cp_qkv=L.wqkv.cols_p, cp_o=L.wo.cols_p, cp_f=L.w13.cols_p, cp_d=L.w2.cols_p,
                n_heads=n_heads, shares=shares, phases=phases),

@@ -43,6 +43,7 @@ class Geometry:
     decode_rows: int = 1        # passes of up to this many rows run decode's kernels (a work-group per row)
     matrix_groups: int = 2      # gemv 1: a matrix launch's work-groups per compute unit (over its groups of input rows)
     key_block: int = 0          # the KV cache's keys in blocks of this many positions (0: one block; attention.h)
+    attention_span: int = 512   # attention 1: a row's positions in spans of this many (attention.h's ATT_SPAN)
     decode_prefetch: int = 128  # columns ahead that decode's matrix kernels prefetch a tile's weights (x86)
     prefill_prefetch: int = 512  # the same in passes of several rows (matrix.cl's PREFETCH_COLS)
 

@@ -50,6 +50,10 @@ from dpllama.model.layout import Arena, DeviceTensor, Geometry, fuse_rows, pow2_
 from dpllama.model.weights import Layer, Tensor, Weights, check_activation_bits, check_kv_cache, rope_angles
 from dpllama.runtime import Buffer, Queue
 
+# matrix.cl's KV_AHEAD_ROWS: the layer launch gives the spans of a long row work-groups of their own in passes of up to
+# this many rows (attention.h's attend_span), their sums kept apart in att_parts
+SPLIT_ROWS = 16
+
 
 def not_finite(pos: int) -> str:
     return (f"the logits at position {pos} are not finite (NaN or infinity): the model's weights or its "
@@ -156,7 +160,8 @@ class Llama:
         self.chunk = pass_rows(geo.prefill_chunk, slots, chunk, self.seq_len)
         kv_defines = cache_defines(kv_cache, geo.key_block)        # attention.h: the cache's value type and layout
         # work-groups of one work-item take the query heads of a key/value head together (attention.h's attend_heads)
-        gqa = (f"GQA={c.n_heads // c.n_kv_heads}",) if geo.attention == 1 else ()
+        # in spans of attention_span positions, which the layer launch may split between work-groups (attention.h)
+        gqa = (f"GQA={c.n_heads // c.n_kv_heads}", f"ATT_SPAN={geo.attention_span}") if geo.attention == 1 else ()
         self.attention_defines = (f"ATTENTION_POSITIONS={geo.attention_positions}", f"HD_VEC={pow2_divisor(c.head_dim)}",
                                   *gqa, *kv_defines)
         dim, q_dim = c.dim, c.n_heads * c.head_dim
@@ -233,8 +238,12 @@ class Llama:
         self.cache = KVCache(q, c.n_layers, c.kv_dim, self.seq_len, geo.attention_positions, slots, kv_cache,
                              geo.key_block)
         self.att = zeros(q, n * c.n_heads * self.cache.seq_p, "att")   # attention scores [chunk, n_heads, seq]
-        # matrix.cl's layers: its phases' task counters, per layer of a launch (zeros between launches)
-        self.layer_counters = zeros(q, 32 * 5 * c.n_layers + 16, "layer_counters", np.int32)
+        # matrix.cl's layers: its phases' task counters, per layer of a launch (zeros between launches), and the sums
+        # of the spans of rows it splits (passes of up to SPLIT_ROWS rows: attention.h's attend_span)
+        self.layer_counters = zeros(q, 32 * 6 * c.n_layers + 16, "layer_counters", np.int32)
+        spans = -(-self.cache.seq_p // geo.attention_span)
+        self.att_parts = zeros(q, min(n, SPLIT_ROWS) * c.n_heads * spans * (c.head_dim + pow2_divisor(c.head_dim))
+                               if self.layer_launch else 1, "att_parts")
         self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta, c.rope_freq_factors),
                               name="rope")  # [seq, hd/2, 2]
         self.sequences = [Sequence(q, self.seq_len, c.vocab_size, slot) for slot in range(slots)]
@@ -396,7 +405,8 @@ class Llama:
                 weights, parts = self.layer_buffers[L.group]
                 cmds.append(kernels.layers(
                     q, q.program("matrix.cl", *defines), weights, parts, L.row, count, L, T, phases,
-                    self.x.read_write(), self.query.read_write(), self.att.read_write(), self.att_out.read_write(),
+                    self.x.read_write(), self.query.read_write(), self.att.read_write(), self.att_parts.read_write(),
+                    self.att_out.read_write(),
                     self.h.read_write(), self.dim_p, self.q_p, self.hidden_p, eps,
                     dict(kv, **kernels.ints(cache_stride=cache.offset(1) - cache.offset(0))), c.n_heads,
                     self.layer_counters.read_write()))

@@ -42,6 +42,7 @@ SCHEMA = {
         "attention": (int, 64),     # threads per head and token in attention
         "attention_positions": (int, 16),  # positions per vector in attention scores (2, 4, 8 or 16)
         "key_block": (int, 0),      # KV cache keys in blocks of this many positions; 0: one block (attention.h)
+        "attention_span": (int, 512),  # work-groups of one work-item: a row's positions in spans of this many (attention.h)
         "decode_tiles": (int, 1),   # row tiles a work-group takes at a time when decoding
         "decode_rows": (int, 1),    # passes of up to this many rows (batches of decode steps) use decode's kernels
         "matrix_groups": (int, 2),  # gemv 1 (CPUs): matrix launches' work-groups per compute unit
@@ -163,6 +164,10 @@ def parse_config(text: str, path: str = "<string>") -> DeviceConfig:
     if block % positions:       # a score vector's positions lie in one block
         raise DpllamaError(f"{path}: key 'work_group.key_block' must be 0 or a multiple of attention_positions "
                            f"({positions}), found {block}")
+    span, step = values["work_group"]["attention_span"], max(positions, 4)
+    if span % step:     # a span's score vectors and its values' runs of 2 or 4 chains end at its end (attention.h)
+        raise DpllamaError(f"{path}: key 'work_group.attention_span' must be a multiple of attention_positions "
+                           f"and of 4 ({step}), found {span}")
     return DeviceConfig(values, path)
 
 
