@@ -98,12 +98,14 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10, help="steps per burst (default 10)")
     p.add_argument("--prompt", type=int, default=0, metavar="N",
                    help="time prefills of an N-token prompt instead of decode steps")
+    p.add_argument("--context", type=int, default=0, metavar="N",
+                   help="the models' context, where longer than the steps need: the same positions in a larger cache")
     args = p.parse_args()
     weights = load_weights(resolve_model(args.model))
     if args.prompt:
         return compare_prompts(args, weights)
     context = 128 + 8 + args.rounds * args.steps + 8
-    sides = [side(weights, k.resolve(), c, args.sequences, context)
+    sides = [side(weights, k.resolve(), c, args.sequences, max(context, args.context))
              for k, c in ((args.kernels_a, args.config_a), (args.kernels_b, args.config_b))]
     ms: list[list[float]] = [[], []]
     for _ in range(args.rounds):

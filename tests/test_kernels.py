@@ -169,9 +169,10 @@ def q(queue):
     return queue
 
 
-def attention_program(q, pos_vec: int = 16, hd_vec: int = 8, gqa: int | None = None, key_block: int = 0):
+def attention_program(q, pos_vec: int = 16, hd_vec: int = 8, gqa: int | None = None, key_block: int = 0,
+                      span: int = 512):
     return q.program("attention.cl", f"ATTENTION_POSITIONS={pos_vec}", f"HD_VEC={hd_vec}",
-                     *([f"GQA={gqa}"] if gqa else []), *cache_defines("f16", key_block))
+                     *([f"GQA={gqa}", f"ATT_SPAN={span}"] if gqa else []), *cache_defines("f16", key_block))
 
 
 def f32(a) -> np.ndarray:
@@ -600,7 +601,9 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, grouped, ke
     h // (n_heads / n_kv_heads). Rows of one sequence (state {pos, n_prompt}): token n at position pos + n (a
     prefill chunk when T > 1), in the one slot. Rows of a batch (state a table of {pos, slot} per row,
     attention.h's ROW_POS): row n at position pos + 3n of slot n % 2, each reading only its own slot; "padded":
-    the batch's last row is padding (position -1, Llama.padded_rows), whose output row is left as it was."""
+    the batch's last row is padding (position -1, Llama.padded_rows), whose output row is left as it was. Grouped
+    builds take the positions in spans of 32 (attention.h), so a row at 100 folds 4: with the CPU configs' key blocks
+    in a work-group per span (attention.cl's split launch, whose counts must end at 0 again), else in turn."""
     rng = np.random.default_rng(pos * 7 + n_heads + local + T)
     seq_p = 112                                   # a multiple of every ATTENTION_POSITIONS, > 100 + 3 * 3
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
@@ -620,13 +623,19 @@ def test_attention(q, n_heads, n_kv_heads, head_dim, pos_vec, local, grouped, ke
     out0 = np.full((T, q_dim), np.nan, np.float32)
     out0[[n for n, (p, _) in enumerate(where) if p < 0]] = 5.0     # a padding row's: to stay as it is
     outb = q.buffer(host=rows_with_gaps(out0, out_stride, sentinel))
-    prog = attention_program(q, pos_vec, pow2_divisor(head_dim), n_heads // n_kv_heads if grouped else None, key_block)
-    q.submit(prog.attention, (n_kv_heads if grouped else n_heads * local, T), (local, 1), q.buffer(host=rows_with_gaps(qkv, qkv_stride, np.nan)).read(),
+    span, hd_vec = 32, pow2_divisor(head_dim)
+    spans = -(-seq_p // span) if grouped and key_block else 1        # work-groups per key/value head and row
+    prog = attention_program(q, pos_vec, hd_vec, n_heads // n_kv_heads if grouped else None, key_block, span)
+    folds = q.buffer(host=np.zeros(T * n_kv_heads, np.int32))
+    q.submit(prog.attention, (n_kv_heads * spans if grouped else n_heads * local, T), (local, 1),
+             q.buffer(host=rows_with_gaps(qkv, qkv_stride, np.nan)).read(),
              q.buffer(host=kcache).read(), q.buffer(host=vcache).read(), q.buffer(T * n_heads * seq_p * 4).read_write(),
              outb.write(), q.buffer(host=state).read(), np.int32(n_heads),
              np.int32(n_kv_heads), np.int32(head_dim), np.int32(seq_p), np.int32(qkv_stride), np.int32(out_stride),
-             np.int32(offset), np.int32(slot_stride), Local(local * 4))
+             np.int32(offset), np.int32(slot_stride), Local(local * 4),
+             q.buffer(T * n_heads * -(-seq_p // span) * (head_dim + hd_vec) * 4).read_write(), folds.read_write())
     out = outb.get().reshape(T, out_stride)
+    assert (folds.get() == 0).all(), "the split launch left its counts of spans done"
     assert (out[:, q_dim:] == sentinel).all(), "attention wrote between the rows of out"
 
     group = n_heads // n_kv_heads

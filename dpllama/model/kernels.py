@@ -49,10 +49,15 @@ SIGNATURES = {s.name: s for s in (
     Signature("choose_embed", f"logits tokens state n draw {WEIGHT} x cols cols_p cand best best_i"),
     Signature("choose_rows", "logits n stride draws window W fed chosen cand best best_i"),
     Signature("attention", "query k_cache v_cache att out state n_heads n_kv_heads head_dim seq_p q_stride "
-                           "out_stride cache_offset slot_stride scratch"),
+                           "out_stride cache_offset slot_stride scratch parts folds"),
     Signature("gather_rows", "x rows first count n"),
     Signature("advance", "state n"),
 )}
+
+
+# the rows of the passes whose attention gives a long row's spans work-groups of their own (split_spans; matrix.cl's
+# KV_AHEAD_ROWS, the layer launch's own limit for it)
+SPLIT_ROWS = 16
 
 
 def ints(**values) -> dict:
@@ -123,20 +128,29 @@ def layers(q: Queue, program, weights, parts, first: int, count: int, L, T: int,
         scratch=Local(4), scratch_ss=Local(4), row=Local(max(t.row_bytes(tokens) for t in used)))
 
 
+def split_spans(q: Queue, geo: Geometry, T: int, seq_p: int) -> int:
+    """Work-groups per key/value head and row of attention.cl's kernel: one per span of the cache (attention.h) in
+    passes of up to SPLIT_ROWS rows on a CPU (work-groups of one work-item, whose atomics order the spans' sums
+    before their fold), so that a long row's spans share the cores; else 1, a row's spans in turn."""
+    split = geo.attention == 1 and T <= SPLIT_ROWS and q.device.type == "cpu"
+    return -(-seq_p // geo.attention_span) if split else 1
+
+
 def attention(q: Queue, program, geo: Geometry, T: int, query, k_cache, v_cache, att, out, state, n_heads: int,
-              n_kv_heads: int, head_dim: int, seq_p: int, q_stride: int, cache_offset: int,
-              slot_stride: int) -> Command:
+              n_kv_heads: int, head_dim: int, seq_p: int, q_stride: int, cache_offset: int, slot_stride: int, parts,
+              folds) -> Command:
     """Causal attention of T query rows over the cache, a work-group per head and token, or with work-groups of one
-    work-item (geo.attention 1, a program built with GQA) per key/value head and token (rows placed as attention.h's
-    ROW_POS says: a sequence's with slot_stride 0, a batch's by their table)."""
+    work-item (geo.attention 1, a program built with GQA) per key/value head and token, or per key/value head, span
+    and token (split_spans; parts and folds: the spans' sums and counts), rows placed as attention.h's ROW_POS says:
+    a sequence's with slot_stride 0, a batch's by their table."""
     A = geo.attention
-    groups = n_kv_heads if A == 1 else n_heads * A
+    groups = n_kv_heads * split_spans(q, geo, T, seq_p) if A == 1 else n_heads * A
     return SIGNATURES["attention"].bind(
         q, program, (groups, T), (A, 1), query=query, k_cache=k_cache, v_cache=v_cache, att=att, out=out,
         state=state, **ints(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, seq_p=seq_p,
                             q_stride=q_stride, out_stride=q_stride, cache_offset=cache_offset,
                             slot_stride=slot_stride),
-        scratch=Local(A * 4))
+        scratch=Local(A * 4), parts=parts, folds=folds)
 
 
 DRAW_PARAMS = 9     # floats of a row's draw parameters (Llama.draw_params; sampling.cl's DRAW_PARAMS)

@@ -50,10 +50,6 @@ from dpllama.model.layout import Arena, DeviceTensor, Geometry, fuse_rows, pow2_
 from dpllama.model.weights import Layer, Tensor, Weights, check_activation_bits, check_kv_cache, rope_angles
 from dpllama.runtime import Buffer, Queue
 
-# matrix.cl's KV_AHEAD_ROWS: the layer launch gives the spans of a long row work-groups of their own in passes of up to
-# this many rows (attention.h's attend_span), their sums kept apart in att_parts
-SPLIT_ROWS = 16
-
 
 def not_finite(pos: int) -> str:
     return (f"the logits at position {pos} are not finite (NaN or infinity): the model's weights or its "
@@ -238,12 +234,15 @@ class Llama:
         self.cache = KVCache(q, c.n_layers, c.kv_dim, self.seq_len, geo.attention_positions, slots, kv_cache,
                              geo.key_block)
         self.att = zeros(q, n * c.n_heads * self.cache.seq_p, "att")   # attention scores [chunk, n_heads, seq]
-        # matrix.cl's layers: its phases' task counters, per layer of a launch (zeros between launches), and the sums
-        # of the spans of rows it splits (passes of up to SPLIT_ROWS rows: attention.h's attend_span)
+        # matrix.cl's layers: its phases' task counters, per layer of a launch (zeros between launches); the sums of
+        # the spans of the rows that it or attention.cl splits (passes of up to SPLIT_ROWS rows: attend_span), and
+        # attention.cl's counts of a row's spans done (zeros between launches)
         self.layer_counters = zeros(q, 32 * 6 * c.n_layers + 16, "layer_counters", np.int32)
-        spans = -(-self.cache.seq_p // geo.attention_span)
-        self.att_parts = zeros(q, min(n, SPLIT_ROWS) * c.n_heads * spans * (c.head_dim + pow2_divisor(c.head_dim))
-                               if self.layer_launch else 1, "att_parts")
+        rows, spans = min(n, kernels.SPLIT_ROWS), -(-self.cache.seq_p // geo.attention_span)
+        split = geo.attention == 1 and spans > 1
+        self.att_parts = zeros(q, rows * c.n_heads * spans * (c.head_dim + pow2_divisor(c.head_dim)) if split else 1,
+                               "att_parts")
+        self.att_folds = zeros(q, rows * c.n_kv_heads if split else 1, "att_folds", np.int32)
         self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta, c.rope_freq_factors),
                               name="rope")  # [seq, hd/2, 2]
         self.sequences = [Sequence(q, self.seq_len, c.vocab_size, slot) for slot in range(slots)]
@@ -421,7 +420,8 @@ class Llama:
                                  bias=L.qkv_bias.read(), **kv),
                     kernels.attention(q, self.attention_prog, geo, T, self.query.read(), cache.k.read(), cache.v.read(),
                                       self.att.read_write(), self.att_out.write(), state.read(), c.n_heads,
-                                      c.n_kv_heads, c.head_dim, cache.seq_p, self.q_p, offset, slot_stride),
+                                      c.n_kv_heads, c.head_dim, cache.seq_p, self.q_p, offset, slot_stride,
+                                      self.att_parts.read_write(), self.att_folds.read_write()),
                 ]
             cmds += [   # the phases after those the layer's launch ran (after QKV and attention without it)
                 kernels.gemv(q, "gemv_add", L.wo, T, self.att_out.read(), self.x.read_write(), self.q_p, self.dim_p),
