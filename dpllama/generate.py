@@ -88,6 +88,8 @@ class Sampler:
                 raise DpllamaError(f"sampling: {rule}, found {value}")
         if 0 < self.top_p < F32_TINY:   # 0 in float32, the device's "off": the least cut keeps the top token alone
             self.top_p = F32_TINY
+        if np.float32(self.temperature) == 0:   # greedy on the device, where the host divided the logits by its
+            self.temperature = 0.0              # float32 0 (NaN): 1e-300 drew the same token every time
         self.rng = XorShift(self.seed)
 
     @property

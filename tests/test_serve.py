@@ -226,6 +226,12 @@ def test_extreme_and_malformed_bodies_get_answers_not_server_errors(server):
     for path, body, param in refused:
         r = post(path, body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    # a temperature that is 0 in float32 is greedy, as on the device, with log-probabilities (drawn on the host)
+    # too, where it divided the logits by 0 and drew the same nonsense token every time
+    greedy = json.loads(f'{{"model": "{MODEL}", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}}')
+    texts = [post(completions, json.dumps({**greedy, **kw})).json()["choices"][0]["text"]
+             for kw in ({}, {"temperature": 1e-300, "logprobs": 1}, {"temperature": 1e-300})]
+    assert texts[1:] == texts[:1] * 2, texts
     for path, body in served:
         r = post(path, body)
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length"), (body, r.text)
