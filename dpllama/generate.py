@@ -206,6 +206,15 @@ def check_steps(steps: int, name: str = "steps") -> int:
     return steps
 
 
+def check_reach(steps: int, prompt_tokens: int, name: str = "steps") -> None:
+    """`steps` positions (llama2.c's -n: the prompt's count) must reach the prompt's last one, whose logits give the
+    first new token: fewer would end inside the prompt, generating nothing (run.c prints the prompt's start then)."""
+    if steps < prompt_tokens:
+        raise DpllamaError(f"{name} {steps} ends inside the prompt of {prompt_tokens} tokens, so nothing would be "
+                           f"generated: {name} counts the prompt's positions too, as llama2.c's -n does; give at least "
+                           f"{prompt_tokens}")
+
+
 @dataclass
 class Stats:
     """Timings of one generation (time.perf_counter seconds): the prompt runs from `start` until the first

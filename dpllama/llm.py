@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from dpllama.errors import DpllamaError
-from dpllama.generate import Sampler, check_sampler, check_steps, generate, new_tokens, whole
+from dpllama.generate import Sampler, check_reach, check_sampler, check_steps, generate, new_tokens, whole
 from dpllama.hub import resolve_model
 from dpllama.loaders import load_tokenizer, load_weights
 from dpllama.model.kv_cache import position_step
@@ -83,7 +83,8 @@ class LLM:
         ids = list(prompt_ids) if isinstance(prompt_ids, (list, tuple, range, np.ndarray)) else None
         if ids is None or not all(whole(t) for t in ids):
             raise DpllamaError(f"the prompt must be a list of token ids (whole numbers), found {prompt_ids!r:.60}")
-        return TextStream(self, [int(t) for t in ids], check_steps(steps), check_sampler(sampler), echo_prompt)
+        check_reach(min(check_steps(steps), self.model.seq_len), len(ids))
+        return TextStream(self, [int(t) for t in ids], steps, check_sampler(sampler), echo_prompt)
 
     def generate(self, prompt: str, steps: int = 256, temperature: float = 1.0, top_p: float = 0.9,
                  top_k: int = 0, repeat_penalty: float = 1.0, seed: int = 0, echo_prompt: bool = True

@@ -51,6 +51,15 @@ def test_cache_type_f32_matches_llama2c_too(stories, repo_root):
         "argument --cache-type: must be f16 or f32, found 'q8_0'"), r.stderr
 
 
+def test_generate_refuses_steps_that_end_inside_the_prompt(stories, repo_root):
+    """run.c prints the start of such a prompt and stops, which reads as a broken model: one line instead."""
+    _, model, tok = stories
+    r = run("generate", "-m", model, "-z", tok, "-p", "Once upon a time", "-n", 4, "-t", 0, cwd=repo_root)
+    assert r.returncode == 1 and r.stderr == (
+        "dpllama: error: -n 4 ends inside the prompt of 5 tokens, so nothing would be generated: -n counts the "
+        "prompt's positions too, as llama2.c's -n does; give at least 5\n"), r.stderr
+
+
 def test_generate_clamps_steps_to_the_context(stories, repo_root):
     _, model, tok = stories
     r = run("generate", "-m", model, "-z", tok, "-n", 100000, "-t", 0, cwd=repo_root)

@@ -798,7 +798,9 @@ def config_cases():
         bad = list(bad_of[typ])
         if path[0] == "work_group":
             bad += ([0, 65536, 3] if path[1] in ("gemv", "reduce", "attention", "tile_rows") else
-                    [65536, 24] if path[1] == "key_block" else [0, 65536])     # key_block 0: one block
+                    [65536, 24] if path[1] == "key_block" else      # key_block 0: one block
+                    [0, 65536, 24] if path[1] == "attention_span" else
+                    [65536] if path[1] in ("decode_prefetch", "prefill_prefetch") else [0, 65536])   # 0: none
         if path[0] == "match":
             bad += ["a,b"] + (["quantum"] if path[1] == "type" else [])
         for value in rng.sample(bad, 3):

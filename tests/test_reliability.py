@@ -67,10 +67,14 @@ def test_api_generate_rejects_bad_arguments_at_the_call():
     for kwargs, message in [(dict(temperature=-1), "temperature must be >= 0"),
                             (dict(top_p=2), "top-p must be between 0 and 1"),
                             (dict(steps=-5), "steps must be >= 0, found -5"),
-                            (dict(steps="10"), "steps must be a whole number, found '10'")]:
+                            (dict(steps="10"), "steps must be a whole number, found '10'"),
+                            # the prompt is 5 positions with BOS: 4 would end inside it, generating nothing
+                            (dict(steps=4), "steps 4 ends inside the prompt of 5 tokens, so nothing would be "
+                                            "generated")]:
         with pytest.raises(DpllamaError, match=message):
             llm.generate("Once upon a time", **kwargs)          # raised by the call, before any iteration
     assert "".join(llm.generate("Once upon a time", steps=8, temperature=0)).startswith("Once upon a time")
+    assert "".join(llm.generate("Once upon a time", steps=5, temperature=0)) == "Once upon a time,"    # run.c's one
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import sys
 
 from dpllama.commands.options import add_activation_bits, add_device, add_model, add_sampling, load_llm, sampler_from
 from dpllama.errors import DpllamaError
-from dpllama.generate import Stats, check_steps
+from dpllama.generate import Stats, check_reach, check_steps
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     ids = llm.encode(args.prompt, parse_special=args.special)
     if len(ids) > ctx:
         raise DpllamaError(f"the prompt is {len(ids)} tokens, more than the context of {ctx}")
+    check_reach(steps, len(ids), "-n")
     out = sys.stdout
     stream = llm.stream(ids, steps, sampler)
     for piece in stream:
