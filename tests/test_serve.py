@@ -195,21 +195,41 @@ def test_a_body_longer_than_any_prompt_can_use_is_413(server):
 
 def test_extreme_and_malformed_bodies_get_answers_not_server_errors(server):
     """Bodies a fuzzer sends: numbers JSON cannot hold (NaN, Infinity), values past any sensible range, lone
-    surrogates, ids outside the vocabulary. Each gets a 4xx in OpenAI's error shape or a normal completion of at most
-    2 tokens, never a 5xx, and the server stays healthy."""
+    surrogates, ids outside the vocabulary, values of the wrong JSON type. Each gets a 4xx in OpenAI's error shape
+    naming the parameter as sent (messages[0].content, not pydantic's messages.0.content.str) or a normal completion
+    of at most 2 tokens, never a 5xx, and the server stays healthy."""
     chat, completions = "/v1/chat/completions", "/v1/completions"
     hi = '"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2'
-    refused = [(chat, f'{{"model": "{MODEL}", {hi}, "temperature": NaN}}', "temperature"),
+    # the wrong JSON type, which pydantic's lax mode served as something else ("1" as 1, true as 1, 0 as false)
+    refused = [(chat, f'{{"model": "{MODEL}", {hi}, "temperature": true}}', "temperature"),
+               (chat, f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": "1"}}',
+                "max_tokens"),
+               (chat, f'{{"model": "{MODEL}", {hi}, "seed": "7"}}', "seed"),
+               (chat, f'{{"model": "{MODEL}", {hi}, "stream": "false"}}', "stream"),
+               (chat, f'{{"model": "{MODEL}", {hi}, "logprobs": 1}}', "logprobs"),
+               (chat, f'{{"model": "{MODEL}", {hi}, "n": true}}', "n"),
+               (chat, f'{{"model": "{MODEL}", {hi}, "stream": true, "stream_options": {{"include_usage": "yes"}}}}',
+                "stream_options.include_usage"),
+               (chat, f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": 5}}]}}', "messages[0].content"),
+               (chat, f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": ["Hi"]}}]}}',
+                "messages[0].content[0]"),
+               (completions, f'{{"model": "{MODEL}", "prompt": "Once", "logprobs": true}}', "logprobs"),
+               (completions, f'{{"model": "{MODEL}", "prompt": "Once", "echo": 0}}', "echo"),
+               (completions, f'{{"model": "{MODEL}", "prompt": [1, true]}}', "prompt[1]"),
+               (completions, f'{{"model": "{MODEL}", "prompt": 5}}', "prompt"),
+               ("/tokenize", '{"content": "Hi", "add_special": "1"}', "add_special"),
+               ("/detokenize", '{"tokens": [true]}', "tokens[0]"),
+               (chat, f'{{"model": "{MODEL}", {hi}, "temperature": NaN}}', "temperature"),
                (chat, f'{{"model": "{MODEL}", {hi}, "top_p": NaN}}', "top_p"),
                (chat, f'{{"model": "{MODEL}", {hi}, "presence_penalty": -Infinity}}', "presence_penalty"),
                (chat, f'{{"model": "{MODEL}", {hi}, "repeat_penalty": Infinity}}', "repeat_penalty"),
                (chat, f'{{"model": "{MODEL}", {hi}, "max_tokens": 1.5}}', "max_tokens"),
-               (chat, f'{{"model": "{MODEL}", {hi}, "stop": [1]}}', "stop.str"),
+               (chat, f'{{"model": "{MODEL}", {hi}, "stop": [1]}}', "stop[0]"),
                (completions, f'{{"model": "{MODEL}", "prompt": [], "max_tokens": 2}}', "prompt"),
                (completions, f'{{"model": "{MODEL}", "prompt": [-1], "max_tokens": 2}}', "prompt"),
                (completions, f'{{"model": "{MODEL}", "prompt": [512], "max_tokens": 2}}', "prompt"),
                ("/detokenize", '{"tokens": [9223372036854775808]}', "tokens"),
-               ("/detokenize", '{"tokens": [1.5]}', "tokens.0")]
+               ("/detokenize", '{"tokens": [1.5]}', "tokens[0]")]
     served = [(chat, f'{{"model": "{MODEL}", {hi}, "top_k": 1000000000000, "temperature": 0.5}}'),
               (chat, f'{{"model": "{MODEL}", {hi}, "seed": {2 ** 80}, "temperature": 0.5}}'),
               (chat, f'{{"model": "{MODEL}", {hi}, "seed": -5, "temperature": 0.5}}'),
@@ -220,12 +240,31 @@ def test_extreme_and_malformed_bodies_get_answers_not_server_errors(server):
               (chat, f'{{"model": "{MODEL}", {hi}, "stop": ["", ""]}}'),
               (chat, f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "\\ud800"}}], "max_tokens": 2}}'),
               (chat, f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": {10 ** 20}}}'),
-              (completions, f'{{"model": "{MODEL}", "prompt": [1, 2, 3], "max_tokens": 2}}')]
+              (completions, f'{{"model": "{MODEL}", "prompt": [1, 2, 3], "max_tokens": 2}}'),
+              # null is the default, as OpenAI takes it (it was refused where the default is not null)
+              (chat, f'{{"model": "{MODEL}", {hi}, "temperature": null, "top_p": null, "stream": null, "n": null}}'),
+              (completions, f'{{"model": "{MODEL}", "prompt": "Once", "max_tokens": 2, "echo": null, '
+                            f'"stream_options": {{"include_usage": null}}}}'),
+              # a whole number written as JSON may write it
+              (completions, f'{{"model": "{MODEL}", "prompt": [1.0, 2], "max_tokens": 2.0, "seed": 1.0}}')]
     post = lambda path, body: http.post(f"{server.url}{path}", content=body.encode(), timeout=60,
                                         headers={"content-type": "application/json"})
     for path, body, param in refused:
         r = post(path, body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    # what the field should be and what it was; a body that is not an object, or not UTF-8, says so
+    for path, body, message in [
+            (chat, f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": "1"}}',
+             'max_tokens: Input should be a valid integer, found "1"'),
+            (completions, f'{{"model": "{MODEL}", "prompt": "Once", "stop": 5}}',
+             "stop: Input should be a string or a list of strings, found 5"),
+            (completions, "[]", "the body should be a JSON object, found an array of 0"),
+            ("/tokenize", '"Hi"', 'the body should be a JSON object, found "Hi"'),
+            ("/detokenize", '{"tokens": "\u00ff"}', 'tokens: Input should be a valid list, found "\\u00ff"')]:
+        assert post(path, body).json()["error"]["message"] == message, body
+    r = http.post(f"{server.url}{completions}", content=b'{"model": "\xff"}', timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("the body is not valid JSON: 'utf-8' "
+                                                                            "codec can't decode byte 0xff"), r.text
     # a temperature that is 0 in float32 is greedy, as on the device, with log-probabilities (drawn on the host)
     # too, where it divided the logits by 0 and drew the same nonsense token every time
     greedy = json.loads(f'{{"model": "{MODEL}", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}}')
@@ -247,6 +286,13 @@ def test_extreme_and_malformed_bodies_get_answers_not_server_errors(server):
         {"role": role, "content": "Be brief."}, {"role": "user", "content": "Hi"}]})).json() for role in
         ("system", "developer")]
     assert said[0]["choices"][0]["message"] == said[1]["choices"][0]["message"], said
+    # a client gone before its body is whole: 499 in the log (nobody reads it), not a 500 and a traceback
+    for path in (chat, "/tokenize"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as c:
+            c.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{\"model\"".encode())
+        assert server.wait_for(f"dpllama: 127.0.0.1 POST {path} 499 ", 10)
+    assert not [line for line in server.lines if "Traceback" in line or line.startswith("ERROR")], \
+        "\n".join(server.lines)
     assert http.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
 
 

@@ -20,11 +20,11 @@ from functools import partial
 from typing import Callable
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from dpllama.chat import chat_ids, chat_text
 from dpllama.errors import DpllamaError
@@ -33,8 +33,8 @@ from dpllama.llm import LLM
 from dpllama.serve import log
 from dpllama.serve.metrics import Metrics
 from dpllama.serve.engine import Busy, Done, Engine, Failed, Piece, Request, TokenLogprob, Unavailable
-from dpllama.serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, ParameterError, Sampling,
-                                   TokenizeRequest)
+from dpllama.serve.schemas import (Body, ChatRequest, CompletionRequest, DetokenizeRequest, ParameterError,
+                                   Sampling, TokenizeRequest)
 from dpllama.signals import HELD
 
 SHUT_DOWN = "the server shut down before the request was done"
@@ -57,6 +57,34 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(error_body(e.status, e.message, e.param, e.code), e.status)
 
 
+def found(value) -> str:
+    """What a request held where something else belonged, for its error message: a list or an object by its size
+    (its JSON may be megabytes), anything else as JSON cut short. ASCII (json.dumps escapes the rest), so that a
+    lone surrogate sent back cannot fail the response's UTF-8."""
+    if isinstance(value, list):
+        return f"an array of {len(value)}"
+    if isinstance(value, dict):
+        return "an object"
+    text = json.dumps(value[:40] if isinstance(value, str) else value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def validated(kind: type[Body], data) -> Body:
+    """The parsed body `data` as `kind`, or a 400 for its first bad field, named as OpenAI names it in `param`
+    (messages[0].content), with what it should be and what it was."""
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the body should be a JSON object, found {found(data)}")
+    try:
+        return kind.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".") or None
+        message = f"{param or 'the body'}: {first['msg']}"
+        if first["type"] != "missing":      # whose input is the object that misses it
+            message += f", found {found(first['input'])}"
+        raise ApiError(400, message, param) from None
+
+
 def body_limit(llm: LLM) -> int | None:
     """The most bytes a request body can need, None where nothing bounds a text's tokens (Tokenizer.too_long):
     its texts fit the slot's context, ctx tokens of at most most_bytes_per_token bytes of UTF-8, which JSON spells
@@ -67,10 +95,9 @@ def body_limit(llm: LLM) -> int | None:
 
 class IncomingBody:
     """A request body as it arrives. 413 past `limit()` bytes (None: no limit, the model loading), counted as it
-    arrives, whatever Content-Length says: FastAPI holds a body whole and parses it in the event loop, where 32 MB
+    arrives, whatever Content-Length says: a body is held whole and parsed in the event loop, where 32 MB
     held every stream for 0.15 s, and a gigabyte would take a gigabyte. The rest is read and dropped before the
-    answer, so that a client still sending gets it rather than a reset connection. A body is JSON whatever its
-    Content-Type says (`curl -d` sends a form's), as llama-server takes it. 503 once the server begins
+    answer, so that a client still sending gets it rather than a reset connection. 503 once the server begins
     to stop (`closing`) with the body still on its way: the request is not running yet, and uvicorn would wait
     for it until its own deadline, then cancel it, answer 500 and log a traceback."""
 
@@ -95,9 +122,6 @@ class IncomingBody:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if scope["method"] == "POST":   # every body here is JSON, whatever it says it is (curl -d: a form's type)
-            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                     + [(b"content-type", b"application/json")]}
         most, size, whole = self.limit(), 0, False
 
         async def counted():
@@ -190,18 +214,21 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
     async def api_error(request, e: ApiError):
         return error_response(e)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request, e: RequestValidationError):
-        first = e.errors()[0]
-        if first["type"] == "json_invalid":
-            return error_response(ApiError(400, f"the body is not valid JSON: {first['msg']}"))
-        param = ".".join(str(p) for p in first["loc"][1:]) or None
-        return error_response(ApiError(400, f"{param or 'body'}: {first['msg']}", param))
-
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         return error_response(ApiError(e.status_code, str(e.detail), code="request_too_large" if e.status_code == 413
                                        else None))
+
+    async def json_body(http: HttpRequest):
+        """The body parsed as JSON whatever its Content-Type says (`curl -d` sends a form's), as llama-server takes
+        it; parsed here, not by FastAPI, whose errors named neither the field nor the problem ("There was an error
+        parsing the body")."""
+        try:
+            return json.loads(await http.body())
+        except ValueError as e:     # JSONDecodeError, or bytes that are not UTF-8
+            raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        except ClientDisconnect:    # gone before its body was whole (unhandled: a 500 and a traceback in the log);
+            raise ApiError(499, "the client went away before its body was whole") from None     # nobody reads it
 
     def loaded() -> LLM:
         if not engine.ready.is_set():
@@ -227,7 +254,8 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         return {"object": "list", "data": [card]}
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
+    async def tokenize(http: HttpRequest):
+        body = validated(TokenizeRequest, await json_body(http))
         llm = loaded()
         tok = llm.tokenizer
         ids = await prompt_of(llm, lambda: body.content, "content", "the text",
@@ -237,7 +265,8 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         return {"tokens": ids}
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
+    async def detokenize(http: HttpRequest):
+        body = validated(DetokenizeRequest, await json_body(http))
         llm = loaded()
         tok, ctx = llm.tokenizer, llm.model.seq_len
         # no more than a slot's context, which any model's input or output here fits: decoding is Python work,
@@ -249,12 +278,6 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         if bad is not None:
             raise ApiError(400, f"token id {bad} is not in the vocabulary of {tok.vocab_size}", "tokens")
         return {"content": tok.decode(body.tokens)}
-
-    async def json_body(http: HttpRequest):
-        try:
-            return json.loads(await http.body())
-        except ValueError as e:     # JSONDecodeError, or bytes that are not UTF-8
-            raise ApiError(400, f"the body is not valid JSON: {e}") from None
 
     def check(body: Sampling) -> LLM:
         unsupported = body.unsupported()
@@ -327,10 +350,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
             # a template gives each at least a token (90,000 took 1.5 s to render)
             raise ApiError(400, f"{len(messages)} messages, more than the context of {ctx} tokens per slot holds",
                            "messages", "context_length_exceeded")
-        try:
-            body = ChatRequest.model_validate(data)
-        except ValidationError as e:
-            raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+        body = validated(ChatRequest, data)
         llm = check(body)
 
         def text() -> str:
@@ -346,7 +366,8 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         return await run(http, body, llm, prompt, "messages", chat=True)
 
     @app.post("/v1/completions")
-    async def completions(http: HttpRequest, body: CompletionRequest):
+    async def completions(http: HttpRequest):
+        body = validated(CompletionRequest, await json_body(http))
         llm = check(body)
         if isinstance(body.prompt, str):
             prompt = await prompt_of(llm, lambda: body.prompt, "prompt", "the prompt", llm.encode)

@@ -4,12 +4,18 @@ A parameter this server does not implement (tools, n > 1, logit_bias, echo, ...)
 it, never ignored: `unsupported` lists a body's fields that no model here declares. A field sent with a value
 that asks for nothing (null, an empty list or object, OpenAI's default such as `response_format: {"type":
 "text"}`) counts as not sent: clients and frameworks send them with every request.
+
+Values are JSON's own types (pydantic's strict mode): pydantic's default took "1" and true as numbers, 0 as
+false and "yes" as true, so that a parameter sent as the wrong type was served as something else. A whole
+number may be written 2.0 (JSON's numbers have no separate integers).
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, TypeAdapter,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 
 class ParameterError(Exception):
@@ -22,7 +28,7 @@ class ParameterError(Exception):
 
 # the values of fields this server does not implement that ask for what it does anyway (OpenAI's defaults)
 NEUTRAL = {"response_format": {"type": "text"}, "tool_choice": "none", "parallel_tool_calls": True, "best_of": 1,
-           "store": False, "suffix": ""}
+           "store": False, "suffix": "", "n": 1, "echo": False}
 
 
 def asks_nothing(name: str, value) -> bool:
@@ -35,26 +41,62 @@ def extras(model: BaseModel, prefix: str = "") -> list[str]:
     return [prefix + name for name, value in (model.model_extra or {}).items() if not asks_nothing(name, value)]
 
 
-class StreamOptions(BaseModel):
+def integral(value):
+    """A number with no fraction as the int it is: strict mode refuses 2.0 where a whole number goes."""
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+Whole = Annotated[int, BeforeValidator(integral)]
+Real = Annotated[float, AllowInfNan(False)]     # "should be a finite number", not "less than or equal to 2" for NaN
+
+
+def text_or_list(item, expected: str) -> PlainValidator:
+    """A string or a list of `item`, whose errors name the field or the list's item ("stop", "stop[1]"): pydantic's
+    union names each member's failure at a place of its own ("stop.str", "stop.list[str].1"), which no client sent."""
+    items = TypeAdapter(list[item], config=ConfigDict(strict=True))
+
+    def check(value):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            return items.validate_python(value)
+        raise PydanticCustomError("text_or_list_type", f"Input should be {expected}")
+    return PlainValidator(check)
+
+
+class Body(BaseModel):
+    """A JSON object of the API's: null for a field with a default is that default, as OpenAI takes `temperature:
+    null` and the like (clients send them), and a required field's null is its error."""
+    model_config = ConfigDict(strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def nulls_unset(cls, data):
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or (k in fields and fields[k].is_required())}
+
+
+class StreamOptions(Body):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
 
 
-class Sampling(BaseModel):
-    """What chat and completions share."""
+class Sampling(Body):
+    """What chat and completions share (n and echo, whose only value here is OpenAI's default, are NEUTRAL's)."""
     model_config = ConfigDict(extra="allow")
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, ge=0, le=1)
-    top_k: int = Field(0, ge=0)                                 # llama.cpp's and vLLM's extension
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repeat_penalty: float = Field(1.0, gt=0, le=10)             # llama.cpp's
-    repeat_last_n: int = Field(64, ge=-1)                       # llama.cpp's window of the three penalties
-    n: Literal[1] = 1
+    max_tokens: Whole | None = Field(None, ge=1)
+    temperature: Real = Field(1.0, ge=0, le=2)
+    top_p: Real = Field(1.0, ge=0, le=1)
+    top_k: Whole = Field(0, ge=0)                               # llama.cpp's and vLLM's extension
+    stop: Annotated[str | list[str] | None, text_or_list(str, "a string or a list of strings")] = None
+    seed: Whole | None = None
+    presence_penalty: Real = Field(0.0, ge=-2, le=2)
+    frequency_penalty: Real = Field(0.0, ge=-2, le=2)
+    repeat_penalty: Real = Field(1.0, gt=0, le=10)              # llama.cpp's
+    repeat_last_n: Whole = Field(64, ge=-1)                     # llama.cpp's window of the three penalties
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None                                     # an end user's id: no effect on the output
@@ -70,10 +112,10 @@ class Sampling(BaseModel):
         return extras(self) + (extras(self.stream_options, "stream_options.") if self.stream_options else [])
 
 
-class Message(BaseModel):
+class Message(Body):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict]
+    content: Annotated[str | list[dict], text_or_list(dict, "a string or a list of content parts")]
     name: str | None = None
 
     @property
@@ -94,9 +136,9 @@ class Message(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)      # the newer name of max_tokens
+    max_completion_tokens: Whole | None = Field(None, ge=1)    # the newer name of max_tokens
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Whole | None = Field(None, ge=0, le=20)
 
     def unsupported(self) -> list[str]:
         extra = super().unsupported()
@@ -114,10 +156,9 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[int]
-    max_tokens: int | None = Field(16, ge=1)                   # OpenAI's default for completions
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: Literal[False] = False
+    prompt: Annotated[str | list[int], text_or_list(Whole, "a string or a list of token ids")]
+    max_tokens: Whole | None = Field(16, ge=1)                 # OpenAI's default for completions
+    logprobs: Whole | None = Field(None, ge=0, le=5)
 
     def limit(self) -> int | None:
         return self.max_tokens
@@ -126,7 +167,7 @@ class CompletionRequest(Sampling):
         return self.logprobs
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(Body):
     model_config = ConfigDict(extra="forbid")
     content: str
     add_special: bool = False           # BOS where the model wants one
@@ -134,6 +175,6 @@ class TokenizeRequest(BaseModel):
     with_pieces: bool = False
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(Body):
     model_config = ConfigDict(extra="forbid")
-    tokens: list[int]
+    tokens: list[Whole]
