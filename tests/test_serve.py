@@ -64,6 +64,10 @@ def test_health_models_tokenize_detokenize(server):
     assert http.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
     models = server.client().models.list()
     assert [m.id for m in models.data] == [MODEL]
+    assert server.client().models.retrieve(MODEL).id == MODEL     # GET /v1/models/{model}, which was a bare 404
+    with pytest.raises(openai.NotFoundError) as e:
+        server.client().models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
     ids = http.post(f"{server.url}/tokenize", json={"content": "Once upon a time"}, timeout=10).json()["tokens"]
     assert ids and all(isinstance(t, int) for t in ids)
     assert http.post(f"{server.url}/detokenize", json={"tokens": ids}, timeout=10).json()["content"].strip() == \

@@ -245,13 +245,23 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
     async def prometheus():
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models():
+    def card() -> dict:
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "dpllama"}
         if engine.ready.is_set():
             card["meta"] = {"n_ctx_per_slot": engine.llm.model.seq_len, "slots": engine.slots,
                             "n_vocab": engine.llm.model.config.vocab_size}
-        return {"object": "list", "data": [card]}
+        return card
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{name:path}")     # the openai client's models.retrieve; a name may hold a "/"
+    async def model(name: str):
+        if name != model_name:
+            raise ApiError(404, f"the model {name!r} does not exist: this server serves {model_name!r}", "model",
+                           "model_not_found")
+        return card()
 
     @app.post("/tokenize")
     async def tokenize(http: HttpRequest):
