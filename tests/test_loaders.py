@@ -128,6 +128,7 @@ def test_real_q4_k_m_tensors_repack_losslessly():
 
 
 @pytest.mark.parametrize("ggml_type", [T.Q4_K, T.IQ4_XS], ids=lambda t: t.name)
+@pytest.mark.filterwarnings("error")     # the refusal is the one line, no NumPy warning on the way
 def test_k_quant_block_scales_are_checked(ggml_type):
     """A K-quant's (and IQ4_XS's) fp16 d is multiplied into its float32 scales: a NaN or infinity there is a
     one-line error."""
@@ -135,6 +136,7 @@ def test_k_quant_block_scales_are_checked(ggml_type):
     blocks = random_gguf_blocks(RNG, ggml_type, 2, 256)
     blocks[1, 0:2] = np.array([np.inf], np.float16).view(np.uint8)
     blocks[1, 4] = 1                    # the first sub-block's scale sc = 1 (Q4_K), ls - 32 != 0 (IQ4_XS): not NaN
+    blocks[1, 5] = 0                    # Q4_K's second sub-block's scale 0: inf times 0, NaN (after the inf)
     with pytest.raises(DpllamaError, match=r"^f: tensor w has scale -?inf at \[1, 0\]: expected finite values"):
         check_values("f", "w", GGUF_REPACK[ggml_type](blocks, 2, 256))
 

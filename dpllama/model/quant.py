@@ -130,8 +130,10 @@ def _flat(a: np.ndarray) -> np.ndarray:
 
 def _times(d: np.ndarray, sub: np.ndarray) -> np.ndarray:
     """Block scale d [rows, n_blocks] times its sub-block values [rows, n_blocks, k], in float32 as gguf
-    computes it (exact: at most 11 + 8 significant bits) -> [rows, n_blocks * k]."""
-    return _flat(d[:, :, None] * sub.astype(np.float32))
+    computes it (exact: at most 11 + 8 significant bits) -> [rows, n_blocks * k]. A d of inf times a sub-block
+    value of 0 is NaN, quietly: check_values names the tensor, where NumPy's warning would add lines to the error."""
+    with np.errstate(invalid="ignore"):
+        return _flat(d[:, :, None] * sub.astype(np.float32))
 
 
 def _fields(b: np.ndarray, bits: int) -> np.ndarray:
