@@ -998,23 +998,20 @@ inline void layer_phases(__global const void *wq_, __global const void *sq_, __g
         // a task per key/value head and row, or per span of a row of several (attention.h's attend_span: the cores
         // share a long row's heads), whose spans are then folded (fold_spans: phase FOLD_PHASE); queue g takes rows
         // g, g + G, ..., the tasks of a row in a run
-        int tasks = 0, split = 0;
+        int spans[KV_AHEAD_ROWS], tasks = 0, split = 0;    // each row's spans (T <= KV_AHEAD_ROWS here)
         for (int n = 0; n < T; n++) {
-            const int spans = ROW_SPANS(ROW_POS(state, n, slot_stride));
-            tasks += n_kv_heads * spans;
-            split |= spans > 1;
+            spans[n] = ROW_SPANS(ROW_POS(state, n, slot_stride));
+            tasks += n_kv_heads * spans[n];
+            split |= spans[n] > 1;
         }
         for (int i = 0; i < G; i++) {   // queue g: rows g, g + G, ...; this work-group's first (one queue: all rows)
             const int g = (get_group_id(0) + i) % G;
             int queued = 0;
-            for (int n = g; n < T; n += G) queued += n_kv_heads * ROW_SPANS(ROW_POS(state, n, slot_stride));
+            for (int n = g; n < T; n += G) queued += n_kv_heads * spans[n];
             for (int task; (task = atomic_inc(CLAIMED(c, 1) + g)) < queued; atomic_inc(DONE(c, 1))) {
-                int n = g, spans;
-                while (task >= n_kv_heads * (spans = ROW_SPANS(ROW_POS(state, n, slot_stride)))) {
-                    task -= n_kv_heads * spans;
-                    n += G;
-                }
-                if (spans == 1)
+                int n = g;
+                for (; task >= n_kv_heads * spans[n]; n += G) task -= n_kv_heads * spans[n];
+                if (spans[n] == 1)
                     attend_heads(task % n_kv_heads, n, LAYER_ATT_VALUES);
                 else
                     attend_span(task % n_kv_heads, n, task / n_kv_heads, att_parts, LAYER_ATT_VALUES);
@@ -1023,7 +1020,7 @@ inline void layer_phases(__global const void *wq_, __global const void *sq_, __g
         phase_end(c, 1, tasks);
         if (split) {
             for (int task; (task = atomic_inc(CLAIMED(c, FOLD_PHASE))) < n_kv_heads * T; atomic_inc(DONE(c, FOLD_PHASE)))
-                if (ROW_SPANS(ROW_POS(state, task / n_kv_heads, slot_stride)) > 1)
+                if (spans[task / n_kv_heads] > 1)
                     fold_spans(task % n_kv_heads, task / n_kv_heads, att_parts, LAYER_ATT_VALUES);
             phase_end(c, FOLD_PHASE, n_kv_heads * T);
         }
