@@ -192,21 +192,24 @@ inline void score_run(const int t0, const int pos, __global const kv_t *kt, cons
     floatP s[ATT_CHAINS * GQA];
 #pragma unroll
     for (int i = 0; i < ATT_CHAINS * GQA; i++) s[i] = 0.0f;
+    // q and the keys by pointers that step with d: indexed by d, each multiply-add's address took 32-bit
+    // arithmetic and a sign extension, integer work beside every FMA
+    const size_t qh = head_dim;
     int d = 0;
-    for (; d + ATT_CHAINS <= head_dim; d += ATT_CHAINS) {
+    for (; d + ATT_CHAINS <= head_dim; d += ATT_CHAINS, q += ATT_CHAINS, kt += ATT_CHAINS * ks) {
 #pragma unroll
         for (int c = 0; c < ATT_CHAINS; c++) {
-            const floatP k = KV_LOAD_P(kt + (d + c) * ks);
+            const floatP k = KV_LOAD_P(kt + c * ks);
 #pragma unroll
-            for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * head_dim + d + c] * k;
+            for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * qh + c] * k;
         }
     }
-    for (; d < head_dim; d += 2) {       // head_dim is even (RoPE pairs): what 4 chains leave is a pair
+    for (; d < head_dim; d += 2, q += 2, kt += 2 * ks) {     // head_dim is even (RoPE pairs): 4 chains leave a pair
 #pragma unroll
         for (int c = 0; c < 2; c++) {
-            const floatP k = KV_LOAD_P(kt + (d + c) * ks);
+            const floatP k = KV_LOAD_P(kt + c * ks);
 #pragma unroll
-            for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * head_dim + d + c] * k;
+            for (int g = 0; g < GQA; g++) s[ATT_CHAINS * g + c] += q[g * qh + c] * k;
         }
     }
 #pragma unroll
