@@ -223,8 +223,12 @@ def _stories_with_seq_len(path, seq_len: int):
 
 def _cap(c, q) -> int:
     """The context 8 MiB holds: KV cache (fp16 keys and values), 64 tokens' attention scores, RoPE table and tokens
-    (float32, int32)."""
-    per_pos = 2 * 2 * c.n_layers * c.kv_dim + 4 * (q.config.work_group("prefill_chunk") * c.n_heads + c.head_dim + 1)
+    (float32, int32), and with work-groups of one work-item the sums of attention's spans (att_parts: per span, 16
+    rows' heads' head_dim sums padded by HD_VEC, the largest power of two up to 16 dividing head_dim)."""
+    wg = q.config["work_group"]
+    hd_vec = next(v for v in (16, 8, 4, 2, 1) if c.head_dim % v == 0)
+    spans = -(-16 * c.n_heads * (c.head_dim + hd_vec) // wg["attention_span"]) if wg["attention"] == 1 else 0
+    per_pos = 2 * 2 * c.n_layers * c.kv_dim + 4 * (wg["prefill_chunk"] * c.n_heads + c.head_dim + 1 + spans)
     step = q.config.work_group("attention_positions")
     return (8 << 20) // per_pos // step * step
 

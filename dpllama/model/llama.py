@@ -76,11 +76,19 @@ def pass_rows(prefill_chunk: int, slots: int, chunk: int | None, seq_len: int) -
     return max(slots, min(chunk or prefill_chunk, seq_len))
 
 
-def floats_per_position(c, chunk: int, slots: int = 1, kv_cache: str = "f16") -> tuple[int, ...]:
+def span_floats(c, chunk: int) -> int:
+    """Floats of one span's sums for every head of the rows whose spans attention splits (att_parts: a head's sums,
+    then its largest score and sum, padded to HD_VEC; of up to SPLIT_ROWS rows of a pass of `chunk`)."""
+    return min(chunk, kernels.SPLIT_ROWS) * c.n_heads * (c.head_dim + pow2_divisor(c.head_dim))
+
+
+def floats_per_position(c, chunk: int, slots: int = 1, kv_cache: str = "f16", span: int = 0) -> tuple[int, ...]:
     """Floats that each position of the context costs in Llama's buffers that grow with it: the KV cache of
-    every slot, the attention scores of a pass of `chunk` rows (att), the RoPE table (rope) and each slot's
-    tokens."""
-    return (slots * KVCache.floats_per_position(c.n_layers, c.kv_dim, kv_cache), chunk * c.n_heads, c.head_dim, slots)
+    every slot, the attention scores of a pass of `chunk` rows (att), the RoPE table (rope), each slot's
+    tokens and, with attention in spans of `span` positions (work-groups of one work-item; 0: none), the spans'
+    sums (att_parts, rounded up)."""
+    return (slots * KVCache.floats_per_position(c.n_layers, c.kv_dim, kv_cache), chunk * c.n_heads, c.head_dim, slots,
+            -(-span_floats(c, chunk) // span) if span else 0)
 
 
 # the most tokens a draw's penalties look back over on the device (a batch's window buffer holds this many a row)
@@ -238,11 +246,10 @@ class Llama:
         # the spans of the rows that it or attention.cl splits (passes of up to SPLIT_ROWS rows: attend_span), and
         # attention.cl's counts of a row's spans done (zeros between launches)
         self.layer_counters = zeros(q, 32 * 6 * c.n_layers + 16, "layer_counters", np.int32)
-        rows, spans = min(n, kernels.SPLIT_ROWS), -(-self.cache.seq_p // geo.attention_span)
+        spans = -(-self.cache.seq_p // geo.attention_span)
         split = geo.attention == 1 and spans > 1
-        self.att_parts = zeros(q, rows * c.n_heads * spans * (c.head_dim + pow2_divisor(c.head_dim)) if split else 1,
-                               "att_parts")
-        self.att_folds = zeros(q, rows * c.n_kv_heads if split else 1, "att_folds", np.int32)
+        self.att_parts = zeros(q, span_floats(c, n) * spans if split else 1, "att_parts")
+        self.att_folds = zeros(q, min(n, kernels.SPLIT_ROWS) * c.n_kv_heads if split else 1, "att_folds", np.int32)
         self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta, c.rope_freq_factors),
                               name="rope")  # [seq, hd/2, 2]
         self.sequences = [Sequence(q, self.seq_len, c.vocab_size, slot) for slot in range(slots)]
