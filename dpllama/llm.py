@@ -100,8 +100,8 @@ def context_cap(c: ModelConfig, q: Queue, n: int, slots: int = 1, chunk: int | N
                 kv_cache: str = "f16") -> tuple[int, str]:
     """The most tokens of context each of `slots` sequences can have on q's device, sized before anything is
     allocated: Llama's buffers that grow with the context (KV cache, the attention scores of a pass of `chunk` rows,
-    RoPE table, tokens, the sums of attention's spans) together in one maximum allocation, and each under 2^31 elements, as the kernels index them
-    with int; and what n tokens of it need, said for a message."""
+    RoPE table, tokens, the sums of attention's spans) together in one maximum allocation, and each under 2^31
+    elements, as the kernels index them with int; and what n tokens of it need, said for a message."""
     geo = Geometry.of(q.config)
     per_pos = floats_per_position(c, pass_rows(geo.prefill_chunk, slots, chunk, n), slots, kv_cache,
                                   geo.attention_span if geo.attention == 1 else 0)

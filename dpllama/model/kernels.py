@@ -43,8 +43,8 @@ SIGNATURES = {s.name: s for s in (
     Signature("gemv_norm_rope_kv", f"{WEIGHT} x g y {GEMV} eps {QKV} {SCRATCH}"),
     Signature("qkv_attention", f"{WEIGHT} x g y {GEMV} eps {QKV} att att_out n_heads out_stride {SCRATCH} "
                                f"att_scratch"),
-    Signature("layers", "weights parts first count x query att att_parts att_out h T dim hidden dim_p q_p hidden_p cp_qkv "
-                        "cp_o cp_f cp_d eps k_cache v_cache state rope q_dim kv_dim head_dim seq_p cache_offset "
+    Signature("layers", "weights parts first count x query att att_parts att_out h T dim hidden dim_p q_p hidden_p "
+                        "cp_qkv cp_o cp_f cp_d eps k_cache v_cache state rope q_dim kv_dim head_dim seq_p cache_offset "
                         f"cache_stride slot_stride n_heads shares phases counters {SCRATCH}"),
     Signature("choose_embed", f"logits tokens state n draw {WEIGHT} x cols cols_p cand best best_i"),
     Signature("choose_rows", "logits n stride draws window W fed chosen cand best best_i"),
@@ -104,7 +104,8 @@ def qkv_attention(q: Queue, program, t: DeviceTensor, n_kv_heads: int, x, g, y, 
 
 
 def layers(q: Queue, program, weights, parts, first: int, count: int, L, T: int, phases: int, x, query, att,
-           att_parts, att_out, h, dim_p: int, q_p: int, hidden_p: int, eps, cache: dict, n_heads: int, counters) -> Command:
+           att_parts, att_out, h, dim_p: int, q_p: int, hidden_p: int, eps, cache: dict, n_heads: int,
+           counters) -> Command:
     """Layers first .. first + count - 1 of a pass over T rows in one launch, the first `phases` phases of each
     (matrix.cl's layers, a work-group per compute unit, at most one per CPU this process may run on: the device is
     this host's CPU, and work-groups that share a CPU would wait out each other's time slices at every phase's end):
@@ -128,12 +129,17 @@ def layers(q: Queue, program, weights, parts, first: int, count: int, L, T: int,
         scratch=Local(4), scratch_ss=Local(4), row=Local(max(t.row_bytes(tokens) for t in used)))
 
 
+def cache_spans(geo: Geometry, seq_p: int) -> int:
+    """Spans of attention_span positions in a cache of seq_p positions (attention.h's PART_SPANS)."""
+    return -(-seq_p // geo.attention_span)
+
+
 def split_spans(q: Queue, geo: Geometry, T: int, seq_p: int) -> int:
     """Work-groups per key/value head and row of attention.cl's kernel: one per span of the cache (attention.h) in
     passes of up to SPLIT_ROWS rows on a CPU (work-groups of one work-item, whose atomics order the spans' sums
     before their fold), so that a long row's spans share the cores; else 1, a row's spans in turn."""
     split = geo.attention == 1 and T <= SPLIT_ROWS and q.device.type == "cpu"
-    return -(-seq_p // geo.attention_span) if split else 1
+    return cache_spans(geo, seq_p) if split else 1
 
 
 def attention(q: Queue, program, geo: Geometry, T: int, query, k_cache, v_cache, att, out, state, n_heads: int,

@@ -246,7 +246,7 @@ class Llama:
         # the spans of the rows that it or attention.cl splits (passes of up to SPLIT_ROWS rows: attend_span), and
         # attention.cl's counts of a row's spans done (zeros between launches)
         self.layer_counters = zeros(q, 32 * 6 * c.n_layers + 16, "layer_counters", np.int32)
-        spans = -(-self.cache.seq_p // geo.attention_span)
+        spans = kernels.cache_spans(geo, self.cache.seq_p)
         split = geo.attention == 1 and spans > 1
         self.att_parts = zeros(q, span_floats(c, n) * spans if split else 1, "att_parts")
         self.att_folds = zeros(q, min(n, kernels.SPLIT_ROWS) * c.n_kv_heads if split else 1, "att_folds", np.int32)

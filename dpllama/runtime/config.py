@@ -42,7 +42,7 @@ SCHEMA = {
         "attention": (int, 64),     # threads per head and token in attention
         "attention_positions": (int, 16),  # positions per vector in attention scores (2, 4, 8 or 16)
         "key_block": (int, 0),      # KV cache keys in blocks of this many positions; 0: one block (attention.h)
-        "attention_span": (int, 512),  # work-groups of one work-item: a row's positions in spans of this many (attention.h)
+        "attention_span": (int, 512),  # attention 1: a row's positions in spans of this many (attention.h)
         "decode_tiles": (int, 1),   # row tiles a work-group takes at a time when decoding
         "decode_rows": (int, 1),    # passes of up to this many rows (batches of decode steps) use decode's kernels
         "matrix_groups": (int, 2),  # gemv 1 (CPUs): matrix launches' work-groups per compute unit
