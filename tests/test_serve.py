@@ -174,6 +174,28 @@ def test_bad_requests_are_400_naming_the_parameter(server, client):
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_stream_options_without_stream_are_refused(server):
+    """stream_options on a request that does not stream is OpenAI's 400 (it was ignored), for chat and completions,
+    stream false, null or absent; stream_options null is the default, and include_usage null in a stream too."""
+    bodies = {"/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+              "/v1/completions": {"model": MODEL, "prompt": "Once", "max_tokens": 2}}
+    for path, body in bodies.items():
+        for stream in ({}, {"stream": False}, {"stream": None}):
+            r = http.post(f"{server.url}{path}", json={**body, **stream, "stream_options": {"include_usage": True}},
+                          timeout=60)
+            assert r.status_code == 400 and r.json()["error"] == {
+                "message": "stream_options is only allowed when stream is true", "type": "invalid_request_error",
+                "param": "stream_options", "code": None}, (path, stream, r.text)
+        r = http.post(f"{server.url}{path}", json={**body, "stream": False, "stream_options": None}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+        with http.stream("POST", f"{server.url}{path}", json={**body, "stream": True,
+                                                              "stream_options": {"include_usage": None}},
+                         timeout=60) as r:
+            events = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200 and events[-1] == "data: [DONE]", events
+        assert all("usage" not in json.loads(e[6:]) for e in events[:-1]), events
+
+
 def test_a_body_longer_than_any_prompt_can_use_is_413(server):
     """A body is refused past 6 x ctx x the longest token's bytes + 64 KiB (tok512: 6 x 512 x 7 + 65,536), counted
     as it arrives, with a Content-Length or without (chunked), and read to its end so that the client gets the
@@ -248,7 +270,7 @@ def test_extreme_and_malformed_bodies_get_answers_not_server_errors(server):
               # null is the default, as OpenAI takes it (it was refused where the default is not null)
               (chat, f'{{"model": "{MODEL}", {hi}, "temperature": null, "top_p": null, "stream": null, "n": null}}'),
               (completions, f'{{"model": "{MODEL}", "prompt": "Once", "max_tokens": 2, "echo": null, '
-                            f'"stream_options": {{"include_usage": null}}}}'),
+                            f'"stream_options": null}}'),
               # a whole number written as JSON may write it
               (completions, f'{{"model": "{MODEL}", "prompt": [1.0, 2], "max_tokens": 2.0, "seed": 1.0}}')]
     post = lambda path, body: http.post(f"{server.url}{path}", content=body.encode(), timeout=60,

@@ -293,6 +293,8 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         unsupported = body.unsupported()
         if unsupported:
             raise ApiError(400, f"unsupported parameter: {unsupported[0]}", unsupported[0], "unsupported_parameter")
+        if body.stream_options is not None and not body.stream:     # OpenAI's 400: ignored, they hid a client's slip
+            raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
         if body.model != model_name:
             raise ApiError(404, f"the model {body.model!r} does not exist: this server serves {model_name!r}",
                            "model", "model_not_found")
