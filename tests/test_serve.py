@@ -128,6 +128,35 @@ def test_logprobs(client):
     assert "".join(lp.tokens) == done.choices[0].text
 
 
+def test_streamed_chunks_carry_logprobs_as_openai_sends_them(server):
+    """Each kind of chunk's logprobs as OpenAI's streams carry them: chat's role chunk null, or an empty list where
+    they are asked for; a text chunk its tokens'; the chunk with finish_reason null (it had an empty list); the
+    usage chunk no choices. Completions' last chunk, its text "", has empty lists where they are asked for."""
+    def chunks(path: str, **body) -> list[dict]:
+        body = {"model": MODEL, "max_tokens": 6, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}, **body}
+        with http.stream("POST", f"{server.url}{path}", json=body, timeout=60) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]", lines
+        *choices, usage = [json.loads(line[6:]) for line in lines[:-1]]
+        assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 6, usage
+        assert all(c["usage"] is None and len(c["choices"]) == 1 for c in choices), choices
+        return [c["choices"][0] for c in choices]
+    for asked in (False, True):
+        role, *texts, last = chunks("/v1/chat/completions", messages=[{"role": "user", "content": "Hi"}],
+                                    logprobs=asked)
+        assert role["delta"] == {"role": "assistant", "content": ""} and role["finish_reason"] is None
+        assert role["logprobs"] == ({"content": []} if asked else None), role
+        assert last == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}, last
+        assert [len(t["logprobs"]["content"]) if asked else t["logprobs"] for t in texts] == \
+            ([1] * 6 if asked else [None] * 6), texts
+        *texts, last = chunks("/v1/completions", prompt="Once upon a time", **({"logprobs": 1} if asked else {}))
+        empty = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        assert last == {"index": 0, "text": "", "logprobs": empty if asked else None, "finish_reason": "length"}, last
+        assert [len(t["logprobs"]["tokens"]) if asked else t["logprobs"] for t in texts] == \
+            ([1] * 6 if asked else [None] * 6), texts
+
+
 def test_bad_requests_are_400_naming_the_parameter(server, client):
     def refused(**kw):
         with pytest.raises(openai.APIStatusError) as e:

@@ -495,7 +495,10 @@ class Reply:
         if not self.chat:
             return {"index": 0, "text": text or "", "logprobs": self.logprobs(entries), "finish_reason": finish}
         delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-        return {"index": 0, "delta": delta, "logprobs": self.logprobs(entries), "finish_reason": finish}
+        # OpenAI's chunk with the finish_reason has none, even where the others have them (the role chunk an empty
+        # list); completions' has its empty lists
+        return {"index": 0, "delta": delta, "logprobs": None if finish else self.logprobs(entries),
+                "finish_reason": finish}
 
     def chunk(self, choices: list[dict], **extra) -> str:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
