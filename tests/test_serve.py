@@ -72,6 +72,10 @@ def test_health_models_tokenize_detokenize(server):
     assert ids and all(isinstance(t, int) for t in ids)
     assert http.post(f"{server.url}/detokenize", json={"tokens": ids}, timeout=10).json()["content"].strip() == \
         "Once upon a time"
+    # the special tokens /tokenize shows, /detokenize shows too (it dropped them)
+    ids = http.post(f"{server.url}/tokenize", json={"content": "Once", "add_special": True}, timeout=10).json()["tokens"]
+    assert ids[0] == 1 and http.post(f"{server.url}/detokenize", json={"tokens": ids + [2]},
+                                     timeout=10).json()["content"] == "<s>Once</s>"
 
 
 def test_chat_and_completions_streamed_and_not(client):
@@ -588,6 +592,19 @@ def test_eight_concurrent_greedy_streams_match_their_solo_outputs(server, client
         together = list(pool.map(stream, PROMPTS))
     assert together == alone
     assert len(set(alone)) == len(alone)
+
+
+def test_detokenize_gives_special_tokens_text():
+    """/detokenize renders special tokens' text, as llama-server's does, so that /tokenize's ids (its special tokens
+    parsed) come back as the text they came from; it dropped them. A completion's text still leaves them out."""
+    chat = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    with Server("-m", str(smollm2_gguf_path()), "--ctx", "64", "--model-name", "smollm2") as s:
+        tokens = http.post(f"{s.url}/tokenize", json={"content": chat, "with_pieces": True}, timeout=10).json()["tokens"]
+        ids = [t["id"] for t in tokens]
+        assert [t["piece"] for t in tokens if t["id"] == ids[0]] == ["<|im_start|>"] * 3, tokens
+        assert http.post(f"{s.url}/detokenize", json={"tokens": ids}, timeout=10).json() == {"content": chat}
+        done = s.client().completions.create(model="smollm2", prompt=ids, max_tokens=24, temperature=0).choices[0]
+        assert done.finish_reason == "stop" and "<|im_end|>" not in done.text and done.text, done
 
 
 def test_smollm2_oracles_beside_fifteen_others():

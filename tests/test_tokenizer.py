@@ -234,6 +234,7 @@ def test_gpt2_synthetic(tiny_gpt2):
     assert tok.encode("a<tool>b") == tok.encode("a") + [tool] + tok.encode("b")  # user-defined: always
     assert tok.encode(" the", bos=True, eos=True) == [1, the, 2]
     assert tok.decode([im_start, the, im_end]) == " the"  # control tokens print nothing
+    assert tok.decode([im_start, the, im_end], special=True) == "<|im_start|> the<|im_end|>"    # /detokenize's
     assert tok.decode([tool]) == "<tool>"
     assert tok.token_bytes(im_end) == b"<|im_end|>"
     for s in ROUND_TRIP:

@@ -287,7 +287,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         bad = next((t for t in body.tokens if not 0 <= t < tok.vocab_size), None)
         if bad is not None:
             raise ApiError(400, f"token id {bad} is not in the vocabulary of {tok.vocab_size}", "tokens")
-        return {"content": tok.decode(body.tokens)}
+        return {"content": tok.decode(body.tokens, special=True)}    # what /tokenize shows, as llama-server's
 
     def check(body: Sampling) -> LLM:
         unsupported = body.unsupported()

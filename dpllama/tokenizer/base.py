@@ -57,18 +57,26 @@ class Tokenizer:
         """The bytes to print for `token` when it follows `prev` (None: start of text)."""
         raise NotImplementedError
 
-    def decode(self, ids) -> str:
-        """The text of `ids`, each piece decoded after the one before it."""
+    def decode(self, ids, special: bool = False) -> str:
+        """The text of `ids`, each piece decoded after the one before it. Special tokens (BOS, <|im_start|>) give
+        none, or with `special` their text as chat templates spell it (llama-server's /detokenize), which
+        encode(parse_special=True) reads back as the token."""
         ids = list(ids)
         for t in ids:       # a negative id would index from the vocabulary's end: another token's text
             if not (isinstance(t, numbers.Integral) and 0 <= t < self.vocab_size):
                 raise DpllamaError(f"{self.source}: token id {t!r} is not in the vocabulary of {self.vocab_size}")
         out, prev = [], None
         for t in ids:
-            if t not in self.decode_skips:
+            if special and self.unprinted(t):
+                out.append(self.special_text(t).encode())
+            elif t not in self.decode_skips:
                 out.append(self.decode_piece(prev, t))
             prev = t
         return b"".join(out).decode("utf-8", "replace")
+
+    def unprinted(self, token: int) -> bool:
+        """Whether decode() gives no text for `token` (a special token's)."""
+        return token in self.decode_skips
 
     def every_byte_encodes(self) -> bool:
         """Whether a character the vocabulary lacks becomes a token a byte (its byte tokens, or <unk>), an error,

@@ -123,11 +123,12 @@ class GgufTokenizer(Tokenizer):
             return self.normal_bytes(token)
         return text.encode()
 
-    def decode_piece(self, prev: int | None, token: int) -> bytes:
+    def unprinted(self, token: int) -> bool:
         # llama.cpp's token_to_piece(special=false): control/unknown/unused print nothing.
-        if self.types[token] not in (NORMAL, BYTE, USER_DEFINED):
-            return b""
-        return self.token_bytes(token)
+        return self.types[token] not in (NORMAL, BYTE, USER_DEFINED)
+
+    def decode_piece(self, prev: int | None, token: int) -> bytes:
+        return b"" if self.unprinted(token) else self.token_bytes(token)
 
     def special_text(self, token: int | None) -> str:
         return "" if token is None else self.tokens[token]
