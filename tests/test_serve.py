@@ -503,6 +503,25 @@ def test_sigterm_finishes_the_running_stream_then_exits():
         s.stop()
 
 
+def test_sigterm_while_the_model_loads_stops_at_once(tmp_path):
+    """SIGTERM while /health still says 503 stops the server within 2 s, with one line and status 0, where it waited
+    for the whole load. Empty kernel caches, dpllama's and PoCL's, make the load compile (~5 s on 2 cores)."""
+    (tmp_path / "pocl").mkdir()
+    s = Server(*stories_args(), ready="dpllama: listening",
+               env={"DPLLAMA_HOME": str(tmp_path / "home"), "POCL_CACHE_DIR": str(tmp_path / "pocl")})
+    try:
+        assert http.get(f"{s.url}/health", timeout=10).status_code == 503
+        s.proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        assert s.proc.wait(30) == 0
+        assert time.monotonic() - start < 2, "\n".join(s.lines)
+        assert s.wait_for("dpllama: SIGTERM: ", 5) == "dpllama: SIGTERM: stopped while the model was loading"
+        assert not [line for line in s.lines if line.startswith(("dpllama: ready", "dpllama: stopped", "Traceback"))], \
+            "\n".join(s.lines)
+    finally:
+        s.stop()
+
+
 def test_sigterm_answers_what_the_drain_time_cuts_off_with_503():
     """--drain-timeout 1 and a stream that needs ~10 s (SmolLM2, 2,000 tokens): 1 s after SIGTERM the engine cancels
     it, and its stream ends with an error event, as the request waiting behind it gets a 503, before the connections

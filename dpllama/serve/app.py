@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import threading
@@ -28,6 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from dpllama.chat import chat_ids, chat_text
 from dpllama.errors import DpllamaError
+from dpllama.fileio import remove_live
 from dpllama.generate import Sampler
 from dpllama.llm import LLM
 from dpllama.serve import log
@@ -397,7 +399,8 @@ def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiti
           api_keys: frozenset[str], drain_timeout: float) -> None:
     """Serve on the listening `sock` with uvicorn until SIGTERM or SIGINT: the server stops accepting, running
     requests have `drain_timeout` seconds to finish, then the rest are cancelled. The model loads meanwhile
-    (`load(slots)`, /health says 503 until it is done); its failure ends the server with its DpllamaError."""
+    (`load(slots)`, /health says 503 until it is done); its failure ends the server with its DpllamaError, and a
+    signal before it is done ends the process at once, with status 0."""
     import uvicorn
 
     failed: list[str] = []
@@ -423,11 +426,13 @@ def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiti
 
         def handle_exit(self, sig: int, frame) -> None:
             if not self.should_exit:    # the first signal (a second Ctrl-C is uvicorn's forced exit)
-                engine.drain()
-                deadline.start()
+                name = signal.Signals(sig).name
+                if engine.drain():
+                    log(f"dpllama: {name}: stopped while the model was loading")
+                else:
+                    deadline.start()
+                    log(f"dpllama: {name}: no new requests; those running have {drain_timeout:g} s to finish")
                 asyncio.get_running_loop().call_soon_threadsafe(app.state.closing.set)
-                log(f"dpllama: {signal.Signals(sig).name}: no new requests; those running have {drain_timeout:g} s "
-                    f"to finish")
             super().handle_exit(sig, frame)
 
     app = make_app(engine, model_name, api_keys)
@@ -457,6 +462,11 @@ def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiti
     deadline.cancel()
     if failed:
         raise DpllamaError(failed[0])
+    if not engine.ready.is_set():
+        # stopped while the model loads (in the scheduler thread, in the driver): exit now, as cli.interrupted does,
+        # rather than wait for the load, or run the interpreter's and the driver's teardown beside its compiles
+        remove_live()
+        os._exit(0)
     log("dpllama: stopped")
 
 

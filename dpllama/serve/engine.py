@@ -217,19 +217,26 @@ class Engine:
         with self._cond:
             self._cond.notify()
 
-    def drain(self) -> None:
-        """Refuse new requests (503); those running or waiting go on (the server's stop has begun)."""
+    def drain(self) -> bool:
+        """Refuse new requests (503); those running or waiting go on (the server's stop has begun). While the model
+        loads, the engine stops instead, as stop() stops it: whether it did."""
         with self._cond:
             self._accepting = False
+            loading = not self.ready.is_set()
+            self._stopping |= loading
+            return loading
 
     def stop(self, timeout: float = 30) -> None:
         """Refuse new requests, cancel those left (each one's client gets its answer: a 503) and end the scheduler
-        thread."""
+        thread. While the model loads, the engine never becomes ready and nothing waits for the load: it runs in
+        the driver, which nothing can cut short, and would hold the server's stop for its whole length."""
         with self._cond:
             self._accepting = False
             self._stopping = True
             self._cond.notify()
-        self._thread.join(timeout)
+            loaded = self.ready.is_set()
+        if loaded:
+            self._thread.join(timeout)
 
     # ---- the scheduler thread ----
     def _main(self) -> None:
@@ -242,7 +249,10 @@ class Engine:
             self._on_fatal(f"loading the model failed: {type(e).__name__}: {e}")
             return
         self._batcher = Batcher(self.llm.model)
-        self.ready.set()
+        with self._cond:
+            if self._stopping:      # stopped while it loaded
+                return
+            self.ready.set()
         while True:
             with self._cond:
                 for r in [r for r in self._waiting if r.cancelled]:
