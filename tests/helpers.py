@@ -229,3 +229,20 @@ def write_test_gguf(path, weights: Weights, types=None, arch=None, drop=(), extr
 # further: dpllama's NumPy reference with it is 0.0076 (raw) and 0.011 (chat, 37 positions) from the oracle. 2e-2
 # still catches any real error (a wrong weight or RoPE convention moves logits by whole units).
 ORACLE_ATOL = 2e-2
+
+
+# A tiny Qwen3 as llama.cpp reads it: heads of 32 where dim / n_heads is 16 (attention.key_length), GQA 2:1, each
+# head of q and k RMS-normalized before NEOX RoPE, a byte-level BPE vocabulary of 264 tokens; f32 weights, so that
+# llama.cpp's logits for it (tests/oracles/, made by make_llamacpp.py) differ from dpllama's only by float rounding
+# and the fp16 of their KV caches
+QWEN3_TINY = dict(dim=64, hidden=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab=264, seq_len=64, shared=False, seed=7,
+                  arch="qwen3", rope_neox=True, qk_norm=True, rope_theta=1e6, key_length=32)
+ORACLES = Path(__file__).parent / "oracles"
+
+
+def tiny_qwen3(path) -> Weights:
+    """Write QWEN3_TINY to `path` as a GGUF; returns the weights written."""
+    from tests.test_tokenizer import gpt2_fields
+    w = random_weights(**QWEN3_TINY)
+    write_test_gguf(path, w, tokenizer=gpt2_fields(**{"tokenizer.ggml.pre": "qwen2"}))
+    return w

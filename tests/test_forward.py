@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import os
 import subprocess
 import sys
@@ -24,8 +25,8 @@ from dpllama.model.weights import Layer, Tensor, Weights, llama3_rope_factors
 from dpllama.runtime import Queue
 from dpllama.runtime.config import dump_config, parse_config
 from dpllama.quantize import GROUPS
-from tests.helpers import (EVERY_TYPE, EVERY_TYPE_SHAPE, llama2c_dir, quantize_cli, random_llama2c, random_weights,
-                           write_test_gguf)
+from tests.helpers import (EVERY_TYPE, EVERY_TYPE_SHAPE, ORACLES, llama2c_dir, quantize_cli, random_llama2c,
+                           random_weights, tiny_qwen3, write_test_gguf)
 
 # Awkward shapes: hidden 100 is a multiple of neither 8 nor 32, dim 48 not of 32 or 64, head_dim 8, GQA 3:1.
 SHAPE = dict(dim=48, hidden=100, n_layers=2, n_heads=6, n_kv_heads=2, vocab=97, seq_len=32)
@@ -286,16 +287,17 @@ def layer_launches(model: Llama, T: int = 1) -> int:
 
 
 @pytest.mark.parametrize("variant, phases", [("int4-asym-g64", {5}), ("int4-mixed-g32-tied", {2, 3}),
-                                             ("every-type", {2})])
-def test_layer_launch_matches_separate_launches(q, random_model, every_type_model, variant, phases):
+                                             ("every-type", {2}), ("qwen3", {5})])
+def test_layer_launch_matches_separate_launches(q, random_model, every_type_model, qwen3_tiny, variant, phases):
     """matrix.cl's layers (the layers' phases in one launch, the work-groups claiming their tasks) computes what the
     separate launches compute, bit for bit: a prompt of 27 rows (attention in blocks of rows, attention.h's
     attend_rows, the last block short), decode steps, batches of 1 to 8 rows at different positions (a row at a
     time), and one of 21 rows from three slots (blocks that span slots), attention in spans of 16 positions (rows
-    past 15 fold two; the layer launch gives each its own task in passes of up to 16 rows). Where a layer's matrices differ in format (symmetric and asymmetric int4 in turn;
+    past 15 fold two; the layer launch gives each its own task in passes of up to 16 rows). Where a layer's matrices
+    differ in format (symmetric and asymmetric int4 in turn;
     every GGUF type), its launch runs the phases up to the first matrix of another format (QKV and attention at
-    least) and the rest run on their own."""
-    weights = every_type_model if variant == "every-type" else VARIANTS[variant](random_model)
+    least) and the rest run on their own. Qwen3's heads' norms: a phase of the launch, or a kernel of their own."""
+    weights = {"every-type": every_type_model, "qwen3": qwen3_tiny[0]}.get(variant) or VARIANTS[variant](random_model)
     spans = {"work_group": dict(attention_span=16)}     # rows past position 15 in two spans, split or not
     fused = Llama(weights, queue_with(q, {"fuse": dict(layer_max_units=q.device.compute_units), **spans}), slots=8)
     alone = Llama(weights, queue_with(q, {"fuse": dict(layer_max_units=0), **spans}), slots=8)
@@ -644,7 +646,8 @@ def test_logits_that_are_not_finite_stop_generation(q, random_model):
         model.feed(2)
 
 
-# ---------------------------------------------------------------- architectures: qwen2, Llama 3's RoPE scaling, Mistral
+# ---------------------------------------------------------------- architectures: qwen2, qwen3, Llama 3's RoPE scaling,
+#                                                                   Mistral
 
 # head_dim 8 has 4 RoPE frequencies: theta 500000 gives wavelengths 6.3, 167, 4.4e3 and 1.2e5 positions, so with an
 # original context of 256 (high_freq_factor 4: below 64 kept; low_freq_factor 1: above 256 slowed 8x) Llama 3.1's
@@ -654,6 +657,10 @@ ARCHITECTURES = {    # name -> ModelConfig fields of a random model
     "qwen2": dict(arch="qwen2", rope_neox=True, qkv_bias=True, rope_theta=1e6),
     "llama3": LLAMA3,
     "llama-qkv-bias": dict(qkv_bias=True),       # llama.cpp's llama takes Q/K/V biases where a file has them
+    # heads of 12 where dim / n_heads is 8 (attention.key_length; q_dim 72, not dim 48), each head of q and k
+    # RMS-normalized before RoPE: heads of 12 are no whole tiles, so store_qkv's lane-by-lane path serves them
+    "qwen3": dict(arch="qwen3", rope_neox=True, qk_norm=True, rope_theta=1e6, key_length=12),
+    "llama-key-length": dict(key_length=24),     # as Mistral Nemo's: q_dim 144 against dim 48
 }
 
 
@@ -670,6 +677,7 @@ def test_architectures_load_as_written(tmp_path):
         for field, value in fields.items():
             assert getattr(w.config, field) == value, (name, field)
         assert (w.layers[1].bq is not None) == w.config.qkv_bias
+        assert (w.layers[1].k_norm is not None) == w.config.qk_norm
     assert LLAMA3["rope_freq_factors"][0] == 1.0 and LLAMA3["rope_freq_factors"][2:] == (8.0, 8.0)
     assert 1.0 < LLAMA3["rope_freq_factors"][1] < 8.0
 
@@ -691,15 +699,17 @@ def test_architectures_match_reference_other_configs(config_q, tmp_path, name):
     config, cq = config_q
     feeds = [12, 1, 1, 3, 1, 1]
     w = architecture_model(tmp_path, name)
-    assert Llama(w, cq).fused_attention == config.startswith("fused")
+    # (heads' norms come between QKV and attention, so they keep the two launches apart)
+    assert Llama(w, cq).fused_attention == (config.startswith("fused") and not w.config.qk_norm)
     compare_logits(cq, w, random_tokens(sum(feeds), 5), feeds, f"{name} {config}")
     compare_batched(cq, w, f"{name} {config} batched")
 
 
-@pytest.mark.parametrize("name", ["qwen2", "llama3"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama3"])
 def test_architectures_through_quantize(q, tmp_path, name):
-    """`dpllama quantize` keeps the architecture, the biases and the RoPE scaling (the file says them as llama.cpp's
-    do: general.architecture, blk.N.attn_q.bias, rope_freqs.weight), and the model it writes runs."""
+    """`dpllama quantize` keeps the architecture, the biases, the heads' norms and width and the RoPE scaling (the
+    file says them as llama.cpp's do: general.architecture, blk.N.attn_q.bias, blk.N.attn_q_norm.weight,
+    attention.key_length, rope_freqs.weight), and the model it writes runs."""
     src = tmp_path / "src.gguf"
     f32 = random_weights(**SHAPE, shared=False, seed=3, **ARCHITECTURES[name])
     write_test_gguf(src, f32)
@@ -707,7 +717,7 @@ def test_architectures_through_quantize(q, tmp_path, name):
     for field, value in ARCHITECTURES[name].items():
         assert getattr(w.config, field) == value, field
     for a, b in zip(w.layers, f32.layers):
-        for field in ("bq", "bk", "bv"):
+        for field in ("bq", "bk", "bv", "q_norm", "k_norm"):
             assert (getattr(a, field) is None and getattr(b, field) is None) or np.array_equal(getattr(a, field),
                                                                                                getattr(b, field))
     compare_logits(q, w, random_tokens(sum(FEEDS["prefill"])), FEEDS["prefill"], f"{name} quantized")
@@ -740,6 +750,12 @@ def test_llama3_scaling_from_metadata(q, tmp_path):
     ({"llama.rope.scaling.type": "yarn"}, {"rope_freqs.weight"},
      "llama.rope.scaling.type is 'yarn', expected 'none' or 'llama3' \\(other RoPE scalings are not supported\\)"),
     ({"llama.expert_count": 8}, (), "llama.expert_count is 8: mixture-of-experts models are not supported"),
+    ({"llama.attention.value_length": 12}, (),
+     r"llama.attention.value_length is 12, expected head_dim 8 \(other values are not supported\)"),
+    ({"llama.attention.key_length": 12, "llama.rope.dimension_count": 12}, {"rope_freqs.weight"},   # Wq: 6 x 12 rows
+     r"tensor blk.0.attn_q.weight has shape \[48, 48\], expected \[72, 48\]"),
+    ({"llama.rope.dimension_count": 4}, (),      # RoPE over part of a head (Phi-2's partial rotary)
+     r"llama.rope.dimension_count is 4, expected head_dim 8 \(other values are not supported\)"),
 ])
 def test_architecture_variants_refused(tmp_path, fields, drop, message):
     path = tmp_path / "m.gguf"
@@ -753,6 +769,58 @@ def test_rope_freqs_must_be_positive(tmp_path):
     write_test_gguf(path, random_weights(**SHAPE, rope_freq_factors=(1.0, 0.0, 8.0, 8.0)))
     with pytest.raises(DpllamaError, match=f"^{path}: impossible model: rope_freqs.weight must be positive float32s "
                                            rf"\(1.175e-38 to 3.403e\+38\), found 0.0$"):
+        load_gguf(path)
+
+
+# llama.cpp's logits for the tiny Qwen3 (tests/oracles/make_llamacpp.py), an oracle independent of dpllama's reading
+# of the architecture. Its CPU attention rounds q and the softmax's weights to fp16 to multiply them by its fp16 KV
+# cache, where dpllama's keeps them float32: a relative 2^-11 on each score and weight, through two layers.
+# Measured: 3.1e-4 of a row's largest logit (the reference), against 0.20 without the heads' norms and 0.49 with
+# adjacent RoPE pairs; 3e-3 is ten times the measured and far below either.
+LLAMA_CPP_RTOL = 3e-3
+
+
+@pytest.fixture(scope="module")
+def qwen3_tiny(tmp_path_factory):
+    """tests/helpers.py's tiny Qwen3 written and loaded as any GGUF, with the tokens and logits llama.cpp gave."""
+    oracle = np.load(ORACLES / "qwen3_tiny_llamacpp.npz")
+    path = tmp_path_factory.mktemp("qwen3") / "qwen3_tiny.gguf"
+    tiny_qwen3(path)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == str(oracle["gguf_sha256"]), \
+        "the tiny Qwen3 differs from the one llama.cpp's logits are of: rerun tests/oracles/make_llamacpp.py"
+    return load_gguf(path), oracle["tokens"].tolist(), oracle["logits"]
+
+
+def assert_llama_cpp(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    np.testing.assert_allclose(got, want, rtol=0, atol=LLAMA_CPP_RTOL * np.abs(want).max(), err_msg=what)
+
+
+def test_qwen3_reference_matches_llama_cpp(qwen3_tiny):
+    w, tokens, want = qwen3_tiny
+    ref = Reference(w)
+    for p, t in enumerate(tokens):
+        assert_llama_cpp(ref.forward(t, p), want[p], f"position {p}")
+
+
+@pytest.mark.parametrize("name", ["shipped", *CONFIGS])
+def test_qwen3_matches_llama_cpp(q, qwen3_tiny, name):
+    """A 24-token prompt, then decode, with the fp16 KV cache, under each config (the layer launch's phase of the
+    heads' norms, and their own kernel after the QKV launch elsewhere)."""
+    w, tokens, want = qwen3_tiny
+    model = Llama(w, q if name == "shipped" else queue_with(q, CONFIGS[name]))
+    model.start(tokens)
+    model.feed(24)
+    assert_llama_cpp(model.read_logits(), want[23], f"{name}: the prompt's last position")
+    for p in range(24, len(tokens)):
+        model.next_given()
+        model.feed(1)
+        assert_llama_cpp(model.read_logits(), want[p], f"{name}: position {p}")
+
+
+def test_qwen3_needs_its_heads_norms(tmp_path):
+    path = tmp_path / "q.gguf"
+    write_test_gguf(path, random_weights(**SHAPE, **ARCHITECTURES["qwen3"]), drop={"blk.1.attn_k_norm.weight"})
+    with pytest.raises(DpllamaError, match=f"^{path}: missing tensor blk.1.attn_k_norm.weight$"):
         load_gguf(path)
 
 

@@ -423,6 +423,10 @@ def gguf_metadata_cases():
         ("attention.head_count", [(u, 0), (u, 3), (u, 8), (u, 32), (V.ARRAY, per_layer)], []),
         ("attention.head_count_kv", [(u, 0), (u, 1), (u, 3), (u, 8), (V.FLOAT64, 2.0)], []),
         ("rope.dimension_count", [(u, 4), (u, 0), (V.STRING, "x")], []),
+        # a head's width: odd, then not the tensors' (Wq's rows, and RoPE's), then too large for any
+        ("attention.key_length", [(u, 3), (u, 4), (V.UINT64, 2**40), (V.STRING, "8")],
+         [(u, G["dim"] // G["n_heads"]), (u, 0)]),
+        ("attention.value_length", [(u, 4), (u, 2**31)], [(u, G["dim"] // G["n_heads"])]),
         ("rope.freq_base", [(f, 0.0), (f, -1.0), (f, math.nan), (f, math.inf), (u, 10000),
                             (V.FLOAT64, 1e-300), (V.FLOAT64, 1e300)], [(f, 1e-30)]),    # 0, inf in float32
         ("attention.layer_norm_rms_epsilon", [(f, 0.0), (f, -1e-5), (f, 1.0), (f, math.nan), (f, math.inf)],
@@ -436,6 +440,7 @@ def gguf_metadata_cases():
         ("general.architecture", V.STRING, "gpt2", True), ("general.architecture", V.STRING, "", True),
         ("general.architecture", None, None, True), ("general.architecture", V.UINT32, 1, True),
         ("general.architecture", V.STRING, "qwen2", True),      # no qwen2.* keys, no biases
+        ("general.architecture", V.STRING, "qwen3", True),      # no qwen3.* keys, no heads' norms
         ("llama.rope.scaling.type", V.STRING, "llama3", True),  # without its parameters
         ("llama.rope.scaling.factor", V.STRING, "8", True), ("llama.expert_count", u, 8, True),
         ("llama.expert_count", u, 0, False),

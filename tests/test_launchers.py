@@ -1,7 +1,7 @@
 """The model's launchers (dpllama/model/kernels.py) against the kernels they launch: each Signature must list
 the compiled kernel's arguments, by name and in order, for every program a model builds (both weight-format
-builds, the attention program, decode's fused QKV + attention, a layer in one launch); a launcher given too few or
-unknown arguments fails before any launch."""
+builds, the attention program, decode's fused QKV + attention, a layer in one launch, qwen3's heads' norms); a
+launcher given too few or unknown arguments fails before any launch."""
 from __future__ import annotations
 
 import copy
@@ -41,6 +41,12 @@ def test_every_signature_matches_its_kernel(queue):
                 assert name in kernels.SIGNATURES, f"{prog.file}: kernel {name} has no launcher"
                 assert prog.arg_names(name) == kernels.SIGNATURES[name].args, f"{prog.file}: {name}"
                 seen.add(name)
+    q = arg_info_queue(queue, 0)       # qwen3's heads' norms, a kernel of their own after the QKV launch
+    Llama(random_weights(32, 48, 2, 4, 2, 40, 16, seed=0, rope_neox=True, qk_norm=True, key_length=16), q)
+    for prog in q.programs.values():
+        if "norm_rope_heads" in prog.names:
+            assert prog.arg_names("norm_rope_heads") == kernels.SIGNATURES["norm_rope_heads"].args
+            seen.add("norm_rope_heads")
     assert seen == set(kernels.SIGNATURES)
 
 

@@ -373,7 +373,7 @@ def test_gguf_header_parser_matches_gguf_reader(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(arch="gpt2"), "unsupported GGUF architecture 'gpt2' \\(supported: llama, qwen2\\)"),
+    (dict(arch="gpt2"), "unsupported GGUF architecture 'gpt2' \\(supported: llama, qwen2, qwen3\\)"),
     (dict(types={"blk.1.attn_q.weight": T.MXFP4}),
      "tensor blk.1.attn_q.weight has type MXFP4, which dpllama does not support \\(supported: F32, F16, BF16, "
      "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS\\)"),
@@ -392,10 +392,12 @@ def test_gguf_errors(tmp_path, kwargs, message):
         load_gguf(path)
 
 
-def test_llama2c_cannot_hold_other_architectures(tmp_path):
-    w = random_weights(**GGUF_SHAPE, arch="qwen2", rope_neox=True, qkv_bias=True)
-    with pytest.raises(DpllamaError, match="m.bin: a llama2.c checkpoint cannot hold this qwen2 model's NEOX RoPE, "
-                                           "biases or RoPE scaling: write a GGUF$"):
+@pytest.mark.parametrize("arch", [dict(arch="qwen2", rope_neox=True, qkv_bias=True),
+                                  dict(key_length=64)])     # its header has no head width but dim / n_heads
+def test_llama2c_cannot_hold_other_architectures(tmp_path, arch):
+    w = random_weights(**GGUF_SHAPE, **arch)
+    with pytest.raises(DpllamaError, match=f"m.bin: a llama2.c checkpoint cannot hold this {w.config.arch} model's "
+                                           "NEOX RoPE, biases, heads' norms or width, or RoPE scaling: write a GGUF$"):
         write_llama2c(tmp_path / "m.bin", w)
     assert not (tmp_path / "m.bin").exists()
 

@@ -696,6 +696,7 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
 #define QKV_ARGS __global const float *bias, __global kv_t *k_cache, __global kv_t *v_cache, \
                  __global const int *state, __global const float *rope, const int q_dim, const int kv_dim, \
                  const int head_dim, const int seq_p, const int cache_offset, const int slot_stride
+#define QKV_VALUES bias, k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p, cache_offset, slot_stride
 
 // RoPE in vector form: lanes 2i and 2i + 1 of a tile swapped (PAIR_SWAP), so that out = v * c + PAIR_SWAP(v) * s
 // with c = (cos_i, cos_i) and s = (-sin_i, sin_i) per pair turns every pair at once. The table holds a position's
@@ -736,6 +737,17 @@ __kernel void gemv_norm_swiglu(WEIGHT_ARGS, __global const float *x, __global co
 #define HALF_BITS(v) as_ushort8(__builtin_ia32_vcvtps2ph256((v), 0))
 #endif
 
+// Built with QK_NORM (qwen3), each head of q and k is RMS-normalized before RoPE. A head's square sum needs all its
+// rows, which the QKV tasks share out by tiles, so store_qkv leaves q and k in y unturned (y's rows then hold
+// q_dim + kv_dim) and norm_rope_head turns them, a head at a time, after the QKV launch or phase.
+#if defined(QK_NORM)
+#define Y_ROWS (q_dim + kv_dim)     // rows store_qkv puts in y
+#define TURN 0                      // whether store_qkv turns q and k
+#else
+#define Y_ROWS q_dim
+#define TURN 1
+#endif
+
 // Rotate and store the rows of `tiles` tiles from t0 (work-item 0's acc) as q, k or v: a tile of a token at a time,
 // its rotation and its conversion to the cache's fp16 in vector form, its stores a lane at a time. Where head_dim is
 // a multiple of TILE_ROWS, a whole tile lies in one head of q or k (a vector of the table turns it) or in v; else
@@ -756,12 +768,12 @@ inline void store_qkv(__private const floatV *acc, const int t0, const int tiles
             else
                 for (int i = 0; i < TILE_ROWS && first + i < rows; i++) ((float *)&v)[i] += bias[first + i];
 #endif
-            if (whole && first < q_dim + kv_dim) {     // q or k: the pairs' angles at this position, from the table
+            if (TURN && whole && first < q_dim + kv_dim) {   // q or k: the pairs' angles at this position
                 const floatV cs = *(__global const floatV *)(rope + (size_t)pos * head_dim +
                                                               (first < q_dim ? first : first - q_dim) % head_dim);
                 c = EVENS(cs);
                 s = ODDS(cs) * PAIR_SIGNS;
-            } else if (!whole) {
+            } else if (TURN && !whole) {
                 for (int i = 0; i < TILE_ROWS && first + i < rows; i += 2) {
                     const int r = first + i;
                     if (r < q_dim + kv_dim) {                   // q or k: pair i / 2's angle at this position
@@ -780,7 +792,7 @@ inline void store_qkv(__private const floatV *acc, const int t0, const int tiles
                 const int r = first + i;
                 const float o = ((const float *)&out)[i];
                 __global kv_t *to;
-                if (r < q_dim) {
+                if (r < Y_ROWS) {
                     y[(size_t)(tok0 + n) * y_stride + r] = o;
                     continue;
                 } else if (r < q_dim + kv_dim) {
@@ -797,6 +809,40 @@ inline void store_qkv(__private const floatV *acc, const int t0, const int tiles
         }
     }
 }
+
+#if defined(QK_NORM)
+// Head `head` of row n's q (head < n_heads) or k (the rest), left in y by store_qkv: RMS-normalized by norms (q's
+// [head_dim], then k's, in the rows' device order, as Wq's and Wk's rows), then turned by RoPE as store_qkv turns
+// them; q stays in y, k goes to the KV cache.
+inline void norm_rope_head(const int head, const int n, __global float *y, const int y_stride,
+                           __global const float *norms, const float eps, QKV_ARGS) {
+    const int pos = ROW_POS(state, n, slot_stride), first = head * head_dim, is_k = first >= q_dim;
+    if (pos < 0) return;        // a batch's padding row
+    __global float *v = y + (size_t)n * y_stride + first;
+    float ss = 0.0f;
+    for (int i = 0; i < head_dim; i++) ss += v[i] * v[i];
+    const float scale = 1.0f / sqrt(ss / head_dim + eps);
+    __global const float *w = norms + (is_k ? head_dim : 0), *cs = rope + (size_t)pos * head_dim;
+    const size_t layer = ROW_CACHE(state, n, slot_stride, cache_offset);
+    for (int i = 0; i < head_dim; i += 2) {
+        const float a = v[i] * scale * w[i], b = v[i + 1] * scale * w[i + 1];
+        const float ta = a * cs[i] + b * -cs[i + 1], tb = b * cs[i] + a * cs[i + 1];
+        if (!is_k) {
+            v[i] = ta;
+            v[i + 1] = tb;
+        } else {
+            KV_STORE(ta, 0, KEY_AT(k_cache, layer, kv_dim, seq_p, first - q_dim + i, pos));
+            KV_STORE(tb, 0, KEY_AT(k_cache, layer, kv_dim, seq_p, first - q_dim + i + 1, pos));
+        }
+    }
+}
+
+// global (n_heads + n_kv_heads, T): after gemv_norm_rope_kv, each head of each row's q and k (norm_rope_head)
+__kernel void norm_rope_heads(__global float *y, const int y_stride, __global const float *norms, const float eps,
+                              QKV_ARGS) {
+    norm_rope_head(get_global_id(0), get_global_id(1), y, y_stride, norms, eps, QKV_VALUES);
+}
+#endif
 
 __kernel void gemv_norm_rope_kv(WEIGHT_ARGS, __global const float *x, __global const float *g, __global float *y,
                                 GEMV_ARGS, const float eps, QKV_ARGS, GEMV_SCRATCH) {
@@ -863,8 +909,9 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
 // the CPU configs (work-groups of one work-item) build this.
 // counters: per layer of the launch and phase, the tasks claimed and the tasks done, on cache lines of their own,
 // then the work-groups out; zeros between launches (the last work-group out leaves them so)
-#define LAYER_PHASES 6
+#define LAYER_PHASES 7
 #define FOLD_PHASE 5        // attention's spans folded (layer_phases), after its own tasks
+#define NORM_PHASE 6        // with QK_NORM, q's and k's heads normalized and turned, between QKV and attention
 #define CLAIMED(c, p) ((c) + 32 * (p))      // attention's: one a work-group, CLAIMED(c, 1) + g (see layer_phases)
 #define DONE(c, p) ((c) + 32 * (p) + 16)
 #define LAYER_COUNTERS (32 * LAYER_PHASES)
@@ -877,14 +924,14 @@ __kernel void qkv_attention(WEIGHT_ARGS, __global const float *x, __global const
 // attention.h's ATT_VALUES in a layer launch: q and attention's output rows q_p apart
 #define LAYER_ATT_VALUES query, k_cache, v_cache, att, att_out, state, n_heads, n_kv_heads, head_dim, seq_p, q_p, q_p, \
     cache_offset, slot_stride
-#define QKV_VALUES bias, k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p, cache_offset, slot_stride
 #define SCRATCH_VALUES scratch, scratch_ss, row
 #define STORE_ADD 0
 #define STORE_SWIGLU 1
 #define STORE_QKV 2
 // a layer's arrays in the launch's weights buffer, in the order of `parts`' rows (the host's Llama._upload_layers):
-// Wqkv's data, scales and mins, then Wo's, [W1; W3]'s and W2's, then attn_norm, ffn_norm and the QKV biases
-#define LAYER_PARTS 15
+// Wqkv's data, scales and mins, then Wo's, [W1; W3]'s and W2's, then attn_norm, ffn_norm, the QKV biases and the
+// heads' norms (QK_NORM)
+#define LAYER_PARTS 16
 
 // wait for every one of phase p's `total` tasks to be done: the count read atomically, and between two such reads
 // with plain loads, which leave the cache line shared among the waiting cores (an atomic read takes it from the
@@ -986,7 +1033,8 @@ inline void layer_phases(__global const void *wq_, __global const void *sq_, __g
                          __global const void *wf_, __global const void *sf_, __global const void *mf_,
                          __global const void *wd_, __global const void *sd_, __global const void *md_,
                          __global float *x, __global const float *attn_norm, __global const float *ffn_norm,
-                         __global float *query, __global float *att, __global float *att_parts,
+                         __global const float *qk_norms, __global float *query, __global float *att,
+                         __global float *att_parts,
                          __global float *att_out, __global float *h, const int T, const int dim, const int hidden,
                          const int dim_p, const int q_p, const int hidden_p, const int cp_qkv, const int cp_o, const int cp_f, const int cp_d,
                          const float eps, QKV_ARGS, const int n_heads, const int shares, const int phases,
@@ -994,6 +1042,16 @@ inline void layer_phases(__global const void *wq_, __global const void *sq_, __g
     const int n_kv_heads = kv_dim / head_dim, G = KV_AHEAD(T) ? QUEUES : 1;
     matrix_phase(wq_, sq_, mq_, 0, shares, c, x, dim_p, attn_norm, 1, query, q_p, q_dim + 2 * kv_dim, dim, cp_qkv, T,
                  eps, STORE_QKV, QKV_VALUES, -1, SCRATCH_VALUES);
+#if defined(QK_NORM)
+    // a task per row and key/value head: its GQA query heads and its key head
+    for (int task; (task = atomic_inc(CLAIMED(c, NORM_PHASE))) < T * n_kv_heads; atomic_inc(DONE(c, NORM_PHASE))) {
+        const int n = task / n_kv_heads, j = task % n_kv_heads;
+        for (int head = j * GQA; head < (j + 1) * GQA; head++)
+            norm_rope_head(head, n, query, q_p, qk_norms, eps, QKV_VALUES);
+        norm_rope_head(n_heads + j, n, query, q_p, qk_norms, eps, QKV_VALUES);
+    }
+    phase_end(c, NORM_PHASE, T * n_kv_heads);
+#endif
     if (KV_AHEAD(T) || T == 1) {
         // a task per key/value head and row, or per span of a row of several (attention.h's attend_span: the cores
         // share a long row's heads), whose spans are then folded (fold_spans: phase FOLD_PHASE); queue g takes rows
@@ -1059,7 +1117,8 @@ __kernel void layers(__global const char *weights, __global const uint *parts, c
         __global const uint *o = parts + (size_t)(first + l) * LAYER_PARTS;
 #define PART(k) (weights + o[k])
         layer_phases(PART(0), PART(1), PART(2), PART(3), PART(4), PART(5), PART(6), PART(7), PART(8), PART(9),
-                     PART(10), PART(11), x, (__global const float *)PART(12), (__global const float *)PART(13), query,
+                     PART(10), PART(11), x, (__global const float *)PART(12), (__global const float *)PART(13),
+                     (__global const float *)PART(15), query,
                      att, att_parts, att_out, h, T, dim, hidden, dim_p, q_p, hidden_p, cp_qkv, cp_o, cp_f, cp_d, eps,
                      (__global const float *)PART(14), k_cache, v_cache, state, rope, q_dim, kv_dim, head_dim, seq_p,
                      cache_offset + l * cache_stride, slot_stride, n_heads, shares, phases,

@@ -68,7 +68,8 @@ _HYPERPARAMETER_KINDS = {
 }
 KEY_KINDS = {
     "general.architecture": ("str",), "general.alignment": ("int",),
-    **{f"{arch}.{key}": kinds for arch in ("llama", "qwen2") for key, kinds in _HYPERPARAMETER_KINDS.items()},
+    **{f"{arch}.{key}": kinds for arch in ("llama", "qwen2", "qwen3")
+       for key, kinds in _HYPERPARAMETER_KINDS.items()},
     FORMAT_KEY: ("int",), "dpllama.kind.*": ("str",), "dpllama.group.*": ("int",),
     "tokenizer.ggml.model": ("str",), "tokenizer.ggml.pre": ("str",), "tokenizer.ggml.tokens": ("[str]",),
     "tokenizer.ggml.scores": ("[float]",), "tokenizer.ggml.token_type": ("[int]",),

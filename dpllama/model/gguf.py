@@ -1,5 +1,5 @@
 """Weights from and to GGUF files (read and written by `dpllama.formats.gguf`): llama.cpp's models
-(architectures "llama" and "qwen2", ARCHITECTURES) and dpllama's own quantized container.
+(architectures "llama", "qwen2" and "qwen3", ARCHITECTURES) and dpllama's own quantized container.
 
 dpllama container (written by `write_dpllama_gguf`, version FORMAT_VERSION): a normal GGUF of the model's
 architecture (general.architecture, the standard <arch>.* hyperparameters and tokenizer.* keys, the standard
@@ -33,11 +33,14 @@ from dpllama.model.weights import (F32_RANGE, Layer, ModelConfig, Tensor, Weight
 # Layer field -> GGUF tensor name inside blk.N, less its suffix (layer_tensor_name adds it)
 GGUF_LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
                     "wo": "attn_output", "ffn_norm": "ffn_norm", "w1": "ffn_gate", "w2": "ffn_down",
-                    "w3": "ffn_up", "bq": "attn_q", "bk": "attn_k", "bv": "attn_v"}
+                    "w3": "ffn_up", "bq": "attn_q", "bk": "attn_k", "bv": "attn_v", "q_norm": "attn_q_norm",
+                    "k_norm": "attn_k_norm"}
 BIASES = ("bq", "bk", "bv")
 # general.architecture -> what it changes in ModelConfig (docs/ARCHITECTURE.md, "Architectures"). qwen2 is
-# llama with Q/K/V biases and NEOX RoPE; llama.cpp's llama takes Q/K/V biases too where a file has them.
-ARCHITECTURES = {"llama": dict(rope_neox=False), "qwen2": dict(rope_neox=True, qkv_bias=True)}
+# llama with Q/K/V biases and NEOX RoPE; llama.cpp's llama takes Q/K/V biases too where a file has them. qwen3
+# is qwen2 without the biases, with each head of q and k RMS-normalized before RoPE.
+ARCHITECTURES = {"llama": dict(rope_neox=False), "qwen2": dict(rope_neox=True, qkv_bias=True),
+                 "qwen3": dict(rope_neox=True, qk_norm=True)}
 # the metadata of Llama 3.1's RoPE scaling (rope.scaling.type "llama3"), llama3_rope_factors' parameters in order
 LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")
 ROPE_FREQS = "rope_freqs.weight"    # llama.cpp's per-frequency RoPE divisors (Llama 3.1's scaling)
@@ -57,6 +60,7 @@ _CONTAINER_DTYPES = {T.F32: "<f4", T.F16: "<f2", T.I8: "i1", T.I32: "<u4"}
 # ModelConfig field -> the GGUF key it comes from, for messages
 _CONFIG_KEYS = {"dim": "embedding_length", "hidden_dim": "feed_forward_length", "n_layers": "block_count",
                 "n_heads": "attention.head_count", "n_kv_heads": "attention.head_count_kv",
+                "key_length": "attention.key_length",
                 "seq_len": "context_length", "rope_theta": "rope.freq_base",
                 "norm_eps": "attention.layer_norm_rms_epsilon"}
 
@@ -70,17 +74,20 @@ def _config(path: Path, fields: dict, vocab_size: int, arch: str, qkv_bias: bool
             raise DpllamaError(f"{path}: {arch}.{key} varies per layer, which dpllama does not support")
         return value
 
-    n_heads = get("attention.head_count")
-    c = ModelConfig(dim=get("embedding_length"), hidden_dim=get("feed_forward_length"),
+    n_heads, dim = get("attention.head_count"), get("embedding_length")
+    # a head's width: dim / n_heads unless attention.key_length says otherwise (Qwen3 0.6B and 4B, Mistral Nemo)
+    key_length = get("attention.key_length", 0)
+    c = ModelConfig(dim=dim, hidden_dim=get("feed_forward_length"),
                     n_layers=get("block_count"), n_heads=n_heads,
                     n_kv_heads=get("attention.head_count_kv", n_heads), vocab_size=vocab_size,
                     seq_len=get("context_length"), rope_theta=get("rope.freq_base", 10000.0),
                     norm_eps=get("attention.layer_norm_rms_epsilon"), arch=arch,
+                    key_length=0 if key_length * n_heads == dim else key_length,
                     **{"qkv_bias": qkv_bias, **ARCHITECTURES[arch]})
     check_config(c, f"{path}: GGUF metadata", {f: f"{arch}.{k}" for f, k in _CONFIG_KEYS.items()}
                  | {"vocab_size": "the rows of token_embd"})
     # Variants of the architecture this engine does not implement: refuse rather than compute garbage.
-    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+    for key in ("rope.dimension_count", "attention.value_length"):
         if (value := get(key, c.head_dim)) != c.head_dim:
             raise DpllamaError(f"{path}: {arch}.{key} is {value}, expected head_dim {c.head_dim} "
                                f"(other values are not supported)")
@@ -232,6 +239,9 @@ def add_hyperparameters(w: GGUFWriter, c: ModelConfig) -> None:
     w.add_head_count(c.n_heads)
     w.add_head_count_kv(c.n_kv_heads)
     w.add_rope_dimension_count(c.head_dim)
+    if c.key_length:
+        w.add_key_length(c.key_length)
+        w.add_value_length(c.key_length)
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.norm_eps)
 

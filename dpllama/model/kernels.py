@@ -41,6 +41,7 @@ SIGNATURES = {s.name: s for s in (
     Signature("gemv_norm", f"{WEIGHT} x g y {GEMV} eps {SCRATCH}"),
     Signature("gemv_norm_swiglu", f"{WEIGHT} x g y {GEMV} eps {SCRATCH}"),
     Signature("gemv_norm_rope_kv", f"{WEIGHT} x g y {GEMV} eps {QKV} {SCRATCH}"),
+    Signature("norm_rope_heads", f"y y_stride norms eps {QKV}"),
     Signature("qkv_attention", f"{WEIGHT} x g y {GEMV} eps {QKV} att att_out n_heads out_stride {SCRATCH} "
                                f"att_scratch"),
     Signature("layers", "weights parts first count x query att att_parts att_out h T dim hidden dim_p q_p hidden_p "
@@ -54,6 +55,9 @@ SIGNATURES = {s.name: s for s in (
     Signature("advance", "state n"),
 )}
 
+
+# matrix.cl's layers: the phases of a layer whose tasks it counts (its LAYER_PHASES), 32 counters each
+LAYER_PHASES = 7
 
 # the rows of the passes whose attention gives a long row's spans work-groups of their own (split_spans; matrix.cl's
 # KV_AHEAD_ROWS, the layer launch's own limit for it)
@@ -90,6 +94,13 @@ def gemv(q: Queue, kernel: str, t: DeviceTensor, T: int, x, y, x_stride: int, y_
         **ints(rows=t.rows, cols=t.cols, cols_p=t.cols_p, T=T, x_stride=x_stride, y_stride=y_stride), **extra,
         scratch=Local(geo.tile_rows * tiles * tokens * L * 4), scratch_ss=Local(tokens * L * 4),
         row=Local(t.row_bytes(tokens) if once else 4))
+
+
+def norm_rope_heads(q: Queue, program, heads: int, T: int, y, y_stride: int, norms, eps, cache: dict) -> Command:
+    """After gemv_norm_rope_kv built with QK_NORM: each of the `heads` heads of q and k of T rows RMS-normalized by
+    `norms`, then turned by RoPE, q in y and k into the cache (`cache`: the KV cache and position arguments)."""
+    return SIGNATURES["norm_rope_heads"].bind(q, program, (heads, T), None, y=y, y_stride=np.int32(y_stride),
+                                              norms=norms, eps=eps, **cache)
 
 
 def qkv_attention(q: Queue, program, t: DeviceTensor, n_kv_heads: int, x, g, y, eps: float, cache: dict,

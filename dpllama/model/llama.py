@@ -140,6 +140,7 @@ class DeviceLayer:
     attn_norm: Buffer | None = None         # [dim]
     ffn_norm: Buffer | None = None          # [dim]
     qkv_bias: Buffer | None = None          # [q_dim + 2 kv_dim]: bq, bk, bv stacked (4 unused bytes without)
+    qk_norms: Buffer | None = None          # [2 head_dim]: q_norm, k_norm (4 unused bytes without)
     group: int = -1                         # with the layer launch: the buffer it shares with other layers
     row: int = -1                           # (Llama.layer_buffers) and its row in that buffer's table of parts
 
@@ -168,17 +169,20 @@ class Llama:
         gqa = (f"GQA={c.n_heads // c.n_kv_heads}", f"ATT_SPAN={geo.attention_span}") if geo.attention == 1 else ()
         self.attention_defines = (f"ATTENTION_POSITIONS={geo.attention_positions}", f"HD_VEC={pow2_divisor(c.head_dim)}",
                                   *gqa, *kv_defines)
-        dim, q_dim = c.dim, c.n_heads * c.head_dim
+        dim, q_dim = c.dim, c.q_dim
         # decode's attention inside the QKV launch (qkv_attention, a work-group per KV head): where the config asks
         # for it for this many KV heads and there are as many as compute units (fewer would leave some idle through
         # the QKV projection), work-groups are single work-items (CPUs), and a head's rows are whole tiles
         min_kv = q.config["fuse"]["attention_min_kv_heads"]
+        # (not with heads' norms: their kernel comes between QKV and attention)
         self.fused_attention = (bool(min_kv) and c.n_kv_heads >= max(min_kv, q.device.compute_units)
-                                and geo.gemv == 1 and geo.attention == 1 and c.head_dim % geo.tile_rows == 0)
+                                and geo.gemv == 1 and geo.attention == 1 and c.head_dim % geo.tile_rows == 0
+                                and not c.qk_norm)
         groups = {t.group for _, t in weights.matrices() if t.group}
         # activation rows are padded like weight columns (zeros), and to 16 floats for vector access
         pad = lambda n: max(round_up(n, m) for m in [16, *groups])  # noqa: E731
-        self.dim_p, self.q_p, self.hidden_p = pad(dim), pad(q_dim), pad(c.hidden_dim)
+        # a row of query holds q, and with heads' norms k too until they are turned (matrix.cl's QK_NORM)
+        self.dim_p, self.q_p, self.hidden_p = pad(dim), pad(q_dim + c.kv_dim * c.qk_norm), pad(c.hidden_dim)
 
         def upload(t: Tensor, name: str, defines: tuple[str, ...] = (), arena: Arena | None = None) -> DeviceTensor:
             return DeviceTensor(q, t, name, geo, defines, activation_bits, arena)
@@ -188,7 +192,7 @@ class Llama:
 
         # ---- weights, as stored (llama2.c run.c order) ----
         self.tok_embeddings = upload(weights.tok_embeddings, "tok_embeddings")   # [vocab, dim]
-        self.qkv_defines = (("QKV_BIAS",) if c.qkv_bias else ()) + kv_defines
+        self.qkv_defines = (("QKV_BIAS",) * c.qkv_bias + ("QK_NORM",) * c.qk_norm) + kv_defines
         # layers in one launch (matrix.cl's layers) on CPU configs: then runs of layers share a buffer (each its
         # arrays in an Arena), as many as one allocation holds
         self.layer_launch = (q.device.compute_units <= q.config["fuse"]["layer_max_units"] and geo.gemv == 1
@@ -198,7 +202,7 @@ class Llama:
         run: list[tuple[DeviceLayer, Arena, list[int]]] = []     # layers whose arrays wait for their shared buffer
         for i, L in enumerate(weights.layers):
             arena = Arena(q) if self.layer_launch else None
-            wq, wk, wv, bias = self._qkv(L)
+            wq, wk, wv, bias, norms = self._qkv(L)
             wqkv = upload(fuse_rows([wq, wk, wv]), f"layers.{i}.wqkv", self.qkv_defines, arena)
             wo, w2 = upload(L.wo, f"layers.{i}.wo", arena=arena), upload(L.w2, f"layers.{i}.w2", arena=arena)
             w13 = upload(fuse_rows([L.w1, L.w3], geo.tile_rows // 2), f"layers.{i}.w13", arena=arena)
@@ -208,9 +212,10 @@ class Llama:
                             qkv_attention=None if 1 in layer else self._qkv_attention_defines(wqkv))
             vectors = ((norm_weight(L.attn_norm), f"layers.{i}.attn_norm"),
                        (norm_weight(L.ffn_norm), f"layers.{i}.ffn_norm"),
-                       (bias, f"layers.{i}.qkv_bias" if bias is not None else f"layers.{i}.qkv_bias-unused"))
+                       (bias, f"layers.{i}.qkv_bias" if bias is not None else f"layers.{i}.qkv_bias-unused"),
+                       (norms, f"layers.{i}.qk_norms" if norms is not None else f"layers.{i}.qk_norms-unused"))
             if arena is None:
-                D.attn_norm, D.ffn_norm, D.qkv_bias = (upload_array(q, a, n) for a, n in vectors)
+                D.attn_norm, D.ffn_norm, D.qkv_bias, D.qk_norms = (upload_array(q, a, n) for a, n in vectors)
             else:
                 handles = [arena.add(a, n) for a, n in vectors]
                 if run and Arena.size([r for _, r, _ in run] + [arena]) > q.max_alloc:
@@ -245,7 +250,7 @@ class Llama:
         # matrix.cl's layers: its phases' task counters, per layer of a launch (zeros between launches); the sums of
         # the spans of the rows that it or attention.cl splits (passes of up to SPLIT_ROWS rows: attend_span), and
         # attention.cl's counts of a row's spans done (zeros between launches)
-        self.layer_counters = zeros(q, 32 * 6 * c.n_layers + 16, "layer_counters", np.int32)
+        self.layer_counters = zeros(q, 32 * kernels.LAYER_PHASES * c.n_layers + 16, "layer_counters", np.int32)
         spans = kernels.cache_spans(geo, self.cache.seq_p)
         split = geo.attention == 1 and spans > 1
         self.att_parts = zeros(q, span_floats(c, n) * spans if split else 1, "att_parts")
@@ -287,21 +292,23 @@ class Llama:
                                 for s in self.sequences]
         self.forward_commands(1)
 
-    def _qkv(self, L: Layer) -> tuple[Tensor, Tensor, Tensor, np.ndarray | None]:
-        """Wq, Wk, Wv and the stacked biases (None without) in the rows' device order: NEOX RoPE's Q and K rows
-        in neox_rows' order."""
+    def _qkv(self, L: Layer) -> tuple[Tensor, Tensor, Tensor, np.ndarray | None, np.ndarray | None]:
+        """Wq, Wk, Wv, the stacked biases and the stacked heads' norms (None without) in the rows' device order:
+        NEOX RoPE's Q and K rows in neox_rows' order."""
         c = self.config
-        wq, wk, bq, bk = L.wq, L.wk, L.bq, L.bk
+        wq, wk, bq, bk, nq, nk = L.wq, L.wk, L.bq, L.bk, L.q_norm, L.k_norm
         if c.rope_neox:
             rq, rk = neox_rows(c.n_heads, c.head_dim), neox_rows(c.n_kv_heads, c.head_dim)
             wq, wk = wq.take_rows(rq), wk.take_rows(rk)
             bq, bk = (bq[rq], bk[rk]) if c.qkv_bias else (bq, bk)
+            nq, nk = (nq[rq[:c.head_dim]], nk[rk[:c.head_dim]]) if c.qk_norm else (nq, nk)
         bias = np.concatenate([bq, bk, L.bv]).astype(np.float32) if c.qkv_bias else None
-        return wq, wk, L.wv, bias
+        norms = np.concatenate([nq, nk]).astype(np.float32) if c.qk_norm else None
+        return wq, wk, L.wv, bias, norms
 
     def _upload_layers(self, run: list[tuple[DeviceLayer, Arena, list[int]]]) -> None:
         """One buffer for a run of layers' arrays and the table of where each layer's start (matrix.cl's layers
-        takes both: a row of 15 byte offsets a layer, its LAYER_PARTS), and each array as a sub-buffer of it for
+        takes both: a row of 16 byte offsets a layer, its LAYER_PARTS), and each array as a sub-buffer of it for
         the other kernels."""
         first = len(self.layers) - len(run)
         weights = Arena.upload([arena for _, arena, _ in run], f"layers.{first}-{first + len(run) - 1}")
@@ -310,7 +317,7 @@ class Llama:
             tensors = (D.wqkv, D.wo, D.w13, D.w2)
             for t in tensors:
                 t.place(arena)
-            D.attn_norm, D.ffn_norm, D.qkv_bias = (arena.region(h) for h in handles)
+            D.attn_norm, D.ffn_norm, D.qkv_bias, D.qk_norms = (arena.region(h) for h in handles)
             D.group, D.row = len(self.layer_buffers), len(parts)
             parts.append([arena.offset(h) for h in [*(h for t in tensors for h in t.handles), *handles]])
         self.layer_buffers.append((weights, self.q.buffer(host=np.array(parts, np.uint32), name="layer_parts")))
@@ -390,7 +397,7 @@ class Llama:
         slot_stride 0) or of a batch (the batch's ids from 0, its table of {pos, slot} per row, slot 0 and the
         cache's slot stride; attention.h's ROW_POS)."""
         c, q, geo, cache = self.config, self.q, self.geometry, self.cache
-        q_dim, kv_dim, eps = c.n_heads * c.head_dim, c.kv_dim, np.float32(c.norm_eps)
+        q_dim, kv_dim, eps = c.q_dim, c.kv_dim, np.float32(c.norm_eps)
         cmds = [kernels.embed(q, self.tok_embeddings, T, tokens, start, self.batch_chosen, self.x, self.dim_p,
                               self.batch_fed)]
         i = 0
@@ -422,9 +429,13 @@ class Llama:
                     dict(kv, bias=L.qkv_bias.read()),
                     self.att.read_write(), self.att_out.write(), c.n_heads, self.dim_p, self.q_p))
             else:
+                cmds.append(kernels.gemv(q, "gemv_norm_rope_kv", L.wqkv, T, x, query, self.dim_p, self.q_p, g=g,
+                                         eps=eps, bias=L.qkv_bias.read(), **kv))
+                if c.qk_norm:
+                    cmds.append(kernels.norm_rope_heads(q, L.wqkv.program(geo.tokens(T)), c.n_heads + c.n_kv_heads, T,
+                                                        self.query.read_write(), self.q_p, L.qk_norms.read(), eps,
+                                                        dict(kv, bias=L.qkv_bias.read())))
                 cmds += [
-                    kernels.gemv(q, "gemv_norm_rope_kv", L.wqkv, T, x, query, self.dim_p, self.q_p, g=g, eps=eps,
-                                 bias=L.qkv_bias.read(), **kv),
                     kernels.attention(q, self.attention_prog, geo, T, self.query.read(), cache.k.read(), cache.v.read(),
                                       self.att.read_write(), self.att_out.write(), state.read(), c.n_heads,
                                       c.n_kv_heads, c.head_dim, cache.seq_p, self.q_p, offset, slot_stride,

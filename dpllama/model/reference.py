@@ -50,8 +50,9 @@ class Reference:
                              activation_bits)
         self.tok_embeddings = self.output.w if weights.tied else weights.tok_embeddings.dequantize()  # [vocab, dim]
         self.norm = np.asarray(weights.norm, f32)                       # [dim]
-        # per layer: {attn_norm [dim], wq [dim, dim], wk / wv [kv_dim, dim], wo [dim, dim], ffn_norm [dim],
-        #             w1 / w3 [hidden_dim, dim], w2 [dim, hidden_dim], and with qkv_bias bq [dim], bk / bv [kv_dim]}
+        # per layer: {attn_norm [dim], wq [q_dim, dim], wk / wv [kv_dim, dim], wo [dim, q_dim], ffn_norm [dim],
+        #             w1 / w3 [hidden_dim, dim], w2 [dim, hidden_dim], with qkv_bias bq [q_dim], bk / bv [kv_dim],
+        #             with qk_norm q_norm / k_norm [head_dim]}
         # The device multiplies Q, K and V in one matrix, and gate and up in another, each in the one format that
         # holds its parts (quant.widen): their inputs are rounded as that format's are, so here too.
         def matrices(layer) -> dict[str, Tensor]:
@@ -78,6 +79,13 @@ class Reference:
         a, b = np.moveaxis(pairs, pair, 0)
         return np.stack([a * cos - b * sin, a * sin + b * cos], axis=pair).reshape(x.shape)
 
+    def heads_norm(self, x: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
+        """x [n * head_dim] with each head RMS-normalized by `weight` [head_dim] (qwen3's q and k); x without one."""
+        if weight is None:
+            return x
+        hd = self.config.head_dim
+        return np.concatenate([rmsnorm(h, weight, self.config.norm_eps) for h in x.reshape(-1, hd)])
+
     def forward(self, token: int, pos: int) -> np.ndarray:
         """Feed `token` at position `pos` -> float32 logits [vocab]. Positions 0..pos-1 must have been fed
         since the last pos 0: feeding pos 0 starts a new sequence (attention reads only the cache up to pos)."""
@@ -86,9 +94,10 @@ class Reference:
         x = self.tok_embeddings[token].copy()                            # [dim] residual stream
         for l, w in enumerate(self.layers):
             xb = rmsnorm(x, w["attn_norm"], c.norm_eps)
-            # biases (qwen2) are added before RoPE
-            q = self.rope(w["wq"] @ xb + w.get("bq", 0), pos)                          # [dim]
-            self.key_cache[l, pos] = self.rope(w["wk"] @ xb + w.get("bk", 0), pos)     # [kv_dim]
+            # biases (qwen2) are added, and each head normalized (qwen3), before RoPE
+            q = self.rope(self.heads_norm(w["wq"] @ xb + w.get("bq", 0), w.get("q_norm")), pos)        # [q_dim]
+            self.key_cache[l, pos] = self.rope(self.heads_norm(w["wk"] @ xb + w.get("bk", 0), w.get("k_norm")),
+                                               pos)                                                       # [kv_dim]
             self.value_cache[l, pos] = w["wv"] @ xb + w.get("bv", 0)                   # [kv_dim]
             # grouped-query attention: query head h reads kv head h // group
             qh = q.reshape(c.n_kv_heads, group, hd)                       # [kv_head, group, hd]
@@ -98,7 +107,7 @@ class Reference:
             scores = (qh @ keys) / np.sqrt(f32(hd))                       # [kv_head, group, pos + 1]
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             att = (scores / scores.sum(axis=-1, keepdims=True)) @ values  # [kv_head, group, hd]
-            x += w["wo"] @ att.reshape(c.dim)
+            x += w["wo"] @ att.reshape(c.q_dim)
             xb = rmsnorm(x, w["ffn_norm"], c.norm_eps)
             gate = w["w1"] @ xb                                           # [hidden_dim]
             x += w["w2"] @ (gate / (f32(1) + np.exp(-gate)) * (w["w3"] @ xb))   # silu(w1 x) * w3 x

@@ -58,12 +58,18 @@ class ModelConfig:
     arch: str = "llama"             # GGUF's general.architecture, written back by dpllama quantize
     rope_neox: bool = False         # RoPE turns (x[i], x[i + head_dim/2]) (qwen2), not (x[2i], x[2i+1])
     qkv_bias: bool = False          # Q, K and V projections add a bias (Layer.bq, bk, bv)
+    qk_norm: bool = False           # each head of q and k is RMS-normalized before RoPE (qwen3: Layer.q_norm, k_norm)
+    key_length: int = 0             # a head's width where it is not dim / n_heads (GGUF's attention.key_length)
     # RoPE frequency i divided by factor i (Llama 3.1's "llama3" scaling, llama.cpp's rope_freqs.weight)
     rope_freq_factors: tuple[float, ...] | None = None
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.key_length or self.dim // self.n_heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.head_dim * self.n_heads
 
     @property
     def kv_dim(self) -> int:
@@ -105,12 +111,14 @@ def llama3_rope_factors(head_dim: int, theta: float, factor: float, low_freq_fac
 
 def layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every `Layer` field the model has, in field order: (rows, cols) for matrices, (n,) for norms
-    and biases (the biases only where c.qkv_bias)."""
-    shapes = {"attn_norm": (c.dim,), "wq": (c.dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim),
-              "wo": (c.dim, c.dim), "ffn_norm": (c.dim,), "w1": (c.hidden_dim, c.dim),
+    and biases (the biases only where c.qkv_bias, the heads' norms only where c.qk_norm)."""
+    shapes = {"attn_norm": (c.dim,), "wq": (c.q_dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim),
+              "wo": (c.dim, c.q_dim), "ffn_norm": (c.dim,), "w1": (c.hidden_dim, c.dim),
               "w2": (c.dim, c.hidden_dim), "w3": (c.hidden_dim, c.dim)}
     if c.qkv_bias:
-        shapes |= {"bq": (c.dim,), "bk": (c.kv_dim,), "bv": (c.kv_dim,)}
+        shapes |= {"bq": (c.q_dim,), "bk": (c.kv_dim,), "bv": (c.kv_dim,)}
+    if c.qk_norm:
+        shapes |= {"q_norm": (c.head_dim,), "k_norm": (c.head_dim,)}
     return shapes
 
 
@@ -126,7 +134,9 @@ def check_config(c: ModelConfig, source: str, names: dict[str, str] | None = Non
     for f in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"):
         if getattr(c, f) <= 0:
             raise bad(f"{name(f)} must be positive, found {getattr(c, f)}")
-    if c.dim % c.n_heads:
+    if c.key_length < 0:
+        raise bad(f"{name('key_length')} must be positive, found {c.key_length}")
+    if not c.key_length and c.dim % c.n_heads:
         raise bad(f"{name('dim')} {c.dim} is not a multiple of {name('n_heads')} {c.n_heads}")
     if c.n_heads % c.n_kv_heads:
         raise bad(f"{name('n_heads')} {c.n_heads} is not a multiple of {name('n_kv_heads')} {c.n_kv_heads}")
@@ -296,6 +306,8 @@ class Layer:
     bq: np.ndarray | None = None    # float32[n_heads * head_dim], added to q before RoPE (ModelConfig.qkv_bias)
     bk: np.ndarray | None = None    # float32[kv_dim]
     bv: np.ndarray | None = None    # float32[kv_dim]
+    q_norm: np.ndarray | None = None    # float32[head_dim], each head of q RMS-normalized by it (ModelConfig.qk_norm)
+    k_norm: np.ndarray | None = None    # float32[head_dim], each head of k's
 
 
 @dataclass
