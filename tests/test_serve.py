@@ -73,7 +73,8 @@ def test_health_models_tokenize_detokenize(server):
     assert http.post(f"{server.url}/detokenize", json={"tokens": ids}, timeout=10).json()["content"].strip() == \
         "Once upon a time"
     # the special tokens /tokenize shows, /detokenize shows too (it dropped them)
-    ids = http.post(f"{server.url}/tokenize", json={"content": "Once", "add_special": True}, timeout=10).json()["tokens"]
+    ids = http.post(f"{server.url}/tokenize", json={"content": "Once", "add_special": True},
+                    timeout=10).json()["tokens"]
     assert ids[0] == 1 and http.post(f"{server.url}/detokenize", json={"tokens": ids + [2]},
                                      timeout=10).json()["content"] == "<s>Once</s>"
 
@@ -210,7 +211,8 @@ def test_bad_requests_are_400_naming_the_parameter(server, client):
 def test_stream_options_without_stream_are_refused(server):
     """stream_options on a request that does not stream is OpenAI's 400 (it was ignored), for chat and completions,
     stream false, null or absent; stream_options null is the default, and include_usage null in a stream too."""
-    bodies = {"/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+    bodies = {"/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                       "max_tokens": 2},
               "/v1/completions": {"model": MODEL, "prompt": "Once", "max_tokens": 2}}
     for path, body in bodies.items():
         for stream in ({}, {"stream": False}, {"stream": None}):
@@ -618,7 +620,8 @@ def test_detokenize_gives_special_tokens_text():
     parsed) come back as the text they came from; it dropped them. A completion's text still leaves them out."""
     chat = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     with Server("-m", str(smollm2_gguf_path()), "--ctx", "64", "--model-name", "smollm2") as s:
-        tokens = http.post(f"{s.url}/tokenize", json={"content": chat, "with_pieces": True}, timeout=10).json()["tokens"]
+        tokens = http.post(f"{s.url}/tokenize", json={"content": chat, "with_pieces": True},
+                           timeout=10).json()["tokens"]
         ids = [t["id"] for t in tokens]
         assert [t["piece"] for t in tokens if t["id"] == ids[0]] == ["<|im_start|>"] * 3, tokens
         assert http.post(f"{s.url}/detokenize", json={"tokens": ids}, timeout=10).json() == {"content": chat}
