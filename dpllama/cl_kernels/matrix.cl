@@ -811,28 +811,58 @@ inline void store_qkv(__private const floatV *acc, const int t0, const int tiles
 }
 
 #if defined(QK_NORM)
+// TILE_ROWS floats from p as a vector: at once where `whole` (p then aligned for it), else lane by lane, the lanes
+// from `left` on 0
+inline floatV load_lanes(__global const float *p, const int left, const int whole) {
+    if (whole) return *(__global const floatV *)p;
+    floatV x = 0.0f;
+    for (int l = 0; l < TILE_ROWS && l < left; l++) ((float *)&x)[l] = p[l];
+    return x;
+}
+
 // Head `head` of row n's q (head < n_heads) or k (the rest), left in y by store_qkv: RMS-normalized by norms (q's
 // [head_dim], then k's, in the rows' device order, as Wq's and Wk's rows), then turned by RoPE as store_qkv turns
-// them; q stays in y, k goes to the KV cache.
+// a tile; q stays in y, k goes to the KV cache. A tile of lanes at a time, in vector form where heads are whole tiles
+// (the rows of y, the table's and the norms' then start at multiples of a tile); a pair never straddles two tiles.
 inline void norm_rope_head(const int head, const int n, __global float *y, const int y_stride,
                            __global const float *norms, const float eps, QKV_ARGS) {
     const int pos = ROW_POS(state, n, slot_stride), first = head * head_dim, is_k = first >= q_dim;
+    const int whole = head_dim % TILE_ROWS == 0;
     if (pos < 0) return;        // a batch's padding row
     __global float *v = y + (size_t)n * y_stride + first;
-    float ss = 0.0f;
-    for (int i = 0; i < head_dim; i++) ss += v[i] * v[i];
-    const float scale = 1.0f / sqrt(ss / head_dim + eps);
     __global const float *w = norms + (is_k ? head_dim : 0), *cs = rope + (size_t)pos * head_dim;
+    floatV squares = 0.0f;
+    for (int i = 0; i < head_dim; i += TILE_ROWS) {
+        const floatV x = load_lanes(v + i, head_dim - i, whole);
+        squares += x * x;
+    }
+    float ss = 0.0f;
+    for (int l = 0; l < TILE_ROWS; l++) ss += ((float *)&squares)[l];
+    const float scale = 1.0f / sqrt(ss / head_dim + eps);
     const size_t layer = ROW_CACHE(state, n, slot_stride, cache_offset);
-    for (int i = 0; i < head_dim; i += 2) {
-        const float a = v[i] * scale * w[i], b = v[i + 1] * scale * w[i + 1];
-        const float ta = a * cs[i] + b * -cs[i + 1], tb = b * cs[i] + a * cs[i + 1];
-        if (!is_k) {
-            v[i] = ta;
-            v[i + 1] = tb;
-        } else {
-            KV_STORE(ta, 0, KEY_AT(k_cache, layer, kv_dim, seq_p, first - q_dim + i, pos));
-            KV_STORE(tb, 0, KEY_AT(k_cache, layer, kv_dim, seq_p, first - q_dim + i + 1, pos));
+    for (int i = 0; i < head_dim; i += TILE_ROWS) {
+        const floatV a = load_lanes(v + i, head_dim - i, whole) * scale * load_lanes(w + i, head_dim - i, whole);
+        const floatV t = load_lanes(cs + i, head_dim - i, whole);
+        const floatV out = a * EVENS(t) + PAIR_SWAP(a) * (ODDS(t) * PAIR_SIGNS);
+#if defined(HALF_BITS)
+        const ushortV bits = HALF_BITS(out);
+#endif
+        if (!is_k && whole) {
+            *(__global floatV *)(v + i) = out;
+            continue;
+        }
+        for (int l = 0; l < TILE_ROWS && i + l < head_dim; l++) {
+            const float o = ((const float *)&out)[l];
+            if (!is_k) {
+                v[i + l] = o;
+                continue;
+            }
+            __global kv_t *to = KEY_AT(k_cache, layer, kv_dim, seq_p, first - q_dim + i + l, pos);
+#if defined(HALF_BITS)
+            *(__global ushort *)to = ((const ushort *)&bits)[l];
+#else
+            KV_STORE(o, 0, to);
+#endif
         }
     }
 }
