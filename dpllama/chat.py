@@ -11,12 +11,13 @@ from __future__ import annotations
 from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler, check_sampler, check_steps, generate, reusable
 from dpllama.llm import LLM
-from dpllama.tokenizer import StreamDecoder, Tokenizer
+from dpllama.tokenizer import StreamDecoder, Tokenizer, check_template_kwargs
 
 
-def chat_text(tok: Tokenizer, messages: list[dict]) -> str:
-    """A conversation in the model's chat template, ready for the assistant's reply."""
-    return tok.apply_chat_template(messages, add_generation_prompt=True)
+def chat_text(tok: Tokenizer, messages: list[dict], template_kwargs: dict | None = None) -> str:
+    """A conversation in the model's chat template, ready for the assistant's reply; `template_kwargs` are the
+    template's extra variables ({"enable_thinking": False})."""
+    return tok.apply_chat_template(messages, add_generation_prompt=True, **check_template_kwargs(template_kwargs or {}))
 
 
 def chat_ids(tok: Tokenizer, text: str) -> list[int]:
@@ -27,9 +28,9 @@ def chat_ids(tok: Tokenizer, text: str) -> list[int]:
     return ids
 
 
-def chat_prompt(tok: Tokenizer, messages: list[dict]) -> list[int]:
+def chat_prompt(tok: Tokenizer, messages: list[dict], template_kwargs: dict | None = None) -> list[int]:
     """The token ids of a conversation in the model's chat template, ready for the assistant's reply."""
-    return chat_ids(tok, chat_text(tok, messages))
+    return chat_ids(tok, chat_text(tok, messages, template_kwargs))
 
 
 class MessageTooLong(DpllamaError):
@@ -38,10 +39,12 @@ class MessageTooLong(DpllamaError):
 
 
 class Chat:
-    def __init__(self, llm: LLM, sampler: Sampler, system: str | None = None, max_reply: int = 512):
+    def __init__(self, llm: LLM, sampler: Sampler, system: str | None = None, max_reply: int = 512,
+                 template_kwargs: dict | None = None):
         self.llm = llm
         self.sampler = check_sampler(sampler)
         self.max_reply = check_steps(max_reply, "max_reply")
+        self.template_kwargs = check_template_kwargs(template_kwargs or {})     # before the first message
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.cached: list[int] = []     # tokens whose keys and values the model's cache holds
         self.last = None                # the generation of the last reply: while it owns the sequence, `cached` holds
@@ -56,11 +59,11 @@ class Chat:
             raise DpllamaError("the last reply is still being read: read it to its end or close it first")
         tok, limit = self.llm.tokenizer, self.llm.model.seq_len
         messages = self.messages + [{"role": "user", "content": user}]
-        ids = chat_prompt(tok, messages)
+        ids = chat_prompt(tok, messages, self.template_kwargs)
         first = 1 if messages[0]["role"] == "system" else 0
         while len(ids) + min(self.max_reply, limit // 4) > limit and len(messages) > first + 1:
             del messages[first:first + 2]       # the oldest exchange
-            ids = chat_prompt(tok, messages)
+            ids = chat_prompt(tok, messages, self.template_kwargs)
         if len(ids) >= limit:
             raise MessageTooLong(f"the message does not fit the context: with {'the system prompt and ' * first}"
                                  f"no earlier exchange it is {len(ids)} tokens in the chat template, the context "

@@ -240,9 +240,25 @@ QWEN3_TINY = dict(dim=64, hidden=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab=
 ORACLES = Path(__file__).parent / "oracles"
 
 
-def tiny_qwen3(path) -> Weights:
-    """Write QWEN3_TINY to `path` as a GGUF; returns the weights written."""
+# Qwen3's chat template as far as thinking goes: ChatML, and a reply that thinks first unless the template's extra
+# variable enable_thinking is false (--chat-template-kwargs, a request's chat_template_kwargs), its tail verbatim
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}\n"
+    "    {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
+    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}")
+NO_THINKING = "<think>\n\n</think>\n\n"   # what it adds to the reply's start with enable_thinking false
+
+
+def tiny_qwen3(path, chat_template: str | None = None) -> Weights:
+    """Write QWEN3_TINY to `path` as a GGUF, with `chat_template` if given; returns the weights written."""
     from tests.test_tokenizer import gpt2_fields
     w = random_weights(**QWEN3_TINY)
-    write_test_gguf(path, w, tokenizer=gpt2_fields(**{"tokenizer.ggml.pre": "qwen2"}))
+    template = {"tokenizer.chat_template": chat_template} if chat_template else {}
+    write_test_gguf(path, w, tokenizer=gpt2_fields(**{"tokenizer.ggml.pre": "qwen2"}, **template))
     return w

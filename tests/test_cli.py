@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.helpers import llama2c_dir, random_llama2c, smollm2_gguf_path
+from tests.helpers import NO_THINKING, QWEN3_CHAT_TEMPLATE, llama2c_dir, random_llama2c, smollm2_gguf_path, tiny_qwen3
 
 
 def run(*args, cwd=None, stdin=None):
@@ -176,6 +176,60 @@ def test_chat_answers_on_stdin(repo_root):
             stdin="What is the capital of France?\n/exit\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "The capital of France is Paris."
+
+
+@pytest.fixture(scope="module")
+def qwen3_chat(tmp_path_factory):
+    """A tiny Qwen3 GGUF with Qwen3's chat template (thinking unless enable_thinking is false), and a function that
+    gives the token ids of a user's message in that template, `tail` after the reply's start."""
+    from dpllama.tokenizer import load_gguf_tokenizer
+    path = tmp_path_factory.mktemp("qwen3") / "qwen3_chat.gguf"
+    tiny_qwen3(path, QWEN3_CHAT_TEMPLATE)
+    tok = load_gguf_tokenizer(path)
+    return path, lambda user, tail: tok.encode(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{tail}",
+                                               bos=False, parse_special=True)
+
+
+def test_chat_template_kwargs_reach_the_template(qwen3_chat):
+    """Chat's template_kwargs are extra variables of the chat template: Qwen3's reply starts with its thinking
+    left empty under enable_thinking false. One of the template's own is refused before the first message."""
+    import dpllama
+    from dpllama.chat import Chat
+    from dpllama.errors import DpllamaError
+    from dpllama.generate import Sampler
+    path, ids = qwen3_chat
+    llm = dpllama.load(str(path))
+    for kwargs, tail in ((None, ""), ({"enable_thinking": True}, ""), ({"enable_thinking": False}, NO_THINKING)):
+        chat = Chat(llm, Sampler(temperature=0), max_reply=2, template_kwargs=kwargs)
+        "".join(chat.reply("Hi"))
+        assert chat.last.tokens[:chat.last.prompt_len] == ids("Hi", tail), kwargs
+    with pytest.raises(DpllamaError, match="^add_generation_prompt is the chat template's own variable"):
+        Chat(llm, Sampler(temperature=0), template_kwargs={"add_generation_prompt": False})
+
+
+@pytest.mark.parametrize("flag, tail", [((), ""), (("--chat-template-kwargs", '{"enable_thinking": false}'),
+                                                   NO_THINKING)])
+def test_chat_template_kwargs_option(qwen3_chat, repo_root, flag, tail):
+    """--chat-template-kwargs reaches the template. The chat shows no prompt; the refusal of a message too long for
+    the context counts its tokens in the template."""
+    path, ids = qwen3_chat
+    message = "x" * 80      # more tokens than the tiny Qwen3's 64 positions
+    r = run("chat", "-m", path, "-t", 0, "-n", 2, *flag, cwd=repo_root, stdin=message + "\n")
+    assert r.returncode == 0, r.stderr
+    assert f"with no earlier exchange it is {len(ids(message, tail))} tokens in the chat template" in r.stderr, \
+        r.stderr
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{enable_thinking: false}", "must be a JSON object, found '{enable_thinking: false}' (not JSON: Expecting "
+                                 "property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    ('["enable_thinking"]', """must be a JSON object, found '["enable_thinking"]'"""),
+    ('"enable_thinking"', """must be a JSON object, found '"enable_thinking"'"""),
+    ('{"bos_token": ""}', """'{"bos_token": ""}': bos_token is the chat template's own variable, which dpllama sets"""),
+])
+def test_chat_template_kwargs_option_is_an_object_of_extra_variables(value, message):
+    r = run("chat", "-m", "/nonexistent/model.bin", "--chat-template-kwargs", value)
+    assert r.returncode == 1 and r.stderr == f"dpllama: error: --chat-template-kwargs {message}\n", r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from dpllama.hub import MODELS
-from tests.helpers import llama2c_dir, shared_models, smollm2_gguf_path
+from tests.helpers import NO_THINKING, QWEN3_CHAT_TEMPLATE, llama2c_dir, shared_models, smollm2_gguf_path, tiny_qwen3
 from tests.serving import REPO, Server
 
 openai = pytest.importorskip("openai", reason="the serve tests need the test extra's openai client")
@@ -365,7 +365,12 @@ def test_extreme_and_malformed_bodies_get_answers_not_server_errors(server):
                                              (("--drain-timeout", "inf"), "--drain-timeout must be between 0 and 86400 "
                                               "seconds, found inf"),
                                              (("--api-key-file", "/dev/zero"), "--api-key-file /dev/zero: not a regular "
-                                              "file")])
+                                              "file"),
+                                             (("--chat-template-kwargs", "[]"), "--chat-template-kwargs must be a JSON "
+                                              "object, found '[]'"),
+                                             (("--chat-template-kwargs", '{"eos_token": ""}'), "--chat-template-kwargs "
+                                              """'{"eos_token": ""}': eos_token is the chat template's own variable, """
+                                              "which dpllama sets")])
 def test_bad_options_are_one_line_errors(repo_root, option, message):
     r = subprocess.run([sys.executable, "-m", "dpllama.cli", "serve", *stories_args(*option)], capture_output=True,
                        text=True, cwd=repo_root, timeout=60)
@@ -386,6 +391,40 @@ def test_bad_option_from_the_environment_stops_before_listening(repo_root):
                        text=True, cwd=repo_root, timeout=60, env=dict(os.environ, DPLLAMA_ACTIVATION_BITS="7"))
     assert r.returncode == 2 and "listening" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].endswith("argument --activation-bits: must be 16 or 8, found '7'"), r.stderr
+
+
+def test_chat_template_kwargs_from_the_environment_are_checked_before_listening(repo_root):
+    r = subprocess.run([sys.executable, "-m", "dpllama.cli", "serve", *stories_args()], capture_output=True,
+                       text=True, cwd=repo_root, timeout=60, env=dict(os.environ, DPLLAMA_CHAT_TEMPLATE_KWARGS="true"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "dpllama: error: --chat-template-kwargs must be a JSON object, found 'true'"], r.stderr
+
+
+def test_chat_template_kwargs_of_the_server_and_of_a_request(tmp_path):
+    """--chat-template-kwargs are extra variables of the chat template for every chat request; a request's
+    chat_template_kwargs go over them (null or {}: the server's alone). Qwen3's template thinks unless
+    enable_thinking is false; the prompt's tokens (usage.prompt_tokens) show how it rendered. A request's that is
+    not an object, or sets one of the template's own variables, is a 400 naming it."""
+    from dpllama.tokenizer import load_gguf_tokenizer
+    path = tmp_path / "qwen3.gguf"
+    tiny_qwen3(path, QWEN3_CHAT_TEMPLATE)
+    tok = load_gguf_tokenizer(path)
+    hi = {"model": "qwen3", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    with Server("-m", str(path), "--model-name", "qwen3", "--chat-template-kwargs", '{"enable_thinking": false}') as s:
+        for kwargs, tail in (({}, NO_THINKING), ({"chat_template_kwargs": None}, NO_THINKING),
+                             ({"chat_template_kwargs": {}}, NO_THINKING),
+                             ({"chat_template_kwargs": {"enable_thinking": True}}, ""),
+                             ({"chat_template_kwargs": {"enable_thinking": None}}, "")):
+            r = http.post(f"{s.url}/v1/chat/completions", json={**hi, **kwargs}, timeout=60)
+            want = tok.encode(f"<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n{tail}", parse_special=True)
+            assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want), (kwargs, r.text)
+        for kwargs, message in (("enable_thinking", 'Input should be a valid dictionary, found "enable_thinking"'),
+                                ([], "Input should be a valid dictionary, found an array of 0"),
+                                ({"messages": []}, "messages is the chat template's own variable, which dpllama sets")):
+            r = http.post(f"{s.url}/v1/chat/completions", json={**hi, "chat_template_kwargs": kwargs}, timeout=60)
+            assert r.status_code == 400 and r.json()["error"] == {
+                "message": f"chat_template_kwargs: {message}",
+                "type": "invalid_request_error", "param": "chat_template_kwargs", "code": None}, r.text
 
 
 def test_missing_model_file_stops_before_listening(repo_root, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from dpllama.errors import DpllamaError
 from dpllama.tokenizer import (Llama2cTokenizer, StreamDecoder, load_gguf_tokenizer, printable_piece,
                                tokenizer_from_gguf_fields)
-from tests.helpers import smollm2_gguf_path
+from tests.helpers import NO_THINKING, QWEN3_CHAT_TEMPLATE, smollm2_gguf_path
 
 MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 LLAMA2C = MODELS / "llama2c"
@@ -278,6 +278,23 @@ def test_chat_template_expressions_that_raise(tiny_gpt2, template, error):
     bad = tokenizer_from_gguf_fields(gpt2_fields(**{"tokenizer.chat_template": template}), "t.gguf")
     with pytest.raises(DpllamaError, match=re.escape(f"t.gguf: chat template error: {error}")):
         bad.apply_chat_template([{"role": "user", "content": "Hi"}])
+
+
+def test_chat_template_kwargs_are_extra_variables():
+    """Extra variables reach the template as transformers passes them (Qwen3's enable_thinking=False), and as
+    dpllama.chat's functions take them; one of the template's own (messages, bos_token, ...) is refused, not
+    replaced."""
+    from dpllama.chat import chat_text
+    qwen3 = tokenizer_from_gguf_fields(gpt2_fields(**{"tokenizer.chat_template": QWEN3_CHAT_TEMPLATE}), "q.gguf")
+    msgs = [{"role": "user", "content": "Hi"}]
+    thinking = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert qwen3.apply_chat_template(msgs) == qwen3.apply_chat_template(msgs, enable_thinking=True) == thinking
+    assert qwen3.apply_chat_template(msgs, enable_thinking=False) == thinking + NO_THINKING
+    assert chat_text(qwen3, msgs, {"enable_thinking": False}) == thinking + NO_THINKING
+    with pytest.raises(DpllamaError, match=r"^bos_token is the chat template's own variable, which dpllama sets$"):
+        qwen3.apply_chat_template(msgs, bos_token="")
+    with pytest.raises(DpllamaError, match=r"^messages is the chat template's own variable"):
+        chat_text(qwen3, msgs, {"messages": []})
 
 
 def test_chat_template_that_writes_nothing(tiny_gpt2):

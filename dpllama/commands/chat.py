@@ -7,7 +7,8 @@ import signal
 import sys
 
 from dpllama.chat import Chat, MessageTooLong
-from dpllama.commands.options import add_activation_bits, add_device, add_model, add_sampling, load_llm, sampler_from
+from dpllama.commands.options import (add_activation_bits, add_device, add_model, add_sampling, add_template_kwargs,
+                                      load_llm, sampler_from, template_kwargs_from)
 from dpllama.generate import Sampler, check_steps
 from dpllama.llm import LLM
 from dpllama.signals import presses_noted
@@ -18,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt (default: the template's own, if any)")
     p.add_argument("-n", "--max-reply", type=int, default=512, help="longest reply in tokens (default 512)")
     add_sampling(p, temperature=0.7)
+    add_template_kwargs(p)
     add_device(p)
     add_activation_bits(p)
 
@@ -25,9 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     max_reply = check_steps(args.max_reply, "-n")
     sampler = sampler_from(args)
+    kwargs = template_kwargs_from(args)
     llm = load_llm(args)
     signal.signal(signal.SIGINT, signal.default_int_handler)   # at the prompt, input() raises it: the chat ends
-    repl(llm, sampler, args.system, max_reply)
+    repl(llm, sampler, args.system, max_reply, template_kwargs=kwargs)
     return 0
 
 
@@ -39,10 +42,10 @@ def template_note(tok) -> str:
 
 
 def repl(llm: LLM, sampler: Sampler, system: str | None, max_reply: int, stdin=sys.stdin, stdout=sys.stdout,
-         stderr=sys.stderr):
+         stderr=sys.stderr, template_kwargs: dict | None = None):
     """The conversation on a terminal or a pipe. Ctrl-C during a reply stops only the reply (as llama.cpp's
     chat); at the prompt it quits, as Ctrl-D (end of input) and /exit do."""
-    chat = Chat(llm, sampler, system, max_reply)
+    chat = Chat(llm, sampler, system, max_reply, template_kwargs)
     interactive = stdin.isatty()
     if interactive:
         try:
@@ -68,7 +71,7 @@ def repl(llm: LLM, sampler: Sampler, system: str | None, max_reply: int, stdin=s
         if line == "/exit":
             return
         if line == "/reset":
-            chat = Chat(llm, sampler, system, max_reply)
+            chat = Chat(llm, sampler, system, max_reply, template_kwargs)
             stderr.write("dpllama: the conversation starts over\n")
             stderr.flush()
             continue

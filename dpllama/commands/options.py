@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from dpllama.errors import DpllamaError
 from dpllama.model.weights import ACTIVATION_BITS, KV_TYPES
+from dpllama.tokenizer import check_template_kwargs
 
 SELECTOR_HELP = ("device selector: cpu, gpu, gpu:1, a device number, platform=NAME, vendor=NAME, name~TEXT, "
                  "isa=avx2, comma-separated terms all must hold (default: $DPLLAMA_DEVICE, else the best device)")
@@ -87,6 +89,30 @@ def sampler_from(args: argparse.Namespace):
     from dpllama.generate import Sampler
     seed = args.seed if args.seed is not None else time.time_ns()
     return Sampler(args.temperature, args.top_p, args.top_k, args.repeat_penalty, args.repeat_last_n, seed)
+
+
+def add_template_kwargs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template-kwargs", metavar="JSON",
+                   help="extra variables of the chat template, a JSON object (llama.cpp's): "
+                        "'{\"enable_thinking\": false}' has Qwen3 answer without thinking first")
+
+
+def template_kwargs_from(args: argparse.Namespace) -> dict:
+    """--chat-template-kwargs' object, checked before the model loads: a DpllamaError's one line, as check_ctx's,
+    where an argparse type's error comes after the usage."""
+    text = args.chat_template_kwargs
+    if text is None:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except ValueError as e:
+        raise DpllamaError(f"--chat-template-kwargs must be a JSON object, found {text!r} (not JSON: {e})") from None
+    if not isinstance(kwargs, dict):
+        raise DpllamaError(f"--chat-template-kwargs must be a JSON object, found {text!r}")
+    try:
+        return check_template_kwargs(kwargs)
+    except DpllamaError as e:
+        raise DpllamaError(f"--chat-template-kwargs {text!r}: {e}") from None
 
 
 def check_ctx(args: argparse.Namespace) -> None:

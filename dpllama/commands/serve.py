@@ -7,7 +7,8 @@ import os
 import socket
 from pathlib import Path
 
-from dpllama.commands.options import add_activation_bits, add_device, add_model, check_ctx, load_llm
+from dpllama.commands.options import (add_activation_bits, add_device, add_model, add_template_kwargs, check_ctx,
+                                      load_llm, template_kwargs_from)
 from dpllama.errors import DpllamaError
 from dpllama.fileio import check_input
 from dpllama.hub import local_model
@@ -32,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="accept this Bearer token (repeatable, or comma-separated); none: no key is asked")
     p.add_argument("--api-key-file", metavar="PATH", help="accept the tokens in this file, one a line")
     p.add_argument("--model-name", help="the model's name in the API (default: -m's file name or known name)")
+    add_template_kwargs(p)      # a request's chat_template_kwargs go over them
     p.add_argument("--drain-timeout", type=float, default=30, metavar="S",
                    help="on SIGTERM, seconds that running requests have to finish before they are cancelled "
                         "(default 30)")
@@ -112,6 +114,7 @@ def listen(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     check(args)
     keys = api_keys(args)
+    kwargs = template_kwargs_from(args)
     local_model(args.model)     # a missing file is one line before the server listens (a fetch, long, comes after)
     name = args.model_name or Path(args.model).name
 
@@ -126,11 +129,11 @@ def run(args: argparse.Namespace) -> int:
     if args.replicas:
         from dpllama.serve.ray_serve import serve_replicas
         return serve_replicas(load, args.host, args.port, args.replicas, args.parallel, args.max_waiting, name, keys,
-                              args.drain_timeout)
+                              args.drain_timeout, kwargs)
 
     from dpllama.serve.app import serve
     sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     log(f"dpllama: listening on http://{host}:{port} (loading {args.model})")
-    serve(sock, load, args.parallel, args.max_waiting, name, keys, args.drain_timeout)
+    serve(sock, load, args.parallel, args.max_waiting, name, keys, args.drain_timeout, kwargs)
     return 0

@@ -193,9 +193,10 @@ class RequestLog:
 
 
 def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozenset(),
-             replica: str | None = None) -> FastAPI:
+             template_kwargs: dict | None = None, replica: str | None = None) -> FastAPI:
     """The API over `engine` (started and stopped with the app), serving it as `model_name`; with `api_keys`,
-    every endpoint but /health wants one of them as a Bearer token. `replica` names this process in an
+    every endpoint but /health wants one of them as a Bearer token. `template_kwargs` are the chat template's
+    extra variables (--chat-template-kwargs), under a request's own. `replica` names this process in an
     X-Dpllama-Replica header (Ray Serve's replicas)."""
 
     @asynccontextmanager
@@ -369,7 +370,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
 
         def text() -> str:
             messages = [{"role": m.template_role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
-            return chat_text(llm.tokenizer, messages)
+            return chat_text(llm.tokenizer, messages, body.template_kwargs(template_kwargs or {}))
         try:
             prompt = await prompt_of(llm, text, "messages", "the conversation in the chat template",
                                      partial(chat_ids, llm.tokenizer))
@@ -396,7 +397,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
 
 
 def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiting: int, model_name: str,
-          api_keys: frozenset[str], drain_timeout: float) -> None:
+          api_keys: frozenset[str], drain_timeout: float, template_kwargs: dict) -> None:
     """Serve on the listening `sock` with uvicorn until SIGTERM or SIGINT: the server stops accepting, running
     requests have `drain_timeout` seconds to finish, then the rest are cancelled. The model loads meanwhile
     (`load(slots)`, /health says 503 until it is done); its failure ends the server with its DpllamaError, and a
@@ -435,7 +436,7 @@ def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiti
                 asyncio.get_running_loop().call_soon_threadsafe(app.state.closing.set)
             super().handle_exit(sig, frame)
 
-    app = make_app(engine, model_name, api_keys)
+    app = make_app(engine, model_name, api_keys, template_kwargs)
     server = Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                    lifespan="on", timeout_graceful_shutdown=drain_timeout + 10))
     # SIGTERM and SIGINT are taken by a thread of their own (sigwait), never by a handler: every thread of the

@@ -17,6 +17,9 @@ from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field
                       model_validator)
 from pydantic_core import PydanticCustomError
 
+from dpllama.errors import DpllamaError
+from dpllama.tokenizer import check_template_kwargs
+
 
 class ParameterError(Exception):
     """A request's parameter that cannot be served: HTTP 400 naming `param`."""
@@ -139,6 +142,14 @@ class ChatRequest(Sampling):
     max_completion_tokens: Whole | None = Field(None, ge=1)    # the newer name of max_tokens
     logprobs: bool = False
     top_logprobs: Whole | None = Field(None, ge=0, le=20)
+    chat_template_kwargs: dict | None = None                    # llama.cpp's and vLLM's: the template's extra variables
+
+    def template_kwargs(self, server: dict) -> dict:
+        """The chat template's extra variables: the server's (--chat-template-kwargs), and the request's over them."""
+        try:
+            return check_template_kwargs({**server, **(self.chat_template_kwargs or {})})
+        except DpllamaError as e:
+            raise ParameterError("chat_template_kwargs", f"chat_template_kwargs: {e}") from None
 
     def unsupported(self) -> list[str]:
         extra = super().unsupported()

@@ -105,10 +105,12 @@ class Tokenizer:
         """Text of a special token as chat templates spell it (bos_token, eos_token)."""
         return self.token_bytes(token).decode("utf-8", "replace")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The conversation in the chat template; `kwargs` are extra variables of the template's, as transformers
+        takes them (Qwen3's enable_thinking=False)."""
         return render_chat_template(self.chat_template or CHATML_TEMPLATE, messages,
                                     add_generation_prompt, self.special_text(self.bos_id),
-                                    self.special_text(self.eos_id), self.source)
+                                    self.special_text(self.eos_id), self.source, kwargs)
 
 
 def utf8(text: str) -> bytes:
@@ -198,10 +200,26 @@ def _raise_exception(message):
     raise DpllamaError(message)
 
 
+# The variables a chat template gets from dpllama, which extra ones (--chat-template-kwargs, a request's
+# chat_template_kwargs) may not replace: another `messages` would render another conversation than the one sent,
+# and the prompt relies on the rest (the template writes BOS, and ends where the reply begins). llama.cpp lets the
+# extra one win without a word, so that a slip renders a prompt nobody asked for; a refusal says what is wrong.
+TEMPLATE_OWN = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+
+
+def check_template_kwargs(kwargs: dict) -> dict:
+    """`kwargs`, extra variables for a chat template, unless one is the template's own (a DpllamaError)."""
+    own = [name for name in TEMPLATE_OWN if name in kwargs]
+    if own:
+        raise DpllamaError(f"{own[0]} is the chat template's own variable, which dpllama sets")
+    return kwargs
+
+
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool,
-                         bos_token: str, eos_token: str, source: str) -> str:
+                         bos_token: str, eos_token: str, source: str, kwargs: dict | None = None) -> str:
     """Render a Hugging Face-style chat template the way transformers does (sandboxed Jinja,
-    trim_blocks/lstrip_blocks, raise_exception/strftime_now, tojson keeping non-ASCII)."""
+    trim_blocks/lstrip_blocks, raise_exception/strftime_now, tojson keeping non-ASCII), with `kwargs` as
+    extra variables."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -210,9 +228,10 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    kwargs = check_template_kwargs(kwargs or {})
     try:
         return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+            **kwargs, messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=bos_token, eos_token=eos_token)
     except DpllamaError as e:
         raise DpllamaError(f"{source}: chat template refused the messages: {e}") from None
