@@ -6,8 +6,8 @@ benchmarks/compare.py (dpllama against llama.cpp on the same file): speed does n
 
 Every matrix is of `--type` (Q8_0, Q4_0 and F16 quantized from random values by gguf-py; K-quants and IQ4 as random
 blocks of weights of the same size, tests/helpers.gguf_data), norms and vectors f32, and the vocabulary a
-byte-level BPE one of the model's size (its 256 byte tokens, one merge, then filler tokens): both engines load it, neither
-is asked to tokenize text.
+byte-level BPE one of the model's size (its 256 byte tokens, one merge, then filler tokens): both engines load
+it, neither is asked to tokenize text.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def tokenizer(vocab: int) -> dict:
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokens = specials + byte_chars() + ["Ġt"] + [f"filler{i}" for i in range(vocab - 260)]
     return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.merges": ["Ġ t"],      # llama.cpp refuses a BPE vocabulary without merges "tokenizer.ggml.token_type": [3] * 3 + [1] * (vocab - 3),
+            "tokenizer.ggml.merges": ["Ġ t"],      # llama.cpp refuses a BPE vocabulary without merges
+            "tokenizer.ggml.token_type": [3] * 3 + [1] * (vocab - 3),
             "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 2,
             "tokenizer.ggml.add_bos_token": False}
 
