@@ -11,11 +11,16 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from dpllama.hub import MODELS
-from tests.helpers import NO_THINKING, QWEN3_CHAT_TEMPLATE, llama2c_dir, shared_models, smollm2_gguf_path, tiny_qwen3
+from dpllama.model.weights import Tensor, Weights
+from dpllama.tokenizer.gguf import _bytes_to_unicode
+from tests.helpers import (NO_THINKING, QWEN3_CHAT_TEMPLATE, llama2c_dir, random_weights, shared_models,
+                           smollm2_gguf_path, tiny_qwen3, write_test_gguf)
 from tests.serving import REPO, Server
 
 openai = pytest.importorskip("openai", reason="the serve tests need the test extra's openai client")
@@ -386,11 +391,15 @@ def test_api_key_file_that_is_not_text(repo_root, tmp_path):
         f"dpllama: error: --api-key-file {keys}: not UTF-8 text (byte 4)"], r.stderr
 
 
-def test_bad_option_from_the_environment_stops_before_listening(repo_root):
+@pytest.mark.parametrize("variable, value, message", [
+    ("ACTIVATION_BITS", "7", "--activation-bits: must be 16 or 8, found '7'"),
+    ("REASONING_FORMAT", "deepseek-legacy",
+     "--reasoning-format: must be auto, deepseek or none, found 'deepseek-legacy'")])
+def test_bad_option_from_the_environment_stops_before_listening(repo_root, variable, value, message):
     r = subprocess.run([sys.executable, "-m", "dpllama.cli", "serve", *stories_args()], capture_output=True,
-                       text=True, cwd=repo_root, timeout=60, env=dict(os.environ, DPLLAMA_ACTIVATION_BITS="7"))
+                       text=True, cwd=repo_root, timeout=60, env=dict(os.environ, **{f"DPLLAMA_{variable}": value}))
     assert r.returncode == 2 and "listening" not in r.stderr, r.stderr
-    assert r.stderr.strip().splitlines()[-1].endswith("argument --activation-bits: must be 16 or 8, found '7'"), r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith(f"argument {message}"), r.stderr
 
 
 def test_chat_template_kwargs_from_the_environment_are_checked_before_listening(repo_root):
@@ -425,6 +434,184 @@ def test_chat_template_kwargs_of_the_server_and_of_a_request(tmp_path):
             assert r.status_code == 400 and r.json()["error"] == {
                 "message": f"chat_template_kwargs: {message}",
                 "type": "invalid_request_error", "param": "chat_template_kwargs", "code": None}, r.text
+
+
+# Replies a model gives greedily, each after the prompt's last token (the script's first): a thought in whole tags,
+# one in tags cut in two tokens (with a "<" in it that is no tag), and one that a template opens (the prompt ends in
+# "<think>\n"); the end-of-text token ends each
+SCRIPTS = {"A": ["A", "<think>", "\n\n", "Hm", " so", " \n", "</think>", "\n\n\n", "Yes", ".", "<|im_end|>"],
+           "B": ["B", "<th", "ink>", "x", "<", "y", "</", "think>", " ", "No", "<|im_end|>"],
+           "C": ["\n", "Why", "</think", ">", "Ok", "<|im_end|>"]}
+THOUGHTS = {"A": ("Hm so", "Yes."), "B": ("x<y", "No"), "C": ("Why", "Ok")}    # reasoning_content, content
+# the conversation's text, and a "<think>\n" after it with the template variable think (C's)
+SCRIPTED_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if think %}<think>\n{% endif %}"
+
+
+def scripted_gguf(path) -> None:
+    """A GGUF whose greedy reply to a prompt that ends in a script's first token is the rest of that script. Its one
+    layer adds nothing to the residual stream (its output projections are zero), so that the last hidden state is
+    the RMS-normalized embedding of the latest token; the embeddings are random unit vectors, and the LM head's row
+    of each token of a script is 10 times the embedding of the token before it there (the sum of them for the
+    end-of-text token, which ends every script): its logit is 75 or more, the others' below 40. Byte-level BPE
+    with the scripts' tokens added, <think> and </think> user-defined, as in Qwen3's vocabulary."""
+    from tests.test_tokenizer import gpt2_fields
+    fields = gpt2_fields(**{"tokenizer.chat_template": SCRIPTED_TEMPLATE})
+    tokens, chars, tags = fields["tokenizer.ggml.tokens"], _bytes_to_unicode(), {"<think>", "</think>"}
+    forms = {t: t if t in tokens or t in tags else "".join(chars[b] for b in t.encode())     # as the vocabulary has it
+             for script in SCRIPTS.values() for t in script}
+    added = sorted(set(forms.values()) - set(tokens))
+    tokens += added
+    fields["tokenizer.ggml.token_type"] += [4 if t in tags else 1 for t in added]
+    ids = {t: tokens.index(form) for t, form in forms.items()}
+    w = random_weights(dim=64, hidden=32, n_layers=1, vocab=len(tokens), seq_len=64, shared=False)
+    rng = np.random.default_rng(1)
+    embedding = rng.standard_normal((len(tokens), 64))
+    embedding /= np.linalg.norm(embedding, axis=1, keepdims=True)
+    head = np.zeros_like(embedding)
+    for script in SCRIPTS.values():
+        for before, token in zip(script, script[1:]):
+            head[ids[token]] += 10 * embedding[ids[before]]
+    zero = {name: Tensor.f32(np.zeros((getattr(w.layers[0], name).rows, getattr(w.layers[0], name).cols)))
+            for name in ("wo", "w2")}
+    write_test_gguf(path, Weights(w.config, Tensor.f32(embedding), [replace(w.layers[0], **zero)],
+                                  np.ones(64, np.float32), Tensor.f32(head)), tokenizer=fields)
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory):
+    path = tmp_path_factory.mktemp("thinker") / "thinker.gguf"
+    scripted_gguf(path)
+    with Server("-m", str(path), "--model-name", "thinker", "--parallel", "2") as s:
+        yield s
+
+
+def scripted(script: str, **body) -> dict:
+    """A greedy chat request for a script's reply (C's prompt opens the thinking in the template)."""
+    kwargs = {"chat_template_kwargs": {"think": True}} if script == "C" else {}
+    return {"model": "thinker", "messages": [{"role": "user", "content": script}], "temperature": 0, **kwargs, **body}
+
+
+def chat_events(server: Server, body: dict) -> list[dict]:
+    """A streamed chat completion's chunks' choices (the usage chunk's, [], left out)."""
+    with http.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]", lines
+    return [c["choices"][0] for c in map(lambda line: json.loads(line[6:]), lines[:-1]) if c["choices"]]
+
+
+def thought(choices: list[dict]) -> tuple[str, str]:
+    """A stream's reasoning_content and content, each delta holding one of them, the reasoning's all first."""
+    deltas = [c["delta"] for c in choices[1:]]      # after the role's
+    kinds = [next(iter(d), None) for d in deltas]
+    assert all(len(d) == 1 for d in deltas[:-1]) and deltas[-1] == {}, deltas
+    assert kinds[:-1] == sorted(kinds[:-1], key=["reasoning_content", "content"].index), deltas
+    return tuple("".join(d.get(k, "") for d in deltas) for k in ("reasoning_content", "content"))
+
+
+def test_thinking_is_sent_as_reasoning_content(thinker):
+    """--reasoning-format's default (auto): a reply's thinking is message.reasoning_content, less the whitespace around
+    it, and the content is the answer after </think>; streamed, reasoning_content deltas come first, then content
+    ones, and no part of a tag is in either, whole tokens or cut ("<th" + "ink>": held back until decided); with the
+    thinking opened by the template, the reply is a thought from its first token. Usage and the log-probabilities,
+    per token, are as they were."""
+    for script, (reasoning, content) in THOUGHTS.items():
+        tokens = len(SCRIPTS[script]) - 1
+        whole = http.post(f"{thinker.url}/v1/chat/completions", json=scripted(script, logprobs=True), timeout=60).json()
+        choice = whole["choices"][0]
+        assert choice["message"] == {"role": "assistant", "reasoning_content": reasoning, "content": content}, whole
+        assert choice["finish_reason"] == "stop" and whole["usage"]["completion_tokens"] == tokens, whole
+        assert [t["token"] for t in choice["logprobs"]["content"]] == SCRIPTS[script][1:-1], whole     # as before:
+        # the end-of-text token counted in the usage, not among them
+        choices = chat_events(thinker, scripted(script, logprobs=True, stream_options={"include_usage": True}))
+        assert thought(choices) == (reasoning, content), choices
+        assert [t["token"] for c in choices[1:-1] for t in c["logprobs"]["content"]] == SCRIPTS[script][1:-1], choices
+        for c in choices[1:-1]:
+            text = next(iter(c["delta"].values()))
+            assert not re.search(r"<t|</|k>|ink|think", text) and c["logprobs"]["content"], (script, choices)
+    # the openai client's message and delta have it
+    client = thinker.client()
+    message = client.chat.completions.create(**scripted("A")).choices[0].message
+    assert (message.reasoning_content, message.content) == THOUGHTS["A"]
+    chunks = list(client.chat.completions.create(**scripted("B"), stream=True))
+    assert "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks) == "x<y"
+
+
+def test_a_reply_cut_in_its_thinking_is_reasoning_content_only(thinker):
+    """max_tokens or a stop string inside the thinking: reasoning_content so far, content "" (a stop string applies to
+    the whole reply, the thinking too, as llama-server's). The start of a tag that the reply ends in is text (B's "</",
+    which llama-server drops); a reply of only <think> has no reasoning_content, as llama-server's; a stop in the
+    answer cuts the content."""
+    for body, reasoning, content, finish in ((scripted("A", max_tokens=4), "Hm so", "", "length"),
+                                             (scripted("B", max_tokens=6), "x<y</", "", "length"),
+                                             (scripted("C", max_tokens=1), "Why", "", "length"),
+                                             (scripted("A", stop=[" so"]), "Hm", "", "stop"),
+                                             (scripted("A", stop=["."]), "Hm so", "Yes", "stop"),
+                                             (scripted("A", max_tokens=1), None, "", "length")):
+        r = http.post(f"{thinker.url}/v1/chat/completions", json=body, timeout=60).json()
+        choice = r["choices"][0]
+        assert (choice["message"].get("reasoning_content"), choice["message"]["content"], choice["finish_reason"]) \
+            == (reasoning, content, finish), (body, r)
+        choices = chat_events(thinker, body)
+        assert thought(choices) == (reasoning or "", content) and choices[-1]["finish_reason"] == finish, choices
+
+
+def test_reasoning_format_of_a_request(thinker):
+    """A request's reasoning_format: none leaves the thinking in the content, streamed or not, as it came (after an
+    opened one, the rest of it and </think>); auto and deepseek, or null (the server's), take it out. Anything else is
+    a 400 naming it, and completions, whose text is raw, have no such parameter."""
+    for script, raw in (("A", "".join(SCRIPTS["A"][1:-1])), ("C", "Why</think>Ok")):
+        r = http.post(f"{thinker.url}/v1/chat/completions", json=scripted(script, reasoning_format="none"), timeout=60)
+        assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": raw}, r.text
+        assert thought(chat_events(thinker, scripted(script, reasoning_format="none"))) == ("", raw)
+    for value in ("auto", "deepseek", None):
+        r = http.post(f"{thinker.url}/v1/chat/completions", json=scripted("B", reasoning_format=value), timeout=60)
+        assert r.json()["choices"][0]["message"]["reasoning_content"] == "x<y", (value, r.text)
+    for value in ("deepseek-legacy", "None", 1, True, ["none"]):
+        r = http.post(f"{thinker.url}/v1/chat/completions", json=scripted("A", reasoning_format=value), timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_format", (value, r.text)
+        assert r.json()["error"]["message"].startswith("reasoning_format: Input should be 'auto', 'deepseek' or "
+                                                       "'none', found "), r.text
+    r = http.post(f"{thinker.url}/v1/completions", json={"model": "thinker", "prompt": "A", "reasoning_format": "none"},
+                  timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter", r.text
+    done = http.post(f"{thinker.url}/v1/completions", json={"model": "thinker", "prompt": "A", "temperature": 0},
+                     timeout=60).json()
+    assert done["choices"][0]["text"] == "".join(SCRIPTS["A"][1:-1]), done
+
+
+def test_reasoning_format_none_of_the_server(tmp_path):
+    """--reasoning-format none (here from $DPLLAMA_REASONING_FORMAT): the thinking stays in the content; a request's
+    deepseek takes it out."""
+    path = tmp_path / "thinker.gguf"
+    scripted_gguf(path)
+    with Server("-m", str(path), "--model-name", "thinker", env={"DPLLAMA_REASONING_FORMAT": "none"}) as s:
+        for value, message in ((None, {"content": "".join(SCRIPTS["B"][1:-1])}),
+                               ("deepseek", {"reasoning_content": "x<y", "content": "No"})):
+            r = http.post(f"{s.url}/v1/chat/completions", json=scripted("B", reasoning_format=value), timeout=60)
+            assert r.json()["choices"][0]["message"] == {"role": "assistant", **message}, r.text
+
+
+def test_thinking_splits_a_reply_the_same_however_its_text_comes():
+    """The split of a reply's text (Thinking, in the server) is the same whole or cut anywhere into up to three
+    pieces, and what it lets go of a piece is never taken back (part of a tag, whitespace that ends a thought):
+    whitespace before <think> stays in the content, a <think> after </think> thinks on, the start of a tag that the
+    text ends in is text, and a thinking the prompt opened has no <think> of its own."""
+    from itertools import combinations
+    from dpllama.serve.app import Thinking
+    cases = {("<think>\n\nHm so \n</think>\n\n\nYes.", False): ("Hm so", "Yes."),
+             ("  <think>a</think>b ", False): ("a", "  b "),
+             ("<think>a</think> <think> b </think> c", False): ("ab", "c"),
+             ("<think>x<y</thinking>", False): ("x<y</thinking>", ""),
+             ("Hi <think>", False): ("", "Hi <think>"), ("\n<th", False): ("", "\n<th"),
+             ("\nWhy </think>Ok", True): ("Why", "Ok"), ("<think>W </th", True): ("W </th", "")}
+    for (text, opened), want in cases.items():
+        for n in range(3):
+            for cuts in combinations(range(1, len(text)), n):
+                thinking, got = Thinking(True, opened), ("", "")
+                for start, end in zip((0, *cuts), (*cuts, len(text))):
+                    got = tuple(map(str.__add__, got, thinking.push(text[start:end])))
+                    assert want[0].startswith(got[0]) and want[1].startswith(got[1]), (text, cuts, got)
+                assert tuple(map(str.__add__, got, thinking.push("", final=True))) == want, (text, opened, cuts)
 
 
 def test_missing_model_file_stops_before_listening(repo_root, tmp_path):

@@ -39,11 +39,16 @@ def activation_bits(text: str) -> int:
     return int(text)
 
 
-def cache_type(text: str) -> str:
-    """--cache-type's type (a type, not choices, as activation_bits)."""
-    if text.strip() not in KV_TYPES:
-        raise argparse.ArgumentTypeError(f"must be {' or '.join(KV_TYPES)}, found {text!r}")
-    return text.strip()
+def one_of(*values: str):
+    """The type of an option that takes one of `values` (a type, not choices, as activation_bits)."""
+    def check(text: str) -> str:
+        if text.strip() not in values:
+            raise argparse.ArgumentTypeError(f"must be {', '.join(values[:-1])} or {values[-1]}, found {text!r}")
+        return text.strip()
+    return check
+
+
+cache_type = one_of(*KV_TYPES)
 
 
 def add_activation_bits(p: argparse.ArgumentParser) -> None:

@@ -8,11 +8,11 @@ import socket
 from pathlib import Path
 
 from dpllama.commands.options import (add_activation_bits, add_device, add_model, add_template_kwargs, check_ctx,
-                                      load_llm, template_kwargs_from)
+                                      load_llm, one_of, template_kwargs_from)
 from dpllama.errors import DpllamaError
 from dpllama.fileio import check_input
 from dpllama.hub import local_model
-from dpllama.serve import log
+from dpllama.serve import REASONING_FORMATS, log
 
 ENV_PREFIX = "DPLLAMA_"
 
@@ -34,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-file", metavar="PATH", help="accept the tokens in this file, one a line")
     p.add_argument("--model-name", help="the model's name in the API (default: -m's file name or known name)")
     add_template_kwargs(p)      # a request's chat_template_kwargs go over them
+    p.add_argument("--reasoning-format", type=one_of(*REASONING_FORMATS), default="auto",
+                   metavar="{" + ",".join(REASONING_FORMATS) + "}",
+                   help="a chat reply's thinking (<think>...</think>, Qwen3's, DeepSeek-R1's): auto and deepseek send "
+                        "it as reasoning_content, apart from the content; none leaves it in the content (default "
+                        "auto; a request's reasoning_format goes over it)")
     p.add_argument("--drain-timeout", type=float, default=30, metavar="S",
                    help="on SIGTERM, seconds that running requests have to finish before they are cancelled "
                         "(default 30)")
@@ -129,11 +134,11 @@ def run(args: argparse.Namespace) -> int:
     if args.replicas:
         from dpllama.serve.ray_serve import serve_replicas
         return serve_replicas(load, args.host, args.port, args.replicas, args.parallel, args.max_waiting, name, keys,
-                              args.drain_timeout, kwargs)
+                              args.drain_timeout, kwargs, args.reasoning_format)
 
     from dpllama.serve.app import serve
     sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     log(f"dpllama: listening on http://{host}:{port} (loading {args.model})")
-    serve(sock, load, args.parallel, args.max_waiting, name, keys, args.drain_timeout, kwargs)
+    serve(sock, load, args.parallel, args.max_waiting, name, keys, args.drain_timeout, kwargs, args.reasoning_format)
     return 0

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import os
 
+# --reasoning-format's and a chat request's reasoning_format, llama-server's: auto and deepseek take a reply's
+# thinking out of its content into reasoning_content (app.Thinking), none leaves it in the content
+REASONING_FORMATS = ("auto", "deepseek", "none")
+
 
 def log(line: str) -> None:
     """One line on stderr in one write, so that a signal's line cannot land inside it; lost, not raised, once

@@ -193,10 +193,12 @@ class RequestLog:
 
 
 def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozenset(),
-             template_kwargs: dict | None = None, replica: str | None = None) -> FastAPI:
+             template_kwargs: dict | None = None, reasoning_format: str = "auto",
+             replica: str | None = None) -> FastAPI:
     """The API over `engine` (started and stopped with the app), serving it as `model_name`; with `api_keys`,
     every endpoint but /health wants one of them as a Bearer token. `template_kwargs` are the chat template's
-    extra variables (--chat-template-kwargs), under a request's own. `replica` names this process in an
+    extra variables (--chat-template-kwargs), under a request's own; `reasoning_format` (--reasoning-format) is
+    what a chat request's reasoning_format is when it sends none. `replica` names this process in an
     X-Dpllama-Replica header (Ray Serve's replicas)."""
 
     @asynccontextmanager
@@ -338,7 +340,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         except ParameterError as e:
             raise ApiError(400, str(e), e.param) from None
 
-    async def run(http: HttpRequest, body, llm: LLM, prompt: list[int], param: str, chat: bool):
+    async def run(http: HttpRequest, body, llm: LLM, prompt: list[int], param: str, thinking: Thinking | None):
         request = request_of(llm, body, prompt, param)
         try:
             engine.submit(request)
@@ -348,7 +350,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
             raise ApiError(503, str(e)) from None
         note = http.scope.setdefault("dpllama", {})
         note["prompt"] = len(prompt)
-        reply = Reply(llm, request, model_name, chat)
+        reply = Reply(llm, request, model_name, thinking)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(reply.stream(engine, usage, note), media_type="text/event-stream")
@@ -368,9 +370,13 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         body = validated(ChatRequest, data)
         llm = check(body)
 
+        rendered = ""
+
         def text() -> str:
+            nonlocal rendered
             messages = [{"role": m.template_role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
-            return chat_text(llm.tokenizer, messages, body.template_kwargs(template_kwargs or {}))
+            rendered = chat_text(llm.tokenizer, messages, body.template_kwargs(template_kwargs or {}))
+            return rendered
         try:
             prompt = await prompt_of(llm, text, "messages", "the conversation in the chat template",
                                      partial(chat_ids, llm.tokenizer))
@@ -378,7 +384,11 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
             raise ApiError(400, str(e), e.param) from None
         except DpllamaError as e:      # the template refused the conversation
             raise ApiError(400, str(e), "messages") from None
-        return await run(http, body, llm, prompt, "messages", chat=True)
+        extract = (body.reasoning_format or reasoning_format) != "none"
+        # some templates open the thinking themselves (QwQ's, DeepSeek-R1's: the prompt ends in "<think>\n"), and
+        # the reply begins inside it, as llama.cpp reads it
+        return await run(http, body, llm, prompt, "messages",
+                         Thinking(extract, opened=rendered.rstrip().endswith(Thinking.OPEN)))
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
@@ -391,13 +401,13 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
             prompt = fitting(llm, body.prompt, "prompt")       # before the ids are looked at: millions took 0.5 s
             if not prompt or not all(0 <= t < vocab for t in prompt):
                 raise ApiError(400, f"a prompt of token ids holds at least one, each below {vocab}", "prompt")
-        return await run(http, body, llm, prompt, "prompt", chat=False)
+        return await run(http, body, llm, prompt, "prompt", thinking=None)
 
     return app
 
 
 def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiting: int, model_name: str,
-          api_keys: frozenset[str], drain_timeout: float, template_kwargs: dict) -> None:
+          api_keys: frozenset[str], drain_timeout: float, template_kwargs: dict, reasoning_format: str) -> None:
     """Serve on the listening `sock` with uvicorn until SIGTERM or SIGINT: the server stops accepting, running
     requests have `drain_timeout` seconds to finish, then the rest are cancelled. The model loads meanwhile
     (`load(slots)`, /health says 503 until it is done); its failure ends the server with its DpllamaError, and a
@@ -436,7 +446,7 @@ def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiti
                 asyncio.get_running_loop().call_soon_threadsafe(app.state.closing.set)
             super().handle_exit(sig, frame)
 
-    app = make_app(engine, model_name, api_keys, template_kwargs)
+    app = make_app(engine, model_name, api_keys, template_kwargs, reasoning_format)
     server = Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                    lifespan="on", timeout_graceful_shutdown=drain_timeout + 10))
     # SIGTERM and SIGINT are taken by a thread of their own (sigwait), never by a handler: every thread of the
@@ -471,14 +481,69 @@ def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiti
     log("dpllama: stopped")
 
 
-class Reply:
-    """One request's response in OpenAI's shapes: chat.completion(.chunk) or text_completion."""
+def tag_start(text: str, tag: str) -> int:
+    """How many of `tag`'s first characters `text` ends with, short of the whole tag."""
+    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
 
-    def __init__(self, llm: LLM, request: Request, model_name: str, chat: bool):
-        self.tok, self.request, self.chat = llm.tokenizer, request, chat
-        self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+
+class Thinking:
+    """A chat reply's text as it comes, split as llama-server's --reasoning-format deepseek splits it: the thinking
+    (reasoning_content) is the text inside <think>...</think> less the whitespace around it, the content the rest
+    less the whitespace after </think>. A reply thinks where it begins with <think> (whitespace before it stays in
+    the content) or where its prompt ended inside an open one (`opened`); a <think> right after </think> thinks on.
+    What could be the start of a tag, and whitespace that could end a thought, is held back until the text after it
+    decides, so that no part of a tag is ever sent. Without `extract` all of it is content, as it comes."""
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self, extract: bool, opened: bool = False):
+        self.state = "start" if extract else "answer"     # start, think, after (a </think>), answer
+        self.opened, self.held = opened, ""
+        self.fresh = True       # nothing of this thought sent yet: whitespace at its start goes
+
+    def push(self, text: str, final: bool = False) -> tuple[str, str]:
+        """The reasoning and the content that the new `text` lets go (`final`: the reply has ended, all of it)."""
+        held, reasoning, content = self.held + text, "", ""
+        while self.state != "answer":
+            if self.state != "think":
+                body = held.lstrip()
+                if body.startswith(self.OPEN):
+                    if self.state == "start":
+                        content += held[:len(held) - len(body)]
+                    held, self.state, self.fresh = body[len(self.OPEN):], "think", True
+                elif not final and self.OPEN.startswith(body):    # whitespace, or the start of a tag: undecided
+                    break
+                elif self.state == "start" and self.opened:
+                    held, self.state = body, "think"
+                else:
+                    held, self.state = held if self.state == "start" else body, "answer"
+                continue
+            close = held.find(self.CLOSE)
+            end = close if close >= 0 else len(held) if final else len(held) - tag_start(held, self.CLOSE)
+            part = held[:end].lstrip() if self.fresh else held[:end]
+            said = part.rstrip()
+            reasoning += said
+            self.fresh = self.fresh and not said
+            if close < 0:
+                held = part[len(said):] + held[end:]
+                break
+            held, self.state = held[close + len(self.CLOSE):], "after"
+        if self.state == "answer":
+            content, held = content + held, ""
+        self.held = held
+        return reasoning, content
+
+
+class Reply:
+    """One request's response in OpenAI's shapes: chat.completion(.chunk), its text split by `thinking`, or
+    text_completion (`thinking` None)."""
+
+    def __init__(self, llm: LLM, request: Request, model_name: str, thinking: Thinking | None):
+        self.tok, self.request, self.thinking = llm.tokenizer, request, thinking
+        self.chat = thinking is not None
+        self.head = {"id": f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}",
                      "created": int(time.time()), "model": model_name}
         self.offset = 0     # characters of text so far (completions' logprobs.text_offset)
+        self.held: list[TokenLogprob] = []     # chat's: log-probabilities of tokens whose text `thinking` holds
 
     def _token(self, t: int) -> tuple[str, list[int]]:
         raw = self.tok.token_bytes(t)
@@ -502,14 +567,31 @@ class Reply:
                 "top_logprobs": [{self._token(t)[0]: lp for t, lp in e.top} for e in entries],
                 "text_offset": offsets}
 
-    def choice(self, text: str | None, entries: list[TokenLogprob], finish: str | None, role: bool = False) -> dict:
+    def choice(self, delta: dict | str, entries: list[TokenLogprob], finish: str | None) -> dict:
+        """A choice of chat's chunks, with its `delta`, or of completions' (streamed or not), with its text."""
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": self.logprobs(entries), "finish_reason": finish}
-        delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            return {"index": 0, "text": delta, "logprobs": self.logprobs(entries), "finish_reason": finish}
         # OpenAI's chunk with the finish_reason has none, even where the others have them (the role chunk an empty
         # list); completions' has its empty lists
         return {"index": 0, "delta": delta, "logprobs": None if finish else self.logprobs(entries),
                 "finish_reason": finish}
+
+    def pieces(self, text: str, entries: list[TokenLogprob], final: bool = False) -> list[dict]:
+        """The choices of the chunks that send the new `text` (`final`: the reply's end, with what was held back):
+        completions' one; chat's a delta of the reasoning, then one of the content, where each has text, as
+        llama-server sends them. The tokens' log-probabilities go with the last, or wait for text to go with (at
+        the end, an empty content delta)."""
+        if not self.chat:
+            return [] if final else [self.choice(text, entries, None)]
+        self.held += entries
+        reasoning, content = self.thinking.push(text, final)
+        deltas = [{key: part} for key, part in (("reasoning_content", reasoning), ("content", content)) if part]
+        if not deltas and not (final and self.held):
+            return []
+        deltas = deltas or [{"content": ""}]
+        choices = [self.choice(d, [], None) for d in deltas[:-1]] + [self.choice(deltas[-1], self.held, None)]
+        self.held = []
+        return choices
 
     def chunk(self, choices: list[dict], **extra) -> str:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
@@ -528,11 +610,12 @@ class Reply:
         ended = False
         try:
             if self.chat:
-                yield self.chunk([self.choice(None, [], None, role=True)], **extra)
+                yield self.chunk([self.choice({"role": "assistant", "content": ""}, [], None)], **extra)
             while True:
                 event = await self.request.events.get()
                 if isinstance(event, Piece):
-                    yield self.chunk([self.choice(event.text, event.logprobs, None)], **extra)
+                    for choice in self.pieces(event.text, event.logprobs):
+                        yield self.chunk([choice], **extra)
                     continue
                 ended = True
                 if isinstance(event, Failed):
@@ -543,7 +626,9 @@ class Reply:
                 if event.finish_reason == "cancelled":      # by the server's stop: the error a whole response gets
                     yield f"data: {json.dumps(error_body(503, SHUT_DOWN))}\n\n"
                     return
-                yield self.chunk([self.choice(None, [], event.finish_reason)], **extra)
+                for choice in self.pieces("", [], final=True):
+                    yield self.chunk([choice], **extra)
+                yield self.chunk([self.choice({} if self.chat else "", [], event.finish_reason)], **extra)
                 if usage:
                     yield self.chunk([], usage=self.usage(event))
                 yield "data: [DONE]\n\n"
@@ -578,8 +663,12 @@ class Reply:
             raise ApiError(503, SHUT_DOWN)
         text = "".join(texts)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": self.logprobs(entries), "finish_reason": event.finish_reason}
+            reasoning, content = self.thinking.push(text, final=True)
+            # no reasoning_content where there was no thinking, as llama-server's
+            message = {"role": "assistant", **({"reasoning_content": reasoning} if reasoning else {}),
+                       "content": content}
+            choice = {"index": 0, "message": message, "logprobs": self.logprobs(entries),
+                      "finish_reason": event.finish_reason}
         else:
             choice = self.choice(text, entries, event.finish_reason)
         kind = "chat.completion" if self.chat else "text_completion"

@@ -16,7 +16,8 @@ from dpllama.serve import log
 
 
 def serve_replicas(load: Callable[[int], LLM], host: str, port: int, replicas: int, slots: int, max_waiting: int,
-                   model_name: str, api_keys: frozenset[str], drain_timeout: float, template_kwargs: dict) -> int:
+                   model_name: str, api_keys: frozenset[str], drain_timeout: float, template_kwargs: dict,
+                   reasoning_format: str) -> int:
     """Run until SIGTERM or SIGINT, then let Ray Serve drain the replicas (`drain_timeout` seconds each).
     `load(slots)` is called in each replica."""
     try:
@@ -34,7 +35,7 @@ def serve_replicas(load: Callable[[int], LLM], host: str, port: int, replicas: i
                 log(f"dpllama: error: {message}")
                 os._exit(1)     # the replica dies, and Ray Serve says so and starts another
             engine = Engine(load, slots, max_waiting, Metrics(), fatal)
-            return make_app(engine, model_name, api_keys, template_kwargs,
+            return make_app(engine, model_name, api_keys, template_kwargs, reasoning_format,
                             replica=f"{socket.gethostname()}:{os.getpid()}")
 
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)

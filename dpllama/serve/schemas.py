@@ -18,6 +18,7 @@ from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from dpllama.errors import DpllamaError
+from dpllama.serve import REASONING_FORMATS
 from dpllama.tokenizer import check_template_kwargs
 
 
@@ -143,6 +144,7 @@ class ChatRequest(Sampling):
     logprobs: bool = False
     top_logprobs: Whole | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict | None = None                    # llama.cpp's and vLLM's: the template's extra variables
+    reasoning_format: Literal[REASONING_FORMATS] | None = None  # llama.cpp's; None: --reasoning-format's
 
     def template_kwargs(self, server: dict) -> dict:
         """The chat template's extra variables: the server's (--chat-template-kwargs), and the request's over them."""
