@@ -811,13 +811,15 @@ inline void store_qkv(__private const floatV *acc, const int t0, const int tiles
 }
 
 #if defined(QK_NORM)
-// TILE_ROWS floats from p as a vector: at once where `whole` (p then aligned for it), else lane by lane, the lanes
-// from `left` on 0
-inline floatV load_lanes(__global const float *p, const int left, const int whole) {
-    if (whole) return *(__global const floatV *)p;
-    floatV x = 0.0f;
-    for (int l = 0; l < TILE_ROWS && l < left; l++) ((float *)&x)[l] = p[l];
-    return x;
+// x = TILE_ROWS floats from p: at once where `whole` (p then aligned for it), else lane by lane, the lanes from `left`
+// on 0 (through a pointer: a float16 return value "changes the ABI" without AVX-512, a warning on every build)
+inline void load_lanes(floatV *x, __global const float *p, const int left, const int whole) {
+    if (whole) {
+        *x = *(__global const floatV *)p;
+        return;
+    }
+    *x = 0.0f;
+    for (int l = 0; l < TILE_ROWS && l < left; l++) ((float *)x)[l] = p[l];
 }
 
 // Head `head` of row n's q (head < n_heads) or k (the rest), left in y by store_qkv: RMS-normalized by norms (q's
@@ -831,9 +833,9 @@ inline void norm_rope_head(const int head, const int n, __global float *y, const
     if (pos < 0) return;        // a batch's padding row
     __global float *v = y + (size_t)n * y_stride + first;
     __global const float *w = norms + (is_k ? head_dim : 0), *cs = rope + (size_t)pos * head_dim;
-    floatV squares = 0.0f;
+    floatV squares = 0.0f, x, wi, t;
     for (int i = 0; i < head_dim; i += TILE_ROWS) {
-        const floatV x = load_lanes(v + i, head_dim - i, whole);
+        load_lanes(&x, v + i, head_dim - i, whole);
         squares += x * x;
     }
     float ss = 0.0f;
@@ -841,9 +843,10 @@ inline void norm_rope_head(const int head, const int n, __global float *y, const
     const float scale = 1.0f / sqrt(ss / head_dim + eps);
     const size_t layer = ROW_CACHE(state, n, slot_stride, cache_offset);
     for (int i = 0; i < head_dim; i += TILE_ROWS) {
-        const floatV a = load_lanes(v + i, head_dim - i, whole) * scale * load_lanes(w + i, head_dim - i, whole);
-        const floatV t = load_lanes(cs + i, head_dim - i, whole);
-        const floatV out = a * EVENS(t) + PAIR_SWAP(a) * (ODDS(t) * PAIR_SIGNS);
+        load_lanes(&x, v + i, head_dim - i, whole);
+        load_lanes(&wi, w + i, head_dim - i, whole);
+        load_lanes(&t, cs + i, head_dim - i, whole);
+        const floatV a = x * scale * wi, out = a * EVENS(t) + PAIR_SWAP(a) * (ODDS(t) * PAIR_SIGNS);
 #if defined(HALF_BITS)
         const ushortV bits = HALF_BITS(out);
 #endif
