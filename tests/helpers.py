@@ -238,6 +238,18 @@ ORACLE_ATOL = 2e-2
 QWEN3_TINY = dict(dim=64, hidden=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab=264, seq_len=64, shared=False, seed=7,
                   arch="qwen3", rope_neox=True, qk_norm=True, rope_theta=1e6, key_length=32)
 ORACLES = Path(__file__).parent / "oracles"
+# the tiny models whose llama.cpp logits tests/oracles/ holds: random_weights' arguments and GGUF metadata of their own
+LLAMA_CPP_MODELS = {
+    "qwen3_tiny": (QWEN3_TINY, {}),
+    # YaRN over an original context of 16 (Qwen's long-context scaling): the ramp of head_dim 32 at base 1e6 keeps
+    # pair 0, blends pair 1 and slows the rest 4x, and cos and sin grow 1 + 0.1 ln 4
+    "qwen3_tiny_yarn": (QWEN3_TINY, {"qwen3.rope.scaling.type": "yarn", "qwen3.rope.scaling.factor": 4.0,
+                                     "qwen3.rope.scaling.original_context_length": 16}),
+    # a llama (adjacent RoPE pairs, no heads' norms) with a scaling factor and no type: llama.cpp's default, linear,
+    # every frequency halved
+    "llama_tiny_linear": (dict(QWEN3_TINY, arch="llama", rope_neox=False, qk_norm=False, key_length=0, seed=8,
+                               rope_theta=10000.0), {"llama.rope.scaling.factor": 2.0}),
+}
 
 
 # Qwen3's chat template as far as thinking goes: ChatML, and a reply that thinks first unless the template's extra
@@ -255,10 +267,12 @@ QWEN3_CHAT_TEMPLATE = (
 NO_THINKING = "<think>\n\n</think>\n\n"   # what it adds to the reply's start with enable_thinking false
 
 
-def tiny_qwen3(path, chat_template: str | None = None) -> Weights:
-    """Write QWEN3_TINY to `path` as a GGUF, with `chat_template` if given; returns the weights written."""
+def tiny_qwen3(path, chat_template: str | None = None, name: str = "qwen3_tiny") -> Weights:
+    """Write LLAMA_CPP_MODELS[name] (QWEN3_TINY unless told) to `path` as a GGUF, with `chat_template` if given;
+    returns the weights written."""
     from tests.test_tokenizer import gpt2_fields
-    w = random_weights(**QWEN3_TINY)
+    shape, fields = LLAMA_CPP_MODELS[name]
+    w = random_weights(**shape)
     template = {"tokenizer.chat_template": chat_template} if chat_template else {}
-    write_test_gguf(path, w, tokenizer=gpt2_fields(**{"tokenizer.ggml.pre": "qwen2"}, **template))
+    write_test_gguf(path, w, tokenizer=gpt2_fields(**{"tokenizer.ggml.pre": "qwen2"}, **template), fields=fields)
     return w

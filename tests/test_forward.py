@@ -21,12 +21,12 @@ from dpllama.model.gguf import load_gguf
 from dpllama.model.llama2c import load_llama2c
 from dpllama.model.quant import quantize_int4, quantize_q8
 from dpllama.model.reference import Reference
-from dpllama.model.weights import Layer, Tensor, Weights, llama3_rope_factors
+from dpllama.model.weights import Layer, Tensor, Weights, llama3_rope_factors, yarn_rope
 from dpllama.runtime import Queue
 from dpllama.runtime.config import dump_config, parse_config
 from dpllama.quantize import GROUPS
-from tests.helpers import (EVERY_TYPE, EVERY_TYPE_SHAPE, ORACLES, llama2c_dir, quantize_cli, random_llama2c,
-                           random_weights, tiny_qwen3, write_test_gguf)
+from tests.helpers import (EVERY_TYPE, EVERY_TYPE_SHAPE, LLAMA_CPP_MODELS, ORACLES, llama2c_dir, quantize_cli,
+                           random_llama2c, random_weights, tiny_qwen3, write_test_gguf)
 
 # Awkward shapes: hidden 100 is a multiple of neither 8 nor 32, dim 48 not of 32 or 64, head_dim 8, GQA 3:1.
 SHAPE = dict(dim=48, hidden=100, n_layers=2, n_heads=6, n_kv_heads=2, vocab=97, seq_len=32)
@@ -661,6 +661,9 @@ ARCHITECTURES = {    # name -> ModelConfig fields of a random model
     # RMS-normalized before RoPE: heads of 12 are no whole tiles, so store_qkv's lane-by-lane path serves them
     "qwen3": dict(arch="qwen3", rope_neox=True, qk_norm=True, rope_theta=1e6, key_length=12),
     "llama-key-length": dict(key_length=24),     # as Mistral Nemo's: q_dim 144 against dim 48
+    # YaRN as dpllama's container writes it (rope_freqs.weight and attn_factor): cos and sin grow 1 + 0.1 ln 4
+    "qwen2-yarn": dict(arch="qwen2", rope_neox=True, qkv_bias=True, rope_theta=1e6,
+                       **dict(zip(("rope_freq_factors", "rope_mscale"), yarn_rope(8, 1e6, 4.0, 16)))),
 }
 
 
@@ -705,7 +708,7 @@ def test_architectures_match_reference_other_configs(config_q, tmp_path, name):
     compare_batched(cq, w, f"{name} {config} batched")
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama3"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama3", "qwen2-yarn"])
 def test_architectures_through_quantize(q, tmp_path, name):
     """`dpllama quantize` keeps the architecture, the biases, the heads' norms and width and the RoPE scaling (the
     file says them as llama.cpp's do: general.architecture, blk.N.attn_q.bias, blk.N.attn_q_norm.weight,
@@ -747,8 +750,18 @@ def test_llama3_scaling_from_metadata(q, tmp_path):
      r"llama.rope.scaling.\{factor,low_freq_factor,high_freq_factor,original_context_length\} are \[8.0, 4.0, 4.0, "
      r"256\]: expected factor > 0, 0 < low_freq_factor < high_freq_factor, original_context_length > 0"),
     ({"llama.rope.scaling.type": "llama3"}, {"rope_freqs.weight"}, "missing GGUF metadata llama.rope.scaling.factor"),
-    ({"llama.rope.scaling.type": "yarn"}, {"rope_freqs.weight"},
-     "llama.rope.scaling.type is 'yarn', expected 'none' or 'llama3' \\(other RoPE scalings are not supported\\)"),
+    ({"llama.rope.scaling.type": "longrope"}, {"rope_freqs.weight"},
+     "llama.rope.scaling.type is 'longrope', expected 'none', 'linear', 'yarn' or 'llama3' \\(other RoPE scalings are "
+     "not supported\\)"),
+    ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": -4.0}, {"rope_freqs.weight"},
+     r"llama.rope.scaling.factor must be a positive float32 \(1.175e-38 to 3.403e\+38\), found -4.0"),
+    ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+      "llama.rope.scaling.original_context_length": 0}, {"rope_freqs.weight"},
+     "llama.rope.scaling.original_context_length must be positive, found 0"),
+    ({"llama.rope.scaling.attn_factor": 0.0}, (),
+     r"llama.rope.scaling.attn_factor must be a positive float32 \(1.175e-38 to 3.403e\+38\), found 0.0"),
+    ({"llama.rope.scaling.factor": 2.0}, (),     # linear (llama.cpp's default type) as well as rope_freqs.weight
+     "RoPE scaling given twice, by rope_freqs.weight and by llama.rope.scaling.type: expected one"),
     ({"llama.expert_count": 8}, (), "llama.expert_count is 8: mixture-of-experts models are not supported"),
     ({"llama.attention.value_length": 12}, (),
      r"llama.attention.value_length is 12, expected head_dim 8 \(other values are not supported\)"),
@@ -772,49 +785,61 @@ def test_rope_freqs_must_be_positive(tmp_path):
         load_gguf(path)
 
 
-# llama.cpp's logits for the tiny Qwen3 (tests/oracles/make_llamacpp.py), an oracle independent of dpllama's reading
-# of the architecture. Its CPU attention rounds q and the softmax's weights to fp16 to multiply them by its fp16 KV
-# cache, where dpllama's keeps them float32: a relative 2^-11 on each score and weight, through two layers.
-# Measured: 3.1e-4 of a row's largest logit (the reference), against 0.20 without the heads' norms and 0.49 with
-# adjacent RoPE pairs; 3e-3 is ten times the measured and far below either.
+# llama.cpp's logits for tiny models (tests/helpers.py's LLAMA_CPP_MODELS: a Qwen3, one with YaRN, a llama with
+# linear RoPE scaling; tests/oracles/make_llamacpp.py), an oracle independent of dpllama's reading of each. Its CPU
+# attention rounds q and the softmax's weights to fp16 to multiply them by its fp16 KV cache, where dpllama's keeps
+# them float32: a relative 2^-11 on each score and weight, through two layers. Measured: 3.1e-4 to 4.0e-4 of a row's
+# largest logit (the reference), against 0.20 for the Qwen3 without its heads' norms, 0.49 with adjacent RoPE pairs,
+# 0.52 and 0.49 without YaRN and linear scaling, 0.24 without YaRN's magnitude; 3e-3 is ten times the measured and
+# far below any of those.
 LLAMA_CPP_RTOL = 3e-3
 
 
 @pytest.fixture(scope="module")
-def qwen3_tiny(tmp_path_factory):
-    """tests/helpers.py's tiny Qwen3 written and loaded as any GGUF, with the tokens and logits llama.cpp gave."""
-    oracle = np.load(ORACLES / "qwen3_tiny_llamacpp.npz")
-    path = tmp_path_factory.mktemp("qwen3") / "qwen3_tiny.gguf"
-    tiny_qwen3(path)
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == str(oracle["gguf_sha256"]), \
-        "the tiny Qwen3 differs from the one llama.cpp's logits are of: rerun tests/oracles/make_llamacpp.py"
-    return load_gguf(path), oracle["tokens"].tolist(), oracle["logits"]
+def llama_cpp_oracles(tmp_path_factory) -> dict:
+    """Each of LLAMA_CPP_MODELS written and loaded as any GGUF, with the tokens and logits llama.cpp gave for it."""
+    out = {}
+    for name in LLAMA_CPP_MODELS:
+        oracle = np.load(ORACLES / f"{name}_llamacpp.npz")
+        path = tmp_path_factory.mktemp("llama_cpp") / f"{name}.gguf"
+        tiny_qwen3(path, name=name)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == str(oracle["gguf_sha256"]), \
+            f"{name} differs from the model llama.cpp's logits are of: rerun tests/oracles/make_llamacpp.py"
+        out[name] = load_gguf(path), oracle["tokens"].tolist(), oracle["logits"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen3_tiny(llama_cpp_oracles):
+    return llama_cpp_oracles["qwen3_tiny"]
 
 
 def assert_llama_cpp(got: np.ndarray, want: np.ndarray, what: str) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=LLAMA_CPP_RTOL * np.abs(want).max(), err_msg=what)
 
 
-def test_qwen3_reference_matches_llama_cpp(qwen3_tiny):
-    w, tokens, want = qwen3_tiny
+@pytest.mark.parametrize("model", LLAMA_CPP_MODELS)
+def test_reference_matches_llama_cpp(llama_cpp_oracles, model):
+    w, tokens, want = llama_cpp_oracles[model]
     ref = Reference(w)
     for p, t in enumerate(tokens):
-        assert_llama_cpp(ref.forward(t, p), want[p], f"position {p}")
+        assert_llama_cpp(ref.forward(t, p), want[p], f"{model}: position {p}")
 
 
-@pytest.mark.parametrize("name", ["shipped", *CONFIGS])
-def test_qwen3_matches_llama_cpp(q, qwen3_tiny, name):
-    """A 24-token prompt, then decode, with the fp16 KV cache, under each config (the layer launch's phase of the
-    heads' norms, and their own kernel after the QKV launch elsewhere)."""
-    w, tokens, want = qwen3_tiny
-    model = Llama(w, q if name == "shipped" else queue_with(q, CONFIGS[name]))
-    model.start(tokens)
-    model.feed(24)
-    assert_llama_cpp(model.read_logits(), want[23], f"{name}: the prompt's last position")
+@pytest.mark.parametrize("model", LLAMA_CPP_MODELS)
+@pytest.mark.parametrize("config", ["shipped", *CONFIGS])
+def test_matches_llama_cpp(q, llama_cpp_oracles, config, model):
+    """A 24-token prompt, then decode, with the fp16 KV cache, under each config (for Qwen3 the layer launch's phase
+    of the heads' norms, and their own kernel after the QKV launch elsewhere)."""
+    w, tokens, want = llama_cpp_oracles[model]
+    m = Llama(w, q if config == "shipped" else queue_with(q, CONFIGS[config]))
+    m.start(tokens)
+    m.feed(24)
+    assert_llama_cpp(m.read_logits(), want[23], f"{model} {config}: the prompt's last position")
     for p in range(24, len(tokens)):
-        model.next_given()
-        model.feed(1)
-        assert_llama_cpp(model.read_logits(), want[p], f"{name}: position {p}")
+        m.next_given()
+        m.feed(1)
+        assert_llama_cpp(m.read_logits(), want[p], f"{model} {config}: position {p}")
 
 
 def test_qwen3_needs_its_heads_norms(tmp_path):

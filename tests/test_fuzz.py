@@ -447,7 +447,11 @@ def gguf_metadata_cases():
         ("general.alignment", u, 0, True), ("general.alignment", u, 3, True), ("general.alignment", u, 48, True),
         ("general.alignment", V.UINT64, 2**63, True), ("general.alignment", u, 16, False),
         ("general.alignment", u, 64, False), ("general.alignment", V.STRING, "32", True),
-        ("llama.rope.scaling.type", V.STRING, "yarn", True), ("llama.rope.scaling.type", V.STRING, "none", False),
+        ("llama.rope.scaling.type", V.STRING, "longrope", True), ("llama.rope.scaling.type", V.STRING, "none", False),
+        ("llama.rope.scaling.type", V.STRING, "yarn", False),   # without a factor: no scaling, as llama.cpp
+        ("llama.rope.scaling.factor", f, 4.0, False), ("llama.rope.scaling.factor", f, math.inf, True),
+        ("llama.rope.scale_linear", f, math.nan, True), ("llama.rope.scaling.attn_factor", f, -1.0, True),
+        ("llama.rope.scaling.attn_factor", V.STRING, "1", True),
         ("dpllama.format", u, 2, True), ("dpllama.format", u, 1, False), ("dpllama.kind.output", V.STRING, "q8", True),
         ("tokenizer.ggml.model", V.STRING, "bert", True), ("tokenizer.ggml.model", None, None, True),
         ("tokenizer.ggml.model", V.STRING, "llama", False), ("tokenizer.ggml.pre", V.STRING, "llama3", False),

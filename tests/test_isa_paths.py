@@ -6,7 +6,7 @@ the matching CPU config. PoCL 3.1 and later can be told to target an older CPU t
 (POCL_KERNELLIB_NAME: avx2 is Haswell, sse2 is a plain x86-64 CPU), so an AVX-512 host also builds and runs the
 real AVX2 and portable code. In a subprocess per path: the probe must report that path, the forward pass of a
 random model in every weight format (and one with a tensor of every GGUF type) must match the NumPy reference
-(tests/test_forward.py), a tiny Qwen3's logits llama.cpp's, and no build may print a compiler warning (PyOpenCL's CompilerWarning is an error there). A path the host's driver cannot
+(tests/test_forward.py), tiny models' logits llama.cpp's (a Qwen3, YaRN, linear RoPE scaling), and no build may print a compiler warning (PyOpenCL's CompilerWarning is an error there). A path the host's driver cannot
 target (the pip PoCL 3.0, a GPU) skips with that reason. The AVX-512 VNNI path runs only where the compiler
 targets VNNI; test_kernels.py's test_gemv_isa_fallbacks covers the others below it on such a host, and where no
 driver here targets VNNI, clang compiles it for a VNNI CPU (test_vnni_path_compiles).
@@ -21,6 +21,7 @@ import sys
 import pytest
 
 from dpllama.runtime import program, select_device
+from tests.helpers import LLAMA_CPP_MODELS
 
 TARGETS = {"avx2": "avx2", "portable": "sse2"}     # kernel path -> PoCL kernel library that targets it
 # every CPU device's kernel path: with the pip PoCL beside Debian's on a CPU that both know (Zen 3), the pip one
@@ -54,7 +55,8 @@ def test_kernel_path(repo_root, tmp_path, path):
                           "tests/test_forward.py::test_logits_match_reference",
                           "tests/test_forward.py::test_greedy_and_given_tokens_mixed",
                           "tests/test_forward.py::test_every_gguf_type_matches_reference",
-                          "tests/test_forward.py::test_qwen3_matches_llama_cpp[shipped]", *bytes_test],
+                          *(f"tests/test_forward.py::test_matches_llama_cpp[shipped-{m}]" for m in LLAMA_CPP_MODELS),
+                          *bytes_test],
                          capture_output=True, text=True, cwd=repo_root, env=env, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout.splitlines()[-1]

@@ -393,7 +393,8 @@ def test_gguf_errors(tmp_path, kwargs, message):
 
 
 @pytest.mark.parametrize("arch", [dict(arch="qwen2", rope_neox=True, qkv_bias=True),
-                                  dict(key_length=64)])     # its header has no head width but dim / n_heads
+                                  dict(key_length=64),      # its header has no head width but dim / n_heads
+                                  dict(rope_mscale=1.5)])   # nor a RoPE magnitude
 def test_llama2c_cannot_hold_other_architectures(tmp_path, arch):
     w = random_weights(**GGUF_SHAPE, **arch)
     with pytest.raises(DpllamaError, match=f"m.bin: a llama2.c checkpoint cannot hold this {w.config.arch} model's "

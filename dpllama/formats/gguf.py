@@ -63,7 +63,8 @@ _HYPERPARAMETER_KINDS = {
                      "rope.scaling.original_context_length"), ("int",)),
     **dict.fromkeys(("feed_forward_length", "attention.head_count", "attention.head_count_kv"), _INT_OR_PER_LAYER),
     **dict.fromkeys(("rope.freq_base", "attention.layer_norm_rms_epsilon", "rope.scaling.factor",
-                     "rope.scaling.low_freq_factor", "rope.scaling.high_freq_factor"), ("float",)),
+                     "rope.scaling.low_freq_factor", "rope.scaling.high_freq_factor", "rope.scale_linear",
+                     "rope.scaling.attn_factor"), ("float",)),
     "rope.scaling.type": ("str",),
 }
 KEY_KINDS = {

@@ -28,7 +28,7 @@ from dpllama.formats import round_up
 from dpllama.formats.gguf import FORMAT_KEY, FORMAT_VERSION, RawTensor, add_field, read_gguf, write_gguf
 from dpllama.model.quant import GGUF_REPACK
 from dpllama.model.weights import (F32_RANGE, Layer, ModelConfig, Tensor, Weights, check_config, check_values,
-                                   layer_shapes, llama3_rope_factors, positive_f32)
+                                   layer_shapes, llama3_rope_factors, positive_f32, yarn_rope)
 
 # Layer field -> GGUF tensor name inside blk.N, less its suffix (layer_tensor_name adds it)
 GGUF_LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
@@ -95,20 +95,38 @@ def _config(path: Path, fields: dict, vocab_size: int, arch: str, qkv_bias: bool
         raise DpllamaError(f"{path}: {arch}.vocab_size is {n}, expected {vocab_size}, the rows of token_embd")
     if (experts := get("expert_count", 0)) > 0:     # Mixtral: a llama whose FFN is a mixture of experts
         raise DpllamaError(f"{path}: {arch}.expert_count is {experts}: mixture-of-experts models are not supported")
-    scaling = get("rope.scaling.type", "none")
+    # RoPE scaling as llama.cpp reads it for these architectures: a type (linear when none is given), a factor
+    # (rope.scale_linear, its older name; 0 or 1: none), and attn_factor, which multiplies cos and sin whatever the
+    # type; "llama3" with its parameters is dpllama's reading of Llama 3.1's Hugging Face config
+    scaling = get("rope.scaling.type", "linear")
+    factor = get("rope.scaling.factor", get("rope.scale_linear", 0.0))
+    if scaling in ("llama3", "linear", "yarn") and factor not in (0, 1) and not positive_f32(factor):
+        # it divides float32 frequencies, as check_config's factors (NaN fails too)
+        raise DpllamaError(f"{path}: {arch}.rope.scaling.factor must be a positive float32 {F32_RANGE}, found "
+                           f"{factor}")
     if scaling == "llama3":     # Llama 3.1's scaling given as its parameters rather than as rope_freqs.weight
         params = [get(f"rope.scaling.{k}") for k in LLAMA3_SCALING]
         factor, low, high, original = params
         if not (factor > 0 and 0 < low < high and original > 0):      # NaN fails too
             raise DpllamaError(f"{path}: {arch}.rope.scaling.{{{','.join(LLAMA3_SCALING)}}} are {params}: expected "
                                f"factor > 0, 0 < low_freq_factor < high_freq_factor, original_context_length > 0")
-        if not positive_f32(factor):      # it divides float32 frequencies, as check_config's factors
-            raise DpllamaError(f"{path}: {arch}.rope.scaling.factor must be a positive float32 {F32_RANGE}, found "
-                               f"{factor}")
         c.rope_freq_factors = llama3_rope_factors(c.head_dim, c.rope_theta, *params)
-    elif scaling != "none":
-        raise DpllamaError(f"{path}: {arch}.rope.scaling.type is {scaling!r}, expected 'none' or 'llama3' "
-                           f"(other RoPE scalings are not supported)")
+    elif scaling == "linear" and factor not in (0, 1):
+        c.rope_freq_factors = (float(np.float32(factor)),) * (c.head_dim // 2)
+    elif scaling == "yarn" and factor not in (0, 1):
+        original = get("rope.scaling.original_context_length", c.seq_len)
+        if not original > 0:
+            raise DpllamaError(f"{path}: {arch}.rope.scaling.original_context_length must be positive, found "
+                               f"{original}")
+        c.rope_freq_factors, c.rope_mscale = yarn_rope(c.head_dim, c.rope_theta, factor, original)
+    elif scaling not in ("none", "linear", "yarn"):
+        raise DpllamaError(f"{path}: {arch}.rope.scaling.type is {scaling!r}, expected 'none', 'linear', 'yarn' or "
+                           f"'llama3' (other RoPE scalings are not supported)")
+    attn_factor = get("rope.scaling.attn_factor", 1.0)
+    if not positive_f32(attn_factor):
+        raise DpllamaError(f"{path}: {arch}.rope.scaling.attn_factor must be a positive float32 {F32_RANGE}, found "
+                           f"{attn_factor}")
+    c.rope_mscale = float(np.float32(c.rope_mscale * attn_factor))
     return c
 
 
@@ -230,7 +248,7 @@ def _add_matrix(w: GGUFWriter, base: str, t: Tensor) -> None:
 
 def add_hyperparameters(w: GGUFWriter, c: ModelConfig) -> None:
     """The <arch>.* keys llama.cpp reads a model's shape from (w's architecture: c.arch's, from write_gguf);
-    a RoPE scaling is the tensor ROPE_FREQS, which the caller writes."""
+    a RoPE scaling is the tensor ROPE_FREQS, which the caller writes, and its magnitude attn_factor."""
     w.add_vocab_size(c.vocab_size)
     w.add_context_length(c.seq_len)
     w.add_embedding_length(c.dim)
@@ -243,6 +261,8 @@ def add_hyperparameters(w: GGUFWriter, c: ModelConfig) -> None:
         w.add_key_length(c.key_length)
         w.add_value_length(c.key_length)
     w.add_rope_freq_base(c.rope_theta)
+    if c.rope_mscale != 1:      # YaRN's magnitude, its frequencies being the caller's ROPE_FREQS
+        w.add_rope_scaling_attn_factors(c.rope_mscale)
     w.add_layer_norm_rms_eps(c.norm_eps)
 
 

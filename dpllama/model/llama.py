@@ -56,10 +56,11 @@ def not_finite(pos: int) -> str:
             f"activations overflowed float32")
 
 
-def rope_table(seq_len: int, head_dim: int, theta: float, freq_factors=None) -> np.ndarray:
-    """(cos, sin) of RoPE's angle for every position and pair, float32[seq, hd/2, 2] (rope_angles' scaling in)."""
+def rope_table(seq_len: int, head_dim: int, theta: float, freq_factors=None, mscale: float = 1.0) -> np.ndarray:
+    """(cos, sin) of RoPE's angle for every position and pair, times mscale, float32[seq, hd/2, 2] (rope_angles'
+    scaling in)."""
     angle = rope_angles(np.arange(seq_len), head_dim, theta, freq_factors)
-    return np.ascontiguousarray(np.stack([np.cos(angle), np.sin(angle)], axis=-1), np.float32)
+    return np.ascontiguousarray(np.stack([np.cos(angle), np.sin(angle)], axis=-1) * np.float32(mscale), np.float32)
 
 
 def neox_rows(n_heads: int, head_dim: int) -> np.ndarray:
@@ -255,8 +256,8 @@ class Llama:
         split = geo.attention == 1 and spans > 1
         self.att_parts = zeros(q, span_floats(c, n) * spans if split else 1, "att_parts")
         self.att_folds = zeros(q, min(n, kernels.SPLIT_ROWS) * c.n_kv_heads if split else 1, "att_folds", np.int32)
-        self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta, c.rope_freq_factors),
-                              name="rope")  # [seq, hd/2, 2]
+        self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta, c.rope_freq_factors,
+                                             c.rope_mscale), name="rope")  # [seq, hd/2, 2]
         self.sequences = [Sequence(q, self.seq_len, c.vocab_size, slot) for slot in range(slots)]
         self.seq = self.sequences[0]
         self.lock = threading.Lock()    # held by a generation's steps (dpllama.generate.Generation), threads' too

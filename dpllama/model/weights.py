@@ -60,8 +60,10 @@ class ModelConfig:
     qkv_bias: bool = False          # Q, K and V projections add a bias (Layer.bq, bk, bv)
     qk_norm: bool = False           # each head of q and k is RMS-normalized before RoPE (qwen3: Layer.q_norm, k_norm)
     key_length: int = 0             # a head's width where it is not dim / n_heads (GGUF's attention.key_length)
-    # RoPE frequency i divided by factor i (Llama 3.1's "llama3" scaling, llama.cpp's rope_freqs.weight)
+    # RoPE frequency i divided by factor i (Llama 3.1's "llama3" scaling, llama.cpp's rope_freqs.weight; linear
+    # scaling's and YaRN's too)
     rope_freq_factors: tuple[float, ...] | None = None
+    rope_mscale: float = 1.0        # RoPE's cos and sin multiplied by it (YaRN's 1 + 0.1 ln factor; attn_factor)
 
     @property
     def head_dim(self) -> int:
@@ -109,6 +111,24 @@ def llama3_rope_factors(head_dim: int, theta: float, factor: float, low_freq_fac
     return tuple(float(np.float32(f)) for f in factors)     # as the float32 tensor stores them
 
 
+def yarn_rope(head_dim: int, theta: float, factor: float, original_context_length: int, beta_fast: float = 32.0,
+              beta_slow: float = 1.0) -> tuple[tuple[float, ...], float]:
+    """YaRN's scaling (llama.cpp's rope_yarn with its default ext_factor 1; Qwen's long contexts) as per-frequency
+    divisors and a magnitude: pair i's angle is the interpolated one (its frequency divided by `factor`) blended into
+    the original by a ramp, which is 1 (the original) for the pairs below the correction dim of beta_fast rotations
+    over the original context and 0 (interpolated) above that of beta_slow; cos and sin are multiplied by
+    1 + 0.1 ln(factor). Returns (the divisors, that magnitude)."""
+    def corr_dim(beta: float) -> float:
+        return head_dim * math.log(original_context_length / (beta * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = max(0, math.floor(corr_dim(beta_fast))), min(head_dim - 1, math.ceil(corr_dim(beta_slow)))
+    factors = []
+    for i in range(head_dim // 2):
+        ramp = 1 - min(1.0, max(0.0, (i - low) / max(0.001, high - low)))
+        factors.append(1 / ((1 - ramp) / factor + ramp))
+    mscale = 1 + 0.1 * math.log(factor) if factor > 1 else 1.0
+    return tuple(float(np.float32(f)) for f in factors), float(np.float32(mscale))
+
+
 def layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every `Layer` field the model has, in field order: (rows, cols) for matrices, (n,) for norms
     and biases (the biases only where c.qkv_bias, the heads' norms only where c.qk_norm)."""
@@ -147,6 +167,8 @@ def check_config(c: ModelConfig, source: str, names: dict[str, str] | None = Non
         raise bad(f"{name('rope_theta')} must be a positive float32 {F32_RANGE}, found {c.rope_theta}")
     if not 0 < c.norm_eps < 1:      # NaN fails too
         raise bad(f"{name('norm_eps')} must be between 0 and 1, found {c.norm_eps}")
+    if not positive_f32(c.rope_mscale):
+        raise bad(f"{name('rope_mscale')} must be a positive float32 {F32_RANGE}, found {c.rope_mscale}")
     if c.rope_freq_factors is not None:
         factors = c.rope_freq_factors
         if len(factors) != c.head_dim // 2:
