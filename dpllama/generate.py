@@ -5,7 +5,8 @@ and top-p, after llama.cpp's repetition, presence and frequency penalties over u
 coin drawn on the host with llama2.c's xorshift generator, so a `seed` reproduces a run): the token goes into the
 device's token buffer and only its id is read back, so the next step is enqueued before it is read. Log-probabilities
 and penalties over a longer window (or the whole history) read the logits back (vocab x 4 bytes) and draw on the
-host (Sampler.pick: Sampler.penalize, then run.c's sample_topp with a top-k, of which the device's draw is the twin).
+host (Sampler.pick: Sampler.penalize, then run.c's sample_topp with a top-k, of which the device's draw is the twin);
+so does JSON mode (dpllama.constrain), whose tokens must continue the JSON.
 """
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ import math
 import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from dpllama.errors import DpllamaError
 from dpllama.model.llama import PENALTY_WINDOW, Llama, Part, Pending, not_finite
 from dpllama.model.weights import F32_MAX, F32_TINY, ModelConfig
+
+if TYPE_CHECKING:
+    from dpllama.constrain import JsonMode
 
 
 def whole(x) -> bool:
@@ -141,8 +145,21 @@ class Sampler:
             logits[t] = v - fp
         return logits
 
-    def pick(self, logits: np.ndarray, history: list[int]) -> int:
+    def pick(self, logits: np.ndarray, history: list[int], json: JsonMode | None = None) -> int:
+        """The next token. In JSON mode one that cannot continue the JSON is drawn again, with a new coin, from the
+        same logits less every token that cannot (llama.cpp's grammar sampling: checking the token drawn costs
+        microseconds, the mask milliseconds); greedy, the likeliest token that can."""
         logits = self.penalize(logits, history)
+        token = self.choose(logits)
+        if json is None or json.fits(token):
+            return token
+        allowed = json.allowed()
+        if not allowed.any():
+            raise DpllamaError("JSON mode: no token of the vocabulary continues the JSON")
+        return self.choose(np.where(allowed, logits, -np.inf))
+
+    def choose(self, logits: np.ndarray) -> int:
+        """The argmax of `logits`, or a draw from their softmax at the temperature (sample)."""
         if self.greedy:
             return int(np.argmax(logits))
         with np.errstate(over="ignore"):   # penalized logits may lie F32_MAX apart: their gap is -inf, e^-inf 0
@@ -244,7 +261,8 @@ class Generation:
     penalty never leaves the device, and each token is fed before the host has even seen it.
     `stats` holds the timings, `tokens` the sequence so far (the stop token included). With `keep_logits`,
     every token is drawn on the host from logits read back, and `logits` holds those the last token came from
-    (for its log-probabilities).
+    (for its log-probabilities). With `json` (JSON mode), every token is drawn on the host too, each one continuing
+    the JSON, and the token that closes the object is the last (`stopped` then says so, as after a stop token).
 
     Drive it one way: iterate over it (the model's selected sequence alone, through the token loop's primitives),
     or pass it with others to a `Batcher`, which runs the passes of several at once (Llama.enqueue_batch; the
@@ -252,7 +270,8 @@ class Generation:
     another) makes this one's next step a DpllamaError, where their tokens would have mixed in one KV cache."""
 
     def __init__(self, model: Llama, prompt: list[int], max_new: int, sampler: Sampler,
-                 stop: set[int] = frozenset(), keep: int = 0, chunk: int = 0, keep_logits: bool = False):
+                 stop: set[int] = frozenset(), keep: int = 0, chunk: int = 0, keep_logits: bool = False,
+                 json: JsonMode | None = None):
         with model.lock:
             model.start(prompt, keep)       # checks the prompt before anything runs
             self.seq = model.seq
@@ -268,7 +287,8 @@ class Generation:
         self.logits: np.ndarray | None = None
         self.fed = keep                 # tokens whose forward pass has been enqueued (batched driving)
         self.ahead = 0                  # new tokens chosen on the device by enqueued passes, not yet taken (batched)
-        self.on_device = sampler.on_device and not keep_logits
+        self.json = json
+        self.on_device = sampler.on_device and not keep_logits and json is None
         self.ended = False
         if not self.max_new:
             self._end()
@@ -300,7 +320,7 @@ class Generation:
                 if not self._took(tok):
                     return
                 yield tok
-                if not more:
+                if not more or self.ended:
                     return
         finally:
             self._end()
@@ -348,7 +368,7 @@ class Generation:
         """The pass that fed `part` has run; `result`: what came back for its last token (when the part wanted
         logits): the token chosen on the device, or the logits. Returns the new token, None after a piece of the
         prompt, after a stop token (then `ended`) or once it has ended; `ended` also turns true with the last
-        token max_new allows, which is returned."""
+        token max_new allows, or the one that closes the JSON, which is returned."""
         if part.logits and part.draw is not None:
             self.ahead -= 1
         if result is None or self.ended:        # a prompt piece; or a pass enqueued before a stop token was seen
@@ -372,13 +392,20 @@ class Generation:
             raise
 
     # ---- shared by both ----
+    @property
+    def stopped(self) -> bool:
+        """Whether it ended of itself (a stop token; in JSON mode, the object closed), not at max_new or the
+        context's end."""
+        return self.stop_token is not None or self.json is not None and self.json.done
+
     def _draw(self, logits: np.ndarray) -> int:
         if self.keep_logits:
             self.logits = logits
-        return self.sampler.pick(logits, self.tokens)
+        return self.sampler.pick(logits, self.tokens, self.json)
 
     def _took(self, tok: int) -> bool:
-        """Count a new token; False when it is a stop token (which ends the generation, unyielded)."""
+        """Count a new token; False when it is a stop token (which ends the generation, unyielded). The token that
+        closes the JSON ends it too, yielded."""
         st = self.stats
         if st.first_token is None:
             st.first_token = time.perf_counter()
@@ -388,6 +415,10 @@ class Generation:
             self.stop_token = tok
             self._end()
             return False
+        if self.json is not None:
+            self.json.take(tok)
+            if self.json.done:
+                self._end()
         return True
 
     def _end(self) -> None:
@@ -428,8 +459,8 @@ class Batcher:
     generation whose sampler the device can draw for (Sampler.on_device: greedy, or a temperature with top-k and
     top-p) are chosen on the device and fed from there, so the next pass is enqueued before the host has read this
     one's tokens, and the device never waits on the host; a pass with a token drawn on the host (penalties,
-    log-probabilities) is waited for before the next is made. A generation that has just drawn a stop token may then
-    still get one more row, whose result is dropped (its cost: a row)."""
+    log-probabilities, JSON mode) is waited for before the next is made. A generation that has just drawn a stop
+    token may then still get one more row, whose result is dropped (its cost: a row)."""
 
     def __init__(self, model: Llama):
         self.model = model
@@ -497,9 +528,9 @@ class Batcher:
 
 
 def generate(model: Llama, prompt: list[int], max_new: int, sampler: Sampler, stop: set[int] = frozenset(),
-             keep: int = 0, chunk: int = 0, keep_logits: bool = False) -> Generation:
+             keep: int = 0, chunk: int = 0, keep_logits: bool = False, json: JsonMode | None = None) -> Generation:
     """The one way tokens are generated: see Generation."""
-    return Generation(model, prompt, max_new, sampler, stop, keep, chunk, keep_logits)
+    return Generation(model, prompt, max_new, sampler, stop, keep, chunk, keep_logits, json)
 
 
 def new_tokens(steps: int, prompt_len: int) -> int:

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from dpllama.constrain import JsonMode
 from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler, check_reach, check_sampler, check_steps, generate, new_tokens, whole
 from dpllama.hub import resolve_model
@@ -22,23 +23,25 @@ from dpllama.model.layout import Geometry
 from dpllama.model.llama import Llama, floats_per_position, pass_rows
 from dpllama.model.weights import ModelConfig, check_activation_bits, check_kv_cache
 from dpllama.runtime import Queue, open_queue
-from dpllama.tokenizer import StreamDecoder, Tokenizer, printable_piece
+from dpllama.tokenizer import StreamDecoder, Tokenizer
 
 
 def text_decoder(tok: Tokenizer, prev: int) -> StreamDecoder:
-    """New tokens to text after `prev`; llama2.c tokenizers print each piece like run.c (a lone control byte is
-    dropped)."""
-    return StreamDecoder(tok, prev=prev, piece_filter=printable_piece if tok.kind == "llama2c" else None)
+    """New tokens to text after `prev`, each piece through the tokenizer's piece_filter (llama2.c tokenizers print
+    each piece like run.c: a lone control byte is dropped)."""
+    return StreamDecoder(tok, prev=prev, piece_filter=tok.piece_filter)
 
 
 class TextStream:
     """The pieces of text of a generation, the prompt's first when `echo_prompt` (as far as `steps` positions
-    reach), as `text_decoder` spells them; `stats` holds its timings. A stop token is not printed."""
+    reach), as `text_decoder` spells them; `stats` holds its timings. A stop token is not printed. With `json`,
+    the new text is one JSON object (JSON mode, dpllama.constrain), cut short only where the steps run out."""
 
-    def __init__(self, llm: "LLM", prompt_ids: list[int], steps: int, sampler: Sampler, echo_prompt: bool):
+    def __init__(self, llm: "LLM", prompt_ids: list[int], steps: int, sampler: Sampler, echo_prompt: bool,
+                 json: bool = False):
         steps = min(steps, llm.model.seq_len)
         self.generation = generate(llm.model, prompt_ids, new_tokens(steps, len(prompt_ids)), sampler,
-                                   llm.tokenizer.eos_ids)
+                                   llm.tokenizer.eos_ids, json=JsonMode(llm.tokenizer) if json else None)
         self.stats = self.generation.stats
         self._pieces = self._run(llm.tokenizer, prompt_ids, steps + 1 if echo_prompt else 0)
 
@@ -77,23 +80,25 @@ class LLM:
             ids = [self.tokenizer.bos_id]
         return ids
 
-    def stream(self, prompt_ids: list[int], steps: int, sampler: Sampler, echo_prompt: bool = True) -> TextStream:
+    def stream(self, prompt_ids: list[int], steps: int, sampler: Sampler, echo_prompt: bool = True,
+               json: bool = False) -> TextStream:
         """Text as it is generated over `steps` positions, prompt included (llama2.c's -n), the prompt first
-        when `echo_prompt`."""
+        when `echo_prompt`; with `json`, the new text is one JSON object (TextStream)."""
         ids = list(prompt_ids) if isinstance(prompt_ids, (list, tuple, range, np.ndarray)) else None
         if ids is None or not all(whole(t) for t in ids):
             raise DpllamaError(f"the prompt must be a list of token ids (whole numbers), found {prompt_ids!r:.60}")
         check_reach(min(check_steps(steps), self.model.seq_len), len(ids))
-        return TextStream(self, [int(t) for t in ids], steps, check_sampler(sampler), echo_prompt)
+        return TextStream(self, [int(t) for t in ids], steps, check_sampler(sampler), echo_prompt, json)
 
     def generate(self, prompt: str, steps: int = 256, temperature: float = 1.0, top_p: float = 0.9,
-                 top_k: int = 0, repeat_penalty: float = 1.0, seed: int = 0, echo_prompt: bool = True
-                 ) -> Iterator[str]:
+                 top_k: int = 0, repeat_penalty: float = 1.0, seed: int = 0, echo_prompt: bool = True,
+                 json: bool = False) -> Iterator[str]:
         """Stream the continuation of `prompt` (echoed first unless echo_prompt=False) over `steps`
-        positions, prompt included, as llama2.c's -n; temperature 0 is greedy. Bad arguments raise
-        DpllamaError here, not when the stream is read."""
+        positions, prompt included, as llama2.c's -n; temperature 0 is greedy. With `json` the continuation is
+        one JSON object (JSON mode: every token drawn continues it, and the generation ends as it closes), cut
+        short only where the steps run out. Bad arguments raise DpllamaError here, not when the stream is read."""
         sampler = Sampler(temperature, top_p, top_k, repeat_penalty, seed=seed)
-        return self.stream(self.encode(prompt), steps, sampler, echo_prompt)
+        return self.stream(self.encode(prompt), steps, sampler, echo_prompt, json)
 
 
 def context_cap(c: ModelConfig, q: Queue, n: int, slots: int = 1, chunk: int | None = None,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import select
@@ -72,6 +73,18 @@ def test_seed_makes_sampling_reproducible(stories, repo_root):
     a, b, c = (run("generate", "-m", model, "-z", tok, "-n", 60, "-t", 1.0, "-s", s, cwd=repo_root).stdout
                for s in (42, 42, 43))
     assert a == b and a != c
+
+
+def test_generate_json_mode(repo_root):
+    """--json: the continuation is one JSON object, and the generation ends as it closes (before -n does), where the
+    same greedy run without it goes on past the object."""
+    prompt = "A JSON object:"
+    r = run("generate", "-m", smollm2_gguf_path(), "-p", prompt, "-n", 80, "-t", 0, "--json", cwd=repo_root)
+    assert r.returncode == 0 and r.stdout.startswith(prompt), r.stderr
+    assert isinstance(json.loads(r.stdout[len(prompt):]), dict), r.stdout     # nothing after it but the newline
+    r = run("generate", "-m", smollm2_gguf_path(), "-p", prompt, "-n", 80, "-t", 0, cwd=repo_root)
+    with pytest.raises(ValueError):
+        json.loads(r.stdout[len(prompt):])
 
 
 def test_tokenize_prints_ids(repo_root):

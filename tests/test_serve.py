@@ -16,6 +16,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from dpllama.constrain import OPEN, feed
 from dpllama.hub import MODELS
 from dpllama.model.weights import Tensor, Weights
 from dpllama.tokenizer.gguf import _bytes_to_unicode
@@ -178,8 +179,13 @@ def test_bad_requests_are_400_naming_the_parameter(server, client):
                       ({"messages": [{"role": "user", "content": "x " * 2000}]}, "messages")]:
         e = refused(**kw)
         assert e.status_code == 400 and e.body["param"] == param, (kw, e.body)
-    e = refused(response_format={"type": "json_object"})
-    assert e.status_code == 400 and e.body["param"] == "response_format", e.body
+    # JSON mode is served (below), a JSON schema is not
+    for fmt in ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}, {"type": "xml"},
+                {"type": "json_object", "schema": {}}, "json_object"):
+        e = refused(response_format=fmt)
+        assert e.status_code == 400 and e.body["param"] == "response_format", e.body
+        assert e.body["message"].startswith('response_format: Input should be {"type": "json_object"} (JSON mode) or '
+                                            '{"type": "text"}: a JSON schema is not supported, found '), e.body
     e = refused(extra_body={"stream_options": {"include_obfuscation": True}}, stream=True)
     assert e.status_code == 400 and e.body["param"] == "stream_options.include_obfuscation", e.body
     # what clients send with every request, asking for nothing more than the server does, is served
@@ -211,6 +217,25 @@ def test_bad_requests_are_400_naming_the_parameter(server, client):
     r = http.post(f"{server.url}/v1/chat/completions", content=b'{"model": ', timeout=10,
                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_json_mode_replies_are_json_from_their_first_token(client):
+    """response_format json_object, chat and completions, streamed and not: stories260K, a model of children's
+    stories, writes a JSON object's start from its first token (where it wrote a story) and goes on within one; cut
+    by max_tokens, finish_reason is "length" (SmolLM2's objects close: test_json_mode_on_smollm2)."""
+    messages = [{"role": "user", "content": "Hi"}]
+    story = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0)
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0,
+                                           response_format={"type": "json_object"})
+    text, finish, _ = streamed(client, model=MODEL, messages=messages, max_tokens=40, temperature=0,
+                               response_format={"type": "json_object"})
+    assert whole.choices[0].message.content == text != story.choices[0].message.content
+    assert text.lstrip().startswith("{") and feed(OPEN, text.encode()) is not None, text
+    assert whole.choices[0].finish_reason == finish == "length" and whole.usage.completion_tokens == 40
+    for seed in (1, 2):
+        done = complete(client, "Once upon a time", max_tokens=30, temperature=1.0, seed=seed,
+                        extra_body={"response_format": {"type": "json_object"}}).choices[0]
+        assert feed(OPEN, done.text.encode()) is not None and done.finish_reason == "length", done
 
 
 def test_stream_options_without_stream_are_refused(server):
@@ -853,6 +878,34 @@ def test_detokenize_gives_special_tokens_text():
         assert http.post(f"{s.url}/detokenize", json={"tokens": ids}, timeout=10).json() == {"content": chat}
         done = s.client().completions.create(model="smollm2", prompt=ids, max_tokens=24, temperature=0).choices[0]
         assert done.finish_reason == "stop" and "<|im_end|>" not in done.text and done.text, done
+
+
+def test_json_mode_on_smollm2():
+    """SmolLM2 asked for JSON with response_format json_object: each reply, greedy (whole and streamed, alike) or
+    sampled with a seed, chat or completion, is one object that json.loads reads as a dict, and finish_reason is
+    "stop" as it closes; cut short by max_tokens it is "length" and the text no JSON, as OpenAI's."""
+    ask = [{"role": "user", "content": "Reply in JSON: the name and age of a person called Bob who is 30."}]
+    with Server("-m", str(smollm2_gguf_path()), "--parallel", "2", "--ctx", "512", "--model-name", "smollm2") as s:
+        client = s.client()
+
+        def chat(**kw):
+            return client.chat.completions.create(**{"model": "smollm2", "messages": ask, "max_tokens": 200,
+                                                     "response_format": {"type": "json_object"}, **kw})
+        whole = chat(temperature=0).choices[0]
+        text, finish, _ = streamed(client, model="smollm2", messages=ask, max_tokens=200, temperature=0,
+                                   response_format={"type": "json_object"})
+        assert (whole.message.content, whole.finish_reason) == (text, finish) == (text, "stop")
+        assert json.loads(text)["name"] == "Bob", text
+        for seed in (1, 2, 3):
+            done = chat(temperature=0.7, seed=seed).choices[0]
+            assert isinstance(json.loads(done.message.content), dict) and done.finish_reason == "stop", done
+        done = client.completions.create(model="smollm2", prompt="A JSON object:", max_tokens=200, temperature=0,
+                                         extra_body={"response_format": {"type": "json_object"}}).choices[0]
+        assert isinstance(json.loads(done.text), dict) and done.finish_reason == "stop", done
+        cut = chat(temperature=0, max_tokens=5).choices[0]
+        assert cut.finish_reason == "length" and cut.message.content == text[:len(cut.message.content)], cut
+        with pytest.raises(ValueError):
+            json.loads(cut.message.content)
 
 
 def test_smollm2_oracles_beside_fifteen_others():

@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--steps", type=int, default=256,
                    help="positions to run, prompt included, as llama2.c's -n; 0 = the whole context (default 256)")
     p.add_argument("--special", action="store_true", help="parse special tokens such as <|im_start|> in the prompt")
+    p.add_argument("--json", action="store_true",
+                   help="JSON mode: the continuation is one JSON object, ending as it closes (unless -n ends first)")
     add_sampling(p, temperature=1.0)
     add_device(p)
     add_activation_bits(p)
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise DpllamaError(f"the prompt is {len(ids)} tokens, more than the context of {ctx}")
     check_reach(steps, len(ids), "-n")
     out = sys.stdout
-    stream = llm.stream(ids, steps, sampler)
+    stream = llm.stream(ids, steps, sampler, json=args.json)
     for piece in stream:
         out.write(piece)
         out.flush()

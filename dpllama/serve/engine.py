@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from dpllama.constrain import JsonMode
 from dpllama.errors import DpllamaError
 from dpllama.generate import Batcher, Generation, Sampler, generate, reusable
 from dpllama.llm import LLM, text_decoder
@@ -80,6 +81,7 @@ class Request:
     sampler: Sampler
     stops: tuple[str, ...] = ()
     logprobs: int | None = None     # alternatives per token (0: the chosen one's only); None: no log-probabilities
+    json: bool = False              # JSON mode: the reply is one JSON object
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -300,7 +302,7 @@ class Engine:
         self._kept[slot] = []       # until it ends, what the slot holds is in flux
         try:
             gen = generate(model, request.prompt, request.max_new, request.sampler, tok.eos_ids, keep=keep,
-                           keep_logits=request.logprobs is not None)
+                           keep_logits=request.logprobs is not None, json=JsonMode(tok) if request.json else None)
         except DpllamaError as e:
             with self._cond:
                 self._free.append(slot)
@@ -353,7 +355,7 @@ class Engine:
             if text:
                 self._send(run, text)
         if gen.ended:
-            self._finish(run, "stop" if gen.stop_token is not None else "length")
+            self._finish(run, "stop" if gen.stopped else "length")
 
     def _send(self, run: Run, text: str) -> None:
         run.request.emit(Piece(text, run.pending))

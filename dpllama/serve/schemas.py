@@ -2,8 +2,8 @@
 
 A parameter this server does not implement (tools, n > 1, logit_bias, echo, ...) is refused with 400 naming
 it, never ignored: `unsupported` lists a body's fields that no model here declares. A field sent with a value
-that asks for nothing (null, an empty list or object, OpenAI's default such as `response_format: {"type":
-"text"}`) counts as not sent: clients and frameworks send them with every request.
+that asks for nothing (null, an empty list or object, OpenAI's default such as `tool_choice: "none"`) counts as
+not sent: clients and frameworks send them with every request.
 
 Values are JSON's own types (pydantic's strict mode): pydantic's default took "1" and true as numbers, 0 as
 false and "yes" as true, so that a parameter sent as the wrong type was served as something else. A whole
@@ -31,8 +31,8 @@ class ParameterError(Exception):
 
 
 # the values of fields this server does not implement that ask for what it does anyway (OpenAI's defaults)
-NEUTRAL = {"response_format": {"type": "text"}, "tool_choice": "none", "parallel_tool_calls": True, "best_of": 1,
-           "store": False, "suffix": "", "n": 1, "echo": False}
+NEUTRAL = {"tool_choice": "none", "parallel_tool_calls": True, "best_of": 1, "store": False, "suffix": "", "n": 1,
+           "echo": False}
 
 
 def asks_nothing(name: str, value) -> bool:
@@ -66,6 +66,14 @@ def text_or_list(item, expected: str) -> PlainValidator:
             return items.validate_python(value)
         raise PydanticCustomError("text_or_list_type", f"Input should be {expected}")
     return PlainValidator(check)
+
+
+def asks_json(value) -> bool:
+    """response_format: whether it asks for JSON mode (json_object), or for text, OpenAI's default."""
+    if value in ({"type": "json_object"}, {"type": "text"}):
+        return value["type"] == "json_object"
+    raise PydanticCustomError("response_format", 'Input should be {"type": "json_object"} (JSON mode) or {"type": '
+                                                 '"text"}: a JSON schema is not supported')
 
 
 class Body(BaseModel):
@@ -104,6 +112,7 @@ class Sampling(Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None                                     # an end user's id: no effect on the output
+    json_mode: Annotated[bool, PlainValidator(asks_json)] = Field(False, alias="response_format")
 
     def stops(self) -> tuple[str, ...]:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

@@ -44,6 +44,7 @@ class Tokenizer:
     chat_template: str | None = None
     source: str
     decode_skips: frozenset = frozenset()   # ids decode() leaves out (llama2.c's BOS/EOS markers)
+    piece_filter = None     # bytes -> bytes: what of a piece a generation's text prints (llama2.c's: run.c's)
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False,
                parse_special: bool = False) -> list[int]:

@@ -65,6 +65,7 @@ def printable_piece(piece: bytes) -> bytes:
 class Llama2cTokenizer(Tokenizer):
     kind = "llama2c"
     decode_skips = frozenset({BOS, EOS})    # decode() gives the text as run.c prints it, without the markers
+    piece_filter = staticmethod(printable_piece)    # a lone control byte is dropped
 
     def __init__(self, path, vocab_size: int | None = None):
         path = Path(path)
