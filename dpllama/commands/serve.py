@@ -128,7 +128,6 @@ def run(args: argparse.Namespace) -> int:
         llm.model.prepare_batches(slots)    # the passes of decode steps, recorded before the first request
         llm.tokenizer.most_bytes_per_token  # and the longest token (the body limit, the floor on tokens): 0.1 s for
                                             # Qwen's 151,936, which the first request would take in the event loop
-        log(f"dpllama: ready: {name}, {slots} slot(s) of {llm.model.seq_len} tokens each")
         return llm
 
     if args.replicas:

@@ -407,6 +407,13 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
     return app
 
 
+def announce(model_name: str) -> Callable[[LLM], None]:
+    """The line a server (or replica) logs once its engine takes requests (Engine's on_ready)."""
+    def ready(llm: LLM) -> None:
+        log(f"dpllama: ready: {model_name}, {len(llm.model.sequences)} slot(s) of {llm.model.seq_len} tokens each")
+    return ready
+
+
 def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiting: int, model_name: str,
           api_keys: frozenset[str], drain_timeout: float, template_kwargs: dict, reasoning_format: str) -> None:
     """Serve on the listening `sock` with uvicorn until SIGTERM or SIGINT: the server stops accepting, running
@@ -421,7 +428,7 @@ def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiti
         failed.append(message)
         server.should_exit = True
 
-    engine = Engine(load, slots, max_waiting, Metrics(), fatal)
+    engine = Engine(load, slots, max_waiting, Metrics(), fatal, announce(model_name))
     # when the drain time is up the engine cancels what is left, so that each request still gets its answer (a 503,
     # in a stream too) before uvicorn closes the connections; uvicorn's own deadline, later, would cancel the
     # responses' tasks, which it logs as tracebacks

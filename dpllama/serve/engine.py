@@ -178,11 +178,12 @@ class Run:
 
 class Engine:
     def __init__(self, load: Callable[[int], LLM], slots: int, max_waiting: int, metrics: Metrics,
-                 on_fatal: Callable[[str], None]):
+                 on_fatal: Callable[[str], None], on_ready: Callable[[LLM], None] = lambda llm: None):
         """`load(slots)` gives the model (called in the scheduler thread); `on_fatal(message)` is told when it
-        fails. At most `max_waiting` requests wait for a slot; more are refused (Busy)."""
+        fails, `on_ready(llm)` once the engine takes requests (not before: a signal between the two would find it
+        still loading). At most `max_waiting` requests wait for a slot; more are refused (Busy)."""
         self.slots, self.max_waiting, self.metrics = slots, max_waiting, metrics
-        self._load, self._on_fatal = load, on_fatal
+        self._load, self._on_fatal, self._on_ready = load, on_fatal, on_ready
         self.llm: LLM | None = None
         self.ready = threading.Event()
         self._cond = threading.Condition()
@@ -255,6 +256,7 @@ class Engine:
             if self._stopping:      # stopped while it loaded
                 return
             self.ready.set()
+        self._on_ready(self.llm)
         while True:
             with self._cond:
                 for r in [r for r in self._waiting if r.cancelled]:

@@ -25,7 +25,7 @@ def serve_replicas(load: Callable[[int], LLM], host: str, port: int, replicas: i
         from ray import serve
     except ImportError:
         raise DpllamaError("--replicas needs Ray Serve: pip install 'dpllama[ray]'") from None
-    from dpllama.serve.app import make_app
+    from dpllama.serve.app import announce, make_app
     from dpllama.serve.engine import Engine
     from dpllama.serve.metrics import Metrics
 
@@ -34,7 +34,7 @@ def serve_replicas(load: Callable[[int], LLM], host: str, port: int, replicas: i
             def fatal(message: str) -> None:
                 log(f"dpllama: error: {message}")
                 os._exit(1)     # the replica dies, and Ray Serve says so and starts another
-            engine = Engine(load, slots, max_waiting, Metrics(), fatal)
+            engine = Engine(load, slots, max_waiting, Metrics(), fatal, announce(model_name))
             return make_app(engine, model_name, api_keys, template_kwargs, reasoning_format,
                             replica=f"{socket.gethostname()}:{os.getpid()}")
 
