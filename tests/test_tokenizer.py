@@ -2,6 +2,8 @@
 import json
 import re
 import struct
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -271,6 +273,9 @@ def test_chat_templates(tiny_gpt2):
     ('{{ "a" + 1 }}', "TypeError: can only concatenate str"),
     ("{{ range(10**9) }}", "OverflowError: Range too big"),
     ('{{ "%d" % "x" }}', "TypeError: %d format"),
+    ("{{ 'ab' * 10**9 }}", "* would make 2000000000 items (or bits), over 4194304"),     # 2 GB, in seconds
+    ("{{ [0] * 10**7 }}", "* would make 10000000 items (or bits), over 4194304"),
+    ("{{ 10 ** 10000000 }}", "** would make 40000000 items (or bits), over 4194304"),
 ])
 def test_chat_template_expressions_that_raise(tiny_gpt2, template, error):
     """A model's template whose expressions raise what Python raises (its metadata is anybody's) is the model's
@@ -295,6 +300,20 @@ def test_chat_template_kwargs_are_extra_variables():
         qwen3.apply_chat_template(msgs, bos_token="")
     with pytest.raises(DpllamaError, match=r"^messages is the chat template's own variable"):
         chat_text(qwen3, msgs, {"messages": []})
+
+
+def test_chat_template_that_runs_away_is_stopped(tiny_gpt2, monkeypatch):
+    """Loops nested past any conversation's need (10^10 turns: hours) end at RENDER_SECONDS with one line, in the
+    thread that renders (the server's worker, which would otherwise stay busy for good); a tracer set before is
+    set again after."""
+    import dpllama.tokenizer.base as base
+    monkeypatch.setattr(base, "RENDER_SECONDS", 0.3)
+    bad = tokenizer_from_gguf_fields(gpt2_fields(**{"tokenizer.chat_template": (
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}")}), "t.gguf")
+    before, start = sys.gettrace(), time.monotonic()
+    with pytest.raises(DpllamaError, match=r"^t\.gguf: chat template error: it ran over 0\.3 s \(a loop without end\?\)$"):
+        bad.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert time.monotonic() - start < 5 and sys.gettrace() is before
 
 
 def test_chat_template_that_writes_nothing(tiny_gpt2):

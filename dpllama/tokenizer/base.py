@@ -6,8 +6,10 @@ import heapq
 import json
 import numbers
 import re
+import sys
+import time
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from dpllama.errors import DpllamaError
 
@@ -216,27 +218,85 @@ def check_template_kwargs(kwargs: dict) -> dict:
     return kwargs
 
 
-def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool,
-                         bos_token: str, eos_token: str, source: str, kwargs: dict | None = None) -> str:
-    """Render a Hugging Face-style chat template the way transformers does (sandboxed Jinja,
-    trim_blocks/lstrip_blocks, raise_exception/strftime_now, tojson keeping non-ASCII), with `kwargs` as
-    extra variables."""
-    import jinja2
+# A model's chat template is anybody's code, bounded like its other metadata: in time (a loop without end, loops
+# nested past any conversation's need) and in the size of what one `*` or `**` makes ('ab' * 10**9 took 2 GB)
+RENDER_SECONDS = 10.0       # every model's template renders a conversation in milliseconds, 90,000 messages in ~2 s
+TEMPLATE_ITEMS = 1 << 22    # the most characters or items (or bits of an integer) one `*` or `**` may make
+
+
+class TemplateTimeout(Exception):
+    pass
+
+
+@lru_cache(maxsize=1)
+def _environment():
+    """The sandbox chat templates render in (transformers': trim_blocks/lstrip_blocks, raise_exception/strftime_now,
+    tojson keeping non-ASCII), with the bounds above on `*` and `**`."""
+    from jinja2.exceptions import SecurityError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            ints = [isinstance(v, int) for v in (left, right)]
+            if operator == "*" and any(ints):
+                seq = right if ints[0] else left
+                count = left if ints[0] else right
+                size = len(seq) * count if isinstance(seq, (str, list, tuple)) else 0
+            else:       # **: an integer power's bits
+                size = left.bit_length() * right if all(ints) and right > 0 else 0
+            if size > TEMPLATE_ITEMS:
+                raise SecurityError(f"{operator} would make {size} items (or bits), over {TEMPLATE_ITEMS}")
+            return super().call_binop(context, operator, left, right)
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+@lru_cache(maxsize=8)
+def _compiled(template: str):
+    """A template compiled once, not at every turn of a chat (Qwen3's: ~10 ms)."""
+    return _environment().from_string(template)
+
+
+def _deadline(seconds: float):
+    """A trace function that raises TemplateTimeout on a line of a template's code `seconds` from now (its frames
+    only: Jinja compiles a template into Python code named "<template>"), looking at the clock every 1,024 lines."""
+    end, lines = time.monotonic() + seconds, [0]
+
+    def line(frame, event, arg):
+        lines[0] += 1
+        if not lines[0] & 1023 and time.monotonic() > end:
+            raise TemplateTimeout
+        return line
+    return lambda frame, event, arg: line if frame.f_code.co_filename == "<template>" else None
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool,
+                         bos_token: str, eos_token: str, source: str, kwargs: dict | None = None) -> str:
+    """Render a Hugging Face-style chat template the way transformers does (_environment), with `kwargs` as extra
+    variables, within RENDER_SECONDS."""
+    import jinja2
+
     kwargs = check_template_kwargs(kwargs or {})
+    previous = sys.gettrace()
     try:
-        return env.from_string(template).render(
-            **kwargs, messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token, eos_token=eos_token)
+        compiled = _compiled(template)
+        sys.settrace(_deadline(RENDER_SECONDS))
+        return compiled.render(**kwargs, messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=bos_token, eos_token=eos_token)
+    except TemplateTimeout:
+        raise DpllamaError(f"{source}: chat template error: it ran over {RENDER_SECONDS:g} s (a loop without end?)") \
+            from None
     except DpllamaError as e:
         raise DpllamaError(f"{source}: chat template refused the messages: {e}") from None
     except jinja2.TemplateError as e:
         raise DpllamaError(f"{source}: chat template error: {e}") from None
     except Exception as e:      # what its expressions raise: {{ 1/0 }}, {{ "a" + 1 }}, a range past the sandbox's
         raise DpllamaError(f"{source}: chat template error: {type(e).__name__}: {e}") from None
+    finally:
+        sys.settrace(previous)
