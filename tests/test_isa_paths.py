@@ -6,8 +6,9 @@ the matching CPU config. PoCL 3.1 and later can be told to target an older CPU t
 (POCL_KERNELLIB_NAME: avx2 is Haswell, sse2 is a plain x86-64 CPU), so an AVX-512 host also builds and runs the
 real AVX2 and portable code. In a subprocess per path: the probe must report that path, the forward pass of a
 random model in every weight format (and one with a tensor of every GGUF type) must match the NumPy reference
-(tests/test_forward.py), tiny models' logits llama.cpp's (a Qwen3, YaRN, linear RoPE scaling), and no build may print a compiler warning (PyOpenCL's CompilerWarning is an error there). A path the host's driver cannot
-target (the pip PoCL 3.0, a GPU) skips with that reason. The AVX-512 VNNI path runs only where the compiler
+(tests/test_forward.py), tiny models' logits llama.cpp's (a Qwen3, YaRN, linear RoPE scaling), and no build may
+print a compiler warning (PyOpenCL's CompilerWarning is an error there). A path the host's driver cannot target (the
+pip PoCL 3.0, a GPU) skips with that reason. The AVX-512 VNNI path runs only where the compiler
 targets VNNI; test_kernels.py's test_gemv_isa_fallbacks covers the others below it on such a host, and where no
 driver here targets VNNI, clang compiles it for a VNNI CPU (test_vnni_path_compiles).
 """

@@ -311,7 +311,8 @@ def test_chat_template_that_runs_away_is_stopped(tiny_gpt2, monkeypatch):
     bad = tokenizer_from_gguf_fields(gpt2_fields(**{"tokenizer.chat_template": (
         "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}")}), "t.gguf")
     before, start = sys.gettrace(), time.monotonic()
-    with pytest.raises(DpllamaError, match=r"^t\.gguf: chat template error: it ran over 0\.3 s \(a loop without end\?\)$"):
+    with pytest.raises(DpllamaError,
+                       match=r"^t\.gguf: chat template error: it ran over 0\.3 s \(a loop without end\?\)$"):
         bad.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert time.monotonic() - start < 5 and sys.gettrace() is before
 
