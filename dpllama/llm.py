@@ -101,30 +101,50 @@ class LLM:
         return self.stream(self.encode(prompt), steps, sampler, echo_prompt, json)
 
 
+def _per_position(c: ModelConfig, q: Queue, n: int, slots: int, chunk: int | None, kv_cache: str) -> tuple[int, ...]:
+    """Floats that each position of a context of n tokens costs in Llama's buffers that grow with it
+    (floats_per_position) under q's config."""
+    geo = Geometry.of(q.config)
+    return floats_per_position(c, pass_rows(geo.prefill_chunk, slots, chunk, n), slots, kv_cache,
+                               geo.attention_span if geo.attention == 1 else 0)
+
+
 def context_cap(c: ModelConfig, q: Queue, n: int, slots: int = 1, chunk: int | None = None,
                 kv_cache: str = "f16") -> tuple[int, str]:
     """The most tokens of context each of `slots` sequences can have on q's device, sized before anything is
     allocated: Llama's buffers that grow with the context (KV cache, the attention scores of a pass of `chunk` rows,
     RoPE table, tokens, the sums of attention's spans) together in one maximum allocation, and each under 2^31
     elements, as the kernels index them with int; and what n tokens of it need, said for a message."""
-    geo = Geometry.of(q.config)
-    per_pos = floats_per_position(c, pass_rows(geo.prefill_chunk, slots, chunk, n), slots, kv_cache,
-                                  geo.attention_span if geo.attention == 1 else 0)
+    per_pos, geo = _per_position(c, q, n, slots, chunk, kv_cache), Geometry.of(q.config)
     step = position_step(geo.attention_positions, geo.key_block)     # Llama's KVCache pads the context to it
     cap = min(q.max_alloc // (4 * sum(per_pos)), (2**31 - 1) // max(per_pos)) // step * step    # 0: not even a step
     return cap, (f"{n * sum(per_pos) * 4 / 2**20:.0f} MiB of KV cache and scratch, more than {q.device} holds in one "
                  f"allocation ({q.max_alloc / 2**20:.0f} MiB) of under 2^31 floats")
 
 
+# What a context nobody asked for (no --ctx) may take, every slot's together: the model's whole context otherwise,
+# 40,960 tokens of Qwen3-0.6B's took 6 GB (its KV cache and a pass's attention scores) for a chat of a few thousand.
+# llama.cpp allocates 4,096 tokens unless told; this keeps the model's where it is small (SmolLM2's 8,192 take
+# 0.3 GB, Qwen2.5-0.5B's 32,768 1.4 GB) and cuts it, in steps of 1,024 tokens, where it is not.
+DEFAULT_CONTEXT_BYTES = 2 << 30
+
+
 def fit_context(c: ModelConfig, q: Queue, max_seq: int | None = None, slots: int = 1, chunk: int | None = None,
                 kv_cache: str = "f16") -> int:
-    """The context of each of `slots` sequences: `max_seq` (--ctx), else the model's, clamped (with a line on
-    stderr, as llama.cpp clamps n_ctx) to what the device holds (context_cap)."""
+    """The context of each of `slots` sequences: `max_seq` (--ctx), else the model's, at most DEFAULT_CONTEXT_BYTES'
+    worth; clamped (with a line on stderr, as llama.cpp clamps n_ctx) to what the device holds (context_cap)."""
     n = min(max_seq or c.seq_len, c.seq_len)
     cap, need = context_cap(c, q, n, slots, chunk, kv_cache)
     what = f"--ctx {n}" if n == max_seq else f"the model's context of {n} tokens"
     if cap == 0:    # --parallel 999999: its passes' scratch alone is more than the device holds
         raise DpllamaError(f"{what} for {slots} sequence(s) needs {need}, and so would the shortest context")
+    if not max_seq:
+        per_pos = 4 * sum(_per_position(c, q, n, slots, chunk, kv_cache))
+        budget = max(DEFAULT_CONTEXT_BYTES // per_pos // 1024 * 1024, 1024)
+        if budget < min(n, cap):
+            print(f"dpllama: {what} needs {n * per_pos / 2**20:.0f} MiB of KV cache and scratch: using {budget} "
+                  f"tokens (--ctx N for more)", file=sys.stderr)
+            return budget
     if n > cap:
         print(f"dpllama: {what} needs {need}: using {cap} tokens", file=sys.stderr)
     return min(n, cap)

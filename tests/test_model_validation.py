@@ -251,6 +251,23 @@ def test_llama2c_huge_context_is_clamped(tmp_path, small_alloc, capsys, seq_len)
     assert llm.model.seq_len == 100 and capsys.readouterr().err == ""
 
 
+def test_a_long_context_nobody_asked_for_is_cut(queue, capsys, monkeypatch):
+    """Without --ctx a context takes at most DEFAULT_CONTEXT_BYTES (here 16 MiB), in steps of 1,024 tokens, with a
+    line that says so (Qwen3-0.6B's 40,960 tokens took 6 GB); asked for, the model's whole context is allocated, and
+    a context within the budget stays the model's, without a line."""
+    monkeypatch.setattr(dpllama.llm, "DEFAULT_CONTEXT_BYTES", 16 << 20)
+    src = random_weights(**SHAPE).config
+    c = dataclasses.replace(src, seq_len=1 << 20)
+    per_pos = 4 * sum(dpllama.llm._per_position(c, queue, c.seq_len, 1, None, "f16"))
+    n = fit_context(c, queue)
+    assert n % 1024 == 0 and n * per_pos <= 16 << 20 < (n + 1024) * per_pos, (n, per_pos)
+    assert capsys.readouterr().err == (f"dpllama: the model's context of {1 << 20} tokens needs "
+                                       f"{(1 << 20) * per_pos / 2**20:.0f} MiB of KV cache and scratch: using {n} tokens "
+                                       f"(--ctx N for more)\n")
+    assert fit_context(c, queue, max_seq=n + 1024) == n + 1024 and capsys.readouterr().err == ""
+    assert fit_context(dataclasses.replace(c, seq_len=n), queue) == n and capsys.readouterr().err == ""
+
+
 def test_gguf_huge_context_is_clamped(tmp_path, small_alloc, capsys):
     src = random_weights(**SHAPE)
     w = Weights(dataclasses.replace(src.config, seq_len=1 << 31), src.tok_embeddings, src.layers, src.norm, src.output)

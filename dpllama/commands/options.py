@@ -29,7 +29,8 @@ def add_device(p: argparse.ArgumentParser, ctx: bool = True, config_help: str = 
     p.add_argument("--config", metavar="PATH", help=config_help)
     if ctx:
         p.add_argument("-c", "--ctx", "--ctx-size", type=int, default=None, metavar="N",
-                       help="context length to allocate (default: the model's)")
+                       help="context length to allocate (default: the model's, at most 2 GiB of KV cache and "
+                            "scratch)")
 
 
 def activation_bits(text: str) -> int:
