@@ -262,8 +262,8 @@ def test_a_long_context_nobody_asked_for_is_cut(queue, capsys, monkeypatch):
     n = fit_context(c, queue)
     assert n % 1024 == 0 and n * per_pos <= 16 << 20 < (n + 1024) * per_pos, (n, per_pos)
     assert capsys.readouterr().err == (f"dpllama: the model's context of {1 << 20} tokens needs "
-                                       f"{(1 << 20) * per_pos / 2**20:.0f} MiB of KV cache and scratch: using {n} tokens "
-                                       f"(--ctx N for more)\n")
+                                       f"{(1 << 20) * per_pos / 2**20:.0f} MiB of KV cache and scratch: using {n} "
+                                       f"tokens (--ctx N for more)\n")
     assert fit_context(c, queue, max_seq=n + 1024) == n + 1024 and capsys.readouterr().err == ""
     assert fit_context(dataclasses.replace(c, seq_len=n), queue) == n and capsys.readouterr().err == ""
 

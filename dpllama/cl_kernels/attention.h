@@ -170,15 +170,15 @@ inline void attend(const int h, const int n, __global const float *query, __glob
 #if defined(GQA)
 #define ATT_CHAINS (GQA == 1 ? 4 : 2)
 
-// Spans: a row's positions are taken ATT_SPAN at a time (-DATT_SPAN, the config's work_group.attention_span; a
-// multiple of ATTENTION_POSITIONS and of 4, so of ATT_CHAINS), each span's softmax with its own largest score m and sum l, and
+// Spans: a row's positions are taken ATT_SPAN at a time (-DATT_SPAN, the config's work_group.attention_span; a multiple
+// of ATTENTION_POSITIONS and of 4, so of ATT_CHAINS), each span's softmax with its own largest score m and sum l, and
 // the spans folded in order into the row's, as flash-decoding does: the sums so far scaled by exp(M - M') and the
-// span's by exp(m - M'), M' the larger of the largest scores (fold_span, FOLD), the weighted values divided by the
-// sum once at the end (normalize). So the layer launch can give a long row's spans to different work-groups
-// (matrix.cl's layer_phases, attend_span and fold_spans) where a task per key/value head left cores idle (SmolLM2's 3
-// heads on 2 cores: one waits a third of the time). Every path folds the spans in the same order with the same
-// functions, so a row gets the same bits in one task or in several; a row of one span (positions below ATT_SPAN)
-// gets what it got before spans, og / sum.
+// span's by exp(m - M'), M' the larger of the largest scores (fold_span, FOLD), the weighted values divided by the sum
+// once at the end (normalize). So the layer launch can give a long row's spans to different work-groups (matrix.cl's
+// layer_phases, attend_span and fold_spans) where a task per key/value head left cores idle (SmolLM2's 3 heads on 2
+// cores: one waits a third of the time). Every path folds the spans in the same order with the same functions, so a row
+// gets the same bits in one task or in several; a row of one span (positions below ATT_SPAN) gets what it got before
+// spans, og / sum.
 #if !defined(ATT_SPAN)
 #define ATT_SPAN 512
 #endif
@@ -476,8 +476,9 @@ inline void attend_rows(const int j, const int n0, const int rows, ATT_PARAMS) {
         floatP mv[ATT_ROWS * GQA];
         for (int i = 0; i < rows * GQA; i++) mv[i] = -INFINITY;
         for (int t0 = from; t0 <= to; t0 += ATTENTION_POSITIONS) {
-            FETCH_BLOCK(KEY_AT(k_cache, layer[far], kv_dim, seq_p, j * head_dim, t0),   // the furthest row's cache: a
-                        VALUE_AT(v_cache, layer[far], kv_dim, j * head_dim, 0), t0, kv_dim, head_dim);  // prompt's share it
+            // the furthest row's cache: a prompt's rows share it
+            FETCH_BLOCK(KEY_AT(k_cache, layer[far], kv_dim, seq_p, j * head_dim, t0),
+                        VALUE_AT(v_cache, layer[far], kv_dim, j * head_dim, 0), t0, kv_dim, head_dim);
             for (int r = 0; r < rows; r++)
                 if (t0 <= pos[r])
                     score_run(t0, pos[r], KEY_AT(k_cache, layer[r], kv_dim, seq_p, j * head_dim, t0), ks, head_dim,

@@ -1067,9 +1067,9 @@ inline void layer_phases(__global const void *wq_, __global const void *sq_, __g
                          __global const void *wd_, __global const void *sd_, __global const void *md_,
                          __global float *x, __global const float *attn_norm, __global const float *ffn_norm,
                          __global const float *qk_norms, __global float *query, __global float *att,
-                         __global float *att_parts,
-                         __global float *att_out, __global float *h, const int T, const int dim, const int hidden,
-                         const int dim_p, const int q_p, const int hidden_p, const int cp_qkv, const int cp_o, const int cp_f, const int cp_d,
+                         __global float *att_parts, __global float *att_out, __global float *h, const int T,
+                         const int dim, const int hidden, const int dim_p, const int q_p, const int hidden_p,
+                         const int cp_qkv, const int cp_o, const int cp_f, const int cp_d,
                          const float eps, QKV_ARGS, const int n_heads, const int shares, const int phases,
                          __global volatile int *c, const long next, GEMV_SCRATCH) {
     const int n_kv_heads = kv_dim / head_dim, G = KV_AHEAD(T) ? QUEUES : 1;
@@ -1110,7 +1110,8 @@ inline void layer_phases(__global const void *wq_, __global const void *sq_, __g
         }
         phase_end(c, 1, tasks);
         if (split) {
-            for (int task; (task = atomic_inc(CLAIMED(c, FOLD_PHASE))) < n_kv_heads * T; atomic_inc(DONE(c, FOLD_PHASE)))
+            for (int task; (task = atomic_inc(CLAIMED(c, FOLD_PHASE))) < n_kv_heads * T;
+                 atomic_inc(DONE(c, FOLD_PHASE)))
                 if (spans[task / n_kv_heads] > 1)
                     fold_spans(task % n_kv_heads, task / n_kv_heads, att_parts, LAYER_ATT_VALUES);
             phase_end(c, FOLD_PHASE, n_kv_heads * T);
@@ -1139,8 +1140,8 @@ inline void layer_phases(__global const void *wq_, __global const void *sq_, __g
 // More than one layer only where each runs all five phases.
 __kernel void layers(__global const char *weights, __global const uint *parts, const int first, const int count,
                      __global float *x, __global float *query, __global float *att, __global float *att_parts,
-                     __global float *att_out, __global float *h, const int T, const int dim, const int hidden, const int dim_p, const int q_p,
-                     const int hidden_p, const int cp_qkv, const int cp_o, const int cp_f, const int cp_d,
+                     __global float *att_out, __global float *h, const int T, const int dim, const int hidden,
+                     const int dim_p, const int q_p, const int hidden_p, const int cp_qkv, const int cp_o, const int cp_f, const int cp_d,
                      const float eps, __global kv_t *k_cache, __global kv_t *v_cache, __global const int *state,
                      __global const float *rope, const int q_dim, const int kv_dim, const int head_dim,
                      const int seq_p, const int cache_offset, const int cache_stride, const int slot_stride,
