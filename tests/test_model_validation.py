@@ -240,7 +240,9 @@ def test_llama2c_huge_context_is_clamped(tmp_path, small_alloc, capsys, seq_len)
     llm = dpllama.llm.load(str(path), str(llama2c_dir() / "tok512.bin"))
     cap = _cap(llm.model.config, small_alloc)
     assert llm.model.seq_len == cap
-    err = capsys.readouterr().err.splitlines()
+    # the clamp's line alone, less the kernels' compile progress (its lines, and the empty piece its \r leaves) where
+    # this test is the first to build them
+    err = [line for line in capsys.readouterr().err.splitlines() if line and not line.startswith("dpllama: compiling ")]
     assert len(err) == 1 and re.fullmatch(f"dpllama: the model's context of {seq_len} tokens needs \\d+ MiB of KV "
                                           f"cache and scratch, more than .* holds in one allocation \\(8 MiB\\) of "
                                           f"under 2\\^31 floats: using {cap} tokens", err[0]), err
