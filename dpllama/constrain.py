@@ -1,43 +1,54 @@
-"""JSON mode: a generation whose text is one JSON object (RFC 8259), as OpenAI's `response_format: {"type":
-"json_object"}` and llama.cpp's JSON grammar give it.
+"""JSON mode and JSON schemas: a generation whose text is one JSON object (RFC 8259), any object as OpenAI's
+`response_format: {"type": "json_object"}` and llama.cpp's JSON grammar give it, or one that a JSON schema admits,
+as OpenAI's Structured Outputs (`json_schema`) and llama.cpp's `--json-schema` give it.
 
-`feed` is an incremental validator over bytes, a pushdown automaton whose state is an immutable tuple (mode, stack,
-aux), so that a copy is the tuple itself: it accepts exactly the prefixes of whitespace, one object and whitespace
-(JSON's text with an object for its value), and `done` says when the object has closed. The stack holds the open
-containers, one character each: "k" an object awaiting a key, "v" an object reading a key's value, "a" an array.
-Structural whitespace comes at most MAX_WS bytes in a row (llama.cpp's json.gbnf bounds it alike), so a model
-cannot loop on it; strings are UTF-8 (no overlong forms or surrogates, as Python decodes it) without unescaped
-control characters, numbers are the grammar's (no leading zeros, no "+", no bare "."), and \\uXXXX takes any four
-hex digits, as RFC 8259's grammar and Python's json do.
+`Grammar` compiles a schema (None: any object) to nodes, and its `step` is an incremental validator over bytes, a
+pushdown automaton whose state is an immutable tuple (mode, stack, aux), so that a copy is the tuple itself. A
+schema's `anyOf` makes it nondeterministic: a generation's state is a tuple of such states, the alternatives still
+alive (`feed`). The stack holds the frames of the values being read: a node's id for a value not yet begun or still
+in its bytes, (id, i) for an object (i: the properties behind it) or an array (i: its items so far). It accepts
+exactly the prefixes of whitespace, one value the schema admits and whitespace, as the schema's documents spell it:
+- an object's properties come in the schema's order, optional ones may be left out, and no others, as OpenAI's
+  strict mode writes them (keys `additionalProperties` allows are not written); an object without `properties`
+  takes any keys, their values as `additionalProperties` says;
+- `enum` and `const` values are written as `json.dumps(value, ensure_ascii=False, separators=(",", ":"))`;
+- structural whitespace comes at most MAX_WS bytes in a row (llama.cpp's json.gbnf bounds it alike), so a model
+  cannot loop on it; strings are UTF-8 (no overlong forms or surrogates, as Python decodes it) without unescaped
+  control characters, numbers are the grammar's (no leading zeros, no "+", no bare "."), and \\uXXXX takes any four
+  hex digits, as RFC 8259's grammar and Python's json do.
+A keyword that would constrain the document further than this (`minLength`, `pattern`, `minimum`, ...) is refused
+with a `SchemaError` naming it and where it is: never ignored, so that every document made is one the schema admits.
 
-`JsonMode` applies it to a generation: each token's bytes as its text prints them (`Vocabulary`, once per
+`JsonMode` applies a grammar to a generation: each token's bytes as its text prints them (`Vocabulary`, once per
 tokenizer), and the tokens that can continue a state (a mask over the vocabulary), made by walking the sorted
 pieces, sharing their common prefixes' steps and skipping every piece that starts with a dead prefix, and kept per
-state as far as the tokens can see it (the mode, the top of the stack that the most closing brackets of one token
-can reach, the whitespace run): 30-90 ms in Python for SmolLM2's 49k tokens in a string (~1 ms elsewhere, where
-few tokens fit), so `Sampler.pick` asks for one only when the token it drew first does not fit, as llama.cpp's
-sampler does.
+grammar and state as far as the tokens can see it (the mode, the frames that the most closing bytes of one token can
+reach, aux): 30-90 ms in Python for SmolLM2's 49k tokens in a string (~1 ms elsewhere, where few tokens fit), so
+`Sampler.pick` asks for one only when the token it drew first does not fit, as llama.cpp's sampler does.
 """
 from __future__ import annotations
 
+import json
 from bisect import bisect_left
 from functools import lru_cache
 
 import numpy as np
 
+from dpllama.errors import DpllamaError
 from dpllama.tokenizer import Tokenizer
 
 MAX_WS = 20
+MAX_DEPTH = 64      # a schema's nesting, far beyond any document's need: deeper ones are refused
 MASKS = 256         # masks kept per vocabulary (49 KB each for SmolLM2's); all dropped when it is full
 
-(START, KEY_OR_CLOSE, KEY, COLON, VALUE, VALUE_OR_CLOSE, AFTER, DONE, STRING, ESCAPE, HEX, UTF8, LITERAL,
+(VALUE, OBJECT, KEY, NAME, COLON, ARRAY, AFTER, DONE, STRING, ESCAPE, HEX, UTF8, LITERAL,
  MINUS, ZERO, INT, POINT, FRACTION, EXP, EXP_SIGN, EXPONENT) = range(21)
-OPEN = (START, "", 0)
+# the nodes' kinds: any of several nodes, an object, an array, a string, a number, one of fixed spellings
+ALT, OBJ, ARR, STR, NUM, LIT = range(6)
 
 WS = frozenset(b" \t\n\r")
 HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 ESCAPES = frozenset(b'"\\/bfnrtu')
-LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
 # a UTF-8 lead byte: (continuation bytes, the first one's range), as Python's decoder takes them
 LEADS = {**{b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)}, **{b: (2, 0x80, 0xBF) for b in range(0xE1, 0xF0)},
          **{b: (3, 0x80, 0xBF) for b in range(0xF1, 0xF4)},
@@ -53,90 +64,375 @@ NUMBER = {MINUS: {ord("0"): ZERO, **DIGITS},
           EXP_SIGN: {b: EXPONENT for b in b"0123456789"},
           EXPONENT: {b: EXPONENT for b in b"0123456789"}}
 ENDS = frozenset({ZERO, INT, FRACTION, EXPONENT})
+FLOAT = frozenset({POINT, EXP})         # what an integer's digits never lead to
+
+# keywords that say what a schema is without constraining its documents
+ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
+                         "readOnly", "writeOnly", "$defs", "definitions", "strict"})
+TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
+# the keywords each type takes here, beside `type`, `enum`, `const` and the annotations
+KEYWORDS = {"object": {"properties", "required", "additionalProperties"}, "array": {"items", "minItems", "maxItems"},
+            "string": set(), "integer": set(), "number": set(), "boolean": set(), "null": set()}
 
 
-def closed(stack: str) -> tuple:
-    """The state after the top container's closing bracket."""
-    return (AFTER, stack[:-1], 0) if len(stack) > 1 else (DONE, "", 0)
+def spell(value) -> bytes:
+    """A JSON value as an `enum` or `const` of the schema is written."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
-def step(state: tuple, b: int) -> tuple | None:
-    """The state after byte `b`, None where no JSON object continues with it."""
-    mode, stack, aux = state
-    if mode == STRING:          # first: a mask's walk spends most of its steps in strings
-        if b == 0x22:
-            return (COLON, stack, 0) if stack[-1] == "k" else (AFTER, stack, 0)
-        if b == 0x5C:
-            return ESCAPE, stack, 0
-        if b < 0x80:
-            return state if b >= 0x20 else None
-        return (UTF8, stack, LEADS[b]) if b in LEADS else None
-    if mode == UTF8:
-        need, low, high = aux
-        if not low <= b <= high:
+def is_type(value, name: str) -> bool:
+    """Whether a JSON value (as json.loads gives it) is of a JSON schema type."""
+    if name == "integer":
+        return type(value) is int or (type(value) is float and value.is_integer())
+    if name == "number":
+        return type(value) in (int, float)
+    return type(value) is {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}[name]
+
+
+class SchemaError(DpllamaError):
+    """A JSON schema this validator cannot hold documents to: the message names the keyword and where it is."""
+
+
+class Grammar:
+    """A JSON schema (None: any JSON object) as nodes, and the validator over them (`step`). Nodes, by kind:
+    (ALT, ids), (OBJ, properties: ((name as JSON spells it, without its quotes, node), ...), the node of any other
+    key's value (None: no others), after i properties the end of those that may come next, and whether the object
+    may close),
+    (ARR, item node, least items, most items or None), (STR,), (NUM, integer only), (LIT, spellings)."""
+
+    def __init__(self, schema: dict | None = None):
+        self.nodes: list[tuple | None] = []
+        self.refs: dict[str, int] = {}
+        self.schema = schema
+        self.any = self._add((ALT, ()))
+        free_object = self._add((OBJ, (), self.any, ((),), (True,)))
+        self.nodes[self.any] = (ALT, (free_object, self._add((ARR, self.any, 0, None)), self._add((STR,)),
+                                      self._add((NUM, False)), self._add((LIT, (b"true", b"false", b"null")))))
+        root = free_object if schema is None else self._compile(schema, "#")
+        self._flatten()
+        kinds = {self.nodes[n][0] for n in self._leaves(root)}
+        if kinds != {OBJ}:
+            raise SchemaError("the schema's root must be an object (\"type\": \"object\"), as OpenAI's Structured "
+                              "Outputs require")
+        self.open = ((VALUE, (root,), 0),)
+
+    def _add(self, node: tuple | None) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    # ---- compiling a schema -------------------------------------------------------------------------------------
+    def _compile(self, schema, at: str) -> int:
+        if schema is True or schema == {}:
+            return self.any
+        if not isinstance(schema, dict):
+            raise SchemaError(f"{at}: a schema must be an object or true, found {json.dumps(schema)[:40]}")
+        keys = set(schema) - ANNOTATIONS
+        if "$ref" in schema:
+            self._only(schema, at, {"$ref"})
+            return self._ref(schema["$ref"], at)
+        if "allOf" in schema:
+            self._only(schema, at, {"allOf"})
+            parts = schema["allOf"]
+            if not isinstance(parts, list) or len(parts) != 1:
+                raise SchemaError(f'{at}: "allOf" of more than one schema is not supported')
+            return self._compile(parts[0], f"{at}/allOf/0")
+        for word in ("anyOf", "oneOf"):     # oneOf as anyOf, as llama.cpp takes it: most are disjoint anyway
+            if word in schema:
+                self._only(schema, at, {word})
+                parts = schema[word]
+                if not isinstance(parts, list) or not parts:
+                    raise SchemaError(f'{at}: "{word}" must be a list of schemas')
+                return self._add((ALT, tuple(self._compile(p, f"{at}/{word}/{i}") for i, p in enumerate(parts))))
+        types = schema.get("type")
+        if types is None:           # a type the keywords imply, as llama.cpp infers it; none: any value
+            types = ["object"] if keys & KEYWORDS["object"] else ["array"] if keys & KEYWORDS["array"] else None
+        elif isinstance(types, str):
+            types = [types]
+        if types is not None and (not isinstance(types, list) or not types or any(t not in TYPES for t in types)):
+            raise SchemaError(f'{at}: "type" must be one of {", ".join(TYPES)} or a list of them, found '
+                              f'{json.dumps(schema["type"])[:60]}')
+        if "enum" in schema or "const" in schema:
+            word = "const" if "const" in schema else "enum"
+            self._only(schema, at, {"type", word})
+            values = [schema["const"]] if word == "const" else schema["enum"]
+            if not isinstance(values, list) or not values:
+                raise SchemaError(f'{at}: "enum" must be a list of values')
+            kept = [v for v in values if types is None or any(is_type(v, t) for t in types)]
+            if not kept:
+                raise SchemaError(f'{at}: no value of "{word}" is of the type {json.dumps(schema["type"])}')
+            return self._add((LIT, tuple(dict.fromkeys(spell(v) for v in kept))))
+        if types is None:
+            self._only(schema, at, set())
+            return self.any
+        self._only(schema, at, {"type"}.union(*(KEYWORDS[t] for t in types)))
+        nodes = [self._typed(schema, t, at) for t in types]
+        return nodes[0] if len(nodes) == 1 else self._add((ALT, tuple(nodes)))
+
+    @staticmethod
+    def _only(schema: dict, at: str, allowed: set) -> None:
+        """Refuse a keyword beside those this schema's kind takes: held to nothing, it would be ignored."""
+        for key in schema:
+            if key not in allowed and key not in ANNOTATIONS:
+                raise SchemaError(f'{at}: "{key}" is not supported here (dpllama takes type, properties, required, '
+                                  f'additionalProperties, items, minItems, maxItems, enum, const, anyOf, oneOf, '
+                                  f'a single allOf and $ref to "#", "#/$defs/..." or "#/definitions/...")')
+
+    def _ref(self, pointer, at: str) -> int:
+        if not isinstance(pointer, str):
+            raise SchemaError(f'{at}: "$ref" must be a string')
+        if pointer not in self.refs:
+            target = self.schema
+            parts = pointer.split("/")
+            if parts[0] != "#" or (len(parts) != 1 and (len(parts) != 3 or parts[1] not in ("$defs", "definitions"))):
+                raise SchemaError(f'{at}: "$ref" {pointer!r} is not supported: only "#", "#/$defs/NAME" and '
+                                  f'"#/definitions/NAME" are')
+            if len(parts) == 3:
+                name = parts[2].replace("~1", "/").replace("~0", "~")
+                target = (self.schema.get(parts[1]) or {}).get(name) if isinstance(self.schema, dict) else None
+                if target is None:
+                    raise SchemaError(f'{at}: "$ref" {pointer!r} names no schema of the document')
+            self.refs[pointer] = node = self._add(None)     # first: a schema may refer to itself
+            self.nodes[node] = (ALT, (self._compile(target, pointer),))
+        return self.refs[pointer]
+
+    def _typed(self, schema: dict, kind: str, at: str) -> int:
+        if kind == "object":
+            return self._object(schema, at)
+        if kind == "array":
+            items = self._compile(schema.get("items", True), f"{at}/items")
+            least, most = (schema.get(k) for k in ("minItems", "maxItems"))
+            for word, n in (("minItems", least), ("maxItems", most)):
+                if n is not None and (type(n) is not int or n < 0):
+                    raise SchemaError(f'{at}: "{word}" must be a whole number, found {json.dumps(n)[:40]}')
+            if most is not None and (least or 0) > most:
+                raise SchemaError(f'{at}: "minItems" {least} is more than "maxItems" {most}')
+            return self._add((ARR, items, least or 0, most))
+        if kind in ("integer", "number"):
+            return self._add((NUM, kind == "integer"))
+        if kind == "string":
+            return self._add((STR,))
+        return self._add((LIT, (b"true", b"false") if kind == "boolean" else (b"null",)))
+
+    def _object(self, schema: dict, at: str) -> int:
+        props, required = schema.get("properties") or {}, schema.get("required", [])
+        extra = schema.get("additionalProperties", True)
+        if not isinstance(props, dict):
+            raise SchemaError(f'{at}: "properties" must be an object')
+        if not isinstance(required, list) or any(not isinstance(r, str) for r in required):
+            raise SchemaError(f'{at}: "required" must be a list of names')
+        missing = [r for r in required if r not in props]
+        if missing:
+            raise SchemaError(f'{at}: "required" names {missing[0]!r}, which "properties" does not define')
+        if props:                   # other keys the schema allows are not written: a permission, not a constraint
+            names = list(props)
+            need = [n in required for n in names]
+            nodes = tuple((spell(n)[1:-1], self._compile(props[n], f"{at}/properties/{n}")) for n in names)
+            # after i properties: those up to the first required one may come next (i up to stops[i]), and the
+            # object may close once no required one is left
+            stops, closes, stop = [0] * (len(names) + 1), [True] * (len(names) + 1), len(names)
+            for i in reversed(range(len(names))):
+                stop = i + 1 if need[i] else stop
+                stops[i], closes[i] = stop, closes[i + 1] and not need[i]
+            stops[len(names)] = len(names)
+            return self._add((OBJ, nodes, None, tuple(stops), tuple(closes)))
+        other = None if extra is False else self._compile(extra, f"{at}/additionalProperties")
+        return self._add((OBJ, (), other, (0,), (True,)))
+
+    def _leaves(self, node: int, seen: set | None = None) -> list[int]:
+        """The nodes other than ALT that `node` may be, each once (an ALT that reaches itself adds nothing)."""
+        seen = set() if seen is None else seen
+        if node in seen:
+            return []
+        seen.add(node)
+        kind = self.nodes[node]
+        return [n for alt in kind[1] for n in self._leaves(alt, seen)] if kind[0] == ALT else [node]
+
+    def _flatten(self) -> None:
+        """Each ALT as the nodes it may be, none an ALT: `step` then tries each once."""
+        flat = {n: tuple(dict.fromkeys(self._leaves(n))) for n, node in enumerate(self.nodes) if node[0] == ALT}
+        for n, leaves in flat.items():
+            if not leaves:
+                raise SchemaError("a schema that refers only to itself (through $ref, anyOf or oneOf) admits no value")
+            self.nodes[n] = (ALT, leaves)
+
+    # ---- the validator --------------------------------------------------------------------------------------------
+    @staticmethod
+    def ended(stack: tuple) -> tuple:
+        """The state after the value on the stack's top ends."""
+        return (AFTER, stack[:-1], 0) if len(stack) > 1 else (DONE, (), 0)
+
+    def step(self, state: tuple, b: int):
+        """What follows byte `b`: None where nothing the grammar admits continues with it, a state, or a list of
+        them (a value of several alternatives, `anyOf`)."""
+        mode, stack, aux = state
+        if mode == STRING:          # first: a mask's walk spends most of its steps in strings
+            if b == 0x22:
+                return (COLON, stack, 0) if type(stack[-1]) is tuple else self.ended(stack)
+            if b == 0x5C:
+                return ESCAPE, stack, 0
+            if b < 0x80:
+                return state if b >= 0x20 else None
+            return (UTF8, stack, LEADS[b]) if b in LEADS else None
+        if mode == UTF8:
+            need, low, high = aux
+            if not low <= b <= high:
+                return None
+            return (STRING, stack, 0) if need == 1 else (UTF8, stack, (need - 1, 0x80, 0xBF))
+        if mode == ESCAPE:
+            return None if b not in ESCAPES else (HEX, stack, 4) if b == 0x75 else (STRING, stack, 0)
+        if mode == HEX:
+            return None if b not in HEX_DIGITS else (HEX, stack, aux - 1) if aux > 1 else (STRING, stack, 0)
+        if mode == NAME:            # a property's name, one of those the position may take next
+            node, i = stack[-1]
+            props, stop = self.nodes[node][1], self.nodes[node][3][i]
+            name = aux + bytes([b])
+            if any(props[j][0].startswith(name) for j in range(i, stop)):
+                return NAME, stack, name
+            if b == 0x22:
+                return next(((COLON, stack[:-1] + ((node, j + 1),), 0) for j in range(i, stop) if props[j][0] == aux),
+                            None)
             return None
-        return (STRING, stack, 0) if need == 1 else (UTF8, stack, (need - 1, 0x80, 0xBF))
-    if mode == ESCAPE:
-        return None if b not in ESCAPES else (HEX, stack, 4) if b == 0x75 else (STRING, stack, 0)
-    if mode == HEX:
-        return None if b not in HEX_DIGITS else (HEX, stack, aux - 1) if aux > 1 else (STRING, stack, 0)
-    if mode == LITERAL:
-        return None if b != aux[0] else (LITERAL, stack, aux[1:]) if len(aux) > 1 else (AFTER, stack, 0)
-    if mode in NUMBER:
-        after = NUMBER[mode].get(b)
-        if after is not None:
-            return after, stack, 0
-        return step((AFTER, stack, 0), b) if mode in ENDS else None
-    if b in WS:                 # the structural modes, where whitespace may come
-        return (mode, stack, aux + 1) if aux < MAX_WS else None
-    if mode == AFTER:
-        top = stack[-1]
-        if b == 0x2C:
-            return (KEY, stack[:-1] + "k", 0) if top == "v" else (VALUE, stack, 0)
-        return closed(stack) if b == (0x5D if top == "a" else 0x7D) else None
-    if mode == START:
-        return (KEY_OR_CLOSE, "k", 0) if b == 0x7B else None
-    if mode in (KEY_OR_CLOSE, KEY):
-        return (STRING, stack, 0) if b == 0x22 else closed(stack) if b == 0x7D and mode == KEY_OR_CLOSE else None
-    if mode == COLON:
-        return (VALUE, stack[:-1] + "v", 0) if b == 0x3A else None
-    if mode in (VALUE, VALUE_OR_CLOSE):     # a value's first byte
-        if b == 0x7B:
-            return KEY_OR_CLOSE, stack + "k", 0
-        if b == 0x5B:
-            return VALUE_OR_CLOSE, stack + "a", 0
-        if b == 0x22:
-            return STRING, stack, 0
-        if b == 0x2D:
-            return MINUS, stack, 0
-        if b == 0x30:
-            return ZERO, stack, 0
-        if b in DIGITS:
-            return INT, stack, 0
-        if b in LITERALS:
-            return LITERAL, stack, LITERALS[b]
-        return closed(stack) if b == 0x5D and mode == VALUE_OR_CLOSE else None
-    return None                 # DONE: whitespace only
+        if mode == LITERAL:
+            spelled = aux + bytes([b])
+            spellings = self.nodes[stack[-1]][1]
+            if any(s.startswith(spelled) for s in spellings):
+                return LITERAL, stack, spelled
+            return self.step(self.ended(stack), b) if aux in spellings else None
+        if mode in NUMBER:
+            after = NUMBER[mode].get(b)
+            if after is not None and not (after in FLOAT and self.nodes[stack[-1]][1]):
+                return after, stack, 0
+            return self.step(self.ended(stack), b) if mode in ENDS else None
+        if b in WS:                 # the structural modes, where whitespace may come
+            return (mode, stack, aux + 1) if aux < MAX_WS else None
+        if mode == VALUE:
+            return self.begin(stack, b)
+        if mode == AFTER:
+            node, i = stack[-1]
+            kind = self.nodes[node]
+            if kind[0] == OBJ:
+                if b == 0x2C:
+                    return (KEY, stack, 0) if kind[2] is not None or kind[3][i] > i else None
+                return self.ended(stack) if b == 0x7D and kind[4][i] else None
+            if b == 0x2C:
+                return self.item(stack, i) if kind[3] is None or i < kind[3] else None
+            return self.ended(stack) if b == 0x5D and i >= kind[2] else None
+        if mode in (OBJECT, KEY):   # after "{" or ","
+            node, i = stack[-1]
+            kind = self.nodes[node]
+            if b == 0x22:
+                return (STRING, stack, 0) if kind[2] is not None else (NAME, stack, b"") if kind[3][i] > i else None
+            return self.ended(stack) if b == 0x7D and mode == OBJECT and kind[4][i] else None
+        if mode == COLON:
+            if b != 0x3A:
+                return None
+            node, i = stack[-1]
+            kind = self.nodes[node]
+            return VALUE, stack + (kind[2] if kind[2] is not None else kind[1][i - 1][1],), 0
+        if mode == ARRAY:           # after "["
+            node, _ = stack[-1]
+            kind = self.nodes[node]
+            if b == 0x5D:
+                return self.ended(stack) if kind[2] == 0 else None
+            if kind[3] == 0:
+                return None
+            return self.begin(self.item(stack, 0)[1], b)
+        return None                 # DONE: whitespace only
+
+    def item(self, stack: tuple, i: int) -> tuple:
+        """The state before an array's item i + 1 (counted only where the array is bounded)."""
+        node, _ = stack[-1]
+        kind = self.nodes[node]
+        counted = kind[2] > 0 or kind[3] is not None
+        return VALUE, stack[:-1] + ((node, i + 1 if counted else 0), kind[1]), 0
+
+    def begin(self, stack: tuple, b: int):
+        """A value's first byte: the value of the node on the stack's top."""
+        node = stack[-1]
+        kind = self.nodes[node]
+        tag = kind[0]
+        if tag == ALT:
+            states = []
+            for alt in kind[1]:
+                s = self.begin(stack[:-1] + (alt,), b)
+                if s is not None:
+                    states.append(s)
+            return None if not states else states[0] if len(states) == 1 else states
+        if tag == STR:
+            return (STRING, stack, 0) if b == 0x22 else None
+        if tag == OBJ:
+            return (OBJECT, stack[:-1] + ((node, 0),), 0) if b == 0x7B else None
+        if tag == ARR:
+            return (ARRAY, stack[:-1] + ((node, 0),), 0) if b == 0x5B else None
+        if tag == NUM:
+            return (MINUS, stack, 0) if b == 0x2D else (NUMBER[MINUS][b], stack, 0) if b in NUMBER[MINUS] else None
+        first = bytes([b])
+        return (LITERAL, stack, first) if any(s.startswith(first) for s in kind[1]) else None
+
+    def advance(self, states: tuple, b: int) -> tuple | None:
+        """The states after byte `b`, None where it continues none of them."""
+        if len(states) == 1:
+            s = self.step(states[0], b)
+            return None if s is None else tuple(s) if type(s) is list else (s,)
+        out = []
+        for state in states:
+            s = self.step(state, b)
+            if type(s) is list:
+                out += s
+            elif s is not None:
+                out.append(s)
+        return tuple(dict.fromkeys(out)) or None
+
+    def feed(self, states: tuple | None, data: bytes) -> tuple | None:
+        """The states after `data`, None once a byte continues none of them (or `states` is None)."""
+        for b in data:
+            if states is None:
+                break
+            states = self.advance(states, b)
+        return states
 
 
-def feed(state: tuple | None, data: bytes) -> tuple | None:
-    """The state after `data`, None once a byte does not continue a JSON object (or `state` is None)."""
-    for b in data:
-        if state is None:
-            break
-        state = step(state, b)
-    return state
-
-
-def done(state: tuple | None) -> bool:
-    """Whether the object has closed (whitespace may follow)."""
-    return state is not None and state[0] == DONE
+def done(states: tuple | None) -> bool:
+    """Whether the document has closed (whitespace may follow)."""
+    return bool(states) and any(s[0] == DONE for s in states)
 
 
 def after(prefix: bytes) -> bytes | None:
     """The least byte string above every string that starts with `prefix` (None: there is none)."""
     prefix = prefix.rstrip(b"\xff")
     return prefix[:-1] + bytes([prefix[-1] + 1]) if prefix else None
+
+
+@lru_cache(maxsize=64)
+def _grammar(text: str | None) -> Grammar:
+    return Grammar(None if text is None else json.loads(text))
+
+
+def depth(value) -> int:
+    """How deep a JSON value nests (a scalar 0), without recursion."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        value, d = todo.pop()
+        deepest = max(deepest, d)
+        if isinstance(value, dict):
+            value = value.values()
+        if isinstance(value, (list, type({}.values()))):
+            todo += [(v, d + 1) for v in value]
+    return deepest
+
+
+def grammar(schema: dict | None = None) -> Grammar:
+    """The grammar of a schema (None: any JSON object), compiled once per schema (its text, properties in order),
+    so that its masks are kept from one request to the next."""
+    if schema is None:
+        return _grammar(None)
+    if depth(schema) > MAX_DEPTH:
+        raise SchemaError(f"the schema nests deeper than {MAX_DEPTH} levels")
+    try:
+        text = json.dumps(schema, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise SchemaError(f"the schema is no JSON: {e}") from None
+    return _grammar(text)
 
 
 class Vocabulary:
@@ -152,35 +448,35 @@ class Vocabulary:
         self.sorted = [self.pieces[t] for t in self.order]
         self.shared = [0] + [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                              for a, b in zip(self.sorted, self.sorted[1:])]
-        # the most containers one token can close: what a mask can see of the stack below its top
-        self.reach = max((p.count(b"]") + p.count(b"}") for p in self.sorted), default=0) + 1
+        # the frames a token's steps can read: one a closing byte (a quote, "]" or "}") ends, one a number or
+        # literal in progress ends on a byte of its own, and the frame below the last one ended
+        self.reach = max((p.count(b'"') + p.count(b"]") + p.count(b"}") for p in self.sorted), default=0) + 2
         self.masks: dict[tuple, np.ndarray] = {}
 
-    def allowed(self, state: tuple) -> np.ndarray:
-        """bool[vocab]: the tokens whose bytes continue `state`."""
-        mode, stack, aux = state
-        key = (mode, stack[-self.reach:], aux)
+    def allowed(self, grammar: Grammar, states: tuple) -> np.ndarray:
+        """bool[vocab]: the tokens whose bytes continue one of `states`."""
+        key = (grammar, tuple((mode, stack[-self.reach:], aux) for mode, stack, aux in states))
         mask = self.masks.get(key)
         if mask is None:
             if len(self.masks) >= MASKS:
                 self.masks.clear()
-            mask = self.masks[key] = self._walk(state)
+            mask = self.masks[key] = self._walk(grammar, states)
         return mask
 
-    def _walk(self, state: tuple) -> np.ndarray:
+    def _walk(self, grammar: Grammar, states: tuple) -> np.ndarray:
         mask = np.zeros(len(self.pieces), bool)
-        pieces, n = self.sorted, len(self.sorted)
-        states, i = [state], 0      # states[d]: the state after the first d bytes of the piece last walked
+        pieces, n, advance = self.sorted, len(self.sorted), grammar.advance
+        walked, i = [states], 0     # walked[d]: the states after the first d bytes of the piece last walked
         while i < n:
             piece = pieces[i]
-            d = min(self.shared[i], len(states) - 1)
-            del states[d + 1:]
-            s = states[d]
+            d = min(self.shared[i], len(walked) - 1)
+            del walked[d + 1:]
+            s = walked[d]
             while d < len(piece):
-                s = step(s, piece[d])
+                s = advance(s, piece[d])
                 if s is None:
                     break
-                states.append(s)
+                walked.append(s)
                 d += 1
             if s is None:           # every piece that starts as this one did up to its dead byte is dead too
                 nxt = after(piece[:d + 1])
@@ -197,21 +493,23 @@ def vocabulary(tok: Tokenizer) -> Vocabulary:
 
 
 class JsonMode:
-    """One generation's JSON: the validator's state after the tokens taken so far. Special tokens, the end-of-text
-    ones included, never fit: the generation ends as the object closes, so they are never needed."""
+    """One generation's JSON: the grammar's states after the tokens taken so far. Special tokens, the end-of-text
+    ones included, never fit: the generation ends as the document closes, so they are never needed."""
 
-    def __init__(self, tok: Tokenizer):
-        self.vocab, self.state = vocabulary(tok), OPEN
+    def __init__(self, tok: Tokenizer, grammar: Grammar | None = None):
+        self.vocab = vocabulary(tok)
+        self.grammar = grammar or _grammar(None)
+        self.state = self.grammar.open
 
     def fits(self, token: int) -> bool:
         piece = self.vocab.pieces[token]
-        return bool(piece) and feed(self.state, piece) is not None
+        return bool(piece) and self.grammar.feed(self.state, piece) is not None
 
     def allowed(self) -> np.ndarray:
-        return self.vocab.allowed(self.state)
+        return self.vocab.allowed(self.grammar, self.state)
 
     def take(self, token: int) -> None:
-        self.state = feed(self.state, self.vocab.pieces[token])
+        self.state = self.grammar.feed(self.state, self.vocab.pieces[token])
 
     @property
     def done(self) -> bool:

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from dpllama.constrain import JsonMode
+from dpllama.constrain import Grammar, JsonMode, grammar
 from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler, check_reach, check_sampler, check_steps, generate, new_tokens, whole
 from dpllama.hub import resolve_model
@@ -34,14 +34,15 @@ def text_decoder(tok: Tokenizer, prev: int) -> StreamDecoder:
 
 class TextStream:
     """The pieces of text of a generation, the prompt's first when `echo_prompt` (as far as `steps` positions
-    reach), as `text_decoder` spells them; `stats` holds its timings. A stop token is not printed. With `json`,
-    the new text is one JSON object (JSON mode, dpllama.constrain), cut short only where the steps run out."""
+    reach), as `text_decoder` spells them; `stats` holds its timings. A stop token is not printed. With a `json`
+    grammar, the new text is one JSON document it admits (dpllama.constrain), cut short only where the steps run
+    out."""
 
     def __init__(self, llm: "LLM", prompt_ids: list[int], steps: int, sampler: Sampler, echo_prompt: bool,
-                 json: bool = False):
+                 json: Grammar | None = None):
         steps = min(steps, llm.model.seq_len)
         self.generation = generate(llm.model, prompt_ids, new_tokens(steps, len(prompt_ids)), sampler,
-                                   llm.tokenizer.eos_ids, json=JsonMode(llm.tokenizer) if json else None)
+                                   llm.tokenizer.eos_ids, json=JsonMode(llm.tokenizer, json) if json else None)
         self.stats = self.generation.stats
         self._pieces = self._run(llm.tokenizer, prompt_ids, steps + 1 if echo_prompt else 0)
 
@@ -81,22 +82,26 @@ class LLM:
         return ids
 
     def stream(self, prompt_ids: list[int], steps: int, sampler: Sampler, echo_prompt: bool = True,
-               json: bool = False) -> TextStream:
+               json: bool | dict = False) -> TextStream:
         """Text as it is generated over `steps` positions, prompt included (llama2.c's -n), the prompt first
-        when `echo_prompt`; with `json`, the new text is one JSON object (TextStream)."""
+        when `echo_prompt`; with `json` True, the new text is one JSON object, and with a JSON schema (a dict) one
+        that the schema admits (dpllama.constrain; a schema it cannot hold the text to raises SchemaError)."""
         ids = list(prompt_ids) if isinstance(prompt_ids, (list, tuple, range, np.ndarray)) else None
         if ids is None or not all(whole(t) for t in ids):
             raise DpllamaError(f"the prompt must be a list of token ids (whole numbers), found {prompt_ids!r:.60}")
         check_reach(min(check_steps(steps), self.model.seq_len), len(ids))
-        return TextStream(self, [int(t) for t in ids], steps, check_sampler(sampler), echo_prompt, json)
+        if not isinstance(json, (bool, dict)):
+            raise DpllamaError(f"json must be True, False or a JSON schema (a dict), found {json!r:.60}")
+        return TextStream(self, [int(t) for t in ids], steps, check_sampler(sampler), echo_prompt,
+                          grammar(json if isinstance(json, dict) else None) if json is not False else None)
 
     def generate(self, prompt: str, steps: int = 256, temperature: float = 1.0, top_p: float = 0.9,
                  top_k: int = 0, repeat_penalty: float = 1.0, seed: int = 0, echo_prompt: bool = True,
-                 json: bool = False) -> Iterator[str]:
+                 json: bool | dict = False) -> Iterator[str]:
         """Stream the continuation of `prompt` (echoed first unless echo_prompt=False) over `steps`
         positions, prompt included, as llama2.c's -n; temperature 0 is greedy. With `json` the continuation is
-        one JSON object (JSON mode: every token drawn continues it, and the generation ends as it closes), cut
-        short only where the steps run out. Bad arguments raise DpllamaError here, not when the stream is read."""
+        one JSON object (JSON mode: every token drawn continues it, and the generation ends as it closes), and with
+        a JSON schema for `json` (a dict) one that the schema admits, cut short only where the steps run out. Bad arguments raise DpllamaError here, not when the stream is read."""
         sampler = Sampler(temperature, top_p, top_k, repeat_penalty, seed=seed)
         return self.stream(self.encode(prompt), steps, sampler, echo_prompt, json)
 

@@ -16,7 +16,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from dpllama.constrain import OPEN, feed
+from dpllama.constrain import grammar
 from dpllama.hub import MODELS
 from dpllama.model.weights import Tensor, Weights
 from dpllama.tokenizer.gguf import _bytes_to_unicode
@@ -28,6 +28,7 @@ openai = pytest.importorskip("openai", reason="the serve tests need the test ext
 http = pytest.importorskip("httpx2", reason="openai's HTTP client, for what the openai client does not send")
 
 MODEL = "stories260K.bin"
+ANY = grammar()                 # JSON mode's: any object
 PROMPTS = ["Once upon a time", "The cat", "Lily and Tom went", "One day, a big dog", "The sun was", "Ben had a red",
            "In the park", "A little bird"]
 
@@ -179,13 +180,23 @@ def test_bad_requests_are_400_naming_the_parameter(server, client):
                       ({"messages": [{"role": "user", "content": "x " * 2000}]}, "messages")]:
         e = refused(**kw)
         assert e.status_code == 400 and e.body["param"] == param, (kw, e.body)
-    # JSON mode is served (below), a JSON schema is not
-    for fmt in ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}, {"type": "xml"},
-                {"type": "json_object", "schema": {}}, "json_object"):
+    # JSON mode and JSON schemas are served (below); a schema that the reply cannot be held to is refused
+    pattern = {"type": "object", "properties": {"a": {"type": "string", "pattern": "x+"}}}
+    for fmt, message in [({"type": "xml"}, 'Input should be {"type": "text"}, {"type": "json_object"} or {"type": '
+                                           '"json_schema", "json_schema": {...}}, found an object'),
+                         ("json_object", 'Input should be {"type": "text"}'),
+                         ({"type": "text", "schema": {}}, 'text takes no field "schema"'),
+                         ({"type": "json_object", "schema": []}, "schema should be a JSON schema (an object)"),
+                         ({"type": "json_schema"}, 'json_schema should be an object: {"name": ..., "schema": {...}}'),
+                         ({"type": "json_schema", "json_schema": {"name": 3}}, "json_schema.name should be of name "
+                                                                               "(str), description (str), schema"),
+                         ({"type": "json_schema", "json_schema": {"name": "x", "schema": pattern}},
+                          'the JSON schema: #/properties/a: "pattern" is not supported here'),
+                         ({"type": "json_object", "schema": {"type": "array"}},
+                          "the JSON schema: the schema's root must be an object")]:
         e = refused(response_format=fmt)
         assert e.status_code == 400 and e.body["param"] == "response_format", e.body
-        assert e.body["message"].startswith('response_format: Input should be {"type": "json_object"} (JSON mode) or '
-                                            '{"type": "text"}: a JSON schema is not supported, found '), e.body
+        assert e.body["message"].startswith("response_format: " + message), e.body
     e = refused(extra_body={"stream_options": {"include_obfuscation": True}}, stream=True)
     assert e.status_code == 400 and e.body["param"] == "stream_options.include_obfuscation", e.body
     # what clients send with every request, asking for nothing more than the server does, is served
@@ -230,12 +241,33 @@ def test_json_mode_replies_are_json_from_their_first_token(client):
     text, finish, _ = streamed(client, model=MODEL, messages=messages, max_tokens=40, temperature=0,
                                response_format={"type": "json_object"})
     assert whole.choices[0].message.content == text != story.choices[0].message.content
-    assert text.lstrip().startswith("{") and feed(OPEN, text.encode()) is not None, text
+    assert text.lstrip().startswith("{") and ANY.feed(ANY.open, text.encode()) is not None, text
     assert whole.choices[0].finish_reason == finish == "length" and whole.usage.completion_tokens == 40
     for seed in (1, 2):
         done = complete(client, "Once upon a time", max_tokens=30, temperature=1.0, seed=seed,
                         extra_body={"response_format": {"type": "json_object"}}).choices[0]
-        assert feed(OPEN, done.text.encode()) is not None and done.finish_reason == "length", done
+        assert ANY.feed(ANY.open, done.text.encode()) is not None and done.finish_reason == "length", done
+
+
+def test_json_schema_replies_are_its_documents_from_their_first_token(client):
+    """response_format json_schema (Structured Outputs), chat and completions, streamed and not, and llama-server's
+    json_object with a schema: stories260K's replies follow the schema from their first token, properties in its
+    order, as far as max_tokens lets them go (SmolLM2's close: test_json_schema_on_smollm2)."""
+    schema = {"type": "object", "properties": {"hero": {"type": "string"}, "mood": {"enum": ["happy", "sad"]},
+                                               "age": {"type": "integer"}}, "required": ["hero", "mood", "age"]}
+    g = grammar(schema)
+    fmt = {"type": "json_schema", "json_schema": {"name": "story", "schema": schema, "strict": True}}
+    messages = [{"role": "user", "content": "Hi"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0,
+                                           response_format=fmt)
+    text, finish, _ = streamed(client, model=MODEL, messages=messages, max_tokens=40, temperature=0,
+                               response_format=fmt)
+    assert whole.choices[0].message.content == text and whole.choices[0].finish_reason == finish
+    assert re.match(r'\s*\{\s*"hero"', text) and g.feed(g.open, text.encode()) is not None, text
+    for fmt in (fmt, {"type": "json_object", "schema": schema}):
+        done = complete(client, "Once upon a time", max_tokens=30, temperature=1.0, seed=1,
+                        extra_body={"response_format": fmt}).choices[0]
+        assert g.feed(g.open, done.text.encode()) is not None, done
 
 
 def test_stream_options_without_stream_are_refused(server):
@@ -906,6 +938,46 @@ def test_json_mode_on_smollm2():
         assert cut.finish_reason == "length" and cut.message.content == text[:len(cut.message.content)], cut
         with pytest.raises(ValueError):
             json.loads(cut.message.content)
+
+
+def test_json_schema_on_smollm2():
+    """Structured Outputs as the official client asks for them: `chat.completions.parse` with a Pydantic model (which
+    it sends as a strict json_schema: $defs, $ref, enums, anyOf with null, maxItems) gives the model back, greedy and sampled,
+    finish_reason "stop" as the object closes; the greedy reply is the same streamed."""
+    from enum import Enum
+    from typing import Optional
+    from pydantic import BaseModel, Field
+
+    class Color(str, Enum):
+        red = "red"
+        green = "green"
+        blue = "blue"
+
+    class Pet(BaseModel):
+        name: str
+        color: Color
+
+    class Person(BaseModel):
+        name: str
+        age: int
+        nickname: Optional[str]
+        pets: list[Pet] = Field(max_length=2)     # maxItems: greedy, SmolLM2 lists pets until the tokens run out
+
+    ask = [{"role": "user", "content": "Describe Bob, who is 30 and has a green cat called Tom, in JSON."}]
+    with Server("-m", str(smollm2_gguf_path()), "--parallel", "2", "--ctx", "512", "--model-name", "smollm2") as s:
+        client = s.client()
+        replies = []
+        for kw in ({"temperature": 0}, {"temperature": 0.7, "seed": 1}, {"temperature": 0.7, "seed": 2}):
+            done = client.chat.completions.parse(model="smollm2", messages=ask, max_tokens=200, response_format=Person,
+                                                 **kw).choices[0]
+            assert done.finish_reason == "stop" and isinstance(done.message.parsed, Person), done
+            replies.append(done.message)
+        assert replies[0].parsed.name == "Bob" and replies[0].parsed.age == 30, replies[0].content
+        schema = Person.model_json_schema()
+        text, finish, _ = streamed(client, model="smollm2", messages=ask, max_tokens=200, temperature=0,
+                                   response_format={"type": "json_schema",
+                                                    "json_schema": {"name": "Person", "schema": schema}})
+        assert finish == "stop" and Person.model_validate_json(text), text
 
 
 def test_smollm2_oracles_beside_fifteen_others():

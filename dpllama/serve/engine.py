@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from dpllama.constrain import JsonMode
+from dpllama.constrain import Grammar, JsonMode
 from dpllama.errors import DpllamaError
 from dpllama.generate import Batcher, Generation, Sampler, generate, reusable
 from dpllama.llm import LLM, text_decoder
@@ -81,7 +81,7 @@ class Request:
     sampler: Sampler
     stops: tuple[str, ...] = ()
     logprobs: int | None = None     # alternatives per token (0: the chosen one's only); None: no log-probabilities
-    json: bool = False              # JSON mode: the reply is one JSON object
+    json: Grammar | None = None     # JSON mode: the reply is one JSON document the grammar admits
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -304,7 +304,7 @@ class Engine:
         self._kept[slot] = []       # until it ends, what the slot holds is in flux
         try:
             gen = generate(model, request.prompt, request.max_new, request.sampler, tok.eos_ids, keep=keep,
-                           keep_logits=request.logprobs is not None, json=JsonMode(tok) if request.json else None)
+                           keep_logits=request.logprobs is not None, json=JsonMode(tok, request.json) if request.json else None)
         except DpllamaError as e:
             with self._cond:
                 self._free.append(slot)

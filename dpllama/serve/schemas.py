@@ -17,6 +17,7 @@ from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field
                       model_validator)
 from pydantic_core import PydanticCustomError
 
+from dpllama.constrain import Grammar, SchemaError, grammar
 from dpllama.errors import DpllamaError
 from dpllama.serve import REASONING_FORMATS
 from dpllama.tokenizer import check_template_kwargs
@@ -68,12 +69,42 @@ def text_or_list(item, expected: str) -> PlainValidator:
     return PlainValidator(check)
 
 
-def asks_json(value) -> bool:
-    """response_format: whether it asks for JSON mode (json_object), or for text, OpenAI's default."""
-    if value in ({"type": "json_object"}, {"type": "text"}):
-        return value["type"] == "json_object"
-    raise PydanticCustomError("response_format", 'Input should be {"type": "json_object"} (JSON mode) or {"type": '
-                                                 '"text"}: a JSON schema is not supported')
+# response_format's kinds and the fields each takes (json_object's `schema` is llama-server's)
+FORMATS = {"text": {"type"}, "json_object": {"type", "schema"}, "json_schema": {"type", "json_schema"}}
+JSON_SCHEMA = {"name": str, "description": str, "schema": dict, "strict": bool}
+
+
+def json_grammar(value) -> Grammar | None:
+    """response_format: text (OpenAI's default: None), JSON mode (json_object: any object, or the `schema` given
+    with it, as llama-server takes it) or Structured Outputs (json_schema: {"name": ..., "schema": {...}}, the
+    document its schema admits; without a schema any object), as the grammar (dpllama.constrain) that holds the
+    reply to it."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in FORMATS:
+        raise PydanticCustomError("response_format", 'Input should be {"type": "text"}, {"type": "json_object"} or '
+                                                     '{"type": "json_schema", "json_schema": {...}}')
+    for key in value:
+        if key not in FORMATS[kind]:
+            raise PydanticCustomError("response_format", f'{kind} takes no field "{key}"')
+    if kind == "text":
+        return None
+    schema = value.get("schema")
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise PydanticCustomError("response_format", 'json_schema should be an object: {"name": ..., "schema": '
+                                                         '{...}}')
+        for key, want in spec.items():
+            if key not in JSON_SCHEMA or not isinstance(want, JSON_SCHEMA[key]):
+                raise PydanticCustomError("response_format", f'json_schema.{key} should be of '
+                                          f'{", ".join(f"{k} ({t.__name__})" for k, t in JSON_SCHEMA.items())}')
+        schema = spec.get("schema")
+    elif schema is not None and not isinstance(schema, dict):
+        raise PydanticCustomError("response_format", "schema should be a JSON schema (an object)")
+    try:
+        return grammar(schema)
+    except SchemaError as e:
+        raise PydanticCustomError("response_format", f"the JSON schema: {e}") from None
 
 
 class Body(BaseModel):
@@ -112,7 +143,7 @@ class Sampling(Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None                                     # an end user's id: no effect on the output
-    json_mode: Annotated[bool, PlainValidator(asks_json)] = Field(False, alias="response_format")
+    json: Annotated[Grammar | None, PlainValidator(json_grammar)] = Field(None, alias="response_format")
 
     def stops(self) -> tuple[str, ...]:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
