@@ -87,6 +87,37 @@ def test_generate_json_mode(repo_root):
         json.loads(r.stdout[len(prompt):])
 
 
+def test_generate_json_schema(repo_root, tmp_path):
+    """--json-schema, as its text or a file holding it (llama.cpp's -j): the continuation is one object the schema
+    admits, its properties in the schema's order. A schema the text cannot be held to, a file that cannot be read
+    and text that is no JSON are each one line naming the problem and exit status 1, before the model loads."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "city": {"type": "string"}}, "required": ["name", "age"]}
+    path = tmp_path / "person.json"
+    path.write_text(json.dumps(schema))
+    prompt = "A JSON object describing a person named Alice:"
+    outs = []
+    for arg in (json.dumps(schema), path):
+        r = run("generate", "-m", smollm2_gguf_path(), "-p", prompt, "-n", 80, "-t", 0, "--json-schema", arg,
+                cwd=repo_root)
+        assert r.returncode == 0 and r.stdout.startswith(prompt), r.stderr
+        value = json.loads(r.stdout[len(prompt):])
+        assert list(value)[:2] == ["name", "age"] and type(value["age"]) is int, r.stdout
+        outs.append(r.stdout)
+    assert outs[0] == outs[1]
+    (tmp_path / "list.json").write_text("[]")
+    for arg, message in [
+            ('{"properties": {"a": {"type": "string", "format": "email"}}}',
+             '--json-schema: #/properties/a: "format" is not supported here'),
+            ('{"type": "array"}', "--json-schema: the schema's root must be an object"),
+            ('{"type": ', "--json-schema: the JSON schema is no JSON: Expecting value: line 1 column 10"),
+            (tmp_path / "missing.json", f"--json-schema: cannot read {tmp_path / 'missing.json'}: No such file"),
+            (tmp_path / "list.json", f"{tmp_path / 'list.json'}: a JSON schema is an object, found list")]:
+        r = run("generate", "-m", "/nonexistent/model.gguf", "-p", "x", "--json-schema", arg, cwd=repo_root)
+        assert r.returncode == 1 and r.stderr.startswith("dpllama: error: " + message), r.stderr
+        assert r.stderr.count("\n") == 1 and not r.stdout, r.stderr
+
+
 def test_tokenize_prints_ids(repo_root):
     d = llama2c_dir()
     r = run("tokenize", "-z", d / "tokenizer.bin", "Once upon a time", cwd=repo_root)
