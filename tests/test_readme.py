@@ -22,6 +22,7 @@ def test_python_example_runs(repo_root):
         exec(compile(code, "README.md", "exec"), {})
     text = out.getvalue()
     assert text.startswith("Once upon a time, the city of Nova Haven")      # fp32_greedy.json's continuation
+    assert '{\n  "name": "Bob",\n  "age": 30\n}' in text                    # the JSON schema's object
     assert text.rstrip().endswith("The capital of France is Paris.")
 
 
