@@ -39,6 +39,8 @@ from dpllama.tokenizer import Tokenizer
 
 MAX_WS = 20
 MAX_DEPTH = 64      # a schema's nesting, far beyond any document's need: deeper ones are refused
+MAX_SPELLED = 120_000   # bytes of a schema's names and enum and const values, as OpenAI bounds them
+MAX_NAME = 256      # bytes of a property's name: each of its prefixes is a key of the object's table
 MASKS = 256         # masks kept per vocabulary (49 KB each for SmolLM2's); all dropped when it is full
 
 (VALUE, OBJECT, KEY, NAME, COLON, ARRAY, AFTER, DONE, STRING, ESCAPE, HEX, UTF8, LITERAL,
@@ -76,8 +78,12 @@ KEYWORDS = {"object": {"properties", "required", "additionalProperties"}, "array
 
 
 def spell(value) -> bytes:
-    """A JSON value as an `enum` or `const` of the schema is written."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    """A JSON value as a property's name or an `enum` or `const` value of the schema is written."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as e:    # UnicodeEncodeError too: a lone surrogate, which no UTF-8 text holds
+        raise SchemaError(f"the schema's name or value {str(value)[:40]!r} cannot be written as JSON in UTF-8: "
+                          f"{e}") from None
 
 
 def is_type(value, name: str) -> bool:
@@ -97,17 +103,20 @@ class Grammar:
     """A JSON schema (None: any JSON object) as nodes, and the validator over them (`step`). Nodes, by kind:
     (ALT, ids), (OBJ, properties: ((name as JSON spells it, without its quotes, node), ...), the node of any other
     key's value (None: no others), after i properties the end of those that may come next, and whether the object
-    may close),
-    (ARR, item node, least items, most items or None), (STR,), (NUM, integer only), (LIT, spellings)."""
+    may close, each prefix of a name: the properties it begins, each name: its property),
+    (ARR, item node, least items, most items or None), (STR,), (NUM, integer only), (LIT, spellings, the same
+    sorted). An object's names (by their prefixes in a table) and a literal's spellings (by bisection) are found
+    without trying each: a schema may have thousands of them."""
 
     def __init__(self, schema: dict | None = None):
         self.nodes: list[tuple | None] = []
         self.refs: dict[str, int] = {}
+        self.spelled = 0
         self.schema = schema
         self.any = self._add((ALT, ()))
-        free_object = self._add((OBJ, (), self.any, ((),), (True,)))
+        free_object = self._add((OBJ, (), self.any, (0,), (True,), {}, {}))
         self.nodes[self.any] = (ALT, (free_object, self._add((ARR, self.any, 0, None)), self._add((STR,)),
-                                      self._add((NUM, False)), self._add((LIT, (b"true", b"false", b"null")))))
+                                      self._add((NUM, False)), self._literal((b"true", b"false", b"null"))))
         root = free_object if schema is None else self._compile(schema, "#")
         self._flatten()
         kinds = {self.nodes[n][0] for n in self._leaves(root)}
@@ -119,6 +128,17 @@ class Grammar:
     def _add(self, node: tuple | None) -> int:
         self.nodes.append(node)
         return len(self.nodes) - 1
+
+    def _literal(self, spellings) -> int:
+        self._spend(spellings)
+        return self._add((LIT, frozenset(spellings), tuple(sorted(set(spellings)))))
+
+    def _spend(self, spellings) -> None:
+        """Count the bytes of names and values a schema spells: compiling and walking them costs as much."""
+        self.spelled += sum(len(s) for s in spellings)
+        if self.spelled > MAX_SPELLED:
+            raise SchemaError(f"the schema's property names, enum and const values spell more than {MAX_SPELLED:,} "
+                              f"bytes (OpenAI's bound is 120,000 characters)")
 
     # ---- compiling a schema -------------------------------------------------------------------------------------
     def _compile(self, schema, at: str) -> int:
@@ -160,7 +180,7 @@ class Grammar:
             kept = [v for v in values if types is None or any(is_type(v, t) for t in types)]
             if not kept:
                 raise SchemaError(f'{at}: no value of "{word}" is of the type {json.dumps(schema["type"])}')
-            return self._add((LIT, tuple(dict.fromkeys(spell(v) for v in kept))))
+            return self._literal([spell(v) for v in kept])
         if types is None:
             self._only(schema, at, set())
             return self.any
@@ -188,7 +208,8 @@ class Grammar:
                                   f'"#/definitions/NAME" are')
             if len(parts) == 3:
                 name = parts[2].replace("~1", "/").replace("~0", "~")
-                target = (self.schema.get(parts[1]) or {}).get(name) if isinstance(self.schema, dict) else None
+                defs = self.schema.get(parts[1])
+                target = defs.get(name) if isinstance(defs, dict) else None
                 if target is None:
                     raise SchemaError(f'{at}: "$ref" {pointer!r} names no schema of the document')
             self.refs[pointer] = node = self._add(None)     # first: a schema may refer to itself
@@ -211,7 +232,7 @@ class Grammar:
             return self._add((NUM, kind == "integer"))
         if kind == "string":
             return self._add((STR,))
-        return self._add((LIT, (b"true", b"false") if kind == "boolean" else (b"null",)))
+        return self._literal((b"true", b"false") if kind == "boolean" else (b"null",))
 
     def _object(self, schema: dict, at: str) -> int:
         props, required = schema.get("properties") or {}, schema.get("required", [])
@@ -226,6 +247,10 @@ class Grammar:
         if props:                   # other keys the schema allows are not written: a permission, not a constraint
             names = list(props)
             need = [n in required for n in names]
+            long = next((n for n in names if len(spell(n)) - 2 > MAX_NAME), None)
+            if long is not None:
+                raise SchemaError(f"{at}: the property name {long[:40]!r}... is longer than {MAX_NAME} bytes")
+            self._spend([spell(n) for n in names])
             nodes = tuple((spell(n)[1:-1], self._compile(props[n], f"{at}/properties/{n}")) for n in names)
             # after i properties: those up to the first required one may come next (i up to stops[i]), and the
             # object may close once no required one is left
@@ -234,9 +259,14 @@ class Grammar:
                 stop = i + 1 if need[i] else stop
                 stops[i], closes[i] = stop, closes[i + 1] and not need[i]
             stops[len(names)] = len(names)
-            return self._add((OBJ, nodes, None, tuple(stops), tuple(closes)))
+            prefixes: dict[bytes, list[int]] = {}   # each prefix of a name: the properties whose names it begins
+            for j, (name, _) in enumerate(nodes):
+                for k in range(1, len(name) + 1):
+                    prefixes.setdefault(name[:k], []).append(j)
+            return self._add((OBJ, nodes, None, tuple(stops), tuple(closes),
+                              {p: tuple(js) for p, js in prefixes.items()}, {name: j for j, (name, _) in enumerate(nodes)}))
         other = None if extra is False else self._compile(extra, f"{at}/additionalProperties")
-        return self._add((OBJ, (), other, (0,), (True,)))
+        return self._add((OBJ, (), other, (0,), (True,), {}, {}))
 
     def _leaves(self, node: int, seen: set | None = None) -> list[int]:
         """The nodes other than ALT that `node` may be, each once (an ALT that reaches itself adds nothing)."""
@@ -284,18 +314,19 @@ class Grammar:
             return None if b not in HEX_DIGITS else (HEX, stack, aux - 1) if aux > 1 else (STRING, stack, 0)
         if mode == NAME:            # a property's name, one of those the position may take next
             node, i = stack[-1]
-            props, stop = self.nodes[node][1], self.nodes[node][3][i]
+            _, _, _, stops, _, prefixes, names = self.nodes[node]
             name = aux + bytes([b])
-            if any(props[j][0].startswith(name) for j in range(i, stop)):
+            js = prefixes.get(name, ())     # a name that may come next begins so: one in [i, stops[i])
+            k = bisect_left(js, i)
+            if k < len(js) and js[k] < stops[i]:
                 return NAME, stack, name
-            if b == 0x22:
-                return next(((COLON, stack[:-1] + ((node, j + 1),), 0) for j in range(i, stop) if props[j][0] == aux),
-                            None)
-            return None
+            j = names.get(aux, -1) if b == 0x22 else -1
+            return (COLON, stack[:-1] + ((node, j + 1),), 0) if i <= j < stops[i] else None
         if mode == LITERAL:
+            _, spellings, ordered = self.nodes[stack[-1]]
             spelled = aux + bytes([b])
-            spellings = self.nodes[stack[-1]][1]
-            if any(s.startswith(spelled) for s in spellings):
+            k = bisect_left(ordered, spelled)       # the least spelling from `spelled` on begins with it, if any does
+            if k < len(ordered) and ordered[k].startswith(spelled):
                 return LITERAL, stack, spelled
             return self.step(self.ended(stack), b) if aux in spellings else None
         if mode in NUMBER:
@@ -367,7 +398,8 @@ class Grammar:
         if tag == NUM:
             return (MINUS, stack, 0) if b == 0x2D else (NUMBER[MINUS][b], stack, 0) if b in NUMBER[MINUS] else None
         first = bytes([b])
-        return (LITERAL, stack, first) if any(s.startswith(first) for s in kind[1]) else None
+        k = bisect_left(kind[2], first)
+        return (LITERAL, stack, first) if k < len(kind[2]) and kind[2][k].startswith(first) else None
 
     def advance(self, states: tuple, b: int) -> tuple | None:
         """The states after byte `b`, None where it continues none of them."""
@@ -408,17 +440,17 @@ def _grammar(text: str | None) -> Grammar:
     return Grammar(None if text is None else json.loads(text))
 
 
-def depth(value) -> int:
-    """How deep a JSON value nests (a scalar 0), without recursion."""
-    deepest, todo = 0, [(value, 0)]
+def too_deep(value) -> bool:
+    """Whether a JSON value nests deeper than MAX_DEPTH, found without recursion (and so for a dict that holds
+    itself, which the Python API could be given)."""
+    todo = [(value, 0)]
     while todo:
         value, d = todo.pop()
-        deepest = max(deepest, d)
-        if isinstance(value, dict):
-            value = value.values()
-        if isinstance(value, (list, type({}.values()))):
-            todo += [(v, d + 1) for v in value]
-    return deepest
+        if d > MAX_DEPTH:
+            return True
+        inner = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        todo += [(v, d + 1) for v in inner]
+    return False
 
 
 def grammar(schema: dict | None = None) -> Grammar:
@@ -426,7 +458,7 @@ def grammar(schema: dict | None = None) -> Grammar:
     so that its masks are kept from one request to the next."""
     if schema is None:
         return _grammar(None)
-    if depth(schema) > MAX_DEPTH:
+    if too_deep(schema):
         raise SchemaError(f"the schema nests deeper than {MAX_DEPTH} levels")
     try:
         text = json.dumps(schema, allow_nan=False)

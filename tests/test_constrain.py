@@ -320,8 +320,8 @@ def test_schema_documents_are_valid_and_every_prefix_can_close():
 
 def test_objects_take_their_properties_in_order():
     """An object's properties as the schema lists them, optional ones left out or not, required ones never, and no
-    others; the object closes once none required is left. Integers take no fraction or exponent; enum values only
-    as written compact."""
+    others; the object closes once none required is left; so with thousands of them. Integers take no fraction or
+    exponent; enum values only as written compact."""
     schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"},
                                                "c": {"enum": [[1, 2], "x"]}, "d": {"type": "null"}},
               "required": ["c"]}
@@ -336,6 +336,13 @@ def test_objects_take_their_properties_in_order():
     # oneOf as anyOf, as llama.cpp takes it: a document that two alternatives admit is not refused
     either = grammar({"properties": {"a": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}})
     assert done(feed(either.open, b'{"a":1}', either)) and done(feed(either.open, b'{"a":1.5}', either))
+    # thousands of names and values, found by their prefixes: "n1" also begins "n10"..."n19", "n100"...
+    many = grammar({"properties": {f"n{i}": {"$ref": "#/$defs/E"} for i in range(2000)}, "required": ["n1500"],
+                    "$defs": {"E": {"enum": list(range(1000))}}})
+    assert done(feed(many.open, b'{"n1":1,"n150":999,"n1500":15}', many))
+    assert done(feed(many.open, b'{"n1500":0,"n1999":100}', many))
+    for text in (b'{"n1500":1000}', b'{"n1501":1,"n1500":1}', b'{"n1":1,"n1":1', b'{"n2000"', b'{"n1999":1}'):
+        assert not done(feed(many.open, text, many)), text
     assert grammar(schema) is g             # compiled once: its masks kept from one request to the next
     assert grammar({**schema, "properties": dict(reversed(schema["properties"].items()))}) is not g
 
@@ -365,6 +372,13 @@ def test_objects_take_their_properties_in_order():
     ({"properties": {"a": {"anyOf": [{"$ref": "#"}, {"$ref": "#/properties/a"}]}}}, "\"$ref\" '#/properties/a'"),
     (json.loads('{"properties": {"a": ' * (MAX_DEPTH // 2 + 1) + "{}" + "}}" * (MAX_DEPTH // 2 + 1)),
      f"the schema nests deeper than {MAX_DEPTH} levels"),
+    ({"properties": {"a": {"enum": ["\udc00"]}}}, "the schema's name or value '\\udc00' cannot be written as JSON in "
+                                                 "UTF-8"),
+    ({"properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": [None]}, "\"$ref\" '#/$defs/A' names no schema"),
+    ({"properties": {"a" * 257: {}}}, "#: the property name 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'... is longer "
+                                      "than 256 bytes"),
+    ({"properties": {f"p{i}": {"enum": ["x" * 1000]} for i in range(121)}},
+     "the schema's property names, enum and const values spell more than 120,000 bytes"),
 ])
 def test_schemas_that_cannot_be_held_are_refused(schema, message):
     """A keyword that would constrain the document beyond what the grammar holds it to is refused, named with where

@@ -34,6 +34,7 @@ from gguf import GGUFReader
 from gguf import GGUFValueType as V
 
 import dpllama
+from dpllama.constrain import done, grammar
 from dpllama.errors import DpllamaError
 from dpllama.generate import Sampler, check_steps, generate
 from dpllama.loaders import llama2c_model_tokenizer, load_tokenizer, load_weights, tokenizer_only
@@ -961,6 +962,83 @@ def prompt_cases():
 
 
 prompt_cases()
+
+
+# -------------------------------------------------------------------------------------------- JSON schemas
+
+SCHEMA = {"$defs": {"Pet": {"type": "object", "properties": {"name": {"type": "string"},
+                                                            "kind": {"enum": ["cat", "dog", 3, None]}},
+                            "required": ["name"], "additionalProperties": False}},
+          "type": "object", "title": "Person",
+          "properties": {"name": {"type": "string"}, "age": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+                         "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+                         "pets": {"type": "array", "items": {"$ref": "#/$defs/Pet"}},
+                         "extra": {"type": "object", "additionalProperties": {"type": ["number", "boolean"]}}},
+          "required": ["name", "pets"]}
+SCHEMA_JUNK = [None, True, False, 0, -1, 2**63, 1.5, -0.0, "", "object", "string", "array", "integer", "#",
+               "#/$defs/Pet", "#/$defs/", "#/$defs/Pet/properties", "\ud800", [], [None], {}, {"type": "float"},
+               {"$ref": "#"}, ["name", "name"], "name", "a" * 300]
+SCHEMA_KEYS = ["type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum",
+               "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "title", "not", "minLength", "pattern", "format",
+               "minimum", "uniqueItems", "prefixItems", "nullable", ""]
+
+
+def schema_paths(value, at=()) -> list[tuple]:
+    """The path of every value inside a JSON value."""
+    paths = [at]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        paths += schema_paths(inner, at + (key,))
+    return paths
+
+
+def schema_mutant(rng: random.Random) -> dict:
+    """SCHEMA with one to three values replaced, keys added or keys removed, at random places."""
+    import copy
+    schema = copy.deepcopy(SCHEMA)
+    for _ in range(rng.randint(1, 3)):
+        path = rng.choice(schema_paths(schema)[1:])
+        parent = functools.reduce(lambda v, k: v[k], path[:-1], schema)
+        action = rng.randrange(3)
+        if action == 0:
+            parent[path[-1]] = rng.choice(SCHEMA_JUNK)
+        elif action == 1 and isinstance(parent, dict):
+            parent[rng.choice(SCHEMA_KEYS)] = rng.choice(SCHEMA_JUNK)
+        elif isinstance(parent, dict):
+            del parent[path[-1]]
+    return schema
+
+
+def hold_to(schema, rng: random.Random) -> None:
+    """Compile the schema and walk its grammar 300 bytes, each drawn from those that continue it."""
+    g = grammar(schema)
+    states, alphabet = g.open, bytes(range(0x20, 0x7F)) + b"\n\xc3\xa9"
+    for _ in range(300):
+        nexts = [t for t in (g.advance(states, b) for b in alphabet) if t is not None]
+        if not nexts:
+            assert done(states), states     # a state that takes no byte has closed
+            break
+        states = rng.choice(nexts)
+
+
+def schema_cases():
+    rng = random.Random(83)
+    for k in range(60):
+        schema = schema_mutant(rng)
+        add("JSON schemas", f"schema-mutant-{k}", False, lambda folder, s=schema, k=k: lambda: hold_to(s, random.Random(k)))
+    for name, schema in [("root-array", {"type": "array"}), ("root-string", {**SCHEMA, "type": "string"}),
+                         ("pattern", {"properties": {"a": {"type": "string", "pattern": "^a"}}}),
+                         ("ref-missing", {"properties": {"a": {"$ref": "#/$defs/None"}}}),
+                         ("ref-self", {"properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"$ref": "#/$defs/A"}}}),
+                         ("required-undefined", {"properties": {}, "required": ["a"]}),
+                         ("deep", functools.reduce(lambda s, _: {"properties": {"a": s}}, range(40), {})),
+                         ("nan-enum", {"properties": {"a": {"enum": [math.nan]}}}),
+                         ("not-json", {"properties": {"a": {"const": object()}}}),
+                         ("huge-enum", {"properties": {"a": {"enum": ["x" * 130_000]}}})]:
+        add("JSON schemas", f"schema-{name}", True, lambda folder, s=schema: lambda: hold_to(s, random.Random(0)))
+
+
+schema_cases()
 
 
 # ------------------------------------------------------------------- models that load but overflow on the device

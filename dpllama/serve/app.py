@@ -337,7 +337,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
                           body.frequency_penalty)
         try:
             return Request(prompt, body.limit() or ctx, sampler, body.stops(), body.alternatives(),
-                           json=body.json)
+                           json=body.reply_format)
         except ParameterError as e:
             raise ApiError(400, str(e), e.param) from None
 
@@ -388,7 +388,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         extract = (body.reasoning_format or reasoning_format) != "none"
         # some templates open the thinking themselves (QwQ's, DeepSeek-R1's: the prompt ends in "<think>\n"), and
         # the reply begins inside it, as llama.cpp reads it; in JSON mode the reply is the JSON from its first token
-        opened = body.json is None and rendered.rstrip().endswith(Thinking.OPEN)
+        opened = body.reply_format is None and rendered.rstrip().endswith(Thinking.OPEN)
         return await run(http, body, llm, prompt, "messages", Thinking(extract, opened))
 
     @app.post("/v1/completions")

@@ -143,7 +143,7 @@ class Sampling(Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None                                     # an end user's id: no effect on the output
-    json: Annotated[Grammar | None, PlainValidator(json_grammar)] = Field(None, alias="response_format")
+    reply_format: Annotated[Grammar | None, PlainValidator(json_grammar)] = Field(None, alias="response_format")
 
     def stops(self) -> tuple[str, ...]:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
