@@ -101,7 +101,8 @@ class LLM:
         """Stream the continuation of `prompt` (echoed first unless echo_prompt=False) over `steps`
         positions, prompt included, as llama2.c's -n; temperature 0 is greedy. With `json` the continuation is
         one JSON object (JSON mode: every token drawn continues it, and the generation ends as it closes), and with
-        a JSON schema for `json` (a dict) one that the schema admits, cut short only where the steps run out. Bad arguments raise DpllamaError here, not when the stream is read."""
+        a JSON schema for `json` (a dict) one that the schema admits, cut short only where the steps run out. Bad
+        arguments raise DpllamaError here, not when the stream is read."""
         sampler = Sampler(temperature, top_p, top_k, repeat_penalty, seed=seed)
         return self.stream(self.encode(prompt), steps, sampler, echo_prompt, json)
 

@@ -198,7 +198,8 @@ def random_schema(rng: random.Random, depth: int, defs: dict) -> dict:
         schema = rng.choice([{}, {"description": "anything"}])
     elif kind == "object":
         props = {n: random_schema(rng, depth + 1, defs) for n in rng.sample(NAMES, rng.randint(0, 4))}
-        schema = {"type": "object", "properties": props, "required": rng.sample(list(props), rng.randint(0, len(props)))}
+        required = rng.sample(list(props), rng.randint(0, len(props)))
+        schema = {"type": "object", "properties": props, "required": required}
         if rng.random() < 0.5:
             schema["additionalProperties"] = rng.choice([False, True])
     elif kind == "free":

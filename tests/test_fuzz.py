@@ -1025,11 +1025,13 @@ def schema_cases():
     rng = random.Random(83)
     for k in range(60):
         schema = schema_mutant(rng)
-        add("JSON schemas", f"schema-mutant-{k}", False, lambda folder, s=schema, k=k: lambda: hold_to(s, random.Random(k)))
+        add("JSON schemas", f"schema-mutant-{k}", False,
+            lambda folder, s=schema, k=k: lambda: hold_to(s, random.Random(k)))
     for name, schema in [("root-array", {"type": "array"}), ("root-string", {**SCHEMA, "type": "string"}),
                          ("pattern", {"properties": {"a": {"type": "string", "pattern": "^a"}}}),
                          ("ref-missing", {"properties": {"a": {"$ref": "#/$defs/None"}}}),
-                         ("ref-self", {"properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"$ref": "#/$defs/A"}}}),
+                         ("ref-self", {"properties": {"a": {"$ref": "#/$defs/A"}},
+                                       "$defs": {"A": {"$ref": "#/$defs/A"}}}),
                          ("required-undefined", {"properties": {}, "required": ["a"]}),
                          ("deep", functools.reduce(lambda s, _: {"properties": {"a": s}}, range(40), {})),
                          ("nan-enum", {"properties": {"a": {"enum": [math.nan]}}}),
