@@ -504,28 +504,30 @@ THOUGHTS = {"A": ("Hm so", "Yes."), "B": ("x<y", "No"), "C": ("Why", "Ok")}    #
 SCRIPTED_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if think %}<think>\n{% endif %}"
 
 
-def scripted_gguf(path) -> None:
-    """A GGUF whose greedy reply to a prompt that ends in a script's first token is the rest of that script. Its one
+def scripted_gguf(path, scripts: dict = SCRIPTS, template: str = SCRIPTED_TEMPLATE,
+                  tags: tuple = ("<think>", "</think>"), seq_len: int = 64) -> None:
+    """A GGUF whose greedy reply to a prompt that ends in a script's first token is the rest of that script (a token
+    other than the end-of-text one appears once in all the scripts: what follows it is the script's next). Its one
     layer adds nothing to the residual stream (its output projections are zero), so that the last hidden state is
     the RMS-normalized embedding of the latest token; the embeddings are random unit vectors, and the LM head's row
     of each token of a script is 10 times the embedding of the token before it there (the sum of them for the
     end-of-text token, which ends every script): its logit is 75 or more, the others' below 40. Byte-level BPE
-    with the scripts' tokens added, <think> and </think> user-defined, as in Qwen3's vocabulary."""
+    with the scripts' tokens added, the `tags` user-defined, as <think> and </think> are in Qwen3's vocabulary."""
     from tests.test_tokenizer import gpt2_fields
-    fields = gpt2_fields(**{"tokenizer.chat_template": SCRIPTED_TEMPLATE})
-    tokens, chars, tags = fields["tokenizer.ggml.tokens"], _bytes_to_unicode(), {"<think>", "</think>"}
+    fields = gpt2_fields(**{"tokenizer.chat_template": template})
+    tokens, chars, tags = fields["tokenizer.ggml.tokens"], _bytes_to_unicode(), set(tags)
     forms = {t: t if t in tokens or t in tags else "".join(chars[b] for b in t.encode())     # as the vocabulary has it
-             for script in SCRIPTS.values() for t in script}
+             for script in scripts.values() for t in script}
     added = sorted(set(forms.values()) - set(tokens))
     tokens += added
     fields["tokenizer.ggml.token_type"] += [4 if t in tags else 1 for t in added]
     ids = {t: tokens.index(form) for t, form in forms.items()}
-    w = random_weights(dim=64, hidden=32, n_layers=1, vocab=len(tokens), seq_len=64, shared=False)
+    w = random_weights(dim=64, hidden=32, n_layers=1, vocab=len(tokens), seq_len=seq_len, shared=False)
     rng = np.random.default_rng(1)
     embedding = rng.standard_normal((len(tokens), 64))
     embedding /= np.linalg.norm(embedding, axis=1, keepdims=True)
     head = np.zeros_like(embedding)
-    for script in SCRIPTS.values():
+    for script in scripts.values():
         for before, token in zip(script, script[1:]):
             head[ids[token]] += 10 * embedding[ids[before]]
     zero = {name: Tensor.f32(np.zeros((getattr(w.layers[0], name).rows, getattr(w.layers[0], name).cols)))

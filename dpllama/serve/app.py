@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from dpllama.chat import chat_ids, chat_text
+from dpllama.constrain import Grammar, SchemaError, grammar
 from dpllama.errors import DpllamaError
 from dpllama.fileio import remove_live
 from dpllama.generate import Sampler
@@ -37,6 +38,7 @@ from dpllama.serve.metrics import Metrics
 from dpllama.serve.engine import Busy, Done, Engine, Failed, Piece, Request, TokenLogprob, Unavailable
 from dpllama.serve.schemas import (Body, ChatRequest, CompletionRequest, DetokenizeRequest, ParameterError,
                                    Sampling, TokenizeRequest)
+from dpllama.serve.tools import OPEN as TOOL_OPEN, ToolCalls, call_schema, tag_start, takes_tools
 from dpllama.signals import HELD
 
 SHUT_DOWN = "the server shut down before the request was done"
@@ -329,20 +331,23 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
                            param, "context_length_exceeded")
         return prompt
 
-    def request_of(llm: LLM, body: ChatRequest | CompletionRequest, prompt: list[int], param: str) -> Request:
+    def request_of(llm: LLM, body: ChatRequest | CompletionRequest, prompt: list[int], param: str,
+                   rules: Grammar | None) -> Request:
         fitting(llm, prompt, param)
         ctx = llm.model.seq_len
         sampler = Sampler(body.temperature, body.top_p, body.top_k, body.repeat_penalty, body.repeat_last_n,
                           time.time_ns() if body.seed is None else body.seed, body.presence_penalty,
                           body.frequency_penalty)
         try:
-            return Request(prompt, body.limit() or ctx, sampler, body.stops(), body.alternatives(),
-                           json=body.reply_format)
+            return Request(prompt, body.limit() or ctx, sampler, body.stops(), body.alternatives(), json=rules)
         except ParameterError as e:
             raise ApiError(400, str(e), e.param) from None
 
-    async def run(http: HttpRequest, body, llm: LLM, prompt: list[int], param: str, thinking: Thinking | None):
-        request = request_of(llm, body, prompt, param)
+    async def run(http: HttpRequest, body, llm: LLM, prompt: list[int], param: str, thinking: Thinking | None,
+                  tools: ToolCalls | None = None, rules: Grammar | None = None):
+        """Generate the reply to `prompt`, held to `rules` (a JSON grammar: the response_format's, or a forced tool
+        call's), its text split by `thinking` and `tools` (chat)."""
+        request = request_of(llm, body, prompt, param, rules)
         try:
             engine.submit(request)
         except Busy as e:
@@ -351,7 +356,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
             raise ApiError(503, str(e)) from None
         note = http.scope.setdefault("dpllama", {})
         note["prompt"] = len(prompt)
-        reply = Reply(llm, request, model_name, thinking)
+        reply = Reply(llm, request, model_name, thinking, tools)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(reply.stream(engine, usage, note), media_type="text/event-stream")
@@ -371,12 +376,33 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         body = validated(ChatRequest, data)
         llm = check(body)
 
-        rendered = ""
+        rendered, rules = "", body.reply_format
+        try:
+            functions, forced = body.functions(), body.forced()
+            forced = forced if functions else None      # a call the reply must make: the function's name, "" any
+            kwargs = body.template_kwargs(template_kwargs or {})
+        except ParameterError as e:
+            raise ApiError(400, str(e), e.param) from None
+        if functions:
+            if not takes_tools(llm.tokenizer.chat_template):
+                raise ApiError(400, "tools: this model's chat template does not write tool calls as <tool_call> "
+                                    "blocks (Qwen2.5's, Qwen3's and Hermes's do), the one format dpllama reads",
+                               "tools")
+            if rules is not None:
+                raise ApiError(400, "response_format: a JSON reply and tools at once are not supported (tool_choice "
+                                    "\"none\" leaves the tools out)", "response_format")
+            kwargs["tools"] = [{"type": "function", "function": f} for f in functions]
+            if forced is not None:
+                try:
+                    rules = grammar(call_schema(functions, forced or None))
+                except SchemaError as e:
+                    raise ApiError(400, f"tools: a function's parameters: {e}", "tools") from None
 
         def text() -> str:
             nonlocal rendered
-            messages = [{"role": m.template_role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
-            rendered = chat_text(llm.tokenizer, messages, body.template_kwargs(template_kwargs or {}))
+            messages = [m.for_template(f"messages[{i}]") for i, m in enumerate(body.messages)]
+            # a forced call: the reply starts inside its block, as the template writes one
+            rendered = chat_text(llm.tokenizer, messages, kwargs) + (TOOL_OPEN + "\n" if forced is not None else "")
             return rendered
         try:
             prompt = await prompt_of(llm, text, "messages", "the conversation in the chat template",
@@ -388,8 +414,10 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         extract = (body.reasoning_format or reasoning_format) != "none"
         # some templates open the thinking themselves (QwQ's, DeepSeek-R1's: the prompt ends in "<think>\n"), and
         # the reply begins inside it, as llama.cpp reads it; in JSON mode the reply is the JSON from its first token
-        opened = body.reply_format is None and rendered.rstrip().endswith(Thinking.OPEN)
-        return await run(http, body, llm, prompt, "messages", Thinking(extract, opened))
+        opened = rules is None and rendered.rstrip().endswith(Thinking.OPEN)
+        tools = ToolCalls({f["name"] for f in functions}, forced is not None, not body.parallel_tool_calls) \
+            if functions else None
+        return await run(http, body, llm, prompt, "messages", Thinking(extract, opened), tools, rules)
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
@@ -402,7 +430,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
             prompt = fitting(llm, body.prompt, "prompt")       # before the ids are looked at: millions took 0.5 s
             if not prompt or not all(0 <= t < vocab for t in prompt):
                 raise ApiError(400, f"a prompt of token ids holds at least one, each below {vocab}", "prompt")
-        return await run(http, body, llm, prompt, "prompt", thinking=None)
+        return await run(http, body, llm, prompt, "prompt", None, rules=body.reply_format)
 
     return app
 
@@ -489,11 +517,6 @@ def serve(sock: socket.socket, load: Callable[[int], LLM], slots: int, max_waiti
     log("dpllama: stopped")
 
 
-def tag_start(text: str, tag: str) -> int:
-    """How many of `tag`'s first characters `text` ends with, short of the whole tag."""
-    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
-
-
 class Thinking:
     """A chat reply's text as it comes, split as llama-server's --reasoning-format deepseek splits it: the thinking
     (reasoning_content) is the text inside <think>...</think> less the whitespace around it, the content the rest
@@ -542,11 +565,12 @@ class Thinking:
 
 
 class Reply:
-    """One request's response in OpenAI's shapes: chat.completion(.chunk), its text split by `thinking`, or
-    text_completion (`thinking` None)."""
+    """One request's response in OpenAI's shapes: chat.completion(.chunk), its text split by `thinking` and its
+    content by `tools` (where the request has tools), or text_completion (`thinking` None)."""
 
-    def __init__(self, llm: LLM, request: Request, model_name: str, thinking: Thinking | None):
-        self.tok, self.request, self.thinking = llm.tokenizer, request, thinking
+    def __init__(self, llm: LLM, request: Request, model_name: str, thinking: Thinking | None,
+                 tools: ToolCalls | None = None):
+        self.tok, self.request, self.thinking, self.tools = llm.tokenizer, request, thinking, tools
         self.chat = thinking is not None
         self.head = {"id": f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}",
                      "created": int(time.time()), "model": model_name}
@@ -592,14 +616,25 @@ class Reply:
         if not self.chat:
             return [] if final else [self.choice(text, entries, None)]
         self.held += entries
-        reasoning, content = self.thinking.push(text, final)
+        reasoning, content, calls = self.split(text, final)
         deltas = [{key: part} for key, part in (("reasoning_content", reasoning), ("content", content)) if part]
+        deltas += [{"tool_calls": [call]} for call in calls]
         if not deltas and not (final and self.held):
             return []
         deltas = deltas or [{"content": ""}]
         choices = [self.choice(d, [], None) for d in deltas[:-1]] + [self.choice(deltas[-1], self.held, None)]
         self.held = []
         return choices
+
+    def split(self, text: str, final: bool) -> tuple[str, str, list[dict]]:
+        """A chat reply's new text as reasoning, content and tool calls."""
+        reasoning, content = self.thinking.push(text, final)
+        content, calls = self.tools.push(content, final) if self.tools else (content, [])
+        return reasoning, content, calls
+
+    def finish(self, reason: str) -> str:
+        """OpenAI's finish_reason: "tool_calls" where a reply that ended by itself made calls."""
+        return "tool_calls" if reason == "stop" and self.tools and self.tools.made else reason
 
     def chunk(self, choices: list[dict], **extra) -> str:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
@@ -636,7 +671,7 @@ class Reply:
                     return
                 for choice in self.pieces("", [], final=True):
                     yield self.chunk([choice], **extra)
-                yield self.chunk([self.choice({} if self.chat else "", [], event.finish_reason)], **extra)
+                yield self.chunk([self.choice({} if self.chat else "", [], self.finish(event.finish_reason))], **extra)
                 if usage:
                     yield self.chunk([], usage=self.usage(event))
                 yield "data: [DONE]\n\n"
@@ -671,12 +706,15 @@ class Reply:
             raise ApiError(503, SHUT_DOWN)
         text = "".join(texts)
         if self.chat:
-            reasoning, content = self.thinking.push(text, final=True)
-            # no reasoning_content where there was no thinking, as llama-server's
+            reasoning, content, calls = self.split(text, final=True)
+            # no reasoning_content where there was no thinking, as llama-server's; content null beside calls, as
+            # OpenAI's
             message = {"role": "assistant", **({"reasoning_content": reasoning} if reasoning else {}),
-                       "content": content}
+                       "content": content if content or not calls else None}
+            if calls:
+                message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
             choice = {"index": 0, "message": message, "logprobs": self.logprobs(entries),
-                      "finish_reason": event.finish_reason}
+                      "finish_reason": self.finish(event.finish_reason)}
         else:
             choice = self.choice(text, entries, event.finish_reason)
         kind = "chat.completion" if self.chat else "text_completion"

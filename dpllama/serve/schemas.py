@@ -11,6 +11,7 @@ number may be written 2.0 (JSON's numbers have no separate integers).
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, TypeAdapter,
@@ -156,11 +157,55 @@ class Sampling(Body):
         return extras(self) + (extras(self.stream_options, "stream_options.") if self.stream_options else [])
 
 
+class CalledFunction(Body):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str              # JSON text, as OpenAI writes it
+
+
+class ToolCall(Body):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class Message(Body):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str | list[dict], text_or_list(dict, "a string or a list of content parts")]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # null only for an assistant's message that calls tools, as OpenAI takes it
+    content: Annotated[str | list[dict] | None, text_or_list(dict, "a string or a list of content parts")] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None    # an assistant's
+    tool_call_id: str | None = None             # a tool's: the call it answers
+
+    def for_template(self, where: str) -> dict:
+        """The message as chat templates take it (transformers' shape): the role as they know it, the text, an
+        assistant's calls with their arguments as objects (Qwen's template writes them with tojson), a tool's
+        result with the call's id."""
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ParameterError(f"{where}.content", f"{where}.content is required (null only for an assistant's "
+                                                     f"message with tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ParameterError(f"{where}.tool_calls", "only an assistant's message has tool_calls")
+        message = {"role": self.template_role, "content": "" if self.content is None else self.text(where)}
+        if self.tool_calls:
+            message["tool_calls"] = []
+            for i, call in enumerate(self.tool_calls):
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except ValueError:
+                    arguments = None
+                if not isinstance(arguments, dict):
+                    raise ParameterError(f"{where}.tool_calls[{i}].function.arguments",
+                                         f"{where}.tool_calls[{i}].function.arguments should be a JSON object's text")
+                message["tool_calls"].append({"id": call.id, "type": "function",
+                                              "function": {"name": call.function.name, "arguments": arguments}})
+        if self.role == "tool" and self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
     @property
     def template_role(self) -> str:
@@ -178,8 +223,36 @@ class Message(Body):
         return "".join(part["text"] for part in self.content)
 
 
+class Function(Body):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")        # OpenAI's names
+    description: str | None = None
+    parameters: dict | None = None                              # a JSON schema; none: no parameters
+    strict: bool | None = None
+
+
+class Tool(Body):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: Function
+
+
+class ChosenFunction(Body):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class ChosenTool(Body):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: ChosenFunction
+
+
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ChosenTool | None = None     # None: "auto" with tools
+    parallel_tool_calls: bool = True
     max_completion_tokens: Whole | None = Field(None, ge=1)    # the newer name of max_tokens
     logprobs: bool = False
     top_logprobs: Whole | None = Field(None, ge=0, le=20)
@@ -201,6 +274,27 @@ class ChatRequest(Sampling):
 
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def functions(self) -> list[dict]:
+        """The functions the reply may call ([] where none may: no tools, or tool_choice "none"), as dicts."""
+        if not self.tools:
+            if self.tool_choice not in (None, "none", "auto"):
+                raise ParameterError("tool_choice", "tool_choice asks for a call, and there are no tools")
+            return []
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) < len(names):
+            raise ParameterError("tools", "tools: two functions have the same name")
+        if isinstance(self.tool_choice, ChosenTool) and self.tool_choice.function.name not in names:
+            raise ParameterError("tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is "
+                                                f"none of the tools")
+        return [] if self.tool_choice == "none" else [t.function.model_dump(exclude_none=True) for t in self.tools]
+
+    def forced(self) -> str | None:
+        """The function the reply must call: its name, "" for any (tool_choice "required"), None where the model
+        chooses (auto) or calls none."""
+        if isinstance(self.tool_choice, ChosenTool):
+            return self.tool_choice.function.name
+        return "" if self.tool_choice == "required" else None
 
     def alternatives(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
