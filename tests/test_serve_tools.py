@@ -217,3 +217,31 @@ def test_qwen_calls_a_tool_and_reads_its_result():
         done = client.chat.completions.create(model="qwen", messages=messages, tools=tools, temperature=0,
                                               max_tokens=60).choices[0]
         assert "18" in json.dumps(done.message.model_dump()), done
+
+
+def test_a_reply_split_anywhere_gives_the_same_content_and_calls():
+    """ToolCalls on random replies (text, whitespace, tags whole and cut, calls, bare calls, blocks that are no call,
+    stray braces) pushed in random pieces gives the content and calls that the whole reply gives at once; and a
+    reply of calls alone gives no content."""
+    import random
+    from dpllama.serve.tools import ToolCalls
+    parts = ["Hi", " ", "\n", "<tool_call>", "</tool_call>", "<tool_", '{"name": "f", "arguments": {"a": 1}}',
+             '{"name": "g", "arguments": {}}', '{"name": "h"}', "{", "}", '"x"', "{not json}", "</tool", "call>"]
+
+    def run(pieces: list[str], single: bool) -> tuple[str, list]:
+        tools, content, calls = ToolCalls({"f", "g"}, single=single), "", []
+        for k, piece in enumerate(pieces):
+            text, made = tools.push(piece, final=k == len(pieces) - 1)
+            content += text
+            calls += [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in made]
+        return content, calls
+    rng = random.Random(5)
+    for _ in range(2000):
+        reply = "".join(rng.choice(parts) for _ in range(rng.randrange(1, 12)))
+        cuts = sorted(rng.sample(range(1, len(reply)), min(len(reply) - 1, rng.randrange(6)))) if len(reply) > 1 else []
+        pieces = [reply[a:b] for a, b in zip([0] + cuts, cuts + [len(reply)])] + [""]
+        for single in (False, True):
+            assert run(pieces, single) == run([reply], single), (reply, pieces)
+    content, calls = run(['\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n', '{"name": "g", "arguments": '
+                          '{}}\n'], False)
+    assert content == "" and [name for _, name, _ in calls] == ["f", "g"]
