@@ -304,7 +304,8 @@ class Engine:
         self._kept[slot] = []       # until it ends, what the slot holds is in flux
         try:
             gen = generate(model, request.prompt, request.max_new, request.sampler, tok.eos_ids, keep=keep,
-                           keep_logits=request.logprobs is not None, json=JsonMode(tok, request.json) if request.json else None)
+                           keep_logits=request.logprobs is not None,
+                           json=JsonMode(tok, request.json) if request.json else None)
         except DpllamaError as e:
             with self._cond:
                 self._free.append(slot)
