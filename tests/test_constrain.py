@@ -506,6 +506,20 @@ def json_text(tok, tokens: list[int]) -> bytes:
     return b"".join(tok.token_bytes(t) for t in tokens)
 
 
+def batched(model, gens: list, rounds: int) -> list[list[int]]:
+    """The tokens of each generation, driven together as the server drives them (a Batcher), `rounds` steps at
+    most."""
+    got = {id(gen): [] for gen in gens}
+    batcher = Batcher(model)
+    for _ in range(rounds):
+        for gen, token in batcher.step(gens):
+            if token is not None:
+                got[id(gen)].append(token)
+        if batcher.idle:
+            break
+    return [got[id(gen)] for gen in gens]
+
+
 def test_json_mode_on_a_random_model(tiny, tok):
     """A random model's tokens, greedy and sampled, in JSON mode: every one prints and the text is always a JSON
     object's prefix (closed where the generation says it stopped, cut at max_new where not); the same seed gives the
@@ -532,15 +546,7 @@ def test_json_mode_on_a_random_model(tiny, tok):
         for slot, json_mode in enumerate((True, False)):
             tiny.select(slot)
             gens.append(generate(tiny, prompt, 40, sampler(), tok.eos_ids, json=JsonMode(tok) if json_mode else None))
-        got = {id(g): [] for g in gens}
-        batcher = Batcher(tiny)
-        for _ in range(200):
-            for gen, token in batcher.step(gens):
-                if token is not None:
-                    got[id(gen)].append(token)
-            if batcher.idle:
-                break
-        assert got[id(gens[0])] == tokens and all(g.ended for g in gens)
+        assert batched(tiny, gens, 200)[0] == tokens and all(g.ended for g in gens)
     assert closed       # seed 3's object closes in 21 tokens
 
 
@@ -566,15 +572,7 @@ def test_json_schema_on_a_random_model(tiny, tok):
         for slot, json_grammar in enumerate((g, ANY)):
             tiny.select(slot)
             gens.append(generate(tiny, prompt, 90, sampler(), tok.eos_ids, json=JsonMode(tok, json_grammar)))
-        got = {id(gen): [] for gen in gens}
-        batcher = Batcher(tiny)
-        for _ in range(300):
-            for gen, token in batcher.step(gens):
-                if token is not None:
-                    got[id(gen)].append(token)
-            if batcher.idle:
-                break
-        assert got[id(gens[0])] == tokens and all(gen.ended for gen in gens)
+        assert batched(tiny, gens, 300)[0] == tokens and all(gen.ended for gen in gens)
     assert closed
 
 
