@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from dpllama import cli
 from dpllama.formats import round_up
 from dpllama.loaders import load_weights
 from dpllama.formats.gguf import add_field
-from dpllama.model.gguf import BIASES, ROPE_FREQS, add_hyperparameters, layer_tensor_name
+from dpllama.model.gguf import BIASES, FUSED, add_hyperparameters, layer_tensor_name, rope_tensors
 from dpllama.model.llama2c import write_llama2c
 from dpllama.model.quant import GGUF_REPACK
 from dpllama.model.weights import Layer, ModelConfig, Tensor, Weights, layer_shapes
@@ -194,8 +195,7 @@ def write_test_gguf(path, weights: Weights, types=None, arch=None, drop=(), extr
     arrays = {"token_embd.weight": weights.tok_embeddings.dequantize(), "output_norm.weight": weights.norm}
     if not weights.tied:
         arrays["output.weight"] = weights.output.dequantize()
-    if c.rope_freq_factors is not None:
-        arrays[ROPE_FREQS] = np.asarray(c.rope_freq_factors, np.float32)
+    arrays.update(rope_tensors(c))
     for i, layer in enumerate(weights.layers):
         for field in layer_shapes(c):
             value = getattr(layer, field)
@@ -249,7 +249,14 @@ LLAMA_CPP_MODELS = {
     # every frequency halved
     "llama_tiny_linear": (dict(QWEN3_TINY, arch="llama", rope_neox=False, qk_norm=False, key_length=0, seed=8,
                                rope_theta=10000.0), {"llama.rope.scaling.factor": 2.0}),
+    # a Phi-3 as llama.cpp converts Phi-3.5-mini: NEOX RoPE, Q, K and V in one attn_qkv, gate and up in one ffn_up,
+    # LongRoPE over an original context of 16 (tiny_qwen3 adds them): its context of 64 takes the long factors
+    "phi3_tiny": (dict(QWEN3_TINY, arch="phi3", rope_neox=True, qk_norm=False, key_length=0, seed=9,
+                       rope_theta=10000.0), {}),
 }
+# phi3_tiny's LongRoPE divisors (head_dim 16: 8 pairs) and magnitude, as Phi-3.5-mini's config gives them
+PHI3_ROPE = dict(rope_freq_factors=tuple(np.linspace(1.0, 1.5, 8).tolist()),
+                 rope_long_factors=tuple(np.geomspace(1.0, 16.0, 8).tolist()), rope_long_from=16, rope_mscale=1.2)
 
 
 # Qwen3's chat template as far as thinking goes: ChatML, and a reply that thinks first unless the template's extra
@@ -267,12 +274,22 @@ QWEN3_CHAT_TEMPLATE = (
 NO_THINKING = "<think>\n\n</think>\n\n"   # what it adds to the reply's start with enable_thinking false
 
 
-def tiny_qwen3(path, chat_template: str | None = None, name: str = "qwen3_tiny") -> Weights:
-    """Write LLAMA_CPP_MODELS[name] (QWEN3_TINY unless told) to `path` as a GGUF, with `chat_template` if given;
-    returns the weights written."""
+def tiny_qwen3(path, chat_template: str | None = None, name: str = "qwen3_tiny", extra: dict | None = None,
+               drop=()) -> Weights:
+    """Write LLAMA_CPP_MODELS[name] (QWEN3_TINY unless told) to `path` as a GGUF, with `chat_template` if given
+    (and write_test_gguf's `extra` tensors, less those in `drop`); returns the weights written."""
     from tests.test_tokenizer import gpt2_fields
     shape, fields = LLAMA_CPP_MODELS[name]
     w = random_weights(**shape)
+    extra, drop = dict(extra or {}), set(drop)
+    if shape["arch"] == "phi3":     # its LongRoPE, and its fused matrices as llama.cpp's converter writes them
+        w.config = replace(w.config, **PHI3_ROPE)
+        for i, layer in enumerate(w.layers):
+            for fused, members in FUSED.items():
+                extra.setdefault(f"blk.{i}.{fused}.weight",
+                                 np.concatenate([getattr(layer, f).dequantize() for f in members]))
+                drop.update({layer_tensor_name(i, f) for f in members} - set(extra))   # ffn_up: [gate; up] here
     template = {"tokenizer.chat_template": chat_template} if chat_template else {}
-    write_test_gguf(path, w, tokenizer=gpt2_fields(**{"tokenizer.ggml.pre": "qwen2"}, **template), fields=fields)
+    write_test_gguf(path, w, tokenizer=gpt2_fields(**{"tokenizer.ggml.pre": "qwen2"}, **template), fields=fields,
+                    extra=extra, drop=drop)
     return w

@@ -664,6 +664,10 @@ ARCHITECTURES = {    # name -> ModelConfig fields of a random model
     # YaRN as dpllama's container writes it (rope_freqs.weight and attn_factor): cos and sin grow 1 + 0.1 ln 4
     "qwen2-yarn": dict(arch="qwen2", rope_neox=True, qkv_bias=True, rope_theta=1e6,
                        **dict(zip(("rope_freq_factors", "rope_mscale"), yarn_rope(8, 1e6, 4.0, 16)))),
+    # LongRoPE as dpllama's container writes it (its Q, K, V, gate and up apart; llama.cpp's fused: phi3_tiny):
+    # the model's context of 32 is over the original 16, so the long factors turn it
+    "phi3": dict(arch="phi3", rope_neox=True, rope_freq_factors=(1.0, 1.25, 1.5, 2.0),
+                 rope_long_factors=(1.0, 3.0, 9.0, 27.0), rope_long_from=16, rope_mscale=1.25),
 }
 
 
@@ -708,7 +712,7 @@ def test_architectures_match_reference_other_configs(config_q, tmp_path, name):
     compare_batched(cq, w, f"{name} {config} batched")
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama3", "qwen2-yarn"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama3", "qwen2-yarn", "phi3"])
 def test_architectures_through_quantize(q, tmp_path, name):
     """`dpllama quantize` keeps the architecture, the biases, the heads' norms and width and the RoPE scaling (the
     file says them as llama.cpp's do: general.architecture, blk.N.attn_q.bias, blk.N.attn_q_norm.weight,
@@ -751,8 +755,11 @@ def test_llama3_scaling_from_metadata(q, tmp_path):
      r"256\]: expected factor > 0, 0 < low_freq_factor < high_freq_factor, original_context_length > 0"),
     ({"llama.rope.scaling.type": "llama3"}, {"rope_freqs.weight"}, "missing GGUF metadata llama.rope.scaling.factor"),
     ({"llama.rope.scaling.type": "longrope"}, {"rope_freqs.weight"},
-     "llama.rope.scaling.type is 'longrope', expected 'none', 'linear', 'yarn' or 'llama3' \\(other RoPE scalings are "
-     "not supported\\)"),
+     "llama.rope.scaling.type is 'longrope', whose factors are the tensors rope_factors_long.weight and "
+     "rope_factors_short.weight: missing"),
+    ({"llama.rope.scaling.type": "su"}, {"rope_freqs.weight"},
+     "llama.rope.scaling.type is 'su', expected 'none', 'linear', 'yarn', 'llama3' or 'longrope' \\(other RoPE "
+     "scalings are not supported\\)"),
     ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": -4.0}, {"rope_freqs.weight"},
      r"llama.rope.scaling.factor must be a positive float32 \(1.175e-38 to 3.403e\+38\), found -4.0"),
     ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
@@ -786,12 +793,13 @@ def test_rope_freqs_must_be_positive(tmp_path):
 
 
 # llama.cpp's logits for tiny models (tests/helpers.py's LLAMA_CPP_MODELS: a Qwen3, one with YaRN, a llama with
-# linear RoPE scaling; tests/oracles/make_llamacpp.py), an oracle independent of dpllama's reading of each. Its CPU
-# attention rounds q and the softmax's weights to fp16 to multiply them by its fp16 KV cache, where dpllama's keeps
-# them float32: a relative 2^-11 on each score and weight, through two layers. Measured: 3.1e-4 to 4.0e-4 of a row's
-# largest logit (the reference), against 0.20 for the Qwen3 without its heads' norms, 0.49 with adjacent RoPE pairs,
-# 0.52 and 0.49 without YaRN and linear scaling, 0.24 without YaRN's magnitude; 3e-3 is ten times the measured and
-# far below any of those.
+# linear RoPE scaling, a Phi-3 with fused matrices and LongRoPE; tests/oracles/make_llamacpp.py), an oracle
+# independent of dpllama's reading of each. Its CPU attention rounds q and the softmax's weights to fp16 to multiply
+# them by its fp16 KV cache, where dpllama's keeps them float32: a relative 2^-11 on each score and weight, through
+# two layers. Measured: 3.1e-4 to 4.1e-4 of a row's largest logit (the reference), against 0.20 for the Qwen3
+# without its heads' norms, 0.49 with adjacent RoPE pairs, 0.52 and 0.49 without YaRN and linear scaling, 0.24
+# without YaRN's magnitude; for the Phi-3 0.32 without attn_factor, 0.67 with LongRoPE's short divisors, 0.85 with
+# adjacent pairs, 0.87 with gate and up swapped; 3e-3 is ten times the measured and far below any of those.
 LLAMA_CPP_RTOL = 3e-3
 
 
@@ -846,6 +854,43 @@ def test_qwen3_needs_its_heads_norms(tmp_path):
     path = tmp_path / "q.gguf"
     write_test_gguf(path, random_weights(**SHAPE, **ARCHITECTURES["qwen3"]), drop={"blk.1.attn_k_norm.weight"})
     with pytest.raises(DpllamaError, match=f"^{path}: missing tensor blk.1.attn_k_norm.weight$"):
+        load_gguf(path)
+
+
+def test_longrope_chooses_by_the_context(q, llama_cpp_oracles):
+    """Phi-3's LongRoPE as llama.cpp chooses: the short factors for a context of at most the original's tokens, the
+    long past it (what llama.cpp's logits for phi3_tiny's context of 64 were made with). In a context of 16 the
+    device's logits are the reference's with the short factors, and far from the long ones'."""
+    w, tokens, long_logits = llama_cpp_oracles["phi3_tiny"]
+    c = w.config
+    assert (c.rope_factors(16), c.rope_factors(17), c.rope_factors(64)) == \
+        (c.rope_freq_factors, c.rope_long_factors, c.rope_long_factors)
+    m = Llama(w, q, max_seq=16)
+    short = Reference(Weights(dataclasses.replace(c, seq_len=16), w.tok_embeddings, w.layers, w.norm, w.output))
+    m.start(tokens[:16])
+    m.feed(16)
+    want = [short.forward(t, p) for p, t in enumerate(tokens[:16])][-1]
+    assert_llama_cpp(m.read_logits(), want, "phi3_tiny in a context of 16")
+    assert np.abs(want - long_logits[15]).max() > 0.1 * np.abs(long_logits[15]).max()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(extra={"blk.1.attn_qkv.weight": np.ones((60, 64), np.float32)}),
+     "tensor blk.1.attn_qkv.weight has shape \\[60, 64\\], expected \\[128, 64\\]"),
+    (dict(drop={"blk.0.ffn_up.weight"}), "missing tensor blk.0.ffn_up.weight"),
+    (dict(drop={"rope_factors_short.weight"}), "missing tensor rope_factors_short.weight"),
+    (dict(extra={"rope_freqs.weight": np.ones(8, np.float32)}), "RoPE scaling given twice, by "
+     "rope_factors_long.weight and by rope_freqs.weight or phi3.rope.scaling.type: expected one"),
+    (dict(extra={"rope_factors_long.weight": np.full(8, -1.0, np.float32)}),
+     "impossible model: rope_factors_long.weight must be positive float32s \\(1.175e-38 to 3.403e\\+38\\), "
+     "found -1.0"),
+])
+def test_bad_phi3_files(tmp_path, change, message):
+    """A Phi-3 file (phi3_tiny's, its Q, K and V fused, gate and up fused, LongRoPE) with a fused matrix of the
+    wrong shape or missing, half of LongRoPE missing, or scaled twice: one line naming the tensor."""
+    path = tmp_path / "phi3.gguf"
+    tiny_qwen3(path, name="phi3_tiny", **change)
+    with pytest.raises(DpllamaError, match=f"^{path}: {message}$"):
         load_gguf(path)
 
 

@@ -373,7 +373,7 @@ def test_gguf_header_parser_matches_gguf_reader(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(arch="gpt2"), "unsupported GGUF architecture 'gpt2' \\(supported: llama, qwen2, qwen3\\)"),
+    (dict(arch="gpt2"), "unsupported GGUF architecture 'gpt2' \\(supported: llama, qwen2, qwen3, phi3\\)"),
     (dict(types={"blk.1.attn_q.weight": T.MXFP4}),
      "tensor blk.1.attn_q.weight has type MXFP4, which dpllama does not support \\(supported: F32, F16, BF16, "
      "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS\\)"),

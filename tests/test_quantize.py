@@ -179,7 +179,8 @@ def test_quantize_cli_from_gguf_keeps_matching_q4_blocks(tmp_path, repo_root):
     other = tmp_path / "other.gguf"
     write_test_gguf(other, random_weights(vocab=8), arch="mamba")
     r = run("quantize", other, tmp_path / "x.gguf", cwd=repo_root)
-    assert r.returncode == 1 and "unsupported GGUF architecture 'mamba' (supported: llama, qwen2, qwen3)" in r.stderr
+    assert r.returncode == 1 and \
+        "unsupported GGUF architecture 'mamba' (supported: llama, qwen2, qwen3, phi3)" in r.stderr
     assert not (tmp_path / "x.gguf").exists()
 
 

@@ -1,5 +1,5 @@
 """Weights from and to GGUF files (read and written by `dpllama.formats.gguf`): llama.cpp's models
-(architectures "llama", "qwen2" and "qwen3", ARCHITECTURES) and dpllama's own quantized container.
+(architectures "llama", "qwen2", "qwen3" and "phi3", ARCHITECTURES) and dpllama's own quantized container.
 
 dpllama container (written by `write_dpllama_gguf`, version FORMAT_VERSION): a normal GGUF of the model's
 architecture (general.architecture, the standard <arch>.* hyperparameters and tokenizer.* keys, the standard
@@ -38,9 +38,14 @@ GGUF_LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "w
 BIASES = ("bq", "bk", "bv")
 # general.architecture -> what it changes in ModelConfig (docs/ARCHITECTURE.md, "Architectures"). qwen2 is
 # llama with Q/K/V biases and NEOX RoPE; llama.cpp's llama takes Q/K/V biases too where a file has them. qwen3
-# is qwen2 without the biases, with each head of q and k RMS-normalized before RoPE.
+# is qwen2 without the biases, with each head of q and k RMS-normalized before RoPE. phi3 is llama with NEOX RoPE,
+# its Q, K and V in one matrix and its gate and up in another (FUSED), and LongRoPE (rope_factors_long/short).
 ARCHITECTURES = {"llama": dict(rope_neox=False), "qwen2": dict(rope_neox=True, qkv_bias=True),
-                 "qwen3": dict(rope_neox=True, qk_norm=True)}
+                 "qwen3": dict(rope_neox=True, qk_norm=True), "phi3": dict(rope_neox=True)}
+# a fused matrix of a block -> the Layer fields whose rows it stacks, in order: Phi-3's, as llama.cpp reads them
+# (a file may also hold them apart, as dpllama's container writes them)
+FUSED = {"attn_qkv": ("wq", "wk", "wv"), "ffn_up": ("w1", "w3")}
+ROPE_LONG, ROPE_SHORT = "rope_factors_long.weight", "rope_factors_short.weight"    # LongRoPE's divisors
 # the metadata of Llama 3.1's RoPE scaling (rope.scaling.type "llama3"), llama3_rope_factors' parameters in order
 LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")
 ROPE_FREQS = "rope_freqs.weight"    # llama.cpp's per-frequency RoPE divisors (Llama 3.1's scaling)
@@ -119,9 +124,9 @@ def _config(path: Path, fields: dict, vocab_size: int, arch: str, qkv_bias: bool
             raise DpllamaError(f"{path}: {arch}.rope.scaling.original_context_length must be positive, found "
                                f"{original}")
         c.rope_freq_factors, c.rope_mscale = yarn_rope(c.head_dim, c.rope_theta, factor, original)
-    elif scaling not in ("none", "linear", "yarn"):
-        raise DpllamaError(f"{path}: {arch}.rope.scaling.type is {scaling!r}, expected 'none', 'linear', 'yarn' or "
-                           f"'llama3' (other RoPE scalings are not supported)")
+    elif scaling not in ("none", "linear", "yarn", "longrope"):     # longrope's factors are tensors: load_gguf's
+        raise DpllamaError(f"{path}: {arch}.rope.scaling.type is {scaling!r}, expected 'none', 'linear', 'yarn', "
+                           f"'llama3' or 'longrope' (other RoPE scalings are not supported)")
     attn_factor = get("rope.scaling.attn_factor", 1.0)
     if not positive_f32(attn_factor):
         raise DpllamaError(f"{path}: {arch}.rope.scaling.attn_factor must be a positive float32 {F32_RANGE}, found "
@@ -201,11 +206,26 @@ def load_gguf(path: str | os.PathLike) -> Weights:
     def vector(name: str, n: int) -> np.ndarray:
         return convert(name, 1, n, (n,)).dequantize()[0]
 
+    def fused(i: int) -> dict[str, Tensor]:
+        """Block i's matrices that the file fuses (FUSED), split into their Layer fields' rows: attn_qkv where the
+        block has no attn_q, ffn_up where it has no ffn_gate (Phi-3's fused up is [gate; up])."""
+        shapes, parts = layer_shapes(c), {}
+        for name, members in FUSED.items():
+            apart = GGUF_LAYER_NAMES[members[0]]
+            if arch != "phi3" or f"blk.{i}.{apart}.weight" in tensors or f"dpllama.kind.blk.{i}.{apart}" in fields:
+                continue
+            rows = [shapes[f][0] for f in members]
+            whole = matrix(f"blk.{i}.{name}", sum(rows), c.dim)
+            starts = np.cumsum([0] + rows)
+            parts.update({f: whole.take_rows(slice(a, b)) for f, a, b in zip(members, starts, starts[1:])})
+        return parts
+
     def layer(i: int) -> Layer:
-        parts = {}
+        parts = fused(i)
         for field, shape in layer_shapes(c).items():
-            parts[field] = (vector(layer_tensor_name(i, field), *shape) if len(shape) == 1
-                            else matrix(f"blk.{i}.{GGUF_LAYER_NAMES[field]}", *shape))
+            if field not in parts:
+                parts[field] = (vector(layer_tensor_name(i, field), *shape) if len(shape) == 1
+                                else matrix(f"blk.{i}.{GGUF_LAYER_NAMES[field]}", *shape))
         return Layer(**parts)
 
     embd = tensors.get(data_name("token_embd"))
@@ -218,6 +238,17 @@ def load_gguf(path: str | os.PathLike) -> Weights:
                                f"expected one")
         c.rope_freq_factors = tuple(vector(ROPE_FREQS, c.head_dim // 2).tolist())
         check_config(c, str(path), {"rope_freq_factors": ROPE_FREQS})
+    if ROPE_LONG in tensors or ROPE_SHORT in tensors:     # LongRoPE: llama.cpp's choice by the context it runs with
+        if c.rope_freq_factors is not None:
+            raise DpllamaError(f"{path}: RoPE scaling given twice, by {ROPE_LONG} and by {ROPE_FREQS} or "
+                               f"{arch}.rope.scaling.type: expected one")
+        c.rope_freq_factors = tuple(vector(ROPE_SHORT, c.head_dim // 2).tolist())
+        c.rope_long_factors = tuple(vector(ROPE_LONG, c.head_dim // 2).tolist())
+        c.rope_long_from = fields.get(f"{arch}.rope.scaling.original_context_length", c.seq_len)
+        check_config(c, str(path), {"rope_freq_factors": ROPE_SHORT, "rope_long_factors": ROPE_LONG})
+    elif fields.get(f"{arch}.rope.scaling.type") == "longrope":
+        raise DpllamaError(f"{path}: {arch}.rope.scaling.type is 'longrope', whose factors are the tensors "
+                           f"{ROPE_LONG} and {ROPE_SHORT}: missing")
     tok_embeddings = matrix("token_embd", c.vocab_size, c.dim)            # [vocab, dim], kept as stored
     # no output.weight: the classifier is tied to the embedding table
     tied = "output.weight" not in tensors and "dpllama.kind.output" not in fields
@@ -263,7 +294,18 @@ def add_hyperparameters(w: GGUFWriter, c: ModelConfig) -> None:
     w.add_rope_freq_base(c.rope_theta)
     if c.rope_mscale != 1:      # YaRN's magnitude, its frequencies being the caller's ROPE_FREQS
         w.add_rope_scaling_attn_factors(c.rope_mscale)
+    if c.rope_long_factors is not None:
+        w.add_rope_scaling_orig_ctx_len(c.rope_long_from)
     w.add_layer_norm_rms_eps(c.norm_eps)
+
+
+def rope_tensors(c: ModelConfig) -> dict[str, np.ndarray]:
+    """The tensors a RoPE scaling is written as, as llama.cpp reads them: ROPE_FREQS, or LongRoPE's two."""
+    def f32(factors) -> np.ndarray:
+        return np.asarray(factors if factors is not None else np.ones(c.head_dim // 2), np.float32)
+    if c.rope_long_factors is not None:
+        return {ROPE_SHORT: f32(c.rope_freq_factors), ROPE_LONG: f32(c.rope_long_factors)}
+    return {} if c.rope_freq_factors is None else {ROPE_FREQS: f32(c.rope_freq_factors)}
 
 
 def write_dpllama_gguf(path: str | os.PathLike, weights: Weights, tokenizer_fields: dict) -> None:
@@ -277,8 +319,8 @@ def write_dpllama_gguf(path: str | os.PathLike, weights: Weights, tokenizer_fiel
             add_field(w, key, value)
         _add_matrix(w, "token_embd", weights.tok_embeddings)
         w.add_tensor("output_norm.weight", np.asarray(weights.norm, np.float32))
-        if c.rope_freq_factors is not None:
-            w.add_tensor(ROPE_FREQS, np.asarray(c.rope_freq_factors, np.float32))
+        for name, factors in rope_tensors(c).items():
+            w.add_tensor(name, factors)
         if not weights.tied:
             _add_matrix(w, "output", weights.output)
         for i, layer in enumerate(weights.layers):

@@ -256,7 +256,7 @@ class Llama:
         split = geo.attention == 1 and spans > 1
         self.att_parts = zeros(q, span_floats(c, n) * spans if split else 1, "att_parts")
         self.att_folds = zeros(q, min(n, kernels.SPLIT_ROWS) * c.n_kv_heads if split else 1, "att_folds", np.int32)
-        self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta, c.rope_freq_factors,
+        self.rope = q.buffer(host=rope_table(self.seq_len, c.head_dim, c.rope_theta, c.rope_factors(self.seq_len),
                                              c.rope_mscale), name="rope")  # [seq, hd/2, 2]
         self.sequences = [Sequence(q, self.seq_len, c.vocab_size, slot) for slot in range(slots)]
         self.seq = self.sequences[0]

@@ -126,8 +126,8 @@ def write_llama2c(path: str | os.PathLike, weights: Weights, version: int = 0,
     c = weights.config
     if version not in (0, 1, 2):
         raise DpllamaError(f"{path}: llama2.c checkpoint version must be 0, 1 or 2, found {version}")
-    if (c.rope_neox, c.qkv_bias, c.qk_norm, c.key_length, c.rope_freq_factors, c.rope_mscale) != \
-            (False, False, False, 0, None, 1.0):
+    if (c.rope_neox, c.qkv_bias, c.qk_norm, c.key_length, c.rope_freq_factors, c.rope_long_factors,
+            c.rope_mscale) != (False, False, False, 0, None, None, 1.0):
         raise DpllamaError(f"{path}: a llama2.c checkpoint cannot hold this {c.arch} model's NEOX RoPE, biases, "
                            f"heads' norms or width, or RoPE scaling: write a GGUF")
     group = (group_size or _default_group(c)) if version == 2 else 0

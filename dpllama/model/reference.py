@@ -71,7 +71,7 @@ class Reference:
         (x[2i], x[2i+1]) (run.c's rotation), or with config.rope_neox the HALVES' pairs (x[i], x[i + head_dim/2])
         (GPT-NeoX's, Hugging Face's rotate_half), cos and sin times the config's rope_mscale."""
         c = self.config
-        angle = rope_angles([pos], c.head_dim, c.rope_theta, c.rope_freq_factors)[0]
+        angle = rope_angles([pos], c.head_dim, c.rope_theta, c.rope_factors(c.seq_len))[0]
         cos, sin = np.cos(angle) * f32(c.rope_mscale), np.sin(angle) * f32(c.rope_mscale)
         heads = x.reshape(-1, c.head_dim)
         pair = -2 if c.rope_neox else -1        # the axis that holds a pair's two elements

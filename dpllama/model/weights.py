@@ -64,6 +64,15 @@ class ModelConfig:
     # scaling's and YaRN's too)
     rope_freq_factors: tuple[float, ...] | None = None
     rope_mscale: float = 1.0        # RoPE's cos and sin multiplied by it (YaRN's 1 + 0.1 ln factor; attn_factor)
+    # LongRoPE (Phi-3's): the factors for a context longer than rope_long_from tokens, rope_freq_factors' for the
+    # shorter, as llama.cpp chooses between rope_factors_long and rope_factors_short by the context it runs with
+    rope_long_factors: tuple[float, ...] | None = None
+    rope_long_from: int = 0
+
+    def rope_factors(self, context: int) -> tuple[float, ...] | None:
+        """The RoPE frequencies' divisors for a context of `context` tokens."""
+        long = self.rope_long_factors is not None and context > self.rope_long_from
+        return self.rope_long_factors if long else self.rope_freq_factors
 
     @property
     def head_dim(self) -> int:
@@ -169,14 +178,15 @@ def check_config(c: ModelConfig, source: str, names: dict[str, str] | None = Non
         raise bad(f"{name('norm_eps')} must be between 0 and 1, found {c.norm_eps}")
     if not positive_f32(c.rope_mscale):
         raise bad(f"{name('rope_mscale')} must be a positive float32 {F32_RANGE}, found {c.rope_mscale}")
-    if c.rope_freq_factors is not None:
-        factors = c.rope_freq_factors
+    for field in ("rope_freq_factors", "rope_long_factors"):
+        factors = getattr(c, field)
+        if factors is None:
+            continue
         if len(factors) != c.head_dim // 2:
-            raise bad(f"{name('rope_freq_factors')} holds {len(factors)} factors, expected head_dim / 2 = "
-                      f"{c.head_dim // 2}")
+            raise bad(f"{name(field)} holds {len(factors)} factors, expected head_dim / 2 = {c.head_dim // 2}")
         wrong = next((f for f in factors if not positive_f32(f)), None)
         if wrong is not None:
-            raise bad(f"{name('rope_freq_factors')} must be positive float32s {F32_RANGE}, found {wrong}")
+            raise bad(f"{name(field)} must be positive float32s {F32_RANGE}, found {wrong}")
 
 
 # the symmetric kinds' offset: w = scale * (q - OFFSET)
@@ -222,12 +232,13 @@ class Tensor:
         w = np.ascontiguousarray(w, dtype=np.float32)
         return Tensor("f32", w.shape[0], w.shape[1], w)
 
-    def take_rows(self, index: np.ndarray) -> "Tensor":
+    def take_rows(self, index: np.ndarray | slice) -> "Tensor":
         """The matrix of rows `index` of this one, in that order, in the same format (every array of a
-        Tensor is row-major: a row's weights, scales and mins are row r of each)."""
+        Tensor is row-major: a row's weights, scales and mins are row r of each); a slice's are views (a fused
+        matrix's parts: Phi-3's attn_qkv, its ffn_up of gate and up)."""
         take = lambda a: None if a is None else np.ascontiguousarray(a[index])    # noqa: E731
-        return Tensor(self.kind, len(index), self.cols, take(self.data), take(self.scales), take(self.mins),
-                      self.group)
+        data = take(self.data)
+        return Tensor(self.kind, data.shape[0], self.cols, data, take(self.scales), take(self.mins), self.group)
 
     def dequantize(self) -> np.ndarray:
         """float32[rows, cols]: the reference values the kernels must reproduce."""

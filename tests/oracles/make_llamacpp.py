@@ -1,9 +1,10 @@
 """Write llama.cpp's logits for tests/helpers.py's tiny models (LLAMA_CPP_MODELS: a Qwen3, one with YaRN, a llama
-with linear RoPE scaling) to tests/oracles/NAME_llamacpp.npz, the oracles tests/test_forward.py holds dpllama to.
+with linear RoPE scaling, a Phi-3) to tests/oracles/NAME_llamacpp.npz, the oracles tests/test_forward.py holds
+dpllama to.
 Needs llama-cpp-python (`pip install llama-cpp-python`, a native build of several minutes; on a CPU with AMX, built
 without it: docs/PERFORMANCE.md), which the tests do not:
 
-    PYTHONPATH=. python tests/oracles/make_llamacpp.py
+    PYTHONPATH=. python tests/oracles/make_llamacpp.py [NAME ...]     # all of them, or the ones named
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ TOKENS = np.random.default_rng(11).integers(4, 260, 40).tolist()
 
 def main() -> None:
     import llama_cpp
-    for name in LLAMA_CPP_MODELS:
+    for name in sys.argv[1:] or LLAMA_CPP_MODELS:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{name}.gguf"
             tiny_qwen3(path, name=name)
