@@ -186,10 +186,54 @@ def test_templates_without_tools_refuse_them(tmp_path):
     with Server("-m", str(path), "--model-name", "tooler") as s:
         r = http.post(f"{s.url}/v1/chat/completions", json=ask("T"), timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
-        assert r.json()["error"]["message"].startswith("tools: this model's chat template does not write tool calls")
+        assert r.json()["error"]["message"].startswith("tools: this model's chat template renders no tools")
         for change in ({"tools": []}, {"tool_choice": "none"}):
             r = http.post(f"{s.url}/v1/chat/completions", json={**ask("T"), **change}, timeout=60)
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hi", r.text
+
+
+# Llama 3's way, abridged: the tools and what a call looks like in the prompt, a past call written as its bare JSON
+# (one call a turn), a result as an ipython turn
+LLAMA3_TEMPLATE = ("{% if tools %}{% for t in tools %}{{ t | tojson }}{% endfor %}"
+                   "Call one as {\"name\": function name, \"parameters\": its arguments}.{% endif %}"
+                   "{% for m in messages %}{% if 'tool_calls' in m %}{% set c = m.tool_calls[0].function %}"
+                   "{\"name\": \"{{ c.name }}\", \"parameters\": {{ c.arguments | tojson }}}"
+                   "{% elif m.role == 'tool' %}ipython:{{ m.content }}{% else %}{{ m.content }}{% endif %}{% endfor %}")
+LLAMA3_SCRIPTS = {"L": ["L", '{"name": "get_weather", ', '"parameters": {"city": "Oslo"}}', "<|im_end|>"],
+                  "F": ["F", '{"name": "get_time", "parameters": {"tz": "UTC"}}', "<|im_end|>"],
+                  "N": ["N", "No call.", "<|im_end|>"]}
+
+
+def test_llama3_style_calls(tmp_path):
+    """A template that renders tools without <tool_call> tags, as Llama 3's: a reply that is a bare object with
+    "parameters" is a call, whole and streamed; prose is content; tool_choice "required" or named holds the reply to
+    {"name", "parameters"} from its first token (no tag added to the prompt), the named function's where the model
+    wanted another; a past call and its result reach the template."""
+    path = tmp_path / "llama3.gguf"
+    scripted_gguf(path, LLAMA3_SCRIPTS, LLAMA3_TEMPLATE, tags=(), seq_len=1024)    # the tools in bytes: 400 tokens
+    with Server("-m", str(path), "--model-name", "tooler") as s:
+        client = s.client()
+        done = client.chat.completions.create(**ask("L")).choices[0]
+        assert (done.message.content, calls(done.message), done.finish_reason) == (
+            None, [("get_weather", {"city": "Oslo"})], "tool_calls"), done
+        assert streamed_calls(client, **ask("L"))[1:3] == ([("get_weather", {"city": "Oslo"})], "tool_calls")
+        done = client.chat.completions.create(**ask("N")).choices[0]
+        assert (done.message.content, done.message.tool_calls, done.finish_reason) == ("No call.", None, "stop")
+        done = client.chat.completions.create(**ask("F", tool_choice="required")).choices[0]
+        assert calls(done.message) == [("get_time", {"tz": "UTC"})] and done.finish_reason == "tool_calls", done
+        done = client.chat.completions.create(**ask("F", tool_choice={"type": "function", "function": {
+            "name": "get_weather"}}, max_tokens=200)).choices[0]
+        (name, arguments), = calls(done.message)
+        assert name == "get_weather" and done.finish_reason == "tool_calls", done
+        jsonschema.validate(arguments, WEATHER["function"]["parameters"])
+        history = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}}]},
+                   {"role": "tool", "tool_call_id": "c", "content": "12:00"}, {"role": "user", "content": "L"}]
+        done = client.chat.completions.create(model="tooler", messages=history, tools=TOOLS, temperature=0)
+        text = "".join(json.dumps(t) for t in TOOLS) + ('Call one as {"name": function name, "parameters": its '
+                                                        'arguments}.x{"name": "get_time", "parameters": {"tz": "CET"}}'
+                                                        'ipython:12:00L')
+        assert done.usage.prompt_tokens == len(load_gguf_tokenizer(path).encode(text, parse_special=True))
 
 
 def test_qwen_calls_a_tool_and_reads_its_result():

@@ -38,7 +38,7 @@ from dpllama.serve.metrics import Metrics
 from dpllama.serve.engine import Busy, Done, Engine, Failed, Piece, Request, TokenLogprob, Unavailable
 from dpllama.serve.schemas import (Body, ChatRequest, CompletionRequest, DetokenizeRequest, ParameterError,
                                    Sampling, TokenizeRequest)
-from dpllama.serve.tools import OPEN as TOOL_OPEN, ToolCalls, call_schema, tag_start, takes_tools
+from dpllama.serve.tools import ARGUMENTS, OPEN as TOOL_OPEN, ToolCalls, call_schema, tag_start, tool_format
 from dpllama.signals import HELD
 
 SHUT_DOWN = "the server shut down before the request was done"
@@ -383,10 +383,12 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
             kwargs = body.template_kwargs(template_kwargs or {})
         except ParameterError as e:
             raise ApiError(400, str(e), e.param) from None
+        calling = tool_format(llm.tokenizer.chat_template)
         if functions:
-            if not takes_tools(llm.tokenizer.chat_template):
-                raise ApiError(400, "tools: this model's chat template does not write tool calls as <tool_call> "
-                                    "blocks (Qwen2.5's, Qwen3's and Hermes's do), the one format dpllama reads",
+            if calling is None:
+                raise ApiError(400, "tools: this model's chat template renders no tools, or has the model write "
+                                    "its calls in a format dpllama does not read (it reads <tool_call> blocks, as "
+                                    "Qwen's and Hermes's templates write them, and bare JSON objects, as Llama 3's)",
                                "tools")
             if rules is not None:
                 raise ApiError(400, "response_format: a JSON reply and tools at once are not supported (tool_choice "
@@ -394,15 +396,17 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
             kwargs["tools"] = [{"type": "function", "function": f} for f in functions]
             if forced is not None:
                 try:
-                    rules = grammar(call_schema(functions, forced or None))
+                    rules = grammar(call_schema(functions, forced or None, ARGUMENTS[calling]))
                 except SchemaError as e:
                     raise ApiError(400, f"tools: a function's parameters: {e}", "tools") from None
+
+        # a forced call in Hermes's format: the reply starts inside its block, as the template writes one
+        inside = forced is not None and calling == "hermes"
 
         def text() -> str:
             nonlocal rendered
             messages = [m.for_template(f"messages[{i}]") for i, m in enumerate(body.messages)]
-            # a forced call: the reply starts inside its block, as the template writes one
-            rendered = chat_text(llm.tokenizer, messages, kwargs) + (TOOL_OPEN + "\n" if forced is not None else "")
+            rendered = chat_text(llm.tokenizer, messages, kwargs) + (TOOL_OPEN + "\n" if inside else "")
             return rendered
         try:
             prompt = await prompt_of(llm, text, "messages", "the conversation in the chat template",
@@ -415,8 +419,7 @@ def make_app(engine: Engine, model_name: str, api_keys: frozenset[str] = frozens
         # some templates open the thinking themselves (QwQ's, DeepSeek-R1's: the prompt ends in "<think>\n"), and
         # the reply begins inside it, as llama.cpp reads it; in JSON mode the reply is the JSON from its first token
         opened = rules is None and rendered.rstrip().endswith(Thinking.OPEN)
-        tools = ToolCalls({f["name"] for f in functions}, forced is not None, not body.parallel_tool_calls) \
-            if functions else None
+        tools = ToolCalls({f["name"] for f in functions}, inside, not body.parallel_tool_calls) if functions else None
         return await run(http, body, llm, prompt, "messages", Thinking(extract, opened), tools, rules)
 
     @app.post("/v1/completions")

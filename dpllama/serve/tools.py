@@ -1,14 +1,16 @@
-"""Tool calls (OpenAI's `tools`), as Hermes-style chat templates write them: Qwen2.5's, Qwen3's, Hermes 2's and 3's.
+"""Tool calls (OpenAI's `tools`), as chat templates have models write them (`tool_format`): Hermes's blocks (Qwen2.5's,
+Qwen3's, Hermes 2's and 3's templates) or bare JSON objects (Llama 3.1's to 3.3's).
 
 The template renders the tools (its `tools` variable) and the conversation's calls and results (assistant messages'
 `tool_calls`, `tool` messages); the model answers with blocks of
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
-which `ToolCalls` takes out of the reply's text as it comes, as vLLM's hermes parser and llama-server do. With
-tool_choice "required" or a named function the reply is one call: the prompt ends in `<tool_call>\\n` and the JSON
-is held to a schema of the functions (`call_schema`, dpllama.constrain), so that it names one of them with arguments
-its parameters admit.
+or with the object alone, {"name": "get_weather", "parameters": {"city": "Paris"}} in Llama 3's words, which
+`ToolCalls` takes out of the reply's text as it comes, as vLLM's hermes and llama3_json parsers and llama-server do.
+With tool_choice "required" or a named function the reply is one call: the JSON is held to a schema of the functions
+(`call_schema`, dpllama.constrain), so that it names one of them with arguments its parameters admit, from the
+reply's first token (Hermes's: the prompt ends in `<tool_call>\\n`).
 """
 from __future__ import annotations
 
@@ -23,9 +25,17 @@ def tag_start(text: str, tag: str) -> int:
     return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
 
 
-def takes_tools(template: str | None) -> bool:
-    """Whether a chat template renders tools and writes calls as Hermes's <tool_call> blocks."""
-    return template is not None and "tools" in template and OPEN in template
+# the key of a call's arguments in each format's JSON
+ARGUMENTS = {"hermes": "arguments", "json": "parameters"}
+
+
+def tool_format(template: str | None) -> str | None:
+    """How a chat template has the model write its calls: "hermes" (<tool_call> blocks), "json" (the objects alone:
+    a template that renders tools without the tags, as Llama 3's), None where it renders no tools or writes calls
+    some other way (Mistral's [TOOL_CALLS] list)."""
+    if template is None or "tools" not in template or "[TOOL_CALLS]" in template:
+        return None
+    return "hermes" if OPEN in template else "json"
 
 
 def hoisted(schema, prefix: str, defs: dict):
@@ -49,17 +59,17 @@ def hoisted(schema, prefix: str, defs: dict):
     return out
 
 
-def call_schema(functions: list[dict], name: str | None = None) -> dict:
+def call_schema(functions: list[dict], name: str | None = None, arguments: str = "arguments") -> dict:
     """The JSON schema of one call of `functions` (of the one called `name` where given): {"name": its name,
-    "arguments": what its parameters admit}, any object where it has none."""
+    `arguments`: what its parameters admit}, any object where it has none."""
     defs, calls = {}, []
     for i, f in enumerate(functions):
         if name is not None and f["name"] != name:
             continue
         params = f.get("parameters") or {"type": "object"}
         defs[f"f{i}"] = hoisted(params, f"f{i}", defs)
-        calls.append({"type": "object", "required": ["name", "arguments"],
-                      "properties": {"name": {"const": f["name"]}, "arguments": {"$ref": f"#/$defs/f{i}"}}})
+        calls.append({"type": "object", "required": ["name", arguments],
+                      "properties": {"name": {"const": f["name"]}, arguments: {"$ref": f"#/$defs/f{i}"}}})
     return {**(calls[0] if len(calls) == 1 else {"anyOf": calls}), "$defs": defs}
 
 
