@@ -12,12 +12,16 @@ exactly the prefixes of whitespace, one value the schema admits and whitespace, 
   strict mode writes them (keys `additionalProperties` allows are not written); an object without `properties`
   takes any keys, their values as `additionalProperties` says;
 - `enum` and `const` values are written as `json.dumps(value, ensure_ascii=False, separators=(",", ":"))`;
+- a string with `minLength` or `maxLength` has its characters counted (code points, as JSON Schema counts them), and
+  takes no \\u escapes (a surrogate pair's two would count as one character); an integer with bounds (`minimum`,
+  `maximum` and their exclusive forms) takes a digit only where some integer within them begins so (`reachable`);
 - structural whitespace comes at most MAX_WS bytes in a row (llama.cpp's json.gbnf bounds it alike), so a model
   cannot loop on it; strings are UTF-8 (no overlong forms or surrogates, as Python decodes it) without unescaped
   control characters, numbers are the grammar's (no leading zeros, no "+", no bare "."), and \\uXXXX takes any four
   hex digits, as RFC 8259's grammar and Python's json do.
-A keyword that would constrain the document further than this (`minLength`, `pattern`, `minimum`, ...) is refused
-with a `SchemaError` naming it and where it is: never ignored, so that every document made is one the schema admits.
+A keyword that would constrain the document further than this (`pattern`, `format`, a number's `minimum`, ...) is
+refused with a `SchemaError` naming it and where it is: never ignored, so that every document made is one the schema
+admits.
 
 `JsonMode` applies a grammar to a generation: each token's bytes as its text prints them (`Vocabulary`, once per
 tokenizer), and the tokens that can continue a state (a mask over the vocabulary), made by walking the sorted
@@ -29,6 +33,7 @@ reach, aux): 35-50 ms in Python for SmolLM2's 49k tokens in a string (~1 ms else
 from __future__ import annotations
 
 import json
+import math
 from bisect import bisect_left
 from functools import lru_cache
 
@@ -44,7 +49,7 @@ MAX_NAME = 256      # bytes of a property's name: each of its prefixes is a key 
 MASKS = 256         # masks kept per vocabulary (49 KB each for SmolLM2's); all dropped when it is full
 
 (VALUE, OBJECT, KEY, NAME, COLON, ARRAY, AFTER, DONE, STRING, ESCAPE, HEX, UTF8, LITERAL,
- MINUS, ZERO, INT, POINT, FRACTION, EXP, EXP_SIGN, EXPONENT) = range(21)
+ MINUS, ZERO, INT, POINT, FRACTION, EXP, EXP_SIGN, EXPONENT, COUNTED) = range(22)
 # the nodes' kinds: any of several nodes, an object, an array, a string, a number, one of fixed spellings
 ALT, OBJ, ARR, STR, NUM, LIT = range(6)
 
@@ -73,8 +78,10 @@ ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema
                          "readOnly", "writeOnly", "$defs", "definitions", "strict"})
 TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
 # the keywords each type takes here, beside `type`, `enum`, `const` and the annotations
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 KEYWORDS = {"object": {"properties", "required", "additionalProperties"}, "array": {"items", "minItems", "maxItems"},
-            "string": set(), "integer": set(), "number": set(), "boolean": set(), "null": set()}
+            "string": {"minLength", "maxLength"}, "integer": set(BOUNDS), "number": set(BOUNDS), "boolean": set(),
+            "null": set()}
 
 
 def spell(value) -> bytes:
@@ -115,8 +122,8 @@ class Grammar:
         self.schema = schema
         self.any = self._add((ALT, ()))
         free_object = self._add((OBJ, (), self.any, (0,), (True,), {}, {}))
-        self.nodes[self.any] = (ALT, (free_object, self._add((ARR, self.any, 0, None)), self._add((STR,)),
-                                      self._add((NUM, False)), self._literal((b"true", b"false", b"null"))))
+        self.nodes[self.any] = (ALT, (free_object, self._add((ARR, self.any, 0, None)), self._add((STR, 0, None)),
+                                      self._add((NUM, False, None, None)), self._literal((b"true", b"false", b"null"))))
         root = free_object if schema is None else self._compile(schema, "#")
         self._flatten()
         kinds = {self.nodes[n][0] for n in self._leaves(root)}
@@ -194,8 +201,10 @@ class Grammar:
         for key in schema:
             if key not in allowed and key not in ANNOTATIONS:
                 raise SchemaError(f'{at}: "{key}" is not supported here (dpllama takes type, properties, required, '
-                                  f'additionalProperties, items, minItems, maxItems, enum, const, anyOf, oneOf, '
-                                  f'a single allOf and $ref to "#", "#/$defs/..." or "#/definitions/...")')
+                                  f'additionalProperties, items, minItems, maxItems, minLength, maxLength, an '
+                                  f'integer\'s minimum, maximum, exclusiveMinimum and exclusiveMaximum, enum, const, '
+                                  f'anyOf, oneOf, a single allOf and $ref to "#", "#/$defs/..." or '
+                                  f'"#/definitions/...")')
 
     def _ref(self, pointer, at: str) -> int:
         if not isinstance(pointer, str):
@@ -221,18 +230,42 @@ class Grammar:
             return self._object(schema, at)
         if kind == "array":
             items = self._compile(schema.get("items", True), f"{at}/items")
-            least, most = (schema.get(k) for k in ("minItems", "maxItems"))
-            for word, n in (("minItems", least), ("maxItems", most)):
-                if n is not None and (type(n) is not int or n < 0):
-                    raise SchemaError(f'{at}: "{word}" must be a whole number, found {json.dumps(n)[:40]}')
-            if most is not None and (least or 0) > most:
-                raise SchemaError(f'{at}: "minItems" {least} is more than "maxItems" {most}')
-            return self._add((ARR, items, least or 0, most))
+            return self._add((ARR, items, *self._counts(schema, at, "minItems", "maxItems")))
+        if kind == "string":        # the characters' count (code points, as JSON Schema counts them)
+            return self._add((STR, *self._counts(schema, at, "minLength", "maxLength")))
         if kind in ("integer", "number"):
-            return self._add((NUM, kind == "integer"))
-        if kind == "string":
-            return self._add((STR,))
+            return self._add((NUM, kind == "integer", *self._bounds(schema, kind, at)))
         return self._literal((b"true", b"false") if kind == "boolean" else (b"null",))
+
+    @staticmethod
+    def _counts(schema: dict, at: str, low: str, high: str) -> tuple[int, int | None]:
+        """A count's bounds (minItems and maxItems, minLength and maxLength): the least, the most or None."""
+        least, most = schema.get(low), schema.get(high)
+        for word, n in ((low, least), (high, most)):
+            if n is not None and (type(n) is not int or n < 0):
+                raise SchemaError(f'{at}: "{word}" must be a whole number, found {json.dumps(n)[:40]}')
+        if most is not None and (least or 0) > most:
+            raise SchemaError(f'{at}: "{low}" {least} is more than "{high}" {most}')
+        return least or 0, most
+
+    @staticmethod
+    def _bounds(schema: dict, kind: str, at: str) -> tuple[int | None, int | None]:
+        """An integer's least and greatest values (None: unbounded) from minimum, maximum and their exclusive
+        forms; a number's bounds are refused (its digits cannot be held to them as an integer's are)."""
+        given = {k: schema[k] for k in BOUNDS if k in schema}
+        if given and kind == "number":
+            raise SchemaError(f'{at}: "{next(iter(given))}" is supported on an integer, not on a number')
+        for word, v in given.items():
+            if type(v) not in (int, float) or not math.isfinite(v):
+                raise SchemaError(f'{at}: "{word}" must be a number, found {json.dumps(v)[:40]}')
+        lows = [math.ceil(given["minimum"])] if "minimum" in given else []
+        lows += [math.floor(given["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in given else []
+        highs = [math.floor(given["maximum"])] if "maximum" in given else []
+        highs += [math.ceil(given["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in given else []
+        lo, hi = max(lows, default=None), min(highs, default=None)
+        if lo is not None and hi is not None and lo > hi:
+            raise SchemaError(f"{at}: no integer lies within its bounds ({', '.join(given)})")
+        return lo, hi
 
     def _object(self, schema: dict, at: str) -> int:
         props, required = schema.get("properties") or {}, schema.get("required", [])
@@ -304,13 +337,28 @@ class Grammar:
             if b < 0x80:
                 return state if b >= 0x20 else None
             return (UTF8, stack, LEADS[b]) if b in LEADS else None
-        if mode == UTF8:
-            need, low, high = aux
+        if mode == UTF8:            # aux: (bytes to come, the next one's range[, a counted string's characters])
+            need, low, high = aux[:3]
             if not low <= b <= high:
                 return None
-            return (STRING, stack, 0) if need == 1 else (UTF8, stack, (need - 1, 0x80, 0xBF))
-        if mode == ESCAPE:
+            if need > 1:
+                return UTF8, stack, (need - 1, 0x80, 0xBF) + aux[3:]
+            return (STRING, stack, 0) if len(aux) == 3 else (COUNTED, stack, aux[3] + 1)
+        if mode == ESCAPE:          # aux: 0, or (a counted string's characters,), whose escapes take no \\u
+            if aux:
+                return (COUNTED, stack, aux[0] + 1) if b in ESCAPES and b != 0x75 else None
             return None if b not in ESCAPES else (HEX, stack, 4) if b == 0x75 else (STRING, stack, 0)
+        if mode == COUNTED:         # a string with minLength or maxLength: aux, its characters so far
+            _, least, most = self.nodes[stack[-1]]
+            if b == 0x22:
+                return self.ended(stack) if aux >= least else None
+            if (most is not None and aux >= most) or b < 0x20:
+                return None
+            if b == 0x5C:
+                return ESCAPE, stack, (aux,)
+            if b < 0x80:
+                return COUNTED, stack, aux + 1
+            return (UTF8, stack, LEADS[b] + (aux,)) if b in LEADS else None
         if mode == HEX:
             return None if b not in HEX_DIGITS else (HEX, stack, aux - 1) if aux > 1 else (STRING, stack, 0)
         if mode == NAME:            # a property's name, one of those the position may take next
@@ -330,11 +378,17 @@ class Grammar:
             if k < len(ordered) and ordered[k].startswith(spelled):
                 return LITERAL, stack, spelled
             return self.step(self.ended(stack), b) if aux in spellings else None
-        if mode in NUMBER:
+        if mode in NUMBER:          # aux: 0, or a bounded integer's bytes so far
+            _, integer, lo, hi = self.nodes[stack[-1]]
             after = NUMBER[mode].get(b)
-            if after is not None and not (after in FLOAT and self.nodes[stack[-1]][1]):
-                return after, stack, 0
-            return self.step(self.ended(stack), b) if mode in ENDS else None
+            if after is not None and not (after in FLOAT and integer):
+                if not aux:
+                    return after, stack, 0
+                spelled = aux + bytes([b])
+                return (after, stack, spelled) if reachable(spelled, lo, hi) else None
+            if mode not in ENDS or (aux and not within(int(aux), lo, hi)):
+                return None
+            return self.step(self.ended(stack), b)
         if b in WS:                 # the structural modes, where whitespace may come
             return (mode, stack, aux + 1) if aux < MAX_WS else None
         if mode == VALUE:
@@ -391,13 +445,18 @@ class Grammar:
                     states.append(s)
             return None if not states else states[0] if len(states) == 1 else states
         if tag == STR:
-            return (STRING, stack, 0) if b == 0x22 else None
+            return None if b != 0x22 else (STRING, stack, 0) if kind[1:] == (0, None) else (COUNTED, stack, 0)
         if tag == OBJ:
             return (OBJECT, stack[:-1] + ((node, 0),), 0) if b == 0x7B else None
         if tag == ARR:
             return (ARRAY, stack[:-1] + ((node, 0),), 0) if b == 0x5B else None
         if tag == NUM:
-            return (MINUS, stack, 0) if b == 0x2D else (NUMBER[MINUS][b], stack, 0) if b in NUMBER[MINUS] else None
+            mode = MINUS if b == 0x2D else NUMBER[MINUS].get(b)
+            if mode is None:
+                return None
+            if kind[2:] == (None, None):
+                return mode, stack, 0
+            return (mode, stack, bytes([b])) if reachable(bytes([b]), *kind[2:]) else None
         first = bytes([b])
         k = bisect_left(kind[2], first)
         return (LITERAL, stack, first) if k < len(kind[2]) and kind[2][k].startswith(first) else None
@@ -423,6 +482,29 @@ class Grammar:
                 break
             states = self.advance(states, b)
         return states
+
+
+def within(value: int, lo: int | None, hi: int | None) -> bool:
+    return (lo is None or lo <= value) and (hi is None or value <= hi)
+
+
+def reachable(spelled: bytes, lo: int | None, hi: int | None) -> bool:
+    """Whether an integer that JSON spells beginning with `spelled` (a minus, digits without leading zeros) can lie
+    in [lo, hi] (None: unbounded): its magnitude, d followed by k more digits, is in [d 10^k, (d + 1) 10^k - 1]."""
+    negative = spelled[:1] == b"-"
+    digits = spelled[negative:]
+    if not digits:
+        return lo is None or lo <= 0
+    d = int(digits)
+    if d == 0:      # 0 or -0: no more digits
+        return within(0, lo, hi)
+    least, most = ((None if hi is None else -hi), (None if lo is None else -lo)) if negative else (lo, hi)
+    first, last = d, d
+    while most is None or first <= most:
+        if least is None or last >= least:
+            return True
+        first, last = first * 10, last * 10 + 9
+    return False
 
 
 def done(states: tuple | None) -> bool:
@@ -484,11 +566,24 @@ class Vocabulary:
         # the frames a token's steps can read: one a closing byte (a quote, "]" or "}") ends, one a number or
         # literal in progress ends on a byte of its own, and the frame below the last one ended
         self.reach = max((p.count(b'"') + p.count(b"]") + p.count(b"}") for p in self.sorted), default=0) + 2
+        self.longest = max(map(len, self.sorted), default=0)
         self.masks: dict[tuple, np.ndarray] = {}
+
+    def key(self, grammar: Grammar, state: tuple) -> tuple:
+        """What a mask of `state` depends on: its mode, the frames a token can reach, and aux, where a counted
+        string's characters so far count only as how far each bound is, up to a token's length."""
+        mode, stack, aux = state
+        counted = mode == COUNTED or (mode == ESCAPE and aux) or (mode == UTF8 and len(aux) == 4)
+        if counted:
+            n = aux if mode == COUNTED else aux[-1]
+            _, least, most = grammar.nodes[stack[-1]]
+            far = (min(max(least - n, 0), self.longest), None if most is None else min(most - n, self.longest))
+            aux = (aux[:-1] if mode != COUNTED else ()) + far
+        return mode, stack[-self.reach:], aux
 
     def allowed(self, grammar: Grammar, states: tuple) -> np.ndarray:
         """bool[vocab]: the tokens whose bytes continue one of `states`."""
-        key = (grammar, tuple((mode, stack[-self.reach:], aux) for mode, stack, aux in states))
+        key = (grammar, tuple(self.key(grammar, s) for s in states))
         mask = self.masks.get(key)
         if mask is None:
             if len(self.masks) >= MASKS:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dpllama.chat import chat_prompt
-from dpllama.constrain import MAX_DEPTH, MAX_WS, JsonMode, SchemaError, Vocabulary, done, grammar, spell
+from dpllama.constrain import MAX_DEPTH, MAX_WS, NUMBER, JsonMode, SchemaError, Vocabulary, done, grammar, spell
 from dpllama.generate import Batcher, Sampler, generate
 from dpllama.model.llama import Llama
 from dpllama.tokenizer import tokenizer_from_gguf_fields
@@ -112,10 +112,10 @@ CLOSING = b'{"}]:0ruelsa\x80\x90\xa0'
 
 
 def completion(states: tuple, g=ANY, alphabet: bytes = CLOSING) -> bytes | None:
-    """Bytes of `alphabet` that take `states` to a closed document: a best-first search, the states of the fewest
-    open frames first and of those the shortest paths, so that opening brackets wait (the shortest completion where
-    only closing bytes are needed)."""
-    todo, seen, n = [(0, 0, 0, states, b"")], {states}, 0
+    """Bytes of `alphabet` that take `states` to a closed document: a best-first search by the path's length, each
+    open frame counting 8 bytes, so that opening brackets wait, and each digit of a bounded integer 4, so that its
+    many spellings wait too."""
+    todo, seen, n = [(0, 0, states, b"")], {states}, 0
     while todo and n < 100000:
         *_, s, path = heapq.heappop(todo)
         if done(s):
@@ -125,7 +125,9 @@ def completion(states: tuple, g=ANY, alphabet: bytes = CLOSING) -> bytes | None:
             if t is not None and t not in seen:
                 seen.add(t)
                 n += 1
-                heapq.heappush(todo, (min(len(stack) for _, stack, _ in t), len(path), n, t, path + bytes([b])))
+                digits = max(len(aux) if mode in NUMBER and aux else 0 for mode, _, aux in t)
+                frames = min(len(stack) for _, stack, _ in t)
+                heapq.heappush(todo, (len(path) + 4 * digits + 8 * frames, n, t, path + bytes([b])))
     return None
 
 
@@ -173,6 +175,7 @@ def test_whitespace_runs_are_bounded():
 NAMES = ["a", "name", "x y", "\u00e9t\u00e9", 'q"uote', "back\\slash", "n1", "\u65e5"]
 VALUES = [1, -2, 12, 1.5, 0, "a", "ab", "\u65e5\u672c", "", True, False, None, [1, "x"], {"k": [2, None]}]
 WS_BYTES = b" \t\n\r"
+COUNTED_TEXT = TEXT.replace("\x01", "").replace("\x1f", "")     # what json.dumps writes without \\u escapes
 
 
 def random_schema(rng: random.Random, depth: int, defs: dict) -> dict:
@@ -183,6 +186,14 @@ def random_schema(rng: random.Random, depth: int, defs: dict) -> dict:
     kind = rng.choice(kinds)
     if kind in ("string", "integer", "number", "boolean", "null"):
         schema = {"type": kind}
+        if kind == "string" and rng.random() < 0.5:
+            schema["minLength"] = rng.randint(0, 3)
+            schema["maxLength"] = schema["minLength"] + rng.randint(0, 4)
+        if kind == "integer" and rng.random() < 0.6:     # bounds of either sign, exclusive or not, one or both
+            low, high = sorted(rng.sample([-1000, -37, -5, 0, 3, 12, 99, 1001, 2**40], 2))
+            for word, value in (("minimum", low), ("maximum", high)):
+                if rng.random() < 0.7:
+                    schema[("exclusiveM" + word[1:]) if rng.random() < 0.3 else word] = value
     elif kind == "enum":
         schema = {"enum": rng.sample(VALUES, rng.randint(1, 4))}
         if rng.random() < 0.3:      # a type beside enum keeps the values of that type
@@ -270,6 +281,14 @@ def instance(rng: random.Random, schema, root: dict, depth: int = 0) -> tuple[ob
         items = [instance(rng, schema["items"], root, depth + 1)
                  for _ in range(rng.randint(least, schema.get("maxItems", least + 3)))]
         return [v for v, _ in items], b"[" + b",".join(ws(rng) + t + ws(rng) for _, t in items) + b"]"
+    if kind == "string" and ("minLength" in schema or "maxLength" in schema):    # no \\u escapes in these
+        value = "".join(rng.choice(COUNTED_TEXT) for _ in range(rng.randint(schema["minLength"], schema["maxLength"])))
+        return value, json.dumps(value, ensure_ascii=False).encode()
+    if kind == "integer" and set(schema) & {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}:
+        low = max(schema.get("minimum", -2**45), schema.get("exclusiveMinimum", -2**45) + 1)
+        high = min(schema.get("maximum", 2**45), schema.get("exclusiveMaximum", 2**45) - 1)
+        value = rng.choice([low, high, rng.randint(low, high)])
+        return value, json.dumps(value).encode()
     value = {"string": lambda: random_text(rng), "integer": lambda: rng.choice([0, -7, 10**rng.randrange(20)]),
              "number": lambda: rng.choice([0, 3, -1.25e-7, 123.456, 3e20]), "boolean": lambda: rng.random() < 0.5,
              "null": lambda: None}[kind]()
@@ -351,9 +370,17 @@ def test_objects_take_their_properties_in_order():
 @pytest.mark.parametrize("schema, message", [
     ({"type": "string"}, "the schema's root must be an object"),
     ({"type": "array"}, "the schema's root must be an object"),
-    ({"properties": {"a": {"type": "string", "minLength": 2}}}, '#/properties/a: "minLength" is not supported here'),
+    ({"properties": {"a": {"type": "string", "pattern": "^a"}}}, '#/properties/a: "pattern" is not supported here'),
+    ({"properties": {"a": {"type": "string", "minLength": 3, "maxLength": 2}}},
+     '#/properties/a: "minLength" 3 is more than "maxLength" 2'),
+    ({"properties": {"a": {"type": "number", "minimum": 0}}},
+     '#/properties/a: "minimum" is supported on an integer, not on a number'),
+    ({"properties": {"a": {"type": ["integer", "number"], "maximum": 0}}}, '"maximum" is supported on an integer, not'),
+    ({"properties": {"a": {"type": "integer", "minimum": 5, "exclusiveMaximum": 5}}},
+     "#/properties/a: no integer lies within its bounds (minimum, exclusiveMaximum)"),
+    ({"properties": {"a": {"type": "integer", "minimum": "1"}}}, '#/properties/a: "minimum" must be a number, found "1"'),
     ({"properties": {"a": {"type": "string", "format": "date-time"}}}, '#/properties/a: "format" is not supported'),
-    ({"properties": {"a": {"type": "integer", "minimum": 0}}}, '#/properties/a: "minimum" is not supported'),
+    ({"properties": {"a": {"type": "integer", "multipleOf": 2}}}, '#/properties/a: "multipleOf" is not supported'),
     ({"properties": {"a": {"type": "array", "prefixItems": []}}}, '#/properties/a: "prefixItems" is not supported'),
     ({"properties": {"a": {"type": "string", "properties": {}}}}, '#/properties/a: "properties" is not supported'),
     ({"properties": {"a": {"$ref": "#/components/x"}}}, "\"$ref\" '#/components/x' is not supported"),
@@ -475,8 +502,13 @@ def test_schema_masks_are_the_tokens_that_fit(tok):
     rng = random.Random(3)
     named = {"type": "object", "properties": {"a": {"enum": ["abc", True, None]}, "abc": {"type": "array",
              "items": {"anyOf": [{"type": "integer"}, {"const": 0.5}, {"type": "object", "properties": {"a": {}}}]},
-                                                                  "maxItems": 2}}, "required": ["abc"]}
-    cases = [(named, [b'{"a":"abc","abc":[0.5,{"a":{"b":[true]}}]}', b'{"abc":[-1 ]}', b'{"a":null,"abc":[]}'])]
+                                                                  "maxItems": 2},
+                                               # counts far from their bounds share masks (Vocabulary.key)
+                                               "long": {"type": "string", "minLength": 30, "maxLength": 60},
+                                               "n": {"type": "integer", "minimum": -20, "maximum": 1234}},
+             "required": ["abc"]}
+    cases = [(named, [b'{"a":"abc","abc":[0.5,{"a":{"b":[true]}}]}', b'{"abc":[-1 ]}', b'{"a":null,"abc":[]}',
+                      b'{"abc":[],"long":"' + "\u00e9a\\n\u65e5".encode() * 10 + b'","n":1234}'])]
     for _ in range(12):
         schema = random_root(rng)
         cases.append((schema, [instance(rng, schema, schema)[1] for _ in range(3)]))
