@@ -13,13 +13,15 @@ exactly the prefixes of whitespace, one value the schema admits and whitespace, 
   takes any keys, their values as `additionalProperties` says;
 - `enum` and `const` values are written as `json.dumps(value, ensure_ascii=False, separators=(",", ":"))`;
 - a string with `minLength` or `maxLength` has its characters counted (code points, as JSON Schema counts them), and
-  takes no \\u escapes (a surrogate pair's two would count as one character); an integer with bounds (`minimum`,
-  `maximum` and their exclusive forms) takes a digit only where some integer within them begins so (`reachable`);
+  takes no \\u escapes (a surrogate pair's two would count as one character); one with a `pattern` or a `format`
+  (dpllama.pattern) runs its characters through the pattern's NFA, without \\u escapes either; an integer with
+  bounds (`minimum`, `maximum` and their exclusive forms) takes a digit only where some integer within them begins so
+  (`reachable`);
 - structural whitespace comes at most MAX_WS bytes in a row (llama.cpp's json.gbnf bounds it alike), so a model
   cannot loop on it; strings are UTF-8 (no overlong forms or surrogates, as Python decodes it) without unescaped
   control characters, numbers are the grammar's (no leading zeros, no "+", no bare "."), and \\uXXXX takes any four
   hex digits, as RFC 8259's grammar and Python's json do.
-A keyword that would constrain the document further than this (`pattern`, `format`, a number's `minimum`, ...) is
+A keyword that would constrain the document further than this (`multipleOf`, a number's `minimum`, ...) is
 refused with a `SchemaError` naming it and where it is: never ignored, so that every document made is one the schema
 admits.
 
@@ -40,6 +42,7 @@ from functools import lru_cache
 import numpy as np
 
 from dpllama.errors import DpllamaError
+from dpllama.pattern import FORMATS, Pattern, PatternError, pattern
 from dpllama.tokenizer import Tokenizer
 
 MAX_WS = 20
@@ -49,13 +52,16 @@ MAX_NAME = 256      # bytes of a property's name: each of its prefixes is a key 
 MASKS = 256         # masks kept per vocabulary (49 KB each for SmolLM2's); all dropped when it is full
 
 (VALUE, OBJECT, KEY, NAME, COLON, ARRAY, AFTER, DONE, STRING, ESCAPE, HEX, UTF8, LITERAL,
- MINUS, ZERO, INT, POINT, FRACTION, EXP, EXP_SIGN, EXPONENT, COUNTED) = range(22)
+ MINUS, ZERO, INT, POINT, FRACTION, EXP, EXP_SIGN, EXPONENT, COUNTED, PATTERNED) = range(23)
 # the nodes' kinds: any of several nodes, an object, an array, a string, a number, one of fixed spellings
 ALT, OBJ, ARR, STR, NUM, LIT = range(6)
 
 WS = frozenset(b" \t\n\r")
 HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 ESCAPES = frozenset(b'"\\/bfnrtu')
+# a JSON string's escapes other than \\u, and the characters they stand for
+ESCAPE_CHARS = {ord('"'): '"', ord("\\"): "\\", ord("/"): "/", ord("b"): "\b", ord("f"): "\f", ord("n"): "\n",
+                ord("r"): "\r", ord("t"): "\t"}
 # a UTF-8 lead byte: (continuation bytes, the first one's range), as Python's decoder takes them
 LEADS = {**{b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)}, **{b: (2, 0x80, 0xBF) for b in range(0xE1, 0xF0)},
          **{b: (3, 0x80, 0xBF) for b in range(0xF1, 0xF4)},
@@ -80,8 +86,8 @@ TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
 # the keywords each type takes here, beside `type`, `enum`, `const` and the annotations
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 KEYWORDS = {"object": {"properties", "required", "additionalProperties"}, "array": {"items", "minItems", "maxItems"},
-            "string": {"minLength", "maxLength"}, "integer": set(BOUNDS), "number": set(BOUNDS), "boolean": set(),
-            "null": set()}
+            "string": {"minLength", "maxLength", "pattern", "format"}, "integer": set(BOUNDS), "number": set(BOUNDS),
+            "boolean": set(), "null": set()}
 
 
 def spell(value) -> bytes:
@@ -122,7 +128,7 @@ class Grammar:
         self.schema = schema
         self.any = self._add((ALT, ()))
         free_object = self._add((OBJ, (), self.any, (0,), (True,), {}, {}))
-        self.nodes[self.any] = (ALT, (free_object, self._add((ARR, self.any, 0, None)), self._add((STR, 0, None)),
+        self.nodes[self.any] = (ALT, (free_object, self._add((ARR, self.any, 0, None)), self._add((STR, 0, None, None)),
                                       self._add((NUM, False, None, None)), self._literal((b"true", b"false", b"null"))))
         root = free_object if schema is None else self._compile(schema, "#")
         self._flatten()
@@ -231,8 +237,8 @@ class Grammar:
         if kind == "array":
             items = self._compile(schema.get("items", True), f"{at}/items")
             return self._add((ARR, items, *self._counts(schema, at, "minItems", "maxItems")))
-        if kind == "string":        # the characters' count (code points, as JSON Schema counts them)
-            return self._add((STR, *self._counts(schema, at, "minLength", "maxLength")))
+        if kind == "string":        # the characters' count (code points, as JSON Schema counts them), or a pattern
+            return self._add((STR, *self._counts(schema, at, "minLength", "maxLength"), self._pattern(schema, at)))
         if kind in ("integer", "number"):
             return self._add((NUM, kind == "integer", *self._bounds(schema, kind, at)))
         return self._literal((b"true", b"false") if kind == "boolean" else (b"null",))
@@ -247,6 +253,25 @@ class Grammar:
         if most is not None and (least or 0) > most:
             raise SchemaError(f'{at}: "{low}" {least} is more than "{high}" {most}')
         return least or 0, most
+
+    @staticmethod
+    def _pattern(schema: dict, at: str) -> Pattern | None:
+        """A string's `pattern`, or its `format` as one (dpllama.pattern.FORMATS), compiled."""
+        text, fmt = schema.get("pattern"), schema.get("format")
+        if text is None and fmt is None:
+            return None
+        if ("minLength" in schema or "maxLength" in schema) or (text is not None and fmt is not None):
+            raise SchemaError(f'{at}: "pattern" or "format" beside another of "pattern", "format", "minLength" and '
+                              f'"maxLength" is not supported: say the length in the pattern')
+        if fmt is not None and fmt not in FORMATS:
+            raise SchemaError(f'{at}: "format" {json.dumps(fmt)[:40]} is not supported (supported: '
+                              f'{", ".join(FORMATS)})')
+        if text is not None and not isinstance(text, str):
+            raise SchemaError(f'{at}: "pattern" must be a string, found {json.dumps(text)[:40]}')
+        try:
+            return pattern(FORMATS[fmt] if fmt is not None else text)
+        except PatternError as e:
+            raise SchemaError(f'{at}: "pattern": {e}') from None
 
     @staticmethod
     def _bounds(schema: dict, kind: str, at: str) -> tuple[int | None, int | None]:
@@ -349,7 +374,7 @@ class Grammar:
                 return (COUNTED, stack, aux[0] + 1) if b in ESCAPES and b != 0x75 else None
             return None if b not in ESCAPES else (HEX, stack, 4) if b == 0x75 else (STRING, stack, 0)
         if mode == COUNTED:         # a string with minLength or maxLength: aux, its characters so far
-            _, least, most = self.nodes[stack[-1]]
+            _, least, most, _ = self.nodes[stack[-1]]
             if b == 0x22:
                 return self.ended(stack) if aux >= least else None
             if (most is not None and aux >= most) or b < 0x20:
@@ -389,6 +414,22 @@ class Grammar:
             if mode not in ENDS or (aux and not within(int(aux), lo, hi)):
                 return None
             return self.step(self.ended(stack), b)
+        if mode == PATTERNED:       # a string with a pattern: aux, (the NFA's states, a character's bytes so far)
+            states, partial = aux
+            if partial == b"\\":       # an escape: its character
+                return self.character(stack, states, ESCAPE_CHARS[b]) if b in ESCAPE_CHARS else None
+            if partial:             # a character's UTF-8 bytes, as Python decodes them
+                got = partial + bytes([b])
+                need, low, high = LEADS[got[0]]
+                if not (0x80 if len(got) > 2 else low) <= b <= (0xBF if len(got) > 2 else high):
+                    return None
+                return self.character(stack, states, got.decode()) if len(got) == need + 1 else \
+                    (PATTERNED, stack, (states, got))
+            if b == 0x22:
+                return self.ended(stack) if self.nodes[stack[-1]][3].accepts(states) else None
+            if b == 0x5C or b in LEADS:
+                return PATTERNED, stack, (states, bytes([b]))
+            return self.character(stack, states, chr(b)) if 0x20 <= b < 0x80 else None
         if b in WS:                 # the structural modes, where whitespace may come
             return (mode, stack, aux + 1) if aux < MAX_WS else None
         if mode == VALUE:
@@ -425,6 +466,11 @@ class Grammar:
             return self.begin(self.item(stack, 0)[1], b)
         return None                 # DONE: whitespace only
 
+    def character(self, stack: tuple, states: frozenset, c: str) -> tuple | None:
+        """A patterned string's state after its next character, None where no match goes on."""
+        after = self.nodes[stack[-1]][3].next(states, c)
+        return (PATTERNED, stack, (after, b"")) if after else None
+
     def item(self, stack: tuple, i: int) -> tuple:
         """The state before an array's item i + 1 (counted only where the array is bounded)."""
         node, _ = stack[-1]
@@ -445,7 +491,11 @@ class Grammar:
                     states.append(s)
             return None if not states else states[0] if len(states) == 1 else states
         if tag == STR:
-            return None if b != 0x22 else (STRING, stack, 0) if kind[1:] == (0, None) else (COUNTED, stack, 0)
+            if b != 0x22:
+                return None
+            if kind[3] is not None:
+                return PATTERNED, stack, (kind[3].start, b"")
+            return (STRING, stack, 0) if kind[1:3] == (0, None) else (COUNTED, stack, 0)
         if tag == OBJ:
             return (OBJECT, stack[:-1] + ((node, 0),), 0) if b == 0x7B else None
         if tag == ARR:
@@ -576,7 +626,7 @@ class Vocabulary:
         counted = mode == COUNTED or (mode == ESCAPE and aux) or (mode == UTF8 and len(aux) == 4)
         if counted:
             n = aux if mode == COUNTED else aux[-1]
-            _, least, most = grammar.nodes[stack[-1]]
+            _, least, most, _ = grammar.nodes[stack[-1]]
             far = (min(max(least - n, 0), self.longest), None if most is None else min(most - n, self.longest))
             aux = (aux[:-1] if mode != COUNTED else ()) + far
         return mode, stack[-self.reach:], aux

@@ -108,7 +108,8 @@ def test_generate_json_schema(repo_root, tmp_path):
     (tmp_path / "list.json").write_text("[]")
     for arg, message in [
             ('{"properties": {"a": {"type": "string", "format": "email"}}}',
-             '--json-schema: #/properties/a: "format" is not supported here'),
+             '--json-schema: #/properties/a: "format" "email" is not supported (supported: date, time, '
+             'date-time, uuid)'),
             ('{"type": "array"}', "--json-schema: the schema's root must be an object"),
             ('{"type": ', "--json-schema: the JSON schema is no JSON: Expecting value: line 1 column 10"),
             (tmp_path / "missing.json", f"--json-schema: cannot read {tmp_path / 'missing.json'}: No such file"),

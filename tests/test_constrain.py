@@ -6,6 +6,7 @@ generations held to them, on a random tiny model (the text is always a prefix) a
 json.loads gives a dict, Pydantic reads the model a schema came from)."""
 from __future__ import annotations
 
+import datetime
 import heapq
 import json
 import random
@@ -113,7 +114,7 @@ CLOSING = b'{"}]:0ruelsa\x80\x90\xa0'
 
 def completion(states: tuple, g=ANY, alphabet: bytes = CLOSING) -> bytes | None:
     """Bytes of `alphabet` that take `states` to a closed document: a best-first search by the path's length, each
-    open frame counting 8 bytes, so that opening brackets wait, and each digit of a bounded integer 4, so that its
+    open frame counting 8 bytes, so that opening brackets wait, and each digit of a bounded integer 8, so that its
     many spellings wait too."""
     todo, seen, n = [(0, 0, states, b"")], {states}, 0
     while todo and n < 100000:
@@ -127,7 +128,7 @@ def completion(states: tuple, g=ANY, alphabet: bytes = CLOSING) -> bytes | None:
                 n += 1
                 digits = max(len(aux) if mode in NUMBER and aux else 0 for mode, _, aux in t)
                 frames = min(len(stack) for _, stack, _ in t)
-                heapq.heappush(todo, (len(path) + 4 * digits + 8 * frames, n, t, path + bytes([b])))
+                heapq.heappush(todo, (len(path) + 8 * digits + 8 * frames, n, t, path + bytes([b])))
     return None
 
 
@@ -176,6 +177,13 @@ NAMES = ["a", "name", "x y", "\u00e9t\u00e9", 'q"uote', "back\\slash", "n1", "\u
 VALUES = [1, -2, 12, 1.5, 0, "a", "ab", "\u65e5\u672c", "", True, False, None, [1, "x"], {"k": [2, None]}]
 WS_BYTES = b" \t\n\r"
 COUNTED_TEXT = TEXT.replace("\x01", "").replace("\x1f", "")     # what json.dumps writes without \\u escapes
+# patterns and formats of the random schemas, with strings each admits (written without \\u escapes)
+PATTERNED = {"^[A-Z]{2}-\\d{1,3}$": ["AB-1", "ZZ-999"], "ab+": ["ab", "xxabbb", "\u00e9ab\n"],
+             "^(cat|dog)s?$": ["cat", "dogs"], "^[^\\s\\d]*$": ["", "\u00e9t\u00e9", "a_b"],
+             "^.{2,4}$": ["ab", "\u65e5\"\\/"]}
+FORMATTED = {"date": ["2024-02-29", "1999-12-31"], "time": ["23:59:00Z", "01:02:03.5+05:30"],
+             "date-time": ["2024-02-29T12:00:00Z", "2000-01-01T00:00:00.123-08:00"],
+             "uuid": ["123e4567-e89b-12d3-a456-426614174000", "FFFFFFFF-0000-4000-8000-ABCDEFABCDEF"]}
 
 
 def random_schema(rng: random.Random, depth: int, defs: dict) -> dict:
@@ -189,6 +197,8 @@ def random_schema(rng: random.Random, depth: int, defs: dict) -> dict:
         if kind == "string" and rng.random() < 0.5:
             schema["minLength"] = rng.randint(0, 3)
             schema["maxLength"] = schema["minLength"] + rng.randint(0, 4)
+        elif kind == "string" and rng.random() < 0.4:
+            schema.update(rng.choice([{"pattern": p} for p in PATTERNED] + [{"format": f} for f in FORMATTED]))
         if kind == "integer" and rng.random() < 0.6:     # bounds of either sign, exclusive or not, one or both
             low, high = sorted(rng.sample([-1000, -37, -5, 0, 3, 12, 99, 1001, 2**40], 2))
             for word, value in (("minimum", low), ("maximum", high)):
@@ -281,6 +291,9 @@ def instance(rng: random.Random, schema, root: dict, depth: int = 0) -> tuple[ob
         items = [instance(rng, schema["items"], root, depth + 1)
                  for _ in range(rng.randint(least, schema.get("maxItems", least + 3)))]
         return [v for v, _ in items], b"[" + b",".join(ws(rng) + t + ws(rng) for _, t in items) + b"]"
+    if kind == "string" and ("pattern" in schema or "format" in schema):
+        value = rng.choice(PATTERNED.get(schema.get("pattern")) or FORMATTED[schema["format"]])
+        return value, json.dumps(value, ensure_ascii=False).encode()
     if kind == "string" and ("minLength" in schema or "maxLength" in schema):    # no \\u escapes in these
         value = "".join(rng.choice(COUNTED_TEXT) for _ in range(rng.randint(schema["minLength"], schema["maxLength"])))
         return value, json.dumps(value, ensure_ascii=False).encode()
@@ -295,10 +308,30 @@ def instance(rng: random.Random, schema, root: dict, depth: int = 0) -> tuple[ob
     return value, json.dumps(value, ensure_ascii=rng.random() < 0.5).encode()
 
 
+# jsonschema's checker of formats (date, uuid), with Python's own reading of RFC 3339's times for time and
+# date-time (its fractions cut to the microseconds Python reads)
+FORMAT_CHECKER = jsonschema.FormatChecker()
+
+
+def iso(text: str) -> str:
+    return re.sub(r"(\.\d{6})\d+", r"\1", text).replace("Z", "+00:00")
+
+
+@FORMAT_CHECKER.checks("time", raises=ValueError)
+def _time(text) -> bool:
+    return not isinstance(text, str) or bool(datetime.time.fromisoformat(iso(text)).tzinfo)
+
+
+@FORMAT_CHECKER.checks("date-time", raises=ValueError)
+def _date_time(text) -> bool:
+    return not isinstance(text, str) or (len(text) > 10 and text[10] == "T"
+                                         and bool(datetime.datetime.fromisoformat(iso(text)).tzinfo))
+
+
 def alphabet() -> bytes:
     """Bytes enough to close a document of the random schemas: CLOSING's, and those of their names and values."""
     return bytes(sorted(set(CLOSING + b"".join(spell(n) for n in NAMES) + b"".join(spell(v) for v in VALUES)
-                            + b"typed")))
+                            + b"typed019TZ:-+.ABCDEFabcdefgost")))     # few digits: numbers many ways
 
 
 def test_schema_documents_are_valid_and_every_prefix_can_close():
@@ -312,7 +345,7 @@ def test_schema_documents_are_valid_and_every_prefix_can_close():
     closed = complete = alive = 0
     for _ in range(100):
         schema = random_root(rng)
-        g, valid = grammar(schema), jsonschema.Draft202012Validator(schema)
+        g, valid = grammar(schema), jsonschema.Draft202012Validator(schema, format_checker=FORMAT_CHECKER)
         for _ in range(4):
             value, text = instance(rng, schema, schema)
             assert valid.is_valid(value) and json.loads(text) == value, text
@@ -367,10 +400,59 @@ def test_objects_take_their_properties_in_order():
     assert grammar({**schema, "properties": dict(reversed(schema["properties"].items()))}) is not g
 
 
+def random_pattern(rng: random.Random, depth: int = 0) -> str:
+    """A pattern of dpllama.pattern's subset: literals, classes, shorthands, groups, alternations, quantifiers."""
+    atoms = ["a", "b", "c", ".", "\\d", "\\w", "\\s", "\\D", "\\W", "\\S", "[a-c]", "[^a\\d]", "\\.", "\\x41", "[\\w-]"]
+    parts = []
+    for _ in range(rng.randint(1, 3)):
+        if depth < 2 and rng.random() < 0.25:
+            inner = "|".join(random_pattern(rng, depth + 1) for _ in range(rng.randint(1, 2)))
+            atom = rng.choice(["(?:", "("]) + inner + ")"
+        else:
+            atom = rng.choice(atoms)
+        parts.append(atom + rng.choice(["", "", "*", "+", "?", "{2}", "{1,3}", "{2,}", "*?", "{0}"]))
+    return "".join(parts)
+
+
+def test_patterns_match_as_pythons_re():
+    """dpllama.pattern's NFA on 400 random patterns and 60 strings each: every string it accepts, Python's re.search
+    finds a match in (so a client's Python validator agrees, whatever the characters: Unicode digits, letters and
+    spaces, line ends), and on ASCII strings without line ends, where ECMA-262's and Python's classes are the same,
+    the two agree exactly; anchored or not."""
+    from dpllama.pattern import Pattern
+    rng = random.Random(13)
+    wide, narrow = "ab c1_-\n\r\t\u00e9\u0663\u2028\u00a0ZA.", "ab c1_-ZA."
+    agreed = 0
+    for _ in range(400):
+        text = rng.choice(["", "^"]) + random_pattern(rng) + rng.choice(["", "$"])
+        nfa = Pattern(text)
+        for k in range(60):
+            chars = wide if k % 2 else narrow
+            string = "".join(rng.choice(chars) for _ in range(rng.randrange(7)))
+            states = nfa.start
+            for c in string:
+                states = nfa.next(states, c)
+            ours, python = bool(states) and nfa.accepts(states), re.search(text, string) is not None
+            assert python or not ours, (text, string)
+            if chars == narrow:
+                assert ours == python, (text, string)
+                agreed += ours
+    assert agreed > 1000
+
+
 @pytest.mark.parametrize("schema, message", [
     ({"type": "string"}, "the schema's root must be an object"),
     ({"type": "array"}, "the schema's root must be an object"),
-    ({"properties": {"a": {"type": "string", "pattern": "^a"}}}, '#/properties/a: "pattern" is not supported here'),
+    ({"properties": {"a": {"type": "string", "pattern": "a(?!b)"}}},
+     '#/properties/a: "pattern": a lookaround or named group at character 2 of the pattern \'a(?!b)\''),
+    ({"properties": {"a": {"type": "string", "pattern": "(a)\\1"}}}, '"pattern": the escape \\1 at character 5'),
+    ({"properties": {"a": {"type": "string", "pattern": "(a{999}){999}"}}},
+     "the pattern needs more than 20,000 states"),
+    ({"properties": {"a": {"type": "string", "pattern": "(" * 60 + "a" + ")" * 60}}},
+     "groups nested more than 50 deep"),
+    ({"properties": {"a": {"type": "string", "pattern": 5}}}, '#/properties/a: "pattern" must be a string, found 5'),
+    ({"properties": {"a": {"type": "string", "pattern": "a+", "maxLength": 3}}},
+     '"pattern" or "format" beside another of "pattern", "format", "minLength" and "maxLength" is not supported'),
     ({"properties": {"a": {"type": "string", "minLength": 3, "maxLength": 2}}},
      '#/properties/a: "minLength" 3 is more than "maxLength" 2'),
     ({"properties": {"a": {"type": "number", "minimum": 0}}},
@@ -378,8 +460,10 @@ def test_objects_take_their_properties_in_order():
     ({"properties": {"a": {"type": ["integer", "number"], "maximum": 0}}}, '"maximum" is supported on an integer, not'),
     ({"properties": {"a": {"type": "integer", "minimum": 5, "exclusiveMaximum": 5}}},
      "#/properties/a: no integer lies within its bounds (minimum, exclusiveMaximum)"),
-    ({"properties": {"a": {"type": "integer", "minimum": "1"}}}, '#/properties/a: "minimum" must be a number, found "1"'),
-    ({"properties": {"a": {"type": "string", "format": "date-time"}}}, '#/properties/a: "format" is not supported'),
+    ({"properties": {"a": {"type": "integer", "minimum": "1"}}},
+     '#/properties/a: "minimum" must be a number, found "1"'),
+    ({"properties": {"a": {"type": "string", "format": "email"}}},
+     '#/properties/a: "format" "email" is not supported (supported: date, time, date-time, uuid)'),
     ({"properties": {"a": {"type": "integer", "multipleOf": 2}}}, '#/properties/a: "multipleOf" is not supported'),
     ({"properties": {"a": {"type": "array", "prefixItems": []}}}, '#/properties/a: "prefixItems" is not supported'),
     ({"properties": {"a": {"type": "string", "properties": {}}}}, '#/properties/a: "properties" is not supported'),
@@ -639,5 +723,12 @@ def test_json_mode_on_smollm2(smollm2):
                                                "city": {"type": "string"}}, "required": ["name", "age"]}
     text = "".join(llm.stream(ids, steps, Sampler(temperature=0), echo_prompt=False, json=person))
     assert list(json.loads(text)) in (["name", "age"], ["name", "age", "city"]) and json.loads(text)["age"] == 30, text
-    with pytest.raises(SchemaError, match='"pattern" is not supported'):
-        llm.generate("A JSON object:", 80, json={"properties": {"name": {"type": "string", "pattern": "B.*"}}})
+    # formats and patterns: Bob's birthday a date Python reads, his code one the pattern matches
+    dated = {"type": "object", "properties": {"name": {"type": "string"},
+                                              "birthday": {"type": "string", "format": "date"},
+                                              "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}},
+             "required": ["name", "birthday", "code"]}
+    value = json.loads("".join(llm.stream(ids, steps, Sampler(temperature=0), echo_prompt=False, json=dated)))
+    assert datetime.date.fromisoformat(value["birthday"]) and re.fullmatch("[A-Z]{3}-[0-9]{2}", value["code"]), value
+    with pytest.raises(SchemaError, match='"pattern": a lookaround'):
+        llm.generate("A JSON object:", 80, json={"properties": {"name": {"type": "string", "pattern": "B(?=o)"}}})

@@ -1028,7 +1028,9 @@ def schema_cases():
         add("JSON schemas", f"schema-mutant-{k}", False,
             lambda folder, s=schema, k=k: lambda: hold_to(s, random.Random(k)))
     for name, schema in [("root-array", {"type": "array"}), ("root-string", {**SCHEMA, "type": "string"}),
-                         ("pattern", {"properties": {"a": {"type": "string", "pattern": "^a"}}}),
+                         ("pattern", {"properties": {"a": {"type": "string", "pattern": "^a(?=b)"}}}),
+                         ("pattern-nested", {"properties": {"a": {"type": "string", "pattern": "(" * 999 + ")" * 999}}}),
+                         ("format", {"properties": {"a": {"type": "string", "format": "email"}}}),
                          ("ref-missing", {"properties": {"a": {"$ref": "#/$defs/None"}}}),
                          ("ref-self", {"properties": {"a": {"$ref": "#/$defs/A"}},
                                        "$defs": {"A": {"$ref": "#/$defs/A"}}}),

@@ -24,8 +24,8 @@ ROOMS = {
     "tokenizer": ("dpllama.tokenizer",),
     "hub": ("dpllama.hub",),
     "model": ("dpllama.model",),
-    "library": ("dpllama.__init__", "dpllama.generate", "dpllama.constrain", "dpllama.llm", "dpllama.loaders",
-                "dpllama.chat", "dpllama.quantize", "dpllama.perplexity"),
+    "library": ("dpllama.__init__", "dpllama.generate", "dpllama.constrain", "dpllama.pattern", "dpllama.llm",
+                "dpllama.loaders", "dpllama.chat", "dpllama.quantize", "dpllama.perplexity"),
     "serve": ("dpllama.serve",),
     "commands": ("dpllama.cli", "dpllama.commands"),
     "pyopencl": ("pyopencl",),      # not dpllama's, but a room of its own: only the runtime may enter it

@@ -151,8 +151,8 @@ def test_past_calls_and_results_reach_the_template(tooler):
 
 @pytest.mark.parametrize("change, param, message", [
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}}}], "tool_choice": "required"},
-     "tools", 'tools: a function\'s parameters: #/$defs/f0/properties/a: "pattern" is not supported'),
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "x(?=y)"}}}}}], "tool_choice": "required"},
+     "tools", 'tools: a function\'s parameters: #/$defs/f0/properties/a: "pattern": a lookaround'),
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
      "tool_choice names 'nope', which is none of the tools"),
     ({"tools": [], "tool_choice": "required"}, "tool_choice", "tool_choice asks for a call, and there are no tools"),
