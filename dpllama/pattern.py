@@ -44,8 +44,9 @@ class PatternError(ValueError):
 
 
 class CharSet:
-    """A class of characters: ranges and shorthands, negated or not. `narrow`: the characters both dialects take
-    (a negated class asks its parts for what either takes, so that its complement is what both leave out)."""
+    """A class of characters: ranges and shorthands, negated or not. Called with a character: whether both dialects
+    put it in the class (a negated one asks its parts what either takes, so that its complement is what both
+    leave out)."""
 
     def __init__(self, ranges=(), shorthands=(), negated=False):
         self.ranges, self.shorthands, self.negated = tuple(ranges), tuple(shorthands), negated
@@ -192,7 +193,7 @@ class Parser:
         if c == ".":
             return self.edge(CharSet([(x, x) for x in sorted(LINE_ENDS)], negated=True))
         if c == "\\":
-            return self.edge(self.escape(in_class=False))
+            return self.edge(self.escape())
         return self.edge(CharSet([(c, c)]))
 
     def edge(self, chars: CharSet) -> tuple[int, int]:
@@ -200,7 +201,7 @@ class Parser:
         self.edges[a].append((chars, b))
         return a, b
 
-    def escape(self, in_class: bool) -> CharSet:
+    def escape(self) -> CharSet:
         c = self.take()
         if c.lower() in SHORTHANDS:
             return CharSet(shorthands=[c])
@@ -226,7 +227,7 @@ class Parser:
             first = False
             c = self.take()
             if c == "\\":
-                part = self.escape(in_class=True)
+                part = self.escape()
                 if part.shorthands:
                     shorthands += part.shorthands
                     continue
@@ -235,7 +236,7 @@ class Parser:
                 self.i += 1
                 d = self.take()
                 if d == "\\":
-                    part = self.escape(in_class=True)
+                    part = self.escape()
                     if part.shorthands:
                         raise self.error("a range ending in a class")
                     d = part.ranges[0][0]
@@ -252,9 +253,9 @@ class Pattern:
     """A pattern's NFA: sets of states (frozensets) and the moves between them, kept as they are made."""
 
     def __init__(self, pattern: str):
-        body, anchored_start, anchored_end = pattern, pattern.startswith("^"), pattern.endswith("$") and \
-            not pattern.endswith("\\$")
-        body = body[1 if anchored_start else 0:len(body) - (1 if anchored_end else 0)]
+        anchored_start = pattern.startswith("^")
+        anchored_end = pattern.endswith("$") and not pattern.endswith("\\$")
+        body = pattern[anchored_start:len(pattern) - anchored_end]
         parser = Parser(body)
         start, end = parser.alternation()
         if parser.i != len(body):
