@@ -305,11 +305,12 @@ class Grammar:
         if props:                   # other keys the schema allows are not written: a permission, not a constraint
             names = list(props)
             need = [n in required for n in names]
-            long = next((n for n in names if len(spell(n)) - 2 > MAX_NAME), None)
+            spelled = [spell(n)[1:-1] for n in names]       # as JSON spells them, less the quotes
+            long = next((n for n, s in zip(names, spelled) if len(s) > MAX_NAME), None)
             if long is not None:
                 raise SchemaError(f"{at}: the property name {long[:40]!r}... is longer than {MAX_NAME} bytes")
-            self._spend([spell(n) for n in names])
-            nodes = tuple((spell(n)[1:-1], self._compile(props[n], f"{at}/properties/{n}")) for n in names)
+            self._spend(spelled)
+            nodes = tuple((s, self._compile(props[n], f"{at}/properties/{n}")) for n, s in zip(names, spelled))
             # after i properties: those up to the first required one may come next (i up to stops[i]), and the
             # object may close once no required one is left
             stops, closes, stop = [0] * (len(names) + 1), [True] * (len(names) + 1), len(names)

@@ -102,6 +102,8 @@ class ToolCalls:
                 continue
             body = held.lstrip()
             if self.fresh and body.startswith("{"):
+                if not final and "}" not in text:
+                    break               # the object can end only at a "}": no new one, no need to read it again
                 try:
                     _, n = json.JSONDecoder().raw_decode(body)
                 except ValueError:
