@@ -275,11 +275,13 @@ NO_THINKING = "<think>\n\n</think>\n\n"   # what it adds to the reply's start wi
 
 
 def tiny_qwen3(path, chat_template: str | None = None, name: str = "qwen3_tiny", extra: dict | None = None,
-               drop=()) -> Weights:
+               drop=(), fields: dict | None = None) -> Weights:
     """Write LLAMA_CPP_MODELS[name] (QWEN3_TINY unless told) to `path` as a GGUF, with `chat_template` if given
-    (and write_test_gguf's `extra` tensors, less those in `drop`); returns the weights written."""
+    (and write_test_gguf's `extra` tensors, less those in `drop`, and metadata `fields` over the model's);
+    returns the weights written."""
     from tests.test_tokenizer import gpt2_fields
-    shape, fields = LLAMA_CPP_MODELS[name]
+    shape, model_fields = LLAMA_CPP_MODELS[name]
+    fields = {**model_fields, **(fields or {})}
     w = random_weights(**shape)
     extra, drop = dict(extra or {}), set(drop)
     if shape["arch"] == "phi3":     # its LongRoPE, and its fused matrices as llama.cpp's converter writes them

@@ -883,6 +883,10 @@ def test_longrope_chooses_by_the_context(q, llama_cpp_oracles):
     (dict(drop={"rope_factors_short.weight"}), "missing tensor rope_factors_short.weight"),
     (dict(extra={"rope_freqs.weight": np.ones(8, np.float32)}), "RoPE scaling given twice, by "
      "rope_factors_long.weight and by rope_freqs.weight or phi3.rope.scaling.type: expected one"),
+    (dict(fields={"phi3.rope.scaling.original_context_length": "16"}),
+     "metadata phi3.rope.scaling.original_context_length holds str, expected int"),
+    (dict(fields={"phi3.rope.scaling.original_context_length": -16}),
+     "phi3.rope.scaling.original_context_length must be positive, found -16"),
     (dict(extra={"rope_factors_long.weight": np.full(8, -1.0, np.float32)}),
      "impossible model: rope_factors_long.weight must be positive float32s \\(1.175e-38 to 3.403e\\+38\\), "
      "found -1.0"),

@@ -56,7 +56,8 @@ _VALUE_KINDS = {**dict.fromkeys((V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V
 # type is refused at parse time rather than failing later in an int() or a comparison. Keys that may vary
 # per layer may be arrays (dpllama.model.gguf refuses those by name); "*" ends a prefix.
 _INT_OR_PER_LAYER = ("int", "[int]")
-# the hyperparameters' kinds under each architecture's prefix (dpllama.model.gguf.ARCHITECTURES)
+# the hyperparameters' kinds under any architecture's prefix (<arch>.context_length, ...): whichever architectures
+# dpllama.model.gguf takes, their keys are checked alike
 _HYPERPARAMETER_KINDS = {
     **dict.fromkeys(("vocab_size", "context_length", "embedding_length", "block_count", "rope.dimension_count",
                      "attention.key_length", "attention.value_length", "expert_count",
@@ -69,8 +70,6 @@ _HYPERPARAMETER_KINDS = {
 }
 KEY_KINDS = {
     "general.architecture": ("str",), "general.alignment": ("int",),
-    **{f"{arch}.{key}": kinds for arch in ("llama", "qwen2", "qwen3")
-       for key, kinds in _HYPERPARAMETER_KINDS.items()},
     FORMAT_KEY: ("int",), "dpllama.kind.*": ("str",), "dpllama.group.*": ("int",),
     "tokenizer.ggml.model": ("str",), "tokenizer.ggml.pre": ("str",), "tokenizer.ggml.tokens": ("[str]",),
     "tokenizer.ggml.scores": ("[float]",), "tokenizer.ggml.token_type": ("[int]",),
@@ -140,7 +139,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
             if key in fields:
                 raise DpllamaError(f"{path}: metadata {key} is listed twice")
             fields[key], kind = cur.value(cur.unpack("I")[0])
-            expected = KEY_KINDS.get(key) or KEY_KINDS.get(".".join(key.split(".")[:2]) + ".*")
+            expected = KEY_KINDS.get(key) or KEY_KINDS.get(".".join(key.split(".")[:2]) + ".*") or \
+                _HYPERPARAMETER_KINDS.get(key.partition(".")[2])
             if expected and kind not in expected:
                 raise DpllamaError(f"{path}: metadata {key} holds {kind}, expected {' or '.join(expected)}")
         infos = []

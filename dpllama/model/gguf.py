@@ -119,10 +119,7 @@ def _config(path: Path, fields: dict, vocab_size: int, arch: str, qkv_bias: bool
     elif scaling == "linear" and factor not in (0, 1):
         c.rope_freq_factors = (float(np.float32(factor)),) * (c.head_dim // 2)
     elif scaling == "yarn" and factor not in (0, 1):
-        original = get("rope.scaling.original_context_length", c.seq_len)
-        if not original > 0:
-            raise DpllamaError(f"{path}: {arch}.rope.scaling.original_context_length must be positive, found "
-                               f"{original}")
+        original = original_context(path, fields, arch, c.seq_len)
         c.rope_freq_factors, c.rope_mscale = yarn_rope(c.head_dim, c.rope_theta, factor, original)
     elif scaling not in ("none", "linear", "yarn", "longrope"):     # longrope's factors are tensors: load_gguf's
         raise DpllamaError(f"{path}: {arch}.rope.scaling.type is {scaling!r}, expected 'none', 'linear', 'yarn', "
@@ -133,6 +130,14 @@ def _config(path: Path, fields: dict, vocab_size: int, arch: str, qkv_bias: bool
                            f"{attn_factor}")
     c.rope_mscale = float(np.float32(c.rope_mscale * attn_factor))
     return c
+
+
+def original_context(path: Path, fields: dict, arch: str, default: int) -> int:
+    """rope.scaling.original_context_length, the context a scaling (YaRN's, LongRoPE's) was trained for."""
+    original = fields.get(f"{arch}.rope.scaling.original_context_length", default)
+    if not original > 0:
+        raise DpllamaError(f"{path}: {arch}.rope.scaling.original_context_length must be positive, found {original}")
+    return original
 
 
 def layer_tensor_name(i: int, field: str) -> str:
@@ -244,7 +249,7 @@ def load_gguf(path: str | os.PathLike) -> Weights:
                                f"{arch}.rope.scaling.type: expected one")
         c.rope_freq_factors = tuple(vector(ROPE_SHORT, c.head_dim // 2).tolist())
         c.rope_long_factors = tuple(vector(ROPE_LONG, c.head_dim // 2).tolist())
-        c.rope_long_from = fields.get(f"{arch}.rope.scaling.original_context_length", c.seq_len)
+        c.rope_long_from = original_context(path, fields, arch, c.seq_len)
         check_config(c, str(path), {"rope_freq_factors": ROPE_SHORT, "rope_long_factors": ROPE_LONG})
     elif fields.get(f"{arch}.rope.scaling.type") == "longrope":
         raise DpllamaError(f"{path}: {arch}.rope.scaling.type is 'longrope', whose factors are the tensors "
